@@ -1,0 +1,83 @@
+"""The embedded MQTT broker (amqtt), started with only the plugins the gateway needs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Any
+
+from amqtt.broker import Broker
+
+from gateway.errors import FieldgateError
+
+log = logging.getLogger(__name__)
+
+# amqtt's packet/event loggers and $SYS plugin cost about a third of its CPU; leave them out.
+_PLUGINS: dict[str, Any] = {
+    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+}
+_URL = re.compile(r"^(?P<scheme>tcp|mqtt|ws|mqtts|wss)://(?P<host>[^:/]*|\[[0-9a-fA-F:]+\]):(?P<port>\d+)/?$")
+
+for _name in ("amqtt", "transitions"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def listener_config(url: str, cert: str | None = None, key: str | None = None) -> dict[str, Any]:
+    """amqtt's listener settings for one of our listener URLs."""
+    m = _URL.match(url)
+    if not m:
+        raise FieldgateError(f"broker listener {url!r} is not SCHEME://HOST:PORT")
+    scheme = m["scheme"]
+    host = m["host"].strip("[]") or "0.0.0.0"
+    cfg: dict[str, Any] = {
+        "type": "ws" if scheme in ("ws", "wss") else "tcp",
+        "bind": f"{host}:{m['port']}",
+    }
+    if scheme in ("mqtts", "wss"):
+        cfg.update(ssl=True, certfile=cert, keyfile=key)
+    return cfg
+
+
+def client_url(listeners: list[str]) -> str:
+    """The URL the gateway's own sink uses to reach the embedded broker (its first TCP listener)."""
+    for url in listeners:
+        m = _URL.match(url)
+        if m and m["scheme"] in ("tcp", "mqtt"):
+            host = m["host"].strip("[]")
+            if host in ("", "0.0.0.0", "::"):
+                host = "127.0.0.1"
+            return f"mqtt://{host}:{m['port']}"
+    raise FieldgateError("the embedded broker needs a tcp:// listener for the gateway's own sink")
+
+
+class EmbeddedBroker:
+    """amqtt in this process, on the given listeners."""
+
+    def __init__(self, listeners: list[str], *, cert: str | None = None, key: str | None = None) -> None:
+        self.listeners = listeners
+        configs = [listener_config(u, cert, key) for u in listeners]
+        names = ["default"] + [f"listener{i}" for i in range(1, len(configs))]
+        self._config: dict[str, Any] = {
+            "listeners": dict(zip(names, configs, strict=True)),
+            "plugins": dict(_PLUGINS),
+        }
+        self._broker: Broker | None = None
+
+    async def start(self) -> None:
+        """Bind the listeners and start serving."""
+        # amqtt builds its state from the running loop, so the Broker is made here.
+        self._broker = Broker(self._config)
+        try:
+            await self._broker.start()
+        except Exception as exc:  # amqtt wraps bind failures in its own BrokerError
+            self._broker = None
+            raise FieldgateError(f"embedded broker cannot start on {', '.join(self.listeners)}: {exc}") from exc
+        log.info("embedded broker listening on %s", ", ".join(self.listeners))
+
+    async def stop(self) -> None:
+        """Stop serving and close every client connection."""
+        if self._broker is not None:
+            with contextlib.suppress(Exception):
+                await self._broker.shutdown()
+            self._broker = None

@@ -1,0 +1,287 @@
+"""A northbound MQTT sink: one paho client driven by the asyncio loop, awaitable publishes.
+
+paho runs on our event loop (its socket registered with add_reader/add_writer, no thread).
+Each QoS 1 publish gets a future keyed by its message id, resolved by the PUBACK; a publish
+that loses its connection before the PUBACK is sent again after the reconnect, so `publish`
+returns only once the broker has the message (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from gateway.errors import SinkError
+from gateway.types import Message
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN = 0.5
+RECONNECT_MAX = 30.0
+MISC_INTERVAL = 1.0
+
+#: Called for each message received on a subscribed topic: (topic relative to the prefix, payload).
+RequestHandler = Callable[[str, bytes], None]
+#: Called after every (re)connect, once `status` is online: the gateway re-publishes its retained state.
+ConnectHandler = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class SinkStats:
+    """Counters of one sink."""
+
+    published: int = 0
+    resent: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    received: int = 0
+
+
+class MqttSink:
+    """Publishes the gateway's messages to one MQTT broker under one topic prefix."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        prefix: str,
+        *,
+        client_id: str,
+        qos: int = 1,
+        keepalive: float = 30.0,
+        username: str | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        subscriptions: tuple[str, ...] = (),
+        on_request: RequestHandler | None = None,
+        on_connect: ConnectHandler | None = None,
+        max_inflight: int = 100,
+    ) -> None:
+        parsed = urlparse(url)
+        self.name = name
+        self.prefix = prefix
+        self.qos = qos
+        self.stats = SinkStats()
+        self._host = parsed.hostname or "127.0.0.1"
+        self._port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+        self._keepalive = max(1, int(keepalive))
+        self._subscriptions = subscriptions
+        self._on_request = on_request
+        self._on_connect_hook = on_connect
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._misc: asyncio.Task[None] | None = None
+        self._connector: asyncio.Task[None] | None = None
+
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+        c.max_inflight_messages_set(max_inflight)
+        c.max_queued_messages_set(0)
+        if username is not None:
+            c.username_pw_set(username, password)
+        if parsed.scheme == "mqtts":
+            ctx = ssl.create_default_context(cafile=ca)
+            if cert:
+                ctx.load_cert_chain(cert, key)
+            c.tls_set_context(ctx)
+        # The last will tells subscribers the gateway vanished without a goodbye.
+        c.will_set(self.topic("status"), b"offline", qos=1, retain=True)
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_publish = self._handle_puback
+        c.on_message = self._handle_message
+        c.on_socket_open = self._socket_open
+        c.on_socket_close = self._socket_close
+        c.on_socket_register_write = self._register_write
+        c.on_socket_unregister_write = self._unregister_write
+        self._client = c
+
+    def topic(self, relative: str) -> str:
+        """The full topic of a prefix-relative one."""
+        return f"{self.prefix}/{relative}"
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker session is up."""
+        return self._connected.is_set()
+
+    async def start(self) -> None:
+        """Start connecting in the background; publishes wait for the connection."""
+        self._loop = asyncio.get_running_loop()
+        self._connector = asyncio.create_task(self._connect_loop(), name=f"sink:{self.name}:connect")
+        self._misc = asyncio.create_task(self._misc_loop(), name=f"sink:{self.name}:misc")
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the broker session; True when it is up."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Say `offline`, disconnect cleanly and stop the background tasks."""
+        self._closing = True
+        if self.connected:
+            with contextlib.suppress(SinkError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.publish(Message("status", b"offline", retain=True, qos=1))
+        for task in (self._connector, self._misc):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._client.disconnect()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(SinkError(f"sink {self.name} stopped"))
+        self._pending.clear()
+        self._connected.clear()
+
+    async def publish(self, message: Message) -> None:
+        """Publish and return once the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
+        qos = self.qos if message.qos is None else message.qos
+        topic = self.topic(message.topic)
+        while True:
+            if self._closing and not self.connected:
+                raise SinkError(f"sink {self.name} is stopped")
+            await self._connected.wait()
+            info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain)
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                continue  # lost between the wait and the publish: wait again
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
+            if qos == 0:
+                self.stats.published += 1
+                return
+            assert self._loop is not None
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._pending[info.mid] = fut
+            try:
+                await fut
+            except _ConnectionLost:
+                self.stats.resent += 1
+                continue
+            finally:
+                self._pending.pop(info.mid, None)
+            self.stats.published += 1
+            return
+
+    # --- paho callbacks (all on the loop thread once connected) ------------------------------------
+
+    def _handle_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("sink %s: broker %s:%d refused the connection: %s", self.name, self._host, self._port, reason)
+            return
+        self.stats.connects += 1
+        log.info("sink %s: connected to %s:%d", self.name, self._host, self._port)
+        for sub in self._subscriptions:
+            client.subscribe(self.topic(sub), qos=1)
+        client.publish(self.topic("status"), b"online", qos=1, retain=True)
+        self._connected.set()
+        if self._on_connect_hook:
+            task = asyncio.get_running_loop().create_task(self._on_connect_hook())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _handle_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            self.stats.disconnects += 1
+            if not self._closing:
+                log.warning("sink %s: connection to %s:%d lost: %s", self.name, self._host, self._port, reason)
+        # Publishes still waiting for a PUBACK go again on the next session.
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(_ConnectionLost())
+
+    def _handle_puback(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+        fut = self._pending.get(mid)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _handle_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        self.stats.received += 1
+        if self._on_request and msg.topic.startswith(self.prefix + "/"):
+            self._on_request(msg.topic[len(self.prefix) + 1 :], msg.payload)
+
+    # --- socket plumbing --------------------------------------------------------------------------
+
+    def _threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _socket_open(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
+        self._threadsafe(self._add_reader, sock)
+
+    def _add_reader(self, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.add_reader(sock, self._client.loop_read)
+
+    def _socket_close(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _register_write(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
+        self._threadsafe(self._add_writer, sock)
+
+    def _add_writer(self, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.add_writer(sock, self._client.loop_write)
+
+    def _unregister_write(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_writer(sock)
+
+    async def _connect_loop(self) -> None:
+        delay = RECONNECT_MIN
+        first = True
+        while True:
+            if not self._connected.is_set() and not self._client.is_connected():
+                try:
+                    assert self._loop is not None
+                    # The TCP (and TLS) handshake blocks, so it runs in a worker thread.
+                    if first:
+                        await self._loop.run_in_executor(None, self._client.connect, self._host, self._port, self._keepalive)
+                        first = False
+                    else:
+                        await self._loop.run_in_executor(None, self._client.reconnect)
+                    delay = RECONNECT_MIN
+                except (OSError, socket.error, ssl.SSLError) as exc:
+                    log.debug("sink %s: connect to %s:%d failed: %s", self.name, self._host, self._port, exc)
+                    first = first  # a failed first connect is retried with connect() again
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+            await asyncio.sleep(delay if not self._connected.is_set() else MISC_INTERVAL)
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MISC_INTERVAL)
+            # Keep-alive pings and timeout detection.
+            self._client.loop_misc()
+
+
+class _ConnectionLost(Exception):
+    """A publish lost its connection before the PUBACK."""

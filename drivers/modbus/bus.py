@@ -1,0 +1,336 @@
+"""One RS-485 line: one task, one lock, fixed-rate polling, writes ahead of the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from drivers.modbus import budget
+from drivers.modbus.device import Device, PollJob, now_ms
+from drivers.modbus.planner import BIT_TABLES, ReadRequest
+from drivers.modbus.transport import ModbusLink
+from gateway.config.schema import BusConfig
+from gateway.errors import (
+    BusUnavailable,
+    CodecError,
+    DeviceError,
+    DeviceException,
+    DeviceTimeout,
+    WriteRejected,
+)
+from gateway.types import DeviceState, Sample, Value, Write, WriteResult
+
+log = logging.getLogger(__name__)
+
+REOPEN_BACKOFF_MAX = 30.0
+
+
+@dataclass
+class BusStats:
+    """Counters of one line."""
+
+    transactions: int = 0
+    timeouts: int = 0
+    exceptions: int = 0
+    errors: int = 0
+    reopen_attempts: int = 0
+    wire_seconds: float = 0.0
+
+
+def line_budget(cfg: BusConfig) -> budget.LineBudget:
+    """The share of the line that one cycle of every device's plan needs."""
+    bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
+    jobs = [
+        (job.interval, [(budget.read_request_bytes(), budget.read_response_bytes(r.table, r.count)) for r in job.requests])
+        for dev in cfg.devices
+        for job in Device(dev, cfg).jobs
+    ]
+    framing = f"{cfg.bytesize}{cfg.parity}{cfg.stopbits}"
+    return budget.line_budget(jobs, cfg.baudrate, bits, framing=framing)
+
+
+class ModbusBus:
+    """Polls every device of one line and carries out writes, one transaction at a time."""
+
+    def __init__(
+        self,
+        cfg: BusConfig,
+        on_sample: Callable[[Sample], None],
+        on_state: Callable[[DeviceState], None],
+        *,
+        link: ModbusLink | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.devices = {d.name: Device(d, cfg) for d in cfg.devices}
+        self.stats = BusStats()
+        self._on_sample = on_sample
+        self._on_state = on_state
+        self._link = link or ModbusLink(
+            cfg.port, baudrate=cfg.baudrate, parity=cfg.parity, bytesize=cfg.bytesize, stopbits=cfg.stopbits
+        )
+        bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
+        self._bits_per_char = bits
+        self._gap = cfg.inter_request_delay if cfg.inter_request_delay is not None else budget.t35(cfg.baudrate, bits)
+        self._writes: asyncio.Queue[tuple[Write, asyncio.Future[WriteResult]]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._heap: list[tuple[float, int, PollJob]] = []
+        self._seq = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._last_end = 0.0
+        self._reopen_backoff = 1.0
+        self._logged: set[tuple[str, str, str]] = set()
+
+    @property
+    def name(self) -> str:
+        """The line's name."""
+        return self.cfg.name
+
+    async def start(self) -> None:
+        """Start the line's task; the port is opened (and reopened) by the task itself."""
+        now = time.monotonic()
+        for device in self.devices.values():
+            for job in device.jobs:
+                job.due = now
+                heapq.heappush(self._heap, (job.due, next(self._seq), job))
+        self._task = asyncio.create_task(self._run(), name=f"modbus:{self.name}")
+
+    async def stop(self) -> None:
+        """Stop polling and close the port; pending writes fail."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while not self._writes.empty():
+            _, fut = self._writes.get_nowait()
+            if not fut.done():
+                fut.set_result(WriteResult(ok=False, error="gateway stopping"))
+        self._link.close()
+
+    async def write(self, request: Write) -> WriteResult:
+        """Write one point; jumps ahead of polling. Never raises for a bad request: the result says why."""
+        device = self.devices.get(request.device)
+        if device is None:
+            return WriteResult(ok=False, error=f"unknown device {request.device!r}")
+        try:
+            # Refuse a bad request at once rather than after it waited for the line.
+            self._prepare_write(device, request)
+        except (WriteRejected, CodecError) as exc:
+            return WriteResult(ok=False, error=str(exc))
+        fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        await self._writes.put((request, fut))
+        self._wake.set()
+        return await fut
+
+    def _prepare_write(self, device: Device, request: Write) -> tuple[Any, list[int] | list[bool]]:
+        point = device.points.get(request.point)
+        if point is None:
+            raise WriteRejected(f"{device.name} has no point {request.point!r}")
+        if not point.writable:
+            raise WriteRejected(f"{device.name}.{point.name} is read-only")
+        value = request.value
+        if point.min is not None or point.max is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise WriteRejected(f"{device.name}.{point.name} expects a number, got {value!r}")
+            if point.min is not None and value < point.min:
+                raise WriteRejected(f"{value} is below the minimum {point.min:g} of {device.name}.{point.name}")
+            if point.max is not None and value > point.max:
+                raise WriteRejected(f"{value} is above the maximum {point.max:g} of {device.name}.{point.name}")
+        if point.table in BIT_TABLES:
+            return point, point.codec.encode_bits(value)
+        return point, point.codec.encode(value)
+
+    # --- the line's task ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._link.connected:
+                await self._reopen()
+                continue
+            if not self._writes.empty():
+                request, fut = self._writes.get_nowait()
+                result = await self._do_write(request)
+                if not fut.done():
+                    fut.set_result(result)
+                continue
+            due, _, job = self._heap[0] if self._heap else (time.monotonic() + 3600, 0, None)
+            delay = due - time.monotonic()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            heapq.heappop(self._heap)
+            assert job is not None
+            await self._run_job(job, due)
+            heapq.heappush(self._heap, (job.due, next(self._seq), job))
+
+    async def _reopen(self) -> None:
+        self.stats.reopen_attempts += 1
+        try:
+            await self._link.open()
+        except BusUnavailable as exc:
+            if self._reopen_backoff == 1.0:
+                log.warning("line %s: %s; retrying with back-off", self.name, exc)
+            now = time.monotonic()
+            for device in self.devices.values():
+                if device.record_failure(now):
+                    self._announce(device, False, str(exc))
+            await asyncio.sleep(self._reopen_backoff)
+            self._reopen_backoff = min(self._reopen_backoff * 2, REOPEN_BACKOFF_MAX)
+            return
+        if self._reopen_backoff > 1.0:
+            log.info("line %s: %s is open again", self.name, self.cfg.port)
+        self._reopen_backoff = 1.0
+
+    async def _run_job(self, job: PollJob, due: float) -> None:
+        device = job.device
+        now = time.monotonic()
+        if device.online is False and now < device.next_probe:
+            # Offline devices are probed with back-off instead of polled.
+            job.due = device.next_probe
+            return
+        probing = device.online is False
+        ts = now_ms()
+        values: dict[str, Value] = {}
+        failure: DeviceError | None = None
+        answered = False
+        for request in job.requests[:1] if probing else job.requests:
+            try:
+                data = await self._transact(device, request, retries=0 if probing else device.retries)
+            except DeviceException as exc:
+                # The device is alive; this block is not readable. Keep going with the others.
+                answered = True
+                self._log_once(device, f"{request.table}@{request.address}", exc)
+                continue
+            except DeviceError as exc:
+                failure = exc
+                break  # a silent device must not hold the line for its remaining blocks
+            answered = True
+            values.update(device.decode(request, data))
+        device.stats.cycles += 1
+        after = time.monotonic()
+        if answered and failure is None:
+            if device.record_success():
+                self._announce(device, True, "answering")
+        elif failure is not None:
+            if device.record_failure(after):
+                self._announce(device, False, str(failure))
+        if values:
+            self._on_sample(Sample(device=device.name, ts=ts, values=values))
+        if device.online is False:
+            job.due = device.next_probe
+            return
+        if probing:
+            # Back online: poll the whole plan now.
+            job.due = after
+            return
+        # Fixed rate: the next cycle is due one interval after this one was due; cycles that
+        # could not start in time are skipped, not queued up.
+        next_due = due + job.interval
+        if next_due <= after:
+            missed = int((after - next_due) // job.interval) + 1
+            job.skipped += missed
+            device.stats.skipped_cycles += missed
+            next_due += missed * job.interval
+        job.due = next_due
+
+    async def _transact(self, device: Device, request: ReadRequest, *, retries: int) -> list[int] | list[bool]:
+        timeout = device.timeout(request.table, request.count)
+        last: DeviceError | None = None
+        for _ in range(retries + 1):
+            await self._quiet_gap()
+            started = time.monotonic()
+            try:
+                data = await self._link.read(request.table, device.unit, request.address, request.count, timeout)
+            except DeviceError as exc:
+                self._count(device, exc)
+                last = exc
+                if isinstance(exc, BusUnavailable | DeviceException):
+                    raise
+                continue
+            finally:
+                self._last_end = time.monotonic()
+                self.stats.transactions += 1
+                device.stats.transactions += 1
+            device.stats.last_response_s = self._last_end - started
+            self.stats.wire_seconds += budget.transaction_time(
+                budget.read_request_bytes(), budget.read_response_bytes(request.table, request.count),
+                self.cfg.baudrate, self._bits_per_char,
+            )
+            return data
+        assert last is not None
+        raise last
+
+    async def _quiet_gap(self) -> None:
+        # Real RS-485 slaves need silence between frames; pymodbus does not enforce it.
+        wait = self._last_end + self._gap - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _count(self, device: Device, exc: DeviceError) -> None:
+        if isinstance(exc, DeviceException):
+            self.stats.exceptions += 1
+            device.stats.exceptions += 1
+        elif isinstance(exc, DeviceTimeout):
+            self.stats.timeouts += 1
+            device.stats.timeouts += 1
+        else:
+            self.stats.errors += 1
+            device.stats.errors += 1
+
+    async def _do_write(self, request: Write) -> WriteResult:
+        device = self.devices[request.device]
+        try:
+            point, words = self._prepare_write(device, request)
+        except (WriteRejected, CodecError) as exc:
+            return WriteResult(ok=False, error=str(exc))
+        if device.online is False:
+            return WriteResult(ok=False, error=f"{device.name} is offline")
+        device.stats.writes += 1
+        timeout = device.timeout(point.table, len(words), write=True)
+        try:
+            await self._quiet_gap()
+            try:
+                await self._link.write(point.table, device.unit, point.address, words, timeout)
+            finally:
+                self._last_end = time.monotonic()
+                self.stats.transactions += 1
+            # Read the point back: the device may clamp or refuse silently.
+            readback = ReadRequest(point.table, point.address, point.codec.count, ())
+            data = await self._transact(device, readback, retries=device.retries)
+        except DeviceError as exc:
+            self._count(device, exc)
+            return WriteResult(ok=False, error=str(exc))
+        span_request = ReadRequest(
+            point.table, point.address, point.codec.count,
+            tuple(s for job in device.jobs for r in job.requests for s in r.spans if s.key == point.name)[:1],
+        )
+        values = device.decode(span_request, data)
+        value = values.get(point.name)
+        self._on_sample(Sample(device=device.name, ts=now_ms(), values=values))
+        return WriteResult(ok=True, value=value)
+
+    def _announce(self, device: Device, online: bool, reason: str) -> None:
+        if online:
+            log.info("%s (unit %d on %s) is online", device.name, device.unit, self.name)
+        else:
+            log.warning("%s (unit %d on %s) is offline: %s", device.name, device.unit, self.name, reason)
+        self._on_state(DeviceState(device.name, online, reason))
+
+    def _log_once(self, device: Device, where: str, exc: Exception) -> None:
+        key = (device.name, where, str(exc))
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("%s: reading %s: %s", device.name, where, exc)

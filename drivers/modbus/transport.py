@@ -1,0 +1,127 @@
+"""The pymodbus boundary: one client per line, its three failure shapes mapped to our errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
+
+from gateway.errors import BusUnavailable, DeviceException, DeviceTimeout, ProtocolError
+
+# pymodbus logs every timeout at ERROR with a frame dump; we log state changes ourselves.
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+_EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "device failure",
+    5: "acknowledge",
+    6: "device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
+
+
+class ModbusLink:
+    """A Modbus RTU client on one serial line or RTU-over-TCP serial device server."""
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baudrate: int = 9600,
+        parity: str = "E",
+        bytesize: int = 8,
+        stopbits: int = 1,
+        connect_timeout: float = 3.0,
+    ) -> None:
+        self.port = port
+        client: AsyncModbusSerialClient | AsyncModbusTcpClient
+        if port.startswith("tcp://"):
+            host, _, tcp_port = port[len("tcp://") :].rpartition(":")
+            client = AsyncModbusTcpClient(
+                host, port=int(tcp_port), framer=FramerType.RTU,
+                timeout=connect_timeout, retries=0, reconnect_delay=0,
+            )
+        else:
+            client = AsyncModbusSerialClient(
+                port, baudrate=baudrate, parity=parity, bytesize=bytesize, stopbits=stopbits,
+                timeout=connect_timeout, retries=0, reconnect_delay=0,
+            )
+        self._client = client
+
+    @property
+    def connected(self) -> bool:
+        """True while the port is open."""
+        return bool(self._client.connected)
+
+    async def open(self) -> None:
+        """Open the port; BusUnavailable when it cannot be opened."""
+        if self.connected:
+            return
+        try:
+            ok = await self._client.connect()
+        except (OSError, ModbusException) as exc:
+            raise BusUnavailable(f"cannot open {self.port}: {exc}") from exc
+        if not ok:
+            raise BusUnavailable(f"cannot open {self.port}")
+
+    def close(self) -> None:
+        """Close the port."""
+        self._client.close()
+
+    async def read(self, table: str, unit: int, address: int, count: int, timeout: float) -> list[int] | list[bool]:
+        """One read transaction: registers for register tables, bools for bit tables."""
+        c = self._client
+        call = {
+            "holding": c.read_holding_registers,
+            "input": c.read_input_registers,
+            "coil": c.read_coils,
+            "discrete": c.read_discrete_inputs,
+        }[table]
+        response = await self._execute(call(address, count=count, device_id=unit), unit, timeout)
+        if table in ("coil", "discrete"):
+            return list(response.bits[:count])
+        if len(response.registers) != count:
+            raise ProtocolError(f"unit {unit}: asked for {count} registers, got {len(response.registers)}")
+        return list(response.registers)
+
+    async def write(self, table: str, unit: int, address: int, values: Sequence[int] | Sequence[bool], timeout: float) -> None:
+        """One write transaction, single or multiple as the value count requires."""
+        c = self._client
+        if table == "coil":
+            bits = [bool(v) for v in values]
+            op = c.write_coil(address, bits[0], device_id=unit) if len(bits) == 1 else c.write_coils(address, bits, device_id=unit)
+        elif table == "holding":
+            regs = [int(v) for v in values]
+            op = c.write_register(address, regs[0], device_id=unit) if len(regs) == 1 else c.write_registers(address, regs, device_id=unit)
+        else:
+            raise ProtocolError(f"the {table} table cannot be written")
+        await self._execute(op, unit, timeout)
+
+    async def _execute(self, op, unit: int, timeout: float) -> ModbusPDU:  # type: ignore[no-untyped-def]
+        # pymodbus reads its response timeout from these params at each request.
+        self._client.ctx.comm_params.timeout_connect = timeout
+        try:
+            response: ModbusPDU = await op
+        except ConnectionException as exc:
+            raise BusUnavailable(f"{self.port}: {exc}") from exc
+        except ModbusIOException as exc:
+            if "device id" in str(exc):
+                raise ProtocolError(f"unit {unit}: answer from another unit ({exc})") from exc
+            raise DeviceTimeout(f"unit {unit}: no response within {timeout * 1000:.0f} ms") from exc
+        except (ModbusException, ValueError) as exc:
+            raise ProtocolError(f"unit {unit}: {exc}") from exc
+        except OSError as exc:
+            raise BusUnavailable(f"{self.port}: {exc}") from exc
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            name = _EXCEPTION_NAMES.get(code, "unknown exception")
+            raise DeviceException(f"unit {unit}: exception {code} ({name})", code)
+        return response

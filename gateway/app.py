@@ -1,0 +1,186 @@
+"""The gateway process: builds every part from the config, runs them, stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bridge.broker import EmbeddedBroker, client_url
+from bridge.outbox import Outbox
+from bridge.sink import MqttSink
+from drivers.modbus.bus import ModbusBus, line_budget
+from gateway.config import Loaded
+from gateway.config.schema import BusConfig, Config
+from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
+from gateway.simulation import Simulation, resolve_path, start_simulation
+from gateway.types import Message
+
+log = logging.getLogger(__name__)
+
+METRICS_INTERVAL = 10.0
+STOP_FLUSH_TIMEOUT = 3.0
+
+
+def budget_warnings(cfg: Config) -> list[str]:
+    """One line per bus whose plan needs more than 80 % of the line's wire time."""
+    out = []
+    for bus in cfg.modbus.buses:
+        b = line_budget(bus)
+        if b.overloaded:
+            out.append(f"modbus bus {bus.name}: poll plan {b.describe()}; polls will drift — lengthen `poll` or raise the baud rate")
+    return out
+
+
+class Gateway:
+    """Everything one config describes, running on one event loop."""
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+        self.cfg = loaded.config
+        self.base = Path(loaded.path).resolve().parent
+        self.simulation: Simulation | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.sinks: list[MqttSink] = []
+        self.outboxes: list[Outbox] = []
+        self.buses: list[ModbusBus] = []
+        self.router: Router | None = None
+        self._metrics: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.started_at = 0.0
+
+    async def start(self) -> None:
+        """Start the parts in dependency order: simulator, broker, sinks, router, drivers."""
+        cfg = self.cfg
+        self.started_at = time.monotonic()
+        Path(cfg.gateway.state_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.simulator:
+            self.simulation = await start_simulation(cfg, self.base)
+        if cfg.broker.enabled:
+            self.broker = EmbeddedBroker(cfg.broker.listeners, cert=cfg.broker.cert, key=cfg.broker.key)
+            await self.broker.start()
+
+        buses = [self._bus_config(b) for b in cfg.modbus.buses]
+        outbox_of: dict[str, Outbox] = {}
+        for s in cfg.northbound:
+            url = s.url or client_url(cfg.broker.listeners)
+            sink = MqttSink(
+                s.name, url, cfg.prefix_for(s),
+                client_id=s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}",
+                qos=s.qos, keepalive=s.keepalive, username=s.username, password=s.password,
+                ca=s.ca, cert=s.cert, key=s.key, subscriptions=SUBSCRIPTIONS,
+                on_request=lambda topic, payload, n=s.name: self._request(outbox_of[n], topic, payload),
+                on_connect=lambda n=s.name: self._reconnected(outbox_of[n]),
+            )
+            outbox_of[s.name] = Outbox(sink)
+            self.sinks.append(sink)
+        self.outboxes = list(outbox_of.values())
+
+        self.buses = []
+        profiles = []
+        for bus_cfg in buses:
+            bus = ModbusBus(bus_cfg, self._on_sample, self._on_state)
+            self.buses.append(bus)
+            for dev in bus_cfg.devices:
+                deadbands = {p.name: p.deadband for p in dev.points if p.deadband}
+                profiles.append(DeviceProfile(dev.name, dev.full_every, deadbands, bus.write))
+        self.router = Router(self.outboxes, profiles)
+
+        for outbox in self.outboxes:
+            await outbox.start()
+        for sink in self.sinks:
+            await sink.start()
+        for warning in budget_warnings(cfg):
+            log.warning("%s", warning)
+        for bus in self.buses:
+            await bus.start()
+        self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        log.info(
+            "fieldgate %s up: %d bus(es), %d device(s), %d sink(s)",
+            cfg.gateway.id, len(self.buses), sum(len(b.devices) for b in self.buses), len(self.sinks),
+        )
+
+    def _bus_config(self, bus: BusConfig) -> BusConfig:
+        return bus.model_copy(update={"port": resolve_path(bus.port, self.base)})
+
+    def _on_sample(self, sample):  # type: ignore[no-untyped-def]
+        assert self.router is not None
+        self.router.on_sample(sample)
+
+    def _on_state(self, state):  # type: ignore[no-untyped-def]
+        assert self.router is not None
+        self.router.on_state(state)
+
+    def _request(self, outbox: Outbox, topic: str, payload: bytes) -> None:
+        if self.router is not None:
+            self.router.on_request(outbox, topic, payload)
+
+    async def _reconnected(self, outbox: Outbox) -> None:
+        if self.router is not None:
+            self.router.republish(outbox)
+
+    def metrics(self) -> dict[str, object]:
+        """Counters and gauges of every part, as published on `P/metrics`."""
+        return {
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "buses": {b.name: asdict(b.stats) for b in self.buses},
+            "devices": {
+                d.name: {**asdict(d.stats), "online": d.online}
+                for b in self.buses for d in b.devices.values()
+            },
+            "sinks": {
+                o.sink.name: {**asdict(s.stats), "queued": len(o), "dropped": o.dropped, "connected": s.connected}
+                for o, s in zip(self.outboxes, self.sinks, strict=True)
+            },
+        }
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL)
+            payload = encode_json({"ts": time.time_ns() // 1_000_000, **self.metrics()})
+            for outbox in self.outboxes:
+                outbox.submit(Message("metrics", payload))
+
+    async def stop(self) -> None:
+        """Stop polling, publish what is queued and the offline states, then close everything."""
+        if self._metrics:
+            self._metrics.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics
+        for bus in self.buses:
+            await bus.stop()
+        if self.router:
+            await self.router.stop()
+            for bus in self.buses:
+                for name in bus.devices:
+                    for outbox in self.outboxes:
+                        outbox.submit(Message(f"{name}/status", b"offline", retain=True))
+        for outbox in self.outboxes:
+            await outbox.flush(STOP_FLUSH_TIMEOUT)
+            await outbox.stop()
+        for sink in self.sinks:
+            await sink.stop()
+        if self.broker:
+            await self.broker.stop()
+        if self.simulation:
+            await self.simulation.stop()
+
+    def request_stop(self) -> None:
+        """Ask `run_forever` to stop (signal handlers call this)."""
+        self._stopping.set()
+
+    async def run_forever(self) -> None:
+        """Start, run until SIGTERM/SIGINT, stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stopping.wait()
+            log.info("stopping")
+        finally:
+            await self.stop()

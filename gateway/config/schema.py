@@ -1,0 +1,332 @@
+"""The typed configuration schema (contract: shared/spec/INTERFACE.md section 2)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from drivers.modbus.codec import PointCodec
+from gateway.errors import CodecError
+
+from .units import Duration, Size
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def _topic_safe(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a topic-safe name: 1-64 of A-Z a-z 0-9 _ . - "
+            "(no '/', '+', '#', spaces, and not starting with '$', '.' or '-')"
+        )
+    return value
+
+
+def _topic_prefix(value: str) -> str:
+    if value.startswith("$") or any(c in value for c in "+#\0") or not value.strip("/"):
+        raise ValueError(f"{value!r} cannot be a topic prefix (no '$' start, no '+' or '#')")
+    return value.strip("/")
+
+
+Name = Annotated[str, AfterValidator(_topic_safe)]
+TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
+
+
+class Model(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+
+# --- modbus -------------------------------------------------------------------------------
+
+Table = Literal["coil", "discrete", "input", "holding"]
+BIT_TABLES = ("coil", "discrete")
+
+
+class PointConfig(Model):
+    """One value of a Modbus device."""
+
+    name: Name
+    table: Table
+    address: int = Field(ge=0, le=65535)
+    type: str | None = None  # default: bool on bit tables, uint16 on register tables
+    byte_order: Literal["big", "little"] = "big"
+    word_order: Literal["big", "little"] = "big"
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str | None = None
+    deadband: float = Field(default=0.0, ge=0)
+    poll: Duration | None = None
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    bits: dict[int, Name] | list[Name | None] | None = None
+    _codec: PointCodec = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _build_codec(self) -> PointConfig:
+        is_bit_table = self.table in BIT_TABLES
+        type_spec = self.type or ("bool" if is_bit_table else "uint16")
+        if is_bit_table and type_spec != "bool":
+            raise ValueError(f"a {self.table} point is a single bit: type must be bool, not {type_spec}")
+        if self.writable and self.table not in ("coil", "holding"):
+            raise ValueError(f"a {self.table} point cannot be writable (only coil and holding can)")
+        if type_spec == "bitfield" and not self.bits:
+            raise ValueError("a bitfield point needs `bits`: the names of the bits to publish")
+        if self.bits and type_spec != "bitfield":
+            raise ValueError("`bits` only goes with type: bitfield")
+        if self.writable and type_spec == "bitfield":
+            raise ValueError("bitfield points are read-only; declare a uint16 point to write the word")
+        if (self.min is not None or self.max is not None) and not self.writable:
+            raise ValueError("`min`/`max` are write limits: they need writable: true")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is greater than max {self.max:g}")
+        if isinstance(self.bits, list):
+            bits = tuple((i, n) for i, n in enumerate(self.bits) if n)
+        else:
+            bits = tuple(sorted((self.bits or {}).items()))
+        try:
+            self._codec = PointCodec.parse(
+                type_spec,
+                byte_order=self.byte_order,
+                word_order=self.word_order,
+                scale=self.scale,
+                offset=self.offset,
+                bits=bits,
+            )
+        except CodecError as exc:
+            raise ValueError(str(exc)) from None
+        if self.scale == 0:
+            raise ValueError("scale cannot be 0")
+        return self
+
+    @property
+    def codec(self) -> PointCodec:
+        """The register codec of this point."""
+        return self._codec
+
+
+class DeviceConfig(Model):
+    """A Modbus device (unit) on a bus."""
+
+    name: Name
+    unit: int = Field(ge=1, le=247)
+    poll: Duration = 1.0
+    full_every: Duration = 60.0
+    max_gap: int = Field(default=10, ge=0, le=125)
+    max_registers: int = Field(default=125, ge=1, le=125)
+    timeout: Duration | None = None
+    retries: int | None = Field(default=None, ge=0, le=10)
+    offline_after: int | None = Field(default=None, ge=1, le=100)
+    template: Name | None = None
+    points: list[PointConfig] = Field(default_factory=list)
+
+
+class BusConfig(Model):
+    """One serial line (or RTU-over-TCP serial device server) and the devices on it."""
+
+    name: Name
+    port: str = Field(min_length=1)
+    baudrate: int = Field(default=9600, ge=300, le=4_000_000)
+    parity: Literal["N", "E", "O"] = "E"
+    bytesize: Literal[7, 8] = 8
+    stopbits: Literal[1, 2] = 1
+    timeout: Duration | None = None  # None: derived from baud rate and response length
+    retries: int = Field(default=1, ge=0, le=10)
+    inter_request_delay: Duration | None = None  # None: t3.5 at this baud rate
+    offline_after: int = Field(default=3, ge=1, le=100)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @property
+    def is_tcp(self) -> bool:
+        """True when the port is a serial device server (`tcp://host:port`)."""
+        return self.port.startswith("tcp://")
+
+
+class ModbusConfig(Model):
+    """Modbus RTU buses and reusable point templates."""
+
+    buses: list[BusConfig] = Field(default_factory=list)
+    templates: dict[Name, list[PointConfig]] = Field(default_factory=dict)
+
+
+# --- gateway, broker, northbound --------------------------------------------------------------
+
+
+def _default_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).strip(".-") or "fieldgate"
+    return host[:64]
+
+
+def _default_state_dir() -> str:
+    # systemd sets STATE_DIRECTORY for units with StateDirectory=; INVOCATION_ID for any unit.
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    return "/var/lib/fieldgate" if os.environ.get("INVOCATION_ID") else "./var"
+
+
+class GatewaySection(Model):
+    """Identity and process-wide settings."""
+
+    id: Name = Field(default_factory=_default_id)
+    state_dir: str = Field(default_factory=_default_state_dir)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    http: str | None = "127.0.0.1:9720"
+
+
+_LISTENER = re.compile(r"^(tcp|mqtt|ws|mqtts|wss)://([^:/]*|\[[0-9a-fA-F:]+\]):(\d{1,5})/?$")
+
+
+def _listener(value: str) -> str:
+    m = _LISTENER.match(value)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise ValueError(f"{value!r} is not a listener: use tcp://HOST:PORT, ws://HOST:PORT, mqtts://HOST:PORT")
+    return value
+
+
+class BrokerSection(Model):
+    """The embedded MQTT broker."""
+
+    enabled: bool = True
+    listeners: list[Annotated[str, AfterValidator(_listener)]] = Field(
+        default_factory=lambda: ["tcp://127.0.0.1:1883"], min_length=1
+    )
+    users: str | None = None
+    acl: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_cert(self) -> BrokerSection:
+        if any(u.startswith(("mqtts", "wss")) for u in self.listeners) and not (self.cert and self.key):
+            raise ValueError("mqtts:// and wss:// listeners need `cert` and `key`")
+        return self
+
+
+class SpoolConfig(Model):
+    """Store-and-forward limits of one sink."""
+
+    max_size: Size = 256 * 1024**2
+    max_age: Duration = 30 * 86400.0
+    when_full: Literal["drop_oldest", "reject"] = "drop_oldest"
+
+
+class SinkConfig(Model):
+    """A northbound MQTT broker the gateway publishes to."""
+
+    name: Name
+    url: str | None = None  # None: the embedded broker
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    qos: Literal[0, 1] = 1
+    keepalive: Duration = 30.0
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    topic_prefix: TopicPrefix | None = None  # None: fieldgate/<gateway.id>
+
+    @model_validator(mode="after")
+    def _url_scheme(self) -> SinkConfig:
+        if self.url is not None and not re.match(r"^mqtts?://[^:/]+(:\d{1,5})?/?$", self.url):
+            raise ValueError(f"url {self.url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        return self
+
+
+# --- mcp, homeassistant -----------------------------------------------------------------------
+
+
+class TlsConfig(Model):
+    """Server certificate and optional client CA."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+class McpDeviceConfig(Model):
+    """An MCP device allowed to connect."""
+
+    id: Name
+    token: str = Field(min_length=1)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class McpSection(Model):
+    """The MCP/1 TCP server."""
+
+    listen: str = "0.0.0.0:7720"
+    tls: TlsConfig | None = None
+    heartbeat_s: int = Field(default=30, ge=1, le=3600)
+    ack_timeout: Duration = 5.0
+    retries: int = Field(default=3, ge=0, le=20)
+    max_payload: Size = 1024 * 1024
+    max_sessions: int = Field(default=10000, ge=1)
+    devices: list[McpDeviceConfig] = Field(default_factory=list)
+
+
+class HomeAssistantSection(Model):
+    """Home Assistant MQTT discovery."""
+
+    enabled: bool = False
+    discovery_prefix: TopicPrefix = "homeassistant"
+
+
+# --- simulator --------------------------------------------------------------------------------
+
+
+class SimValue(Model):
+    """How a simulated point's value moves over time (engineering units)."""
+
+    wave: Literal["constant", "sine", "ramp", "toggle", "bits", "random"] = "constant"
+    value: float | bool | str = 0
+    min: float = 0.0
+    max: float = 100.0
+    period: Duration = 60.0
+    step: float = 1.0
+
+
+class SimModbusDevice(Model):
+    """A virtual Modbus slave on a simulated line."""
+
+    unit: int = Field(ge=1, le=247)
+    dead: bool = False  # never answers: shows offline handling
+    values: dict[str, SimValue] = Field(default_factory=dict)
+
+
+class SimModbusLine(Model):
+    """A virtual serial line: a pty pair whose gateway end is linked at `link`."""
+
+    link: str = Field(min_length=1)
+    devices: list[SimModbusDevice] = Field(default_factory=list)
+
+
+class SimulatorSection(Model):
+    """Virtual field devices started in-process (demos and tests)."""
+
+    modbus: list[SimModbusLine] = Field(default_factory=list)
+
+
+# --- root --------------------------------------------------------------------------------------
+
+
+class Config(Model):
+    """The whole gateway configuration."""
+
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    broker: BrokerSection = Field(default_factory=BrokerSection)
+    northbound: list[SinkConfig] = Field(default_factory=lambda: [SinkConfig(name="local")])
+    modbus: ModbusConfig = Field(default_factory=ModbusConfig)
+    mcp: McpSection | None = None
+    homeassistant: HomeAssistantSection = Field(default_factory=HomeAssistantSection)
+    simulator: SimulatorSection | None = None
+
+    def prefix_for(self, sink: SinkConfig) -> str:
+        """The topic prefix a sink publishes under."""
+        return sink.topic_prefix or f"fieldgate/{self.gateway.id}"

@@ -1,0 +1,181 @@
+"""The router: samples become topics (deadband, snapshots, retained values); set requests become writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from bridge.outbox import Outbox
+from gateway.types import DeviceState, Message, Sample, Value, Write, WriteResult
+
+log = logging.getLogger(__name__)
+
+Writer = Callable[[Write], Awaitable[WriteResult]]
+
+#: Topics each sink subscribes to (relative to its prefix).
+SUBSCRIPTIONS = ("+/set/+", "+/cmd")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the router needs to know of a device: deadbands, snapshot period, how to write it."""
+
+    name: str
+    full_every: float = 60.0
+    deadbands: dict[str, float] = field(default_factory=dict)
+    writer: Writer | None = None
+
+
+@dataclass
+class _DeviceView:
+    """What has been published of one device."""
+
+    profile: DeviceProfile
+    published: dict[str, Value] = field(default_factory=dict)
+    latest: dict[str, Value] = field(default_factory=dict)
+    latest_ts: int = 0
+    last_full: float = float("-inf")
+    online: bool | None = None
+
+
+def encode_json(value: object) -> bytes:
+    """Compact JSON; NaN and infinities (not JSON) become null."""
+    return json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _moved(old: Value, new: Value, deadband: float) -> bool:
+    if isinstance(old, bool) or isinstance(new, bool) or not isinstance(old, int | float) or not isinstance(new, int | float):
+        return old != new
+    if math.isnan(old) or math.isnan(new):
+        return math.isnan(old) != math.isnan(new)
+    return abs(new - old) > deadband if deadband > 0 else new != old
+
+
+class Router:
+    """Turns driver events into messages for every sink, and sink requests into driver calls."""
+
+    def __init__(self, outboxes: list[Outbox], profiles: list[DeviceProfile], *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.outboxes = outboxes
+        self.devices = {p.name: _DeviceView(p) for p in profiles}
+        self._clock = clock
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- from the drivers ---------------------------------------------------------------------------
+
+    def on_sample(self, sample: Sample) -> None:
+        """Publish what moved beyond its deadband, the per-point values, and a snapshot when due."""
+        view = self.devices.get(sample.device)
+        if view is None:
+            log.debug("sample from unknown device %s", sample.device)
+            return
+        deadbands = view.profile.deadbands
+        changed: dict[str, Value] = {}
+        for name, value in sample.values.items():
+            base = name.split(".", 1)[0]
+            if name not in view.published or _moved(view.published[name], value, deadbands.get(base, 0.0)):
+                changed[name] = value
+        view.latest.update(sample.values)
+        view.latest_ts = sample.ts
+        now = self._clock()
+        full = now - view.last_full >= view.profile.full_every
+        if full:
+            view.last_full = now
+            body = dict(view.latest)
+        else:
+            body = changed
+        view.published.update(changed)
+        if body:
+            payload = encode_json({"ts": sample.ts, "values": body})
+            self._send(Message(f"{sample.device}/telemetry", payload))
+        for name, value in changed.items():
+            self._send(Message(f"{sample.device}/{name}", encode_json(value), retain=True))
+
+    def on_state(self, state: DeviceState) -> None:
+        """Publish a device's retained online/offline status."""
+        view = self.devices.get(state.device)
+        if view is not None:
+            view.online = state.online
+        self._send(Message(f"{state.device}/status", b"online" if state.online else b"offline", retain=True))
+
+    def _send(self, message: Message, only: Outbox | None = None) -> None:
+        for outbox in self.outboxes:
+            if only is None or outbox is only:
+                outbox.submit(message)
+
+    def retained_state(self) -> list[Message]:
+        """Every retained message the gateway stands behind (statuses and latest values)."""
+        out: list[Message] = []
+        for name, view in self.devices.items():
+            if view.online is not None:
+                out.append(Message(f"{name}/status", b"online" if view.online else b"offline", retain=True))
+            for point, value in view.published.items():
+                out.append(Message(f"{name}/{point}", encode_json(value), retain=True))
+        return out
+
+    def republish(self, outbox: Outbox) -> None:
+        """Give a (re)connected sink the retained state again: its broker may have lost it."""
+        for message in self.retained_state():
+            outbox.submit(message)
+
+    # --- from the sinks -----------------------------------------------------------------------------
+
+    def on_request(self, outbox: Outbox, topic: str, payload: bytes) -> None:
+        """Handle `<device>/set/<point>` and `<device>/cmd` from a sink; the result goes back to it."""
+        parts = topic.split("/")
+        if len(parts) == 3 and parts[1] == "set":
+            self._spawn(self._set(outbox, parts[0], parts[2], payload))
+        elif len(parts) == 2 and parts[1] == "cmd":
+            self._spawn(self._cmd(outbox, parts[0], payload))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set(self, outbox: Outbox, device: str, point: str, payload: bytes) -> None:
+        result_topic = f"{device}/set/{point}/result"
+        try:
+            value = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            result = WriteResult(ok=False, error=f"payload is not JSON: {payload[:64]!r}")
+        else:
+            if isinstance(value, dict):
+                value = value.get("value")
+            view = self.devices.get(device)
+            if view is None:
+                result = WriteResult(ok=False, error=f"unknown device {device!r}")
+            elif view.profile.writer is None:
+                result = WriteResult(ok=False, error=f"{device} takes no writes")
+            else:
+                result = await view.profile.writer(Write(device, point, value, origin=outbox.sink.name))
+        log.info("set %s.%s = %r: %s", device, point, payload[:64], "ok" if result.ok else result.error)
+        body = {"ok": result.ok, "value": result.value, "error": result.error}
+        self._send(Message(result_topic, encode_json(body)), only=outbox)
+
+    async def _cmd(self, outbox: Outbox, device: str, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+            cmd_id = body.get("id") if isinstance(body, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            cmd_id = None
+        error = f"unknown device {device!r}" if device not in self.devices else f"{device} takes no commands"
+        result = {"id": cmd_id, "ok": False, "result": None, "error": error}
+        self._send(Message(f"{device}/cmd/result", encode_json(result)), only=outbox)
+
+    async def stop(self) -> None:
+        """Wait briefly for writes in progress."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)

@@ -1,0 +1,66 @@
+"""Builds the configured virtual field devices (the `simulator` section) and runs them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drivers.sim.line import VirtualLine
+from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave, Wave
+from gateway.config.schema import Config, SimValue
+
+log = logging.getLogger(__name__)
+
+
+def _wave(v: SimValue | None) -> Wave:
+    if v is None:
+        return Wave()
+    return Wave(kind=v.wave, value=v.value, min=v.min, max=v.max, period=v.period, step=v.step)
+
+
+def resolve_path(path: str, base: Path) -> str:
+    """A relative serial path or link is taken relative to the config file's folder."""
+    if path.startswith("tcp://") or Path(path).is_absolute():
+        return path
+    return str((base / path).resolve())
+
+
+@dataclass
+class Simulation:
+    """The running virtual lines and their slaves."""
+
+    lines: list[VirtualLine] = field(default_factory=list)
+    simulators: dict[str, ModbusSimulator] = field(default_factory=dict)  # by link path
+
+    async def stop(self) -> None:
+        """Stop every slave and remove the lines."""
+        for sim in self.simulators.values():
+            await sim.stop()
+        for line in self.lines:
+            line.close()
+
+
+async def start_simulation(cfg: Config, base: Path) -> Simulation:
+    """Create each virtual line, link its gateway end where the config says, and start its slaves."""
+    sim = Simulation()
+    assert cfg.simulator is not None
+    for line_cfg in cfg.simulator.modbus:
+        link = resolve_path(line_cfg.link, base)
+        bus = next((b for b in cfg.modbus.buses if resolve_path(b.port, base) == link), None)
+        line = VirtualLine(link)
+        line.start()
+        sim.lines.append(line)
+        slaves = []
+        for dev in line_cfg.devices:
+            dev_cfg = next((d for d in bus.devices if d.unit == dev.unit), None) if bus else None
+            points = [
+                SimPoint(p.name, p.table, p.address, p.codec, _wave(dev.values.get(p.name)))
+                for p in (dev_cfg.points if dev_cfg else [])
+            ]
+            slaves.append(SimSlave(dev.unit, points, dead=dev.dead))
+        simulator = ModbusSimulator(line.device_port, slaves, baudrate=bus.baudrate if bus else 9600)
+        await simulator.start()
+        sim.simulators[link] = simulator
+        log.info("simulated line %s: units %s", link, ", ".join(str(s.unit) for s in slaves))
+    return sim

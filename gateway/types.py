@@ -1,0 +1,67 @@
+"""The few values that cross the boundaries between drivers, the router and the sinks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+#: A decoded field value as it is published: JSON scalars only.
+Value = Union[bool, int, float, str, None]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Values read from one device at one moment (`ts` in unix ms, taken at the field)."""
+
+    device: str
+    ts: int
+    values: dict[str, Value]
+    full: bool = False  # True when every point of the device is present (a snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A device went online or offline."""
+
+    device: str
+    online: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MQTT message for a sink; `topic` is relative to the sink's prefix."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int | None = None  # None: the sink's own QoS
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A request to write one point of one device."""
+
+    device: str
+    point: str
+    value: Any
+    origin: str = ""  # who asked (sink name, client id), for the audit log later
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The outcome of a Write; `value` is what the device holds after the write when read back."""
+
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A named command for a device (MCP devices)."""
+
+    device: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None

@@ -1,0 +1,236 @@
+"""The whole path on real parts: simulated slaves on a pty line → gateway → embedded amqtt → paho subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from helpers import Subscriber, free_port
+from gateway.app import Gateway
+from gateway.config import load_config
+
+CONFIG = """
+gateway: {{id: t1, state_dir: ./state}}
+broker: {{listeners: ["tcp://127.0.0.1:{port}"]}}
+modbus:
+  buses:
+    - name: line
+      port: ./ttyA
+      baudrate: 115200
+      parity: N
+      devices:
+        - name: plc
+          unit: 1
+          poll: 200ms
+          full_every: 60s
+          points:
+            - {{name: i16, table: holding, address: 0, type: int16}}
+            - {{name: u16, table: holding, address: 1, type: uint16}}
+            - {{name: i32, table: holding, address: 2, type: int32}}
+            - {{name: u32, table: holding, address: 4, type: uint32, word_order: little}}
+            - {{name: i64, table: holding, address: 6, type: int64}}
+            - {{name: u64, table: holding, address: 10, type: uint64, word_order: little}}
+            - {{name: f32, table: holding, address: 14, type: float32}}
+            - {{name: f32ws, table: holding, address: 16, type: float32, word_order: little}}
+            - {{name: f32bs, table: holding, address: 18, type: float32, byte_order: little}}
+            - {{name: f64, table: holding, address: 20, type: float64}}
+            - {{name: f64ws, table: holding, address: 24, type: float64, word_order: little}}
+            - {{name: label, table: holding, address: 30, type: "string:10"}}
+            - {{name: flags, table: holding, address: 40, type: bitfield, bits: {{0: run, 5: alarm}}}}
+            - {{name: scaled, table: input, address: 0, type: int16, scale: 0.1, offset: -10}}
+            - {{name: relay, table: coil, address: 3, writable: true}}
+            - {{name: door, table: discrete, address: 7}}
+            - {{name: sp, table: holding, address: 50, type: uint16, scale: 0.5, writable: true, min: 0, max: 1000}}
+            - {{name: target, table: holding, address: 60, type: float32, writable: true}}
+        - name: other
+          unit: 2
+          poll: 100ms
+          points:
+            - {{name: level, table: input, address: 0}}
+        - name: ghost
+          unit: 3
+          poll: 100ms
+          points:
+            - {{name: level, table: input, address: 0}}
+simulator:
+  modbus:
+    - link: ./ttyA
+      devices:
+        - {{unit: 1}}
+        - unit: 2
+          values: {{level: {{value: 7}}}}
+        - {{unit: 3, dead: true}}
+"""
+
+
+@asynccontextmanager
+async def running(path: Path) -> AsyncIterator[Gateway]:
+    """A gateway started from a config file, stopped at the end."""
+    gw = Gateway(load_config(path))
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Subscriber]]:
+    """The test config's gateway and a subscriber on its embedded broker."""
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(port=port))
+    async with running(path) as gw:
+        sub = Subscriber(port)
+        await asyncio.to_thread(sub.start)
+        try:
+            yield gw, sub
+        finally:
+            sub.stop()
+
+
+def _sim(gw: Gateway):  # type: ignore[no-untyped-def]
+    assert gw.simulation is not None
+    return next(iter(gw.simulation.simulators.values()))
+
+
+def _f32(x: float) -> float:
+    return struct.unpack(">f", struct.pack(">f", x))[0]
+
+
+async def test_every_type_and_order_arrives_decoded(gateway: tuple[Gateway, Subscriber]) -> None:
+    gw, sub = gateway
+    sim = _sim(gw)
+    expected = {
+        "i16": -12345, "u16": 54321, "i32": -2_000_000_000, "u32": 4_000_000_000,
+        "i64": -(2**62) - 5, "u64": 2**64 - 3, "f32": 3.25, "f32ws": -1.5e-3, "f32bs": 1234.5,
+        "f64": math.pi, "f64ws": -2.5e100, "label": "PUMP-7",
+        "scaled": 12.3, "relay": True, "door": True,
+    }
+    for name, value in expected.items():
+        sim.set(1, name, value)
+    sim.set(1, "flags", 0b100001)
+    for name, value in {**expected, "flags.run": True, "flags.alarm": True}.items():
+        topic = f"fieldgate/t1/plc/{name}"
+        msg = await sub.wait_for(
+            lambda ms, t=topic: next((m for m in reversed(ms) if m.topic == t and m.json() == value), None)
+            or next((m for m in reversed(ms) if m.topic == t and isinstance(value, float) and m.json() == pytest.approx(value, rel=1e-6)), None),
+            timeout=5,
+        )
+        assert msg, name
+    # The retained per-point topics are retained, the telemetry carries the sample time.
+    tele = sub.on("fieldgate/t1/plc/telemetry")
+    assert tele and all(abs(m.json()["ts"] - time.time() * 1000) < 10_000 for m in tele)
+
+
+async def test_word_orders_differ_on_the_wire(gateway: tuple[Gateway, Subscriber]) -> None:
+    gw, sub = gateway
+    sim = _sim(gw)
+    sim.set(1, "f32", 1.0)
+    sim.set(1, "f32ws", 1.0)
+    # The same value in both word orders occupies different register patterns.
+    _, regs = sim._blocks[1]["holding"]
+    assert regs[14:16] == [0x3F80, 0x0000]
+    assert regs[16:18] == [0x0000, 0x3F80]
+    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/plc/f32ws" and m.json() == 1.0 for m in ms))
+
+
+async def test_write_round_trip_and_refusals(gateway: tuple[Gateway, Subscriber]) -> None:
+    gw, sub = gateway
+    sim = _sim(gw)
+    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/plc/status" and m.payload == b"online" for m in ms))
+
+    r = await sub.request("fieldgate/t1/plc/set/sp", "123.5")
+    assert r.json() == {"ok": True, "value": 123.5, "error": None}
+    assert sim.get(1, "sp") == 123.5
+
+    r = await sub.request("fieldgate/t1/plc/set/target", '{"value": 21.75}')
+    assert r.json() == {"ok": True, "value": 21.75, "error": None}
+    assert sim.get(1, "target") == 21.75
+
+    r = await sub.request("fieldgate/t1/plc/set/relay", "true")
+    assert r.json()["ok"] is True and sim.get(1, "relay") is True
+
+    r = await sub.request("fieldgate/t1/plc/set/i16", "5")
+    assert r.json() == {"ok": False, "value": None, "error": "plc.i16 is read-only"}
+
+    r = await sub.request("fieldgate/t1/plc/set/sp", "1001")
+    assert r.json()["ok"] is False and "above the maximum 1000" in r.json()["error"]
+    assert sim.get(1, "sp") == 123.5  # nothing was written
+
+    r = await sub.request("fieldgate/t1/plc/set/target", '"warm"')
+    assert r.json()["ok"] is False and "expected a number" in r.json()["error"]
+
+    r = await sub.request("fieldgate/t1/nosuch/set/x", "1")
+    assert r.json()["error"] == "unknown device 'nosuch'"
+
+
+async def test_a_value_that_does_not_fit_is_refused_not_wrapped(gateway: tuple[Gateway, Subscriber]) -> None:
+    gw, sub = gateway
+    sim = _sim(gw)
+    sim.set(1, "sp", 10)
+    # sp is uint16 with scale 0.5 and no limit below 1000: 40000 would need raw 80000.
+    bus = gw.buses[0]
+    from gateway.types import Write
+
+    result = await bus.write(Write("plc", "target", float("1e39")))
+    assert result.ok is False and "float32" in (result.error or "")
+    result = await bus.write(Write("other", "level", 3))
+    assert result.ok is False and "read-only" in (result.error or "")
+    assert sim.get(1, "sp") == 10
+
+
+async def test_dead_unit_goes_offline_and_neighbours_keep_their_rate(gateway: tuple[Gateway, Subscriber]) -> None:
+    gw, sub = gateway
+    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/ghost/status" and m.payload == b"offline" for m in ms))
+    assert sub.on("fieldgate/t1/other/status")[-1].payload == b"online"
+    other = gw.buses[0].devices["other"]
+    ghost = gw.buses[0].devices["ghost"]
+    before, t0 = other.stats.cycles, time.monotonic()
+    ghost_tx = ghost.stats.transactions
+    await asyncio.sleep(2.0)
+    rate = (other.stats.cycles - before) / (time.monotonic() - t0)
+    # 100 ms poll: 10 cycles/s; the dead neighbour is only probed with back-off.
+    assert rate >= 9.0, rate
+    assert ghost.stats.transactions - ghost_tx <= 2  # probes at 1 s, then 2 s ...
+    # Only one offline message: the state change is announced once.
+    assert len([m for m in sub.on("fieldgate/t1/ghost/status") if m.payload == b"offline"]) == 1
+
+
+async def test_device_comes_back_online(gateway: tuple[Gateway, Subscriber]) -> None:
+    gw, sub = gateway
+    sim = _sim(gw)
+    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/ghost/status" and m.payload == b"offline" for m in ms))
+    sim.set_dead(3, False)
+    msg = await sub.wait_for(
+        lambda ms: any(m.topic == "fieldgate/t1/ghost/status" and m.payload == b"online" for m in ms), timeout=6
+    )
+    assert msg
+
+
+async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
+    shipped = (Path(__file__).parents[2] / "config.yaml").read_text()
+    port = free_port()
+    text = shipped.replace("tcp://127.0.0.1:1883", f"tcp://127.0.0.1:{port}").replace("id: demo", "id: demo\n  state_dir: ./state")
+    assert f"127.0.0.1:{port}" in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    async with running(path):
+        sub = Subscriber(port)
+        await asyncio.to_thread(sub.start)
+        try:
+            for topic in ("fieldgate/demo/boiler1/telemetry", "fieldgate/demo/meter/telemetry"):
+                msg = await sub.next_on(topic, timeout=10)
+                assert msg.json()["values"]
+            await sub.wait_for(lambda ms: any(m.topic == "fieldgate/demo/spare/status" and m.payload == b"offline" for m in ms))
+            temps = [m.json() for m in sub.on("fieldgate/demo/boiler1/temperature")]
+            assert all(55 <= t <= 65 for t in temps)
+        finally:
+            sub.stop()

@@ -1,0 +1,117 @@
+"""Test helpers that build real parts: free ports, a recording paho subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Received:
+    """One MQTT message as a subscriber saw it."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float
+
+    def json(self) -> object:
+        """The payload parsed as JSON."""
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A paho client on its own thread that records every message on its subscriptions."""
+
+    def __init__(self, port: int, topics: tuple[str, ...] = ("#",)) -> None:
+        self.port = port
+        self.messages: list[Received] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}-{id(self)}")
+        c.on_message = self._on_message
+        c.on_connect = lambda cl, *_: [cl.subscribe(t, qos=1) for t in topics] and self._connected.set()
+        c.on_subscribe = lambda *_: self._connected.set()
+        self.client = c
+
+    def _on_message(self, _c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(Received(m.topic, m.payload, bool(m.retain), time.monotonic()))
+
+    def start(self) -> None:
+        """Connect (retrying while the broker comes up) and subscribe."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.connect("127.0.0.1", self.port, keepalive=30)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.client.loop_start()
+        if not self._connected.wait(10):
+            raise TimeoutError("subscriber did not connect")
+        time.sleep(0.1)  # let the SUBACK settle
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def on(self, topic: str) -> list[Received]:
+        """Every message seen on one topic, oldest first."""
+        with self._lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def clear(self) -> None:
+        """Forget what was received so far."""
+        with self._lock:
+            self.messages.clear()
+
+    async def wait_for(self, predicate: Callable[[list[Received]], object], timeout: float = 10.0) -> object:
+        """Wait until predicate(messages) is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                snapshot = list(self.messages)
+            result = predicate(snapshot)
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                topics = sorted({m.topic for m in snapshot})
+                raise AssertionError(f"timed out after {timeout}s; topics seen: {topics}")
+            await asyncio.sleep(0.05)
+
+    async def next_on(self, topic: str, timeout: float = 10.0, after: float = 0.0) -> Received:
+        """The first message on `topic` received after monotonic time `after`."""
+        result = await self.wait_for(lambda ms: next((m for m in ms if m.topic == topic and m.at > after), None), timeout)
+        assert isinstance(result, Received)
+        return result
+
+    def publish(self, topic: str, payload: bytes | str) -> None:
+        """Publish with QoS 1 (as a dashboard would)."""
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    async def request(self, topic: str, payload: bytes | str, timeout: float = 10.0) -> Received:
+        """Publish a request and return the first `<topic>/result` that follows it."""
+        sent = time.monotonic()
+        await asyncio.to_thread(self.publish, topic, payload)
+        return await self.next_on(f"{topic}/result", timeout, after=sent)
+
+
