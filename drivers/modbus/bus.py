@@ -125,6 +125,8 @@ class ModbusBus:
             self._prepare_write(device, request)
         except (WriteRejected, CodecError) as exc:
             return WriteResult(ok=False, error=str(exc))
+        if not self._link.connected:
+            return WriteResult(ok=False, error=f"line {self.name} is down ({self.cfg.port} is not open)")
         fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         await self._writes.put((request, fut))
         self._wake.set()
@@ -156,10 +158,7 @@ class ModbusBus:
                 await self._reopen()
                 continue
             if not self._writes.empty():
-                request, fut = self._writes.get_nowait()
-                result = await self._do_write(request)
-                if not fut.done():
-                    fut.set_result(result)
+                await self._serve_writes()
                 continue
             due, _, job = self._heap[0] if self._heap else (time.monotonic() + 3600, 0, None)
             delay = due - time.monotonic()
@@ -176,6 +175,13 @@ class ModbusBus:
             await self._run_job(job, due)
             heapq.heappush(self._heap, (job.due, next(self._seq), job))
 
+    async def _serve_writes(self) -> None:
+        while not self._writes.empty():
+            request, fut = self._writes.get_nowait()
+            result = await self._do_write(request)
+            if not fut.done():
+                fut.set_result(result)
+
     async def _reopen(self) -> None:
         self.stats.reopen_attempts += 1
         try:
@@ -185,6 +191,8 @@ class ModbusBus:
                 log.warning("line %s: %s; retrying with back-off", self.name, exc)
             now = time.monotonic()
             for device in self.devices.values():
+                # Nothing on a line that cannot be opened can answer: no need to wait N polls.
+                device.failures = max(device.failures, device.offline_after - 1)
                 if device.record_failure(now):
                     self._announce(device, False, str(exc))
             await asyncio.sleep(self._reopen_backoff)
@@ -207,8 +215,13 @@ class ModbusBus:
         failure: DeviceError | None = None
         answered = False
         for request in job.requests[:1] if probing else job.requests:
+            # Writes jump the queue, also between the reads of one cycle.
+            await self._serve_writes()
             try:
-                data = await self._transact(device, request, retries=0 if probing else device.retries)
+                # Retries are for a healthy device's occasional noise; a device that failed its
+                # last poll gets one try per poll, so that a dead one holds the line less.
+                retries = device.retries if device.failures == 0 else 0
+                data = await self._transact(device, request, retries=retries)
             except DeviceException as exc:
                 # The device is alive; this block is not readable. Keep going with the others.
                 answered = True

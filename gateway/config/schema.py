@@ -101,8 +101,6 @@ class PointConfig(Model):
             )
         except CodecError as exc:
             raise ValueError(str(exc)) from None
-        if self.scale == 0:
-            raise ValueError("scale cannot be 0")
         return self
 
     @property

@@ -1,0 +1,303 @@
+"""The line scheduler against pymodbus slaves on a virtual serial line (real pty, real RTU frames)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from drivers.modbus.bus import ModbusBus
+from drivers.modbus.device import PROBE_BACKOFF_MAX, Device
+from drivers.modbus.transport import ModbusLink
+from drivers.sim.line import VirtualLine
+from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
+from gateway.config import parse_config
+from gateway.config.schema import BusConfig
+from gateway.errors import BusUnavailable, DeviceException, DeviceTimeout
+from gateway.types import DeviceState, Sample, Write
+
+
+def bus_config(devices_yaml: str, **bus: object) -> BusConfig:
+    """A bus config validated exactly like a user's."""
+    settings = {"port": "/dev/null", "baudrate": 115200, "parity": "N", **bus}
+    extra = "".join(f"\n      {k}: {v}" for k, v in settings.items())
+    text = f"""
+modbus:
+  buses:
+    - name: line{extra}
+      devices:
+{devices_yaml}
+"""
+    return parse_config(text).config.modbus.buses[0]
+
+
+@dataclass
+class Recorder:
+    """Collects what a bus reports."""
+
+    samples: list[Sample] = field(default_factory=list)
+    states: list[DeviceState] = field(default_factory=list)
+
+    def sample(self, s: Sample) -> None:
+        self.samples.append(s)
+
+    def state(self, s: DeviceState) -> None:
+        self.states.append(s)
+
+
+@dataclass
+class Rig:
+    """A bus wired to simulated slaves."""
+
+    bus: ModbusBus
+    sim: ModbusSimulator
+    rec: Recorder
+    line: VirtualLine
+
+
+@pytest.fixture
+def make_rig(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Build a line + simulator + bus from a bus config; everything is stopped at the end."""
+    rigs: list[Rig] = []
+
+    async def build(cfg: BusConfig, dead: tuple[int, ...] = ()) -> Rig:
+        line = VirtualLine(tmp_path / f"tty{len(rigs)}")
+        line.start()
+        slaves = [
+            SimSlave(d.unit, [SimPoint(p.name, p.table, p.address, p.codec) for p in d.points], dead=d.unit in dead)
+            for d in cfg.devices
+        ]
+        sim = ModbusSimulator(line.device_port, slaves)
+        await sim.start()
+        rec = Recorder()
+        bus = ModbusBus(cfg.model_copy(update={"port": line.gateway_port}), rec.sample, rec.state)
+        rig = Rig(bus, sim, rec, line)
+        rigs.append(rig)
+        return rig
+
+    yield build
+    for rig in rigs:
+        # Stopped in the fixture's own loop by the async finaliser below.
+        rig.line.close()
+
+
+@pytest.fixture
+async def cleanup() -> AsyncIterator[list[Rig]]:
+    """Rigs registered here are stopped (bus, then simulator) after the test."""
+    rigs: list[Rig] = []
+    yield rigs
+    for rig in rigs:
+        await rig.bus.stop()
+        await rig.sim.stop()
+
+
+async def start(make_rig, cleanup, cfg: BusConfig, dead: tuple[int, ...] = ()) -> Rig:  # type: ignore[no-untyped-def]
+    rig = await make_rig(cfg, dead)
+    cleanup.append(rig)
+    await rig.bus.start()
+    return rig
+
+
+async def test_polls_at_a_fixed_rate_without_drift(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    cfg = bus_config("""        - name: d
+          unit: 1
+          poll: 100ms
+          points: [{name: v, table: holding, address: 0}]""")
+    rig = await start(make_rig, cleanup, cfg)
+    await asyncio.sleep(2.05)
+    ts = [s.ts for s in rig.rec.samples]
+    assert 19 <= len(ts) <= 22
+    # Each sample is stamped when its cycle starts; on a fixed-rate schedule the n-th cycle
+    # starts n intervals after the first, whatever each cycle took (no accumulated drift).
+    for n, t in enumerate(ts):
+        assert abs((t - ts[0]) - n * 100) < 40, (n, t - ts[0])
+
+
+async def test_an_overrunning_cycle_skips_instead_of_piling_up(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    # Three blocks 40 ms apart (inter-request delay) make a ~80+ ms cycle on a 50 ms schedule.
+    cfg = bus_config("""        - name: d
+          unit: 1
+          poll: 50ms
+          max_gap: 0
+          points:
+            - {name: a, table: holding, address: 0}
+            - {name: b, table: holding, address: 10}
+            - {name: c, table: holding, address: 20}""", inter_request_delay="40ms")
+    rig = await start(make_rig, cleanup, cfg)
+    await asyncio.sleep(1.5)
+    device = rig.bus.devices["d"]
+    assert device.stats.skipped_cycles > 0
+    ts = [s.ts for s in rig.rec.samples]
+    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    # No catch-up bursts: cycles never start closer together than one interval.
+    assert min(gaps) >= 45, gaps
+    # And each start lies on the 50 ms grid of the first.
+    assert all((t - ts[0]) % 50 < 15 or (t - ts[0]) % 50 > 35 for t in ts), [(t - ts[0]) for t in ts]
+
+
+async def test_writes_jump_ahead_of_polling(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    points = "\n".join(f"            - {{name: p{i}, table: holding, address: {i * 20}}}" for i in range(10))
+    cfg = bus_config(f"""        - name: d
+          unit: 1
+          poll: 10ms
+          max_gap: 0
+          points:
+            - {{name: sp, table: holding, address: 500, writable: true}}
+{points}""", inter_request_delay="20ms")
+    rig = await start(make_rig, cleanup, cfg)
+    await asyncio.sleep(0.3)
+    before = rig.bus.stats.transactions
+    result = await rig.bus.write(Write("d", "sp", 42))
+    assert result.ok and result.value == 42
+    assert rig.sim.get(1, "sp") == 42
+    # A full cycle is 11 reads; the write waited for at most the read in progress,
+    # then took its own transaction and the read-back.
+    assert rig.bus.stats.transactions - before <= 3
+
+
+async def test_dead_unit_goes_offline_and_is_probed_with_back_off(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    cfg = bus_config("""        - name: live
+          unit: 1
+          poll: 50ms
+          points: [{name: v, table: holding, address: 0}]
+        - name: dead
+          unit: 2
+          poll: 50ms
+          points: [{name: v, table: holding, address: 0}]""", retries=1)
+    rig = await start(make_rig, cleanup, cfg, dead=(2,))
+    dead, live = rig.bus.devices["dead"], rig.bus.devices["live"]
+    deadline = time.monotonic() + 5
+    while dead.online is not False and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    states = [s for s in rig.rec.states if s.device == "dead"]
+    assert [s.online for s in states] == [False]
+    assert "no response" in states[0].reason
+    # First failed poll with its retry (2 tries), then one try per poll until offline.
+    assert dead.stats.transactions == 4, dead.stats.transactions
+    # Offline: the neighbour gets the line back, the dead unit is only probed (+1 s, +2 s ...).
+    tx0, cycles0, t0 = dead.stats.transactions, live.stats.cycles, time.monotonic()
+    await asyncio.sleep(2.2)
+    elapsed = time.monotonic() - t0
+    assert dead.stats.transactions - tx0 == 1  # the probe at +1 s; the next is due at +3 s
+    assert dead.stats.timeouts == dead.stats.transactions
+    rate = (live.stats.cycles - cycles0) / elapsed
+    assert rate >= 0.9 * 20, rate  # 50 ms poll: 20 cycles/s; the probe costs one timeout
+    assert live.online is True
+    assert [s.online for s in rig.rec.states if s.device == "dead"] == [False]  # announced once
+
+
+async def test_exception_for_one_block_keeps_the_device_online(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    cfg = bus_config("""        - name: d
+          unit: 1
+          poll: 100ms
+          points:
+            - {name: good, table: holding, address: 0}
+            - {name: far, table: holding, address: 60000}""")
+    rig = await make_rig(cfg)
+    cleanup.append(rig)
+    # The simulator knows only its points' area; shrink it so address 60000 is illegal.
+    rig.sim.slaves[1].points = [p for p in rig.sim.slaves[1].points if p.name == "good"]
+    await rig.sim.stop()
+    rig.sim = ModbusSimulator(rig.line.device_port, [rig.sim.slaves[1]])
+    await rig.sim.start()
+    cleanup[-1] = rig
+    rig.sim.set(1, "good", 7)
+    await rig.bus.start()
+    await asyncio.sleep(0.5)
+    device = rig.bus.devices["d"]
+    assert device.online is True
+    assert device.stats.exceptions >= 3
+    assert all(s.values == {"good": 7} for s in rig.rec.samples)
+
+
+async def test_line_that_cannot_open_marks_devices_offline_then_recovers(tmp_path: Path) -> None:
+    link = tmp_path / "later"
+    cfg = bus_config("""        - name: d
+          unit: 1
+          poll: 100ms
+          points: [{name: v, table: holding, address: 0, writable: true}]""").model_copy(update={"port": str(link)})
+    rec = Recorder()
+    bus = ModbusBus(cfg, rec.sample, rec.state)
+    await bus.start()
+    line = None
+    sim = None
+    try:
+        await asyncio.sleep(0.3)
+        assert [s.online for s in rec.states] == [False]
+        assert "cannot open" in rec.states[0].reason
+        result = await bus.write(Write("d", "v", 1))
+        assert result.ok is False and "is down" in (result.error or "")
+        line = VirtualLine(link)
+        line.start()
+        sim = ModbusSimulator(line.device_port, [SimSlave(1, [SimPoint("v", "holding", 0, cfg.devices[0].points[0].codec)])])
+        await sim.start()
+        deadline = time.monotonic() + 6
+        while not (rec.states and rec.states[-1].online) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert rec.states[-1].online is True
+    finally:
+        await bus.stop()
+        if sim:
+            await sim.stop()
+        if line:
+            line.close()
+
+
+async def test_link_maps_pymodbus_failures_to_our_errors(tmp_path: Path) -> None:
+    with pytest.raises(BusUnavailable, match="cannot open"):
+        await ModbusLink(str(tmp_path / "missing"), parity="N").open()
+    line = VirtualLine(tmp_path / "tty")
+    line.start()
+    sim = ModbusSimulator(line.device_port, [SimSlave(1, []), SimSlave(2, [], dead=True)])
+    await sim.start()
+    link = ModbusLink(line.gateway_port, baudrate=115200, parity="N")
+    try:
+        await link.open()
+        assert await link.read("holding", 1, 0, 3, 0.5) == [0, 0, 0]
+        with pytest.raises(DeviceException) as info:
+            await link.read("holding", 1, 60000, 1, 0.5)
+        assert info.value.code == 2 and "illegal data address" in str(info.value)
+        with pytest.raises(DeviceTimeout) as timeout:
+            await link.read("holding", 2, 0, 1, 0.2)
+        assert isinstance(timeout.value.__cause__, Exception)  # the pymodbus cause is kept
+        with pytest.raises(DeviceTimeout):
+            await link.read("holding", 9, 0, 1, 0.2)  # nobody there
+    finally:
+        link.close()
+        await sim.stop()
+        line.close()
+
+
+def test_timeouts_follow_the_baud_rate_unless_configured() -> None:
+    slow = bus_config("""        - name: d
+          unit: 1
+          points: [{name: v, table: holding, address: 0}]""", baudrate=1200)
+    fast = slow.model_copy(update={"baudrate": 115200})
+    dev_slow, dev_fast = Device(slow.devices[0], slow), Device(fast.devices[0], fast)
+    assert dev_slow.timeout("holding", 125) > 2.0
+    assert dev_fast.timeout("holding", 125) < 0.15
+    assert dev_fast.timeout("holding", 125) > 0.022
+    fixed = slow.model_copy(update={"timeout": 0.5})
+    assert Device(fixed.devices[0], fixed).timeout("holding", 125) == 0.5
+
+
+def test_offline_after_n_failures_and_back_off_doubles_to_five_minutes() -> None:
+    cfg = bus_config("""        - name: d
+          unit: 1
+          offline_after: 2
+          points: [{name: v, table: holding, address: 0}]""")
+    dev = Device(cfg.devices[0], cfg)
+    assert dev.record_failure(0.0) is False
+    assert dev.record_failure(0.0) is True and dev.online is False
+    assert dev.next_probe == 1.0
+    waits = []
+    for _ in range(12):
+        dev.record_failure(100.0)
+        waits.append(dev.next_probe - 100.0)
+    assert waits[:4] == [2.0, 4.0, 8.0, 16.0]
+    assert waits[-1] == PROBE_BACKOFF_MAX
+    assert dev.record_success() is True and dev.online is True and dev.backoff == 1.0
