@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -28,18 +29,11 @@ async def broker(port: int) -> AsyncIterator[EmbeddedBroker]:
 
 
 @pytest.fixture
-def subscriber(broker: EmbeddedBroker, port: int) -> Iterator[Subscriber]:
-    """A paho subscriber to everything on the test broker."""
+async def subscriber(broker: EmbeddedBroker, port: int) -> AsyncIterator[Subscriber]:
+    """A paho subscriber to everything on the test broker (connected off the loop the broker runs on)."""
     sub = Subscriber(port)
-    sub.start()
+    await asyncio.to_thread(sub.start)
     try:
         yield sub
     finally:
         sub.stop()
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A temporary folder that is also the working directory."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path

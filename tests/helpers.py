@@ -105,13 +105,13 @@ class Subscriber:
         return result
 
     def publish(self, topic: str, payload: bytes | str) -> None:
-        """Publish with QoS 1 (as a dashboard would)."""
-        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+        """Publish with QoS 1 (as a dashboard would); does not wait, so it is safe on the broker's loop."""
+        self.client.publish(topic, payload, qos=1)
 
     async def request(self, topic: str, payload: bytes | str, timeout: float = 10.0) -> Received:
         """Publish a request and return the first `<topic>/result` that follows it."""
         sent = time.monotonic()
-        await asyncio.to_thread(self.publish, topic, payload)
+        self.publish(topic, payload)
         return await self.next_on(f"{topic}/result", timeout, after=sent)
 
 

@@ -1,0 +1,3 @@
+import time
+async def test_probe(subscriber):
+    print("ok", subscriber)
