@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pymodbus.pdu import ModbusPDU
-from pymodbus.server import ModbusSerialServer
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.modbus.codec import Decoded, PointCodec
@@ -89,22 +90,29 @@ class SimSlave:
 
 
 class ModbusSimulator:
-    """A pymodbus RTU server answering for several unit ids on one serial port."""
+    """A pymodbus RTU server answering for several unit ids on one serial port (or `tcp://host:port`)."""
 
     def __init__(self, port: str, slaves: Sequence[SimSlave], *, baudrate: int = 9600) -> None:
         self.port = port
         self.slaves = {s.unit: s for s in slaves}
         self._baudrate = baudrate
-        self._server: ModbusSerialServer | None = None
+        self._server: ModbusSerialServer | ModbusTcpServer | None = None
         self._blocks: dict[int, dict[str, tuple[int, list[int]]]] = {}
         self.requests = 0
 
     async def start(self) -> None:
         """Open the port and start answering."""
         devices = [self._device(slave) for slave in self.slaves.values()]
-        self._server = ModbusSerialServer(
-            devices, port=self.port, baudrate=self._baudrate, trace_pdu=self._filter
-        )
+        if self.port.startswith("tcp://"):
+            # A serial device server: RTU frames over a TCP connection.
+            host, _, port = self.port[len("tcp://") :].rpartition(":")
+            self._server = ModbusTcpServer(
+                devices, framer=FramerType.RTU, address=(host, int(port)), trace_pdu=self._filter
+            )
+        else:
+            self._server = ModbusSerialServer(
+                devices, port=self.port, baudrate=self._baudrate, trace_pdu=self._filter
+            )
         await self._server.serve_forever(background=True)
         runtime = self._server.context.devices  # type: ignore[union-attr]
         for unit in self.slaves:

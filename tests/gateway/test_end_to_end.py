@@ -234,3 +234,26 @@ async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
             assert all(55 <= t <= 65 for t in temps)
         finally:
             sub.stop()
+
+
+async def test_metrics_are_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.app
+
+    monkeypatch.setattr(gateway.app, "METRICS_INTERVAL", 0.3)
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(port=port))
+    async with running(path):
+        sub = Subscriber(port)
+        await asyncio.to_thread(sub.start)
+        try:
+            first = await sub.next_on("fieldgate/t1/metrics", timeout=5)
+            m = first.json()
+            assert set(m) >= {"ts", "uptime_s", "buses", "devices", "sinks"}
+            await sub.wait_for(lambda ms: len([x for x in ms if x.topic == "fieldgate/t1/metrics"]) >= 3, timeout=5)
+            last = sub.on("fieldgate/t1/metrics")[-1].json()
+            assert last["buses"]["line"]["transactions"] > m["buses"]["line"]["transactions"]
+            assert last["devices"]["ghost"]["timeouts"] >= 1
+            assert last["sinks"]["local"]["connected"] is True
+        finally:
+            sub.stop()

@@ -301,3 +301,28 @@ def test_offline_after_n_failures_and_back_off_doubles_to_five_minutes() -> None
     assert waits[:4] == [2.0, 4.0, 8.0, 16.0]
     assert waits[-1] == PROBE_BACKOFF_MAX
     assert dev.record_success() is True and dev.online is True and dev.backoff == 1.0
+
+
+async def test_rtu_over_tcp_to_a_serial_device_server() -> None:
+    from helpers import free_port
+
+    url = f"tcp://127.0.0.1:{free_port()}"
+    cfg = bus_config("""        - name: d
+          unit: 4
+          poll: 100ms
+          points: [{name: v, table: input, address: 3, type: int32}]""").model_copy(update={"port": url})
+    sim = ModbusSimulator(url, [SimSlave(4, [SimPoint("v", "input", 3, cfg.devices[0].points[0].codec)])])
+    await sim.start()
+    sim.set(4, "v", -70000)
+    rec = Recorder()
+    bus = ModbusBus(cfg, rec.sample, rec.state)
+    await bus.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not rec.samples and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert rec.samples[0].values == {"v": -70000}
+        assert [s.online for s in rec.states] == [True]
+    finally:
+        await bus.stop()
+        await sim.stop()
