@@ -62,7 +62,12 @@ class Outbox:
             if old is not None and not old.done():
                 old.set_exception(SinkError(f"sink {self.sink.name}: outbox full, message dropped"))
             if self.dropped == 1 or self.dropped % 10_000 == 0:
-                log.warning("sink %s: outbox full (%d), %d oldest messages dropped so far", self.sink.name, self.capacity, self.dropped)
+                log.warning(
+                    "sink %s: outbox full (%d), %d oldest messages dropped so far",
+                    self.sink.name,
+                    self.capacity,
+                    self.dropped,
+                )
         self._queue.append((message, fut))
         self._ready.set()
 
@@ -72,6 +77,7 @@ class Outbox:
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far is published; False on timeout."""
+
         async def drained() -> None:
             while self._queue or self._inflight:
                 await asyncio.sleep(0.01)

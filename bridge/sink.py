@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -33,7 +32,7 @@ MISC_INTERVAL = 1.0
 #: Called for each message received on a subscribed topic: (topic relative to the prefix, payload).
 RequestHandler = Callable[[str, bytes], None]
 #: Called after every (re)connect, once `status` is online: the gateway re-publishes its retained state.
-ConnectHandler = Callable[[], Awaitable[None]]
+ConnectHandler = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -219,7 +218,7 @@ class MqttSink:
     def _handle_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         self.stats.received += 1
         if self._on_request and msg.topic.startswith(self.prefix + "/"):
-            self._on_request(msg.topic[len(self.prefix) + 1 :], msg.payload)
+            self._on_request(msg.topic[len(self.prefix) + 1 :], bytes(msg.payload))
 
     # --- socket plumbing --------------------------------------------------------------------------
 
@@ -263,14 +262,15 @@ class MqttSink:
                     assert self._loop is not None
                     # The TCP (and TLS) handshake blocks, so it runs in a worker thread.
                     if first:
-                        await self._loop.run_in_executor(None, self._client.connect, self._host, self._port, self._keepalive)
+                        await self._loop.run_in_executor(
+                            None, self._client.connect, self._host, self._port, self._keepalive
+                        )
                         first = False
                     else:
                         await self._loop.run_in_executor(None, self._client.reconnect)
                     delay = RECONNECT_MIN
-                except (OSError, socket.error, ssl.SSLError) as exc:
+                except (OSError, ssl.SSLError) as exc:
                     log.debug("sink %s: connect to %s:%d failed: %s", self.name, self._host, self._port, exc)
-                    first = first  # a failed first connect is retried with connect() again
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RECONNECT_MAX)
                     continue

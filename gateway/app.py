@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -18,7 +19,7 @@ from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.simulation import Simulation, resolve_path, start_simulation
-from gateway.types import Message
+from gateway.types import DeviceState, Message, Sample
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def budget_warnings(cfg: Config) -> list[str]:
     for bus in cfg.modbus.buses:
         b = line_budget(bus)
         if b.overloaded:
-            out.append(f"modbus bus {bus.name}: poll plan {b.describe()}; polls will drift — lengthen `poll` or raise the baud rate")
+            hint = "polls will drift — lengthen `poll` or raise the baud rate"
+            out.append(f"modbus bus {bus.name}: poll plan {b.describe()}; {hint}")
     return out
 
 
@@ -69,12 +71,20 @@ class Gateway:
         for s in cfg.northbound:
             url = s.url or client_url(cfg.broker.listeners)
             sink = MqttSink(
-                s.name, url, cfg.prefix_for(s),
+                s.name,
+                url,
+                cfg.prefix_for(s),
                 client_id=s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}",
-                qos=s.qos, keepalive=s.keepalive, username=s.username, password=s.password,
-                ca=s.ca, cert=s.cert, key=s.key, subscriptions=SUBSCRIPTIONS,
-                on_request=lambda topic, payload, n=s.name: self._request(outbox_of[n], topic, payload),
-                on_connect=lambda n=s.name: self._reconnected(outbox_of[n]),
+                qos=s.qos,
+                keepalive=s.keepalive,
+                username=s.username,
+                password=s.password,
+                ca=s.ca,
+                cert=s.cert,
+                key=s.key,
+                subscriptions=SUBSCRIPTIONS,
+                on_request=functools.partial(self._request, outbox_of, s.name),
+                on_connect=functools.partial(self._reconnected, outbox_of, s.name),
             )
             outbox_of[s.name] = Outbox(sink)
             self.sinks.append(sink)
@@ -101,27 +111,31 @@ class Gateway:
         self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         log.info(
             "fieldgate %s up: %d bus(es), %d device(s), %d sink(s)",
-            cfg.gateway.id, len(self.buses), sum(len(b.devices) for b in self.buses), len(self.sinks),
+            cfg.gateway.id,
+            len(self.buses),
+            sum(len(b.devices) for b in self.buses),
+            len(self.sinks),
         )
 
     def _bus_config(self, bus: BusConfig) -> BusConfig:
         return bus.model_copy(update={"port": resolve_path(bus.port, self.base)})
 
-    def _on_sample(self, sample):  # type: ignore[no-untyped-def]
+    def _on_sample(self, sample: Sample) -> None:
         assert self.router is not None
         self.router.on_sample(sample)
 
-    def _on_state(self, state):  # type: ignore[no-untyped-def]
+    def _on_state(self, state: DeviceState) -> None:
         assert self.router is not None
         self.router.on_state(state)
 
-    def _request(self, outbox: Outbox, topic: str, payload: bytes) -> None:
+    # Sinks are built before their outboxes and the router exist, so they look them up late.
+    def _request(self, outboxes: dict[str, Outbox], sink: str, topic: str, payload: bytes) -> None:
         if self.router is not None:
-            self.router.on_request(outbox, topic, payload)
+            self.router.on_request(outboxes[sink], topic, payload)
 
-    async def _reconnected(self, outbox: Outbox) -> None:
+    async def _reconnected(self, outboxes: dict[str, Outbox], sink: str) -> None:
         if self.router is not None:
-            self.router.republish(outbox)
+            self.router.republish(outboxes[sink])
 
     def metrics(self) -> dict[str, object]:
         """Counters and gauges of every part, as published on `P/metrics`."""
@@ -129,8 +143,7 @@ class Gateway:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "buses": {b.name: asdict(b.stats) for b in self.buses},
             "devices": {
-                d.name: {**asdict(d.stats), "online": d.online}
-                for b in self.buses for d in b.devices.values()
+                d.name: {**asdict(d.stats), "online": d.online} for b in self.buses for d in b.devices.values()
             },
             "sinks": {
                 o.sink.name: {**asdict(s.stats), "queued": len(o), "dropped": o.dropped, "connected": s.connected}

@@ -32,14 +32,18 @@ def _serial_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity", choices=["N", "E", "O"], default="E", help="parity (default E)")
     p.add_argument("--bytesize", type=int, choices=[7, 8], default=8)
     p.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
-    p.add_argument("--timeout", type=float, default=None, help="response timeout in seconds (default: from the baud rate)")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="response timeout in seconds (default: from the baud rate)"
+    )
 
 
 def _point_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit", type=int, required=True, help="unit id 1-247")
     p.add_argument("--table", choices=["coil", "discrete", "input", "holding"], default="holding")
     p.add_argument("--address", type=int, required=True, help="0-based register or bit address")
-    p.add_argument("--type", default=None, help="bool, int16, uint16, int32, uint32, int64, uint64, float32, float64, string:N")
+    p.add_argument(
+        "--type", default=None, help="bool, int16, uint16, int32, uint32, int64, uint64, float32, float64, string:N"
+    )
     p.add_argument("--byte-order", choices=["big", "little"], default="big")
     p.add_argument("--word-order", choices=["big", "little"], default="big")
     p.add_argument("--scale", type=float, default=1.0)
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     write = sub.add_parser("write", help="write one value once")
     _serial_args(write)
     _point_args(write)
-    write.add_argument("--value", required=True, help="the value (JSON: 12.5, true, \"text\")")
+    write.add_argument("--value", required=True, help='the value (JSON: 12.5, true, "text")')
     return parser
 
 

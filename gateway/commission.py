@@ -133,7 +133,9 @@ async def write(args: argparse.Namespace) -> int:
     await link.open()
     try:
         await link.write(args.table, args.unit, args.address, words, _timeout(args, args.table, len(words), write=True))
-        back = await link.read(args.table, args.unit, args.address, codec.count, _timeout(args, args.table, codec.count))
+        back = await link.read(
+            args.table, args.unit, args.address, codec.count, _timeout(args, args.table, codec.count)
+        )
     except DeviceError as exc:
         print(f"fieldgate: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

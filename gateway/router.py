@@ -57,7 +57,12 @@ def _finite(value: object) -> object:
 
 
 def _moved(old: Value, new: Value, deadband: float) -> bool:
-    if isinstance(old, bool) or isinstance(new, bool) or not isinstance(old, int | float) or not isinstance(new, int | float):
+    if (
+        isinstance(old, bool)
+        or isinstance(new, bool)
+        or not isinstance(old, int | float)
+        or not isinstance(new, int | float)
+    ):
         return old != new
     if math.isnan(old) or math.isnan(new):
         return math.isnan(old) != math.isnan(new)
@@ -67,7 +72,9 @@ def _moved(old: Value, new: Value, deadband: float) -> bool:
 class Router:
     """Turns driver events into messages for every sink, and sink requests into driver calls."""
 
-    def __init__(self, outboxes: list[Outbox], profiles: list[DeviceProfile], *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, outboxes: list[Outbox], profiles: list[DeviceProfile], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.outboxes = outboxes
         self.devices = {p.name: _DeviceView(p) for p in profiles}
         self._clock = clock

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 #: A decoded field value as it is published: JSON scalars only.
-Value = Union[bool, int, float, str, None]
+Value = bool | int | float | str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +16,6 @@ class Sample:
     device: str
     ts: int
     values: dict[str, Value]
-    full: bool = False  # True when every point of the device is present (a snapshot)
 
 
 @dataclass(frozen=True, slots=True)

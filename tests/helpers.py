@@ -100,7 +100,9 @@ class Subscriber:
 
     async def next_on(self, topic: str, timeout: float = 10.0, after: float = 0.0) -> Received:
         """The first message on `topic` received after monotonic time `after`."""
-        result = await self.wait_for(lambda ms: next((m for m in ms if m.topic == topic and m.at > after), None), timeout)
+        result = await self.wait_for(
+            lambda ms: next((m for m in ms if m.topic == topic and m.at > after), None), timeout
+        )
         assert isinstance(result, Received)
         return result
 
@@ -113,5 +115,3 @@ class Subscriber:
         sent = time.monotonic()
         self.publish(topic, payload)
         return await self.next_on(f"{topic}/result", timeout, after=sent)
-
-

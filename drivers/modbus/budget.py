@@ -70,13 +70,9 @@ def wire_time(nbytes: int, baudrate: int, bits_per_char: int) -> float:
     return nbytes * bits_per_char / baudrate
 
 
-def transaction_time(
-    request_bytes: int, response_bytes: int, baudrate: int, bits_per_char: int
-) -> float:
+def transaction_time(request_bytes: int, response_bytes: int, baudrate: int, bits_per_char: int) -> float:
     """Seconds one request/response pair holds the line, one t3.5 gap per frame."""
-    return wire_time(request_bytes + response_bytes, baudrate, bits_per_char) + 2 * t35(
-        baudrate, bits_per_char
-    )
+    return wire_time(request_bytes + response_bytes, baudrate, bits_per_char) + 2 * t35(baudrate, bits_per_char)
 
 
 def response_timeout(
@@ -92,11 +88,7 @@ def response_timeout(
     # so its wire time counts too; a write passes its own (larger) request size.
     if request_bytes is None:
         request_bytes = read_request_bytes()
-    return (
-        wire_time(response_bytes + request_bytes, baudrate, bits_per_char)
-        + t35(baudrate, bits_per_char)
-        + margin
-    )
+    return wire_time(response_bytes + request_bytes, baudrate, bits_per_char) + t35(baudrate, bits_per_char) + margin
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +139,7 @@ def line_budget(
     for interval, pairs in jobs:
         if not interval > 0:
             raise ValueError(f"poll interval must be > 0 s, got {interval}")
-        cycles.append(
-            sum(transaction_time(req, resp, baudrate, bits_per_char) for req, resp in pairs)
-        )
+        cycles.append(sum(transaction_time(req, resp, baudrate, bits_per_char) for req, resp in pairs))
         intervals.append(interval)
         transactions += len(pairs)
     busy = sum(cycle / interval for cycle, interval in zip(cycles, intervals, strict=True))
@@ -181,9 +171,7 @@ def _check_count(table: str, count: int, limit: int, action: str) -> None:
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}, expected one of {TABLES}")
     if not 1 <= count <= limit:
-        raise ValueError(
-            f"cannot {action} {count} from the {table} table in one request (1..{limit})"
-        )
+        raise ValueError(f"cannot {action} {count} from the {table} table in one request (1..{limit})")
 
 
 def _check_writable(table: str, count: int) -> None:

@@ -9,13 +9,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from drivers.modbus import budget
 from drivers.modbus.device import Device, PollJob, now_ms
-from drivers.modbus.planner import BIT_TABLES, ReadRequest
+from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span
 from drivers.modbus.transport import ModbusLink
-from gateway.config.schema import BusConfig
+from gateway.config.schema import BusConfig, PointConfig
 from gateway.errors import (
     BusUnavailable,
     CodecError,
@@ -47,12 +46,25 @@ def line_budget(cfg: BusConfig) -> budget.LineBudget:
     """The share of the line that one cycle of every device's plan needs."""
     bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
     jobs = [
-        (job.interval, [(budget.read_request_bytes(), budget.read_response_bytes(r.table, r.count)) for r in job.requests])
+        (
+            job.interval,
+            [(budget.read_request_bytes(), budget.read_response_bytes(r.table, r.count)) for r in job.requests],
+        )
         for dev in cfg.devices
         for job in Device(dev, cfg).jobs
     ]
     framing = f"{cfg.bytesize}{cfg.parity}{cfg.stopbits}"
     return budget.line_budget(jobs, cfg.baudrate, bits, framing=framing)
+
+
+@dataclass
+class _PendingWrite:
+    """A validated write waiting for the line."""
+
+    device: Device
+    point: PointConfig
+    words: list[int] | list[bool]
+    future: asyncio.Future[WriteResult]
 
 
 class ModbusBus:
@@ -77,7 +89,7 @@ class ModbusBus:
         bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
         self._bits_per_char = bits
         self._gap = cfg.inter_request_delay if cfg.inter_request_delay is not None else budget.t35(cfg.baudrate, bits)
-        self._writes: asyncio.Queue[tuple[Write, asyncio.Future[WriteResult]]] = asyncio.Queue()
+        self._writes: asyncio.Queue[_PendingWrite] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._heap: list[tuple[float, int, PollJob]] = []
         self._seq = itertools.count()
@@ -110,9 +122,9 @@ class ModbusBus:
                 pass
             self._task = None
         while not self._writes.empty():
-            _, fut = self._writes.get_nowait()
-            if not fut.done():
-                fut.set_result(WriteResult(ok=False, error="gateway stopping"))
+            pending = self._writes.get_nowait()
+            if not pending.future.done():
+                pending.future.set_result(WriteResult(ok=False, error="gateway stopping"))
         self._link.close()
 
     async def write(self, request: Write) -> WriteResult:
@@ -121,18 +133,19 @@ class ModbusBus:
         if device is None:
             return WriteResult(ok=False, error=f"unknown device {request.device!r}")
         try:
-            # Refuse a bad request at once rather than after it waited for the line.
-            self._prepare_write(device, request)
+            point, words = self._prepare_write(device, request)
         except (WriteRejected, CodecError) as exc:
             return WriteResult(ok=False, error=str(exc))
         if not self._link.connected:
             return WriteResult(ok=False, error=f"line {self.name} is down ({self.cfg.port} is not open)")
+        if device.online is False:
+            return WriteResult(ok=False, error=f"{device.name} is offline")
         fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        await self._writes.put((request, fut))
+        await self._writes.put(_PendingWrite(device, point, words, fut))
         self._wake.set()
         return await fut
 
-    def _prepare_write(self, device: Device, request: Write) -> tuple[Any, list[int] | list[bool]]:
+    def _prepare_write(self, device: Device, request: Write) -> tuple[PointConfig, list[int] | list[bool]]:
         point = device.points.get(request.point)
         if point is None:
             raise WriteRejected(f"{device.name} has no point {request.point!r}")
@@ -177,10 +190,10 @@ class ModbusBus:
 
     async def _serve_writes(self) -> None:
         while not self._writes.empty():
-            request, fut = self._writes.get_nowait()
-            result = await self._do_write(request)
-            if not fut.done():
-                fut.set_result(result)
+            pending = self._writes.get_nowait()
+            result = await self._do_write(pending)
+            if not pending.future.done():
+                pending.future.set_result(result)
 
     async def _reopen(self) -> None:
         self.stats.reopen_attempts += 1
@@ -237,9 +250,8 @@ class ModbusBus:
         if answered and failure is None:
             if device.record_success():
                 self._announce(device, True, "answering")
-        elif failure is not None:
-            if device.record_failure(after):
-                self._announce(device, False, str(failure))
+        elif failure is not None and device.record_failure(after):
+            self._announce(device, False, str(failure))
         if values:
             self._on_sample(Sample(device=device.name, ts=ts, values=values))
         if device.online is False:
@@ -279,8 +291,10 @@ class ModbusBus:
                 device.stats.transactions += 1
             device.stats.last_response_s = self._last_end - started
             self.stats.wire_seconds += budget.transaction_time(
-                budget.read_request_bytes(), budget.read_response_bytes(request.table, request.count),
-                self.cfg.baudrate, self._bits_per_char,
+                budget.read_request_bytes(),
+                budget.read_response_bytes(request.table, request.count),
+                self.cfg.baudrate,
+                self._bits_per_char,
             )
             return data
         assert last is not None
@@ -303,37 +317,29 @@ class ModbusBus:
             self.stats.errors += 1
             device.stats.errors += 1
 
-    async def _do_write(self, request: Write) -> WriteResult:
-        device = self.devices[request.device]
-        try:
-            point, words = self._prepare_write(device, request)
-        except (WriteRejected, CodecError) as exc:
-            return WriteResult(ok=False, error=str(exc))
-        if device.online is False:
-            return WriteResult(ok=False, error=f"{device.name} is offline")
+    async def _do_write(self, pending: _PendingWrite) -> WriteResult:
+        device, point, words = pending.device, pending.point, pending.words
         device.stats.writes += 1
         timeout = device.timeout(point.table, len(words), write=True)
+        await self._quiet_gap()
         try:
-            await self._quiet_gap()
-            try:
-                await self._link.write(point.table, device.unit, point.address, words, timeout)
-            finally:
-                self._last_end = time.monotonic()
-                self.stats.transactions += 1
-            # Read the point back: the device may clamp or refuse silently.
-            readback = ReadRequest(point.table, point.address, point.codec.count, ())
-            data = await self._transact(device, readback, retries=device.retries)
+            await self._link.write(point.table, device.unit, point.address, words, timeout)
         except DeviceError as exc:
             self._count(device, exc)
             return WriteResult(ok=False, error=str(exc))
-        span_request = ReadRequest(
-            point.table, point.address, point.codec.count,
-            tuple(s for job in device.jobs for r in job.requests for s in r.spans if s.key == point.name)[:1],
-        )
-        values = device.decode(span_request, data)
-        value = values.get(point.name)
+        finally:
+            self._last_end = time.monotonic()
+            self.stats.transactions += 1
+        # Read the point back: the device may clamp or ignore a value without saying so.
+        span = Span(point.name, point.table, point.address, point.codec.count)
+        readback = ReadRequest(point.table, point.address, point.codec.count, (span,))
+        try:
+            data = await self._transact(device, readback, retries=device.retries)
+        except DeviceError as exc:
+            return WriteResult(ok=False, error=f"written, but the read-back failed: {exc}")
+        values = device.decode(readback, data)
         self._on_sample(Sample(device=device.name, ts=now_ms(), values=values))
-        return WriteResult(ok=True, value=value)
+        return WriteResult(ok=True, value=values.get(point.name))
 
     def _announce(self, device: Device, online: bool, reason: str) -> None:
         if online:

@@ -15,8 +15,17 @@ from gateway.types import Value
 __all__ = ["TYPES", "Decoded", "PointCodec"]
 
 TYPES: tuple[str, ...] = (
-    "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-    "float32", "float64", "string", "bitfield",
+    "bool",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float32",
+    "float64",
+    "string",
+    "bitfield",
 )
 
 #: What `decode` returns: a scalar, or for bitfield points a {name: bool} dict.
@@ -80,7 +89,7 @@ def _sized(items: object, n: int) -> bool:
 
 def _to_words(data: bytes, byte_order: str, word_order: str) -> list[int]:
     """Split big-endian value bytes into registers laid out in the device's orders."""
-    chunks = [data[i:i + 2] for i in range(0, len(data), 2)]
+    chunks = [data[i : i + 2] for i in range(0, len(data), 2)]
     if word_order == "little":
         chunks.reverse()
     endian = _endian(byte_order)
@@ -112,9 +121,7 @@ class PointCodec:
             hint = ""
             if isinstance(self.type, str) and ":" in self.type:
                 hint = " (use PointCodec.parse for 'string:N')"
-            raise CodecError(
-                f"unknown type {self.type!r}; expected one of {', '.join(TYPES)}{hint}"
-            )
+            raise CodecError(f"unknown type {self.type!r}; expected one of {', '.join(TYPES)}{hint}")
         problems: list[str] = []
         is_int = isinstance(self.length, int) and not isinstance(self.length, bool)
         if self.type == "string":
@@ -301,8 +308,7 @@ class PointCodec:
         if not lo <= raw <= hi:
             detail = "" if self._identity else f" after scaling (raw {raw})"
             raise CodecError(f"value {value!r} does not fit {self.type} ({lo}..{hi}){detail}")
-        return _to_words(raw.to_bytes(regs * 2, "big", signed=signed), self.byte_order,
-                         self.word_order)
+        return _to_words(raw.to_bytes(regs * 2, "big", signed=signed), self.byte_order, self.word_order)
 
     def decode_bits(self, bits: Sequence[bool]) -> bool:
         """Read a bool point from a coil or discrete-input table."""

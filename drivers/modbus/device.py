@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from drivers.modbus import budget
+from drivers.modbus.codec import Decoded
 from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span, plan
 from gateway.config.schema import BusConfig, DeviceConfig, PointConfig
 from gateway.errors import CodecError
@@ -62,9 +63,7 @@ class Device:
         self.points = {p.name: p for p in self.cfg.points}
         groups: dict[float, list[Span]] = {}
         for p in self.cfg.points:
-            groups.setdefault(p.poll or self.cfg.poll, []).append(
-                Span(p.name, p.table, p.address, p.codec.count)
-            )
+            groups.setdefault(p.poll or self.cfg.poll, []).append(Span(p.name, p.table, p.address, p.codec.count))
         self.jobs = [
             PollJob(self, interval, plan(spans, max_gap=self.cfg.max_gap, max_registers=self.cfg.max_registers))
             for interval, spans in sorted(groups.items())
@@ -153,7 +152,7 @@ class Device:
         return False
 
 
-def _tidy(value: object, point: PointConfig) -> object:
+def _tidy(value: Decoded, point: PointConfig) -> Decoded:
     # Publish what the device meant, not binary noise: a float32 carries ~7 significant digits,
     # and 215 * 0.1 should read 21.5, not 21.500000000000004.
     if isinstance(value, float) and math.isfinite(value):

@@ -23,13 +23,9 @@ class Span:
 
     def __post_init__(self) -> None:
         if self.table not in TABLES:
-            raise ValueError(
-                f"point {self.key!r}: unknown table {self.table!r}, expected one of {TABLES}"
-            )
+            raise ValueError(f"point {self.key!r}: unknown table {self.table!r}, expected one of {TABLES}")
         if not 0 <= self.address < ADDRESS_SPACE:
-            raise ValueError(
-                f"point {self.key!r}: address {self.address} outside 0..{ADDRESS_SPACE - 1}"
-            )
+            raise ValueError(f"point {self.key!r}: address {self.address} outside 0..{ADDRESS_SPACE - 1}")
         if self.count < 1:
             raise ValueError(f"point {self.key!r}: count must be >= 1, got {self.count}")
         if self.address + self.count > ADDRESS_SPACE:
@@ -61,9 +57,7 @@ def table_limit(table: str, max_registers: int = MAX_REGISTERS) -> int:
     return min(MAX_REGISTERS, max_registers)
 
 
-def plan(
-    spans: Iterable[Span], *, max_gap: int = 10, max_registers: int = MAX_REGISTERS
-) -> list[ReadRequest]:
+def plan(spans: Iterable[Span], *, max_gap: int = 10, max_registers: int = MAX_REGISTERS) -> list[ReadRequest]:
     """Group points into the minimal number of read requests, by table then address."""
     if max_gap < 0:
         raise ValueError(f"max_gap must be >= 0, got {max_gap}")

@@ -46,13 +46,23 @@ class ModbusLink:
         if port.startswith("tcp://"):
             host, _, tcp_port = port[len("tcp://") :].rpartition(":")
             client = AsyncModbusTcpClient(
-                host, port=int(tcp_port), framer=FramerType.RTU,
-                timeout=connect_timeout, retries=0, reconnect_delay=0,
+                host,
+                port=int(tcp_port),
+                framer=FramerType.RTU,
+                timeout=connect_timeout,
+                retries=0,
+                reconnect_delay=0,
             )
         else:
             client = AsyncModbusSerialClient(
-                port, baudrate=baudrate, parity=parity, bytesize=bytesize, stopbits=stopbits,
-                timeout=connect_timeout, retries=0, reconnect_delay=0,
+                port,
+                baudrate=baudrate,
+                parity=parity,
+                bytesize=bytesize,
+                stopbits=stopbits,
+                timeout=connect_timeout,
+                retries=0,
+                reconnect_delay=0,
             )
         self._client = client
 
@@ -92,15 +102,25 @@ class ModbusLink:
             raise ProtocolError(f"unit {unit}: asked for {count} registers, got {len(response.registers)}")
         return list(response.registers)
 
-    async def write(self, table: str, unit: int, address: int, values: Sequence[int] | Sequence[bool], timeout: float) -> None:
+    async def write(
+        self, table: str, unit: int, address: int, values: Sequence[int] | Sequence[bool], timeout: float
+    ) -> None:
         """One write transaction, single or multiple as the value count requires."""
         c = self._client
         if table == "coil":
             bits = [bool(v) for v in values]
-            op = c.write_coil(address, bits[0], device_id=unit) if len(bits) == 1 else c.write_coils(address, bits, device_id=unit)
+            op = (
+                c.write_coil(address, bits[0], device_id=unit)
+                if len(bits) == 1
+                else c.write_coils(address, bits, device_id=unit)
+            )
         elif table == "holding":
             regs = [int(v) for v in values]
-            op = c.write_register(address, regs[0], device_id=unit) if len(regs) == 1 else c.write_registers(address, regs, device_id=unit)
+            op = (
+                c.write_register(address, regs[0], device_id=unit)
+                if len(regs) == 1
+                else c.write_registers(address, regs, device_id=unit)
+            )
         else:
             raise ProtocolError(f"the {table} table cannot be written")
         await self._execute(op, unit, timeout)

@@ -16,8 +16,8 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pymodbus.pdu import ModbusPDU
 from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -107,16 +107,24 @@ class ModbusSimulator:
             # A serial device server: RTU frames over a TCP connection.
             host, _, port = self.port[len("tcp://") :].rpartition(":")
             self._server = ModbusTcpServer(
-                devices, framer=FramerType.RTU, address=(host, int(port)), trace_pdu=self._filter
+                devices,
+                framer=FramerType.RTU,
+                address=(host, int(port)),
+                trace_pdu=self._filter,  # type: ignore[arg-type]  # None drops the request
             )
         else:
             self._server = ModbusSerialServer(
-                devices, port=self.port, baudrate=self._baudrate, trace_pdu=self._filter
+                devices,
+                port=self.port,
+                baudrate=self._baudrate,
+                trace_pdu=self._filter,  # type: ignore[arg-type]  # None drops the request
             )
         await self._server.serve_forever(background=True)
         runtime = self._server.context.devices  # type: ignore[union-attr]
         for unit in self.slaves:
-            self._blocks[unit] = {t: (runtime[unit].block[b][0], runtime[unit].block[b][2]) for t, b in _BLOCK_ID.items()}
+            self._blocks[unit] = {
+                t: (runtime[unit].block[b][0], runtime[unit].block[b][2]) for t, b in _BLOCK_ID.items()
+            }
         for slave in self.slaves.values():
             for point in slave.points:
                 self._store(slave.unit, point, point.wave.at(time.time(), point.seed))
@@ -140,7 +148,6 @@ class ModbusSimulator:
 
         async def action(fc: int, _start: int, address: int, count: int, _regs: list[int], values: object) -> None:
             self._on_request(slave, fc, address, count, values is not None)
-            return None
 
         return SimDevice(
             id=slave.unit,
@@ -182,7 +189,7 @@ class ModbusSimulator:
             # The device holds the whole word; the gateway publishes its named bits.
             codec = PointCodec("uint16", byte_order=codec.byte_order)
             if isinstance(value, dict):
-                names = dict((n, b) for b, n in point.codec.bits)
+                names = {n: b for b, n in point.codec.bits}
                 value = sum(1 << names[n] for n, on in value.items() if on and n in names)
         if codec.type == "string" and not isinstance(value, str):
             value = "" if value in (0, None) else str(value)

@@ -102,7 +102,9 @@ async def line(tmp_path: Path) -> AsyncIterator[tuple[str, ModbusSimulator]]:
     sim = ModbusSimulator(
         vl.device_port,
         [
-            SimSlave(3, [SimPoint("temp", "holding", 10, f32), SimPoint("sp", "holding", 20, PointCodec.parse("int16"))]),
+            SimSlave(
+                3, [SimPoint("temp", "holding", 10, f32), SimPoint("sp", "holding", 20, PointCodec.parse("int16"))]
+            ),
             SimSlave(17, []),
             SimSlave(5, [], dead=True),
         ],
@@ -115,9 +117,13 @@ async def line(tmp_path: Path) -> AsyncIterator[tuple[str, ModbusSimulator]]:
         vl.close()
 
 
-async def test_scan_finds_the_units_that_answer(line: tuple[str, ModbusSimulator], capsys: pytest.CaptureFixture[str]) -> None:
+async def test_scan_finds_the_units_that_answer(
+    line: tuple[str, ModbusSimulator], capsys: pytest.CaptureFixture[str]
+) -> None:
     port, _ = line
-    rc = await asyncio.to_thread(main, ["scan", "--port", port, "--parity", "N", "--baud", "115200", "--units", "1-20", "--timeout", "0.05"])
+    rc = await asyncio.to_thread(
+        main, ["scan", "--port", port, "--parity", "N", "--baud", "115200", "--units", "1-20", "--timeout", "0.05"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "unit 3: answers" in out and "unit 17: answers" in out and "unit 5" not in out

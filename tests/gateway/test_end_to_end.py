@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-
 from helpers import Subscriber, free_port
+
 from gateway.app import Gateway
 from gateway.config import load_config
 
@@ -109,21 +109,39 @@ async def test_every_type_and_order_arrives_decoded(gateway: tuple[Gateway, Subs
     gw, sub = gateway
     sim = _sim(gw)
     expected = {
-        "i16": -12345, "u16": 54321, "i32": -2_000_000_000, "u32": 4_000_000_000,
-        "i64": -(2**62) - 5, "u64": 2**64 - 3, "f32": 3.25, "f32ws": -1.5e-3, "f32bs": 1234.5,
-        "f64": math.pi, "f64ws": -2.5e100, "label": "PUMP-7",
-        "scaled": 12.3, "relay": True, "door": True,
+        "i16": -12345,
+        "u16": 54321,
+        "i32": -2_000_000_000,
+        "u32": 4_000_000_000,
+        "i64": -(2**62) - 5,
+        "u64": 2**64 - 3,
+        "f32": 3.25,
+        "f32ws": -1.5e-3,
+        "f32bs": 1234.5,
+        "f64": math.pi,
+        "f64ws": -2.5e100,
+        "label": "PUMP-7",
+        "scaled": 12.3,
+        "relay": True,
+        "door": True,
     }
     for name, value in expected.items():
         sim.set(1, name, value)
     sim.set(1, "flags", 0b100001)
+
+    def arrived(topic: str, value: object):  # type: ignore[no-untyped-def]
+        def match(ms):  # type: ignore[no-untyped-def]
+            for m in reversed(ms):
+                if m.topic == topic and (
+                    m.json() == value or (isinstance(value, float) and m.json() == pytest.approx(value, rel=1e-6))
+                ):
+                    return m
+            return None
+
+        return match
+
     for name, value in {**expected, "flags.run": True, "flags.alarm": True}.items():
-        topic = f"fieldgate/t1/plc/{name}"
-        msg = await sub.wait_for(
-            lambda ms, t=topic: next((m for m in reversed(ms) if m.topic == t and m.json() == value), None)
-            or next((m for m in reversed(ms) if m.topic == t and isinstance(value, float) and m.json() == pytest.approx(value, rel=1e-6)), None),
-            timeout=5,
-        )
+        msg = await sub.wait_for(arrived(f"fieldgate/t1/plc/{name}", value), timeout=5)
         assert msg, name
     # The retained per-point topics are retained, the telemetry carries the sample time.
     tele = sub.on("fieldgate/t1/plc/telemetry")
@@ -218,7 +236,9 @@ async def test_device_comes_back_online(gateway: tuple[Gateway, Subscriber]) -> 
 async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
     shipped = (Path(__file__).parents[2] / "config.yaml").read_text()
     port = free_port()
-    text = shipped.replace("tcp://127.0.0.1:1883", f"tcp://127.0.0.1:{port}").replace("id: demo", "id: demo\n  state_dir: ./state")
+    text = shipped.replace("tcp://127.0.0.1:1883", f"tcp://127.0.0.1:{port}").replace(
+        "id: demo", "id: demo\n  state_dir: ./state"
+    )
     assert f"127.0.0.1:{port}" in text
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -229,7 +249,9 @@ async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
             for topic in ("fieldgate/demo/boiler1/telemetry", "fieldgate/demo/meter/telemetry"):
                 msg = await sub.next_on(topic, timeout=10)
                 assert msg.json()["values"]
-            await sub.wait_for(lambda ms: any(m.topic == "fieldgate/demo/spare/status" and m.payload == b"offline" for m in ms))
+            await sub.wait_for(
+                lambda ms: any(m.topic == "fieldgate/demo/spare/status" and m.payload == b"offline" for m in ms)
+            )
             temps = [m.json() for m in sub.on("fieldgate/demo/boiler1/temperature")]
             assert all(55 <= t <= 65 for t in temps)
         finally:

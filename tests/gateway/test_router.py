@@ -6,13 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers import Subscriber
 
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.types import DeviceState, Sample
-from helpers import Subscriber
 
 
 class Clock:
@@ -26,11 +26,16 @@ class Clock:
 
 
 @pytest.fixture
-async def routed(broker: EmbeddedBroker, port: int, subscriber: Subscriber) -> AsyncIterator[tuple[Router, Clock, Subscriber]]:
+async def routed(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber
+) -> AsyncIterator[tuple[Router, Clock, Subscriber]]:
     """A router publishing through a real sink to the test broker."""
     router_box: list[Router] = []
     sink = MqttSink(
-        "local", f"mqtt://127.0.0.1:{port}", "fieldgate/r", client_id="router-test",
+        "local",
+        f"mqtt://127.0.0.1:{port}",
+        "fieldgate/r",
+        client_id="router-test",
         subscriptions=SUBSCRIPTIONS,
         on_request=lambda t, p: router_box[0].on_request(outbox, t, p),
     )

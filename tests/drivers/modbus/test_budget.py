@@ -29,9 +29,7 @@ BITS_8E1 = 11
 
 def read_10_registers(baudrate: int) -> float:
     """Seconds one 10-register read transaction holds an 8E1 line."""
-    return transaction_time(
-        read_request_bytes(), read_response_bytes("holding", 10), baudrate, BITS_8E1
-    )
+    return transaction_time(read_request_bytes(), read_response_bytes("holding", 10), baudrate, BITS_8E1)
 
 
 def test_read_10_registers_at_9600_8e1_matches_stack_notes() -> None:
@@ -79,9 +77,7 @@ def test_char_bits_defaults_to_the_modbus_default_8e1() -> None:
     assert char_bits() == 11
 
 
-@pytest.mark.parametrize(
-    ("bytesize", "parity", "stopbits"), [(9, "E", 1), (8, "X", 1), (8, "E", 3)]
-)
+@pytest.mark.parametrize(("bytesize", "parity", "stopbits"), [(9, "E", 1), (8, "X", 1), (8, "E", 3)])
 def test_char_bits_rejects_impossible_framing(bytesize: int, parity: str, stopbits: float) -> None:
     with pytest.raises(ValueError):
         char_bits(bytesize, parity, stopbits)
@@ -179,9 +175,7 @@ def test_transaction_time_is_both_frames_plus_two_silences() -> None:
     st.sampled_from([1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200]),
     st.sampled_from([10, 11, 12]),
 )
-def test_transaction_time_grows_with_count_and_shrinks_with_baudrate(
-    count: int, baudrate: int, bits: int
-) -> None:
+def test_transaction_time_grows_with_count_and_shrinks_with_baudrate(count: int, baudrate: int, bits: int) -> None:
     here = transaction_time(8, read_response_bytes("holding", count), baudrate, bits)
     if count < 125:
         assert transaction_time(8, read_response_bytes("holding", count + 1), baudrate, bits) > here
@@ -199,9 +193,7 @@ def test_timeout_margin_and_request_size() -> None:
     base = response_timeout(25, 9600, 11, margin=0.0)
     assert response_timeout(25, 9600, 11) == pytest.approx(base + 0.1)
     assert base == pytest.approx(33 * 11 / 9600 + 3.5 * 11 / 9600)
-    bigger = response_timeout(
-        8, 9600, 11, margin=0.0, request_bytes=write_request_bytes("holding", 123)
-    )
+    bigger = response_timeout(8, 9600, 11, margin=0.0, request_bytes=write_request_bytes("holding", 123))
     assert bigger == pytest.approx(263 * 11 / 9600 + 3.5 * 11 / 9600)
 
 
@@ -210,9 +202,9 @@ def test_timeout_covers_the_transaction_at_every_common_baudrate() -> None:
     for baudrate in (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200):
         for count in (1, 10, 125):
             response = read_response_bytes("holding", count)
-            assert response_timeout(response, baudrate, 11) > transaction_time(
-                8, response, baudrate, 11
-            ) - t35(baudrate, 11)
+            assert response_timeout(response, baudrate, 11) > transaction_time(8, response, baudrate, 11) - t35(
+                baudrate, 11
+            )
 
 
 # --- line budget -----------------------------------------------------------------------
@@ -231,9 +223,7 @@ def test_line_budget_sums_jobs_over_their_intervals() -> None:
 
 def test_line_budget_accepts_generators() -> None:
     jobs = ((1.0, [(8, 25)]) for _ in range(3))
-    assert line_budget(jobs, 9600, 11).cycle_seconds == pytest.approx(
-        (read_10_registers(9600),) * 3
-    )
+    assert line_budget(jobs, 9600, 11).cycle_seconds == pytest.approx((read_10_registers(9600),) * 3)
 
 
 def test_line_budget_oracle_rate() -> None:

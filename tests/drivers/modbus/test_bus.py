@@ -119,20 +119,23 @@ async def test_polls_at_a_fixed_rate_without_drift(make_rig, cleanup) -> None:  
 
 async def test_an_overrunning_cycle_skips_instead_of_piling_up(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
     # Three blocks 40 ms apart (inter-request delay) make a ~80+ ms cycle on a 50 ms schedule.
-    cfg = bus_config("""        - name: d
+    cfg = bus_config(
+        """        - name: d
           unit: 1
           poll: 50ms
           max_gap: 0
           points:
             - {name: a, table: holding, address: 0}
             - {name: b, table: holding, address: 10}
-            - {name: c, table: holding, address: 20}""", inter_request_delay="40ms")
+            - {name: c, table: holding, address: 20}""",
+        inter_request_delay="40ms",
+    )
     rig = await start(make_rig, cleanup, cfg)
     await asyncio.sleep(1.5)
     device = rig.bus.devices["d"]
     assert device.stats.skipped_cycles > 0
     ts = [s.ts for s in rig.rec.samples]
-    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    gaps = [b - a for a, b in zip(ts, ts[1:], strict=False)]
     # No catch-up bursts: cycles never start closer together than one interval.
     assert min(gaps) >= 45, gaps
     # And each start lies on the 50 ms grid of the first.
@@ -141,13 +144,16 @@ async def test_an_overrunning_cycle_skips_instead_of_piling_up(make_rig, cleanup
 
 async def test_writes_jump_ahead_of_polling(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
     points = "\n".join(f"            - {{name: p{i}, table: holding, address: {i * 20}}}" for i in range(10))
-    cfg = bus_config(f"""        - name: d
+    cfg = bus_config(
+        f"""        - name: d
           unit: 1
           poll: 10ms
           max_gap: 0
           points:
             - {{name: sp, table: holding, address: 500, writable: true}}
-{points}""", inter_request_delay="20ms")
+{points}""",
+        inter_request_delay="20ms",
+    )
     rig = await start(make_rig, cleanup, cfg)
     await asyncio.sleep(0.3)
     before = rig.bus.stats.transactions
@@ -160,14 +166,17 @@ async def test_writes_jump_ahead_of_polling(make_rig, cleanup) -> None:  # type:
 
 
 async def test_dead_unit_goes_offline_and_is_probed_with_back_off(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
-    cfg = bus_config("""        - name: live
+    cfg = bus_config(
+        """        - name: live
           unit: 1
           poll: 50ms
           points: [{name: v, table: holding, address: 0}]
         - name: dead
           unit: 2
           poll: 50ms
-          points: [{name: v, table: holding, address: 0}]""", retries=1)
+          points: [{name: v, table: holding, address: 0}]""",
+        retries=1,
+    )
     rig = await start(make_rig, cleanup, cfg, dead=(2,))
     dead, live = rig.bus.devices["dead"], rig.bus.devices["live"]
     deadline = time.monotonic() + 5
@@ -233,7 +242,9 @@ async def test_line_that_cannot_open_marks_devices_offline_then_recovers(tmp_pat
         assert result.ok is False and "is down" in (result.error or "")
         line = VirtualLine(link)
         line.start()
-        sim = ModbusSimulator(line.device_port, [SimSlave(1, [SimPoint("v", "holding", 0, cfg.devices[0].points[0].codec)])])
+        sim = ModbusSimulator(
+            line.device_port, [SimSlave(1, [SimPoint("v", "holding", 0, cfg.devices[0].points[0].codec)])]
+        )
         await sim.start()
         deadline = time.monotonic() + 6
         while not (rec.states and rec.states[-1].online) and time.monotonic() < deadline:
@@ -273,9 +284,12 @@ async def test_link_maps_pymodbus_failures_to_our_errors(tmp_path: Path) -> None
 
 
 def test_timeouts_follow_the_baud_rate_unless_configured() -> None:
-    slow = bus_config("""        - name: d
+    slow = bus_config(
+        """        - name: d
           unit: 1
-          points: [{name: v, table: holding, address: 0}]""", baudrate=1200)
+          points: [{name: v, table: holding, address: 0}]""",
+        baudrate=1200,
+    )
     fast = slow.model_copy(update={"baudrate": 115200})
     dev_slow, dev_fast = Device(slow.devices[0], slow), Device(fast.devices[0], fast)
     assert dev_slow.timeout("holding", 125) > 2.0

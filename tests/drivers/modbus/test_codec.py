@@ -22,8 +22,7 @@ INT_RANGES = {
     "int64": (-(2**63), 2**63 - 1),
     "uint64": (0, 2**64 - 1),
 }
-REGS = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "uint64": 4,
-        "float32": 2, "float64": 4}
+REGS = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "uint64": 4, "float32": 2, "float64": 4}
 FLOAT_FMT = {"float32": ">f", "float64": ">d"}
 NUMERIC = [*INT_RANGES, *FLOAT_FMT]
 FAST = settings(max_examples=60, deadline=None)
@@ -81,9 +80,7 @@ def test_float32_vectors(byte_order: str, word_order: str, words: list[int]) -> 
         ("string:4", "big", "big", "é", [0xC3A9, 0]),
     ],
 )
-def test_vectors(
-    type_spec: str, byte_order: str, word_order: str, value: object, words: list[int]
-) -> None:
+def test_vectors(type_spec: str, byte_order: str, word_order: str, value: object, words: list[int]) -> None:
     """Known values encode to known registers and decode back."""
     c = codec(type_spec, byte_order, word_order)
     assert c.encode(value) == words
@@ -135,7 +132,9 @@ def test_bitfield_decodes_named_bits() -> None:
 def test_bitfield_respects_byte_order() -> None:
     """A byte-swapped device's bit 0 sits in the register's high byte."""
     c = PointCodec(
-        "bitfield", byte_order="little", bits=[[0, "run"], [15, "fault"]]  # type: ignore[arg-type]
+        "bitfield",
+        byte_order="little",
+        bits=[[0, "run"], [15, "fault"]],  # type: ignore[arg-type]
     )
     assert c.decode([0x0100]) == {"run": True, "fault": False}
     assert c.bits == ((0, "run"), (15, "fault"))
@@ -186,9 +185,21 @@ def test_string_decode_replaces_invalid_utf8() -> None:
 
 @pytest.mark.parametrize(
     ("type_spec", "count"),
-    [("bool", 1), ("int16", 1), ("uint16", 1), ("int32", 2), ("uint32", 2), ("int64", 4),
-     ("uint64", 4), ("float32", 2), ("float64", 4), ("string:1", 1), ("string:2", 1),
-     ("string:5", 3), ("string:12", 6)],
+    [
+        ("bool", 1),
+        ("int16", 1),
+        ("uint16", 1),
+        ("int32", 2),
+        ("uint32", 2),
+        ("int64", 4),
+        ("uint64", 4),
+        ("float32", 2),
+        ("float64", 4),
+        ("string:1", 1),
+        ("string:2", 1),
+        ("string:5", 3),
+        ("string:12", 6),
+    ],
 )
 def test_count(type_spec: str, count: int) -> None:
     """Register counts per type."""
@@ -255,8 +266,13 @@ def test_float_special_values(type_: str, byte_order: str, word_order: str) -> N
     c = codec(type_, byte_order, word_order)
     out = c.decode(c.encode(math.nan))
     assert isinstance(out, float) and math.isnan(out)
-    for v in (math.inf, -math.inf, -0.0, 5e-324 if type_ == "float64" else 1.401298464324817e-45,
-              3.4028234663852886e38):
+    for v in (
+        math.inf,
+        -math.inf,
+        -0.0,
+        5e-324 if type_ == "float64" else 1.401298464324817e-45,
+        3.4028234663852886e38,
+    ):
         back = c.decode(c.encode(v))
         assert isinstance(back, float) and struct.pack(">d", back) == struct.pack(">d", v)
 
@@ -370,8 +386,16 @@ def test_encode_bits_refuses(value: object) -> None:
 
 @pytest.mark.parametrize(
     ("type_spec", "words"),
-    [("int32", [1]), ("int32", [1, 2, 3]), ("int16", [70000]), ("int16", [-1]),
-     ("float32", [0, 1.5]), ("string:3", "AB"), ("int16", None), ("bool", [])],
+    [
+        ("int32", [1]),
+        ("int32", [1, 2, 3]),
+        ("int16", [70000]),
+        ("int16", [-1]),
+        ("float32", [0, 1.5]),
+        ("string:3", "AB"),
+        ("int16", None),
+        ("bool", []),
+    ],
 )
 def test_decode_refuses_bad_words(type_spec: str, words: Any) -> None:
     """Register lists of the wrong size or with non-16-bit words raise CodecError."""

@@ -69,9 +69,7 @@ def brute_force_minimum(spans: Sequence[Span], max_gap: int, max_registers: int)
             for b in ends:
                 if not 0 < b - a <= limit:
                     continue
-                inside = [
-                    i for i, s in enumerate(mine) if a <= s.address and s.address + s.count <= b
-                ]
+                inside = [i for i, s in enumerate(mine) if a <= s.address and s.address + s.count <= b]
                 if not inside:
                     continue
                 if any(run > max_gap for run in uncovered_runs(a, b, [mine[i] for i in inside])):
@@ -89,9 +87,7 @@ def brute_force_minimum(spans: Sequence[Span], max_gap: int, max_registers: int)
     return total
 
 
-def check_invariants(
-    spans: Sequence[Span], requests: Sequence[ReadRequest], max_gap: int, max_registers: int
-) -> None:
+def check_invariants(spans: Sequence[Span], requests: Sequence[ReadRequest], max_gap: int, max_registers: int) -> None:
     """Every structural rule a plan must satisfy."""
     planned = Counter(s for r in requests for s in r.spans)
     assert planned == Counter(spans), "every span must appear in exactly one request"
@@ -104,9 +100,7 @@ def check_invariants(
         # Tight: the request starts at its first point and ends at its last.
         assert r.address == min(s.address for s in r.spans)
         assert r.address + r.count == max(s.address + s.count for s in r.spans)
-        assert all(
-            run <= max_gap for run in uncovered_runs(r.address, r.address + r.count, r.spans)
-        )
+        assert all(run <= max_gap for run in uncovered_runs(r.address, r.address + r.count, r.spans))
         assert list(r.spans) == sorted(r.spans, key=lambda s: s.address), "spans not by address"
     order = [(TABLES.index(r.table), r.address) for r in requests]
     assert order == sorted(order), "requests not ordered by table then address"
@@ -302,9 +296,7 @@ def test_plan_is_valid_and_minimal(case: tuple[list[Span], int, int]) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(cases(max_spans=40), st.randoms(use_true_random=False))
-def test_plan_is_valid_and_deterministic_for_many_points(
-    case: tuple[list[Span], int, int], rng: random.Random
-) -> None:
+def test_plan_is_valid_and_deterministic_for_many_points(case: tuple[list[Span], int, int], rng: random.Random) -> None:
     spans, max_gap, max_registers = case
     requests = plan(spans, max_gap=max_gap, max_registers=max_registers)
     check_invariants(spans, requests, max_gap, max_registers)
