@@ -109,6 +109,9 @@ class Gateway:
         for bus in self.buses:
             await bus.start()
         self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        for s in cfg.northbound:
+            url = s.url or client_url(cfg.broker.listeners)
+            log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
         log.info(
             "fieldgate %s up: %d bus(es), %d device(s), %d sink(s)",
             cfg.gateway.id,

@@ -37,10 +37,7 @@ def _timeout(args: argparse.Namespace, table: str, count: int, write: bool = Fal
     if args.timeout is not None:
         return float(args.timeout)
     bits = budget.char_bits(args.bytesize, args.parity, args.stopbits)
-    if write:
-        req, resp = budget.write_request_bytes(table, count), budget.write_response_bytes(table, count)
-    else:
-        req, resp = budget.read_request_bytes(), budget.read_response_bytes(table, count)
+    req, resp = budget.transaction_bytes(table, count, write=write)
     return budget.response_timeout(resp, args.baud, bits, request_bytes=req)
 
 

@@ -64,6 +64,13 @@ def write_response_bytes(table: str, count: int) -> int:
     return _ENVELOPE + 2 + 2
 
 
+def transaction_bytes(table: str, count: int, *, write: bool = False) -> tuple[int, int]:
+    """(request bytes, response bytes) of one RTU read or write of `count` registers or bits."""
+    if write:
+        return write_request_bytes(table, count), write_response_bytes(table, count)
+    return read_request_bytes(), read_response_bytes(table, count)
+
+
 def wire_time(nbytes: int, baudrate: int, bits_per_char: int) -> float:
     """Seconds `nbytes` characters take on the wire, without inter-frame silence."""
     _check_line(baudrate, bits_per_char)

@@ -48,7 +48,7 @@ def line_budget(cfg: BusConfig) -> budget.LineBudget:
     jobs = [
         (
             job.interval,
-            [(budget.read_request_bytes(), budget.read_response_bytes(r.table, r.count)) for r in job.requests],
+            [budget.transaction_bytes(r.table, r.count) for r in job.requests],
         )
         for dev in cfg.devices
         for job in Device(dev, cfg).jobs
@@ -290,12 +290,8 @@ class ModbusBus:
                 self.stats.transactions += 1
                 device.stats.transactions += 1
             device.stats.last_response_s = self._last_end - started
-            self.stats.wire_seconds += budget.transaction_time(
-                budget.read_request_bytes(),
-                budget.read_response_bytes(request.table, request.count),
-                self.cfg.baudrate,
-                self._bits_per_char,
-            )
+            req, resp = budget.transaction_bytes(request.table, request.count)
+            self.stats.wire_seconds += budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
             return data
         assert last is not None
         raise last

@@ -96,10 +96,7 @@ class Device:
         if self.bus.timeout is not None:
             return self.bus.timeout
         bits = budget.char_bits(self.bus.bytesize, self.bus.parity, self.bus.stopbits)
-        if write:
-            req, resp = budget.write_request_bytes(table, count), budget.write_response_bytes(table, count)
-        else:
-            req, resp = budget.read_request_bytes(), budget.read_response_bytes(table, count)
+        req, resp = budget.transaction_bytes(table, count, write=write)
         # A serial device server adds a network round trip on top of the wire time.
         margin = 0.25 if self.bus.is_tcp else 0.1
         return budget.response_timeout(resp, self.bus.baudrate, bits, margin, request_bytes=req)
