@@ -147,9 +147,7 @@ def test_template_points_are_copied_into_each_device() -> None:
     # Deep copies: no device shares a point object with another or with the template.
     template = bus.devices[0].points[0]
     assert template is not meter2.points[0]
-    assert (
-        meter1.points[0] is not load(FULL, {"CLOUD_PASS": "x"}).config.modbus.templates["pzem"][0]
-    )
+    assert meter1.points[0] is not load(FULL, {"CLOUD_PASS": "x"}).config.modbus.templates["pzem"][0]
     meter1.points[0].unit = "kV"
     assert meter2.points[0].unit == "V"
     assert all(isinstance(p, PointConfig) for p in meter2.points)
@@ -245,19 +243,10 @@ def test_all_mistakes_are_reported_sorted_with_lines_and_paths() -> None:
     assert errors_of(MISTAKES) == [
         "cfg.yaml:10: modbus.buses[0].baudrat: unknown key 'baudrat' (did you mean 'baudrate'?)",
         "cfg.yaml:11: modbus.buses[0].parity: must be one of 'N', 'E', 'O', got 'X'",
-        (
-            "cfg.yaml:12: modbus.buses[0].timeout: "
-            "'5 seconds' is not a duration (use e.g. 250ms, 1s, 5m, 7d)"
-        ),
+        ("cfg.yaml:12: modbus.buses[0].timeout: '5 seconds' is not a duration (use e.g. 250ms, 1s, 5m, 7d)"),
         "cfg.yaml:15: modbus.buses[0].devices[0].unit: must be at most 247, got 300",
-        (
-            "cfg.yaml:19: modbus.buses[0].devices[1].template: unknown template 'pzm' "
-            "(did you mean 'pzem'?)"
-        ),
-        (
-            "cfg.yaml:20: modbus.buses[0].devices[2].name: device name 'meter2' is used twice "
-            "(first at line 17)"
-        ),
+        ("cfg.yaml:19: modbus.buses[0].devices[1].template: unknown template 'pzm' (did you mean 'pzem'?)"),
+        ("cfg.yaml:20: modbus.buses[0].devices[2].name: device name 'meter2' is used twice (first at line 17)"),
         (
             "cfg.yaml:23: modbus.buses[0].devices[2].points[0]: "
             "a coil point is a single bit: type must be bool, not int16"
@@ -340,9 +329,7 @@ def test_union_values_get_one_message() -> None:
 
 
 def test_root_must_be_a_mapping() -> None:
-    assert errors_of("- a\n- b\n") == [
-        "cfg.yaml:1: (top level): expected a mapping (key: value), got a list"
-    ]
+    assert errors_of("- a\n- b\n") == ["cfg.yaml:1: (top level): expected a mapping (key: value), got a list"]
 
 
 # --- YAML level -------------------------------------------------------------------------------
@@ -356,10 +343,7 @@ def test_yaml_syntax_error_is_one_line() -> None:
 
 def test_unclosed_quote_names_where_it_started() -> None:
     assert errors_of('gateway:\n  id: "gw\n') == [
-        (
-            "cfg.yaml:3: yaml: found unexpected end of stream "
-            "(while scanning a quoted scalar started at line 2)"
-        )
+        ("cfg.yaml:3: yaml: found unexpected end of stream (while scanning a quoted scalar started at line 2)")
     ]
 
 
@@ -429,10 +413,7 @@ def test_unset_variable_is_an_error_at_its_line() -> None:
         {"USER_NAME": ""},
     ) == [
         "cfg.yaml:6: northbound[0].password: environment variable DB_PASS is not set",
-        (
-            "cfg.yaml:8: northbound[0].client_id: bad variable reference '${BAD-NAME}': "
-            "use ${NAME} or ${NAME:-default}"
-        ),
+        ("cfg.yaml:8: northbound[0].client_id: bad variable reference '${BAD-NAME}': use ${NAME} or ${NAME:-default}"),
     ]
 
 
@@ -461,14 +442,8 @@ def test_secrets_from_env_never_appear_in_errors() -> None:
             "cfg.yaml:2: gateway.id: '${SITE} x' is not a topic-safe name: 1-64 of A-Z a-z 0-9 _ . - "
             "(no '/', '+', '#', spaces, and not starting with '$', '.' or '-')"
         ),
-        (
-            "cfg.yaml:6: northbound[0]: url 'http://user:${SECRET}@host': "
-            "use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
-        ),
-        (
-            "cfg.yaml:11: northbound[1].spool.max_size: '${SECRET}' is not a size "
-            "(use e.g. 512kB, 64MB, 1GB)"
-        ),
+        ("cfg.yaml:6: northbound[0]: url 'http://user:${SECRET}@host': use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"),
+        ("cfg.yaml:11: northbound[1].spool.max_size: '${SECRET}' is not a size (use e.g. 512kB, 64MB, 1GB)"),
         "cfg.yaml:12: northbound[1].qos: must be one of 0, 1, got '${SECRET}'",
     ]
     assert not any(secret in e or "hunter2" in e for e in errors)
@@ -491,14 +466,8 @@ def test_secrets_from_env_stay_out_of_cross_check_errors() -> None:
         {"DEV": "vault-7", "PORT": "/dev/hidden"},
     )
     assert errors == [
-        (
-            "cfg.yaml:8: modbus.buses[1].devices[0].name: device name '${DEV}' is used twice "
-            "(first at line 5)"
-        ),
-        (
-            "cfg.yaml:10: simulator.modbus[1].link: link '${PORT}' is used by two simulated lines "
-            "(first at line 10)"
-        ),
+        ("cfg.yaml:8: modbus.buses[1].devices[0].name: device name '${DEV}' is used twice (first at line 5)"),
+        ("cfg.yaml:10: simulator.modbus[1].link: link '${PORT}' is used by two simulated lines (first at line 10)"),
     ]
 
 
@@ -510,9 +479,7 @@ def test_short_substituted_values_are_hidden_without_garbling_messages() -> None
 
 def test_secrets_from_env_never_appear_in_warnings() -> None:
     loaded = load("broker:\n  listeners: ['tcp://${BIND}:1883']\n", {"BIND": "10.1.2.3"})
-    assert loaded.warnings == [
-        "cfg.yaml:2: broker.listeners[0]: listens on ${BIND}:1883 without authentication"
-    ]
+    assert loaded.warnings == ["cfg.yaml:2: broker.listeners[0]: listens on ${BIND}:1883 without authentication"]
 
 
 # --- cross-checks ------------------------------------------------------------------------------
@@ -548,24 +515,15 @@ def test_names_ports_and_units_must_be_unique() -> None:
         """
     ) == [
         "cfg.yaml:3: northbound[1].name: sink name 'local' is used twice (first at line 2)",
-        (
-            "cfg.yaml:11: modbus.buses[0].devices[1].unit: unit 1 is used twice on bus 'a' "
-            "(first at line 9)"
-        ),
+        ("cfg.yaml:11: modbus.buses[0].devices[1].unit: unit 1 is used twice on bus 'a' (first at line 9)"),
         (
             "cfg.yaml:14: modbus.buses[0].devices[1].points[1].name: point name 'p' is used twice "
             "in device 'd2' (first at line 13)"
         ),
         "cfg.yaml:15: modbus.buses[1].name: bus name 'a' is used twice (first at line 6)",
         "cfg.yaml:16: modbus.buses[1].port: port '/dev/ttyS0' is used by two buses (first at line 7)",
-        (
-            "cfg.yaml:18: modbus.buses[1].devices[0].name: device name 'd1' is used twice "
-            "(first at line 9)"
-        ),
-        (
-            "cfg.yaml:19: modbus.buses[1].devices[1]: device 'empty' has no points "
-            "(give it `points:` or a `template:`)"
-        ),
+        ("cfg.yaml:18: modbus.buses[1].devices[0].name: device name 'd1' is used twice (first at line 9)"),
+        ("cfg.yaml:19: modbus.buses[1].devices[1]: device 'empty' has no points (give it `points:` or a `template:`)"),
         "cfg.yaml:22: mcp.devices[0].id: id 'd2' is already the name of a Modbus device (line 10)",
         "cfg.yaml:24: mcp.devices[2].id: MCP device id 'm' is used twice (first at line 23)",
     ]
@@ -611,10 +569,7 @@ def test_unknown_template_without_any_templates() -> None:
               devices: [{name: d, unit: 1, template: pzem}]
         """
     ) == [
-        (
-            "cfg.yaml:5: modbus.buses[0].devices[0].template: unknown template 'pzem' "
-            "(no modbus.templates are declared)"
-        )
+        ("cfg.yaml:5: modbus.buses[0].devices[0].template: unknown template 'pzem' (no modbus.templates are declared)")
     ]
 
 
@@ -625,9 +580,7 @@ def test_embedded_broker_sink_needs_the_broker() -> None:
             "enable it or list `northbound:` sinks with a url"
         )
     ]
-    assert errors_of(
-        "broker:\n  enabled: false\nnorthbound:\n  - name: here\n  - name: there\n    url: null\n"
-    ) == [
+    assert errors_of("broker:\n  enabled: false\nnorthbound:\n  - name: here\n  - name: there\n    url: null\n") == [
         (
             "cfg.yaml:4: northbound[0]: sink 'here' publishes to the embedded broker (no url) "
             "but broker.enabled is false"
@@ -677,10 +630,7 @@ def test_simulator_values_must_name_points_of_the_polled_device() -> None:
             "cfg.yaml:18: simulator.modbus[0].devices[1].values.temprature: device 'm2' (unit 2) "
             "has no point 'temprature' (did you mean 'temperature'?)"
         ),
-        (
-            "cfg.yaml:19: simulator.modbus[0].devices[2].unit: bus 'a' has no device with unit 9 "
-            "(units there: 1, 2)"
-        ),
+        ("cfg.yaml:19: simulator.modbus[0].devices[2].unit: bus 'a' has no device with unit 9 (units there: 1, 2)"),
     ]
 
 
@@ -764,9 +714,7 @@ def test_find_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         find_config(str(tmp_path / "other.yaml"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(
-        "gateway.config.loader.DEFAULT_LOCATIONS", ("./config.yaml", str(tmp_path / "etc.yaml"))
-    )
+    monkeypatch.setattr("gateway.config.loader.DEFAULT_LOCATIONS", ("./config.yaml", str(tmp_path / "etc.yaml")))
     with pytest.raises(ConfigError, match="no config file: tried ./config.yaml"):
         find_config(None)
     (tmp_path / "etc.yaml").write_text("")
@@ -787,3 +735,11 @@ def test_any_single_line_removed_gives_a_config_or_clean_errors() -> None:
             assert lines_reported == sorted(lines_reported)
             for error in exc.errors:
                 assert error.startswith("cfg.yaml:") and "pa55-word" not in error, error
+
+
+def test_a_key_that_looks_like_a_broken_number_is_an_unknown_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("gateway:\n  0b_: 1\n", "c.yaml")
+    assert info.value.errors == [
+        "c.yaml:2: gateway.0b_: unknown key '0b_' (expected one of: id, state_dir, log_level, http)"
+    ]

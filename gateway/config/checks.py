@@ -1,0 +1,332 @@
+"""Cross-checks on the validated config that no single model can make; resolves device templates."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any
+
+from .problems import Path, Problem, hint
+from .prune import Pruned
+from .schema import BIT_TABLES, Config, DeviceConfig, PointConfig
+from .yamlsrc import Source
+
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d{1,5})$")
+
+
+def check(config: Config, source: Source, pruned: Pruned) -> tuple[list[Problem], list[Problem]]:
+    """(errors, warnings) of the cross-checks; device templates are resolved on the way."""
+    checks = _Checks(config, source, pruned)
+    checks.run()
+    return checks.errors, checks.warnings
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Split `HOST:PORT` (`[v6]:PORT`, `:PORT`); None if it is not one."""
+    m = _LISTEN.match(address)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        return None
+    return m.group(1), int(m.group(2))
+
+
+def _exposed(address: str) -> str | None:
+    """`HOST:PORT` as listened on, if `address` reaches beyond loopback; else None."""
+    hostport = _host_port(address)
+    if hostport is None or _is_loopback(hostport[0]):
+        return None
+    return f"{hostport[0] or '0.0.0.0'}:{hostport[1]}"
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # empty (all interfaces) or a name that may resolve anywhere
+
+
+def _port_key(port: str) -> str:
+    """A serial path compared by what it names: `./var/tty0` and `var/tty0` are one line."""
+    return port if "://" in port else os.path.normpath(port)
+
+
+class _Checks:
+    """Cross-references that no single model can check, run on the typed config."""
+
+    def __init__(self, config: Config, source: Source, pruned: Pruned) -> None:
+        self.config = config
+        self.source = source
+        self.pruned = pruned
+        self.errors: list[Problem] = []
+        self.warnings: list[Problem] = []
+        self.device_names: dict[Any, Path] = {}  # Modbus device name -> where it is declared
+
+    def run(self) -> None:
+        """Run every check; templates are resolved (with the devices) before the simulator's."""
+        self._buses()
+        self._devices()
+        self._sinks()
+        self._mcp()
+        self._simulator()
+        self._exposure()
+
+    # Paths below are in the validated (possibly pruned) data; problems are kept as written.
+
+    def _error(self, path: Path, message: str) -> None:
+        self.errors.append(Problem(self.pruned.original(path), message))
+
+    def _warn(self, path: Path, message: str) -> None:
+        self.warnings.append(Problem(self.pruned.original(path), message))
+
+    def _line(self, path: Path) -> int:
+        return self.source.line_of(self.pruned.original(path))
+
+    def _key_or(self, path: Path, key: str) -> Path:
+        """`path.key` if that key is written in the file, else `path` (for the best line)."""
+        return path + (key,) if self.source.has(self.pruned.original(path + (key,))) else path
+
+    def _first(self, seen: dict[Any, Path], value: Any, path: Path, message: str) -> None:
+        """Report `path` if `value` was seen before; otherwise remember it."""
+        if value in seen:
+            self._error(path, f"{message} (first at line {self._line(seen[value])})")
+        else:
+            seen[value] = path
+
+    # -- modbus ----------------------------------------------------------------------------
+
+    def _buses(self) -> None:
+        names: dict[Any, Path] = {}
+        ports: dict[Any, Path] = {}
+        for b, bus in enumerate(self.config.modbus.buses):
+            at = ("modbus", "buses", b)
+            self._first(names, bus.name, at + ("name",), f"bus name {bus.name!r} is used twice")
+            message = f"port {bus.port!r} is used by two buses"
+            self._first(ports, _port_key(bus.port), at + ("port",), message)
+
+    def _devices(self) -> None:
+        bad_templates = self._template_duplicates()
+        for b, bus in enumerate(self.config.modbus.buses):
+            units: dict[Any, Path] = {}
+            for d, device in enumerate(bus.devices):
+                at = ("modbus", "buses", b, "devices", d)
+                self._first(
+                    self.device_names,
+                    device.name,
+                    at + ("name",),
+                    f"device name {device.name!r} is used twice",
+                )
+                self._first(
+                    units,
+                    device.unit,
+                    at + ("unit",),
+                    f"unit {device.unit} is used twice on bus {bus.name!r}",
+                )
+                self._resolve(device, at, bad_templates)
+
+    def _template_duplicates(self) -> set[str]:
+        """Report repeated point names in templates; the names of the templates that have them."""
+        bad: set[str] = set()
+        for tname, points in self.config.modbus.templates.items():
+            seen: dict[Any, Path] = {}
+            for p, point in enumerate(points):
+                if point.name in seen:
+                    bad.add(tname)
+                self._first(
+                    seen,
+                    point.name,
+                    ("modbus", "templates", tname, p, "name"),
+                    f"point name {point.name!r} is used twice in template {tname!r}",
+                )
+        return bad
+
+    def _resolve(self, device: DeviceConfig, at: Path, bad_templates: set[str]) -> None:
+        """Replace the device's points by its template's points followed by its own."""
+        templates = self.config.modbus.templates
+        own = list(device.points)
+        seen: dict[Any, Path] = {}
+        for p, point in enumerate(own):
+            self._first(
+                seen,
+                point.name,
+                at + ("points", p, "name"),
+                f"point name {point.name!r} is used twice in device {device.name!r}",
+            )
+        merged: list[tuple[PointConfig, Path | None]] = []
+        if device.template is not None:
+            if device.template not in templates:
+                self._unknown_template(device.template, at)
+                return
+            if device.template in bad_templates:
+                return
+            merged = [(point.model_copy(deep=True), None) for point in templates[device.template]]
+        index = {point.name: i for i, (point, _) in enumerate(merged)}
+        for p, point in enumerate(own):
+            if seen.get(point.name) != at + ("points", p, "name"):
+                continue  # a repeated name, reported above
+            if point.name in index:
+                merged[index[point.name]] = (point, at + ("points", p))  # the device's own wins
+            else:
+                merged.append((point, at + ("points", p)))
+        device.points = [point for point, _ in merged]
+        dropped = self.pruned.dropped(self.pruned.original(at)) or (
+            device.template is not None and self.pruned.dropped(("modbus", "templates", device.template))
+        )
+        if not merged and not dropped:
+            self._error(at, f"device {device.name!r} has no points (give it `points:` or a `template:`)")
+        for point, own_path in merged:
+            self._fits(device, point, at, own_path)
+
+    def _unknown_template(self, name: str, at: Path) -> None:
+        if self.pruned.dropped(("modbus", "templates", name)):
+            return  # declared, but dropped as invalid: already reported there
+        declared = list(self.config.modbus.templates)
+        suffix = hint(name, declared) or (
+            f" (known: {', '.join(declared)})" if declared else " (no modbus.templates are declared)"
+        )
+        self._error(at + ("template",), f"unknown template {name!r}{suffix}")
+
+    def _fits(self, device: DeviceConfig, point: PointConfig, at: Path, own_path: Path | None) -> None:
+        """A point must fit in one request and in the 16-bit address space."""
+        if point.table in BIT_TABLES:
+            return
+        count = point.codec.count
+        origin = f"point {point.name!r}" if own_path else f"point {point.name!r} (from template {device.template!r})"
+        if count > device.max_registers:
+            path = self._key_or(own_path, "type") if own_path else self._key_or(at, "max_registers")
+            self._error(
+                path,
+                f"{origin} is {point.codec.spec}: {count} registers, "
+                f"more than max_registers {device.max_registers} of device {device.name!r}",
+            )
+        if point.address + count - 1 > 65535:
+            self._error(
+                own_path + ("address",) if own_path else at,
+                f"{origin} at address {point.address} runs past register 65535 ({count} registers)",
+            )
+
+    # -- northbound, mcp -----------------------------------------------------------------------
+
+    def _sinks(self) -> None:
+        names: dict[Any, Path] = {}
+        for s, sink in enumerate(self.config.northbound):
+            at = ("northbound", s)
+            self._first(names, sink.name, at + ("name",), f"sink name {sink.name!r} is used twice")
+            if sink.url is None and not self.config.broker.enabled:
+                if self.source.has(("northbound",)):
+                    self._error(
+                        self._key_or(at, "url"),
+                        f"sink {sink.name!r} publishes to the embedded broker (no url) but broker.enabled is false",
+                    )
+                else:
+                    self._error(
+                        ("broker", "enabled"),
+                        f"the default sink {sink.name!r} publishes to the embedded broker: "
+                        "enable it or list `northbound:` sinks with a url",
+                    )
+
+    def _mcp(self) -> None:
+        mcp = self.config.mcp
+        if mcp is None:
+            return
+        if _host_port(mcp.listen) is None:
+            self._error(("mcp", "listen"), f"{mcp.listen!r} is not HOST:PORT (e.g. 0.0.0.0:7720)")
+        ids: dict[Any, Path] = {}
+        for i, device in enumerate(mcp.devices):
+            path = ("mcp", "devices", i, "id")
+            if device.id in self.device_names:
+                line = self._line(self.device_names[device.id])
+                self._error(path, f"id {device.id!r} is already the name of a Modbus device (line {line})")
+                continue
+            self._first(ids, device.id, path, f"MCP device id {device.id!r} is used twice")
+
+    # -- simulator -------------------------------------------------------------------------------
+
+    def _simulator(self) -> None:
+        sim = self.config.simulator
+        if sim is None:
+            return
+        buses = {_port_key(bus.port): b for b, bus in reversed(list(enumerate(self.config.modbus.buses)))}
+        # A bus dropped as invalid may be the one a line refers to: no "not found" then.
+        bus_dropped = self.pruned.dropped(("modbus", "buses"), depth=1, keys=("port",))
+        links: dict[Any, Path] = {}
+        for n, line in enumerate(sim.modbus):
+            at = ("simulator", "modbus", n)
+            link = _port_key(line.link)
+            message = f"link {line.link!r} is used by two simulated lines"
+            self._first(links, link, at + ("link",), message)
+            units: dict[Any, Path] = {}
+            for k, simdev in enumerate(line.devices):
+                self._first(
+                    units,
+                    simdev.unit,
+                    at + ("devices", k, "unit"),
+                    f"unit {simdev.unit} is simulated twice on this line",
+                )
+            if link not in buses:
+                if not bus_dropped:
+                    self._warn(
+                        at + ("link",),
+                        f"no modbus bus has port {line.link!r}: nothing polls this simulated line",
+                    )
+                continue
+            for k, simdev in enumerate(line.devices):
+                self._sim_device(buses[link], simdev.unit, simdev.values, at + ("devices", k))
+
+    def _sim_device(self, b: int, unit: int, values: dict[str, Any], at: Path) -> None:
+        """The values of a simulated slave must name points of the device polled at its unit."""
+        bus = self.config.modbus.buses[b]
+        bus_at = ("modbus", "buses", b)
+        found = [(d, device) for d, device in enumerate(bus.devices) if device.unit == unit]
+        if not found:
+            if self.pruned.dropped(self.pruned.original(bus_at + ("devices",)), depth=1, keys=("unit",)):
+                return
+            units = ", ".join(str(device.unit) for device in bus.devices) or "none"
+            text = f"bus {bus.name!r} has no device with unit {unit} (units there: {units})"
+            if values:
+                self._error(at + ("unit",), text)
+            else:
+                self._warn(at + ("unit",), text + ": nothing polls this simulated device")
+            return
+        d, device = found[0]
+        device_at = self.pruned.original(bus_at + ("devices", d))
+        if (
+            self.pruned.dropped(device_at + ("points",))
+            or self.pruned.dropped(device_at + ("template",))
+            or (device.template and self.pruned.dropped(("modbus", "templates", device.template)))
+        ):
+            return  # a point dropped as invalid may be the one named here
+        points = [point.name for point in device.points]
+        for key in values:
+            if key not in points:
+                suffix = hint(key, points) or f" (points: {', '.join(points) or 'none'})"
+                self._error(
+                    at + ("values", key),
+                    f"device {device.name!r} (unit {unit}) has no point {key!r}{suffix}",
+                )
+
+    # -- exposure ----------------------------------------------------------------------------------
+
+    def _exposure(self) -> None:
+        broker = self.config.broker
+        http = self.config.gateway.http
+        if http is not None and _host_port(http) is None:
+            self._error(("gateway", "http"), f"{http!r} is not HOST:PORT (e.g. 127.0.0.1:9720)")
+        if broker.users is not None:
+            return
+        if broker.enabled:
+            for i, url in enumerate(broker.listeners):
+                where = _exposed(url.split("://", 1)[1].rstrip("/"))
+                if where:
+                    message = f"listens on {where} without authentication"
+                    self._warn(("broker", "listeners", i), message)
+        mcp = self.config.mcp
+        if mcp is not None:
+            where = _exposed(mcp.listen)
+            if where:
+                self._warn(
+                    ("mcp", "listen"),
+                    f"listens on {where} beyond loopback while broker.users is unset",
+                )
