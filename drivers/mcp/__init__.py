@@ -1,0 +1,1 @@
+"""MCP/1: the field-side framing protocol over TCP (spec: /work/shared/spec/MCP.md)."""
