@@ -94,6 +94,7 @@ class ModbusBus:
         self._heap: list[tuple[float, int, PollJob]] = []
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._last_end = 0.0
         self._reopen_backoff = 1.0
         self._logged: set[tuple[str, str, str]] = set()
@@ -114,13 +115,13 @@ class ModbusBus:
 
     async def stop(self) -> None:
         """Stop polling and close the port; pending writes fail."""
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        self._stopping = True
+        task, self._task = self._task, None
+        # On Python 3.11 asyncio.wait_for (inside pymodbus) can swallow a cancel that lands in
+        # the same loop step as a response; cancel until the task has really ended.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
         while not self._writes.empty():
             pending = self._writes.get_nowait()
             if not pending.future.done():
@@ -166,7 +167,7 @@ class ModbusBus:
     # --- the line's task ------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             if not self._link.connected:
                 await self._reopen()
                 continue

@@ -340,3 +340,35 @@ async def test_rtu_over_tcp_to_a_serial_device_server() -> None:
     finally:
         await bus.stop()
         await sim.stop()
+
+
+async def test_stop_always_ends_a_busy_line(tmp_path: Path) -> None:
+    # Regression: a cancel landing in the same loop step as a response used to be swallowed
+    # inside pymodbus (asyncio.wait_for on 3.11) and stop() then waited forever.
+    import random
+
+    cfg = bus_config(
+        """        - name: a
+          unit: 1
+          poll: 0.1ms
+          points: [{name: v, table: holding, address: 0, type: uint32}]
+        - name: b
+          unit: 2
+          poll: 0.1ms
+          points: [{name: v, table: holding, address: 8}]""",
+        inter_request_delay=0,
+    )
+    line = VirtualLine(tmp_path / "tty")
+    line.start()
+    sim = ModbusSimulator(line.device_port, [SimSlave(1, []), SimSlave(2, [])])
+    await sim.start()
+    rng = random.Random(7)
+    try:
+        for _ in range(40):
+            bus = ModbusBus(cfg.model_copy(update={"port": line.gateway_port}), lambda s: None, lambda s: None)
+            await bus.start()
+            await asyncio.sleep(rng.uniform(0.002, 0.01))
+            await asyncio.wait_for(bus.stop(), timeout=3)
+    finally:
+        await sim.stop()
+        line.close()
