@@ -45,8 +45,12 @@ def client_url(listeners: list[str]) -> str:
         m = _URL.match(url)
         if m and m["scheme"] in ("tcp", "mqtt"):
             host = m["host"].strip("[]")
-            if host in ("", "0.0.0.0", "::"):
+            if host in ("", "0.0.0.0"):
                 host = "127.0.0.1"
+            elif host == "::":
+                host = "::1"  # asyncio binds "::" IPv6-only
+            if ":" in host:
+                host = f"[{host}]"
             return f"mqtt://{host}:{m['port']}"
     raise FieldgateError("the embedded broker needs a tcp:// listener for the gateway's own sink")
 
@@ -68,11 +72,20 @@ class EmbeddedBroker:
         """Bind the listeners and start serving."""
         # amqtt builds its state from the running loop, so the Broker is made here.
         self._broker = Broker(self._config)
+        amqtt_log = logging.getLogger("amqtt.broker")
+        level = amqtt_log.level
+        # amqtt logs a failed start with a traceback; we report it as one clear error instead.
+        amqtt_log.setLevel(logging.CRITICAL)
         try:
             await self._broker.start()
         except Exception as exc:  # amqtt wraps bind failures in its own BrokerError
+            for server in self._broker._servers.values():  # the listeners bound before the failing one
+                with contextlib.suppress(Exception):
+                    await server.close_instance()
             self._broker = None
             raise FieldgateError(f"embedded broker cannot start on {', '.join(self.listeners)}: {exc}") from exc
+        finally:
+            amqtt_log.setLevel(level)
         log.info("embedded broker listening on %s", ", ".join(self.listeners))
 
     async def stop(self) -> None:

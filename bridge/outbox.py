@@ -41,6 +41,7 @@ class Outbox:
         self._window = asyncio.Semaphore(window)
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -56,6 +57,8 @@ class Outbox:
         await fut
 
     def _put(self, message: Message, fut: asyncio.Future[None] | None) -> None:
+        if self._stopped:
+            raise SinkError(f"sink {self.sink.name}: outbox stopped")
         if len(self._queue) >= self.capacity:
             _, old = self._queue.popleft()
             self.dropped += 1
@@ -91,6 +94,7 @@ class Outbox:
 
     async def stop(self) -> None:
         """Stop draining; what is still queued is failed (the spool will keep it later)."""
+        self._stopped = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -125,6 +129,10 @@ class Outbox:
             if fut is not None and not fut.done():
                 fut.set_exception(SinkError(f"sink {self.sink.name} stopped"))
             raise
+        except Exception as exc:
+            log.error("sink %s: publish failed: %r", self.sink.name, exc)
+            if fut is not None and not fut.done():
+                fut.set_exception(SinkError(f"sink {self.sink.name}: {exc}"))
         else:
             if fut is not None and not fut.done():
                 fut.set_result(None)

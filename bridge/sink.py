@@ -1,9 +1,9 @@
 """A northbound MQTT sink: one paho client driven by the asyncio loop, awaitable publishes.
 
 paho runs on our event loop (its socket registered with add_reader/add_writer, no thread).
-Each QoS 1 publish gets a future keyed by its message id, resolved by the PUBACK; a publish
-that loses its connection before the PUBACK is sent again after the reconnect, so `publish`
-returns only once the broker has the message (at least once).
+Each QoS 1 publish gets a future keyed by its message id, resolved by the PUBACK; paho keeps
+a message whose connection was lost before the PUBACK and sends it again after the reconnect,
+so `publish` returns only once the broker has the message (at least once).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class MqttSink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._closing = False
+        self._stopped = asyncio.Event()
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._misc: asyncio.Task[None] | None = None
@@ -151,6 +152,7 @@ class MqttSink:
                 fut.set_exception(SinkError(f"sink {self.name} stopped"))
         self._pending.clear()
         self._connected.clear()
+        self._stopped.set()
 
     async def publish(self, message: Message) -> None:
         """Publish and return once the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
@@ -159,23 +161,34 @@ class MqttSink:
         while True:
             if self._closing and not self.connected:
                 raise SinkError(f"sink {self.name} is stopped")
-            await self._connected.wait()
-            info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain)
-            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-                continue  # lost between the wait and the publish: wait again
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
+            if not self._connected.is_set():
+                waiters = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._stopped.wait())]
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+                continue
+            try:
+                info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain)
+            except (ValueError, TypeError) as exc:
+                raise SinkError(f"sink {self.name}: cannot publish to {topic}: {exc}") from exc
             if qos == 0:
+                if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                    continue  # lost between the wait and the publish: wait again
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
                 self.stats.published += 1
                 return
+            # QoS 1: paho keeps the message until its PUBACK, also across a reconnect (NO_CONN
+            # means it will go out once connected), so one future per message id is enough.
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
             assert self._loop is not None
             fut: asyncio.Future[None] = self._loop.create_future()
             self._pending[info.mid] = fut
             try:
                 await fut
-            except _ConnectionLost:
-                self.stats.resent += 1
-                continue
             finally:
                 self._pending.pop(info.mid, None)
             self.stats.published += 1
@@ -205,10 +218,8 @@ class MqttSink:
             self.stats.disconnects += 1
             if not self._closing:
                 log.warning("sink %s: connection to %s:%d lost: %s", self.name, self._host, self._port, reason)
-        # Publishes still waiting for a PUBACK go again on the next session.
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(_ConnectionLost())
+        # paho keeps the unacknowledged messages and sends them again (same mid) after the reconnect.
+        self.stats.resent += sum(1 for f in self._pending.values() if not f.done())
 
     def _handle_puback(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
         fut = self._pending.get(mid)
@@ -224,7 +235,14 @@ class MqttSink:
 
     def _threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(fn, *args)
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            fn(*args)  # in order with paho's own unregister calls
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _socket_open(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
         self._threadsafe(self._add_reader, sock)
@@ -269,6 +287,8 @@ class MqttSink:
                     else:
                         await self._loop.run_in_executor(None, self._client.reconnect)
                     delay = RECONNECT_MIN
+                    # Give the CONNACK time to come back over a slow link before trying again.
+                    await self.wait_connected(max(10.0, self._keepalive))
                 except (OSError, ssl.SSLError) as exc:
                     log.debug("sink %s: connect to %s:%d failed: %s", self.name, self._host, self._port, exc)
                     await asyncio.sleep(delay)
@@ -281,7 +301,3 @@ class MqttSink:
             await asyncio.sleep(MISC_INTERVAL)
             # Keep-alive pings and timeout detection.
             self._client.loop_misc()
-
-
-class _ConnectionLost(Exception):
-    """A publish lost its connection before the PUBACK."""

@@ -27,7 +27,7 @@ def _topic_safe(value: str) -> str:
 
 
 def _topic_prefix(value: str) -> str:
-    if value.startswith("$") or any(c in value for c in "+#\0") or not value.strip("/"):
+    if value.strip("/").startswith("$") or any(c in value for c in "+#\0") or not value.strip("/"):
         raise ValueError(f"{value!r} cannot be a topic prefix (no '$' start, no '+' or '#')")
     return value.strip("/")
 

@@ -1,3 +1,393 @@
+"""MqttSink against a real embedded amqtt broker over real sockets.
+
+Where a test needs to hold, slow down or cut the traffic between the sink and the broker it puts
+a small TCP relay (`Relay`) in between; the broker, the sink and the paho subscriber stay real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
 import time
-async def test_probe(subscriber):
-    print("ok", subscriber)
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from helpers import Received, Subscriber, free_port
+
+from bridge.broker import EmbeddedBroker
+from bridge.sink import MqttSink
+from gateway.errors import SinkError
+from gateway.types import Message
+
+P = "fg/t1"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+class Relay:
+    """A TCP relay client → broker that can hold the broker → client direction, delay or cut."""
+
+    def __init__(self, target: int, *, delay: float = 0.0) -> None:
+        self.port = free_port()
+        self.target = target
+        self.delay = delay  # added to every chunk, each direction (a slow link)
+        self.downstream = asyncio.Event()  # cleared: broker → client bytes are held back
+        self.downstream.set()
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        """Accept connections (again)."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        """Stop accepting and reset every relayed connection (no DISCONNECT reaches the broker)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()
+        await asyncio.sleep(0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            b_reader, b_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers += [writer, b_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None) -> None:
+            try:
+                while data := await src.read(65536):
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    if gate is not None:
+                        await gate.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pump(reader, b_writer, None), pump(b_reader, writer, self.downstream))
+
+
+@contextlib.asynccontextmanager
+async def subscribed(port: int, topics: tuple[str, ...] = ("#",)) -> AsyncIterator[Subscriber]:
+    """A paho subscriber on its own thread (started off the loop: the broker runs on the loop)."""
+    sub = Subscriber(port, topics)
+    await asyncio.to_thread(sub.start)
+    try:
+        yield sub
+    finally:
+        await asyncio.to_thread(sub.stop)
+
+
+@contextlib.asynccontextmanager
+async def running(port: int, **kwargs: Any) -> AsyncIterator[MqttSink]:
+    """A started sink to 127.0.0.1:port (not necessarily connected yet)."""
+    kwargs.setdefault("client_id", f"sink-{port}-{time.monotonic_ns()}")
+    sink = MqttSink("up", f"mqtt://127.0.0.1:{port}", P, **kwargs)
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.stop()
+
+
+@pytest.fixture
+def sub(subscriber: Subscriber) -> Subscriber:
+    """conftest's subscriber to `#` on the test broker, under a short name."""
+    return subscriber
+
+
+def payloads(sub: Subscriber, topic: str) -> list[bytes]:
+    """Every payload seen on `P/topic`, oldest first."""
+    return [m.payload for m in sub.on(f"{P}/{topic}")]
+
+
+async def retained(port: int, topic: str) -> Received:
+    """What a subscriber that arrives now gets as the retained message of `topic`."""
+    async with subscribed(port, (topic,)) as late:
+        got = await late.next_on(topic, timeout=5)
+    assert got.retain, f"{topic}: {got.payload!r} was not delivered as a retained message"
+    return got
+
+
+async def connected(sink: MqttSink, sub: Subscriber) -> None:
+    """Wait for the session and for `status online` to be through the broker (so subscriptions are too)."""
+    assert await sink.wait_connected(5), "sink did not connect"
+    await sub.wait_for(lambda ms: any(m.topic == f"{P}/status" and m.payload == b"online" for m in ms), 5)
+
+
+def kill_socket(sink: MqttSink) -> None:
+    """Shut the sink's TCP connection down under paho: no DISCONNECT goes out."""
+    sock = sink._client.socket()
+    assert isinstance(sock, socket.socket)
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+async def not_done_for(task: asyncio.Task[Any], seconds: float) -> None:
+    """Let the loop run for a while and check that `task` is still waiting."""
+    await asyncio.sleep(seconds)
+    assert not task.done(), f"returned early: {task}"
+
+
+# --- publish semantics -------------------------------------------------------------------------
+
+
+async def test_qos1_publish_returns_only_once_the_puback_is_in(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    relay = Relay(port)
+    await relay.start()
+    try:
+        async with running(relay.port) as sink:
+            await connected(sink, sub)
+            relay.downstream.clear()  # the broker's PUBACK will be held in the relay
+            task = asyncio.create_task(sink.publish(Message("v", b"1")))
+            # The broker has the message (it reached the subscriber): the PUBACK is on its way.
+            await sub.next_on(f"{P}/v", timeout=5)
+            await not_done_for(task, 0.3)
+            assert sink.stats.published == 0
+            relay.downstream.set()
+            await asyncio.wait_for(task, 5)
+            assert sink.stats.published == 1
+            assert payloads(sub, "v") == [b"1"]
+    finally:
+        await relay.close()
+
+
+async def test_qos0_returns_without_waiting_for_the_broker_and_qos_is_per_message(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    relay = Relay(port)
+    await relay.start()
+    try:
+        async with running(relay.port, qos=0) as sink:
+            await connected(sink, sub)
+            relay.downstream.clear()  # nothing comes back from the broker
+            await asyncio.wait_for(sink.publish(Message("q0", b"a")), 2)
+            assert sink.stats.published == 1
+            assert (await sub.next_on(f"{P}/q0")).payload == b"a"
+            # A message that asks for QoS 1 on a QoS 0 sink still waits for its PUBACK.
+            task = asyncio.create_task(sink.publish(Message("q1", b"b", qos=1)))
+            await sub.next_on(f"{P}/q1")
+            await not_done_for(task, 0.2)
+            relay.downstream.set()
+            await asyncio.wait_for(task, 5)
+            assert sink.stats.published == 2
+    finally:
+        await relay.close()
+
+
+async def test_many_concurrent_qos1_publishes_all_arrive_in_order(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    async with running(port, max_inflight=20) as sink:
+        await connected(sink, sub)
+        await asyncio.wait_for(asyncio.gather(*(sink.publish(Message("n", b"%d" % i)) for i in range(300))), 20)
+        assert sink.stats.published == 300
+        await sub.wait_for(lambda ms: len([m for m in ms if m.topic == f"{P}/n"]) >= 300)
+        assert payloads(sub, "n") == [b"%d" % i for i in range(300)]
+
+
+# --- status and last will ----------------------------------------------------------------------
+
+
+async def test_status_online_is_retained_on_connect(broker: EmbeddedBroker, port: int, sub: Subscriber) -> None:
+    async with running(port) as sink:
+        await connected(sink, sub)
+        assert (await retained(port, f"{P}/status")).payload == b"online"
+
+
+async def test_last_will_says_offline_when_the_connection_dies_without_disconnect(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    relay = Relay(port)
+    await relay.start()
+    async with running(relay.port) as sink:
+        await connected(sink, sub)
+        sent = time.monotonic()
+        await relay.close()  # reset both sides; reconnects are refused from now on
+        msg = await sub.next_on(f"{P}/status", after=sent, timeout=5)
+        assert msg.payload == b"offline"
+        assert (await retained(port, f"{P}/status")).payload == b"offline"
+        assert not sink.connected
+
+
+async def test_killed_socket_gives_will_then_reconnect_online_and_hook_again(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    calls: list[bool] = []
+
+    async def hook() -> None:
+        calls.append(sink.connected)
+        await sink.publish(Message("state", b"%d" % len(calls), retain=True))
+
+    async with running(port, on_connect=hook) as sink:
+        await connected(sink, sub)
+        await sub.wait_for(lambda ms: any(m.topic == f"{P}/state" for m in ms))
+        assert calls == [True]
+        mark = time.monotonic()
+        # Kill the TCP connection under paho: no DISCONNECT goes out.
+        kill_socket(sink)
+
+        await sub.wait_for(
+            lambda ms: (
+                [m.payload for m in ms if m.topic == f"{P}/status" and m.at > mark][:2] == [b"offline", b"online"]
+            ),
+            8,
+        )
+        await sub.wait_for(lambda ms: any(m.topic == f"{P}/state" and m.payload == b"2" for m in ms), 5)
+        assert calls == [True, True], "on_connect runs again, after `online`, on every reconnect"
+        assert sink.stats.connects == 2 and sink.stats.disconnects == 1
+        assert (await retained(port, f"{P}/status")).payload == b"online"
+
+
+async def test_clean_stop_says_offline_once_and_no_will_follows(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    sink = MqttSink("up", f"mqtt://127.0.0.1:{port}", P, client_id="clean-stop")
+    await sink.start()
+    await connected(sink, sub)
+    mark = time.monotonic()
+    await sink.stop()
+    assert not sink.connected
+    await sub.next_on(f"{P}/status", after=mark)
+    await asyncio.sleep(0.5)  # a will would follow a connection closed without DISCONNECT
+    assert [m.payload for m in sub.on(f"{P}/status") if m.at > mark] == [b"offline"]
+    assert (await retained(port, f"{P}/status")).payload == b"offline"
+    with pytest.raises(SinkError):
+        await asyncio.wait_for(sink.publish(Message("late", b"x")), 2)
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+async def test_subscribed_requests_reach_on_request_with_the_relative_topic(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    got: list[tuple[str, bytes]] = []
+    async with running(port, subscriptions=("+/set/+", "+/cmd"), on_request=lambda t, p: got.append((t, p))) as sink:
+        await connected(sink, sub)
+        for topic, payload in [
+            (f"{P}/boiler/set/sp", b"12.5"),
+            (f"{P}/boiler/set/sp/result", b"{}"),  # not subscribed
+            ("elsewhere/boiler/set/sp", b"1"),  # another prefix
+            (f"{P}/pump/cmd", b'{"name": "reset"}'),
+        ]:
+            await asyncio.to_thread(sub.publish, topic, payload)
+        await sub.wait_for(lambda _: len(got) >= 2)
+        await asyncio.sleep(0.2)
+        assert got == [("boiler/set/sp", b"12.5"), ("pump/cmd", b'{"name": "reset"}')]
+        assert sink.stats.received == 2
+
+
+# --- broker away and back ----------------------------------------------------------------------
+
+
+async def test_publish_while_the_broker_is_down_completes_when_it_is_back() -> None:
+    port = free_port()
+    first = EmbeddedBroker([f"tcp://127.0.0.1:{port}"])
+    await first.start()
+    hooks: list[float] = []
+    requests: list[str] = []
+
+    async def hook() -> None:
+        hooks.append(time.monotonic())
+
+    second: EmbeddedBroker | None = None
+    try:
+        async with running(
+            port, subscriptions=("+/set/+",), on_request=lambda t, _p: requests.append(t), on_connect=hook
+        ) as sink:
+            assert await sink.wait_connected(5)
+            await first.stop()
+            for _ in range(100):
+                if not sink.connected:
+                    break
+                await asyncio.sleep(0.02)
+            assert not sink.connected
+            task = asyncio.create_task(sink.publish(Message("kept", b"42", retain=True)))
+            await not_done_for(task, 0.5)
+
+            second = EmbeddedBroker([f"tcp://127.0.0.1:{port}"])
+            await second.start()
+            await asyncio.wait_for(task, 10)
+            assert len(hooks) == 2, "on_connect runs again after the reconnect"
+            assert (await retained(port, f"{P}/kept")).payload == b"42"
+            assert (await retained(port, f"{P}/status")).payload == b"online"
+            # The new session has the subscriptions again.
+            async with subscribed(port) as s2:
+                await asyncio.to_thread(s2.publish, f"{P}/dev/set/p", b"1")
+                await s2.wait_for(lambda _: requests, 5)
+            assert requests == ["dev/set/p"]
+    finally:
+        if second is not None:
+            await second.stop()
+        await first.stop()
+
+
+# --- regressions: each of these was a bug once -------------------------------------------------
+
+
+async def test_an_idle_connected_sink_does_not_burn_cpu(broker: EmbeddedBroker, port: int, sub: Subscriber) -> None:
+    async with running(port) as sink:
+        await connected(sink, sub)
+        await sink.publish(Message("one", b"1"))
+        await asyncio.sleep(0.2)
+        cpu = time.process_time()
+        await asyncio.sleep(1.0)  # nothing to send, nothing to receive
+        used = time.process_time() - cpu
+        assert used < 0.3, f"{used:.2f} s of CPU in 1 s of idling: the loop is spinning"
+
+
+async def test_a_publish_in_flight_at_a_disconnect_is_delivered_once(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    async with running(port) as sink:
+        await connected(sink, sub)
+        tasks = [asyncio.create_task(sink.publish(Message(f"m/{i}", b"x"))) for i in range(5)]
+        await asyncio.sleep(0)  # each publish is now in paho's outgoing messages, no PUBACK yet
+        kill_socket(sink)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await asyncio.sleep(0.5)
+        counts = {i: len(sub.on(f"{P}/m/{i}")) for i in range(5)}
+        assert counts == {i: 1 for i in range(5)}, f"deliveries per message: {counts}"
+
+
+async def test_stop_fails_a_publish_that_waits_for_the_connection() -> None:
+    sink = MqttSink("up", f"mqtt://127.0.0.1:{free_port()}", P, client_id="nobody-home")
+    await sink.start()
+    task = asyncio.create_task(sink.publish(Message("v", b"1")))
+    await asyncio.sleep(0.2)
+    await sink.stop()
+    with pytest.raises(SinkError):
+        await asyncio.wait_for(task, 1)
+
+
+async def test_connects_over_a_link_with_a_round_trip_above_half_a_second(broker: EmbeddedBroker, port: int) -> None:
+    relay = Relay(port, delay=0.35)  # 0.7 s round trip: a satellite or a poor cellular link
+    await relay.start()
+    try:
+        async with running(relay.port) as sink:
+            assert await sink.wait_connected(2.5), f"never connected over {relay.connections} TCP connections"
+    finally:
+        await relay.close()
+
+
+async def test_an_invalid_topic_fails_with_sink_error(broker: EmbeddedBroker, port: int, sub: Subscriber) -> None:
+    async with running(port) as sink:
+        await connected(sink, sub)
+        with pytest.raises(SinkError):
+            await sink.publish(Message("boiler/+/x", b"1"))

@@ -1,0 +1,543 @@
+"""Does running the embedded amqtt broker in its own process pay?
+
+amqtt is single-core bound. Today the gateway runs it in its own process and event loop, next to
+the sink that publishes to it. This benchmark measures QoS 1 publishing through our MqttSink +
+Outbox in two layouts:
+
+  (a) in-process: EmbeddedBroker on the publisher's event loop (how the gateway runs it now);
+  (b) separate:   EmbeddedBroker in a child process with its own event loop.
+
+and for each, without and with a simulated gateway workload on the publisher's loop (a task that
+burns ~30 % of a core in 2 ms slices: polling, decoding, routing). One paho subscriber (QoS 1)
+counts the messages until all have arrived: on a thread of the publisher process (default, as
+the original question asked) or in its own process (`--subscriber process`, closer to a real
+deployment where the consumers are elsewhere).
+
+Two kinds of run:
+  throughput  N messages (default 20,000 x 100 B) as fast as the sink takes them: msg/s end to end;
+  fixed rate  the gateway's realistic range (default 200 and 1,000 msg/s): CPU per message,
+              share of a core used by the gateway process, end-to-end latency (submit -> subscriber).
+
+CPU is read from /proc (utime+stime): "gw" is the publisher process minus the subscriber thread
+and minus the simulated workload itself, so in layout (a) it includes the broker; "broker" is the
+child process in layout (b). RSS is VmRSS at the end of the run. Every scenario runs in a fresh
+interpreter.
+
+Run from the repository root:  .venv/bin/python hil/bench/broker_bench.py [-n 20000] [--subscriber thread|process]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    # Lets the script run from a checkout even where the project is not installed.
+    sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from bridge.outbox import Outbox  # noqa: E402
+from bridge.sink import MqttSink  # noqa: E402
+from gateway.types import Message  # noqa: E402
+
+PREFIX = "bench/gw"
+TOPIC = "data"  # measured messages: PREFIX/data
+WARM_TOPIC = "warm"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+QUEUE_HIGH_WATER = 1_000  # the throughput producer keeps at most this many messages queued
+
+
+# --- /proc readings -----------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (or one of its threads) in seconds."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    with open(path) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process in MB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def quiet_logs() -> None:
+    """Keep amqtt's shutdown chatter ("n messages not broadcasted") out of the output."""
+    logging.basicConfig(level=logging.ERROR)
+    for name in ("amqtt", "transitions", "bridge"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# --- the subscriber -------------------------------------------------------------------------------
+
+
+class Counter:
+    """A paho subscriber (QoS 1) on its own thread that counts measured messages and their latency."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.count = 0
+        self.expected = 0
+        self.first_at = 0.0
+        self.last_at = 0.0
+        self.latencies: list[float] = []
+        self.tid = 0
+        self.done = threading.Event()
+        self._subscribed = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=mqtt.MQTTv311)
+        c.max_inflight_messages_set(100)
+        c.on_connect = lambda cl, *_: cl.subscribe(f"{PREFIX}/#", qos=1)
+        c.on_subscribe = lambda *_: self._subscribed.set()
+        c.on_message = self._on_message
+        self.client = c
+
+    def start(self) -> None:
+        """Connect, subscribe and wait for the SUBACK (blocking: call it off the broker's loop)."""
+        self.client.connect("127.0.0.1", self.port, keepalive=60)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("bench subscriber did not subscribe")
+
+    def expect(self, n: int) -> None:
+        """Count the next n measured messages."""
+        self.count, self.expected, self.latencies = 0, n, []
+        self.done.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, m: mqtt.MQTTMessage) -> None:
+        if not self.tid:
+            self.tid = threading.get_native_id()
+        if not m.topic.endswith(TOPIC):
+            return
+        now = time.monotonic()
+        if self.count == 0:
+            self.first_at = now
+        self.count += 1
+        self.last_at = now
+        # CLOCK_MONOTONIC is system-wide, so a send time from another process compares.
+        self.latencies.append(now - float(bytes(m.payload[:24]).split()[1]))
+        if self.count >= self.expected:
+            self.done.set()
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def subscriber_process(port: int, conn: Connection) -> None:
+    """A Counter in its own process, driven over a pipe: ("expect", n) -> ("done", results)."""
+    sub = Counter(port)
+    sub.start()
+    conn.send(("ready", os.getpid()))
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "expect":
+            sub.expect(arg)
+            conn.send(("ok", None))
+        elif cmd == "wait":
+            finished = sub.done.wait(arg)
+            conn.send(
+                (
+                    "done",
+                    {
+                        "finished": finished,
+                        "count": sub.count,
+                        "last_at": sub.last_at,
+                        "latencies": latency_summary(sub.latencies),
+                    },
+                )
+            )
+        elif cmd == "stop":
+            sub.stop()
+            conn.send(("bye", None))
+            return
+
+
+def latency_summary(latencies: list[float]) -> dict[str, float]:
+    """p50 / p99 / max in milliseconds."""
+    if not latencies:
+        return {}
+    xs = sorted(latencies)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000  # noqa: E731
+    return {"p50": pick(0.50), "p99": pick(0.99), "max": xs[-1] * 1000}
+
+
+# --- the broker in its own process ---------------------------------------------------------------
+
+
+def broker_process(listeners: list[str], conn: Connection) -> None:
+    """EmbeddedBroker on its own event loop until told to stop."""
+    quiet_logs()
+    from bridge.broker import EmbeddedBroker
+
+    async def serve() -> None:
+        broker = EmbeddedBroker(listeners)
+        await broker.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_reader(conn.fileno(), stop.set)
+        conn.send(("ready", os.getpid()))
+        await stop.wait()
+        await broker.stop()
+
+    asyncio.run(serve())
+
+
+# --- one scenario --------------------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    """What one fresh interpreter measures."""
+
+    layout: str  # "a" in-process, "b" separate process
+    load: float  # share of a core burnt on the publisher's loop (0: none)
+    rate: float  # 0: as fast as possible
+    n: int
+    size: int
+    window: int
+    subscriber: str  # "thread" or "process"
+
+
+@dataclass
+class Result:
+    """What one scenario measured."""
+
+    scenario: Scenario
+    finished: bool = False
+    received: int = 0
+    wall_s: float = 0.0
+    msg_s: float = 0.0
+    gw_cpu_s: float = 0.0  # publisher process minus subscriber thread minus simulated workload
+    load_cpu_s: float = 0.0  # the simulated workload itself
+    broker_cpu_s: float = 0.0  # layout (b) only
+    sub_cpu_s: float = 0.0
+    rss_gw_mb: float = 0.0
+    rss_broker_mb: float = 0.0
+    rss_sub_mb: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Burner:
+    """Simulated gateway work on the publisher's loop: busy 2 ms slices at a given share of a core."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.cpu = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """Burn until cancelled."""
+        busy = 0.002
+        idle = busy * (1 - self.share) / self.share
+        while True:
+            t, c = time.perf_counter(), time.thread_time()
+            while time.perf_counter() - t < busy:
+                pass
+            self.cpu += time.thread_time() - c
+            await asyncio.sleep(idle)
+
+
+def payload(seq: int, size: int) -> bytes:
+    """`seq send-time` padded to size bytes."""
+    return f"{seq} {time.monotonic():.6f} ".encode().ljust(size, b"x")
+
+
+async def run_scenario(sc: Scenario) -> Result:
+    """Set up the layout, warm up, measure, tear down."""
+    res = Result(sc)
+    port = free_port()
+    listeners = [f"tcp://127.0.0.1:{port}"]
+    ctx = multiprocessing.get_context("spawn")
+    me = os.getpid()
+    broker = None
+    broker_proc = None
+    broker_pid = 0
+    if sc.layout == "a":
+        # Imported only here, so that in layout (b) the publisher process does not carry amqtt.
+        from bridge.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker(listeners)
+        await broker.start()
+    else:
+        broker_conn, child_conn = ctx.Pipe()
+        broker_proc = ctx.Process(target=broker_process, args=(listeners, child_conn), daemon=True)
+        broker_proc.start()
+        _, broker_pid = await asyncio.to_thread(broker_conn.recv)
+
+    counter: Counter | None = None
+    sub_proc = None
+    sub_conn: Connection | None = None
+    sub_pid = 0
+    if sc.subscriber == "thread":
+        counter = Counter(port)
+        await asyncio.to_thread(counter.start)
+    else:
+        sub_conn, child = ctx.Pipe()
+        sub_proc = ctx.Process(target=subscriber_process, args=(port, child), daemon=True)
+        sub_proc.start()
+        _, sub_pid = await asyncio.to_thread(sub_conn.recv)
+
+    async def sub_call(cmd: str, arg: Any) -> Any:
+        assert sub_conn is not None
+        sub_conn.send((cmd, arg))
+        return (await asyncio.to_thread(sub_conn.recv))[1]
+
+    sink = MqttSink("bench", f"mqtt://127.0.0.1:{port}", PREFIX, client_id=f"bench-pub-{me}", qos=1)
+    box = Outbox(sink, window=sc.window)
+    await box.start()
+    await sink.start()
+    if not await sink.wait_connected(10):
+        raise RuntimeError("the sink did not connect")
+
+    burner = Burner(sc.load) if sc.load > 0 else None
+    if burner:
+        burner.task = asyncio.create_task(burner.run())
+
+    # Warm up: allocations, paho's and amqtt's first-time paths, the burner's steady state.
+    for i in range(1_000):
+        box.submit(Message(WARM_TOPIC, payload(i, sc.size)))
+    await box.flush(60)
+    await asyncio.sleep(0.2)
+
+    if counter:
+        counter.expect(sc.n)
+    else:
+        await sub_call("expect", sc.n)
+
+    sub_tid = counter.tid if counter else 0
+    c_proc0 = cpu_seconds(me)
+    c_sub0 = cpu_seconds(me, sub_tid) if sub_tid else 0.0
+    c_load0 = burner.cpu if burner else 0.0
+    c_broker0 = cpu_seconds(broker_pid) if broker_pid else 0.0
+    c_subp0 = cpu_seconds(sub_pid) if sub_pid else 0.0
+    t0 = time.monotonic()
+
+    timeout = max(60.0, sc.n / 300)
+    if sc.rate <= 0:
+        sent = 0
+        while sent < sc.n:
+            room = min(QUEUE_HIGH_WATER - len(box), sc.n - sent)
+            for _ in range(room):
+                box.submit(Message(TOPIC, payload(sent, sc.size)))
+                sent += 1
+            await asyncio.sleep(0.002)
+    else:
+        sent = 0
+        while sent < sc.n:
+            due = min(sc.n, int((time.monotonic() - t0) * sc.rate) + 1)
+            while sent < due:
+                box.submit(Message(TOPIC, payload(sent, sc.size)))
+                sent += 1
+            await asyncio.sleep(0.005)
+
+    if counter:
+        deadline = time.monotonic() + timeout
+        while not counter.done.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        res.finished = counter.done.is_set()
+        res.received, last_at = counter.count, counter.last_at
+        res.latency_ms = latency_summary(counter.latencies) if sc.rate > 0 else {}
+    else:
+        got = await sub_call("wait", timeout)
+        res.finished, res.received, last_at = got["finished"], got["count"], got["last_at"]
+        res.latency_ms = got["latencies"] if sc.rate > 0 else {}
+
+    c_proc1 = cpu_seconds(me)
+    c_sub1 = cpu_seconds(me, sub_tid) if sub_tid else 0.0
+    res.load_cpu_s = (burner.cpu if burner else 0.0) - c_load0
+    res.broker_cpu_s = (cpu_seconds(broker_pid) - c_broker0) if broker_pid else 0.0
+    res.sub_cpu_s = (cpu_seconds(sub_pid) - c_subp0) if sub_pid else (c_sub1 - c_sub0)
+    res.gw_cpu_s = (c_proc1 - c_proc0) - (c_sub1 - c_sub0) - res.load_cpu_s
+    res.wall_s = max(1e-9, (last_at or time.monotonic()) - t0)
+    res.msg_s = res.received / res.wall_s
+    res.rss_gw_mb = rss_mb(me)
+    res.rss_broker_mb = rss_mb(broker_pid) if broker_pid else 0.0
+    res.rss_sub_mb = rss_mb(sub_pid) if sub_pid else 0.0
+
+    # Tear down.
+    if burner and burner.task:
+        burner.task.cancel()
+    await box.stop()
+    await sink.stop()
+    if counter:
+        await asyncio.to_thread(counter.stop)
+    else:
+        await sub_call("stop", None)
+        await asyncio.to_thread(sub_proc.join, 5)  # type: ignore[union-attr]
+    if broker:
+        await broker.stop()
+    if broker_proc:
+        broker_conn.send("stop")
+        await asyncio.to_thread(broker_proc.join, 5)
+        if broker_proc.is_alive():
+            broker_proc.terminate()
+    return res
+
+
+def run_one(spec: str) -> None:
+    """Entry point of the fresh interpreter: one scenario, result as JSON on the last line."""
+    quiet_logs()
+    sc = Scenario(**json.loads(spec))
+    res = asyncio.run(run_scenario(sc))
+    print(json.dumps(asdict(res)))
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def launch(sc: Scenario) -> Result:
+    """Run one scenario in a fresh interpreter."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps(asdict(sc))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"scenario {sc} failed:\n{out.stderr[-3000:]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    data["scenario"] = Scenario(**data["scenario"])
+    return Result(**data)
+
+
+def us(seconds: float, n: int) -> str:
+    return f"{seconds / max(1, n) * 1e6:7.0f}"
+
+
+def median_run(runs: list[Result]) -> tuple[Result, str]:
+    """The run with the median msg/s, and the min-max range of msg/s over all runs."""
+    ordered = sorted(runs, key=lambda r: r.msg_s)
+    spread = f"{ordered[0].msg_s:.0f}-{ordered[-1].msg_s:.0f}" if len(runs) > 1 else ""
+    return ordered[len(ordered) // 2], spread
+
+
+def print_table(rows: list[tuple[Result, str]]) -> None:
+    """One line per scenario; ratio (b)/(a) against the matching layout-(a) line."""
+    results = [r for r, _ in rows]
+    spreads = {id(r): s for r, s in rows}
+    base = {(r.scenario.load, r.scenario.rate): r for r in results if r.scenario.layout == "a"}
+    head = (
+        f"{'layout':<12} {'load':>4} {'got':>4} {'target':>7} {'msg/s':>6} {'(range)':>11} {'b/a':>5} "
+        f"{'gw µs/msg':>9} {'brk µs/msg':>10} {'total µs':>8} {'gw core%':>8} {'p50 ms':>6} {'p99 ms':>6} "
+        f"{'RSS gw':>7} {'RSS brk':>7} {'RSS sub':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        sc = r.scenario
+        a = base.get((sc.load, sc.rate))
+        ratio = f"{r.msg_s / a.msg_s:5.2f}" if a and sc.layout == "b" and a.msg_s else f"{'':>5}"
+        n = r.received
+        core = (r.gw_cpu_s + r.load_cpu_s) / r.wall_s * 100
+        got = r.load_cpu_s / r.wall_s
+        lat = r.latency_ms
+        spread = f"({spreads[id(r)]})" if spreads[id(r)] else ""
+        print(
+            f"{'(a) in-proc' if sc.layout == 'a' else '(b) separate':<12} {sc.load:>4.0%} {got:>4.0%} "
+            f"{('max' if sc.rate <= 0 else f'{sc.rate:.0f}/s'):>7} {r.msg_s:6.0f} {spread:>11} {ratio} "
+            f"{us(r.gw_cpu_s, n):>9} {(us(r.broker_cpu_s, n) if sc.layout == 'b' else '(in gw)'):>10} "
+            f"{us(r.gw_cpu_s + r.broker_cpu_s, n):>8} {core:8.0f} "
+            f"{lat.get('p50', float('nan')):6.1f} {lat.get('p99', float('nan')):6.1f} "
+            f"{r.rss_gw_mb:6.1f}M {(f'{r.rss_broker_mb:6.1f}M' if r.rss_broker_mb else '      -'):>7} "
+            f"{(f'{r.rss_sub_mb:6.1f}M' if r.rss_sub_mb else ' (in gw)'):>7}"
+            + ("" if r.finished else f"   INCOMPLETE: {r.received}/{sc.n}")
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every scenario and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=20_000, help="messages per throughput run (default 20000)")
+    ap.add_argument("--size", type=int, default=100, help="payload bytes (default 100)")
+    ap.add_argument("--window", type=int, default=64, help="Outbox window of publishes in flight (default 64)")
+    ap.add_argument("--load", type=float, default=0.3, help="simulated gateway load, share of a core (default 0.3)")
+    ap.add_argument("--rates", default="200,1000", help="fixed rates in msg/s, comma-separated ('' for none)")
+    ap.add_argument("--rate-seconds", type=float, default=8.0, help="length of each fixed-rate run (default 8)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each throughput scenario; the median is shown")
+    ap.add_argument(
+        "--subscriber",
+        choices=("thread", "process"),
+        default="thread",
+        help="where the counting subscriber runs (default: a thread of the publisher process)",
+    )
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        run_one(args.one)
+        return 0
+
+    from importlib.metadata import version
+
+    print(
+        f"broker_bench: {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"amqtt {version('amqtt')}, paho-mqtt {version('paho-mqtt')}; "
+        f"payload {args.size} B, QoS 1, Outbox window {args.window}, subscriber on a {args.subscriber}"
+    )
+    loads = [0.0, args.load] if args.load > 0 else [0.0]
+    scenarios = [
+        Scenario(layout, load, 0.0, args.n, args.size, args.window, args.subscriber)
+        for load in loads
+        for layout in ("a", "b")
+    ]
+    for rate in [float(r) for r in args.rates.split(",") if r.strip()]:
+        for load in loads:
+            for layout in ("a", "b"):
+                n = int(rate * args.rate_seconds)
+                scenarios.append(Scenario(layout, load, rate, n, args.size, args.window, args.subscriber))
+    rows = []
+    for sc in scenarios:
+        runs = []
+        for _ in range(max(1, args.repeat) if sc.rate <= 0 else 1):
+            print(
+                f"  running layout {sc.layout}, load {sc.load:.0%}, "
+                f"{'max rate' if sc.rate <= 0 else f'{sc.rate:.0f} msg/s'}, {sc.n} messages ...",
+                file=sys.stderr,
+            )
+            runs.append(launch(sc))
+        rows.append(median_run(runs))
+    print()
+    print_table(rows)
+    print()
+    print(
+        "msg/s: end to end, median of the runs (range over them); got: share of a core the simulated load\n"
+        "actually got; gw µs/msg: publisher process CPU per message minus the subscriber thread and the\n"
+        "simulated load (includes the broker in (a)); brk: broker process (b); total = gw + brk; gw core%:\n"
+        "the publisher process's share of one core, simulated load included; p50/p99: submit -> subscriber\n"
+        "latency at fixed rates; RSS: VmRSS at the end of the run."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
