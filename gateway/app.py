@@ -14,6 +14,7 @@ from pathlib import Path
 from bridge.broker import EmbeddedBroker, client_url
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
+from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config
@@ -50,6 +51,7 @@ class Gateway:
         self.sinks: list[MqttSink] = []
         self.outboxes: list[Outbox] = []
         self.buses: list[ModbusBus] = []
+        self.mcp: McpServer | None = None
         self.router: Router | None = None
         self._metrics: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -98,6 +100,10 @@ class Gateway:
             for dev in bus_cfg.devices:
                 deadbands = {p.name: p.deadband for p in dev.points if p.deadband}
                 profiles.append(DeviceProfile(dev.name, dev.full_every, deadbands, bus.write))
+        if cfg.mcp:
+            self.mcp = McpServer(cfg.mcp, self._deliver, self._on_state)
+            for d in cfg.mcp.devices:
+                profiles.append(DeviceProfile(d.id, commander=self.mcp.command, every_sample=True))
         self.router = Router(self.outboxes, profiles)
 
         for outbox in self.outboxes:
@@ -108,6 +114,8 @@ class Gateway:
             log.warning("%s", warning)
         for bus in self.buses:
             await bus.start()
+        if self.mcp:
+            await self.mcp.start()
         self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         for s in cfg.northbound:
             url = s.url or client_url(cfg.broker.listeners)
@@ -126,6 +134,10 @@ class Gateway:
     def _on_sample(self, sample: Sample) -> None:
         assert self.router is not None
         self.router.on_sample(sample)
+
+    async def _deliver(self, sample: Sample) -> None:
+        assert self.router is not None
+        await self.router.deliver(sample)
 
     def _on_state(self, state: DeviceState) -> None:
         assert self.router is not None
@@ -148,6 +160,13 @@ class Gateway:
             "devices": {
                 d.name: {**asdict(d.stats), "online": d.online} for b in self.buses for d in b.devices.values()
             },
+            "mcp": {
+                "sessions": len(self.mcp.sessions),
+                "rejected": self.mcp.rejected,
+                **asdict(self.mcp.totals),
+            }
+            if self.mcp
+            else None,
             "sinks": {
                 o.sink.name: {**asdict(s.stats), "queued": len(o), "dropped": o.dropped, "connected": s.connected}
                 for o, s in zip(self.outboxes, self.sinks, strict=True)
@@ -169,10 +188,12 @@ class Gateway:
                 await self._metrics
         for bus in self.buses:
             await bus.stop()
+        if self.mcp:
+            await self.mcp.stop()
         if self.router:
             await self.router.stop()
-            for bus in self.buses:
-                for name in bus.devices:
+            for name, view in self.router.devices.items():
+                if view.online:
                     for outbox in self.outboxes:
                         outbox.submit(Message(f"{name}/status", b"offline", retain=True))
         for outbox in self.outboxes:

@@ -11,11 +11,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bridge.outbox import Outbox
-from gateway.types import DeviceState, Message, Sample, Value, Write, WriteResult
+from gateway.types import Command, CommandResult, DeviceState, Message, Sample, Value, Write, WriteResult
 
 log = logging.getLogger(__name__)
 
 Writer = Callable[[Write], Awaitable[WriteResult]]
+Commander = Callable[[Command], Awaitable[CommandResult]]
 
 #: Topics each sink subscribes to (relative to its prefix).
 SUBSCRIPTIONS = ("+/set/+", "+/cmd")
@@ -29,6 +30,8 @@ class DeviceProfile:
     full_every: float = 60.0
     deadbands: dict[str, float] = field(default_factory=dict)
     writer: Writer | None = None
+    commander: Commander | None = None
+    every_sample: bool = False  # devices that push (MCP): each sample is published whole
 
 
 @dataclass
@@ -84,10 +87,22 @@ class Router:
 
     def on_sample(self, sample: Sample) -> None:
         """Publish what moved beyond its deadband, the per-point values, and a snapshot when due."""
+        telemetry = self._route(sample)
+        if telemetry is not None:
+            self._send(telemetry)
+
+    async def deliver(self, sample: Sample) -> None:
+        """Like on_sample, but return only once every sink holds the telemetry durably (SinkError if not)."""
+        telemetry = self._route(sample)
+        if telemetry is not None:
+            await asyncio.gather(*(outbox.publish(telemetry) for outbox in self.outboxes))
+
+    def _route(self, sample: Sample) -> Message | None:
+        """Queue the retained per-point messages; return the telemetry message, if any is due."""
         view = self.devices.get(sample.device)
         if view is None:
             log.debug("sample from unknown device %s", sample.device)
-            return
+            return None
         deadbands = view.profile.deadbands
         changed: dict[str, Value] = {}
         for name, value in sample.values.items():
@@ -97,18 +112,17 @@ class Router:
         view.latest.update(sample.values)
         view.latest_ts = sample.ts
         now = self._clock()
-        full = now - view.last_full >= view.profile.full_every
-        if full:
+        if now - view.last_full >= view.profile.full_every:
             view.last_full = now
             body = dict(view.latest)
         else:
-            body = changed
+            body = dict(sample.values) if view.profile.every_sample else changed
         view.published.update(changed)
-        if body:
-            payload = encode_json({"ts": sample.ts, "values": body})
-            self._send(Message(f"{sample.device}/telemetry", payload))
         for name, value in changed.items():
             self._send(Message(f"{sample.device}/{name}", encode_json(value), retain=True))
+        if not body:
+            return None
+        return Message(f"{sample.device}/telemetry", encode_json({"ts": sample.ts, "values": body}))
 
     def on_state(self, state: DeviceState) -> None:
         """Publish a device's retained online/offline status."""
@@ -173,14 +187,28 @@ class Router:
         self._send(Message(result_topic, encode_json(body)), only=outbox)
 
     async def _cmd(self, outbox: Outbox, device: str, payload: bytes) -> None:
+        cmd_id: object = None
         try:
             body = json.loads(payload)
-            cmd_id = body.get("id") if isinstance(body, dict) else None
         except (ValueError, UnicodeDecodeError):
-            cmd_id = None
-        error = f"unknown device {device!r}" if device not in self.devices else f"{device} takes no commands"
-        result = {"id": cmd_id, "ok": False, "result": None, "error": error}
-        self._send(Message(f"{device}/cmd/result", encode_json(result)), only=outbox)
+            body = None
+        if isinstance(body, dict):
+            cmd_id = body.get("id")
+        view = self.devices.get(device)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
+            result = CommandResult(ok=False, error='payload must be {"name": str, "args": {...}, "id": optional}')
+        elif not isinstance(body.get("args", {}), dict):
+            result = CommandResult(ok=False, error="args must be a JSON object")
+        elif view is None:
+            result = CommandResult(ok=False, error=f"unknown device {device!r}")
+        elif view.profile.commander is None:
+            result = CommandResult(ok=False, error=f"{device} takes no commands")
+        else:
+            command = Command(device, body["name"], body.get("args", {}), None if cmd_id is None else str(cmd_id))
+            result = await view.profile.commander(command)
+        log.info("cmd %s: %s", device, "ok" if result.ok else result.error)
+        reply = {"id": cmd_id, "ok": result.ok, "result": result.result, "error": result.error}
+        self._send(Message(f"{device}/cmd/result", encode_json(reply)), only=outbox)
 
     async def stop(self) -> None:
         """Wait briefly for writes in progress."""

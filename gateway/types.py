@@ -64,3 +64,12 @@ class Command:
     name: str
     args: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """The outcome of a Command, as the device (or the gateway on its behalf) reported it."""
+
+    ok: bool
+    result: Any = None
+    error: str | None = None

@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers import Subscriber, free_port
 
 from bridge.broker import EmbeddedBroker
+
+from helpers import Subscriber, free_port
 
 
 @pytest.fixture

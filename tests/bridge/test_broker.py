@@ -13,7 +13,6 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import Subscriber, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.broker import EmbeddedBroker, client_url, listener_config
@@ -21,6 +20,8 @@ from bridge.sink import MqttSink
 from gateway.config import parse_config
 from gateway.errors import ConfigError, FieldgateError
 from gateway.types import Message
+
+from helpers import Subscriber, free_port
 
 
 @pytest.fixture

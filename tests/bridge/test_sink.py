@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import Received, Subscriber, free_port
 
 from bridge.broker import EmbeddedBroker
 from bridge.sink import MqttSink
 from gateway.errors import SinkError
 from gateway.types import Message
+
+from helpers import Received, Subscriber, free_port
 
 P = "fg/t1"
 

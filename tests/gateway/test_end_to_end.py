@@ -11,10 +11,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from helpers import Subscriber, free_port
 
 from gateway.app import Gateway
 from gateway.config import load_config
+
+from helpers import Subscriber, free_port
 
 CONFIG = """
 gateway: {{id: t1, state_dir: ./state}}

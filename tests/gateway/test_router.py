@@ -6,13 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers import Subscriber
 
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.types import DeviceState, Sample
+
+from helpers import Subscriber
 
 
 class Clock:

@@ -1,0 +1,151 @@
+"""The gateway's MCP/1 TCP server: accepts devices, keeps one live session per device id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+from drivers.mcp.session import SeqWindow, Session, SessionStats
+from gateway.config.schema import McpSection
+from gateway.errors import FieldgateError
+from gateway.types import Command, CommandResult, DeviceState, Sample
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[Sample], Awaitable[None]]
+
+
+def server_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    """TLS for the listener; with `client_ca`, devices must present a certificate it signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+    return ctx
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) as a (host, port) pair."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class McpServer:
+    """Listens for MCP devices; DATA goes to `deliver` (awaited before the ACK), states to `on_state`."""
+
+    def __init__(
+        self,
+        cfg: McpSection,
+        deliver: Deliver,
+        on_state: Callable[[DeviceState], None],
+    ) -> None:
+        self.cfg = cfg
+        self.deliver = deliver
+        self.tokens = {d.id: d.token for d in cfg.devices}
+        self.totals = SessionStats()
+        self.rejected = 0  # connections refused at max_sessions
+        self.sessions: dict[str, Session] = {}
+        self._on_state = on_state
+        self._stats = {d.id: SessionStats() for d in cfg.devices}
+        self._unregistered = SessionStats()
+        self._windows: dict[str, SeqWindow] = {}
+        self._connections: set[Session] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        """Bind the listener (TLS when configured)."""
+        host, port = split_listen(self.cfg.listen)
+        tls = self.cfg.tls
+        ctx = server_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None
+        try:
+            self._server = await asyncio.start_server(
+                self._accept, host, port, ssl=ctx, ssl_handshake_timeout=10.0 if ctx else None
+            )
+        except OSError as exc:
+            raise FieldgateError(f"MCP server cannot listen on {self.cfg.listen}: {exc}") from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("MCP server listening on %s:%d%s", host, self.port, " (TLS)" if ctx else "")
+
+    async def stop(self) -> None:
+        """Stop listening and close every session."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._connections):
+            await session.close("gateway stopping")
+        for _ in range(50):
+            if not self._connections:
+                break
+            await asyncio.sleep(0.02)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.cfg.max_sessions:
+            # Over the limit: no memory, no file descriptor kept for it.
+            self.rejected += 1
+            writer.close()
+            return
+        session = Session(self, reader, writer)
+        self._connections.add(session)
+        await session.run()
+
+    # --- called by sessions -----------------------------------------------------------------------
+
+    def stats_for(self, device_id: str | None) -> SessionStats:
+        """Per-device counters (a shared scratch set before HELLO)."""
+        if device_id is None:
+            return self._unregistered
+        return self._stats.setdefault(device_id, SessionStats())
+
+    def window(self, device_id: str) -> SeqWindow:
+        """The device's duplicate window."""
+        return self._windows[device_id]
+
+    def session_started(self, session: Session, boot_id: str) -> None:
+        """A session passed HELLO: it replaces any older one of its device."""
+        device_id = session.device_id
+        assert device_id is not None
+        window = self._windows.get(device_id)
+        if window is None or window.boot_id != boot_id:
+            self._windows[device_id] = SeqWindow(boot_id)  # a new boot: forget the old seqs
+        old = self.sessions.get(device_id)
+        self.sessions[device_id] = session
+        stats = self.stats_for(device_id)
+        stats.sessions_opened += 1
+        self.totals.sessions_opened += 1
+        if old is not None and old is not session:
+            log.info("mcp %s: a new session replaces the one from %s", device_id, old.peer)
+            asyncio.ensure_future(old.close("replaced by a new session"))
+            return  # still online: no status change
+        log.info("mcp %s: online from %s", device_id, session.peer)
+        self._on_state(DeviceState(device_id, True))
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        """A session is over; its device goes offline unless a newer session took over."""
+        self._connections.discard(session)
+        device_id = session.device_id
+        if device_id is None:
+            log.debug("mcp connection from %s closed before HELLO: %s", session.peer, reason)
+            return
+        self.stats_for(device_id).sessions_closed += 1
+        self.totals.sessions_closed += 1
+        if self.sessions.get(device_id) is session:
+            del self.sessions[device_id]
+            log.warning("mcp %s: offline: %s", device_id, reason)
+            self._on_state(DeviceState(device_id, False, reason))
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    async def command(self, command: Command) -> CommandResult:
+        """Send a command to a connected device and wait for its response."""
+        session = self.sessions.get(command.device)
+        if session is None:
+            return CommandResult(ok=False, error=f"{command.device} is offline")
+        return await session.command(command.name, command.args, self.cfg.ack_timeout, self.cfg.retries)
