@@ -19,6 +19,7 @@ mcp:
   retries: 1
   max_payload: 4kB
   max_sessions: {max_sessions}
+{mcp_extra}
   devices:
     - {{id: pump-1, token: s3cret}}
     - {{id: pump-2, token: other}}

@@ -18,7 +18,7 @@ from mcp_peer import CONFIG, McpGateway, RawPeer
 @pytest.fixture
 def mcp_config() -> dict[str, object]:
     """Overrides for the MCP test config (tests may change them before `mcp_gateway` starts)."""
-    return {"max_sessions": 100, "extra": ""}
+    return {"max_sessions": 100, "extra": "", "mcp_extra": ""}
 
 
 @pytest.fixture

@@ -1,0 +1,185 @@
+"""MCP server limits and hostile input: TLS with client certificates, max_sessions, fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from drivers.mcp.codec import Frame, FrameType, encode
+from mcp_peer import McpGateway
+
+FUZZ_ROUNDS = int(os.environ.get("FIELDGATE_FUZZ_ROUNDS", "60"))
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        )
+    return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.fixture
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Certificates for one test."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def mcp_config(pki: dict[str, Path], request: pytest.FixtureRequest) -> dict[str, object]:
+    """TLS on, client certificates required (tests that need other settings override)."""
+    tls = (
+        f"  tls: {{cert: {pki['server.pem']}, key: {pki['server.key']}, client_ca: {pki['ca.pem']}}}"
+        if request.node.get_closest_marker("tls")
+        else ""
+    )
+    return {"max_sessions": 5, "extra": "", "mcp_extra": tls}
+
+
+def client_context(pki: dict[str, Path], with_cert: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+    if with_cert:
+        ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+    return ctx
+
+
+@pytest.mark.tls
+async def test_tls_session_with_a_client_certificate(mcp_gateway: McpGateway, connect, pki) -> None:  # type: ignore[no-untyped-def]
+    peer = await connect(ssl=client_context(pki, with_cert=True))
+    assert (await peer.hello()).type == FrameType.ACK
+    await peer.send(Frame.json(FrameType.DATA, 2, {"ts": 11, "values": {"v": 1}}))
+    assert await peer.recv() == Frame(FrameType.ACK, 2)
+    tele = await mcp_gateway.sub.next_on("fieldgate/m1/pump-1/telemetry")
+    assert tele.json() == {"ts": 11, "values": {"v": 1}}
+
+
+@pytest.mark.tls
+async def test_tls_without_a_client_certificate_is_refused(mcp_gateway: McpGateway, pki) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", mcp_gateway.mcp_port, ssl=client_context(pki, with_cert=False)
+        )
+        # TLS 1.3 reports the missing certificate on the first read.
+        writer.write(encode(Frame(FrameType.HEARTBEAT, 1)))
+        await writer.drain()
+        if not await asyncio.wait_for(reader.read(100), 5):
+            raise ConnectionError("closed")
+
+
+async def test_connections_beyond_max_sessions_are_closed_at_once(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
+    silent = [await connect() for _ in range(5)]  # they never say HELLO
+    await asyncio.sleep(0.2)
+    extra = [await connect() for _ in range(20)]
+    for peer in extra:
+        assert await peer.closed(timeout=2)
+    server = mcp_gateway.gw.mcp
+    assert server is not None and server.rejected == 20
+    for peer in silent:
+        peer.close()
+    await asyncio.sleep(0.3)
+    late = await connect()
+    assert (await late.hello()).type == FrameType.ACK  # room again once the silent ones left
+
+
+def _mutations(rng: random.Random) -> bytes:
+    """Garbage, mutated valid frames, truncated frames, absurd lengths."""
+    good = encode(Frame.json(FrameType.DATA, rng.randrange(1, 2**32), {"values": {"x": rng.random()}}))
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 300))
+    if kind == 1:
+        b = bytearray(good)
+        for _ in range(rng.randrange(1, 4)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        return bytes(b)
+    if kind == 2:
+        return good[: rng.randrange(1, len(good))]
+    if kind == 3:
+        return b"\x55\xaa\x55\xaa\x01" + rng.randbytes(9) + rng.randbytes(rng.randrange(0, 50))
+    if kind == 4:
+        return encode(Frame(rng.randrange(256), rng.randrange(2**32), rng.randbytes(rng.randrange(0, 80))))
+    return encode(
+        Frame(
+            FrameType.DATA,
+            rng.randrange(2**32),
+            rng.choice([b"[]", b"{}", b'{"values": 3}', b"\xff\xfe", b'{"values":{"a":[1]}}']),
+        )
+    )
+
+
+async def test_fuzzed_input_never_breaks_the_server(mcp_gateway: McpGateway, connect, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.ERROR)
+    rng = random.Random(20261121)
+    for _ in range(FUZZ_ROUNDS):
+        peer = await connect()
+        if rng.random() < 0.7:
+            await peer.hello(seq=rng.randrange(1, 1000))
+        for _ in range(rng.randrange(1, 8)):
+            try:
+                await peer.send(_mutations(rng))
+            except ConnectionError:
+                break
+        peer.close()
+    # Still serving a well-behaved device.
+    good = await connect()
+    assert (await good.hello(boot_id="fuzz-after")).type == FrameType.ACK
+    await good.send(Frame.json(FrameType.DATA, 99, {"ts": 1, "values": {"ok": True}}))
+    assert await good.recv() == Frame(FrameType.ACK, 99)
+    # No session died of an unexpected exception, and none was left behind.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    server = mcp_gateway.gw.mcp
+    assert server is not None and len(server._connections) == 1
