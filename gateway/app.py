@@ -19,7 +19,7 @@ from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
-from gateway.simulation import Simulation, resolve_path, start_simulation
+from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
 from gateway.types import DeviceState, Message, Sample
 
 log = logging.getLogger(__name__)
@@ -116,15 +116,18 @@ class Gateway:
             await bus.start()
         if self.mcp:
             await self.mcp.start()
+            if self.simulation and cfg.simulator and cfg.simulator.mcp:
+                await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
         self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         for s in cfg.northbound:
             url = s.url or client_url(cfg.broker.listeners)
             log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
         log.info(
-            "fieldgate %s up: %d bus(es), %d device(s), %d sink(s)",
+            "fieldgate %s up: %d Modbus line(s) with %d device(s), %d MCP device(s) allowed, %d sink(s)",
             cfg.gateway.id,
             len(self.buses),
             sum(len(b.devices) for b in self.buses),
+            len(cfg.mcp.devices) if cfg.mcp else 0,
             len(self.sinks),
         )
 
@@ -186,6 +189,10 @@ class Gateway:
             self._metrics.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._metrics
+        if self.simulation:
+            for device in self.simulation.mcp_devices:
+                await device.stop()
+            self.simulation.mcp_devices.clear()
         for bus in self.buses:
             await bus.stop()
         if self.mcp:

@@ -6,8 +6,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drivers.mcp.server import split_listen
 from drivers.sim.line import VirtualLine
-from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave, Wave
+from drivers.sim.mcp import McpSimDevice
+from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
+from drivers.sim.waves import Wave
 from gateway.config.schema import Config, SimValue
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,12 @@ class Simulation:
 
     lines: list[VirtualLine] = field(default_factory=list)
     simulators: dict[str, ModbusSimulator] = field(default_factory=dict)  # by link path
+    mcp_devices: list[McpSimDevice] = field(default_factory=list)
 
     async def stop(self) -> None:
-        """Stop every slave and remove the lines."""
+        """Stop every device and remove the lines."""
+        for device in self.mcp_devices:
+            await device.stop()
         for sim in self.simulators.values():
             await sim.stop()
         for line in self.lines:
@@ -64,3 +70,18 @@ async def start_simulation(cfg: Config, base: Path) -> Simulation:
         sim.simulators[link] = simulator
         log.info("simulated line %s: units %s", link, ", ".join(str(s.unit) for s in slaves))
     return sim
+
+
+async def start_mcp_simulation(cfg: Config, sim: Simulation, port: int) -> None:
+    """Connect the simulated MCP devices to the gateway's own MCP server (listening on `port`)."""
+    assert cfg.simulator is not None and cfg.mcp is not None
+    tokens = {d.id: d.token for d in cfg.mcp.devices}
+    host = split_listen(cfg.mcp.listen)[0]
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    for dev in cfg.simulator.mcp:
+        waves = {name: _wave(v) for name, v in dev.values.items()}
+        device = McpSimDevice(host, port, dev.id, tokens[dev.id], interval=dev.interval, waves=waves)
+        await device.start()
+        sim.mcp_devices.append(device)
+    if cfg.simulator.mcp:
+        log.info("simulated MCP devices: %s", ", ".join(d.id for d in cfg.simulator.mcp))

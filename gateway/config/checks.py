@@ -251,6 +251,7 @@ class _Checks:
         buses = {_port_key(bus.port): b for b, bus in reversed(list(enumerate(self.config.modbus.buses)))}
         # A bus dropped as invalid may be the one a line refers to: no "not found" then.
         bus_dropped = self.pruned.dropped(("modbus", "buses"), depth=1, keys=("port",))
+        self._sim_mcp()
         links: dict[Any, Path] = {}
         for n, line in enumerate(sim.modbus):
             at = ("simulator", "modbus", n)
@@ -274,6 +275,17 @@ class _Checks:
                 continue
             for k, simdev in enumerate(line.devices):
                 self._sim_device(buses[link], simdev.unit, simdev.values, at + ("devices", k))
+
+    def _sim_mcp(self) -> None:
+        """A simulated MCP device must be one the MCP server accepts (its token comes from there)."""
+        assert self.config.simulator is not None
+        known = sorted(d.id for d in self.config.mcp.devices) if self.config.mcp else []
+        if self.pruned.dropped(("mcp",)):
+            return
+        for n, device in enumerate(self.config.simulator.mcp):
+            if device.id not in known:
+                where = "mcp.devices" if self.config.mcp else "an `mcp` section"
+                self._error(("simulator", "mcp", n, "id"), f"{device.id!r} is not in {where}{hint(device.id, known)}")
 
     def _sim_device(self, b: int, unit: int, values: dict[str, Any], at: Path) -> None:
         """The values of a simulated slave must name points of the device polled at its unit."""

@@ -305,10 +305,19 @@ class SimModbusLine(Model):
     devices: list[SimModbusDevice] = Field(default_factory=list)
 
 
+class SimMcpDevice(Model):
+    """A virtual MCP device that connects to the gateway's MCP server and pushes DATA."""
+
+    id: Name  # must be one of mcp.devices; its token is taken from there
+    interval: Duration = 5.0
+    values: dict[Name, SimValue] = Field(default_factory=dict)
+
+
 class SimulatorSection(Model):
     """Virtual field devices started in-process (demos and tests)."""
 
     modbus: list[SimModbusLine] = Field(default_factory=list)
+    mcp: list[SimMcpDevice] = Field(default_factory=list)
 
 
 # --- root --------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from drivers.modbus import budget  # noqa: E402
 from drivers.modbus.bus import ModbusBus, line_budget  # noqa: E402
 from drivers.modbus.device import Device  # noqa: E402
 from drivers.sim.line import VirtualLine  # noqa: E402
-from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave, Wave  # noqa: E402
+from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave  # noqa: E402
+from drivers.sim.waves import Wave  # noqa: E402
 from gateway.config import load_config, parse_config  # noqa: E402
 from gateway.config.schema import BusConfig, Config, PointConfig  # noqa: E402
 from gateway.config.units import parse_duration  # noqa: E402

@@ -237,8 +237,10 @@ async def test_device_comes_back_online(gateway: tuple[Gateway, Subscriber]) -> 
 async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
     shipped = (Path(__file__).parents[2] / "config.yaml").read_text()
     port = free_port()
-    text = shipped.replace("tcp://127.0.0.1:1883", f"tcp://127.0.0.1:{port}").replace(
-        "id: demo", "id: demo\n  state_dir: ./state"
+    text = (
+        shipped.replace("tcp://127.0.0.1:1883", f"tcp://127.0.0.1:{port}")
+        .replace("id: demo", "id: demo\n  state_dir: ./state")
+        .replace("127.0.0.1:7720", f"127.0.0.1:{free_port()}")
     )
     assert f"127.0.0.1:{port}" in text
     path = tmp_path / "config.yaml"
@@ -247,7 +249,11 @@ async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
         sub = Subscriber(port)
         await asyncio.to_thread(sub.start)
         try:
-            for topic in ("fieldgate/demo/boiler1/telemetry", "fieldgate/demo/meter/telemetry"):
+            for topic in (
+                "fieldgate/demo/boiler1/telemetry",
+                "fieldgate/demo/meter/telemetry",
+                "fieldgate/demo/pump-1/telemetry",
+            ):
                 msg = await sub.next_on(topic, timeout=10)
                 assert msg.json()["values"]
             await sub.wait_for(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from drivers.mcp.codec import Frame, FrameType, encode
+
 from mcp_peer import McpGateway
 
 FUZZ_ROUNDS = int(os.environ.get("FIELDGATE_FUZZ_ROUNDS", "60"))

@@ -216,3 +216,29 @@ async def test_command_timeout_after_retransmission(mcp_gateway: McpGateway, con
 async def test_command_for_an_offline_device_fails_at_once(mcp_gateway: McpGateway) -> None:
     r = await mcp_gateway.sub.request("fieldgate/m1/pump-2/cmd", json.dumps({"name": "x", "id": "a"}))
     assert r.json() == {"id": "a", "ok": False, "result": None, "error": "pump-2 is offline"}
+
+
+async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) -> None:
+    from drivers.mcp.client import McpClient
+
+    calls: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+
+    async def handler(name: str, args: dict) -> object:  # type: ignore[type-arg]
+        calls.append((name, args))
+        return {"done": name}
+
+    client = McpClient("127.0.0.1", mcp_gateway.mcp_port, "pump-2", "other", on_command=handler, ack_timeout=2)
+    await client.start()
+    try:
+        assert await client.wait_connected(5)
+        # A full window of DATA in flight at once: each send returns when its ACK came back.
+        await asyncio.gather(*(client.send({"n": i}, ts=1000 + i) for i in range(100)))
+        sub = mcp_gateway.sub
+        await sub.wait_for(lambda ms: len([m for m in ms if m.topic == "fieldgate/m1/pump-2/telemetry"]) >= 100)
+        tele = [m.json() for m in sub.on("fieldgate/m1/pump-2/telemetry")]
+        assert [t["ts"] for t in tele] == [1000 + i for i in range(100)]  # each once, in order
+        r = await sub.request("fieldgate/m1/pump-2/cmd", json.dumps({"name": "flush", "args": {"all": True}, "id": 1}))
+        assert r.json() == {"id": 1, "ok": True, "result": {"done": "flush"}, "error": None}
+        assert calls == [("flush", {"all": True})]
+    finally:
+        await client.stop()
