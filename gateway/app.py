@@ -167,6 +167,9 @@ class Gateway:
                 "sessions": len(self.mcp.sessions),
                 "rejected": self.mcp.rejected,
                 **asdict(self.mcp.totals),
+                "devices": {d.id: asdict(self.mcp.stats_for(d.id)) for d in self.cfg.mcp.devices}
+                if self.cfg.mcp
+                else {},
             }
             if self.mcp
             else None,

@@ -326,19 +326,15 @@ class _Checks:
         http = self.config.gateway.http
         if http is not None and _host_port(http) is None:
             self._error(("gateway", "http"), f"{http!r} is not HOST:PORT (e.g. 127.0.0.1:9720)")
-        if broker.users is not None:
-            return
-        if broker.enabled:
-            for i, url in enumerate(broker.listeners):
-                where = _exposed(url.split("://", 1)[1].rstrip("/"))
-                if where:
-                    message = f"listens on {where} without authentication"
-                    self._warn(("broker", "listeners", i), message)
         mcp = self.config.mcp
-        if mcp is not None:
+        if mcp is not None and mcp.tls is None:
+            # MCP devices authenticate with tokens; without TLS those cross the network in clear.
             where = _exposed(mcp.listen)
             if where:
-                self._warn(
-                    ("mcp", "listen"),
-                    f"listens on {where} beyond loopback while broker.users is unset",
-                )
+                self._warn(("mcp", "listen"), f"listens on {where} without TLS: device tokens travel in clear")
+        if broker.users is not None or not broker.enabled:
+            return
+        for i, url in enumerate(broker.listeners):
+            where = _exposed(url.split("://", 1)[1].rstrip("/"))
+            if where:
+                self._warn(("broker", "listeners", i), f"listens on {where} without authentication")

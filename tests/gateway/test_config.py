@@ -665,10 +665,14 @@ def test_listening_beyond_loopback_without_users_warns() -> None:
     assert load(text).warnings == [
         "cfg.yaml:3: broker.listeners[0]: listens on 0.0.0.0:1883 without authentication",
         "cfg.yaml:4: broker.listeners[1]: listens on [::]:8080 without authentication",
-        "cfg.yaml:8: mcp.listen: listens on 0.0.0.0:7720 beyond loopback while broker.users is unset",
+        "cfg.yaml:8: mcp.listen: listens on 0.0.0.0:7720 without TLS: device tokens travel in clear",
     ]
     with_users = text.replace("broker:\n", "broker:\n  users: /etc/fieldgate/users\n")
-    assert load(with_users).warnings == []
+    assert load(with_users).warnings == [
+        "cfg.yaml:9: mcp.listen: listens on 0.0.0.0:7720 without TLS: device tokens travel in clear"
+    ]
+    with_tls = with_users.replace("mcp: {}", "mcp: {tls: {cert: c.pem, key: k.pem}}")
+    assert load(with_tls).warnings == []
     assert load("broker:\n  listeners: [tcp://127.0.0.1:1883]\n").warnings == []
 
 
@@ -743,3 +747,24 @@ def test_a_key_that_looks_like_a_broken_number_is_an_unknown_key() -> None:
     assert info.value.errors == [
         "c.yaml:2: gateway.0b_: unknown key '0b_' (expected one of: id, state_dir, log_level, http)"
     ]
+
+
+def test_a_simulated_mcp_device_must_be_allowed_by_the_mcp_section() -> None:
+    text = textwrap.dedent(
+        """\
+        mcp:
+          listen: 127.0.0.1:7720
+          devices: [{id: pump-1, token: t}]
+        simulator:
+          mcp:
+            - {id: pump-l, interval: 1s}
+        """
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    assert info.value.errors == [
+        "c.yaml:6: simulator.mcp[0].id: 'pump-l' is not in mcp.devices (did you mean 'pump-1'?)"
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_config("simulator:\n  mcp: [{id: x}]\n", "c.yaml")
+    assert info.value.errors == ["c.yaml:2: simulator.mcp[0].id: 'x' is not in an `mcp` section"]

@@ -49,6 +49,9 @@ async def test_hello_data_ack_bytes_and_telemetry_with_device_ts(mcp_gateway: Mc
     assert (await sub.next_on("fieldgate/m1/pump-1/flow_lpm")).json() == 12.5
     status = await sub.next_on("fieldgate/m1/pump-1/status")
     assert status.payload == b"online"
+    metrics = mcp_gateway.gw.metrics()["mcp"]
+    assert isinstance(metrics, dict) and metrics["sessions"] == 1
+    assert metrics["devices"]["pump-1"]["frames_in"] == 2 and metrics["devices"]["pump-1"]["frames_out"] == 2
 
 
 @pytest.mark.parametrize(
