@@ -176,9 +176,11 @@ class Session:
                 if isinstance(event, DecodeError):
                     await self._decode_error(event)
                 else:
-                    self.stats.frames_in += 1
                     self.server.totals.frames_in += 1
-                    await self._frame(event)
+                    try:
+                        await self._frame(event)
+                    finally:
+                        self.stats.frames_in += 1  # after: a HELLO counts for the device it registered
 
     async def _decode_error(self, error: DecodeError) -> None:
         if error.code == NackCode.CRC_MISMATCH:
