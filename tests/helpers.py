@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -115,3 +116,57 @@ class Subscriber:
         sent = time.monotonic()
         self.publish(topic, payload)
         return await self.next_on(f"{topic}/result", timeout, after=sent)
+
+
+class TcpRelay:
+    """A TCP relay client → broker that can hold the broker → client direction, delay or cut."""
+
+    def __init__(self, target: int, *, delay: float = 0.0) -> None:
+        self.port = free_port()
+        self.target = target
+        self.delay = delay  # added to every chunk, each direction (a slow link)
+        self.downstream = asyncio.Event()  # cleared: broker → client bytes are held back
+        self.downstream.set()
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        """Accept connections (again)."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        """Stop accepting and reset every relayed connection (no DISCONNECT reaches the broker)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()
+        await asyncio.sleep(0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            b_reader, b_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers += [writer, b_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None) -> None:
+            try:
+                while data := await src.read(65536):
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    if gate is not None:
+                        await gate.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pump(reader, b_writer, None), pump(b_reader, writer, self.downstream))

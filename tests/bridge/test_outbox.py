@@ -1,6 +1,6 @@
 """Outbox through a real MqttSink and a real embedded amqtt broker.
 
-"The broker is unreachable" is made with a plain TCP forwarder between the sink and the broker
+"The broker is unreachable" is made with a TCP relay (tests/helpers.py) between the sink and the broker
 that is started only when the test wants the sink to get through; the subscriber stays connected
 to the broker all along, so it sees everything the sink publishes once it is through.
 """
@@ -21,48 +21,9 @@ from bridge.sink import MqttSink
 from gateway.errors import SinkError
 from gateway.types import Message
 
-from helpers import Subscriber, free_port
+from helpers import Subscriber, TcpRelay
 
 P = "fg/t1"
-
-
-class Forwarder:
-    """A TCP forwarder to the broker, off until started (the sink sees connection refused)."""
-
-    def __init__(self, target: int) -> None:
-        self.port = free_port()
-        self.target = target
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        """Let the sink through."""
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def close(self) -> None:
-        """Refuse new connections and reset the current ones."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in self._writers:
-            w.transport.abort()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        b_reader, b_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self._writers += [writer, b_writer]
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.transport.abort()
-
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(pump(reader, b_writer), pump(b_reader, writer))
 
 
 @pytest.fixture
@@ -147,7 +108,7 @@ async def test_overflow_drops_the_oldest_counts_it_and_fails_its_publish(
 
 
 async def test_overflow_while_the_broker_is_unreachable(broker: EmbeddedBroker, port: int, sub: Subscriber) -> None:
-    link = Forwarder(port)
+    link = TcpRelay(port)
     try:
         async with sink_on(link.port) as sink, outbox_of(sink, capacity=3, window=2) as box:
             for i in range(10):
@@ -183,7 +144,7 @@ async def test_flush_returns_once_every_message_is_acknowledged(
 async def test_stop_fails_what_is_queued_or_in_flight_and_none_of_it_goes_out_later(
     broker: EmbeddedBroker, port: int, sub: Subscriber
 ) -> None:
-    link = Forwarder(port)
+    link = TcpRelay(port)
     try:
         async with sink_on(link.port) as sink:
             box = Outbox(sink, window=2)

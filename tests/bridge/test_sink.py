@@ -1,7 +1,7 @@
 """MqttSink against a real embedded amqtt broker over real sockets.
 
 Where a test needs to hold, slow down or cut the traffic between the sink and the broker it puts
-a small TCP relay (`Relay`) in between; the broker, the sink and the paho subscriber stay real.
+a small TCP relay (`TcpRelay`, tests/helpers.py) in between; the broker, the sink and the paho subscriber stay real.
 """
 
 from __future__ import annotations
@@ -20,66 +20,12 @@ from bridge.sink import MqttSink
 from gateway.errors import SinkError
 from gateway.types import Message
 
-from helpers import Received, Subscriber, free_port
+from helpers import Received, Subscriber, TcpRelay, free_port
 
 P = "fg/t1"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-class Relay:
-    """A TCP relay client → broker that can hold the broker → client direction, delay or cut."""
-
-    def __init__(self, target: int, *, delay: float = 0.0) -> None:
-        self.port = free_port()
-        self.target = target
-        self.delay = delay  # added to every chunk, each direction (a slow link)
-        self.downstream = asyncio.Event()  # cleared: broker → client bytes are held back
-        self.downstream.set()
-        self.connections = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        """Accept connections (again)."""
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def close(self) -> None:
-        """Stop accepting and reset every relayed connection (no DISCONNECT reaches the broker)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in self._writers:
-            w.transport.abort()
-        self._writers.clear()
-        await asyncio.sleep(0)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            b_reader, b_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers += [writer, b_writer]
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None) -> None:
-            try:
-                while data := await src.read(65536):
-                    if self.delay:
-                        await asyncio.sleep(self.delay)
-                    if gate is not None:
-                        await gate.wait()
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.transport.abort()
-
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(pump(reader, b_writer, None), pump(b_reader, writer, self.downstream))
 
 
 @contextlib.asynccontextmanager
@@ -149,7 +95,7 @@ async def not_done_for(task: asyncio.Task[Any], seconds: float) -> None:
 async def test_qos1_publish_returns_only_once_the_puback_is_in(
     broker: EmbeddedBroker, port: int, sub: Subscriber
 ) -> None:
-    relay = Relay(port)
+    relay = TcpRelay(port)
     await relay.start()
     try:
         async with running(relay.port) as sink:
@@ -171,7 +117,7 @@ async def test_qos1_publish_returns_only_once_the_puback_is_in(
 async def test_qos0_returns_without_waiting_for_the_broker_and_qos_is_per_message(
     broker: EmbeddedBroker, port: int, sub: Subscriber
 ) -> None:
-    relay = Relay(port)
+    relay = TcpRelay(port)
     await relay.start()
     try:
         async with running(relay.port, qos=0) as sink:
@@ -214,7 +160,7 @@ async def test_status_online_is_retained_on_connect(broker: EmbeddedBroker, port
 async def test_last_will_says_offline_when_the_connection_dies_without_disconnect(
     broker: EmbeddedBroker, port: int, sub: Subscriber
 ) -> None:
-    relay = Relay(port)
+    relay = TcpRelay(port)
     await relay.start()
     async with running(relay.port) as sink:
         await connected(sink, sub)
@@ -378,7 +324,7 @@ async def test_stop_fails_a_publish_that_waits_for_the_connection() -> None:
 
 
 async def test_connects_over_a_link_with_a_round_trip_above_half_a_second(broker: EmbeddedBroker, port: int) -> None:
-    relay = Relay(port, delay=0.35)  # 0.7 s round trip: a satellite or a poor cellular link
+    relay = TcpRelay(port, delay=0.35)  # 0.7 s round trip: a satellite or a poor cellular link
     await relay.start()
     try:
         async with running(relay.port) as sink:
