@@ -1,0 +1,294 @@
+"""Store-and-forward buffers: add, take a batch, then accept or reject it; limits in bytes and age.
+
+`Buffer` is the interface every implementation keeps (one shared test suite runs against all of
+them); `MemoryBuffer` is the in-memory one. `bridge/spool.py` holds the SQLite one. Both are
+synchronous and do no I/O of their own beyond their storage: the sink decides when to call them.
+
+Semantics shared by every buffer:
+- ids grow monotonically with each add; FIFO order is id order.
+- `take(n)` hands out up to n of the oldest entries not already in flight and leaves them stored;
+  `accept` removes them (delivered), `reject` makes them takeable again, ahead of newer ones.
+- `max_size` bounds the sum of `Entry.size`; `max_age` drops entries queued longer ago than that.
+  When an add does not fit, `drop_oldest` evicts from the front (in flight or not, counted in
+  `dropped`) and `reject` raises `BufferFull` without adding any of the items.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from gateway.errors import SinkError
+from gateway.types import Message
+
+WhenFull = Literal["drop_oldest", "reject"]
+Clock = Callable[[], float]
+
+#: Bytes an entry counts beyond its topic and payload: roughly what its id, timestamps, flags and
+#: the storage's per-row header take, so that a flood of tiny messages is still bounded.
+ENTRY_OVERHEAD = 32
+#: The defaults of the sink's `spool:` config section.
+DEFAULT_MAX_SIZE = 256 * 1024**2
+DEFAULT_MAX_AGE = 30 * 86400.0
+
+
+def entry_size(message: Message) -> int:
+    """Bytes one message counts against a buffer's `max_size`."""
+    return len(message.topic.encode()) + len(message.payload) + ENTRY_OVERHEAD
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One buffered message and what the buffer knows about it."""
+
+    id: int  # FIFO position, assigned by the buffer
+    message: Message
+    sampled_ms: int  # the sample's ts (unix ms), kept for replay ordering and newest-state decisions
+    queued_at: float  # unix seconds when it was buffered (max_age counts from here)
+    size: int  # bytes it counts against max_size
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    """What a buffer holds and what it cost so far; the write figures stay 0 for the in-memory buffer."""
+
+    count: int
+    bytes: int
+    oldest_queued_at: float | None
+    dropped: int
+    in_flight: int = 0
+    commits: int = 0
+    fsyncs: int = 0
+    bytes_written: int = 0
+
+
+class BufferFull(SinkError):
+    """add() refused its items: the buffer is full and `when_full` is reject, or they can never fit."""
+
+
+class Buffer(Protocol):
+    """A FIFO of messages with transactional delivery: take a batch, then accept or reject it."""
+
+    def add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
+        """Store (message, sampled_ms) pairs, all or none; their ids, once they are durable."""
+
+    def take(self, n: int) -> list[Entry]:
+        """Up to n of the oldest entries not in flight; they stay stored until accepted."""
+
+    def accept(self, ids: Iterable[int]) -> None:
+        """Delivered: remove these entries (unknown ids are ignored)."""
+
+    def reject(self, ids: Iterable[int]) -> None:
+        """Not delivered: these in-flight entries become takeable again, in their old place."""
+
+    def expire(self, now: float) -> int:
+        """Drop entries queued more than max_age before `now`; how many were dropped."""
+
+    def stats(self) -> BufferStats:
+        """Counts, bytes, the oldest entry's age and the drop counter."""
+
+    def close(self) -> None:
+        """Release the storage; the buffer is unusable afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The capacity rules of one buffer."""
+
+    max_size: int = DEFAULT_MAX_SIZE
+    max_age: float = DEFAULT_MAX_AGE
+    when_full: WhenFull = "drop_oldest"
+
+    def __post_init__(self) -> None:
+        if self.max_size <= 0:
+            raise ValueError(f"max_size must be positive, not {self.max_size}")
+        if not self.max_age > 0:
+            raise ValueError(f"max_age must be positive, not {self.max_age}")
+        if self.when_full not in ("drop_oldest", "reject"):
+            raise ValueError(f"when_full must be drop_oldest or reject, not {self.when_full!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """The oldest entries an add has to drop to make room: how many, their bytes, the last id."""
+
+    count: int = 0
+    size: int = 0
+    last_id: int = 0
+
+
+def plan_room(
+    name: str,
+    limits: Limits,
+    sizes: Sequence[int],
+    held: int,
+    oldest: Iterator[tuple[int, int]],
+    *,
+    room: int | None = None,
+    why: str = "",
+) -> Eviction:
+    """Decide how a batch of `sizes` fits next to `held` bytes: what to evict, or raise BufferFull.
+
+    `room` is the capacity to use when it is smaller than max_size (the spool's free-disk floor);
+    `oldest` yields (id, size) from the oldest entry on and is consumed only as far as needed.
+    """
+    capacity = limits.max_size if room is None else min(room, limits.max_size)
+    largest = max(sizes, default=0)
+    if largest > limits.max_size:
+        raise BufferFull(
+            f"{name}: a message of {largest} bytes is larger than max_size ({limits.max_size} bytes)"
+            " and can never be buffered"
+        )
+    total = sum(sizes)
+    if total > capacity:
+        # Evicting everything would still not make room: refuse whole, whatever the policy.
+        raise BufferFull(f"{name}: {len(sizes)} messages ({total} bytes) do not fit in {capacity} bytes{why}")
+    need = held + total - capacity
+    if need <= 0:
+        return Eviction()
+    if limits.when_full == "reject":
+        raise BufferFull(
+            f"{name}: full ({held} of {capacity} bytes{why}), {len(sizes)} messages refused (when_full: reject)"
+        )
+    count = freed = last = 0
+    for entry_id, size in oldest:
+        count, freed, last = count + 1, freed + size, entry_id
+        if freed >= need:
+            return Eviction(count, freed, last)
+    raise AssertionError(f"{name}: held bytes ({held}) disagree with the entries")  # pragma: no cover
+
+
+class MemoryBuffer:
+    """A Buffer in memory: no I/O, gone with the process; for one thread (the event loop)."""
+
+    def __init__(
+        self,
+        *,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_age: float = DEFAULT_MAX_AGE,
+        when_full: WhenFull = "drop_oldest",
+        clock: Clock = time.time,
+        name: str = "memory buffer",
+    ) -> None:
+        self.limits = Limits(max_size, max_age, when_full)
+        self.name = name
+        self._clock = clock
+        # OrderedDict, not dict: popping from the front of a plain dict leaves dummies that make
+        # next(iter()) slow down over millions of evictions.
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._fresh: deque[int] = deque()  # never taken, oldest first; ids removed meanwhile are skipped
+        self._returned: list[int] = []  # heap of rejected ids: takeable again before fresh ones
+        self._in_flight: set[int] = set()
+        self._bytes = 0
+        self._dropped = 0
+        self._next_id = 1
+        self._closed = False
+
+    def add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
+        """Store (message, sampled_ms) pairs, all or none, evicting or refusing per the limits."""
+        self._check_open()
+        now = self._clock()
+        self.expire(now)
+        if not items:
+            return []
+        sizes = [entry_size(message) for message, _ in items]
+        oldest = ((e.id, e.size) for e in self._entries.values())
+        plan = plan_room(self.name, self.limits, sizes, self._bytes, oldest)
+        for _ in range(plan.count):
+            self._pop_oldest()
+        self._dropped += plan.count
+        ids = list(range(self._next_id, self._next_id + len(items)))
+        self._next_id += len(items)
+        for entry_id, (message, sampled_ms), size in zip(ids, items, sizes, strict=True):
+            self._entries[entry_id] = Entry(entry_id, message, sampled_ms, now, size)
+            self._fresh.append(entry_id)
+            self._bytes += size
+        return ids
+
+    def take(self, n: int) -> list[Entry]:
+        """Up to n of the oldest entries not in flight."""
+        self._check_open()
+        taken: list[Entry] = []
+        entries, fresh, returned = self._entries, self._fresh, self._returned
+        while len(taken) < n:
+            while returned and returned[0] not in entries:
+                heapq.heappop(returned)
+            while fresh and fresh[0] not in entries:
+                fresh.popleft()
+            if returned and (not fresh or returned[0] < fresh[0]):
+                entry_id = heapq.heappop(returned)
+            elif fresh:
+                entry_id = fresh.popleft()
+            else:
+                break
+            self._in_flight.add(entry_id)
+            taken.append(entries[entry_id])
+        return taken
+
+    def accept(self, ids: Iterable[int]) -> None:
+        """Remove delivered entries; unknown or already dropped ids are ignored."""
+        self._check_open()
+        for entry_id in ids:
+            entry = self._entries.pop(entry_id, None)
+            if entry is not None:
+                self._bytes -= entry.size
+                self._in_flight.discard(entry_id)
+
+    def reject(self, ids: Iterable[int]) -> None:
+        """Make in-flight entries takeable again; other ids are ignored."""
+        self._check_open()
+        for entry_id in ids:
+            if entry_id in self._in_flight:
+                self._in_flight.remove(entry_id)
+                heapq.heappush(self._returned, entry_id)
+
+    def expire(self, now: float) -> int:
+        """Drop entries queued before now - max_age, from the oldest on; how many."""
+        self._check_open()
+        if math.isinf(self.limits.max_age):
+            return 0
+        cutoff = now - self.limits.max_age
+        # FIFO prefix only: after a wall-clock step backwards a newer entry may look older than
+        # its predecessors; it then expires with them instead of jumping the queue.
+        count = 0
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if oldest.queued_at >= cutoff:
+                break
+            self._pop_oldest()
+            count += 1
+        self._dropped += count
+        return count
+
+    def stats(self) -> BufferStats:
+        """Counts, bytes, the oldest entry's queue time and the drop counter."""
+        oldest = next(iter(self._entries.values())).queued_at if self._entries else None
+        return BufferStats(len(self._entries), self._bytes, oldest, self._dropped, len(self._in_flight))
+
+    def close(self) -> None:
+        """Forget everything; later calls raise SinkError."""
+        self._closed = True
+        self._entries.clear()
+        self._fresh.clear()
+        self._returned.clear()
+        self._in_flight.clear()
+        self._bytes = 0
+
+    def _pop_oldest(self) -> None:
+        entry_id, entry = self._entries.popitem(last=False)
+        self._bytes -= entry.size
+        self._in_flight.discard(entry_id)
+        # Keep the queues from growing with ids that are gone while nobody takes (a long outage).
+        while self._fresh and self._fresh[0] not in self._entries:
+            self._fresh.popleft()
+        while self._returned and self._returned[0] not in self._entries:
+            heapq.heappop(self._returned)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SinkError(f"{self.name}: closed")
