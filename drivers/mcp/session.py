@@ -166,8 +166,6 @@ class Session:
             if not data:
                 return
             events = self._decoder.feed(data)
-            if events:
-                deadline = time.monotonic() + self._idle
             if self._decoder.has_partial:
                 self._partial_since = self._partial_since or time.monotonic()
             else:
@@ -181,6 +179,9 @@ class Session:
                         await self._frame(event)
                     finally:
                         self.stats.frames_in += 1  # after: a HELLO counts for the device it registered
+            if events:
+                # After handling them: a HELLO has just replaced the 10 s HELLO limit by 3 x heartbeat.
+                deadline = time.monotonic() + self._idle
 
     async def _decode_error(self, error: DecodeError) -> None:
         if error.code == NackCode.CRC_MISMATCH:

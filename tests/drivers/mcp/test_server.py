@@ -245,3 +245,11 @@ async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) ->
         assert calls == [("flush", {"all": True})]
     finally:
         await client.stop()
+
+
+async def test_after_hello_the_heartbeat_period_governs_not_the_hello_limit(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Regression: the 10 s HELLO limit stayed in force until the frame after HELLO.
+    monkeypatch.setattr(session_module, "HELLO_TIMEOUT", 0.5)
+    peer = await connect()
+    assert (await peer.hello(heartbeat_s=30)).type == FrameType.ACK
+    assert not await peer.closed(timeout=1.2)
