@@ -50,11 +50,18 @@ class Outbox:
         """Queue a message without waiting for it."""
         self._put(message, None)
 
+    def enqueue(self, message: Message) -> asyncio.Future[None]:
+        """Queue a message now; the future resolves once the sink has it durably (SinkError if it never will)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if len(self._queue) >= self.capacity:
+            # Someone waits on this one (an MCP ACK): refuse it rather than evict others.
+            raise SinkError(f"sink {self.sink.name}: outbox full ({self.capacity} messages)")
+        self._put(message, fut)
+        return fut
+
     async def publish(self, message: Message) -> None:
         """Queue a message and return once the sink has it durably (SinkError if it never will)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._put(message, fut)
-        await fut
+        await self.enqueue(message)
 
     def _put(self, message: Message, fut: asyncio.Future[None] | None) -> None:
         if self._stopped:

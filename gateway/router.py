@@ -95,7 +95,8 @@ class Router:
         """Like on_sample, but return only once every sink holds the telemetry durably (SinkError if not)."""
         telemetry = self._route(sample)
         if telemetry is not None:
-            await asyncio.gather(*(outbox.publish(telemetry) for outbox in self.outboxes))
+            # Queued now, behind the per-point messages _route just queued: order is kept.
+            await asyncio.gather(*[outbox.enqueue(telemetry) for outbox in self.outboxes])
 
     def _route(self, sample: Sample) -> Message | None:
         """Queue the retained per-point messages; return the telemetry message, if any is due."""

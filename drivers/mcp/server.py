@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 Deliver = Callable[[Sample], Awaitable[None]]
 
+# DATA frames waiting for their ACK across all sessions: past this, sessions stop reading and
+# TCP pushes back, instead of thousands of sessions x 32 frames flooding the sinks' queues.
+MAX_INFLIGHT_DATA = 4096
+
 
 def server_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
     """TLS for the listener; with `client_ca`, devices must present a certificate it signed."""
@@ -56,6 +60,7 @@ class McpServer:
         self._connections: set[Session] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.data_slots = asyncio.Semaphore(MAX_INFLIGHT_DATA)
 
     async def start(self) -> None:
         """Bind the listener (TLS when configured)."""

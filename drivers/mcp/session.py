@@ -102,6 +102,8 @@ class Session:
         self._responses: dict[int, asyncio.Future[Frame]] = {}
         self._seq = 0
         self._closed = False
+        self._close_reason = ""
+        self._runner: asyncio.Task[Any] | None = None
 
     @property
     def stats(self) -> SessionStats:
@@ -112,6 +114,7 @@ class Session:
 
     async def run(self) -> None:
         """Read frames until the peer leaves, a timeout fires or a fatal error closes the session."""
+        self._runner = asyncio.current_task()
         acker = asyncio.create_task(self._ack_in_order(), name="mcp-acks")
         reason = "closed by peer"
         try:
@@ -120,11 +123,18 @@ class Session:
             reason = str(exc)
         except (ConnectionError, OSError) as exc:
             reason = f"connection error: {exc}"
+        except asyncio.CancelledError:
+            reason = self._close_reason or "cancelled"
         finally:
             self._closed = True
             acker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await acker
+            # Answers never sent still hold their places in the session's and the server's limits.
+            while not self._acks.empty():
+                self._acks.get_nowait()
+                self.server.data_slots.release()
+                self._room.release()
             for fut in self._responses.values():
                 if not fut.done():
                     fut.set_exception(SessionClosed(reason))
@@ -134,8 +144,12 @@ class Session:
     async def close(self, reason: str) -> None:
         """Close from the gateway's side (replacement, shutdown)."""
         self._closed = True
+        self._close_reason = reason
         with contextlib.suppress(Exception):
             self.writer.close()
+        # The reader may be waiting for room in the limits rather than for bytes: wake it.
+        if self._runner is not None and self._runner is not asyncio.current_task():
+            self._runner.cancel()
         log.debug("mcp %s: closing: %s", self.device_id, reason)
 
     async def _close_transport(self) -> None:
@@ -257,8 +271,10 @@ class Session:
 
     async def _queue(self, seq: int, pending: asyncio.Future[None] | None = None, answer: Frame | None = None) -> None:
         """Answer a DATA frame in order: ACK once `pending` is durable, or send `answer` (a NACK)."""
-        # Slow ACKs are the back-pressure: with 32 answers outstanding, stop reading.
+        # Slow ACKs are the back-pressure: with 32 answers outstanding (or the server's limit
+        # across sessions reached), stop reading.
         await self._room.acquire()
+        await self.server.data_slots.acquire()
         await self._acks.put((seq, pending, answer))
 
     # --- answering --------------------------------------------------------------------------------
@@ -274,6 +290,7 @@ class Session:
             finally:
                 if pending is not None and self._inflight.get(seq) is pending:
                     self._inflight.pop(seq, None)
+                self.server.data_slots.release()
                 self._room.release()
 
     async def _outcome(self, seq: int, pending: asyncio.Future[None]) -> Frame | None:

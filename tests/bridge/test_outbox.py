@@ -185,3 +185,12 @@ async def test_publish_fails_when_the_sink_raises_something_unexpected(broker: E
         with pytest.raises(Exception) as caught:
             await asyncio.wait_for(box.publish(Message("bad/+/topic", b"1")), 1)
         assert not isinstance(caught.value, TimeoutError), "publish() never returned"
+
+
+async def test_a_full_outbox_refuses_an_awaited_message_instead_of_evicting(broker: EmbeddedBroker, port: int) -> None:
+    async with sink_on(port) as sink, outbox_of(sink, start=False, capacity=2) as box:
+        box.submit(Message("a", b"1"))
+        waited = box.enqueue(Message("b", b"2"))
+        with pytest.raises(SinkError, match="outbox full"):
+            box.enqueue(Message("c", b"3"))
+        assert box.dropped == 0 and len(box) == 2 and not waited.done()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from drivers.mcp.codec import Frame, FrameType, encode
+from drivers.mcp.server import MAX_INFLIGHT_DATA
 
 from mcp_peer import McpGateway
 
@@ -184,3 +185,6 @@ async def test_fuzzed_input_never_breaks_the_server(mcp_gateway: McpGateway, con
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     server = mcp_gateway.gw.mcp
     assert server is not None and len(server._connections) == 1
+    good.close()
+    await asyncio.sleep(0.2)
+    assert server.data_slots._value == MAX_INFLIGHT_DATA  # nothing leaked from the limit

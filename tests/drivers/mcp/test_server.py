@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from drivers.mcp import server as server_module
 from drivers.mcp import session as session_module
 from drivers.mcp.codec import Frame, FrameType, encode
 
@@ -240,11 +241,21 @@ async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) ->
         await sub.wait_for(lambda ms: len([m for m in ms if m.topic == "fieldgate/m1/pump-2/telemetry"]) >= 100)
         tele = [m.json() for m in sub.on("fieldgate/m1/pump-2/telemetry")]
         assert [t["ts"] for t in tele] == [1000 + i for i in range(100)]  # each once, in order
+        # Each frame's retained value goes out just before its telemetry, frame after frame.
+        await sub.wait_for(lambda ms: len([m for m in ms if m.topic == "fieldgate/m1/pump-2/n"]) >= 100)
+        kinds = [m.topic.rsplit("/", 1)[1] for m in sub.messages if m.topic.startswith("fieldgate/m1/pump-2/")]
+        kinds = [k for k in kinds if k in ("n", "telemetry")]
+        assert kinds == ["n", "telemetry"] * 100
+        server = mcp_gateway.gw.mcp
+        assert server is not None
         r = await sub.request("fieldgate/m1/pump-2/cmd", json.dumps({"name": "flush", "args": {"all": True}, "id": 1}))
         assert r.json() == {"id": 1, "ok": True, "result": {"done": "flush"}, "error": None}
         assert calls == [("flush", {"all": True})]
     finally:
         await client.stop()
+    # Every place in the server-wide limit of DATA in flight was given back.
+    await asyncio.sleep(0.1)
+    assert server.data_slots._value == server_module.MAX_INFLIGHT_DATA
 
 
 async def test_after_hello_the_heartbeat_period_governs_not_the_hello_limit(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
