@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 from typing import Protocol
 
@@ -28,6 +29,9 @@ class Publisher(Protocol):
     async def publish(self, message: Message) -> None:
         """Return once the message is durable."""
 
+    def try_publish(self, message: Message) -> asyncio.Future[None] | None:
+        """Start publishing now if possible: a future of its durability, or None to use publish()."""
+
 
 class Outbox:
     """FIFO of messages for one sink, published with up to `window` in flight."""
@@ -41,6 +45,7 @@ class Outbox:
         self._window = asyncio.Semaphore(window)
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._busy = 0  # messages handed to the sink, not yet acknowledged
         self._stopped = False
 
     def __len__(self) -> int:
@@ -89,7 +94,7 @@ class Outbox:
         """Wait until everything queued so far is published; False on timeout."""
 
         async def drained() -> None:
-            while self._queue or self._inflight:
+            while self._queue or self._busy:
                 await asyncio.sleep(0.01)
 
         try:
@@ -121,11 +126,32 @@ class Outbox:
                 continue
             await self._window.acquire()
             message, fut = self._queue.popleft()
+            self._busy += 1
+            started = self.sink.try_publish(message)
+            if started is not None:
+                # Connected: paho has it; the PUBACK resolves `started` (no task per message).
+                started.add_done_callback(functools.partial(self._finished, fut))
+                continue
             task = asyncio.create_task(self._one(message, fut))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
+    def _finished(self, fut: asyncio.Future[None] | None, started: asyncio.Future[None]) -> None:
+        self._window.release()
+        self._busy -= 1
+        if fut is None or fut.done():
+            if not started.cancelled() and started.exception() is not None:
+                log.debug("sink %s: %s", self.sink.name, started.exception())
+            return
+        if started.cancelled():
+            fut.set_exception(SinkError(f"sink {self.sink.name} stopped"))
+        elif (exc := started.exception()) is not None:
+            fut.set_exception(exc if isinstance(exc, SinkError) else SinkError(f"sink {self.sink.name}: {exc}"))
+        else:
+            fut.set_result(None)
+
     async def _one(self, message: Message, fut: asyncio.Future[None] | None) -> None:
+        # Disconnected: wait for the connection inside the sink's own publish.
         try:
             await self.sink.publish(message)
         except SinkError as exc:
@@ -145,3 +171,4 @@ class Outbox:
                 fut.set_result(None)
         finally:
             self._window.release()
+            self._busy -= 1

@@ -156,8 +156,6 @@ class MqttSink:
 
     async def publish(self, message: Message) -> None:
         """Publish and return once the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
-        qos = self.qos if message.qos is None else message.qos
-        topic = self.topic(message.topic)
         while True:
             if self._closing and not self.connected:
                 raise SinkError(f"sink {self.name} is stopped")
@@ -169,30 +167,45 @@ class MqttSink:
                     for w in waiters:
                         w.cancel()
                 continue
-            try:
-                info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain)
-            except (ValueError, TypeError) as exc:
-                raise SinkError(f"sink {self.name}: cannot publish to {topic}: {exc}") from exc
-            if qos == 0:
-                if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-                    continue  # lost between the wait and the publish: wait again
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    raise SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
-                self.stats.published += 1
-                return
-            # QoS 1: paho keeps the message until its PUBACK, also across a reconnect (NO_CONN
-            # means it will go out once connected), so one future per message id is enough.
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                raise SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
-            assert self._loop is not None
-            fut: asyncio.Future[None] = self._loop.create_future()
-            self._pending[info.mid] = fut
-            try:
+            fut = self.try_publish(message)
+            if fut is not None:
                 await fut
-            finally:
-                self._pending.pop(info.mid, None)
+                return
+
+    def try_publish(self, message: Message) -> asyncio.Future[None] | None:
+        """Hand a message to paho now: a future resolved by its PUBACK, or None while disconnected.
+
+        No task per message: the hot path of every publish (the outbox drains through here).
+        """
+        if not self._connected.is_set():
+            return None
+        assert self._loop is not None
+        qos = self.qos if message.qos is None else message.qos
+        topic = self.topic(message.topic)
+        fut: asyncio.Future[None] = self._loop.create_future()
+        try:
+            info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain)
+        except (ValueError, TypeError) as exc:
+            fut.set_exception(SinkError(f"sink {self.name}: cannot publish to {topic}: {exc}"))
+            return fut
+        if qos == 0:
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                return None  # lost just now: the caller waits for the connection
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                fut.set_exception(
+                    SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
+                )
+                return fut
             self.stats.published += 1
-            return
+            fut.set_result(None)
+            return fut
+        # QoS 1: paho keeps the message until its PUBACK, also across a reconnect (NO_CONN
+        # means it will go out once connected), so one future per message id is enough.
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            fut.set_exception(SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}"))
+            return fut
+        self._pending[info.mid] = fut
+        return fut
 
     # --- paho callbacks (all on the loop thread once connected) ------------------------------------
 
@@ -222,8 +235,9 @@ class MqttSink:
         self.stats.resent += sum(1 for f in self._pending.values() if not f.done())
 
     def _handle_puback(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
-        fut = self._pending.get(mid)
+        fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
+            self.stats.published += 1
             fut.set_result(None)
 
     def _handle_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:

@@ -10,6 +10,7 @@ import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from bridge.broker import EmbeddedBroker, client_url
 from bridge.outbox import Outbox
@@ -138,9 +139,9 @@ class Gateway:
         assert self.router is not None
         self.router.on_sample(sample)
 
-    async def _deliver(self, sample: Sample) -> None:
+    def _deliver(self, sample: Sample) -> asyncio.Future[Any]:
         assert self.router is not None
-        await self.router.deliver(sample)
+        return self.router.deliver(sample)
 
     def _on_state(self, state: DeviceState) -> None:
         assert self.router is not None

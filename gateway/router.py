@@ -9,8 +9,10 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bridge.outbox import Outbox
+from gateway.errors import SinkError
 from gateway.types import Command, CommandResult, DeviceState, Message, Sample, Value, Write, WriteResult
 
 log = logging.getLogger(__name__)
@@ -91,12 +93,25 @@ class Router:
         if telemetry is not None:
             self._send(telemetry)
 
-    async def deliver(self, sample: Sample) -> None:
-        """Like on_sample, but return only once every sink holds the telemetry durably (SinkError if not)."""
-        telemetry = self._route(sample)
-        if telemetry is not None:
-            # Queued now, behind the per-point messages _route just queued: order is kept.
-            await asyncio.gather(*[outbox.enqueue(telemetry) for outbox in self.outboxes])
+    def deliver(self, sample: Sample) -> asyncio.Future[Any]:
+        """Like on_sample; the future resolves once every sink holds the telemetry durably (SinkError if not).
+
+        Queued at once, behind the per-point messages _route queues: frame order is kept. A plain
+        future, not a task: this runs for every MCP DATA frame.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            telemetry = self._route(sample)
+            if telemetry is None:
+                done: asyncio.Future[Any] = loop.create_future()
+                done.set_result(None)
+                return done
+            futures = [outbox.enqueue(telemetry) for outbox in self.outboxes]
+        except SinkError as exc:
+            failed: asyncio.Future[Any] = loop.create_future()
+            failed.set_exception(exc)
+            return failed
+        return futures[0] if len(futures) == 1 else asyncio.gather(*futures)
 
     def _route(self, sample: Sample) -> Message | None:
         """Queue the retained per-point messages; return the telemetry message, if any is due."""

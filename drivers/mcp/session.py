@@ -265,7 +265,7 @@ class Session:
             return
         ts, values = _check_data(frame)
         sample = Sample(self.device_id, ts if ts is not None else time.time_ns() // 1_000_000, values)
-        task = asyncio.ensure_future(self.server.deliver(sample))
+        task = asyncio.ensure_future(self.server.deliver(sample))  # a plain future from the router: no task
         self._inflight[frame.seq] = task
         await self._queue(frame.seq, task)
 
