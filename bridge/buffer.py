@@ -163,6 +163,14 @@ def plan_room(
     raise AssertionError(f"{name}: held bytes ({held}) disagree with the entries")  # pragma: no cover
 
 
+def requeue(ids: Iterable[int], in_flight: set[int], returned: list[int]) -> None:
+    """`reject` for every buffer: the ids in `in_flight` move to the `returned` heap; others are ignored."""
+    for entry_id in ids:
+        if entry_id in in_flight:
+            in_flight.remove(entry_id)
+            heapq.heappush(returned, entry_id)
+
+
 class MemoryBuffer:
     """A Buffer in memory: no I/O, gone with the process; for one thread (the event loop)."""
 
@@ -242,10 +250,7 @@ class MemoryBuffer:
     def reject(self, ids: Iterable[int]) -> None:
         """Make in-flight entries takeable again; other ids are ignored."""
         self._check_open()
-        for entry_id in ids:
-            if entry_id in self._in_flight:
-                self._in_flight.remove(entry_id)
-                heapq.heappush(self._returned, entry_id)
+        requeue(ids, self._in_flight, self._returned)
 
     def expire(self, now: float) -> int:
         """Drop entries queued before now - max_age, from the oldest on; how many."""

@@ -35,60 +35,32 @@ import logging
 import multiprocessing
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    # Lets the script run from a checkout even where the project is not installed.
-    sys.path.insert(0, str(ROOT))
+import paho.mqtt.client as mqtt
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+# benchlib first: it puts the repository on sys.path for the imports below.
+from benchlib import ROOT, cpu_seconds, free_port, package_version, percentile, rss_kb, subscribe
 
-from bridge.outbox import Outbox  # noqa: E402
-from bridge.sink import MqttSink  # noqa: E402
-from gateway.types import Message  # noqa: E402
+from bridge.outbox import Outbox
+from bridge.sink import MqttSink
+from gateway.types import Message
 
 PREFIX = "bench/gw"
 TOPIC = "data"  # measured messages: PREFIX/data
 WARM_TOPIC = "warm"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUEUE_HIGH_WATER = 1_000  # the throughput producer keeps at most this many messages queued
-
-
-# --- /proc readings -----------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """utime + stime of a process (or one of its threads) in seconds."""
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
-    with open(path) as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def rss_mb(pid: int) -> float:
     """VmRSS of a process in MB."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return rss_kb(pid) / 1024
 
 
 def quiet_logs() -> None:
@@ -113,20 +85,11 @@ class Counter:
         self.latencies: list[float] = []
         self.tid = 0
         self.done = threading.Event()
-        self._subscribed = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=mqtt.MQTTv311)
-        c.max_inflight_messages_set(100)
-        c.on_connect = lambda cl, *_: cl.subscribe(f"{PREFIX}/#", qos=1)
-        c.on_subscribe = lambda *_: self._subscribed.set()
-        c.on_message = self._on_message
-        self.client = c
+        self.client: mqtt.Client | None = None
 
     def start(self) -> None:
         """Connect, subscribe and wait for the SUBACK (blocking: call it off the broker's loop)."""
-        self.client.connect("127.0.0.1", self.port, keepalive=60)
-        self.client.loop_start()
-        if not self._subscribed.wait(10):
-            raise TimeoutError("bench subscriber did not subscribe")
+        self.client = subscribe(self.port, f"{PREFIX}/#", self._on_message, timeout=10)
 
     def expect(self, n: int) -> None:
         """Count the next n measured messages."""
@@ -150,6 +113,7 @@ class Counter:
 
     def stop(self) -> None:
         """Disconnect."""
+        assert self.client is not None
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -188,8 +152,7 @@ def latency_summary(latencies: list[float]) -> dict[str, float]:
     if not latencies:
         return {}
     xs = sorted(latencies)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000  # noqa: E731
-    return {"p50": pick(0.50), "p99": pick(0.99), "max": xs[-1] * 1000}
+    return {"p50": percentile(xs, 0.50) * 1000, "p99": percentile(xs, 0.99) * 1000, "max": xs[-1] * 1000}
 
 
 # --- the broker in its own process ---------------------------------------------------------------
@@ -497,11 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         run_one(args.one)
         return 0
 
-    from importlib.metadata import version
-
     print(
         f"broker_bench: {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"amqtt {version('amqtt')}, paho-mqtt {version('paho-mqtt')}; "
+        f"amqtt {package_version('amqtt')}, paho-mqtt {package_version('paho-mqtt')}; "
         f"payload {args.size} B, QoS 1, Outbox window {args.window}, subscriber on a {args.subscriber}"
     )
     loads = [0.0, args.load] if args.load > 0 else [0.0]

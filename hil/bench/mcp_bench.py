@@ -27,10 +27,7 @@ import itertools
 import math
 import multiprocessing
 import os
-import platform
 import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +40,25 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    # Lets the script run from a checkout where the project is not installed.
-    sys.path.insert(0, str(ROOT))
+# benchlib first: it puts the repository on sys.path for the imports below.
+import benchlib
+from benchlib import (
+    ROOT,
+    cpu_seconds,
+    free_port,
+    heading,
+    note,
+    package_version,
+    percentile,
+    print_header,
+    rss_kb,
+    run_summary,
+    subscribe,
+    summary,
+)
 
-from drivers.mcp.codec import Decoder, Frame, FrameType, encode  # noqa: E402
-from drivers.mcp.session import MAX_OUTSTANDING  # noqa: E402
+from drivers.mcp.codec import Decoder, Frame, FrameType, encode
+from drivers.mcp.session import MAX_OUTSTANDING
 
 GATEWAY_ID = "bench"
 PREFIX = f"fieldgate/{GATEWAY_ID}"  # the default prefix of the default sink
@@ -62,7 +71,6 @@ CLIENT_FDS_PER_PROC = 10_000  # sockets per device-client process
 CONNECT_CONCURRENCY = 200  # connects in progress per client process (the listen backlog is 100)
 NACK_BACKOFF = 1.0  # s a device waits before using a NACKed frame's window slot again ("retries later")
 HEARTBEAT_S = 3600  # in HELLO: idle sessions must survive the longest run, and devices send no periodic heartbeat
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT = 120.0
 STATUS_TIMEOUT = 5.0  # s to wait for a (swamped) gateway's counters during a measurement
 MAX_WARMUP = 3.0  # s of warm-up at max sessions, where a steady state is minutes away
@@ -72,50 +80,8 @@ MAX_WARMUP = 3.0  # s of warm-up at max sessions, where a steady state is minute
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print rows under headers: text left-aligned, numbers right-aligned."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    numeric = [all(_is_number(row[i]) or row[i] in ("-", "") for row in rows) for i in range(len(headers))]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
-
-    def fmt(line: list[str]) -> str:
-        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, numeric, strict=True)]
-        return "  " + "  ".join(parts).rstrip()
-
-    print(fmt(cells[0]))
-    print("  " + "  ".join("-" * w for w in widths))
-    for line in cells[1:]:
-        print(fmt(line))
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def heading(title: str) -> None:
-    """Print a figure's title."""
-    print()
-    print(title)
-    print("=" * len(title))
-
-
-def note(text: str) -> None:
-    """Print an explanatory line under a table."""
-    print(f"     {text}")
-
-
-def summary(text: str) -> None:
-    """Print one figure's conclusion."""
-    print(f"  => {text}")
+    """Print rows under headers: numbers right-aligned with thousands separators, "-" for a missing value."""
+    benchlib.print_table(headers, rows, thousands=True, blank="-")
 
 
 def progress(text: str) -> None:
@@ -123,38 +89,7 @@ def progress(text: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def percentile(sorted_xs: Sequence[float], q: float) -> float:
-    """The q-quantile of an already sorted list (nan when empty)."""
-    if not sorted_xs:
-        return float("nan")
-    return sorted_xs[min(len(sorted_xs) - 1, int(q * len(sorted_xs)))]
-
-
 # --- /proc and limits ------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) in seconds."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_kb(pid: int | str = "self") -> int:
-    """VmRSS of a process in KiB."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def open_fds() -> int:
@@ -168,13 +103,6 @@ def raise_nofile() -> tuple[int, int]:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def quiet_logs() -> None:
@@ -229,8 +157,11 @@ class Child:
         return value
 
     def cpu(self) -> float:
-        """CPU seconds used by the child so far."""
-        return cpu_seconds(self.pid)
+        """CPU seconds used by the child so far (nan once it is gone)."""
+        try:
+            return cpu_seconds(self.pid)
+        except OSError:
+            return float("nan")
 
     def stop(self, timeout: float = 20.0) -> None:
         """Ask the child to stop; terminate, then kill it if it does not."""
@@ -704,27 +635,13 @@ async def _clients(impl: str, devices: list[tuple[str, str]], window: int, chang
 
 def subscriber_child(port: int, topic: str, conn: Connection) -> None:
     """A paho subscriber (QoS 1, its network loop on a thread) that counts messages on `topic`."""
-    import threading
-
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     count = 0
-    subscribed = threading.Event()
 
     def on_message(_c: Any, _u: Any, _m: Any) -> None:
         nonlocal count
         count += 1
 
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=mqtt.MQTTv311)
-    c.max_inflight_messages_set(100)
-    c.on_connect = lambda cl, *_: cl.subscribe(topic, qos=1)
-    c.on_subscribe = lambda *_: subscribed.set()
-    c.on_message = on_message
-    c.connect("127.0.0.1", port, keepalive=60)
-    c.loop_start()
-    if not subscribed.wait(20):
-        raise TimeoutError("the bench subscriber did not subscribe")
+    c = subscribe(port, topic, on_message, timeout=20)
     conn.send(("ok", os.getpid()))
     while True:
         cmd, _ = conn.recv()
@@ -1104,32 +1021,16 @@ def _have(module: str) -> bool:
 
 def header(args: argparse.Namespace) -> None:
     """What ran where, so that the numbers can be compared later."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "not installed"
-
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    print(
-        f"Fieldgate MCP benchmark, {time.strftime('%Y-%m-%d %H:%M')}, commit {rev}, "
-        f"Python {platform.python_version()}, amqtt {ver('amqtt')}, paho-mqtt {ver('paho-mqtt')}, "
-        f"pyinstrument {ver('pyinstrument')}, "
-        f"{os.cpu_count()} CPUs, Linux {platform.release()}"
+    print_header(
+        "MCP",
+        {name: package_version(name) for name in ("amqtt", "paho-mqtt", "pyinstrument")},
+        [
+            f"window {MAX_OUTSTANDING} DATA per device, measurement windows {args.seconds:g} s, DATA values: "
+            f"{args.changing} changing + 1 constant; RLIMIT_NOFILE {soft}/{hard} (children raise soft to hard)"
+        ],
+        skews="every figure",
     )
-    print(
-        f"window {MAX_OUTSTANDING} DATA per device, measurement windows {args.seconds:g} s, DATA values: "
-        f"{args.changing} changing + 1 constant; RLIMIT_NOFILE {soft}/{hard} (children raise soft to hard)"
-    )
-    print(f"load average at start {loadavg()} (other work on the machine skews every figure)")
 
 
 def report_bare(bare: Row, window: int) -> None:
@@ -1452,7 +1353,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         report_profile(r)
     print()
-    print(f"total run time {time.monotonic() - started:.0f} s; load average at end {loadavg()}")
+    print(run_summary(started))
     return 0
 
 

@@ -11,8 +11,6 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,22 +22,20 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    # Lets the script run from a checkout where the project is not installed.
-    sys.path.insert(0, str(ROOT))
+# benchlib first: it puts the repository on sys.path for the imports below.
+from benchlib import ROOT, cpu_seconds, heading, note, print_header, print_table, run_summary, summary
 
-from drivers.modbus import budget  # noqa: E402
-from drivers.modbus.bus import ModbusBus, line_budget  # noqa: E402
-from drivers.modbus.device import Device  # noqa: E402
-from drivers.sim.line import VirtualLine  # noqa: E402
-from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave  # noqa: E402
-from drivers.sim.waves import Wave  # noqa: E402
-from gateway.config import load_config, parse_config  # noqa: E402
-from gateway.config.schema import BusConfig, Config, PointConfig  # noqa: E402
-from gateway.config.units import parse_duration  # noqa: E402
-from gateway.errors import ConfigError  # noqa: E402
-from gateway.types import DeviceState, Sample  # noqa: E402
+from drivers.modbus import budget
+from drivers.modbus.bus import ModbusBus, line_budget
+from drivers.modbus.device import Device
+from drivers.sim.line import VirtualLine
+from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
+from drivers.sim.waves import Wave
+from gateway.config import load_config, parse_config
+from gateway.config.schema import BusConfig, Config, PointConfig
+from gateway.config.units import parse_duration
+from gateway.errors import ConfigError
+from gateway.types import DeviceState, Sample
 
 DEFAULT_CONFIG = ROOT / "config.yaml"
 DEFAULT_SECONDS = 6.0  # per measurement window: 6.5 windows plus start-ups stay under ~60 s
@@ -52,58 +48,6 @@ FLAT_POLL = "0.1ms"
 PACED_POLL = "50ms"  # figure 4's unsaturated variant: the poll interval, not the line, sets the pace
 STOP_RECANCEL = 0.5  # seconds to wait for bus.stop() before cancelling its task again
 GOAL = 0.95  # share of their rate live devices should keep with a dead unit on the line
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# --- output -------------------------------------------------------------------------------------
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print rows under headers: text left-aligned, numbers right-aligned."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    numeric = [all(_is_number(row[i]) for row in rows) for i in range(len(headers))]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
-
-    def fmt(line: list[str]) -> str:
-        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, numeric, strict=True)]
-        return "  " + "  ".join(parts).rstrip()
-
-    print(fmt(cells[0]))
-    print("  " + "  ".join("-" * w for w in widths))
-    for line in cells[1:]:
-        print(fmt(line))
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def heading(title: str) -> None:
-    """Print a figure's title."""
-    print()
-    print(title)
-    print("=" * len(title))
-
-
-def note(text: str) -> None:
-    """Print an explanatory line under a table."""
-    print(f"     {text}")
-
-
-def summary(text: str) -> None:
-    """Print one figure's conclusion."""
-    print(f"  => {text}")
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -270,9 +214,8 @@ class SimProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU the child has used so far (Linux /proc, 1/CLK_TCK resolution)."""
-        with open(f"/proc/{self._proc.pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        assert self._proc.pid is not None
+        return cpu_seconds(self._proc.pid)
 
 
 # --- measuring a running bus ----------------------------------------------------------------------
@@ -750,19 +693,12 @@ def header(seconds: float) -> None:
     """What ran where, so that the numbers can be compared later."""
     import pymodbus
 
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    print(
-        f"Fieldgate Modbus benchmark, {time.strftime('%Y-%m-%d %H:%M')}, commit {rev}, Python "
-        f"{platform.python_version()}, pymodbus {pymodbus.__version__}, {os.cpu_count()} CPUs, "
-        f"Linux {platform.release()}"
+    print_header(
+        "Modbus",
+        {"pymodbus": pymodbus.__version__},
+        [f"measurement windows {seconds:g} s; CPU = time.process_time() of this (gateway) process or the simulator's"],
+        skews="figures 2-4",
     )
-    print(f"measurement windows {seconds:g} s; CPU = time.process_time() of this (gateway) process or the simulator's")
-    print(f"load average at start {loadavg()} (other work on the machine skews figures 2-4)")
 
 
 async def run_pty_figures(seconds: float) -> None:
@@ -802,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.plan_only:
         asyncio.run(run_pty_figures(args.seconds))
     print()
-    print(f"total run time {time.monotonic() - started:.0f} s; load average at end {loadavg()}")
+    print(run_summary(started))
     return 0
 
 

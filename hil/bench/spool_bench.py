@@ -9,7 +9,7 @@ Figures (200-byte payloads, topic "devNN/telemetry"):
 
 Every figure runs in a child process of its own on a fresh spool file, so /proc/self/io and the
 fsync count belong to it alone. The spool counts its own fsyncs (a model of what SQLite does, see
-bridge/spool.py); figure 3 also runs under `strace -c -e trace=fsync,fdatasync` when strace is
+bridge/spool_io.py); figure 3 also runs under `strace -c -e trace=fsync,fdatasync` when strace is
 installed, and prints the syscalls it saw next to the spool's count. `bytes (spool)` is what
 SQLite wrote (WAL appends + checkpoint copies); `bytes (kernel)` is /proc/self/io write_bytes, the
 page cache the process dirtied for storage (filesystem journal and flash wear come on top).
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -32,18 +31,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    # Lets the script run from a checkout where the project is not installed.
-    sys.path.insert(0, str(ROOT))
+# benchlib first: it puts the repository on sys.path for the imports below.
+from benchlib import package_version, percentile, print_header, run_summary
 
-from bridge.buffer import entry_size  # noqa: E402
-from bridge.spool import SQLiteSpool  # noqa: E402
-from gateway.types import Message  # noqa: E402
+from bridge.buffer import entry_size
+from bridge.spool import SQLiteSpool
+from gateway.types import Message
 
 PAYLOAD = 200
 RATE = 500  # msg/s of the steady figure
@@ -161,7 +157,7 @@ def phase_steady(path: Path, window: float, seconds: float) -> dict[str, Any]:
         "bytes": end.bytes_written - base.bytes_written,
         "kernel_bytes": write_bytes() - io0,
         "p50_ms": statistics.median(latencies) * 1e3,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+        "p99_ms": percentile(latencies, 0.99) * 1e3,
     }
 
 
@@ -201,22 +197,14 @@ def fs_type(path: Path) -> str:
 
 def header(work: Path) -> None:
     """What ran where, so that the numbers can be compared later."""
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    print(
-        f"Fieldgate spool benchmark, {time.strftime('%Y-%m-%d %H:%M')}, commit {rev}, Python "
-        f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}, sqlite-utils {version('sqlite-utils')}, "
-        f"{os.cpu_count()} CPUs, Linux {platform.release()}"
+    print_header(
+        "spool",
+        {"SQLite": sqlite3.sqlite_version, "sqlite-utils": package_version("sqlite-utils")},
+        [
+            f"spool files in {work} ({fs_type(work)}); messages: {PAYLOAD}-byte payload, "
+            f"{entry_size(messages(1)[0][0])} bytes counted each"
+        ],
     )
-    print(
-        f"spool files in {work} ({fs_type(work)}); messages: {PAYLOAD}-byte payload, "
-        f"{entry_size(messages(1)[0][0])} bytes counted each"
-    )
-    print(f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def per_k(value: float, msgs: int) -> str:
@@ -298,7 +286,7 @@ def main() -> None:
         for window, rate in steady.items():
             verdict = "met" if rate <= GOAL_FSYNC else "NOT met"
             print(f"- <= {GOAL_FSYNC:g} fsync/s at {RATE} msg/s, {window * 1000:.0f} ms window: {rate:.1f} ({verdict})")
-        print(f"total run time {time.monotonic() - started:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+        print(run_summary(started, averages=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,0 +1,95 @@
+"""What the spool's writes cost the storage: SQLite's fsyncs and bytes written, modelled from the WAL file.
+
+Write accounting (`BufferStats.commits/fsyncs/bytes_written`, since open; hil/bench/spool_bench.py
+checks the fsync count against strace): every FULL commit is one fdatasync of the WAL; the first
+commit into an empty WAL adds one (its header); a connection's first sync of the WAL also syncs
+the directory; every checkpoint of a non-empty WAL adds two (WAL, then the database). Bytes are
+the WAL's growth (checkpoints truncate it, so growth = frames appended) plus, per checkpoint, the
+distinct pages it copies back into the database (read from the WAL's frame headers). Filesystem
+metadata, partial-page rewrites in the page cache and the flash translation layer come on top.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+_WAL_HEADER = 32
+_FRAME_HEADER = 24
+
+
+class WriteMeter:
+    """One spool connection's writes: commits, fsyncs and bytes written since open, and when the WAL was last synced.
+
+    Passive: the spool runs the statements and reports each commit and checkpoint; the meter reads
+    the WAL file's size (and, before a checkpoint, its frame headers).
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.wal = Path(f"{db_path}-wal")
+        self.commits = self.fsyncs = self.bytes_written = 0
+        self.wal_size = 0
+        self.page_size = 0
+        self.last_sync = time.monotonic()
+        self.unsynced = False  # a NORMAL commit since the last fsync of the WAL
+        self._dir_sync_pending = False
+
+    def start(self, db: sqlite3.Connection, wal_before: int) -> None:
+        """The counters start on a freshly opened connection; `wal_before`: the WAL's size before it opened."""
+        self.page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        self.wal_size = self.stat_wal()
+        # A connection fsyncs the directory along with its first sync of the WAL; creating the
+        # schema of a new file did that already (uncounted: before the counters start).
+        self._dir_sync_pending = self.wal_size == wal_before
+
+    def since_sync(self) -> float:
+        """Seconds since the WAL was last fsynced (a FULL commit or a checkpoint)."""
+        return time.monotonic() - self.last_sync
+
+    def committed(self, *, durable: bool) -> None:
+        """A write transaction committed, with synchronous=FULL when `durable`, else NORMAL."""
+        self.commits += 1
+        wal = self.stat_wal()
+        # SQLite syncs the header of a WAL it (re)starts before its first frames, in any mode.
+        self._count_syncs((self.wal_size == 0 and wal > 0) + durable)
+        if durable:
+            self.last_sync = time.monotonic()
+            self.unsynced = False
+        else:
+            self.unsynced = True
+        self.bytes_written += max(0, wal - self.wal_size)
+        self.wal_size = wal
+
+    def checkpointed(self, pages: int) -> None:
+        """A truncating checkpoint copied `pages` (see wal_pages, read before it) into the database."""
+        self._count_syncs(2)
+        self.bytes_written += pages * self.page_size
+        self.last_sync = time.monotonic()
+        self.unsynced = False
+        self.wal_size = self.stat_wal()
+
+    def wal_pages(self) -> int:
+        """Distinct database pages in the WAL: what a checkpoint copies into the file."""
+        step = self.page_size + _FRAME_HEADER
+        try:
+            wal = self.wal.read_bytes()  # just written, so read from the page cache
+        except OSError:
+            return max(0, self.wal_size - _WAL_HEADER) // step  # every frame: an upper bound
+        # Each frame header starts with its page number; the WAL only holds frames since the last
+        # (truncating) checkpoint.
+        return len({wal[i : i + 4] for i in range(_WAL_HEADER, len(wal) - step + 1, step)})
+
+    def stat_wal(self) -> int:
+        """The WAL file's size now (0 when there is none)."""
+        try:
+            return self.wal.stat().st_size
+        except FileNotFoundError:
+            return 0
+        except OSError:
+            return self.wal_size  # only the accounting suffers; what is committed stays committed
+
+    def _count_syncs(self, n: int) -> None:
+        if n:
+            self.fsyncs += n + self._dir_sync_pending
+            self._dir_sync_pending = False

@@ -1,0 +1,124 @@
+"""The spool's file: its tables, the lock that keeps it to one process, opening it and reading it cold.
+
+One SQLite file per sink: `messages` (the FIFO, one row per entry, ids from AUTOINCREMENT) and
+`meta` (the `dropped` counter). `bridge/spool.py` builds the buffer on top; `read_stats` reads a
+file without opening it as a spool (for `fieldgate spool`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from bridge.buffer import BufferStats, Entry
+from gateway.errors import SinkError
+from gateway.types import Message
+
+CREATE_MESSAGES = """CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+    payload BLOB NOT NULL, retain INTEGER NOT NULL, qos INTEGER, sampled_ms INTEGER NOT NULL,
+    queued_at REAL NOT NULL, size INTEGER NOT NULL)"""
+COLUMNS = ("id", "topic", "payload", "retain", "qos", "sampled_ms", "queued_at", "size")
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
+INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+SET_DROPPED = (
+    "INSERT INTO meta (key, value) VALUES ('dropped', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+)
+
+#: One row of `messages`, in COLUMNS order.
+Row = tuple[int, str, bytes, int, int | None, int, float, int]
+
+
+class SpoolError(SinkError):
+    """The spool's file cannot be read or written (disk full, I/O error, not a spool, in use)."""
+
+
+def to_entry(row: Row) -> Entry:
+    """The buffer entry one `messages` row holds."""
+    entry_id, topic, payload, retain, qos, sampled_ms, queued_at, size = row
+    return Entry(entry_id, Message(topic, bytes(payload), bool(retain), qos), sampled_ms, queued_at, size)
+
+
+@dataclass(frozen=True, slots=True)
+class Contents:
+    """What an opened spool file holds: the counters the spool keeps in memory from then on."""
+
+    count: int
+    bytes: int
+    last_id: int  # the highest id ever handed out (AUTOINCREMENT's sequence), 0 for a new file
+    dropped: int
+
+
+def lock_file(path: Path, name: str) -> int:
+    """Create the file if need be and take an exclusive flock on it; the descriptor that holds the lock."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise SpoolError(f"{name}: cannot open {path}: {exc}") from exc
+    try:
+        # flock, independent of SQLite's POSIX locks: a second gateway on the same state dir
+        # would hand out the same ids twice.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise SpoolError(f"{name}: {path} is in use by another spool") from exc
+    return fd
+
+
+def connect(path: Path, name: str) -> tuple[sqlite3.Connection, Contents]:
+    """Open the file in WAL mode, create or check the tables, and read what it holds.
+
+    Autocommit: the spool runs its own transactions. SpoolError if it cannot, with nothing left open.
+    """
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"{name}: cannot open {path}: {exc}") from exc
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise SpoolError(f"{name}: {path}: WAL journal not available (got {mode})")
+        db.execute("PRAGMA wal_autocheckpoint=0")  # the spool checkpoints itself, to count it
+        schema = sqlite_utils.Database(db, recursive_triggers=False, execute_plugins=False)
+        messages = schema.table("messages")
+        if not messages.exists():
+            # sqlite-utils cannot declare AUTOINCREMENT, which keeps ids growing after the table
+            # was emptied (no id is handed out twice, so a stale accept never hits a new row).
+            schema.execute(CREATE_MESSAGES)
+        elif set(messages.columns_dict) != set(COLUMNS):
+            raise SpoolError(f"{name}: {path} is not a spool (columns {sorted(messages.columns_dict)})")
+        schema.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+        count, held = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        dropped = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+    except BaseException as exc:
+        db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise SpoolError(f"{name}: cannot open {path}: {exc}") from exc
+        raise
+    contents = Contents(int(count), int(held), int(seq[0]) if seq else 0, int(dropped[0]) if dropped else 0)
+    return db, contents
+
+
+def read_stats(path: str | os.PathLike[str]) -> BufferStats:
+    """What a spool file holds, read without opening it as a spool (for `fieldgate spool`)."""
+    if not Path(path).is_file():
+        raise SpoolError(f"no spool at {path}")
+    db = sqlite_utils.Database(Path(path), recursive_triggers=False, execute_plugins=False)
+    try:
+        messages, meta = db.table("messages"), db.table("meta")
+        if not messages.exists():
+            return BufferStats(0, 0, None, 0)
+        count, held = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
+        oldest = next(messages.rows_where(order_by="id", limit=1, select="queued_at"), {}).get("queued_at")
+        dropped = next(meta.rows_where("key = 'dropped'"), {}).get("value", 0) if meta.exists() else 0
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot read spool {path}: {exc}") from exc
+    finally:
+        db.close()
+    return BufferStats(count, held, oldest, dropped)
