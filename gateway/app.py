@@ -69,7 +69,33 @@ class Gateway:
             self.broker = EmbeddedBroker(cfg.broker.listeners, cert=cfg.broker.cert, key=cfg.broker.key)
             await self.broker.start()
 
-        buses = [self._bus_config(b) for b in cfg.modbus.buses]
+        self._build_sinks()
+        self.router = Router(self.outboxes, self._build_drivers())
+        for outbox in self.outboxes:
+            await outbox.start()
+        for sink in self.sinks:
+            await sink.start()
+        for warning in budget_warnings(cfg):
+            log.warning("%s", warning)
+        for bus in self.buses:
+            await bus.start()
+        if self.mcp:
+            await self.mcp.start()
+            if self.simulation and cfg.simulator and cfg.simulator.mcp:
+                await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
+        self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        log.info(
+            "fieldgate %s up: %d Modbus line(s) with %d device(s), %d MCP device(s) allowed, %d sink(s)",
+            cfg.gateway.id,
+            len(self.buses),
+            sum(len(b.devices) for b in self.buses),
+            len(cfg.mcp.devices) if cfg.mcp else 0,
+            len(self.sinks),
+        )
+
+    def _build_sinks(self) -> None:
+        """One MQTT sink and its outbox per `northbound` entry."""
+        cfg = self.cfg
         outbox_of: dict[str, Outbox] = {}
         for s in cfg.northbound:
             url = s.url or client_url(cfg.broker.listeners)
@@ -91,46 +117,23 @@ class Gateway:
             )
             outbox_of[s.name] = Outbox(sink)
             self.sinks.append(sink)
+            log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
         self.outboxes = list(outbox_of.values())
 
-        self.buses = []
+    def _build_drivers(self) -> list[DeviceProfile]:
+        """The Modbus lines and the MCP server; returns what the router needs to know of each device."""
         profiles = []
-        for bus_cfg in buses:
-            bus = ModbusBus(bus_cfg, self._on_sample, self._on_state)
+        for bus_cfg in self.cfg.modbus.buses:
+            bus = ModbusBus(self._bus_config(bus_cfg), self._on_sample, self._on_state)
             self.buses.append(bus)
             for dev in bus_cfg.devices:
                 deadbands = {p.name: p.deadband for p in dev.points if p.deadband}
                 profiles.append(DeviceProfile(dev.name, dev.full_every, deadbands, bus.write))
-        if cfg.mcp:
-            self.mcp = McpServer(cfg.mcp, self._deliver, self._on_state)
-            for d in cfg.mcp.devices:
+        if self.cfg.mcp:
+            self.mcp = McpServer(self.cfg.mcp, self._deliver, self._on_state)
+            for d in self.cfg.mcp.devices:
                 profiles.append(DeviceProfile(d.id, commander=self.mcp.command, every_sample=True))
-        self.router = Router(self.outboxes, profiles)
-
-        for outbox in self.outboxes:
-            await outbox.start()
-        for sink in self.sinks:
-            await sink.start()
-        for warning in budget_warnings(cfg):
-            log.warning("%s", warning)
-        for bus in self.buses:
-            await bus.start()
-        if self.mcp:
-            await self.mcp.start()
-            if self.simulation and cfg.simulator and cfg.simulator.mcp:
-                await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
-        self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
-        for s in cfg.northbound:
-            url = s.url or client_url(cfg.broker.listeners)
-            log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
-        log.info(
-            "fieldgate %s up: %d Modbus line(s) with %d device(s), %d MCP device(s) allowed, %d sink(s)",
-            cfg.gateway.id,
-            len(self.buses),
-            sum(len(b.devices) for b in self.buses),
-            len(cfg.mcp.devices) if cfg.mcp else 0,
-            len(self.sinks),
-        )
+        return profiles
 
     def _bus_config(self, bus: BusConfig) -> BusConfig:
         return bus.model_copy(update={"port": resolve_path(bus.port, self.base)})
