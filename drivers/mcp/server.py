@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -20,6 +21,8 @@ Deliver = Callable[[Sample], Awaitable[None]]
 # DATA frames waiting for their ACK across all sessions: past this, sessions stop reading and
 # TCP pushes back, instead of thousands of sessions x 32 frames flooding the sinks' queues.
 MAX_INFLIGHT_DATA = 4096
+# File descriptors kept for everything but sessions: sinks, the spool, serial lines, the broker's clients.
+FD_RESERVE = 256
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
@@ -30,6 +33,23 @@ def server_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLCon
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(client_ca)
     return ctx
+
+
+def session_limit(wanted: int, reserve: int = FD_RESERVE) -> int:
+    """`wanted` sessions, or fewer if the file-descriptor limit cannot hold them (raised to its hard cap first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + reserve:
+        target = hard if hard == resource.RLIM_INFINITY else min(hard, wanted + reserve)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft == resource.RLIM_INFINITY or soft >= wanted + reserve:
+        return wanted
+    limit = max(1, soft - reserve)
+    log.warning(
+        "mcp.max_sessions %d exceeds what %d file descriptors allow; holding at most %d sessions", wanted, soft, limit
+    )
+    return limit
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -61,6 +81,7 @@ class McpServer:
         self._server: asyncio.Server | None = None
         self.port = 0
         self.data_slots = asyncio.Semaphore(MAX_INFLIGHT_DATA)
+        self.max_sessions = cfg.max_sessions
 
     async def start(self) -> None:
         """Bind the listener (TLS when configured)."""
@@ -74,6 +95,7 @@ class McpServer:
         except OSError as exc:
             raise FieldgateError(f"MCP server cannot listen on {self.cfg.listen}: {exc}") from exc
         self.port = self._server.sockets[0].getsockname()[1]
+        self.max_sessions = session_limit(self.cfg.max_sessions)
         log.info("MCP server listening on %s:%d%s", host, self.port, " (TLS)" if ctx else "")
 
     async def stop(self) -> None:
@@ -92,7 +114,7 @@ class McpServer:
             self._server = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self.cfg.max_sessions:
+        if len(self._connections) >= self.max_sessions:
             # Over the limit: no memory, no file descriptor kept for it.
             self.rejected += 1
             writer.close()

@@ -8,6 +8,7 @@ import os
 import random
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,17 @@ async def test_fuzzed_input_never_breaks_the_server(mcp_gateway: McpGateway, con
     good.close()
     await asyncio.sleep(0.2)
     assert server.data_slots._value == MAX_INFLIGHT_DATA  # nothing leaked from the limit
+
+
+def test_max_sessions_is_held_to_what_file_descriptors_allow() -> None:
+    # In a child: lowering the hard limit cannot be undone (no CAP_SYS_RESOURCE here).
+    code = (
+        "import resource\n"
+        "from drivers.mcp.server import session_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (512, 2048))\n"
+        "print(session_limit(1000, reserve=256), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print(session_limit(10_000, reserve=256), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print(session_limit(100, reserve=256))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.split("\n")[:3] == ["1000 1256", "1792 2048", "100"]
