@@ -8,13 +8,14 @@ import logging
 import random
 import ssl as ssl_lib
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from drivers.mcp import codec
-from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, MalformedPayload, NackCode, encode, seq_next
+from drivers.mcp.client_state import RESPONSE_CACHE as RESPONSE_CACHE
+from drivers.mcp.client_state import Connection, Outstanding, Pending
+from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, MalformedPayload, NackCode, encode
 from gateway.errors import FieldgateError
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ CommandHandler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 """(name, args) -> result; raising answers the COMMAND with ok=false and str(exc)."""
 
 STALL_TIMEOUT = 5.0  # spec 5: a frame whose bytes stop arriving for 5 s after its first byte closes the session
-RESPONSE_CACHE = 64  # answered COMMAND seqs kept per connection for the gateway's retransmissions
 _READ_CHUNK = 65536
 # After these NACKs the gateway closes the session (spec section 5), so the client closes too.
 _CLOSING_CODES = frozenset(
@@ -62,41 +62,6 @@ class McpClientStats:
     reconnects: int = 0  # connection attempts after the first
     nacks: int = 0  # NACKs received
     acked: int = 0  # DATA frames ACKed
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A frame of ours that expects an ACK: the exact bytes to retransmit and when to."""
-
-    type: FrameType
-    seq: int  # 0 until first sent: DATA queued while offline is numbered after the HELLO that precedes it
-    data: bytes  # the payload until first sent, then the whole frame
-    future: asyncio.Future[None]  # done once answered; a DATA sender awaits it
-    conn: _Connection | None = None  # the connection it was last sent on
-    deadline: float = 0.0  # loop time at which it is retransmitted
-    tries: int = 0  # retransmissions on `conn`
-
-
-@dataclass(eq=False)
-class _Connection:
-    """One TCP connection and the state that dies with it."""
-
-    writer: asyncio.StreamWriter
-    last_sent: float
-    wake: asyncio.Event = field(default_factory=asyncio.Event)  # something for the session loop to look at
-    control: dict[int, _Pending] = field(default_factory=dict)  # HELLO and HEARTBEAT awaiting their ACK
-    # Per connection, because nothing says the gateway's COMMAND counter survives a reconnect.
-    responses: OrderedDict[int, bytes | None] = field(default_factory=OrderedDict)  # None: handler still running
-    ready_at: float | None = None  # loop time of the HELLO ACK
-    error: Exception | None = None
-    closed: bool = False
-    reader_task: asyncio.Task[None] | None = None
-
-    def fail(self, exc: Exception) -> None:
-        """Mark the connection broken (the first cause wins) and wake the session loop to close it."""
-        if self.error is None:
-            self.error = exc
-        self.wake.set()
 
 
 async def _timed(aw: Awaitable[T], timeout: float | None) -> T:
@@ -162,10 +127,9 @@ class McpClient:
         self._connect_timeout = connect_timeout
         # A peer that reads nothing for as long as an unanswered frame may stay unanswered has broken the link.
         self._write_timeout = ack_timeout * (retries + 1)
-        self._seq = 0
         self._window = asyncio.Semaphore(window)
-        self._outstanding: list[_Pending] = []  # DATA not yet answered, across connections, in send order
-        self._conn: _Connection | None = None
+        self._outstanding = Outstanding()  # frames not yet answered, and the seq counter
+        self._conn: Connection | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._commands: set[asyncio.Task[None]] = set()
@@ -217,8 +181,8 @@ class McpClient:
             payload = Frame.json(FrameType.DATA, 1, body).payload  # ValueError/TypeError for values that are not JSON
             if len(payload) > self._max_payload:
                 raise ValueError(f"DATA payload of {len(payload)} bytes exceeds max_payload {self._max_payload}")
-            pending = _Pending(FrameType.DATA, 0, payload, asyncio.get_running_loop().create_future())
-            self._outstanding.append(pending)
+            pending = Pending(FrameType.DATA, 0, payload, asyncio.get_running_loop().create_future())
+            self._outstanding.add(pending)
             if self._conn is not None:
                 self._conn.wake.set()  # the session loop does every DATA write, so re-sends keep their order
             try:
@@ -231,7 +195,7 @@ class McpClient:
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
-            conn: _Connection | None = None
+            conn: Connection | None = None
             try:
                 conn = await self._connect()
                 await self._session(conn)
@@ -248,16 +212,16 @@ class McpClient:
             failures += 1
             self.stats.reconnects += 1
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         hostname = self._server_hostname if self._ssl is not None else None
         opening = asyncio.open_connection(self.host, self.port, ssl=self._ssl, server_hostname=hostname)
         reader, writer = await _timed(opening, self._connect_timeout)
-        conn = _Connection(writer, asyncio.get_running_loop().time())
+        conn = Connection(writer, asyncio.get_running_loop().time())
         conn.reader_task = asyncio.create_task(self._read_loop(conn, reader), name=f"mcp-reader-{self.device_id}")
         self._conn = conn
         return conn
 
-    async def _close(self, conn: _Connection) -> None:
+    async def _close(self, conn: Connection) -> None:
         conn.closed = True
         if self._conn is conn:
             self._conn = None
@@ -278,37 +242,31 @@ class McpClient:
         expected = isinstance(exc, OSError | TimeoutError | McpClientError)
         log.log(level, "MCP client %s: %s; reconnecting", self.device_id, text, exc_info=not expected)
 
-    async def _session(self, conn: _Connection) -> None:
+    async def _session(self, conn: Connection) -> None:
         """HELLO, then retransmissions, DATA flushes and heartbeats until the connection fails (it always raises)."""
         loop = asyncio.get_running_loop()
         hello: dict[str, Any] = {"device_id": self.device_id, "token": self.token, "boot_id": self.boot_id}
         hello["heartbeat_s"] = self.heartbeat_s
         if self.meta is not None:
             hello["meta"] = self.meta
-        await self._transmit(conn, self._control(conn, FrameType.HELLO, hello))
+        await self._transmit(conn, self._outstanding.control(conn, FrameType.HELLO, hello))
         while True:
             conn.wake.clear()
             if conn.error is not None:
                 raise conn.error
             now = loop.time()
-            due = now + self.heartbeat_s_effective
-            waiting = list(conn.control.values())
-            if conn.ready_at is not None:  # nothing but HELLO before the HELLO ACK (spec 5, code 6)
-                waiting += self._outstanding
-            for p in waiting:
+            # Past their deadline, or not yet sent on this connection (DATA new, or un-ACKed when the last one broke).
+            for p in self._outstanding.due(conn, now):
                 if p.future.done():
                     continue
-                if p.conn is not conn:  # queued while offline, or un-ACKed when the last connection broke
-                    await self._transmit(conn, p)
-                elif now >= p.deadline:
-                    if p.tries >= self.retries:
-                        raise McpLinkBroken(f"no answer to {p.type.name} seq {p.seq} after {p.tries} retransmissions")
-                    await self._transmit(conn, p)
-                due = min(due, p.deadline)
+                if p.conn is conn and p.tries >= self.retries:
+                    raise McpLinkBroken(f"no answer to {p.type.name} seq {p.seq} after {p.tries} retransmissions")
+                await self._transmit(conn, p)
+            due = min(now + self.heartbeat_s_effective, self._outstanding.next_deadline(conn))
             if conn.ready_at is not None and not any(p.type is FrameType.HEARTBEAT for p in conn.control.values()):
                 idle_until = conn.last_sent + self.heartbeat_s_effective
                 if loop.time() >= idle_until:
-                    beat = self._control(conn, FrameType.HEARTBEAT, None)
+                    beat = self._outstanding.control(conn, FrameType.HEARTBEAT, None)
                     await self._transmit(conn, beat)
                     due = min(due, beat.deadline)
                 else:
@@ -316,25 +274,12 @@ class McpClient:
             with contextlib.suppress(TimeoutError):
                 await _timed(conn.wake.wait(), max(0.0, due - loop.time()))
 
-    def _control(self, conn: _Connection, kind: FrameType, body: dict[str, Any] | None) -> _Pending:
-        self._seq = seq_next(self._seq)  # one counter for every frame we originate, continued across reconnects
-        frame = Frame(kind, self._seq) if body is None else Frame.json(kind, self._seq, body)
-        p = _Pending(kind, self._seq, encode(frame), asyncio.get_running_loop().create_future())
-        conn.control[p.seq] = p
-        return p
-
-    async def _transmit(self, conn: _Connection, p: _Pending) -> None:
-        if not p.seq:
-            self._seq = p.seq = seq_next(self._seq)
-            p.data = encode(Frame(p.type, p.seq, p.data))
-        if p.conn is not None:
+    async def _transmit(self, conn: Connection, p: Pending) -> None:
+        if self._outstanding.sent(conn, p, asyncio.get_running_loop().time() + self.ack_timeout):
             self.stats.retransmits += 1
-        p.tries = p.tries + 1 if p.conn is conn else 0
-        p.conn = conn
-        p.deadline = asyncio.get_running_loop().time() + self.ack_timeout
         await self._write(conn, p.data)
 
-    async def _write(self, conn: _Connection, data: bytes) -> None:
+    async def _write(self, conn: Connection, data: bytes) -> None:
         """Write one frame and drain; a failure breaks the connection rather than raising to the caller."""
         if conn.closed or conn.error is not None:
             return
@@ -346,7 +291,7 @@ class McpClient:
         except (OSError, TimeoutError) as exc:
             conn.fail(exc)
 
-    async def _read_loop(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, conn: Connection, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         decoder = Decoder(self._max_payload)
         partial_since: float | None = None
@@ -375,7 +320,7 @@ class McpClient:
         except Exception as exc:  # whatever ends the reader ends the connection; the session loop reports it
             conn.fail(exc)
 
-    async def _on_frame(self, conn: _Connection, frame: Frame) -> None:
+    async def _on_frame(self, conn: Connection, frame: Frame) -> None:
         try:
             kind = FrameType(frame.type)
         except ValueError:
@@ -393,24 +338,17 @@ class McpClient:
             # HELLO, DATA, RESPONSE are the device's own types: not unknown (no NACK 4), just nothing to act on.
             log.debug("MCP client %s: ignoring a %s frame from the gateway", self.device_id, kind.name)
 
-    def _on_ack(self, conn: _Connection, frame: Frame) -> None:
-        p = conn.control.pop(frame.seq, None)
-        if p is not None:
-            p.future.set_result(None)
-            if p.type is FrameType.HELLO:
-                self._session_up(conn, frame)
-            return
-        p = self._sent_data(frame.seq)
-        if p is not None and not p.future.done():
-            p.future.set_result(None)
+    def _on_ack(self, conn: Connection, frame: Frame) -> None:
+        p = conn.control.pop(frame.seq, None) or self._outstanding.get(frame.seq)
+        if p is None or p.future.done():
+            return  # a late ACK of a frame already answered or given up: nothing waits for it
+        p.future.set_result(None)
+        if p.type is FrameType.HELLO:
+            self._session_up(conn, frame)
+        elif p.type is FrameType.DATA:
             self.stats.acked += 1
-        # Anything else is a late ACK of a frame already answered or given up: nothing waits for it.
 
-    def _sent_data(self, seq: int) -> _Pending | None:
-        # A linear search: the window keeps the list short, and it keeps the send order that re-sends follow.
-        return next((p for p in self._outstanding if p.seq == seq), None) if seq else None
-
-    def _session_up(self, conn: _Connection, ack: Frame) -> None:
+    def _session_up(self, conn: Connection, ack: Frame) -> None:
         heartbeat = _body(ack).get("heartbeat_s")
         if isinstance(heartbeat, int) and not isinstance(heartbeat, bool) and heartbeat > 0:
             self.heartbeat_s_effective = heartbeat
@@ -423,16 +361,17 @@ class McpClient:
         conn.wake.set()
         log.info("MCP client %s: session up, heartbeat %d s", self.device_id, self.heartbeat_s_effective)
 
-    def _on_nack(self, conn: _Connection, frame: Frame) -> None:
+    def _on_nack(self, conn: Connection, frame: Frame) -> None:
         self.stats.nacks += 1
         body = _body(frame)
         raw_code, raw_reason = body.get("code"), body.get("reason")
         code = raw_code if isinstance(raw_code, int) else 0
         reason = raw_reason if isinstance(raw_reason, str) else ""
         nacked = McpNacked(code, reason, frame.seq)
-        target = conn.control.get(frame.seq) or self._sent_data(frame.seq)
+        target = conn.control.get(frame.seq) or self._outstanding.get(frame.seq)
         if target is not None and code == NackCode.CRC_MISMATCH:
             target.deadline = 0.0  # it arrived damaged, nothing was judged: retransmit now rather than after timeout
+            self._outstanding.schedule(target)
             conn.wake.set()
             return
         log.debug("MCP client %s: %s", self.device_id, nacked)
@@ -446,10 +385,10 @@ class McpClient:
         if code in _CLOSING_CODES:
             conn.fail(nacked)
 
-    async def _on_command(self, conn: _Connection, frame: Frame) -> None:
+    async def _on_command(self, conn: Connection, frame: Frame) -> None:
         seq = frame.seq
         if seq in conn.responses:
-            cached = conn.responses[seq]
+            cached = conn.responses.get(seq)
             if cached is not None:  # a retransmission: same answer, handler not run again
                 await self._write(conn, cached)
             return  # None: the handler is still running, and its RESPONSE answers both copies
@@ -458,28 +397,12 @@ class McpClient:
         if not isinstance(name, str) or not isinstance(args, dict):
             await self._write(conn, _nack(seq, NackCode.MALFORMED_PAYLOAD))
             return
-        conn.responses[seq] = None
-        while len(conn.responses) > RESPONSE_CACHE:
-            conn.responses.popitem(last=False)
+        conn.responses.begin(seq)
         task = asyncio.create_task(self._run_command(conn, seq, name, args), name=f"mcp-command-{seq}")
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
 
-    async def _run_command(self, conn: _Connection, seq: int, name: str, args: dict[str, Any]) -> None:
-        body: dict[str, Any]
-        if self._handler is None:
-            body = {"ok": False, "error": "no command handler"}
-        else:
-            try:
-                body = {"ok": True, "result": await self._handler(name, args)}
-            except Exception as exc:  # the handler's failure is the device's answer, not the client's
-                body = {"ok": False, "error": str(exc) or type(exc).__name__}
-        try:
-            frame = Frame.json(FrameType.RESPONSE, seq, body)
-        except (TypeError, ValueError) as exc:
-            frame = Frame.json(FrameType.RESPONSE, seq, {"ok": False, "error": f"result is not JSON: {exc}"})
-        data = encode(frame)
-        if seq in conn.responses:
-            conn.responses[seq] = data
+    async def _run_command(self, conn: Connection, seq: int, name: str, args: dict[str, Any]) -> None:
+        data = await conn.responses.answer(seq, self._handler, name, args)
         # On a connection that broke meanwhile this is a no-op: the gateway that asked has given up on it.
         await self._write(conn, data)
