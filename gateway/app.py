@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.broker import EmbeddedBroker, client_url
+from bridge.broker_process import BrokerProcess
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from drivers.mcp.server import McpServer
@@ -48,7 +49,7 @@ class Gateway:
         self.cfg = loaded.config
         self.base = Path(loaded.path).resolve().parent
         self.simulation: Simulation | None = None
-        self.broker: EmbeddedBroker | None = None
+        self.broker: EmbeddedBroker | BrokerProcess | None = None
         self.sinks: list[MqttSink] = []
         self.outboxes: list[Outbox] = []
         self.buses: list[ModbusBus] = []
@@ -66,7 +67,8 @@ class Gateway:
         if cfg.simulator:
             self.simulation = await start_simulation(cfg, self.base)
         if cfg.broker.enabled:
-            self.broker = EmbeddedBroker(cfg.broker.listeners, cert=cfg.broker.cert, key=cfg.broker.key)
+            kind = BrokerProcess if cfg.broker.process == "separate" else EmbeddedBroker
+            self.broker = kind(cfg.broker.listeners, cert=cfg.broker.cert, key=cfg.broker.key)
             await self.broker.start()
 
         self._build_sinks()

@@ -191,6 +191,7 @@ class BrokerSection(Model):
     """The embedded MQTT broker."""
 
     enabled: bool = True
+    process: Literal["inline", "separate"] = "inline"  # separate: its own process, so it gets a core of its own
     listeners: list[Annotated[str, AfterValidator(_listener)]] = Field(
         default_factory=lambda: ["tcp://127.0.0.1:1883"], min_length=1
     )

@@ -286,3 +286,22 @@ async def test_metrics_are_published(tmp_path: Path, monkeypatch: pytest.MonkeyP
             assert last["sinks"]["local"]["connected"] is True
         finally:
             sub.stop()
+
+
+async def test_the_broker_can_run_in_its_own_process(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(port=port).replace("broker: {", "broker: {process: separate, "))
+    async with running(path) as gw:
+        from bridge.broker_process import BrokerProcess
+
+        assert isinstance(gw.broker, BrokerProcess) and gw.broker.pid is not None
+        sub = Subscriber(port)
+        await asyncio.to_thread(sub.start)
+        try:
+            msg = await sub.next_on("fieldgate/t1/other/level", timeout=10)
+            assert msg.json() == 7
+            r = await sub.request("fieldgate/t1/plc/set/sp", "10")
+            assert r.json()["ok"] is True
+        finally:
+            sub.stop()

@@ -1,0 +1,144 @@
+"""The embedded broker in a child process of its own, so that it gets the second core.
+
+The child runs `EmbeddedBroker` on its own event loop (`python -m bridge.broker_process`), says
+`ready` on stdout once its listeners are bound, and dies with the gateway (PR_SET_PDEATHSIG).
+The parent restarts it with back-off if it dies; the sinks reconnect and re-publish the retained
+state, as they do after any broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import signal
+import sys
+
+from gateway.errors import FieldgateError
+
+log = logging.getLogger(__name__)
+
+READY = b"ready\n"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+RESTART_MAX = 30.0
+
+
+def _die_with_parent() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): a gateway killed with -9 takes its broker along.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class BrokerProcess:
+    """Runs and supervises the broker child; same start/stop as EmbeddedBroker."""
+
+    def __init__(self, listeners: list[str], *, cert: str | None = None, key: str | None = None) -> None:
+        self.listeners = listeners
+        self._args = json.dumps({"listeners": listeners, "cert": cert, "key": key})
+        self._proc: asyncio.subprocess.Process | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    async def start(self) -> None:
+        """Start the child and wait until its listeners are bound."""
+        await self._spawn()
+        self._watcher = asyncio.create_task(self._watch(), name="broker-process")
+
+    async def _spawn(self) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge.broker_process",
+            self._args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                line = await proc.stdout.readline()
+        except TimeoutError:
+            line = b""
+        if line != READY:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            err = (await proc.stderr.read()).decode(errors="replace").strip().splitlines()
+            raise FieldgateError(err[-1] if err else f"embedded broker process did not start on {self.listeners}")
+        self._proc = proc
+        log.info("embedded broker (process %d) listening on %s", proc.pid, ", ".join(self.listeners))
+
+    async def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            log.warning("embedded broker process exited (%s); restarting in %.0f s", code, delay)
+            await asyncio.sleep(delay)
+            try:
+                await self._spawn()
+                self.restarts += 1
+                delay = 1.0
+            except FieldgateError as exc:
+                log.warning("embedded broker restart failed: %s", exc)
+                delay = min(delay * 2, RESTART_MAX)
+
+    async def stop(self) -> None:
+        """Stop the child: SIGTERM, then SIGKILL if it does not go."""
+        self._stopping = True
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _serve(listeners: list[str], cert: str | None, key: str | None) -> None:
+    from bridge.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(listeners, cert=cert, key=key)
+    await broker.start()
+    sys.stdout.buffer.write(READY)
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await broker.stop()
+
+
+def main() -> int:
+    """Entry point of the child: run the broker until SIGTERM."""
+    logging.basicConfig(level=logging.WARNING, format="broker: %(levelname)s %(name)s: %(message)s")
+    args = json.loads(sys.argv[1])
+    try:
+        asyncio.run(_serve(args["listeners"], args["cert"], args["key"]))
+    except FieldgateError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The embedded broker in a child process: start, serve, survive its own death, die with the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bridge.broker_process import BrokerProcess
+from bridge.sink import MqttSink
+from gateway.errors import FieldgateError
+from gateway.types import Message
+from helpers import Subscriber, free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): look at its state.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+async def test_serves_and_comes_back_after_it_dies() -> None:
+    port = free_port()
+    broker = BrokerProcess([f"tcp://127.0.0.1:{port}"])
+    await broker.start()
+    sub = Subscriber(port, ("p/#",))
+    await asyncio.to_thread(sub.start)
+    sink = MqttSink("t", f"mqtt://127.0.0.1:{port}", "p", client_id="proc-test")
+    await sink.start()
+    try:
+        assert await sink.wait_connected(5)
+        await sink.publish(Message("x", b"1"))
+        await sub.next_on("p/x")
+        first = broker.pid
+        assert first is not None and first != os.getpid()
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (broker.pid in (None, first)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert broker.restarts == 1 and broker.pid not in (None, first)
+        # The sink reconnects to the new broker by itself and publishing goes on.
+        await asyncio.wait_for(sink.publish(Message("y", b"2")), 15)
+    finally:
+        sub.stop()
+        await sink.stop()
+        await broker.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # stopped: nothing listens any more
+
+
+async def test_a_port_in_use_is_one_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        broker = BrokerProcess([f"tcp://127.0.0.1:{port}"])
+        with pytest.raises(FieldgateError, match="address already in use"):
+            await broker.start()
+
+
+def test_the_broker_dies_with_the_gateway(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    code = (
+        "import asyncio, os\n"
+        "from bridge.broker_process import BrokerProcess\n"
+        "async def main():\n"
+        f"    b = BrokerProcess(['tcp://127.0.0.1:{port}'])\n"
+        "    await b.start()\n"
+        "    print(b.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()  # kill -9: no chance to clean up
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
