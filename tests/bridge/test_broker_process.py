@@ -16,6 +16,7 @@ from bridge.broker_process import BrokerProcess
 from bridge.sink import MqttSink
 from gateway.errors import FieldgateError
 from gateway.types import Message
+
 from helpers import Subscriber, free_port
 
 
