@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 METRICS_INTERVAL = 10.0
 STOP_FLUSH_TIMEOUT = 3.0
+BROKER_DRAIN = 0.2
 
 
 def budget_warnings(cfg: Config) -> list[str]:
@@ -218,6 +219,8 @@ class Gateway:
         for sink in self.sinks:
             await sink.stop()
         if self.broker:
+            # The broker PUBACKs the last `offline` messages before it hands them on: let it.
+            await asyncio.sleep(BROKER_DRAIN)
             await self.broker.stop()
         if self.simulation:
             await self.simulation.stop()
