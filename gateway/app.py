@@ -200,9 +200,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._metrics
         if self.simulation:
-            for device in self.simulation.mcp_devices:
-                await device.stop()
-            self.simulation.mcp_devices.clear()
+            await self.simulation.stop_mcp()
         for bus in self.buses:
             await bus.stop()
         if self.mcp:

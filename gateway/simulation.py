@@ -37,10 +37,15 @@ class Simulation:
     simulators: dict[str, ModbusSimulator] = field(default_factory=dict)  # by link path
     mcp_devices: list[McpSimDevice] = field(default_factory=list)
 
-    async def stop(self) -> None:
-        """Stop every device and remove the lines."""
+    async def stop_mcp(self) -> None:
+        """Disconnect the simulated MCP devices (before the gateway's MCP server goes)."""
         for device in self.mcp_devices:
             await device.stop()
+        self.mcp_devices.clear()
+
+    async def stop(self) -> None:
+        """Stop every device and remove the lines."""
+        await self.stop_mcp()
         for sim in self.simulators.values():
             await sim.stop()
         for line in self.lines:

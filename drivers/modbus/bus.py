@@ -205,9 +205,7 @@ class ModbusBus:
                 log.warning("line %s: %s; retrying with back-off", self.name, exc)
             now = time.monotonic()
             for device in self.devices.values():
-                # Nothing on a line that cannot be opened can answer: no need to wait N polls.
-                device.failures = max(device.failures, device.offline_after - 1)
-                if device.record_failure(now):
+                if device.record_failure(now, unreachable=True):
                     self._announce(device, False, str(exc))
             await asyncio.sleep(self._reopen_backoff)
             self._reopen_backoff = min(self._reopen_backoff * 2, REOPEN_BACKOFF_MAX)

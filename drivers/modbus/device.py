@@ -133,9 +133,12 @@ class Device:
             return True
         return False
 
-    def record_failure(self, now: float) -> bool:
-        """Count a failed poll; True when this takes the device offline."""
-        self.failures += 1
+    def record_failure(self, now: float, *, unreachable: bool = False) -> bool:
+        """Count a failed poll; True when this takes the device offline.
+
+        `unreachable`: nothing on the line can answer (the port cannot be opened): offline at once.
+        """
+        self.failures = max(self.failures + 1, self.offline_after if unreachable else 0)
         if self.online is False:
             # Already offline: this was a probe. Back off further.
             self.backoff = min(self.backoff * 2, PROBE_BACKOFF_MAX)

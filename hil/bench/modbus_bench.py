@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -308,29 +309,18 @@ class Snapshot:
 
 
 @dataclass
-class Window:
-    """What happened between two snapshots."""
+class Window(Snapshot):
+    """What happened between two snapshots (`wall` is the window's length in seconds)."""
 
-    seconds: float
-    cpu: float
-    sim_cpu: float
-    transactions: int
-    timeouts: int
-    cycles: int
-    points: int
+    @property
+    def seconds(self) -> float:
+        """Length of the window."""
+        return self.wall
 
     @classmethod
     def between(cls, a: Snapshot, b: Snapshot) -> Window:
         """The differences of b over a."""
-        return cls(
-            b.wall - a.wall,
-            b.cpu - a.cpu,
-            b.sim_cpu - a.sim_cpu,
-            b.transactions - a.transactions,
-            b.timeouts - a.timeouts,
-            b.cycles - a.cycles,
-            b.points - a.points,
-        )
+        return cls(**{f.name: getattr(b, f.name) - getattr(a, f.name) for f in dataclasses.fields(Snapshot)})
 
 
 async def flat_out(bench: BenchBus, seconds: float) -> Window:
