@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from gateway import __version__
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _serial_args(write)
     _point_args(write)
     write.add_argument("--value", required=True, help='the value (JSON: 12.5, true, "text")')
+
+    spool = sub.add_parser("spool", help="show each northbound spool: messages held, bytes, oldest age, dropped")
+    spool.add_argument("-c", "--config", help="config file (default ./config.yaml, then /etc/fieldgate/config.yaml)")
+    spool.add_argument("--json", action="store_true", help="one JSON object keyed by sink name, for scripts")
     return parser
 
 
@@ -109,6 +114,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "spool":
+        return _spool(args)
     from gateway import commission
 
     _setup_logging("WARNING", args.debug)
@@ -147,6 +154,24 @@ def _check(args: argparse.Namespace) -> int:
         f"{len(cfg.northbound)} sink(s)"
     )
     return EXIT_OK
+
+
+def _spool(args: argparse.Namespace) -> int:
+    from gateway import spool_report
+    from gateway.config import find_config, load_config
+
+    loaded = load_config(find_config(args.config))
+    # Reads the files as they are: the gateway may be running and writing them.
+    rows, errors = spool_report.collect(loaded.config, time.time())
+    if args.json:
+        print(spool_report.to_json(rows))
+    elif sys.stdout.isatty():
+        spool_report.print_table(rows)
+    else:
+        print(spool_report.to_text(rows))
+    for error in errors:
+        print(f"fieldgate: {error}", file=sys.stderr)
+    return EXIT_RUNTIME if errors else EXIT_OK
 
 
 def parse_json_value(text: str) -> object:
