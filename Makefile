@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test check bench clean
+.PHONY: run test check bench clean mosquitto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,26 @@ run: $(VENV)/.installed
 check: $(VENV)/.installed
 	$(BIN)/fieldgate check -c $(CONFIG)
 
-test: $(VENV)/.installed-test
+# The store-and-forward tests run a real Mosquitto upstream. Installed once from Debian; the check
+# is by PATH (and /usr/sbin), not a stamp file, so a fresh machine with an old work tree still gets it.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
+	set -e; \
+	echo "installing Debian's mosquitto for the test suite"; \
+	$(SUDO) apt-get update -q; \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mosquitto; \
+	if [ -d /run/systemd/system ] && systemctl is-active --quiet mosquitto; then \
+		echo "stopping the system mosquitto service: the demo broker uses 1883"; \
+		$(SUDO) systemctl disable --now mosquitto; \
+	elif [ ! -d /run/systemd/system ] && [ -x /etc/init.d/mosquitto ] && /etc/init.d/mosquitto status >/dev/null 2>&1; then \
+		echo "stopping the mosquitto init script's daemon: the demo broker uses 1883"; \
+		$(SUDO) /etc/init.d/mosquitto stop; \
+		$(SUDO) update-rc.d mosquitto disable >/dev/null 2>&1 || true; \
+	fi
+
+test: $(VENV)/.installed-test mosquitto
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed

@@ -1,11 +1,13 @@
-"""Fixtures that build real parts: an amqtt broker on a free port, a paho subscriber."""
+"""Fixtures that build real parts: an amqtt broker on a free port, a paho subscriber, a Mosquitto process."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from mosquitto import Mosquitto, MosquittoError, TlsFiles, make_tls_files
 
 from bridge.broker import EmbeddedBroker
 
@@ -38,3 +40,33 @@ async def subscriber(broker: EmbeddedBroker, port: int) -> AsyncIterator[Subscri
         yield sub
     finally:
         sub.stop()
+
+
+def _mosquitto(workdir: Path, tls: TlsFiles | None = None) -> Mosquitto:
+    try:
+        return Mosquitto(workdir, free_port(), tls=tls)
+    except MosquittoError as exc:
+        # Fail, not skip: a store-and-forward test that silently skips proves nothing.
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running Mosquitto on its own free loopback port (not `port`); stopped afterwards even if the test killed it."""
+    m = _mosquitto(tmp_path / "mosquitto")
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def mosquitto_tls(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running Mosquitto with a TLS listener that requires a client certificate; the PEM files are `.tls`."""
+    m = _mosquitto(tmp_path / "mosquitto-tls", tls=make_tls_files(tmp_path / "tls"))
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
