@@ -74,6 +74,10 @@ class BufferFull(SinkError):
 class Buffer(Protocol):
     """A FIFO of messages with transactional delivery: take a batch, then accept or reject it."""
 
+    name: str
+    #: True when calls do I/O (the outbox then makes them from a worker thread, one at a time).
+    durable: bool
+
     def add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
         """Store (message, sampled_ms) pairs, all or none; their ids, once they are durable."""
 
@@ -91,6 +95,9 @@ class Buffer(Protocol):
 
     def stats(self) -> BufferStats:
         """Counts, bytes, the oldest entry's age and the drop counter."""
+
+    def newest_retained(self) -> dict[str, int]:
+        """The id of the newest retained entry of each topic that has one (what a replay may publish retained)."""
 
     def close(self) -> None:
         """Release the storage; the buffer is unusable afterwards."""
@@ -173,6 +180,8 @@ def requeue(ids: Iterable[int], in_flight: set[int], returned: list[int]) -> Non
 
 class MemoryBuffer:
     """A Buffer in memory: no I/O, gone with the process; for one thread (the event loop)."""
+
+    durable = False
 
     def __init__(
         self,
@@ -274,6 +283,11 @@ class MemoryBuffer:
         """Counts, bytes, the oldest entry's queue time and the drop counter."""
         oldest = next(iter(self._entries.values())).queued_at if self._entries else None
         return BufferStats(len(self._entries), self._bytes, oldest, self._dropped, len(self._in_flight))
+
+    def newest_retained(self) -> dict[str, int]:
+        """The id of the newest retained entry of each topic."""
+        self._check_open()
+        return {e.message.topic: e.id for e in self._entries.values() if e.message.retain}
 
     def close(self) -> None:
         """Forget everything; later calls raise SinkError."""

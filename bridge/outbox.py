@@ -1,9 +1,21 @@
-"""A sink's outbox: a bounded in-memory queue drained with a window of publishes in flight.
+"""A sink's outbox: live messages straight to the broker, everything else through the sink's spool.
 
-`submit` hands a message over without waiting; `publish` returns once it is durable (PUBACK),
-which is what the MCP ACK will wait on. When the
-broker is away long enough to fill the queue, the oldest messages are dropped and counted (the
-SQLite spool takes over this role in the store-and-forward work).
+Every message the gateway hands over ends in one of three places until the broker acknowledges it:
+- the live queue, drained with a window of publishes in flight, while the sink is connected, its
+  live queue is below the high-water mark and (with `order: strict`) nothing waits in the spool;
+- the spool (`Buffer`), otherwise: messages gathered for `commit_window` are added in one
+  transaction (one fsync for the lot), from a worker thread when the buffer does I/O;
+- back in the spool when the connection drops before the PUBACK (the sink fails those publishes
+  with `SinkOffline`).
+
+`enqueue` returns a future that resolves once the message is durable: PUBACKed, or committed to
+the spool; it fails (BufferFull with `when_full: reject`, a spool that cannot write) when neither
+will happen, which is what makes MCP ACKs truthful.
+
+The backlog is replayed at `replay_rate` while live messages keep flowing (`order: live`).
+Retained topics (per-point values, device statuses) carry state, not history: a retained message
+waiting in the live queue is replaced by a newer one of its topic, and a spooled one is replayed
+only if it is still the newest of its topic, so a replay never sets a retained topic back.
 """
 
 from __future__ import annotations
@@ -13,110 +25,237 @@ import collections
 import contextlib
 import functools
 import logging
-from typing import Protocol
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
 
-from gateway.errors import SinkError
+from bridge.buffer import Buffer, BufferFull, BufferStats, Entry, MemoryBuffer
+from gateway.errors import SinkError, SinkOffline
 from gateway.types import Message
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+Order = Literal["live", "strict"]
+
+#: Entries taken from the spool per replay step, at most.
+REPLAY_BATCH = 100
+#: How often expired entries are dropped and the spool's figures refreshed.
+HOUSEKEEPING_INTERVAL = 1.0
+
 
 class Publisher(Protocol):
-    """Anything with an awaitable durable publish."""
+    """A sink: an awaitable durable publish, and whether it is connected."""
 
     name: str
 
-    async def publish(self, message: Message) -> None:
-        """Return once the message is durable."""
+    @property
+    def connected(self) -> bool:
+        """True while the broker session is up."""
 
     def try_publish(self, message: Message) -> asyncio.Future[None] | None:
-        """Start publishing now if possible: a future of its durability, or None to use publish()."""
+        """Start publishing now: a future of the broker's acknowledgement, or None while disconnected."""
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the broker session; True when it is up."""
+
+
+class _Item:
+    """One message on its way: its sample time, who waits for it, where it is."""
+
+    __slots__ = ("message", "ts", "fut", "seq", "superseded", "settled")
+
+    def __init__(self, message: Message, ts: int, fut: asyncio.Future[None] | None, seq: int) -> None:
+        self.message = message
+        self.ts = ts
+        self.fut = fut
+        self.seq = seq
+        self.superseded = False  # a newer retained message of the topic came before this one went out
+        self.settled = False  # acknowledged, spooled or failed: later news about it is ignored
+
+    def resolve(self, exc: BaseException | None = None) -> None:
+        self.settled = True
+        if self.fut is not None and not self.fut.done():
+            if exc is None:
+                self.fut.set_result(None)
+            else:
+                self.fut.set_exception(exc)
+
+
+@dataclass
+class OutboxStats:
+    """Counters of one outbox (the spool's own figures come from `Buffer.stats`)."""
+
+    live: int = 0  # acknowledged straight from the live queue
+    spooled: int = 0  # committed to the spool
+    replayed: int = 0  # acknowledged from the spool
+    coalesced: int = 0  # retained messages replaced by a newer one of their topic before they went out
+    refused: int = 0  # the spool would not take them (full with when_full: reject, or a write error)
 
 
 class Outbox:
-    """FIFO of messages for one sink, published with up to `window` in flight."""
+    """The way from the gateway to one sink: live queue, spool, replay."""
 
-    def __init__(self, sink: Publisher, *, capacity: int = 100_000, window: int = 64) -> None:
+    def __init__(
+        self,
+        sink: Publisher,
+        buffer: Buffer | None = None,
+        *,
+        window: int = 64,
+        high_water: int = 10_000,
+        commit_window: float = 0.12,
+        replay_rate: float = 500.0,
+        order: Order = "live",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.sink = sink
-        self.capacity = capacity
-        self.dropped = 0
-        self._queue: collections.deque[tuple[Message, asyncio.Future[None] | None]] = collections.deque()
+        self.buffer: Buffer = buffer if buffer is not None else MemoryBuffer(name=f"sink {sink.name} memory buffer")
+        self.high_water = high_water
+        self.commit_window = commit_window
+        self.replay_rate = replay_rate
+        self.order = order
+        self.stats = OutboxStats()
+        self._clock = clock
+        self._queue: collections.deque[_Item] = collections.deque()
         self._ready = asyncio.Event()
         self._window = asyncio.Semaphore(window)
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._busy = 0  # messages handed to the sink, not yet acknowledged
+        self._handed: set[_Item] = set()  # live messages the sink has, not yet acknowledged
+        self._pending: list[_Item] = []  # waiting for the next spool commit
+        self._pending_ready = asyncio.Event()
+        self._committing = 0  # messages in a spool commit under way
+        self._held = 0  # entries in the spool (as of the last call into it)
+        self._replaying = 0
+        self._spooled_wake = asyncio.Event()
+        # topic -> what holds its newest retained message: an _Item (live queue, pending) or a spool id.
+        self._retained: dict[str, _Item | int] = {}
+        self._seq = 0
+        self._executor = ThreadPoolExecutor(1, f"spool-{sink.name}") if self.buffer.durable else None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._commit_task: asyncio.Task[None] | None = None
+        self._last_stats = BufferStats(0, 0, None, 0)
         self._stopped = False
+        self._refusal_logged = 0.0
 
     def __len__(self) -> int:
-        return len(self._queue)
+        """Messages not yet acknowledged or spooled (the live queue, in flight, and waiting for a commit)."""
+        return len(self._queue) + len(self._handed) + len(self._pending) + self._committing
+
+    @property
+    def backlog(self) -> int:
+        """Messages in the spool or on their way into it."""
+        return self._held + len(self._pending) + self._committing
+
+    # --- in -------------------------------------------------------------------------------------
 
     def submit(self, message: Message) -> None:
-        """Queue a message without waiting for it."""
+        """Hand a message over without waiting for it."""
         self._put(message, None)
 
     def enqueue(self, message: Message) -> asyncio.Future[None]:
-        """Queue a message now; the future resolves once the sink has it durably (SinkError if it never will)."""
+        """Hand a message over; the future resolves once it is durable (SinkError if it never will be)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if len(self._queue) >= self.capacity:
-            # Someone waits on this one (an MCP ACK): refuse it rather than evict others.
-            raise SinkError(f"sink {self.sink.name}: outbox full ({self.capacity} messages)")
         self._put(message, fut)
         return fut
 
     async def publish(self, message: Message) -> None:
-        """Queue a message and return once the sink has it durably (SinkError if it never will)."""
+        """Hand a message over and return once it is durable."""
         await self.enqueue(message)
 
     def _put(self, message: Message, fut: asyncio.Future[None] | None) -> None:
         if self._stopped:
             raise SinkError(f"sink {self.sink.name}: outbox stopped")
-        if len(self._queue) >= self.capacity:
-            _, old = self._queue.popleft()
-            self.dropped += 1
-            if old is not None and not old.done():
-                old.set_exception(SinkError(f"sink {self.sink.name}: outbox full, message dropped"))
-            if self.dropped == 1 or self.dropped % 10_000 == 0:
-                log.warning(
-                    "sink %s: outbox full (%d), %d oldest messages dropped so far",
-                    self.sink.name,
-                    self.capacity,
-                    self.dropped,
-                )
-        self._queue.append((message, fut))
-        self._ready.set()
+        self._seq += 1
+        ts = message.ts if message.ts is not None else int(self._clock() * 1000)
+        item = _Item(message, ts, fut, self._seq)
+        if message.retain:
+            older = self._retained.get(message.topic)
+            if isinstance(older, _Item) and older.fut is None and not older.settled:
+                older.superseded = True
+                self.stats.coalesced += 1
+            self._retained[message.topic] = item
+        if self._live_ok():
+            self._queue.append(item)
+            self._ready.set()
+        else:
+            self._spool(item)
+
+    def _live_ok(self) -> bool:
+        if not self.sink.connected:
+            return False
+        if self.order == "strict" and self.backlog + self._replaying:
+            return False
+        return len(self._queue) + len(self._handed) < self.high_water
+
+    def _spool(self, item: _Item) -> None:
+        self._pending.append(item)
+        self._pending_ready.set()
+
+    # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start draining."""
-        self._task = asyncio.create_task(self._drain(), name=f"outbox:{self.sink.name}")
+        """Learn what the spool holds from an earlier run, then start draining, committing and replaying."""
+        newest = await self._call(self.buffer.newest_retained)
+        for topic, entry_id in newest.items():
+            self._retained.setdefault(topic, entry_id)
+        self._held = (await self._call(self.buffer.stats)).count
+        name = self.sink.name
+        self._tasks = [
+            asyncio.create_task(self._drain(), name=f"outbox:{name}:live"),
+            asyncio.create_task(self._commit_loop(), name=f"outbox:{name}:commit"),
+            asyncio.create_task(self._replay_loop(), name=f"outbox:{name}:replay"),
+            asyncio.create_task(self._housekeeping(), name=f"outbox:{name}:housekeeping"),
+        ]
 
     async def flush(self, timeout: float) -> bool:
-        """Wait until everything queued so far is published; False on timeout."""
-
-        async def drained() -> None:
-            while self._queue or self._busy:
-                await asyncio.sleep(0.01)
-
+        """Wait until the live queue is acknowledged and nothing waits for a commit; False on timeout."""
         try:
             async with asyncio.timeout(timeout):
-                await drained()
+                while self._queue or self._handed or self._pending or self._committing:
+                    await asyncio.sleep(0.01)
         except TimeoutError:
             return False
         return True
 
     async def stop(self) -> None:
-        """Stop draining; what is still queued is failed (the spool will keep it later)."""
+        """Stop; what is not acknowledged yet goes to the spool (kept for the next start), then close it."""
         self._stopped = True
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for task in list(self._inflight):
+        for task in self._tasks:
             task.cancel()
-        while self._queue:
-            _, fut = self._queue.popleft()
-            if fut is not None and not fut.done():
-                fut.set_exception(SinkError(f"sink {self.sink.name} stopped"))
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._commit_task is not None:
+            await self._commit_task  # a commit under way finishes: its messages are in the spool
+        leftovers = sorted(self._handed, key=lambda it: it.seq) + list(self._queue) + self._pending
+        self._handed.clear()
+        self._queue.clear()
+        self._pending = []
+        try:
+            await self._commit(leftovers)
+        finally:
+            await self._call(self.buffer.close)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+    def figures(self) -> dict[str, Any]:
+        """The outbox's and its spool's figures for `P/metrics`."""
+        st = self.buffer.stats() if self._executor is None else self._last_stats
+        oldest = None if st.oldest_queued_at is None else round(max(0.0, self._clock() - st.oldest_queued_at), 1)
+        return {
+            "queued": len(self),
+            "spool_messages": st.count,
+            "spool_bytes": st.bytes,
+            "spool_oldest_age_s": oldest,
+            "dropped": st.dropped + self.stats.refused,
+            "spool_commits": st.commits,
+            "spool_fsyncs": st.fsyncs,
+            "spool_bytes_written": st.bytes_written,
+            **vars(self.stats),
+        }
+
+    # --- the live queue -------------------------------------------------------------------------
 
     async def _drain(self) -> None:
         while True:
@@ -125,50 +264,181 @@ class Outbox:
                 await self._ready.wait()
                 continue
             await self._window.acquire()
-            message, fut = self._queue.popleft()
-            self._busy += 1
-            started = self.sink.try_publish(message)
-            if started is not None:
-                # Connected: paho has it; the PUBACK resolves `started` (no task per message).
-                started.add_done_callback(functools.partial(self._finished, fut))
+            item = self._queue.popleft() if self._queue else None
+            if item is None or item.superseded:
+                self._window.release()
+                if item is not None:
+                    item.settled = True
                 continue
-            task = asyncio.create_task(self._one(message, fut))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            started = self.sink.try_publish(item.message) if self.sink.connected else None
+            if started is None:
+                # The connection is gone: this and everything behind it goes to the spool, in order.
+                self._window.release()
+                self._spool(item)
+                while self._queue:
+                    self._spool(self._queue.popleft())
+                continue
+            self._handed.add(item)
+            started.add_done_callback(functools.partial(self._acknowledged, item))
 
-    def _finished(self, fut: asyncio.Future[None] | None, started: asyncio.Future[None]) -> None:
+    def _acknowledged(self, item: _Item, started: asyncio.Future[None]) -> None:
         self._window.release()
-        self._busy -= 1
-        if fut is None or fut.done():
-            if not started.cancelled() and started.exception() is not None:
-                log.debug("sink %s: %s", self.sink.name, started.exception())
+        self._handed.discard(item)
+        if item.settled:
+            return  # stopped meanwhile: it went to the spool
+        exc = None if started.cancelled() else started.exception()
+        if started.cancelled() or isinstance(exc, SinkOffline):
+            if self._stopped:
+                return
+            self._spool(item)  # not acknowledged: keep it (a duplicate if the broker had it after all)
             return
-        if started.cancelled():
-            fut.set_exception(SinkError(f"sink {self.sink.name} stopped"))
-        elif (exc := started.exception()) is not None:
-            fut.set_exception(exc if isinstance(exc, SinkError) else SinkError(f"sink {self.sink.name}: {exc}"))
-        else:
-            fut.set_result(None)
+        if exc is not None:
+            log.warning("sink %s: %s", self.sink.name, exc)
+            item.resolve(exc if isinstance(exc, SinkError) else SinkError(f"sink {self.sink.name}: {exc}"))
+            return
+        self.stats.live += 1
+        if item.message.retain and self._retained.get(item.message.topic) is item:
+            del self._retained[item.message.topic]  # the broker has the newest: nothing to replay
+        item.resolve()
 
-    async def _one(self, message: Message, fut: asyncio.Future[None] | None) -> None:
-        # Disconnected: wait for the connection inside the sink's own publish.
+    # --- into the spool -------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._pending_ready.wait()
+            if self.commit_window and self.buffer.durable:
+                await asyncio.sleep(self.commit_window)  # gather: one transaction, one fsync
+            batch, self._pending = self._pending, []
+            self._pending_ready.clear()
+            batch.sort(key=lambda it: it.seq)  # failed in-flight messages come back after younger ones
+            # Shielded: stop() waits for it rather than cutting a commit (and its waiters) in half.
+            self._commit_task = asyncio.ensure_future(self._commit(batch))
+            try:
+                await asyncio.shield(self._commit_task)
+            finally:
+                if self._commit_task.done():
+                    self._commit_task = None
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        """Add the batch to the spool in one transaction; settle everyone waiting on it."""
+        items = [it for it in batch if not it.superseded or it.fut is not None]
+        for it in batch:
+            if it.superseded and it.fut is None:
+                it.settled = True
+        if not items:
+            return
+        self._committing += len(items)
         try:
-            await self.sink.publish(message)
+            ids = await self._call(self.buffer.add, [(it.message, it.ts) for it in items])
         except SinkError as exc:
-            log.debug("sink %s: %s", self.sink.name, exc)
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
-        except asyncio.CancelledError:
-            if fut is not None and not fut.done():
-                fut.set_exception(SinkError(f"sink {self.sink.name} stopped"))
-            raise
-        except Exception as exc:
-            log.error("sink %s: publish failed: %r", self.sink.name, exc)
-            if fut is not None and not fut.done():
-                fut.set_exception(SinkError(f"sink {self.sink.name}: {exc}"))
-        else:
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            self._refused(items, exc)
+            return
         finally:
-            self._window.release()
-            self._busy -= 1
+            self._committing -= len(items)
+        self.stats.spooled += len(ids)
+        for it, entry_id in zip(items, ids, strict=True):
+            if it.message.retain and self._retained.get(it.message.topic) is it:
+                self._retained[it.message.topic] = entry_id
+            it.resolve()
+        self._held += len(ids)
+        self._spooled_wake.set()
+
+    def _refused(self, items: list[_Item], exc: SinkError) -> None:
+        self.stats.refused += len(items)
+        for it in items:
+            if it.message.retain and self._retained.get(it.message.topic) is it:
+                del self._retained[it.message.topic]
+            it.resolve(exc)
+        now = time.monotonic()
+        if now - self._refusal_logged >= 10.0 or not isinstance(exc, BufferFull):
+            self._refusal_logged = now
+            level = logging.WARNING if isinstance(exc, BufferFull) else logging.ERROR
+            log.log(
+                level,
+                "sink %s: %d message(s) not spooled (%d so far): %s",
+                self.sink.name,
+                len(items),
+                self.stats.refused,
+                exc,
+            )
+
+    # --- out of the spool -----------------------------------------------------------------------
+
+    async def _replay_loop(self) -> None:
+        batch = max(1, min(REPLAY_BATCH, int(self.replay_rate / 10) or 1))
+        next_at = time.monotonic()
+        while True:
+            if self._held <= 0:
+                self._spooled_wake.clear()
+                await self._spooled_wake.wait()
+                next_at = time.monotonic()  # no catching up for the time spent idle
+                continue
+            if not self.sink.connected:
+                await self.sink.wait_connected(1.0)
+                next_at = time.monotonic()
+                continue
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            entries = await self._call(self.buffer.take, batch)
+            if not entries:
+                self._held = 0
+                continue
+            next_at += len(entries) / self.replay_rate
+            self._replaying = len(entries)
+            try:
+                await self._replay(entries)
+            finally:
+                self._replaying = 0
+
+    async def _replay(self, entries: list[Entry]) -> None:
+        """Publish one batch; accept what the broker acknowledged (and what is superseded), reject the rest."""
+        done: list[int] = []
+        sent: list[tuple[Entry, asyncio.Future[None]]] = []
+        back: list[int] = []
+        for i, e in enumerate(entries):
+            if e.message.retain and self._retained.get(e.message.topic) != e.id:
+                done.append(e.id)  # a newer state of this topic exists: publishing this one would set it back
+                continue
+            started = self.sink.try_publish(e.message)
+            if started is None:
+                back = [x.id for x in entries[i:] if x.id not in done]
+                break
+            sent.append((e, started))
+        if sent:
+            await asyncio.wait([f for _, f in sent])
+        for e, f in sent:
+            if f.cancelled() or f.exception() is not None:
+                back.append(e.id)
+                continue
+            done.append(e.id)
+            self.stats.replayed += 1
+            if e.message.retain and self._retained.get(e.message.topic) == e.id:
+                del self._retained[e.message.topic]
+        if back:
+            await self._call(self.buffer.reject, back)
+        if done:
+            await self._call(self.buffer.accept, done)
+        self._held = (await self._refresh()).count
+
+    # --- housekeeping ---------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        while True:
+            try:
+                await self._call(self.buffer.expire, self._clock())
+                self._held = (await self._refresh()).count
+            except SinkError as exc:
+                log.error("sink %s: %s", self.sink.name, exc)
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+
+    async def _refresh(self) -> BufferStats:
+        st = await self._call(self.buffer.stats)
+        self._last_stats = st
+        return st
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call into the buffer: on a worker thread, one call at a time, when it does I/O."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

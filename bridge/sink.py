@@ -1,9 +1,10 @@
 """A northbound MQTT sink: one paho client driven by the asyncio loop, awaitable publishes.
 
 paho runs on our event loop (its socket registered with add_reader/add_writer, no thread).
-Each QoS 1 publish gets a future keyed by its message id, resolved by the PUBACK; paho keeps
-a message whose connection was lost before the PUBACK and sends it again after the reconnect,
-so `publish` returns only once the broker has the message (at least once).
+Each QoS 1 publish gets a future keyed by its message id, resolved by the PUBACK. When the
+connection drops first, the future fails with `SinkOffline` and the message is the caller's
+again (the outbox spools it): every connection is a fresh paho client, so paho never re-sends
+behind the outbox's back and one place (the spool) holds everything not yet acknowledged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from gateway.errors import SinkError
+from gateway.errors import SinkError, SinkOffline
 from gateway.types import Message
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class SinkStats:
     """Counters of one sink."""
 
     published: int = 0
-    resent: int = 0
+    unacked_at_disconnect: int = 0  # handed back to the outbox when a connection dropped
     connects: int = 0
     disconnects: int = 0
     received: int = 0
@@ -79,6 +80,14 @@ class MqttSink:
         self._subscriptions = subscriptions
         self._on_request = on_request
         self._on_connect_hook = on_connect
+        self._client_id = client_id
+        self._credentials = (username, password)
+        self._max_inflight = max_inflight
+        self._tls: ssl.SSLContext | None = None
+        if parsed.scheme == "mqtts":
+            self._tls = ssl.create_default_context(cafile=ca)
+            if cert:
+                self._tls.load_cert_chain(cert, key)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._closing = False
@@ -87,17 +96,20 @@ class MqttSink:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._misc: asyncio.Task[None] | None = None
         self._connector: asyncio.Task[None] | None = None
+        self._client = self._new_client()
 
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
-        c.max_inflight_messages_set(max_inflight)
+    def _new_client(self) -> mqtt.Client:
+        """A paho client for one connection: nothing of an earlier connection's in-flight state in it."""
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv311, clean_session=True
+        )
+        c.max_inflight_messages_set(self._max_inflight)
         c.max_queued_messages_set(0)
+        username, password = self._credentials
         if username is not None:
             c.username_pw_set(username, password)
-        if parsed.scheme == "mqtts":
-            ctx = ssl.create_default_context(cafile=ca)
-            if cert:
-                ctx.load_cert_chain(cert, key)
-            c.tls_set_context(ctx)
+        if self._tls is not None:
+            c.tls_set_context(self._tls)
         # The last will tells subscribers the gateway vanished without a goodbye.
         c.will_set(self.topic("status"), b"offline", qos=1, retain=True)
         c.on_connect = self._handle_connect
@@ -108,7 +120,7 @@ class MqttSink:
         c.on_socket_close = self._socket_close
         c.on_socket_register_write = self._register_write
         c.on_socket_unregister_write = self._unregister_write
-        self._client = c
+        return c
 
     def topic(self, relative: str) -> str:
         """The full topic of a prefix-relative one."""
@@ -147,15 +159,12 @@ class MqttSink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._client.disconnect()
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(SinkError(f"sink {self.name} stopped"))
-        self._pending.clear()
+        self._fail_pending(SinkOffline(f"sink {self.name} stopped before the broker acknowledged"))
         self._connected.clear()
         self._stopped.set()
 
     async def publish(self, message: Message) -> None:
-        """Publish and return once the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
+        """Publish and return once the broker acknowledged it (QoS 1) or it was written (QoS 0); across reconnects."""
         while True:
             if self._closing and not self.connected:
                 raise SinkError(f"sink {self.name} is stopped")
@@ -168,9 +177,15 @@ class MqttSink:
                         w.cancel()
                 continue
             fut = self.try_publish(message)
-            if fut is not None:
+            if fut is None:
+                continue
+            try:
                 await fut
-                return
+            except SinkOffline:
+                if self._closing:
+                    raise
+                continue  # the connection dropped first: publish it again on the next one
+            return
 
     def try_publish(self, message: Message) -> asyncio.Future[None] | None:
         """Hand a message to paho now: a future resolved by its PUBACK, or None while disconnected.
@@ -209,7 +224,15 @@ class MqttSink:
 
     # --- paho callbacks (all on the loop thread once connected) ------------------------------------
 
+    def _fail_pending(self, exc: SinkError) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
     def _handle_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if client is not self._client:
+            return
         if reason.is_failure:
             log.warning("sink %s: broker %s:%d refused the connection: %s", self.name, self._host, self._port, reason)
             return
@@ -224,23 +247,30 @@ class MqttSink:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _handle_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _handle_disconnect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if client is not self._client:
+            return
         was = self._connected.is_set()
         self._connected.clear()
         if was:
             self.stats.disconnects += 1
             if not self._closing:
                 log.warning("sink %s: connection to %s:%d lost: %s", self.name, self._host, self._port, reason)
-        # paho keeps the unacknowledged messages and sends them again (same mid) after the reconnect.
-        self.stats.resent += sum(1 for f in self._pending.values() if not f.done())
+        # The next connection is a new client: what this one did not get acknowledged goes back to the caller.
+        self.stats.unacked_at_disconnect += sum(1 for f in self._pending.values() if not f.done())
+        self._fail_pending(SinkOffline(f"sink {self.name}: connection lost before the broker acknowledged"))
 
-    def _handle_puback(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+    def _handle_puback(self, client: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+        if client is not self._client:
+            return
         fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
             self.stats.published += 1
             fut.set_result(None)
 
-    def _handle_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+    def _handle_message(self, client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        if client is not self._client:
+            return
         self.stats.received += 1
         if self._on_request and msg.topic.startswith(self.prefix + "/"):
             self._on_request(msg.topic[len(self.prefix) + 1 :], bytes(msg.payload))
@@ -259,12 +289,12 @@ class MqttSink:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _socket_open(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
-        self._threadsafe(self._add_reader, sock)
+        self._threadsafe(self._add_reader, client, sock)
 
-    def _add_reader(self, sock: Any) -> None:
+    def _add_reader(self, client: mqtt.Client, sock: Any) -> None:
         assert self._loop is not None
         with contextlib.suppress(ValueError, OSError):
-            self._loop.add_reader(sock, self._client.loop_read)
+            self._loop.add_reader(sock, client.loop_read)
 
     def _socket_close(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
         assert self._loop is not None
@@ -273,12 +303,12 @@ class MqttSink:
             self._loop.remove_writer(sock)
 
     def _register_write(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
-        self._threadsafe(self._add_writer, sock)
+        self._threadsafe(self._add_writer, client, sock)
 
-    def _add_writer(self, sock: Any) -> None:
+    def _add_writer(self, client: mqtt.Client, sock: Any) -> None:
         assert self._loop is not None
         with contextlib.suppress(ValueError, OSError):
-            self._loop.add_writer(sock, self._client.loop_write)
+            self._loop.add_writer(sock, client.loop_write)
 
     def _unregister_write(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
         assert self._loop is not None
@@ -292,14 +322,13 @@ class MqttSink:
             if not self._connected.is_set() and not self._client.is_connected():
                 try:
                     assert self._loop is not None
+                    if not first:
+                        self._client = self._new_client()
+                    first = False
                     # The TCP (and TLS) handshake blocks, so it runs in a worker thread.
-                    if first:
-                        await self._loop.run_in_executor(
-                            None, self._client.connect, self._host, self._port, self._keepalive
-                        )
-                        first = False
-                    else:
-                        await self._loop.run_in_executor(None, self._client.reconnect)
+                    await self._loop.run_in_executor(
+                        None, self._client.connect, self._host, self._port, self._keepalive
+                    )
                     delay = RECONNECT_MIN
                     # Give the CONNACK time to come back over a slow link before trying again.
                     await self.wait_connected(max(10.0, self._keepalive))

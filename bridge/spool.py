@@ -71,6 +71,8 @@ def _chunks(ids: list[int]) -> Iterator[list[int]]:
 class SQLiteSpool:
     """A Buffer in one SQLite file: durable adds, FIFO by id, limits in bytes, age and free disk."""
 
+    durable = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -222,6 +224,13 @@ class SQLiteSpool:
             oldest = None if self._closed else self._oldest_queued_at()
             written = (self._io.commits, self._io.fsyncs, self._io.bytes_written)
             return BufferStats(self._count, self._bytes, oldest, self._dropped, len(self._in_flight), *written)
+
+    def newest_retained(self) -> dict[str, int]:
+        """The id of the newest retained entry of each topic."""
+        with self._lock:
+            self._check_open()
+            rows = self._read("SELECT topic, MAX(id) FROM messages WHERE retain = 1 GROUP BY topic", ())
+            return {topic: entry_id for topic, entry_id in rows}
 
     def close(self) -> None:
         """Checkpoint (leaving one file behind), close the database and release the file lock."""

@@ -16,6 +16,7 @@ from bridge.broker import EmbeddedBroker, client_url
 from bridge.broker_process import BrokerProcess
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
+from bridge.spool import SQLiteSpool
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.config import Loaded
@@ -118,7 +119,21 @@ class Gateway:
                 on_request=functools.partial(self._request, outbox_of, s.name),
                 on_connect=functools.partial(self._reconnected, outbox_of, s.name),
             )
-            outbox_of[s.name] = Outbox(sink)
+            spool = SQLiteSpool(
+                cfg.spool_path(s),
+                max_size=s.spool.max_size,
+                max_age=s.spool.max_age,
+                when_full=s.spool.when_full,
+                min_free_bytes=s.spool.min_free,
+                name=f"sink {s.name} spool",
+            )
+            outbox_of[s.name] = Outbox(
+                sink,
+                spool,
+                commit_window=s.spool.commit_window,
+                replay_rate=s.spool.replay_rate,
+                order=s.spool.order,
+            )
             self.sinks.append(sink)
             log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
         self.outboxes = list(outbox_of.values())
@@ -181,7 +196,7 @@ class Gateway:
             if self.mcp
             else None,
             "sinks": {
-                o.sink.name: {**asdict(s.stats), "queued": len(o), "dropped": o.dropped, "connected": s.connected}
+                o.sink.name: {**asdict(s.stats), **o.figures(), "connected": s.connected}
                 for o, s in zip(self.outboxes, self.sinks, strict=True)
             },
         }

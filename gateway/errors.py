@@ -49,3 +49,7 @@ class ProtocolError(DeviceError):
 
 class SinkError(FieldgateError):
     """A northbound sink could not accept a message."""
+
+
+class SinkOffline(SinkError):
+    """The sink's connection went down before the broker acknowledged the message: it may be sent again."""

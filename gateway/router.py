@@ -135,10 +135,10 @@ class Router:
             body = dict(sample.values) if view.profile.every_sample else changed
         view.published.update(changed)
         for name, value in changed.items():
-            self._send(Message(f"{sample.device}/{name}", encode_json(value), retain=True))
+            self._send(Message(f"{sample.device}/{name}", encode_json(value), retain=True, ts=sample.ts))
         if not body:
             return None
-        return Message(f"{sample.device}/telemetry", encode_json({"ts": sample.ts, "values": body}))
+        return Message(f"{sample.device}/telemetry", encode_json({"ts": sample.ts, "values": body}), ts=sample.ts)
 
     def on_state(self, state: DeviceState) -> None:
         """Publish a device's retained online/offline status."""

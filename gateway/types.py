@@ -35,6 +35,7 @@ class Message:
     payload: bytes
     retain: bool = False
     qos: int | None = None  # None: the sink's own QoS
+    ts: int | None = None  # unix ms the content was sampled at (kept through the spool); None: when queued
 
 
 @dataclass(frozen=True, slots=True)

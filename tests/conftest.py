@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from mosquitto import Mosquitto, MosquittoError, TlsFiles, make_tls_files
 
 from bridge.broker import EmbeddedBroker
 
 from helpers import Subscriber, free_port
+from mosquitto import Mosquitto, MosquittoError, TlsFiles, make_tls_files
 
 
 @pytest.fixture

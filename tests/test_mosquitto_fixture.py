@@ -11,11 +11,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mosquitto import Mosquitto, MosquittoError, find_mosquitto
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from helpers import free_port
+from mosquitto import Mosquitto, MosquittoError, find_mosquitto
 
 _ids = itertools.count()
 

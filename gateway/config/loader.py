@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -56,7 +57,12 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError([f"{name}:{line}: yaml: not UTF-8 text ({exc.reason})"]) from None
-    return parse_config(text, filename=name, env=env)
+    loaded = parse_config(text, filename=name, env=env)
+    # A relative state dir belongs to the config file, as relative serial paths do, not to the cwd.
+    state = Path(loaded.config.gateway.state_dir)
+    if not state.is_absolute():
+        loaded.config.gateway.state_dir = str(Path(name).resolve().parent / state)
+    return loaded
 
 
 def parse_config(text: str, filename: str = "<config>", env: Mapping[str, str] | None = None) -> Loaded:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -208,11 +209,15 @@ class BrokerSection(Model):
 
 
 class SpoolConfig(Model):
-    """Store-and-forward limits of one sink."""
+    """Store-and-forward limits of one sink, and how its backlog is replayed."""
 
     max_size: Size = 256 * 1024**2
     max_age: Duration = 30 * 86400.0
     when_full: Literal["drop_oldest", "reject"] = "drop_oldest"
+    min_free: Size = 64 * 1024**2  # free-disk floor on the state dir's filesystem
+    replay_rate: float = Field(default=500.0, gt=0)  # messages/s while a backlog drains
+    order: Literal["live", "strict"] = "live"  # strict: live data waits behind the backlog
+    commit_window: Duration = 0.12  # group commit: messages spooled within this window share one fsync
 
 
 class SinkConfig(Model):
@@ -338,3 +343,7 @@ class Config(Model):
     def prefix_for(self, sink: SinkConfig) -> str:
         """The topic prefix a sink publishes under."""
         return sink.topic_prefix or f"fieldgate/{self.gateway.id}"
+
+    def spool_path(self, sink: SinkConfig) -> Path:
+        """The SQLite spool file of a sink, under the state dir."""
+        return Path(self.gateway.state_dir) / "spool" / f"{sink.name}.sqlite"

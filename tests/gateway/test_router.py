@@ -11,7 +11,7 @@ from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
-from gateway.types import DeviceState, Sample
+from gateway.types import DeviceState, Sample, Value
 
 from helpers import Subscriber
 
@@ -67,15 +67,21 @@ async def telemetry(sub: Subscriber, n: int) -> list[dict]:  # type: ignore[type
 
 async def test_deadband_and_full_snapshots(routed: tuple[Router, Clock, Subscriber]) -> None:
     router, clock, sub = routed
-    router.on_sample(Sample("d", 1, {"t": 20.0, "s": "a"}))  # first: a full snapshot
+
+    async def sample(ts: int, values: dict[str, Value]) -> None:
+        router.on_sample(Sample("d", ts, values))
+        # Out before the next one: a retained value still queued would be replaced by the next (coalesced).
+        assert await router.outboxes[0].flush(2)
+
+    await sample(1, {"t": 20.0, "s": "a"})  # first: a full snapshot
     clock.now += 1
-    router.on_sample(Sample("d", 2, {"t": 20.4, "s": "a"}))  # within deadband, unchanged: nothing
+    await sample(2, {"t": 20.4, "s": "a"})  # within deadband, unchanged: nothing
     clock.now += 1
-    router.on_sample(Sample("d", 3, {"t": 20.6, "s": "a"}))  # 0.6 from the last published 20.0
+    await sample(3, {"t": 20.6, "s": "a"})  # 0.6 from the last published 20.0
     clock.now += 1
-    router.on_sample(Sample("d", 4, {"t": 20.7, "s": "b"}))  # only s moved
+    await sample(4, {"t": 20.7, "s": "b"})  # only s moved
     clock.now += 60
-    router.on_sample(Sample("d", 5, {"t": 20.8, "s": "b"}))  # snapshot due: everything, latest values
+    await sample(5, {"t": 20.8, "s": "b"})  # snapshot due: everything, latest values
     got = await telemetry(sub, 4)
     assert got == [
         {"ts": 1, "values": {"t": 20.0, "s": "a"}},
