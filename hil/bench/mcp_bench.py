@@ -34,7 +34,7 @@ import time
 import traceback
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -72,6 +72,8 @@ CONNECT_CONCURRENCY = 200  # connects in progress per client process (the listen
 NACK_BACKOFF = 1.0  # s a device waits before using a NACKed frame's window slot again ("retries later")
 HEARTBEAT_S = 3600  # in HELLO: idle sessions must survive the longest run, and devices send no periodic heartbeat
 READY_TIMEOUT = 120.0
+# Where the broker runs: config `broker.process: inline | separate`, or a process the bench spawns (what-if).
+LAYOUTS = {"inline": "in gw", "separate": "gw child", "external": "own proc"}
 STATUS_TIMEOUT = 5.0  # s to wait for a (swamped) gateway's counters during a measurement
 MAX_WARMUP = 3.0  # s of warm-up at max sessions, where a steady state is minutes away
 
@@ -178,6 +180,20 @@ class Child:
         self.conn.close()
 
 
+@dataclass
+class Pid:
+    """A process the bench did not spawn (the gateway's broker child): only its CPU is read."""
+
+    pid: int
+
+    def cpu(self) -> float:
+        """CPU seconds used by the process so far (nan once it is gone)."""
+        try:
+            return cpu_seconds(self.pid)
+        except OSError:
+            return float("nan")
+
+
 def stop_all(children: list[Child]) -> None:
     """Stop every child at once (clients close their sockets while the gateway stops); kill the stragglers."""
     for c in children:
@@ -267,7 +283,7 @@ async def _gateway(config_path: str, nofile: tuple[int, int], conn: Connection) 
             "nacks": totals.nacks_sent,
             "published": sum(s.stats.published for s in gw.sinks),
             "queued": sum(len(o) for o in gw.outboxes),
-            "dropped": sum(o.dropped for o in gw.outboxes),
+            "dropped": sum(o.figures()["dropped"] for o in gw.outboxes),
             "rss_kb": rss_kb(),
             "fds": open_fds(),
         }
@@ -303,7 +319,9 @@ async def _gateway(config_path: str, nofile: tuple[int, int], conn: Connection) 
         result["wall"] = after["time"] - before["time"]
         return result
 
-    conn.send(("ok", {"pid": os.getpid(), "mcp_port": gw.mcp.port, "nofile": nofile, **status(True)}))
+    broker_pid = getattr(gw.broker, "pid", None)  # BrokerProcess only
+    info = {"pid": os.getpid(), "broker_pid": broker_pid, "mcp_port": gw.mcp.port, "nofile": nofile}
+    conn.send(("ok", {**info, **status(True)}))
     try:
         await serve_pipe(conn, {"status": on_status, "profile": on_profile})
     finally:
@@ -744,7 +762,7 @@ class Row:
     label: str
     impl: str
     changing: int
-    broker_proc: bool = False
+    broker: str = "inline"  # a key of LAYOUTS
     clients: int = 0
     sessions: int = 0
     connect_s: float = 0.0
@@ -793,7 +811,7 @@ class Row:
     def title(self) -> str:
         """The row's label with what differs from the default run."""
         extra = [self.impl] if self.impl != "raw" else []
-        extra += ["broker proc"] if self.broker_proc else []
+        extra += [f"broker {LAYOUTS[self.broker]}"] if self.broker != "inline" else []
         extra += [f"{self.changing} chg"] if self.changing != 1 else []
         return self.label + (f" ({', '.join(extra)})" if extra else "")
 
@@ -840,7 +858,12 @@ def warm_up(drivers: list[Child], target: int, min_s: float, max_s: float) -> tu
 
 
 def measure(
-    row: Row, drivers: list[Child], sub: Child, procs: dict[str, list[Child]], gw: Child | None, seconds: float
+    row: Row,
+    drivers: list[Child],
+    sub: Child,
+    procs: Mapping[str, Sequence[Child | Pid]],
+    gw: Child | None,
+    seconds: float,
 ) -> None:
     """One measurement window: counters and CPU at the start and the end."""
     for d in drivers:
@@ -898,14 +921,14 @@ def run_bare(window: int, changing: int, seconds: float) -> Row:
     return row
 
 
-def write_config(path: Path, state: Path, mqtt_port: int, mcp_port: int, devices: int, broker_proc: bool) -> None:
-    """A gateway config: embedded broker and default sink (or, `broker_proc`, a sink to a broker elsewhere),
-    MCP with `devices` allowed devices."""
+def write_config(path: Path, state: Path, mqtt_port: int, mcp_port: int, devices: int, broker: str) -> None:
+    """A gateway config: embedded broker (`broker.process` inline or separate) and default sink, or (external) a
+    sink to a broker the bench runs; MCP with `devices` allowed devices."""
     lines = [f"gateway: {{id: {GATEWAY_ID}, state_dir: {state}}}"]
-    if broker_proc:
+    if broker == "external":
         lines += ["broker: {enabled: false}", f"northbound: [{{name: local, url: 'mqtt://127.0.0.1:{mqtt_port}'}}]"]
     else:
-        lines += [f'broker: {{listeners: ["tcp://127.0.0.1:{mqtt_port}"]}}']
+        lines += [f'broker: {{process: {broker}, listeners: ["tcp://127.0.0.1:{mqtt_port}"]}}']
     lines += [
         "mcp:",
         f"  listen: 127.0.0.1:{mcp_port}",
@@ -941,29 +964,32 @@ def run_mcp(
     tmp: Path,
     profile: float = 0.0,
     warmup_max: float = 25.0,
-    broker_proc: bool = False,
+    broker: str = "inline",
 ) -> Row:
     """Gateway + device clients + subscriber; `clients` None: as many sessions as descriptors allow.
 
-    `broker_proc`: the what-if layout, EmbeddedBroker in a process of its own and the gateway's sink pointed at it
-    (config only: `broker.enabled: false` and a northbound URL)."""
+    `broker`: a key of LAYOUTS. "external" is a what-if: EmbeddedBroker in a process the bench spawns and the
+    gateway's sink pointed at it (`broker.enabled: false` and a northbound URL)."""
     label = f"{'max' if clients is None else clients}"
-    row = Row(label, impl, changing, broker_proc=broker_proc)
+    row = Row(label, impl, changing, broker=broker)
     mqtt_port, mcp_port = free_port(), free_port()
-    config = tmp / f"mcp-{label}-{impl}-{changing}-{broker_proc}.yaml"
+    config = tmp / f"mcp-{label}-{impl}-{changing}-{broker}.yaml"
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    write_config(config, tmp / "state", mqtt_port, mcp_port, hard if clients is None else clients, broker_proc)
+    write_config(config, tmp / "state", mqtt_port, mcp_port, hard if clients is None else clients, broker)
     children: list[Child] = []
     try:
-        brokers = []
-        if broker_proc:
-            brokers.append(Child("broker", broker_child, mqtt_port))
-            children.append(brokers[0])
-            brokers[0].wait(READY_TIMEOUT)
+        brokers: list[Child | Pid] = []
+        if broker == "external":
+            spawned = Child("broker", broker_child, mqtt_port)
+            children.append(spawned)
+            brokers.append(spawned)
+            spawned.wait(READY_TIMEOUT)
         gw = Child("gateway", gateway_child, str(config))
         children.append(gw)
         info = gw.wait(READY_TIMEOUT)
         row.nofile = tuple(info["nofile"])  # type: ignore[assignment]
+        if info["broker_pid"]:  # process: separate, the gateway's own child
+            brokers.append(Pid(info["broker_pid"]))
         sub = Child("subscriber", subscriber_child, mqtt_port, TELEMETRY)
         children.append(sub)
         sub.wait(READY_TIMEOUT)
@@ -997,7 +1023,12 @@ def run_mcp(
         # At max sessions the first windows alone would take minutes to answer: a short fixed warm-up.
         longest = MAX_WARMUP if clients is None else warmup_max
         row.warmup_s, row.steady = warm_up(drivers, row.sessions * MAX_OUTSTANDING, min(3.0, longest), longest)
-        procs = {"gateway": [gw], "broker": brokers, "clients": drivers, "subscriber": [sub]}
+        procs: dict[str, Sequence[Child | Pid]] = {
+            "gateway": [gw],
+            "broker": brokers,
+            "clients": drivers,
+            "subscriber": [sub],
+        }
         measure(row, drivers, sub, procs, gw, seconds)
         if profile:
             for kind in ("pyinstrument", "cprofile"):
@@ -1072,7 +1103,7 @@ def report_mcp(rows: list[Row], bare: Row | None, capacity: int) -> None:
             [
                 r.label,
                 "McpClient" if r.impl == "mcpclient" else r.impl,
-                "own proc" if r.broker_proc else "in gw",
+                LAYOUTS[r.broker],
                 r.changing,
                 r.sessions,
                 r.rate,
@@ -1084,7 +1115,7 @@ def report_mcp(rows: list[Row], bare: Row | None, capacity: int) -> None:
                 r.published / r.sub_count if r.sub_count else float("nan"),
                 r.per_frame_us("gateway"),
                 r.core("gateway"),
-                r.core("broker") if r.broker_proc else "-",
+                r.core("broker") if r.broker != "inline" else "-",
                 r.per_frame_us("clients"),
                 r.core("clients"),
                 r.core("subscriber"),
@@ -1116,8 +1147,9 @@ def report_mcp(rows: list[Row], bare: Row | None, capacity: int) -> None:
         table,
     )
     note("client: raw = a task per device speaking the codec; McpClient = drivers/mcp/client.py with 32 senders each.")
-    note("broker: in gw = the embedded amqtt on the gateway's loop (as shipped); own proc = what-if: EmbeddedBroker in")
-    note("a process of its own, the sink pointed at it (config only). chg: DATA values that change on every frame.")
+    note("broker: in gw = broker.process: inline, the embedded amqtt on the gateway's loop; gw child = broker.process:")
+    note("separate, the gateway runs it as a child process; own proc = what-if: EmbeddedBroker in a process the bench")
+    note("spawns, the sink pointed at it (broker.enabled: false). chg: DATA values that change on every frame.")
     note("ACKed/s: telemetry counted by the subscriber per second; dev ACK/s: ACKs the devices read (should match).")
     note("÷ bare: ACKed/s over figure 1's msgs/s. p50/p99: DATA written -> its ACK read, at the device;")
     note("with full windows they follow Little's law: sessions x 32 / rate.")
@@ -1136,7 +1168,9 @@ def report_mcp(rows: list[Row], bare: Row | None, capacity: int) -> None:
             )
     if not bare or not bare.rate:
         return
-    shipped = [r for r in rows if r.impl == "raw" and not r.broker_proc and r.changing == rows[0].changing and r.rate]
+    shipped = [
+        r for r in rows if r.impl == "raw" and r.broker == rows[0].broker and r.changing == rows[0].changing and r.rate
+    ]
     if shipped:
         best = max(shipped, key=lambda r: r.rate)
         verdict = "meets" if best.rate / bare.rate >= GOAL else "is BELOW"
@@ -1155,14 +1189,14 @@ def report_mcp(rows: list[Row], bare: Row | None, capacity: int) -> None:
                 f"{r.rate:,.0f} frames/s got through"
             )
     for r in rows:
-        if r.broker_proc or r.impl != "raw" or r.changing == rows[0].changing:
+        if r.broker != "inline" or r.impl != "raw" or r.changing == rows[0].changing:
             continue
         summary(
             f"{r.title}: {r.rate:,.0f} frames/s = {r.rate / bare.rate:.2f} of bare, "
             f"{r.per_frame_us('gateway'):.0f} µs/frame"
         )
     for r in rows:
-        if r.broker_proc:
+        if r.broker != "inline":
             summary(
                 f"{r.title}: {r.rate:,.0f} frames/s = {r.rate / bare.rate:.2f} of bare; "
                 f"gateway {r.per_frame_us('gateway'):.0f} µs/frame at {r.core('gateway'):.0f}% of a core, "
@@ -1176,7 +1210,7 @@ def report_sessions(rows: list[Row]) -> None:
     heading("3. Sessions and memory (gateway process)")
     table = []
     for r in rows:
-        if r.impl != "raw" or r.changing != rows[0].changing or r.broker_proc:
+        if r.impl != "raw" or r.changing != rows[0].changing or r.broker != rows[0].broker:
             continue
         per = (r.rss_idle_kb - r.rss0_kb) / r.sessions if r.sessions else float("nan")
         table.append(
@@ -1295,8 +1329,10 @@ def report_profile(row: Row) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the baseline and every client count, print the report."""
     from bridge.outbox import Outbox
+    from gateway.config.schema import BrokerSection
 
     outbox_window = inspect.signature(Outbox).parameters["window"].default
+    shipped_layout = BrokerSection.model_fields["process"].default
     parser = argparse.ArgumentParser(description="MCP end-to-end benchmark (see hil/bench/README.md).")
     parser.add_argument("--clients", default="1,100,1000,max", help="client counts, comma-separated; max = fd limit")
     parser.add_argument(
@@ -1315,6 +1351,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-at",
         default="100",
         help="client count also run with McpClient, constant values, the broker in its own process ('' for none)",
+    )
+    parser.add_argument(
+        "--broker",
+        choices=list(LAYOUTS),
+        default=shipped_layout,
+        help=f"the embedded broker's layout for the main runs (default: the config's, {shipped_layout})",
     )
     parser.add_argument("--warmup-max", type=float, default=25.0, help="longest warm-up per run (default 25 s)")
     args = parser.parse_args(argv)
@@ -1336,17 +1378,17 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"MCP, {'max' if n is None else n} client(s) ...")
             profiled = args.profile_at and str(n if n is not None else "max") == args.profile_at
             profile = args.profile_seconds if profiled else 0.0
-            rows.append(run_mcp(n, "raw", args.changing, args.seconds, tmp, profile, args.warmup_max))
+            rows.append(run_mcp(n, "raw", args.changing, args.seconds, tmp, profile, args.warmup_max, args.broker))
         if args.compare_at:
             n = None if args.compare_at == "max" else int(args.compare_at)
-            variants = [("mcpclient", args.changing, False), ("raw", args.changing, True)]
+            others = [b for b in LAYOUTS if b != args.broker]
+            variants = [("mcpclient", args.changing, args.broker)] + [("raw", args.changing, b) for b in others]
             if args.changing:
-                variants += [("raw", 0, False), ("raw", 0, True)]
-            for impl, changing, broker_proc in variants:
-                where = "in its own process" if broker_proc else "in gw"
-                what = f"{impl}, {changing} changing value(s), broker {where}"
+                variants += [("raw", 0, b) for b in [args.broker, *others]]
+            for impl, changing, broker in variants:
+                what = f"{impl}, {changing} changing value(s), broker {LAYOUTS[broker]}"
                 progress(f"MCP, {args.compare_at} client(s), {what} ...")
-                rows.append(run_mcp(n, impl, changing, args.seconds, tmp, 0.0, args.warmup_max, broker_proc))
+                rows.append(run_mcp(n, impl, changing, args.seconds, tmp, 0.0, args.warmup_max, broker))
     report_bare(bare, args.window)
     report_mcp(rows, bare, inspect.signature(Outbox).parameters["capacity"].default)
     report_sessions(rows)
