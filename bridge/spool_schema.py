@@ -109,7 +109,10 @@ def read_stats(path: str | os.PathLike[str]) -> BufferStats:
     """What a spool file holds, read without opening it as a spool (for `fieldgate spool`)."""
     if not Path(path).is_file():
         raise SpoolError(f"no spool at {path}")
-    db = sqlite_utils.Database(Path(path), recursive_triggers=False, execute_plugins=False)
+    try:
+        db = sqlite_utils.Database(Path(path), recursive_triggers=False, execute_plugins=False)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot read spool {path}: {exc}") from exc
     try:
         messages, meta = db.table("messages"), db.table("meta")
         if not messages.exists():
