@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 import time
@@ -224,8 +223,12 @@ class Outbox:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # it died earlier: what it held is still to be kept below
+                log.exception("sink %s: %s failed", self.sink.name, task.get_name())
         if self._commit_task is not None:
             await self._commit_task  # a commit under way finishes: its messages are in the spool
         leftovers = sorted(self._handed, key=lambda it: it.seq) + list(self._queue) + self._pending
@@ -380,14 +383,18 @@ class Outbox:
             delay = next_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            entries = await self._call(self.buffer.take, batch)
-            if not entries:
-                self._held = 0
-                continue
-            next_at += len(entries) / self.replay_rate
-            self._replaying = len(entries)
             try:
+                entries = await self._call(self.buffer.take, batch)
+                if not entries:
+                    self._held = 0
+                    continue
+                next_at += len(entries) / self.replay_rate
+                self._replaying = len(entries)
                 await self._replay(entries)
+            except SinkError as exc:  # the spool cannot read or write (a full disk): try again later
+                log.error("sink %s: replay paused: %s", self.sink.name, exc)
+                await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+                next_at = time.monotonic()
             finally:
                 self._replaying = 0
 
@@ -418,7 +425,12 @@ class Outbox:
         if back:
             await self._call(self.buffer.reject, back)
         if done:
-            await self._call(self.buffer.accept, done)
+            try:
+                await self._call(self.buffer.accept, done)
+            except SinkError:
+                # Not removed (a removal needs disk space too): they go out again later, at least once.
+                await self._call(self.buffer.reject, done)
+                raise
         self._held = (await self._refresh()).count
 
     # --- housekeeping ---------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class MqttSink:
                 self._tls.load_cert_chain(cert, key)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
+        self._dropped = asyncio.Event()  # the connection attempt or session ended
         self._closing = False
         self._stopped = asyncio.Event()
         self._pending: dict[int, asyncio.Future[None]] = {}
@@ -250,6 +251,7 @@ class MqttSink:
     def _handle_disconnect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if client is not self._client:
             return
+        self._dropped.set()
         was = self._connected.is_set()
         self._connected.clear()
         if was:
@@ -325,19 +327,28 @@ class MqttSink:
                     if not first:
                         self._client = self._new_client()
                     first = False
+                    self._dropped.clear()
                     # The TCP (and TLS) handshake blocks, so it runs in a worker thread.
                     await self._loop.run_in_executor(
                         None, self._client.connect, self._host, self._port, self._keepalive
                     )
-                    delay = RECONNECT_MIN
-                    # Give the CONNACK time to come back over a slow link before trying again.
-                    await self.wait_connected(max(10.0, self._keepalive))
+                    # Give the CONNACK time to come back over a slow link, unless the connection drops first.
+                    await self._connected_or_dropped(max(10.0, self._keepalive))
+                    delay = RECONNECT_MIN if self._connected.is_set() else min(delay * 2, RECONNECT_MAX)
                 except (OSError, ssl.SSLError) as exc:
                     log.debug("sink %s: connect to %s:%d failed: %s", self.name, self._host, self._port, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RECONNECT_MAX)
                     continue
             await asyncio.sleep(delay if not self._connected.is_set() else MISC_INTERVAL)
+
+    async def _connected_or_dropped(self, timeout: float) -> None:
+        waiters = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._dropped.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     async def _misc_loop(self) -> None:
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def resolve_path(path: str, base: Path) -> str:
     """A relative serial path or link is taken relative to the config file's folder."""
     if path.startswith("tcp://") or Path(path).is_absolute():
         return path
-    return str((base / path).resolve())
+    # Normalised, not resolved: the path may be a link to a pty left behind by a killed run.
+    return os.path.normpath(base / path)
 
 
 @dataclass

@@ -517,9 +517,7 @@ async def test_kill_9_during_an_outage_loses_nothing_acked_or_spooled(tmp_path: 
     assert acked <= spooled["pump-1/telemetry"], "an ACKed frame is not in the spool"
     assert len(spooled["plc/telemetry"]) >= 5, "the polled device spooled nothing"
 
-    # Works around the simulator's own restart bug (see test_a_simulator_link_left_by_a_killed_gateway_...):
-    # the killed gateway left its pty link behind. The spool is what this test is about.
-    (tmp_path / "ttyA").unlink()
+    assert (tmp_path / "ttyA").is_symlink()  # the killed gateway left its pty link behind; the restart copes
     mosquitto.start()
     async with subscribed(mosquitto.port) as sub:
         with gateway_process(setup, log):
@@ -693,13 +691,6 @@ async def test_a_full_disk_nacks_8_and_the_spool_takes_messages_again_once_there
         assert not set(ts_of(sub.messages, PUMP)) & set(sender.nacked), "a NACKed frame was published"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/outbox.py _replay_loop/_replay does not catch the SpoolError that buffer.accept raises on a full "
-    "disk: the replay task ends for good (the backlog never drains, even with room again), and Outbox.stop() "
-    "re-raises it from `await task`, so Gateway.stop() aborts before the outbox commits its leftovers and closes "
-    "the spool",
-)
 async def test_the_backlog_drains_after_the_broker_returns_to_a_full_disk(tmp_path: Path, mosquitto: Mosquitto) -> None:
     async with full_disk(tmp_path, mosquitto) as (gw, sender, disk):
         sub = restore(mosquitto)
@@ -782,12 +773,6 @@ async def test_set_and_cmd_from_an_upstream_broker_are_answered_there(tmp_path: 
 # --- bugs found on the way ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/simulation.py resolve_path() resolves the simulator's link (./ttyA) through the symlink a killed "
-    "gateway left behind, so VirtualLine.start() (drivers/sim/line.py) unlinks or creates /dev/pts/N instead of "
-    "./ttyA: PermissionError, and `fieldgate run` with a simulator cannot start again after kill -9 or a power cut",
-)
 async def test_a_simulator_link_left_by_a_killed_gateway_does_not_stop_the_restart(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
