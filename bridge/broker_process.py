@@ -1,9 +1,11 @@
 """The embedded broker in a child process of its own, so that it gets the second core.
 
 The child runs `EmbeddedBroker` on its own event loop (`python -m bridge.broker_process`), says
-`ready` on stdout once its listeners are bound, and dies with the gateway (PR_SET_PDEATHSIG).
-The parent restarts it with back-off if it dies; the sinks reconnect and re-publish the retained
-state, as they do after any broker restart.
+`ready` on stdout once its listeners are bound, stops when the gateway closes its stdin, and dies
+with the gateway (PR_SET_PDEATHSIG). Ctrl-C and `systemctl stop` signal the whole process group at
+once: the child ignores SIGINT and gives SIGTERM a grace period, so that the gateway's own orderly
+stop (last messages, `offline` statuses) still has its broker. The parent restarts it with back-off
+if it dies; the sinks reconnect and re-publish the retained state, as after any broker restart.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -24,12 +27,14 @@ READY = b"ready\n"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 RESTART_MAX = 30.0
+#: After a SIGTERM the child waits this long for the gateway to close its stdin, then stops anyway.
+TERM_GRACE = 10.0
 
 
 def _die_with_parent() -> None:
-    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): a gateway killed with -9 takes its broker along.
+    # Linux prctl(PR_SET_PDEATHSIG, SIGKILL): a gateway killed with -9 takes its broker along.
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 class BrokerProcess:
@@ -59,6 +64,7 @@ class BrokerProcess:
             "-m",
             "bridge.broker_process",
             self._args,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
@@ -95,7 +101,7 @@ class BrokerProcess:
                 delay = min(delay * 2, RESTART_MAX)
 
     async def stop(self) -> None:
-        """Stop the child: SIGTERM, then SIGKILL if it does not go."""
+        """Stop the child: close its stdin, then SIGTERM and SIGKILL if it does not go."""
         self._stopping = True
         if self._watcher:
             self._watcher.cancel()
@@ -104,13 +110,18 @@ class BrokerProcess:
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
-        proc.terminate()
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        for nudge in (None, proc.terminate, proc.kill):
+            if nudge is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    nudge()
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await proc.wait()
+                return
+            except TimeoutError:
+                continue
 
 
 async def _serve(listeners: list[str], cert: str | None, key: str | None) -> None:
@@ -122,15 +133,22 @@ async def _serve(listeners: list[str], cert: str | None, key: str | None) -> Non
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def stdin_readable() -> None:
+        if not os.read(sys.stdin.fileno(), 4096):
+            loop.remove_reader(sys.stdin.fileno())
+            stop.set()  # the gateway closed it (or is gone)
+
+    loop.add_reader(sys.stdin.fileno(), stdin_readable)
+    loop.add_signal_handler(signal.SIGTERM, loop.call_later, TERM_GRACE, stop.set)
     await stop.wait()
     await broker.stop()
 
 
 def main() -> int:
-    """Entry point of the child: run the broker until SIGTERM."""
+    """Entry point of the child: run the broker until stdin closes (or TERM_GRACE after SIGTERM)."""
     logging.basicConfig(level=logging.WARNING, format="broker: %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the gateway, which stops us in order
     args = json.loads(sys.argv[1])
     try:
         asyncio.run(_serve(args["listeners"], args["cert"], args["key"]))

@@ -192,7 +192,7 @@ class BrokerSection(Model):
     """The embedded MQTT broker."""
 
     enabled: bool = True
-    process: Literal["inline", "separate"] = "inline"  # separate: its own process, so it gets a core of its own
+    process: Literal["inline", "separate"] = "separate"  # its own process, a core of its own; inline: on our loop
     listeners: list[Annotated[str, AfterValidator(_listener)]] = Field(
         default_factory=lambda: ["tcp://127.0.0.1:1883"], min_length=1
     )

@@ -95,3 +95,26 @@ def test_the_broker_dies_with_the_gateway(tmp_path) -> None:  # type: ignore[no-
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+async def test_ctrl_c_and_sigterm_to_the_group_leave_the_gateway_its_broker_for_an_orderly_stop() -> None:
+    port = free_port()
+    broker = BrokerProcess([f"tcp://127.0.0.1:{port}"])
+    await broker.start()
+    pid = broker.pid
+    assert pid is not None
+    try:
+        # What a terminal's Ctrl-C and `systemctl stop` do: signal every process of the group at once.
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert _alive(pid) and broker.pid == pid, "the broker went before the gateway could say goodbye"
+        sub = Subscriber(port, ("t",))
+        await asyncio.to_thread(sub.start)  # still serving
+        sub.stop()
+    finally:
+        started = time.monotonic()
+        await broker.stop()
+    # The gateway's stop (stdin closed) ends it at once, not after the SIGTERM grace.
+    assert time.monotonic() - started < 3.0
+    assert not _alive(pid)
