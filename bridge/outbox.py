@@ -170,7 +170,7 @@ class Outbox:
         item = _Item(message, ts, fut, self._seq)
         if message.retain:
             older = self._retained.get(message.topic)
-            if isinstance(older, _Item) and older.fut is None and not older.settled:
+            if isinstance(older, _Item) and older.fut is None and not older.settled and older not in self._handed:
                 older.superseded = True
                 self.stats.coalesced += 1
             self._retained[message.topic] = item
@@ -334,16 +334,21 @@ class Outbox:
         try:
             ids = await self._call(self.buffer.add, [(it.message, it.ts) for it in items])
         except SinkError as exc:
+            self._committing -= len(items)
             self._refused(items, exc)
             return
-        finally:
-            self._committing -= len(items)
+        try:
+            held = (await self._refresh()).count  # also counts out what drop_oldest evicted
+        except SinkError:
+            held = self._held + len(ids)
+        # One step, so that the backlog never looks empty between the commit and its count.
+        self._committing -= len(items)
+        self._held = held
         self.stats.spooled += len(ids)
         for it, entry_id in zip(items, ids, strict=True):
             if it.message.retain and self._retained.get(it.message.topic) is it:
                 self._retained[it.message.topic] = entry_id
             it.resolve()
-        self._held += len(ids)
         self._spooled_wake.set()
 
     def _refused(self, items: list[_Item], exc: SinkError) -> None:
