@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from gateway.errors import SinkError, SinkOffline
-from gateway.types import Message
+from gateway.types import ABSOLUTE, Message
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,9 @@ class MqttSink:
         return c
 
     def topic(self, relative: str) -> str:
-        """The full topic of a prefix-relative one."""
+        """The full topic of a prefix-relative one; an `absolute` one (`/…`) is taken as it is."""
+        if relative.startswith(ABSOLUTE):
+            return relative[len(ABSOLUTE) :]
         return f"{self.prefix}/{relative}"
 
     @property

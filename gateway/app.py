@@ -21,6 +21,7 @@ from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config
+from gateway.homeassistant import Discovery
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
 from gateway.types import DeviceState, Message, Sample
@@ -57,6 +58,7 @@ class Gateway:
         self.buses: list[ModbusBus] = []
         self.mcp: McpServer | None = None
         self.router: Router | None = None
+        self.discovery = Discovery(self.cfg)
         self._metrics: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.started_at = 0.0
@@ -77,6 +79,7 @@ class Gateway:
         self.router = Router(self.outboxes, self._build_drivers())
         for outbox in self.outboxes:
             await outbox.start()
+        self.discovery.sync(self.outboxes)  # removals of points gone since the last run; configs on connect
         for sink in self.sinks:
             await sink.start()
         for warning in budget_warnings(cfg):
@@ -175,6 +178,7 @@ class Gateway:
 
     async def _reconnected(self, outboxes: dict[str, Outbox], sink: str) -> None:
         if self.router is not None:
+            self.discovery.publish(outboxes[sink], sink)
             self.router.republish(outboxes[sink])
 
     def metrics(self) -> dict[str, object]:

@@ -27,9 +27,19 @@ class DeviceState:
     reason: str = ""
 
 
+#: Marks a Message topic as absolute: published as it is, not under the sink's prefix (Home
+#: Assistant discovery). Kept in the topic string, not a flag, so that it survives the spool.
+ABSOLUTE = "/"
+
+
+def absolute(topic: str) -> str:
+    """The Message topic that publishes on `topic` itself, outside the sink's prefix."""
+    return ABSOLUTE + topic
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One MQTT message for a sink; `topic` is relative to the sink's prefix."""
+    """One MQTT message for a sink; `topic` is relative to the sink's prefix unless made `absolute`."""
 
     topic: str
     payload: bytes

@@ -7,6 +7,8 @@ import os
 import re
 from typing import Any
 
+from gateway import homeassistant as ha
+
 from .problems import Path, Problem, hint
 from .prune import Pruned
 from .schema import BIT_TABLES, Config, DeviceConfig, PointConfig
@@ -67,7 +69,9 @@ class _Checks:
     def run(self) -> None:
         """Run every check; templates are resolved (with the devices) before the simulator's."""
         self._buses()
+        self._ha_hints()  # before _devices: each device's own points are still at their paths
         self._devices()
+        self._ha_ids()
         self._sinks()
         self._mcp()
         self._simulator()
@@ -338,3 +342,57 @@ class _Checks:
             where = _exposed(url.split("://", 1)[1].rstrip("/"))
             if where:
                 self._warn(("broker", "listeners", i), f"listens on {where} without authentication")
+
+    # -- home assistant ----------------------------------------------------------------------------
+
+    def _ha_hints(self) -> None:
+        """Warn about device classes Home Assistant does not document for the entity a point becomes."""
+        for name, points in self.config.modbus.templates.items():
+            for p, point in enumerate(points):
+                self._ha_class(("modbus", "templates", name, p), point)
+        for b, bus in enumerate(self.config.modbus.buses):
+            for d, device in enumerate(bus.devices):
+                for p, point in enumerate(device.points):
+                    self._ha_class(("modbus", "buses", b, "devices", d, "points", p), point)
+        for i, mcp_device in enumerate(self.config.mcp.devices if self.config.mcp else []):
+            for p, mcp_point in enumerate(mcp_device.points):
+                comp = ha.component(mcp_point.type, False)
+                self._ha_known(("mcp", "devices", i, "points", p), mcp_point.device_class, comp, mcp_point.type)
+
+    def _ha_class(self, path: Path, point: PointConfig) -> None:
+        kind = ha.point_kind(point)
+        comp = "binary_sensor" if point.codec.type == "bitfield" else ha.component(kind, point.writable)
+        self._ha_known(path, point.device_class, comp, kind)
+
+    def _ha_known(self, path: Path, device_class: str | None, comp: str, kind: str) -> None:
+        if device_class is None:
+            return
+        known = sorted(ha.known_device_classes(comp, kind))
+        if device_class not in known:
+            what = f"a {kind} {comp}" if comp == "sensor" else f"a {comp}"
+            self._warn(
+                path + ("device_class",),
+                f"Home Assistant documents no device class {device_class!r} for {what}{hint(device_class, known)}; "
+                "it ignores a discovery config with a device class it does not know",
+            )
+
+    def _ha_ids(self) -> None:
+        """With discovery on, no two points may share a discovery id (`<gateway>_<device>_<point>`)."""
+        if not self.config.homeassistant.enabled:
+            return
+        seen: dict[Any, Path] = {}
+        for e in ha.entities(self.config):
+            oid = ha.object_id(self.config.gateway.id, e.device, e.point)
+            where = self._ha_device_path(e.device)
+            message = f"point {e.point!r} of device {e.device!r} has Home Assistant id {oid!r}, as another point"
+            self._first(seen, oid, where, message + ": rename one")
+
+    def _ha_device_path(self, device: str) -> Path:
+        for b, bus in enumerate(self.config.modbus.buses):
+            for d, dev in enumerate(bus.devices):
+                if dev.name == device:
+                    return ("modbus", "buses", b, "devices", d, "name")
+        for i, mcp_device in enumerate(self.config.mcp.devices if self.config.mcp else []):
+            if mcp_device.id == device:
+                return ("mcp", "devices", i, "id")
+        return ("homeassistant",)

@@ -37,6 +37,27 @@ Name = Annotated[str, AfterValidator(_topic_safe)]
 TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 
 
+def _ha_class(value: str) -> str:
+    # Only the form is checked here: Home Assistant adds device classes between releases, so
+    # `fieldgate check` warns about an unknown one instead of refusing it (config/checks.py).
+    if not re.match(r"^[a-z][a-z0-9_]{0,63}$", value):
+        raise ValueError(f"{value!r} is not a Home Assistant device class (lower case, e.g. temperature, door)")
+    return value
+
+
+def _ha_icon(value: str) -> str:
+    if not re.match(r"^[a-z0-9_-]+:[a-z0-9-]+$", value):
+        raise ValueError(f"{value!r} is not an icon: use SET:NAME, e.g. mdi:thermometer")
+    return value
+
+
+#: Home Assistant discovery hints of a point (used only with `homeassistant.enabled`).
+HaDeviceClass = Annotated[str, AfterValidator(_ha_class)]
+HaIcon = Annotated[str, AfterValidator(_ha_icon)]
+#: https://developers.home-assistant.io/docs/core/entity/sensor#available-state-classes
+HaStateClass = Literal["measurement", "total", "total_increasing"]
+
+
 class Model(BaseModel):
     """Base of every config section: unknown keys are errors."""
 
@@ -67,6 +88,9 @@ class PointConfig(Model):
     min: float | None = None
     max: float | None = None
     bits: dict[int, Name] | list[Name | None] | None = None
+    device_class: HaDeviceClass | None = None
+    state_class: HaStateClass | None = None
+    icon: HaIcon | None = None
     _codec: PointCodec = PrivateAttr()
 
     @model_validator(mode="after")
@@ -87,6 +111,11 @@ class PointConfig(Model):
             raise ValueError("`min`/`max` are write limits: they need writable: true")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min:g} is greater than max {self.max:g}")
+        if self.state_class and (is_bit_table or type_spec == "bitfield" or type_spec.startswith("string")):
+            raise ValueError("`state_class` is for numeric points, not bool, bitfield or string ones")
+        if self.state_class and self.writable:
+            # A writable point is a Home Assistant `number`, which keeps no statistics.
+            raise ValueError("`state_class` does not apply to a writable point (Home Assistant shows it as a number)")
         if isinstance(self.bits, list):
             bits = tuple((i, n) for i, n in enumerate(self.bits) if n)
         else:
@@ -254,12 +283,31 @@ class TlsConfig(Model):
     client_ca: str | None = None
 
 
+class McpPointConfig(Model):
+    """A value an MCP device pushes, declared so that Home Assistant discovery can describe it."""
+
+    name: Name
+    type: Literal["number", "bool", "string"] = "number"
+    unit: str | None = None
+    device_class: HaDeviceClass | None = None
+    state_class: HaStateClass | None = None
+    icon: HaIcon | None = None
+
+    @model_validator(mode="after")
+    def _numeric_hints(self) -> McpPointConfig:
+        if self.type != "number" and (self.unit is not None or self.state_class is not None):
+            raise ValueError(f"`unit` and `state_class` are for number points, not {self.type} ones")
+        return self
+
+
 class McpDeviceConfig(Model):
     """An MCP device allowed to connect."""
 
     id: Name
     token: str = Field(min_length=1)
     meta: dict[str, Any] = Field(default_factory=dict)
+    # MCP devices declare nothing up front: only the points listed here get discovery configs.
+    points: list[McpPointConfig] = Field(default_factory=list)
 
 
 class McpSection(Model):

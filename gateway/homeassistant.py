@@ -1,0 +1,360 @@
+"""Home Assistant MQTT discovery: a retained config per point, removed when the point leaves the config.
+
+Single-component discovery as documented at https://www.home-assistant.io/integrations/mqtt/#mqtt-discovery:
+each point (each named bit of a bitfield point) gets `<discovery_prefix>/<component>/<object id>/config`
+with the object id `<gateway>_<device>_<point>`, which is also the entity's `unique_id`. The payloads
+name full topics, so every sink gets its own, under its own prefix; the discovery topics themselves are
+absolute (outside the prefix). An empty retained payload removes an entity; what was published is
+remembered in `<state_dir>/homeassistant.json`, so that a point gone from the config after a restart
+(or discovery switched off) has its config removed.
+
+Our per-point topics carry the bare JSON value, so numbers need no `value_template`; bools arrive as
+`true`/`false` (the `payload_on`/`payload_off`) and strings as JSON strings (hence `{{ value_json }}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway import __version__
+from gateway.errors import SinkError
+from gateway.types import Message, absolute
+
+if TYPE_CHECKING:  # only types: config checks import this module, so it must not import the config
+    from bridge.outbox import Outbox
+    from gateway.config.schema import Config, McpPointConfig, PointConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "homeassistant.json"
+ORIGIN = {"name": "Fieldgate", "sw_version": __version__}
+#: Bool values are JSON on our topics; HA compares these strings and sends them to the set topic.
+PAYLOAD_ON, PAYLOAD_OFF = "true", "false"
+#: https://www.home-assistant.io/integrations/number.mqtt/ (`step`: smallest value 0.001)
+MIN_STEP = 0.001
+
+# Device classes as Home Assistant documents them per component; `fieldgate check` warns about others
+# (HA rejects a discovery config whose device class it does not know), it does not refuse them, since
+# Home Assistant adds classes between releases.
+#: https://www.home-assistant.io/integrations/number/#device-class
+NUMBER_DEVICE_CLASSES = frozenset(
+    "apparent_power aqi area atmospheric_pressure battery blood_glucose_concentration carbon_dioxide "
+    "carbon_monoxide current data_rate data_size distance duration energy energy_distance energy_storage "
+    "frequency gas humidity illuminance irradiance moisture monetary nitrogen_dioxide nitrogen_monoxide "
+    "nitrous_oxide ozone ph pm1 pm25 pm10 power_factor power precipitation precipitation_intensity pressure "
+    "reactive_power signal_strength sound_pressure speed sulphur_dioxide temperature volatile_organic_compounds "
+    "volatile_organic_compounds_parts voltage volume volume_flow_rate volume_storage water weight "
+    "wind_direction wind_speed".split()
+)
+#: https://www.home-assistant.io/integrations/sensor/#device-class: the numeric ones (as for numbers);
+#: `date` and `timestamp` take text; `enum` needs `options`, which a point does not declare.
+SENSOR_DEVICE_CLASSES = NUMBER_DEVICE_CLASSES
+TEXT_SENSOR_DEVICE_CLASSES = frozenset({"date", "timestamp"})
+#: https://www.home-assistant.io/integrations/binary_sensor/#device-class
+BINARY_SENSOR_DEVICE_CLASSES = frozenset(
+    "battery battery_charging carbon_monoxide cold connectivity door garage_door gas heat light lock "
+    "moisture motion moving occupancy opening plug power presence problem running safety smoke sound "
+    "tamper update vibration window".split()
+)
+#: https://www.home-assistant.io/integrations/switch/#device-class
+SWITCH_DEVICE_CLASSES = frozenset({"outlet", "switch"})
+
+_FLOAT_MAX = {"float32": 3.4028234663852886e38, "float64": sys.float_info.max}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entity:
+    """One Home Assistant entity: a point of a device, or a named bit of a bitfield point."""
+
+    component: str  # sensor, binary_sensor, number, switch, text
+    device: str
+    point: str  # the name below the device's topic: "temperature", "flags.alarm"
+    kind: str  # number, bool, string: what the point's topic carries
+    model: str  # what the device is, for HA's device registry
+    unit: str | None = None
+    device_class: str | None = None
+    state_class: str | None = None
+    icon: str | None = None
+    minimum: float | None = None  # number: write range in engineering units; text: length
+    maximum: float | None = None
+    step: float | None = None
+
+
+def object_id(gateway: str, device: str, point: str) -> str:
+    """`<gateway>_<device>_<point>` in the characters a discovery topic allows (a `.` becomes `_`)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{gateway}_{device}_{point}")
+
+
+def component(kind: str, writable: bool) -> str:
+    """The Home Assistant component that shows a point of this kind."""
+    if kind == "bool":
+        return "switch" if writable else "binary_sensor"
+    if kind == "string":
+        return "text" if writable else "sensor"
+    return "number" if writable else "sensor"
+
+
+def point_kind(point: PointConfig) -> str:
+    """What a Modbus point's topic carries: number, bool or string (a bitfield: bools, one per bit)."""
+    t = point.codec.type
+    return "bool" if t in ("bool", "bitfield") else "string" if t == "string" else "number"
+
+
+def known_device_classes(component_name: str, kind: str) -> frozenset[str]:
+    """The device classes Home Assistant documents for a component showing values of this kind."""
+    if component_name == "sensor":
+        return TEXT_SENSOR_DEVICE_CLASSES if kind == "string" else SENSOR_DEVICE_CLASSES
+    return {
+        "binary_sensor": BINARY_SENSOR_DEVICE_CLASSES,
+        "switch": SWITCH_DEVICE_CLASSES,
+        "number": NUMBER_DEVICE_CLASSES,
+    }.get(component_name, frozenset())
+
+
+def _write_range(point: PointConfig) -> tuple[float, float, float]:
+    """(min, max, step) of a writable numeric point: its `min`/`max`, else what its type can hold."""
+    codec = point.codec
+    if codec.type in _FLOAT_MAX:
+        lo, hi, step = -_FLOAT_MAX[codec.type], _FLOAT_MAX[codec.type], MIN_STEP
+    else:
+        bits = int(codec.type.removeprefix("u").removeprefix("int"))
+        raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if not codec.type.startswith("u") else (0, 2**bits - 1)
+        ends = sorted(r * codec.scale + codec.offset for r in raw)
+        lo, hi = ends[0], ends[1]
+        # An unscaled integer moves in whole steps; a scaled one in steps of its scale.
+        step = max(abs(codec.scale), MIN_STEP)
+        if codec.scale == 1 and codec.offset == 0:
+            lo, hi = int(lo), int(hi)
+    return (
+        lo if point.min is None else point.min,
+        hi if point.max is None else point.max,
+        step,
+    )
+
+
+def _modbus_entities(cfg: Config) -> list[Entity]:
+    out = []
+    for bus in cfg.modbus.buses:
+        for dev in bus.devices:
+            model = f"Modbus RTU unit {dev.unit} on bus {bus.name}"
+            for p in dev.points:
+                if p.codec.type == "bitfield":
+                    for _, bit in p.codec.bits:
+                        name = f"{p.name}.{bit}"
+                        out.append(
+                            Entity("binary_sensor", dev.name, name, "bool", model, None, p.device_class, icon=p.icon)
+                        )
+                    continue
+                kind = point_kind(p)
+                comp = component(kind, p.writable)
+                unit = p.unit if kind == "number" else None  # HA takes a sensor with a unit as numeric
+                e = Entity(comp, dev.name, p.name, kind, model, unit, p.device_class, p.state_class, p.icon)
+                if comp == "number":
+                    lo, hi, step = _write_range(p)
+                    e = dataclasses.replace(e, minimum=lo, maximum=hi, step=step)
+                elif comp == "text":
+                    # Within text.mqtt's `max` limit of 255: a point is at most 125 registers.
+                    e = dataclasses.replace(e, minimum=0, maximum=p.codec.length)
+                out.append(e)
+    return out
+
+
+def _mcp_entity(device: str, p: McpPointConfig) -> Entity:
+    # MCP devices take commands, not writes: their points are always read-only.
+    return Entity(
+        component(p.type, False),
+        device,
+        p.name,
+        p.type,
+        "MCP/1 device",
+        unit=p.unit,
+        device_class=p.device_class,
+        state_class=p.state_class,
+        icon=p.icon,
+    )
+
+
+def entities(cfg: Config) -> list[Entity]:
+    """Every entity the config describes: Modbus points (a bitfield's named bits) and declared MCP points."""
+    out = _modbus_entities(cfg)
+    if cfg.mcp:
+        out += [_mcp_entity(d.id, p) for d in cfg.mcp.devices for p in d.points]
+    return out
+
+
+def _gateway_device(gateway: str) -> dict[str, Any]:
+    return {
+        "identifiers": [f"fieldgate_{gateway}"],
+        "name": gateway,
+        "manufacturer": "Fieldgate",
+        "model": "Fieldgate gateway",
+        "sw_version": __version__,
+    }
+
+
+def _availability(*topics: str) -> list[dict[str, str]]:
+    return [{"topic": t, "payload_available": "online", "payload_not_available": "offline"} for t in topics]
+
+
+def gateway_config(gateway: str, prefix: str) -> dict[str, Any]:
+    """The gateway's own entity: its `P/status` as a connectivity sensor (the device the others are `via`)."""
+    # Without an entity of its own the gateway would be no device in HA's registry, and every field
+    # device's `via_device` would name a device Home Assistant does not know.
+    return {
+        "name": "status",
+        "unique_id": f"{gateway}_status",
+        "state_topic": f"{prefix}/status",
+        "payload_on": "online",
+        "payload_off": "offline",
+        "device_class": "connectivity",
+        "entity_category": "diagnostic",
+        "device": _gateway_device(gateway),
+        "origin": ORIGIN,
+        "qos": 1,
+    }
+
+
+def entity_config(gateway: str, prefix: str, e: Entity) -> dict[str, Any]:
+    """The discovery payload of one entity, its topics under `prefix` (the sink's topic prefix)."""
+    body: dict[str, Any] = {
+        "name": e.point,
+        "unique_id": object_id(gateway, e.device, e.point),
+        "state_topic": f"{prefix}/{e.device}/{e.point}",
+        # The device's status alone would stay `online` (retained) after the gateway itself vanished.
+        "availability": _availability(f"{prefix}/status", f"{prefix}/{e.device}/status"),
+        "availability_mode": "all",
+        "device": {
+            "identifiers": [f"fieldgate_{gateway}_{e.device}"],
+            "name": e.device,
+            "model": e.model,
+            "via_device": f"fieldgate_{gateway}",
+        },
+        "origin": ORIGIN,
+        "qos": 1,
+    }
+    if e.component in ("number", "switch", "text"):
+        body["command_topic"] = f"{prefix}/{e.device}/set/{e.point}"
+    if e.kind == "bool":
+        body["payload_on"], body["payload_off"] = PAYLOAD_ON, PAYLOAD_OFF
+    elif e.kind == "string":
+        body["value_template"] = "{{ value_json }}"  # the topic carries a JSON string, quotes and all
+        if e.component == "text":
+            body["command_template"] = "{{ value | to_json }}"  # the set topic takes JSON
+    if e.component == "number":
+        body.update({"min": e.minimum, "max": e.maximum, "step": e.step})
+    elif e.component == "text":
+        body.update({"min": 0, "max": int(e.maximum or 0)})
+    optional = {
+        "unit_of_measurement": e.unit,
+        "device_class": e.device_class if e.component != "text" else None,  # text has no device classes
+        "state_class": e.state_class if e.component == "sensor" else None,
+        "icon": e.icon,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return body
+
+
+def configs(cfg: Config, prefix: str) -> dict[str, dict[str, Any]]:
+    """Discovery topic -> payload for every entity of the config (the gateway's own first), topics under `prefix`."""
+    gw = cfg.gateway.id
+    base = cfg.homeassistant.discovery_prefix
+    out = {f"{base}/binary_sensor/{gw}_status/config": gateway_config(gw, prefix)}
+    for e in entities(cfg):
+        out[f"{base}/{e.component}/{object_id(gw, e.device, e.point)}/config"] = entity_config(gw, prefix, e)
+    return out
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def discovery_messages(cfg: Config, prefix: str) -> list[Message]:
+    """The retained discovery messages for a sink publishing under `prefix`."""
+    return [Message(absolute(t), _encode(p), retain=True, qos=1) for t, p in configs(cfg, prefix).items()]
+
+
+def removal_messages(topics: Iterable[str]) -> list[Message]:
+    """Empty retained payloads: Home Assistant removes those entities, the broker forgets the configs."""
+    return [Message(absolute(t), b"", retain=True, qos=1) for t in sorted(topics)]
+
+
+def load_published(path: Path) -> set[str]:
+    """The discovery topics an earlier run published (empty when none, or the file is unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        log.warning("home assistant: cannot read %s (%s): configs of removed points stay in place", path, exc)
+        return set()
+    topics = data.get("topics") if isinstance(data, dict) else None
+    return {t for t in topics if isinstance(t, str)} if isinstance(topics, list) else set()
+
+
+def save_published(path: Path, topics: Iterable[str]) -> None:
+    """Remember the published discovery topics, atomically (a power cut leaves the old file or the new)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"topics": sorted(topics)}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("home assistant: cannot write %s: %s", path, exc)
+
+
+class Discovery:
+    """Keeps Home Assistant's discovery configs in step with the config, on every sink."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.gateway.state_dir) / STATE_FILE
+        enabled = cfg.homeassistant.enabled
+        self.topics: set[str] = set(configs(cfg, "P")) if enabled else set()
+        self.removing: asyncio.Future[Any] | None = None  # removals on their way, once sync started them
+        self._messages = {s.name: discovery_messages(cfg, cfg.prefix_for(s)) for s in cfg.northbound} if enabled else {}
+
+    def sync(self, outboxes: list[Outbox]) -> asyncio.Future[Any] | None:
+        """Remove, on every sink, the configs an earlier run published that this config no longer has.
+
+        The state file lists this run's topics before any goes out (a crash never forgets one) and drops
+        the removed ones once every sink holds their removal durably. The future of that, or None.
+        """
+        previous = load_published(self.path)
+        gone = previous - self.topics
+        if previous | self.topics != previous:
+            save_published(self.path, previous | self.topics)
+        if not gone:
+            return None
+        try:
+            futures = [o.enqueue(m) for o in outboxes for m in removal_messages(gone)]
+        except SinkError as exc:
+            log.warning("home assistant: cannot remove %d discovery config(s): %s", len(gone), exc)
+            return None
+        self.removing = asyncio.gather(*futures)
+        self.removing.add_done_callback(functools.partial(self._removed, len(gone)))
+        return self.removing
+
+    def _removed(self, count: int, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            error = "cancelled" if done.cancelled() else done.exception()
+            log.warning("home assistant: removing %d discovery config(s) failed (next start retries): %s", count, error)
+            return
+        save_published(self.path, self.topics)
+        log.info("home assistant: removed %d discovery config(s) of points no longer configured", count)
+
+    def publish(self, outbox: Outbox, sink: str) -> None:
+        """Give a (re)connected sink every discovery config, retained, its topics under that sink's prefix."""
+        for message in self._messages.get(sink, ()):
+            outbox.submit(message)
