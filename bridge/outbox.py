@@ -146,6 +146,18 @@ class Outbox:
         """Messages in the spool or on their way into it."""
         return self._held + len(self._pending) + self._committing
 
+    def health(self) -> str | None:
+        """None while the outbox runs; else why not (not started, stopped, or which task ended and how)."""
+        if self._stopped:
+            return "stopped"
+        if not self._tasks:
+            return "not started"
+        for task in self._tasks:
+            if task.done():
+                exc = None if task.cancelled() else task.exception()
+                return f"{task.get_name()} ended" + (f": {exc!r}" if exc else "")
+        return None
+
     # --- in -------------------------------------------------------------------------------------
 
     def submit(self, message: Message) -> None:

@@ -28,7 +28,11 @@ class DeviceError(FieldgateError):
 
 
 class DeviceTimeout(DeviceError):
-    """No valid response within the response timeout (after retries); bad CRCs end up here too."""
+    """No valid response within the response timeout (after retries); garbled answers are its subclass CrcError."""
+
+
+class CrcError(DeviceTimeout):
+    """Bytes came back but never formed a frame with a valid CRC: noise on the line (retried like a timeout)."""
 
 
 class DeviceException(DeviceError):

@@ -11,7 +11,7 @@ from gateway.app import Gateway
 from helpers import Subscriber
 
 CONFIG = """
-gateway: {{id: m1, state_dir: ./state}}
+gateway: {{id: m1, state_dir: ./state, http: null}}
 broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"]}}
 mcp:
   listen: 127.0.0.1:{mcp}

@@ -18,6 +18,7 @@ from gateway.config.schema import BusConfig, PointConfig
 from gateway.errors import (
     BusUnavailable,
     CodecError,
+    CrcError,
     DeviceError,
     DeviceException,
     DeviceTimeout,
@@ -36,10 +37,11 @@ class BusStats:
 
     transactions: int = 0
     timeouts: int = 0
+    crc_errors: int = 0
     exceptions: int = 0
     errors: int = 0
     reopen_attempts: int = 0
-    wire_seconds: float = 0.0
+    wire_seconds: float = 0.0  # frames of answered reads on the wire: utilisation = wire / wall time
 
 
 def line_budget(cfg: BusConfig) -> budget.LineBudget:
@@ -103,6 +105,11 @@ class ModbusBus:
     def name(self) -> str:
         """The line's name."""
         return self.cfg.name
+
+    @property
+    def running(self) -> bool:
+        """True from start to stop while the line's task has not ended (it never should on its own)."""
+        return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
         """Start the line's task; the port is opened (and reopened) by the task itself."""
@@ -288,7 +295,7 @@ class ModbusBus:
                 self._last_end = time.monotonic()
                 self.stats.transactions += 1
                 device.stats.transactions += 1
-            device.stats.last_response_s = self._last_end - started
+            device.stats.observe_response(self._last_end - started)
             req, resp = budget.transaction_bytes(request.table, request.count)
             self.stats.wire_seconds += budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
             return data
@@ -305,6 +312,9 @@ class ModbusBus:
         if isinstance(exc, DeviceException):
             self.stats.exceptions += 1
             device.stats.exceptions += 1
+        elif isinstance(exc, CrcError):
+            self.stats.crc_errors += 1
+            device.stats.crc_errors += 1
         elif isinstance(exc, DeviceTimeout):
             self.stats.timeouts += 1
             device.stats.timeouts += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 
 PROBE_BACKOFF_START = 1.0
 PROBE_BACKOFF_MAX = 300.0
+# Upper bounds (seconds) of the response-time buckets: from a short read at 115200 baud to a
+# full 125-register read at 9600 baud behind a slow serial device server.
+RESPONSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass
@@ -37,12 +41,22 @@ class DeviceStats:
 
     transactions: int = 0
     timeouts: int = 0
+    crc_errors: int = 0
     exceptions: int = 0
     errors: int = 0
     cycles: int = 0
     skipped_cycles: int = 0
     writes: int = 0
     last_response_s: float = 0.0
+    # Answered reads per RESPONSE_BUCKETS bucket (not cumulative); the last counts those above them all.
+    response_counts: list[int] = field(default_factory=lambda: [0] * (len(RESPONSE_BUCKETS) + 1))
+    response_sum_s: float = 0.0
+
+    def observe_response(self, seconds: float) -> None:
+        """Count one answered read that took `seconds` from request to response."""
+        self.last_response_s = seconds
+        self.response_sum_s += seconds
+        self.response_counts[bisect.bisect_left(RESPONSE_BUCKETS, seconds)] += 1
 
 
 @dataclass

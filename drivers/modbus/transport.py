@@ -10,7 +10,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from gateway.errors import BusUnavailable, DeviceException, DeviceTimeout, ProtocolError
+from gateway.errors import BusUnavailable, CrcError, DeviceException, DeviceTimeout, ProtocolError
 
 # pymodbus logs every timeout at ERROR with a frame dump; we log state changes ourselves.
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
@@ -42,6 +42,9 @@ class ModbusLink:
         connect_timeout: float = 3.0,
     ) -> None:
         self.port = port
+        # Whether bytes came in during the current transaction: pymodbus drops a frame with a bad
+        # CRC without a word, so a timeout after bytes arrived is the only sign of a garbled answer.
+        self._rx_seen = False
         client: AsyncModbusSerialClient | AsyncModbusTcpClient
         if port.startswith("tcp://"):
             host, _, tcp_port = port[len("tcp://") :].rpartition(":")
@@ -52,6 +55,7 @@ class ModbusLink:
                 timeout=connect_timeout,
                 retries=0,
                 reconnect_delay=0,
+                trace_packet=self._heard,
             )
         else:
             client = AsyncModbusSerialClient(
@@ -63,6 +67,7 @@ class ModbusLink:
                 timeout=connect_timeout,
                 retries=0,
                 reconnect_delay=0,
+                trace_packet=self._heard,
             )
         self._client = client
 
@@ -125,9 +130,15 @@ class ModbusLink:
             raise ProtocolError(f"the {table} table cannot be written")
         await self._execute(op, unit, timeout)
 
+    def _heard(self, sending: bool, data: bytes) -> bytes:
+        if not sending and data:
+            self._rx_seen = True
+        return data
+
     async def _execute(self, op, unit: int, timeout: float) -> ModbusPDU:  # type: ignore[no-untyped-def]
         # pymodbus reads its response timeout from these params at each request.
         self._client.ctx.comm_params.timeout_connect = timeout
+        self._rx_seen = False
         try:
             response: ModbusPDU = await op
         except ConnectionException as exc:
@@ -135,6 +146,8 @@ class ModbusLink:
         except ModbusIOException as exc:
             if "device id" in str(exc):
                 raise ProtocolError(f"unit {unit}: answer from another unit ({exc})") from exc
+            if self._rx_seen:
+                raise CrcError(f"unit {unit}: garbled response (no frame with a valid CRC)") from exc
             raise DeviceTimeout(f"unit {unit}: no response within {timeout * 1000:.0f} ms") from exc
         except (ModbusException, ValueError) as exc:
             raise ProtocolError(f"unit {unit}: {exc}") from exc

@@ -45,6 +45,7 @@ class VirtualLine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.bytes_to_device = 0
         self.bytes_to_gateway = 0
+        self._garble = 0
 
     @property
     def gateway_port(self) -> str:
@@ -79,7 +80,14 @@ class VirtualLine:
             self.bytes_to_device += len(data)
         else:
             self.bytes_to_gateway += len(data)
+            if self._garble and data:
+                self._garble -= 1
+                data = data[:-1] + bytes([data[-1] ^ 0x01])
         self._send(dst, data)
+
+    def garble(self, reads: int = 1) -> None:
+        """Flip one bit in each of the next `reads` chunks towards the gateway: noise that breaks the CRC."""
+        self._garble += reads
 
     def _send(self, dst: int, data: bytes) -> None:
         pending = self._pending.get(dst)

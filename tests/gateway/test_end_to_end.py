@@ -18,7 +18,7 @@ from gateway.config import load_config
 from helpers import Subscriber, free_port
 
 CONFIG = """
-gateway: {{id: t1, state_dir: ./state}}
+gateway: {{id: t1, state_dir: ./state, http: null}}
 broker: {{listeners: ["tcp://127.0.0.1:{port}"]}}
 modbus:
   buses:

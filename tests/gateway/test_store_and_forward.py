@@ -49,7 +49,7 @@ PLC = f"{P}/plc/telemetry"
 FROZEN = 4242  # the ramp's last value, set while the broker is down
 
 CONFIG = """
-gateway: {{id: sf, state_dir: {state_dir}}}
+gateway: {{id: sf, state_dir: {state_dir}, http: null}}
 broker: {{enabled: false}}
 northbound:
   - name: up

@@ -1,0 +1,439 @@
+"""`gateway.http` on a real gateway (simulated Modbus line, MCP device, embedded broker) with a real HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import __version__
+from gateway.app import Gateway
+from gateway.config import load_config, parse_config
+from gateway.errors import FieldgateError
+from gateway.http import Utilisation
+
+from helpers import Subscriber, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+gateway: {{id: web1, state_dir: ./state, http: {http}}}
+broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"], process: inline}}
+modbus:
+  buses:
+    - name: rs485
+      port: ./ttyA
+      baudrate: 115200
+      parity: N
+      devices:
+        - name: plc
+          unit: 1
+          poll: 100ms
+          points:
+            - {{name: count, table: holding, address: 0, type: uint16}}
+            - {{name: label, table: holding, address: 10, type: "string:8"}}
+        - name: ghost
+          unit: 3
+          poll: 100ms
+          points:
+            - {{name: level, table: input, address: 0}}
+mcp:
+  listen: 127.0.0.1:{mcp}
+  devices:
+    - {{id: pump-1, token: s3cret}}
+simulator:
+  modbus:
+    - link: ./ttyA
+      devices:
+        - {{unit: 1}}
+        - {{unit: 3, dead: true}}
+  mcp:
+    - id: pump-1
+      interval: 100ms
+      values: {{flow: {{value: 12.5}}}}
+"""
+
+
+@dataclass
+class Web:
+    """A running gateway, the base URL of its HTTP listener and a subscriber on its broker."""
+
+    gw: Gateway
+    url: str
+    sub: Subscriber
+    http: aiohttp.ClientSession
+
+
+def write_config(tmp_path: Path, http: str, mqtt: int = 0) -> Path:
+    """The test config with `gateway.http` set as given, every other port free."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.format(http=http, mqtt=mqtt or free_port(), mcp=free_port()))
+    return path
+
+
+@pytest.fixture
+async def web(tmp_path: Path) -> AsyncIterator[Web]:
+    """The test gateway with its status page on a free loopback port."""
+    port, mqtt = free_port(), free_port()
+    gw = Gateway(load_config(write_config(tmp_path, f"127.0.0.1:{port}", mqtt)))
+    await gw.start()
+    sub = Subscriber(mqtt)
+    await asyncio.to_thread(sub.start)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+    try:
+        yield Web(gw, f"http://127.0.0.1:{port}", sub, session)
+    finally:
+        await session.close()
+        sub.stop()
+        await gw.stop()
+
+
+async def get(web: Web, path: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET."""
+    async with web.http.get(web.url + path) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(web: Web) -> Samples:
+    """Every sample of /metrics, keyed by (sample name, labels)."""
+    status, ctype, body = await get(web, "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; KeyError (naming what there is) if the series is missing."""
+    key = (name, frozenset(labels.items()))
+    if key not in samples:
+        similar = sorted(str(dict(lbl)) for n, lbl in samples if n == name)
+        raise KeyError(f"{name}{labels} not scraped; {name} has {similar}")
+    return samples[key]
+
+
+async def until(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    """Poll an async check until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.1)
+
+
+def listening_ports() -> set[int]:
+    """TCP ports this process listens on (from /proc: its socket inodes in state LISTEN)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+# --- /metrics -----------------------------------------------------------------------------------------
+
+
+async def test_metrics_parse_and_move_between_scrapes(web: Web) -> None:
+    plc = {"line": "rs485", "device": "plc"}
+
+    async def pump_connected() -> Samples | None:
+        s = await scrape(web)
+        return (
+            s
+            if value(s, "fieldgate_mcp_sessions") == 1 and value(s, "fieldgate_sink_connected", sink="local")
+            else None
+        )
+
+    first = await until(pump_connected)
+    assert first, "the simulated MCP device never got a session, or the sink never connected"
+    await asyncio.sleep(0.5)
+    second = await scrape(web)
+
+    for name in ("transactions_total", "response_seconds_count"):
+        before, after = (
+            value(first, f"fieldgate_modbus_device_{name}", **plc),
+            value(second, f"fieldgate_modbus_device_{name}", **plc),
+        )
+        assert 0 < before < after, name
+    assert value(second, "fieldgate_modbus_line_transactions_total", line="rs485") > value(
+        first, "fieldgate_modbus_line_transactions_total", line="rs485"
+    )
+    # The histogram is cumulative and ends in +Inf = _count; at 115200 baud on a pty answers take < 1 s.
+    count = value(second, "fieldgate_modbus_device_response_seconds_count", **plc)
+    assert value(second, "fieldgate_modbus_device_response_seconds_bucket", **plc, le="+Inf") == count
+    assert value(second, "fieldgate_modbus_device_response_seconds_bucket", **plc, le="1.0") == count
+    assert 0 < value(second, "fieldgate_modbus_device_response_seconds_sum", **plc) < count
+    assert 0 < value(second, "fieldgate_modbus_line_utilisation_ratio", line="rs485") < 1
+    assert value(second, "fieldgate_modbus_line_wire_seconds_total", line="rs485") > 0
+    for name in ("timeouts", "crc_errors", "exceptions", "errors"):
+        value(second, f"fieldgate_modbus_line_{name}_total", line="rs485")
+        value(second, f"fieldgate_modbus_device_{name}_total", **plc)
+    assert value(second, "fieldgate_modbus_device_online", **plc) == 1
+
+    assert value(second, "fieldgate_mcp_frames_in_total", device="pump-1") > value(
+        first, "fieldgate_mcp_frames_in_total", device="pump-1"
+    )
+    assert value(second, "fieldgate_mcp_frames_out_total", device="pump-1") > 0  # its ACKs
+    assert value(second, "fieldgate_mcp_nacks_sent_total", device="pump-1") == 0
+    assert value(second, "fieldgate_mcp_device_online", device="pump-1") == 1
+
+    for name in ("spool_messages", "spool_bytes", "sink_queued"):
+        assert value(second, f"fieldgate_{name}", sink="local") >= 0
+    for name in ("spool_dropped", "spool_fsyncs", "spool_written_bytes", "sink_published"):
+        assert value(second, f"fieldgate_{name}_total", sink="local") >= 0
+    assert value(second, "fieldgate_sink_published_total", sink="local") > value(
+        first, "fieldgate_sink_published_total", sink="local"
+    )
+    assert value(second, "fieldgate_uptime_seconds") > value(first, "fieldgate_uptime_seconds") > 0
+    assert value(second, "fieldgate_info", gateway="web1", version=__version__) == 1
+
+
+async def test_a_dead_unit_shows_offline_with_timeouts(web: Web) -> None:
+    ghost = {"line": "rs485", "device": "ghost"}
+
+    async def offline() -> Samples | None:
+        s = await scrape(web)
+        return (
+            s
+            if value(s, "fieldgate_modbus_device_online", **ghost) == 0
+            and web.gw.buses[0].devices["ghost"].online is False
+            else None
+        )
+
+    samples = await until(offline)
+    assert samples, "ghost never went offline"
+    assert value(samples, "fieldgate_modbus_device_timeouts_total", **ghost) > 0
+    assert value(samples, "fieldgate_modbus_device_response_seconds_count", **ghost) == 0
+    assert value(samples, "fieldgate_modbus_device_online", line="rs485", device="plc") == 1
+    assert value(samples, "fieldgate_modbus_line_timeouts_total", line="rs485") >= value(
+        samples, "fieldgate_modbus_device_timeouts_total", **ghost
+    )
+
+
+# --- /healthz -------------------------------------------------------------------------------------------
+
+
+async def test_healthz_is_ok_until_a_task_dies(web: Web) -> None:
+    assert await get(web, "/healthz") == (200, "text/plain; charset=utf-8", "ok\n")
+    # The replay task is the one that once died on a full disk; kill it the way such a bug would.
+    task = next(t for t in asyncio.all_tasks() if t.get_name() == "outbox:local:replay")
+    task.cancel()
+    await asyncio.sleep(0.05)
+    status, _, body = await get(web, "/healthz")
+    assert status == 503
+    assert body == "sink local: outbox:local:replay ended\n"
+    _, _, page = await get(web, "/")
+    assert "sink local: outbox:local:replay ended" in page
+    next(t for t in asyncio.all_tasks() if t.get_name() == "modbus:rs485").cancel()
+    await asyncio.sleep(0.05)
+    status, _, body = await get(web, "/healthz")
+    assert (status, body) == (503, "sink local: outbox:local:replay ended\nmodbus line rs485: its task has ended\n")
+
+
+# --- the status page ------------------------------------------------------------------------------------
+
+
+class PageParser(HTMLParser):
+    """The status page's table rows (cell texts, by section id) and its value cells by (device, point)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[str, list[str]]] = []
+        self._section = ""
+        self.values: dict[tuple[str, str], str] = {}
+        self.meta: list[dict[str, str | None]] = []
+        self._cell: list[str] | None = None
+        self._point: tuple[str, str] | None = None
+        self._dd: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section":
+            self._section = a.get("id") or ""
+        elif tag == "tr":
+            self.rows.append((self._section, []))
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "div" and "data-point" in a:
+            self._point = (a["data-device"] or "", a["data-point"] or "")
+        elif tag == "dd":
+            self._dd = []
+        elif tag == "meta":
+            self.meta.append(a)
+
+    def table(self, section: str) -> dict[str, list[str]]:
+        """The rows of one section's table by their first cell (the header row included)."""
+        return {cells[0]: cells for sec, cells in self.rows if sec == section and cells}
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1][1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "dd" and self._dd is not None and self._point:
+            self.values[self._point] = "".join(self._dd)
+            self._dd = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._dd is not None:
+            self._dd.append(data)
+
+
+async def test_status_page_shows_live_values_as_mqtt_does_and_escapes_them(web: Web) -> None:
+    sim = next(iter(web.gw.simulation.simulators.values()))  # type: ignore[union-attr]
+    sim.set(1, "count", 4242)
+    sim.set(1, "label", "<b>")
+    for topic, payload in (("count", b"4242"), ("label", b'"<b>"')):
+        got = await web.sub.wait_for(
+            lambda ms, t=topic, p=payload: any(m.topic == f"fieldgate/web1/plc/{t}" and m.payload == p for m in ms)
+        )
+        assert got
+
+    async def page_with_offline_ghost() -> tuple[str, PageParser] | None:
+        status, ctype, body = await get(web, "/")
+        assert status == 200 and ctype.startswith("text/html")
+        p = PageParser()
+        p.feed(body)
+        devices = p.table("devices")
+        return (body, p) if devices.get("ghost", [""] * 3)[2] == "offline" and "pump-1" in devices else None
+
+    found = await until(page_with_offline_ghost)
+    assert found, "the page never showed ghost offline and pump-1"
+    body, page = found
+    # The same text the retained MQTT topic carries, after the browser unescapes it.
+    assert page.values[("plc", "count")] == "4242"
+    assert page.values[("plc", "label")] == '"<b>"'
+    assert "<b>" not in body and "&quot;&lt;b&gt;&quot;" in body
+    assert page.values[("pump-1", "flow")] == "12.5"
+    devices = page.table("devices")
+    assert devices["plc"][1:3] == ["Modbus rs485, unit 1", "online"]
+    assert devices["ghost"][1:3] == ["Modbus rs485, unit 3", "offline"]
+    assert devices["pump-1"][1:3] == ["MCP", "online"]
+    assert float(devices["plc"][4].removesuffix(" s")) < 5  # the age of its last sample
+    lines = page.table("lines")
+    assert lines["rs485"][1].endswith("ttyA") and lines["rs485"][2] == "115200 8N1"
+    assert int(lines["rs485"][3]) > 0 and int(lines["rs485"][4]) > 0  # transactions, timeouts (ghost)
+    session = page.table("mcp")["pump-1"]
+    assert session[1].startswith("127.0.0.1:") and int(session[2]) > 0  # peer, frames in
+    assert page.table("sinks")["local"][1] == "connected"
+    assert {"http-equiv": "refresh", "content": "5"} in page.meta
+
+
+# --- configuration --------------------------------------------------------------------------------------
+
+
+async def test_http_null_opens_no_listener(tmp_path: Path) -> None:
+    gw = Gateway(load_config(write_config(tmp_path, "null")))
+    before = listening_ports()
+    await gw.start()
+    try:
+        assert gw.http is None
+        mcp_port = int(gw.cfg.mcp.listen.rsplit(":", 1)[1])  # type: ignore[union-attr]
+        mqtt_port = int(gw.cfg.broker.listeners[0].rsplit(":", 1)[1])
+        assert listening_ports() - before == {mcp_port, mqtt_port}
+    finally:
+        await gw.stop()
+
+
+async def test_listening_ports_sees_the_http_listener(web: Web) -> None:
+    # Proof that the check above can fail: with `http` set, its port is among them.
+    assert web.gw.http is not None and web.gw.http.port in listening_ports()
+
+
+async def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gw = Gateway(load_config(write_config(tmp_path, f"127.0.0.1:{port}")))
+        try:
+            with pytest.raises(
+                FieldgateError, match=rf"status page cannot listen on 127\.0\.0\.1:{port} \(gateway\.http\):.*in use"
+            ):
+                await gw.start()
+        finally:
+            await gw.stop()
+
+
+def test_fieldgate_run_refuses_a_port_in_use_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            f"gateway: {{id: cli1, state_dir: ./state, http: '127.0.0.1:{port}'}}\n"
+            f"broker: {{listeners: ['tcp://127.0.0.1:{free_port()}'], process: inline}}\n"
+        )
+        res = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fieldgate: status page cannot listen on 127.0.0.1:{port} (gateway.http):")
+    assert "Traceback" not in res.stderr
+
+
+def test_listening_beyond_loopback_warns() -> None:
+    exposed = parse_config("gateway: {http: '0.0.0.0:9720'}\n", "cfg.yaml")
+    assert exposed.warnings == [
+        "cfg.yaml:1: gateway.http: listens on 0.0.0.0:9720 without authentication (status page, /metrics)"
+    ]
+    assert (
+        parse_config("gateway: {http: ':9720'}\n")
+        .warnings[0]
+        .endswith("listens on 0.0.0.0:9720 without authentication (status page, /metrics)")
+    )
+    assert parse_config("gateway: {http: '127.0.0.1:9720'}\n").warnings == []
+    assert parse_config("gateway: {http: null}\n").warnings == []
+    assert parse_config("gateway: {}\n").warnings == []  # the default is loopback
+
+
+# --- utilisation ----------------------------------------------------------------------------------------
+
+
+def test_utilisation_is_wire_time_over_the_last_minute() -> None:
+    stats = SimpleNamespace(wire_seconds=0.0)
+    bus = SimpleNamespace(name="l", stats=stats)
+    util = Utilisation([bus])  # type: ignore[list-item]
+    assert util.ratio(bus, 0.0) == 0.0  # type: ignore[arg-type]
+    for t in range(0, 101, 10):
+        # 10 % of the line for 50 s, then 50 %.
+        stats.wire_seconds = 0.1 * min(t, 50) + 0.5 * max(0, t - 50)
+        util.sample(float(t))
+    # The oldest sample kept is the newest one at least 60 s old: t=40, wire 4.0; now wire 30.0.
+    assert util.ratio(bus, 100.0) == pytest.approx((30.0 - 4.0) / 60)  # type: ignore[arg-type]
