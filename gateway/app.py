@@ -22,6 +22,7 @@ from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config
 from gateway.homeassistant import Discovery
+from gateway.http import HttpServer
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
 from gateway.types import DeviceState, Message, Sample
@@ -62,6 +63,7 @@ class Gateway:
         self._metrics: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.started_at = 0.0
+        self.http: HttpServer | None = None
 
     async def start(self) -> None:
         """Start the parts in dependency order: simulator, broker, sinks, router, drivers."""
@@ -90,6 +92,10 @@ class Gateway:
             await self.mcp.start()
             if self.simulation and cfg.simulator and cfg.simulator.mcp:
                 await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
+        if cfg.gateway.http is not None:
+            # After the drivers: the first page and scrape already show every line and device.
+            self.http = HttpServer(self, cfg.gateway.http)
+            await self.http.start()
         self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         log.info(
             "fieldgate %s up: %d Modbus line(s) with %d device(s), %d MCP device(s) allowed, %d sink(s)",
@@ -214,6 +220,9 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop polling, publish what is queued and the offline states, then close everything."""
+        if self.http:
+            # First: no scrape or page should read parts that are half stopped.
+            await self.http.stop()
         if self._metrics:
             self._metrics.cancel()
             with contextlib.suppress(asyncio.CancelledError):

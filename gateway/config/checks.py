@@ -330,6 +330,9 @@ class _Checks:
         http = self.config.gateway.http
         if http is not None and _host_port(http) is None:
             self._error(("gateway", "http"), f"{http!r} is not HOST:PORT (e.g. 127.0.0.1:9720)")
+        elif http is not None and (where := _exposed(http)):
+            # The page and /metrics have no login: they show every value, line and spool to whoever asks.
+            self._warn(("gateway", "http"), f"listens on {where} without authentication (status page, /metrics)")
         mcp = self.config.mcp
         if mcp is not None and mcp.tls is None:
             # MCP devices authenticate with tokens; without TLS those cross the network in clear.
