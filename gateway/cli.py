@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -85,10 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str, debug: bool) -> None:
-    # Under systemd, journald stamps each line itself.
-    journald = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.DEBUG if debug else getattr(logging, level), format=fmt, stream=sys.stderr)
+    from gateway.systemd import JournalFormatter, stderr_is_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    # Under systemd, journald stamps each line itself and files it under its `<N>` priority prefix.
+    journald = stderr_is_journal(sys.stderr)
+    handler.setFormatter(
+        JournalFormatter() if journald else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=logging.DEBUG if debug else getattr(logging, level), handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,12 @@ from gateway.types import DeviceState, Sample, Value, Write, WriteResult
 log = logging.getLogger(__name__)
 
 REOPEN_BACKOFF_MAX = 30.0
+#: How long opening the port may take (pymodbus' connect timeout).
+OPEN_TIMEOUT = 3.0
+#: The line's task wakes at least this often, so that `alive_at` stays fresh on an idle line.
+ALIVE_TICK = 1.0
+#: Allowed on top of the longest single step of the task: scheduling delays, the quiet gap.
+ALIVE_SLACK = 2.0
 
 
 @dataclass
@@ -86,7 +92,12 @@ class ModbusBus:
         self._on_sample = on_sample
         self._on_state = on_state
         self._link = link or ModbusLink(
-            cfg.port, baudrate=cfg.baudrate, parity=cfg.parity, bytesize=cfg.bytesize, stopbits=cfg.stopbits
+            cfg.port,
+            baudrate=cfg.baudrate,
+            parity=cfg.parity,
+            bytesize=cfg.bytesize,
+            stopbits=cfg.stopbits,
+            connect_timeout=OPEN_TIMEOUT,
         )
         bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
         self._bits_per_char = bits
@@ -99,7 +110,12 @@ class ModbusBus:
         self._stopping = False
         self._last_end = 0.0
         self._reopen_backoff = 1.0
+        self._reopen_at = 0.0
         self._logged: set[tuple[str, str, str]] = set()
+        #: Monotonic time the line's task last moved (an iteration, a transaction, a back-off step).
+        self.alive_at = time.monotonic()
+        #: The longest a healthy line goes without moving: longer means its task is stuck.
+        self.alive_limit = self._longest_step() + ALIVE_TICK + ALIVE_SLACK
 
     @property
     def name(self) -> str:
@@ -111,9 +127,22 @@ class ModbusBus:
         """True from start to stop while the line's task has not ended (it never should on its own)."""
         return self._task is not None and not self._task.done()
 
+    def _longest_step(self) -> float:
+        # Between two `alive_at` stamps the task does at most one transaction or one open.
+        longest = OPEN_TIMEOUT
+        for device in self.devices.values():
+            for job in device.jobs:
+                for r in job.requests:
+                    longest = max(longest, device.timeout(r.table, r.count))
+            for p in device.points.values():
+                if p.writable:
+                    longest = max(longest, device.timeout(p.table, p.codec.count, write=True))
+        return longest
+
     async def start(self) -> None:
         """Start the line's task; the port is opened (and reopened) by the task itself."""
         now = time.monotonic()
+        self.alive_at = now
         for device in self.devices.values():
             for job in device.jobs:
                 job.due = now
@@ -175,8 +204,13 @@ class ModbusBus:
 
     async def _run(self) -> None:
         while not self._stopping:
+            self.alive_at = time.monotonic()
             if not self._link.connected:
-                await self._reopen()
+                wait = self._reopen_at - self.alive_at
+                if wait > 0:
+                    await asyncio.sleep(min(wait, ALIVE_TICK))
+                else:
+                    await self._reopen()
                 continue
             if not self._writes.empty():
                 await self._serve_writes()
@@ -186,7 +220,8 @@ class ModbusBus:
             if delay > 0:
                 self._wake.clear()
                 try:
-                    async with asyncio.timeout(delay):
+                    # Never asleep for long, even when the next poll is minutes away: see `alive_at`.
+                    async with asyncio.timeout(min(delay, ALIVE_TICK)):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
@@ -214,7 +249,7 @@ class ModbusBus:
             for device in self.devices.values():
                 if device.record_failure(now, unreachable=True):
                     self._announce(device, False, str(exc))
-            await asyncio.sleep(self._reopen_backoff)
+            self._reopen_at = time.monotonic() + self._reopen_backoff
             self._reopen_backoff = min(self._reopen_backoff * 2, REOPEN_BACKOFF_MAX)
             return
         if self._reopen_backoff > 1.0:
@@ -292,7 +327,7 @@ class ModbusBus:
                     raise
                 continue
             finally:
-                self._last_end = time.monotonic()
+                self._last_end = self.alive_at = time.monotonic()
                 self.stats.transactions += 1
                 device.stats.transactions += 1
             device.stats.observe_response(self._last_end - started)
@@ -333,7 +368,7 @@ class ModbusBus:
             self._count(device, exc)
             return WriteResult(ok=False, error=str(exc))
         finally:
-            self._last_end = time.monotonic()
+            self._last_end = self.alive_at = time.monotonic()
             self.stats.transactions += 1
         # Read the point back: the device may clamp or ignore a value without saying so.
         span = Span(point.name, point.table, point.address, point.codec.count)
