@@ -45,6 +45,7 @@ class BrokerProcess:
         self._args = json.dumps({"listeners": listeners, "cert": cert, "key": key})
         self._proc: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
 
@@ -81,7 +82,13 @@ class BrokerProcess:
             err = (await proc.stderr.read()).decode(errors="replace").strip().splitlines()
             raise FieldgateError(err[-1] if err else f"embedded broker process did not start on {self.listeners}")
         self._proc = proc
+        # Keep reading its stderr: a full pipe would block the broker on its next warning.
+        self._relay = asyncio.create_task(self._relay_stderr(proc.stderr), name="broker-process-stderr")
         log.info("embedded broker (process %d) listening on %s", proc.pid, ", ".join(self.listeners))
+
+    async def _relay_stderr(self, stderr: asyncio.StreamReader) -> None:
+        while line := await stderr.readline():
+            log.warning("%s", line.decode(errors="replace").rstrip())
 
     async def _watch(self) -> None:
         delay = 1.0
