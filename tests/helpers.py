@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -170,3 +170,14 @@ class TcpRelay:
 
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(pump(reader, b_writer, None), pump(b_reader, writer, self.downstream))
+
+
+@contextlib.asynccontextmanager
+async def subscribed(port: int, *topics: str) -> AsyncIterator[Subscriber]:
+    """A Subscriber to `topics` (default `#`), connected and stopped off the event loop (a broker may run on it)."""
+    sub = Subscriber(port, topics or ("#",))
+    await asyncio.to_thread(sub.start)
+    try:
+        yield sub
+    finally:
+        await asyncio.to_thread(sub.stop)

@@ -20,23 +20,12 @@ from bridge.sink import MqttSink
 from gateway.errors import SinkError
 from gateway.types import Message
 
-from helpers import Received, Subscriber, TcpRelay, free_port
+from helpers import Received, Subscriber, TcpRelay, free_port, subscribed
 
 P = "fg/t1"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def subscribed(port: int, topics: tuple[str, ...] = ("#",)) -> AsyncIterator[Subscriber]:
-    """A paho subscriber on its own thread (started off the loop: the broker runs on the loop)."""
-    sub = Subscriber(port, topics)
-    await asyncio.to_thread(sub.start)
-    try:
-        yield sub
-    finally:
-        await asyncio.to_thread(sub.stop)
 
 
 @contextlib.asynccontextmanager
@@ -64,7 +53,7 @@ def payloads(sub: Subscriber, topic: str) -> list[bytes]:
 
 async def retained(port: int, topic: str) -> Received:
     """What a subscriber that arrives now gets as the retained message of `topic`."""
-    async with subscribed(port, (topic,)) as late:
+    async with subscribed(port, topic) as late:
         got = await late.next_on(topic, timeout=5)
     assert got.retain, f"{topic}: {got.payload!r} was not delivered as a retained message"
     return got

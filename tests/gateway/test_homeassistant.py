@@ -33,7 +33,7 @@ from gateway.errors import ConfigError
 from gateway.homeassistant import Discovery, configs, discovery_messages, removal_messages
 from gateway.types import Message
 
-from helpers import Received, Subscriber, free_port
+from helpers import Received, free_port, subscribed
 from mosquitto import Mosquitto
 
 # --- the documented discovery schema ------------------------------------------------------------
@@ -673,17 +673,6 @@ async def running(path: Path) -> AsyncIterator[Gateway]:
         yield gw
     finally:
         await gw.stop()
-
-
-@asynccontextmanager
-async def subscribed(port: int, *topics: str) -> AsyncIterator[Subscriber]:
-    """A subscriber on a broker, connected off the event loop."""
-    sub = Subscriber(port, topics or ("#",))
-    await asyncio.to_thread(sub.start)
-    try:
-        yield sub
-    finally:
-        sub.stop()
 
 
 def write(tmp_path: Path, port: int, upstream: str, *, spare: bool = True, enabled: bool = True) -> Path:

@@ -39,7 +39,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.types import Message
 
-from helpers import Received, Subscriber, free_port
+from helpers import Received, Subscriber, free_port, subscribed
 from mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,17 +148,6 @@ async def device(setup: Setup, **kwargs: Any) -> AsyncIterator[McpClient]:
         yield client
     finally:
         await client.stop()
-
-
-@contextlib.asynccontextmanager
-async def subscribed(port: int, topics: tuple[str, ...] = ("#",)) -> AsyncIterator[Subscriber]:
-    """A paho subscriber on the broker (its own thread, connected off the loop)."""
-    sub = Subscriber(port, topics)
-    await asyncio.to_thread(sub.start)
-    try:
-        yield sub
-    finally:
-        await asyncio.to_thread(sub.stop)
 
 
 def restore(mosquitto: Mosquitto) -> Subscriber:
@@ -342,7 +331,7 @@ def missing(expected: Iterable[int], messages: Iterable[Received], topic: str) -
 
 async def retained(port: int, topics: tuple[str, ...]) -> dict[str, object]:
     """What a subscriber that connects now is given on each topic (the retained values)."""
-    async with subscribed(port, topics) as late:
+    async with subscribed(port, *topics) as late:
         await late.wait_for(lambda ms: {m.topic for m in ms} >= set(topics), timeout=5)
         await asyncio.sleep(0.2)  # a stale duplicate would come right behind
         assert all(m.retain for m in late.messages), [m.topic for m in late.messages if not m.retain]
