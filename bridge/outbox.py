@@ -54,6 +54,9 @@ class Publisher(Protocol):
     def connected(self) -> bool:
         """True while the broker session is up."""
 
+    def topic(self, relative: str) -> str:
+        """The full topic a prefix-relative one is published on."""
+
     def try_publish(self, message: Message) -> asyncio.Future[None] | None:
         """Start publishing now: a future of the broker's acknowledgement, or None while disconnected."""
 

@@ -19,6 +19,7 @@ from bridge.sink import MqttSink
 from bridge.spool import SQLiteSpool
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus, line_budget
+from gateway.audit import AuditLog
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config
 from gateway.homeassistant import Discovery
@@ -69,6 +70,7 @@ class Gateway:
         self._stopping = asyncio.Event()
         self.started_at = 0.0
         self.http: HttpServer | None = None
+        self.audit: AuditLog | None = None
         self.systemd = ServiceNotifier(self)
 
     async def start(self) -> None:
@@ -84,7 +86,9 @@ class Gateway:
             await self.broker.start()
 
         self._build_sinks()
-        self.router = Router(self.outboxes, self._build_drivers())
+        audit = cfg.gateway.audit
+        self.audit = AuditLog(cfg.gateway.state_dir, max_bytes=audit.max_size, backups=audit.backups)
+        self.router = Router(self.outboxes, self._build_drivers(), audit=self.audit)
         for outbox in self.outboxes:
             await outbox.start()
         self.discovery.sync(self.outboxes)  # removals of points gone since the last run; configs on connect
@@ -163,11 +167,28 @@ class Gateway:
             self.buses.append(bus)
             for dev in bus_cfg.devices:
                 deadbands = {p.name: p.deadband for p in dev.points if p.deadband}
-                profiles.append(DeviceProfile(dev.name, dev.full_every, deadbands, bus.write))
+                profiles.append(
+                    DeviceProfile(
+                        dev.name,
+                        dev.full_every,
+                        deadbands,
+                        bus.write,
+                        write_rate=dev.write_rate,
+                        write_burst=dev.write_burst,
+                    )
+                )
         if self.cfg.mcp:
             self.mcp = McpServer(self.cfg.mcp, self._deliver, self._on_state)
             for d in self.cfg.mcp.devices:
-                profiles.append(DeviceProfile(d.id, commander=self.mcp.command, every_sample=True))
+                profiles.append(
+                    DeviceProfile(
+                        d.id,
+                        commander=self.mcp.command,
+                        every_sample=True,
+                        write_rate=d.write_rate,
+                        write_burst=d.write_burst,
+                    )
+                )
         return profiles
 
     def _bus_config(self, bus: BusConfig) -> BusConfig:
@@ -267,6 +288,8 @@ class Gateway:
                 log.warning("embedded broker did not stop within the stop budget; leaving it to exit with us")
         if self.simulation:
             await self.simulation.stop()
+        if self.audit:
+            self.audit.close()
 
     def request_stop(self) -> None:
         """Ask `run_forever` to stop (signal handlers call this)."""

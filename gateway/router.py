@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.outbox import Outbox
+from gateway.audit import AuditRecord
 from gateway.errors import SinkError
 from gateway.types import Command, CommandResult, DeviceState, Message, Sample, Value, Write, WriteResult
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 Writer = Callable[[Write], Awaitable[WriteResult]]
 Commander = Callable[[Command], Awaitable[CommandResult]]
+Audit = Callable[[AuditRecord], None]
 
 #: Topics each sink subscribes to (relative to its prefix).
 SUBSCRIPTIONS = ("+/set/+", "+/cmd")
@@ -34,6 +36,27 @@ class DeviceProfile:
     writer: Writer | None = None
     commander: Commander | None = None
     every_sample: bool = False  # devices that push (MCP): each sample is published whole
+    write_rate: float | None = None  # writes or commands per second; None: unlimited
+    write_burst: int = 10
+
+
+class TokenBucket:
+    """`rate` per second on average, up to `burst` at once."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 @dataclass
@@ -78,11 +101,20 @@ class Router:
     """Turns driver events into messages for every sink, and sink requests into driver calls."""
 
     def __init__(
-        self, outboxes: list[Outbox], profiles: list[DeviceProfile], *, clock: Callable[[], float] = time.monotonic
+        self,
+        outboxes: list[Outbox],
+        profiles: list[DeviceProfile],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        audit: Audit | None = None,
     ) -> None:
         self.outboxes = outboxes
         self.devices = {p.name: _DeviceView(p) for p in profiles}
         self._clock = clock
+        self._audit = audit
+        self._buckets = {
+            p.name: TokenBucket(p.write_rate, p.write_burst, clock()) for p in profiles if p.write_rate is not None
+        }
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- from the drivers ---------------------------------------------------------------------------
@@ -182,11 +214,22 @@ class Router:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _rate_limited(self, device: str, what: str) -> str | None:
+        """The refusal when `device` has used up its write rate, else None (and a token is spent)."""
+        bucket = self._buckets.get(device)
+        if bucket is None or bucket.take(self._clock()):
+            return None
+        return f"rate limited: {device} takes at most {bucket.rate:g} {what}/s (burst {bucket.burst})"
+
     async def _set(self, outbox: Outbox, device: str, point: str, payload: bytes) -> None:
+        arrived, started = time.time_ns(), time.monotonic()
         result_topic = f"{device}/set/{point}/result"
+        value: Any = None
+        raw: bytes | None = None
         try:
             value = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
+            raw = payload
             result = WriteResult(ok=False, error=f"payload is not JSON: {payload[:64]!r}")
         else:
             if isinstance(value, dict):
@@ -196,18 +239,40 @@ class Router:
                 result = WriteResult(ok=False, error=f"unknown device {device!r}")
             elif view.profile.writer is None:
                 result = WriteResult(ok=False, error=f"{device} takes no writes")
+            elif refusal := self._rate_limited(device, "writes"):
+                result = WriteResult(ok=False, error=refusal)
             else:
                 result = await view.profile.writer(Write(device, point, value, origin=outbox.sink.name))
         log.info("set %s.%s = %r: %s", device, point, payload[:64], "ok" if result.ok else result.error)
         body = {"ok": result.ok, "value": result.value, "error": result.error}
         self._send(Message(result_topic, encode_json(body)), only=outbox)
+        if self._audit is not None:
+            self._audit(
+                AuditRecord(
+                    ts_ns=arrived,
+                    origin=outbox.sink.name,
+                    topic=outbox.sink.topic(f"{device}/set/{point}"),
+                    device=device,
+                    action="set",
+                    target=point,
+                    request=value,
+                    ok=result.ok,
+                    result=result.value,
+                    error=result.error,
+                    raw=raw,
+                    duration_ms=(time.monotonic() - started) * 1000,
+                )
+            )
 
     async def _cmd(self, outbox: Outbox, device: str, payload: bytes) -> None:
+        arrived, started = time.time_ns(), time.monotonic()
         cmd_id: object = None
+        raw: bytes | None = None
         try:
             body = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
             body = None
+            raw = payload
         if isinstance(body, dict):
             cmd_id = body.get("id")
         view = self.devices.get(device)
@@ -219,12 +284,33 @@ class Router:
             result = CommandResult(ok=False, error=f"unknown device {device!r}")
         elif view.profile.commander is None:
             result = CommandResult(ok=False, error=f"{device} takes no commands")
+        elif refusal := self._rate_limited(device, "commands"):
+            result = CommandResult(ok=False, error=refusal)
         else:
             command = Command(device, body["name"], body.get("args", {}), None if cmd_id is None else str(cmd_id))
             result = await view.profile.commander(command)
         log.info("cmd %s: %s", device, "ok" if result.ok else result.error)
         reply = {"id": cmd_id, "ok": result.ok, "result": result.result, "error": result.error}
         self._send(Message(f"{device}/cmd/result", encode_json(reply)), only=outbox)
+        if self._audit is not None:
+            name = body.get("name") if isinstance(body, dict) else None
+            self._audit(
+                AuditRecord(
+                    ts_ns=arrived,
+                    origin=outbox.sink.name,
+                    topic=outbox.sink.topic(f"{device}/cmd"),
+                    device=device,
+                    action="cmd",
+                    target=name if isinstance(name, str) else None,
+                    request=body.get("args", {}) if isinstance(body, dict) else body,
+                    ok=result.ok,
+                    result=result.result,
+                    error=result.error,
+                    request_id=None if cmd_id is None else str(cmd_id),
+                    raw=raw,
+                    duration_ms=(time.monotonic() - started) * 1000,
+                )
+            )
 
     async def stop(self) -> None:
         """Wait briefly for writes in progress."""

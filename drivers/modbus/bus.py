@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,6 +193,11 @@ class ModbusBus:
         if point.min is not None or point.max is not None:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise WriteRejected(f"{device.name}.{point.name} expects a number, got {value!r}")
+            if not math.isfinite(value):
+                # NaN compares false with both limits: without this it would slip past them.
+                lo, hi = ("" if x is None else f"{x:g}" for x in (point.min, point.max))
+                limits = f"{lo}..{hi}"
+                raise WriteRejected(f"{value} is not a number within the limits {limits} of {device.name}.{point.name}")
             if point.min is not None and value < point.min:
                 raise WriteRejected(f"{value} is below the minimum {point.min:g} of {device.name}.{point.name}")
             if point.max is not None and value > point.max:

@@ -151,6 +151,8 @@ class DeviceConfig(Model):
     timeout: Duration | None = None
     retries: int | None = Field(default=None, ge=0, le=10)
     offline_after: int | None = Field(default=None, ge=1, le=100)
+    write_rate: float = Field(default=5.0, gt=0)  # writes/s the device is given, on average
+    write_burst: int = Field(default=10, ge=1)  # writes allowed at once after a quiet spell
     template: Name | None = None
     points: list[PointConfig] = Field(default_factory=list)
 
@@ -198,6 +200,13 @@ def _default_state_dir() -> str:
     return "/var/lib/fieldgate" if os.environ.get("INVOCATION_ID") else "./var"
 
 
+class AuditConfig(Model):
+    """The audit log of writes and commands (`<state_dir>/audit.log`), rotated by size."""
+
+    max_size: Size = Field(default=1024**2, ge=1024)
+    backups: int = Field(default=5, ge=1, le=100)
+
+
 class GatewaySection(Model):
     """Identity and process-wide settings."""
 
@@ -205,6 +214,7 @@ class GatewaySection(Model):
     state_dir: str = Field(default_factory=_default_state_dir)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     http: str | None = "127.0.0.1:9720"
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
 
 _LISTENER = re.compile(r"^(tcp|mqtt|ws|mqtts|wss)://([^:/]*|\[[0-9a-fA-F:]+\]):(\d{1,5})/?$")
@@ -267,6 +277,9 @@ class SinkConfig(Model):
 
     @model_validator(mode="after")
     def _url_scheme(self) -> SinkConfig:
+        if self.url is not None and "@" in self.url:
+            # Not echoed: what precedes the `@` is most likely a password.
+            raise ValueError("url must not carry credentials: give them as `username` and `password`")
         if self.url is not None and not re.match(r"^mqtts?://[^:/]+(:\d{1,5})?/?$", self.url):
             raise ValueError(f"url {self.url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
         return self
@@ -306,6 +319,8 @@ class McpDeviceConfig(Model):
     id: Name
     token: str = Field(min_length=1)
     meta: dict[str, Any] = Field(default_factory=dict)
+    write_rate: float = Field(default=5.0, gt=0)  # commands/s the device is given, on average
+    write_burst: int = Field(default=10, ge=1)  # commands allowed at once after a quiet spell
     # MCP devices declare nothing up front: only the points listed here get discovery configs.
     points: list[McpPointConfig] = Field(default_factory=list)
 

@@ -442,7 +442,7 @@ def test_secrets_from_env_never_appear_in_errors() -> None:
             "cfg.yaml:2: gateway.id: '${SITE} x' is not a topic-safe name: 1-64 of A-Z a-z 0-9 _ . - "
             "(no '/', '+', '#', spaces, and not starting with '$', '.' or '-')"
         ),
-        ("cfg.yaml:6: northbound[0]: url 'http://user:${SECRET}@host': use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"),
+        "cfg.yaml:6: northbound[0]: url must not carry credentials: give them as `username` and `password`",
         ("cfg.yaml:11: northbound[1].spool.max_size: '${SECRET}' is not a size (use e.g. 512kB, 64MB, 1GB)"),
         "cfg.yaml:12: northbound[1].qos: must be one of 0, 1, got '${SECRET}'",
     ]
@@ -745,7 +745,7 @@ def test_a_key_that_looks_like_a_broken_number_is_an_unknown_key() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("gateway:\n  0b_: 1\n", "c.yaml")
     assert info.value.errors == [
-        "c.yaml:2: gateway.0b_: unknown key '0b_' (expected one of: id, state_dir, log_level, http)"
+        "c.yaml:2: gateway.0b_: unknown key '0b_' (expected one of: id, state_dir, log_level, http, audit)"
     ]
 
 
