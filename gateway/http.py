@@ -28,6 +28,7 @@ from drivers.modbus.device import RESPONSE_BUCKETS
 from gateway import __version__
 from gateway.errors import FieldgateError
 from gateway.router import encode_json
+from gateway.spool_report import human_age, human_size
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -334,29 +335,6 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 90:
-        return f"{seconds:.1f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
-def _size(n: int) -> str:
-    if n < 1000:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("kB", "MB", "GB"):
-        size /= 1000
-        if size < 1000 or unit == "GB":
-            break
-    return f"{size:.1f} {unit}"
-
-
 def _state(online: bool | None, words: tuple[str, str] = ("online", "offline")) -> str:
     css = "unknown" if online is None else "online" if online else "offline"
     word = "unknown" if online is None else words[0] if online else words[1]
@@ -400,7 +378,7 @@ class StatusPage:
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>Fieldgate {gid}</title><style>{_STYLE}</style></head><body>",
             f"<header><h1>Fieldgate {gid}</h1>",
-            f"<p>version {_e(__version__)} · up {_age(self.now - gw.started_at)} · health: {health}</p></header>",
+            f"<p>version {_e(__version__)} · up {human_age(self.now - gw.started_at)} · health: {health}</p></header>",
             '<section id="devices"><h2>Devices</h2>',
             self._devices(),
             "</section>",
@@ -440,7 +418,7 @@ class StatusPage:
                         (where, False),
                         (_state(online), False),
                         (self._values(name, view.latest), False),
-                        (_e(_age(age)), True),
+                        (_e(human_age(age)), True),
                     ]
                 )
             )
@@ -521,11 +499,11 @@ class StatusPage:
                         (_state(sink.connected, ("connected", "disconnected")), False),
                         (str(f["queued"]), True),
                         (str(f["spool_messages"]), True),
-                        (_e(_size(f["spool_bytes"])), True),
-                        (_e(_age(f["spool_oldest_age_s"])), True),
+                        (_e(human_size(f["spool_bytes"])), True),
+                        (_e(human_age(f["spool_oldest_age_s"])), True),
                         (str(f["dropped"]), True),
                         (str(f["spool_fsyncs"]), True),
-                        (_e(_size(f["spool_bytes_written"])), True),
+                        (_e(human_size(f["spool_bytes_written"])), True),
                     ]
                 )
             )
