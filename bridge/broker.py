@@ -9,6 +9,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 
+from bridge.broker_auth import BrokerAuth, read_users
 from gateway.errors import FieldgateError
 
 log = logging.getLogger(__name__)
@@ -56,20 +57,30 @@ def client_url(listeners: list[str]) -> str:
 
 
 class EmbeddedBroker:
-    """amqtt in this process, on the given listeners."""
+    """amqtt in this process, on the given listeners; open to anyone, or to the users of `auth`."""
 
-    def __init__(self, listeners: list[str], *, cert: str | None = None, key: str | None = None) -> None:
+    def __init__(
+        self,
+        listeners: list[str],
+        *,
+        cert: str | None = None,
+        key: str | None = None,
+        auth: BrokerAuth | None = None,
+    ) -> None:
         self.listeners = listeners
+        self.auth = auth
         configs = [listener_config(u, cert, key) for u in listeners]
         names = ["default"] + [f"listener{i}" for i in range(1, len(configs))]
         self._config: dict[str, Any] = {
             "listeners": dict(zip(names, configs, strict=True)),
-            "plugins": dict(_PLUGINS),
+            "plugins": auth.plugins() if auth else dict(_PLUGINS),
         }
         self._broker: Broker | None = None
 
     async def start(self) -> None:
         """Bind the listeners and start serving."""
+        if self.auth:
+            read_users(self.auth.users_file)  # a missing or bad file is one clear error, not amqtt's traceback
         # amqtt builds its state from the running loop, so the Broker is made here.
         self._broker = Broker(self._config)
         amqtt_log = logging.getLogger("amqtt.broker")
@@ -86,7 +97,8 @@ class EmbeddedBroker:
             raise FieldgateError(f"embedded broker cannot start on {', '.join(self.listeners)}: {exc}") from exc
         finally:
             amqtt_log.setLevel(level)
-        log.info("embedded broker listening on %s", ", ".join(self.listeners))
+        access = f"users of {self.auth.users_file}" if self.auth else "anonymous access"
+        log.info("embedded broker listening on %s (%s)", ", ".join(self.listeners), access)
 
     async def stop(self) -> None:
         """Stop serving and close every client connection."""

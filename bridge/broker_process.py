@@ -1,6 +1,7 @@
 """The embedded broker in a child process of its own, so that it gets the second core.
 
-The child runs `EmbeddedBroker` on its own event loop (`python -m bridge.broker_process`), says
+The child runs `EmbeddedBroker` on its own event loop (`python -m bridge.broker_process`), reads its
+settings as one JSON line on stdin (not argv: `ps` would show the gateway's own broker password), says
 `ready` on stdout once its listeners are bound, stops when the gateway closes its stdin, and dies
 with the gateway (PR_SET_PDEATHSIG). Ctrl-C and `systemctl stop` signal the whole process group at
 once: the child ignores SIGINT and gives SIGTERM a grace period, so that the gateway's own orderly
@@ -13,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
 import signal
 import sys
 
+from bridge.broker_auth import BrokerAuth
 from gateway.errors import FieldgateError
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,18 @@ def _die_with_parent() -> None:
 class BrokerProcess:
     """Runs and supervises the broker child; same start/stop as EmbeddedBroker."""
 
-    def __init__(self, listeners: list[str], *, cert: str | None = None, key: str | None = None) -> None:
+    def __init__(
+        self,
+        listeners: list[str],
+        *,
+        cert: str | None = None,
+        key: str | None = None,
+        auth: BrokerAuth | None = None,
+    ) -> None:
         self.listeners = listeners
-        self._args = json.dumps({"listeners": listeners, "cert": cert, "key": key})
+        self.auth = auth
+        settings = {"listeners": listeners, "cert": cert, "key": key, "auth": auth.to_json() if auth else None}
+        self._args = json.dumps(settings).encode() + b"\n"
         self._proc: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._relay: asyncio.Task[None] | None = None
@@ -64,17 +76,18 @@ class BrokerProcess:
             sys.executable,
             "-m",
             "bridge.broker_process",
-            self._args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
         )
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         try:
             async with asyncio.timeout(START_TIMEOUT):
+                proc.stdin.write(self._args)
+                await proc.stdin.drain()
                 line = await proc.stdout.readline()
-        except TimeoutError:
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
             line = b""
         if line != READY:
             with contextlib.suppress(ProcessLookupError):
@@ -131,10 +144,10 @@ class BrokerProcess:
                 continue
 
 
-async def _serve(listeners: list[str], cert: str | None, key: str | None) -> None:
+async def _serve(listeners: list[str], cert: str | None, key: str | None, auth: BrokerAuth | None) -> None:
     from bridge.broker import EmbeddedBroker
 
-    broker = EmbeddedBroker(listeners, cert=cert, key=key)
+    broker = EmbeddedBroker(listeners, cert=cert, key=key, auth=auth)
     await broker.start()
     sys.stdout.buffer.write(READY)
     sys.stdout.flush()
@@ -156,9 +169,11 @@ def main() -> int:
     """Entry point of the child: run the broker until stdin closes (or TERM_GRACE after SIGTERM)."""
     logging.basicConfig(level=logging.WARNING, format="broker: %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the gateway, which stops us in order
-    args = json.loads(sys.argv[1])
+    # Unbuffered, a byte at a time: nothing after the line may be read ahead, stdin's end is our stop signal.
+    args = json.loads(io.FileIO(sys.stdin.fileno(), closefd=False).readline())
+    auth = BrokerAuth.from_json(args["auth"]) if args["auth"] else None
     try:
-        asyncio.run(_serve(args["listeners"], args["cert"], args["key"]))
+        asyncio.run(_serve(args["listeners"], args["cert"], args["key"], auth))
     except FieldgateError as exc:
         print(str(exc), file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import signal
 import time
 from dataclasses import asdict
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.broker import EmbeddedBroker, client_url
+from bridge.broker_auth import INTERNAL_USER
 from bridge.broker_process import BrokerProcess
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
@@ -20,6 +22,7 @@ from bridge.spool import SQLiteSpool
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.audit import AuditLog
+from gateway.broker_access import broker_auth
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config
 from gateway.homeassistant import Discovery
@@ -82,7 +85,9 @@ class Gateway:
             self.simulation = await start_simulation(cfg, self.base)
         if cfg.broker.enabled:
             kind = BrokerProcess if cfg.broker.process == "separate" else EmbeddedBroker
-            self.broker = kind(cfg.broker.listeners, cert=cfg.broker.cert, key=cfg.broker.key)
+            # Our own sinks log in with a secret made afresh at each start, held only in memory.
+            auth = broker_auth(cfg, self.base, secrets.token_urlsafe(32))
+            self.broker = kind(cfg.broker.listeners, cert=cfg.broker.cert, key=cfg.broker.key, auth=auth)
             await self.broker.start()
 
         self._build_sinks()
@@ -124,15 +129,23 @@ class Gateway:
         outbox_of: dict[str, Outbox] = {}
         for s in cfg.northbound:
             url = s.url or client_url(cfg.broker.listeners)
+            client_id = s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}"
+            username, password = s.username, s.password
+            auth = self.broker.auth if self.broker else None
+            if s.url is None and auth is not None and username is None:
+                username, password = INTERNAL_USER, auth.internal_password
+                # amqtt drops a session's subscriptions when anyone connects with its client id, even a
+                # client that then fails to log in: on a broker with users, ours is not guessable.
+                client_id = s.client_id or f"{client_id}-{secrets.token_hex(4)}"
             sink = MqttSink(
                 s.name,
                 url,
                 cfg.prefix_for(s),
-                client_id=s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}",
+                client_id=client_id,
                 qos=s.qos,
                 keepalive=s.keepalive,
-                username=s.username,
-                password=s.password,
+                username=username,
+                password=password,
                 ca=s.ca,
                 cert=s.cert,
                 key=s.key,

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     spool = sub.add_parser("spool", help="show each northbound spool: messages held, bytes, oldest age, dropped")
     spool.add_argument("-c", "--config", help="config file (default ./config.yaml, then /etc/fieldgate/config.yaml)")
     spool.add_argument("--json", action="store_true", help="one JSON object keyed by sink name, for scripts")
+
+    passwd = sub.add_parser("passwd", help="add a user of the embedded broker, or set a user's password")
+    passwd.add_argument("-c", "--config", help="config file (default ./config.yaml, then /etc/fieldgate/config.yaml)")
+    passwd.add_argument("user", help="the MQTT username")
+    passwd.add_argument(
+        "--password-stdin", action="store_true", help="read the password from the first line of stdin (no prompt)"
+    )
     return parser
 
 
@@ -120,6 +127,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check(args)
     if args.command == "spool":
         return _spool(args)
+    if args.command == "passwd":
+        from gateway.broker_access import passwd
+
+        return passwd(args)
     from gateway import commission
 
     _setup_logging("WARNING", args.debug)

@@ -227,6 +227,25 @@ def _listener(value: str) -> str:
     return value
 
 
+def _topic_filter(value: str) -> str:
+    levels = value.split("/")
+    last = len(levels) - 1
+    bad = any(("#" in x and (x != "#" or i != last)) or ("+" in x and x != "+") for i, x in enumerate(levels))
+    if not value or bad or "\0" in value:
+        raise ValueError(f"{value!r} is not an MQTT topic filter ('+' is a whole level, '#' only the whole last one)")
+    return value
+
+
+TopicFilter = Annotated[str, AfterValidator(_topic_filter)]
+
+
+class BrokerAccess(Model):
+    """What one user of the embedded broker may do: topic filters to read (subscribe) and write (publish)."""
+
+    read: list[TopicFilter] = Field(default_factory=list)
+    write: list[TopicFilter] = Field(default_factory=list)
+
+
 class BrokerSection(Model):
     """The embedded MQTT broker."""
 
@@ -235,8 +254,8 @@ class BrokerSection(Model):
     listeners: list[Annotated[str, AfterValidator(_listener)]] = Field(
         default_factory=lambda: ["tcp://127.0.0.1:1883"], min_length=1
     )
-    users: str | None = None
-    acl: str | None = None
+    users: str | None = None  # file of `user:argon2-hash` lines (`fieldgate passwd`); none: anonymous access
+    acl: dict[str, BrokerAccess] | None = None  # user -> access; none: read all, write set/cmd
     cert: str | None = None
     key: str | None = None
 
@@ -244,6 +263,8 @@ class BrokerSection(Model):
     def _tls_needs_cert(self) -> BrokerSection:
         if any(u.startswith(("mqtts", "wss")) for u in self.listeners) and not (self.cert and self.key):
             raise ValueError("mqtts:// and wss:// listeners need `cert` and `key`")
+        if self.acl is not None and self.users is None:
+            raise ValueError("`acl` rules users of the `users` file: without one, access is anonymous and open")
         return self
 
 
