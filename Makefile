@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test check bench clean mosquitto
+.PHONY: run test check bench clean mosquitto chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,7 +43,16 @@ mosquitto:
 		$(SUDO) update-rc.d mosquitto disable >/dev/null 2>&1 || true; \
 	fi
 
-test: $(VENV)/.installed-test mosquitto
+# The status page's browser test renders it in headless Chromium (Debian's; playwright's CDN downloads
+# are not needed). Like mosquitto: checked by PATH, installed once when no chromium binary is found.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
+	set -e; \
+	echo "installing Debian's chromium for the status page's browser test"; \
+	$(SUDO) apt-get update -q; \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+
+test: $(VENV)/.installed-test mosquitto chromium
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed
