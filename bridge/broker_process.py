@@ -93,6 +93,8 @@ class BrokerProcess:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             err = (await proc.stderr.read()).decode(errors="replace").strip().splitlines()
+            await proc.wait()
+            _release(proc)
             raise FieldgateError(err[-1] if err else f"embedded broker process did not start on {self.listeners}")
         self._proc = proc
         # Keep reading its stderr: a full pipe would block the broker on its next warning.
@@ -108,6 +110,7 @@ class BrokerProcess:
         while not self._stopping:
             assert self._proc is not None
             code = await self._proc.wait()
+            _release(self._proc)
             if self._stopping:
                 return
             log.warning("embedded broker process exited (%s); restarting in %.0f s", code, delay)
@@ -128,8 +131,20 @@ class BrokerProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
+        try:
+            if proc.returncode is None:
+                await self._end(proc)
+        finally:
+            _release(proc)
+            if self._relay is not None:
+                self._relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._relay
+
+    @staticmethod
+    async def _end(proc: asyncio.subprocess.Process) -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         for nudge in (None, proc.terminate, proc.kill):
@@ -142,6 +157,14 @@ class BrokerProcess:
                 return
             except TimeoutError:
                 continue
+
+
+def _release(proc: asyncio.subprocess.Process) -> None:
+    """Close the pipes' transport of an exited child now, on our loop: left to the garbage collector, it
+    would try to close them on a loop that may be gone ("Event loop is closed")."""
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
 
 
 async def _serve(listeners: list[str], cert: str | None, key: str | None, auth: BrokerAuth | None) -> None:
