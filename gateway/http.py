@@ -325,7 +325,8 @@ h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse;background:#fff}th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;
 vertical-align:top}th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .online{color:#080}.offline{color:#b00}.unknown{color:#888}.bad{color:#b00}
-dl.values{margin:0;display:grid;grid-template-columns:auto auto;gap:0 .8em}
+dl.values{margin:0;display:grid;grid-template-columns:auto 1fr;gap:0 .8em}
+dl.values>div{display:contents}
 dt{color:#555}dd{margin:0;font-family:monospace}
 footer{margin-top:2em;color:#777}
 """
