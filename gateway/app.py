@@ -9,6 +9,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.audit import AuditLog
 from gateway.broker_access import broker_auth
-from gateway.config import Loaded
-from gateway.config.schema import BusConfig, Config
+from gateway.config import Loaded, load_config
+from gateway.config.schema import BusConfig, Config, SinkConfig
+from gateway.errors import ConfigError
 from gateway.homeassistant import Discovery
 from gateway.http import HttpServer
+from gateway.reload import ConfigDiff, diff
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
 from gateway.systemd import ServiceNotifier
@@ -41,6 +44,8 @@ BROKER_DRAIN = 0.2
 STOP_BUDGET = 9.0
 #: Of the budget, kept back from the flush for the sinks' `offline` (2 s at most) and the broker.
 STOP_RESERVE = 3.0
+#: How long a reload lets a removed or changed sink publish what it holds before the rest is spooled.
+RELOAD_FLUSH_TIMEOUT = 1.0
 
 
 def budget_warnings(cfg: Config) -> list[str]:
@@ -65,6 +70,7 @@ class Gateway:
         self.broker: EmbeddedBroker | BrokerProcess | None = None
         self.sinks: list[MqttSink] = []
         self.outboxes: list[Outbox] = []
+        self._outbox_of: dict[str, Outbox] = {}  # by sink name; sinks look theirs up late (see _request)
         self.buses: list[ModbusBus] = []
         self.mcp: McpServer | None = None
         self.router: Router | None = None
@@ -75,6 +81,10 @@ class Gateway:
         self.http: HttpServer | None = None
         self.audit: AuditLog | None = None
         self.systemd = ServiceNotifier(self)
+        self._reload_wanted = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        #: While a reload swaps parts: driver events wait here, in order, instead of meeting half a swap.
+        self._held: list[Callable[[], None]] | None = None
 
     async def start(self) -> None:
         """Start the parts in dependency order: simulator, broker, sinks, router, drivers."""
@@ -125,59 +135,72 @@ class Gateway:
 
     def _build_sinks(self) -> None:
         """One MQTT sink and its outbox per `northbound` entry."""
-        cfg = self.cfg
-        outbox_of: dict[str, Outbox] = {}
-        for s in cfg.northbound:
-            url = s.url or client_url(cfg.broker.listeners)
-            client_id = s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}"
-            username, password = s.username, s.password
-            auth = self.broker.auth if self.broker else None
-            if s.url is None and auth is not None and username is None:
-                username, password = INTERNAL_USER, auth.internal_password
-                # amqtt drops a session's subscriptions when anyone connects with its client id, even a
-                # client that then fails to log in: on a broker with users, ours is not guessable.
-                client_id = s.client_id or f"{client_id}-{secrets.token_hex(4)}"
-            sink = MqttSink(
-                s.name,
-                url,
-                cfg.prefix_for(s),
-                client_id=client_id,
-                qos=s.qos,
-                keepalive=s.keepalive,
-                username=username,
-                password=password,
-                ca=s.ca,
-                cert=s.cert,
-                key=s.key,
-                subscriptions=SUBSCRIPTIONS,
-                on_request=functools.partial(self._request, outbox_of, s.name),
-                on_connect=functools.partial(self._reconnected, outbox_of, s.name),
-            )
-            spool = SQLiteSpool(
-                cfg.spool_path(s),
-                max_size=s.spool.max_size,
-                max_age=s.spool.max_age,
-                when_full=s.spool.when_full,
-                min_free_bytes=s.spool.min_free,
-                name=f"sink {s.name} spool",
-            )
-            outbox_of[s.name] = Outbox(
-                sink,
-                spool,
-                commit_window=s.spool.commit_window,
-                replay_rate=s.spool.replay_rate,
-                order=s.spool.order,
-            )
+        for s in self.cfg.northbound:
+            sink, outbox = self._build_sink(self.cfg, s)
             self.sinks.append(sink)
-            log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
-        self.outboxes = list(outbox_of.values())
+            self.outboxes.append(outbox)
+            self._outbox_of[s.name] = outbox
+
+    def _build_sink(self, cfg: Config, s: SinkConfig) -> tuple[MqttSink, Outbox]:
+        """The MQTT sink of one `northbound` entry and its outbox on the sink's spool file."""
+        url = s.url or client_url(cfg.broker.listeners)
+        client_id = s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}"
+        username, password = s.username, s.password
+        auth = self.broker.auth if self.broker else None
+        if s.url is None and auth is not None and username is None:
+            username, password = INTERNAL_USER, auth.internal_password
+            # amqtt drops a session's subscriptions when anyone connects with its client id, even a
+            # client that then fails to log in: on a broker with users, ours is not guessable.
+            client_id = s.client_id or f"{client_id}-{secrets.token_hex(4)}"
+        sink = MqttSink(
+            s.name,
+            url,
+            cfg.prefix_for(s),
+            client_id=client_id,
+            qos=s.qos,
+            keepalive=s.keepalive,
+            username=username,
+            password=password,
+            ca=s.ca,
+            cert=s.cert,
+            key=s.key,
+            subscriptions=SUBSCRIPTIONS,
+            on_request=functools.partial(self._request, s.name),
+            on_connect=functools.partial(self._reconnected, s.name),
+        )
+        spool = SQLiteSpool(
+            cfg.spool_path(s),
+            max_size=s.spool.max_size,
+            max_age=s.spool.max_age,
+            when_full=s.spool.when_full,
+            min_free_bytes=s.spool.min_free,
+            name=f"sink {s.name} spool",
+        )
+        outbox = Outbox(
+            sink,
+            spool,
+            commit_window=s.spool.commit_window,
+            replay_rate=s.spool.replay_rate,
+            order=s.spool.order,
+        )
+        log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
+        return sink, outbox
 
     def _build_drivers(self) -> list[DeviceProfile]:
         """The Modbus lines and the MCP server; returns what the router needs to know of each device."""
+        self.buses = [self._build_bus(b) for b in self.cfg.modbus.buses]
+        if self.cfg.mcp:
+            self.mcp = McpServer(self.cfg.mcp, self._deliver, self._on_state)
+        return self._profiles(self.cfg)
+
+    def _build_bus(self, bus_cfg: BusConfig) -> ModbusBus:
+        return ModbusBus(self._bus_config(bus_cfg), self._on_sample, self._on_state)
+
+    def _profiles(self, cfg: Config) -> list[DeviceProfile]:
+        """What the router needs to know of each device of `cfg`, written through the running buses."""
         profiles = []
-        for bus_cfg in self.cfg.modbus.buses:
-            bus = ModbusBus(self._bus_config(bus_cfg), self._on_sample, self._on_state)
-            self.buses.append(bus)
+        bus_of = {b.name: b for b in self.buses}
+        for bus_cfg in cfg.modbus.buses:
             for dev in bus_cfg.devices:
                 deadbands = {p.name: p.deadband for p in dev.points if p.deadband}
                 profiles.append(
@@ -185,14 +208,14 @@ class Gateway:
                         dev.name,
                         dev.full_every,
                         deadbands,
-                        bus.write,
+                        bus_of[bus_cfg.name].write,
                         write_rate=dev.write_rate,
                         write_burst=dev.write_burst,
+                        points=frozenset(p.name for p in dev.points),
                     )
                 )
-        if self.cfg.mcp:
-            self.mcp = McpServer(self.cfg.mcp, self._deliver, self._on_state)
-            for d in self.cfg.mcp.devices:
+        if cfg.mcp and self.mcp:
+            for d in cfg.mcp.devices:
                 profiles.append(
                     DeviceProfile(
                         d.id,
@@ -208,26 +231,53 @@ class Gateway:
         return bus.model_copy(update={"port": resolve_path(bus.port, self.base)})
 
     def _on_sample(self, sample: Sample) -> None:
+        if self._held is not None:
+            self._held.append(functools.partial(self._on_sample, sample))
+            return
         assert self.router is not None
         self.router.on_sample(sample)
 
     def _deliver(self, sample: Sample) -> asyncio.Future[Any]:
+        if self._held is not None:
+            # The MCP ACK waits for the swap too: it still means "durable on every sink".
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._held.append(functools.partial(self._deliver_later, sample, fut))
+            return fut
         assert self.router is not None
         return self.router.deliver(sample)
 
+    def _deliver_later(self, sample: Sample, fut: asyncio.Future[Any]) -> None:
+        def settle(done: asyncio.Future[Any]) -> None:
+            if fut.done():
+                return
+            if done.cancelled():
+                fut.cancel()
+            elif (exc := done.exception()) is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(done.result())
+
+        self._deliver(sample).add_done_callback(settle)
+
     def _on_state(self, state: DeviceState) -> None:
+        if self._held is not None:
+            self._held.append(functools.partial(self._on_state, state))
+            return
         assert self.router is not None
         self.router.on_state(state)
 
-    # Sinks are built before their outboxes and the router exist, so they look them up late.
-    def _request(self, outboxes: dict[str, Outbox], sink: str, topic: str, payload: bytes) -> None:
-        if self.router is not None:
-            self.router.on_request(outboxes[sink], topic, payload)
+    # Sinks are built before their outboxes and the router exist, so they look them up late (and a
+    # sink that a reload replaced or removed may still deliver a request: it goes to its successor or nowhere).
+    def _request(self, sink: str, topic: str, payload: bytes) -> None:
+        outbox = self._outbox_of.get(sink)
+        if self.router is not None and outbox is not None:
+            self.router.on_request(outbox, topic, payload)
 
-    async def _reconnected(self, outboxes: dict[str, Outbox], sink: str) -> None:
-        if self.router is not None:
-            self.discovery.publish(outboxes[sink], sink)
-            self.router.republish(outboxes[sink])
+    async def _reconnected(self, sink: str) -> None:
+        outbox = self._outbox_of.get(sink)
+        if self.router is not None and outbox is not None:
+            self.discovery.publish(outbox, sink)
+            self.router.republish(outbox)
 
     def metrics(self) -> dict[str, object]:
         """Counters and gauges of every part, as published on `P/metrics`."""
@@ -308,14 +358,139 @@ class Gateway:
         """Ask `run_forever` to stop (signal handlers call this)."""
         self._stopping.set()
 
+    def request_reload(self) -> None:
+        """Ask for the config file to be read again (SIGHUP calls this): after the reload under way, if any."""
+        self._reload_wanted.set()
+
+    async def _reload_loop(self) -> None:
+        # One reload at a time; requests during one are folded into one more after it.
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self.reload()
+
+    async def reload(self, path: str | None = None) -> bool:
+        """Read the config file again and apply what changed; a bad file or a restart-only change is refused whole.
+
+        True when the new config is running. Unchanged buses, sinks and MCP sessions are not touched.
+        """
+        async with self._reload_lock:
+            self.systemd.reloading()
+            try:
+                return await self._reload(path or self.loaded.path)
+            except Exception:
+                # Half applied is the one state worse than either config: say so plainly.
+                log.exception("config reload failed while being applied; restart the gateway to get a known state")
+                return False
+            finally:
+                self.systemd.reloaded()
+
+    async def _reload(self, path: str) -> bool:
+        log.info("reloading %s", path)
+        try:
+            loaded = await asyncio.to_thread(load_config, path)
+        except ConfigError as exc:
+            for error in exc.errors:
+                log.error("%s", error)
+            log.error("config reload refused; still running the previous config")
+            return False
+        new = loaded.config
+        base = Path(loaded.path).resolve().parent
+        changes = diff(self.cfg, new, self.base, base)
+        if changes.restart_needed:
+            for key in changes.restart_needed:
+                log.error("%s: %s changed, and that needs a restart (systemctl restart fieldgate)", path, key)
+            log.error("config reload refused; still running the previous config")
+            return False
+        for warning in loaded.warnings + budget_warnings(new):
+            log.warning("%s", warning)
+        await self._apply(loaded, base, changes)
+        log.info("reload: %s", changes.summary())
+        return True
+
+    async def _apply(self, loaded: Loaded, base: Path, changes: ConfigDiff) -> None:
+        """Carry out a checked reload: drivers off, swap sinks and devices, drivers on."""
+        new = loaded.config
+        assert self.router is not None
+        gone_buses = set(changes.buses.removed) | set(changes.buses.changed)
+        for bus in [b for b in self.buses if b.name in gone_buses]:
+            await bus.stop()
+        if self.mcp is not None and new.mcp is not None:
+            await self.mcp.reconfigure(new.mcp)
+        self.base = base
+        running = {b.name: b for b in self.buses if b.name not in gone_buses}
+        fresh = [self._build_bus(b) for b in new.modbus.buses if b.name not in running]
+        self.buses[:] = [running.get(b.name) or next(f for f in fresh if f.name == b.name) for b in new.modbus.buses]
+        # Removed and changed sinks publish what they can while live data still flows to them.
+        leaving = [self._outbox_of[n] for n in changes.sinks.removed + changes.sinks.changed]
+        await asyncio.gather(*(o.flush(RELOAD_FLUSH_TIMEOUT) for o in leaving))
+        old_sinks = [self.sinks[self.outboxes.index(o)] for o in leaving]
+        started: list[tuple[MqttSink, Outbox]] = []
+        self._held = []
+        try:
+            started = await self._swap_sinks(new, changes)
+            self.router.update(self._profiles(new))
+            self.loaded, self.cfg = loaded, new
+        finally:
+            held, self._held = self._held, None
+            for event in held:
+                event()
+        await asyncio.gather(*(sink.stop() for sink in old_sinks))
+        for _, outbox in started:
+            await outbox.start()
+        self.discovery = Discovery(new)
+        self.discovery.sync(self.outboxes)
+        for outbox, sink in zip(self.outboxes, self.sinks, strict=True):
+            if sink.connected:
+                self.discovery.publish(outbox, sink.name)
+        for sink, _ in started:
+            await sink.start()
+        for bus in fresh:
+            await bus.start()
+        if self.http is not None:
+            self.http.utilisation.buses = list(self.buses)
+
+    async def _swap_sinks(self, new: Config, changes: ConfigDiff) -> list[tuple[MqttSink, Outbox]]:
+        """Stop the removed and changed sinks' outboxes (spooling what they hold) and build the new ones."""
+        for name in changes.sinks.removed + changes.sinks.changed:
+            outbox = self._outbox_of.pop(name)
+            # Out of every list first: nothing may submit to an outbox once it is stopping.
+            i = self.outboxes.index(outbox)
+            del self.outboxes[i], self.sinks[i]
+            await outbox.stop()
+            if name in changes.sinks.removed:
+                path = self.cfg.spool_path(next(s for s in self.cfg.northbound if s.name == name))
+                kept = f"its spool {path} is kept with {outbox.backlog} message(s)"
+                log.info("sink %s removed: %s; a sink of that name added back sends them", name, kept)
+        started = []
+        for s in new.northbound:
+            if s.name in changes.sinks.added or s.name in changes.sinks.changed:
+                # On the same spool file as before, if there was one: what it holds is sent by the new sink.
+                sink, outbox = self._build_sink(new, s)
+                self.sinks.append(sink)
+                self.outboxes.append(outbox)
+                self._outbox_of[s.name] = outbox
+                started.append((sink, outbox))
+        return started
+
     async def run_forever(self) -> None:
-        """Start, run until SIGTERM/SIGINT, stop."""
+        """Start, run until SIGTERM/SIGINT, stop; SIGHUP reloads the config file."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        reloads: asyncio.Task[None] | None = None
         try:
             await self.start()
+            reloads = asyncio.create_task(self._reload_loop(), name="reload")
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             await self._stopping.wait()
             log.info("stopping")
         finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            if reloads is not None:
+                # A reload under way finishes first: stopping half-swapped parts would lose the spool's tail.
+                async with self._reload_lock:
+                    reloads.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reloads
             await self.stop()

@@ -38,6 +38,7 @@ class DeviceProfile:
     every_sample: bool = False  # devices that push (MCP): each sample is published whole
     write_rate: float | None = None  # writes or commands per second; None: unlimited
     write_burst: int = 10
+    points: frozenset[str] | None = None  # the configured points; None: the device pushes what it has (MCP)
 
 
 class TokenBucket:
@@ -116,6 +117,40 @@ class Router:
             p.name: TokenBucket(p.write_rate, p.write_burst, clock()) for p in profiles if p.write_rate is not None
         }
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def update(self, profiles: list[DeviceProfile]) -> list[str]:
+        """Take the devices of a reloaded config; returns the names of those removed.
+
+        A device that stays keeps what was published of it (deadbands and snapshots carry on). Retained
+        values the gateway no longer stands behind (a removed point, a removed device's points) are
+        cleared with an empty retained message; a removed device's status is left `offline`.
+        """
+        old, self.devices = self.devices, {}
+        for profile in profiles:
+            view = old.pop(profile.name, None) or _DeviceView(profile)
+            view.profile = profile
+            if profile.points is not None:
+                gone = [k for k in view.published if k.split(".", 1)[0] not in profile.points]
+                self._clear(profile.name, view, gone)
+                for key in [k for k in view.latest if k.split(".", 1)[0] not in profile.points]:
+                    del view.latest[key]
+            self.devices[profile.name] = view
+            bucket = self._buckets.get(profile.name)
+            if profile.write_rate is None:
+                self._buckets.pop(profile.name, None)
+            elif bucket is None or (bucket.rate, bucket.burst) != (profile.write_rate, profile.write_burst):
+                self._buckets[profile.name] = TokenBucket(profile.write_rate, profile.write_burst, self._clock())
+        for name, view in old.items():
+            self._buckets.pop(name, None)
+            self._send(Message(f"{name}/status", b"offline", retain=True))
+            self._clear(name, view, list(view.published))
+        return list(old)
+
+    def _clear(self, device: str, view: _DeviceView, points: list[str]) -> None:
+        for point in points:
+            del view.published[point]
+            # An empty retained message deletes the broker's retained value (MQTT 3.1.1, 3.3.1.3).
+            self._send(Message(f"{device}/{point}", b"", retain=True))
 
     # --- from the drivers ---------------------------------------------------------------------------
 

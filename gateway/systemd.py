@@ -221,6 +221,18 @@ class ServiceNotifier:
                 _count(len(self.gw.buses), "Modbus line"),
             )
 
+    def reloading(self) -> None:
+        """RELOADING=1 (with the MONOTONIC_USEC systemd wants alongside it): a config reload has begun."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notify(RELOADING=1, MONOTONIC_USEC=usec, STATUS="reloading the config")
+
+    def reloaded(self) -> None:
+        """READY=1 again after a reload, refused or not; the watchdog now watches the lines that run now."""
+        if self.watchdog is not None:
+            # A stopped line never moves again: left in the checks, it would have the gateway restarted.
+            self.watchdog.checks = [line_alive(b) for b in self.gw.buses]
+        ready(status_line(self.gw))
+
     async def stopping(self) -> None:
         """STOPPING=1; no more pings or STATUS refreshes (systemd disarms the watchdog while stopping)."""
         stopping("stopping: flushing to the spools, closing sessions")

@@ -113,6 +113,28 @@ class McpServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
+    async def reconfigure(self, cfg: McpSection) -> list[str]:
+        """Take a reloaded section on the same listener; closes the sessions of devices removed or re-keyed.
+
+        Returns the ids whose session was closed. Other settings apply to sessions from now on.
+        """
+        tokens = {d.id: d.token for d in cfg.devices}
+        # A device that lost its place or its token must prove itself again: its session ends now.
+        closing = [device_id for device_id in self.sessions if tokens.get(device_id) != self.tokens.get(device_id)]
+        self.cfg = cfg
+        self.tokens = tokens
+        for d in cfg.devices:
+            self._stats.setdefault(d.id, SessionStats())
+        if self._server is not None:
+            self.max_sessions = session_limit(cfg.max_sessions)
+        for device_id in closing:
+            session = self.sessions.get(device_id)
+            if session is not None:
+                reason = "removed from the config" if device_id not in tokens else "its token changed"
+                log.info("mcp %s: closing its session: %s", device_id, reason)
+                await session.close(reason)
+        return closing
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._connections) >= self.max_sessions:
             # Over the limit: no memory, no file descriptor kept for it.

@@ -1,0 +1,376 @@
+"""SIGHUP reload on real parts: simulated lines, the embedded broker, Mosquitto upstream, a gateway subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bridge.spool import SQLiteSpool
+from drivers.mcp.codec import FrameType
+from gateway.app import Gateway
+from gateway.config import load_config, parse_config
+from gateway.reload import diff
+
+from helpers import Subscriber, free_port, subscribed
+from mcp_peer import RawPeer
+from mosquitto import Mosquitto
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BOILER = (
+    "{name: boiler, unit: 1, poll: 100ms, full_every: 200ms, points: "
+    "[{name: temp, table: holding, address: 0}, {name: aux, table: holding, address: 3}]}"
+)
+PUMP = "{name: pump, unit: 2, poll: 100ms, points: [{name: level, table: holding, address: 5}]}"
+METER = "{name: meter, unit: 1, poll: 100ms, full_every: 200ms, points: [{name: kwh, table: holding, address: 0}]}"
+
+
+def config(
+    port: int,
+    line1: list[str],
+    *,
+    line2: tuple[str, ...] = (METER,),
+    sinks: tuple[str, ...] = ("{name: local}",),
+    gateway_id: str = "t1",
+    mcp: str = "",
+) -> str:
+    """A gateway with two simulated lines (units 1 and 2 on ttyA, unit 1 on ttyB); the simulator never changes."""
+    return f"""
+gateway: {{id: {gateway_id}, state_dir: ./state, http: null}}
+broker: {{listeners: ["tcp://127.0.0.1:{port}"]}}
+northbound: [{", ".join(sinks)}]
+modbus:
+  buses:
+    - {{name: line1, port: ./ttyA, baudrate: 115200, parity: N, devices: [{", ".join(line1)}]}}
+    - {{name: line2, port: ./ttyB, baudrate: 115200, parity: N, devices: [{", ".join(line2)}]}}
+{mcp}
+simulator:
+  modbus:
+    - link: ./ttyA
+      devices: [{{unit: 1, values: {{temp: {{value: 21}}}}}}, {{unit: 2}}]
+    - link: ./ttyB
+      devices: [{{unit: 1, values: {{kwh: {{value: 42}}}}}}]
+"""
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Subscriber, Path, int]]:
+    """A running gateway with `boiler` on line1 and `meter` on line2, a subscriber, its config path and broker port."""
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config(port, [BOILER]))
+    gw = Gateway(load_config(path))
+    await gw.start()
+    try:
+        async with subscribed(port) as sub:
+            await sub.next_on("fieldgate/t1/boiler/telemetry")
+            yield gw, sub, path, port
+    finally:
+        await gw.stop()
+
+
+async def test_a_device_added_publishes_and_the_other_line_runs_on_untouched(
+    setup: tuple[Gateway, Subscriber, Path, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    gw, sub, path, port = setup
+    line1, line2 = gw.buses
+    await sub.next_on("fieldgate/t1/meter/telemetry")
+    before = line2.stats.transactions
+    assert sub.on("fieldgate/t1/pump/telemetry") == []
+    path.write_text(config(port, [BOILER, PUMP]))
+    caplog.set_level(logging.INFO, logger="gateway.app")
+    assert await gw.reload() is True
+    msg = await sub.next_on("fieldgate/t1/pump/telemetry")
+    assert msg.json()["values"] == {"level": 0}  # unit 2 is simulated with no points: zeros
+    assert "reload: +1 device (pump), bus line1 restarted" in caplog.text
+    # line1 changed: a new bus; line2 did not: the same object, its counters carrying on from where they were.
+    assert gw.buses[0] is not line1 and not line1.running and gw.buses[0].running
+    assert gw.buses[1] is line2 and line2.running
+    after = time.monotonic()
+    await sub.next_on("fieldgate/t1/meter/telemetry", after=after)
+    assert line2.stats.transactions > before
+    # The boiler keeps publishing on the rebuilt line, and writes go through the new bus.
+    await sub.next_on("fieldgate/t1/boiler/telemetry", after=after)
+    assert gw.router is not None and gw.router.devices["pump"].profile.writer == gw.buses[0].write
+
+
+async def test_a_device_removed_stops_publishing_goes_offline_and_its_values_are_cleared(
+    setup: tuple[Gateway, Subscriber, Path, int],
+) -> None:
+    gw, sub, path, port = setup
+    path.write_text(config(port, [BOILER, PUMP]))
+    assert await gw.reload()
+    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/pump/status" and m.payload == b"online" for m in ms))
+    await sub.next_on("fieldgate/t1/pump/level")
+
+    async with subscribed(port, "fieldgate/t1/pump/#") as early:
+        await early.next_on("fieldgate/t1/pump/level")  # retained: what the removal must clear
+    path.write_text(config(port, [BOILER]))
+    assert await gw.reload()
+    removed = time.monotonic()
+    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/pump/status" and m.payload == b"offline" for m in ms))
+    await asyncio.sleep(0.6)  # six poll periods
+    assert [m for m in sub.on("fieldgate/t1/pump/telemetry") if m.at > removed + 0.2] == []
+    assert gw.router is not None and "pump" not in gw.router.devices
+    await sub.next_on("fieldgate/t1/boiler/telemetry", after=time.monotonic())
+    # A newcomer sees the retained `offline` and no stale value of a point nobody polls any more.
+    async with subscribed(port, "fieldgate/t1/pump/#") as late:
+        await late.wait_for(lambda ms: any(m.topic == "fieldgate/t1/pump/status" for m in ms))
+        await asyncio.sleep(0.3)
+        # (amqtt hands a new subscription retained messages beyond its filter: look at ours only.)
+        pump = {(m.topic, m.payload, m.retain) for m in late.messages if m.topic.startswith("fieldgate/t1/pump/")}
+        assert pump == {("fieldgate/t1/pump/status", b"offline", True)}
+
+
+async def test_a_changed_point_is_published_and_the_old_one_cleared(
+    setup: tuple[Gateway, Subscriber, Path, int],
+) -> None:
+    gw, sub, path, port = setup
+    async with subscribed(port, "fieldgate/t1/boiler/+") as early:
+        await early.next_on("fieldgate/t1/boiler/aux")  # retained: what the change must clear
+    changed = BOILER.replace("{name: aux, table: holding, address: 3}", "{name: aux2, table: holding, address: 7}")
+    path.write_text(config(port, [changed]))
+    assert await gw.reload()
+    msg = await sub.next_on("fieldgate/t1/boiler/aux2")
+    assert msg.json() == 0
+    tele = await sub.next_on("fieldgate/t1/boiler/telemetry", after=time.monotonic())
+    assert tele.json()["values"] == {"temp": 21, "aux2": 0}  # type: ignore[index]  # the snapshot forgot aux
+    async with subscribed(port, "fieldgate/t1/boiler/+") as late:
+        await late.next_on("fieldgate/t1/boiler/aux2")
+        await late.next_on("fieldgate/t1/boiler/temp")  # kept: the point did not change
+        await asyncio.sleep(0.3)
+        assert late.on("fieldgate/t1/boiler/aux") == []
+
+
+async def test_a_bad_file_is_refused_and_the_gateway_runs_on(
+    setup: tuple[Gateway, Subscriber, Path, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    gw, sub, path, port = setup
+    cfg, buses = gw.cfg, list(gw.buses)
+    bad = config(port, [BOILER.replace("unit: 1", "unit: 300"), PUMP]).replace("parity: N", "parity: X", 1)
+    path.write_text(bad)
+    caplog.set_level(logging.INFO, logger="gateway.app")
+    assert await gw.reload() is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("line1" not in e and ".unit:" in e and "300" in e for e in errors), errors
+    assert any(".parity:" in e for e in errors), errors
+    assert errors[-1] == "config reload refused; still running the previous config"
+    assert gw.cfg is cfg and gw.buses == buses and all(b.running for b in buses)
+    await sub.next_on("fieldgate/t1/boiler/telemetry", after=time.monotonic())
+    assert gw.router is not None and "pump" not in gw.router.devices
+
+    # A valid file with a change only a restart can make is refused the same way, naming the key.
+    caplog.clear()
+    path.write_text(config(port, [BOILER, PUMP], gateway_id="t2"))
+    assert await gw.reload() is False
+    assert "gateway.id changed, and that needs a restart" in caplog.text
+    assert "config reload refused; still running the previous config" in caplog.text
+    assert gw.cfg is cfg and gw.router is not None and "pump" not in gw.router.devices
+
+
+async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
+    tmp_path: Path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    up = f"{{name: up, url: '{mosquitto.url}', keepalive: 5s}}"
+    path.write_text(config(port, [BOILER], sinks=("{name: local}", up)))
+    mosquitto.stop()
+    caplog.set_level(logging.INFO, logger="gateway.app")
+    gw = Gateway(load_config(path))
+    await gw.start()
+    try:
+        # Upstream away: the sink spools.
+        deadline = time.monotonic() + 10
+        while gw._outbox_of["up"].backlog < 5:
+            assert time.monotonic() < deadline, gw._outbox_of["up"].figures()
+            await asyncio.sleep(0.1)
+
+        # Changed (keepalive): rebuilt on the same spool file, which it takes over whole.
+        held = gw._outbox_of["up"].backlog
+        old = gw._outbox_of["up"]
+        path.write_text(config(port, [BOILER], sinks=("{name: local}", up.replace("5s", "6s"))))
+        assert await gw.reload()
+        assert gw._outbox_of["up"] is not old and old.health() == "stopped"
+        assert gw._outbox_of["up"].backlog >= held
+        assert len(gw.sinks) == len(gw.outboxes) == 2
+
+        # Removed: its outbox stops, the spool stays on disk with what it holds.
+        path.write_text(config(port, [BOILER]))
+        removed_ms = time.time() * 1000
+        assert await gw.reload()
+        assert "up" not in gw._outbox_of and [s.name for s in gw.sinks] == ["local"]
+        assert "sink up removed: its spool" in caplog.text and "is kept with" in caplog.text
+        spool_file = tmp_path / "state" / "spool" / "up.sqlite"
+        spool = SQLiteSpool(spool_file)
+        try:
+            kept = spool.stats().count
+        finally:
+            spool.close()
+        assert kept >= held
+
+        # Back, with its broker up: the new sink sends what was spooled before the removal.
+        mosquitto.start()
+        async with subscribed(mosquitto.port, "fieldgate/t1/boiler/telemetry") as upstream:
+            path.write_text(config(port, [BOILER], sinks=("{name: local}", up)))
+            assert await gw.reload()
+
+            def spooled(ms: list) -> bool:  # type: ignore[type-arg]
+                return any(m.json()["ts"] < removed_ms for m in ms)
+
+            await upstream.wait_for(spooled, timeout=20)
+        deadline = time.monotonic() + 20
+        while gw._outbox_of["up"].backlog:
+            assert time.monotonic() < deadline, gw._outbox_of["up"].figures()
+            await asyncio.sleep(0.1)
+    finally:
+        await gw.stop()
+
+
+async def test_mcp_devices_removed_or_rekeyed_lose_their_session(tmp_path: Path) -> None:
+    port, mcp_port = free_port(), free_port()
+    path = tmp_path / "config.yaml"
+
+    def mcp(devices: str) -> str:
+        return f"mcp:\n  listen: 127.0.0.1:{mcp_port}\n  devices: [{devices}]"
+
+    both = "{id: pump-1, token: s3cret}, {id: pump-2, token: other}"
+    path.write_text(config(port, [BOILER], mcp=mcp(both)))
+    gw = Gateway(load_config(path))
+    await gw.start()
+    try:
+        peers = {}
+        for device, token in (("pump-1", "s3cret"), ("pump-2", "other")):
+            peers[device] = RawPeer(*await asyncio.open_connection("127.0.0.1", mcp_port))
+            assert (await peers[device].hello(device_id=device, token=token)).type == FrameType.ACK
+        # pump-1 removed, pump-2 keeps its place but gets a new token, pump-3 is new.
+        path.write_text(config(port, [BOILER], mcp=mcp("{id: pump-2, token: new}, {id: pump-3, token: t3}")))
+        assert await gw.reload()
+        assert await peers["pump-1"].closed() and await peers["pump-2"].closed()
+        assert gw.router is not None and set(gw.router.devices) == {"boiler", "meter", "pump-2", "pump-3"}
+        for device, token, ok in (("pump-1", "s3cret", False), ("pump-2", "other", False), ("pump-2", "new", True)):
+            peer = RawPeer(*await asyncio.open_connection("127.0.0.1", mcp_port))
+            answer = await peer.hello(device_id=device, token=token)
+            assert (answer.type == FrameType.ACK) is ok, (device, token, answer)
+            peer.close()
+    finally:
+        await gw.stop()
+
+
+async def test_systemd_hears_reloading_then_ready_and_the_watchdog_follows_the_new_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config(port, [BOILER]))
+    address = tmp_path / "notify.sock"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(address))
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(address))
+        notify.settimeout(5)
+        gw = Gateway(load_config(path))
+        await gw.start()
+        try:
+            assert b"READY=1" in notify.recv(4096).splitlines()
+            old_line1 = gw.buses[0]
+            path.write_text(config(port, [BOILER, PUMP]))
+            assert await gw.reload()
+            reloading = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
+            assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+            assert b"READY=1" in notify.recv(4096).splitlines()
+            # The stopped line never moves again: were it still watched, the watchdog would call it stuck.
+            old_line1.alive_at -= 1000
+            assert gw.systemd.watchdog is not None
+            assert gw.systemd.watchdog.check(time.monotonic(), 0.0) is None
+            gw.buses[0].alive_at -= 1000
+            assert "line1" in (gw.systemd.watchdog.check(time.monotonic(), 0.0) or "")
+            gw.buses[0].alive_at += 1000
+            # A refused reload also ends in READY=1: systemd must not wait for one that never comes.
+            path.write_text("broker: {enabled: maybe}\n")
+            assert await gw.reload() is False
+            assert b"RELOADING=1" in notify.recv(4096).splitlines()
+            assert b"READY=1" in notify.recv(4096).splitlines()
+        finally:
+            await gw.stop()
+
+
+def test_the_diff_names_what_changed_and_templates_follow_their_devices() -> None:
+    base = """
+gateway: {{id: d, state_dir: /tmp/x, http: null}}
+modbus:
+  templates:
+    t: [{{name: a, table: holding, address: {addr}}}]
+  buses:
+    - {{name: l1, port: /dev/a, devices: [{{name: x, unit: 1, template: t}}]}}
+    - {{name: l2, port: /dev/b, devices: [{{name: y, unit: 1, points: [{{name: b, table: coil, address: 0}}]}}]}}
+northbound: [{{name: local}}, {{name: up, url: "mqtt://h"}}]
+"""
+    old = parse_config(base.format(addr=0)).config
+    new = parse_config(base.format(addr=1).replace(', {name: up, url: "mqtt://h"}', "")).config
+    d = diff(old, new)
+    assert d.restart_needed == []
+    assert (d.buses.changed, d.devices.changed, d.sinks.removed) == (["l1"], ["x"], ["up"])
+    assert d.summary() == "~1 device (x), -1 sink (up), bus l1 restarted"
+    assert diff(old, old).summary() == "nothing changed"
+    moved = parse_config(base.format(addr=0).replace("/tmp/x", "/tmp/y").replace("http: null", "http: ':1'")).config
+    assert diff(old, moved).restart_needed == ["gateway.state_dir", "gateway.http"]
+
+
+async def test_sighup_to_a_running_gateway_reloads_it(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config(port, [BOILER]))
+    log_path = tmp_path / "stderr.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        async def logged(text: str) -> None:
+            deadline = time.monotonic() + 20
+            while text not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, f"never logged {text!r}:\n" + log_path.read_text(errors="replace")
+                await asyncio.sleep(0.05)
+
+        await logged("fieldgate t1 up")
+        async with subscribed(port) as sub:
+            await sub.next_on("fieldgate/t1/boiler/telemetry", timeout=20)
+            path.write_text(config(port, [BOILER, PUMP]))
+            proc.send_signal(signal.SIGHUP)
+            await logged("reload: +1 device (pump), bus line1 restarted")
+            await sub.next_on("fieldgate/t1/pump/telemetry")
+
+            path.write_text("modbus: {buses: [{name: line1}]}\n")
+            proc.send_signal(signal.SIGHUP)
+            await logged("config reload refused; still running the previous config")
+            assert "modbus.buses[0].port: is required but missing" in log_path.read_text(errors="replace")
+            await sub.next_on("fieldgate/t1/boiler/telemetry", after=time.monotonic())
+            assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert code == 0, log_path.read_text(errors="replace")
