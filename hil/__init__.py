@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop kit: a baud-accurate, fault-injecting RS-485 line and its scenarios."""

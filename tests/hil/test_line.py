@@ -1,0 +1,243 @@
+"""The baud-accurate line on its own (timing, faults, unplug) and a real ModbusBus through it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from drivers.modbus import budget
+from hil.line import Faults, FrameFormat, Rs485Line
+
+
+async def test_throughput_at_19200_8e1_approaches_but_never_beats_the_line_limit(make_rig) -> None:  # type: ignore[no-untyped-def]
+    # Two devices with one 10-register block each and a near-zero poll interval: the line never idles.
+    devices = "\n".join(
+        f"""        - name: d{u}
+          unit: {u}
+          poll: 0.1ms
+          points:
+{chr(10).join(f"            - {{name: r{i}, table: holding, address: {i}}}" for i in range(10))}"""
+        for u in (1, 2)
+    )
+    rig = await make_rig(devices)
+    assert await rig.wait_for(lambda: rig.bus.stats.transactions >= 10, 5)
+    tx0, t0 = rig.bus.stats.transactions, time.monotonic()
+    await asyncio.sleep(3.0)
+    tx1, t1 = rig.bus.stats.transactions, time.monotonic()
+    achieved = (tx1 - tx0) / (t1 - t0)
+    req, resp = budget.transaction_bytes("holding", 10)
+    limit = 1 / budget.transaction_time(req, resp, 19200, budget.char_bits(8, "E", 1))
+    ratio = achieved / limit
+    print(f"19200 8E1, 10 registers: {achieved:.1f} tx/s of a {limit:.1f} tx/s line limit = {ratio:.3f}")
+    assert rig.bus.stats.timeouts == rig.bus.stats.crc_errors == 0
+    assert rig.line.stats.short_gaps == 0
+    assert 0.9 <= ratio <= 1.0, ratio
+    assert not rig.wrong_values()
+
+
+class Ends:
+    """Raw fds on both sides of a line, read without blocking the loop."""
+
+    def __init__(self, line: Rs485Line) -> None:
+        self.line = line
+        self.gateway = os.open(line.gateway_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        self.device = os.open(line.device_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+
+    async def transfer(self, data: bytes, *, to_device: bool = True, expect: int | None = None) -> tuple[bytes, float]:
+        """Write on one side; the bytes read on the other and the seconds until the last arrived."""
+        src, dst = (self.gateway, self.device) if to_device else (self.device, self.gateway)
+        got = bytearray()
+        done = asyncio.Event()
+        want = len(data) if expect is None else expect
+
+        def readable() -> None:
+            got.extend(os.read(dst, 4096))
+            if len(got) >= want:
+                done.set()
+
+        loop = asyncio.get_running_loop()
+        loop.add_reader(dst, readable)
+        try:
+            t0 = time.monotonic()
+            os.write(src, data)
+            async with asyncio.timeout(2 + 2 * len(data) * self.line.char_time):
+                await done.wait()
+            return bytes(got), time.monotonic() - t0
+        finally:
+            loop.remove_reader(dst)
+
+    async def send_short(self, data: bytes, within: float) -> bytes:
+        """Write towards the device when fewer bytes may arrive (drops, truncation): what came within `within` s."""
+        os.write(self.gateway, data)
+        await asyncio.sleep(within)
+        try:
+            return os.read(self.device, 4096)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        for fd in (self.gateway, self.device):
+            os.close(fd)
+
+
+@pytest.fixture
+async def line(tmp_path: Path) -> AsyncIterator[Rs485Line]:
+    """A fault-free 9600 8E1 line."""
+    async with Rs485Line(tmp_path / "ttyHIL", baudrate=9600, frame_format="8E1") as ln:
+        yield ln
+
+
+PAYLOAD = bytes(range(256)) * 2
+
+
+@pytest.mark.parametrize("to_device", [True, False], ids=["to-device", "to-gateway"])
+async def test_n_bytes_take_n_times_11_bits_at_9600_8e1(line: Rs485Line, to_device: bool) -> None:
+    ends = Ends(line)
+    try:
+        for n in (50, 400):
+            got, seconds = await ends.transfer(PAYLOAD[:n], to_device=to_device)
+            assert got == PAYLOAD[:n]
+            # A device's first frame waits t3.5 for the silence that ends a frame; a gateway's does not.
+            expected = n * 11 / 9600 + (0 if to_device else line.t35)
+            assert abs(seconds - expected) <= 0.1 * expected, (n, seconds, expected)
+    finally:
+        ends.close()
+
+
+async def test_8n1_takes_10_bits_per_character(tmp_path: Path) -> None:
+    async with Rs485Line(tmp_path / "tty", baudrate=19200, frame_format="8N1") as ln:
+        ends = Ends(ln)
+        try:
+            got, seconds = await ends.transfer(PAYLOAD[:384])
+            assert got == PAYLOAD[:384]
+            assert abs(seconds - 0.2) <= 0.02, seconds
+        finally:
+            ends.close()
+
+
+async def test_a_reply_cannot_start_before_the_request_has_ended_and_t35_passed(line: Rs485Line) -> None:
+    ends = Ends(line)
+    try:
+        t0 = time.monotonic()
+        os.write(ends.gateway, PAYLOAD[:100])  # 114.6 ms on the wire
+        os.write(ends.device, b"\x01\x03\x00")  # the device answers at once: it must wait for the medium
+        got, _ = await ends.transfer(b"", to_device=False, expect=3)
+        elapsed = time.monotonic() - t0
+        expected = (100 + 3) * line.char_time + line.t35
+        assert got == b"\x01\x03\x00"
+        assert expected <= elapsed <= expected * 1.1, (elapsed, expected)
+    finally:
+        ends.close()
+
+
+def test_frame_formats() -> None:
+    assert [FrameFormat.parse(f).bits for f in ("8E1", "8O1", "8N2", "8N1", "7E1")] == [11, 11, 11, 10, 10]
+    assert str(FrameFormat.parse("8e1")) == "8E1"
+    with pytest.raises(ValueError, match="8E1"):
+        FrameFormat.parse("9X1")
+
+
+async def _noisy(tmp_path: Path, faults: Faults, seed: int, frames: int = 20) -> tuple[list[bytes], Rs485Line]:
+    """Frames of 64 bytes sent through a faulty 115200 line; what arrived for each."""
+    received: list[bytes] = []
+    async with Rs485Line(tmp_path / f"tty{seed}", baudrate=115200, frame_format="8N1", faults=faults, seed=seed) as ln:
+        ends = Ends(ln)
+        try:
+            for i in range(frames):
+                frame = PAYLOAD[i : i + 64]
+                got = await ends.send_short(frame, 0.02) if faults.drop_rate else (await ends.transfer(frame))[0]
+                received.append(got)
+        finally:
+            ends.close()
+    return received, ln
+
+
+async def test_bit_flips_are_seeded_and_counted(tmp_path: Path) -> None:
+    faults = Faults(flip_rate=0.02)
+    a, line_a = await _noisy(tmp_path, faults, seed=7)
+    b, _ = await _noisy(tmp_path, faults, seed=7)
+    c, _ = await _noisy(tmp_path, faults, seed=8)
+    assert a == b != c
+    sent = [PAYLOAD[i : i + 64] for i in range(20)]
+    flipped = sum(x != y for got, want in zip(a, sent, strict=True) for x, y in zip(got, want, strict=True))
+    # Each flip inverts exactly one bit.
+    bits = sum(bin(x ^ y).count("1") for got, want in zip(a, sent, strict=True) for x, y in zip(got, want, strict=True))
+    assert flipped == bits == line_a.stats.flipped_bytes > 0
+    assert 5 <= flipped <= 60  # 1,280 bytes at 2 %: ~26
+
+
+async def test_dropped_bytes_are_missing_but_hold_the_wire(tmp_path: Path) -> None:
+    received, ln = await _noisy(tmp_path, Faults(drop_rate=0.05), seed=3, frames=5)
+    missing = sum(64 - len(r) for r in received)
+    assert missing == ln.stats.dropped_bytes > 0
+    assert ln.stats.wire_seconds == pytest.approx(5 * 64 * ln.char_time)
+
+
+async def test_truncated_frames_and_extra_latency(tmp_path: Path) -> None:
+    async with Rs485Line(
+        tmp_path / "tty", baudrate=115200, frame_format="8N1", faults=Faults(truncate_rate=1.0, latency=0.05)
+    ) as ln:
+        ends = Ends(ln)
+        try:
+            got = await ends.send_short(PAYLOAD[:64], 0.04)
+            assert got == b""  # still held by the latency
+            await asyncio.sleep(0.03)
+            got = os.read(ends.device, 4096)
+            assert 1 <= len(got) < 64 and PAYLOAD.startswith(got)
+            assert ln.stats.truncated_frames == ln.stats.delayed_frames == 1
+        finally:
+            ends.close()
+
+
+async def test_a_late_reply_is_held_for_late_delay(tmp_path: Path) -> None:
+    faults = Faults(late_rate=1.0, late_delay=0.3, late_units=frozenset({5}))
+    async with Rs485Line(tmp_path / "tty", baudrate=115200, frame_format="8N1", faults=faults) as ln:
+        ends = Ends(ln)
+        try:
+            _, on_time = await ends.transfer(b"\x04\x03\x02\x00\x01", to_device=False)
+            _, late = await ends.transfer(b"\x05\x03\x02\x00\x01", to_device=False)
+            assert on_time < 0.05 and 0.3 <= late < 0.35, (on_time, late)
+            assert ln.stats.late_replies == 1
+        finally:
+            ends.close()
+
+
+async def test_a_babbling_device_talks_to_the_gateway(tmp_path: Path) -> None:
+    faults = Faults(babble_rate=20, babble_max=8)
+    async with Rs485Line(tmp_path / "tty", baudrate=115200, frame_format="8N1", faults=faults, seed=2) as ln:
+        ends = Ends(ln)
+        try:
+            await asyncio.sleep(0.5)
+            heard = os.read(ends.gateway, 4096)
+            assert len(heard) == ln.stats.babble_bytes > 0
+            assert 3 <= ln.stats.babble_bursts <= 25
+            with pytest.raises(BlockingIOError):
+                os.read(ends.device, 4096)  # babble goes to the gateway only
+        finally:
+            ends.close()
+
+
+async def test_unplug_breaks_the_open_port_and_replug_brings_a_fresh_pty(line: Rs485Line) -> None:
+    link = Path(line.gateway_port)
+    before = os.readlink(link)
+    ends = Ends(line)
+    try:
+        line.unplug(0.2)
+        assert not link.exists() and not link.is_symlink()
+        with pytest.raises(OSError):
+            os.write(ends.gateway, b"x")
+            os.read(ends.gateway, 1)
+        await asyncio.sleep(0.3)
+        assert link.is_symlink() and os.readlink(link) != before
+        os.close(ends.gateway)
+        ends.gateway = os.open(link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        got, _ = await ends.transfer(b"\x01\x03\x00\x00\x00\x01")
+        assert got == b"\x01\x03\x00\x00\x00\x01"
+        assert line.stats.unplugs == 1
+    finally:
+        ends.close()
