@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bridge.spool import SQLiteSpool
-from drivers.mcp.codec import FrameType
+from drivers.mcp.codec import Frame, FrameType
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.reload import diff
@@ -262,6 +262,44 @@ async def test_mcp_devices_removed_or_rekeyed_lose_their_session(tmp_path: Path)
             peer = RawPeer(*await asyncio.open_connection("127.0.0.1", mcp_port))
             answer = await peer.hello(device_id=device, token=token)
             assert (answer.type == FrameType.ACK) is ok, (device, token, answer)
+            peer.close()
+    finally:
+        await gw.stop()
+
+
+async def test_mcp_data_sent_while_a_sink_is_swapped_is_acked_and_delivered(tmp_path: Path) -> None:
+    port, mcp_port = free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    mcp = f"mcp:\n  listen: 127.0.0.1:{mcp_port}\n  devices: [{{id: pump-1, token: s3cret}}]"
+    path.write_text(config(port, [BOILER], mcp=mcp))
+    gw = Gateway(load_config(path))
+    await gw.start()
+    try:
+        async with subscribed(port, "fieldgate/t1/pump-1/telemetry") as sub:
+            peer = RawPeer(*await asyncio.open_connection("127.0.0.1", mcp_port))
+            assert (await peer.hello()).type == FrameType.ACK
+            reloaded = asyncio.Event()
+
+            async def send() -> int:
+                # A frame every loop turn from before the reload until after it: some land mid-swap.
+                seq = 1
+                while not reloaded.is_set() or seq < 50:
+                    seq += 1
+                    body = {"ts": int(time.time() * 1000), "values": {"n": seq}}
+                    await peer.send(Frame.json(FrameType.DATA, seq, body))
+                    await asyncio.sleep(0)
+                return seq - 1
+
+            sending = asyncio.create_task(send())
+            await asyncio.sleep(0.02)
+            # The only sink changes: between its old outbox and the new one, DATA must wait, not fail.
+            path.write_text(config(port, [BOILER], sinks=("{name: local, keepalive: 20s}",), mcp=mcp))
+            assert await gw.reload()
+            reloaded.set()
+            count = await sending
+            answers = [await peer.recv() for _ in range(count)]
+            assert [(a.type, a.seq) for a in answers] == [(FrameType.ACK, seq) for seq in range(2, count + 2)]
+            await sub.wait_for(lambda ms: len({m.json()["values"]["n"] for m in ms}) == count, timeout=15)
             peer.close()
     finally:
         await gw.stop()
