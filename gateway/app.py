@@ -478,15 +478,16 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        # From the start to the end: SIGHUP's default action would kill the gateway. One that comes
+        # during start-up is carried out once everything is up; one during shutdown is let go.
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         reloads: asyncio.Task[None] | None = None
         try:
             await self.start()
             reloads = asyncio.create_task(self._reload_loop(), name="reload")
-            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             await self._stopping.wait()
             log.info("stopping")
         finally:
-            loop.remove_signal_handler(signal.SIGHUP)
             if reloads is not None:
                 # A reload under way finishes first: stopping half-swapped parts would lose the spool's tail.
                 async with self._reload_lock:
