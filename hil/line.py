@@ -6,8 +6,9 @@ the long version):
 
 - Wire time: a character takes `char_bits(format) / baud` seconds (11 bits for 8E1/8O1/8N2, 10 for
   8N1). The ptys themselves always carry plain 8N1 bytes (this kernel rejects even parity on ptys);
-  only the timing follows the configured format. Byte k of a frame is delivered when its last bit
-  has left the wire, on absolute monotonic deadlines: a late wake-up delivers every byte that is due.
+  only the timing follows the configured format. Towards the gateway, byte k of a frame is delivered
+  when its last bit has left the wire; towards the device, a frame is delivered whole at its end (a
+  slave's t3.5 framing). Deadlines are absolute and monotonic: a late wake-up delivers all that is due.
 - Half duplex, one shared medium, no collisions: a frame waits until the medium is free. A frame
   from the device side starts no earlier than t3.5 after the medium went quiet, because a slave
   only knows a request has ended after that silence. The gateway's own gap is its business: a
@@ -86,6 +87,7 @@ class Faults:
     jitter: float = 0.0  # up to this many seconds more, uniformly drawn per frame
     late_rate: float = 0.0  # per device frame: held back for late_delay (after the gateway's timeout)
     late_delay: float = 0.5  # seconds
+    late_spread: float = 0.0  # up to this many seconds more, uniformly drawn per late reply
     late_units: frozenset[int] | None = None  # only replies whose first byte (the unit id) is listed
     babble_rate: float = 0.0  # bursts per second (Poisson) of random bytes towards the gateway
     babble_max: int = 8  # bytes per burst, 1..babble_max
@@ -112,6 +114,7 @@ class LineStats:
     truncated_frames: int = 0
     delayed_frames: int = 0
     late_replies: int = 0
+    late_cross_unit: int = 0  # held device frames put on the wire after a request to another unit
     babble_bursts: int = 0
     babble_bytes: int = 0
     unplugs: int = 0
@@ -129,6 +132,7 @@ class _Frame:
     source: str = field(compare=False)  # "gateway", "device" or "babble"
     chars: list[int | None] = field(compare=False)  # None: a dropped byte, wire time but no delivery
     held: bool = field(compare=False, default=False)  # delayed by a fault: never continues a frame
+    late: bool = field(compare=False, default=False)  # a late reply
 
 
 class Rs485Line:
@@ -162,9 +166,13 @@ class Rs485Line:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held: list[_Frame] = []
         self._seq = 0
-        self._wire: deque[tuple[float, bool, int | None]] = deque()  # (due, to_gateway, byte)
+        # (due, to_gateway, bytes): one entry per character towards the gateway, one per frame
+        # towards the device (see _schedule); b"" for a dropped byte.
+        self._wire: deque[tuple[float, bool, bytes]] = deque()
         self._free_at = 0.0
         self._last_source = ""
+        self._last_held = False
+        self._last_unit = -1  # unit id of the last request: who the gateway waits for
         self._next_babble = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -279,10 +287,10 @@ class Rs485Line:
         # Closing the master (and our own slave fd) hangs up the gateway's open fd: reads fail with EIO.
         end.close()
         # What was on its way to or from the adapter is lost with it.
-        kept: deque[tuple[float, bool, int | None]] = deque()
+        kept: deque[tuple[float, bool, bytes]] = deque()
         for item in self._wire:
             if item[1]:
-                self.stats.lost_unplugged += item[2] is not None
+                self.stats.lost_unplugged += len(item[2])
             else:
                 kept.append(item)
         self._wire = kept
@@ -307,16 +315,16 @@ class Rs485Line:
 
     def _intake(self, data: bytes, from_gateway: bool, now: float) -> None:
         f, rng = self.faults, self._rng
-        release, held = now, False
+        release, held, late = now, False, False
         if f.latency or f.jitter:
             release += f.latency + (rng["latency"].uniform(0, f.jitter) if f.jitter else 0.0)
             self.stats.delayed_frames += 1
             held = True
         if not from_gateway and f.late_rate and (f.late_units is None or data[0] in f.late_units):
             if rng["late"].random() < f.late_rate:
-                release += f.late_delay
+                release += f.late_delay + (rng["late"].uniform(0, f.late_spread) if f.late_spread else 0.0)
                 self.stats.late_replies += 1
-                held = True
+                held = late = True
         if f.truncate_rate and len(data) > 1 and rng["truncate"].random() < f.truncate_rate:
             data = data[: rng["truncate"].randrange(1, len(data))]
             self.stats.truncated_frames += 1
@@ -334,7 +342,7 @@ class Rs485Line:
                     chars[i] = None
                     self.stats.dropped_bytes += 1
         source = "gateway" if from_gateway else "device"
-        self._hold(_Frame(release, self._seq, not from_gateway, source, chars, held))
+        self._hold(_Frame(release, self._seq, not from_gateway, source, chars, held, late))
 
     def _hold(self, frame: _Frame) -> None:
         self._seq += 1
@@ -380,7 +388,9 @@ class Rs485Line:
     def _schedule(self, frame: _Frame) -> None:
         # Times are the frame's own deadlines, not "now": a late wake-up must not stretch the wire.
         quiet = self._free_at
-        if frame.source == self._last_source and not frame.held and frame.release <= quiet:
+        # Only a transmitter that is still sending continues its frame; after a held (late) frame
+        # the next one is another answer and gets its own silence.
+        if frame.source == self._last_source and not frame.held and not self._last_held and frame.release <= quiet:
             start = quiet  # the same transmitter still sending: one frame, no gap
         elif frame.source == "device":
             start = max(frame.release, quiet + self.t35)  # the slave waits for the end-of-frame silence
@@ -390,11 +400,28 @@ class Rs485Line:
                 self.stats.short_gaps += 1
         if not frame.to_gateway and self._device is None:
             return
+        if frame.late and frame.chars and frame.chars[0] is not None and frame.chars[0] != self._last_unit:
+            self.stats.late_cross_unit += 1
+        elif frame.source == "gateway" and frame.chars and frame.chars[0] is not None:
+            self._last_unit = frame.chars[0]
         self._last_source = frame.source
-        t = start
-        for c in frame.chars:
-            t += self.char_time
-            self._wire.append((t, frame.to_gateway, c))
+        self._last_held = frame.held
+        t = start + len(frame.chars) * self.char_time
+        if frame.to_gateway:
+            # The gateway gets each character when its stop bit has passed, as from a UART.
+            for k, c in enumerate(frame.chars, 1):
+                self._wire.append((start + k * self.char_time, True, b"" if c is None else bytes((c,))))
+        else:
+            # The device side gets a frame whole at its end: a slave's framer hands a frame on after
+            # t3.5 of silence and starts afresh with the next. pymodbus' server has no such timer: fed
+            # byte by byte, one stray byte would misalign its buffer for good. Frames less than t3.5
+            # apart are one frame to a slave, so they reach it as one.
+            payload = bytes(c for c in frame.chars if c is not None)
+            last = self._wire[-1] if self._wire else None
+            if last is not None and not last[1] and start - last[0] < self.t35 - 1e-9:
+                self._wire.pop()
+                payload = last[2] + payload
+            self._wire.append((t, False, payload))
         self._free_at = t
         self.stats.wire_seconds += t - start
         if frame.to_gateway:
@@ -406,9 +433,8 @@ class Rs485Line:
         out: dict[bool, bytearray] = {True: bytearray(), False: bytearray()}
         wire = self._wire
         while wire and wire[0][0] <= now:
-            _, to_gateway, c = wire.popleft()
-            if c is not None:
-                out[to_gateway].append(c)
+            _, to_gateway, chunk = wire.popleft()
+            out[to_gateway] += chunk
         for to_gateway, data in out.items():
             if not data:
                 continue
@@ -470,9 +496,11 @@ class Rs485Line:
 
     def describe(self) -> str:
         """One human line: the line's settings and the faults switched on."""
-        on = {k: v for k, v in asdict(self.faults).items() if v and k not in ("late_delay", "babble_max")}
+        extras = ("late_delay", "late_spread", "babble_max")
+        on = {k: v for k, v in asdict(self.faults).items() if v and k not in extras}
         if self.faults.late_rate:
             on["late_delay"] = self.faults.late_delay
+            on["late_spread"] = self.faults.late_spread
         if self.faults.babble_rate:
             on["babble_max"] = self.faults.babble_max
         faults = ", ".join(f"{k}={v}" for k, v in on.items()) or "no faults"
@@ -525,6 +553,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jitter", type=float, default=0.0, help="up to this many seconds more per frame")
     p.add_argument("--late-rate", type=float, default=0.0, help="late replies per device frame")
     p.add_argument("--late-delay", type=float, default=0.5, help="seconds a late reply is held")
+    p.add_argument("--late-spread", type=float, default=0.0, help="up to this many seconds more per late reply")
     p.add_argument("--late-units", type=_units, help="only these unit ids answer late, e.g. 1,3-5")
     p.add_argument("--babble-rate", type=float, default=0.0, help="babble bursts per second")
     p.add_argument("--babble-max", type=int, default=8, help="bytes per babble burst, at most")
@@ -551,6 +580,7 @@ def faults_of(args: argparse.Namespace) -> Faults:
         jitter=args.jitter,
         late_rate=args.late_rate,
         late_delay=args.late_delay,
+        late_spread=args.late_spread,
         late_units=args.late_units,
         babble_rate=args.babble_rate,
         babble_max=args.babble_max,
