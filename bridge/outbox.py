@@ -105,7 +105,7 @@ class Outbox:
         sink: Publisher,
         buffer: Buffer | None = None,
         *,
-        window: int = 64,
+        window: int = 256,
         high_water: int = 10_000,
         commit_window: float = 0.12,
         replay_rate: float = 500.0,
