@@ -3,7 +3,8 @@
 Every message the gateway hands over ends in one of three places until the broker acknowledges it:
 - the live queue, drained with a window of publishes in flight, while the sink is connected, its
   live queue is below the high-water mark and (with `order: strict`) nothing waits in the spool;
-- the spool (`Buffer`), otherwise: messages gathered for `commit_window` are added in one
+- the spool (`Buffer`), otherwise (but a message someone waits on stays live while the sink is connected:
+  its slow PUBACK is the back-pressure): messages gathered for `commit_window` are added in one
   transaction (one fsync for the lot), from a worker thread when the buffer does I/O;
 - back in the spool when the connection drops before the PUBACK (the sink fails those publishes
   with `SinkOffline`).
@@ -105,7 +106,7 @@ class Outbox:
         sink: Publisher,
         buffer: Buffer | None = None,
         *,
-        window: int = 256,
+        window: int = 64,
         high_water: int = 10_000,
         commit_window: float = 0.12,
         replay_rate: float = 500.0,
@@ -189,18 +190,21 @@ class Outbox:
                 older.superseded = True
                 self.stats.coalesced += 1
             self._retained[message.topic] = item
-        if self._live_ok():
+        if self._live_ok(waited=fut is not None):
             self._queue.append(item)
             self._ready.set()
         else:
             self._spool(item)
 
-    def _live_ok(self) -> bool:
+    def _live_ok(self, waited: bool) -> bool:
         if not self.sink.connected:
             return False
         if self.order == "strict" and self.backlog + self._replaying:
             return False
-        return len(self._queue) + len(self._handed) < self.high_water
+        # Someone waits on this one (an MCP ACK) and the broker is there: let them wait for its PUBACK. Slow
+        # ACKs are the devices' back-pressure, and their number is bounded by the MCP server's in-flight limit;
+        # spooling them instead would ACK at disk speed and take in more than the broker can be given.
+        return waited or len(self._queue) + len(self._handed) < self.high_water
 
     def _spool(self, item: _Item) -> None:
         self._pending.append(item)

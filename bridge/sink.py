@@ -67,7 +67,7 @@ class MqttSink:
         subscriptions: tuple[str, ...] = (),
         on_request: RequestHandler | None = None,
         on_connect: ConnectHandler | None = None,
-        max_inflight: int = 300,
+        max_inflight: int = 100,
     ) -> None:
         parsed = urlparse(url)
         self.name = name

@@ -263,6 +263,28 @@ async def test_messages_in_flight_at_a_cut_are_spooled_and_arrive(
         await until(lambda: box.backlog == 0)
 
 
+async def test_past_high_water_an_awaited_message_waits_for_its_puback_while_others_are_spooled(
+    broker: EmbeddedBroker, port: int, sub: Subscriber, make_buffer: BufferFactory
+) -> None:
+    async with cut_link(port) as link, sink_on(link.port) as sink:
+        async with outbox_of(sink, make_buffer(), window=4, high_water=4) as box:
+            await link.start()
+            assert await sink.wait_connected(5)
+            link.downstream.clear()  # the broker is there but slow: no PUBACK gets back for now
+            waited = [box.enqueue(msg(i)) for i in range(20)]
+            for i in range(20, 30):
+                box.submit(msg(i))
+            await until(lambda: box.backlog == 10)  # nobody waits on these: spooled past the high-water mark
+            await asyncio.sleep(0.3)
+            # The awaited ones were not spooled (an ACK at disk speed would take in more than the broker gets):
+            # they wait for their PUBACKs, which is the devices' back-pressure.
+            assert not any(f.done() for f in waited) and box.stats.spooled == 10
+            link.downstream.set()
+            await asyncio.wait_for(asyncio.gather(*waited), 10)
+            await sub.wait_for(lambda _: set(range(30)) <= set(seq(sub)), 10)
+            assert box.stats.live == 20
+
+
 async def test_reject_when_full_fails_the_awaited_publish_and_keeps_what_was_accepted(
     broker: EmbeddedBroker, port: int, sub: Subscriber, make_buffer: BufferFactory
 ) -> None:
