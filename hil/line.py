@@ -152,7 +152,7 @@ class Rs485Line:
         self.format = FrameFormat.parse(frame_format) if isinstance(frame_format, str) else frame_format
         self.char_time = self.format.bits / baudrate
         self.t35 = budget.t35(baudrate, self.format.bits)
-        self.faults = faults or Faults()
+        self._faults = faults or Faults()
         self.seed = seed
         self.stats = LineStats()
         self._link = Path(link) if link else None
@@ -178,6 +178,19 @@ class Rs485Line:
         self._timer_at = 0.0
         self._pending: dict[int, bytearray] = {}
         self._replug: asyncio.TimerHandle | None = None
+
+    @property
+    def faults(self) -> Faults:
+        """The faults injected from now on."""
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        self._faults = faults
+        # The next babble burst is drawn at the new rate, not left where the old rate put it.
+        if self._loop is not None:
+            self._next_babble = self._loop.time() + self._babble_wait()
+            self._service()
 
     # --- ends -----------------------------------------------------------------------------------
 

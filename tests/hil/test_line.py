@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from drivers.modbus import budget
+from drivers.modbus.transport import ModbusLink
 from hil.line import Faults, FrameFormat, Rs485Line
 
 
@@ -208,10 +211,10 @@ async def test_a_late_reply_is_held_for_late_delay(tmp_path: Path) -> None:
 
 
 async def test_a_babbling_device_talks_to_the_gateway(tmp_path: Path) -> None:
-    faults = Faults(babble_rate=20, babble_max=8)
-    async with Rs485Line(tmp_path / "tty", baudrate=115200, frame_format="8N1", faults=faults, seed=2) as ln:
+    async with Rs485Line(tmp_path / "tty", baudrate=115200, frame_format="8N1", seed=2) as ln:
         ends = Ends(ln)
         try:
+            ln.faults = Faults(babble_rate=20, babble_max=8)  # switched on while running
             await asyncio.sleep(0.5)
             heard = os.read(ends.gateway, 4096)
             assert len(heard) == ln.stats.babble_bytes > 0
@@ -241,3 +244,29 @@ async def test_unplug_breaks_the_open_port_and_replug_brings_a_fresh_pty(line: R
         assert line.stats.unplugs == 1
     finally:
         ends.close()
+
+
+async def test_command_line_runs_a_line_with_slaves_behind_it(tmp_path: Path) -> None:
+    link = tmp_path / "ttyHIL"
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "hil.line", "--link", str(link), "--device-link", str(tmp_path / "ttyDEV")),
+        *("--baud", "19200", "--format", "8E1", "--seed", "1", "--serve", "1,2", "--registers", "4"),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert proc.stdout is not None
+        banner = await asyncio.wait_for(proc.stdout.readuntil(b"serving units 1,2"), 10)
+        assert b"19200 baud 8E1 (11 bits/char" in banner
+        modbus = ModbusLink(str(link), baudrate=19200, parity="N")
+        await modbus.open()
+        try:
+            assert await modbus.read("holding", 2, 0, 4, 0.5) == [2000, 2001, 2002, 2003]
+        finally:
+            modbus.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0
+    assert b"frames_to_device=1 frames_to_gateway=1" in out
+    assert not link.exists()

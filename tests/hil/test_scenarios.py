@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 SOAK = os.environ.get("FIELDGATE_SOAK") == "1"
 NOISE_SECONDS = 300.0 if SOAK else 5.0
 LATE_SECONDS = 120.0 if SOAK else 5.0
+MIXED_SECONDS = 300.0 if SOAK else 3.0
 
 
 def registers(unit: int, count: int, *, poll: str = "20ms", first: int = 0) -> str:
@@ -40,12 +41,12 @@ async def back_online(rig: Rig) -> bool:
     return await rig.wait_for(lambda: all(d.online for d in rig.bus.devices.values()), limit)
 
 
-@pytest.mark.soak
-async def test_line_noise_publishes_no_wrong_value_and_leaves_no_device_offline(make_rig) -> None:  # type: ignore[no-untyped-def]
+async def noisy_run(make_rig, faults: Faults, seconds: float) -> Rig:  # type: ignore[no-untyped-def]
+    """Three devices polled through `faults` for `seconds`, then on a clean line until all are back."""
     devices = "\n".join(registers(u, 10) for u in (1, 2, 3))
-    # 115200 baud carries ~6x the bytes of 19200 per second: more flips in a short run.
-    rig = await make_rig(devices, faults=Faults(flip_rate=1e-3), seed=11, baudrate=115200)
-    await asyncio.sleep(NOISE_SECONDS)
+    # 115200 baud carries ~6x the bytes of 19200 per second: more faults in a short run.
+    rig: Rig = await make_rig(devices, faults=faults, seed=11, baudrate=115200)
+    await asyncio.sleep(seconds)
     rig.line.faults = Faults()  # the noise stops
     noisy = rig.bus.stats.transactions
     online = await back_online(rig)
@@ -54,17 +55,35 @@ async def test_line_noise_publishes_no_wrong_value_and_leaves_no_device_offline(
     await asyncio.sleep(0.5)
     stats, line = rig.bus.stats, rig.line.stats
     print(
-        f"noise {NOISE_SECONDS:g} s: {noisy} transactions, {line.flipped_bytes} bytes flipped; "
+        f"noise {seconds:g} s: {noisy} transactions, {line.flipped_bytes} bytes flipped, {line.dropped_bytes} "
+        f"dropped, {line.truncated_frames} frames truncated, {line.babble_bursts} babble bursts; "
         f"bus: {stats.crc_errors} CRC errors, {stats.timeouts} timeouts, {stats.errors} other errors"
     )
     assert rig.wrong_values() == []
-    assert line.flipped_bytes > 0
     assert stats.crc_errors > 0
     assert online, {name: d.online for name, d in rig.bus.devices.items()}
     assert all(d.stats.cycles > cycles[name] for name, d in rig.bus.devices.items())
+    return rig
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(NOISE_SECONDS + 120)
+async def test_line_noise_publishes_no_wrong_value_and_leaves_no_device_offline(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig = await noisy_run(make_rig, Faults(flip_rate=1e-3), NOISE_SECONDS)
+    assert rig.line.stats.flipped_bytes > 0
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(MIXED_SECONDS + 120)
+async def test_flips_drops_truncation_and_babble_publish_no_wrong_value(make_rig) -> None:  # type: ignore[no-untyped-def]
+    faults = Faults(flip_rate=1e-3, drop_rate=1e-3, truncate_rate=0.01, babble_rate=2.0, babble_max=8)
+    rig = await noisy_run(make_rig, faults, MIXED_SECONDS)
+    line = rig.line.stats
+    assert line.flipped_bytes and line.dropped_bytes and line.truncated_frames and line.babble_bursts
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(LATE_SECONDS + 120)
 @pytest.mark.parametrize("retries", [0, 1])
 async def test_a_late_reply_is_never_decoded_as_another_devices_answer(make_rig, retries: int) -> None:  # type: ignore[no-untyped-def]
     # Unit 1 answers late now and then: after the bus's timeout (~111 ms for one register at 19200
@@ -77,11 +96,11 @@ async def test_a_late_reply_is_never_decoded_as_another_devices_answer(make_rig,
     await asyncio.sleep(LATE_SECONDS)
     rig.line.faults = Faults()
     online = await back_online(rig)
-    stats = rig.bus.stats
+    stats, line = rig.bus.stats, rig.line.stats
     print(
-        f"late replies {LATE_SECONDS:g} s: {rig.line.stats.late_replies} late of {rig.line.stats.frames_to_gateway} "
-        f"frames, {rig.line.stats.late_cross_unit} after a request to unit 2; bus: {stats.transactions} transactions, {stats.timeouts} timeouts, {stats.crc_errors} CRC "
-        f"errors, {stats.errors} other errors, "
+        f"late replies {LATE_SECONDS:g} s, retries {retries}: {line.late_replies} late of {line.frames_to_gateway} "
+        f"frames, {line.late_cross_unit} after a request to unit 2; bus: {stats.transactions} transactions, "
+        f"{stats.timeouts} timeouts, {stats.crc_errors} CRC errors, {stats.errors} other errors, "
         f"{sum(len(s.values) for s in rig.rec.samples)} values published"
     )
     assert rig.line.stats.late_replies > 5
