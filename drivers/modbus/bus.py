@@ -110,6 +110,8 @@ class ModbusBus:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_end = 0.0
+        # After a failed transaction the line is left to settle: a late answer must not meet the next request.
+        self._settle_until = 0.0
         self._reopen_backoff = 1.0
         self._reopen_at = 0.0
         self._logged: set[tuple[str, str, str]] = set()
@@ -331,6 +333,7 @@ class ModbusBus:
                 last = exc
                 if isinstance(exc, BusUnavailable | DeviceException):
                     raise
+                self._settle(timeout)
                 continue
             finally:
                 self._last_end = self.alive_at = time.monotonic()
@@ -345,9 +348,17 @@ class ModbusBus:
 
     async def _quiet_gap(self) -> None:
         # Real RS-485 slaves need silence between frames; pymodbus does not enforce it.
-        wait = self._last_end + self._gap - time.monotonic()
+        wait = max(self._last_end + self._gap, self._settle_until) - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+            self.alive_at = time.monotonic()
+
+    def _settle(self, timeout: float) -> None:
+        """After a timeout or a garbled answer, keep the line quiet for one more response timeout (as libmodbus
+        does): a device that answers late then answers into no request — pymodbus drops an answer nobody waits
+        for — instead of into the next one, where the same unit, function and length would pass it as the
+        answer to a different read."""
+        self._settle_until = time.monotonic() + timeout
 
     def _count(self, device: Device, exc: DeviceError) -> None:
         if isinstance(exc, DeviceException):
@@ -372,6 +383,8 @@ class ModbusBus:
             await self._link.write(point.table, device.unit, point.address, words, timeout)
         except DeviceError as exc:
             self._count(device, exc)
+            if not isinstance(exc, BusUnavailable | DeviceException):
+                self._settle(timeout)
             return WriteResult(ok=False, error=str(exc))
         finally:
             self._last_end = self.alive_at = time.monotonic()
