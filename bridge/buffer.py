@@ -99,6 +99,9 @@ class Buffer(Protocol):
     def newest_retained(self) -> dict[str, int]:
         """The id of the newest retained entry of each topic that has one (what a replay may publish retained)."""
 
+    def forget_retained(self, topic: str, through_id: int) -> int:
+        """Remove the retained entries of `topic` up to `through_id` (a newer state went out); how many."""
+
     def close(self) -> None:
         """Release the storage; the buffer is unusable afterwards."""
 
@@ -288,6 +291,13 @@ class MemoryBuffer:
         """The id of the newest retained entry of each topic."""
         self._check_open()
         return {e.message.topic: e.id for e in self._entries.values() if e.message.retain}
+
+    def forget_retained(self, topic: str, through_id: int) -> int:
+        """Remove the retained entries of `topic` up to `through_id`."""
+        self._check_open()
+        ids = [i for i, e in self._entries.items() if i <= through_id and e.message.retain and e.message.topic == topic]
+        self.accept(ids)
+        return len(ids)
 
     def close(self) -> None:
         """Forget everything; later calls raise SinkError."""

@@ -26,7 +26,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
@@ -44,6 +44,10 @@ Order = Literal["live", "strict"]
 REPLAY_BATCH = 100
 #: How often expired entries are dropped and the spool's figures refreshed.
 HOUSEKEEPING_INTERVAL = 1.0
+#: A message someone waits on that the connected broker has not acknowledged after this long is spooled
+#: (and its waiter answered on the commit): a stalled broker holds up an MCP ACK this long at most, not
+#: until the keep-alive gives up on the connection.
+LIVE_WAIT_MAX = 5.0
 
 
 class Publisher(Protocol):
@@ -68,15 +72,17 @@ class Publisher(Protocol):
 class _Item:
     """One message on its way: its sample time, who waits for it, where it is."""
 
-    __slots__ = ("message", "ts", "fut", "seq", "superseded", "settled")
+    __slots__ = ("message", "ts", "fut", "seq", "since", "superseded", "settled", "to_spool")
 
     def __init__(self, message: Message, ts: int, fut: asyncio.Future[None] | None, seq: int) -> None:
         self.message = message
         self.ts = ts
         self.fut = fut
         self.seq = seq
+        self.since = time.monotonic()  # when it was handed over
         self.superseded = False  # a newer retained message of the topic came before this one went out
         self.settled = False  # acknowledged, spooled or failed: later news about it is ignored
+        self.to_spool = False  # waiting for the next spool commit
 
     def resolve(self, exc: BaseException | None = None) -> None:
         self.settled = True
@@ -133,9 +139,12 @@ class Outbox:
         self._spooled_wake = asyncio.Event()
         # topic -> what holds its newest retained message: an _Item (live queue, pending) or a spool id.
         self._retained: dict[str, _Item | int] = {}
+        self._spooled_retained: set[str] = set()  # topics with retained entries in the spool
+        self._last_id = 0  # the newest spool id this outbox committed
         self._seq = 0
         self._executor = ThreadPoolExecutor(1, f"spool-{sink.name}") if self.buffer.durable else None
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Future[Any]] = set()
         self._commit_task: asyncio.Task[None] | None = None
         self._last_stats = BufferStats(0, 0, None, 0)
         self._stopped = False
@@ -207,6 +216,9 @@ class Outbox:
         return waited or len(self._queue) + len(self._handed) < self.high_water
 
     def _spool(self, item: _Item) -> None:
+        if item.to_spool or item.settled:
+            return
+        item.to_spool = True
         self._pending.append(item)
         self._pending_ready.set()
 
@@ -217,6 +229,8 @@ class Outbox:
         newest = await self._call(self.buffer.newest_retained)
         for topic, entry_id in newest.items():
             self._retained.setdefault(topic, entry_id)
+        self._spooled_retained.update(newest)
+        self._last_id = max(newest.values(), default=0)
         self._held = (await self._call(self.buffer.stats)).count
         name = self.sink.name
         self._tasks = [
@@ -250,7 +264,8 @@ class Outbox:
                 log.exception("sink %s: %s failed", self.sink.name, task.get_name())
         if self._commit_task is not None:
             await self._commit_task  # a commit under way finishes: its messages are in the spool
-        leftovers = sorted(self._handed, key=lambda it: it.seq) + list(self._queue) + self._pending
+        # In their original order: the live queue may hold younger messages than some spilled or bounced ones.
+        leftovers = sorted({*self._handed, *self._queue, *self._pending}, key=lambda it: it.seq)
         self._handed.clear()
         self._queue.clear()
         self._pending = []
@@ -310,9 +325,9 @@ class Outbox:
             return  # stopped meanwhile: it went to the spool
         exc = None if started.cancelled() else started.exception()
         if started.cancelled() or isinstance(exc, SinkOffline):
-            if self._stopped:
-                return
-            self._spool(item)  # not acknowledged: keep it (a duplicate if the broker had it after all)
+            # Not acknowledged: keep it (a duplicate if the broker had it after all). Also while stopping:
+            # stop() commits what is pending once its awaits are over.
+            self._spool(item)
             return
         if exc is not None:
             log.warning("sink %s: %s", self.sink.name, exc)
@@ -321,7 +336,21 @@ class Outbox:
         self.stats.live += 1
         if item.message.retain and self._retained.get(item.message.topic) is item:
             del self._retained[item.message.topic]  # the broker has the newest: nothing to replay
+            if item.message.topic in self._spooled_retained:
+                # Older states of the topic in the spool must not come back after a restart either.
+                self._spooled_retained.discard(item.message.topic)
+                self._background(self._call(self.buffer.forget_retained, item.message.topic, self._last_id))
         item.resolve()
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_done)
+
+    def _side_done(self, task: asyncio.Future[Any]) -> None:
+        self._side_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("sink %s: %s", self.sink.name, task.exception())
 
     # --- into the spool -------------------------------------------------------------------------
 
@@ -364,9 +393,12 @@ class Outbox:
         self._committing -= len(items)
         self._held = held
         self.stats.spooled += len(ids)
+        self._last_id = max(self._last_id, *ids)
         for it, entry_id in zip(items, ids, strict=True):
-            if it.message.retain and self._retained.get(it.message.topic) is it:
-                self._retained[it.message.topic] = entry_id
+            if it.message.retain:
+                self._spooled_retained.add(it.message.topic)
+                if self._retained.get(it.message.topic) is it:
+                    self._retained[it.message.topic] = entry_id
             it.resolve()
         self._spooled_wake.set()
 
@@ -461,12 +493,31 @@ class Outbox:
 
     async def _housekeeping(self) -> None:
         while True:
+            self._spill_stalled(time.monotonic() - LIVE_WAIT_MAX)
             try:
                 await self._call(self.buffer.expire, self._clock())
                 self._held = (await self._refresh()).count
             except SinkError as exc:
                 log.error("sink %s: %s", self.sink.name, exc)
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+
+    def _spill_stalled(self, cutoff: float) -> None:
+        """Spool the waited-on messages the connected broker has left unacknowledged since before `cutoff`."""
+        stalled = [it for it in self._handed if it.fut is not None and it.since < cutoff and not it.settled]
+        if any(it.fut is not None and it.since < cutoff for it in self._queue):
+            keep: collections.deque[_Item] = collections.deque()
+            for it in self._queue:
+                (stalled if it.fut is not None and it.since < cutoff else keep).append(it)
+            self._queue = keep
+        if stalled:
+            log.warning(
+                "sink %s: broker has not acknowledged %d message(s) for %.0f s: spooled",
+                self.sink.name,
+                len(stalled),
+                LIVE_WAIT_MAX,
+            )
+            for it in stalled:
+                self._spool(it)  # one still with paho may arrive twice: at least once
 
     async def _refresh(self) -> BufferStats:
         st = await self._call(self.buffer.stats)

@@ -232,6 +232,14 @@ class SQLiteSpool:
             rows = self._read("SELECT topic, MAX(id) FROM messages WHERE retain = 1 GROUP BY topic", ())
             return {topic: entry_id for topic, entry_id in rows}
 
+    def forget_retained(self, topic: str, through_id: int) -> int:
+        """Remove the retained entries of `topic` up to `through_id`."""
+        with self._lock:
+            self._check_open()
+            rows = self._read("SELECT id FROM messages WHERE retain = 1 AND topic = ? AND id <= ?", (topic, through_id))
+            self.accept(row[0] for row in rows)
+            return len(rows)
+
     def close(self) -> None:
         """Checkpoint (leaving one file behind), close the database and release the file lock."""
         with self._lock:
