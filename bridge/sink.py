@@ -45,6 +45,7 @@ class SinkStats:
     connects: int = 0
     disconnects: int = 0
     received: int = 0
+    retained_requests: int = 0  # set/cmd requests found retained on the broker: ignored
 
 
 class MqttSink:
@@ -276,6 +277,14 @@ class MqttSink:
         if client is not self._client:
             return
         self.stats.received += 1
+        if msg.retain:
+            # A request left retained on the broker would be carried out again at every (re)subscribe.
+            self.stats.retained_requests += 1
+            if self.stats.retained_requests == 1:
+                log.warning(
+                    "sink %s: ignoring a retained request on %s (publish requests without retain)", self.name, msg.topic
+                )
+            return
         if self._on_request and msg.topic.startswith(self.prefix + "/"):
             self._on_request(msg.topic[len(self.prefix) + 1 :], bytes(msg.payload))
 

@@ -168,6 +168,9 @@ class Router:
         """
         loop = asyncio.get_running_loop()
         try:
+            if sample.device not in self.devices or not self.outboxes:
+                # An ACK promises the data is kept: refuse rather than ACK what nobody will store.
+                raise SinkError(f"no sink takes data from {sample.device!r} now")
             telemetry = self._route(sample)
             if telemetry is None:
                 done: asyncio.Future[Any] = loop.create_future()

@@ -107,9 +107,9 @@ class Subscriber:
         assert isinstance(result, Received)
         return result
 
-    def publish(self, topic: str, payload: bytes | str) -> None:
+    def publish(self, topic: str, payload: bytes | str, *, retain: bool = False) -> None:
         """Publish with QoS 1 (as a dashboard would); does not wait, so it is safe on the broker's loop."""
-        self.client.publish(topic, payload, qos=1)
+        self.client.publish(topic, payload, qos=1, retain=retain)
 
     async def request(self, topic: str, payload: bytes | str, timeout: float = 10.0) -> Received:
         """Publish a request and return the first `<topic>/result` that follows it."""

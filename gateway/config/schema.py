@@ -418,7 +418,7 @@ class Config(Model):
 
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     broker: BrokerSection = Field(default_factory=BrokerSection)
-    northbound: list[SinkConfig] = Field(default_factory=lambda: [SinkConfig(name="local")])
+    northbound: list[SinkConfig] = Field(default_factory=lambda: [SinkConfig(name="local")], min_length=1)
     modbus: ModbusConfig = Field(default_factory=ModbusConfig)
     mcp: McpSection | None = None
     homeassistant: HomeAssistantSection = Field(default_factory=HomeAssistantSection)

@@ -229,6 +229,21 @@ async def test_subscribed_requests_reach_on_request_with_the_relative_topic(
         assert sink.stats.received == 2
 
 
+async def test_a_retained_request_is_not_carried_out_again_at_every_subscribe(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    got: list[str] = []
+    # Left retained on the broker before the gateway subscribes (a dashboard's mistake).
+    await asyncio.to_thread(sub.publish, f"{P}/boiler/set/sp", b"99", retain=True)
+    await sub.wait_for(lambda ms: any(m.topic == f"{P}/boiler/set/sp" for m in ms))
+    async with running(port, subscriptions=("+/set/+",), on_request=lambda t, _p: got.append(t)) as sink:
+        await connected(sink, sub)
+        await asyncio.to_thread(sub.publish, f"{P}/boiler/set/sp", b"12.5")  # a live request still works
+        await sub.wait_for(lambda _: len(got) >= 1)
+        await asyncio.sleep(0.2)
+        assert got == ["boiler/set/sp"] and sink.stats.retained_requests >= 1  # amqtt may send it twice
+
+
 # --- broker away and back ----------------------------------------------------------------------
 
 

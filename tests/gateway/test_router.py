@@ -10,6 +10,7 @@ import pytest
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
+from gateway.errors import SinkError
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.types import DeviceState, Sample, Value
 
@@ -126,3 +127,12 @@ async def test_requests_for_devices_that_cannot_take_them(routed: tuple[Router, 
 def test_json_payloads_are_compact_and_never_invalid() -> None:
     assert encode_json({"a": 1.5, "b": float("nan"), "c": float("inf")}) == b'{"a":1.5,"b":null,"c":null}'
     assert encode_json("°C") == '"°C"'.encode()
+
+
+async def test_deliver_refuses_what_no_sink_would_keep() -> None:
+    # An MCP ACK promises the data is kept: a device the router does not know (yet), or no sink at all, is a NACK.
+    router = Router([], [DeviceProfile("d", every_sample=True)])
+    for device in ("d", "stranger"):
+        fut = router.deliver(Sample(device, 1, {"v": 1}))
+        with pytest.raises(SinkError, match="no sink takes data"):
+            await fut
