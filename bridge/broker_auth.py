@@ -285,7 +285,13 @@ class UsersAuthPlugin(BaseAuthPlugin):
         ok = await asyncio.to_thread(_verify, password, hashed)
         if not ok:
             log.info("broker login refused for user %r (client %r)", user, session.client_id)
-        return ok
+            return False
+        # amqtt publishes (and retains) a last will without any topic check: a will is a publish, so it must
+        # be one the user may make, or a read-only user could plant a `set` request or a fake retained value.
+        if session.will_flag and session.will_topic and not self._auth.access(user).may_write(session.will_topic):
+            log.warning("broker login refused for user %r: may not publish its will on %s", user, session.will_topic)
+            return False
+        return True
 
 
 class TopicAclPlugin(BaseTopicPlugin):

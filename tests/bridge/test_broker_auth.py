@@ -313,6 +313,25 @@ async def test_an_acl_limits_each_user_to_its_topics(users: Path) -> None:
         assert {t for t, _ in bob.messages} == {"fg/t1/plc/telemetry"}
 
 
+async def test_a_will_is_a_publish_and_needs_the_same_right(users: Path) -> None:
+    acl = {
+        "alice": Access(read=("fg/t1/#",), write=("fg/t1/+/set/+",)),
+        "bob": Access(read=("fg/t1/+/telemetry",)),
+    }
+    async with broker(auth_for(users, acl)) as port, connected(port, INTERNAL_USER, SECRET) as gateway:
+        assert await asyncio.to_thread(gateway.subscribe, "#")
+        # amqtt would publish (and retain) a will unchecked: bob, who may write nothing, could set a point with one.
+        sneaky = Client(port, "bob", "pw-b")
+        sneaky.c.will_set("fg/t1/plc/set/sp", b"666", qos=1, retain=True)
+        assert not await asyncio.to_thread(sneaky.connect)
+        allowed = Client(port, "alice", "pw-a")
+        allowed.c.will_set("fg/t1/plc/set/sp", b"7", qos=1)
+        assert await asyncio.to_thread(allowed.connect)  # a will within the user's rights is fine
+        await asyncio.to_thread(allowed.close)
+        await asyncio.sleep(0.3)
+        assert b"666" not in gateway.on("fg/t1/plc/set/sp")
+
+
 async def test_a_session_taken_over_by_client_id_gets_only_what_its_new_user_may_read(users: Path) -> None:
     """amqtt hands a persistent session, subscriptions and all, to whoever connects with its client id."""
     acl = {"alice": Access(read=("#",)), "bob": Access(read=("fg/t1/+/telemetry",))}
