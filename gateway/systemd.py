@@ -156,7 +156,7 @@ def line_alive(bus: ModbusBus) -> Check:
 
     def check(now: float) -> str | None:
         idle = now - bus.alive_at
-        if idle <= bus.alive_limit:
+        if idle <= bus.alive_limit or bus.stopping:  # a line being stopped (a reload) is not stuck
             return None
         return (
             f"modbus line {bus.name} ({bus.cfg.port}) has not moved for {idle:.1f} s "

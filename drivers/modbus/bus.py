@@ -110,8 +110,8 @@ class ModbusBus:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_end = 0.0
-        # After a failed transaction the line is left to settle: a late answer must not meet the next request.
-        self._settle_until = 0.0
+        # unit -> until when its next request must wait: a late answer must not meet a different request.
+        self._settle_until: dict[int, float] = {}
         self._reopen_backoff = 1.0
         self._reopen_at = 0.0
         self._logged: set[tuple[str, str, str]] = set()
@@ -124,6 +124,11 @@ class ModbusBus:
     def name(self) -> str:
         """The line's name."""
         return self.cfg.name
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called: the line is going away, not stuck."""
+        return self._stopping
 
     @property
     def running(self) -> bool:
@@ -140,7 +145,8 @@ class ModbusBus:
             for p in device.points.values():
                 if p.writable:
                     longest = max(longest, device.timeout(p.table, p.codec.count, write=True))
-        return longest
+        # The silence kept before a request is a step too (a settle after a failure is at most one timeout).
+        return max(longest, self._gap)
 
     async def start(self) -> None:
         """Start the line's task; the port is opened (and reopened) by the task itself."""
@@ -323,6 +329,7 @@ class ModbusBus:
     async def _transact(self, device: Device, request: ReadRequest, *, retries: int) -> list[int] | list[bool]:
         timeout = device.timeout(request.table, request.count)
         last: DeviceError | None = None
+        await self._settled(device.unit)
         for _ in range(retries + 1):
             await self._quiet_gap()
             started = time.monotonic()
@@ -333,13 +340,17 @@ class ModbusBus:
                 last = exc
                 if isinstance(exc, BusUnavailable | DeviceException):
                     raise
-                self._settle(timeout)
+                self._settle(device.unit, timeout)
                 continue
             finally:
                 self._last_end = self.alive_at = time.monotonic()
                 self.stats.transactions += 1
                 device.stats.transactions += 1
             device.stats.observe_response(self._last_end - started)
+            if last is not None:
+                # A retry answered, maybe by the late answer to the attempt before: its own answer may still
+                # come, as late as a failed attempt's could (one timeout past the timeout).
+                self._settle_until[device.unit] = started + 2 * timeout
             req, resp = budget.transaction_bytes(request.table, request.count)
             self.stats.wire_seconds += budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
             return data
@@ -348,17 +359,25 @@ class ModbusBus:
 
     async def _quiet_gap(self) -> None:
         # Real RS-485 slaves need silence between frames; pymodbus does not enforce it.
-        wait = max(self._last_end + self._gap, self._settle_until) - time.monotonic()
+        wait = self._last_end + self._gap - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
             self.alive_at = time.monotonic()
 
-    def _settle(self, timeout: float) -> None:
-        """After a timeout or a garbled answer, keep the line quiet for one more response timeout (as libmodbus
-        does): a device that answers late then answers into no request — pymodbus drops an answer nobody waits
-        for — instead of into the next one, where the same unit, function and length would pass it as the
-        answer to a different read."""
-        self._settle_until = time.monotonic() + timeout
+    def _settle(self, unit: int, timeout: float) -> None:
+        """After a timeout or a garbled answer from `unit`, its next *other* request waits one more response
+        timeout (libmodbus does this line-wide): an answer the unit sends late then arrives while nothing waits
+        for it and pymodbus drops it, instead of arriving during that request, where the same unit, function
+        and length would pass it as the answer to a different read. A retry of the same request needs no wait
+        (the late answer is its answer), nor does another unit (pymodbus refuses an answer from the wrong unit),
+        and a dead unit's next poll or probe usually comes after the wait is over anyway."""
+        self._settle_until[unit] = time.monotonic() + timeout
+
+    async def _settled(self, unit: int) -> None:
+        wait = self._settle_until.pop(unit, 0.0) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+            self.alive_at = time.monotonic()
 
     def _count(self, device: Device, exc: DeviceError) -> None:
         if isinstance(exc, DeviceException):
@@ -378,13 +397,14 @@ class ModbusBus:
         device, point, words = pending.device, pending.point, pending.words
         device.stats.writes += 1
         timeout = device.timeout(point.table, len(words), write=True)
+        await self._settled(device.unit)
         await self._quiet_gap()
         try:
             await self._link.write(point.table, device.unit, point.address, words, timeout)
         except DeviceError as exc:
             self._count(device, exc)
             if not isinstance(exc, BusUnavailable | DeviceException):
-                self._settle(timeout)
+                self._settle(device.unit, timeout)
             return WriteResult(ok=False, error=str(exc))
         finally:
             self._last_end = self.alive_at = time.monotonic()
