@@ -32,7 +32,7 @@ from gateway.http import HttpServer
 from gateway.reload import ConfigDiff, diff
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
 from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
-from gateway.systemd import ServiceNotifier
+from gateway.systemd import ServiceNotifier, line_alive
 from gateway.types import DeviceState, Message, Sample
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,25 @@ class Gateway:
         if self.router is not None and outbox is not None:
             self.discovery.publish(outbox, sink)
             self.router.republish(outbox)
+
+    @property
+    def reloading(self) -> bool:
+        """True while a config reload is being applied (lines and sinks may be stopped and rebuilt)."""
+        return self._reload_lock.locked()
+
+    def problems(self) -> list[str]:
+        """Why the gateway is not healthy now (for /healthz and the systemd watchdog): a sink's outbox that is not
+        running, a Modbus line whose task ended or that has not moved for longer than any healthy step takes."""
+        out = [f"sink {o.sink.name}: {why}" for o in self.outboxes if (why := o.health())]
+        now = time.monotonic()
+        for bus in self.buses:
+            if bus.stopping:
+                continue  # going away (a reload), not stuck
+            if not bus.running:
+                out.append(f"modbus line {bus.name}: its task has ended")
+            elif stuck := line_alive(bus)(now):
+                out.append(stuck)
+        return out
 
     def metrics(self) -> dict[str, object]:
         """Counters and gauges of every part, as published on `P/metrics`."""

@@ -305,16 +305,8 @@ class HttpServer:
         )
 
     def problems(self) -> list[str]:
-        """Why the gateway is not healthy: a sink's outbox or a Modbus line whose task has ended."""
-        out = []
-        for outbox in self.gateway.outboxes:
-            why = outbox.health()
-            if why:
-                out.append(f"sink {outbox.sink.name}: {why}")
-        for bus in self.gateway.buses:
-            if not bus.running:
-                out.append(f"modbus line {bus.name}: its task has ended")
-        return out
+        """Why the gateway is not healthy (the same view the systemd watchdog has)."""
+        return self.gateway.problems()
 
 
 # --- the status page --------------------------------------------------------------------------------

@@ -151,6 +151,19 @@ class Watchdog:
             self.pings += 1
 
 
+def gateway_healthy(gw: Gateway) -> Check:
+    """A check that fails with the gateway's first problem (a stuck or ended line, a sink's outbox not running);
+    skipped while a reload rebuilds lines and sinks."""
+
+    def check(now: float) -> str | None:
+        if gw.reloading:
+            return None
+        problems = gw.problems()
+        return problems[0] if problems else None
+
+    return check
+
+
 def line_alive(bus: ModbusBus) -> Check:
     """A check that fails when a Modbus line's task has not moved for longer than any healthy step takes."""
 
@@ -213,7 +226,7 @@ class ServiceNotifier:
         self._status = asyncio.create_task(self._status_loop(), name="systemd:status")
         interval = watchdog_interval()
         if interval is not None:
-            self.watchdog = Watchdog(interval, [line_alive(b) for b in self.gw.buses])
+            self.watchdog = Watchdog(interval, [gateway_healthy(self.gw)])
             self.watchdog.start()
             log.info(
                 "systemd watchdog: a ping every %.1f s while the event loop and %s make progress",
@@ -228,9 +241,6 @@ class ServiceNotifier:
 
     def reloaded(self) -> None:
         """READY=1 again after a reload, refused or not; the watchdog now watches the lines that run now."""
-        if self.watchdog is not None:
-            # A stopped line never moves again: left in the checks, it would have the gateway restarted.
-            self.watchdog.checks = [line_alive(b) for b in self.gw.buses]
         ready(status_line(self.gw))
 
     async def stopping(self) -> None:

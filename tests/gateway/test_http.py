@@ -259,6 +259,14 @@ async def test_healthz_is_ok_until_a_task_dies(web: Web) -> None:
     assert (status, body) == (503, "sink local: outbox:local:replay ended\nmodbus line rs485: its task has ended\n")
 
 
+async def test_healthz_reports_a_line_stuck_in_io_as_the_watchdog_sees_it(web: Web) -> None:
+    assert (await get(web, "/healthz"))[0] == 200
+    bus = web.gw.buses[0]
+    bus.alive_at -= bus.alive_limit + 5  # as if its task had hung in a read for that long
+    status, _, body = await get(web, "/healthz")
+    assert status == 503 and "modbus line rs485" in body and "stuck in I/O" in body
+
+
 # --- the status page ------------------------------------------------------------------------------------
 
 
