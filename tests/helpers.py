@@ -9,10 +9,12 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.types import DeviceState, Sample
 
 
 def free_port() -> int:
@@ -181,3 +183,17 @@ async def subscribed(port: int, *topics: str) -> AsyncIterator[Subscriber]:
         yield sub
     finally:
         await asyncio.to_thread(sub.stop)
+
+
+@dataclass
+class Recorder:
+    """Collects what a bus reports."""
+
+    samples: list[Sample] = field(default_factory=list)
+    states: list[DeviceState] = field(default_factory=list)
+
+    def sample(self, s: Sample) -> None:
+        self.samples.append(s)
+
+    def state(self, s: DeviceState) -> None:
+        self.states.append(s)

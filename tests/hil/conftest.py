@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,9 @@ from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
 from gateway.config import parse_config
 from gateway.config.schema import BusConfig
-from gateway.types import DeviceState, Sample
 from hil.line import Faults, Rs485Line
+
+from helpers import Recorder
 
 
 def bus_config(devices_yaml: str, **bus: object) -> BusConfig:
@@ -37,20 +38,6 @@ modbus:
 def known_value(unit: int, address: int) -> int:
     """The constant a simulated holding register holds: distinct per unit and address."""
     return (unit * 1000 + address) & 0xFFFF
-
-
-@dataclass
-class Recorder:
-    """Collects what a bus reports."""
-
-    samples: list[Sample] = field(default_factory=list)
-    states: list[DeviceState] = field(default_factory=list)
-
-    def sample(self, s: Sample) -> None:
-        self.samples.append(s)
-
-    def state(self, s: DeviceState) -> None:
-        self.states.append(s)
 
 
 @dataclass

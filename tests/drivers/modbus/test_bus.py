@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,9 @@ from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from gateway.config import parse_config
 from gateway.config.schema import BusConfig
 from gateway.errors import BusUnavailable, DeviceException, DeviceTimeout
-from gateway.types import DeviceState, Sample, Write
+from gateway.types import Write
+
+from helpers import Recorder
 
 
 def bus_config(devices_yaml: str, **bus: object) -> BusConfig:
@@ -33,20 +35,6 @@ modbus:
 {devices_yaml}
 """
     return parse_config(text).config.modbus.buses[0]
-
-
-@dataclass
-class Recorder:
-    """Collects what a bus reports."""
-
-    samples: list[Sample] = field(default_factory=list)
-    states: list[DeviceState] = field(default_factory=list)
-
-    def sample(self, s: Sample) -> None:
-        self.samples.append(s)
-
-    def state(self, s: DeviceState) -> None:
-        self.states.append(s)
 
 
 @dataclass
