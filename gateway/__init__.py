@@ -1,3 +1,3 @@
 """Fieldgate: the process that joins field drivers to northbound sinks."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
