@@ -336,6 +336,7 @@ class ModbusBus:
             try:
                 data = await self._link.read(request.table, device.unit, request.address, request.count, timeout)
             except DeviceError as exc:
+                self._finished(device)
                 self._count(device, exc)
                 last = exc
                 if isinstance(exc, BusUnavailable | DeviceException):
@@ -344,8 +345,7 @@ class ModbusBus:
                 continue
             finally:
                 self._last_end = self.alive_at = time.monotonic()
-                self.stats.transactions += 1
-                device.stats.transactions += 1
+            self._finished(device)
             device.stats.observe_response(self._last_end - started)
             if last is not None:
                 # A retry answered, maybe by the late answer to the attempt before: its own answer may still
@@ -356,6 +356,11 @@ class ModbusBus:
             return data
         assert last is not None
         raise last
+
+    def _finished(self, device: Device) -> None:
+        # A transaction counts once it ended (answered or failed); one cut short by stop() does not.
+        self.stats.transactions += 1
+        device.stats.transactions += 1
 
     async def _quiet_gap(self) -> None:
         # Real RS-485 slaves need silence between frames; pymodbus does not enforce it.
