@@ -70,7 +70,6 @@ class Gateway:
         self.broker: EmbeddedBroker | BrokerProcess | None = None
         self.sinks: list[MqttSink] = []
         self.outboxes: list[Outbox] = []
-        self._outbox_of: dict[str, Outbox] = {}  # by sink name; sinks look theirs up late (see _request)
         self.buses: list[ModbusBus] = []
         self.mcp: McpServer | None = None
         self.router: Router | None = None
@@ -139,7 +138,6 @@ class Gateway:
             sink, outbox = self._build_sink(self.cfg, s)
             self.sinks.append(sink)
             self.outboxes.append(outbox)
-            self._outbox_of[s.name] = outbox
 
     def _build_sink(self, cfg: Config, s: SinkConfig) -> tuple[MqttSink, Outbox]:
         """The MQTT sink of one `northbound` entry and its outbox on the sink's spool file."""
@@ -268,13 +266,16 @@ class Gateway:
 
     # Sinks are built before their outboxes and the router exist, so they look them up late (and a
     # sink that a reload replaced or removed may still deliver a request: it goes to its successor or nowhere).
+    def _outbox(self, sink: str) -> Outbox | None:
+        return next((o for o in self.outboxes if o.sink.name == sink), None)
+
     def _request(self, sink: str, topic: str, payload: bytes) -> None:
-        outbox = self._outbox_of.get(sink)
+        outbox = self._outbox(sink)
         if self.router is not None and outbox is not None:
             self.router.on_request(outbox, topic, payload)
 
     async def _reconnected(self, sink: str) -> None:
-        outbox = self._outbox_of.get(sink)
+        outbox = self._outbox(sink)
         if self.router is not None and outbox is not None:
             self.discovery.publish(outbox, sink)
             self.router.republish(outbox)
@@ -441,7 +442,7 @@ class Gateway:
         fresh = [self._build_bus(b) for b in new.modbus.buses if b.name not in running]
         self.buses[:] = [running.get(b.name) or next(f for f in fresh if f.name == b.name) for b in new.modbus.buses]
         # Removed and changed sinks publish what they can while live data still flows to them.
-        leaving = [self._outbox_of[n] for n in changes.sinks.removed + changes.sinks.changed]
+        leaving = [o for o in self.outboxes if o.sink.name in changes.sinks.removed + changes.sinks.changed]
         await asyncio.gather(*(o.flush(RELOAD_FLUSH_TIMEOUT) for o in leaving))
         old_sinks = [self.sinks[self.outboxes.index(o)] for o in leaving]
         started: list[tuple[MqttSink, Outbox]] = []
@@ -472,7 +473,7 @@ class Gateway:
     async def _swap_sinks(self, new: Config, changes: ConfigDiff) -> list[tuple[MqttSink, Outbox]]:
         """Stop the removed and changed sinks' outboxes (spooling what they hold) and build the new ones."""
         for name in changes.sinks.removed + changes.sinks.changed:
-            outbox = self._outbox_of.pop(name)
+            outbox = next(o for o in self.outboxes if o.sink.name == name)
             # Out of every list first: nothing may submit to an outbox once it is stopping.
             i = self.outboxes.index(outbox)
             del self.outboxes[i], self.sinks[i]
@@ -488,7 +489,6 @@ class Gateway:
                 sink, outbox = self._build_sink(new, s)
                 self.sinks.append(sink)
                 self.outboxes.append(outbox)
-                self._outbox_of[s.name] = outbox
                 started.append((sink, outbox))
         return started
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,11 @@ BOILER = (
 )
 PUMP = "{name: pump, unit: 2, poll: 100ms, points: [{name: level, table: holding, address: 5}]}"
 METER = "{name: meter, unit: 1, poll: 100ms, full_every: 200ms, points: [{name: kwh, table: holding, address: 0}]}"
+
+
+def outbox_of(gw: Gateway, sink: str) -> Any:
+    """The outbox of the sink of that name, or None."""
+    return next((o for o in gw.outboxes if o.sink.name == sink), None)
 
 
 def config(
@@ -192,24 +198,24 @@ async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
     try:
         # Upstream away: the sink spools.
         deadline = time.monotonic() + 10
-        while gw._outbox_of["up"].backlog < 5:
-            assert time.monotonic() < deadline, gw._outbox_of["up"].figures()
+        while outbox_of(gw, "up").backlog < 5:
+            assert time.monotonic() < deadline, outbox_of(gw, "up").figures()
             await asyncio.sleep(0.1)
 
         # Changed (keepalive): rebuilt on the same spool file, which it takes over whole.
-        held = gw._outbox_of["up"].backlog
-        old = gw._outbox_of["up"]
+        held = outbox_of(gw, "up").backlog
+        old = outbox_of(gw, "up")
         path.write_text(config(port, [BOILER], sinks=("{name: local}", up.replace("5s", "6s"))))
         assert await gw.reload()
-        assert gw._outbox_of["up"] is not old and old.health() == "stopped"
-        assert gw._outbox_of["up"].backlog >= held
+        assert outbox_of(gw, "up") is not old and old.health() == "stopped"
+        assert outbox_of(gw, "up").backlog >= held
         assert len(gw.sinks) == len(gw.outboxes) == 2
 
         # Removed: its outbox stops, the spool stays on disk with what it holds.
         path.write_text(config(port, [BOILER]))
         removed_ms = time.time() * 1000
         assert await gw.reload()
-        assert "up" not in gw._outbox_of and [s.name for s in gw.sinks] == ["local"]
+        assert outbox_of(gw, "up") is None and [s.name for s in gw.sinks] == ["local"]
         assert "sink up removed: its spool" in caplog.text and "is kept with" in caplog.text
         spool_file = tmp_path / "state" / "spool" / "up.sqlite"
         spool = SQLiteSpool(spool_file)
@@ -230,8 +236,8 @@ async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
 
             await upstream.wait_for(spooled, timeout=20)
         deadline = time.monotonic() + 20
-        while gw._outbox_of["up"].backlog:
-            assert time.monotonic() < deadline, gw._outbox_of["up"].figures()
+        while outbox_of(gw, "up").backlog:
+            assert time.monotonic() < deadline, outbox_of(gw, "up").figures()
             await asyncio.sleep(0.1)
     finally:
         await gw.stop()
