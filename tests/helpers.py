@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -197,3 +201,50 @@ class Recorder:
 
     def state(self, s: DeviceState) -> None:
         self.states.append(s)
+
+
+class GatewayProcess:
+    """`python -m gateway ARGS` as a process of its own, its output in `log`; a context manager that stops it with
+    SIGTERM (SIGKILL after `stop_timeout`) if it still runs at the end."""
+
+    def __init__(
+        self, args: list[str], log: Path, *, cwd: Path, env: dict[str, str] | None = None, stop_timeout: float = 15.0
+    ) -> None:
+        self.log = log
+        self.stop_timeout = stop_timeout
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def output(self) -> str:
+        """What it wrote so far."""
+        return self.log.read_text(errors="replace")
+
+    async def logged(self, text: str, timeout: float = 20.0) -> None:
+        """Wait until `text` appears in its output (failing at once if it exits)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None, self.output()
+            assert time.monotonic() < deadline, f"never logged {text!r}:\n" + self.output()
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; its exit code (a kill raises TimeoutError)."""
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise TimeoutError(f"the gateway did not stop within {self.stop_timeout:g} s") from None
+
+    def __enter__(self) -> GatewayProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(TimeoutError):
+                self.stop()

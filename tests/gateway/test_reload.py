@@ -7,8 +7,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.reload import diff
 
-from helpers import Subscriber, free_port, subscribed
+from helpers import GatewayProcess, Subscriber, free_port, subscribed
 from mcp_peer import RawPeer
 from mosquitto import Mosquitto
 
@@ -378,23 +376,9 @@ async def test_sighup_to_a_running_gateway_reloads_it(tmp_path: Path) -> None:
     path.write_text(config(port, [BOILER]))
     log_path = tmp_path / "stderr.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(path)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    gw = GatewayProcess(["run", "-c", str(path)], log_path, cwd=tmp_path, env=env)
+    proc, logged = gw.proc, gw.logged
     try:
-
-        async def logged(text: str) -> None:
-            deadline = time.monotonic() + 20
-            while text not in log_path.read_text(errors="replace"):
-                assert proc.poll() is None, log_path.read_text(errors="replace")
-                assert time.monotonic() < deadline, f"never logged {text!r}:\n" + log_path.read_text(errors="replace")
-                await asyncio.sleep(0.05)
-
         await logged("fieldgate t1 up")
         async with subscribed(port) as sub:
             await sub.next_on("fieldgate/t1/boiler/telemetry", timeout=20)
@@ -410,11 +394,5 @@ async def test_sighup_to_a_running_gateway_reloads_it(tmp_path: Path) -> None:
             await sub.next_on("fieldgate/t1/boiler/telemetry", after=time.monotonic())
             assert proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+        code = gw.stop()
     assert code == 0, log_path.read_text(errors="replace")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import pytest
 from drivers.mcp.codec import FrameType
 from gateway.cli import main
 
-from helpers import free_port
+from helpers import GatewayProcess, free_port
 from mcp_peer import RawPeer
 
 ROOT = Path(__file__).parents[2]
@@ -125,23 +122,9 @@ async def test_a_running_gateway_logs_no_secret_even_at_debug(tmp_path: Path) ->
     path, _, mcp = write_config(tmp_path)
     log_path = tmp_path / "stderr.log"
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--debug", "run", "-c", str(path)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    gw = GatewayProcess(["--debug", "run", "-c", str(path)], log_path, cwd=tmp_path, env=env)
+    logged = gw.logged
     try:
-
-        async def logged(text: str) -> None:
-            deadline = time.monotonic() + 20
-            while text not in log_path.read_text(errors="replace"):
-                assert proc.poll() is None, log_path.read_text(errors="replace")
-                assert time.monotonic() < deadline, f"never logged {text!r}:\n" + log_path.read_text(errors="replace")
-                await asyncio.sleep(0.05)
-
         # Up: the sink logged in with the password, the simulated device with the token.
         await logged("sink local: connected")
         await logged("mcp pump-1: online")
@@ -154,12 +137,8 @@ async def test_a_running_gateway_logs_no_secret_even_at_debug(tmp_path: Path) ->
             peer.close()
         await logged("authentication failed for 'nobody'")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(TimeoutError):
+            gw.stop()
     out = log_path.read_text(errors="replace")
     assert " DEBUG " in out  # the test ran at DEBUG, or it proves little
     assert leaks(out) == [], out

@@ -19,7 +19,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.types import Message
 
-from helpers import Received, Subscriber, free_port, subscribed
+from helpers import GatewayProcess, Received, Subscriber, free_port, subscribed
 from mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -469,20 +468,8 @@ def spool_rows(path: Path) -> list[tuple[str, int]]:
 @contextlib.contextmanager
 def gateway_process(setup: Setup, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`fieldgate run -c config` as its own process; SIGTERM (then SIGKILL) at the end if still alive."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(setup.path)], cwd=ROOT, stdout=out, stderr=out
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with GatewayProcess(["run", "-c", str(setup.path)], log, cwd=ROOT, stop_timeout=10) as gw:
+        yield gw.proc
 
 
 async def test_kill_9_during_an_outage_loses_nothing_acked_or_spooled(tmp_path: Path, mosquitto: Mosquitto) -> None:
