@@ -7,6 +7,7 @@ with the third-party imports, which come first). Linux only (/proc).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -84,6 +85,36 @@ def print_header(title: str, versions: Mapping[str, str], details: Sequence[str]
 def run_summary(started: float, averages: int = 3) -> str:
     """The report's last line: the run time since `started` (time.monotonic()) and the load average at the end."""
     return f"total run time {time.monotonic() - started:.0f} s; load average at end {loadavg(averages)}"
+
+
+# --- headline figures for `make bench` ----------------------------------------------------------------
+
+#: When set, record() appends each headline figure to this file (JSON lines); hil/bench/suite.py reads it.
+RESULTS_ENV = "FIELDGATE_BENCH_RESULTS"
+
+
+def record(
+    bench: str,
+    figure: str,
+    value: float,
+    unit: str = "",
+    *,
+    ratio: float | None = None,
+    versus: str = "",
+    goal: float | None = None,
+) -> None:
+    """Hand one headline figure to the suite's table (a no-op when the script runs on its own).
+
+    `value` in `unit`; `ratio` is value over a reference measured in the same run, named by `versus`
+    (e.g. "line limit 150 tx/s"); `goal` is the least ratio aimed for.
+    """
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    row = {"bench": bench, "figure": figure, "value": value, "unit": unit, "ratio": ratio, "versus": versus}
+    row["goal"] = goal
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 # --- tables and lines -------------------------------------------------------------------------------
