@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -100,7 +100,7 @@ class ModbusLink:
             "coil": c.read_coils,
             "discrete": c.read_discrete_inputs,
         }[table]
-        response = await self._execute(call(address, count=count, device_id=unit), unit, timeout)
+        response = await self._execute(lambda: call(address, count=count, device_id=unit), unit, timeout)
         if table in ("coil", "discrete"):
             return list(response.bits[:count])
         if len(response.registers) != count:
@@ -112,20 +112,19 @@ class ModbusLink:
     ) -> None:
         """One write transaction, single or multiple as the value count requires."""
         c = self._client
+        op: Callable[[], Awaitable[ModbusPDU]]
         if table == "coil":
             bits = [bool(v) for v in values]
-            op = (
-                c.write_coil(address, bits[0], device_id=unit)
-                if len(bits) == 1
-                else c.write_coils(address, bits, device_id=unit)
-            )
+            if len(bits) == 1:
+                op = lambda: c.write_coil(address, bits[0], device_id=unit)  # noqa: E731
+            else:
+                op = lambda: c.write_coils(address, bits, device_id=unit)  # noqa: E731
         elif table == "holding":
             regs = [int(v) for v in values]
-            op = (
-                c.write_register(address, regs[0], device_id=unit)
-                if len(regs) == 1
-                else c.write_registers(address, regs, device_id=unit)
-            )
+            if len(regs) == 1:
+                op = lambda: c.write_register(address, regs[0], device_id=unit)  # noqa: E731
+            else:
+                op = lambda: c.write_registers(address, regs, device_id=unit)  # noqa: E731
         else:
             raise ProtocolError(f"the {table} table cannot be written")
         await self._execute(op, unit, timeout)
@@ -135,12 +134,13 @@ class ModbusLink:
             self._rx_seen = True
         return data
 
-    async def _execute(self, op, unit: int, timeout: float) -> ModbusPDU:  # type: ignore[no-untyped-def]
+    async def _execute(self, op: Callable[[], Awaitable[ModbusPDU]], unit: int, timeout: float) -> ModbusPDU:
         # pymodbus reads its response timeout from these params at each request.
         self._client.ctx.comm_params.timeout_connect = timeout
         self._rx_seen = False
         try:
-            response: ModbusPDU = await op
+            # Called in here: on a port that was lost, pymodbus raises "Not connected" at the call itself.
+            response: ModbusPDU = await op()
         except ConnectionException as exc:
             raise BusUnavailable(f"{self.port}: {exc}") from exc
         except ModbusIOException as exc:

@@ -265,6 +265,12 @@ async def test_link_maps_pymodbus_failures_to_our_errors(tmp_path: Path) -> None
         assert isinstance(timeout.value.__cause__, Exception)  # the pymodbus cause is kept
         with pytest.raises(DeviceTimeout):
             await link.read("holding", 9, 0, 1, 0.2)  # nobody there
+        # A port that went away (pymodbus raises "Not connected" at the call itself, not when awaited).
+        link.close()
+        with pytest.raises(BusUnavailable, match="Not connected"):
+            await link.read("holding", 1, 0, 1, 0.2)
+        with pytest.raises(BusUnavailable, match="Not connected"):
+            await link.write("holding", 1, 0, [7], 0.2)
     finally:
         link.close()
         await sim.stop()
