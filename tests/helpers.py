@@ -1,4 +1,4 @@
-"""Test helpers that build real parts: free ports, a recording paho subscriber."""
+"""Test helpers that build real parts: free ports, a recording paho subscriber, a gateway process, an MCP sender."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,10 +15,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from drivers.mcp.client import McpClient, McpClientError, McpNacked
 from gateway.types import DeviceState, Sample
 
 
@@ -248,3 +251,104 @@ class GatewayProcess:
         if self.proc.poll() is None:
             with contextlib.suppress(TimeoutError):
                 self.stop()
+
+
+def now_ms() -> int:
+    """Unix time in ms, as samples carry it."""
+    return time.time_ns() // 1_000_000
+
+
+def spool_rows(path: Path) -> list[tuple[str, int]]:
+    """(topic, sampled_ms) of every message in a spool file, read as it lies on disk."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [(topic, ts) for topic, ts in db.execute("SELECT topic, sampled_ms FROM messages ORDER BY id")]
+    finally:
+        db.close()
+
+
+class Sender:
+    """MCP DATA frames `{"n": k}` with strictly increasing ts, at most `depth` unanswered at once.
+
+    `depth` stays below the client's window, so frames leave in the order they were created.
+    """
+
+    def __init__(self, client: McpClient, *, interval: float = 0.02, depth: int = 8, filler: str = "") -> None:
+        self.client = client
+        self.interval = interval
+        self.depth = depth
+        self.filler = filler
+        self.sent: list[int] = []  # ts, in send order
+        self.acked: dict[int, int] = {}  # ts -> n
+        self.nacked: dict[int, McpNacked] = {}  # ts -> the NACK
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._last_ts = 0
+
+    def _next_ts(self) -> int:
+        self._last_ts = max(self._last_ts + 1, now_ms())
+        return self._last_ts
+
+    async def _one(self, ts: int, n: int) -> None:
+        values: dict[str, Any] = {"n": n}
+        if self.filler:
+            values["s"] = self.filler
+        try:
+            await self.client.send(values, ts=ts)
+        except McpNacked as exc:
+            self.nacked[ts] = exc
+        except McpClientError:
+            pass  # the client was stopped before an answer came: neither promised nor refused
+        else:
+            self.acked[ts] = n
+
+    def _spawn(self) -> asyncio.Task[None]:
+        ts = self._next_ts()
+        self.sent.append(ts)
+        task = asyncio.create_task(self._one(ts, len(self.sent)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def send(self) -> int:
+        """Send one frame and wait for its answer; its ts."""
+        task = self._spawn()
+        await task
+        return self.sent[-1]
+
+    async def burst(self, count: int) -> list[int]:
+        """Send `count` frames back to back (up to `depth` unanswered) and wait for every answer; their ts."""
+        tasks = []
+        for _ in range(count):
+            while len(self._tasks) >= self.depth:
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            tasks.append(self._spawn())
+        await asyncio.gather(*tasks)
+        return self.sent[-count:]
+
+    def start(self) -> None:
+        """Keep sending in the background until `stop`."""
+
+        async def run() -> None:
+            while True:
+                while len(self._tasks) >= self.depth:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                self._spawn()
+                await asyncio.sleep(self.interval)
+
+        self._runner = asyncio.create_task(run())
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Send no more; wait for the answers to what was sent."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+
+    @property
+    def last_acked_n(self) -> int:
+        """The value of the newest ACKed frame."""
+        return self.acked[max(self.acked)]

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -31,14 +30,14 @@ import bridge.outbox
 import bridge.sink
 import gateway.app
 from bridge.outbox import Outbox
-from drivers.mcp.client import McpClient, McpClientError, McpNacked
+from drivers.mcp.client import McpClient
 from drivers.mcp.codec import NackCode
 from drivers.sim.modbus import ModbusSimulator
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.types import Message
 
-from helpers import GatewayProcess, Received, Subscriber, free_port, subscribed
+from helpers import GatewayProcess, Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed
 from mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,99 +189,7 @@ async def eventually(condition: Callable[[], object], timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def now_ms() -> int:
-    """Unix time in ms, as samples carry it."""
-    return time.time_ns() // 1_000_000
-
-
 # --- what was promised, what arrived ---------------------------------------------------------
-
-
-class Sender:
-    """MCP DATA frames `{"n": k}` with strictly increasing ts, at most `depth` unanswered at once.
-
-    `depth` stays below the client's window, so frames leave in the order they were created.
-    """
-
-    def __init__(self, client: McpClient, *, interval: float = 0.02, depth: int = 8, filler: str = "") -> None:
-        self.client = client
-        self.interval = interval
-        self.depth = depth
-        self.filler = filler
-        self.sent: list[int] = []  # ts, in send order
-        self.acked: dict[int, int] = {}  # ts -> n
-        self.nacked: dict[int, McpNacked] = {}  # ts -> the NACK
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: asyncio.Task[None] | None = None
-        self._last_ts = 0
-
-    def _next_ts(self) -> int:
-        self._last_ts = max(self._last_ts + 1, now_ms())
-        return self._last_ts
-
-    async def _one(self, ts: int, n: int) -> None:
-        values: dict[str, Any] = {"n": n}
-        if self.filler:
-            values["s"] = self.filler
-        try:
-            await self.client.send(values, ts=ts)
-        except McpNacked as exc:
-            self.nacked[ts] = exc
-        except McpClientError:
-            pass  # the client was stopped before an answer came: neither promised nor refused
-        else:
-            self.acked[ts] = n
-
-    def _spawn(self) -> asyncio.Task[None]:
-        ts = self._next_ts()
-        self.sent.append(ts)
-        task = asyncio.create_task(self._one(ts, len(self.sent)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def send(self) -> int:
-        """Send one frame and wait for its answer; its ts."""
-        task = self._spawn()
-        await task
-        return self.sent[-1]
-
-    async def burst(self, count: int) -> list[int]:
-        """Send `count` frames back to back (up to `depth` unanswered) and wait for every answer; their ts."""
-        tasks = []
-        for _ in range(count):
-            while len(self._tasks) >= self.depth:
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            tasks.append(self._spawn())
-        await asyncio.gather(*tasks)
-        return self.sent[-count:]
-
-    def start(self) -> None:
-        """Keep sending in the background until `stop`."""
-
-        async def run() -> None:
-            while True:
-                while len(self._tasks) >= self.depth:
-                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-                self._spawn()
-                await asyncio.sleep(self.interval)
-
-        self._runner = asyncio.create_task(run())
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Send no more; wait for the answers to what was sent."""
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=timeout)
-
-    @property
-    def last_acked_n(self) -> int:
-        """The value of the newest ACKed frame."""
-        return self.acked[max(self.acked)]
 
 
 class Handed:
@@ -454,15 +361,6 @@ async def test_outage_order_strict_delivers_everything_in_ts_order_per_device(
 
 
 # --- 2. kill -9 during an outage --------------------------------------------------------------
-
-
-def spool_rows(path: Path) -> list[tuple[str, int]]:
-    """(topic, sampled_ms) of every message in a spool file, read as it lies on disk."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return [(topic, ts) for topic, ts in db.execute("SELECT topic, sampled_ms FROM messages ORDER BY id")]
-    finally:
-        db.close()
 
 
 @contextlib.contextmanager

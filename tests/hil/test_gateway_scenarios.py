@@ -1,0 +1,248 @@
+"""The whole gateway through the baud-accurate line: what reaches MQTT when the RS-485 adapter is pulled.
+
+A Gateway runs in-process with its embedded broker (values are read on MQTT), an MCP device pushing
+DATA frames, an upstream sink whose Mosquitto is down (so its spool holds messages throughout), and a
+Modbus bus whose port is the line's symlink. The adapter is pulled for UNPLUG_SECONDS (5 s here, the
+issue's 30 s with FIELDGATE_SOAK=1) and plugged back in; nobody tells the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+import bridge.sink
+from drivers.mcp.client import McpClient
+from drivers.modbus.codec import PointCodec
+from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
+from drivers.sim.waves import Wave
+from gateway.app import Gateway
+from gateway.config import load_config
+from hil.line import Rs485Line
+
+from helpers import Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed
+from mosquitto import Mosquitto
+
+SOAK = os.environ.get("FIELDGATE_SOAK") == "1"
+UNPLUG_SECONDS = 30.0 if SOAK else 5.0
+P = "fieldgate/hil"
+UNITS = (1, 2)
+REGISTERS = 4
+SECOND_VALUE = 500  # added to every register after the replug
+
+CONFIG = """
+gateway: {{id: hil, state_dir: ./state, http: null}}
+broker:
+  process: inline
+  listeners: [tcp://127.0.0.1:{broker}]
+northbound:
+  - {{name: local}}
+  - name: up
+    url: {upstream}
+    spool: {{commit_window: 50ms, replay_rate: 5000}}
+mcp:
+  listen: 127.0.0.1:{mcp}
+  devices:
+    - {{id: pump-1, token: s3cret}}
+modbus:
+  buses:
+    - name: line
+      port: {port}
+      baudrate: 19200
+      parity: N
+      devices:
+{devices}
+"""
+
+
+def first_value(unit: int, address: int) -> int:
+    """What a register holds until the replug: distinct per unit and address."""
+    return unit * 1000 + address
+
+
+def devices_yaml() -> str:
+    """The bus's devices: `d<unit>` with uint16 holding registers r0.., polled every 100 ms."""
+    out = []
+    for unit in UNITS:
+        points = "\n".join(
+            f"            - {{name: r{a}, table: holding, address: {a}, type: uint16}}" for a in range(REGISTERS)
+        )
+        out.append(
+            f"        - name: d{unit}\n          unit: {unit}\n          poll: 100ms\n          points:\n{points}"
+        )
+    return "\n".join(out)
+
+
+def slaves() -> list[SimSlave]:
+    """The slaves behind the line, holding first_value()."""
+    codec = PointCodec("uint16")
+    return [
+        SimSlave(
+            unit, [SimPoint(f"r{a}", "holding", a, codec, Wave(value=first_value(unit, a))) for a in range(REGISTERS)]
+        )
+        for unit in UNITS
+    ]
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Wait for `condition()`; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def statuses(messages: list[Received], device: str) -> list[str]:
+    """The status payloads of a device in arrival order."""
+    return [m.payload.decode() for m in messages if m.topic == f"{P}/{device}/status"]
+
+
+def wrong_values(messages: list[Received], switched_ms: int) -> list[tuple[str, int, object]]:
+    """Telemetry values the slave did not hold when they were sampled: (device, ts, values).
+
+    Before `switched_ms` a register held first_value(); from then on first_value() + SECOND_VALUE. A
+    sample is stamped when its poll cycle starts, before its reads: within half a second of the switch
+    either value is right.
+    """
+    wrong = []
+    for m in messages:
+        device = m.topic.removeprefix(f"{P}/").removesuffix("/telemetry")
+        if not m.topic.endswith("/telemetry") or not device.startswith("d"):
+            continue
+        unit = int(device[1:])
+        body = m.json()
+        assert isinstance(body, dict)
+        ts, values = body["ts"], body["values"]
+        for name, value in values.items():
+            first = first_value(unit, int(name[1:]))
+            allowed = {first} if ts < switched_ms else {first + SECOND_VALUE}
+            if abs(ts - switched_ms) < 500:
+                allowed = {first, first + SECOND_VALUE}
+            if value not in allowed:
+                wrong.append((device, ts, values))
+                break
+    return wrong
+
+
+@pytest.fixture(autouse=True)
+def prompt_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream sink retries every 0.2 s once its broker is back (the real back-off grows to 30 s)."""
+    monkeypatch.setattr(bridge.sink, "RECONNECT_MIN", 0.2)
+    monkeypatch.setattr(bridge.sink, "RECONNECT_MAX", 0.2)
+
+
+@pytest.fixture
+async def line(tmp_path: Path) -> AsyncIterator[Rs485Line]:
+    """The line at 19200 8N1 (the gateway opens the pty without parity) with its slaves running."""
+    rs485 = Rs485Line(tmp_path / "ttyUSB0", baudrate=19200, frame_format="8N1", seed=3)
+    await rs485.start()
+    sim = ModbusSimulator(rs485.device_port, slaves(), baudrate=19200)
+    await sim.start()
+    rs485.sim = sim  # type: ignore[attr-defined]
+    yield rs485
+    await sim.stop()
+    await rs485.stop()
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(UNPLUG_SECONDS + 150)
+async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and_spool_untouched(
+    tmp_path: Path, line: Rs485Line, mosquitto: Mosquitto
+) -> None:
+    mosquitto.stop()  # the upstream broker is down for the whole unplug: its spool keeps filling
+    broker, mcp = free_port(), free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        CONFIG.format(broker=broker, upstream=mosquitto.url, mcp=mcp, port=line.gateway_port, devices=devices_yaml())
+    )
+    sim: ModbusSimulator = line.sim  # type: ignore[attr-defined]
+    spool = tmp_path / "state" / "spool" / "up.sqlite"
+    gw = Gateway(load_config(config))
+    await gw.start()
+    client = McpClient("127.0.0.1", mcp, "pump-1", "s3cret", ack_timeout=3.0, backoff_start=0.1, backoff_max=0.5)
+    sender = Sender(client, interval=0.05)
+    try:
+        async with subscribed(broker, f"{P}/#") as sub:
+            await client.start()
+            assert await client.wait_connected(10), client.last_error
+            sender.start()
+            devices = [f"d{u}" for u in UNITS]
+            await until(
+                lambda: all(statuses(sub.messages, d)[-1:] == ["online"] for d in devices), 10, "devices online"
+            )
+            await until(lambda: len(spool_rows(spool)) > 20, 10, "the upstream spool to hold messages")
+
+            # Pull the adapter. The gateway finds out by itself (reads fail), marks both devices offline.
+            acked_before, spooled_before = len(sender.acked), spool_rows(spool)
+            pulled = time.monotonic()
+            line.unplug()
+            await until(
+                lambda: all(statuses(sub.messages, d)[-1:] == ["offline"] for d in devices),
+                UNPLUG_SECONDS,
+                "devices offline while the adapter is out",
+            )
+            await asyncio.sleep(max(0.0, UNPLUG_SECONDS - (time.monotonic() - pulled)))
+            # While it was out, the MCP device went on being served and the spool only grew.
+            acked_during, spooled_during = len(sender.acked) - acked_before, spool_rows(spool)
+            assert acked_during >= UNPLUG_SECONDS / 0.05 * 0.5, (acked_during, sender.nacked)
+            assert sender.nacked == {}
+            assert spooled_during[: len(spooled_before)] == spooled_before
+            assert len(spooled_during) > len(spooled_before)
+
+            line.replug()
+            plugged = time.monotonic()
+            # Back online with no help: the bus reopens the path (back-off 1, 2, 4 ... 30 s since the pull).
+            await until(
+                lambda: all(statuses(sub.messages, d)[-1:] == ["online"] for d in devices),
+                35,
+                "devices back online after the replug",
+            )
+            recovered = time.monotonic() - plugged
+            # Fresh values, not stale ones: the slaves change every register and MQTT follows.
+            switched = now_ms()
+            for unit in UNITS:
+                for a in range(REGISTERS):
+                    sim.set(unit, f"r{a}", first_value(unit, a) + SECOND_VALUE)
+            await until(
+                lambda: all(
+                    sub.on(f"{P}/d{u}/r{a}")[-1:]
+                    and sub.on(f"{P}/d{u}/r{a}")[-1].json() == first_value(u, a) + SECOND_VALUE
+                    for u in UNITS
+                    for a in range(REGISTERS)
+                ),
+                10,
+                "the new values on MQTT",
+            )
+            await sender.stop()
+            assert sender.nacked == {}
+            assert wrong_values(sub.messages, switched) == []
+            print(
+                f"unplugged {UNPLUG_SECONDS:g} s: back online {recovered:.1f} s after the replug; "
+                f"{acked_during} MCP frames ACKed while out; "
+                f"spool {len(spooled_before)} -> {len(spooled_during)} rows; "
+                f"{gw.buses[0].stats.reopen_attempts} attempts to reopen the port"
+            )
+
+        # The spool was untouched by the unplug: once upstream is back, every ACKed MCP frame arrives there.
+        mosquitto.start()
+        up = Subscriber(mosquitto.port, (f"{P}/pump-1/telemetry",))
+        up.start()
+        try:
+            acked = set(sender.acked)
+            await until(
+                lambda: acked <= {int(m.json()["ts"]) for m in up.messages},  # type: ignore[index]
+                30,
+                "every ACKed MCP frame upstream",
+            )
+        finally:
+            up.stop()
+    finally:
+        await sender.stop()
+        await client.stop()
+        await gw.stop()
