@@ -55,8 +55,9 @@ chromium:
 test: $(VENV)/.installed-test mosquitto chromium
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.installed
-	$(BIN)/python hil/bench/modbus_bench.py
+# Every benchmark, one table (hil/bench/suite.py; ~10 minutes). Full reports land in var/bench/<time>/.
+bench: $(VENV)/.installed-test mosquitto
+	$(BIN)/python hil/bench/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis

@@ -102,17 +102,19 @@ def record(
     ratio: float | None = None,
     versus: str = "",
     goal: float | None = None,
+    most: float | None = None,
 ) -> None:
     """Hand one headline figure to the suite's table (a no-op when the script runs on its own).
 
     `value` in `unit`; `ratio` is value over a reference measured in the same run, named by `versus`
-    (e.g. "line limit 150 tx/s"); `goal` is the least ratio aimed for.
+    (e.g. "line limit 150 tx/s"). The goal is on the ratio when there is one, else on the value:
+    `goal` the least it may be, `most` the most.
     """
     path = os.environ.get(RESULTS_ENV)
     if not path:
         return
     row = {"bench": bench, "figure": figure, "value": value, "unit": unit, "ratio": ratio, "versus": versus}
-    row["goal"] = goal
+    row.update(goal=goal, most=most)
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
 
