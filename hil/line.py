@@ -20,6 +20,12 @@ the long version):
   latency per frame (both directions); late replies (a device frame held for `late_delay`) and a
   babbling device (random bytes towards the gateway) on the device side; unplug/replug of the
   gateway's adapter (the symlink disappears and comes back pointing at a fresh pty).
+
+As a fault relay in front of real hardware (`hil/run.py --gateway-port ... --device-port ...`), the
+gateway side is an already-open serial port (`gateway_fd`) and the timing is off (`pace=False`): the
+wire is real, so the line adds no wire time and no turnaround, and only injects the same faults.
+Bytes from a real port arrive in pieces (USB packets), so they are gathered into a frame until the
+port has been quiet for `frame_gap`.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes held for a side that does not read (a closed port) before newer ones are thrown away.
 PENDING_MAX = 64 * 1024
+#: The least silence that ends a frame read from a real port: a USB adapter hands a frame over in
+#: packets, and one with a 16 ms latency timer can pause that long inside a frame.
+REAL_FRAME_GAP = 0.02
 _FORMAT = re.compile(r"^([5-8])([NEOMS])(1|1\.5|2)$")
 
 
@@ -135,8 +144,27 @@ class _Frame:
     late: bool = field(compare=False, default=False)  # a late reply
 
 
+class _FdEnd:
+    """An already-open serial port (a real adapter) as one end of the line; its opener closes it."""
+
+    def __init__(self, fd: int) -> None:
+        self.master = fd
+        try:
+            self.path = os.ttyname(fd)
+        except OSError:
+            self.path = f"/proc/self/fd/{fd}"
+        os.set_blocking(fd, False)
+
+    def close(self) -> None:
+        """Nothing to close: the port belongs to whoever opened it."""
+
+
 class Rs485Line:
-    """A half-duplex RS-485 line with wire timing and injected faults between two ptys."""
+    """A half-duplex RS-485 line with wire timing and injected faults between two ptys.
+
+    With `gateway_fd` the gateway side is an open serial port instead of a pty, and with `pace=False`
+    the line adds no time of its own: together, a fault relay in front of a real wire.
+    """
 
     def __init__(
         self,
@@ -147,11 +175,27 @@ class Rs485Line:
         faults: Faults | None = None,
         seed: int = 0,
         device_link: str | os.PathLike[str] | None = None,
+        pace: bool = True,
+        gateway_fd: int | None = None,
+        frame_gap: float | None = None,
     ) -> None:
+        if gateway_fd is not None and link is not None:
+            raise ValueError("a link names a pty the line creates; a gateway_fd is a port already open")
         self.baudrate = baudrate
         self.format = FrameFormat.parse(frame_format) if isinstance(frame_format, str) else frame_format
-        self.char_time = self.format.bits / baudrate
-        self.t35 = budget.t35(baudrate, self.format.bits)
+        self.pace = pace
+        # Unpaced, the line takes no time: characters and the slave's turnaround cost nothing here.
+        self.char_time = self.format.bits / baudrate if pace else 0.0
+        self.t35 = budget.t35(baudrate, self.format.bits) if pace else 0.0
+        #: Silence that ends a frame read from a real port (the gateway_fd end).
+        self.frame_gap = (
+            frame_gap if frame_gap is not None else max(budget.t35(baudrate, self.format.bits), REAL_FRAME_GAP)
+        )
+        #: Why the real port stopped carrying bytes (its adapter went away), None while it works.
+        self.port_error: str | None = None
+        self._gateway_fd = gateway_fd
+        self._partial = bytearray()  # a frame from the real port, still arriving
+        self._partial_timer: asyncio.TimerHandle | None = None
         self._faults = faults or Faults()
         self.seed = seed
         self.stats = LineStats()
@@ -160,7 +204,7 @@ class Rs485Line:
         # One generator per fault: the draws of one do not depend on which others are on.
         names = ("flip", "drop", "truncate", "latency", "late", "babble")
         self._rng = {n: random.Random(f"{seed}/{n}") for n in names}
-        self._gateway: _PtyEnd | None = None
+        self._gateway: _PtyEnd | _FdEnd | None = None
         self._device: _PtyEnd | None = None
         self._gateway_path = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -208,6 +252,11 @@ class Rs485Line:
         return self._device.path
 
     @property
+    def real_port(self) -> bool:
+        """Whether the gateway side is a real serial port (the line is then a fault relay)."""
+        return self._gateway_fd is not None
+
+    @property
     def plugged(self) -> bool:
         """Whether the gateway's adapter is plugged in."""
         return self._gateway is not None
@@ -231,6 +280,9 @@ class Rs485Line:
         if self._timer:
             self._timer.cancel()
             self._timer = None
+        if self._partial_timer:
+            self._partial_timer.cancel()
+            self._partial_timer = None
         self._unplug_end()
         if self._device is not None:
             if self._loop:
@@ -253,6 +305,8 @@ class Rs485Line:
 
     def unplug(self, seconds: float | None = None) -> None:
         """Pull the gateway's adapter: its open port breaks and its path disappears; back after `seconds`."""
+        if self.real_port:
+            raise RuntimeError("the gateway side is a real port: pull its adapter by hand")
         if self._link is None:
             raise RuntimeError("unplugging needs a link path: without one the gateway could not find the new pty")
         if self._gateway is None:
@@ -279,7 +333,7 @@ class Rs485Line:
 
     def _plug(self) -> None:
         assert self._loop is not None
-        self._gateway = _PtyEnd()
+        self._gateway = _PtyEnd() if self._gateway_fd is None else _FdEnd(self._gateway_fd)
         self._gateway_path = self._gateway.path
         if self._link:
             _symlink(self._link, self._gateway.path)
@@ -317,14 +371,40 @@ class Rs485Line:
         try:
             data = os.read(end.master, 4096)
         except OSError as exc:
+            if exc.errno == errno.EIO and isinstance(end, _FdEnd):
+                self._port_lost(end, str(exc))
+                return
             if exc.errno in (errno.EAGAIN, errno.EIO):
                 return
             raise
         if not data:
+            if isinstance(end, _FdEnd):
+                self._port_lost(end, "end of file (hung up)")
             return
         assert self._loop is not None
+        if isinstance(end, _FdEnd):
+            # A real port hands a frame over in pieces: gather them until the port is quiet.
+            self._partial += data
+            if self._partial_timer:
+                self._partial_timer.cancel()
+            self._partial_timer = self._loop.call_later(self.frame_gap, self._frame_ended)
+            return
         self._intake(data, from_gateway, self._loop.time())
         self._service()
+
+    def _frame_ended(self) -> None:
+        self._partial_timer = None
+        data, self._partial = bytes(self._partial), bytearray()
+        if data and self._loop is not None:
+            self._intake(data, True, self._loop.time())
+            self._service()
+
+    def _port_lost(self, end: _FdEnd, why: str) -> None:
+        # A real adapter that went away stays readable with EIO for ever: stop watching it, say why once.
+        assert self._loop is not None
+        self._loop.remove_reader(end.master)
+        self.port_error = f"{end.path}: {why}"
+        log.error("the real port stopped carrying bytes: %s", self.port_error)
 
     def _intake(self, data: bytes, from_gateway: bool, now: float) -> None:
         f, rng = self.faults, self._rng
@@ -517,6 +597,11 @@ class Rs485Line:
         if self.faults.babble_rate:
             on["babble_max"] = self.faults.babble_max
         faults = ", ".join(f"{k}={v}" for k, v in on.items()) or "no faults"
+        if not self.pace:
+            return (
+                f"{self.baudrate} baud {self.format}, no wire timing (the wire is real; frames end after "
+                f"{self.frame_gap * 1000:.1f} ms of silence), seed {self.seed}, {faults}"
+            )
         return (
             f"{self.baudrate} baud {self.format} ({self.format.bits} bits/char, t3.5 {self.t35 * 1000:.2f} ms), "
             f"seed {self.seed}, {faults}"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+import tty
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -270,3 +272,100 @@ async def test_command_line_runs_a_line_with_slaves_behind_it(tmp_path: Path) ->
     assert proc.returncode == 0
     assert b"frames_to_device=1 frames_to_gateway=1" in out
     assert not link.exists()
+
+
+class RealPort:
+    """A pty standing in for a real adapter: the line holds its slave fd, the test plays the far end of the wire."""
+
+    def __init__(self) -> None:
+        self.far, self.fd = os.openpty()
+        tty.setraw(self.fd)
+        os.set_blocking(self.far, False)
+
+    def close(self) -> None:
+        for fd in (self.far, self.fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def _read_until(fd: int, n: int, timeout: float = 1.0) -> tuple[bytes, float]:
+    """Bytes read from a non-blocking fd until `n` arrived; the seconds that took."""
+    got = bytearray()
+    t0 = time.monotonic()
+    while len(got) < n:
+        assert time.monotonic() - t0 < timeout, (n, bytes(got))
+        with contextlib.suppress(BlockingIOError):
+            got += os.read(fd, 4096)
+        await asyncio.sleep(0.001)
+    return bytes(got), time.monotonic() - t0
+
+
+async def test_a_relay_gathers_a_frame_from_a_real_port_and_adds_no_wire_time() -> None:
+    port = RealPort()
+    relay = Rs485Line(baudrate=9600, frame_format="8E1", pace=False, gateway_fd=port.fd, frame_gap=0.03)
+    try:
+        await relay.start()
+        assert relay.real_port and relay.gateway_port == os.ttyname(port.fd)
+        assert "no wire timing" in relay.describe()
+        device = os.open(relay.device_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            # A request arriving in two USB packets 10 ms apart reaches the slave as one frame, once
+            # the port has been quiet for frame_gap.
+            os.write(port.far, b"\x01\x03\x00")
+            await asyncio.sleep(0.01)
+            os.write(port.far, b"\x00\x00\x0a\xc5\xcd")
+            got, seconds = await _read_until(device, 8)
+            assert got == b"\x01\x03\x00\x00\x00\x0a\xc5\xcd"
+            assert relay.stats.frames_to_device == 1
+            assert 0.02 <= seconds < 0.08, seconds
+            # 400 bytes take 458 ms at 9600 8E1 on a paced line; the relay leaves the timing to the wire.
+            os.write(device, PAYLOAD[:400])
+            got, seconds = await _read_until(port.far, 400)
+            assert got == PAYLOAD[:400] and seconds < 0.1, seconds
+            assert relay.stats.wire_seconds == 0.0
+            with pytest.raises(RuntimeError, match="by hand"):
+                relay.unplug()
+        finally:
+            os.close(device)
+    finally:
+        await relay.stop()
+        port.close()
+
+
+async def test_a_relay_injects_the_same_faults_both_ways() -> None:
+    port = RealPort()
+    faults = Faults(flip_rate=0.05, late_rate=1.0, late_delay=0.2, late_units=frozenset({7}))
+    relay = Rs485Line(baudrate=115200, frame_format="8N1", pace=False, gateway_fd=port.fd, faults=faults, seed=3)
+    try:
+        await relay.start()
+        device = os.open(relay.device_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            os.write(port.far, PAYLOAD[:200])
+            to_device, _ = await _read_until(device, 200)
+            os.write(device, b"\x07" + PAYLOAD[1:200])  # unit 7 answers: held back 200 ms
+            to_gateway, seconds = await _read_until(port.far, 200)
+            assert seconds >= 0.2 and relay.stats.late_replies == 1
+            sent = PAYLOAD[:200] + b"\x07" + PAYLOAD[1:200]
+            flips = sum(a != b for a, b in zip(to_device + to_gateway, sent, strict=True))
+            assert flips == relay.stats.flipped_bytes > 0
+        finally:
+            os.close(device)
+    finally:
+        await relay.stop()
+        port.close()
+
+
+async def test_a_relay_whose_port_goes_away_says_so_and_stops_watching_it() -> None:
+    port = RealPort()
+    relay = Rs485Line(baudrate=19200, frame_format="8N1", pace=False, gateway_fd=port.fd)
+    try:
+        await relay.start()
+        name = relay.gateway_port
+        os.close(port.far)  # the adapter is gone: its fd hangs up (EOF or EIO) for ever
+        await asyncio.sleep(0.1)
+        assert relay.port_error and relay.port_error.startswith(name)
+        # No longer watched: a hung-up fd is always readable and would spin the loop.
+        assert not asyncio.get_running_loop().remove_reader(port.fd)
+    finally:
+        await relay.stop()
+        port.close()
