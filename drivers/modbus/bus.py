@@ -242,7 +242,13 @@ class ModbusBus:
                 continue
             heapq.heappop(self._heap)
             assert job is not None
-            await self._run_job(job, due)
+            settling = self._settle_until.get(job.device.unit, 0.0)
+            if settling > time.monotonic():
+                # The unit's late answer may still come: poll the other units meanwhile instead of
+                # holding the line idle. The job keeps its own due time, so its schedule does not shift.
+                heapq.heappush(self._heap, (settling, next(self._seq), job))
+                continue
+            await self._run_job(job, job.due)
             heapq.heappush(self._heap, (job.due, next(self._seq), job))
 
     async def _serve_writes(self) -> None:
@@ -374,8 +380,8 @@ class ModbusBus:
         timeout (libmodbus does this line-wide): an answer the unit sends late then arrives while nothing waits
         for it and pymodbus drops it, instead of arriving during that request, where the same unit, function
         and length would pass it as the answer to a different read. A retry of the same request needs no wait
-        (the late answer is its answer), nor does another unit (pymodbus refuses an answer from the wrong unit),
-        and a dead unit's next poll or probe usually comes after the wait is over anyway."""
+        (the late answer is its answer), nor does another unit (pymodbus refuses an answer from the wrong unit):
+        the line's task polls the other units while this one settles (see `_run`)."""
         self._settle_until[unit] = time.monotonic() + timeout
 
     async def _settled(self, unit: int) -> None:

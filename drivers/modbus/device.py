@@ -18,7 +18,11 @@ from gateway.types import Value
 log = logging.getLogger(__name__)
 
 PROBE_BACKOFF_START = 1.0
-PROBE_BACKOFF_MAX = 300.0
+#: A unit that comes back is polled again within a minute; at one probe a minute it costs the line ~0.2 %.
+PROBE_BACKOFF_MAX = 60.0
+#: The most of its line an offline unit's probes may take: each holds the line for a whole response
+#: timeout, so with a long timeout the first probes come later than PROBE_BACKOFF_START.
+PROBE_LINE_SHARE = 0.05
 # Upper bounds (seconds) of the response-time buckets: from a short read at 115200 baud to a
 # full 125-register read at 9600 baud behind a slow serial device server.
 RESPONSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -69,6 +73,7 @@ class Device:
     failures: int = 0
     backoff: float = PROBE_BACKOFF_START
     next_probe: float = 0.0
+    probe_backoff_start: float = PROBE_BACKOFF_START  # the first wait once offline: see PROBE_LINE_SHARE
     jobs: list[PollJob] = field(default_factory=list)
     stats: DeviceStats = field(default_factory=DeviceStats)
     points: dict[str, PointConfig] = field(default_factory=dict)
@@ -82,6 +87,10 @@ class Device:
             PollJob(self, interval, plan(spans, max_gap=self.cfg.max_gap, max_registers=self.cfg.max_registers))
             for interval, spans in sorted(groups.items())
         ]
+        # A probe is the first read of whichever job is due: budget for the slowest of them.
+        probes = [self.timeout(job.requests[0].table, job.requests[0].count) for job in self.jobs if job.requests]
+        self.probe_backoff_start = max([PROBE_BACKOFF_START, *(t / PROBE_LINE_SHARE for t in probes)])
+        self.backoff = self.probe_backoff_start
 
     @property
     def name(self) -> str:
@@ -141,7 +150,7 @@ class Device:
     def record_success(self) -> bool:
         """Count an answer; True when this brings the device (back) online."""
         self.failures = 0
-        self.backoff = PROBE_BACKOFF_START
+        self.backoff = self.probe_backoff_start
         if self.online is not True:
             self.online = True
             return True
@@ -155,12 +164,12 @@ class Device:
         self.failures = max(self.failures + 1, self.offline_after if unreachable else 0)
         if self.online is False:
             # Already offline: this was a probe. Back off further.
-            self.backoff = min(self.backoff * 2, PROBE_BACKOFF_MAX)
+            self.backoff = min(self.backoff * 2, max(PROBE_BACKOFF_MAX, self.probe_backoff_start))
             self.next_probe = now + self.backoff
             return False
         if self.failures >= self.offline_after:
             self.online = False
-            self.backoff = PROBE_BACKOFF_START
+            self.backoff = self.probe_backoff_start
             self.next_probe = now + self.backoff
             return True
         return False

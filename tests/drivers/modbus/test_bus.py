@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from drivers.modbus.bus import ModbusBus
-from drivers.modbus.device import PROBE_BACKOFF_MAX, Device
+from drivers.modbus.device import PROBE_BACKOFF_MAX, PROBE_LINE_SHARE, Device
 from drivers.modbus.transport import ModbusLink
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
@@ -175,16 +175,50 @@ async def test_dead_unit_goes_offline_and_is_probed_with_back_off(make_rig, clea
     assert "no response" in states[0].reason
     # First failed poll with its retry (2 tries), then one try per poll until offline.
     assert dead.stats.transactions == 4, dead.stats.transactions
-    # Offline: the neighbour gets the line back, the dead unit is only probed (+1 s, +2 s ...).
+    # Offline: the neighbour gets the line back, the dead unit is only probed (after 2.1 s, 4.1 s more ...:
+    # each probe holds the line for a ~103 ms timeout, at most PROBE_LINE_SHARE of it).
+    assert dead.backoff == pytest.approx(dead.timeout("holding", 1) / PROBE_LINE_SHARE)
     tx0, cycles0, t0 = dead.stats.transactions, live.stats.cycles, time.monotonic()
-    await asyncio.sleep(2.2)
+    await asyncio.sleep(2.6)
     elapsed = time.monotonic() - t0
-    assert dead.stats.transactions - tx0 == 1  # the probe at +1 s; the next is due at +3 s
+    assert dead.stats.transactions - tx0 == 1  # the probe at +2.1 s; the next is due at +6.2 s
     assert dead.stats.timeouts == dead.stats.transactions
     rate = (live.stats.cycles - cycles0) / elapsed
     assert rate >= 0.9 * 20, rate  # 50 ms poll: 20 cycles/s; the probe costs one timeout
     assert live.online is True
     assert [s.online for s in rig.rec.states if s.device == "dead"] == [False]  # announced once
+
+
+async def test_the_line_polls_other_units_while_a_failed_unit_settles(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    # A unit that never answers but is never declared offline fails every poll: after each timeout
+    # its next request waits one more timeout (its late answer must not meet a different request).
+    # That wait is for this unit alone: the live neighbour uses the line meanwhile.
+    cfg = bus_config(
+        """        - name: live
+          unit: 1
+          poll: 10ms
+          points: [{name: v, table: holding, address: 0}]
+        - name: silent
+          unit: 2
+          poll: 10ms
+          offline_after: 100
+          points: [{name: v, table: holding, address: 0}]""",
+        retries=0,
+        timeout="100ms",
+    )
+    rig = await start(make_rig, cleanup, cfg, dead=(2,))
+    silent, live = rig.bus.devices["silent"], rig.bus.devices["live"]
+    await asyncio.sleep(0.3)
+    tx0, cycles0, t0 = silent.stats.transactions, live.stats.cycles, time.monotonic()
+    await asyncio.sleep(2.0)
+    elapsed = time.monotonic() - t0
+    # Still one request per timeout + settle (the protection holds) ...
+    assert silent.stats.transactions - tx0 <= elapsed / 0.2 + 1
+    assert silent.stats.timeouts == silent.stats.transactions
+    # ... and the neighbour keeps half its rate (the line is free half the time), not one cycle per 200 ms.
+    rate = (live.stats.cycles - cycles0) / elapsed
+    assert rate >= 0.4 * 100, rate
+    assert silent.online is not False
 
 
 async def test_exception_for_one_block_keeps_the_device_online(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
@@ -293,11 +327,14 @@ def test_timeouts_follow_the_baud_rate_unless_configured() -> None:
     assert Device(fixed.devices[0], fixed).timeout("holding", 125) == 0.5
 
 
-def test_offline_after_n_failures_and_back_off_doubles_to_five_minutes() -> None:
-    cfg = bus_config("""        - name: d
+def test_offline_after_n_failures_and_back_off_doubles_to_a_minute() -> None:
+    cfg = bus_config(
+        """        - name: d
           unit: 1
           offline_after: 2
-          points: [{name: v, table: holding, address: 0}]""")
+          points: [{name: v, table: holding, address: 0}]""",
+        timeout="20ms",
+    )
     dev = Device(cfg.devices[0], cfg)
     assert dev.record_failure(0.0) is False
     assert dev.record_failure(0.0) is True and dev.online is False
@@ -307,8 +344,31 @@ def test_offline_after_n_failures_and_back_off_doubles_to_five_minutes() -> None
         dev.record_failure(100.0)
         waits.append(dev.next_probe - 100.0)
     assert waits[:4] == [2.0, 4.0, 8.0, 16.0]
-    assert waits[-1] == PROBE_BACKOFF_MAX
+    assert waits[-1] == PROBE_BACKOFF_MAX == 60.0
     assert dev.record_success() is True and dev.online is True and dev.backoff == 1.0
+
+
+@pytest.mark.parametrize(("timeout", "first", "last"), [(0.25, 5.0, 60.0), (1.0, 20.0, 60.0), (5.0, 100.0, 100.0)])
+def test_probes_of_an_offline_unit_take_at_most_their_share_of_the_line(timeout: float, first: float, last: float) -> None:
+    # Each probe holds the line for a whole response timeout: with a long timeout, probing every
+    # second would take a quarter of the line or more from the live devices.
+    cfg = bus_config(
+        """        - name: d
+          unit: 1
+          offline_after: 1
+          points: [{name: v, table: holding, address: 0}]""",
+        timeout=f"{timeout}s",
+    )
+    dev = Device(cfg.devices[0], cfg)
+    assert dev.record_failure(0.0) is True
+    waits = [dev.next_probe]
+    for _ in range(8):
+        dev.record_failure(0.0)
+        waits.append(dev.next_probe)
+    assert waits[0] == pytest.approx(first)
+    assert waits[-1] == pytest.approx(last)
+    assert all(timeout / w <= PROBE_LINE_SHARE + 1e-9 for w in waits)
+    assert dev.record_success() is True and dev.backoff == pytest.approx(first)
 
 
 async def test_rtu_over_tcp_to_a_serial_device_server() -> None:
