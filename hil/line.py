@@ -24,8 +24,8 @@ the long version):
 As a fault relay in front of real hardware (`hil/run.py --gateway-port ... --device-port ...`), the
 gateway side is an already-open serial port (`gateway_fd`) and the timing is off (`pace=False`): the
 wire is real, so the line adds no wire time and no turnaround, and only injects the same faults.
-Bytes from a real port arrive in pieces (USB packets), so they are gathered into a frame until the
-port has been quiet for `frame_gap`.
+Bytes from a real port arrive in pieces (USB packets), so they are gathered into a frame until its
+Modbus CRC checks or the port has been quiet for `frame_gap`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import crcmod.predefined
+
 from drivers.modbus import budget
 from drivers.sim.line import _PtyEnd
 
@@ -57,6 +59,8 @@ PENDING_MAX = 64 * 1024
 #: packets, and one with a 16 ms latency timer can pause that long inside a frame.
 REAL_FRAME_GAP = 0.02
 _FORMAT = re.compile(r"^([5-8])([NEOMS])(1|1\.5|2)$")
+#: Modbus RTU's CRC-16: over a whole frame, its own CRC included, it comes to 0.
+_modbus_crc = crcmod.predefined.mkCrcFun("modbus")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +191,7 @@ class Rs485Line:
         # Unpaced, the line takes no time: characters and the slave's turnaround cost nothing here.
         self.char_time = self.format.bits / baudrate if pace else 0.0
         self.t35 = budget.t35(baudrate, self.format.bits) if pace else 0.0
-        #: Silence that ends a frame read from a real port (the gateway_fd end).
+        #: Silence that ends a frame read from a real port (the gateway_fd end) when its CRC does not check.
         self.frame_gap = (
             frame_gap if frame_gap is not None else max(budget.t35(baudrate, self.format.bits), REAL_FRAME_GAP)
         )
@@ -383,11 +387,16 @@ class Rs485Line:
             return
         assert self._loop is not None
         if isinstance(end, _FdEnd):
-            # A real port hands a frame over in pieces: gather them until the port is quiet.
+            # A real port hands a frame over in pieces: gather them until they make a frame whose CRC
+            # checks (a clean request goes on at once) or until the port has been quiet for frame_gap.
             self._partial += data
             if self._partial_timer:
                 self._partial_timer.cancel()
-            self._partial_timer = self._loop.call_later(self.frame_gap, self._frame_ended)
+                self._partial_timer = None
+            if len(self._partial) >= 4 and _modbus_crc(self._partial) == 0:
+                self._frame_ended()
+            else:
+                self._partial_timer = self._loop.call_later(self.frame_gap, self._frame_ended)
             return
         self._intake(data, from_gateway, self._loop.time())
         self._service()

@@ -309,15 +309,19 @@ async def test_a_relay_gathers_a_frame_from_a_real_port_and_adds_no_wire_time() 
         assert "no wire timing" in relay.describe()
         device = os.open(relay.device_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:
-            # A request arriving in two USB packets 10 ms apart reaches the slave as one frame, once
-            # the port has been quiet for frame_gap.
+            # A request arriving in two USB packets 10 ms apart reaches the slave as one frame, as soon
+            # as its CRC checks; bytes that make no frame wait until the port has been quiet for frame_gap.
             os.write(port.far, b"\x01\x03\x00")
             await asyncio.sleep(0.01)
+            t0 = time.monotonic()
             os.write(port.far, b"\x00\x00\x0a\xc5\xcd")
-            got, seconds = await _read_until(device, 8)
-            assert got == b"\x01\x03\x00\x00\x00\x0a\xc5\xcd"
+            got, _ = await _read_until(device, 8)
+            assert got == b"\x01\x03\x00\x00\x00\x0a\xc5\xcd" and time.monotonic() - t0 < 0.02
             assert relay.stats.frames_to_device == 1
-            assert 0.02 <= seconds < 0.08, seconds
+            os.write(port.far, b"\x01\x03\x00\x00\x00\x0a\xc5\xce")  # one bit off: no valid CRC
+            got, seconds = await _read_until(device, 8)
+            assert got == b"\x01\x03\x00\x00\x00\x0a\xc5\xce" and 0.025 <= seconds < 0.08, seconds
+            assert relay.stats.frames_to_device == 2
             # 400 bytes take 458 ms at 9600 8E1 on a paced line; the relay leaves the timing to the wire.
             os.write(device, PAYLOAD[:400])
             got, seconds = await _read_until(port.far, 400)
