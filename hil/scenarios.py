@@ -600,7 +600,8 @@ def parse_scenarios(text: str) -> list[str]:
         return list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
-        raise ValueError(f"unknown scenario {', '.join(unknown) or text!r}: choose from {', '.join(SCENARIOS)} or all")
+        named = ", ".join(unknown) if unknown else repr(text)
+        raise ValueError(f"unknown scenario {named}: choose from {', '.join(SCENARIOS)} or all")
     return list(dict.fromkeys(names))
 
 
