@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hil import run
+from hil import run, scenarios
 from hil.line import Rs485Line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,3 +108,26 @@ async def test_real_mode_injects_the_faults_at_the_device_end_through_the_relay(
     # The wire carried every frame and broke none.
     assert wire.stats.frames_to_device > 200 and wire.stats.frames_to_gateway > 200
     assert not wire.faults.any and wire.stats.flipped_bytes == wire.stats.late_replies == 0
+
+
+@pytest.mark.timeout(60)
+async def test_real_mode_unplug_follows_the_operator(tmp_path: Path) -> None:
+    # The "operator" pulls and replugs the stand-in for the gateway's adapter when asked to.
+    async with Rs485Line(
+        tmp_path / "ttyUSB0", device_link=tmp_path / "ttyUSB1", baudrate=115200, frame_format="8N1"
+    ) as wire:
+        asked: list[str] = []
+
+        def operator(message: str) -> None:
+            asked.append(message)
+            if message.startswith("Pull"):
+                wire.unplug()
+            else:
+                asyncio.get_running_loop().call_later(0.5, wire.replug)
+
+        hardware = scenarios.Hardware(str(tmp_path / "ttyUSB0"), str(tmp_path / "ttyUSB1"))
+        async with scenarios.Rigs(tmp_path, hardware=hardware, baudrate=115200, frame_format="8N1") as rigs:
+            result = await scenarios.unplug(rigs, operator=operator, operator_timeout=5)
+    assert result.passed, (result.failures, asked)
+    assert [m.split()[0] for m in asked] == ["Pull", "All"]
+    assert result.counts["offline_after_s"] < 5 and result.counts["back_after_s"] < 15
