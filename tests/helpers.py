@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.mcp.client import McpClient, McpClientError, McpNacked
-from gateway.types import DeviceState, Sample
+from hil.scenarios import Recorder as Recorder  # re-exported: the bus tests and the HIL rig share one
 
 
 def free_port() -> int:
@@ -190,20 +190,6 @@ async def subscribed(port: int, *topics: str) -> AsyncIterator[Subscriber]:
         yield sub
     finally:
         await asyncio.to_thread(sub.stop)
-
-
-@dataclass
-class Recorder:
-    """Collects what a bus reports."""
-
-    samples: list[Sample] = field(default_factory=list)
-    states: list[DeviceState] = field(default_factory=list)
-
-    def sample(self, s: Sample) -> None:
-        self.samples.append(s)
-
-    def state(self, s: DeviceState) -> None:
-        self.states.append(s)
 
 
 class GatewayProcess:
