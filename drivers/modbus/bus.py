@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from drivers.modbus import budget
@@ -36,6 +37,10 @@ OPEN_TIMEOUT = 3.0
 ALIVE_TICK = 1.0
 #: Allowed on top of the longest single step of the task: scheduling delays, the quiet gap.
 ALIVE_SLACK = 2.0
+#: Silences shorter than this (t3.5 from 9600 baud up) are timed by a thread of the line's own:
+#: asyncio's epoll wait rounds a timeout up to whole milliseconds, which stretches the 1.75 ms t3.5 of
+#: a fast line to 2-3 ms, a tenth of its capacity. time.sleep in a thread is not rounded.
+PRECISE_WAIT = 0.005
 
 
 @dataclass
@@ -110,6 +115,7 @@ class ModbusBus:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_end = 0.0
+        self._timer: ThreadPoolExecutor | None = None  # for the short silences: see PRECISE_WAIT
         # unit -> until when its next request must wait: a late answer must not meet a different request.
         self._settle_until: dict[int, float] = {}
         self._reopen_backoff = 1.0
@@ -172,6 +178,9 @@ class ModbusBus:
             if not pending.future.done():
                 pending.future.set_result(WriteResult(ok=False, error="gateway stopping"))
         self._link.close()
+        if self._timer is not None:
+            self._timer.shutdown(wait=False)
+            self._timer = None
 
     async def write(self, request: Write) -> WriteResult:
         """Write one point; jumps ahead of polling. Never raises for a bad request: the result says why."""
@@ -352,6 +361,10 @@ class ModbusBus:
             finally:
                 self._last_end = self.alive_at = time.monotonic()
             self._finished(device)
+            # The line went quiet with the answer's last byte, not when the answer was decoded: the
+            # silence before the next request and the response time count from that byte.
+            if started < self._link.last_rx < self._last_end:
+                self._last_end = self._link.last_rx
             device.stats.observe_response(self._last_end - started)
             if last is not None:
                 # A retry answered, maybe by the late answer to the attempt before: its own answer may still
@@ -370,10 +383,17 @@ class ModbusBus:
 
     async def _quiet_gap(self) -> None:
         # Real RS-485 slaves need silence between frames; pymodbus does not enforce it.
-        wait = self._last_end + self._gap - time.monotonic()
-        if wait > 0:
+        end = self._last_end + self._gap
+        wait = end - time.monotonic()
+        if wait <= 0:
+            return
+        if wait < PRECISE_WAIT:
+            if self._timer is None:
+                self._timer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modbus-gap-{self.name}")
+            await asyncio.get_running_loop().run_in_executor(self._timer, _sleep_until, end)
+        else:
             await asyncio.sleep(wait)
-            self.alive_at = time.monotonic()
+        self.alive_at = time.monotonic()
 
     def _settle(self, unit: int, timeout: float) -> None:
         """After a timeout or a garbled answer from `unit`, its next *other* request waits one more response
@@ -443,3 +463,10 @@ class ModbusBus:
         if key not in self._logged:
             self._logged.add(key)
             log.warning("%s: reading %s: %s", device.name, where, exc)
+
+
+def _sleep_until(end: float) -> None:
+    """Block until time.monotonic() reaches `end`, to the tens of microseconds (a worker thread's wait)."""
+    wait = end - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
@@ -45,6 +46,8 @@ class ModbusLink:
         # Whether bytes came in during the current transaction: pymodbus drops a frame with a bad
         # CRC without a word, so a timeout after bytes arrived is the only sign of a garbled answer.
         self._rx_seen = False
+        #: time.monotonic() when bytes last came in (0.0 before any): the line has been quiet since.
+        self.last_rx = 0.0
         client: AsyncModbusSerialClient | AsyncModbusTcpClient
         if port.startswith("tcp://"):
             host, _, tcp_port = port[len("tcp://") :].rpartition(":")
@@ -132,6 +135,7 @@ class ModbusLink:
     def _heard(self, sending: bool, data: bytes) -> bytes:
         if not sending and data:
             self._rx_seen = True
+            self.last_rx = time.monotonic()
         return data
 
     async def _execute(self, op: Callable[[], Awaitable[ModbusPDU]], unit: int, timeout: float) -> ModbusPDU:
