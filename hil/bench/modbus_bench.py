@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -24,11 +24,11 @@ from typing import Any
 import yaml
 
 # benchlib first: it puts the repository on sys.path for the imports below.
-from benchlib import ROOT, cpu_seconds, heading, note, print_header, print_table, run_summary, summary
+from benchlib import ROOT, cpu_seconds, heading, note, print_header, print_table, record, run_summary, summary
 
 from drivers.modbus import budget
 from drivers.modbus.bus import ModbusBus, line_budget
-from drivers.modbus.device import Device
+from drivers.modbus.device import PROBE_LINE_SHARE, Device
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
@@ -177,14 +177,22 @@ async def _serve_line(bus: BusConfig, dead_units: list[int], conn: Connection) -
         line.close()
 
 
-class SimProcess:
-    """One bus's simulated line and slaves in a child process, so that our CPU figures are the gateway's alone."""
+#: A child process's entry point: (bus config YAML, dead units, its end of the pipe).
+ServeFn = Callable[[str, list[int], Connection], None]
 
-    def __init__(self, bench: BenchBus, dead_units: Sequence[int] = ()) -> None:
+
+class SimProcess:
+    """One bus's simulated line and slaves in a child process, so that our CPU figures are the gateway's alone.
+
+    `target` runs in the child (default `serve_line`, a pty pair without timing); it sends "ready" once
+    its slaves answer and stops on "stop" or when the parent goes away.
+    """
+
+    def __init__(self, bench: BenchBus, dead_units: Sequence[int] = (), target: ServeFn = serve_line) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs an event loop
         self._conn, self._child_end = ctx.Pipe()
         self._proc = ctx.Process(
-            target=serve_line,
+            target=target,
             args=(bench.text, list(dead_units), self._child_end),
             name=f"sim-{bench.cfg.name}",
             daemon=True,
@@ -212,6 +220,13 @@ class SimProcess:
             self._proc.kill()
             self._proc.join()
         self._conn.close()
+
+    async def ask(self, request: str) -> Any:
+        """Send the child a request its `target` answers, and wait for the answer."""
+        self._conn.send(request)
+        if not await asyncio.to_thread(self._conn.poll, READY_TIMEOUT):
+            raise RuntimeError(f"the child did not answer {request!r} within {READY_TIMEOUT:.0f} s")
+        return self._conn.recv()
 
     def cpu_seconds(self) -> float:
         """User + system CPU the child has used so far (Linux /proc, 1/CLK_TCK resolution)."""
@@ -363,6 +378,12 @@ def per_point_budget(bus: BusConfig) -> budget.LineBudget:
 def figure_plan(cfg: Config, source: str) -> None:
     """Planned reads per poll cycle against one request per point, and each bus's wire budget."""
     heading(f"1. Block planning: read transactions per poll cycle ({source})")
+    plan_table(cfg)
+
+
+def plan_table(cfg: Config) -> tuple[int, int]:
+    """Print each device's points against its planned reads, and each bus's wire budget;
+    returns (points, planned reads) per round of every device (0, 0 without polled points)."""
     rows: list[list[object]] = []
     points = planned = 0
     for bus in cfg.modbus.buses:
@@ -377,7 +398,7 @@ def figure_plan(cfg: Config, source: str) -> None:
             planned += n_reads
     if not planned:
         note("no polled Modbus points in this config")
-        return
+        return 0, 0
     print_table(["bus", "device", "unit", "poll", "points (= reads, 1 per point)", "planned reads", "fewer by"], rows)
     for bus in cfg.modbus.buses:
         b = line_budget(bus)
@@ -388,6 +409,7 @@ def figure_plan(cfg: Config, source: str) -> None:
         f"{planned} planned read transactions per round instead of {points} with one request per point: "
         f"{points / planned:.2f}x fewer ({1 - planned / points:.0%} fewer transactions)"
     )
+    return points, planned
 
 
 # --- figure 2: software overhead per transaction --------------------------------------------------
@@ -456,13 +478,24 @@ async def figure_overhead(tmp: Path, seconds: float) -> float:
         f"{1000 * w.seconds / tx:.2f} ms per transaction end to end, of which {1000 * w.cpu / tx:.3f} ms "
         f"({w.cpu / tx:.2e} s) is gateway CPU; the software's rate is {' and '.join(limits)}"
     )
+    fast = budget.transaction_time(
+        budget.read_request_bytes(), budget.read_response_bytes("holding", 10), 115200, budget.char_bits(8, "E", 1)
+    )
+    record(
+        "modbus",
+        "software tx/s over a pty (no baud timing), 10-register reads",
+        round(rate),
+        "tx/s",
+        ratio=rate * fast,
+        versus=f"115200-baud 8E1 line limit {1 / fast:.0f} tx/s",
+    )
     return w.cpu / tx
 
 
 # --- figure 3: CPU per 1,000 points -----------------------------------------------------------------
 
 
-async def figure_points(tmp: Path, seconds: float, cpu_per_tx: float) -> None:
+async def figure_points(tmp: Path, seconds: float, cpu_per_tx: float | None) -> None:
     """Gateway CPU seconds per 1,000 points decoded from 100-point devices polled flat out."""
     heading("3. Gateway CPU per 1,000 points polled (100-point devices of mixed types, polled flat out)")
     points = mixed_points()
@@ -503,12 +536,17 @@ async def figure_points(tmp: Path, seconds: float, cpu_per_tx: float) -> None:
     note("types: int16 (scaled), uint16, uint32, string:8, bitfield, float32, int64, float64, int32 word-swapped,")
     note("coils, discrete inputs; poll 0.1 ms, inter_request_delay 0. A point counts when its value reaches on_sample")
     note("(a bitfield counts once, however many named bits it publishes). The simulator's CPU is not included.")
-    beyond = (w.cpu / cycles - reads * cpu_per_tx) / len(points)
+    beyond = (
+        ""
+        if cpu_per_tx is None
+        else f"~{1e6 * (w.cpu / cycles - reads * cpu_per_tx) / len(points):.1f} us/point more than figure 2's "
+        "per-transaction cost (decoding, bigger frames); "
+    )
     summary(
         f"{1000 * w.cpu / decoded:.4f} CPU s per 1,000 points ({1e6 * w.cpu / decoded:.1f} us/point), "
-        f"~{1e6 * beyond:.1f} us/point more than figure 2's per-transaction cost (decoding, bigger frames); "
-        f"one core would poll ~{w.points / max(w.cpu, 1e-9):,.0f} points/s"
+        f"{beyond}one core would poll ~{w.points / max(w.cpu, 1e-9):,.0f} points/s"
     )
+    record("modbus", "gateway CPU per 1,000 points polled", round(1000 * w.cpu / decoded, 4), "CPU s")
 
 
 # --- figure 4: a dead device on the line ------------------------------------------------------------
@@ -627,6 +665,15 @@ async def figure_dead(tmp: Path, seconds: float) -> None:
             after = dead.rate(settle) / base.rate(settle)
             after_text = f"{after:.3f}x once it is offline ({'meets' if after >= GOAL else 'MISSES'})"
             detect = f"{dead.tx_to_offline} until declared offline at {settle:.2f} s, then probes"
+            record(
+                "modbus",
+                f"live devices' cycles/s with a dead neighbour, {variant} (poll {poll}), once it is offline",
+                round(dead.rate(settle), 1),
+                "cycles/s",
+                ratio=after,
+                versus=f"without it: {base.rate(settle):.1f} cycles/s",
+                goal=GOAL,
+            )
         verdicts.append(
             f"{variant} (poll {poll}): with a dead unit the live devices keep {whole:.3f}x of their rate in the first "
             f"{seconds:g} s after start ({'meets' if whole >= GOAL else 'MISSES'} the >= {GOAL} goal), {after_text}. "
@@ -656,6 +703,7 @@ async def figure_dead(tmp: Path, seconds: float) -> None:
         rows,
     )
     tx_rate = saturated_rate * 3 * planned_reads(paced_plan)
+    probe_wait = Device(paced_plan.devices[0], paced_plan).probe_backoff_start
     gap = budget.t35(BAUD, budget.char_bits(8, "N", 1))
     note("each run: a fresh line and bus, counted from bus start for the whole window (offline detection included);")
     note("'after dead offline': only from when the dead unit was declared offline, over the same span in both runs.")
@@ -665,10 +713,12 @@ async def figure_dead(tmp: Path, seconds: float) -> None:
         f"offline after {paced_plan.offline_after} failed polls,"
     )
     note(f"inter_request_delay t3.5, derived timeout ({1000 * timeout_s:.0f} ms for the dead unit's 1st read);")
-    note("'dead line s' = the dead unit's timeouts x that timeout.")
+    note("'dead line s' = the dead unit's timeouts x that timeout. While a failed unit settles (one more timeout")
+    note("before its next request) the live ones are polled; once offline it is probed with one try after")
+    note(f"{probe_wait:.1f} s, then twice that ... (each probe a timeout: at most {PROBE_LINE_SHARE:.0%} of the line).")
     note(
         f"saturated baseline: {tx_rate:.0f} tx/s = {1000 / max(tx_rate, 1e-9):.2f} ms/tx, paced by the t3.5 gap "
-        f"({1000 * gap:.2f} ms, slept in whole ms), not by the software (figure 2)."
+        f"({1000 * gap:.2f} ms), not by the software (figure 2)."
     )
     wire = line_budget(paced_plan).utilisation
     note(f"pty only: on a real {BAUD}-baud line the paced plan alone would need {wire:.0%} of the wire.")
@@ -691,12 +741,25 @@ def header(seconds: float) -> None:
     )
 
 
-async def run_pty_figures(seconds: float) -> None:
-    """Figures 2-4: everything that needs a simulated line."""
+async def run_pty_figures(seconds: float, figures: set[int]) -> None:
+    """Figures 2-4 (those in `figures`): everything that needs a simulated line."""
     with tempfile.TemporaryDirectory(prefix="fieldgate-bench-") as tmp:
-        cpu_per_tx = await figure_overhead(Path(tmp), seconds)
-        await figure_points(Path(tmp), seconds, cpu_per_tx)
-        await figure_dead(Path(tmp), seconds)
+        cpu_per_tx = await figure_overhead(Path(tmp), seconds) if 2 in figures else None
+        if 3 in figures:
+            await figure_points(Path(tmp), seconds, cpu_per_tx)
+        if 4 in figures:
+            await figure_dead(Path(tmp), seconds)
+
+
+def parse_figures(text: str) -> set[int]:
+    """`--figures`: a comma-separated list of figure numbers 1-4."""
+    try:
+        figures = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected figure numbers like 1,4, got {text!r}") from None
+    if not figures or not figures <= {1, 2, 3, 4}:
+        raise argparse.ArgumentTypeError(f"figures are 1-4, got {text!r}")
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -712,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"length of each measurement window; a run takes ~7.5x this plus start-ups (default {DEFAULT_SECONDS:g})",
     )
     parser.add_argument("--plan-only", action="store_true", help="print figure 1 only (no simulated line)")
+    parser.add_argument(
+        "--figures", type=parse_figures, default={1, 2, 3, 4}, help="which figures, e.g. 4 or 1,2 (default: all)"
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
@@ -724,9 +790,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     header(args.seconds)
-    figure_plan(cfg, os.path.relpath(args.config))
-    if not args.plan_only:
-        asyncio.run(run_pty_figures(args.seconds))
+    if 1 in args.figures:
+        figure_plan(cfg, os.path.relpath(args.config))
+    if not args.plan_only and args.figures - {1}:
+        asyncio.run(run_pty_figures(args.seconds, args.figures))
     print()
     print(run_summary(started))
     return 0
