@@ -20,16 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from hil.soak import SoakSettings, soak
+from hil.soak import MAX_STEADY_BYTES_PER_MESSAGE, SoakSettings, soak
 
 SOAK = os.environ.get("FIELDGATE_SOAK") == "1"
 #: The short run: upstream outages and MCP reconnects several times as often as in the long one, so
 #: that every kind of traffic has been seen, twice, before the warm-up ends.
-SHORT = SoakSettings(seconds=36, outage_every=6, outage_for=2, mcp_reconnect=3, window=0.2)
+SHORT = SoakSettings.screening(36)
 LONG = SoakSettings(seconds=20 * 60)
 SETTINGS = LONG if SOAK else SHORT
-#: Steady bytes of RSS the short run may gain per message published after the warm-up (see the docstring).
-MAX_STEADY_BYTES_PER_MESSAGE = 16.0
 #: Growth the short run may show at all: a few replay steps, no more.
 MAX_SHORT_GROWTH = 6.0
 
