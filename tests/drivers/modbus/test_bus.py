@@ -395,7 +395,9 @@ def test_offline_after_n_failures_and_back_off_doubles_to_a_minute() -> None:
 
 
 @pytest.mark.parametrize(("timeout", "first", "last"), [(0.25, 5.0, 60.0), (1.0, 20.0, 60.0), (5.0, 100.0, 100.0)])
-def test_probes_of_an_offline_unit_take_at_most_their_share_of_the_line(timeout: float, first: float, last: float) -> None:
+def test_probes_of_an_offline_unit_take_at_most_their_share_of_the_line(
+    timeout: float, first: float, last: float
+) -> None:
     # Each probe holds the line for a whole response timeout: with a long timeout, probing every
     # second would take a quarter of the line or more from the live devices.
     cfg = bus_config(
