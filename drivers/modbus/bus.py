@@ -137,6 +137,11 @@ class ModbusBus:
         return self._stopping
 
     @property
+    def port_open(self) -> bool:
+        """Whether the line's port is open now."""
+        return self._link.connected
+
+    @property
     def running(self) -> bool:
         """True from start to stop while the line's task has not ended (it never should on its own)."""
         return self._task is not None and not self._task.done()
@@ -284,6 +289,12 @@ class ModbusBus:
         if self._reopen_backoff > 1.0:
             log.info("line %s: %s is open again", self.name, self.cfg.port)
         self._reopen_backoff = 1.0
+        # Devices taken offline while the port was gone did not stop answering: probe each at once,
+        # not after the back-off their failed reopen attempts built up (a replugged adapter gives data
+        # again within a poll, not a minute later).
+        now = time.monotonic()
+        for device in self.devices.values():
+            device.line_restored(now)
 
     async def _run_job(self, job: PollJob, due: float) -> None:
         device = job.device

@@ -156,6 +156,12 @@ class Device:
             return True
         return False
 
+    def line_restored(self, now: float) -> None:
+        """The line's port opened again: if offline, probe at once with the back-off started afresh."""
+        if self.online is False:
+            self.backoff = self.probe_backoff_start
+            self.next_probe = now
+
     def record_failure(self, now: float, *, unreachable: bool = False) -> bool:
         """Count a failed poll; True when this takes the device offline.
 

@@ -197,13 +197,18 @@ async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and
 
             line.replug()
             plugged = time.monotonic()
-            # Back online with no help: the bus reopens the path (back-off 1, 2, 4 ... 30 s since the pull).
+            # Back online with no help: the bus reopens the path (its attempts back off 1, 2, 4 ... 30 s),
+            # then polls the devices at once, whatever back-off their probes had built up meanwhile.
+            bus = gw.buses[0]
+            await until(lambda: bus.port_open, 35, "the bus to reopen the port")
+            reopened = time.monotonic()
             await until(
                 lambda: all(statuses(sub.messages, d)[-1:] == ["online"] for d in devices),
                 35,
                 "devices back online after the replug",
             )
             recovered = time.monotonic() - plugged
+            assert time.monotonic() - reopened < 2.0
             # Fresh values, not stale ones: the slaves change every register and MQTT follows.
             switched = now_ms()
             for unit in UNITS:
@@ -226,7 +231,7 @@ async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and
                 f"unplugged {UNPLUG_SECONDS:g} s: back online {recovered:.1f} s after the replug; "
                 f"{acked_during} MCP frames ACKed while out; "
                 f"spool {len(spooled_before)} -> {len(spooled_during)} rows; "
-                f"{gw.buses[0].stats.reopen_attempts} attempts to reopen the port"
+                f"{bus.stats.reopen_attempts} attempts to reopen the port"
             )
 
         # The spool was untouched by the unplug: once upstream is back, every ACKed MCP frame arrives there.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import drivers.modbus.bus
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import PROBE_BACKOFF_MAX, PROBE_LINE_SHARE, Device
 from drivers.modbus.transport import ModbusLink
@@ -318,6 +319,47 @@ async def test_line_that_cannot_open_marks_devices_offline_then_recovers(tmp_pat
         while not (rec.states and rec.states[-1].online) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert rec.states[-1].online is True
+    finally:
+        await bus.stop()
+        if sim:
+            await sim.stop()
+        if line:
+            line.close()
+
+
+async def test_devices_are_probed_at_once_when_a_lost_port_opens_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each failed reopen backs the devices' probes off further; the port's return must not wait for that."""
+    monkeypatch.setattr(drivers.modbus.bus, "REOPEN_BACKOFF_MAX", 1.0)  # a reopen attempt every second
+    link = tmp_path / "later"
+    cfg = bus_config("""        - name: d
+          unit: 1
+          poll: 100ms
+          points: [{name: v, table: holding, address: 0}]""").model_copy(update={"port": str(link)})
+    rec = Recorder()
+    bus = ModbusBus(cfg, rec.sample, rec.state)
+    await bus.start()
+    line = sim = None
+    try:
+        await asyncio.sleep(3.2)  # four failed opens: the probe back-off is far beyond the next reopen
+        device = bus.devices["d"]
+        assert device.online is False and device.next_probe > time.monotonic() + 5, device.backoff
+        line = VirtualLine(link)
+        line.start()
+        sim = ModbusSimulator(
+            line.device_port, [SimSlave(1, [SimPoint("v", "holding", 0, cfg.devices[0].points[0].codec)])]
+        )
+        await sim.start()
+        deadline = time.monotonic() + 3
+        while not bus.port_open and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert bus.port_open
+        opened = time.monotonic()
+        while not device.online and time.monotonic() < opened + 3:
+            await asyncio.sleep(0.02)
+        assert device.online is True
+        assert time.monotonic() - opened < 1.0
     finally:
         await bus.stop()
         if sim:
