@@ -338,3 +338,12 @@ class Sender:
     def last_acked_n(self) -> int:
         """The value of the newest ACKed frame."""
         return self.acked[max(self.acked)]
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Wait for `condition()` to be true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -37,7 +37,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.types import Message
 
-from helpers import GatewayProcess, Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed
+from helpers import GatewayProcess, Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed, until
 from mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,15 +171,6 @@ def simulator(gw: Gateway) -> ModbusSimulator:
     """The simulated slave line of a gateway."""
     assert gw.simulation is not None
     return next(iter(gw.simulation.simulators.values()))
-
-
-async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Wait for `condition()` to be true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def eventually(condition: Callable[[], object], timeout: float) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from hil.line import Rs485Line
 
-from helpers import Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed
+from helpers import Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed, until
 from mosquitto import Mosquitto
 
 SOAK = os.environ.get("FIELDGATE_SOAK") == "1"
@@ -87,15 +87,6 @@ def slaves() -> list[SimSlave]:
         )
         for unit in UNITS
     ]
-
-
-async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Wait for `condition()`; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def statuses(messages: list[Received], device: str) -> list[str]:

@@ -16,26 +16,17 @@ from drivers.modbus.device import PROBE_BACKOFF_MAX, PROBE_LINE_SHARE, Device
 from drivers.modbus.transport import ModbusLink
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
-from gateway.config import parse_config
 from gateway.config.schema import BusConfig
 from gateway.errors import BusUnavailable, DeviceException, DeviceTimeout
 from gateway.types import Write
+from hil import scenarios
 
 from helpers import Recorder
 
 
 def bus_config(devices_yaml: str, **bus: object) -> BusConfig:
-    """A bus config validated exactly like a user's."""
-    settings = {"port": "/dev/null", "baudrate": 115200, "parity": "N", **bus}
-    extra = "".join(f"\n      {k}: {v}" for k, v in settings.items())
-    text = f"""
-modbus:
-  buses:
-    - name: line{extra}
-      devices:
-{devices_yaml}
-"""
-    return parse_config(text).config.modbus.buses[0]
+    """A bus config validated exactly like a user's: 115200 baud, no parity (ptys refuse even parity)."""
+    return scenarios.bus_config(devices_yaml, **{"baudrate": 115200, "parity": "N", **bus})
 
 
 @dataclass
