@@ -387,6 +387,7 @@ async def test_an_idle_line_stays_fresh_between_polls_minutes_apart(tmp_path: Pa
 
     class QuickLink:
         connected = True
+        last_rx = 0.0  # ModbusLink's: when bytes last came in (never, here)
 
         async def read(self, *args: object) -> list[int]:
             return [1]
