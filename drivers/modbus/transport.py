@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -103,7 +104,7 @@ class ModbusLink:
             "coil": c.read_coils,
             "discrete": c.read_discrete_inputs,
         }[table]
-        response = await self._execute(lambda: call(address, count=count, device_id=unit), unit, timeout)
+        response = await self._execute(partial(call, address, count=count, device_id=unit), unit, timeout)
         if table in ("coil", "discrete"):
             return list(response.bits[:count])
         if len(response.registers) != count:
@@ -118,18 +119,17 @@ class ModbusLink:
         op: Callable[[], Awaitable[ModbusPDU]]
         if table == "coil":
             bits = [bool(v) for v in values]
-            if len(bits) == 1:
-                op = lambda: c.write_coil(address, bits[0], device_id=unit)  # noqa: E731
-            else:
-                op = lambda: c.write_coils(address, bits, device_id=unit)  # noqa: E731
+            op = partial(c.write_coil, address, bits[0]) if len(bits) == 1 else partial(c.write_coils, address, bits)
         elif table == "holding":
             regs = [int(v) for v in values]
-            if len(regs) == 1:
-                op = lambda: c.write_register(address, regs[0], device_id=unit)  # noqa: E731
-            else:
-                op = lambda: c.write_registers(address, regs, device_id=unit)  # noqa: E731
+            op = (
+                partial(c.write_register, address, regs[0])
+                if len(regs) == 1
+                else partial(c.write_registers, address, regs)
+            )
         else:
             raise ProtocolError(f"the {table} table cannot be written")
+        op = partial(op, device_id=unit)
         await self._execute(op, unit, timeout)
 
     def _heard(self, sending: bool, data: bytes) -> bytes:
