@@ -113,8 +113,7 @@ def record(
     path = os.environ.get(RESULTS_ENV)
     if not path:
         return
-    row = {"bench": bench, "figure": figure, "value": value, "unit": unit, "ratio": ratio, "versus": versus}
-    row.update(goal=goal, most=most)
+    row = dict(bench=bench, figure=figure, value=value, unit=unit, ratio=ratio, versus=versus, goal=goal, most=most)
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
 

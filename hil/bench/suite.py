@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print_header("suite", versions, [f"full reports: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"])
     failed = []
     for bench in chosen:
-        print(f"  {bench.name:<8} {bench.script} {' '.join(repr(a) if not a else a for a in bench.args)}", flush=True)
+        print(f"  {bench.name:<8} {shlex.join([bench.script, *bench.args])}", flush=True)
         code, seconds = run(bench, out, results)
         status = "ok" if code == 0 else f"FAILED (exit {code}, see {bench.name}.txt)"
         print(f"  {'':<8} {seconds:.0f} s, {status}; load average {loadavg(1)}", flush=True)

@@ -129,14 +129,13 @@ def prompt_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def line(tmp_path: Path) -> AsyncIterator[Rs485Line]:
+async def field(tmp_path: Path) -> AsyncIterator[tuple[Rs485Line, ModbusSimulator]]:
     """The line at 19200 8N1 (the gateway opens the pty without parity) with its slaves running."""
     rs485 = Rs485Line(tmp_path / "ttyUSB0", baudrate=19200, frame_format="8N1", seed=3)
     await rs485.start()
     sim = ModbusSimulator(rs485.device_port, slaves(), baudrate=19200)
     await sim.start()
-    rs485.sim = sim  # type: ignore[attr-defined]
-    yield rs485
+    yield rs485, sim
     await sim.stop()
     await rs485.stop()
 
@@ -144,15 +143,15 @@ async def line(tmp_path: Path) -> AsyncIterator[Rs485Line]:
 @pytest.mark.soak
 @pytest.mark.timeout(UNPLUG_SECONDS + 150)
 async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and_spool_untouched(
-    tmp_path: Path, line: Rs485Line, mosquitto: Mosquitto
+    tmp_path: Path, field: tuple[Rs485Line, ModbusSimulator], mosquitto: Mosquitto
 ) -> None:
+    line, sim = field
     mosquitto.stop()  # the upstream broker is down for the whole unplug: its spool keeps filling
     broker, mcp = free_port(), free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         CONFIG.format(broker=broker, upstream=mosquitto.url, mcp=mcp, port=line.gateway_port, devices=devices_yaml())
     )
-    sim: ModbusSimulator = line.sim  # type: ignore[attr-defined]
     spool = tmp_path / "state" / "spool" / "up.sqlite"
     gw = Gateway(load_config(config))
     await gw.start()
