@@ -85,7 +85,7 @@ from gateway.simulation import resolve_path
 from hil.bench.benchlib import ROOT, free_port, print_table, rss_kb
 
 PREFIX = "fieldgate/soak"
-TOKEN = "soak-token"
+TOKEN = "soak-token-0123456"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 TRACE_FRAMES = 20

@@ -21,8 +21,8 @@ mcp:
   max_sessions: {max_sessions}
 {mcp_extra}
   devices:
-    - {{id: pump-1, token: s3cret}}
-    - {{id: pump-2, token: other}}
+    - {{id: pump-1, token: s3cret-token-0001}}
+    - {{id: pump-2, token: other-token-00002}}
 {extra}
 """
 
@@ -77,7 +77,9 @@ class RawPeer:
         except ConnectionError:
             return True
 
-    async def hello(self, device_id: str = "pump-1", token: str = "s3cret", seq: int = 1, **extra: object) -> Frame:
+    async def hello(
+        self, device_id: str = "pump-1", token: str = "s3cret-token-0001", seq: int = 1, **extra: object
+    ) -> Frame:
         """Say HELLO and return the gateway's answer."""
         body = {"boot_id": "b1", "device_id": device_id, "token": token, **extra}
         await self.send(Frame.json(FrameType.HELLO, seq, body))

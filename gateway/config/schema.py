@@ -338,7 +338,8 @@ class McpDeviceConfig(Model):
     """An MCP device allowed to connect."""
 
     id: Name
-    token: str = Field(min_length=1)
+    # A short token can be guessed over the network; 16 characters is the least `fieldgate check` takes.
+    token: str = Field(min_length=16)
     meta: dict[str, Any] = Field(default_factory=dict)
     write_rate: float = Field(default=5.0, gt=0)  # commands/s the device is given, on average
     write_burst: int = Field(default=10, ge=1)  # commands allowed at once after a quiet spell

@@ -936,7 +936,7 @@ def write_config(path: Path, state: Path, mqtt_port: int, mcp_port: int, devices
         "  max_sessions: 1000000",
         "  devices:",
     ]
-    lines += [f"    - {{id: d{i}, token: t{i}}}" for i in range(devices)]
+    lines += [f"    - {{id: d{i}, token: token-{i:010d}}}" for i in range(devices)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -999,7 +999,7 @@ def run_mcp(
         n = clients if clients is not None else row.nofile[0] - idle0["fds"] - FD_RESERVE
         row.clients = n
         nprocs = max(1, math.ceil(n / CLIENT_FDS_PER_PROC))
-        devices = [(f"d{i}", f"t{i}") for i in range(n)]
+        devices = [(f"d{i}", f"token-{i:010d}") for i in range(n)]
         drivers = [
             Child(f"clients{k}", clients_child, impl, devices[k::nprocs], MAX_OUTSTANDING, changing)
             for k in range(nprocs)

@@ -48,7 +48,7 @@ modbus:
 mcp:
   listen: 127.0.0.1:{mcp_port}
   devices:
-    - {{id: pump-1, token: s3cret-token, write_rate: 0.1, write_burst: 1}}
+    - {{id: pump-1, token: s3cret-token-0001, write_rate: 0.1, write_burst: 1}}
 simulator:
   modbus:
     - link: ./ttyA

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -84,7 +86,7 @@ mcp:
   ack_timeout: 500ms
   max_payload: 2MB
   devices:
-    - {id: pump-1, token: "${PUMP_TOKEN:-changeme}", meta: {room: basement}}
+    - {id: pump-1, token: "${PUMP_TOKEN:-changeme-changeme}", meta: {room: basement}}
 homeassistant:
   enabled: true
 simulator:
@@ -129,7 +131,7 @@ def test_full_config_gives_typed_objects() -> None:
 
     assert cfg.mcp is not None
     assert cfg.mcp.ack_timeout == 0.5 and cfg.mcp.max_payload == 2 * 1024 * 1024
-    assert cfg.mcp.devices[0].token == "changeme"
+    assert cfg.mcp.devices[0].token == "changeme-changeme"
     assert cfg.mcp.devices[0].meta == {"room": "basement"}
     assert cfg.homeassistant.enabled is True
     assert cfg.simulator is not None
@@ -509,9 +511,9 @@ def test_names_ports_and_units_must_be_unique() -> None:
                 - {name: empty, unit: 2}
         mcp:
           devices:
-            - {id: d2, token: t}
-            - {id: m, token: t}
-            - {id: m, token: t}
+            - {id: d2, token: token-0123456789}
+            - {id: m, token: token-0123456789}
+            - {id: m, token: token-0123456789}
         """
     ) == [
         "cfg.yaml:3: northbound[1].name: sink name 'local' is used twice (first at line 2)",
@@ -754,7 +756,7 @@ def test_a_simulated_mcp_device_must_be_allowed_by_the_mcp_section() -> None:
         """\
         mcp:
           listen: 127.0.0.1:7720
-          devices: [{id: pump-1, token: t}]
+          devices: [{id: pump-1, token: token-0123456789}]
         simulator:
           mcp:
             - {id: pump-l, interval: 1s}
@@ -768,3 +770,18 @@ def test_a_simulated_mcp_device_must_be_allowed_by_the_mcp_section() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("simulator:\n  mcp: [{id: x}]\n", "c.yaml")
     assert info.value.errors == ["c.yaml:2: simulator.mcp[0].id: 'x' is not in an `mcp` section"]
+
+
+def test_mcp_tokens_shorter_than_16_characters_are_refused(tmp_path: Path) -> None:
+    # A short token can be guessed over the network: `fieldgate check` (and `run`) say so, exit 2, never echo it.
+    text = "mcp:\n  listen: 127.0.0.1:7720\n  devices:\n    - {id: a, token: abcdefghijklmno}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    assert info.value.errors == ["c.yaml:4: mcp.devices[0].token: must be at least 16 characters"]
+    assert parse_config(text.replace("mno}", "mnop}"), "c.yaml").config.mcp is not None
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "at least 16 characters" in r.stderr and "abcdefghijklmno" not in r.stderr

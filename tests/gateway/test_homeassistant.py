@@ -338,12 +338,12 @@ modbus:
 mcp:
   devices:
     - id: pump-1
-      token: t
+      token: token-0123456789
       points:
         - {name: flow, unit: "m³/h", device_class: volume_flow_rate, state_class: measurement}
         - {name: running, type: bool, device_class: running}
         - {name: mode, type: string}
-    - {id: quiet, token: t}
+    - {id: quiet, token: token-0123456789}
 """
 
 P = "fieldgate/gw1"
@@ -508,7 +508,7 @@ def test_config_refuses_hints_that_cannot_work(point: str, message: str) -> None
 
 def test_mcp_points_unit_only_on_numbers() -> None:
     with pytest.raises(ConfigError) as exc:
-        parse_config("mcp: {devices: [{id: a, token: t, points: [{name: lamp, type: bool, unit: V}]}]}")
+        parse_config("mcp: {devices: [{id: a, token: token-0123456789, points: [{name: lamp, type: bool, unit: V}]}]}")
     assert "`unit` and `state_class` are for number points" in str(exc.value)
 
 

@@ -52,7 +52,7 @@ modbus:
 mcp:
   listen: 127.0.0.1:{mcp}
   devices:
-    - {{id: pump-1, token: s3cret}}
+    - {{id: pump-1, token: s3cret-token-0001}}
 simulator:
   modbus:
     - link: ./ttyA

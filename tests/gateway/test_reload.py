@@ -248,21 +248,31 @@ async def test_mcp_devices_removed_or_rekeyed_lose_their_session(tmp_path: Path)
     def mcp(devices: str) -> str:
         return f"mcp:\n  listen: 127.0.0.1:{mcp_port}\n  devices: [{devices}]"
 
-    both = "{id: pump-1, token: s3cret}, {id: pump-2, token: other}"
+    both = "{id: pump-1, token: s3cret-token-0001}, {id: pump-2, token: other-token-00002}"
     path.write_text(config(port, [BOILER], mcp=mcp(both)))
     gw = Gateway(load_config(path))
     await gw.start()
     try:
         peers = {}
-        for device, token in (("pump-1", "s3cret"), ("pump-2", "other")):
+        for device, token in (("pump-1", "s3cret-token-0001"), ("pump-2", "other-token-00002")):
             peers[device] = RawPeer(*await asyncio.open_connection("127.0.0.1", mcp_port))
             assert (await peers[device].hello(device_id=device, token=token)).type == FrameType.ACK
         # pump-1 removed, pump-2 keeps its place but gets a new token, pump-3 is new.
-        path.write_text(config(port, [BOILER], mcp=mcp("{id: pump-2, token: new}, {id: pump-3, token: t3}")))
+        path.write_text(
+            config(
+                port,
+                [BOILER],
+                mcp=mcp("{id: pump-2, token: new-token-0000003}, {id: pump-3, token: t3-token-00000004}"),
+            )
+        )
         assert await gw.reload()
         assert await peers["pump-1"].closed() and await peers["pump-2"].closed()
         assert gw.router is not None and set(gw.router.devices) == {"boiler", "meter", "pump-2", "pump-3"}
-        for device, token, ok in (("pump-1", "s3cret", False), ("pump-2", "other", False), ("pump-2", "new", True)):
+        for device, token, ok in (
+            ("pump-1", "s3cret-token-0001", False),
+            ("pump-2", "other-token-00002", False),
+            ("pump-2", "new-token-0000003", True),
+        ):
             peer = RawPeer(*await asyncio.open_connection("127.0.0.1", mcp_port))
             answer = await peer.hello(device_id=device, token=token)
             assert (answer.type == FrameType.ACK) is ok, (device, token, answer)
@@ -274,7 +284,7 @@ async def test_mcp_devices_removed_or_rekeyed_lose_their_session(tmp_path: Path)
 async def test_mcp_data_sent_while_a_sink_is_swapped_is_acked_and_delivered(tmp_path: Path) -> None:
     port, mcp_port = free_port(), free_port()
     path = tmp_path / "config.yaml"
-    mcp = f"mcp:\n  listen: 127.0.0.1:{mcp_port}\n  devices: [{{id: pump-1, token: s3cret}}]"
+    mcp = f"mcp:\n  listen: 127.0.0.1:{mcp_port}\n  devices: [{{id: pump-1, token: s3cret-token-0001}}]"
     path.write_text(config(port, [BOILER], mcp=mcp))
     gw = Gateway(load_config(path))
     await gw.start()

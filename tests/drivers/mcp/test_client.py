@@ -132,7 +132,7 @@ async def make_client(peer: Peer) -> AsyncIterator[MakeClient]:
 
     async def make(**kw: Any) -> McpClient:
         opts: dict[str, Any] = {"boot_id": "b1", "ack_timeout": 5.0, "backoff_start": 0.05, "backoff_max": 0.4}
-        client = McpClient("127.0.0.1", peer.port, "pump-1", "s3cret", **(opts | kw))
+        client = McpClient("127.0.0.1", peer.port, "pump-1", "s3cret-token-0001", **(opts | kw))
         made.append(client)
         await client.start()
         return client
@@ -154,7 +154,13 @@ async def test_hello_first_with_exact_bytes_then_data_acked(peer: Peer, make_cli
     assert client.heartbeat_s_effective == 7
     await client.send({"flow_lpm": 12.5, "running": True}, ts=1767225600000)
     conn = peer.conns[0]
-    hello = {"boot_id": "b1", "device_id": "pump-1", "heartbeat_s": 30, "meta": {"fw": "1.2"}, "token": "s3cret"}
+    hello = {
+        "boot_id": "b1",
+        "device_id": "pump-1",
+        "heartbeat_s": 30,
+        "meta": {"fw": "1.2"},
+        "token": "s3cret-token-0001",
+    }
     first = encode(Frame.json(FrameType.HELLO, 1, hello))
     data = {"ts": 1767225600000, "values": {"flow_lpm": 12.5, "running": True}}
     assert bytes(conn.raw) == first + encode(Frame.json(FrameType.DATA, 2, data))

@@ -16,8 +16,8 @@ from drivers.mcp.codec import Frame, FrameType, encode
 from mcp_peer import McpGateway
 
 HELLO = bytes.fromhex(
-    "55aa55aa010300000001000000477b22626f6f745f6964223a226231222c226465766963655f6964223a2270756d702d31222c"
-    "226865617274626561745f73223a33302c22746f6b656e223a22733363726574227d6337"
+    "55aa55aa010300000001000000527b22626f6f745f6964223a226231222c226465766963655f6964223a2270756d702d31222c"
+    "226865617274626561745f73223a33302c22746f6b656e223a227333637265742d746f6b656e2d30303031227d6adc"
 )
 DATA = bytes.fromhex(
     "55aa55aa0102000000020000003e7b227473223a313736373232353630303030302c2276616c756573223a7b22666c6f775f6c"
@@ -58,7 +58,7 @@ async def test_hello_data_ack_bytes_and_telemetry_with_device_ts(mcp_gateway: Mc
 
 @pytest.mark.parametrize(
     ("device_id", "token"),
-    [("pump-1", "wrong"), ("pump-9", "s3cret")],
+    [("pump-1", "wrong-token-00000"), ("pump-9", "s3cret-token-0001")],
     ids=["bad token", "unknown device"],
 )
 async def test_failed_authentication_is_nack_7_and_close(connect, device_id: str, token: str) -> None:  # type: ignore[no-untyped-def]
@@ -232,7 +232,9 @@ async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) ->
         calls.append((name, args))
         return {"done": name}
 
-    client = McpClient("127.0.0.1", mcp_gateway.mcp_port, "pump-2", "other", on_command=handler, ack_timeout=2)
+    client = McpClient(
+        "127.0.0.1", mcp_gateway.mcp_port, "pump-2", "other-token-00002", on_command=handler, ack_timeout=2
+    )
     await client.start()
     try:
         assert await client.wait_connected(5)
