@@ -23,6 +23,7 @@ import sys
 
 from bridge.broker_auth import BrokerAuth
 from gateway.errors import FieldgateError
+from gateway.supervise import Supervised, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,17 @@ class BrokerProcess:
         cert: str | None = None,
         key: str | None = None,
         auth: BrokerAuth | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.listeners = listeners
         self.auth = auth
         settings = {"listeners": listeners, "cert": cert, "key": key, "auth": auth.to_json() if auth else None}
         self._args = json.dumps(settings).encode() + b"\n"
         self._proc: asyncio.subprocess.Process | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        # The gateway's supervisor: a watcher that fails is restarted (and shows in /healthz), so a broker
+        # child that dies later is still brought back.
+        self._supervisor = supervisor or Supervisor()
+        self._watcher: Supervised | None = None
         self._relay: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
@@ -69,7 +74,7 @@ class BrokerProcess:
     async def start(self) -> None:
         """Start the child and wait until its listeners are bound."""
         await self._spawn()
-        self._watcher = asyncio.create_task(self._watch(), name="broker-process")
+        self._watcher = self._supervisor.spawn("broker-process", self._watch)
 
     async def _spawn(self) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -102,10 +107,20 @@ class BrokerProcess:
         log.info("embedded broker (process %d) listening on %s", proc.pid, ", ".join(self.listeners))
 
     async def _relay_stderr(self, stderr: asyncio.StreamReader) -> None:
-        while line := await stderr.readline():
+        while True:
+            try:
+                line = await stderr.readline()
+            except ValueError:
+                # A line over the reader's limit (64 KiB): readline dropped it; keep reading, or the pipe fills.
+                log.warning("embedded broker wrote a line too long to relay; dropped")
+                continue
+            if not line:
+                return
             log.warning("%s", line.decode(errors="replace").rstrip())
 
     async def _watch(self) -> None:
+        # Restarted by the supervisor after a failure, this waits on the child it last had: one that exited
+        # meanwhile is seen at once and started again.
         delay = 1.0
         while not self._stopping:
             assert self._proc is not None
@@ -126,10 +141,7 @@ class BrokerProcess:
     async def stop(self) -> None:
         """Stop the child: close its stdin, then SIGTERM and SIGKILL if it does not go."""
         self._stopping = True
-        if self._watcher:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await self._supervisor.stop(self._watcher)
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -171,11 +183,13 @@ async def _serve(listeners: list[str], cert: str | None, key: str | None, auth: 
     from bridge.broker import EmbeddedBroker
 
     broker = EmbeddedBroker(listeners, cert=cert, key=key, auth=auth)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Before `ready`: a SIGTERM to the group right after it must find the grace period in place.
+    loop.add_signal_handler(signal.SIGTERM, loop.call_later, TERM_GRACE, stop.set)
     await broker.start()
     sys.stdout.buffer.write(READY)
     sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     def stdin_readable() -> None:
         if not os.read(sys.stdin.fileno(), 4096):
@@ -183,7 +197,6 @@ async def _serve(listeners: list[str], cert: str | None, key: str | None, auth: 
             stop.set()  # the gateway closed it (or is gone)
 
     loop.add_reader(sys.stdin.fileno(), stdin_readable)
-    loop.add_signal_handler(signal.SIGTERM, loop.call_later, TERM_GRACE, stop.set)
     await stop.wait()
     await broker.stop()
 

@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from gateway.errors import SinkError, SinkOffline
+from gateway.supervise import Supervised, Supervisor
 from gateway.types import ABSOLUTE, Message
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class SinkStats:
     disconnects: int = 0
     received: int = 0
     retained_requests: int = 0  # set/cmd requests found retained on the broker: ignored
+    bad_requests: int = 0  # requests whose topic was not UTF-8, or whose handling failed
 
 
 class MqttSink:
@@ -69,6 +71,7 @@ class MqttSink:
         on_request: RequestHandler | None = None,
         on_connect: ConnectHandler | None = None,
         max_inflight: int = 100,
+        supervisor: Supervisor | None = None,
     ) -> None:
         parsed = urlparse(url)
         self.name = name
@@ -96,8 +99,11 @@ class MqttSink:
         self._stopped = asyncio.Event()
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._misc: asyncio.Task[None] | None = None
-        self._connector: asyncio.Task[None] | None = None
+        # The gateway's supervisor: a connect loop that fails is restarted and shows in /healthz.
+        self._supervisor = supervisor or Supervisor()
+        self._misc: Supervised | None = None
+        self._connector: Supervised | None = None
+        self._attempts = 0
         self._client = self._new_client()
 
     def _new_client(self) -> mqtt.Client:
@@ -138,8 +144,8 @@ class MqttSink:
     async def start(self) -> None:
         """Start connecting in the background; publishes wait for the connection."""
         self._loop = asyncio.get_running_loop()
-        self._connector = asyncio.create_task(self._connect_loop(), name=f"sink:{self.name}:connect")
-        self._misc = asyncio.create_task(self._misc_loop(), name=f"sink:{self.name}:misc")
+        self._connector = self._supervisor.spawn(f"sink:{self.name}:connect", self._connect_loop)
+        self._misc = self._supervisor.spawn(f"sink:{self.name}:misc", self._misc_loop)
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the broker session; True when it is up."""
@@ -157,11 +163,7 @@ class MqttSink:
             with contextlib.suppress(SinkError, TimeoutError):
                 async with asyncio.timeout(2.0):
                     await self.publish(Message("status", b"offline", retain=True, qos=1))
-        for task in (self._connector, self._misc):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._supervisor.stop(self._connector, self._misc)
         self._client.disconnect()
         self._fail_pending(SinkOffline(f"sink {self.name} stopped before the broker acknowledged"))
         self._connected.clear()
@@ -247,9 +249,15 @@ class MqttSink:
         client.publish(self.topic("status"), b"online", qos=1, retain=True)
         self._connected.set()
         if self._on_connect_hook:
-            task = asyncio.get_running_loop().create_task(self._on_connect_hook())
+            task = asyncio.get_running_loop().create_task(self._on_connect_hook(), name=f"sink:{self.name}:on-connect")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._hook_done)
+
+    def _hook_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Said once per connect, with the traceback: the retained state was not (all) published again.
+            log.error("sink %s: re-publishing after the connect failed: %r", self.name, exc, exc_info=exc)
 
     def _handle_disconnect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if client is not self._client:
@@ -277,16 +285,27 @@ class MqttSink:
         if client is not self._client:
             return
         self.stats.received += 1
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            # paho decodes the topic on access; a broker that passed on bad UTF-8 must not reach paho's read loop.
+            self.stats.bad_requests += 1
+            return
         if msg.retain:
             # A request left retained on the broker would be carried out again at every (re)subscribe.
             self.stats.retained_requests += 1
             if self.stats.retained_requests == 1:
                 log.warning(
-                    "sink %s: ignoring a retained request on %s (publish requests without retain)", self.name, msg.topic
+                    "sink %s: ignoring a retained request on %s (publish requests without retain)", self.name, topic
                 )
             return
-        if self._on_request and msg.topic.startswith(self.prefix + "/"):
-            self._on_request(msg.topic[len(self.prefix) + 1 :], bytes(msg.payload))
+        if self._on_request and topic.startswith(self.prefix + "/"):
+            try:
+                self._on_request(topic[len(self.prefix) + 1 :], bytes(msg.payload))
+            except Exception:
+                # Raised into paho's read loop it would end this connection's reading; one request is not worth it.
+                self.stats.bad_requests += 1
+                log.exception("sink %s: handling a request on %s failed", self.name, topic)
 
     # --- socket plumbing --------------------------------------------------------------------------
 
@@ -330,14 +349,14 @@ class MqttSink:
 
     async def _connect_loop(self) -> None:
         delay = RECONNECT_MIN
-        first = True
         while True:
             if not self._connected.is_set() and not self._client.is_connected():
                 try:
                     assert self._loop is not None
-                    if not first:
+                    # A fresh client per attempt (also after a restart by the supervisor), none left half-used.
+                    if self._attempts:
                         self._client = self._new_client()
-                    first = False
+                    self._attempts += 1
                     self._dropped.clear()
                     # The TCP (and TLS) handshake blocks, so it runs in a worker thread.
                     await self._loop.run_in_executor(

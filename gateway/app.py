@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import secrets
@@ -29,9 +28,11 @@ from gateway.config.schema import BusConfig, Config, SinkConfig
 from gateway.errors import ConfigError
 from gateway.homeassistant import Discovery
 from gateway.http import HttpServer
+from gateway.jsonsafe import dumps_safe
 from gateway.reload import ConfigDiff, diff
-from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
+from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router
 from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
+from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier, line_alive
 from gateway.types import DeviceState, Message, Sample
 
@@ -74,7 +75,10 @@ class Gateway:
         self.mcp: McpServer | None = None
         self.router: Router | None = None
         self.discovery = Discovery(self.cfg)
-        self._metrics: asyncio.Task[None] | None = None
+        #: Every long-lived task of the gateway's own (sinks, broker child watcher, metrics, reloads, the status
+        #: page's sampler) runs under this: restarted with back-off when it fails, and listed in problems().
+        self.supervisor = Supervisor()
+        self._metrics: Supervised | None = None
         self._stopping = asyncio.Event()
         self.started_at = 0.0
         self.http: HttpServer | None = None
@@ -93,10 +97,13 @@ class Gateway:
         if cfg.simulator:
             self.simulation = await start_simulation(cfg, self.base)
         if cfg.broker.enabled:
-            kind = BrokerProcess if cfg.broker.process == "separate" else EmbeddedBroker
             # Our own sinks log in with a secret made afresh at each start, held only in memory.
             auth = broker_auth(cfg, self.base, secrets.token_urlsafe(32))
-            self.broker = kind(cfg.broker.listeners, cert=cfg.broker.cert, key=cfg.broker.key, auth=auth)
+            tls = {"cert": cfg.broker.cert, "key": cfg.broker.key}
+            if cfg.broker.process == "separate":
+                self.broker = BrokerProcess(cfg.broker.listeners, **tls, auth=auth, supervisor=self.supervisor)
+            else:
+                self.broker = EmbeddedBroker(cfg.broker.listeners, **tls, auth=auth)
             await self.broker.start()
 
         self._build_sinks()
@@ -120,7 +127,7 @@ class Gateway:
             # After the drivers: the first page and scrape already show every line and device.
             self.http = HttpServer(self, cfg.gateway.http)
             await self.http.start()
-        self._metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        self._metrics = self.supervisor.spawn("metrics", self._metrics_loop)
         log.info(
             "fieldgate %s up: %d Modbus line(s) with %d device(s), %d MCP device(s) allowed, %d sink(s)",
             cfg.gateway.id,
@@ -165,6 +172,7 @@ class Gateway:
             subscriptions=SUBSCRIPTIONS,
             on_request=functools.partial(self._request, s.name),
             on_connect=functools.partial(self._reconnected, s.name),
+            supervisor=self.supervisor,
         )
         spool = SQLiteSpool(
             cfg.spool_path(s),
@@ -289,6 +297,7 @@ class Gateway:
         """Why the gateway is not healthy now (for /healthz and the systemd watchdog): a sink's outbox that is not
         running, a Modbus line whose task ended or that has not moved for longer than any healthy step takes."""
         out = [f"sink {o.sink.name}: {why}" for o in self.outboxes if (why := o.health())]
+        out += self.supervisor.problems()
         now = time.monotonic()
         for bus in self.buses:
             if bus.stopping:
@@ -318,15 +327,23 @@ class Gateway:
             if self.mcp
             else None,
             "sinks": {
-                o.sink.name: {**asdict(s.stats), **o.figures(), "connected": s.connected}
+                o.sink.name: {
+                    **asdict(s.stats),
+                    **o.figures(),
+                    "connected": s.connected,
+                    "requests_dropped": self.router.dropped_requests.get(s.name, 0) if self.router else 0,
+                }
                 for o, s in zip(self.outboxes, self.sinks, strict=True)
+            },
+            "tasks": {
+                e.name: {"failures": e.failures, "down": e.restart_at is not None} for e in self.supervisor.tasks
             },
         }
 
     async def _metrics_loop(self) -> None:
         while True:
             await asyncio.sleep(METRICS_INTERVAL)
-            payload = encode_json({"ts": time.time_ns() // 1_000_000, **self.metrics()})
+            payload = dumps_safe({"ts": time.time_ns() // 1_000_000, **self.metrics()})
             for outbox in self.outboxes:
                 outbox.submit(Message("metrics", payload))
 
@@ -337,10 +354,7 @@ class Gateway:
         if self.http:
             # First: no scrape or page should read parts that are half stopped.
             await self.http.stop()
-        if self._metrics:
-            self._metrics.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics
+        await self.supervisor.stop(self._metrics)
         if self.simulation:
             await self.simulation.stop_mcp()
         for bus in self.buses:
@@ -373,6 +387,7 @@ class Gateway:
             await self.simulation.stop()
         if self.audit:
             self.audit.close()
+        await self.supervisor.stop()  # anything still supervised (nothing, when every part stopped its own)
 
     def request_stop(self) -> None:
         """Ask `run_forever` to stop (signal handlers call this)."""
@@ -500,17 +515,15 @@ class Gateway:
         # From the start to the end: SIGHUP's default action would kill the gateway. One that comes
         # during start-up is carried out once everything is up; one during shutdown is let go.
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        reloads: asyncio.Task[None] | None = None
+        reloads: Supervised | None = None
         try:
             await self.start()
-            reloads = asyncio.create_task(self._reload_loop(), name="reload")
+            reloads = self.supervisor.spawn("reload", self._reload_loop)
             await self._stopping.wait()
             log.info("stopping")
         finally:
             if reloads is not None:
                 # A reload under way finishes first: stopping half-swapped parts would lose the spool's tail.
                 async with self._reload_lock:
-                    reloads.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reloads
+                    await self.supervisor.stop(reloads)
             await self.stop()

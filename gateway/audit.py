@@ -1,4 +1,8 @@
-"""The audit log: one JSON line per write and command request, under the state dir, rotated by size.
+"""The audit log: JSON lines of write and command requests, under the state dir, rotated by size.
+
+A request that goes to a device gets two lines: one with `"stage": "request"` (and `ok` null) written before the
+device is touched, and its outcome after, in a `finally` (the line every request has: refused ones get only
+this). A `request` line without an outcome means the gateway stopped or died while the device had it.
 
 Who asked is recorded as the sink the request came in on (`origin`). MQTT 3.1.1 tells a
 subscriber nothing about the publisher, so the gateway cannot know the client id or user;
@@ -9,7 +13,6 @@ the broker's ACL's business.
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import math
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from gateway.jsonsafe import dumps_safe
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +42,13 @@ class AuditRecord:
     action: str  # "set" or "cmd"
     target: str | None  # the point written, or the command's name
     request: Any  # the value asked for, or the command's args
-    ok: bool
+    ok: bool | None  # None: the `request` line, written before the outcome is known
     result: Any = None  # the value read back, or what the device answered
     error: str | None = None
     request_id: str | None = None  # a command's `id`
     raw: bytes | None = None  # the payload, when it was not JSON
     duration_ms: float = 0.0
+    stage: str | None = None  # "request" on the line written before the device is touched; None on the outcome
 
     def to_json(self) -> str:
         """The record as one line of JSON (no newline)."""
@@ -57,6 +63,8 @@ class AuditRecord:
             "device": self.device,
             "action": self.action,
         }
+        if self.stage is not None:
+            body["stage"] = self.stage
         if self.action == "cmd":
             body.update(command=self.target, args=self.request, id=self.request_id)
         else:
@@ -64,7 +72,12 @@ class AuditRecord:
         if self.raw is not None:
             body["payload"] = self.raw[:RAW_PAYLOAD_MAX].decode("utf-8", errors="replace")
         body.update(ok=self.ok, result=self.result, error=self.error, ms=round(self.duration_ms, 1))
-        return json.dumps(_plain(body), separators=(",", ":"), ensure_ascii=False, default=repr)
+        try:
+            plain = _plain(body)
+        except RecursionError:  # deeper than any JSON a request can bring (loads_strict stops at 32)
+            plain = body
+        # Whatever the request held (a lone surrogate, a 10^400 number): the line is written, never skipped.
+        return dumps_safe(plain).decode("utf-8")
 
 
 def _plain(value: object) -> object:
@@ -103,7 +116,7 @@ class AuditLog:
 
     def __call__(self, record: AuditRecord) -> None:
         """Append one record (a short synchronous write: requests are rare and rate-limited)."""
-        self._logger.info("%s", record.to_json())
+        self._logger.info("%s", record.to_json())  # a failed write is _Handler's to report
 
     def close(self) -> None:
         """Close the file."""

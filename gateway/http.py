@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -27,8 +26,9 @@ from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import RESPONSE_BUCKETS
 from gateway import __version__
 from gateway.errors import FieldgateError
-from gateway.router import encode_json
+from gateway.jsonsafe import dumps_safe
 from gateway.spool_report import human_age, human_size
+from gateway.supervise import Supervised
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -99,10 +99,17 @@ class GatewayCollector(Collector):
         uptime = _gauge("uptime_seconds", "Seconds since the gateway started.", [])
         uptime.add_metric([], time.monotonic() - gw.started_at)
         yield uptime
-        yield from self._lines()
-        yield from self._devices()
-        yield from self._mcp()
-        yield from self._sinks()
+        for part in (self._lines, self._devices, self._mcp, self._sinks, self._gateway):
+            yield from self._guarded(part)
+
+    @staticmethod
+    def _guarded(part: Callable[[], Iterator[Metric]]) -> list[Metric]:
+        """One part's series, or none (logged) when reading it fails: the rest of the scrape still answers."""
+        try:
+            return list(part())
+        except Exception:
+            log.exception("metrics: %s could not be read", part.__name__.strip("_"))
+            return []
 
     def _lines(self) -> Iterator[Metric]:
         counters = {
@@ -234,6 +241,31 @@ class GatewayCollector(Collector):
         yield connected
         yield published
 
+    def _gateway(self) -> Iterator[Metric]:
+        gw = self.gateway
+        failures = _counter(
+            "task_failures", "Times a supervised task failed (each is restarted with back-off).", ["task"]
+        )
+        down = _gauge("task_down", "1 while a supervised task waits for its restart after a failure.", ["task"])
+        waiting = {e.name for e in gw.supervisor.tasks if e.restart_at is not None}
+        for entry in gw.supervisor.tasks:
+            failures.add_metric([entry.name], entry.failures)
+            down.add_metric([entry.name], 1 if entry.name in waiting else 0)
+        yield failures
+        yield down
+        dropped = _counter(
+            "requests_dropped",
+            "set/cmd requests for devices that cannot take them, beyond the sink's limit: not audited or answered.",
+            ["sink"],
+        )
+        router = gw.router
+        for sink in gw.sinks:
+            dropped.add_metric([sink.name], router.dropped_requests.get(sink.name, 0) if router else 0)
+        yield dropped
+        values = _counter("values_dropped", "Values whose name could not be a topic level: not published.", [])
+        values.add_metric([], router.dropped_values if router else 0)
+        yield values
+
 
 class HttpServer:
     """The gateway's HTTP listener: `/metrics` (Prometheus), `/healthz` and `/` (status page)."""
@@ -247,7 +279,7 @@ class HttpServer:
         self.registry.register(GatewayCollector(gateway, self.utilisation))
         ProcessCollector(registry=self.registry)  # RSS, CPU, open fds: what a Pi runs short of
         self._runner: web.AppRunner | None = None
-        self._sampler: asyncio.Task[None] | None = None
+        self._sampler: Supervised | None = None
 
     async def start(self) -> None:
         """Bind and serve; FieldgateError with the address and the reason when it cannot bind."""
@@ -267,15 +299,13 @@ class HttpServer:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         self.utilisation.sample()
-        self._sampler = asyncio.create_task(self._sample_loop(), name="http:utilisation")
+        self._sampler = self.gateway.supervisor.spawn("http:utilisation", self._sample_loop)
         log.info("status page on http://%s:%d/ (metrics at /metrics)", host or "0.0.0.0", self.port)
 
     async def stop(self) -> None:
         """Stop listening; a request in progress gets a moment to finish."""
         if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+            await self.gateway.supervisor.stop(self._sampler)
             self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
@@ -300,9 +330,9 @@ class HttpServer:
         return web.Response(text="ok\n")
 
     async def _page(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=StatusPage(self.gateway, self.utilisation, self.problems()).render(), content_type="text/html"
-        )
+        page = StatusPage(self.gateway, self.utilisation, self.problems()).render()
+        # "replace": a string no encoder takes (a lone surrogate) costs one "?" on the page, not the page.
+        return web.Response(body=page.encode("utf-8", "replace"), content_type="text/html", charset="utf-8")
 
     def problems(self) -> list[str]:
         """Why the gateway is not healthy (the same view the systemd watchdog has)."""
@@ -345,6 +375,23 @@ def _cells(values: list[tuple[str, bool]]) -> str:
     return "<tr>" + "".join(f'<td class="n">{v}</td>' if n else f"<td>{v}</td>" for v, n in values) + "</tr>"
 
 
+#: Ages beyond this (about 31,700 years) are not ages: a device clock or a ts that is not one.
+_AGE_MAX_MS = 10**15
+
+
+def _age(now_ms: int, ts: object) -> str:
+    """How old a sample taken at `ts` (unix ms, as the device said) is, for people; total for any ts."""
+    if not isinstance(ts, int) or isinstance(ts, bool) or not ts:
+        return human_age(None)
+    behind = now_ms - ts
+    if behind <= -1000:
+        # Ahead of the gateway's clock by a second or more: said as such, by how much when that is a sane number.
+        return "in the future" if -behind > _AGE_MAX_MS else f"{human_age(-behind / 1000)} ahead"
+    if behind > _AGE_MAX_MS:
+        return "ts out of range"
+    return human_age(max(0, behind) / 1000)
+
+
 class StatusPage:
     """The read-only status page: lines, devices with their last values, MCP sessions, sinks and spools."""
 
@@ -373,22 +420,31 @@ class StatusPage:
             f"<header><h1>Fieldgate {gid}</h1>",
             f"<p>version {_e(__version__)} · up {human_age(self.now - gw.started_at)} · health: {health}</p></header>",
             '<section id="devices"><h2>Devices</h2>',
-            self._devices(),
+            self._guarded(self._devices),
             "</section>",
             '<section id="lines"><h2>Modbus lines</h2>',
-            self._lines(),
+            self._guarded(self._lines),
             "</section>",
             '<section id="mcp"><h2>MCP sessions</h2>',
-            self._mcp(),
+            self._guarded(self._mcp),
             "</section>",
             '<section id="sinks"><h2>Sinks and spools</h2>',
-            self._sinks(),
+            self._guarded(self._sinks),
             "</section>",
             f"<footer>Reloads every {REFRESH_S} s · "
             '<a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a></footer>',
             "</body></html>",
         ]
         return "\n".join(parts)
+
+    @staticmethod
+    def _guarded(section: Callable[[], str]) -> str:
+        """A section's HTML, or a line saying it could not be shown (logged): one bad part costs its section only."""
+        try:
+            return section()
+        except Exception as exc:
+            log.exception("status page: the %s section could not be rendered", section.__name__.strip("_"))
+            return f'<p class="bad">This section could not be shown: {_e(repr(exc)[:200])}</p>'
 
     def _devices(self) -> str:
         gw = self.gateway
@@ -403,7 +459,6 @@ class StatusPage:
             else:
                 where = "MCP"
                 online = view.online
-            age = None if not view.latest_ts else max(0.0, (self.now_ms - view.latest_ts) / 1000)
             rows.append(
                 _cells(
                     [
@@ -411,7 +466,7 @@ class StatusPage:
                         (where, False),
                         (_state(online), False),
                         (self._values(name, view.latest), False),
-                        (_e(human_age(age)), True),
+                        (_e(_age(self.now_ms, view.latest_ts)), True),
                     ]
                 )
             )
@@ -424,7 +479,7 @@ class StatusPage:
         # The value as its MQTT topic carries it (JSON), so that the page and the broker agree.
         items = "".join(
             f'<div data-device="{_e(device)}" data-point="{_e(point)}"><dt>{_e(point)}</dt>'
-            f"<dd>{_e(encode_json(value).decode())}</dd></div>"
+            f"<dd>{_e(dumps_safe(value).decode())}</dd></div>"
             for point, value in values.items()
         )
         return f'<dl class="values">{items}</dl>'

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import math
 import time
@@ -14,6 +14,7 @@ from typing import Any
 from bridge.outbox import Outbox
 from gateway.audit import AuditRecord
 from gateway.errors import SinkError
+from gateway.jsonsafe import JsonRejected, dumps_safe, loads_strict
 from gateway.types import Command, CommandResult, DeviceState, Message, Sample, Value, Write, WriteResult
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,52 @@ class _DeviceView:
     online: bool | None = None
 
 
-def encode_json(value: object) -> bytes:
-    """Compact JSON; NaN and infinities (not JSON) become null."""
-    return json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False).encode()
+#: Everything the router encodes goes through the one writer that cannot raise (a value a device sent, a `cmd`'s
+#: `id`, a 10^400 ts): the name stays for the callers that know it.
+encode_json = dumps_safe
+
+#: A request's payload longer than this is refused unread (a `set` value or a `cmd` is a few bytes).
+MAX_REQUEST_PAYLOAD = 64 * 1024
+#: Requests a sink may bring per second for devices that cannot take them (unknown, or no writes/commands),
+#: and at once: each is audited, so without a bound a flood of them fills the audit log.
+STRAY_RATE = 10.0
+STRAY_BURST = 20
+#: A dropped request is logged at most this often per sink.
+DROP_LOG_INTERVAL = 60.0
+#: Characters a value name may not have: MQTT wildcards, the level separator, NUL (not a topic level then).
+_NOT_IN_NAMES = frozenset("+#/\0")
 
 
-def _finite(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+def _clean_text(text: str) -> str:
+    """`text` itself when it encodes to UTF-8, else with each lone surrogate replaced by "?"."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _clean_value(value: object) -> Value:
+    """A value every encoder takes: text made valid Unicode, anything not a JSON scalar as its JSON text."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return _clean_text(value)
+    return dumps_safe(value).decode("utf-8")
+
+
+def _topic_level(name: object) -> bool:
+    """True when `name` can be one level of an MQTT topic (and a key everywhere else)."""
+    if not isinstance(name, str) or not name or len(name) > 256:
+        return False
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return _NOT_IN_NAMES.isdisjoint(name)
 
 
 def _moved(old: Value, new: Value, deadband: float) -> bool:
@@ -117,6 +153,13 @@ class Router:
             p.name: TokenBucket(p.write_rate, p.write_burst, clock()) for p in profiles if p.write_rate is not None
         }
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Per sink: one bucket for requests for devices that cannot take them (see STRAY_RATE).
+        self._stray: dict[str, TokenBucket] = {}
+        #: Per sink: requests dropped by that bucket (neither carried out, audited nor answered).
+        self.dropped_requests: dict[str, int] = {}
+        self._drop_logged: dict[str, float] = {}
+        #: Values whose name could not be a topic level (no validating driver lets one through; counted if one does).
+        self.dropped_values = 0
 
     def update(self, profiles: list[DeviceProfile]) -> list[str]:
         """Take the devices of a reloaded config; returns the names of those removed.
@@ -189,26 +232,59 @@ class Router:
         if view is None:
             log.debug("sample from unknown device %s", sample.device)
             return None
+        values = self._accepted(view, sample)
         deadbands = view.profile.deadbands
         changed: dict[str, Value] = {}
-        for name, value in sample.values.items():
+        for name, value in values.items():
             base = name.split(".", 1)[0]
             if name not in view.published or _moved(view.published[name], value, deadbands.get(base, 0.0)):
                 changed[name] = value
-        view.latest.update(sample.values)
+        view.latest.update(values)
         view.latest_ts = sample.ts
         now = self._clock()
         if now - view.last_full >= view.profile.full_every:
             view.last_full = now
             body = dict(view.latest)
         else:
-            body = dict(sample.values) if view.profile.every_sample else changed
+            body = dict(values) if view.profile.every_sample else changed
         view.published.update(changed)
         for name, value in changed.items():
             self._send(Message(f"{sample.device}/{name}", encode_json(value), retain=True, ts=sample.ts))
         if not body:
             return None
         return Message(f"{sample.device}/telemetry", encode_json({"ts": sample.ts, "values": body}), ts=sample.ts)
+
+    def _accepted(self, view: _DeviceView, sample: Sample) -> dict[str, Value]:
+        """The sample's values as the router keeps them: names that are topic levels, values every encoder takes.
+
+        Only what is kept here is encoded later (retained state on every reconnect, the status page), so a value
+        no encoder takes must not get in: it would fail each of those calls, for every device, from then on.
+        """
+        values = sample.values
+        clean = True
+        for name, value in values.items():
+            # Fast path: a name seen before was checked then; numbers and ASCII text need nothing.
+            if (name not in view.latest and not _topic_level(name)) or not (
+                value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and value.isascii())
+            ):
+                clean = False
+                break
+        if clean:
+            return values
+        kept: dict[str, Value] = {}
+        for name, value in values.items():
+            if name in view.latest or _topic_level(name):
+                kept[name] = _clean_value(value)
+            else:
+                self.dropped_values += 1
+                if self.dropped_values == 1 or self.dropped_values % 1000 == 0:
+                    log.warning(
+                        "device %s: value name %s cannot be a topic level; dropped (%d so far)",
+                        sample.device,
+                        ascii(name)[:80],
+                        self.dropped_values,
+                    )
+        return kept
 
     def on_state(self, state: DeviceState) -> None:
         """Publish a device's retained online/offline status."""
@@ -223,7 +299,7 @@ class Router:
                 outbox.submit(message)
 
     def retained_state(self) -> list[Message]:
-        """Every retained message the gateway stands behind (statuses and latest values)."""
+        """Every retained message the gateway stands behind (statuses and latest values); never raises."""
         out: list[Message] = []
         for name, view in self.devices.items():
             if view.online is not None:
@@ -250,7 +326,12 @@ class Router:
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("handling a request failed: %r", exc, exc_info=exc)
 
     def _rate_limited(self, device: str, what: str) -> str | None:
         """The refusal when `device` has used up its write rate, else None (and a token is spent)."""
@@ -259,93 +340,155 @@ class Router:
             return None
         return f"rate limited: {device} takes at most {bucket.rate:g} {what}/s (burst {bucket.burst})"
 
+    def _stray_ok(self, outbox: Outbox) -> bool:
+        """Spend one of the sink's tokens for a request no device can take; False (counted) when there is none."""
+        sink, now = outbox.sink.name, self._clock()
+        bucket = self._stray.get(sink)
+        if bucket is None:
+            bucket = self._stray[sink] = TokenBucket(STRAY_RATE, STRAY_BURST, now)
+        if bucket.take(now):
+            return True
+        dropped = self.dropped_requests[sink] = self.dropped_requests.get(sink, 0) + 1
+        if now - self._drop_logged.get(sink, float("-inf")) >= DROP_LOG_INTERVAL:
+            self._drop_logged[sink] = now
+            log.warning(
+                "sink %s: more than %g requests/s for devices that cannot take them; dropping the rest unanswered "
+                "and unaudited (%d so far)",
+                sink,
+                STRAY_RATE,
+                dropped,
+            )
+        return False
+
+    def _answer(self, outbox: Outbox, topic: str, body: dict[str, Any]) -> None:
+        try:
+            self._send(Message(topic, encode_json(body)), only=outbox)
+        except SinkError as exc:  # the sink is going away (stop, reload): nobody is left to tell
+            log.info("result on %s not sent: %s", topic, exc)
+
+    def _record(self, record: AuditRecord) -> None:
+        if self._audit is None:
+            return
+        try:
+            self._audit(record)
+        except Exception:
+            # The action is carried out (or refused) as asked; losing its record is worth a traceback, not more.
+            log.exception("audit record of %s %s could not be written", record.action, record.topic)
+
+    @staticmethod
+    def _read(payload: bytes) -> tuple[Any, str | None]:
+        """The request's JSON and None, or None and why it is refused."""
+        if len(payload) > MAX_REQUEST_PAYLOAD:
+            return None, f"payload of {len(payload)} bytes; requests take at most {MAX_REQUEST_PAYLOAD}"
+        try:
+            return loads_strict(payload), None
+        except JsonRejected as exc:
+            return None, f"payload is not JSON: {str(exc)[:120]}: {payload[:64]!r}"
+
     async def _set(self, outbox: Outbox, device: str, point: str, payload: bytes) -> None:
         arrived, started = time.time_ns(), time.monotonic()
+        view = self.devices.get(device)
+        writer = view.profile.writer if view is not None else None
+        if writer is None and not self._stray_ok(outbox):
+            return
         result_topic = f"{device}/set/{point}/result"
-        value: Any = None
-        raw: bytes | None = None
+        value, problem = self._read(payload)
+        raw = payload if problem else None
+        if isinstance(value, dict):
+            value = value.get("value")
+        record = functools.partial(
+            AuditRecord,
+            ts_ns=arrived,
+            origin=outbox.sink.name,
+            topic=outbox.sink.topic(f"{device}/set/{point}"),
+            device=device,
+            action="set",
+            target=point,
+            request=value,
+            raw=raw,
+        )
+        result = WriteResult(ok=False, error="the gateway stopped before the device answered")
         try:
-            value = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            raw = payload
-            result = WriteResult(ok=False, error=f"payload is not JSON: {payload[:64]!r}")
-        else:
-            if isinstance(value, dict):
-                value = value.get("value")
-            view = self.devices.get(device)
-            if view is None:
+            if problem:
+                result = WriteResult(ok=False, error=problem)
+            elif view is None:
                 result = WriteResult(ok=False, error=f"unknown device {device!r}")
-            elif view.profile.writer is None:
+            elif writer is None:
                 result = WriteResult(ok=False, error=f"{device} takes no writes")
             elif refusal := self._rate_limited(device, "writes"):
                 result = WriteResult(ok=False, error=refusal)
             else:
-                result = await view.profile.writer(Write(device, point, value, origin=outbox.sink.name))
-        log.info("set %s.%s = %r: %s", device, point, payload[:64], "ok" if result.ok else result.error)
-        body = {"ok": result.ok, "value": result.value, "error": result.error}
-        self._send(Message(result_topic, encode_json(body)), only=outbox)
-        if self._audit is not None:
-            self._audit(
-                AuditRecord(
-                    ts_ns=arrived,
-                    origin=outbox.sink.name,
-                    topic=outbox.sink.topic(f"{device}/set/{point}"),
-                    device=device,
-                    action="set",
-                    target=point,
-                    request=value,
+                # Before the device is touched: a crash after this line still leaves a trace of the request.
+                self._record(record(ok=None, stage="request"))
+                result = await writer(Write(device, point, value, origin=outbox.sink.name))
+        except Exception as exc:
+            log.exception("set %s.%s failed", device, point)
+            result = WriteResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])
+        finally:
+            log.info("set %s.%s = %r: %s", device, point, payload[:64], "ok" if result.ok else result.error)
+            self._answer(outbox, result_topic, {"ok": result.ok, "value": result.value, "error": result.error})
+            self._record(
+                record(
                     ok=result.ok,
                     result=result.value,
                     error=result.error,
-                    raw=raw,
                     duration_ms=(time.monotonic() - started) * 1000,
                 )
             )
 
     async def _cmd(self, outbox: Outbox, device: str, payload: bytes) -> None:
         arrived, started = time.time_ns(), time.monotonic()
-        cmd_id: object = None
-        raw: bytes | None = None
-        try:
-            body = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            body = None
-            raw = payload
-        if isinstance(body, dict):
-            cmd_id = body.get("id")
         view = self.devices.get(device)
-        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
-            result = CommandResult(ok=False, error='payload must be {"name": str, "args": {...}, "id": optional}')
-        elif not isinstance(body.get("args", {}), dict):
-            result = CommandResult(ok=False, error="args must be a JSON object")
-        elif view is None:
-            result = CommandResult(ok=False, error=f"unknown device {device!r}")
-        elif view.profile.commander is None:
-            result = CommandResult(ok=False, error=f"{device} takes no commands")
-        elif refusal := self._rate_limited(device, "commands"):
-            result = CommandResult(ok=False, error=refusal)
-        else:
-            command = Command(device, body["name"], body.get("args", {}), None if cmd_id is None else str(cmd_id))
-            result = await view.profile.commander(command)
-        log.info("cmd %s: %s", device, "ok" if result.ok else result.error)
-        reply = {"id": cmd_id, "ok": result.ok, "result": result.result, "error": result.error}
-        self._send(Message(f"{device}/cmd/result", encode_json(reply)), only=outbox)
-        if self._audit is not None:
-            name = body.get("name") if isinstance(body, dict) else None
-            self._audit(
-                AuditRecord(
-                    ts_ns=arrived,
-                    origin=outbox.sink.name,
-                    topic=outbox.sink.topic(f"{device}/cmd"),
-                    device=device,
-                    action="cmd",
-                    target=name if isinstance(name, str) else None,
-                    request=body.get("args", {}) if isinstance(body, dict) else body,
+        commander = view.profile.commander if view is not None else None
+        if commander is None and not self._stray_ok(outbox):
+            return
+        body, problem = self._read(payload)
+        raw = payload if problem else None
+        cmd_id: object = body.get("id") if isinstance(body, dict) else None
+        request_id = None if cmd_id is None else cmd_id if isinstance(cmd_id, str) else encode_json(cmd_id).decode()
+        name = body.get("name") if isinstance(body, dict) else None
+        args = body.get("args", {}) if isinstance(body, dict) else body
+        record = functools.partial(
+            AuditRecord,
+            ts_ns=arrived,
+            origin=outbox.sink.name,
+            topic=outbox.sink.topic(f"{device}/cmd"),
+            device=device,
+            action="cmd",
+            target=name if isinstance(name, str) else None,
+            request=args,
+            request_id=request_id,
+            raw=raw,
+        )
+        result = CommandResult(ok=False, error="the gateway stopped before the device answered")
+        try:
+            if problem:
+                result = CommandResult(ok=False, error=problem)
+            elif not isinstance(body, dict) or not isinstance(name, str) or not name:
+                result = CommandResult(ok=False, error='payload must be {"name": str, "args": {...}, "id": optional}')
+            elif not isinstance(args, dict):
+                result = CommandResult(ok=False, error="args must be a JSON object")
+            elif view is None:
+                result = CommandResult(ok=False, error=f"unknown device {device!r}")
+            elif commander is None:
+                result = CommandResult(ok=False, error=f"{device} takes no commands")
+            elif refusal := self._rate_limited(device, "commands"):
+                result = CommandResult(ok=False, error=refusal)
+            else:
+                self._record(record(ok=None, stage="request"))
+                result = await commander(Command(device, name, args, request_id))
+        except Exception as exc:
+            log.exception("cmd %s failed", device)
+            result = CommandResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])
+        finally:
+            log.info("cmd %s: %s", device, "ok" if result.ok else result.error)
+            reply = {"id": cmd_id, "ok": result.ok, "result": result.result, "error": result.error}
+            self._answer(outbox, f"{device}/cmd/result", reply)
+            self._record(
+                record(
                     ok=result.ok,
                     result=result.result,
                     error=result.error,
-                    request_id=None if cmd_id is None else str(cmd_id),
-                    raw=raw,
                     duration_ms=(time.monotonic() - started) * 1000,
                 )
             )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from drivers.modbus.bus import ModbusBus
     from gateway.app import Gateway
+    from gateway.supervise import Supervised
 
 log = logging.getLogger(__name__)
 
@@ -216,14 +217,16 @@ class ServiceNotifier:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.watchdog: Watchdog | None = None
-        self._status: asyncio.Task[None] | None = None
+        self._status: Supervised | None = None
 
     def ready(self) -> None:
         """Everything is up: READY=1, then keep STATUS fresh and start the watchdog if systemd asked for one."""
         if _socket_address() is None:
             return
         ready(status_line(self.gw))
-        self._status = asyncio.create_task(self._status_loop(), name="systemd:status")
+        # Supervised like every long-lived task; the watchdog is not: its end (a failure, or stuck) must mean no
+        # more pings, so that systemd restarts the gateway, never a restart that pings again.
+        self._status = self.gw.supervisor.spawn("systemd:status", self._status_loop)
         interval = watchdog_interval()
         if interval is not None:
             self.watchdog = Watchdog(interval, [gateway_healthy(self.gw)])
@@ -248,11 +251,9 @@ class ServiceNotifier:
         stopping("stopping: flushing to the spools, closing sessions")
         if self.watchdog is not None:
             await self.watchdog.stop()
-        task, self._status = self._status, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        status_task, self._status = self._status, None
+        if status_task is not None:
+            await self.gw.supervisor.stop(status_task)
 
     async def _status_loop(self) -> None:
         while True:

@@ -86,15 +86,16 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             await gw.stop()
 
 
-def audit_lines(gw: Gateway) -> list[dict[str, Any]]:
-    """Every audit record the gateway wrote, oldest first (rotated files included)."""
+def audit_lines(gw: Gateway, *, requests: bool = False) -> list[dict[str, Any]]:
+    """The outcome records the gateway wrote (with `requests`, the `"stage": "request"` lines too), oldest first."""
     path = Path(gw.cfg.gateway.state_dir) / "audit.log"
     files = [path.with_name(f"audit.log.{n}") for n in (2, 1)] + [path]
-    return [json.loads(line) for f in files if f.exists() for line in f.read_text().splitlines()]
+    lines = [json.loads(line) for f in files if f.exists() for line in f.read_text().splitlines()]
+    return lines if requests else [rec for rec in lines if "stage" not in rec]
 
 
 async def last_audit(gw: Gateway, n: int = 1) -> list[dict[str, Any]]:
-    """The last `n` audit records (waiting briefly until there are `n`)."""
+    """The last `n` outcome records (waiting briefly until there are `n`)."""
     deadline = time.monotonic() + 2
     while len(lines := audit_lines(gw)) < n and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
@@ -187,13 +188,24 @@ async def test_writes_are_applied_or_refused_and_every_one_is_audited(start: Sta
         "result": 123.5,
         "error": None,
     }
+    # Before the device was touched, the request had its own line: the same request, no outcome yet.
+    request, outcome = audit_lines(gw, requests=True)[-2:]
+    assert request["stage"] == "request" and "stage" not in outcome
+    assert (request["ok"], request["result"], request["error"], request["ms"]) == (None, None, None, 0)
+    assert {k: request[k] for k in ("time", "ts", "topic", "point", "value")} == {
+        "time": request["time"],
+        "ts": outcome["ts"],
+        "topic": "fieldgate/t1/plc/set/sp",
+        "point": "sp",
+        "value": 123.5,
+    }
 
-    # Refused before the bus: read-only, below the minimum, above the maximum, NaN.
+    # Refused before the bus: read-only, below the minimum, above the maximum; NaN is not JSON at all.
     refusals = [
         ("i16", "5", "plc.i16 is read-only"),
         ("target", "-50.5", "-50.5 is below the minimum -50 of plc.target"),
         ("sp", "1000.5", "1000.5 is above the maximum 1000 of plc.sp"),
-        ("target", "NaN", "nan is not a number within the limits -50..150 of plc.target"),
+        ("target", "NaN", "payload is not JSON: NaN is not JSON: b'NaN'"),
     ]
     writes = gw.buses[0].devices["plc"].stats.writes
     for point, payload, error in refusals:
@@ -201,7 +213,7 @@ async def test_writes_are_applied_or_refused_and_every_one_is_audited(start: Sta
         assert r.json() == {"ok": False, "value": None, "error": error}
         (rec,) = await last_audit(gw, 1)
         assert (rec["point"], rec["ok"], rec["error"]) == (point, False, error)
-        assert json.dumps(rec["value"]) == payload or rec["value"] == "nan"
+        assert json.dumps(rec["value"]) == payload or (rec["value"], rec["payload"]) == (None, "NaN")
     assert gw.buses[0].devices["plc"].stats.writes == writes  # nothing went to the device
     assert sim.get(1, "sp") == 123.5 and sim.get(1, "target") == 20.0
     # The retained value is still the one written before.
@@ -284,6 +296,11 @@ async def test_the_audit_log_rotates_at_its_configured_size(start: Start) -> Non
     files = sorted(p.name for p in state.glob("audit.log*"))
     assert files == ["audit.log", "audit.log.1", "audit.log.2"]  # backups: 2
     assert all((state / f).stat().st_size <= 1024 for f in files)
-    values = [r["value"] for r in audit_lines(gw)]
+    # The writer refuses a read-only point: each went to it, so each has its request line before its outcome.
+    lines = audit_lines(gw, requests=True)
+    if lines[0].get("stage") is None:
+        lines = lines[1:]  # the file began with an outcome whose request line rotated away
+    assert [r.get("stage") for r in lines] == ["request", None] * (len(lines) // 2)
+    values = [r["value"] for r in lines[1::2]]
     # The newest records, in order, without a gap; the oldest rotated away.
     assert values == list(range(21 - len(values), 21)) and 1 not in values
