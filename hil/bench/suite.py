@@ -49,6 +49,7 @@ def benches(out: Path) -> list[Bench]:
             ("--dir", str(out / "spool"), "--figures", "1,4,5", "--outbox-seconds", "10", "--profile", "never"),
         ),
         Bench("mcp", "mcp_bench.py", ("--clients", "100,1000,max", "--profile-at", "", "--compare-at", "")),
+        Bench("hostile", "hostile_bench.py"),
     ]
 
 
