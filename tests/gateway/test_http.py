@@ -18,13 +18,17 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from drivers.mcp.codec import Frame, FrameType
 from gateway import __version__
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.errors import FieldgateError
 from gateway.http import Utilisation
+from gateway.jsonsafe import loads_strict
+from gateway.types import Sample
 
-from helpers import Subscriber, free_port
+from helpers import Received, Subscriber, free_port, now_ms
+from mcp_peer import RawPeer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -356,6 +360,86 @@ async def test_status_page_shows_live_values_as_mqtt_does_and_escapes_them(web: 
     assert session[1].startswith("127.0.0.1:") and int(session[2]) > 0  # peer, frames in
     assert page.table("sinks")["local"][1] == "connected"
     assert {"http-equiv": "refresh", "content": "5"} in page.meta
+
+
+# --- what peers send: values, ts and names no encoder takes -------------------------------------------
+
+
+async def page_ok(web: Web) -> str:
+    """The status page, checked to answer 200 (and /metrics and /healthz with it)."""
+    status, _, body = await get(web, "/")
+    assert status == 200, body[:500]
+    assert (await get(web, "/healthz"))[0] == 200
+    await scrape(web)  # 200, and it parses
+    return body
+
+
+async def test_a_lone_surrogate_value_and_a_10e400_ts_leave_the_page_metrics_and_retained_state_whole(
+    web: Web,
+) -> None:
+    # What an MCP device could once slip through to the router: a lone surrogate, a ts past any float.
+    await web.sub.wait_for(lambda ms: any(m.topic == "fieldgate/web1/plc/count" for m in ms))
+    web.gw._on_sample(Sample("pump-1", 10**400, {"flow": "\ud800", "odd": "a\udfffb"}))
+    web.gw._on_sample(Sample("plc", -(10**400), {"count": 7}))
+    body = await page_ok(web)
+    page = PageParser()
+    page.feed(body)
+    assert page.values[("pump-1", "flow")] == '"?"' and page.values[("pump-1", "odd")] == '"a?b"'
+    assert page.table("devices")["pump-1"][4] == "in the future"
+    # The broker forgets everything; the sink's reconnect brings every device's retained state back.
+    seen = len(web.sub.messages)
+    sock = web.gw.sinks[0]._client.socket()
+    assert isinstance(sock, socket.socket)
+    sock.shutdown(socket.SHUT_RDWR)
+
+    def republished(ms: list[Received]) -> bool:
+        later = {m.topic for m in ms[seen:]}
+        return {"fieldgate/web1/pump-1/odd", "fieldgate/web1/plc/label", "fieldgate/web1/ghost/status"} <= later
+
+    assert await web.sub.wait_for(republished, timeout=15)
+    assert web.sub.on("fieldgate/web1/pump-1/odd")[-1].payload == b'"a?b"'
+    await page_ok(web)
+
+
+async def test_hostile_modbus_text_and_mcp_data_through_a_running_gateway(web: Web) -> None:
+    sim = next(iter(web.gw.simulation.simulators.values()))  # type: ignore[union-attr]
+    # A device's text registers hold what they hold: bytes that are not UTF-8, NUL, ESC, markup.
+    point = sim._point(1, "label")
+    point.held = True
+    start, regs = sim._blocks[1][point.table]
+    raw = b"\xff\xfe<i\x00\x1b[1"
+    regs[point.address - start : point.address - start + 4] = [raw[i] << 8 | raw[i + 1] for i in range(0, 8, 2)]
+
+    def label(ms: list[Received]) -> Received | None:
+        return next((m for m in reversed(ms) if m.topic == "fieldgate/web1/plc/label" and b"<i" in m.payload), None)
+
+    got = await web.sub.wait_for(label)
+    assert isinstance(got, Received)
+    assert loads_strict(got.payload) == "\ufffd\ufffd<i\x00\x1b[1"  # strict JSON, valid UTF-8
+    # An MCP device sends a ts past any float and a lone surrogate (the session may refuse them: either way
+    # it answers, and nothing it sent breaks the page, the scrape or the next device's data).
+    reader, writer = await asyncio.open_connection("127.0.0.1", web.gw.mcp.port)  # type: ignore[union-attr]
+    peer = RawPeer(reader, writer)
+    try:
+        assert (await peer.hello("pump-1", seq=1, boot_id="b9")).type == FrameType.ACK
+        hostile = [
+            b'{"ts":1' + b"0" * 400 + b',"values":{"flow":1.0}}',
+            b'{"ts":1700000000000,"values":{"flow":"\\ud800"}}',
+        ]
+        for seq, payload in enumerate(hostile, start=2):
+            await peer.send(Frame(FrameType.DATA, seq, payload))
+            answer = await peer.recv()
+            assert answer.type in (FrameType.ACK, FrameType.NACK) and answer.seq == seq
+            body = await page_ok(web)
+            assert "&lt;i" in body and "<i" not in body
+        await peer.send(Frame.json(FrameType.DATA, 9, {"ts": now_ms(), "values": {"flow": 99.5}}))
+        assert (await peer.recv()).type == FrameType.ACK
+        await web.sub.wait_for(
+            lambda ms: any(m.topic == "fieldgate/web1/pump-1/flow" and m.payload == b"99.5" for m in ms)
+        )
+    finally:
+        peer.close()
+    await page_ok(web)
 
 
 # --- configuration --------------------------------------------------------------------------------------
