@@ -71,6 +71,14 @@ class BufferFull(SinkError):
     """add() refused its items: the buffer is full and `when_full` is reject, or they can never fit."""
 
 
+class StorageError(SinkError):
+    """The buffer's storage failed (a full disk, an I/O error, a corrupt file): it can store nothing now."""
+
+
+class EntryRefused(SinkError):
+    """add() refused its items for what one of them holds (a number out of the storage's range, an odd topic)."""
+
+
 class Buffer(Protocol):
     """A FIFO of messages with transactional delivery: take a batch, then accept or reject it."""
 
@@ -79,7 +87,10 @@ class Buffer(Protocol):
     durable: bool
 
     def add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
-        """Store (message, sampled_ms) pairs, all or none; their ids, once they are durable."""
+        """Store (message, sampled_ms) pairs, all or none; their ids, once they are durable.
+
+        SinkError if not: BufferFull, StorageError (nothing can be stored now), else these items cannot be.
+        """
 
     def take(self, n: int) -> list[Entry]:
         """Up to n of the oldest entries not in flight; they stay stored until accepted."""
@@ -216,7 +227,10 @@ class MemoryBuffer:
         self.expire(now)
         if not items:
             return []
-        sizes = [entry_size(message) for message, _ in items]
+        try:
+            sizes = [entry_size(message) for message, _ in items]
+        except (ValueError, TypeError, AttributeError) as exc:  # a topic that cannot be UTF-8, not a Message
+            raise EntryRefused(f"{self.name}: cannot store: {exc!r}") from exc
         oldest = ((e.id, e.size) for e in self._entries.values())
         plan = plan_room(self.name, self.limits, sizes, self._bytes, oldest)
         for _ in range(plan.count):

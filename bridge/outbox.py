@@ -17,12 +17,19 @@ The backlog is replayed at `replay_rate` while live messages keep flowing (`orde
 Retained topics (per-point values, device statuses) carry state, not history: a retained message
 waiting in the live queue is replaced by a newer one of its topic, and a spooled one is replayed
 only if it is still the newest of its topic, so a replay never sets a retained topic back.
+
+No message stops the outbox: a batch the spool refuses for what its items hold (a `ts` beyond SQLite's
+int64, a topic that cannot be UTF-8) is split until only those items fail (at most SPLIT_ADDS adds), a
+spooled entry the broker connection refuses (a topic paho will not publish) is dropped after
+REPLAY_ATTEMPTS tries, and any other failure in a loop is logged and the loop goes on after a pause.
+`stop` never raises: it keeps in the spool what it can and logs the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import time
@@ -31,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from bridge.buffer import Buffer, BufferFull, BufferStats, Entry, MemoryBuffer
+from bridge.buffer import Buffer, BufferFull, BufferStats, Entry, MemoryBuffer, StorageError
 from gateway.errors import SinkError, SinkOffline
 from gateway.types import Message
 
@@ -48,6 +55,16 @@ HOUSEKEEPING_INTERVAL = 1.0
 #: (and its waiter answered on the commit): a stalled broker holds up an MCP ACK this long at most, not
 #: until the keep-alive gives up on the connection.
 LIVE_WAIT_MAX = 5.0
+#: Adds, at most, spent on one refused batch to find the items that cannot be stored (halving it each time):
+#: one bad item among a thousand takes about 20; whatever is still unsorted after that is refused.
+SPLIT_ADDS = 32
+#: Times a spooled entry is offered to a connected broker that refuses it (not a lost connection) before
+#: it is dropped, so that it cannot hold up the backlog behind it.
+REPLAY_ATTEMPTS = 3
+#: How long a loop waits after an unexpected failure before it goes on.
+LOOP_PAUSE = 1.0
+#: A refusal is logged at once, then at most this often (with the count in between).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class Publisher(Protocol):
@@ -101,7 +118,8 @@ class OutboxStats:
     spooled: int = 0  # committed to the spool
     replayed: int = 0  # acknowledged from the spool
     coalesced: int = 0  # retained messages replaced by a newer one of their topic before they went out
-    refused: int = 0  # the spool would not take them (full with when_full: reject, or a write error)
+    refused: int = 0  # the spool would not take them (full with when_full: reject, a write error, a bad item)
+    undeliverable: int = 0  # spooled, then dropped: the broker connection refused them REPLAY_ATTEMPTS times
 
 
 class Outbox:
@@ -148,7 +166,9 @@ class Outbox:
         self._commit_task: asyncio.Task[None] | None = None
         self._last_stats = BufferStats(0, 0, None, 0)
         self._stopped = False
-        self._refusal_logged = 0.0
+        self._refusal_logged = -REFUSAL_LOG_INTERVAL
+        self._refusals_unlogged = 0
+        self._replay_failures: dict[int, int] = {}  # spool id -> refused publishes (entries in the replay only)
 
     def __len__(self) -> int:
         """Messages not yet acknowledged or spooled (the live queue, in flight, and waiting for a commit)."""
@@ -251,7 +271,11 @@ class Outbox:
         return True
 
     async def stop(self) -> None:
-        """Stop; what is not acknowledged yet goes to the spool (kept for the next start), then close it."""
+        """Stop; what is not acknowledged yet goes to the spool (kept for the next start), then close it.
+
+        Never raises (the gateway stops every outbox in turn): what cannot be kept is logged and its
+        waiters fail.
+        """
         self._stopped = True
         for task in self._tasks:
             task.cancel()
@@ -263,7 +287,10 @@ class Outbox:
             except Exception:  # it died earlier: what it held is still to be kept below
                 log.exception("sink %s: %s failed", self.sink.name, task.get_name())
         if self._commit_task is not None:
-            await self._commit_task  # a commit under way finishes: its messages are in the spool
+            try:
+                await self._commit_task  # a commit under way finishes: its messages are in the spool
+            except Exception:
+                log.exception("sink %s: the last spool commit failed", self.sink.name)
         # In their original order: the live queue may hold younger messages than some spilled or bounced ones.
         leftovers = sorted({*self._handed, *self._queue, *self._pending}, key=lambda it: it.seq)
         self._handed.clear()
@@ -271,10 +298,17 @@ class Outbox:
         self._pending = []
         try:
             await self._commit(leftovers)
-        finally:
+        except Exception:
+            log.exception("sink %s: %d message(s) could not be spooled at stop", self.sink.name, len(leftovers))
+        for it in leftovers:
+            if not it.settled:
+                it.resolve(SinkError(f"sink {self.sink.name}: outbox stopped"))
+        try:
             await self._call(self.buffer.close)
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+        except Exception:
+            log.exception("sink %s: closing the spool failed", self.sink.name)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def figures(self) -> dict[str, Any]:
         """The outbox's and its spool's figures for `P/metrics`."""
@@ -285,7 +319,7 @@ class Outbox:
             "spool_messages": st.count,
             "spool_bytes": st.bytes,
             "spool_oldest_age_s": oldest,
-            "dropped": st.dropped + self.stats.refused,
+            "dropped": st.dropped + self.stats.refused + self.stats.undeliverable,
             "spool_commits": st.commits,
             "spool_fsyncs": st.fsyncs,
             "spool_bytes_written": st.bytes_written,
@@ -307,7 +341,7 @@ class Outbox:
                 if item is not None:
                     item.settled = True
                 continue
-            started = self.sink.try_publish(item.message) if self.sink.connected else None
+            started = self._try_publish(item.message) if self.sink.connected else None
             if started is None:
                 # The connection is gone: this and everything behind it goes to the spool, in order.
                 self._window.release()
@@ -317,6 +351,16 @@ class Outbox:
                 continue
             self._handed.add(item)
             started.add_done_callback(functools.partial(self._acknowledged, item))
+
+    def _try_publish(self, message: Message) -> asyncio.Future[None] | None:
+        """The sink's try_publish; anything it raises comes back as a failed publish, not out of a loop."""
+        try:
+            return self.sink.try_publish(message)
+        except Exception as exc:
+            log.exception("sink %s: publishing to %r failed", self.sink.name, message.topic)
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(SinkError(f"sink {self.sink.name}: cannot publish to {message.topic!r}: {exc!r}"))
+            return failed
 
     def _acknowledged(self, item: _Item, started: asyncio.Future[None]) -> None:
         self._window.release()
@@ -366,12 +410,17 @@ class Outbox:
             self._commit_task = asyncio.ensure_future(self._commit(batch))
             try:
                 await asyncio.shield(self._commit_task)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # _commit settles its items whatever happens: this is a bug, not a reason to stop
+                log.exception("sink %s: spool commit failed", self.sink.name)
+                await asyncio.sleep(LOOP_PAUSE)
             finally:
                 if self._commit_task.done():
                     self._commit_task = None
 
     async def _commit(self, batch: list[_Item]) -> None:
-        """Add the batch to the spool in one transaction; settle everyone waiting on it."""
+        """Add the batch to the spool; settle everyone waiting on it (stored, or failed with SinkError)."""
         items = [it for it in batch if not it.superseded or it.fut is not None]
         for it in batch:
             if it.superseded and it.fut is None:
@@ -379,19 +428,61 @@ class Outbox:
         if not items:
             return
         self._committing += len(items)
+        stored = 0
         try:
-            ids = await self._call(self.buffer.add, [(it.message, it.ts) for it in items])
-        except SinkError as exc:
-            self._committing -= len(items)
-            self._refused(items, exc)
-            return
+            stored = await self._store(items)
+        except Exception as exc:
+            log.exception("sink %s: spool commit failed", self.sink.name)
+            self._refused([it for it in items if not it.settled], SinkError(f"sink {self.sink.name}: {exc!r}"))
         try:
             held = (await self._refresh()).count  # also counts out what drop_oldest evicted
-        except SinkError:
-            held = self._held + len(ids)
+        except Exception:
+            held = self._held + stored
         # One step, so that the backlog never looks empty between the commit and its count.
         self._committing -= len(items)
         self._held = held
+        if stored:
+            self._spooled_wake.set()
+
+    async def _store(self, items: list[_Item]) -> int:
+        """Add `items` in one transaction; how many were stored.
+
+        If the spool refuses them for what they hold (not for room or storage), the batch is halved and
+        each half stored on its own, older first, until only the items that cannot be stored fail: at most
+        SPLIT_ADDS adds split further, each half still waiting then is tried once more as it is.
+        """
+        stored, budget = 0, SPLIT_ADDS
+        todo = [items]  # the next to try at the end
+        while todo:
+            chunk = todo.pop()
+            budget -= 1
+            try:
+                ids = await self._add(chunk)
+            except (BufferFull, StorageError) as exc:  # full, disk, I/O: the same for every item
+                self._refused(chunk, exc)
+                continue
+            except SinkError as exc:
+                if len(chunk) == 1 or budget <= 0:
+                    self._refused(chunk, exc)
+                    continue
+                half = len(chunk) // 2
+                todo += [chunk[half:], chunk[:half]]
+                continue
+            self._stored(chunk, ids)
+            stored += len(ids)
+        return stored
+
+    async def _add(self, items: list[_Item]) -> list[int]:
+        """buffer.add; anything else than a SinkError it raises (a bug, an odd buffer) becomes one."""
+        try:
+            return await self._call(self.buffer.add, [(it.message, it.ts) for it in items])
+        except SinkError:
+            raise
+        except Exception as exc:
+            raise SinkError(f"sink {self.sink.name}: cannot spool: {exc!r}") from exc
+
+    def _stored(self, items: list[_Item], ids: list[int]) -> None:
+        """Account for a committed add and settle its waiters."""
         self.stats.spooled += len(ids)
         self._last_id = max(self._last_id, *ids)
         for it, entry_id in zip(items, ids, strict=True):
@@ -400,26 +491,30 @@ class Outbox:
                 if self._retained.get(it.message.topic) is it:
                     self._retained[it.message.topic] = entry_id
             it.resolve()
-        self._spooled_wake.set()
 
     def _refused(self, items: list[_Item], exc: SinkError) -> None:
+        if not items:
+            return
         self.stats.refused += len(items)
         for it in items:
             if it.message.retain and self._retained.get(it.message.topic) is it:
                 del self._retained[it.message.topic]
             it.resolve(exc)
         now = time.monotonic()
-        if now - self._refusal_logged >= 10.0 or not isinstance(exc, BufferFull):
-            self._refusal_logged = now
-            level = logging.WARNING if isinstance(exc, BufferFull) else logging.ERROR
-            log.log(
-                level,
-                "sink %s: %d message(s) not spooled (%d so far): %s",
-                self.sink.name,
-                len(items),
-                self.stats.refused,
-                exc,
-            )
+        self._refusals_unlogged += len(items)
+        if now - self._refusal_logged < REFUSAL_LOG_INTERVAL:
+            return
+        level = logging.WARNING if isinstance(exc, BufferFull) else logging.ERROR
+        log.log(
+            level,
+            "sink %s: %d message(s) not spooled (%d so far): %s",
+            self.sink.name,
+            self._refusals_unlogged,
+            self.stats.refused,
+            exc,
+        )
+        self._refusal_logged = now
+        self._refusals_unlogged = 0
 
     # --- out of the spool -----------------------------------------------------------------------
 
@@ -439,6 +534,7 @@ class Outbox:
             delay = next_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            entries: list[Entry] = []
             try:
                 entries = await self._call(self.buffer.take, batch)
                 if not entries:
@@ -447,9 +543,16 @@ class Outbox:
                 next_at += len(entries) / self.replay_rate
                 self._replaying = len(entries)
                 await self._replay(entries)
-            except SinkError as exc:  # the spool cannot read or write (a full disk): try again later
-                log.error("sink %s: replay paused: %s", self.sink.name, exc)
-                await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, SinkError):  # the spool cannot read or write (a full disk): try again later
+                    log.error("sink %s: replay paused: %s", self.sink.name, exc)
+                else:
+                    log.exception("sink %s: replay failed; going on in %g s", self.sink.name, LOOP_PAUSE)
+                    with contextlib.suppress(Exception):  # taken but not settled: takeable again
+                        await self._call(self.buffer.reject, [e.id for e in entries])
+                await asyncio.sleep(LOOP_PAUSE)
                 next_at = time.monotonic()
             finally:
                 self._replaying = 0
@@ -463,7 +566,7 @@ class Outbox:
             if e.message.retain and self._retained.get(e.message.topic) != e.id:
                 done.append(e.id)  # a newer state of this topic exists: publishing this one would set it back
                 continue
-            started = self.sink.try_publish(e.message)
+            started = self._try_publish(e.message)
             if started is None:
                 back = [x.id for x in entries[i:] if x.id not in done]
                 break
@@ -471,10 +574,19 @@ class Outbox:
         if sent:
             await asyncio.wait([f for _, f in sent])
         for e, f in sent:
-            if f.cancelled() or f.exception() is not None:
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or isinstance(exc, SinkOffline):
                 back.append(e.id)
                 continue
+            if exc is not None:
+                # The connection is up and refused it (a topic or payload paho will not publish).
+                if self._undeliverable(e, exc):
+                    done.append(e.id)
+                else:
+                    back.append(e.id)
+                continue
             done.append(e.id)
+            self._replay_failures.pop(e.id, None)
             self.stats.replayed += 1
             if e.message.retain and self._retained.get(e.message.topic) == e.id:
                 del self._retained[e.message.topic]
@@ -489,16 +601,39 @@ class Outbox:
                 raise
         self._held = (await self._refresh()).count
 
+    def _undeliverable(self, e: Entry, exc: BaseException) -> bool:
+        """Count one refused publish of a spooled entry; True once it is to be dropped."""
+        failures = self._replay_failures.get(e.id, 0) + 1
+        if failures < REPLAY_ATTEMPTS:
+            if len(self._replay_failures) < 10 * REPLAY_BATCH:  # bounded: forgetting one only retries it more
+                self._replay_failures[e.id] = failures
+            return False
+        self._replay_failures.pop(e.id, None)
+        self.stats.undeliverable += 1
+        if e.message.retain and self._retained.get(e.message.topic) == e.id:
+            del self._retained[e.message.topic]
+        log.error(
+            "sink %s: dropped spooled message %d to %r: refused %d times: %s",
+            self.sink.name,
+            e.id,
+            e.message.topic,
+            failures,
+            exc,
+        )
+        return True
+
     # --- housekeeping ---------------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
         while True:
-            self._spill_stalled(time.monotonic() - LIVE_WAIT_MAX)
             try:
+                self._spill_stalled(time.monotonic() - LIVE_WAIT_MAX)
                 await self._call(self.buffer.expire, self._clock())
                 self._held = (await self._refresh()).count
             except SinkError as exc:
                 log.error("sink %s: %s", self.sink.name, exc)
+            except Exception:
+                log.exception("sink %s: housekeeping failed", self.sink.name)
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
 
     def _spill_stalled(self, cutoff: float) -> None:

@@ -16,6 +16,14 @@ Durability (what "add() returned" means):
 - Taken (in-flight) state lives in memory only: after a restart everything stored is takeable
   again, so the batch in flight at a crash is sent once more.
 
+Failures: every error of SQLite or of binding a row comes out as a SpoolError, of three kinds: the
+rows (`SpoolEntryError`: a number beyond int64, a topic that cannot be UTF-8; nothing stored, the file
+is fine), the storage (`SpoolStorageError`: a full disk, an I/O error, a lock), and a file SQLite cannot
+read (`SpoolCorrupt`). A corrupt file is moved aside (`bridge/statefiles.py`) and a fresh one started:
+at open, and once while running (then the call is made again on the fresh file; the messages the old
+one held are lost and counted as dropped). A file that turns corrupt again within ROTATE_INTERVAL is
+not rotated again: the spool refuses until then, rather than making a new file every second.
+
 The file's tables, its lock and `read_stats` are in `bridge/spool_schema.py`; the accounting of
 commits, fsyncs and bytes written (`BufferStats`' write figures) in `bridge/spool_io.py`.
 """
@@ -46,7 +54,23 @@ from bridge.buffer import (
     requeue,
 )
 from bridge.spool_io import WriteMeter
-from bridge.spool_schema import INSERT, SELECT, SET_DROPPED, Row, SpoolError, connect, lock_file, read_stats, to_entry
+from bridge.spool_schema import (
+    INSERT,
+    SELECT,
+    SET_DROPPED,
+    Contents,
+    Row,
+    SpoolCorrupt,
+    SpoolEntryError,
+    SpoolError,
+    SpoolStorageError,
+    connect,
+    lock_file,
+    read_stats,
+    spool_error,
+    to_entry,
+)
+from bridge.statefiles import move_aside
 from gateway.errors import SinkError
 from gateway.types import Message
 
@@ -58,9 +82,22 @@ T = TypeVar("T")
 DEFAULT_MIN_FREE = 64 * 1024**2
 #: WAL size that triggers a checkpoint (SQLite's own default is 1,000 pages, about this).
 DEFAULT_CHECKPOINT_BYTES = 4 * 1024**2
+#: After a corrupt file was rotated while running, the next rotation waits this long (seconds).
+ROTATE_INTERVAL = 600.0
 _CHUNK = 500  # ids per IN (...) list, well below SQLite's variable limit
+_COMPANIONS = ("-wal", "-shm")
 
-__all__ = ["DEFAULT_CHECKPOINT_BYTES", "DEFAULT_MIN_FREE", "SQLiteSpool", "SpoolError", "read_stats"]
+__all__ = [
+    "DEFAULT_CHECKPOINT_BYTES",
+    "DEFAULT_MIN_FREE",
+    "ROTATE_INTERVAL",
+    "SQLiteSpool",
+    "SpoolCorrupt",
+    "SpoolEntryError",
+    "SpoolError",
+    "SpoolStorageError",
+    "read_stats",
+]
 
 
 def _chunks(ids: list[int]) -> Iterator[list[int]]:
@@ -102,106 +139,153 @@ class SQLiteSpool:
         self._oldest_known = False
         self._synchronous = ""
         self._closed = False
+        self._rotated_at: float | None = None  # monotonic time of the last rotation while running
+        self._unavailable: SpoolStorageError | None = None  # a rotation could not open a fresh file
+        # A lock held by another gateway is no corruption: that SpoolStorageError ends the start.
         self._lock_fd = lock_file(self.path, self.name)
         try:
             self._db = self._open()
+        except SpoolCorrupt as exc:
+            # At start, any unreadable file is moved aside: a dying SD card must not keep the gateway down.
+            self._db = self._fresh(exc, None)
         except BaseException:
             os.close(self._lock_fd)
             raise
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, seed: Contents | None = None) -> sqlite3.Connection:
         wal_before = self._io.stat_wal()
-        db, held = connect(self.path, self.name)
+        db, held = connect(self.path, self.name, seed=seed)
         self._db = db
         self._count, self._bytes, self._last_id, self._dropped = held.count, held.bytes, held.last_id, held.dropped
         self._io.start(db, wal_before)
         self._checkpoint()  # fold a WAL left by a crash into the file
         return db
 
+    def _fresh(self, exc: SpoolCorrupt, seed: Contents | None) -> sqlite3.Connection:
+        """Move the corrupt file aside and open a new one in its place; the lock moves to the new file.
+
+        Raises SpoolStorageError (the lock already released) if it cannot.
+        """
+        try:
+            move_aside(self.path, "spool", str(exc.__cause__ or exc), companions=_COMPANIONS)
+        except OSError as err:
+            os.close(self._lock_fd)
+            raise SpoolStorageError(f"{exc}; and it cannot be moved aside: {err}") from exc
+        os.close(self._lock_fd)  # the lock of the old file, which is no longer ours to guard
+        self._lock_fd = lock_file(self.path, self.name)
+        try:
+            return self._open(seed)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
     def add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
         """Store (message, sampled_ms) pairs in one committed transaction, all or none."""
         with self._lock:
             self._check_open()
-            now = self._clock()
-            self._expire(now)
-            if not items:
-                return []
+            return self._recovering(self._add, items)
+
+    def _add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
+        now = self._clock()
+        self._expire(now)
+        if not items:
+            return []
+        try:
             sizes = [entry_size(message) for message, _ in items]
-            room, why = None, ""
-            free = self._free_bytes()
-            if free < self.min_free_bytes:
-                room, why = self._bytes, f"; free disk {free} bytes is below the floor of {self.min_free_bytes}"
-            oldest = ((entry_id, size) for entry_id, size, _ in self._scan())
-            plan = plan_room(self.name, self.limits, sizes, self._bytes, oldest, room=room, why=why)
-            first = self._last_id + 1
-            rows = [
-                (first + i, message.topic, message.payload, int(message.retain), message.qos, sampled_ms, now, size)
-                for i, ((message, sampled_ms), size) in enumerate(zip(items, sizes, strict=True))
-            ]
+        except (ValueError, TypeError, AttributeError) as exc:  # a topic that cannot be UTF-8, not a Message
+            raise SpoolEntryError(f"{self.name}: cannot store in {self.path}: {exc!r}") from exc
+        room, why = None, ""
+        free = self._free_bytes()
+        if free < self.min_free_bytes:
+            room, why = self._bytes, f"; free disk {free} bytes is below the floor of {self.min_free_bytes}"
+        oldest = ((entry_id, size) for entry_id, size, _ in self._scan())
+        plan = plan_room(self.name, self.limits, sizes, self._bytes, oldest, room=room, why=why)
+        first = self._last_id + 1
+        rows = [
+            (first + i, message.topic, message.payload, int(message.retain), message.qos, sampled_ms, now, size)
+            for i, ((message, sampled_ms), size) in enumerate(zip(items, sizes, strict=True))
+        ]
 
-            def write(db: sqlite3.Connection) -> None:
-                if plan.count:
-                    db.execute("DELETE FROM messages WHERE id <= ?", (plan.last_id,))
-                    db.execute(SET_DROPPED, (self._dropped + plan.count,))
-                db.executemany(INSERT, rows)
-
-            self._write(write, durable=True)
-            # The transaction is committed: only now does the in-memory view follow it.
-            self._last_id += len(rows)
-            self._count += len(rows) - plan.count
-            self._bytes += sum(sizes) - plan.size
-            self._dropped += plan.count
+        def write(db: sqlite3.Connection) -> None:
             if plan.count:
-                self._forget_through(plan.last_id)
-            elif self._count == len(rows):
-                self._oldest_at, self._oldest_known = now, True
-            self._after_commit()
-            return [row[0] for row in rows]
+                db.execute("DELETE FROM messages WHERE id <= ?", (plan.last_id,))
+                db.execute(SET_DROPPED, (self._dropped + plan.count,))
+            db.executemany(INSERT, rows)
+
+        self._write(write, durable=True)
+        # The transaction is committed: only now does the in-memory view follow it.
+        self._last_id += len(rows)
+        self._count += len(rows) - plan.count
+        self._bytes += sum(sizes) - plan.size
+        self._dropped += plan.count
+        if plan.count:
+            self._forget_through(plan.last_id)
+        elif self._count == len(rows):
+            self._oldest_at, self._oldest_known = now, True
+        self._after_commit()
+        return [row[0] for row in rows]
 
     def take(self, n: int) -> list[Entry]:
         """Up to n of the oldest entries not in flight."""
         with self._lock:
             self._check_open()
-            if n <= 0:
-                return []
-            # Returned ids are all <= the cursor and fresh ones above it, so the returned go first.
-            back: list[Row] = []
-            while len(back) < n and self._returned:
-                # Popped ids whose rows are gone (accepted while returned) simply do not come back.
-                ids = [heapq.heappop(self._returned) for _ in range(min(n - len(back), len(self._returned)))]
-                for chunk in _chunks(ids):
-                    back += self._read(f"{SELECT} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
-            back.sort()
-            fresh = self._read(f"{SELECT} WHERE id > ? ORDER BY id LIMIT ?", (self._cursor, n - len(back)))
-            if fresh:
-                self._cursor = fresh[-1][0]
-            chosen = back + fresh
-            chosen_ids = {row[0] for row in chosen}
-            self._in_flight |= chosen_ids
-            return [to_entry(row) for row in chosen]
+            return self._recovering(self._take, n)
+
+    def _take(self, n: int) -> list[Entry]:
+        if n <= 0:
+            return []
+        # Returned ids are all <= the cursor and fresh ones above it, so the returned go first.
+        back: list[Row] = []
+        while len(back) < n and self._returned:
+            # Popped ids whose rows are gone (accepted while returned) simply do not come back.
+            ids = [heapq.heappop(self._returned) for _ in range(min(n - len(back), len(self._returned)))]
+            for chunk in _chunks(ids):
+                back += self._read(f"{SELECT} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+        back.sort()
+        fresh = self._read(f"{SELECT} WHERE id > ? ORDER BY id LIMIT ?", (self._cursor, n - len(back)))
+        if fresh:
+            self._cursor = fresh[-1][0]
+        entries: list[Entry] = []
+        unreadable: list[int] = []
+        for row in back + fresh:
+            try:
+                entries.append(to_entry(row))
+            except (TypeError, ValueError):  # a row of garbage that still passed for a row
+                unreadable.append(row[0])
+        self._in_flight.update(e.id for e in entries)
+        if unreadable:
+            # Handed out it could never be published, and kept it would come back forever.
+            log.error("%s: dropped %d unreadable entries (ids %s)", self.name, len(unreadable), unreadable[:10])
+            self._accept(unreadable, dropped=True)
+        return entries
 
     def accept(self, ids: Iterable[int]) -> None:
         """Remove delivered entries; unknown or already dropped ids are ignored."""
         with self._lock:
             self._check_open()
-            wanted = sorted(set(ids))
-            if not wanted:
-                return
-            durable = self._io.since_sync() >= self.accept_sync_interval
+            self._recovering(self._accept, sorted(set(ids)))
 
-            def write(db: sqlite3.Connection) -> list[tuple[int, int]]:
-                gone: list[tuple[int, int]] = []
-                for chunk in _chunks(wanted):
-                    marks = ", ".join("?" * len(chunk))
-                    gone += db.execute(f"DELETE FROM messages WHERE id IN ({marks}) RETURNING id, size", chunk)
-                return gone
+    def _accept(self, wanted: list[int], *, dropped: bool = False) -> None:
+        if not wanted:
+            return
+        durable = self._io.since_sync() >= self.accept_sync_interval
 
-            gone = self._write(write, durable=durable)
-            self._count -= len(gone)
-            self._bytes -= sum(size for _, size in gone)
-            self._in_flight.difference_update(wanted)
-            self._oldest_known = False
-            self._after_commit()
+        def write(db: sqlite3.Connection) -> list[tuple[int, int]]:
+            gone: list[tuple[int, int]] = []
+            for chunk in _chunks(wanted):
+                marks = ", ".join("?" * len(chunk))
+                gone += db.execute(f"DELETE FROM messages WHERE id IN ({marks}) RETURNING id, size", chunk)
+            if dropped:
+                db.execute(SET_DROPPED, (self._dropped + len(gone),))
+            return gone
+
+        gone = self._write(write, durable=durable)
+        self._count -= len(gone)
+        self._bytes -= sum(size if isinstance(size, int) else 0 for _, size in gone)
+        self._dropped += len(gone) if dropped else 0
+        self._in_flight.difference_update(wanted)
+        self._oldest_known = False
+        self._after_commit()
 
     def reject(self, ids: Iterable[int]) -> None:
         """Make in-flight entries takeable again; other ids are ignored."""
@@ -213,15 +297,19 @@ class SQLiteSpool:
         """Drop entries queued before now - max_age, from the oldest on; also syncs late removals."""
         with self._lock:
             self._check_open()
-            count = self._expire(now)
-            if self._io.unsynced and self._io.since_sync() >= self.accept_sync_interval:
-                self._checkpoint()  # fsyncs the WAL, so recent NORMAL removals are durable too
-            return count
+            return self._recovering(self._expire_and_sync, now)
+
+    def _expire_and_sync(self, now: float) -> int:
+        count = self._expire(now)
+        if self._io.unsynced and self._io.since_sync() >= self.accept_sync_interval:
+            self._checkpoint()  # fsyncs the WAL, so recent NORMAL removals are durable too
+        return count
 
     def stats(self) -> BufferStats:
         """Counts, bytes, the oldest entry's queue time, drops, and the write cost since open."""
         with self._lock:
-            oldest = None if self._closed else self._oldest_queued_at()
+            usable = not self._closed and self._unavailable is None
+            oldest = self._recovering(self._oldest_queued_at) if usable else None
             written = (self._io.commits, self._io.fsyncs, self._io.bytes_written)
             return BufferStats(self._count, self._bytes, oldest, self._dropped, len(self._in_flight), *written)
 
@@ -229,14 +317,15 @@ class SQLiteSpool:
         """The id of the newest retained entry of each topic."""
         with self._lock:
             self._check_open()
-            rows = self._read("SELECT topic, MAX(id) FROM messages WHERE retain = 1 GROUP BY topic", ())
-            return {topic: entry_id for topic, entry_id in rows}
+            sql = "SELECT topic, MAX(id) FROM messages WHERE retain = 1 GROUP BY topic"
+            return {topic: entry_id for topic, entry_id in self._recovering(self._read, sql, ())}
 
     def forget_retained(self, topic: str, through_id: int) -> int:
         """Remove the retained entries of `topic` up to `through_id`."""
         with self._lock:
             self._check_open()
-            rows = self._read("SELECT id FROM messages WHERE retain = 1 AND topic = ? AND id <= ?", (topic, through_id))
+            sql = "SELECT id FROM messages WHERE retain = 1 AND topic = ? AND id <= ?"
+            rows = self._recovering(self._read, sql, (topic, through_id))
             self.accept(row[0] for row in rows)
             return len(rows)
 
@@ -246,11 +335,76 @@ class SQLiteSpool:
             if self._closed:
                 return
             self._closed = True
+            if self._unavailable is not None:
+                return  # the corrupt file's connection and lock went with the rotation
             try:
                 self._checkpoint()
             finally:
                 self._db.close()
                 os.close(self._lock_fd)
+
+    # --- a file that turns corrupt while running ------------------------------------------------
+
+    def _recovering(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)`; if the file turns out corrupt, rotate it (see ROTATE_INTERVAL) and do it once more."""
+        try:
+            return work(*args)
+        except SpoolCorrupt as exc:
+            if not self._rotate(exc):
+                raise
+        return work(*args)
+
+    def _rotate(self, exc: SpoolCorrupt) -> bool:
+        """Move the corrupt file aside and go on with a fresh one; False if it is too soon after the last time."""
+        now = time.monotonic()
+        if self._rotated_at is not None and now - self._rotated_at < ROTATE_INTERVAL:
+            return False
+        self._rotated_at = now
+        lost = self._count
+        try:
+            # Renamed while still open: the connection follows the old file, and closing it cannot touch the new.
+            move_aside(self.path, "spool", str(exc.__cause__ or exc), companions=_COMPANIONS)
+        except OSError as err:
+            log.error("%s: %s is corrupt and cannot be moved aside (%s): refusing for now", self.name, self.path, err)
+            return False
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        os.close(self._lock_fd)
+        self._in_flight.clear()
+        self._returned.clear()
+        self._cursor = 0
+        self._oldest_at, self._oldest_known = None, False
+        self._synchronous = ""
+        seed = Contents(0, 0, self._last_id, self._dropped + lost)
+        try:
+            self._lock_fd = lock_file(self.path, self.name)
+            try:
+                self._db = self._open(seed)
+            except BaseException:
+                os.close(self._lock_fd)
+                raise
+        except SpoolError as err:
+            self._count = self._bytes = 0
+            self._unavailable = SpoolStorageError(f"{self.name}: no fresh spool in place of a corrupt one: {err}")
+            raise self._unavailable from err
+        if lost:
+            log.error("%s: the %d message(s) the corrupt file held are lost (counted as dropped)", self.name, lost)
+        return True
+
+    def _retry_fresh(self) -> None:
+        """After ROTATE_INTERVAL, try again to open a fresh file where a rotation could not."""
+        assert self._unavailable is not None and self._rotated_at is not None
+        if time.monotonic() - self._rotated_at < ROTATE_INTERVAL:
+            raise SpoolStorageError(str(self._unavailable))
+        self._rotated_at = time.monotonic()
+        self._lock_fd = lock_file(self.path, self.name)
+        try:
+            self._db = self._open(Contents(0, 0, self._last_id, self._dropped))
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._unavailable = None
+        log.info("%s: a fresh spool file is open again at %s", self.name, self.path)
 
     def _expire(self, now: float) -> int:
         cutoff = now - self.limits.max_age
@@ -291,8 +445,8 @@ class SQLiteSpool:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")  # SQLite may have rolled back already (SQLITE_FULL)
                 raise
-        except (sqlite3.Error, OSError) as exc:
-            raise SpoolError(f"{self.name}: cannot write {self.path}: {exc}") from exc
+        except (sqlite3.Error, OSError, OverflowError, ValueError, TypeError) as exc:
+            raise spool_error(f"{self.name}: cannot write {self.path}: {exc}", exc) from exc
         self._io.committed(durable=durable)
         return result
 
@@ -341,8 +495,8 @@ class SQLiteSpool:
     def _read(self, sql: str, params: Sequence[object]) -> list[Any]:
         try:
             return self._db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolError(f"{self.name}: cannot read {self.path}: {exc}") from exc
+        except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+            raise spool_error(f"{self.name}: cannot read {self.path}: {exc}", exc) from exc
 
     def _free_bytes(self) -> int:
         try:
@@ -354,3 +508,5 @@ class SQLiteSpool:
     def _check_open(self) -> None:
         if self._closed:
             raise SinkError(f"{self.name}: closed")
+        if self._unavailable is not None:
+            self._retry_fresh()

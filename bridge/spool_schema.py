@@ -15,7 +15,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from bridge.buffer import BufferStats, Entry
+from bridge.buffer import BufferStats, EntryRefused, StorageError
+from bridge.buffer import Entry as Entry
 from gateway.errors import SinkError
 from gateway.types import Message
 
@@ -34,7 +35,40 @@ Row = tuple[int, str, bytes, int, int | None, int, float, int]
 
 
 class SpoolError(SinkError):
+    """The spool could not do what was asked: the base of everything it raises."""
+
+
+class SpoolStorageError(SpoolError, StorageError):
     """The spool's file cannot be read or written (disk full, I/O error, not a spool, in use)."""
+
+
+class SpoolCorrupt(SpoolStorageError):
+    """The spool's file is not a database SQLite can read (random bytes, truncated, garbage pages)."""
+
+
+class SpoolEntryError(SpoolError, EntryRefused):
+    """The file is fine but these rows cannot be stored (a number beyond SQLite's int64, an unencodable topic)."""
+
+
+# Primary result codes (https://sqlite.org/rescode.html): the file is damaged, or no database at all.
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
+
+
+def spool_error(message: str, exc: BaseException) -> SpoolError:
+    """The SpoolError for a failure of SQLite or of binding a row: corrupt file, storage, or the rows."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return SpoolCorrupt(message)
+    if isinstance(exc, (sqlite3.OperationalError, OSError)) or type(exc) is sqlite3.DatabaseError:
+        return SpoolStorageError(message)
+    # OverflowError, ValueError, TypeError, and SQLite's errors about what was bound (Integrity, Data,
+    # Interface, Programming): the rows, not the file.
+    return SpoolEntryError(message)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def to_entry(row: Row) -> Entry:
@@ -59,49 +93,64 @@ def lock_file(path: Path, name: str) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise SpoolError(f"{name}: cannot open {path}: {exc}") from exc
+        raise SpoolStorageError(f"{name}: cannot open {path}: {exc}") from exc
     try:
         # flock, independent of SQLite's POSIX locks: a second gateway on the same state dir
         # would hand out the same ids twice.
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
-        raise SpoolError(f"{name}: {path} is in use by another spool") from exc
+        raise SpoolStorageError(f"{name}: {path} is in use by another spool") from exc
     return fd
 
 
-def connect(path: Path, name: str) -> tuple[sqlite3.Connection, Contents]:
+def connect(path: Path, name: str, *, seed: Contents | None = None) -> tuple[sqlite3.Connection, Contents]:
     """Open the file in WAL mode, create or check the tables, and read what it holds.
 
-    Autocommit: the spool runs its own transactions. SpoolError if it cannot, with nothing left open.
+    Autocommit: the spool runs its own transactions. SpoolCorrupt if SQLite cannot read the file (or it
+    holds what no spool writes), another SpoolError if it cannot open it; nothing is left open then.
+    A file made new here starts its ids after `seed.last_id` and its drop counter at `seed.dropped`.
     """
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
-        raise SpoolError(f"{name}: cannot open {path}: {exc}") from exc
+        raise spool_error(f"{name}: cannot open {path}: {exc}", exc) from exc
     try:
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
-            raise SpoolError(f"{name}: {path}: WAL journal not available (got {mode})")
+            raise SpoolStorageError(f"{name}: {path}: WAL journal not available (got {mode})")
         db.execute("PRAGMA wal_autocheckpoint=0")  # the spool checkpoints itself, to count it
+        # A topic of bytes that are not UTF-8 (garbage in a page) reads as a str that paho refuses to publish,
+        # which the outbox drops, instead of a row whose every read fails and holds up the backlog for good.
+        db.text_factory = _text
         schema = sqlite_utils.Database(db, recursive_triggers=False, execute_plugins=False)
         messages = schema.table("messages")
-        if not messages.exists():
+        new = not messages.exists()
+        if new:
             # sqlite-utils cannot declare AUTOINCREMENT, which keeps ids growing after the table
             # was emptied (no id is handed out twice, so a stale accept never hits a new row).
             schema.execute(CREATE_MESSAGES)
         elif set(messages.columns_dict) != set(COLUMNS):
-            raise SpoolError(f"{name}: {path} is not a spool (columns {sorted(messages.columns_dict)})")
+            raise SpoolStorageError(f"{name}: {path} is not a spool (columns {sorted(messages.columns_dict)})")
         schema.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+        if new and seed is not None and (seed.last_id or seed.dropped):
+            # Made anew for a corrupt file: ids go on from the old ones, which the outbox may still hold.
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (seed.last_id,))
+            db.execute(SET_DROPPED, (seed.dropped,))
+            db.execute("COMMIT")
         count, held = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
         seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
         dropped = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+        contents = Contents(int(count), int(held), int(seq[0]) if seq else 0, int(dropped[0]) if dropped else 0)
     except BaseException as exc:
         db.close()
         if isinstance(exc, sqlite3.Error):
-            raise SpoolError(f"{name}: cannot open {path}: {exc}") from exc
+            raise spool_error(f"{name}: cannot open {path}: {exc}", exc) from exc
+        if isinstance(exc, (ValueError, TypeError, OverflowError)):
+            # A counter that is no number: garbage that still parses as pages.
+            raise SpoolCorrupt(f"{name}: cannot open {path}: {exc}") from exc
         raise
-    contents = Contents(int(count), int(held), int(seq[0]) if seq else 0, int(dropped[0]) if dropped else 0)
     return db, contents
 
 

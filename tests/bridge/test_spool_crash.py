@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.buffer import StorageError
 from bridge.spool import SpoolError, SQLiteSpool
+from bridge.statefiles import corrupt_counts
 from gateway.errors import SinkError
 from gateway.types import Message
 
@@ -182,6 +184,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 def test_a_full_disk_fails_the_add_cleanly(tmp_path: Path) -> None:
+    corrupt_before = corrupt_counts()["spool"]
     with tmpfs(tmp_path / "small", "1M") as d:
         filler = d / "filler"
         filler.write_bytes(b"\0" * 300_000)
@@ -190,7 +193,9 @@ def test_a_full_disk_fails_the_add_cleanly(tmp_path: Path) -> None:
         with pytest.raises(SpoolError, match="full") as failure:
             for k in range(100):
                 added += spool.add([(Message(f"t/{k}", os.urandom(1000)), k) for _ in range(10)])
-        assert isinstance(failure.value, SinkError)
+        # A storage failure (the outbox refuses the whole batch), not corruption: nothing is moved aside.
+        assert isinstance(failure.value, StorageError)
+        assert not list(d.glob("*.corrupt-*")) and corrupt_counts()["spool"] == corrupt_before
         consistent(spool, added)
         filler.unlink()  # room again: the same spool goes on
         added += spool.add([(Message("t/after", b"x"), 0)])

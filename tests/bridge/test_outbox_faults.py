@@ -1,0 +1,195 @@
+"""No message stops an outbox: batches the spool cannot store, entries the broker refuses, failures in its loops.
+
+Real parts: an Outbox on a real SQLiteSpool file and a real MqttSink whose broker (the embedded amqtt of
+conftest) is cut off by a relay that is not accepting, so everything goes through the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import outbox as outbox_module
+from bridge.broker import EmbeddedBroker
+from bridge.outbox import SPLIT_ADDS, Outbox
+from bridge.sink import MqttSink
+from bridge.spool import SQLiteSpool
+from gateway.errors import SinkError
+from gateway.types import Message
+
+from helpers import Subscriber, TcpRelay, spool_rows, until
+
+P = "fg/faults"
+#: A `ts` an MCP device sent: 2**64 - 1, beyond SQLite's INTEGER (int64).
+HUGE_TS = 18446744073709551615
+
+
+@contextlib.asynccontextmanager
+async def down_sink(port: int) -> AsyncIterator[tuple[MqttSink, TcpRelay]]:
+    """A started sink whose way to the broker is cut (a relay that does not accept yet: `link.start()` opens it)."""
+    link = TcpRelay(port)
+    sink = MqttSink("up", f"mqtt://127.0.0.1:{link.port}", P, client_id=f"faults-{time.monotonic_ns()}")
+    await sink.start()
+    try:
+        yield sink, link
+    finally:
+        await sink.stop()
+        await link.close()
+
+
+def msg(i: int, topic: str = "seq", ts: int | None = None) -> Message:
+    """Message number i, sampled at 1,000,000 + i unless `ts` says otherwise."""
+    return Message(topic, b"%d" % i, ts=1_000_000 + i if ts is None else ts)
+
+
+class CountingSpool(SQLiteSpool):
+    """A real spool that counts its add() calls and can fail chosen calls with an unexpected error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.adds = 0
+        self.fail_adds: set[int] = set()  # the add() calls (1-based) that raise RuntimeError
+        self.fail_takes = 0  # take() calls to fail, from now on
+
+    def add(self, items: Any) -> list[int]:
+        self.adds += 1
+        if self.adds in self.fail_adds:
+            raise RuntimeError("a bug in the buffer")
+        return super().add(items)
+
+    def take(self, n: int) -> Any:
+        if self.fail_takes:
+            self.fail_takes -= 1
+            raise RuntimeError("a bug in take")
+        return super().take(n)
+
+
+async def test_a_ts_beyond_int64_fails_only_its_own_message(broker: EmbeddedBroker, port: int, tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.05)
+        await box.start()
+        # One commit window: the bad message sits between good ones in the same batch.
+        good = [box.enqueue(msg(i)) for i in range(5)]
+        bad = box.enqueue(msg(99, ts=HUGE_TS))
+        good += [box.enqueue(msg(i)) for i in range(5, 10)]
+        await asyncio.wait_for(asyncio.gather(*good), 5)
+        with pytest.raises(SinkError, match="int"):
+            await asyncio.wait_for(bad, 5)
+        # The commit loop goes on: the next batch is stored and its waiter answered.
+        await asyncio.wait_for(box.enqueue(msg(10)), 5)
+        assert box.health() is None
+        assert (box.stats.spooled, box.stats.refused) == (11, 1)
+        await box.stop()
+    assert [ts for _, ts in spool_rows(path)] == [1_000_000 + i for i in range(11)]
+
+
+async def test_stop_keeps_what_it_can_and_never_raises(broker: EmbeddedBroker, port: int, tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.05)
+        await box.start()
+        futures = [box.enqueue(msg(0)), box.enqueue(msg(1, ts=HUGE_TS)), box.enqueue(msg(2, ts=-(2**70)))]
+        box.submit(msg(3))
+        await box.stop()  # the bad ones are still pending: stop commits them with the rest, and returns
+        done = [f.exception() for f in futures]
+    assert done[0] is None and isinstance(done[1], SinkError) and isinstance(done[2], SinkError)
+    assert [ts for _, ts in spool_rows(path)] == [1_000_000, 1_000_003]
+
+
+async def test_one_bad_message_costs_a_few_adds_and_many_cost_a_bounded_number(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    async with down_sink(port) as (sink, _link):
+        spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.05)
+        await box.start()
+        futures = [box.enqueue(msg(i, ts=HUGE_TS if i == 321 else None)) for i in range(500)]
+        await asyncio.wait(futures, timeout=10)
+        assert [i for i, f in enumerate(futures) if f.exception() is not None] == [321]
+        assert spool.adds <= 2 * math.ceil(math.log2(500)) + 1
+        # Every message bad: the halving stops at SPLIT_ADDS; each half still waiting is tried once more.
+        spool.adds = 0
+        futures = [box.enqueue(msg(i, ts=HUGE_TS)) for i in range(1000)]
+        await asyncio.wait(futures, timeout=10)
+        assert all(isinstance(f.exception(), SinkError) for f in futures)
+        assert spool.adds <= SPLIT_ADDS + math.ceil(math.log2(1000)) + 1
+        await asyncio.wait_for(box.enqueue(msg(1000)), 5)
+        assert box.stats.spooled == 500
+        await box.stop()
+
+
+async def test_an_unexpected_error_of_the_spool_fails_that_batch_and_the_loop_goes_on(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    async with down_sink(port) as (sink, _link):
+        spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0)
+        spool.fail_adds = {1}
+        box = Outbox(sink, spool, commit_window=0.02)
+        await box.start()
+        with pytest.raises(SinkError, match="a bug in the buffer"):
+            await asyncio.wait_for(box.enqueue(msg(0)), 5)
+        await asyncio.wait_for(box.enqueue(msg(1)), 5)
+        assert box.health() is None
+        await box.stop()
+
+
+async def test_replay_drops_an_entry_the_broker_connection_refuses_and_delivers_the_rest(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    # A topic paho will not publish (a wildcard), left in the spool between good entries.
+    spool.add([(msg(0), 1), (Message("bad/+/topic", b"x"), 2), (msg(1), 3)])
+    spool.close()
+    async with down_sink(port) as (sink, link):
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.02, replay_rate=50)
+        await box.start()
+        await link.start()
+        await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
+        await until(lambda: box.backlog == 0, 10, "the backlog to drain")
+        assert box.stats.undeliverable == 1 and box.stats.replayed == 2
+        assert box.health() is None
+        await box.stop()
+    assert spool_rows(path) == []
+    assert "dropped spooled message" in caplog.text
+
+
+async def test_the_replay_loop_survives_an_unexpected_error(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.05, raising=False)
+    path = tmp_path / "spool.db"
+    async with down_sink(port) as (sink, link):
+        spool = CountingSpool(path, min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.02)
+        await box.start()
+        await asyncio.gather(*(box.enqueue(msg(i)) for i in range(3)))
+        spool.fail_takes = 2
+        await link.start()
+        await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 3, 10)
+        assert box.health() is None
+        await box.stop()
+
+
+async def test_a_refusal_flood_is_logged_once_per_interval(
+    broker: EmbeddedBroker, port: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="bridge.outbox")
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
+        await box.start()
+        for i in range(20):
+            with contextlib.suppress(SinkError):
+                await asyncio.wait_for(box.enqueue(msg(i, ts=HUGE_TS)), 5)
+        await box.stop()
+    assert box.stats.refused == 20
+    assert sum("not spooled" in r.getMessage() for r in caplog.records) == 1
