@@ -1,0 +1,223 @@
+"""Spool files an SD card has damaged: moved aside as `<name>.corrupt-<unix seconds>`, counted, replaced by a fresh one.
+
+At open (random bytes, a truncated file, a valid header with garbage pages, a -wal of garbage frames that
+SQLite takes for committed) and while running (once, then not again within ROTATE_INTERVAL). What is no
+corruption keeps its error: a spool locked by another gateway, someone else's database. A full disk is in
+test_spool_crash.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge import spool as spool_module
+from bridge.broker import EmbeddedBroker
+from bridge.outbox import Outbox
+from bridge.sink import MqttSink
+from bridge.spool import SpoolCorrupt, SpoolError, SQLiteSpool
+from bridge.statefiles import KEEP, corrupt_counts, move_aside
+from gateway.types import Message
+
+from helpers import Subscriber, TcpRelay, spool_rows, until
+
+CORRUPT = re.compile(r"spool\.db\.corrupt-\d+")
+
+
+def fill(path: Path, n: int = 100, payload: int = 200) -> None:
+    """A spool file holding n messages, closed."""
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(Message(f"t/{i}", os.urandom(payload)), i) for i in range(n)])
+    spool.close()
+
+
+def _checksum(data: bytes, s0: int, s1: int) -> tuple[int, int]:
+    words = struct.unpack(f">{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def garbage_wal(db: Path, pages: range) -> None:
+    """A -wal whose frames carry random pages with valid checksums and a commit: SQLite replays them.
+
+    (A -wal of plain random bytes fails its header checksum and SQLite ignores it; see the test below.)
+    """
+    page_size = int.from_bytes(db.read_bytes()[16:18], "big")
+    salt = (0x12345678, 0x9ABCDEF0)
+    header = struct.pack(">IIIIII", 0x377F0683, 3007000, page_size, 0, *salt)
+    s0, s1 = _checksum(header, 0, 0)
+    out = header + struct.pack(">II", s0, s1)
+    for k, page in enumerate(pages):
+        content = os.urandom(page_size)
+        frame = struct.pack(">II", page, db.stat().st_size // page_size if k == len(pages) - 1 else 0)
+        s0, s1 = _checksum(frame + content, s0, s1)
+        out += frame + struct.pack(">IIII", *salt, s0, s1) + content
+    Path(f"{db}-wal").write_bytes(out)
+
+
+def random_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(50_000))
+
+
+def truncated(path: Path) -> None:
+    fill(path, 2000)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3 + 100])
+
+
+def garbage_pages(path: Path) -> None:
+    fill(path, 2000)
+    data = bytearray(path.read_bytes())
+    data[4096:] = os.urandom(len(data) - 4096)  # page 1 (the header and schema) intact
+    path.write_bytes(bytes(data))
+
+
+def wal_of_garbage(path: Path) -> None:
+    fill(path, 2000)
+    garbage_wal(path, range(2, 6))
+
+
+def zeros(path: Path) -> None:
+    path.write_bytes(bytes(8192))
+
+
+@pytest.mark.parametrize("damage", [random_bytes, truncated, garbage_pages, wal_of_garbage, zeros])
+def test_a_corrupt_spool_is_moved_aside_at_open_and_a_fresh_one_works(
+    tmp_path: Path, damage: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    damage(path)  # type: ignore[operator]
+    before = corrupt_counts()["spool"]
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    try:
+        assert spool.stats().count == 0
+        assert spool.add([(Message("t/new", b"1"), 1)]) == [1]
+        assert [e.message.topic for e in spool.take(10)] == ["t/new"]
+    finally:
+        spool.close()
+    moved = [p.name for p in tmp_path.iterdir() if CORRUPT.fullmatch(p.name)]
+    assert len(moved) == 1
+    assert corrupt_counts()["spool"] == before + 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("corrupt" in line and moved[0] in line for line in errors), errors
+
+
+def test_a_wal_of_random_bytes_is_ignored_by_sqlite_and_nothing_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    fill(path, 50)
+    Path(f"{path}-wal").write_bytes(os.urandom(40_000))
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    try:
+        assert spool.stats().count == 50
+    finally:
+        spool.close()
+    assert not [p for p in tmp_path.iterdir() if CORRUPT.fullmatch(p.name)]
+
+
+def test_a_spool_locked_by_another_gateway_is_not_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    first = SQLiteSpool(path, min_free_bytes=0)
+    try:
+        with pytest.raises(SpoolError, match="in use"):
+            SQLiteSpool(path, min_free_bytes=0)
+    finally:
+        first.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.db"]
+
+
+def corrupt_under(spool: SQLiteSpool, rows: int = 15_000) -> int:
+    """Fill an open spool beyond SQLite's page cache, then overwrite its pages after the first on disk."""
+    for k in range(0, rows, 1000):
+        spool.add([(Message(f"t/{i}", os.urandom(200)), i) for i in range(k, k + 1000)])
+    spool.expire(time.time())  # a checkpoint: the pages are in the file, not only in the WAL
+    spool._checkpoint()
+    size = spool.path.stat().st_size
+    with open(spool.path, "r+b") as f:
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    return rows
+
+
+def test_a_spool_that_turns_corrupt_while_running_is_rotated_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0, checkpoint_bytes=2**40)
+    try:
+        held = corrupt_under(spool)
+        before = corrupt_counts()["spool"]
+        assert spool.take(20_000) == []  # the read hit the garbage: rotated, and read again from the fresh file
+        assert corrupt_counts()["spool"] == before + 1
+        st = spool.stats()
+        assert (st.count, st.dropped) == (0, held)  # what the old file held is lost and counted
+        # The ids go on after the old ones (the outbox may still hold those).
+        assert spool.add([(Message("t/after", b"x"), 1)]) == [held + 1]
+        # The fresh file turns corrupt too: refused for now, not rotated again every call.
+        corrupt_under(spool)
+        with pytest.raises(SpoolCorrupt):
+            spool.take(20_000)
+        with pytest.raises(SpoolCorrupt):
+            spool.take(20_000)
+        assert corrupt_counts()["spool"] == before + 1
+        assert len([p for p in tmp_path.iterdir() if CORRUPT.fullmatch(p.name)]) == 1
+        # Once ROTATE_INTERVAL has passed, the next failure rotates again.
+        monkeypatch.setattr(spool_module, "ROTATE_INTERVAL", 0.0)
+        assert spool.take(20_000) == []
+        assert corrupt_counts()["spool"] == before + 2
+    finally:
+        spool.close()
+
+
+async def test_an_outbox_goes_on_with_the_fresh_spool(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    link = TcpRelay(port)
+    sink = MqttSink("up", f"mqtt://127.0.0.1:{link.port}", "fg/rot", client_id=f"rot-{time.monotonic_ns()}")
+    await sink.start()
+    spool = SQLiteSpool(path, min_free_bytes=0, checkpoint_bytes=2**40)
+    box = Outbox(sink, spool, commit_window=0.02)
+    try:
+        corrupt_under(spool)
+        await box.start()
+        await link.start()  # the replay takes from the damaged file: rotated, the backlog is gone
+        await until(lambda: any(CORRUPT.fullmatch(p.name) for p in tmp_path.iterdir()), 10, "the rotation")
+        await until(lambda: box.backlog == 0, 10, "an empty backlog")
+        await asyncio.wait_for(box.enqueue(Message("live", b"1")), 5)
+        await subscriber.wait_for(lambda _: subscriber.on("fg/rot/live"), 5)
+        await link.close()  # down again: spooled into the fresh file
+        await until(lambda: not sink.connected, 10, "the sink to notice")
+        await asyncio.wait_for(box.enqueue(Message("later", b"2", ts=7)), 5)
+        assert box.health() is None
+    finally:
+        await box.stop()
+        await sink.stop()
+        await link.close()
+    assert spool_rows(path) == [("later", 7)]
+
+
+def test_move_aside_keeps_a_bounded_number_of_copies(tmp_path: Path) -> None:
+    path = tmp_path / "homeassistant.json"
+    clock = iter(range(1000, 2000, 10))
+    for _ in range(KEEP + 2):
+        path.write_text("x")
+        move_aside(path, "homeassistant", "test", clock=lambda: next(clock))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == KEEP and left[-1] == f"homeassistant.json.corrupt-{1000 + 10 * (KEEP + 1)}"
+
+
+def test_two_files_moved_aside_within_a_second_keep_both(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    for text in ("a", "b"):
+        path.write_text(text)
+        move_aside(path, "users", "test", clock=lambda: 1234.5)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"users.corrupt-1234": "a", "users.corrupt-1235": "b"}
