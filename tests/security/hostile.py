@@ -351,6 +351,7 @@ class GoodDevice:
     _task: asyncio.Task[None] | None = None
     _peer: McpPeer | None = None
     _n: int = 0
+    _waiting_since: float | None = None
     local_port: int = 0
 
     async def start(self) -> GoodDevice:
@@ -367,12 +368,13 @@ class GoodDevice:
         while True:
             self._n += 1
             ts = now_ms()
-            sent = time.monotonic()
+            sent = self._waiting_since = time.monotonic()
             try:
                 answer = await self._peer.data({"n": self._n}, ts=ts, timeout=30)
             except (TimeoutError, ConnectionError, OSError) as exc:
                 self.failures.append(f"DATA n={self._n}: {type(exc).__name__} {exc}")
                 return
+            self._waiting_since = None
             self.latencies.append(time.monotonic() - sent)
             if answer.type == FrameType.ACK:
                 self.acked_ts.append(ts)
@@ -381,7 +383,10 @@ class GoodDevice:
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
-        """Stop sending and close."""
+        """Stop sending and close (a DATA still unanswered then counts as a failure)."""
+        if self._waiting_since is not None and time.monotonic() - self._waiting_since > 2.0:
+            waited = time.monotonic() - self._waiting_since
+            self.failures.append(f"DATA n={self._n}: still unanswered after {waited:.1f} s")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
