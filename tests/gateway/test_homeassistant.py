@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
+from bridge.statefiles import corrupt_counts
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.errors import ConfigError
@@ -606,6 +608,44 @@ async def test_switching_discovery_off_removes_everything_published(tmp_path: Pa
         fut.set_result(None)
     await done
     assert json.loads((tmp_path / "homeassistant.json").read_text()) == {"topics": []}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        random.Random(11).randbytes(3000),  # an SD card's garbage
+        b"",  # a write cut short
+        b"[" * 100_000,  # deeper than any parser's recursion
+        b'{"topics": 5}',
+        b'{"topics": ["homeassistant/sensor/+/config"]}',  # a topic no one can publish to
+        b'{"topics": ["homeassistant/sensor/\\ud800/config"]}',  # a lone surrogate
+    ],
+    ids=["random", "empty", "deep", "shape", "wildcard", "surrogate"],
+)
+async def test_a_state_file_that_cannot_be_read_is_moved_aside_and_started_afresh(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = parse_config(CONFIG.replace("./state", str(tmp_path))).config
+    state = tmp_path / "homeassistant.json"
+    state.write_bytes(content)
+    before = corrupt_counts()["homeassistant"]
+    discovery = Discovery(cfg)
+    box = RecordingOutbox()
+    assert discovery.sync(_outboxes(box)) is None  # nothing known to remove
+    assert box.messages == []
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("homeassistant.json.corrupt-")]
+    assert len(moved) == 1 and moved[0].read_bytes() == content
+    assert corrupt_counts()["homeassistant"] == before + 1
+    assert set(json.loads(state.read_text())["topics"]) == discovery.topics  # a fresh file, this run's topics
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("corrupt" in line and moved[0].name in line for line in errors), errors
+
+
+def test_a_state_file_that_cannot_be_opened_is_left_alone(tmp_path: Path) -> None:
+    cfg = parse_config(CONFIG.replace("./state", str(tmp_path))).config
+    (tmp_path / "homeassistant.json").mkdir()  # not a file: the operator's to fix, not garbage to move
+    assert Discovery(cfg).sync(_outboxes(RecordingOutbox())) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["homeassistant.json"]
 
 
 def test_publish_gives_each_sink_its_own_prefix(tmp_path: Path) -> None:
