@@ -245,6 +245,19 @@ class _Checks:
                 self._error(path, f"id {device.id!r} is already the name of a Modbus device (line {line})")
                 continue
             self._first(ids, device.id, path, f"MCP device id {device.id!r} is used twice")
+        # Limits that another one makes meaningless: said, so that nobody tunes a knob that does nothing.
+        if mcp.max_pending_per_ip > mcp.max_pending:
+            self._warn(
+                ("mcp", "max_pending_per_ip"),
+                f"max_pending_per_ip ({mcp.max_pending_per_ip}) is above max_pending ({mcp.max_pending}), "
+                "which holds first",
+            )
+        if mcp.max_hello_payload > mcp.max_payload:
+            self._warn(
+                ("mcp", "max_hello_payload"),
+                f"max_hello_payload ({mcp.max_hello_payload}) is above max_payload ({mcp.max_payload}), "
+                "which holds first",
+            )
 
     # -- simulator -------------------------------------------------------------------------------
 

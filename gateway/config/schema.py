@@ -356,7 +356,23 @@ class McpSection(Model):
     ack_timeout: Duration = 5.0
     retries: int = Field(default=3, ge=0, le=20)
     max_payload: Size = 1024 * 1024
-    max_sessions: int = Field(default=10000, ge=1)
+    max_sessions: int = Field(default=10000, ge=1)  # sessions past HELLO
+    # Before HELLO nobody is trusted: a connection has `hello_timeout` from accept (TLS handshake
+    # included) to log in, small frames only, a few mistakes, and its own caps apart from max_sessions.
+    hello_timeout: Duration = Field(default=10.0, gt=0, le=3600)
+    max_hello_payload: Size = Field(default=4096, ge=256)
+    max_hello_errors: int = Field(default=3, ge=1, le=1000)
+    max_pending: int = Field(default=256, ge=1)
+    max_pending_per_ip: int = Field(default=32, ge=1)
+    # Failed logins from one address (an IPv6 /64) within the window close its connections at accept.
+    auth_ban_failures: int = Field(default=10, ge=1)
+    auth_ban_window: Duration = Field(default=60.0, gt=0)
+    auth_ban_time: Duration = 60.0
+    # What one device may put into the gateway.
+    max_points: int = Field(default=256, ge=1, le=100_000)
+    max_string: Size = Field(default=1024, ge=1)
+    max_unread: Size = Field(default=64 * 1024, ge=4096)
+    max_future_ts: Duration = 86400.0
     devices: list[McpDeviceConfig] = Field(default_factory=list)
 
 

@@ -785,3 +785,38 @@ def test_mcp_tokens_shorter_than_16_characters_are_refused(tmp_path: Path) -> No
         [sys.executable, "-m", "gateway", "check", "-c", str(path)], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "at least 16 characters" in r.stderr and "abcdefghijklmno" not in r.stderr
+
+
+def test_mcp_limits_take_units_and_have_the_documented_defaults() -> None:
+    mcp = load("mcp: {}\n").config.mcp
+    assert mcp is not None
+    assert (mcp.hello_timeout, mcp.max_hello_payload, mcp.max_hello_errors) == (10.0, 4096, 3)
+    assert (mcp.max_pending, mcp.max_pending_per_ip) == (256, 32)
+    assert (mcp.auth_ban_failures, mcp.auth_ban_window, mcp.auth_ban_time) == (10, 60.0, 60.0)
+    assert (mcp.max_points, mcp.max_string, mcp.max_unread, mcp.max_future_ts) == (256, 1024, 65536, 86400.0)
+    text = (
+        "mcp:\n  hello_timeout: 2s\n  max_hello_payload: 1KB\n  auth_ban_window: 5m\n  auth_ban_time: 1h\n"
+        "  max_unread: 128KB\n  max_future_ts: 2h\n  max_string: 4KB\n"
+    )
+    mcp = load(text).config.mcp
+    assert mcp is not None
+    assert (mcp.hello_timeout, mcp.max_hello_payload, mcp.auth_ban_window, mcp.auth_ban_time) == (
+        2.0,
+        1024,
+        300.0,
+        3600.0,
+    )
+    assert (mcp.max_unread, mcp.max_future_ts, mcp.max_string) == (131072, 7200.0, 4096)
+    assert errors_of("mcp:\n  hello_timeout: 0s\n  max_unread: 1KB\n  max_hello_errors: 0\n") == [
+        "cfg.yaml:2: mcp.hello_timeout: must be more than 0.0, got '0s'",
+        "cfg.yaml:3: mcp.max_unread: must be at least 4096, got '1KB'",
+        "cfg.yaml:4: mcp.max_hello_errors: must be at least 1, got 0",
+    ]
+
+
+def test_mcp_limits_that_another_makes_meaningless_are_warned_about() -> None:
+    loaded = load("mcp:\n  max_pending: 10\n  max_pending_per_ip: 20\n  max_payload: 2KB\n  max_hello_payload: 4KB\n")
+    assert [w for w in loaded.warnings if "holds first" in w] == [
+        "cfg.yaml:3: mcp.max_pending_per_ip: max_pending_per_ip (20) is above max_pending (10), which holds first",
+        "cfg.yaml:5: mcp.max_hello_payload: max_hello_payload (4096) is above max_payload (2048), which holds first",
+    ]
