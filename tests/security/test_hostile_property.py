@@ -11,8 +11,9 @@ split into random chunks with small pauses between them. A well-behaved device (
 127.0.0.2, its own session) sends DATA all along.
 
 Invariants, checked after every example:
-- the frame is answered, ACK or NACK with its seq, within 1 s of its last byte (a frame the gateway
-  closes the session for still gets its NACK first);
+- the frame is answered, ACK or NACK with its seq, within 1 s of its last byte; only a frame past
+  `max_payload` may instead see the session closed (its NACK 3 comes first, but a close with the rest
+  of the frame unread is a TCP reset, which may discard the NACK before the device reads it);
 - the good device's every DATA is ACKed, none waits longer than 1 s;
 - the gateway process is alive.
 At the end: `/healthz` answers 200, and every frame that was ACKed (the hostile device's, found by a
@@ -55,6 +56,7 @@ HOSTILE, GOOD = "pump-1", "pump-2"
 GOOD_SOURCE = "127.0.0.2"
 MIN_TS = 946_684_800_000  # 2000-01-01T00:00Z in ms
 DAY_MS = 86_400_000
+PLAUSIBLE_TS_MAX = now_ms() + DAY_MS // 2  # fixed at import: a strategy must not move while hypothesis runs
 
 T = TypeVar("T")
 
@@ -127,6 +129,14 @@ ts_values = st.one_of(
     st.lists(st.integers(), max_size=2),
 )
 ABSENT = object()
+POINTS = ["temp", "flow_lpm", "running", "label", "mode", "a.b", "x" * 64, "level_2", "alarm", "count"]
+plain_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**53), 2**53),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),  # any Unicode but surrogates, control characters included
+)
 
 
 @dataclass
@@ -174,13 +184,20 @@ def cases(draw: st.DrawFn) -> Case:
         frame_type = draw(st.sampled_from([int(FrameType.HEARTBEAT), int(FrameType.COMMAND), *range(8, 256)]))
     pad = 0
     if kind == "data":
-        values = draw(st.dictionaries(names, st.one_of(scalars, json_values, deep), max_size=6))
+        if draw(st.booleans()):
+            # Half the DATA frames could pass, so that many are ACKed and have to reach upstream.
+            values = draw(st.dictionaries(st.sampled_from(POINTS), plain_scalars, max_size=4))
+            ts = draw(st.one_of(st.just(ABSENT), st.integers(MIN_TS, PLAUSIBLE_TS_MAX)))
+        else:
+            # Plausible values and one or two hostile ones, so that one hostile thing at a time gets through.
+            values = draw(st.dictionaries(st.sampled_from(POINTS), plain_scalars, max_size=3))
+            values.update(draw(st.dictionaries(names, st.one_of(scalars, json_values, deep), min_size=1, max_size=2)))
+            ts = draw(st.one_of(st.just(ABSENT), ts_values))
         body: Any = {"values": values}
-        ts = draw(st.one_of(st.just(ABSENT), ts_values))
         if ts is not ABSENT:
             body["ts"] = ts
         if draw(st.sampled_from([False] * 5 + [True])):
-            pad = draw(st.integers(0, MAX_PAYLOAD + 2048))
+            pad = draw(st.one_of(st.integers(0, 2048), st.integers(MAX_PAYLOAD - 64, MAX_PAYLOAD + 2048)))
     elif kind == "json":
         body = draw(st.one_of(json_values, deep))
         if isinstance(body, dict):
@@ -406,11 +423,16 @@ def test_hostile_frames_are_all_answered_the_good_device_is_unharmed_and_every_a
         rig.sent += 1
         probe = rig.sent
         payload, answer, took = rig.loop.run(rig.hostile.send(case, probe))
-        assert answer is not None, (
-            f"the gateway closed the hostile session without answering seq {rig.hostile.seq}: {case.describe(payload)}"
-        )
         assert took <= ANSWER_WITHIN, f"answered after {took:.2f} s: {case.describe(payload)}"
-        if answer.type == FrameType.ACK:
+        if answer is None:
+            # A frame past max_payload is NACKed and the session closed while the device may still be writing
+            # it: the close with unread input is a reset, which can discard the NACK before the device reads it.
+            assert len(payload) > MAX_PAYLOAD, (
+                f"the gateway closed the hostile session without answering seq {rig.hostile.seq}: "
+                f"{case.describe(payload)}"
+            )
+            rig.answered["closed (too large)"] = rig.answered.get("closed (too large)", 0) + 1
+        elif answer.type == FrameType.ACK:
             rig.answered["ACK"] = rig.answered.get("ACK", 0) + 1
             if case.kind == "data" and case.frame_type == FrameType.DATA:
                 rig.acked_probes.add(probe)
