@@ -1,9 +1,38 @@
-"""MCP/1 frame codec: pure `encode(frame) -> bytes` and incremental `decode(buffer) -> (consumed, event)`."""
+"""MCP/1 frame codec: pure `encode(frame) -> bytes` and incremental `decode(buffer) -> (consumed, event)`.
+
+Decoding costs time linear in the bytes received, whatever they are. MCP.md resynchronises after a
+bad frame by skipping one byte and searching for the next magic; done literally (check the CRC of
+every candidate header), a buffer of headers that each announce a payload reaching the end of the
+buffer makes every header cost a CRC over the rest of it: quadratic, and the event loop stalls for
+every device. The rules that keep it linear, with the same outcome for every well-formed stream:
+
+- A payload is UTF-8 JSON, and UTF-8 never holds the bytes 55 AA (AA is a continuation byte, and 55
+  is ASCII), so no valid payload holds the magic. A candidate frame whose payload span holds the
+  magic is corrupt: it is answered like a CRC mismatch (NACK 1 with the header's seq) without
+  computing its CRC, and decoding resumes at the first magic after the candidate's first byte (in
+  its header, or that magic). This is also checked on the part of a payload received so far, so a
+  corrupted `length` no longer waits for a huge payload once the next frame's magic has arrived.
+- A candidate whose payload holds no magic has its CRC checked once. On a mismatch the search for
+  the next magic starts in the header (one byte past the frame's start, as MCP.md says) and then
+  jumps to the last three bytes of the payload: no magic can start in between. The next frame found
+  is the one MCP.md's byte-by-byte search finds, but the payload is neither searched nor CRC-checked
+  again.
+- `Decoder` remembers how far a partial frame's payload has been searched, so bytes arriving one at
+  a time are each searched a constant number of times.
+
+Every candidate that has its CRC checked has a payload free of the magic, and a later candidate
+starts at a magic: inside the 14-byte header of an earlier one (a handful at most) or past its
+payload. So each byte received is CRC-checked and searched a bounded number of times
+(tests/drivers/mcp/test_codec.py counts both). The price: a frame whose payload holds the magic
+(never valid JSON) cannot be received; `encode` still writes it, for tests of exactly that.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -11,6 +40,7 @@ from typing import Any, ClassVar
 import crcmod.predefined
 
 from gateway.errors import FieldgateError
+from gateway.jsonsafe import JsonRejected, loads_strict
 
 MAGIC = b"\x55\xaa\x55\xaa"
 VERSION = 1
@@ -20,11 +50,16 @@ OVERHEAD = HEADER_SIZE + CRC_SIZE
 DEFAULT_MAX_PAYLOAD = 1_048_576
 MAX_SEQ = 0xFFFF_FFFF
 MAX_LENGTH = 0xFFFF_FFFF
+MAX_REASON = 200  # characters of a NACK's reason; longer ones are cut (a peer can put its own text in one)
 
 _HEADER = struct.Struct(">4sBBII")
 _TYPE_SEQ_LENGTH = struct.Struct(">BII")
 # Proper prefixes of the magic, longest first: a buffer ending in one of them may be a frame's first bytes.
 _MAGIC_PREFIXES = tuple(MAGIC[:n] for n in range(len(MAGIC) - 1, 0, -1))
+# 55 AA pairs from a magic on: the frame starts at the run's last magic (see _decode_at).
+_SYNC_RUN = re.compile(rb"(?:\x55\xaa)+")
+# A magic that starts in a header (offsets 1..13) ends before this offset.
+_HEADER_MAGIC_END = HEADER_SIZE + len(MAGIC) - 1
 
 _crc16 = crcmod.predefined.mkCrcFun("crc-ccitt-false")
 
@@ -87,11 +122,6 @@ def seq_next(seq: int) -> int:
     return 1 if seq == MAX_SEQ else seq + 1
 
 
-def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are Python extensions, not JSON; other parsers on the way would choke on them.
-    raise ValueError(f"{name} is not JSON")
-
-
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One MCP/1 frame; `type` stays a plain int so that unknown types reach the caller for NACK 4."""
@@ -114,22 +144,39 @@ class Frame:
 
     @classmethod
     def json(cls, type: int, seq: int, obj: dict[str, Any]) -> Frame:
-        """A frame whose payload is `obj` as compact JSON with sorted keys (the spec's canonical form)."""
+        """A frame whose payload is `obj` as compact JSON with sorted keys (the spec's canonical form).
+
+        Any string is encodable: a lone surrogate (which a peer can slip into an error text) is written
+        as "?", the rule of `gateway.jsonsafe.dumps_safe`. NaN, Infinity and values that are not JSON
+        types are still the caller's error (ValueError, TypeError): they never come from a peer's JSON.
+        """
         text = json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False)
-        return cls(type, seq, text.encode("utf-8"))
+        return cls(type, seq, text.encode("utf-8", "replace"))
 
     def body(self) -> dict[str, Any]:
         """The payload as a JSON object; an empty payload gives {} (whether that is allowed is the caller's call)."""
         if not self.payload:
             return {}
         try:
-            obj = json.loads(self.payload.decode("utf-8"), parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
-            # ValueError covers bad UTF-8 and bad JSON; RecursionError is a hostile "[[[[…" payload.
-            raise MalformedPayload(f"payload is not UTF-8 JSON: {exc}", seq=self.seq) from exc
+            obj = loads_strict(self.payload)
+        except JsonRejected as exc:
+            # JsonRejected says why in one line: bad UTF-8, bad JSON, NaN, a lone surrogate, too deep.
+            raise MalformedPayload(f"payload: {exc}", seq=self.seq) from None
         if not isinstance(obj, dict):
             raise MalformedPayload(f"payload is a JSON {type(obj).__name__}, not an object", seq=self.seq)
         return obj
+
+
+def nack(seq: int, code: NackCode, reason: str | None = None) -> Frame:
+    """The NACK of frame `seq`: `reason` (default: the spec's text for `code`) cut to MAX_REASON characters.
+
+    It never raises, whatever the reason holds (a peer's own text, lone surrogates, megabytes): answer
+    every NACK through here.
+    """
+    text = code.reason if reason is None else reason
+    if len(text) > MAX_REASON:
+        text = text[: MAX_REASON - 1] + "…"
+    return Frame.json(FrameType.NACK, seq, {"code": int(code), "reason": text})
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +194,7 @@ class DecodeError:
 
     def nack(self) -> Frame:
         """The NACK frame that answers this error."""
-        return Frame.json(FrameType.NACK, self.seq, {"code": int(self.code), "reason": self.reason})
+        return nack(self.seq, self.code)
 
 
 def encode(frame: Frame) -> bytes:
@@ -163,65 +210,100 @@ def decode(
 ) -> tuple[int, Frame | DecodeError | None]:
     """Decode the first frame in `buffer`: (bytes consumed, a Frame, a DecodeError, or None for "need more")."""
     data = bytes(buffer) if isinstance(buffer, memoryview) else buffer
-    return _decode_at(data, 0, _check_max_payload(max_payload))
+    consumed, event, _ = _decode_at(data, 0, _check_max_payload(max_payload))
+    return consumed, event
 
 
 def _check_max_payload(max_payload: int) -> int:
-    if not 0 <= max_payload <= MAX_LENGTH:
-        raise ValueError(f"max_payload must be 0..{MAX_LENGTH}, got {max_payload}")
+    if isinstance(max_payload, bool) or not isinstance(max_payload, int) or not 0 <= max_payload <= MAX_LENGTH:
+        raise ValueError(f"max_payload must be an integer 0..{MAX_LENGTH}, got {max_payload!r}")
     return max_payload
 
 
-def _decode_at(buf: bytes | bytearray, start: int, max_payload: int) -> tuple[int, Frame | DecodeError | None]:
-    """`decode` of buf[start:] without copying it; the consumed count is relative to `start`."""
+def _skip_garbage(buf: bytes | bytearray, start: int, end: int) -> int:
+    """Bytes to drop from `start` when no magic starts in buf[start:]: all but a tail that may still grow into one."""
+    # Only such a tail is kept, so that garbage never looks like a frame start.
+    for prefix in _MAGIC_PREFIXES:
+        if buf.endswith(prefix, start):
+            return end - start - len(prefix)
+    return end - start
+
+
+def _resync(buf: bytes | bytearray, start: int, frame: int, clean_from: int) -> int:
+    """Bytes to drop from `start` after rejecting the frame at `frame`: up to the first magic after its first byte.
+
+    The caller knows that no magic starts between the end of the header and `clean_from`, so only the header's
+    last 13 bytes and what follows `clean_from` are searched: the result is MCP.md's one-byte skip and search.
+    """
+    found = buf.find(MAGIC, frame + 1, frame + _HEADER_MAGIC_END)
+    if found < 0:
+        found = buf.find(MAGIC, clean_from)
+    if found < 0:
+        return _skip_garbage(buf, start, len(buf))
+    return found - start
+
+
+def _decode_at(
+    buf: bytes | bytearray, start: int, max_payload: int, clean: int = 0
+) -> tuple[int, Frame | DecodeError | None, int]:
+    """`decode` of buf[start:] without copying it; the consumed count is relative to `start`.
+
+    The third value is for `Decoder`: when the answer is "need more" for a frame whose header is in, the index
+    up to which its payload is known to hold no magic. Passed back as `clean` for the same frame start, the
+    search goes on from there instead of from the payload's first byte.
+    """
     end = len(buf)
     i = buf.find(MAGIC, start)
     if i < 0:
-        # Keep only a tail that could still grow into the magic, so that garbage never looks like a frame start.
-        for prefix in _MAGIC_PREFIXES:
-            if buf.endswith(prefix, start):
-                return end - start - len(prefix), None
-        return end - start, None
+        return _skip_garbage(buf, start, end), None, 0
 
-    # In a run like 55 AA 55 AA 55 AA 01 the frame starts at the last magic: the extra 55 AA pairs are noise
-    # (e.g. garbage ending in 55 AA) and must not be read as "version 0x55", which would close the session.
-    while True:
-        if end < i + 5:
-            return i - start, None
-        if buf[i + 4] != MAGIC[0]:
-            break
-        if end < i + 6:
-            return i - start, None
-        if buf[i + 5] != MAGIC[1]:
-            break
-        i += 2
+    if end < i + 5:
+        return i - start, None, 0
+    if buf[i + 4] == MAGIC[0]:
+        # In a run like 55 AA 55 AA 55 AA 01 the frame starts at the last magic: the extra 55 AA pairs are noise
+        # (e.g. garbage ending in 55 AA) and must not be read as "version 0x55", which would close the session.
+        run_end = _SYNC_RUN.match(buf, i).end()  # type: ignore[union-attr]  # the magic itself matches
+        i = run_end - len(MAGIC)
+        if run_end == end or (run_end == end - 1 and buf[run_end] == MAGIC[0]):
+            return i - start, None, 0  # the run may go on
 
     header_complete = end >= i + HEADER_SIZE
     if buf[i + 4] != VERSION:
         # Nothing after the version byte is trustworthy, but the seq is reported when it is already at hand.
         seq = _TYPE_SEQ_LENGTH.unpack_from(buf, i + 5)[1] if header_complete else 0
-        # Fatal errors consume one byte, like a CRC mismatch, so a caller that goes on anyway still resyncs.
-        return i + 1 - start, DecodeError(NackCode.UNSUPPORTED_VERSION, seq, fatal=True)
+        # Fatal errors consume one byte, like the one-byte skip of MCP.md, so a caller that goes on still resyncs.
+        return i + 1 - start, DecodeError(NackCode.UNSUPPORTED_VERSION, seq, fatal=True), 0
     if not header_complete:
-        return i - start, None
+        return i - start, None, 0
 
     frame_type, seq, length = _TYPE_SEQ_LENGTH.unpack_from(buf, i + 5)
     if length > max_payload:
         # Said as soon as the header is in: waiting for a huge payload is exactly what the limit prevents.
-        return i + 1 - start, DecodeError(NackCode.FRAME_TOO_LARGE, seq, fatal=True)
-    total = OVERHEAD + length
-    if end < i + total:
-        return i - start, None
+        return i + 1 - start, DecodeError(NackCode.FRAME_TOO_LARGE, seq, fatal=True), 0
 
-    payload_end = i + HEADER_SIZE + length
+    payload_start = i + HEADER_SIZE
+    payload_end = payload_start + length
+    # Search the payload received so far (from where an earlier call stopped, less a magic's width) for the magic.
+    search_from = max(payload_start, clean - len(MAGIC) + 1)
+    search_end = min(end, payload_end)
+    if search_end - search_from >= len(MAGIC):
+        found = buf.find(MAGIC, search_from, search_end)
+        if found >= 0:
+            # Not UTF-8, so not a payload: a corrupted frame (most likely its length), answered like one.
+            return _resync(buf, start, i, found), DecodeError(NackCode.CRC_MISMATCH, seq, fatal=False), 0
+    if end < payload_end + CRC_SIZE:
+        return i - start, None, search_end
+
     with memoryview(buf) as view:
         computed = crc16(view[i + len(MAGIC) : payload_end])
-        payload = bytes(view[i + HEADER_SIZE : payload_end])
+        payload = bytes(view[payload_start:payload_end])
     received = int.from_bytes(buf[payload_end : payload_end + CRC_SIZE], "big")
     if computed != received:
-        # Skip one byte only: the length may be the corrupted field, and it must not swallow the frames after it.
-        return i + 1 - start, DecodeError(NackCode.CRC_MISMATCH, seq, fatal=False)
-    return i + total - start, Frame(frame_type, seq, payload)
+        # The length may be the corrupted field, and it must not swallow the frames after it: resync from the
+        # header on; the payload holds no magic, so no frame can start before its last three bytes.
+        clean_from = max(payload_start, payload_end - len(MAGIC) + 1)
+        return _resync(buf, start, i, clean_from), DecodeError(NackCode.CRC_MISMATCH, seq, fatal=False), 0
+    return i + OVERHEAD + length - start, Frame(frame_type, seq, payload), 0
 
 
 class Decoder:
@@ -231,7 +313,18 @@ class Decoder:
         self._max_payload = _check_max_payload(max_payload)
         self._buf = bytearray()
         self._offset = 0  # consumed bytes at the front of _buf, dropped in bulk rather than per frame
+        self._clean = 0  # bytes past _offset known to hold no magic in the partial frame's payload
         self._stopped = False
+
+    @property
+    def max_payload(self) -> int:
+        """The longest payload a header may announce; more is the fatal FRAME_TOO_LARGE."""
+        return self._max_payload
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None:
+        # A session raises it after HELLO; it applies from the next frame decoded (see `events`).
+        self._max_payload = _check_max_payload(value)
 
     @property
     def pending(self) -> int:
@@ -247,22 +340,48 @@ class Decoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | DecodeError]:
         """Add received bytes; return the frames and errors now complete, stopping after a fatal error."""
+        self._append(data)
+        events: list[Frame | DecodeError] = []
+        while (event := self._next()) is not None:
+            events.append(event)
+        self._compact()
+        return events
+
+    def events(self, data: bytes | bytearray | memoryview) -> Iterator[Frame | DecodeError]:
+        """Add received bytes; yield the frames and errors now complete one by one, stopping after a fatal error.
+
+        Each is decoded when asked for, under the `max_payload` set at that moment: a session that raises the
+        limit on HELLO applies it to the frames behind the HELLO in the same read. A caller may stop early
+        (e.g. to close the connection); what it did not take stays buffered for the next call. One iterator at
+        a time: the next call's bytes go behind this one's.
+        """
+        self._append(data)  # now, not on the first next(): bytes handed over are never lost
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Frame | DecodeError]:
+        while (event := self._next()) is not None:
+            yield event
+        self._compact()
+
+    def _append(self, data: bytes | bytearray | memoryview) -> None:
         if self._stopped:
             raise RuntimeError("the MCP decoder stopped at a fatal error; the session must be closed")
         self._buf += data
-        events: list[Frame | DecodeError] = []
-        while True:
-            consumed, event = _decode_at(self._buf, self._offset, self._max_payload)
-            self._offset += consumed
-            if event is None:
-                break
-            events.append(event)
-            if isinstance(event, DecodeError) and event.fatal:
-                # The spec closes the session here; decoding further would only invent events from its remains.
-                self._stopped = True
-                break
+
+    def _next(self) -> Frame | DecodeError | None:
+        """The next event in the buffer, or None when more bytes are needed (or after a fatal error)."""
+        if self._stopped:
+            # The spec closes the session at a fatal error; decoding further would only invent events.
+            return None
+        consumed, event, clean = _decode_at(self._buf, self._offset, self._max_payload, self._offset + self._clean)
+        self._offset += consumed
+        self._clean = clean - self._offset if clean else 0
+        if isinstance(event, DecodeError) and event.fatal:
+            self._stopped = True
+        return event
+
+    def _compact(self) -> None:
         # Compacting only once at least half the buffer is dead keeps the copying linear in the stream length.
         if self._offset and 2 * self._offset >= len(self._buf):
             del self._buf[: self._offset]
             self._offset = 0
-        return events
