@@ -79,6 +79,7 @@ class Gateway:
         #: page's sampler) runs under this: restarted with back-off when it fails, and listed in problems().
         self.supervisor = Supervisor()
         self._metrics: Supervised | None = None
+        self._reloads: Supervised | None = None
         self._stopping = asyncio.Event()
         self.started_at = 0.0
         self.http: HttpServer | None = None
@@ -128,6 +129,8 @@ class Gateway:
             self.http = HttpServer(self, cfg.gateway.http)
             await self.http.start()
         self._metrics = self.supervisor.spawn("metrics", self._metrics_loop)
+        # A SIGHUP that came during start-up is carried out now that everything is up.
+        self._reloads = self.supervisor.spawn("reload", self._reload_loop)
         log.info(
             "fieldgate %s up: %d Modbus line(s) with %d device(s), %d MCP device(s) allowed, %d sink(s)",
             cfg.gateway.id,
@@ -350,6 +353,9 @@ class Gateway:
     async def stop(self) -> None:
         """Stop polling, publish what is queued and the offline states, then close everything (within STOP_BUDGET)."""
         deadline = time.monotonic() + STOP_BUDGET
+        # A reload under way finishes first: stopping half-swapped parts would lose the spool's tail.
+        async with self._reload_lock:
+            await self.supervisor.stop(self._reloads)
         await self.systemd.stopping()
         if self.http:
             # First: no scrape or page should read parts that are half stopped.
@@ -515,15 +521,9 @@ class Gateway:
         # From the start to the end: SIGHUP's default action would kill the gateway. One that comes
         # during start-up is carried out once everything is up; one during shutdown is let go.
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        reloads: Supervised | None = None
         try:
             await self.start()
-            reloads = self.supervisor.spawn("reload", self._reload_loop)
             await self._stopping.wait()
             log.info("stopping")
         finally:
-            if reloads is not None:
-                # A reload under way finishes first: stopping half-swapped parts would lose the spool's tail.
-                async with self._reload_lock:
-                    await self.supervisor.stop(reloads)
             await self.stop()

@@ -96,7 +96,7 @@ class Supervisor:
             if entry.stopped or entry.restart_at is None:
                 continue
             wait = max(0.0, entry.restart_at - now)
-            out.append(f"task {entry.name}: {entry.why}; restart {entry.failures} in {wait:.0f} s")
+            out.append(f"task {entry.name}: {entry.why}; restart {entry.failures} in {wait:.1f} s")
         return out
 
     def running(self, name: str) -> asyncio.Task[None] | None:
@@ -140,5 +140,5 @@ class Supervisor:
         entry.failures += 1
         entry.why = why[:300]
         entry.restart_at = now + entry.delay
-        log.error("task %s %s; restarting it in %.0f s", entry.name, why, entry.delay, exc_info=exc if exc else None)
+        log.error("task %s %s; restarting it in %.1f s", entry.name, why, entry.delay, exc_info=exc if exc else None)
         entry.timer = asyncio.get_running_loop().call_later(entry.delay, self._start, entry)

@@ -18,6 +18,7 @@ import pytest
 from bridge.broker import EmbeddedBroker
 from bridge.sink import MqttSink
 from gateway.errors import SinkError
+from gateway.supervise import Supervisor
 from gateway.types import Message
 
 from helpers import Received, Subscriber, TcpRelay, free_port, subscribed
@@ -342,3 +343,48 @@ async def test_an_invalid_topic_fails_with_sink_error(broker: EmbeddedBroker, po
         await connected(sink, sub)
         with pytest.raises(SinkError):
             await sink.publish(Message("boiler/+/x", b"1"))
+
+
+# --- supervision and hostile requests -----------------------------------------------------------------
+
+
+async def test_a_connect_loop_that_fails_with_a_non_os_error_is_restarted_and_reported(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    # A DNS label over 63 characters: the resolver raises UnicodeError, not OSError (this once ended the loop).
+    supervisor = Supervisor(restart_min=0.1, restart_max=0.2)
+    sink = MqttSink("up", f"mqtt://{'a' * 64}.invalid:{port}", P, client_id="bad-host", supervisor=supervisor)
+    await sink.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not supervisor.problems():
+            assert time.monotonic() < deadline, "the failure never showed"
+            await asyncio.sleep(0.02)
+        assert supervisor.problems()[0].startswith("task sink:up:connect: failed: UnicodeError(")
+        sink._host = "127.0.0.1"  # the name resolves again (a fixed config, a DNS back up)
+        await connected(sink, sub)
+        assert supervisor.problems() == []
+    finally:
+        await sink.stop()
+    assert supervisor.tasks == []  # stop() ended its tasks for good
+
+
+async def test_a_request_handler_that_raises_costs_that_request_only(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    seen: list[str] = []
+
+    def handler(topic: str, payload: bytes) -> None:
+        seen.append(topic)
+        if payload == b"boom":
+            raise RuntimeError("a bug in a handler")
+
+    async with running(port, subscriptions=("+/cmd",), on_request=handler) as sink:
+        await connected(sink, sub)
+        sub.publish(f"{P}/a/cmd", b"boom")
+        sub.publish(f"{P}/b/cmd", b"fine")
+        deadline = time.monotonic() + 5
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, f"the request after the failing one never came: {seen}"
+            await asyncio.sleep(0.02)
+        assert seen == ["a/cmd", "b/cmd"] and sink.stats.bad_requests == 1 and sink.connected

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import gateway.app
 import gateway.systemd as sd
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus
@@ -373,6 +374,28 @@ async def test_pings_stop_when_a_modbus_line_is_stuck_in_io(
         assert any(d.at > stuck_at for d in notify_socket.having("WATCHDOG"))
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "gateway.systemd"]
     assert len(errors) == 1 and "modbus line line" in errors[0] and "stuck in I/O" in errors[0]
+
+
+async def test_pings_stop_while_a_supervised_task_is_down(
+    tmp_path: Path, notify_socket: NotifySocket, watchdog_400ms: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.app, "METRICS_INTERVAL", 0.1)
+    async with running(write_config(tmp_path)) as gw:
+        await notify_socket.wait_for("WATCHDOG", count=2)
+
+        def broken() -> dict[str, object]:
+            raise RuntimeError("a bug in a counter")
+
+        monkeypatch.setattr(gw, "metrics", broken)  # the metrics loop now fails at each turn
+        deadline = time.monotonic() + 5
+        while gw.systemd.watchdog is not None and gw.systemd.watchdog.stuck is None:
+            assert time.monotonic() < deadline, "the watchdog kept pinging while the metrics task was down"
+            await asyncio.sleep(0.05)
+        assert gw.systemd.watchdog is not None and gw.systemd.watchdog.stuck is not None
+        assert gw.systemd.watchdog.stuck.startswith("task metrics: failed: RuntimeError('a bug in a counter')")
+        pings = len(notify_socket.having("WATCHDOG"))
+        await asyncio.sleep(0.5)
+        assert len(notify_socket.having("WATCHDOG")) == pings
 
 
 async def test_an_idle_line_stays_fresh_between_polls_minutes_apart(tmp_path: Path) -> None:
