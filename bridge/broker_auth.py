@@ -4,18 +4,30 @@ amqtt's own plugins do not fit: its FileAuthPlugin reads the file once and knows
 users (the gateway's own sinks log in with a secret made at start), and its ACL plugin matches patterns
 level by level without MQTT's `$` rule. Both plugins here take their settings as one JSON-able dict, so
 that the broker child process gets exactly what the inline broker gets.
+
+Logins are a way in for anyone who can reach a listener: each password check is argon2id (64 MiB and
+some 0.2 s of CPU on purpose), so a flood of CONNECTs must not run them without bound. `LOGINS` runs at
+most LOGIN_CHECKS at once, on threads of its own (not the default executor the sinks use), lets at most
+LOGIN_QUEUE more wait, refuses any beyond at once, and counts every refusal by reason (`login_failures`).
+A users file that cannot be read at start is moved aside (`recover_users_file`) and the broker starts
+with none: only the gateway's own sinks get in until users are added again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hmac
 import logging
 import os
+import re
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +38,24 @@ from amqtt.session import Session
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
+from bridge.statefiles import move_aside
 from gateway.errors import FieldgateError
 
 log = logging.getLogger(__name__)
+
+#: argon2 checks at once, at most: each holds 64 MiB while it runs, and more than the cores only queue.
+LOGIN_CHECKS = 2
+#: Logins waiting for a check, at most; any beyond are refused at once (counted as `busy`).
+LOGIN_QUEUE = 32
+#: Why logins are refused, as `fieldgate_broker_auth_failures_total{reason}` names them.
+LOGIN_FAILURES = ("anonymous", "unknown_user", "bad_password", "busy", "will_denied", "error")
+#: A refusal is logged once per reason per this many seconds (with the count in between).
+LOGIN_LOG_INTERVAL = 60.0
+#: The most memory one user's hash may ask of a check (KiB): `fieldgate passwd` makes 64 MiB ones.
+MAX_ARGON2_KIB = 256 * 1024
+_ARGON2_COST = re.compile(r"\$argon2(?:id|i|d)\$v=\d+\$m=(?P<m>\d{1,12}),t=(?P<t>\d{1,12}),p=(?P<p>\d{1,12})\$")
+#: A users file larger than this is no users file (a line per user; thousands of users take a few hundred KiB).
+MAX_USERS_BYTES = 4 * 1024**2
 
 #: The user the gateway's own sinks log in as; `$` keeps it out of the users file (see `check_username`).
 INTERNAL_USER = "$fieldgate"
@@ -141,8 +168,12 @@ def check_username(user: str) -> str:
 def read_users(path: str | Path) -> dict[str, str]:
     """The users file as {user: argon2 hash}; FieldgateError naming the line for anything else."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_USERS_BYTES + 1)
+        if len(raw) > MAX_USERS_BYTES:
+            raise ValueError(f"larger than {MAX_USERS_BYTES} bytes")
+        text = raw.decode("utf-8")
+    except (OSError, ValueError) as exc:
         raise FieldgateError(f"cannot read the broker users file {path}: {exc}") from exc
     users: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
@@ -150,11 +181,61 @@ def read_users(path: str | Path) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         user, sep, hashed = line.partition(":")
-        if not sep or not user or not hashed.startswith("$argon2"):
+        if not sep or not user or not hashed.startswith("$argon2") or "\0" in line:
             # The line is not echoed: it may be a password typed where a hash belongs.
             raise FieldgateError(f"{path}:{number}: not USER:ARGON2-HASH (make the lines with `fieldgate passwd`)")
+        cost = _ARGON2_COST.match(hashed)
+        if cost and (int(cost["m"]) > MAX_ARGON2_KIB or int(cost["t"]) > 16 or int(cost["p"]) > 16):
+            # Every login of this user would cost that much: a flipped digit must not make it gigabytes.
+            raise FieldgateError(f"{path}:{number}: the hash asks for more than {MAX_ARGON2_KIB} KiB or 16 passes")
         users[user] = hashed
     return users
+
+
+def recover_users_file(path: str | Path) -> bool:
+    """Move a users file that cannot be read aside and leave an empty one (no user) in its place; True if it did.
+
+    For the broker's start: a file an SD card damaged, or a line broken by hand, must not keep the gateway
+    (Modbus, MCP, its own sinks) down. An empty file lets no one in but the gateway's own sinks, so nobody
+    gets more access than before. A missing file, or one the gateway may not read, is the operator's to
+    fix and stays the broker's clear start error.
+    """
+    path = Path(path)
+    try:
+        read_users(path)
+        return False
+    except FieldgateError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno != errno.EIO:
+            return False
+        reason = str(cause) if cause is not None else str(exc).removeprefix(f"{path}:")
+    try:
+        st = path.stat()
+        moved = move_aside(path, "users", reason)
+    except OSError as err:
+        log.error("broker users file %s cannot be read (%s) and cannot be moved aside: %s", path, reason, err)
+        return False
+    note = (
+        f"# Broker users, one USER:ARGON2-HASH per line: add them with `fieldgate passwd USER`.\n"
+        f"# The file before this one could not be read and was moved aside to {moved.name}.\n"
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(note)
+            with contextlib.suppress(PermissionError):  # readable by the gateway's user as the old one was
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        log.error("cannot write an empty broker users file %s: %s", path, err)
+        return False
+    log.error(
+        "broker users file %s: no user can log in until added again with `fieldgate passwd` "
+        "(or the old file repaired and moved back: the broker reads it again without a restart)",
+        path,
+    )
+    return True
 
 
 def hash_password(password: str) -> str:
@@ -258,6 +339,81 @@ def _verify(password: str, hashed: str | None) -> bool:
     return _HASHER.verify(password, hashed)
 
 
+class LoginGate:
+    """The broker's password checks: at most `checks` at once on threads of their own, at most `queue` waiting."""
+
+    def __init__(self, checks: int = LOGIN_CHECKS, queue: int = LOGIN_QUEUE) -> None:
+        self.checks = checks
+        self.queue = queue
+        self.failures: dict[str, int] = dict.fromkeys(LOGIN_FAILURES, 0)
+        self.pending = 0  # checks asked for and not answered yet: running or waiting
+        self.running = 0
+        self.peak = 0  # the most checks that ever ran at once
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, refused since)
+
+    @property
+    def waiting(self) -> int:
+        """Logins waiting for a thread now."""
+        return max(0, self.pending - self.running)
+
+    async def check(self, password: str, hashed: str | None) -> bool | None:
+        """True if `password` matches `hashed` (None: an unknown user, checked all the same); None when busy."""
+        with self._lock:
+            if self.pending >= self.checks + self.queue:
+                return None
+            self.pending += 1
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.checks, "broker-login")
+            executor = self._executor
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, self._run, password, hashed)
+        finally:
+            with self._lock:
+                self.pending -= 1
+
+    def _run(self, password: str, hashed: str | None) -> bool:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            return _verify(password, hashed)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def refused(self, reason: str, user: str | None, session: Session) -> None:
+        """Count a refused login; log it, at most once per reason every LOGIN_LOG_INTERVAL."""
+        with self._lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+            last, since = self._logged.get(reason, (-LOGIN_LOG_INTERVAL, 0))
+            now = time.monotonic()
+            if now - last < LOGIN_LOG_INTERVAL:
+                self._logged[reason] = (last, since + 1)
+                return
+            self._logged[reason] = (now, 0)
+        more = f"; {since} more refused for this reason in the last minute or so" if since else ""
+        log.warning(
+            "broker login refused (%s) for user %r, client %r from %s%s",
+            reason,
+            user,
+            session.client_id,
+            session.remote_address,
+            more,
+        )
+
+
+#: The password checks of every broker this process runs.
+LOGINS = LoginGate()
+
+
+def login_failures() -> dict[str, int]:
+    """Refused broker logins since start, by reason (every reason of LOGIN_FAILURES present)."""
+    with LOGINS._lock:
+        return dict(LOGINS.failures)
+
+
 class UsersAuthPlugin(BaseAuthPlugin):
     """amqtt authentication: users of the users file (argon2) and the gateway's own INTERNAL_USER."""
 
@@ -273,25 +429,39 @@ class UsersAuthPlugin(BaseAuthPlugin):
         self._file = _UsersFile(self._auth.users_file)
 
     async def authenticate(self, *, session: Session) -> bool:
-        """True for a known user with its password; anonymous clients are refused."""
+        """True for a known user with its password; anonymous clients are refused. Never raises."""
+        user = session.username
+        try:
+            reason = await self._refusal(session)
+        except Exception:
+            log.exception("broker login of user %r: the check failed", user)
+            reason = "error"
+        if reason is None:
+            return True
+        LOGINS.refused(reason, user, session)
+        return False
+
+    async def _refusal(self, session: Session) -> str | None:
+        """Why this login is refused (a LOGIN_FAILURES reason), or None to let it in."""
         user, password = session.username, session.password or ""
         if not user:
-            return False
+            return "anonymous"
         if user == INTERNAL_USER:
             secret = self._auth.internal_password
-            return secret is not None and hmac.compare_digest(password.encode(), secret.encode())
+            ok = secret is not None and hmac.compare_digest(password.encode(), secret.encode())
+            return None if ok else "bad_password"
         hashed = self._file.current().get(user)
-        # argon2 takes ~0.1 s of CPU on purpose: off the loop, so that other clients are not held up.
-        ok = await asyncio.to_thread(_verify, password, hashed)
+        # argon2 is slow on purpose: off the loop, on threads of its own, a bounded number at once.
+        ok = await LOGINS.check(password, hashed)
+        if ok is None:
+            return "busy"
         if not ok:
-            log.info("broker login refused for user %r (client %r)", user, session.client_id)
-            return False
+            return "unknown_user" if hashed is None else "bad_password"
         # amqtt publishes (and retains) a last will without any topic check: a will is a publish, so it must
         # be one the user may make, or a read-only user could plant a `set` request or a fake retained value.
         if session.will_flag and session.will_topic and not self._auth.access(user).may_write(session.will_topic):
-            log.warning("broker login refused for user %r: may not publish its will on %s", user, session.will_topic)
-            return False
-        return True
+            return "will_denied"
+        return None
 
 
 class TopicAclPlugin(BaseTopicPlugin):

@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from bridge.broker_auth import Access, BrokerAuth, check_username, default_access, set_password
+from bridge.broker_auth import (
+    Access,
+    BrokerAuth,
+    check_username,
+    default_access,
+    recover_users_file,
+    set_password,
+)
 from gateway.config.schema import Config
 from gateway.errors import FieldgateError
 
@@ -22,10 +29,15 @@ def users_file(cfg: Config, base: Path) -> Path | None:
 
 
 def broker_auth(cfg: Config, base: Path, internal_password: str) -> BrokerAuth | None:
-    """The embedded broker's access rules; None (anonymous access) when no users file is configured."""
+    """The embedded broker's access rules; None (anonymous access) when no users file is configured.
+
+    For the broker's start: a users file that cannot be read is moved aside and an empty one (no user)
+    put in its place first (`recover_users_file`), so that it cannot keep the gateway down.
+    """
     path = users_file(cfg, base)
     if path is None:
         return None
+    recover_users_file(path)
     acl = cfg.broker.acl
     if acl is None:
         prefixes = [cfg.prefix_for(s) for s in cfg.northbound if s.url is None]

@@ -1,0 +1,179 @@
+"""Broker logins under a flood: a real in-process amqtt broker with a users file, CONNECTs sent over raw sockets.
+
+Each password check is argon2id (64 MiB, a fraction of a second of CPU): without a bound, a flood of
+CONNECTs ran one per thread of the default executor (which the sinks also use) and held their memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from bridge import broker_auth
+from bridge.broker import EmbeddedBroker
+from bridge.broker_auth import BrokerAuth, default_access, read_users, set_password
+from bridge.statefiles import corrupt_counts
+from gateway.broker_access import broker_auth as gateway_broker_auth
+from gateway.config import parse_config
+from gateway.errors import FieldgateError
+
+from helpers import free_port
+
+_ids = itertools.count()
+#: CONNACK return codes (MQTT 3.1.1): accepted, not authorized.
+ACCEPTED, NOT_AUTHORIZED = 0, 5
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+def connect_packet(user: str | None, password: str | None) -> bytes:
+    """An MQTT 3.1.1 CONNECT, clean session, with a fresh client id."""
+    flags = 0x02 | (0x80 if user is not None else 0) | (0x40 if password is not None else 0)
+    body = _string("MQTT") + bytes([4, flags]) + struct.pack(">H", 30) + _string(f"flood-{next(_ids)}")
+    body += (_string(user) if user is not None else b"") + (_string(password) if password is not None else b"")
+    assert len(body) < 128
+    return bytes([0x10, len(body)]) + body
+
+
+async def login(port: int, user: str | None, password: str | None, timeout: float = 30.0) -> int | None:
+    """The CONNACK return code the broker answers this login with (None: the connection closed first)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(connect_packet(user, password))
+        await writer.drain()
+        try:
+            connack = await asyncio.wait_for(reader.readexactly(4), timeout)
+        except asyncio.IncompleteReadError:
+            return None
+        return connack[3]
+    finally:
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A users file with alice (pw-alice); hashed once, argon2 is slow on purpose."""
+    path = tmp_path_factory.mktemp("users") / "users"
+    set_password(path, "alice", "pw-alice")
+    return path
+
+
+@asynccontextmanager
+async def broker_with(users: Path) -> AsyncIterator[int]:
+    """An in-process broker with the users file; yields its port."""
+    port = free_port()
+    auth = BrokerAuth(str(users), default=default_access(["fg"]), internal_password="internal-secret-0001")
+    b = EmbeddedBroker([f"tcp://127.0.0.1:{port}"], auth=auth)
+    await b.start()
+    try:
+        yield port
+    finally:
+        await b.stop()
+
+
+async def test_a_login_flood_runs_two_checks_at_once_refuses_beyond_the_queue_and_counts(
+    users: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = broker_auth.LOGINS
+    monkeypatch.setattr(gate, "queue", 4)  # 2 running + 4 waiting: a short test
+    monkeypatch.setattr(gate, "peak", 0)
+    before = broker_auth.login_failures()
+    loop = asyncio.get_running_loop()
+    async with broker_with(users) as port:
+        flood = [asyncio.create_task(login(port, "alice", f"guess-{i}")) for i in range(40)]
+        await asyncio.sleep(0.3)  # the flood is in: checks run, a few wait, the rest were refused
+        # The default executor (the sinks' worker threads) is not held up by the checks.
+        started = time.monotonic()
+        await loop.run_in_executor(None, time.sleep, 0)
+        assert time.monotonic() - started < 0.2
+        codes = await asyncio.gather(*flood)
+        assert set(codes) <= {NOT_AUTHORIZED, None}
+        after = broker_auth.login_failures()
+        assert after["bad_password"] - before["bad_password"] <= 2 + 4 + 2  # what ran or waited (timing slack)
+        assert after["busy"] - before["busy"] >= 40 - (2 + 4 + 2)
+        assert after["bad_password"] + after["busy"] - before["bad_password"] - before["busy"] == 40
+        assert gate.peak <= 2
+        # Once the flood is over, the right password gets in again.
+        assert await login(port, "alice", "pw-alice") == ACCEPTED
+    assert gate.pending == 0 and gate.running == 0
+
+
+async def test_every_refusal_is_counted_by_reason(users: Path) -> None:
+    before = broker_auth.login_failures()
+    async with broker_with(users) as port:
+        assert await login(port, None, None) == NOT_AUTHORIZED
+        assert await login(port, "mallory", "x") == NOT_AUTHORIZED
+        assert await login(port, "alice", "wrong") == NOT_AUTHORIZED
+        assert await login(port, "$fieldgate", "wrong") == NOT_AUTHORIZED
+        assert await login(port, "alice", "pw-alice") == ACCEPTED
+    after = broker_auth.login_failures()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta == {**dict.fromkeys(delta, 0), "anonymous": 1, "unknown_user": 1, "bad_password": 2}
+
+
+async def test_a_hash_the_hasher_cannot_identify_is_a_counted_refusal(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text("carol:$argon2x$v=19$m=65536,t=3,p=4$garbage\n")  # pwdlib raises UnknownHashError for it
+    before = broker_auth.login_failures()
+    async with broker_with(path) as port:
+        assert await login(port, "carol", "x") == NOT_AUTHORIZED
+        assert await login(port, "carol", "y") == NOT_AUTHORIZED  # the broker still answers
+    after = broker_auth.login_failures()
+    assert after["error"] == before["error"] + 2
+
+
+def test_a_hash_that_asks_for_gigabytes_makes_the_file_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    set_password(path, "alice", "pw")
+    path.write_text(path.read_text().replace("m=65536", "m=6553600"))  # one flipped digit: 6.25 GiB a login
+    with pytest.raises(FieldgateError, match="more than"):
+        read_users(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [bytes(range(256)) * 8, b"alice:not-a-hash\n", b"alice:$argon2id$ok\x00\n"],
+    ids=["binary", "bad-line", "nul"],
+)
+async def test_a_users_file_that_cannot_be_read_is_moved_aside_and_the_broker_starts_with_no_user(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    users = tmp_path / "users"
+    users.write_bytes(content)
+    port = free_port()
+    cfg = parse_config(f"broker: {{process: inline, listeners: ['tcp://127.0.0.1:{port}'], users: users}}").config
+    before = corrupt_counts()["users"]
+    auth = gateway_broker_auth(cfg, tmp_path, "internal-secret-0001")
+    assert auth is not None
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("users.corrupt-")]
+    assert len(moved) == 1 and moved[0].read_bytes() == content
+    assert corrupt_counts()["users"] == before + 1
+    assert "corrupt" in caplog.text and moved[0].name in caplog.text
+    b = EmbeddedBroker([f"tcp://127.0.0.1:{port}"], auth=auth)
+    await b.start()
+    try:
+        assert await login(port, "alice", "pw-alice") == NOT_AUTHORIZED  # nobody but the gateway's own sinks
+        assert await login(port, None, None) == NOT_AUTHORIZED  # and never anonymous
+        assert await login(port, "$fieldgate", "internal-secret-0001") == ACCEPTED
+    finally:
+        await b.stop()
+
+
+@pytest.mark.parametrize("make", ["missing", "folder"])
+def test_a_users_file_that_is_missing_or_no_file_is_left_for_the_operator(tmp_path: Path, make: str) -> None:
+    users = tmp_path / "users"
+    if make == "folder":
+        users.mkdir()
+    cfg = parse_config("broker: {users: users}").config
+    gateway_broker_auth(cfg, tmp_path, "internal-secret-0001")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["users"] if make == "folder" else [])
