@@ -22,6 +22,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from bridge import broker_auth, statefiles
+from bridge.broker import EmbeddedBroker
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import RESPONSE_BUCKETS
 from gateway import __version__
@@ -182,6 +184,18 @@ class GatewayCollector(Collector):
         rejected.add_metric([], mcp.rejected)
         yield sessions
         yield rejected
+        yield from _by_reason(
+            "mcp_auth_failures", "Failed HELLOs (NACK 7), by reason.", getattr(mcp, "auth_failures", None)
+        )
+        yield from _by_reason(
+            "mcp_refused_connections",
+            "Connections closed at accept, by reason (max_sessions, max_pending, max_pending_per_ip, banned).",
+            getattr(mcp, "refused", None),
+        )
+        if isinstance(pending := getattr(mcp, "pending", None), int):
+            gauge = _gauge("mcp_pending_connections", "Connections accepted and not past HELLO now.", [])
+            gauge.add_metric([], pending)
+            yield gauge
         counters = {
             "frames_in": "Frames received from the device.",
             "frames_out": "Frames sent to the device.",
@@ -191,14 +205,16 @@ class GatewayCollector(Collector):
             "sessions_opened": "Sessions the device opened (HELLO accepted).",
             "commands": "Commands sent to the device.",
             "command_timeouts": "Commands the device did not answer in time.",
+            "rejected_payloads": "DATA frames refused with NACK 5 (not strict JSON, a bad name, ts, size or count).",
+            "bad_ts": "DATA frames refused for a ts before 2000 or beyond the gateway's clock + max_future_ts.",
         }
         families = {k: _counter(f"mcp_{k}", doc, ["device"]) for k, doc in counters.items()}
         online = _gauge("mcp_device_online", "1 while the device has a session, else 0.", ["device"])
         ids = [d.id for d in mcp.cfg.devices]
         for device_id in ids:
-            stats = vars(mcp.stats_for(device_id))
+            stats = mcp.stats_for(device_id)
             for key, family in families.items():
-                family.add_metric([device_id], stats[key])
+                family.add_metric([device_id], getattr(stats, key, 0))
             online.add_metric([device_id], 1 if device_id in mcp.sessions else 0)
         yield from families.values()
         yield online
@@ -265,6 +281,28 @@ class GatewayCollector(Collector):
         values = _counter("values_dropped", "Values whose name could not be a topic level: not published.", [])
         values.add_metric([], router.dropped_values if router else 0)
         yield values
+        yield from _by_reason(
+            "state_files_corrupt",
+            "State files that could not be read, moved aside as <name>.corrupt-<unix seconds>; started afresh.",
+            statefiles.corrupt_counts(),
+            label="file",
+        )
+        if isinstance(gw.broker, EmbeddedBroker):
+            # A broker in a child process counts its refusals there: only an in-process one's are ours to show.
+            failures = getattr(broker_auth, "login_failures", None)
+            yield from _by_reason(
+                "broker_auth_failures", "Embedded broker logins refused, by reason.", failures() if failures else None
+            )
+
+
+def _by_reason(name: str, doc: str, counts: object, *, label: str = "reason") -> Iterator[Metric]:
+    """A counter family with one series per key of `counts` (nothing when the part keeps no such counts)."""
+    if not isinstance(counts, dict):
+        return
+    family = _counter(name, doc, [label])
+    for key, value in sorted(counts.items()):
+        family.add_metric([str(key)], value)
+    yield family
 
 
 class HttpServer:

@@ -243,6 +243,33 @@ async def test_a_dead_unit_shows_offline_with_timeouts(web: Web) -> None:
     )
 
 
+async def test_metrics_count_task_failures_dropped_requests_and_corrupt_state_files(web: Web) -> None:
+    samples = await scrape(web)
+    assert value(samples, "fieldgate_task_failures_total", task="metrics") == 0
+    assert value(samples, "fieldgate_task_down", task="sink:local:connect") == 0
+    assert value(samples, "fieldgate_requests_dropped_total", sink="local") == 0
+    for file in ("spool", "homeassistant", "users"):
+        assert value(samples, "fieldgate_state_files_corrupt_total", file=file) == 0
+    # The broker runs on our loop here: its login refusals are ours to count.
+    assert value(samples, "fieldgate_broker_auth_failures_total", reason="bad_password") == 0
+    task = web.gw.supervisor.running("metrics")
+    assert task is not None
+    web.gw.supervisor.restart_min = 30.0  # it stays down while the test looks
+    task.cancel()  # as a bug would end it
+    for i in range(30):  # the sink's limit for requests no device takes is a burst of 20
+        web.sub.publish(f"fieldgate/web1/ghost-{i}/set/x", "1")
+
+    async def counted() -> Samples | None:
+        s = await scrape(web)
+        return s if value(s, "fieldgate_requests_dropped_total", sink="local") >= 10 else None
+
+    samples = await until(counted)
+    assert samples, "the dropped requests were never counted"
+    assert value(samples, "fieldgate_requests_dropped_total", sink="local") == 10
+    assert value(samples, "fieldgate_task_failures_total", task="metrics") == 1
+    assert value(samples, "fieldgate_task_down", task="metrics") == 1
+
+
 # --- /healthz -------------------------------------------------------------------------------------------
 
 
