@@ -161,7 +161,7 @@ def read_stats(path: str | os.PathLike[str]) -> BufferStats:
     try:
         db = sqlite_utils.Database(Path(path), recursive_triggers=False, execute_plugins=False)
     except sqlite3.Error as exc:
-        raise SpoolError(f"cannot read spool {path}: {exc}") from exc
+        raise spool_error(f"cannot read spool {path}: {exc}", exc) from exc
     try:
         messages, meta = db.table("messages"), db.table("meta")
         if not messages.exists():
@@ -170,7 +170,7 @@ def read_stats(path: str | os.PathLike[str]) -> BufferStats:
         oldest = next(messages.rows_where(order_by="id", limit=1, select="queued_at"), {}).get("queued_at")
         dropped = next(meta.rows_where("key = 'dropped'"), {}).get("value", 0) if meta.exists() else 0
     except sqlite3.Error as exc:
-        raise SpoolError(f"cannot read spool {path}: {exc}") from exc
+        raise spool_error(f"cannot read spool {path}: {exc}", exc) from exc
     finally:
         db.close()
     return BufferStats(count, held, oldest, dropped)

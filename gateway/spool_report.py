@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bridge.spool import SpoolError, read_stats
+from bridge.spool import SpoolCorrupt, SpoolError, read_stats
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -61,6 +61,8 @@ def collect(cfg: Config, now: float) -> tuple[list[SpoolRow], list[str]]:
             # read_stats opens the file outside its own error handling, so SQLite's errors may come raw.
             except (SpoolError, sqlite3.Error, OSError) as exc:
                 text = str(exc) if str(path) in str(exc) else f"cannot read spool {path}: {exc}"
+                if isinstance(exc, SpoolCorrupt):
+                    text += " (corrupt: the gateway moves it aside when it next opens it)"
                 errors.append(f"sink {sink.name}: {text}")
                 continue
             count, held, dropped = stats.count, stats.bytes, stats.dropped

@@ -114,7 +114,10 @@ def test_an_unreadable_spool_is_a_runtime_error_naming_the_file(
     bad.write_bytes(b"\x00garbage, not SQLite\xff" * 200)
     assert main(["spool", "-c", str(config)]) == 1
     out, err = capsys.readouterr()
-    assert err.strip().splitlines() == [f"fieldgate: sink local: cannot read spool {bad}: file is not a database"]
+    assert err.strip().splitlines() == [
+        f"fieldgate: sink local: cannot read spool {bad}: file is not a database"
+        " (corrupt: the gateway moves it aside when it next opens it)"
+    ]
     # The readable sink is still shown.
     assert [line.split()[0] for line in out.strip().splitlines()] == ["SINK", "upstream"]
     assert main(["spool", "-c", str(config), "--json"]) == 1
