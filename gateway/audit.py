@@ -72,12 +72,15 @@ class AuditRecord:
         if self.raw is not None:
             body["payload"] = self.raw[:RAW_PAYLOAD_MAX].decode("utf-8", errors="replace")
         body.update(ok=self.ok, result=self.result, error=self.error, ms=round(self.duration_ms, 1))
-        try:
-            plain = _plain(body)
-        except RecursionError:  # deeper than any JSON a request can bring (loads_strict stops at 32)
-            plain = body
         # Whatever the request held (a lone surrogate, a 10^400 number): the line is written, never skipped.
-        return dumps_safe(plain).decode("utf-8")
+        try:
+            return dumps_safe(_plain(body)).decode("utf-8")
+        except RecursionError:
+            # Deeper than any JSON a request can bring (loads_strict stops at 32): recorded as such.
+            for key in ("args", "value", "result"):
+                if key in body:
+                    body[key] = "<nested too deep to record>"
+            return dumps_safe(_plain(body)).decode("utf-8")
 
 
 def _plain(value: object) -> object:

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from gateway.app import Gateway
-from gateway.audit import AuditRecord
+from gateway.audit import AuditLog, AuditRecord
 from gateway.config import load_config
+from gateway.jsonsafe import loads_strict
 from gateway.router import TokenBucket
 
 from helpers import Received, Subscriber, free_port
@@ -153,6 +154,36 @@ def test_audit_record_is_one_json_line_with_utc_time() -> None:
     body = json.loads(line)  # strict JSON: NaN is kept as text
     assert body["time"] == "2026-11-22T00:02:53.406Z" and body["ts"] == 1_795_305_773_406
     assert body["value"] == "nan" and body["point"] == "sp" and "args" not in body
+
+
+def test_any_request_or_result_is_written_as_one_strict_json_line(tmp_path: Path) -> None:
+    deep: list[Any] = []
+    for _ in range(5000):  # past Python's recursion limit
+        deep = [deep]
+    odd: list[Any] = ["\ud800", 10**400, 1 << 20_000, b"\xff", object(), {1: float("inf")}, deep]
+    log = AuditLog(tmp_path)
+    try:
+        for n, thing in enumerate(odd):
+            log(
+                AuditRecord(
+                    ts_ns=1_795_305_773_406_123_456,
+                    origin="local",
+                    topic=f"fieldgate/t1/d/cmd{n}",
+                    device="d",
+                    action="cmd",
+                    target="go",
+                    request={"x": thing},
+                    ok=True,
+                    result=thing,
+                    request_id="\udc80",
+                )
+            )
+    finally:
+        log.close()
+    lines = (tmp_path / "audit.log").read_text(encoding="utf-8").splitlines()
+    assert [loads_strict(line)["topic"] for line in lines] == [f"fieldgate/t1/d/cmd{n}" for n in range(len(odd))]
+    first = loads_strict(lines[0])
+    assert first["args"] == {"x": "?"} and first["id"] == "?"
 
 
 # --- on a real gateway -------------------------------------------------------------------------------
