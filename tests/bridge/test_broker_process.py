@@ -118,3 +118,18 @@ async def test_ctrl_c_and_sigterm_to_the_group_leave_the_gateway_its_broker_for_
     # The gateway's stop (stdin closed) ends it at once, not after the SIGTERM grace.
     assert time.monotonic() - started < 3.0
     assert not _alive(pid)
+
+
+async def test_a_broker_stderr_line_too_long_to_relay_does_not_stop_the_relay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A stderr pipe nobody reads fills, and the broker blocks on its next warning: the relay must go on.
+    stderr = asyncio.StreamReader()
+    stderr.feed_data(b"x" * 200_000 + b"\nbroker: WARNING after the long one\n")
+    stderr.feed_eof()
+    broker = BrokerProcess(["tcp://127.0.0.1:1"])
+    async with asyncio.timeout(5):
+        await broker._relay_stderr(stderr)
+    logged = [r.getMessage() for r in caplog.records if r.name == "bridge.broker_process"]
+    assert logged[-1] == "broker: WARNING after the long one"
+    assert any("too long" in m for m in logged)
