@@ -271,7 +271,8 @@ class GatewayCollector(Collector):
         yield down
         dropped = _counter(
             "requests_dropped",
-            "set/cmd requests for devices that cannot take them, beyond the sink's limit: not audited or answered.",
+            "set/cmd requests no device would see (unknown, none it takes, over its rate) beyond the sink's limit "
+            "of 10/s: not audited or answered.",
             ["sink"],
         )
         router = gw.router

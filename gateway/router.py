@@ -79,8 +79,9 @@ encode_json = dumps_safe
 
 #: A request's payload longer than this is refused unread (a `set` value or a `cmd` is a few bytes).
 MAX_REQUEST_PAYLOAD = 64 * 1024
-#: Requests a sink may bring per second for devices that cannot take them (unknown, or no writes/commands),
-#: and at once: each is audited, so without a bound a flood of them fills the audit log.
+#: Requests a sink may bring per second that are refused before any device sees them (for an unknown device,
+#: one that takes no writes/commands, or one over its own rate), and at once: each is audited and answered, so
+#: without a bound a flood of them fills the audit log (and rotates the real records out of it).
 STRAY_RATE = 10.0
 STRAY_BURST = 20
 #: A dropped request is logged at most this often per sink.
@@ -153,7 +154,7 @@ class Router:
             p.name: TokenBucket(p.write_rate, p.write_burst, clock()) for p in profiles if p.write_rate is not None
         }
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Per sink: one bucket for requests for devices that cannot take them (see STRAY_RATE).
+        #: Per sink: one bucket for requests refused before any device sees them (see STRAY_RATE).
         self._stray: dict[str, TokenBucket] = {}
         #: Per sink: requests dropped by that bucket (neither carried out, audited nor answered).
         self.dropped_requests: dict[str, int] = {}
@@ -340,8 +341,19 @@ class Router:
             return None
         return f"rate limited: {device} takes at most {bucket.rate:g} {what}/s (burst {bucket.burst})"
 
+    def _admit(self, outbox: Outbox, device: str, takes: bool, what: str) -> tuple[bool, str | None]:
+        """Whether to handle a request at all, and its refusal when the device is over its rate.
+
+        A request the device takes spends one of the device's tokens; one refused before reaching a device (no
+        such device, none it takes, over the rate) spends one of the sink's as well, and is dropped without one.
+        """
+        refusal = self._rate_limited(device, what) if takes else None
+        if (refusal or not takes) and not self._stray_ok(outbox):
+            return False, refusal
+        return True, refusal
+
     def _stray_ok(self, outbox: Outbox) -> bool:
-        """Spend one of the sink's tokens for a request no device can take; False (counted) when there is none."""
+        """Spend one of the sink's tokens for a request no device will see; False (counted) when there is none."""
         sink, now = outbox.sink.name, self._clock()
         bucket = self._stray.get(sink)
         if bucket is None:
@@ -352,8 +364,8 @@ class Router:
         if now - self._drop_logged.get(sink, float("-inf")) >= DROP_LOG_INTERVAL:
             self._drop_logged[sink] = now
             log.warning(
-                "sink %s: more than %g requests/s for devices that cannot take them; dropping the rest unanswered "
-                "and unaudited (%d so far)",
+                "sink %s: more than %g requests/s that no device takes; dropping the rest unanswered and unaudited "
+                "(%d so far)",
                 sink,
                 STRAY_RATE,
                 dropped,
@@ -389,7 +401,8 @@ class Router:
         arrived, started = time.time_ns(), time.monotonic()
         view = self.devices.get(device)
         writer = view.profile.writer if view is not None else None
-        if writer is None and not self._stray_ok(outbox):
+        go_on, refusal = self._admit(outbox, device, writer is not None, "writes")
+        if not go_on:
             return
         result_topic = f"{device}/set/{point}/result"
         value, problem = self._read(payload)
@@ -415,7 +428,7 @@ class Router:
                 result = WriteResult(ok=False, error=f"unknown device {device!r}")
             elif writer is None:
                 result = WriteResult(ok=False, error=f"{device} takes no writes")
-            elif refusal := self._rate_limited(device, "writes"):
+            elif refusal:
                 result = WriteResult(ok=False, error=refusal)
             else:
                 # Before the device is touched: a crash after this line still leaves a trace of the request.
@@ -440,7 +453,8 @@ class Router:
         arrived, started = time.time_ns(), time.monotonic()
         view = self.devices.get(device)
         commander = view.profile.commander if view is not None else None
-        if commander is None and not self._stray_ok(outbox):
+        go_on, refusal = self._admit(outbox, device, commander is not None, "commands")
+        if not go_on:
             return
         body, problem = self._read(payload)
         raw = payload if problem else None
@@ -472,7 +486,7 @@ class Router:
                 result = CommandResult(ok=False, error=f"unknown device {device!r}")
             elif commander is None:
                 result = CommandResult(ok=False, error=f"{device} takes no commands")
-            elif refusal := self._rate_limited(device, "commands"):
+            elif refusal:
                 result = CommandResult(ok=False, error=refusal)
             else:
                 self._record(record(ok=None, stage="request"))

@@ -81,7 +81,11 @@ async def routed(broker: EmbeddedBroker, port: int, subscriber: Subscriber) -> A
     records: list[AuditRecord] = []
     router = Router(
         [outbox],
-        [DeviceProfile("d", commander=commander, writer=writer, every_sample=True), DeviceProfile("m")],
+        [
+            DeviceProfile("d", commander=commander, writer=writer, every_sample=True),
+            DeviceProfile("m"),
+            DeviceProfile("r", commander=commander, write_rate=1.0, write_burst=2),
+        ],
         clock=clock,
         audit=records.append,
     )
@@ -211,3 +215,18 @@ async def test_a_flood_of_requests_for_unknown_devices_leaves_at_most_burst_plus
     # A device that takes commands is not held up by the others' limit.
     reply = await sub.request(f"{PREFIX}/d/cmd", '{"name": "go", "id": "after"}', timeout=5)
     assert reply.json() == {"id": "after", "ok": True, "result": {"done": "go"}, "error": None}
+
+
+async def test_a_flood_over_a_devices_own_rate_is_bounded_in_the_audit_log_too(routed: Routed) -> None:
+    router, sub = routed.router, routed.sub
+    received = routed.sink.stats.received
+    for i in range(100):
+        sub.publish(f"{PREFIX}/r/cmd", json.dumps({"name": "go", "id": i}))
+    await sub.wait_for(lambda _: routed.sink.stats.received >= received + 100, timeout=10)
+    await asyncio.sleep(0.2)
+    # The device's burst reached it; of the rest, the sink's burst was refused (audited, answered), the rest dropped.
+    assert len(routed.asked) == 2
+    outcomes = [r for r in routed.audit if r.stage is None]
+    assert len(outcomes) == 22 and sum(1 for r in outcomes if r.ok) == 2
+    assert all("rate limited: r takes at most 1 commands/s" in (r.error or "") for r in outcomes if not r.ok)
+    assert router.dropped_requests == {"local": 78}
