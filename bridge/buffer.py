@@ -79,6 +79,10 @@ class EntryRefused(SinkError):
     """add() refused its items for what one of them holds (a number out of the storage's range, an odd topic)."""
 
 
+class EntryTooLarge(BufferFull, EntryRefused):
+    """add() refused its items because one of them is larger than max_size: it can never be buffered."""
+
+
 class Buffer(Protocol):
     """A FIFO of messages with transactional delivery: take a batch, then accept or reject it."""
 
@@ -161,7 +165,7 @@ def plan_room(
     capacity = limits.max_size if room is None else min(room, limits.max_size)
     largest = max(sizes, default=0)
     if largest > limits.max_size:
-        raise BufferFull(
+        raise EntryTooLarge(
             f"{name}: a message of {largest} bytes is larger than max_size ({limits.max_size} bytes)"
             " and can never be buffered"
         )

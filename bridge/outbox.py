@@ -19,10 +19,10 @@ waiting in the live queue is replaced by a newer one of its topic, and a spooled
 only if it is still the newest of its topic, so a replay never sets a retained topic back.
 
 No message stops the outbox: a batch the spool refuses for what its items hold (a `ts` beyond SQLite's
-int64, a topic that cannot be UTF-8) is split until only those items fail (at most SPLIT_ADDS adds), a
-spooled entry the broker connection refuses (a topic paho will not publish) is dropped after
-REPLAY_ATTEMPTS tries, and any other failure in a loop is logged and the loop goes on after a pause.
-`stop` never raises: it keeps in the spool what it can and logs the rest.
+int64, a topic that cannot be UTF-8, a message larger than max_size) is split until only those items
+fail (at most SPLIT_ADDS adds), a spooled entry the broker connection refuses (a topic paho will not
+publish) is dropped after REPLAY_ATTEMPTS tries, and any other failure in a loop is logged and the loop
+goes on after a pause. `stop` never raises: it keeps in the spool what it can and logs the rest.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from bridge.buffer import Buffer, BufferFull, BufferStats, Entry, MemoryBuffer, StorageError
+from bridge.buffer import Buffer, BufferFull, BufferStats, Entry, EntryRefused, MemoryBuffer, StorageError
 from gateway.errors import SinkError, SinkOffline
 from gateway.types import Message
 
@@ -458,11 +458,10 @@ class Outbox:
             budget -= 1
             try:
                 ids = await self._add(chunk)
-            except (BufferFull, StorageError) as exc:  # full, disk, I/O: the same for every item
-                self._refused(chunk, exc)
-                continue
             except SinkError as exc:
-                if len(chunk) == 1 or budget <= 0:
+                # Full, disk, I/O: the same for every item. Anything else may be about some items only.
+                whole = isinstance(exc, (BufferFull, StorageError)) and not isinstance(exc, EntryRefused)
+                if whole or len(chunk) == 1 or budget <= 0:
                     self._refused(chunk, exc)
                     continue
                 half = len(chunk) // 2

@@ -19,6 +19,7 @@ import pytest
 
 from bridge import outbox as outbox_module
 from bridge.broker import EmbeddedBroker
+from bridge.buffer import MemoryBuffer
 from bridge.outbox import SPLIT_ADDS, Outbox
 from bridge.sink import MqttSink
 from bridge.spool import SQLiteSpool
@@ -90,6 +91,33 @@ async def test_a_ts_beyond_int64_fails_only_its_own_message(broker: EmbeddedBrok
         assert (box.stats.spooled, box.stats.refused) == (11, 1)
         await box.stop()
     assert [ts for _, ts in spool_rows(path)] == [1_000_000 + i for i in range(11)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "kind"),
+    [
+        (Message("seq", b"x", ts=-(2**63) - 1), "sqlite"),  # below int64
+        (Message("seq/\ud800", b"x", ts=5), "sqlite"),  # a topic that cannot be UTF-8
+        (Message("seq/\ud800", b"x", ts=5), "memory"),
+        (Message("seq", b"x" * 5000, ts=5), "sqlite"),  # larger than max_size: can never be buffered
+    ],
+    ids=["ts-below-int64", "surrogate-topic", "surrogate-topic-memory", "larger-than-max-size"],
+)
+async def test_a_message_no_buffer_can_store_fails_alone(
+    broker: EmbeddedBroker, port: int, tmp_path: Path, bad: Message, kind: str
+) -> None:
+    buffer = SQLiteSpool(tmp_path / "s.db", min_free_bytes=0, max_size=4096) if kind == "sqlite" else MemoryBuffer()
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, buffer, commit_window=0.05)
+        await box.start()
+        good = [box.enqueue(msg(i)) for i in range(3)]
+        failing = box.enqueue(bad)
+        good += [box.enqueue(msg(i)) for i in range(3, 6)]
+        await asyncio.wait_for(asyncio.gather(*good), 5)
+        with pytest.raises(SinkError):
+            await asyncio.wait_for(failing, 5)
+        assert (box.stats.spooled, box.stats.refused) == (6, 1)
+        await box.stop()
 
 
 async def test_stop_keeps_what_it_can_and_never_raises(broker: EmbeddedBroker, port: int, tmp_path: Path) -> None:
