@@ -284,8 +284,8 @@ def _decode_at(
     payload_start = i + HEADER_SIZE
     payload_end = payload_start + length
     # Search the payload received so far (from where an earlier call stopped, less a magic's width) for the magic.
-    search_from = max(payload_start, clean - len(MAGIC) + 1)
-    search_end = min(end, payload_end)
+    search_from = clean - len(MAGIC) + 1 if clean - len(MAGIC) + 1 > payload_start else payload_start
+    search_end = payload_end if payload_end < end else end
     if search_end - search_from >= len(MAGIC):
         found = buf.find(MAGIC, search_from, search_end)
         if found >= 0:
@@ -295,7 +295,7 @@ def _decode_at(
         return i - start, None, search_end
 
     with memoryview(buf) as view:
-        computed = crc16(view[i + len(MAGIC) : payload_end])
+        computed = _crc16(view[i + len(MAGIC) : payload_end])
         payload = bytes(view[payload_start:payload_end])
     received = int.from_bytes(buf[payload_end : payload_end + CRC_SIZE], "big")
     if computed != received:
@@ -342,8 +342,16 @@ class Decoder:
         """Add received bytes; return the frames and errors now complete, stopping after a fatal error."""
         self._append(data)
         events: list[Frame | DecodeError] = []
-        while (event := self._next()) is not None:
+        while not self._stopped:
+            # _next() inlined: this is the hot path of every MCP session.
+            consumed, event, clean = _decode_at(self._buf, self._offset, self._max_payload, self._offset + self._clean)
+            self._offset += consumed
+            self._clean = clean - self._offset if clean else 0
+            if event is None:
+                break
             events.append(event)
+            if isinstance(event, DecodeError) and event.fatal:
+                self._stopped = True
         self._compact()
         return events
 
