@@ -290,9 +290,9 @@ class GatewayCollector(Collector):
         )
         if isinstance(gw.broker, EmbeddedBroker):
             # A broker in a child process counts its refusals there: only an in-process one's are ours to show.
-            failures = getattr(broker_auth, "login_failures", None)
+            logins = getattr(broker_auth, "login_failures", None)
             yield from _by_reason(
-                "broker_auth_failures", "Embedded broker logins refused, by reason.", failures() if failures else None
+                "broker_auth_failures", "Embedded broker logins refused, by reason.", logins() if logins else None
             )
 
 
