@@ -59,6 +59,7 @@ DAY_MS = 86_400_000
 PLAUSIBLE_TS_MAX = now_ms() + DAY_MS // 2  # fixed at import: a strategy must not move while hypothesis runs
 
 T = TypeVar("T")
+CLOSING = {2, 3, 6, 7}  # NACK codes after which the gateway closes the session (MCP.md section 5)
 
 
 # --- what the hostile device sends ------------------------------------------------------------------
@@ -359,9 +360,12 @@ class Hostile:
             raise AssertionError(
                 f"no answer within {ANSWER_WITHIN:g} s to hostile frame seq {self.seq}: {case.describe(payload)}"
             ) from None
-        if answer is None and self.writer is not None:
+        took = time.monotonic() - sent
+        if answer is None or (answer.type == FrameType.NACK and json.loads(answer.payload).get("code") in CLOSING):
+            # The gateway closes the session after these: the next frame goes on a new one.
+            self.reader = None
             self.writer.transport.abort()
-        return payload, answer, time.monotonic() - sent
+        return payload, answer, took
 
     def close(self) -> None:
         """Close the socket."""
