@@ -645,13 +645,17 @@ def counted_decoder(work: Work, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Decod
     return decoder
 
 
-def feed_all(decoder: Decoder, stream: bytes, chunk: int) -> tuple[list[Frame | DecodeError], int]:
-    """Feed `stream` in pieces of `chunk` bytes until a fatal error; the events and the number of feeds."""
+def feed_all(
+    decoder: Decoder, stream: bytes, chunk: int, *, lazily: bool = False
+) -> tuple[list[Frame | DecodeError], int]:
+    """Feed `stream` in pieces of `chunk` bytes (to feed(), or to events()) until a fatal error; the events and
+    the number of feeds."""
     events: list[Frame | DecodeError] = []
     feeds = 0
     for at in range(0, len(stream), chunk):
         feeds += 1
-        events += decoder.feed(stream[at : at + chunk])
+        piece = stream[at : at + chunk]
+        events += decoder.events(piece) if lazily else decoder.feed(piece)
         if events and isinstance(events[-1], DecodeError) and events[-1].fatal:
             break
     return events, feeds
@@ -863,7 +867,7 @@ def test_adversarial_streams_decode_as_the_spec_says_in_linear_work(
     codec._SYNC_RUN = CountingRun(w, real_run)  # type: ignore[assignment]
     try:
         chunk = data.draw(st.sampled_from([1, 3, 16, len(stream) or 1]))
-        events, feeds = feed_all(counted_decoder(w, max_payload), stream, chunk)
+        events, feeds = feed_all(counted_decoder(w, max_payload), stream, chunk, lazily=data.draw(st.booleans()))
     finally:
         codec._crc16, codec._SYNC_RUN = real_crc, real_run
     if chunk < len(stream):
