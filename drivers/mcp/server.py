@@ -7,8 +7,11 @@ import contextlib
 import logging
 import resource
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 
+from drivers.mcp.admission import BanList, PendingCount, address_key
+from drivers.mcp.payload import quoted
 from drivers.mcp.session import SeqWindow, Session, SessionStats
 from gateway.config.schema import McpSection
 from gateway.errors import FieldgateError
@@ -58,8 +61,17 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+#: Reasons of `McpServer.auth_failures` and `McpServer.refused` (all present from the start, at 0).
+AUTH_FAILURE_REASONS = ("unknown_device", "bad_token")
+REFUSED_REASONS = ("max_sessions", "max_pending", "max_pending_per_ip", "banned")
+
+
 class McpServer:
-    """Listens for MCP devices; DATA goes to `deliver` (awaited before the ACK), states to `on_state`."""
+    """Listens for MCP devices; DATA goes to `deliver` (awaited before the ACK), states to `on_state`.
+
+    Counters for /metrics: `auth_failures` and `refused` (by reason), `pending` (connections not past
+    HELLO now), `rejected` (refused at max_sessions, kept from before), `totals` and `stats_for(id)`.
+    """
 
     def __init__(
         self,
@@ -72,31 +84,58 @@ class McpServer:
         self.tokens = {d.id: d.token for d in cfg.devices}
         self.totals = SessionStats()
         self.rejected = 0  # connections refused at max_sessions
+        self.auth_failures: dict[str, int] = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
+        self.refused: dict[str, int] = dict.fromkeys(REFUSED_REASONS, 0)
         self.sessions: dict[str, Session] = {}
+        self.bans = BanList(cfg.auth_ban_failures, cfg.auth_ban_window, cfg.auth_ban_time)
+        self._pending = PendingCount()
         self._on_state = on_state
         self._stats = {d.id: SessionStats() for d in cfg.devices}
         self._unregistered = SessionStats()
         self._windows: dict[str, SeqWindow] = {}
+        self._points: dict[str, set[str]] = {}
         self._connections: set[Session] = set()
         self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
         self.port = 0
         self.data_slots = asyncio.Semaphore(MAX_INFLIGHT_DATA)
         self.max_sessions = cfg.max_sessions
+        self.max_pending = cfg.max_pending
+
+    @property
+    def pending(self) -> int:
+        """Connections accepted and not past HELLO now (TLS handshakes included)."""
+        return self._pending.total
+
+    @property
+    def authenticated(self) -> int:
+        """Connections past HELLO now (a replaced one until it has closed)."""
+        return len(self._connections) - self._pending.total
 
     async def start(self) -> None:
         """Bind the listener (TLS when configured)."""
         host, port = split_listen(self.cfg.listen)
         tls = self.cfg.tls
-        ctx = server_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None
+        # Plain TCP at accept; each session does its TLS handshake itself, so that a handshake counts as
+        # a pending connection and runs under the HELLO deadline.
+        self._tls = server_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None
         try:
-            self._server = await asyncio.start_server(
-                self._accept, host, port, ssl=ctx, ssl_handshake_timeout=10.0 if ctx else None
-            )
+            self._server = await asyncio.start_server(self._accept, host, port)
         except OSError as exc:
             raise FieldgateError(f"MCP server cannot listen on {self.cfg.listen}: {exc}") from exc
         self.port = self._server.sockets[0].getsockname()[1]
-        self.max_sessions = session_limit(self.cfg.max_sessions)
-        log.info("MCP server listening on %s:%d%s", host, self.port, " (TLS)" if ctx else "")
+        self._set_limits(self.cfg)
+        log.info("MCP server listening on %s:%d%s", host, self.port, " (TLS)" if self._tls else "")
+
+    def _set_limits(self, cfg: McpSection) -> None:
+        """max_sessions and max_pending as the file-descriptor limit allows them (both hold a socket)."""
+        wanted = cfg.max_sessions + cfg.max_pending
+        total = session_limit(wanted)
+        if total >= wanted:
+            self.max_sessions, self.max_pending = cfg.max_sessions, cfg.max_pending
+        else:
+            self.max_pending = max(1, min(cfg.max_pending, total // 4))
+            self.max_sessions = max(1, total - self.max_pending)
 
     async def stop(self) -> None:
         """Stop listening and close every session."""
@@ -123,10 +162,11 @@ class McpServer:
         closing = [device_id for device_id in self.sessions if tokens.get(device_id) != self.tokens.get(device_id)]
         self.cfg = cfg
         self.tokens = tokens
+        self.bans.configure(cfg.auth_ban_failures, cfg.auth_ban_window, cfg.auth_ban_time)
         for d in cfg.devices:
             self._stats.setdefault(d.id, SessionStats())
         if self._server is not None:
-            self.max_sessions = session_limit(cfg.max_sessions)
+            self._set_limits(cfg)
         for device_id in closing:
             session = self.sessions.get(device_id)
             if session is not None:
@@ -136,14 +176,32 @@ class McpServer:
         return closing
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self.max_sessions:
-            # Over the limit: no memory, no file descriptor kept for it.
-            self.rejected += 1
-            writer.close()
+        peer = writer.get_extra_info("peername")
+        key = address_key(peer[0] if isinstance(peer, tuple) and peer else peer)
+        refused = self._refusal(key)
+        if refused is not None:
+            # Closed at accept: nothing read, nothing sent, no session, no file descriptor kept for it.
+            self.refused[refused] += 1
+            if refused == "max_sessions":
+                self.rejected += 1
+            writer.transport.abort()
             return
-        session = Session(self, reader, writer)
+        session = Session(self, reader, writer, key, self._tls)
         self._connections.add(session)
+        self._pending.add(key)
         await session.run()
+
+    def _refusal(self, key: str) -> str | None:
+        """Why a new connection from `key` is closed at accept, or None to take it."""
+        if self.bans.banned(key, time.monotonic()):
+            return "banned"
+        if self.authenticated >= self.max_sessions:
+            return "max_sessions"
+        if self._pending.total >= self.max_pending:
+            return "max_pending"
+        if self._pending.of(key) >= self.cfg.max_pending_per_ip:
+            return "max_pending_per_ip"
+        return None
 
     # --- called by sessions -----------------------------------------------------------------------
 
@@ -157,10 +215,40 @@ class McpServer:
         """The device's duplicate window."""
         return self._windows[device_id]
 
+    def points_of(self, device_id: str) -> set[str]:
+        """The value names the device has published since the gateway started (at most mcp.max_points)."""
+        return self._points.setdefault(device_id, set())
+
+    def room_for(self, device_id: str) -> bool:
+        """True when a session for `device_id` may pass HELLO: max_sessions not reached, or it replaces one."""
+        return device_id in self.sessions or self.authenticated < self.max_sessions
+
+    def auth_failed(self, session: Session, device_id: str, reason: str) -> None:
+        """A HELLO was refused (NACK 7): count it, log it (once a minute per address), ban past the limit."""
+        self.auth_failures[reason] += 1
+        started, say = self.bans.failed(session.address, time.monotonic())
+        if say.log:
+            more = f" ({say.suppressed} more from this address in the last minute not logged)" if say.suppressed else ""
+            log.warning(
+                "mcp: login failed from %s: %s for device %s%s", session.address, reason, quoted(device_id), more
+            )
+        if started:
+            cfg = self.cfg
+            log.warning(
+                "mcp: %s banned for %g s: %d failed logins within %g s (mcp.auth_ban_*)",
+                session.address,
+                cfg.auth_ban_time,
+                cfg.auth_ban_failures,
+                cfg.auth_ban_window,
+            )
+
     def session_started(self, session: Session, boot_id: str) -> None:
         """A session passed HELLO: it replaces any older one of its device."""
         device_id = session.device_id
         assert device_id is not None
+        if session.pending:
+            session.pending = False
+            self._pending.remove(session.address)
         window = self._windows.get(device_id)
         if window is None or window.boot_id != boot_id:
             self._windows[device_id] = SeqWindow(boot_id)  # a new boot: forget the old seqs
@@ -179,6 +267,9 @@ class McpServer:
     def session_ended(self, session: Session, reason: str) -> None:
         """A session is over; its device goes offline unless a newer session took over."""
         self._connections.discard(session)
+        if session.pending:
+            session.pending = False
+            self._pending.remove(session.address)
         device_id = session.device_id
         if device_id is None:
             log.debug("mcp connection from %s closed before HELLO: %s", session.peer, reason)

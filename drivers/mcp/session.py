@@ -1,4 +1,4 @@
-"""One MCP/1 connection on the gateway side: the HELLO gate, DATA in order, commands, timeouts."""
+"""One MCP/1 connection on the gateway side: the HELLO gate, DATA in order, commands, timeouts, output bounds."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import collections
 import contextlib
 import hmac
 import logging
-import re
+import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, McpError, NackCode, encode, seq_next
+from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, McpError, NackCode, encode, nack, seq_next
+from drivers.mcp.payload import BadTs, new_names, read_data, read_hello
 from gateway.errors import SinkError
 from gateway.types import CommandResult, Sample
 
@@ -21,11 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0  # spec 4.2
 STALL_TIMEOUT = 5.0  # spec 5: a frame whose bytes stop arriving
 MAX_OUTSTANDING = 32  # spec 3: DATA frames a device may have in flight
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_VALUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+READ_SIZE = 65536
+YIELD_EVERY = 256  # frames handled from one read before other sessions get the loop
+CLOSE_GRACE = 1.0  # seconds answers still queued get to leave when a session closes
 
 
 class SessionClosed(Exception):
@@ -45,6 +46,8 @@ class SessionStats:
     sessions_closed: int = 0
     commands: int = 0
     command_timeouts: int = 0
+    rejected_payloads: int = 0  # DATA answered NACK 5
+    bad_ts: int = 0  # of those, for a ts out of range
 
 
 class SeqWindow:
@@ -68,67 +71,97 @@ class SeqWindow:
         self._seen.add(seq)
 
 
-def _check_data(frame: Frame) -> tuple[int | None, dict[str, Any]]:
-    """The `ts` and `values` of a DATA payload; MalformedPayload-style McpError when they do not fit."""
-    body = frame.body()
-    ts, values = body.get("ts"), body.get("values")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 0):
-        raise McpError("ts must be unix milliseconds (a non-negative integer)", frame.seq)
-    if not isinstance(values, dict) or not values:
-        raise McpError("values must be a non-empty object", frame.seq)
-    for name, value in values.items():
-        if not _VALUE_NAME.match(name):
-            raise McpError(f"value name {name!r} is not topic-safe", frame.seq)
-        if value is not None and not isinstance(value, bool | int | float | str):
-            raise McpError(f"value {name!r} must be a number, string, bool or null", frame.seq)
-    return ts, values
-
-
 class Session:
-    """Serves one TCP connection until it closes."""
+    """Serves one TCP connection until it closes.
 
-    def __init__(self, server: McpServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    Before HELLO the connection is nobody's: it has `hello_timeout` from accept (a TLS handshake
+    included) to log in, small frames only and `max_hello_errors` mistakes. At any time, what the
+    peer leaves unread is bounded: above a quarter of `max_unread` the session stops reading until
+    the peer catches up, and past `max_unread` it is closed.
+    """
+
+    def __init__(
+        self,
+        server: McpServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: str,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
+        self.address = address  # the unit of the pending caps and login bans (see admission.address_key)
         self.device_id: str | None = None
         self.peer = writer.get_extra_info("peername")
-        self._decoder = Decoder(server.cfg.max_payload)
-        self._idle = HELLO_TIMEOUT
+        self.pending = True  # not past HELLO yet (the server counts it under max_pending)
+        cfg = server.cfg
+        loop = asyncio.get_running_loop()
+        self._tls = tls
+        # From accept, whatever comes after: nothing the peer sends moves it.
+        self._hello_deadline = loop.time() + cfg.hello_timeout
+        self._decoder = Decoder(min(cfg.max_payload, cfg.max_hello_payload))
+        self._hello_errors = 0
+        self._idle = cfg.hello_timeout
+        self._last_event = loop.time()
         self._partial_since: float | None = None
+        self._paused = False
+        # Answers made while handling one read go out in one write (one syscall, not one per NACK).
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._corked = False
         self._acks: asyncio.Queue[tuple[int, asyncio.Future[None] | None, Frame | None]] = asyncio.Queue()
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._room = asyncio.Semaphore(MAX_OUTSTANDING)
         self._responses: dict[int, asyncio.Future[Frame]] = {}
         self._seq = 0
         self._closed = False
+        self._finishing = False
         self._close_reason = ""
         self._runner: asyncio.Task[Any] | None = None
+        self._limit_output()
 
     @property
     def stats(self) -> SessionStats:
         """The counters of this session's device (a scratch set before HELLO)."""
         return self.server.stats_for(self.device_id)
 
+    @property
+    def unread(self) -> int:
+        """Bytes for the peer not yet taken by it (our transport's write buffer and answers not yet written)."""
+        return self.writer.transport.get_write_buffer_size() + self._out_bytes
+
     # --- life cycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Read frames until the peer leaves, a timeout fires or a fatal error closes the session."""
         self._runner = asyncio.current_task()
-        acker = asyncio.create_task(self._ack_in_order(), name="mcp-acks")
+        acker = asyncio.create_task(self._ack_in_order(), name=f"mcp-acks:{self.peer}")
+        acker.add_done_callback(self._acker_ended)
         reason = "closed by peer"
         try:
+            if self._tls is not None:
+                await self._handshake(self._tls)
             await self._read_loop()
+            if self._closed:
+                reason = self._close_reason or reason
         except SessionClosed as exc:
             reason = str(exc)
         except (ConnectionError, OSError) as exc:
-            reason = f"connection error: {exc}"
+            reason = self._close_reason or f"connection error: {exc}"
         except asyncio.CancelledError:
-            reason = self._close_reason or "cancelled"
+            if not self._close_reason:
+                raise  # not ours (the loop is going away): let it through, after the clean-up below
+            reason = self._close_reason
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
+            self._finishing = True
             self._closed = True
             acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Its failure, if any, was logged by _acker_ended: here it must not cut the clean-up short.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await acker
             # Answers never sent still hold their places in the session's and the server's limits.
             while not self._acks.empty():
@@ -138,64 +171,138 @@ class Session:
             for fut in self._responses.values():
                 if not fut.done():
                     fut.set_exception(SessionClosed(reason))
+            self._flush()
             await self._close_transport()
             self.server.session_ended(self, reason)
 
     async def close(self, reason: str) -> None:
         """Close from the gateway's side (replacement, shutdown)."""
-        self._closed = True
-        self._close_reason = reason
-        with contextlib.suppress(Exception):
-            self.writer.close()
-        # The reader may be waiting for room in the limits rather than for bytes: wake it.
-        if self._runner is not None and self._runner is not asyncio.current_task():
-            self._runner.cancel()
+        self._stop(reason)
         log.debug("mcp %s: closing: %s", self.device_id, reason)
 
+    def _stop(self, reason: str) -> None:
+        """Mark the session closed and wake its reader, which may be waiting for bytes, room or a drain."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = reason
+        if self._runner is not None and self._runner is not asyncio.current_task() and not self._finishing:
+            self._runner.cancel()
+
+    def _abort(self, reason: str) -> None:
+        """Close at once, dropping what the peer left unread."""
+        self._stop(reason)
+        self.writer.transport.abort()
+
+    def _acker_ended(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if self._closed and exc is None:
+            return  # cancelled by the session's own close
+        # The loop never returns: it ended by a bug. A session without ACKs would only stall its device.
+        log.error(
+            "mcp %s: the ACK loop ended (%s): closing the session so that the device reconnects",
+            self.device_id or self.peer,
+            "cancelled" if exc is None else f"{type(exc).__name__}: {exc}",
+            exc_info=exc,
+        )
+        self._stop("the ACK loop ended")
+
     async def _close_transport(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing() and transport.get_write_buffer_size():
+            # Answers already queued get a moment to leave; a peer that does not read gets no longer.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.drain(), CLOSE_GRACE)
+        if transport.get_write_buffer_size():
+            transport.abort()  # close() would hold the socket until a peer that never reads took it all
+        else:
+            self.writer.close()
+        if self._tls is not None and self.writer.get_extra_info("ssl_object") is None:
+            return  # a handshake that did not finish: its transport is gone and will never report closing
         with contextlib.suppress(Exception):
-            await self._drain()
-        self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_GRACE)
+
+    def _limit_output(self) -> None:
+        # Above a quarter of max_unread the transport asks us to pause: drain() then waits in the read loop.
+        high = max(1, self.server.cfg.max_unread // 4)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            self.writer.transport.set_write_buffer_limits(high=high, low=high // 4)
 
     # --- reading ----------------------------------------------------------------------------------
 
+    async def _handshake(self, ctx: ssl.SSLContext) -> None:
+        """TLS inside the session, so that a handshake counts as pending and is bound by the HELLO deadline."""
+        loop = asyncio.get_running_loop()
+        remaining = self._hello_deadline - loop.time()
+        try:
+            async with asyncio.timeout_at(self._hello_deadline):
+                await self.writer.start_tls(ctx, ssl_handshake_timeout=max(remaining, 0.01))
+        except TimeoutError:
+            limit = self.server.cfg.hello_timeout
+            raise SessionClosed(f"no TLS handshake within hello_timeout ({limit:g} s)") from None
+        self._limit_output()
+
+    def _deadline(self) -> float:
+        deadline = self._hello_deadline if self.device_id is None else self._last_event + self._idle
+        if self._partial_since is not None:
+            deadline = min(deadline, self._partial_since + STALL_TIMEOUT)
+        return deadline
+
+    def _timed_out(self, now: float) -> SessionClosed:
+        if self._partial_since is not None and now >= self._partial_since + STALL_TIMEOUT:
+            return SessionClosed("a frame stalled for more than 5 s")
+        if self.device_id is None:
+            return SessionClosed(f"no HELLO within {self.server.cfg.hello_timeout:g} s of accept")
+        if self._paused:
+            return SessionClosed("it did not read its answers (unread output above max_unread / 4) in time")
+        return SessionClosed(f"no frame for {self._idle:g} s")
+
     async def _read_loop(self) -> None:
-        deadline = time.monotonic() + self._idle
+        loop = asyncio.get_running_loop()
         while not self._closed:
-            now = time.monotonic()
-            timeout = deadline - now
-            if self._partial_since is not None:
-                timeout = min(timeout, self._partial_since + STALL_TIMEOUT - now)
             try:
-                async with asyncio.timeout(max(timeout, 0)):
-                    data = await self.reader.read(65536)
+                async with asyncio.timeout_at(self._deadline()):
+                    if self.unread > self.server.cfg.max_unread // 4:
+                        # Answers pile up unread: stop taking input (and making answers) until the peer reads.
+                        self._paused = True
+                        await self.writer.drain()
+                        self._paused = False
+                    data = await self.reader.read(READ_SIZE)
             except TimeoutError:
-                if self._partial_since is not None and time.monotonic() >= self._partial_since + STALL_TIMEOUT:
-                    raise SessionClosed("a frame stalled for more than 5 s") from None
-                raise SessionClosed(
-                    "no HELLO within 10 s" if self.device_id is None else f"no frame for {self._idle:g} s"
-                ) from None
+                raise self._timed_out(loop.time()) from None
             if not data:
                 return
-            events = self._decoder.feed(data)
+            handled = 0
+            self._corked = True
+            try:
+                for event in self._decoder.events(data):
+                    handled += 1
+                    await self._event(event)
+                    if self._closed:
+                        raise SessionClosed(self._close_reason)
+                    if handled % YIELD_EVERY == 0:
+                        # A read full of tiny frames must not hold every other device up.
+                        self._flush()
+                        await asyncio.sleep(0)
+            finally:
+                self._corked = False
+                self._flush()
             if self._decoder.has_partial:
-                self._partial_since = self._partial_since or time.monotonic()
+                self._partial_since = self._partial_since or loop.time()
             else:
                 self._partial_since = None
-            for event in events:
-                if isinstance(event, DecodeError):
-                    await self._decode_error(event)
-                else:
-                    self.server.totals.frames_in += 1
-                    try:
-                        await self._frame(event)
-                    finally:
-                        self.stats.frames_in += 1  # after: a HELLO counts for the device it registered
-            if events:
-                # After handling them: a HELLO has just replaced the 10 s HELLO limit by 3 x heartbeat.
-                deadline = time.monotonic() + self._idle
+            if handled:
+                self._last_event = loop.time()
+
+    async def _event(self, event: Frame | DecodeError) -> None:
+        if isinstance(event, DecodeError):
+            await self._decode_error(event)
+            return
+        self.server.totals.frames_in += 1
+        try:
+            await self._frame(event)
+        finally:
+            self.stats.frames_in += 1  # after: a HELLO counts for the device it registered
 
     async def _decode_error(self, error: DecodeError) -> None:
         if error.code == NackCode.CRC_MISMATCH:
@@ -204,15 +311,20 @@ class Session:
         self._send_nack(error.seq, error.code)
         if error.fatal:
             raise SessionClosed(error.reason)
+        if self.device_id is None:
+            self._hello_errors += 1
+            if self._hello_errors >= self.server.cfg.max_hello_errors:
+                raise SessionClosed(f"{self._hello_errors} framing errors before HELLO")
 
     async def _frame(self, frame: Frame) -> None:
-        if self.device_id is None and frame.type != FrameType.HELLO:
+        if frame.type == FrameType.HELLO:
+            await self._hello(frame)
+            return
+        if self.device_id is None:
             self._send_nack(frame.seq, NackCode.NOT_REGISTERED)
             raise SessionClosed("frame before HELLO")
         try:
-            if frame.type == FrameType.HELLO:
-                await self._hello(frame)
-            elif frame.type == FrameType.DATA:
+            if frame.type == FrameType.DATA:
                 await self._data(frame)
             elif frame.type == FrameType.HEARTBEAT:
                 self._send(Frame(FrameType.ACK, frame.seq))
@@ -223,36 +335,49 @@ class Session:
             else:
                 self._send_nack(frame.seq, NackCode.UNKNOWN_FRAME_TYPE, f"unknown frame type {frame.type}")
         except McpError as exc:
-            nack = self._nack(frame.seq, NackCode.MALFORMED_PAYLOAD, f"malformed payload: {exc}")
+            answer = self._nack(frame.seq, NackCode.MALFORMED_PAYLOAD, f"malformed payload: {exc}")
             if frame.type == FrameType.DATA:
-                await self._queue(frame.seq, answer=nack)  # in order with the DATA before it
+                self.stats.rejected_payloads += 1
+                if isinstance(exc, BadTs):
+                    self.stats.bad_ts += 1
+                await self._queue(frame.seq, answer=answer)  # in order with the DATA before it
             else:
-                self._send(nack)
+                self._send(answer)
 
     async def _hello(self, frame: Frame) -> None:
-        body = frame.body()
-        device_id, token, boot_id = body.get("device_id"), body.get("token"), body.get("boot_id")
-        hb = body.get("heartbeat_s", self.server.cfg.heartbeat_s)
-        if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
-            raise McpError("device_id must be 1-64 of A-Z a-z 0-9 _ . -", frame.seq)
-        if not isinstance(token, str) or not isinstance(boot_id, str):
-            raise McpError("token and boot_id must be strings", frame.seq)
-        if isinstance(hb, bool) or not isinstance(hb, int) or not 1 <= hb <= 3600:
-            raise McpError("heartbeat_s must be an integer from 1 to 3600", frame.seq)
-        expected = self.server.tokens.get(device_id)
+        if self.device_id is not None:
+            # A live session cannot become another device (nor log in twice): HELLO is the first frame only.
+            self._send_nack(frame.seq, NackCode.MALFORMED_PAYLOAD, "HELLO on a session that already passed HELLO")
+            raise SessionClosed("a second HELLO")
+        server = self.server
+        try:
+            hello = read_hello(frame, server.cfg.heartbeat_s)
+        except McpError as exc:
+            # spec 2: a HELLO is answered by ACK, or by NACK and close.
+            self._send_nack(frame.seq, NackCode.MALFORMED_PAYLOAD, f"malformed payload: {exc}")
+            raise SessionClosed(f"malformed HELLO: {exc}") from None
+        expected = server.tokens.get(hello.device_id)
+        given = hello.token.encode("utf-8", "surrogatepass")
         # Compare even for an unknown id, so that timing does not tell which ids exist.
-        good = hmac.compare_digest(token.encode(), (expected or "\0" + token).encode())
+        good = hmac.compare_digest(given, (expected or "\0" + hello.token).encode("utf-8", "surrogatepass"))
         if expected is None or not good:
             self._send_nack(frame.seq, NackCode.AUTHENTICATION_FAILED)
-            raise SessionClosed(f"authentication failed for {device_id!r}")
-        self.device_id = device_id
-        self._idle = 3 * hb
-        self.server.session_started(self, boot_id)
-        self._send(Frame.json(FrameType.ACK, frame.seq, {"heartbeat_s": hb}))
+            server.auth_failed(self, hello.device_id, "unknown_device" if expected is None else "bad_token")
+            raise SessionClosed(f"authentication failed for {hello.device_id!r}")
+        if not server.room_for(hello.device_id):
+            self._send_nack(frame.seq, NackCode.OVERLOADED, "overloaded: max_sessions reached")
+            raise SessionClosed("max_sessions reached")
+        self.device_id = hello.device_id
+        self._idle = 3 * hello.heartbeat_s
+        # Past the gate: frames behind the HELLO (even in the same read) may be as large as the config allows.
+        self._decoder.max_payload = server.cfg.max_payload
+        server.session_started(self, hello.boot_id)
+        self._send(Frame.json(FrameType.ACK, frame.seq, {"heartbeat_s": hello.heartbeat_s}))
 
     async def _data(self, frame: Frame) -> None:
         assert self.device_id is not None
-        window = self.server.window(self.device_id)
+        server = self.server
+        window = server.window(self.device_id)
         if frame.seq in window:
             # A retransmission of something already ACKed: ACK again, publish nothing.
             self.stats.duplicates += 1
@@ -263,9 +388,20 @@ class Session:
             self.stats.duplicates += 1
             await self._queue(frame.seq, pending)
             return
-        ts, values = _check_data(frame)
-        sample = Sample(self.device_id, ts if ts is not None else time.time_ns() // 1_000_000, values)
-        task = asyncio.ensure_future(self.server.deliver(sample))  # a plain future from the router: no task
+        cfg = server.cfg
+        now = time.time_ns() // 1_000_000
+        ts, values = read_data(
+            frame,
+            now_ms=now,
+            max_future_ms=int(cfg.max_future_ts * 1000),
+            max_string=cfg.max_string,
+            max_points=cfg.max_points,
+        )
+        known = server.points_of(self.device_id)
+        # Taken only once the whole frame passed: a refused frame leaves no name behind.
+        known.update(new_names(values, known, cfg.max_points, frame.seq))
+        sample = Sample(self.device_id, ts if ts is not None else now, values)
+        task = asyncio.ensure_future(server.deliver(sample))  # a plain future from the router: no task
         self._inflight[frame.seq] = task
         await self._queue(frame.seq, task)
 
@@ -273,9 +409,15 @@ class Session:
         """Answer a DATA frame in order: ACK once `pending` is durable, or send `answer` (a NACK)."""
         # Slow ACKs are the back-pressure: with 32 answers outstanding (or the server's limit
         # across sessions reached), stop reading.
+        if self._room.locked() or self.server.data_slots.locked():
+            self._flush()  # about to wait: what is ready goes out first
         await self._room.acquire()
-        await self.server.data_slots.acquire()
-        await self._acks.put((seq, pending, answer))
+        try:
+            await self.server.data_slots.acquire()
+        except BaseException:
+            self._room.release()
+            raise
+        self._acks.put_nowait((seq, pending, answer))
 
     # --- answering --------------------------------------------------------------------------------
 
@@ -285,8 +427,9 @@ class Session:
             try:
                 if answer is None and pending is not None:
                     answer = await self._outcome(seq, pending)
+                # No drain here: a peer that does not read is bounded by max_unread (and its reader paused),
+                # so the places this loop holds in the server's limit are given back as the answers go out.
                 self._send(answer or Frame(FrameType.ACK, seq))
-                await self._drain()
             finally:
                 if pending is not None and self._inflight.get(seq) is pending:
                     self._inflight.pop(seq, None)
@@ -307,23 +450,35 @@ class Session:
         return None
 
     def _send(self, frame: Frame) -> None:
-        if self.writer.is_closing():
+        if self._closed or self.writer.is_closing():
             return
-        self.writer.write(encode(frame))
+        wire = encode(frame)
+        self._out.append(wire)
+        self._out_bytes += len(wire)
         self.stats.frames_out += 1
         self.server.totals.frames_out += 1
+        unread = self.unread
+        if unread > self.server.cfg.max_unread:
+            self._abort(f"its unread output passed max_unread ({unread} > {self.server.cfg.max_unread} bytes)")
+        elif not self._corked or asyncio.current_task() is not self._runner:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        if not self.writer.is_closing():
+            self.writer.write(data)
 
     def _nack(self, seq: int, code: NackCode, reason: str | None = None) -> Frame:
         self.stats.nacks_sent += 1
         self.server.totals.nacks_sent += 1
-        return Frame.json(FrameType.NACK, seq, {"code": int(code), "reason": reason or code.reason})
+        return nack(seq, code, reason)
 
     def _send_nack(self, seq: int, code: NackCode, reason: str | None = None) -> None:
         self._send(self._nack(seq, code, reason))
-
-    async def _drain(self) -> None:
-        if not self.writer.is_closing():
-            await self.writer.drain()
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -336,8 +491,9 @@ class Session:
         self.stats.commands += 1
         try:
             for _ in range(retries + 1):
-                self._send(frame)
-                await self._drain()
+                if self._closed:
+                    raise SessionClosed(self._close_reason or "closed")
+                self._send(frame)  # bounded by max_unread, like every answer
                 try:
                     async with asyncio.timeout(ack_timeout):
                         reply = await asyncio.shield(fut)

@@ -9,16 +9,20 @@ import random
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from drivers.mcp.codec import Frame, FrameType, encode
-from drivers.mcp.server import MAX_INFLIGHT_DATA
+from drivers.mcp.server import MAX_INFLIGHT_DATA, McpServer
+from gateway.config.schema import McpSection
 
-from mcp_peer import McpGateway
+from mcp_peer import McpGateway, RawPeer
 
 FUZZ_ROUNDS = int(os.environ.get("FIELDGATE_FUZZ_ROUNDS", "60"))
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00Z: DATA ts must lie between 2000-01-01 and tomorrow
 
 
 def make_pki(folder: Path) -> dict[str, Path]:
@@ -104,10 +108,10 @@ def client_context(pki: dict[str, Path], with_cert: bool) -> ssl.SSLContext:
 async def test_tls_session_with_a_client_certificate(mcp_gateway: McpGateway, connect, pki) -> None:  # type: ignore[no-untyped-def]
     peer = await connect(ssl=client_context(pki, with_cert=True))
     assert (await peer.hello()).type == FrameType.ACK
-    await peer.send(Frame.json(FrameType.DATA, 2, {"ts": 11, "values": {"v": 1}}))
+    await peer.send(Frame.json(FrameType.DATA, 2, {"ts": T0 + 11, "values": {"v": 1}}))
     assert await peer.recv() == Frame(FrameType.ACK, 2)
     tele = await mcp_gateway.sub.next_on("fieldgate/m1/pump-1/telemetry")
-    assert tele.json() == {"ts": 11, "values": {"v": 1}}
+    assert tele.json() == {"ts": T0 + 11, "values": {"v": 1}}
 
 
 @pytest.mark.tls
@@ -123,19 +127,70 @@ async def test_tls_without_a_client_certificate_is_refused(mcp_gateway: McpGatew
             raise ConnectionError("closed")
 
 
+async def test_pending_tls_handshakes_count_and_end_at_the_hello_deadline(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    cfg = McpSection.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "tls": {"cert": str(pki["server.pem"]), "key": str(pki["server.key"])},
+            "hello_timeout": "1s",
+            "max_pending": 2,
+            "devices": [{"id": "pump-1", "token": "s3cret-token-0001"}],
+        }
+    )
+
+    async def deliver(sample: object) -> None:
+        return None
+
+    server = McpServer(cfg, deliver, lambda state: None)
+    await server.start()
+    try:
+        # Two connections that never start TLS: pending, and the third is refused at accept.
+        silent = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert server.pending == 2
+        _, third = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.sleep(0.1)
+        assert server.refused["max_pending"] == 1
+        third.close()
+        opened = time.monotonic()
+        for reader, _ in silent:
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+        assert time.monotonic() - opened < 1.5  # the HELLO deadline, not a 10 s handshake timeout
+        assert server.pending == 0
+        # A device that does its handshake and HELLO in time is served.
+        ctx = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx)
+        peer = RawPeer(reader, writer)
+        assert (await peer.hello()).type == FrameType.ACK
+        peer.close()
+    finally:
+        await server.stop()
+
+
 async def test_connections_beyond_max_sessions_are_closed_at_once(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
-    silent = [await connect() for _ in range(5)]  # they never say HELLO
-    await asyncio.sleep(0.2)
+    server = mcp_gateway.gw.mcp
+    assert server is not None
+    server.max_sessions = 2
+    # Connections that never say HELLO count under max_pending, not max_sessions: they lock no device out.
+    silent = [await connect() for _ in range(5)]
+    first, second = await connect(), await connect()
+    assert (await first.hello()).type == FrameType.ACK
+    assert (await second.hello("pump-2", "other-token-00002")).type == FrameType.ACK
     extra = [await connect() for _ in range(20)]
     for peer in extra:
         assert await peer.closed(timeout=2)
-    server = mcp_gateway.gw.mcp
-    assert server is not None and server.rejected == 20
+        assert not peer.frames  # closed at accept: nothing sent
+    assert server.rejected == 20 and server.refused["max_sessions"] == 20
+    assert server.pending == 5
     for peer in silent:
+        assert not await peer.closed(timeout=0.01)
         peer.close()
+    first.close()
     await asyncio.sleep(0.3)
     late = await connect()
-    assert (await late.hello()).type == FrameType.ACK  # room again once the silent ones left
+    assert (await late.hello()).type == FrameType.ACK  # room again once a session left
+    assert server.pending == 0
 
 
 def _mutations(rng: random.Random) -> bytes:
@@ -180,7 +235,7 @@ async def test_fuzzed_input_never_breaks_the_server(mcp_gateway: McpGateway, con
     # Still serving a well-behaved device.
     good = await connect()
     assert (await good.hello(boot_id="fuzz-after")).type == FrameType.ACK
-    await good.send(Frame.json(FrameType.DATA, 99, {"ts": 1, "values": {"ok": True}}))
+    await good.send(Frame.json(FrameType.DATA, 99, {"ts": T0 + 1, "values": {"ok": True}}))
     assert await good.recv() == Frame(FrameType.ACK, 99)
     # No session died of an unexpected exception, and none was left behind.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

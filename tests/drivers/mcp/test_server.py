@@ -27,6 +27,8 @@ NACK_CRC_2 = bytes.fromhex(
     "55aa55aa010700000002000000227b22636f6465223a312c22726561736f6e223a22637263206d69736d61746368227d9e35"
 )
 
+T0 = 1_767_225_600_000  # 2026-01-01T00:00Z: DATA ts must lie between 2000-01-01 and tomorrow
+
 
 def nack(frame: Frame) -> tuple[int, str]:
     """(code, reason) of a NACK frame."""
@@ -81,13 +83,13 @@ async def test_bad_crc_mid_stream_keeps_the_session(mcp_gateway: McpGateway, con
     await peer.hello()
     bad = bytearray(DATA)
     bad[-1] ^= 0xFF
-    good = encode(Frame.json(FrameType.DATA, 3, {"ts": 5, "values": {"x": 1}}))
+    good = encode(Frame.json(FrameType.DATA, 3, {"ts": T0 + 5, "values": {"x": 1}}))
     await peer.send(bytes(bad) + good)
     reply = await peer.recv()
     assert encode(reply) == NACK_CRC_2  # byte for byte the spec's vector
     assert await peer.recv() == Frame(FrameType.ACK, 3)
     tele = await mcp_gateway.sub.next_on("fieldgate/m1/pump-1/telemetry")
-    assert tele.json() == {"ts": 5, "values": {"x": 1}}
+    assert tele.json() == {"ts": T0 + 5, "values": {"x": 1}}
     assert mcp_gateway.gw.mcp is not None and mcp_gateway.gw.mcp.totals.crc_errors == 1
 
 
@@ -119,7 +121,7 @@ async def test_unknown_type_and_malformed_payload_keep_the_session(connect) -> N
 async def test_duplicate_seq_is_acked_and_published_once(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
     peer = await connect()
     await peer.hello()
-    frame = Frame.json(FrameType.DATA, 2, {"ts": 77, "values": {"n": 1}})
+    frame = Frame.json(FrameType.DATA, 2, {"ts": T0 + 77, "values": {"n": 1}})
     await peer.send(frame)
     await peer.send(frame)
     assert await peer.recv() == Frame(FrameType.ACK, 2)
@@ -130,23 +132,25 @@ async def test_duplicate_seq_is_acked_and_published_once(mcp_gateway: McpGateway
     await peer2.hello(seq=3)
     await peer2.send(frame)
     assert await peer2.recv() == Frame(FrameType.ACK, 2)
-    await peer2.send(Frame.json(FrameType.DATA, 4, {"ts": 78, "values": {"n": 2}}))
+    await peer2.send(Frame.json(FrameType.DATA, 4, {"ts": T0 + 78, "values": {"n": 2}}))
     assert await peer2.recv() == Frame(FrameType.ACK, 4)
     sub = mcp_gateway.sub
-    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/m1/pump-1/telemetry" and m.json()["ts"] == 78 for m in ms))
-    assert [m.json()["ts"] for m in sub.on("fieldgate/m1/pump-1/telemetry")] == [77, 78]
+    await sub.wait_for(
+        lambda ms: any(m.topic == "fieldgate/m1/pump-1/telemetry" and m.json()["ts"] == T0 + 78 for m in ms)
+    )
+    assert [m.json()["ts"] for m in sub.on("fieldgate/m1/pump-1/telemetry")] == [T0 + 77, T0 + 78]
     assert mcp_gateway.gw.mcp is not None and mcp_gateway.gw.mcp.stats_for("pump-1").duplicates == 2
 
 
 async def test_new_boot_id_clears_the_window(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
     peer = await connect()
     await peer.hello()
-    await peer.send(Frame.json(FrameType.DATA, 2, {"ts": 1, "values": {"n": 1}}))
+    await peer.send(Frame.json(FrameType.DATA, 2, {"ts": T0 + 1, "values": {"n": 1}}))
     await peer.recv()
     peer.close()
     peer2 = await connect()
     await peer2.hello(boot_id="b2")
-    await peer2.send(Frame.json(FrameType.DATA, 2, {"ts": 2, "values": {"n": 1}}))
+    await peer2.send(Frame.json(FrameType.DATA, 2, {"ts": T0 + 2, "values": {"n": 1}}))
     assert await peer2.recv() == Frame(FrameType.ACK, 2)
     sub = mcp_gateway.sub
     await sub.wait_for(lambda ms: len([m for m in ms if m.topic == "fieldgate/m1/pump-1/telemetry"]) == 2)
@@ -175,8 +179,9 @@ async def test_a_stalled_frame_closes_the_session(connect, monkeypatch: pytest.M
     assert await peer.closed(timeout=3)
 
 
-async def test_no_hello_in_time_closes(connect, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(session_module, "HELLO_TIMEOUT", 0.5)
+async def test_no_hello_in_time_closes(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
+    assert mcp_gateway.gw.mcp is not None
+    mcp_gateway.gw.mcp.cfg.hello_timeout = 0.5
     peer = await connect()
     assert await peer.closed(timeout=3)
 
@@ -187,7 +192,7 @@ async def test_a_new_session_replaces_the_old_one(mcp_gateway: McpGateway, conne
     second = await connect()
     await second.hello(seq=2)
     assert await first.closed()
-    await second.send(Frame.json(FrameType.DATA, 3, {"ts": 9, "values": {"n": 1}}))
+    await second.send(Frame.json(FrameType.DATA, 3, {"ts": T0 + 9, "values": {"n": 1}}))
     assert await second.recv() == Frame(FrameType.ACK, 3)
     await asyncio.sleep(0.2)
     statuses = [m.payload for m in mcp_gateway.sub.on("fieldgate/m1/pump-1/status")]
@@ -239,11 +244,11 @@ async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) ->
     try:
         assert await client.wait_connected(5)
         # A full window of DATA in flight at once: each send returns when its ACK came back.
-        await asyncio.gather(*(client.send({"n": i}, ts=1000 + i) for i in range(100)))
+        await asyncio.gather(*(client.send({"n": i}, ts=T0 + i) for i in range(100)))
         sub = mcp_gateway.sub
         await sub.wait_for(lambda ms: len([m for m in ms if m.topic == "fieldgate/m1/pump-2/telemetry"]) >= 100)
         tele = [m.json() for m in sub.on("fieldgate/m1/pump-2/telemetry")]
-        assert [t["ts"] for t in tele] == [1000 + i for i in range(100)]  # each once, in order
+        assert [t["ts"] for t in tele] == [T0 + i for i in range(100)]  # each once, in order
         # A frame's retained value goes out just before its telemetry; one still queued when a newer one
         # comes is replaced by it (coalesced), so the retained topic only ever moves forward and ends at 99.
         await sub.wait_for(lambda ms: any(m.topic == "fieldgate/m1/pump-2/n" and m.json() == 99 for m in ms))
@@ -252,7 +257,7 @@ async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) ->
         for here, after in itertools.pairwise(stream):
             if here.topic.endswith("/n"):
                 values.append(here.json())
-                assert after.topic.endswith("/telemetry") and after.json()["ts"] == 1000 + here.json()
+                assert after.topic.endswith("/telemetry") and after.json()["ts"] == T0 + here.json()
         assert values == sorted(set(values)) and values[-1] == 99
         server = mcp_gateway.gw.mcp
         assert server is not None
@@ -266,9 +271,10 @@ async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) ->
     assert server.data_slots._value == server_module.MAX_INFLIGHT_DATA
 
 
-async def test_after_hello_the_heartbeat_period_governs_not_the_hello_limit(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def test_after_hello_the_heartbeat_period_governs_not_the_hello_limit(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
     # Regression: the 10 s HELLO limit stayed in force until the frame after HELLO.
-    monkeypatch.setattr(session_module, "HELLO_TIMEOUT", 0.5)
+    assert mcp_gateway.gw.mcp is not None
+    mcp_gateway.gw.mcp.cfg.hello_timeout = 0.5
     peer = await connect()
     assert (await peer.hello(heartbeat_s=30)).type == FrameType.ACK
     assert not await peer.closed(timeout=1.2)
