@@ -532,12 +532,12 @@ async def full_disk(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[tuple
         async with running(setup) as gw, device(setup) as client:
             st = os.statvfs(disk)
             (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 64 * 1024))
-            sender = Sender(client, filler="x" * 2000)
+            sender = Sender(client, filler="x" * 1000)  # within mcp.max_string (1 KiB)
             for _ in range(100):
                 await sender.send()
                 if sender.nacked:
                     break
-            assert sender.nacked, "100 frames of 2 kB fitted in 64 kB"
+            assert sender.nacked, "100 frames of 1 kB fitted in 64 kB"
             assert len(sender.acked) >= 3
             [nack] = sender.nacked.values()
             assert nack.code == NackCode.OVERLOADED and "full" in nack.reason, nack
