@@ -64,6 +64,7 @@ def split_listen(listen: str) -> tuple[str, int]:
 #: Reasons of `McpServer.auth_failures` and `McpServer.refused` (all present from the start, at 0).
 AUTH_FAILURE_REASONS = ("unknown_device", "bad_token")
 REFUSED_REASONS = ("max_sessions", "max_pending", "max_pending_per_ip", "banned")
+REFUSAL_LOG_EVERY = 60.0  # seconds between log lines about connections refused at accept, per reason
 
 
 class McpServer:
@@ -89,6 +90,7 @@ class McpServer:
         self.sessions: dict[str, Session] = {}
         self.bans = BanList(cfg.auth_ban_failures, cfg.auth_ban_window, cfg.auth_ban_time)
         self._pending = PendingCount()
+        self._refusals_logged: dict[str, tuple[float, int]] = {}
         self._on_state = on_state
         self._stats = {d.id: SessionStats() for d in cfg.devices}
         self._unregistered = SessionStats()
@@ -185,11 +187,23 @@ class McpServer:
             if refused == "max_sessions":
                 self.rejected += 1
             writer.transport.abort()
+            self._log_refusal(refused, key)
             return
         session = Session(self, reader, writer, key, self._tls)
         self._connections.add(session)
         self._pending.add(key)
         await session.run()
+
+    def _log_refusal(self, reason: str, key: str) -> None:
+        """A WARNING at most once a minute per reason, with how many were refused since the last one."""
+        now = time.monotonic()
+        last, count = self._refusals_logged.get(reason, (float("-inf"), 0))
+        if now - last < REFUSAL_LOG_EVERY:
+            self._refusals_logged[reason] = (last, count + 1)
+            return
+        self._refusals_logged[reason] = (now, 0)
+        more = f" ({count} more since the last such line)" if count else ""
+        log.warning("mcp: a connection from %s closed at accept: %s%s", key, reason, more)
 
     def _refusal(self, key: str) -> str | None:
         """Why a new connection from `key` is closed at accept, or None to take it."""
@@ -233,13 +247,13 @@ class McpServer:
                 "mcp: login failed from %s: %s for device %s%s", session.address, reason, quoted(device_id), more
             )
         if started:
-            cfg = self.cfg
+            bans = self.bans
             log.warning(
                 "mcp: %s banned for %g s: %d failed logins within %g s (mcp.auth_ban_*)",
                 session.address,
-                cfg.auth_ban_time,
-                cfg.auth_ban_failures,
-                cfg.auth_ban_window,
+                bans.ban_time,
+                bans.failures,
+                bans.window,
             )
 
     def session_started(self, session: Session, boot_id: str) -> None:

@@ -166,22 +166,29 @@ async def test_a_malformed_hello_is_nack_5_and_close(mcp_gateway: McpGateway, co
 # --- pending caps and bans ---------------------------------------------------------------------
 
 
-async def test_max_pending_and_max_pending_per_ip_close_at_accept(mcp_gateway: McpGateway, connect: Connect) -> None:
+async def test_max_pending_and_max_pending_per_ip_close_at_accept(
+    mcp_gateway: McpGateway, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="drivers.mcp")
     server = mcp_of(mcp_gateway)
     server.cfg.max_pending_per_ip = 3
     server.max_pending = 5
     local = [await connect(local_addr=("127.0.0.1", 0)) for _ in range(3)]
     await asyncio.sleep(0.1)
     assert server.pending == 3
-    over_ip = await connect(local_addr=("127.0.0.1", 0))
-    assert await over_ip.closed(1) and not over_ip.frames
+    for _ in range(3):
+        over_ip = await connect(local_addr=("127.0.0.1", 0))
+        assert await over_ip.closed(1) and not over_ip.frames
     others = [await connect(local_addr=("127.0.0.3", 0)) for _ in range(2)]
     await asyncio.sleep(0.1)
     assert server.pending == 5
     over_all = await connect(local_addr=("127.0.0.4", 0))
     assert await over_all.closed(1) and not over_all.frames
-    assert server.refused == {"max_sessions": 0, "max_pending": 1, "max_pending_per_ip": 1, "banned": 0}
+    assert server.refused == {"max_sessions": 0, "max_pending": 1, "max_pending_per_ip": 3, "banned": 0}
     assert server.rejected == 0
+    # Said in the log, but once a minute per reason, not once per connection.
+    said = [r.getMessage() for r in caplog.records if "closed at accept" in r.getMessage()]
+    assert len(said) == 2 and "max_pending_per_ip" in said[0] and said[1].endswith("max_pending"), said
     # A login frees its place at once.
     assert (await local[0].hello()).type == FrameType.ACK
     assert server.pending == 4
@@ -215,7 +222,9 @@ async def test_failed_logins_are_counted_logged_once_a_minute_and_banned(
     assert (await other.hello("pump-2", TOKEN_2)).type == FrameType.ACK
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "127.0.0.5" in r.getMessage()]
     assert len([x for x in lines if "login failed" in x]) == 1, lines
-    assert len([x for x in lines if "banned" in x]) == 1, lines
+    assert [x for x in lines if "banned for" in x] == [
+        "mcp: 127.0.0.5 banned for 1 s: 4 failed logins within 60 s (mcp.auth_ban_*)"
+    ]
     assert not any(wrong in r.getMessage() for r in caplog.records)
     # The ban ends after auth_ban_time.
     await asyncio.sleep(1.1)
