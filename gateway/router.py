@@ -123,6 +123,7 @@ def _topic_level(name: object) -> bool:
 
 
 def _moved(old: Value, new: Value, deadband: float) -> bool:
+    """Whether `new` is more than the deadband away from the published `old`; total for any two values."""
     if (
         isinstance(old, bool)
         or isinstance(new, bool)
@@ -130,9 +131,16 @@ def _moved(old: Value, new: Value, deadband: float) -> bool:
         or not isinstance(new, int | float)
     ):
         return old != new
-    if math.isnan(old) or math.isnan(new):
-        return math.isnan(old) != math.isnan(new)
-    return abs(new - old) > deadband if deadband > 0 else new != old
+    # isnan() of an int past float range raises: only floats are ever NaN.
+    old_nan, new_nan = isinstance(old, float) and math.isnan(old), isinstance(new, float) and math.isnan(new)
+    if old_nan or new_nan:
+        return old_nan != new_nan
+    if deadband <= 0:
+        return new != old
+    try:
+        return abs(new - old) > deadband
+    except OverflowError:  # an int past float range against a float: as far apart as values get
+        return True
 
 
 class Router:

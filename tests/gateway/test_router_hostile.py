@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.audit import AuditRecord
+from gateway.http import StatusPage, _age
 from gateway.jsonsafe import loads_strict
 from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router
 from gateway.types import Command, CommandResult, Sample, Write, WriteResult
@@ -119,10 +122,11 @@ HOSTILE_VALUES: dict[str, Any] = {
 
 
 def test_retained_state_never_raises_for_any_value_ts_or_name() -> None:
-    router = Router([], [DeviceProfile("d", every_sample=True)])
+    router = Router([], [DeviceProfile("d", every_sample=True, deadbands={"huge": 0.5, "nan": 0.5})])
     bad_names = {"\ud800": 1, "a/b": 2, "x+": 3, "#": 4, "": 5, "nul\0": 6}
     router.on_sample(Sample("d", 10**400, {**HOSTILE_VALUES, **bad_names, "fine": 1.5}))
-    router.on_sample(Sample("d", -(10**400), {"lone": "\udbff\udbff"}))
+    router.on_sample(Sample("d", -(10**400), {"lone": "\udbff\udbff", "huge": 1.5, "nan": 10**400}))
+    router.on_sample(Sample("d", 0, {"huge": 10**400, "nan": float("nan")}))  # deadbands between any two values
     retained = {m.topic: m.payload for m in router.retained_state()}
     for payload in retained.values():
         loads_strict(payload)  # strict JSON, valid UTF-8: what every subscriber can read
@@ -230,3 +234,38 @@ async def test_a_flood_over_a_devices_own_rate_is_bounded_in_the_audit_log_too(r
     assert len(outcomes) == 22 and sum(1 for r in outcomes if r.ok) == 2
     assert all("rate limited: r takes at most 1 commands/s" in (r.error or "") for r in outcomes if not r.ok)
     assert router.dropped_requests == {"local": 78}
+
+
+_ANY_TEXT = st.text(st.characters(blacklist_categories=()), max_size=12)  # surrogates and controls included
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**500), max_value=10**500),
+    st.floats(allow_nan=True, allow_infinity=True),
+    _ANY_TEXT,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    samples=st.lists(
+        st.tuples(
+            st.one_of(st.integers(), st.integers(min_value=10**300, max_value=10**500), st.just(-(10**400))),
+            st.dictionaries(_ANY_TEXT, _ANY_VALUE, max_size=6),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_whatever_reaches_the_router_encodes_for_mqtt_and_the_status_page(
+    samples: list[tuple[int, dict[str, Any]]],
+) -> None:
+    router = Router([], [DeviceProfile("d", every_sample=True, full_every=0.0)])
+    for ts, values in samples:
+        router.on_sample(Sample("d", ts, values))
+    for message in router.retained_state():
+        message.topic.encode("utf-8")
+        loads_strict(message.payload)
+    view = router.devices["d"]
+    html = StatusPage._values("d", view.latest) + _age(1_800_000_000_000, view.latest_ts)
+    html.encode("utf-8")  # the page is sent as UTF-8: every piece of it must encode
