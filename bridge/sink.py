@@ -303,7 +303,8 @@ class MqttSink:
             try:
                 self._on_request(topic[len(self.prefix) + 1 :], bytes(msg.payload))
             except Exception:
-                # Raised into paho's read loop it would end this connection's reading; one request is not worth it.
+                # Raised into paho's read loop, the request is never acknowledged and the broker delivers it again
+                # after the reconnect, and again: one bad request must cost itself only.
                 self.stats.bad_requests += 1
                 log.exception("sink %s: handling a request on %s failed", self.name, topic)
 
