@@ -469,6 +469,26 @@ async def test_hostile_modbus_text_and_mcp_data_through_a_running_gateway(web: W
     await page_ok(web)
 
 
+async def test_a_part_that_fails_to_read_costs_its_section_and_series_only(
+    web: Web, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert web.gw.mcp is not None
+
+    def broken(device_id: str) -> object:
+        raise RuntimeError("a bug in the MCP counters")
+
+    monkeypatch.setattr(web.gw.mcp, "stats_for", broken)
+    status, _, body = await get(web, "/")
+    assert status == 200
+    page = PageParser()
+    page.feed(body)
+    assert "This section could not be shown: RuntimeError(&#x27;a bug in the MCP counters&#x27;)" in body
+    assert "local" in page.table("sinks") and "plc" in page.table("devices")
+    samples = await scrape(web)  # 200, without the MCP device series
+    assert value(samples, "fieldgate_sink_connected", sink="local") == 1
+    assert not any(name == "fieldgate_mcp_frames_in_total" for name, _ in samples)
+
+
 # --- configuration --------------------------------------------------------------------------------------
 
 
