@@ -169,6 +169,7 @@ class Outbox:
         self._refusal_logged = -REFUSAL_LOG_INTERVAL
         self._refusals_unlogged = 0
         self._replay_failures: dict[int, int] = {}  # spool id -> refused publishes (entries in the replay only)
+        self._errors_logged: dict[str, float] = {}  # what failed -> when it was last logged
 
     def __len__(self) -> int:
         """Messages not yet acknowledged or spooled (the live queue, in flight, and waiting for a commit)."""
@@ -546,7 +547,7 @@ class Outbox:
                 raise
             except Exception as exc:
                 if isinstance(exc, SinkError):  # the spool cannot read or write (a full disk): try again later
-                    log.error("sink %s: replay paused: %s", self.sink.name, exc)
+                    self._log_error("replay", "sink %s: replay paused: %s", self.sink.name, exc)
                 else:
                     log.exception("sink %s: replay failed; going on in %g s", self.sink.name, LOOP_PAUSE)
                     with contextlib.suppress(Exception):  # taken but not settled: takeable again
@@ -630,10 +631,17 @@ class Outbox:
                 await self._call(self.buffer.expire, self._clock())
                 self._held = (await self._refresh()).count
             except SinkError as exc:
-                log.error("sink %s: %s", self.sink.name, exc)
+                self._log_error("housekeeping", "sink %s: %s", self.sink.name, exc)
             except Exception:
                 log.exception("sink %s: housekeeping failed", self.sink.name)
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+
+    def _log_error(self, what: str, text: str, *args: Any) -> None:
+        """An ERROR line about a spool that keeps failing, at most once per REFUSAL_LOG_INTERVAL for each `what`."""
+        now = time.monotonic()
+        if now - self._errors_logged.get(what, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            self._errors_logged[what] = now
+            log.error(text, *args)
 
     def _spill_stalled(self, cutoff: float) -> None:
         """Spool the waited-on messages the connected broker has left unacknowledged since before `cutoff`."""
