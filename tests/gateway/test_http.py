@@ -270,6 +270,32 @@ async def test_metrics_count_task_failures_dropped_requests_and_corrupt_state_fi
     assert value(samples, "fieldgate_task_down", task="metrics") == 1
 
 
+async def test_metrics_count_mcp_login_failures_refusals_and_rejected_payloads(web: Web) -> None:
+    assert web.gw.mcp is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", web.gw.mcp.port)
+    intruder = RawPeer(reader, writer)
+    try:
+        assert (await intruder.hello("pump-1", token="not-the-token-0001")).type == FrameType.NACK
+    finally:
+        intruder.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", web.gw.mcp.port)
+    peer = RawPeer(reader, writer)
+    try:
+        assert (await peer.hello("pump-1", boot_id="b7")).type == FrameType.ACK
+        await peer.send(Frame.json(FrameType.DATA, 2, {"ts": 10**20, "values": {"flow": 1.0}}))
+        assert (await peer.recv()).type == FrameType.NACK
+    finally:
+        peer.close()
+    samples = await scrape(web)
+    assert value(samples, "fieldgate_mcp_auth_failures_total", reason="bad_token") == 1
+    assert value(samples, "fieldgate_mcp_auth_failures_total", reason="unknown_device") == 0
+    for reason in ("max_sessions", "max_pending", "max_pending_per_ip", "banned"):
+        assert value(samples, "fieldgate_mcp_refused_connections_total", reason=reason) == 0
+    assert value(samples, "fieldgate_mcp_pending_connections") >= 0
+    assert value(samples, "fieldgate_mcp_rejected_payloads_total", device="pump-1") == 1
+    assert value(samples, "fieldgate_mcp_bad_ts_total", device="pump-1") == 1
+
+
 # --- /healthz -------------------------------------------------------------------------------------------
 
 
