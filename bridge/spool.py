@@ -147,7 +147,7 @@ class SQLiteSpool:
             self._db = self._open()
         except SpoolCorrupt as exc:
             # At start, any unreadable file is moved aside: a dying SD card must not keep the gateway down.
-            self._db = self._fresh(exc, None)
+            self._db = self._fresh(exc)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -161,7 +161,7 @@ class SQLiteSpool:
         self._checkpoint()  # fold a WAL left by a crash into the file
         return db
 
-    def _fresh(self, exc: SpoolCorrupt, seed: Contents | None) -> sqlite3.Connection:
+    def _fresh(self, exc: SpoolCorrupt) -> sqlite3.Connection:
         """Move the corrupt file aside and open a new one in its place; the lock moves to the new file.
 
         Raises SpoolStorageError (the lock already released) if it cannot.
@@ -174,7 +174,7 @@ class SQLiteSpool:
         os.close(self._lock_fd)  # the lock of the old file, which is no longer ours to guard
         self._lock_fd = lock_file(self.path, self.name)
         try:
-            return self._open(seed)
+            return self._open()
         except BaseException:
             os.close(self._lock_fd)
             raise
