@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hmac
 import logging
 import ssl
@@ -27,6 +28,11 @@ MAX_OUTSTANDING = 32  # spec 3: DATA frames a device may have in flight
 READ_SIZE = 65536
 YIELD_EVERY = 256  # frames handled from one read before other sessions get the loop
 CLOSE_GRACE = 1.0  # seconds answers still queued get to leave when a session closes
+
+
+@functools.cache
+def _default_nack_payload(code: NackCode) -> bytes:
+    return nack(0, code).payload
 
 
 class SessionClosed(Exception):
@@ -95,6 +101,7 @@ class Session:
         self.device_id: str | None = None
         self.peer = writer.get_extra_info("peername")
         self.pending = True  # not past HELLO yet (the server counts it under max_pending)
+        self._stats = server.stats_for(None)  # the device's own once HELLO passed
         cfg = server.cfg
         loop = asyncio.get_running_loop()
         self._tls = tls
@@ -124,7 +131,7 @@ class Session:
     @property
     def stats(self) -> SessionStats:
         """The counters of this session's device (a scratch set before HELLO)."""
-        return self.server.stats_for(self.device_id)
+        return self._stats
 
     @property
     def unread(self) -> int:
@@ -302,11 +309,11 @@ class Session:
         try:
             await self._frame(event)
         finally:
-            self.stats.frames_in += 1  # after: a HELLO counts for the device it registered
+            self._stats.frames_in += 1  # after: a HELLO counts for the device it registered
 
     async def _decode_error(self, error: DecodeError) -> None:
         if error.code == NackCode.CRC_MISMATCH:
-            self.stats.crc_errors += 1
+            self._stats.crc_errors += 1
             self.server.totals.crc_errors += 1
         self._send_nack(error.seq, error.code)
         if error.fatal:
@@ -337,9 +344,9 @@ class Session:
         except McpError as exc:
             answer = self._nack(frame.seq, NackCode.MALFORMED_PAYLOAD, f"malformed payload: {exc}")
             if frame.type == FrameType.DATA:
-                self.stats.rejected_payloads += 1
+                self._stats.rejected_payloads += 1
                 if isinstance(exc, BadTs):
-                    self.stats.bad_ts += 1
+                    self._stats.bad_ts += 1
                 await self._queue(frame.seq, answer=answer)  # in order with the DATA before it
             else:
                 self._send(answer)
@@ -368,6 +375,7 @@ class Session:
             self._send_nack(frame.seq, NackCode.OVERLOADED, "overloaded: max_sessions reached")
             raise SessionClosed("max_sessions reached")
         self.device_id = hello.device_id
+        self._stats = server.stats_for(hello.device_id)
         self._idle = 3 * hello.heartbeat_s
         # Past the gate: frames behind the HELLO (even in the same read) may be as large as the config allows.
         self._decoder.max_payload = server.cfg.max_payload
@@ -380,12 +388,12 @@ class Session:
         window = server.window(self.device_id)
         if frame.seq in window:
             # A retransmission of something already ACKed: ACK again, publish nothing.
-            self.stats.duplicates += 1
+            self._stats.duplicates += 1
             await self._queue(frame.seq)
             return
         pending = self._inflight.get(frame.seq)
         if pending is not None:
-            self.stats.duplicates += 1
+            self._stats.duplicates += 1
             await self._queue(frame.seq, pending)
             return
         cfg = server.cfg
@@ -455,7 +463,7 @@ class Session:
         wire = encode(frame)
         self._out.append(wire)
         self._out_bytes += len(wire)
-        self.stats.frames_out += 1
+        self._stats.frames_out += 1
         self.server.totals.frames_out += 1
         unread = self.unread
         if unread > self.server.cfg.max_unread:
@@ -473,8 +481,11 @@ class Session:
             self.writer.write(data)
 
     def _nack(self, seq: int, code: NackCode, reason: str | None = None) -> Frame:
-        self.stats.nacks_sent += 1
+        self._stats.nacks_sent += 1
         self.server.totals.nacks_sent += 1
+        if reason is None:
+            # The spec's own reason: the same payload every time (a flood of bad frames is answered by many).
+            return Frame(FrameType.NACK, seq, _default_nack_payload(code))
         return nack(seq, code, reason)
 
     def _send_nack(self, seq: int, code: NackCode, reason: str | None = None) -> None:
@@ -488,7 +499,7 @@ class Session:
         frame = Frame.json(FrameType.COMMAND, self._seq, {"name": name, "args": args})
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._responses[frame.seq] = fut
-        self.stats.commands += 1
+        self._stats.commands += 1
         try:
             for _ in range(retries + 1):
                 if self._closed:
@@ -504,7 +515,7 @@ class Session:
             return CommandResult(ok=False, error=f"session closed: {exc}")
         finally:
             self._responses.pop(frame.seq, None)
-        self.stats.command_timeouts += 1
+        self._stats.command_timeouts += 1
         return CommandResult(ok=False, error="timeout")
 
 
