@@ -184,18 +184,15 @@ class GatewayCollector(Collector):
         rejected.add_metric([], mcp.rejected)
         yield sessions
         yield rejected
-        yield from _by_reason(
-            "mcp_auth_failures", "Failed HELLOs (NACK 7), by reason.", getattr(mcp, "auth_failures", None)
-        )
-        yield from _by_reason(
+        yield _by_reason("mcp_auth_failures", "Failed HELLOs (NACK 7), by reason.", mcp.auth_failures)
+        yield _by_reason(
             "mcp_refused_connections",
             "Connections closed at accept, by reason (max_sessions, max_pending, max_pending_per_ip, banned).",
-            getattr(mcp, "refused", None),
+            mcp.refused,
         )
-        if isinstance(pending := getattr(mcp, "pending", None), int):
-            gauge = _gauge("mcp_pending_connections", "Connections accepted and not past HELLO now.", [])
-            gauge.add_metric([], pending)
-            yield gauge
+        pending = _gauge("mcp_pending_connections", "Connections accepted and not past HELLO now.", [])
+        pending.add_metric([], mcp.pending)
+        yield pending
         counters = {
             "frames_in": "Frames received from the device.",
             "frames_out": "Frames sent to the device.",
@@ -212,9 +209,9 @@ class GatewayCollector(Collector):
         online = _gauge("mcp_device_online", "1 while the device has a session, else 0.", ["device"])
         ids = [d.id for d in mcp.cfg.devices]
         for device_id in ids:
-            stats = mcp.stats_for(device_id)
+            stats = vars(mcp.stats_for(device_id))
             for key, family in families.items():
-                family.add_metric([device_id], getattr(stats, key, 0))
+                family.add_metric([device_id], stats[key])
             online.add_metric([device_id], 1 if device_id in mcp.sessions else 0)
         yield from families.values()
         yield online
@@ -282,7 +279,7 @@ class GatewayCollector(Collector):
         values = _counter("values_dropped", "Values whose name could not be a topic level: not published.", [])
         values.add_metric([], router.dropped_values if router else 0)
         yield values
-        yield from _by_reason(
+        yield _by_reason(
             "state_files_corrupt",
             "State files that could not be read, moved aside as <name>.corrupt-<unix seconds>; started afresh.",
             statefiles.corrupt_counts(),
@@ -290,20 +287,17 @@ class GatewayCollector(Collector):
         )
         if isinstance(gw.broker, EmbeddedBroker):
             # A broker in a child process counts its refusals there: only an in-process one's are ours to show.
-            logins = getattr(broker_auth, "login_failures", None)
-            yield from _by_reason(
-                "broker_auth_failures", "Embedded broker logins refused, by reason.", logins() if logins else None
+            yield _by_reason(
+                "broker_auth_failures", "Embedded broker logins refused, by reason.", broker_auth.login_failures()
             )
 
 
-def _by_reason(name: str, doc: str, counts: object, *, label: str = "reason") -> Iterator[Metric]:
-    """A counter family with one series per key of `counts` (nothing when the part keeps no such counts)."""
-    if not isinstance(counts, dict):
-        return
+def _by_reason(name: str, doc: str, counts: dict[str, int], *, label: str = "reason") -> Metric:
+    """A counter family with one series per key of `counts`."""
     family = _counter(name, doc, [label])
     for key, value in sorted(counts.items()):
-        family.add_metric([str(key)], value)
-    yield family
+        family.add_metric([key], value)
+    return family
 
 
 class HttpServer:
