@@ -363,3 +363,32 @@ async def test_a_session_whose_ack_loop_dies_is_closed_and_logged(
     assert (await again.hello(seq=7)).type == FrameType.ACK
     await again.send(Frame.json(FrameType.DATA, 8, {"ts": T0 + 8, "values": {"n": 8}}))
     assert await again.recv() == Frame(FrameType.ACK, 8)
+
+
+async def test_a_thousand_connections_that_never_log_in_hold_at_most_max_pending_and_no_device_waits(
+    mcp_gateway: McpGateway, connect: Connect
+) -> None:
+    server = mcp_of(mcp_gateway)
+    server.max_pending = 50
+    server.cfg.max_pending_per_ip = 20
+    good = await connect()
+    assert (await good.hello("pump-2", TOKEN_2)).type == FrameType.ACK
+    crowd: list[RawPeer] = []
+    seq = 1
+    for i in range(1000):
+        crowd.append(await connect(local_addr=(f"127.0.3.{1 + i % 40}", 0)))
+        if i % 100 == 99:
+            assert server.pending <= 50
+            seq += 1
+            started = time.monotonic()
+            await good.send(Frame.json(FrameType.DATA, seq, {"ts": T0 + seq, "values": {"n": seq}}))
+            assert await good.recv(2) == Frame(FrameType.ACK, seq)
+            assert time.monotonic() - started < 0.5
+    await asyncio.sleep(0.2)
+    assert server.pending == 50
+    assert sum(server.refused.values()) == 950 and server.refused["max_pending"] == 950
+    assert len(server._connections) == 51  # the crowd's 50 and the good device: nothing kept for the rest
+    for peer in crowd:
+        peer.close()
+    await asyncio.sleep(0.5)
+    assert server.pending == 0 and len(server._connections) == 1
