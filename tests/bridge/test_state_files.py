@@ -22,7 +22,7 @@ from bridge import spool as spool_module
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
-from bridge.spool import SpoolCorrupt, SpoolError, SQLiteSpool
+from bridge.spool import SpoolCorrupt, SpoolError, SpoolStorageError, SQLiteSpool
 from bridge.statefiles import KEEP, corrupt_counts, move_aside
 from gateway.types import Message
 
@@ -221,3 +221,31 @@ def test_two_files_moved_aside_within_a_second_keep_both(tmp_path: Path) -> None
         path.write_text(text)
         move_aside(path, "users", "test", clock=lambda: 1234.5)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"users.corrupt-1234": "a", "users.corrupt-1235": "b"}
+
+
+def test_a_rotation_that_cannot_open_a_fresh_file_refuses_until_the_interval_then_tries_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0, checkpoint_bytes=2**40)
+    real_lock = spool_module.lock_file
+    calls = {"n": 0}
+
+    def failing_lock(p: Path, name: str) -> int:  # as root, a read-only folder cannot be made here
+        calls["n"] += 1
+        raise SpoolStorageError(f"{name}: cannot open {p}: [Errno 30] Read-only file system")
+
+    try:
+        corrupt_under(spool, 12_000)
+        monkeypatch.setattr(spool_module, "lock_file", failing_lock)
+        with pytest.raises(SpoolStorageError, match="no fresh spool"):
+            spool.take(20_000)
+        with pytest.raises(SpoolStorageError):  # refused at once, no new attempt within ROTATE_INTERVAL
+            spool.add([(Message("t/x", b"x"), 1)])
+        assert calls["n"] == 1 and spool.stats().count == 0
+        monkeypatch.setattr(spool_module, "lock_file", real_lock)
+        monkeypatch.setattr(spool_module, "ROTATE_INTERVAL", 0.0)
+        assert spool.add([(Message("t/x", b"x"), 1)]) == [12_001]  # a fresh file at last, ids going on
+    finally:
+        spool.close()
+    assert [topic for topic, _ in spool_rows(path)] == ["t/x"]
