@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hostile import McpPeer, StartGateway, good_device, nack_code, nack_reason
+from hostile import PREFIX, McpPeer, StartGateway, embedded_subscriber, good_device, nack_code, nack_reason
 
 from drivers.mcp.codec import FrameType
 
@@ -22,7 +22,8 @@ async def test_a_ts_beyond_int64_while_upstream_is_down_is_nacked_and_every_othe
     await asyncio.to_thread(mosquitto.stop)
     peer = await McpPeer.open(gw.mcp_port)
     assert (await peer.hello("pump-1")).type == FrameType.ACK
-    async with good_device(gw.mcp_port, "pump-2") as good:
+    local = embedded_subscriber(gw, f"{PREFIX}/pump-2/telemetry")
+    async with local as on_local, good_device(gw.mcp_port, "pump-2") as good:
         await asyncio.sleep(1.0)
         try:
             answer = await peer.data({"temp": 21.5}, ts=U64_MAX, timeout=5)
@@ -37,6 +38,8 @@ async def test_a_ts_beyond_int64_while_upstream_is_down_is_nacked_and_every_othe
         await asyncio.sleep(3.0)
         good.check(within=2.0, at_least=15)
         acked = list(good.acked_ts)
+        await asyncio.sleep(0.5)
+        published_locally = {int(m.json()["ts"]) for m in on_local.on(f"{PREFIX}/pump-2/telemetry")}  # type: ignore[index]
     peer.close()
     assert (await gw.get("/healthz")).status == 200
     code = await asyncio.to_thread(gw.stop)
@@ -45,3 +48,9 @@ async def test_a_ts_beyond_int64_while_upstream_is_down_is_nacked_and_every_othe
     spooled = {ts for topic, ts in spool_rows(gw.spool("up")) if topic == "pump-2/telemetry"}
     missing = sorted(set(acked) - spooled)
     assert not missing, f"{len(missing)} of {len(acked)} ACKed frames are not in the spool of `up`"
+    # Sink `local` (the embedded broker) stayed up: each ACKed frame was published there or is in its spool.
+    kept_locally = published_locally | {
+        ts for topic, ts in spool_rows(gw.spool("local")) if topic == "pump-2/telemetry"
+    }
+    missing = sorted(set(acked) - kept_locally)
+    assert not missing, f"{len(missing)} of {len(acked)} ACKed frames neither reached `local` nor its spool"
