@@ -58,8 +58,9 @@ async def test_the_hello_deadline_runs_from_accept_and_no_frame_restarts_it(star
     # max_hello_errors out of the way: here only the deadline may close the connection.
     gw = await start_gateway(mcp={"hello_timeout": "2s", "max_hello_errors": 1000})
     lifetimes = await asyncio.gather(*(slowloris(gw.mcp_port, "127.0.0.1", every=0.5, give_up=6.0) for _ in range(5)))
-    assert None not in lifetimes, lifetimes
-    assert max(lifetimes) <= 3.0, lifetimes  # type: ignore[type-var]
+    closed = [t for t in lifetimes if t is not None]
+    assert len(closed) == len(lifetimes), lifetimes
+    assert max(closed) <= 3.0, lifetimes
 
 
 async def test_pending_connections_beyond_max_pending_per_ip_are_closed_at_once_and_others_log_in(
