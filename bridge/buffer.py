@@ -42,6 +42,19 @@ def entry_size(message: Message) -> int:
     return len(message.topic.encode()) + len(message.payload) + ENTRY_OVERHEAD
 
 
+def entry_sizes(items: Sequence[tuple[Message, int]]) -> tuple[list[int], list[int]]:
+    """The entry_size of each item, and the positions of those that have none (a topic that cannot be UTF-8)."""
+    sizes: list[int] = []
+    bad: list[int] = []
+    for i, (message, _) in enumerate(items):
+        try:
+            sizes.append(entry_size(message))
+        except (ValueError, TypeError, AttributeError):
+            sizes.append(0)
+            bad.append(i)
+    return sizes, bad
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One buffered message and what the buffer knows about it."""
@@ -76,7 +89,15 @@ class StorageError(SinkError):
 
 
 class EntryRefused(SinkError):
-    """add() refused its items for what one of them holds (a number out of the storage's range, an odd topic)."""
+    """add() refused its items for what one of them holds (a number out of the storage's range, an odd topic).
+
+    `bad`: the positions of the items at fault, when the buffer could tell (else empty); the others may be
+    added again without them.
+    """
+
+    def __init__(self, message: str, bad: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.bad = tuple(bad)
 
 
 class EntryTooLarge(BufferFull, EntryRefused):
@@ -167,7 +188,8 @@ def plan_room(
     if largest > limits.max_size:
         raise EntryTooLarge(
             f"{name}: a message of {largest} bytes is larger than max_size ({limits.max_size} bytes)"
-            " and can never be buffered"
+            " and can never be buffered",
+            [i for i, size in enumerate(sizes) if size > limits.max_size],
         )
     total = sum(sizes)
     if total > capacity:
@@ -231,10 +253,9 @@ class MemoryBuffer:
         self.expire(now)
         if not items:
             return []
-        try:
-            sizes = [entry_size(message) for message, _ in items]
-        except (ValueError, TypeError, AttributeError) as exc:  # a topic that cannot be UTF-8, not a Message
-            raise EntryRefused(f"{self.name}: cannot store: {exc!r}") from exc
+        sizes, bad = entry_sizes(items)
+        if bad:
+            raise EntryRefused(f"{self.name}: cannot store {len(bad)} message(s): a topic that is not UTF-8", bad)
         oldest = ((e.id, e.size) for e in self._entries.values())
         plan = plan_room(self.name, self.limits, sizes, self._bytes, oldest)
         for _ in range(plan.count):

@@ -55,8 +55,9 @@ HOUSEKEEPING_INTERVAL = 1.0
 #: (and its waiter answered on the commit): a stalled broker holds up an MCP ACK this long at most, not
 #: until the keep-alive gives up on the connection.
 LIVE_WAIT_MAX = 5.0
-#: Adds, at most, spent on one refused batch to find the items that cannot be stored (halving it each time):
-#: one bad item among a thousand takes about 20; whatever is still unsorted after that is refused.
+#: Adds, at most, spent on one refused batch to find the items that cannot be stored: two when the spool
+#: names them, else halving it each time (one bad item among a thousand takes about 20); whatever is
+#: still unsorted after that is refused.
 SPLIT_ADDS = 32
 #: Times a spooled entry is offered to a connected broker that refuses it (not a lost connection) before
 #: it is dropped, so that it cannot hold up the backlog behind it.
@@ -448,9 +449,10 @@ class Outbox:
     async def _store(self, items: list[_Item]) -> int:
         """Add `items` in one transaction; how many were stored.
 
-        If the spool refuses them for what they hold (not for room or storage), the batch is halved and
-        each half stored on its own, older first, until only the items that cannot be stored fail: at most
-        SPLIT_ADDS adds split further, each half still waiting then is tried once more as it is.
+        If the spool refuses them for what they hold (not for room or storage), the items it names fail and
+        the rest is stored in one more add; if it names none, the batch is halved and each half stored on
+        its own, older first, until only the items that cannot be stored fail: at most SPLIT_ADDS adds split
+        further, each half still waiting then is tried once more as it is.
         """
         stored, budget = 0, SPLIT_ADDS
         todo = [items]  # the next to try at the end
@@ -462,6 +464,14 @@ class Outbox:
             except SinkError as exc:
                 # Full, disk, I/O: the same for every item. Anything else may be about some items only.
                 whole = isinstance(exc, (BufferFull, StorageError)) and not isinstance(exc, EntryRefused)
+                bad = set(exc.bad) if isinstance(exc, EntryRefused) else set()
+                if not whole and bad and budget > 0 and bad.issubset(range(len(chunk))):
+                    # The buffer named the items at fault: they fail, the others go in as one.
+                    self._refused([it for i, it in enumerate(chunk) if i in bad], exc)
+                    rest = [it for i, it in enumerate(chunk) if i not in bad]
+                    if rest:
+                        todo.append(rest)
+                    continue
                 if whole or len(chunk) == 1 or budget <= 0:
                     self._refused(chunk, exc)
                     continue

@@ -49,7 +49,7 @@ from bridge.buffer import (
     Entry,
     Limits,
     WhenFull,
-    entry_size,
+    entry_sizes,
     plan_room,
     requeue,
 )
@@ -84,6 +84,7 @@ DEFAULT_MIN_FREE = 64 * 1024**2
 DEFAULT_CHECKPOINT_BYTES = 4 * 1024**2
 #: After a corrupt file was rotated while running, the next rotation waits this long (seconds).
 ROTATE_INTERVAL = 600.0
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
 _CHUNK = 500  # ids per IN (...) list, well below SQLite's variable limit
 _COMPANIONS = ("-wal", "-shm")
 
@@ -190,10 +191,14 @@ class SQLiteSpool:
         self._expire(now)
         if not items:
             return []
-        try:
-            sizes = [entry_size(message) for message, _ in items]
-        except (ValueError, TypeError, AttributeError) as exc:  # a topic that cannot be UTF-8, not a Message
-            raise SpoolEntryError(f"{self.name}: cannot store in {self.path}: {exc!r}") from exc
+        sizes, topics = entry_sizes(items)
+        # What SQLite would refuse, found before the transaction: the outbox can then store the rest at once.
+        stamps = [i for i, (_, ts) in enumerate(items) if not (isinstance(ts, int) and _INT64_MIN <= ts <= _INT64_MAX)]
+        if topics or stamps:
+            why = [f"{len(stamps)} with a ts beyond SQLite's int64"] if stamps else []
+            why += [f"{len(topics)} with a topic that is not UTF-8"] if topics else []
+            bad = sorted({*topics, *stamps})
+            raise SpoolEntryError(f"{self.name}: cannot store {len(bad)} message(s): {', '.join(why)}", bad)
         room, why = None, ""
         free = self._free_bytes()
         if free < self.min_free_bytes:

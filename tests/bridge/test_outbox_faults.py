@@ -22,7 +22,7 @@ from bridge.broker import EmbeddedBroker
 from bridge.buffer import MemoryBuffer
 from bridge.outbox import SPLIT_ADDS, Outbox
 from bridge.sink import MqttSink
-from bridge.spool import SQLiteSpool
+from bridge.spool import SpoolError, SQLiteSpool
 from gateway.errors import SinkError
 from gateway.types import Message
 
@@ -133,20 +133,49 @@ async def test_stop_keeps_what_it_can_and_never_raises(broker: EmbeddedBroker, p
     assert [ts for _, ts in spool_rows(path)] == [1_000_000, 1_000_003]
 
 
-async def test_one_bad_message_costs_a_few_adds_and_many_cost_a_bounded_number(
+async def test_the_spool_names_the_bad_messages_and_the_rest_goes_in_with_one_more_add(
     broker: EmbeddedBroker, port: int, tmp_path: Path
 ) -> None:
     async with down_sink(port) as (sink, _link):
         spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.05)
         await box.start()
-        futures = [box.enqueue(msg(i, ts=HUGE_TS if i == 321 else None)) for i in range(500)]
+        futures = [box.enqueue(msg(i, ts=HUGE_TS if i in (3, 321) else None)) for i in range(500)]
+        await asyncio.wait(futures, timeout=10)
+        assert [i for i, f in enumerate(futures) if f.exception() is not None] == [3, 321]
+        assert spool.adds == 2  # one fsync for the 498 good ones, as without the bad ones
+        spool.adds = 0
+        futures = [box.enqueue(msg(i, ts=HUGE_TS)) for i in range(1000)]
+        await asyncio.wait(futures, timeout=10)
+        assert all(isinstance(f.exception(), SinkError) for f in futures)
+        assert spool.adds == 1
+        await box.stop()
+
+
+class PoisonSpool(CountingSpool):
+    """Refuses any batch holding a `poison` message without saying which (as an SQLite constraint might)."""
+
+    def add(self, items: Any) -> list[int]:
+        if any(m.topic == "poison" for m, _ in items):
+            self.adds += 1
+            raise SpoolError("spool: a row broke a constraint")
+        return super().add(items)
+
+
+async def test_a_refusal_that_names_no_item_is_halved_until_the_bad_ones_fail_within_a_bound(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    async with down_sink(port) as (sink, _link):
+        spool = PoisonSpool(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.05)
+        await box.start()
+        futures = [box.enqueue(msg(i, topic="poison" if i == 321 else "seq")) for i in range(500)]
         await asyncio.wait(futures, timeout=10)
         assert [i for i, f in enumerate(futures) if f.exception() is not None] == [321]
         assert spool.adds <= 2 * math.ceil(math.log2(500)) + 1
         # Every message bad: the halving stops at SPLIT_ADDS; each half still waiting is tried once more.
         spool.adds = 0
-        futures = [box.enqueue(msg(i, ts=HUGE_TS)) for i in range(1000)]
+        futures = [box.enqueue(msg(i, topic="poison")) for i in range(1000)]
         await asyncio.wait(futures, timeout=10)
         assert all(isinstance(f.exception(), SinkError) for f in futures)
         assert spool.adds <= SPLIT_ADDS + math.ceil(math.log2(1000)) + 1
