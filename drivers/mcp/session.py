@@ -216,8 +216,9 @@ class Session:
 
     async def _close_transport(self) -> None:
         transport = self.writer.transport
-        if not transport.is_closing() and transport.get_write_buffer_size():
-            # Answers already queued get a moment to leave; a peer that does not read gets no longer.
+        unread = transport.get_write_buffer_size()
+        if not transport.is_closing() and 0 < unread <= self.server.cfg.max_unread // 4:
+            # Answers already queued get a moment to leave; a peer that left more unread gets nothing more.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.drain(), CLOSE_GRACE)
         if transport.get_write_buffer_size():
@@ -256,12 +257,13 @@ class Session:
         return deadline
 
     def _timed_out(self, now: float) -> SessionClosed:
+        if self._paused:
+            # Whatever else ran out meanwhile, it ran out because the peer left its answers unread.
+            return SessionClosed("it did not read its answers (unread output above max_unread / 4) in time")
         if self._partial_since is not None and now >= self._partial_since + STALL_TIMEOUT:
             return SessionClosed("a frame stalled for more than 5 s")
         if self.device_id is None:
             return SessionClosed(f"no HELLO within {self.server.cfg.hello_timeout:g} s of accept")
-        if self._paused:
-            return SessionClosed("it did not read its answers (unread output above max_unread / 4) in time")
         return SessionClosed(f"no frame for {self._idle:g} s")
 
     async def _read_loop(self) -> None:

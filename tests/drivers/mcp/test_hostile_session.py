@@ -269,6 +269,28 @@ async def test_a_peer_that_does_not_read_is_paused_then_closed_past_max_unread(m
     assert "pump-1" not in server.sessions
 
 
+async def test_a_paused_peer_that_never_reads_again_is_closed_at_its_idle_deadline(mcp_gateway: McpGateway) -> None:
+    server = mcp_of(mcp_gateway)
+    peer = await small_buffer_peer(mcp_gateway.mcp_port)
+    assert (await peer.hello(heartbeat_s=1)).type == FrameType.ACK  # silent after 3 s
+    session = shrink_send_buffer(server, peer)
+    chunk = b"".join(bad_crc(i + 1) for i in range(150))
+    for _ in range(40):
+        peer.writer.write(chunk + encode(Frame(FrameType.HEARTBEAT, 1)))  # it keeps "talking"
+        await asyncio.sleep(0.05)
+        if session._paused:
+            break
+    assert session._paused
+    paused_at = time.monotonic()
+    while not session._closed and time.monotonic() - paused_at < 6:
+        peer.writer.write(encode(Frame(FrameType.HEARTBEAT, 2)))
+        await asyncio.sleep(0.2)
+    assert session._closed, "a peer that never reads held its session"
+    assert time.monotonic() - paused_at < 4
+    await asyncio.sleep(0.1)
+    assert "pump-1" not in server.sessions
+
+
 async def test_a_peer_that_does_not_read_its_acks_holds_no_places_of_other_devices(
     mcp_gateway: McpGateway, connect: Connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
