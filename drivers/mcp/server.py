@@ -234,8 +234,15 @@ class McpServer:
         return self._points.setdefault(device_id, set())
 
     def room_for(self, device_id: str) -> bool:
-        """True when a session for `device_id` may pass HELLO: max_sessions not reached, or it replaces one."""
-        return device_id in self.sessions or self.authenticated < self.max_sessions
+        """True when a session for `device_id` may pass HELLO: max_sessions not reached, or it replaces one.
+
+        Connections are checked at accept too; this catches those that were pending when the last place went.
+        """
+        if device_id in self.sessions or self.authenticated < self.max_sessions:
+            return True
+        self.refused["max_sessions"] += 1
+        self.rejected += 1
+        return False
 
     def auth_failed(self, session: Session, device_id: str, reason: str) -> None:
         """A HELLO was refused (NACK 7): count it, log it (once a minute per address), ban past the limit."""

@@ -200,6 +200,22 @@ async def test_max_pending_and_max_pending_per_ip_close_at_accept(
     assert server.pending == 0
 
 
+async def test_a_pending_connection_that_logs_in_past_max_sessions_is_nack_8_unless_it_replaces(
+    mcp_gateway: McpGateway, connect: Connect
+) -> None:
+    server = mcp_of(mcp_gateway)
+    server.max_sessions = 1
+    first, second, third = await connect(), await connect(), await connect()  # all pending: none refused yet
+    assert (await first.hello()).type == FrameType.ACK
+    code, reason = nack_of(await second.hello("pump-2", TOKEN_2))
+    assert code == 8 and "max_sessions" in reason
+    assert await second.closed(2)
+    assert server.refused["max_sessions"] == 1 and server.rejected == 1
+    # A device's new session replaces its old one: that takes no new place.
+    assert (await third.hello(seq=5)).type == FrameType.ACK
+    assert await first.closed(2)
+
+
 async def test_failed_logins_are_counted_logged_once_a_minute_and_banned(
     mcp_gateway: McpGateway, connect: Connect, caplog: pytest.LogCaptureFixture
 ) -> None:
