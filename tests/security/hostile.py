@@ -212,30 +212,43 @@ async def gateway_starter(tmp_path: Path) -> AsyncIterator[StartGateway]:
         extra: dict[str, Any] | None = None,
         up_timeout: float = 20.0,
     ) -> RunningGateway:
-        mqtt_port, mcp_port, http_port = free_port(), free_port(), free_port()
-        cfg = gateway_config(
-            tmp_path,
-            mqtt_port=mqtt_port,
-            mcp_port=mcp_port,
-            http_port=http_port,
-            mcp=mcp,
-            upstream=upstream,
-            broker=broker,
-            devices=devices,
-            extra=extra,
-        )
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        env = {**os.environ, "PYTHONPATH": str(GATEWAY_ROOT)}
-        proc = GatewayProcess(
-            ["run", "-c", str(path)], tmp_path / "gateway.log", cwd=GATEWAY_ROOT, env=env, stop_timeout=12
-        )
-        gw = RunningGateway(
-            proc, path, tmp_path / "state", mqtt_port, mcp_port, http_port, dict(devices or TOKENS), upstream
-        )
-        running.append(gw)
-        await proc.logged(f"fieldgate {GATEWAY_ID} up", up_timeout)
-        return gw
+        for attempt in itertools.count(1):
+            mqtt_port, mcp_port, http_port = free_port(), free_port(), free_port()
+            cfg = gateway_config(
+                tmp_path,
+                mqtt_port=mqtt_port,
+                mcp_port=mcp_port,
+                http_port=http_port,
+                mcp=mcp,
+                upstream=upstream,
+                broker=broker,
+                devices=devices,
+                extra=extra,
+            )
+            path = tmp_path / "config.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            env = {**os.environ, "PYTHONPATH": str(GATEWAY_ROOT)}
+            log = tmp_path / f"gateway-{attempt}.log"
+            proc = GatewayProcess(["run", "-c", str(path)], log, cwd=GATEWAY_ROOT, env=env, stop_timeout=12)
+            gw = RunningGateway(
+                proc, path, tmp_path / "state", mqtt_port, mcp_port, http_port, dict(devices or TOKENS), upstream
+            )
+            running.append(gw)
+            deadline = time.monotonic() + up_timeout
+            while f"fieldgate {GATEWAY_ID} up" not in proc.output():
+                if proc.proc.poll() is not None:
+                    break
+                assert time.monotonic() < deadline, (
+                    f"the gateway did not come up in {up_timeout:g} s:\n" + proc.output()
+                )
+                await asyncio.sleep(0.05)
+            else:
+                return gw
+            # A free port can be taken by another process between free_port() and the bind: try other ports.
+            if "address already in use" in proc.output() and attempt < 3:
+                continue
+            raise AssertionError(f"the gateway exited with {proc.proc.returncode}:\n" + proc.output())
+        raise AssertionError("unreachable")
 
     try:
         yield start
