@@ -250,9 +250,10 @@ class McpServer:
         started, say = self.bans.failed(session.address, time.monotonic())
         if say.log:
             more = f" ({say.suppressed} more from this address in the last minute not logged)" if say.suppressed else ""
-            log.warning(
-                "mcp: login failed from %s: %s for device %s%s", session.address, reason, quoted(device_id), more
-            )
+            peer = session.peer
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else session.address
+            where = host if host == session.address else f"{host} ({session.address})"
+            log.warning("mcp: login failed from %s: %s for device %s%s", where, reason, quoted(device_id), more)
         if started:
             bans = self.bans
             log.warning(
