@@ -13,7 +13,18 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, McpError, NackCode, encode, nack, seq_next
+from drivers.mcp.codec import (
+    OVERHEAD,
+    DecodeError,
+    Decoder,
+    Frame,
+    FrameType,
+    McpError,
+    NackCode,
+    encode,
+    nack,
+    seq_next,
+)
 from drivers.mcp.payload import BadTs, new_names, read_data, read_hello
 from gateway.errors import SinkError
 from gateway.types import CommandResult, Sample
@@ -506,6 +517,11 @@ class Session:
             for _ in range(retries + 1):
                 if self._closed:
                     raise SessionClosed(self._close_reason or "closed")
+                if self.unread + len(frame.payload) + OVERHEAD > self.server.cfg.max_unread:
+                    # Sent, it would close the session for the device's (or the command's) fault: refuse it instead.
+                    return CommandResult(
+                        ok=False, error="the device is not reading (its unread output is at max_unread)"
+                    )
                 self._send(frame)  # bounded by max_unread, like every answer
                 try:
                     async with asyncio.timeout(ack_timeout):

@@ -430,3 +430,23 @@ async def test_a_thousand_connections_that_never_log_in_hold_at_most_max_pending
         peer.close()
     await asyncio.sleep(0.5)
     assert server.pending == 0 and len(server._connections) == 1
+
+
+async def test_a_command_that_would_pass_max_unread_is_refused_and_the_session_stays(
+    mcp_gateway: McpGateway, connect: Connect
+) -> None:
+    from gateway.types import Command
+
+    server = mcp_of(mcp_gateway)
+    server.cfg.max_unread = 4096
+    peer = await connect()
+    assert (await peer.hello()).type == FrameType.ACK
+    result = await server.command(Command("pump-1", "load", {"blob": "x" * 5000}))
+    assert not result.ok and "max_unread" in (result.error or "")
+    assert not await peer.closed(0.2) and "pump-1" in server.sessions
+    # A command that fits goes out as ever.
+    task = asyncio.create_task(server.command(Command("pump-1", "ping", {})))
+    sent = await peer.recv()
+    assert sent.type == FrameType.COMMAND and sent.body()["name"] == "ping"
+    await peer.send(Frame.json(FrameType.RESPONSE, sent.seq, {"ok": True, "result": "pong"}))
+    assert (await task).ok
