@@ -40,6 +40,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from bridge.buffer import Buffer, BufferFull, BufferStats, Entry, EntryRefused, MemoryBuffer, StorageError
 from gateway.errors import SinkError, SinkOffline
+from gateway.supervise import Supervised, Supervisor
 from gateway.types import Message
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Outbox:
         replay_rate: float = 500.0,
         order: Order = "live",
         clock: Callable[[], float] = time.time,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.sink = sink
         self.buffer: Buffer = buffer if buffer is not None else MemoryBuffer(name=f"sink {sink.name} memory buffer")
@@ -162,7 +164,10 @@ class Outbox:
         self._last_id = 0  # the newest spool id this outbox committed
         self._seq = 0
         self._executor = ThreadPoolExecutor(1, f"spool-{sink.name}") if self.buffer.durable else None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the loops, when no supervisor runs them
+        # With the gateway's supervisor, a loop that fails anyway is restarted and shows in its problems().
+        self._supervisor = supervisor
+        self._supervised: list[Supervised] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._commit_task: asyncio.Task[None] | None = None
         self._last_stats = BufferStats(0, 0, None, 0)
@@ -182,10 +187,13 @@ class Outbox:
         return self._held + len(self._pending) + self._committing
 
     def health(self) -> str | None:
-        """None while the outbox runs; else why not (not started, stopped, or which task ended and how)."""
+        """None while the outbox runs; else why not (not started, stopped, or which task ended and how).
+
+        Loops run by a supervisor are restarted when they fail, and reported by its `problems()`.
+        """
         if self._stopped:
             return "stopped"
-        if not self._tasks:
+        if not self._tasks and not self._supervised:
             return "not started"
         for task in self._tasks:
             if task.done():
@@ -255,12 +263,16 @@ class Outbox:
         self._last_id = max(newest.values(), default=0)
         self._held = (await self._call(self.buffer.stats)).count
         name = self.sink.name
-        self._tasks = [
-            asyncio.create_task(self._drain(), name=f"outbox:{name}:live"),
-            asyncio.create_task(self._commit_loop(), name=f"outbox:{name}:commit"),
-            asyncio.create_task(self._replay_loop(), name=f"outbox:{name}:replay"),
-            asyncio.create_task(self._housekeeping(), name=f"outbox:{name}:housekeeping"),
-        ]
+        loops = {
+            f"outbox:{name}:live": self._drain,
+            f"outbox:{name}:commit": self._commit_loop,
+            f"outbox:{name}:replay": self._replay_loop,
+            f"outbox:{name}:housekeeping": self._housekeeping,
+        }
+        if self._supervisor is not None:
+            self._supervised = [self._supervisor.spawn(task, loop) for task, loop in loops.items()]
+        else:
+            self._tasks = [asyncio.create_task(loop(), name=task) for task, loop in loops.items()]
 
     async def flush(self, timeout: float) -> bool:
         """Wait until the live queue is acknowledged and nothing waits for a commit; False on timeout."""
@@ -279,6 +291,8 @@ class Outbox:
         waiters fail.
         """
         self._stopped = True
+        if self._supervisor is not None and self._supervised:
+            await self._supervisor.stop(*self._supervised)  # failures were logged when they happened
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

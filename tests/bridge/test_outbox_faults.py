@@ -24,6 +24,7 @@ from bridge.outbox import SPLIT_ADDS, Outbox
 from bridge.sink import MqttSink
 from bridge.spool import SpoolError, SQLiteSpool
 from gateway.errors import SinkError
+from gateway.supervise import Supervisor
 from gateway.types import Message
 
 from helpers import Subscriber, TcpRelay, spool_rows, until
@@ -250,3 +251,21 @@ async def test_a_refusal_flood_is_logged_once_per_interval(
         await box.stop()
     assert box.stats.refused == 20
     assert sum("not spooled" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_under_a_supervisor_a_loop_that_dies_anyway_is_restarted_and_reported(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    supervisor = Supervisor(restart_min=0.05)
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "s.db", min_free_bytes=0), commit_window=0.02, supervisor=supervisor)
+        await box.start()
+        dead = supervisor.running("outbox:up:commit")
+        assert dead is not None
+        dead.cancel()  # as a bug would end it
+        await until(lambda: any("outbox:up:commit" in p for p in supervisor.problems()), 2, "the report")
+        await until(lambda: supervisor.running("outbox:up:commit") not in (None, dead), 2, "the restart")
+        await asyncio.wait_for(box.enqueue(msg(1)), 5)
+        assert supervisor.problems() == [] and box.health() is None
+        await box.stop()
+    assert supervisor.tasks == [] and box.health() == "stopped"
