@@ -26,7 +26,16 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from bridge.buffer import ENTRY_OVERHEAD, Buffer, BufferFull, Entry, MemoryBuffer, entry_size
+from bridge.buffer import (
+    ENTRY_OVERHEAD,
+    Buffer,
+    BufferFull,
+    Entry,
+    EntryRefused,
+    MemoryBuffer,
+    StorageError,
+    entry_size,
+)
 from bridge.spool import SpoolError, SQLiteSpool, read_stats
 from gateway.errors import SinkError
 from gateway.types import Message
@@ -475,6 +484,33 @@ def test_a_spool_file_is_opened_once(tmp_path: Path) -> None:
         SQLiteSpool(tmp_path / "a.db")
     spool.close()
     SQLiteSpool(tmp_path / "a.db").close()
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ((Message("t", b"x"), 2**64 - 1), True),  # beyond SQLite's INTEGER: OverflowError in the driver
+        ((Message("t", b"x"), -(2**63) - 1), True),
+        ((Message("t/\ud800", b"x"), 1), True),  # a topic that cannot be UTF-8
+        ((Message("t", "\ud800"), 1), False),  # type: ignore[arg-type]  # what only SQLite finds: a str payload
+        ((Message("t", b"x", qos={}), 1), False),  # type: ignore[arg-type]  # a value SQLite cannot bind
+    ],
+    ids=["ts-above-int64", "ts-below-int64", "surrogate-topic", "str-payload", "dict-qos"],
+)
+def test_a_row_the_spool_cannot_store_is_a_spool_error_and_changes_nothing(
+    tmp_path: Path, bad: tuple[Message, int], named: bool
+) -> None:
+    spool = SQLiteSpool(tmp_path / "a.db", min_free_bytes=0)
+    try:
+        spool.add(batch(0, 2))
+        with pytest.raises(SpoolError) as refused:
+            spool.add([*batch(2, 2), bad])
+        assert isinstance(refused.value, EntryRefused) and not isinstance(refused.value, StorageError)
+        assert refused.value.bad == ((2,) if named else ())
+        assert spool.stats().count == 2
+        assert spool.add(batch(2, 2)) == [3, 4]  # no id was spent on the refused batch
+    finally:
+        spool.close()
 
 
 def test_a_foreign_file_is_not_taken_for_a_spool(tmp_path: Path) -> None:
