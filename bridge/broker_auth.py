@@ -169,10 +169,10 @@ def read_users(path: str | Path) -> dict[str, str]:
     """The users file as {user: argon2 hash}; FieldgateError naming the line for anything else."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_USERS_BYTES + 1)
-        if len(raw) > MAX_USERS_BYTES:
+            data = f.read(MAX_USERS_BYTES + 1)
+        if len(data) > MAX_USERS_BYTES:
             raise ValueError(f"larger than {MAX_USERS_BYTES} bytes")
-        text = raw.decode("utf-8")
+        text = data.decode("utf-8")
     except (OSError, ValueError) as exc:
         raise FieldgateError(f"cannot read the broker users file {path}: {exc}") from exc
     users: dict[str, str] = {}
@@ -448,8 +448,8 @@ class UsersAuthPlugin(BaseAuthPlugin):
             return "anonymous"
         if user == INTERNAL_USER:
             secret = self._auth.internal_password
-            ok = secret is not None and hmac.compare_digest(password.encode(), secret.encode())
-            return None if ok else "bad_password"
+            known = secret is not None and hmac.compare_digest(password.encode(), secret.encode())
+            return None if known else "bad_password"
         hashed = self._file.current().get(user)
         # argon2 is slow on purpose: off the loop, on threads of its own, a bounded number at once.
         ok = await LOGINS.check(password, hashed)

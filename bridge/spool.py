@@ -195,10 +195,10 @@ class SQLiteSpool:
         # What SQLite would refuse, found before the transaction: the outbox can then store the rest at once.
         stamps = [i for i, (_, ts) in enumerate(items) if not (isinstance(ts, int) and _INT64_MIN <= ts <= _INT64_MAX)]
         if topics or stamps:
-            why = [f"{len(stamps)} with a ts beyond SQLite's int64"] if stamps else []
-            why += [f"{len(topics)} with a topic that is not UTF-8"] if topics else []
+            faults = [f"{len(stamps)} with a ts beyond SQLite's int64"] if stamps else []
+            faults += [f"{len(topics)} with a topic that is not UTF-8"] if topics else []
             bad = sorted({*topics, *stamps})
-            raise SpoolEntryError(f"{self.name}: cannot store {len(bad)} message(s): {', '.join(why)}", bad)
+            raise SpoolEntryError(f"{self.name}: cannot store {len(bad)} message(s): {', '.join(faults)}", bad)
         room, why = None, ""
         free = self._free_bytes()
         if free < self.min_free_bytes:
