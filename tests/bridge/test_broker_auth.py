@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge import broker_auth, statefiles
 from bridge.broker import EmbeddedBroker
 from bridge.broker_auth import INTERNAL_USER, Access, BrokerAuth, covers, default_access, read_users, set_password
 from bridge.broker_process import BrokerProcess
@@ -28,6 +29,13 @@ from mosquitto import make_tls_files
 
 _ids = itertools.count()
 SECRET = "internal-secret"
+
+
+@pytest.fixture(autouse=True)
+def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corrupt-file and login counters are process-wide: this module's count from zero, others' stay."""
+    monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
+    monkeypatch.setattr(broker_auth.LOGINS, "failures", dict.fromkeys(broker_auth.LOGIN_FAILURES, 0))
 
 
 class Client:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import broker_auth
+from bridge import broker_auth, statefiles
 from bridge.broker import EmbeddedBroker
 from bridge.broker_auth import BrokerAuth, default_access, read_users, set_password
 from bridge.statefiles import corrupt_counts
@@ -29,6 +29,13 @@ from helpers import free_port
 _ids = itertools.count()
 #: CONNACK return codes (MQTT 3.1.1): accepted, not authorized.
 ACCEPTED, NOT_AUTHORIZED = 0, 5
+
+
+@pytest.fixture(autouse=True)
+def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corrupt-file and login counters are process-wide: this module's count from zero, others' stay."""
+    monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
+    monkeypatch.setattr(broker_auth.LOGINS, "failures", dict.fromkeys(broker_auth.LOGIN_FAILURES, 0))
 
 
 def _string(text: str) -> bytes:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from bridge import spool as spool_module
+from bridge import statefiles
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
@@ -30,6 +31,12 @@ from gateway.types import Message
 from helpers import Subscriber, TcpRelay, spool_rows, until
 
 CORRUPT = re.compile(r"spool\.db\.corrupt-\d+")
+
+
+@pytest.fixture(autouse=True)
+def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corrupt-file counters are process-wide: this module's count from zero and leave others' as they were."""
+    monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
 
 
 def fill(path: Path, n: int = 100, payload: int = 200) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bridge import statefiles
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from bridge.statefiles import corrupt_counts
@@ -37,6 +38,13 @@ from gateway.types import Message
 
 from helpers import Received, free_port, subscribed
 from mosquitto import Mosquitto
+
+
+@pytest.fixture(autouse=True)
+def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corrupt-file counters are process-wide: this module's count from zero and leave others' as they were."""
+    monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
+
 
 # --- the documented discovery schema ------------------------------------------------------------
 
