@@ -191,6 +191,7 @@ class Gateway:
             commit_window=s.spool.commit_window,
             replay_rate=s.spool.replay_rate,
             order=s.spool.order,
+            supervisor=self.supervisor,
         )
         log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
         return sink, outbox

@@ -225,6 +225,7 @@ async def test_every_supervised_task_shows_in_healthz_after_a_failure_and_comes_
     names = {e.name for e in sup.tasks}
     assert names >= {"sink:local:connect", "sink:local:misc", "broker-process", "metrics", "reload"}
     assert names >= {"http:utilisation", "systemd:status"}
+    assert names >= {f"outbox:local:{loop}" for loop in ("live", "commit", "replay", "housekeeping")}
     old_pid = gw.broker.pid
 
     async def inject_connect() -> None:
