@@ -83,6 +83,7 @@ RECONNECT_PAUSE = 1.0  # s an attacker waits before opening a closed connection 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 RESYNC_SIZE = 1 << 20
+CONNECT_CONCURRENCY = 50
 NACK_FLOOD_CAP = 64 << 20  # bytes the flood sends at most: enough to show unbounded growth, not enough to hurt
 
 
@@ -295,6 +296,9 @@ class Attack:
         self.end = time.monotonic() + seconds
         self.report = AttackReport()
         self._open: dict[int, float] = {}  # id -> connect time, of pre-HELLO connections still open
+        # Connects in progress at once: a burst past the listen backlog (100) would leave connections that look
+        # open to the attacker but wait in the kernel, unseen by the gateway, and time the attacker's own queue.
+        self._connecting = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     def running(self) -> bool:
         """Whether the window is still open."""
@@ -303,7 +307,7 @@ class Attack:
     async def connect(self, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """A connection from `source`, or None (counted) when the gateway's backlog refuses it."""
         try:
-            async with asyncio.timeout(5):
+            async with self._connecting, asyncio.timeout(5):
                 pair = await asyncio.open_connection("127.0.0.1", self.port, local_addr=(source, 0))
         except (OSError, TimeoutError):
             self.report.connect_errors += 1
@@ -329,12 +333,11 @@ class Attack:
         """Open connections from `source` that never pass HELLO, `feed` writing to each, until the window ends;
         each connection's age is noted when the gateway closes it."""
         while self.running():
-            # Timed from before the connect: the gateway's clock starts at its accept, which may come first.
-            opened = time.monotonic()
             pair = await self.connect(source)
             if pair is None:
                 continue
             reader, writer = pair
+            opened = time.monotonic()  # established: open as the attacker sees it
             key = id(writer)
             self._open[key] = opened
             feeder = asyncio.create_task(feed(writer))
@@ -460,11 +463,11 @@ async def wrong_token(a: Attack) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(seq: int) -> None:
-        opened = time.monotonic()
         pair = await a.connect("127.0.0.1")
         if pair is None:
             return
         reader, writer = pair
+        opened = time.monotonic()
         body = {"boot_id": "x", "device_id": ATTACKER_ID, "token": WRONG_TOKEN}
         with contextlib.suppress(OSError):
             writer.write(encode(Frame.json(FrameType.HELLO, seq, body)))
