@@ -24,6 +24,8 @@ Deliver = Callable[[Sample], Awaitable[None]]
 # DATA frames waiting for their ACK across all sessions: past this, sessions stop reading and
 # TCP pushes back, instead of thousands of sessions x 32 frames flooding the sinks' queues.
 MAX_INFLIGHT_DATA = 4096
+#: The listen queue at least: connects beyond max_pending are taken from it and closed at once, not left in it.
+LISTEN_BACKLOG = 1024
 # File descriptors kept for everything but sessions: sinks, the spool, serial lines, the broker's clients.
 FD_RESERVE = 256
 
@@ -122,7 +124,11 @@ class McpServer:
         # a pending connection and runs under the HELLO deadline.
         self._tls = server_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None
         try:
-            self._server = await asyncio.start_server(self._accept, host, port)
+            # A burst of connects waits in the kernel's accept queue until the loop takes it: a queue the size of
+            # asyncio's default (100) overflows under a flood, and a good device's SYN is then dropped and retried
+            # seconds later. The kernel caps it at net.core.somaxconn.
+            backlog = max(LISTEN_BACKLOG, self.cfg.max_pending)
+            self._server = await asyncio.start_server(self._accept, host, port, backlog=backlog)
         except OSError as exc:
             raise FieldgateError(f"MCP server cannot listen on {self.cfg.listen}: {exc}") from exc
         self.port = self._server.sockets[0].getsockname()[1]

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import random
+import select
+import socket
 import ssl
 import subprocess
 import sys
@@ -258,3 +260,38 @@ def test_max_sessions_is_held_to_what_file_descriptors_allow() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert out.stdout.split("\n")[:3] == ["1000 1256", "1792 2048", "100"]
+
+
+async def test_a_burst_of_connects_fits_the_listen_queue() -> None:
+    # While the loop is busy, connects wait in the kernel's accept queue. One of asyncio's default size (100)
+    # drops the SYNs past it, and each dropped device retries a second or more later: after a flood, good
+    # devices come back late. 400 connects made while the loop cannot accept must all be established.
+    cfg = McpSection.model_validate(
+        {"listen": "127.0.0.1:0", "devices": [{"id": "pump-1", "token": "s3cret-token-0001"}]}
+    )
+
+    async def deliver(sample: object) -> None:
+        return None
+
+    server = McpServer(cfg, deliver, lambda state: None)
+    await server.start()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(400):  # the loop does not run meanwhile: nothing is accepted
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", server.port))
+            socks.append(s)
+        deadline = time.monotonic() + 0.5
+        waiting = list(socks)
+        while waiting and time.monotonic() < deadline:
+            _, writable, _ = select.select([], waiting, [], 0.05)
+            waiting = [s for s in waiting if s not in writable]
+        established = sum(
+            1 for s in socks if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and s not in waiting
+        )
+        assert established == len(socks), f"{len(socks) - established} connects left waiting for the accept queue"
+    finally:
+        for s in socks:
+            s.close()
+        await server.stop()
