@@ -934,6 +934,10 @@ def write_config(path: Path, state: Path, mqtt_port: int, mcp_port: int, devices
         "mcp:",
         f"  listen: 127.0.0.1:{mcp_port}",
         "  max_sessions: 1000000",
+        # Every bench client connects from 127.0.0.1, all at once: the per-address login limits that hold off
+        # a flood would hold off the bench (hostile_bench.py measures those limits).
+        "  max_pending: 100000",
+        "  max_pending_per_ip: 100000",
         "  devices:",
     ]
     lines += [f"    - {{id: d{i}, token: token-{i:010d}}}" for i in range(devices)]

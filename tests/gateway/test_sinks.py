@@ -11,7 +11,7 @@ from drivers.mcp.codec import Frame, FrameType
 from gateway.app import Gateway
 from gateway.config import load_config
 
-from helpers import Subscriber, free_port
+from helpers import Subscriber, free_port, now_ms
 from mcp_peer import CONFIG, RawPeer
 
 
@@ -35,14 +35,14 @@ northbound:
         took = []
         for seq in range(2, 12):
             sent = time.monotonic()
-            await peer.send(Frame.json(FrameType.DATA, seq, {"ts": 5000 + seq, "values": {"flow": seq}}))
+            await peer.send(Frame.json(FrameType.DATA, seq, {"ts": t0 + seq, "values": {"flow": seq}}))
             ack = await peer.recv()
             took.append(time.monotonic() - sent)
             assert (ack.type, ack.seq) == (FrameType.ACK, seq)
         # ACKed once the live sink had the PUBACK and the dead one's spool had the commit (50 ms window).
         assert max(took) < 1.0, took
         await sub.wait_for(lambda ms: len([m for m in ms if m.topic == "fieldgate/m1/pump-1/telemetry"]) >= 10)
-        assert [m.json()["ts"] for m in sub.on("fieldgate/m1/pump-1/telemetry")] == [5000 + s for s in range(2, 12)]
+        assert [m.json()["ts"] for m in sub.on("fieldgate/m1/pump-1/telemetry")] == [t0 + s for s in range(2, 12)]
         dead = next(o for o in gw.outboxes if o.sink.name == "dead")
         assert dead.backlog >= 10 and not dead.sink.connected
     finally:
