@@ -33,6 +33,7 @@ northbound:
     try:
         assert (await peer.hello()).type == FrameType.ACK
         took = []
+        t0 = now_ms()
         for seq in range(2, 12):
             sent = time.monotonic()
             await peer.send(Frame.json(FrameType.DATA, seq, {"ts": t0 + seq, "values": {"flow": seq}}))
