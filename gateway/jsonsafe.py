@@ -104,6 +104,8 @@ def _printable(value: object) -> str:
         return str(value)
     except ValueError:  # an int past sys.get_int_max_str_digits()
         return f"<{type(value).__name__} too large to print>"
+    except RecursionError:  # a container nested past the interpreter's recursion limit
+        return f"<{type(value).__name__} nested too deep to print>"
 
 
 def _clean(value: object) -> object:
