@@ -324,9 +324,16 @@ async def test_healthz_is_ok_until_a_task_dies(web: Web) -> None:
 async def test_healthz_reports_a_line_stuck_in_io_as_the_watchdog_sees_it(web: Web) -> None:
     assert (await get(web, "/healthz"))[0] == 200
     bus = web.gw.buses[0]
-    bus.alive_at -= bus.alive_limit + 5  # as if its task had hung in a read for that long
-    status, _, body = await get(web, "/healthz")
-    assert status == 503 and "modbus line rs485" in body and "stuck in I/O" in body
+    seen = []
+    for _ in range(5):
+        # As if its task had hung in a read for that long. The live task stamps alive_at again whenever it
+        # wakes, which may fall between this line and the request on a loaded machine: then try again.
+        bus.alive_at -= bus.alive_limit + 5
+        status, _, body = await get(web, "/healthz")
+        seen.append((status, body))
+        if status == 503:
+            break
+    assert status == 503 and "modbus line rs485" in body and "stuck in I/O" in body, seen
 
 
 # --- the status page ------------------------------------------------------------------------------------
