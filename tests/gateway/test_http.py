@@ -291,9 +291,21 @@ async def test_metrics_count_mcp_login_failures_refusals_and_rejected_payloads(w
     assert value(samples, "fieldgate_mcp_auth_failures_total", reason="unknown_device") == 0
     for reason in ("max_sessions", "max_pending", "max_pending_per_ip", "banned"):
         assert value(samples, "fieldgate_mcp_refused_connections_total", reason=reason) == 0
-    assert value(samples, "fieldgate_mcp_pending_connections") >= 0
     assert value(samples, "fieldgate_mcp_rejected_payloads_total", device="pump-1") == 1
     assert value(samples, "fieldgate_mcp_bad_ts_total", device="pump-1") == 1
+
+    async def pending(n: int) -> Samples | None:
+        s = await scrape(web)
+        return s if value(s, "fieldgate_mcp_pending_connections") == n else None
+
+    # Idle (both peers above are gone): none; one connection that has not sent HELLO: one.
+    assert await until(lambda: pending(0)), "a closed connection still counted as pending"
+    _, silent = await asyncio.open_connection("127.0.0.1", web.gw.mcp.port)
+    try:
+        assert await until(lambda: pending(1)), "a connection without HELLO not counted as pending"
+    finally:
+        silent.close()
+    assert await until(lambda: pending(0)), "the silent connection still counted after it closed"
 
 
 # --- /healthz -------------------------------------------------------------------------------------------
