@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, encode
@@ -74,7 +75,7 @@ class RawPeer:
                     self.frames.extend(self.decoder.feed(data))
         except TimeoutError:
             return False
-        except ConnectionError:
+        except (ConnectionError, OSError):
             return True
 
     async def hello(
@@ -86,5 +87,6 @@ class RawPeer:
         return await self.recv()
 
     def close(self) -> None:
-        """Close the socket."""
-        self.writer.close()
+        """Close the socket (an RST when unread data is pending is fine)."""
+        with contextlib.suppress(Exception):
+            self.writer.close()

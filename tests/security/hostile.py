@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, encode
+from drivers.mcp.codec import DecodeError, Frame, FrameType
 
 from helpers import GatewayProcess, Subscriber, free_port, now_ms
+from mcp_peer import RawPeer
 from mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -261,15 +262,17 @@ async def gateway_starter(tmp_path: Path) -> AsyncIterator[StartGateway]:
 # --- a raw MCP peer --------------------------------------------------------------------------------
 
 
-class McpPeer:
-    """A device that writes exact bytes and reads decoded frames; it can bind its source address."""
+class McpPeer(RawPeer):
+    """tests/mcp_peer.py's raw device, that can bind its source address and numbers its own frames."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.decoder = Decoder()
-        self.events: list[Frame | DecodeError] = []
+        super().__init__(reader, writer)
         self.seq = itertools.count(1)
+
+    @property
+    def events(self) -> list[Frame | DecodeError]:
+        """Frames and errors received and not yet taken by recv()."""
+        return self.frames
 
     @classmethod
     async def open(cls, port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> McpPeer:
@@ -278,43 +281,14 @@ class McpPeer:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
         return cls(reader, writer)
 
-    async def send(self, data: bytes | Frame) -> None:
-        """Write raw bytes, or a frame encoded by the codec."""
-        self.writer.write(encode(data) if isinstance(data, Frame) else data)
-        await self.writer.drain()
-
-    async def recv(self, timeout: float = 5.0) -> Frame:
-        """The next frame from the gateway (ConnectionError when it closed first)."""
-        async with asyncio.timeout(timeout):
-            while not self.events:
-                data = await self.reader.read(65536)
-                if not data:
-                    raise ConnectionError("closed by the gateway")
-                self.events.extend(self.decoder.feed(data))
-        event = self.events.pop(0)
-        assert isinstance(event, Frame), event
-        return event
-
-    async def closed(self, timeout: float = 5.0) -> bool:
-        """True once the gateway has closed the connection (frames before that are kept)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    data = await self.reader.read(65536)
-                    if not data:
-                        return True
-                    self.events.extend(self.decoder.feed(data))
-        except TimeoutError:
-            return False
-        except (ConnectionError, OSError):
-            return True
-
-    async def hello(self, device_id: str = "pump-1", token: str | None = None, **extra: object) -> Frame:
+    async def hello(
+        self, device_id: str = "pump-1", token: str | None = None, seq: int | None = None, **extra: object
+    ) -> Frame:
         """Say HELLO (the device's configured token unless given) and return the gateway's answer."""
         body = {"boot_id": "b1", "device_id": device_id, "token": TOKENS.get(device_id, "x" * 20), **extra}
         if token is not None:
             body["token"] = token
-        await self.send(Frame.json(FrameType.HELLO, next(self.seq), body))
+        await self.send(Frame.json(FrameType.HELLO, next(self.seq) if seq is None else seq, body))
         return await self.recv()
 
     async def data_raw(self, payload: bytes, timeout: float = 5.0) -> Frame:
@@ -331,11 +305,6 @@ class McpPeer:
         """Send a frame whose payload is `body` as JSON; the gateway's answer."""
         await self.send(Frame.json(type_, next(self.seq), body))
         return await self.recv(timeout)
-
-    def close(self) -> None:
-        """Close the socket (an RST when unread data is pending is fine)."""
-        with contextlib.suppress(Exception):
-            self.writer.close()
 
 
 def nack_code(frame: Frame) -> int | None:
