@@ -54,9 +54,6 @@ def read_hello(frame: Frame, default_heartbeat_s: int) -> Hello:
         raise MalformedPayload("device_id must be 1-64 of A-Z a-z 0-9 _ . -", frame.seq)
     if not isinstance(token, str) or not isinstance(boot_id, str):
         raise MalformedPayload("token and boot_id must be strings", frame.seq)
-    if len(boot_id) > 64:
-        # Kept per device for its duplicate window: one device's say, but still bounded.
-        raise MalformedPayload("boot_id must be at most 64 characters", frame.seq)
     if isinstance(hb, bool) or not isinstance(hb, int) or not 1 <= hb <= 3600:
         raise MalformedPayload("heartbeat_s must be an integer from 1 to 3600", frame.seq)
     return Hello(device_id, token, boot_id, hb)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from drivers.mcp.admission import BanList, PendingCount, address_key
 from drivers.mcp.payload import quoted
-from drivers.mcp.session import SeqWindow, Session, SessionStats
+from drivers.mcp.session import SeqWindow, Session, SessionStats, boot_digest
 from gateway.config.schema import McpSection
 from gateway.errors import FieldgateError
 from gateway.types import Command, CommandResult, DeviceState, Sample
@@ -278,7 +278,7 @@ class McpServer:
             session.pending = False
             self._pending.remove(session.address)
         window = self._windows.get(device_id)
-        if window is None or window.boot_id != boot_id:
+        if window is None or window.boot != boot_digest(boot_id):
             self._windows[device_id] = SeqWindow(boot_id)  # a new boot: forget the old seqs
         old = self.sessions.get(device_id)
         self.sessions[device_id] = session

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import hashlib
 import hmac
 import logging
 import ssl
@@ -67,11 +68,16 @@ class SessionStats:
     bad_ts: int = 0  # of those, for a ts out of range
 
 
+def boot_digest(boot_id: str) -> bytes:
+    """A fixed-size stand-in for a boot_id (any string, spec 3): only equality is ever asked of it."""
+    return hashlib.sha256(boot_id.encode("utf-8", "surrogatepass")).digest()
+
+
 class SeqWindow:
     """The last accepted DATA seqs of a device (spec 3: a window of 1024)."""
 
     def __init__(self, boot_id: str, size: int = 1024) -> None:
-        self.boot_id = boot_id
+        self.boot = boot_digest(boot_id)  # not the string: a device's boot_id may be as long as its HELLO
         self._order: collections.deque[int] = collections.deque(maxlen=size)
         self._seen: set[int] = set()
 

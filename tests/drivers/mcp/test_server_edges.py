@@ -1,0 +1,132 @@
+"""The MCP server on its own (no gateway process): reconnects, long boot ids, stalls, bans, TLS sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from drivers.mcp.codec import Decoder, Frame, FrameType, encode
+from drivers.mcp.server import McpServer
+from gateway.config.schema import McpSection
+from gateway.types import Sample
+
+TOKEN = "s3cret-token-0001"
+OTHER_TOKEN = "s3cret-token-0002"
+
+
+def hello(device_id: str = "good", seq: int = 1, token: str = TOKEN, boot_id: str = "b1") -> bytes:
+    """A HELLO's bytes."""
+    return encode(Frame.json(FrameType.HELLO, seq, {"device_id": device_id, "token": token, "boot_id": boot_id}))
+
+
+def data(seq: int, values: dict[str, Any] | None = None) -> bytes:
+    """A DATA frame's bytes, stamped now."""
+    body = {"ts": time.time_ns() // 1_000_000, "values": values or {"x": seq}}
+    return encode(Frame.json(FrameType.DATA, seq, body))
+
+
+class Peer:
+    """A raw TCP peer with its own decoder."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.decoder = reader, writer, Decoder()
+        self.frames: list[Frame] = []
+
+    async def frame(self, timeout: float = 5.0) -> Frame:
+        """The next frame from the server; EOFError when it closed."""
+        async with asyncio.timeout(timeout):
+            while not self.frames:
+                chunk = await self.reader.read(65536)
+                if not chunk:
+                    raise EOFError
+                self.frames += self.decoder.feed(chunk)
+        return self.frames.pop(0)
+
+    async def closed(self, timeout: float = 3.0) -> bool:
+        """True once the server closed the connection (frames before that are dropped)."""
+        try:
+            while True:
+                await self.frame(timeout)
+        except (EOFError, ConnectionError):
+            return True
+        except TimeoutError:
+            return False
+
+
+class Server:
+    """An McpServer on a free port whose deliveries are recorded (and can be held)."""
+
+    def __init__(self, srv: McpServer) -> None:
+        self.srv = srv
+        self.delivered: list[Sample] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_next = False
+        srv.deliver = self._deliver
+
+    async def _deliver(self, sample: Sample) -> None:
+        await self.gate.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("sink down")
+        self.delivered.append(sample)
+
+    async def connect(self, **kw: Any) -> Peer:
+        """A new raw connection."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.srv.port, **kw)
+        peer = Peer(reader, writer)
+        self._peers.append(peer)
+        return peer
+
+    _peers: list[Peer] = []
+
+
+StartServer = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """Start McpServers with config overrides; all are stopped at the end."""
+    started: list[Server] = []
+
+    async def start(**overrides: Any) -> Server:
+        devices = [{"id": "good", "token": TOKEN}, {"id": "other", "token": OTHER_TOKEN}]
+        cfg = McpSection.model_validate({"listen": "127.0.0.1:0", "devices": devices, **overrides})
+        srv = McpServer(cfg, lambda s: asyncio.sleep(0), lambda st: None)
+        await srv.start()
+        server = Server(srv)
+        server._peers = []
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        for peer in server._peers:
+            peer.writer.transport.abort()
+        server.gate.set()
+        await server.srv.stop()
+
+
+async def test_a_boot_id_of_any_length_logs_in_and_keys_the_duplicate_window(start_server: StartServer) -> None:
+    server = await start_server()
+    boot = "boot-" + "0123456789abcdef" * 200  # 3 KiB: the HELLO still fits max_hello_payload
+    peer = await server.connect()
+    peer.writer.write(hello(boot_id=boot))
+    assert (await peer.frame()).type == FrameType.ACK
+    peer.writer.write(data(5))
+    assert await peer.frame() == Frame(FrameType.ACK, 5)
+    peer.writer.close()
+    # The same boot: seq 5 is a duplicate. A boot differing in its last character: a new window.
+    again = await server.connect()
+    again.writer.write(hello(boot_id=boot) + data(5))
+    assert (await again.frame()).type == FrameType.ACK and await again.frame() == Frame(FrameType.ACK, 5)
+    assert len(server.delivered) == 1
+    again.writer.close()
+    new_boot = await server.connect()
+    new_boot.writer.write(hello(boot_id=boot[:-1] + "X") + data(5))
+    assert (await new_boot.frame()).type == FrameType.ACK and await new_boot.frame() == Frame(FrameType.ACK, 5)
+    assert len(server.delivered) == 2
