@@ -313,12 +313,15 @@ class Session:
             finally:
                 self._corked = False
                 self._flush()
-            if self._decoder.has_partial:
-                self._partial_since = self._partial_since or loop.time()
-            else:
+            now = loop.time()
+            if not self._decoder.has_partial:
                 self._partial_since = None
+            elif handled or self._partial_since is None:
+                # spec 5 counts from a frame's first byte: frames completed in this read, so the partial
+                # left over started in it. Only a read that completed nothing keeps the older start.
+                self._partial_since = now
             if handled:
-                self._last_event = loop.time()
+                self._last_event = now
 
     async def _event(self, event: Frame | DecodeError) -> None:
         if isinstance(event, DecodeError):

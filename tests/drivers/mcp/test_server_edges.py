@@ -130,3 +130,53 @@ async def test_a_boot_id_of_any_length_logs_in_and_keys_the_duplicate_window(sta
     new_boot.writer.write(hello(boot_id=boot[:-1] + "X") + data(5))
     assert (await new_boot.frame()).type == FrameType.ACK and await new_boot.frame() == Frame(FrameType.ACK, 5)
     assert len(server.delivered) == 2
+
+
+async def test_a_peer_whose_reads_always_end_mid_frame_is_not_taken_for_a_stall(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from drivers.mcp import session as session_module
+
+    monkeypatch.setattr(session_module, "STALL_TIMEOUT", 0.5)
+    server = await start_server()
+    peer = await server.connect()
+    peer.writer.write(hello())
+    assert (await peer.frame()).type == FrameType.ACK
+    # One and a half frames every 50 ms: every read ends inside a frame, yet every frame completes in 100 ms.
+    frames = [data(seq, {"v": "x" * 200}) for seq in range(2, 60)]
+    stream = b"".join(frames)
+    size = len(frames[0])
+    pos = size // 2
+    peer.writer.write(stream[:pos])
+    started = time.monotonic()
+    while pos < len(stream) and time.monotonic() - started < 1.5:
+        await asyncio.sleep(0.05)
+        peer.writer.write(stream[pos : pos + size])
+        pos += size
+    acks = 0
+    with pytest.raises(TimeoutError):
+        while True:
+            frame = await peer.frame(0.3)
+            assert frame.type == FrameType.ACK, frame
+            acks += 1
+    assert acks >= 25 and "good" in server.srv.sessions
+
+
+async def test_a_frame_that_stops_midway_still_stalls(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from drivers.mcp import session as session_module
+
+    monkeypatch.setattr(session_module, "STALL_TIMEOUT", 0.5)
+    server = await start_server()
+    peer = await server.connect()
+    peer.writer.write(hello())
+    assert (await peer.frame()).type == FrameType.ACK
+    frame = data(2)
+    peer.writer.write(frame[:10])
+    started = time.monotonic()
+    for cut in range(10, 20):  # a byte at a time: bytes arrive, but the frame does not complete
+        await asyncio.sleep(0.1)
+        peer.writer.write(frame[cut : cut + 1])
+    assert await peer.closed(2)
+    assert time.monotonic() - started < 1.5
