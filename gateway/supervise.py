@@ -4,7 +4,8 @@ It imports nothing but the standard library, so `bridge/` may take a Supervisor 
 (the sinks and the broker process are handed the gateway's own one; alone, e.g. in a test, they make one).
 A task is restarted after 1 s, then 2, 4 ... up to 60 s while it keeps failing; once it has run for a minute
 without failing the next failure waits 1 s again. While a task is in back-off, `problems()` names it, so
-`/healthz` answers 503 and the systemd watchdog stops pinging.
+`/healthz` answers 503; the systemd watchdog stops pinging only for a task that keeps failing
+(`problems(lasting=True)`: LASTING_FAILURES in a row without a healthy minute), not for one the restart fixes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,14 @@ RESTART_MIN = 1.0
 RESTART_MAX = 60.0
 #: A task that ran this long before failing is restarted after RESTART_MIN again.
 HEALTHY_AFTER = 60.0
+#: Failures in a row (no healthy minute between) after which a task in back-off is a lasting problem, one the
+#: systemd watchdog acts on. The restarts wait 1, 2, 4 s first: a fault that three prompt restarts (some 7 s
+#: of trying) did not cure is not transient, and restarting the whole gateway (Modbus and MCP down for
+#: seconds) is the next step. A rule of time down (e.g. longer than WatchdogSec / 2) would miss a task that
+#: fails at once after every restart and so is down for only a growing back-off at a time; counting failures
+#: catches it, and the doubling back-off keeps the count's meaning in time (4 in a row take at least 7 s).
+#: With the unit's WatchdogSec=30, such a task has the gateway restarted some 40 s after its first failure.
+LASTING_FAILURES = 4
 
 
 @dataclass(eq=False)
@@ -37,6 +46,7 @@ class Supervised:
     started: float = 0.0
     delay: float = 0.0  # the back-off of the next restart (0: none failed yet, or healthy since)
     failures: int = 0
+    streak: int = 0  # failures in a row, without a healthy spell (HEALTHY_AFTER) between them
     why: str | None = None  # the last failure, while in back-off
     restart_at: float | None = None  # while in back-off
     timer: asyncio.TimerHandle | None = None
@@ -52,11 +62,13 @@ class Supervisor:
         restart_min: float = RESTART_MIN,
         restart_max: float = RESTART_MAX,
         healthy_after: float = HEALTHY_AFTER,
+        lasting_failures: int = LASTING_FAILURES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.restart_min = restart_min
         self.restart_max = restart_max
         self.healthy_after = healthy_after
+        self.lasting_failures = lasting_failures
         self._clock = clock
         self._tasks: list[Supervised] = []
 
@@ -88,12 +100,15 @@ class Supervisor:
         """The tasks supervised now (running or in back-off)."""
         return list(self._tasks)
 
-    def problems(self) -> list[str]:
-        """`task <name>: ...` for every task that failed and waits for its restart."""
+    def problems(self, entries: Iterable[Supervised] | None = None, *, lasting: bool = False) -> list[str]:
+        """`task <name>: ...` for every task (of `entries`, when given) that failed and waits for its restart;
+        with `lasting`, only those that failed `lasting_failures` times in a row (what the watchdog acts on)."""
         now = self._clock()
         out = []
-        for entry in self._tasks:
+        for entry in self._tasks if entries is None else entries:
             if entry.stopped or entry.restart_at is None:
+                continue
+            if lasting and entry.streak < self.lasting_failures:
                 continue
             wait = max(0.0, entry.restart_at - now)
             out.append(f"task {entry.name}: {entry.why}; restart {entry.failures} in {wait:.1f} s")
@@ -138,6 +153,7 @@ class Supervisor:
         healthy = entry.failures == 0 or now - entry.started >= self.healthy_after
         entry.delay = self.restart_min if healthy else min(entry.delay * 2, self.restart_max)
         entry.failures += 1
+        entry.streak = 1 if healthy else entry.streak + 1
         entry.why = why[:300]
         entry.restart_at = now + entry.delay
         log.error("task %s %s; restarting it in %.1f s", entry.name, why, entry.delay, exc_info=exc if exc else None)

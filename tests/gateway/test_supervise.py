@@ -116,6 +116,34 @@ async def test_a_task_cancelled_from_outside_or_that_returns_is_restarted_but_st
     assert starts == 3 and sup.running("loop") is None and sup.problems() == []
 
 
+async def test_a_task_is_a_lasting_problem_only_after_failing_again_and_again_without_a_healthy_spell() -> None:
+    sup = Supervisor(restart_min=0.05, restart_max=0.1, healthy_after=0.3, lasting_failures=3)
+    runs = 0
+    healthy = asyncio.Event()
+
+    async def work() -> None:
+        nonlocal runs
+        runs += 1
+        if healthy.is_set():
+            await asyncio.sleep(0.4)  # a healthy spell, then one failure more
+        raise Boom(f"failure {runs}")
+
+    entry = sup.spawn("w", work)
+    await wait_until(lambda: runs == 1 and sup.problems())
+    assert sup.problems(lasting=True) == []  # one failure: the supervisor's to fix
+    await wait_until(lambda: runs == 3 and sup.problems(), what="the third failure")
+    assert entry.streak == 3
+    (problem,) = sup.problems(lasting=True)
+    assert problem.startswith("task w: failed: Boom('failure 3')")
+    assert sup.problems([]) == [] and sup.problems([entry]) == sup.problems()
+    healthy.set()
+    started = runs
+    await wait_until(lambda: runs == started + 1 and sup.running("w"), what="a healthy run")
+    await wait_until(lambda: sup.problems(), timeout=2, what="its failure after the healthy spell")
+    assert entry.streak == 1 and sup.problems(lasting=True) == []
+    await sup.stop()
+
+
 def test_the_supervisor_imports_nothing_of_the_project() -> None:
     # bridge/ takes a Supervisor: it must stay a bottom module, like gateway.errors.
     tree = ast.parse(Path(gateway.supervise.__file__).read_text())
