@@ -164,9 +164,9 @@ class Outbox:
         self._last_id = 0  # the newest spool id this outbox committed
         self._seq = 0
         self._executor = ThreadPoolExecutor(1, f"spool-{sink.name}") if self.buffer.durable else None
-        self._tasks: list[asyncio.Task[None]] = []  # the loops, when no supervisor runs them
-        # With the gateway's supervisor, a loop that fails anyway is restarted and shows in its problems().
-        self._supervisor = supervisor
+        # The gateway's supervisor (alone, e.g. in a test, one of its own): a loop that fails anyway is logged,
+        # restarted with back-off and named by its problems() (and by health()).
+        self._supervisor = supervisor or Supervisor()
         self._supervised: list[Supervised] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._commit_task: asyncio.Task[None] | None = None
@@ -186,19 +186,18 @@ class Outbox:
         """Messages in the spool or on their way into it."""
         return self._held + len(self._pending) + self._committing
 
-    def health(self) -> str | None:
-        """None while the outbox runs; else why not (not started, stopped, or which task ended and how).
+    def health(self, *, loops: bool = True) -> str | None:
+        """None while the outbox runs; else why not: not started, stopped, or (with `loops`) the supervisor's
+        problem with one of its loops, that failed and waits for its restart.
 
-        Loops run by a supervisor are restarted when they fail, and reported by its `problems()`.
+        The gateway asks with `loops=False`: its supervisor runs the loops, and its own problems() name them.
         """
         if self._stopped:
             return "stopped"
-        if not self._tasks and not self._supervised:
+        if not self._supervised:
             return "not started"
-        for task in self._tasks:
-            if task.done():
-                exc = None if task.cancelled() else task.exception()
-                return f"{task.get_name()} ended" + (f": {exc!r}" if exc else "")
+        if loops and (problems := self._supervisor.problems(self._supervised)):
+            return problems[0]
         return None
 
     # --- in -------------------------------------------------------------------------------------
@@ -269,10 +268,7 @@ class Outbox:
             f"outbox:{name}:replay": self._replay_loop,
             f"outbox:{name}:housekeeping": self._housekeeping,
         }
-        if self._supervisor is not None:
-            self._supervised = [self._supervisor.spawn(task, loop) for task, loop in loops.items()]
-        else:
-            self._tasks = [asyncio.create_task(loop(), name=task) for task, loop in loops.items()]
+        self._supervised = [self._supervisor.spawn(task, loop) for task, loop in loops.items()]
 
     async def flush(self, timeout: float) -> bool:
         """Wait until the live queue is acknowledged and nothing waits for a commit; False on timeout."""
@@ -291,17 +287,9 @@ class Outbox:
         waiters fail.
         """
         self._stopped = True
-        if self._supervisor is not None and self._supervised:
-            await self._supervisor.stop(*self._supervised)  # failures were logged when they happened
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # it died earlier: what it held is still to be kept below
-                log.exception("sink %s: %s failed", self.sink.name, task.get_name())
+        if self._supervised:
+            # Failures were logged when they happened; what a failed loop held is still kept below.
+            await self._supervisor.stop(*self._supervised)
         if self._commit_task is not None:
             try:
                 await self._commit_task  # a commit under way finishes: its messages are in the spool

@@ -269,3 +269,25 @@ async def test_under_a_supervisor_a_loop_that_dies_anyway_is_restarted_and_repor
         assert supervisor.problems() == [] and box.health() is None
         await box.stop()
     assert supervisor.tasks == [] and box.health() == "stopped"
+
+
+def _running(name: str) -> asyncio.Task[Any] | None:
+    return next((t for t in asyncio.all_tasks() if t.get_name() == name and not t.done()), None)
+
+
+async def test_alone_a_loop_that_dies_is_restarted_by_a_supervisor_of_its_own_and_named_by_health(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "s.db", min_free_bytes=0), commit_window=0.02)
+        await box.start()
+        dead = _running("outbox:up:commit")
+        assert dead is not None and box.health() is None
+        dead.cancel()  # as a bug would end it
+        await until(lambda: (box.health() or "").startswith("task outbox:up:commit: cancelled"), 2, "the report")
+        # The supervisor's first back-off is 1 s.
+        await until(lambda: _running("outbox:up:commit") not in (None, dead), 3, "the restart")
+        await asyncio.wait_for(box.enqueue(msg(1)), 5)
+        assert box.health() is None
+        await box.stop()
+    assert box.health() == "stopped" and _running("outbox:up:commit") is None
