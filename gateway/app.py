@@ -297,11 +297,17 @@ class Gateway:
         """True while a config reload is being applied (lines and sinks may be stopped and rebuilt)."""
         return self._reload_lock.locked()
 
-    def problems(self) -> list[str]:
+    def problems(self, *, lasting: bool = False) -> list[str]:
         """Why the gateway is not healthy now (for /healthz and the systemd watchdog): a sink's outbox that is not
-        running, a Modbus line whose task ended or that has not moved for longer than any healthy step takes."""
-        out = [f"sink {o.sink.name}: {why}" for o in self.outboxes if (why := o.health())]
-        out += self.supervisor.problems()
+        running, a supervised task that failed and waits for its restart, a Modbus line whose task ended or that
+        has not moved for longer than any healthy step takes.
+
+        With `lasting` (the watchdog), a supervised task counts only once it keeps failing: one failure the
+        supervisor's restart fixes must not have systemd restart the whole gateway (see LASTING_FAILURES).
+        """
+        # Their loops run under our supervisor, whose problems() names them.
+        out = [f"sink {o.sink.name}: {why}" for o in self.outboxes if (why := o.health(loops=False))]
+        out += self.supervisor.problems(lasting=lasting)
         now = time.monotonic()
         for bus in self.buses:
             if bus.stopping:

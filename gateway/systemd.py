@@ -153,13 +153,18 @@ class Watchdog:
 
 
 def gateway_healthy(gw: Gateway) -> Check:
-    """A check that fails with the gateway's first problem (a stuck or ended line, a sink's outbox not running);
-    skipped while a reload rebuilds lines and sinks."""
+    """A check that fails with the gateway's first lasting problem (a stuck or ended line, a sink's outbox not
+    running, a supervised task that keeps failing); skipped while a reload rebuilds lines and sinks.
+
+    A task's first failures are the supervisor's to fix (it restarts the task within a second or so): they
+    show on /healthz, but only one that keeps failing (`Gateway.problems(lasting=True)`) stops the pings, for
+    the pings stop for good and systemd then restarts the whole gateway, Modbus lines and MCP sessions too.
+    """
 
     def check(now: float) -> str | None:
         if gw.reloading:
             return None
-        problems = gw.problems()
+        problems = gw.problems(lasting=True)
         return problems[0] if problems else None
 
     return check

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 
 import gateway.app
+import gateway.supervise
 import gateway.systemd as sd
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus
@@ -376,12 +377,46 @@ async def test_pings_stop_when_a_modbus_line_is_stuck_in_io(
     assert len(errors) == 1 and "modbus line line" in errors[0] and "stuck in I/O" in errors[0]
 
 
-async def test_pings_stop_while_a_supervised_task_is_down(
+async def test_one_failure_the_supervisor_fixes_shows_on_healthz_but_does_not_stop_the_pings(
     tmp_path: Path, notify_socket: NotifySocket, watchdog_400ms: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gateway.app, "METRICS_INTERVAL", 0.1)
     async with running(write_config(tmp_path)) as gw:
         await notify_socket.wait_for("WATCHDOG", count=2)
+        metrics = gw.metrics
+        calls = 0
+
+        def fails_once() -> dict[str, object]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a passing fault")
+            return metrics()
+
+        monkeypatch.setattr(gw, "metrics", fails_once)
+        deadline = time.monotonic() + 5
+        while not any(p.startswith("task metrics: failed") for p in gw.problems()):
+            assert time.monotonic() < deadline, "the failed metrics task never showed in problems()"
+            await asyncio.sleep(0.02)
+        down_at = time.monotonic()
+        # The supervisor restarts it after 1 s (five ping intervals); meanwhile the pings go on.
+        while gw.problems():
+            assert time.monotonic() < deadline, f"the metrics task was never restarted: {gw.problems()}"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert gw.systemd.watchdog is not None and gw.systemd.watchdog.stuck is None
+        during = [d.at for d in notify_socket.having("WATCHDOG") if d.at > down_at]
+        assert len(during) >= 6, "the pings stopped while the supervisor was restarting a task"
+        assert calls >= 2
+
+
+async def test_pings_stop_when_a_supervised_task_keeps_failing(
+    tmp_path: Path, notify_socket: NotifySocket, watchdog_400ms: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.app, "METRICS_INTERVAL", 0.1)
+    async with running(write_config(tmp_path)) as gw:
+        await notify_socket.wait_for("WATCHDOG", count=2)
+        gw.supervisor.restart_min, gw.supervisor.restart_max = 0.05, 0.2  # a short test of 1, 2, 4 s ...
 
         def broken() -> dict[str, object]:
             raise RuntimeError("a bug in a counter")
@@ -389,10 +424,12 @@ async def test_pings_stop_while_a_supervised_task_is_down(
         monkeypatch.setattr(gw, "metrics", broken)  # the metrics loop now fails at each turn
         deadline = time.monotonic() + 5
         while gw.systemd.watchdog is not None and gw.systemd.watchdog.stuck is None:
-            assert time.monotonic() < deadline, "the watchdog kept pinging while the metrics task was down"
+            assert time.monotonic() < deadline, "the watchdog kept pinging while the metrics task kept failing"
             await asyncio.sleep(0.05)
         assert gw.systemd.watchdog is not None and gw.systemd.watchdog.stuck is not None
         assert gw.systemd.watchdog.stuck.startswith("task metrics: failed: RuntimeError('a bug in a counter')")
+        (entry,) = [e for e in gw.supervisor.tasks if e.name == "metrics"]
+        assert entry.streak >= gateway.supervise.LASTING_FAILURES
         pings = len(notify_socket.having("WATCHDOG"))
         await asyncio.sleep(0.5)
         assert len(notify_socket.having("WATCHDOG")) == pings
