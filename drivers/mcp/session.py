@@ -242,10 +242,13 @@ class Session:
             transport.abort()  # close() would hold the socket until a peer that never reads took it all
         else:
             self.writer.close()
-        if self._tls is not None and self.writer.get_extra_info("ssl_object") is None:
-            return  # a handshake that did not finish: its transport is gone and will never report closing
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_GRACE)
+        if self._tls is None or self.writer.get_extra_info("ssl_object") is not None:
+            # (A handshake that did not finish has no TLS transport left that would ever report closing.)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), CLOSE_GRACE)
+        # TLS close() waits for the peer's close_notify, up to asyncio's 30 s ssl shutdown timeout: a peer
+        # that never sends it would hold the socket that long after the session left every count.
+        self.writer.transport.abort()
 
     def _limit_output(self) -> None:
         # Above a quarter of max_unread the transport asks us to pause: drain() then waits in the read loop.

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,3 +185,51 @@ async def test_a_frame_that_stops_midway_still_stalls(
         peer.writer.write(frame[cut : cut + 1])
     assert await peer.closed(2)
     assert time.monotonic() - started < 1.5
+
+
+def open_fds() -> int:
+    """File descriptors this process holds now (server and clients alike)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_tls_sessions_whose_peer_never_answers_close_notify_free_their_sockets_at_once(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "cert.pem"]
+        + ["-days", "2", "-subj", "/CN=127.0.0.1"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    tls = {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    server = await start_server(tls=tls, hello_timeout=0.5)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    base = open_fds()
+    clients: list[ssl.SSLSocket] = []
+    for _ in range(10):
+        # Handshakes, then never reads nor sends again: our close_notify is never answered.
+        raw = socket.create_connection(("127.0.0.1", server.srv.port))
+        raw.setblocking(False)
+        client = ctx.wrap_socket(raw, do_handshake_on_connect=False)
+        while True:
+            try:
+                client.do_handshake()
+                break
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                await asyncio.sleep(0.01)
+        clients.append(client)
+    await asyncio.sleep(0.2)
+    assert server.srv.pending == 10 and open_fds() - base == 20
+    try:
+        # Each session ends at its HELLO deadline (0.5 s), then has 1 s of grace: its socket is gone by 2.5 s.
+        for _ in range(40):
+            if server.srv.pending == 0 and open_fds() - base == 10:
+                break
+            await asyncio.sleep(0.1)
+        assert server.srv.pending == 0
+        assert open_fds() - base == 10  # the clients' own
+    finally:
+        for client in clients:
+            client.close()
