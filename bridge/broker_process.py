@@ -5,8 +5,10 @@ settings as one JSON line on stdin (not argv: `ps` would show the gateway's own 
 `ready` on stdout once its listeners are bound, stops when the gateway closes its stdin, and dies
 with the gateway (PR_SET_PDEATHSIG). Ctrl-C and `systemctl stop` signal the whole process group at
 once: the child ignores SIGINT and gives SIGTERM a grace period, so that the gateway's own orderly
-stop (last messages, `offline` statuses) still has its broker. The parent restarts it with back-off
-if it dies; the sinks reconnect and re-publish the retained state, as after any broker restart.
+stop (last messages, `offline` statuses) still has its broker. If it dies, its watcher fails and the
+supervisor restarts the watcher with its back-off, which starts the child again: a child that cannot be
+started again shows in the supervisor's problems() (so on /healthz) for as long as it cannot. The sinks
+reconnect and re-publish the retained state, as after any broker restart.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 READY = b"ready\n"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
-RESTART_MAX = 30.0
 #: After a SIGTERM the child waits this long for the gateway to close its stdin, then stops anyway.
 TERM_GRACE = 10.0
 
@@ -58,8 +59,8 @@ class BrokerProcess:
         settings = {"listeners": listeners, "cert": cert, "key": key, "auth": auth.to_json() if auth else None}
         self._args = json.dumps(settings).encode() + b"\n"
         self._proc: asyncio.subprocess.Process | None = None
-        # The gateway's supervisor: a watcher that fails is restarted (and shows in /healthz), so a broker
-        # child that dies later is still brought back.
+        # The gateway's supervisor: its back-off is the only one between restarts of the child, and a child
+        # that is down (died, or cannot be started again) shows in its problems(), so on /healthz.
         self._supervisor = supervisor or Supervisor()
         self._watcher: Supervised | None = None
         self._relay: asyncio.Task[None] | None = None
@@ -94,6 +95,13 @@ class BrokerProcess:
                 line = await proc.stdout.readline()
         except (TimeoutError, ConnectionResetError, BrokenPipeError):
             line = b""
+        except asyncio.CancelledError:
+            # Stopped while a restart was under way: no broker may be left running that nobody stops.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            _release(proc)
+            raise
         if line != READY:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -119,37 +127,31 @@ class BrokerProcess:
             log.warning("%s", line.decode(errors="replace").rstrip())
 
     async def _watch(self) -> None:
-        # Restarted by the supervisor after a failure, this waits on the child it last had: one that exited
-        # meanwhile is seen at once and started again.
-        delay = 1.0
-        while not self._stopping:
-            assert self._proc is not None
-            code = await self._proc.wait()
-            _release(self._proc)
-            if self._stopping:
-                return
-            log.warning("embedded broker process exited (%s); restarting in %.0f s", code, delay)
-            await asyncio.sleep(delay)
-            try:
-                await self._spawn()
-                self.restarts += 1
-                delay = 1.0
-            except FieldgateError as exc:
-                log.warning("embedded broker restart failed: %s", exc)
-                delay = min(delay * 2, RESTART_MAX)
+        # Started again by the supervisor after its back-off, with no child (it died, or the last start
+        # failed): start one; a start that fails raises, and the supervisor waits longer before the next.
+        if self._proc is None:
+            await self._spawn()
+            self.restarts += 1
+        proc = self._proc
+        assert proc is not None
+        code = await proc.wait()
+        _release(proc)
+        if self._proc is proc:
+            self._proc = None
+        if not self._stopping:
+            raise FieldgateError(f"embedded broker process exited ({code})")
 
     async def stop(self) -> None:
         """Stop the child: close its stdin, then SIGTERM and SIGKILL if it does not go."""
         self._stopping = True
         await self._supervisor.stop(self._watcher)
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
         try:
-            if proc.returncode is None:
+            if proc is not None and proc.returncode is None:
                 await self._end(proc)
         finally:
-            _release(proc)
+            if proc is not None:
+                _release(proc)
             if self._relay is not None:
                 self._relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

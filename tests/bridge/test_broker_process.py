@@ -15,6 +15,7 @@ import pytest
 from bridge.broker_process import BrokerProcess
 from bridge.sink import MqttSink
 from gateway.errors import FieldgateError
+from gateway.supervise import Supervisor
 from gateway.types import Message
 
 from helpers import Subscriber, free_port
@@ -57,6 +58,49 @@ async def test_serves_and_comes_back_after_it_dies() -> None:
         await broker.stop()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # stopped: nothing listens any more
+
+
+async def test_a_child_that_cannot_be_started_again_is_a_problem_until_it_can(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    supervisor = Supervisor(restart_min=0.2, restart_max=0.4)
+    broker = BrokerProcess([f"tcp://127.0.0.1:{port}"], supervisor=supervisor)
+    await broker.start()
+    taken = socket.socket()
+    try:
+        first = broker.pid
+        assert first is not None and supervisor.problems() == []
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _alive(first):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        # Someone else takes the port: every start of a new child fails ("address already in use").
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        deadline = time.monotonic() + 20
+        while not any("already in use" in p for p in supervisor.problems()):
+            assert time.monotonic() < deadline, (
+                f"a broker that cannot start was never reported: {supervisor.problems()}"
+            )
+            await asyncio.sleep(0.05)
+        (problem,) = supervisor.problems()
+        assert problem.startswith("task broker-process: failed: FieldgateError(") and broker.pid is None
+        taken.close()  # the port is free again: the next start brings the broker back
+        deadline = time.monotonic() + 20
+        while broker.pid is None or supervisor.problems():
+            assert time.monotonic() < deadline, f"the broker never came back: {supervisor.problems()}"
+            await asyncio.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        assert broker.restarts == 1 and broker.pid != first
+    finally:
+        taken.close()
+        await broker.stop()
+    starts = [r.getMessage() for r in caplog.records if r.name == "gateway.supervise"]
+    assert any("exited" in m for m in starts) and any("already in use" in m for m in starts)
 
 
 async def test_a_port_in_use_is_one_clear_error() -> None:
