@@ -7,6 +7,7 @@ file without opening it as a spool (for `fieldgate spool`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -26,6 +27,7 @@ CREATE_MESSAGES = """CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT
 COLUMNS = ("id", "topic", "payload", "retain", "qos", "sampled_ms", "queued_at", "size")
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+CREATE_META = "CREATE TABLE IF NOT EXISTS [meta] ([key] TEXT PRIMARY KEY, [value] INTEGER)"
 SET_DROPPED = (
     "INSERT INTO meta (key, value) VALUES ('dropped', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 )
@@ -109,7 +111,9 @@ def connect(path: Path, name: str, *, seed: Contents | None = None) -> tuple[sql
 
     Autocommit: the spool runs its own transactions. SpoolCorrupt if SQLite cannot read the file (or it
     holds what no spool writes), another SpoolError if it cannot open it; nothing is left open then.
-    A file made new here starts its ids after `seed.last_id` and its drop counter at `seed.dropped`.
+    With a `seed` (a file made in place of a corrupt one), the ids go on after `seed.last_id` and the drop
+    counter starts at `seed.dropped`, whether the file is new or was left by an earlier attempt: a stored
+    sequence or counter below the seed's is raised to it.
     """
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -126,23 +130,26 @@ def connect(path: Path, name: str, *, seed: Contents | None = None) -> tuple[sql
         schema = sqlite_utils.Database(db, recursive_triggers=False, execute_plugins=False)
         messages = schema.table("messages")
         new = not messages.exists()
-        if new:
-            # sqlite-utils cannot declare AUTOINCREMENT, which keeps ids growing after the table
-            # was emptied (no id is handed out twice, so a stale accept never hits a new row).
-            schema.execute(CREATE_MESSAGES)
-        elif set(messages.columns_dict) != set(COLUMNS):
+        if not new and set(messages.columns_dict) != set(COLUMNS):
             raise SpoolStorageError(f"{name}: {path} is not a spool (columns {sorted(messages.columns_dict)})")
-        schema.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
-        if new and seed is not None and (seed.last_id or seed.dropped):
-            # Made anew for a corrupt file: ids go on from the old ones, which the outbox may still hold.
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (seed.last_id,))
-            db.execute(SET_DROPPED, (seed.dropped,))
+        # The tables and the seed in one transaction: a file left with a table but without its seed (a full
+        # disk between the two) would start its ids again at 1, and a late accept of ids the outbox took
+        # from the old file would then delete new rows with the same ids.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if new:
+                # sqlite-utils cannot declare AUTOINCREMENT, which keeps ids growing after the table
+                # was emptied (no id is handed out twice, so a stale accept never hits a new row).
+                db.execute(CREATE_MESSAGES)
+            db.execute(CREATE_META)
+            if seed is not None:
+                raise_counters(db, seed.last_id, seed.dropped)
             db.execute("COMMIT")
-        count, held = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
-        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-        dropped = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-        contents = Contents(int(count), int(held), int(seq[0]) if seq else 0, int(dropped[0]) if dropped else 0)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        contents = read_contents(db)
     except BaseException as exc:
         db.close()
         if isinstance(exc, sqlite3.Error):
@@ -152,6 +159,27 @@ def connect(path: Path, name: str, *, seed: Contents | None = None) -> tuple[sql
             raise SpoolCorrupt(f"{name}: cannot open {path}: {exc}") from exc
         raise
     return db, contents
+
+
+def raise_counters(db: sqlite3.Connection, last_id: int, dropped: int) -> None:
+    """Raise the id sequence to `last_id` and the drop counter to `dropped` where they are below; in a transaction."""
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    if row is None:
+        if last_id:
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (last_id,))
+    elif int(row[0]) < last_id:
+        db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'messages'", (last_id,))
+    row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+    if (int(row[0]) if row else 0) < dropped:
+        db.execute(SET_DROPPED, (dropped,))
+
+
+def read_contents(db: sqlite3.Connection) -> Contents:
+    """The counters an open spool file holds (COUNT(*) reads every leaf page)."""
+    count, held = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
+    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    dropped = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+    return Contents(int(count), int(held), int(seq[0]) if seq else 0, int(dropped[0]) if dropped else 0)
 
 
 def read_stats(path: str | os.PathLike[str]) -> BufferStats:

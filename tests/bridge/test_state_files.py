@@ -278,3 +278,60 @@ def test_a_row_of_garbage_types_is_dropped_by_take_not_handed_out_forever(tmp_pa
         assert [e.id for e in spool.take(10)] == [1, 2, 3, 5]
     finally:
         spool.close()
+
+
+class _DiskFailsAfterCreate(sqlite3.Connection):
+    """A connection whose next statement after creating `messages` fails, as on a disk that fills up just then."""
+
+    armed = False
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        cls = type(self)
+        if cls.armed and getattr(self, "_created", False):
+            cls.armed = False
+            raise sqlite3.OperationalError("disk I/O error")
+        cursor = super().execute(sql, *args)  # type: ignore[arg-type]
+        self._created = cls.armed and sql.lstrip().upper().startswith("CREATE TABLE MESSAGES")
+        return cursor
+
+
+def test_a_rotation_failing_between_the_table_and_its_seed_still_hands_out_no_id_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0, checkpoint_bytes=2**40)
+    real_connect = sqlite3.connect
+    try:
+        corrupt_under(spool, 12_000)
+        in_flight = list(range(1, 11))  # taken by the outbox from the old file, accepted only later
+        monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: real_connect(*a, factory=_DiskFailsAfterCreate, **kw))
+        _DiskFailsAfterCreate.armed = True
+        with pytest.raises(SpoolStorageError, match="no fresh spool"):
+            spool.take(20_000)  # rotated; the fresh file got its table, then the disk failed
+        assert not _DiskFailsAfterCreate.armed
+        # Table and seed are one transaction: the failure left no table without its sequence behind.
+        assert sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE name = 'messages'").fetchall() == []
+        monkeypatch.setattr(sqlite3, "connect", real_connect)
+        monkeypatch.setattr(spool_module, "ROTATE_INTERVAL", 0.0)
+        added = spool.add([(Message(f"t/new{i}", b"x"), i) for i in range(12)])
+        assert added == list(range(12_001, 12_013))  # the ids go on after the old file's
+        spool.accept(in_flight)  # the late accept hits nothing new
+        assert spool.stats().count == 12
+    finally:
+        spool.close()
+    assert len(spool_rows(path)) == 12
+
+
+def test_connect_raises_a_stored_sequence_below_the_seed(tmp_path: Path) -> None:
+    from bridge.spool_schema import Contents, connect
+
+    path = tmp_path / "spool.db"
+    db, held = connect(path, "s")  # a file with the table but no sequence, as a failed rotation could leave
+    db.close()
+    assert held.last_id == 0
+    db, held = connect(path, "s", seed=Contents(0, 0, 500, 7))
+    db.close()
+    assert (held.last_id, held.dropped) == (500, 7)
+    db, held = connect(path, "s", seed=Contents(0, 0, 100, 2))  # never lowered
+    db.close()
+    assert (held.last_id, held.dropped) == (500, 7)
