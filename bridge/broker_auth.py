@@ -8,7 +8,9 @@ that the broker child process gets exactly what the inline broker gets.
 Logins are a way in for anyone who can reach a listener: each password check is argon2id (64 MiB and
 some 0.2 s of CPU on purpose), so a flood of CONNECTs must not run them without bound. `LOGINS` runs at
 most LOGIN_CHECKS at once, on threads of its own (not the default executor the sinks use), lets at most
-LOGIN_QUEUE more wait, refuses any beyond at once, and counts every refusal by reason (`login_failures`).
+LOGIN_QUEUE more wait and at most LOGIN_PER_SOURCE of them come from one address (so that one address
+cannot fill the queue and have every other user refused), refuses any beyond at once, and counts every
+refusal by reason (`login_failures`).
 A users file that cannot be read at start is moved aside (`recover_users_file`) and the broker starts
 with none: only the gateway's own sinks get in until users are added again.
 """
@@ -47,6 +49,10 @@ log = logging.getLogger(__name__)
 LOGIN_CHECKS = 2
 #: Logins waiting for a check, at most; any beyond are refused at once (counted as `busy`).
 LOGIN_QUEUE = 32
+#: Logins from one source address checked or waiting at once, at most; any beyond are refused as `busy`.
+#: Two checks take some 0.4 s: a client that logs in again at once after each refusal (about 10 wrong
+#: logins a second) holds at most this many places, and the other users find the rest of the queue free.
+LOGIN_PER_SOURCE = 4
 #: Why logins are refused, as `fieldgate_broker_auth_failures_total{reason}` names them.
 LOGIN_FAILURES = ("anonymous", "unknown_user", "bad_password", "busy", "will_denied", "error")
 #: A refusal is logged once per reason per this many seconds (with the count in between).
@@ -340,13 +346,21 @@ def _verify(password: str, hashed: str | None) -> bool:
 
 
 class LoginGate:
-    """The broker's password checks: at most `checks` at once on threads of their own, at most `queue` waiting."""
+    """The broker's password checks: at most `checks` at once on threads of their own, at most `queue` waiting,
+    at most `per_source` (running or waiting) from one address."""
 
-    def __init__(self, checks: int = LOGIN_CHECKS, queue: int = LOGIN_QUEUE) -> None:
+    def __init__(
+        self, checks: int = LOGIN_CHECKS, queue: int = LOGIN_QUEUE, per_source: int = LOGIN_PER_SOURCE
+    ) -> None:
         self.checks = checks
         self.queue = queue
+        self.per_source = per_source
         self.failures: dict[str, int] = dict.fromkeys(LOGIN_FAILURES, 0)
-        self.pending = 0  # checks asked for and not answered yet: running or waiting
+        # Checks handed to the threads and not finished yet (running or waiting), in all and by source address:
+        # counted down when the thread's work ends, not when the login waiting for it goes (a client that
+        # hangs up does not stop a check that runs, so it must hold its place until it ends).
+        self.pending = 0
+        self.by_source: dict[str, int] = {}
         self.running = 0
         self.peak = 0  # the most checks that ever ran at once
         self._lock = threading.Lock()
@@ -358,20 +372,30 @@ class LoginGate:
         """Logins waiting for a thread now."""
         return max(0, self.pending - self.running)
 
-    async def check(self, password: str, hashed: str | None) -> bool | None:
-        """True if `password` matches `hashed` (None: an unknown user, checked all the same); None when busy."""
+    async def check(self, password: str, hashed: str | None, source: str | None = None) -> bool | None:
+        """True if `password` matches `hashed` (None: an unknown user, checked all the same); None when busy
+        (the queue is full, or `source`, the client's address, has `per_source` logins under way)."""
+        key = source or "?"
         with self._lock:
-            if self.pending >= self.checks + self.queue:
+            if self.pending >= self.checks + self.queue or self.by_source.get(key, 0) >= self.per_source:
                 return None
             self.pending += 1
+            self.by_source[key] = self.by_source.get(key, 0) + 1
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.checks, "broker-login")
-            executor = self._executor
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, self._run, password, hashed)
-        finally:
-            with self._lock:
-                self.pending -= 1
+            work = self._executor.submit(self._run, password, hashed)
+        # Whether the check ran or, cancelled while still waiting, never will.
+        work.add_done_callback(lambda _: self._done(key))
+        return await asyncio.wrap_future(work)
+
+    def _done(self, key: str) -> None:
+        with self._lock:
+            self.pending -= 1
+            left = self.by_source[key] - 1
+            if left:
+                self.by_source[key] = left
+            else:
+                del self.by_source[key]
 
     def _run(self, password: str, hashed: str | None) -> bool:
         with self._lock:
@@ -452,7 +476,7 @@ class UsersAuthPlugin(BaseAuthPlugin):
             return None if known else "bad_password"
         hashed = self._file.current().get(user)
         # argon2 is slow on purpose: off the loop, on threads of its own, a bounded number at once.
-        ok = await LOGINS.check(password, hashed)
+        ok = await LOGINS.check(password, hashed, session.remote_address)
         if ok is None:
             return "busy"
         if not ok:

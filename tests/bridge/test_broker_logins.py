@@ -52,9 +52,11 @@ def connect_packet(user: str | None, password: str | None) -> bytes:
     return bytes([0x10, len(body)]) + body
 
 
-async def login(port: int, user: str | None, password: str | None, timeout: float = 30.0) -> int | None:
+async def login(
+    port: int, user: str | None, password: str | None, timeout: float = 30.0, source: str = "127.0.0.1"
+) -> int | None:
     """The CONNACK return code the broker answers this login with (None: the connection closed first)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         writer.write(connect_packet(user, password))
         await writer.drain()
@@ -93,6 +95,7 @@ async def test_a_login_flood_runs_two_checks_at_once_refuses_beyond_the_queue_an
 ) -> None:
     gate = broker_auth.LOGINS
     monkeypatch.setattr(gate, "queue", 4)  # 2 running + 4 waiting: a short test
+    monkeypatch.setattr(gate, "per_source", 100)  # the bound in all, here (the flood comes from one address)
     monkeypatch.setattr(gate, "peak", 0)
     before = broker_auth.login_failures()
     loop = asyncio.get_running_loop()
@@ -113,6 +116,67 @@ async def test_a_login_flood_runs_two_checks_at_once_refuses_beyond_the_queue_an
         # Once the flood is over, the right password gets in again.
         assert await login(port, "alice", "pw-alice") == ACCEPTED
     assert gate.pending == 0 and gate.running == 0
+
+
+async def test_a_flood_from_one_address_leaves_the_queue_to_a_user_from_another(
+    users: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = broker_auth.LOGINS
+    monkeypatch.setattr(gate, "queue", 8)  # 2 running + 8 waiting: a short test
+    before = broker_auth.login_failures()
+    async with broker_with(users) as port:
+        flooding = True
+        biggest = 0
+
+        async def flooder(n: int) -> None:
+            # Logs in again as soon as it is answered, wrongly: the queue would stay full of its logins.
+            nonlocal biggest
+            while flooding:
+                await login(port, "alice", f"guess-{n}", source="127.0.0.1")
+                biggest = max(biggest, gate.by_source.get("127.0.0.1", 0))
+                await asyncio.sleep(0.005)
+
+        flood = [asyncio.create_task(flooder(n)) for n in range(20)]
+        try:
+            await asyncio.sleep(0.5)
+            for _ in range(3):  # again and again, not by luck
+                started = time.monotonic()
+                assert await login(port, "alice", "pw-alice", source="127.0.0.2", timeout=10) == ACCEPTED
+                assert time.monotonic() - started < 3  # behind at most 2 running and 4 of the flood's
+            assert gate.by_source.get("127.0.0.1") == gate.per_source == 4
+        finally:
+            flooding = False
+            await asyncio.gather(*flood)
+        assert biggest <= 4
+        after = broker_auth.login_failures()
+        assert after["busy"] > before["busy"] and after["bad_password"] > before["bad_password"]
+    await until_idle(gate)
+
+
+async def until_idle(gate: broker_auth.LoginGate) -> None:
+    """Wait until no check runs or waits (checks already handed to a thread finish after their login went)."""
+    deadline = time.monotonic() + 10
+    while gate.pending or gate.by_source:
+        assert time.monotonic() < deadline, (gate.pending, gate.by_source)
+        await asyncio.sleep(0.02)
+
+
+async def test_a_check_keeps_its_place_until_its_thread_is_done_even_when_its_login_is_gone(users: Path) -> None:
+    gate = broker_auth.LoginGate(checks=1, queue=0)
+    hashed = read_users(users)["alice"]
+    first = asyncio.create_task(gate.check("guess", hashed, "10.0.0.1"))
+    deadline = time.monotonic() + 5
+    while gate.running == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.001)
+    first.cancel()  # the client hung up: the argon2 check on its thread goes on all the same
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert gate.pending == 1 and gate.by_source == {"10.0.0.1": 1}
+    assert await gate.check("pw-alice", hashed, "10.0.0.2") is None  # its thread is still busy: no place
+    await until_idle(gate)
+    assert await gate.check("pw-alice", hashed, "10.0.0.2") is True
+    assert gate.pending == 0 and gate.by_source == {}
 
 
 async def test_every_refusal_is_counted_by_reason(users: Path) -> None:
