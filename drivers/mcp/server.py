@@ -212,11 +212,14 @@ class McpServer:
         log.warning("mcp: a connection from %s closed at accept: %s%s", key, reason, more)
 
     def _refusal(self, key: str) -> str | None:
-        """Why a new connection from `key` is closed at accept, or None to take it."""
+        """Why a new connection from `key` is closed at accept, or None to take it.
+
+        Not max_sessions: only the HELLO shows whether a connection is a device replacing its own stale
+        session (after a Wi-Fi drop), which takes no new place. `room_for` holds max_sessions there, and
+        max_pending bounds the connections until then.
+        """
         if self.bans.banned(key, time.monotonic()):
             return "banned"
-        if self.authenticated >= self.max_sessions:
-            return "max_sessions"
         if self._pending.total >= self.max_pending:
             return "max_pending"
         if self._pending.of(key) >= self.cfg.max_pending_per_ip:
@@ -240,10 +243,7 @@ class McpServer:
         return self._points.setdefault(device_id, set())
 
     def room_for(self, device_id: str) -> bool:
-        """True when a session for `device_id` may pass HELLO: max_sessions not reached, or it replaces one.
-
-        Connections are checked at accept too; this catches those that were pending when the last place went.
-        """
+        """True when a session for `device_id` may pass HELLO: max_sessions not reached, or it replaces one."""
         if device_id in self.sessions or self.authenticated < self.max_sessions:
             return True
         self.refused["max_sessions"] += 1

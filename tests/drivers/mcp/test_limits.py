@@ -170,20 +170,21 @@ async def test_pending_tls_handshakes_count_and_end_at_the_hello_deadline(tmp_pa
         await server.stop()
 
 
-async def test_connections_beyond_max_sessions_are_closed_at_once(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
+async def test_connections_beyond_max_sessions_are_taken_and_refused_at_hello(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
     server = mcp_gateway.gw.mcp
     assert server is not None
-    server.max_sessions = 2
+    server.max_sessions = 1
     # Connections that never say HELLO count under max_pending, not max_sessions: they lock no device out.
     silent = [await connect() for _ in range(5)]
-    first, second = await connect(), await connect()
+    first = await connect()
     assert (await first.hello()).type == FrameType.ACK
-    assert (await second.hello("pump-2", "other-token-00002")).type == FrameType.ACK
-    extra = [await connect() for _ in range(20)]
+    extra = [await connect() for _ in range(5)]
     for peer in extra:
+        # Taken at accept (only its HELLO can tell a device replacing its own session), refused at HELLO.
+        reply = await peer.hello("pump-2", "other-token-00002")
+        assert reply.type == FrameType.NACK and reply.body()["code"] == 8
         assert await peer.closed(timeout=2)
-        assert not peer.frames  # closed at accept: nothing sent
-    assert server.rejected == 20 and server.refused["max_sessions"] == 20
+    assert server.rejected == 5 and server.refused["max_sessions"] == 5
     assert server.pending == 5
     for peer in silent:
         assert not await peer.closed(timeout=0.01)
@@ -191,7 +192,7 @@ async def test_connections_beyond_max_sessions_are_closed_at_once(mcp_gateway: M
     first.close()
     await asyncio.sleep(0.3)
     late = await connect()
-    assert (await late.hello()).type == FrameType.ACK  # room again once a session left
+    assert (await late.hello("pump-2", "other-token-00002")).type == FrameType.ACK  # room again once a session left
     assert server.pending == 0
 
 

@@ -233,3 +233,23 @@ async def test_tls_sessions_whose_peer_never_answers_close_notify_free_their_soc
     finally:
         for client in clients:
             client.close()
+
+
+async def test_at_max_sessions_a_device_reconnecting_replaces_its_stale_session(start_server: StartServer) -> None:
+    server = await start_server(max_sessions=1)
+    stale = await server.connect()
+    stale.writer.write(hello())
+    assert (await stale.frame()).type == FrameType.ACK
+    # The link dropped without a FIN (Wi-Fi): the old session is still there when the device comes back.
+    again = await server.connect()
+    again.writer.write(hello(seq=7))
+    assert await again.frame() == Frame.json(FrameType.ACK, 7, {"heartbeat_s": 30})
+    assert await stale.closed(2)
+    assert server.srv.sessions["good"] is not None and server.srv.refused["max_sessions"] == 0
+    # Another device takes no place while the limit is reached: NACK 8 at its HELLO.
+    other = await server.connect()
+    other.writer.write(hello("other", token=OTHER_TOKEN))
+    reply = await other.frame()
+    assert reply.type == FrameType.NACK and reply.body()["code"] == 8
+    assert await other.closed(2)
+    assert server.srv.refused["max_sessions"] == 1 and server.srv.rejected == 1
