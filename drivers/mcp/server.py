@@ -189,19 +189,19 @@ class McpServer:
         refused = self._refusal(key)
         if refused is not None:
             # Closed at accept: nothing read, nothing sent, no session, no file descriptor kept for it.
-            self.refused[refused] += 1
-            if refused == "max_sessions":
-                self.rejected += 1
             writer.transport.abort()
-            self._log_refusal(refused, key)
+            self._count_refusal(refused, key, "closed at accept")
             return
         session = Session(self, reader, writer, key, self._tls)
         self._connections.add(session)
         self._pending.add(key)
         await session.run()
 
-    def _log_refusal(self, reason: str, key: str) -> None:
-        """A WARNING at most once a minute per reason, with how many were refused since the last one."""
+    def _count_refusal(self, reason: str, key: str, how: str) -> None:
+        """Count a refused connection; log it at WARNING at most once a minute per reason (with how many since)."""
+        self.refused[reason] += 1
+        if reason == "max_sessions":
+            self.rejected += 1
         now = time.monotonic()
         last, count = self._refusals_logged.get(reason, (float("-inf"), 0))
         if now - last < REFUSAL_LOG_EVERY:
@@ -209,7 +209,7 @@ class McpServer:
             return
         self._refusals_logged[reason] = (now, 0)
         more = f" ({count} more since the last such line)" if count else ""
-        log.warning("mcp: a connection from %s closed at accept: %s%s", key, reason, more)
+        log.warning("mcp: a connection from %s %s: %s%s", key, how, reason, more)
 
     def _refusal(self, key: str) -> str | None:
         """Why a new connection from `key` is closed at accept, or None to take it.
@@ -242,13 +242,23 @@ class McpServer:
         """The value names the device has published since the gateway started (at most mcp.max_points)."""
         return self._points.setdefault(device_id, set())
 
-    def room_for(self, device_id: str) -> bool:
+    def room_for(self, session: Session, device_id: str) -> bool:
         """True when a session for `device_id` may pass HELLO: max_sessions not reached, or it replaces one."""
         if device_id in self.sessions or self.authenticated < self.max_sessions:
             return True
-        self.refused["max_sessions"] += 1
-        self.rejected += 1
+        self._count_refusal("max_sessions", session.address, "refused at HELLO")
         return False
+
+    def banned_at_hello(self, session: Session) -> bool:
+        """True (and counted as refused `banned`) when the session's address was banned after it connected.
+
+        Connections opened before the ban would otherwise each still get a token check: the HELLO is
+        refused (NACK 7) without one.
+        """
+        if not self.bans.banned(session.address, time.monotonic()):
+            return False
+        self._count_refusal("banned", session.address, "refused at HELLO")
+        return True
 
     def auth_failed(self, session: Session, device_id: str, reason: str) -> None:
         """A HELLO was refused (NACK 7): count it, log it (once a minute per address), ban past the limit."""
@@ -270,13 +280,17 @@ class McpServer:
                 bans.window,
             )
 
+    def _leave_pending(self, session: Session) -> None:
+        """The session no longer counts under max_pending(_per_ip) (once only)."""
+        if session.pending:
+            session.pending = False
+            self._pending.remove(session.address)
+
     def session_started(self, session: Session, boot_id: str) -> None:
         """A session passed HELLO: it replaces any older one of its device."""
         device_id = session.device_id
         assert device_id is not None
-        if session.pending:
-            session.pending = False
-            self._pending.remove(session.address)
+        self._leave_pending(session)
         window = self._windows.get(device_id)
         if window is None or window.boot != boot_digest(boot_id):
             self._windows[device_id] = SeqWindow(boot_id)  # a new boot: forget the old seqs
@@ -295,9 +309,7 @@ class McpServer:
     def session_ended(self, session: Session, reason: str) -> None:
         """A session is over; its device goes offline unless a newer session took over."""
         self._connections.discard(session)
-        if session.pending:
-            session.pending = False
-            self._pending.remove(session.address)
+        self._leave_pending(session)
         device_id = session.device_id
         if device_id is None:
             log.debug("mcp connection from %s closed before HELLO: %s", session.peer, reason)

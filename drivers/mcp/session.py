@@ -382,6 +382,9 @@ class Session:
             self._send_nack(frame.seq, NackCode.MALFORMED_PAYLOAD, "HELLO on a session that already passed HELLO")
             raise SessionClosed("a second HELLO")
         server = self.server
+        if server.banned_at_hello(self):
+            self._send_nack(frame.seq, NackCode.AUTHENTICATION_FAILED)
+            raise SessionClosed("its address is banned (mcp.auth_ban_*)")
         try:
             hello = read_hello(frame, server.cfg.heartbeat_s)
         except McpError as exc:
@@ -396,7 +399,7 @@ class Session:
             self._send_nack(frame.seq, NackCode.AUTHENTICATION_FAILED)
             server.auth_failed(self, hello.device_id, "unknown_device" if expected is None else "bad_token")
             raise SessionClosed(f"authentication failed for {hello.device_id!r}")
-        if not server.room_for(hello.device_id):
+        if not server.room_for(self, hello.device_id):
             self._send_nack(frame.seq, NackCode.OVERLOADED, "overloaded: max_sessions reached")
             raise SessionClosed("max_sessions reached")
         self.device_id = hello.device_id

@@ -253,3 +253,23 @@ async def test_at_max_sessions_a_device_reconnecting_replaces_its_stale_session(
     assert reply.type == FrameType.NACK and reply.body()["code"] == 8
     assert await other.closed(2)
     assert server.srv.refused["max_sessions"] == 1 and server.srv.rejected == 1
+
+
+async def test_connections_opened_before_a_ban_get_no_token_check_after_it(start_server: StartServer) -> None:
+    server = await start_server(auth_ban_failures=3, max_pending_per_ip=32)
+    # An attacker opens its 32 pending places first, then guesses on all of them (the last with the right token).
+    peers = [await server.connect() for _ in range(32)]
+    for peer in peers[:-1]:
+        peer.writer.write(hello(token="wrong-token-xxxxxxx"))
+    codes = []
+    for peer in peers[:-1]:
+        codes.append((await peer.frame()).body()["code"])
+        assert await peer.closed(2)
+    peers[-1].writer.write(hello())
+    codes.append((await peers[-1].frame()).body()["code"])
+    assert await peers[-1].closed(2)
+    assert codes == [7] * 32  # every answer looks the same...
+    # ...but only 3 tokens were checked: the rest were refused as banned.
+    assert sum(server.srv.auth_failures.values()) == 3
+    assert server.srv.refused["banned"] == 29
+    assert "good" not in server.srv.sessions
