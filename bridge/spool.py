@@ -20,9 +20,15 @@ Failures: every error of SQLite or of binding a row comes out as a SpoolError, o
 rows (`SpoolEntryError`: a number beyond int64, a topic that cannot be UTF-8; nothing stored, the file
 is fine), the storage (`SpoolStorageError`: a full disk, an I/O error, a lock), and a file SQLite cannot
 read (`SpoolCorrupt`). A corrupt file is moved aside (`bridge/statefiles.py`) and a fresh one started:
-at open, and once while running (then the call is made again on the fresh file; the messages the old
-one held are lost and counted as dropped). A file that turns corrupt again within ROTATE_INTERVAL is
-not rotated again: the spool refuses until then, rather than making a new file every second.
+at open, and once while running (then the call is made again on the fresh file). Before the fresh file
+is used, every row the damaged one can still give is carried over (`spool_schema.salvage`: read by id
+ranges, a failing range halved down to what reads, within SALVAGE_SECONDS), with its id, queued_at and
+sampled_ms, so FIFO order and max_age are unchanged and one bad page costs only the rows on it. What
+could not be read is counted as dropped: while running, exactly (the count held minus the rows carried
+over); at start, estimated from the ids that could not be read (plus the old file's own drop counter,
+if readable). The ids go on after the highest the old file handed out, so a late accept of ids taken
+from it never deletes a new row. A file that turns corrupt again within ROTATE_INTERVAL is not rotated
+again: the spool refuses until then, rather than making a new file every second.
 
 The file's tables, its lock and `read_stats` are in `bridge/spool_schema.py`; the accounting of
 commits, fsyncs and bytes written (`BufferStats`' write figures) in `bridge/spool_io.py`.
@@ -66,7 +72,10 @@ from bridge.spool_schema import (
     SpoolStorageError,
     connect,
     lock_file,
+    raise_counters,
+    read_contents,
     read_stats,
+    salvage,
     spool_error,
     to_entry,
 )
@@ -142,6 +151,7 @@ class SQLiteSpool:
         self._closed = False
         self._rotated_at: float | None = None  # monotonic time of the last rotation while running
         self._unavailable: SpoolStorageError | None = None  # a rotation could not open a fresh file
+        self._damaged: tuple[Path, int] | None = None  # a moved-aside file not yet carried over, and its count
         # A lock held by another gateway is no corruption: that SpoolStorageError ends the start.
         self._lock_fd = lock_file(self.path, self.name)
         try:
@@ -153,29 +163,65 @@ class SQLiteSpool:
             os.close(self._lock_fd)
             raise
 
-    def _open(self, seed: Contents | None = None) -> sqlite3.Connection:
+    def _open(
+        self, seed: Contents | None = None, damaged: Path | None = None, held: int | None = None
+    ) -> sqlite3.Connection:
+        """Open the file (see `connect`); with `damaged`, first carry the rows it can still read into it.
+
+        `held`: how many rows the damaged file held (known while running); at start it is unknown and the
+        loss is estimated from the ids that could not be read.
+        """
         wal_before = self._io.stat_wal()
-        db, held = connect(self.path, self.name, seed=seed)
+        db, contents = connect(self.path, self.name, seed=seed)
+        if damaged is not None:
+            contents = self._salvage(db, damaged, contents, held)
         self._db = db
-        self._count, self._bytes, self._last_id, self._dropped = held.count, held.bytes, held.last_id, held.dropped
+        self._count, self._bytes = contents.count, contents.bytes
+        self._last_id, self._dropped = contents.last_id, contents.dropped
         self._io.start(db, wal_before)
-        self._checkpoint()  # fold a WAL left by a crash into the file
+        self._checkpoint()  # fold a WAL left by a crash (or the salvaged rows) into the file
         return db
 
-    def _fresh(self, exc: SpoolCorrupt) -> sqlite3.Connection:
-        """Move the corrupt file aside and open a new one in its place; the lock moves to the new file.
+    def _salvage(self, db: sqlite3.Connection, damaged: Path, contents: Contents, held: int | None) -> Contents:
+        """Copy what `damaged` still holds into the fresh `db`; the counters then, the rows lost counted as dropped."""
+        started = time.monotonic()
+        got = salvage(db, damaged, last_id=contents.last_id)
+        lost = got.lost if held is None else max(0, held - got.rows)
+        # At start the damaged file's own drop counter carries over; while running it is the spool's already.
+        dropped = contents.dropped + lost + (got.dropped if held is None else 0)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            raise_counters(db, max(contents.last_id, got.last_id), dropped)
+            db.execute("COMMIT")
+            contents = read_contents(db)
+        except sqlite3.Error as exc:
+            db.close()
+            raise spool_error(f"{self.name}: cannot open {self.path}: {exc}", exc) from exc
+        log.log(
+            logging.ERROR if lost else logging.WARNING,
+            "%s: carried %d message(s) over from %s in %.1f s; %d lost (counted as dropped)",
+            self.name,
+            got.rows,
+            damaged.name,
+            time.monotonic() - started,
+            lost,
+        )
+        return contents
 
-        Raises SpoolStorageError (the lock already released) if it cannot.
+    def _fresh(self, exc: SpoolCorrupt) -> sqlite3.Connection:
+        """Move the corrupt file aside and open a new one in its place, with what the old one can still give.
+
+        The lock moves to the new file. Raises SpoolStorageError (the lock already released) if it cannot.
         """
         try:
-            move_aside(self.path, "spool", str(exc.__cause__ or exc), companions=_COMPANIONS)
+            damaged = move_aside(self.path, "spool", str(exc.__cause__ or exc), companions=_COMPANIONS)
         except OSError as err:
             os.close(self._lock_fd)
             raise SpoolStorageError(f"{exc}; and it cannot be moved aside: {err}") from exc
         os.close(self._lock_fd)  # the lock of the old file, which is no longer ours to guard
         self._lock_fd = lock_file(self.path, self.name)
         try:
-            return self._open()
+            return self._open(damaged=damaged)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -365,10 +411,10 @@ class SQLiteSpool:
         if self._rotated_at is not None and now - self._rotated_at < ROTATE_INTERVAL:
             return False
         self._rotated_at = now
-        lost = self._count
+        held = self._count
         try:
             # Renamed while still open: the connection follows the old file, and closing it cannot touch the new.
-            move_aside(self.path, "spool", str(exc.__cause__ or exc), companions=_COMPANIONS)
+            damaged = move_aside(self.path, "spool", str(exc.__cause__ or exc), companions=_COMPANIONS)
         except OSError as err:
             log.error("%s: %s is corrupt and cannot be moved aside (%s): refusing for now", self.name, self.path, err)
             return False
@@ -380,11 +426,11 @@ class SQLiteSpool:
         self._cursor = 0
         self._oldest_at, self._oldest_known = None, False
         self._synchronous = ""
-        seed = Contents(0, 0, self._last_id, self._dropped + lost)
+        self._damaged = (damaged, held)  # to carry over once a fresh file is open
         try:
             self._lock_fd = lock_file(self.path, self.name)
             try:
-                self._db = self._open(seed)
+                self._open(Contents(0, 0, self._last_id, self._dropped), damaged, held)
             except BaseException:
                 os.close(self._lock_fd)
                 raise
@@ -392,8 +438,7 @@ class SQLiteSpool:
             self._count = self._bytes = 0
             self._unavailable = SpoolStorageError(f"{self.name}: no fresh spool in place of a corrupt one: {err}")
             raise self._unavailable from err
-        if lost:
-            log.error("%s: the %d message(s) the corrupt file held are lost (counted as dropped)", self.name, lost)
+        self._damaged = None
         return True
 
     def _retry_fresh(self) -> None:
@@ -403,12 +448,13 @@ class SQLiteSpool:
             raise SpoolStorageError(str(self._unavailable))
         self._rotated_at = time.monotonic()
         self._lock_fd = lock_file(self.path, self.name)
+        damaged, held = self._damaged or (None, None)
         try:
-            self._db = self._open(Contents(0, 0, self._last_id, self._dropped))
+            self._open(Contents(0, 0, self._last_id, self._dropped), damaged, held)
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._unavailable = None
+        self._unavailable = self._damaged = None
         log.info("%s: a fresh spool file is open again at %s", self.name, self.path)
 
     def _expire(self, now: float) -> int:

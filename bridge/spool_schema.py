@@ -2,7 +2,8 @@
 
 One SQLite file per sink: `messages` (the FIFO, one row per entry, ids from AUTOINCREMENT) and
 `meta` (the `dropped` counter). `bridge/spool.py` builds the buffer on top; `read_stats` reads a
-file without opening it as a spool (for `fieldgate spool`).
+file without opening it as a spool (for `fieldgate spool`); `salvage` carries the rows a damaged file
+can still give into a fresh one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +183,121 @@ def read_contents(db: sqlite3.Connection) -> Contents:
     seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
     dropped = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
     return Contents(int(count), int(held), int(seq[0]) if seq else 0, int(dropped[0]) if dropped else 0)
+
+
+#: Seconds a salvage may spend on ranges of a damaged file that fail (the gateway waits: at start, or in a call).
+SALVAGE_SECONDS = 3.0
+#: Ids per range read from a damaged file (and rows per committed batch into the fresh one, at most).
+SALVAGE_CHUNK = 1000
+_SALVAGE_CHECKPOINT = 50_000  # rows carried over between checkpoints of the fresh file's WAL
+# Result codes that mean the fresh file cannot take more (https://sqlite.org/rescode.html).
+_SQLITE_FULL = 13
+
+
+@dataclass(frozen=True, slots=True)
+class Salvaged:
+    """What a salvage carried from a damaged file into a fresh one."""
+
+    rows: int  # rows copied, ids and times as they were
+    lost: int  # ids in the ranges that could not be read: an estimate of the rows lost
+    last_id: int  # the highest id the damaged file is known to have handed out
+    dropped: int  # the damaged file's own drop counter, 0 if it cannot be read
+
+
+def salvage(
+    db: sqlite3.Connection,
+    source: Path,
+    *,
+    last_id: int = 0,
+    chunk: int = SALVAGE_CHUNK,
+    budget: float = SALVAGE_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+) -> Salvaged:
+    """Copy every row of the damaged spool file `source` that SQLite can still read into the open spool `db`.
+
+    Read by id ranges in rowid order: a range that raises is halved until what reads is copied and what
+    does not is down to single ids, so one bad page costs only the rows on it. Halving gets `budget`
+    seconds in all (a bad interior page can fail every range); once they are spent a failing range is
+    counted lost whole, while ranges that read are still copied. Each range is its own committed
+    transaction (memory stays bounded; synchronous=NORMAL, the caller's checkpoint makes it durable).
+    Ids, queued_at and sampled_ms are kept: FIFO order and max_age are as before. `last_id`: the highest
+    id known from elsewhere (the spool's memory), in case the file's own sequence and last page cannot
+    be read. Never raises: a file that is no database salvages nothing.
+    """
+    try:
+        db.execute("ATTACH DATABASE ? AS damaged", (str(source),))
+    except sqlite3.Error:
+        return Salvaged(0, 0, last_id, 0)
+    try:
+        return _salvage(db, last_id, chunk, budget, clock)
+    finally:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("DETACH DATABASE damaged")
+
+
+def _one(db: sqlite3.Connection, sql: str) -> int | None:
+    """The single integer `sql` reads, None if it cannot be read (or is no integer)."""
+    try:
+        row = db.execute(sql).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row and type(row[0]) is int else None
+
+
+def _salvage(db: sqlite3.Connection, known: int, chunk: int, budget: float, clock: Callable[[], float]) -> Salvaged:
+    if _one(db, "SELECT COUNT(*) FROM damaged.sqlite_master WHERE type = 'table' AND name = 'messages'") != 1:
+        return Salvaged(0, 0, known, 0)  # no schema to read rows by: nothing to carry over
+    # Each of these reads only the pages on one path of the b-tree, so they may work where COUNT(*) fails.
+    first = _one(db, "SELECT MIN(id) FROM damaged.messages") or 1
+    top = max(
+        known,
+        _one(db, "SELECT MAX(id) FROM damaged.messages") or 0,
+        _one(db, "SELECT seq FROM damaged.sqlite_sequence WHERE name = 'messages'") or 0,
+    )
+    dropped = max(0, _one(db, "SELECT value FROM damaged.meta WHERE key = 'dropped'") or 0)
+    copy = f"INSERT OR IGNORE INTO main.messages SELECT {', '.join(COLUMNS)} FROM damaged.messages"
+    copy += " WHERE id BETWEEN ? AND ? ORDER BY id"
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("PRAGMA main.synchronous=NORMAL")
+    rows = lost = 0
+    spare = budget  # seconds left for ranges that fail: healthy ranges are always copied
+    start = first
+    while start <= top:
+        todo = [(start, min(start + chunk - 1, top), False)]
+        start = todo[0][1] + 1
+        while todo:
+            lo, hi, split = todo.pop()
+            began = clock()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                copied = db.execute(copy, (lo, hi)).rowcount
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                spare -= clock() - began
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL:
+                    # The fresh file cannot take the rest: what is copied stays, the rest is lost.
+                    rest = sum(b - a + 1 for a, b, _ in todo) + max(0, top - start + 1)
+                    return Salvaged(rows, lost + hi - lo + 1 + rest, top, dropped)
+            else:
+                rows += copied
+                if split:
+                    spare -= clock() - began
+                if rows // _SALVAGE_CHECKPOINT != (rows - copied) // _SALVAGE_CHECKPOINT:
+                    # A large backlog must not sit on the card in the damaged copy, the fresh WAL and the fresh file.
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")
+                continue
+            if lo == hi or spare <= 0:
+                lost += hi - lo + 1  # the ids this range could have held
+            else:
+                mid = (lo + hi) // 2
+                todo += [(mid + 1, hi, True), (lo, mid, True)]  # the lower half first: ids stay in order
+    return Salvaged(rows, lost, top, dropped)
 
 
 def read_stats(path: str | os.PathLike[str]) -> BufferStats:

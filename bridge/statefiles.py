@@ -7,6 +7,12 @@ down. The owner of each file decides what "cannot be read" means for it and call
 file is renamed to `<name>.corrupt-<unix seconds>` (with its `-wal`/`-shm` companions, for SQLite), so
 that nothing the operator might want to rescue is lost, and the gateway starts with a fresh one.
 `corrupt_counts()` feeds `fieldgate_state_files_corrupt_total{file}`.
+
+Only the KEEP newest moved-aside copies of each file are kept (older ones are deleted): a card that keeps
+failing must not fill the disk with them. For the spool that loses nothing the gateway could use: before a
+fresh spool is used, the rows its damaged copy can still give are carried into it (`bridge/spool.py`), so
+a copy only holds what could not be read, kept for the operator to rescue by hand while it is among the
+newest.
 """
 
 from __future__ import annotations
