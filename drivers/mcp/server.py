@@ -97,6 +97,9 @@ class McpServer:
         self._stats = {d.id: SessionStats() for d in cfg.devices}
         self._unregistered = SessionStats()
         self._windows: dict[str, SeqWindow] = {}
+        # DATA being delivered, per device and seq: outlives the session that received it, so that a resend
+        # on the next session (same boot) joins the delivery instead of publishing a second time.
+        self._inflight: dict[str, dict[int, asyncio.Future[None]]] = {}
         self._points: dict[str, set[str]] = {}
         self._connections: set[Session] = set()
         self._server: asyncio.Server | None = None
@@ -238,6 +241,24 @@ class McpServer:
         """The device's duplicate window."""
         return self._windows[device_id]
 
+    def inflight(self, device_id: str) -> dict[int, asyncio.Future[None]]:
+        """The device's DATA deliveries not finished yet, by seq (of its current boot)."""
+        return self._inflight.setdefault(device_id, {})
+
+    def delivering(self, device_id: str, seq: int, delivery: asyncio.Future[None]) -> None:
+        """Track a DATA delivery; once it succeeds its seq enters the device's window, whatever its session did."""
+        window = self._windows[device_id]  # of this boot: a new boot's window never learns an old boot's seqs
+        inflight = self.inflight(device_id)
+        inflight[seq] = delivery
+
+        def done(fut: asyncio.Future[None]) -> None:
+            if inflight.get(seq) is fut:
+                del inflight[seq]
+            if not fut.cancelled() and fut.exception() is None:
+                window.add(seq)
+
+        delivery.add_done_callback(done)
+
     def points_of(self, device_id: str) -> set[str]:
         """The value names the device has published since the gateway started (at most mcp.max_points)."""
         return self._points.setdefault(device_id, set())
@@ -294,6 +315,7 @@ class McpServer:
         window = self._windows.get(device_id)
         if window is None or window.boot != boot_digest(boot_id):
             self._windows[device_id] = SeqWindow(boot_id)  # a new boot: forget the old seqs
+            self._inflight[device_id] = {}  # and its deliveries in flight (they finish, but match nothing new)
         old = self.sessions.get(device_id)
         self.sessions[device_id] = session
         stats = self.stats_for(device_id)

@@ -135,7 +135,6 @@ class Session:
         self._out_bytes = 0
         self._corked = False
         self._acks: asyncio.Queue[tuple[int, asyncio.Future[None] | None, Frame | None]] = asyncio.Queue()
-        self._inflight: dict[int, asyncio.Future[None]] = {}
         self._room = asyncio.Semaphore(MAX_OUTSTANDING)
         self._responses: dict[int, asyncio.Future[Frame]] = {}
         self._seq = 0
@@ -419,7 +418,9 @@ class Session:
             self._stats.duplicates += 1
             await self._queue(frame.seq)
             return
-        pending = self._inflight.get(frame.seq)
+        # Also one sent on an earlier session of this boot whose link dropped before the ACK: it waits for
+        # that delivery (ACK when it is durable, NACK if it failed) instead of being published again.
+        pending = server.inflight(self.device_id).get(frame.seq)
         if pending is not None:
             self._stats.duplicates += 1
             await self._queue(frame.seq, pending)
@@ -438,7 +439,7 @@ class Session:
         known.update(new_names(values, known, cfg.max_points, frame.seq))
         sample = Sample(self.device_id, ts if ts is not None else now, values)
         task = asyncio.ensure_future(server.deliver(sample))  # a plain future from the router: no task
-        self._inflight[frame.seq] = task
+        server.delivering(self.device_id, frame.seq, task)
         await self._queue(frame.seq, task)
 
     async def _queue(self, seq: int, pending: asyncio.Future[None] | None = None, answer: Frame | None = None) -> None:
@@ -467,13 +468,11 @@ class Session:
                 # so the places this loop holds in the server's limit are given back as the answers go out.
                 self._send(answer or Frame(FrameType.ACK, seq))
             finally:
-                if pending is not None and self._inflight.get(seq) is pending:
-                    self._inflight.pop(seq, None)
                 self.server.data_slots.release()
                 self._room.release()
 
     async def _outcome(self, seq: int, pending: asyncio.Future[None]) -> Frame | None:
-        """None once the data is durable (and remembered as accepted), else the NACK to send."""
+        """None once the data is durable (the server then remembers its seq as accepted), else the NACK to send."""
         try:
             await asyncio.shield(pending)
         except SinkError as exc:
@@ -481,8 +480,6 @@ class Session:
         except Exception:
             log.exception("mcp %s: delivering DATA seq %d failed", self.device_id, seq)
             return self._nack(seq, NackCode.OVERLOADED, "overloaded: internal error")
-        assert self.device_id is not None
-        self.server.window(self.device_id).add(seq)
         return None
 
     def _send(self, frame: Frame) -> None:

@@ -273,3 +273,58 @@ async def test_connections_opened_before_a_ban_get_no_token_check_after_it(start
     assert sum(server.srv.auth_failures.values()) == 3
     assert server.srv.refused["banned"] == 29
     assert "good" not in server.srv.sessions
+
+
+async def test_data_resent_after_the_link_dropped_before_its_ack_is_published_once(start_server: StartServer) -> None:
+    server = await start_server()
+    server.gate.clear()  # the sink is slow: the first delivery is still in flight when the link drops
+    first = await server.connect()
+    first.writer.write(hello())
+    assert (await first.frame()).type == FrameType.ACK
+    frame = data(5)
+    first.writer.write(frame)
+    await asyncio.sleep(0.2)
+    first.writer.transport.abort()
+    await asyncio.sleep(0.2)
+    # spec 3: the device resends the same bytes on its new session, while the first delivery is still going.
+    again = await server.connect()
+    again.writer.write(hello())
+    assert (await again.frame()).type == FrameType.ACK
+    again.writer.write(frame)
+    await asyncio.sleep(0.2)
+    server.gate.set()
+    assert await again.frame() == Frame(FrameType.ACK, 5)
+    await asyncio.sleep(0.1)
+    assert len(server.delivered) == 1
+    # Once more after the first delivery finished with no session left to ACK it: the window knows the seq.
+    again.writer.transport.abort()
+    third = await server.connect()
+    third.writer.write(hello() + frame)
+    assert (await third.frame()).type == FrameType.ACK and await third.frame() == Frame(FrameType.ACK, 5)
+    assert len(server.delivered) == 1 and server.srv.stats_for("good").duplicates == 2
+
+
+async def test_a_resend_joining_a_delivery_that_fails_is_nacked_and_the_next_resend_is_delivered(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    server.gate.clear()
+    server.fail_next = True
+    first = await server.connect()
+    first.writer.write(hello())
+    assert (await first.frame()).type == FrameType.ACK
+    frame = data(9)
+    first.writer.write(frame)
+    await asyncio.sleep(0.2)
+    first.writer.transport.abort()
+    again = await server.connect()
+    again.writer.write(hello() + frame)
+    assert (await again.frame()).type == FrameType.ACK
+    await asyncio.sleep(0.2)
+    server.gate.set()
+    reply = await again.frame()
+    assert reply.type == FrameType.NACK and reply.body()["code"] == 8
+    assert server.delivered == []
+    again.writer.write(frame)  # not accepted, so not a duplicate: delivered now
+    assert await again.frame() == Frame(FrameType.ACK, 9)
+    assert len(server.delivered) == 1
