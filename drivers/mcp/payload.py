@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from drivers.mcp.codec import Frame, MalformedPayload
+from gateway.types import TOPIC_NAME
 
 #: 2000-01-01T00:00Z in unix milliseconds: no device of this gateway's time sends data older than that.
 TS_MIN_MS = 946_684_800_000
 #: spec 2: device ids become an MQTT topic level.
 DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-#: Value names become MQTT topic levels and status-page rows (the config's Name rule).
-VALUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+#: Value names become MQTT topic levels and status-page rows: the config's rule for names.
+VALUE_NAME = TOPIC_NAME
 #: Integers wider than this are not measurements, and no double downstream could hold them.
 MAX_INT_BITS = 1024
 

@@ -12,14 +12,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from drivers.modbus.codec import PointCodec
 from gateway.errors import CodecError
+from gateway.types import TOPIC_NAME
 
 from .units import Duration, Size
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-
 
 def _topic_safe(value: str) -> str:
-    if not _NAME.match(value):
+    if not TOPIC_NAME.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a topic-safe name: 1-64 of A-Z a-z 0-9 _ . - "
             "(no '/', '+', '#', spaces, and not starting with '$', '.' or '-')"

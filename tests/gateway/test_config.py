@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from drivers.mcp.payload import VALUE_NAME
 from gateway.config import Config, Loaded, find_config, load_config, parse_config
 from gateway.config.schema import BusConfig, PointConfig, SinkConfig
 from gateway.errors import ConfigError
+from gateway.types import TOPIC_NAME
 
 
 def load(text: str, env: dict[str, str] | None = None) -> Loaded:
@@ -820,3 +822,19 @@ def test_mcp_limits_that_another_makes_meaningless_are_warned_about() -> None:
         "cfg.yaml:3: mcp.max_pending_per_ip: max_pending_per_ip (20) is above max_pending (10), which holds first",
         "cfg.yaml:5: mcp.max_hello_payload: max_hello_payload (4096) is above max_payload (2048), which holds first",
     ]
+
+
+def test_names_refuse_a_trailing_newline() -> None:
+    # A config id "pump-1\n" could never match a HELLO: names are matched whole (fullmatch), like the drivers'.
+    errors = errors_of(
+        """\
+        gateway: {id: "plant-7\\n", state_dir: /tmp/fieldgate, http: null}
+        northbound: [{name: "local\\n"}]
+        mcp:
+          listen: 127.0.0.1:9000
+          devices: [{id: "pump-1\\n", token: s3cret-token-0001}]
+        """
+    )
+    assert len(errors) == 3, errors
+    assert all("is not a topic-safe name" in e for e in errors), errors
+    assert VALUE_NAME is TOPIC_NAME  # one rule for names in the config and in MCP DATA
