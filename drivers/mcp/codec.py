@@ -341,19 +341,7 @@ class Decoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | DecodeError]:
         """Add received bytes; return the frames and errors now complete, stopping after a fatal error."""
         self._append(data)
-        events: list[Frame | DecodeError] = []
-        while not self._stopped:
-            # _next() inlined: this is the hot path of every MCP session.
-            consumed, event, clean = _decode_at(self._buf, self._offset, self._max_payload, self._offset + self._clean)
-            self._offset += consumed
-            self._clean = clean - self._offset if clean else 0
-            if event is None:
-                break
-            events.append(event)
-            if isinstance(event, DecodeError) and event.fatal:
-                self._stopped = True
-        self._compact()
-        return events
+        return list(self._iterate())
 
     def events(self, data: bytes | bytearray | memoryview) -> Iterator[Frame | DecodeError]:
         """Add received bytes; yield the frames and errors now complete one by one, stopping after a fatal error.
