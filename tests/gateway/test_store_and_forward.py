@@ -138,7 +138,14 @@ async def running(setup: Setup) -> AsyncIterator[Gateway]:
 async def device(setup: Setup, **kwargs: Any) -> AsyncIterator[McpClient]:
     """MCP device pump-1 with a session up."""
     client = McpClient(
-        "127.0.0.1", setup.mcp_port, "pump-1", "s3cret-token-0001", ack_timeout=3.0, backoff_start=0.1, backoff_max=0.5, **kwargs
+        "127.0.0.1",
+        setup.mcp_port,
+        "pump-1",
+        "s3cret-token-0001",
+        ack_timeout=3.0,
+        backoff_start=0.1,
+        backoff_max=0.5,
+        **kwargs,
     )
     await client.start()
     try:

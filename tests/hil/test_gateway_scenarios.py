@@ -155,7 +155,9 @@ async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and
     spool = tmp_path / "state" / "spool" / "up.sqlite"
     gw = Gateway(load_config(config))
     await gw.start()
-    client = McpClient("127.0.0.1", mcp, "pump-1", "s3cret-token-0001", ack_timeout=3.0, backoff_start=0.1, backoff_max=0.5)
+    client = McpClient(
+        "127.0.0.1", mcp, "pump-1", "s3cret-token-0001", ack_timeout=3.0, backoff_start=0.1, backoff_max=0.5
+    )
     sender = Sender(client, interval=0.05)
     try:
         async with subscribed(broker, f"{P}/#") as sub:
