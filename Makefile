@@ -55,7 +55,7 @@ chromium:
 test: $(VENV)/.installed-test mosquitto chromium
 	$(BIN)/python -m pytest -q
 
-# Every benchmark, one table (hil/bench/suite.py; ~5 minutes here). Full reports land in var/bench/<time>/.
+# Every benchmark, one table (hil/bench/suite.py; ~7 minutes here). Full reports land in var/bench/<time>/.
 bench: $(VENV)/.installed-test mosquitto
 	$(BIN)/python hil/bench/suite.py $(BENCH_ARGS)
 
