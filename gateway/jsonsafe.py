@@ -62,14 +62,14 @@ def _check(value: Any, max_depth: int) -> str | None:
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):
-            if not _utf8_ok(item):
+            if not is_utf8(item):
                 return "a string holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text"
         elif isinstance(item, dict | list):
             if depth > max_depth:
                 return f"nested deeper than {max_depth} levels"
             if isinstance(item, dict):
                 for key, child in item.items():
-                    if not _utf8_ok(key):
+                    if not is_utf8(key):
                         return "a name holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text"
                     stack.append((child, depth + 1))
             else:
@@ -77,12 +77,20 @@ def _check(value: Any, max_depth: int) -> str | None:
     return None
 
 
-def _utf8_ok(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """True when `text` is Unicode text UTF-8 can carry (no lone surrogates)."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+def utf8_text(text: str) -> str:
+    """`text` itself when UTF-8 can carry it, else with each lone surrogate replaced by "?"."""
+    return text if is_utf8(text) else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def dumps_safe(value: object) -> bytes:
@@ -117,7 +125,7 @@ def _clean(value: object) -> object:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, str):
-        return value if _utf8_ok(value) else value.encode("utf-8", "replace").decode("utf-8")
+        return utf8_text(value)
     if isinstance(value, dict):
         return {(_clean(k) if isinstance(k, str) else str(k)): _clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

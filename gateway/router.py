@@ -14,7 +14,7 @@ from typing import Any
 from bridge.outbox import Outbox
 from gateway.audit import AuditRecord
 from gateway.errors import SinkError
-from gateway.jsonsafe import JsonRejected, dumps_safe, loads_strict
+from gateway.jsonsafe import JsonRejected, dumps_safe, is_utf8, loads_strict, utf8_text
 from gateway.types import Command, CommandResult, DeviceState, Message, Sample, Value, Write, WriteResult
 
 log = logging.getLogger(__name__)
@@ -90,23 +90,12 @@ DROP_LOG_INTERVAL = 60.0
 _NOT_IN_NAMES = frozenset("+#/\0")
 
 
-def _clean_text(text: str) -> str:
-    """`text` itself when it encodes to UTF-8, else with each lone surrogate replaced by "?"."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
 def _clean_value(value: object) -> Value:
     """A value every encoder takes: text made valid Unicode, anything not a JSON scalar as its JSON text."""
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        return _clean_text(value)
+        return utf8_text(value)
     return dumps_safe(value).decode("utf-8")
 
 
@@ -114,12 +103,7 @@ def _topic_level(name: object) -> bool:
     """True when `name` can be one level of an MQTT topic (and a key everywhere else)."""
     if not isinstance(name, str) or not name or len(name) > 256:
         return False
-    if not name.isascii():
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-    return _NOT_IN_NAMES.isdisjoint(name)
+    return is_utf8(name) and _NOT_IN_NAMES.isdisjoint(name)
 
 
 def _moved(old: Value, new: Value, deadband: float) -> bool:
