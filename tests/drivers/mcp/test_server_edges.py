@@ -136,9 +136,8 @@ async def test_a_boot_id_of_any_length_logs_in_and_keys_the_duplicate_window(sta
     assert len(server.delivered) == 2
 
 
-async def test_a_peer_whose_reads_always_end_mid_frame_is_not_taken_for_a_stall(
-    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def logged_in_with_a_short_stall_timeout(start_server: StartServer, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A server whose stall timeout is 0.5 s and a peer past HELLO on it."""
     from drivers.mcp import session as session_module
 
     monkeypatch.setattr(session_module, "STALL_TIMEOUT", 0.5)
@@ -146,6 +145,13 @@ async def test_a_peer_whose_reads_always_end_mid_frame_is_not_taken_for_a_stall(
     peer = await server.connect()
     peer.writer.write(hello())
     assert (await peer.frame()).type == FrameType.ACK
+    return server, peer
+
+
+async def test_a_peer_whose_reads_always_end_mid_frame_is_not_taken_for_a_stall(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, peer = await logged_in_with_a_short_stall_timeout(start_server, monkeypatch)
     # One and a half frames every 50 ms: every read ends inside a frame, yet every frame completes in 100 ms.
     frames = [data(seq, {"v": "x" * 200}) for seq in range(2, 60)]
     stream = b"".join(frames)
@@ -169,13 +175,7 @@ async def test_a_peer_whose_reads_always_end_mid_frame_is_not_taken_for_a_stall(
 async def test_a_frame_that_stops_midway_still_stalls(
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from drivers.mcp import session as session_module
-
-    monkeypatch.setattr(session_module, "STALL_TIMEOUT", 0.5)
-    server = await start_server()
-    peer = await server.connect()
-    peer.writer.write(hello())
-    assert (await peer.frame()).type == FrameType.ACK
+    server, peer = await logged_in_with_a_short_stall_timeout(start_server, monkeypatch)
     frame = data(2)
     peer.writer.write(frame[:10])
     started = time.monotonic()
