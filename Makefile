@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test check bench clean mosquitto chromium
+.PHONY: run test test-stress check bench mutation clean mosquitto chromium test-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,8 +52,34 @@ chromium:
 	$(SUDO) apt-get update -q; \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
-test: $(VENV)/.installed-test mosquitto chromium
-	$(BIN)/python -m pytest -q
+# Debian tools the tests run for real: strace (the durability test reads the kernel's fsyncs), shellcheck
+# (install.sh's lint), stress-ng (make test-stress). Each is checked by PATH and installed once if missing.
+TEST_TOOLS := strace shellcheck stress-ng
+
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	set -e; \
+	echo "installing Debian's$$missing for the test suite"; \
+	$(SUDO) apt-get update -q; \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+
+test: $(VENV)/.installed-test mosquitto chromium test-tools
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The whole suite with both cores busy (stress-ng --cpu 2 beside it), as on a shared CI machine: it must pass.
+test-stress: $(VENV)/.installed-test mosquitto chromium test-tools
+	@stress-ng --cpu 2 --timeout 3600s --quiet & stress=$$!; \
+	trap 'kill $$stress 2>/dev/null; wait $$stress 2>/dev/null' EXIT; \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Mutation testing of the core (hil/mutation/; not part of make test: it is slow, see the README).
+$(VENV)/.installed-mutation: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[test,mutation]'
+	touch $@
+
+mutation: $(VENV)/.installed-mutation
+	$(BIN)/python hil/mutation/run.py $(MUTATION_ARGS)
 
 # Every benchmark, one table (hil/bench/suite.py; ~7 minutes here). Full reports land in var/bench/<time>/.
 bench: $(VENV)/.installed-test mosquitto
