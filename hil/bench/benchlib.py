@@ -107,8 +107,11 @@ def record(
     """Hand one headline figure to the suite's table (a no-op when the script runs on its own).
 
     `value` in `unit`; `ratio` is value over a reference measured in the same run, named by `versus`
-    (e.g. "line limit 150 tx/s"). The goal is on the ratio when there is one, else on the value:
-    `goal` the least it may be, `most` the most.
+    (e.g. "line limit 150 tx/s"), or computed, with its formula in `versus`. The goal is on the ratio
+    when there is one, else on the value: `goal` the least it may be, `most` the most.
+
+    A figure that could not be measured is recorded all the same, with `value` (or `ratio`) NaN and
+    the goal it would have had: the suite shows it as "not measured" and counts it as missed.
     """
     path = os.environ.get(RESULTS_ENV)
     if not path:
@@ -122,16 +125,22 @@ def record(
 
 
 def print_table(
-    headers: Sequence[str], rows: Sequence[Sequence[object]], *, thousands: bool = False, blank: str | None = None
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    thousands: bool = False,
+    blank: str | None = None,
+    fill: Sequence[str] = (),
 ) -> None:
     """Print rows under headers: text left-aligned, numbers right-aligned.
 
     Floats get 3 significant digits (no decimals from 100 on). `thousands`: ints get separators too.
     `blank`: the text of a missing value: a NaN prints as it, and cells that are it (or "") do not
-    keep a column of numbers from being right-aligned.
+    keep a column of numbers from being right-aligned; nor do cells that are one of `fill`
+    (e.g. "not measured").
     """
     cells = [[str(h) for h in headers]] + [[_cell(v, thousands, blank) for v in row] for row in rows]
-    gaps = ("", blank) if blank is not None else ()
+    gaps = (*(("", blank) if blank is not None else ()), *fill)
     numeric = [all(_is_number(row[i]) or row[i] in gaps for row in rows) for i in range(len(headers))]
     widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
 
