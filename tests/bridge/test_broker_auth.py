@@ -105,9 +105,9 @@ class Client:
         assert self._suback.wait(5), "no SUBACK"
         return not self._granted[0].is_failure
 
-    def publish(self, topic: str, payload: bytes | str) -> None:
+    def publish(self, topic: str, payload: bytes | str, *, retain: bool = False) -> None:
         """Publish with QoS 1 and wait for the PUBACK (which amqtt sends even for a refused topic)."""
-        info = self.c.publish(topic, payload, qos=1)
+        info = self.c.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(5)
         assert info.is_published()
 
@@ -154,10 +154,14 @@ async def eventually(predicate: Callable[[], object], timeout: float = 5.0) -> N
 
 @pytest.fixture(scope="module")
 def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A users file with alice (pw-a) and bob (pw-b); hashed once per module, argon2 is slow on purpose."""
+    """A users file with alice (pw-a), bob (pw-b) and carol (pw-c); hashed once per module, argon2 is slow on purpose.
+
+    No ACL here names carol: she is the valid user an ACL leaves out.
+    """
     path = tmp_path_factory.mktemp("users") / "users"
     set_password(path, "alice", "pw-a")
     set_password(path, "bob", "pw-b")
+    set_password(path, "carol", "pw-c")
     return path
 
 
@@ -321,6 +325,48 @@ async def test_an_acl_limits_each_user_to_its_topics(users: Path) -> None:
         assert {t for t, _ in bob.messages} == {"fg/t1/plc/telemetry"}
 
 
+@pytest.mark.parametrize("kind", [EmbeddedBroker, BrokerProcess], ids=["inline", "process"])
+async def test_a_user_the_acl_does_not_name_logs_in_but_can_neither_read_nor_write(
+    users: Path, kind: type[EmbeddedBroker]
+) -> None:
+    """carol holds a valid password; the ACL names alice and bob only, so carol gets nothing at all."""
+    acl = {"alice": Access(read=("#",), write=("fg/#",)), "bob": Access(read=("fg/t1/+/telemetry",))}
+    async with (
+        broker(auth_for(users, acl), kind) as port,
+        connected(port, INTERNAL_USER, SECRET) as gateway,
+        connected(port, "alice", "pw-a") as alice,
+        connected(port, "carol", "pw-c") as carol,
+    ):
+        assert await asyncio.to_thread(gateway.subscribe, "#")
+        assert await asyncio.to_thread(alice.subscribe, "#")
+        # A retained value first: a granted subscription would be handed it at once, whatever came after.
+        await asyncio.to_thread(gateway.publish, "fg/t1/plc/sp", "10", retain=True)
+        for topic_filter in ("#", "fg/#", "fg/t1/plc/sp", "fg/t1/+/telemetry", "fg/t1/+/set/+"):
+            assert not await asyncio.to_thread(carol.subscribe, topic_filter), topic_filter
+        # Every kind of topic the gateway acts on, a retained forgery among them; each is PUBACKed (MQTT 3.1.1).
+        for topic, retain in (
+            ("fg/t1/plc/set/sp", False),
+            ("fg/t1/pump/cmd", False),
+            ("fg/t1/plc/sp", True),
+            ("fg/t1/plc/telemetry", False),
+            ("elsewhere", False),
+        ):
+            await asyncio.to_thread(carol.publish, topic, "666", retain=retain)
+        # Published after carol's PUBACKs: once both subscribers have these, carol's would have come too.
+        await asyncio.to_thread(alice.publish, "fg/t1/marker", "after")
+        await asyncio.to_thread(gateway.publish, "fg/t1/plc/telemetry", "{}")
+        await eventually(lambda: gateway.on("fg/t1/marker") and alice.on("fg/t1/plc/telemetry"))
+        await asyncio.sleep(0.5)  # a generous margin for a late delivery of carol's messages
+        assert [t for t, p in gateway.messages if p == b"666"] == []
+        assert [t for t, p in alice.messages if p == b"666"] == []
+        assert carol.messages == []
+        # The broker kept the gateway's retained value, not carol's forgery.
+        async with connected(port, "alice", "pw-a") as late:
+            assert await asyncio.to_thread(late.subscribe, "fg/t1/plc/sp")
+            await eventually(lambda: late.on("fg/t1/plc/sp"))
+            assert set(late.on("fg/t1/plc/sp")) == {b"10"}  # (amqtt may hand a retained message twice)
+
+
 async def test_a_will_is_a_publish_and_needs_the_same_right(users: Path) -> None:
     acl = {
         "alice": Access(read=("fg/t1/#",), write=("fg/t1/+/set/+",)),
@@ -388,7 +434,7 @@ async def test_mqtts_and_wss_listeners_take_tls_clients_with_passwords(users: Pa
 
 def test_users_file_lines_are_argon2(users: Path) -> None:
     got = read_users(users)
-    assert set(got) == {"alice", "bob"} and all(h.startswith("$argon2id$") for h in got.values())
+    assert set(got) == {"alice", "bob", "carol"} and all(h.startswith("$argon2id$") for h in got.values())
 
 
 # --- a real gateway -------------------------------------------------------------------------------
@@ -437,20 +483,27 @@ async def test_through_a_gateway_only_a_user_allowed_to_write_sets_a_point(
         assert gw.simulation is not None
         sim = next(iter(gw.simulation.simulators.values()))
         sim.set(1, "sp", 5)
-        async with connected(port, "bob", "pw-b") as bob, connected(port, "alice", "pw-a") as alice:
+        async with (
+            connected(port, "bob", "pw-b") as bob,
+            connected(port, "alice", "pw-a") as alice,
+            connected(port, "carol", "pw-c") as carol,  # in the users file, not in the config's ACL
+        ):
             assert await asyncio.to_thread(bob.subscribe, "fieldgate/#")
+            assert not await asyncio.to_thread(carol.subscribe, "fieldgate/#")
             # The gateway's own sink got in: its retained status and the polled values are there.
             await eventually(lambda: b"online" in bob.on("fieldgate/t1/status") and bob.on("fieldgate/t1/plc/level"))
             assert bob.on("fieldgate/t1/plc/level")[-1] == b"7"
             sim.set(1, "level", 8)
             await eventually(lambda: bob.on("fieldgate/t1/plc/telemetry"))
 
+            await asyncio.to_thread(carol.publish, "fieldgate/t1/plc/set/sp", "66")  # PUBACKed, not delivered
             await asyncio.to_thread(bob.publish, "fieldgate/t1/plc/set/sp", "55")  # PUBACKed, not delivered
             await asyncio.to_thread(alice.publish, "fieldgate/t1/plc/set/sp", "10")
             await eventually(lambda: bob.on("fieldgate/t1/plc/set/sp/result"))
-            await asyncio.sleep(0.3)  # room for a late result of bob's request, were it delivered
+            await asyncio.sleep(0.3)  # room for a late result of bob's or carol's request, were it delivered
             assert bob.on("fieldgate/t1/plc/set/sp/result") == [b'{"ok":true,"value":10,"error":null}']
             assert sim.get(1, "sp") == 10
+            assert carol.messages == []
         # Anonymous clients stay out, and a client that reuses the default sink client id disturbs nothing.
         assert not await logs_in(port)
         assert not await logs_in(port, "mallory", "x", client_id="fieldgate-t1-local")
