@@ -240,6 +240,10 @@ class Rs485Line:
         self._timer_at = 0.0
         self._pending: dict[int, bytearray] = {}
         self._replug: asyncio.TimerHandle | None = None
+        #: When True, every frame the gateway side sends is counted in `requests` by its bytes (as sent,
+        #: before any fault): what a benchmark replays and counts on the line, not what the gateway says it sent.
+        self.count_requests = False
+        self.requests: dict[bytes, int] = {}
 
     @property
     def faults(self) -> Faults:
@@ -430,6 +434,8 @@ class Rs485Line:
         log.error("the real port stopped carrying bytes: %s", self.port_error)
 
     def _intake(self, data: bytes, from_gateway: bool, now: float) -> None:
+        if from_gateway and self.count_requests:
+            self.requests[data] = self.requests.get(data, 0) + 1
         f, rng = self.faults, self._rng
         release, held, late = now, False, False
         if f.latency or f.jitter:
