@@ -1,9 +1,15 @@
-"""Fixtures that build real parts: an amqtt broker on a free port, a paho subscriber, a Mosquitto process."""
+"""Fixtures that build real parts: an amqtt broker on a free port, a paho subscriber, a Mosquitto process.
+
+Under CI (`CI=true` in the environment) no test may skip: a skip for lack of root, a mount or a tool is
+reported as a failure with its reason, so that CI can never pass on skips. An expected failure (xfail)
+stays what it is.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +18,38 @@ from bridge.broker import EmbeddedBroker
 
 from helpers import Subscriber, free_port
 from mosquitto import Mosquitto, MosquittoError, TlsFiles, make_tls_files
+
+
+def in_ci() -> bool:
+    """Whether the suite runs under CI (`CI=true`, as CI services set it), where nothing may skip."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _fail_the_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not (in_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    # A skip's longrepr is (file, line, "Skipped: reason").
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, where nothing may skip: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, object, object]:
+    """Under CI, a test that skipped (in set-up, call or a skipif mark) fails instead, with the skip's reason."""
+    report = yield
+    assert isinstance(report, pytest.TestReport)
+    _fail_the_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, object, object]:
+    """Under CI, a module that skipped as a whole (importorskip, allow_module_level) is a collection error."""
+    report = yield
+    assert isinstance(report, pytest.CollectReport)
+    _fail_the_skip(report)
+    return report
 
 
 @pytest.fixture
