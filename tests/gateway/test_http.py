@@ -179,8 +179,28 @@ async def test_metrics_parse_and_move_between_scrapes(web: Web) -> None:
 
     first = await until(pump_connected)
     assert first, "the simulated MCP device never got a session, or the sink never connected"
-    await asyncio.sleep(0.5)
-    second = await scrape(web)
+
+    def grew(s: Samples) -> bool:
+        return all(
+            value(s, name, **labels) > value(first, name, **labels)
+            for name, labels in (
+                ("fieldgate_modbus_device_transactions_total", plc),
+                ("fieldgate_modbus_device_response_seconds_count", plc),
+                ("fieldgate_modbus_line_transactions_total", {"line": "rs485"}),
+                ("fieldgate_mcp_frames_in_total", {"device": "pump-1"}),
+                ("fieldgate_sink_published_total", {"sink": "local"}),
+                ("fieldgate_uptime_seconds", {}),
+            )
+        )
+
+    # Scrape again until every counter moved (not a fixed pause: a busy machine polls less in 0.5 s).
+    async def moved() -> Samples | None:
+        s = await scrape(web)
+        ghost_timed_out = value(s, "fieldgate_modbus_device_timeouts_total", line="rs485", device="ghost") > 0
+        return s if grew(s) and ghost_timed_out else None
+
+    second = await until(moved, timeout=30)
+    assert second, "the counters never moved between two scrapes"
 
     for name in ("transactions_total", "response_seconds_count"):
         before, after = (
@@ -198,9 +218,15 @@ async def test_metrics_parse_and_move_between_scrapes(web: Web) -> None:
     assert 0 < value(second, "fieldgate_modbus_device_response_seconds_sum", **plc) < count
     assert 0 < value(second, "fieldgate_modbus_line_utilisation_ratio", line="rs485") < 1
     assert value(second, "fieldgate_modbus_line_wire_seconds_total", line="rs485") > 0
+    # Every failure kind is exported for the line and each device, the line's count being its devices' sum
+    # (plc and the dead ghost, whose timeouts make the line's count non-zero); each failure was a transaction.
+    line_tx = value(second, "fieldgate_modbus_line_transactions_total", line="rs485")
     for name in ("timeouts", "crc_errors", "exceptions", "errors"):
-        value(second, f"fieldgate_modbus_line_{name}_total", line="rs485")
-        value(second, f"fieldgate_modbus_device_{name}_total", **plc)
+        per_device = [
+            value(second, f"fieldgate_modbus_device_{name}_total", line="rs485", device=d) for d in ("plc", "ghost")
+        ]
+        on_line = value(second, f"fieldgate_modbus_line_{name}_total", line="rs485")
+        assert on_line == sum(per_device) <= line_tx, (name, per_device, on_line, line_tx)
     assert value(second, "fieldgate_modbus_device_online", **plc) == 1
 
     assert value(second, "fieldgate_mcp_frames_in_total", device="pump-1") > value(

@@ -7,6 +7,7 @@ import itertools
 import json
 import time
 
+import crcmod.predefined
 import pytest
 
 from drivers.mcp import server as server_module
@@ -27,6 +28,9 @@ NACK_CRC_2 = bytes.fromhex(
     "55aa55aa010700000002000000227b22636f6465223a312c22726561736f6e223a22637263206d69736d61746368227d9e35"
 )
 
+#: MCP.md section 1: CRC-16/CCITT-FALSE over version .. end of payload (crcmod's name for it).
+CRC_CCITT_FALSE = crcmod.predefined.mkCrcFun("crc-ccitt-false")
+
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z: DATA ts must lie between 2000-01-01 and tomorrow
 
 
@@ -44,7 +48,11 @@ async def test_hello_data_ack_bytes_and_telemetry_with_device_ts(mcp_gateway: Mc
     assert encode(ack) == encode(Frame.json(FrameType.ACK, 1, {"heartbeat_s": 30}))
     await peer.send(DATA)
     ack = await peer.recv()
-    assert encode(ack) == bytes.fromhex("55aa55aa01060000000200000000") + encode(ack)[-2:]
+    # The ACK's bytes on their own, CRC included: MCP.md's algorithm through crcmod (checked on the spec's check
+    # value), not through encode().
+    header = bytes.fromhex("55aa55aa01060000000200000000")
+    assert CRC_CCITT_FALSE(b"123456789") == 0x29B1
+    assert encode(ack) == header + CRC_CCITT_FALSE(header[4:]).to_bytes(2, "big")
     assert ack == Frame(FrameType.ACK, 2)
     sub = mcp_gateway.sub
     tele = await sub.next_on("fieldgate/m1/pump-1/telemetry")
