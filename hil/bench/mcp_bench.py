@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import inspect
 import itertools
@@ -1171,27 +1172,30 @@ def report_mcp(rows: list[Row], bare: Row | None, high_water: int) -> None:
                 f"{r.title}: in the window the gateway NACKed {r.gw_nacks:,} DATA and its outbox dropped {r.dropped:,} "
                 f"messages (queued at the end: {r.queued:,}); its loop answered a status request after {r.gw_lag:.1f} s"
             )
-    if not bare or not bare.rate:
-        return
-    shipped = [
-        r for r in rows if r.impl == "raw" and r.broker == rows[0].broker and r.changing == rows[0].changing and r.rate
-    ]
+    # Every shipped-layout run is a row, whatever its rate: 0 frames/s is a missed goal, a run that failed or a
+    # baseline that did not measure (NaN) is "not measured"; none may drop out of the table.
+    base = bare.rate if bare and math.isfinite(bare.rate) and bare.rate > 0 else float("nan")
+    base_text = "bare paho -> amqtt: failed" if math.isnan(base) else f"bare paho -> amqtt {base:,.0f} msg/s"
+    shipped = [r for r in rows if r.impl == "raw" and r.broker == rows[0].broker and r.changing == rows[0].changing]
     for r in shipped:
         record(
             "mcp",
-            f"ACKed DATA frames/s, {r.sessions:,} clients x window {MAX_OUTSTANDING}",
+            f"ACKed DATA frames/s, {clients_text(r)} x window {MAX_OUTSTANDING}",
             r.rate,
             "frames/s",
-            ratio=r.rate / bare.rate,
-            versus=f"bare paho -> amqtt {bare.rate:,.0f} msg/s",
+            ratio=r.rate / base,
+            versus=base_text,
             goal=GOAL if r.label != "max" else None,
         )
+    if math.isnan(base):
+        return
+    shipped = [r for r in shipped if r.rate > 0]
     if shipped:
         best = max(shipped, key=lambda r: r.rate)
-        verdict = "meets" if best.rate / bare.rate >= GOAL else "is BELOW"
+        verdict = "meets" if best.rate / base >= GOAL else "is BELOW"
         summary(
             f"best as shipped: {best.rate:,.0f} ACKed frames/s at {best.label} client(s) = "
-            f"{best.rate / bare.rate:.2f} of bare paho ({bare.rate:,.0f} msgs/s): {verdict} the goal of {GOAL}"
+            f"{best.rate / base:.2f} of bare paho ({base:,.0f} msgs/s): {verdict} the goal of {GOAL}"
         )
     for r in rows:
         in_flight = r.sessions * MAX_OUTSTANDING
@@ -1206,17 +1210,25 @@ def report_mcp(rows: list[Row], bare: Row | None, high_water: int) -> None:
         if r.broker != "inline" or r.impl != "raw" or r.changing == rows[0].changing:
             continue
         summary(
-            f"{r.title}: {r.rate:,.0f} frames/s = {r.rate / bare.rate:.2f} of bare, "
-            f"{r.per_frame_us('gateway'):.0f} µs/frame"
+            f"{r.title}: {r.rate:,.0f} frames/s = {r.rate / base:.2f} of bare, {r.per_frame_us('gateway'):.0f} µs/frame"
         )
     for r in rows:
         if r.broker != "inline":
             summary(
-                f"{r.title}: {r.rate:,.0f} frames/s = {r.rate / bare.rate:.2f} of bare; "
+                f"{r.title}: {r.rate:,.0f} frames/s = {r.rate / base:.2f} of bare; "
                 f"gateway {r.per_frame_us('gateway'):.0f} µs/frame at {r.core('gateway'):.0f}% of a core, "
                 f"broker {r.per_frame_us('broker'):.0f} µs/frame at "
                 f"{r.core('broker'):.0f}%"
             )
+
+
+def clients_text(r: Row) -> str:
+    """The client count a run asked for, as the suite's table names it: "1,000 clients", or the
+    descriptor limit's count, which the machine sets."""
+    if r.label == "max":
+        return f"as many clients as descriptors allow ({r.sessions:,})"
+    n = int(r.label)
+    return f"{n:,} client{'' if n == 1 else 's'}"
 
 
 def report_sessions(rows: list[Row]) -> None:
@@ -1261,10 +1273,13 @@ def report_sessions(rows: list[Row]) -> None:
     note("RSS idle: K sessions after HELLO, outbox drained, gc.collect(); KiB/idle session = (RSS idle - RSS 0) / K;")
     note(f"it includes amqtt's retained `status` per device. max = NOFILE soft limit - fds at 0 - {FD_RESERVE}.")
     for r in rows:
-        if r.label == "max" and r.sessions:
-            per = (r.rss_idle_kb - r.rss0_kb) / r.sessions
-            record("mcp", "concurrent sessions held (limit: file descriptors)", r.sessions, "sessions")
-            record("mcp", "gateway RSS per idle session", per, "KiB")
+        if r.label != "max" or r.impl != "raw" or r.changing != rows[0].changing or r.broker != rows[0].broker:
+            continue
+        # A max run that held no session has no per-session figure: NaN, "not measured", never a dropped row.
+        per = (r.rss_idle_kb - r.rss0_kb) / r.sessions if r.sessions else float("nan")
+        record("mcp", "concurrent sessions held (limit: file descriptors)", r.sessions or float("nan"), "sessions")
+        record("mcp", "gateway RSS per idle session", per, "KiB")
+        if r.sessions:
             summary(
                 f"{r.sessions:,} concurrent sessions held (limit: file descriptors, RLIMIT_NOFILE hard "
                 f"{r.nofile[1]:,}); {per:.1f} KiB per idle session -> 100,000 sessions would need "
@@ -1386,15 +1401,38 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     header(args)
     rows: list[Row] = []
+    failures = 0
+
+    def attempt(run: Callable[[], Row], failed: Row) -> Row:
+        """One run; when it fails, its traceback and `failed` (no window: rate NaN) instead, and on to the next,
+        so that the table shows the failure as "not measured" rows and the other runs still count."""
+        nonlocal failures
+        try:
+            return run()
+        except Exception:
+            failures += 1
+            traceback.print_exc()
+            return failed
+
     with tempfile.TemporaryDirectory(prefix="fieldgate-mcpbench-") as tmp_name:
         tmp = Path(tmp_name)
         progress("bare paho baseline ...")
-        bare = run_bare(args.window, args.changing, args.seconds)
+        bare = attempt(
+            lambda: run_bare(args.window, args.changing, args.seconds), Row("bare paho", "paho", args.changing)
+        )
         for n in counts:
-            progress(f"MCP, {'max' if n is None else n} client(s) ...")
-            profiled = args.profile_at and str(n if n is not None else "max") == args.profile_at
+            label = "max" if n is None else str(n)
+            progress(f"MCP, {label} client(s) ...")
+            profiled = args.profile_at and label == args.profile_at
             profile = args.profile_seconds if profiled else 0.0
-            rows.append(run_mcp(n, "raw", args.changing, args.seconds, tmp, profile, args.warmup_max, args.broker))
+            rows.append(
+                attempt(
+                    functools.partial(
+                        run_mcp, n, "raw", args.changing, args.seconds, tmp, profile, args.warmup_max, args.broker
+                    ),
+                    Row(label, "raw", args.changing, broker=args.broker),
+                )
+            )
         if args.compare_at:
             n = None if args.compare_at == "max" else int(args.compare_at)
             others = [b for b in LAYOUTS if b != args.broker]
@@ -1411,8 +1449,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         report_profile(r)
     print()
+    if failures:
+        print(f"{failures} run(s) failed: their figures are not measured (tracebacks above)")
     print(run_summary(started))
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
