@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +38,7 @@ from gateway.errors import ConfigError
 from gateway.homeassistant import Discovery, configs, discovery_messages, removal_messages
 from gateway.types import Message
 
-from helpers import Received, free_port, subscribed
+from helpers import GatewayProcess, Received, free_port, subscribed, until
 from mosquitto import Mosquitto
 
 
@@ -822,3 +824,78 @@ async def test_a_point_gone_after_a_restart_has_its_config_removed(tmp_path: Pat
                 await asyncio.sleep(0.2)
                 assert not [m for m in sub.messages if m.topic.startswith("homeassistant/")]
     assert json.loads(state.read_text()) == {"topics": []}
+
+
+# --- across a reload (SIGHUP) -----------------------------------------------------------------------
+
+RELOAD = """
+gateway: {{id: t1, state_dir: ./state, http: null}}
+broker: {{listeners: ["tcp://127.0.0.1:{port}"]}}
+northbound:
+  - {{name: local}}
+  - {{name: up, url: "{upstream}", topic_prefix: site/t1}}
+homeassistant: {{enabled: true}}
+modbus:
+  buses:
+    - name: line
+      port: ./ttyA
+      baudrate: 115200
+      parity: N
+      devices:
+{devices}
+simulator:
+  modbus:
+    - link: ./ttyA
+      devices: [{{unit: 1}}, {{unit: 2}}, {{unit: 3}}]
+"""
+PLC = "        - {{name: plc, unit: 1, poll: 200ms, points: [{{name: temp, table: holding, address: 0}}, {}]}}"
+HEATER = "        - {name: heater, unit: 2, poll: 200ms, points: [{name: power, table: holding, address: 0}]}"
+FAN = "        - {name: fan, unit: 3, poll: 200ms, points: [{name: speed, table: holding, address: 0}]}"
+BEFORE = {
+    "homeassistant/binary_sensor/t1_status/config",
+    "homeassistant/sensor/t1_plc_temp/config",
+    "homeassistant/sensor/t1_plc_spare/config",
+    "homeassistant/sensor/t1_heater_power/config",
+}
+GONE = {"homeassistant/sensor/t1_plc_spare/config", "homeassistant/sensor/t1_heater_power/config"}
+NEW = {"homeassistant/sensor/t1_plc_extra/config", "homeassistant/sensor/t1_fan_speed/config"}
+AFTER = BEFORE - GONE | NEW
+
+
+async def test_a_reload_publishes_the_configs_of_new_points_and_devices_and_clears_those_gone(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """README: "Home Assistant configs of points gone are removed at once" (on a reload), on every sink."""
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    spare = "{name: spare, table: holding, address: 1}"
+    extra = "{name: extra, table: holding, address: 2}"
+    path.write_text(RELOAD.format(port=port, upstream=mosquitto.url, devices=PLC.format(spare) + "\n" + HEATER))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    with GatewayProcess(["run", "-c", str(path)], tmp_path / "gateway.log", cwd=tmp_path, env=env) as gw:
+        await gw.logged("fieldgate t1 up")
+        assert set(await retained_configs(port, BEFORE)) == BEFORE
+        assert set(await retained_configs(mosquitto.port, BEFORE)) == BEFORE
+
+        async with subscribed(port, "homeassistant/#") as local, subscribed(mosquitto.port, "homeassistant/#") as up:
+            path.write_text(RELOAD.format(port=port, upstream=mosquitto.url, devices=PLC.format(extra) + "\n" + FAN))
+            gw.proc.send_signal(signal.SIGHUP)
+            await gw.logged("reload: +1 device (fan), -1 device (heater), ~1 device (plc), bus line restarted")
+            # Live, on both brokers: the removed entities' configs cleared (empty, so HA deletes them), the new
+            # ones published.
+            for sub in (local, up):
+                await sub.wait_for(lambda ms: GONE <= {m.topic for m in ms if m.payload == b""})
+                await sub.wait_for(lambda ms: NEW <= {m.topic for m in ms if m.payload})
+        # What a Home Assistant that connects now finds: exactly the new set, naming each sink's own topics.
+        for broker_port, prefix in ((port, "fieldgate/t1"), (mosquitto.port, "site/t1")):
+            now = await retained_configs(broker_port, AFTER)
+            assert set(now) == AFTER, broker_port
+            for topic, m in now.items():
+                entity = validate(topic, m.payload)
+                assert entity.availability is None or entity.availability[1].topic.startswith(f"{prefix}/")
+            fan = now["homeassistant/sensor/t1_fan_speed/config"].payload
+            assert json.loads(fan)["state_topic"] == f"{prefix}/fan/speed"
+        # And the state file forgets the removed ones once both sinks hold the removals.
+        state = tmp_path / "state" / "homeassistant.json"
+        await until(lambda: set(json.loads(state.read_text())["topics"]) == AFTER, 10, "homeassistant.json updated")
+        assert gw.stop() == 0, gw.output()
