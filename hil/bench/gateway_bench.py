@@ -22,8 +22,8 @@ Then `--soak` seconds (default 60; 0 skips it) of hil/soak.py's compressed traff
 and MCP reconnects every few seconds (`SoakSettings.screening`), give the gateway's RSS growth after
 warm-up and its steady growth per message (hil/soak.py's docstring has the method). A minute
 cannot judge the < 1 % goal (replay bursts leave high-water steps for the first minutes; the 20
-minute soak, `python -m hil.soak`, judges it): the suite's table judges the steady growth
-(< 16 bytes per message, i.e. no object kept per message) and shows the % without a goal.
+minute soak, `python -m hil.soak`, judges it): the suite's table judges the steady growth per
+message against STEADY_GOAL_BYTES and shows the % without a goal.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import yaml
 from benchlib import ROOT, free_port, heading, note, print_header, print_table, record, rss_kb, run_summary, summary
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hil.soak import SoakSettings, record_growth, soak
+from hil.soak import SoakResult, SoakSettings, soak
 
 SHIPPED = ROOT / "config.yaml"
 READY_TIMEOUT = 30.0
@@ -60,6 +60,10 @@ DEFAULT_IDLE = 10.0
 DEFAULT_SOAK = 60.0
 #: Devices whose values count as "the gateway is ready": what the shipped simulator section serves.
 SHIPPED_DEVICES = ("boiler1", "boiler2", "meter", "pump-1", "weather")
+#: Steady RSS growth per message the short soak may show. Measured 0.0-0.1 bytes; the least a per-message leak
+#: can cost is one Python object and its slot (an empty bytes and a list slot, 41 bytes), 10x this. hil/soak.py's
+#: own verdict allows 16 (its self-check); the bench holds the gateway to what it does.
+STEADY_GOAL_BYTES = 4.0
 
 
 def shipped_copy(workdir: Path) -> Path:
@@ -207,6 +211,30 @@ def start_once(idle: float) -> StartRun:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def record_growth(result: SoakResult) -> None:
+    """Hand the soak's growth to the suite's table: the % for information (a run under 10 minutes cannot judge it),
+    the steady growth per message judged against STEADY_GOAL_BYTES."""
+    d = result.duration
+    length = f"{d / 60:.0f} min" if d >= 600 else f"{d:.0f} s"
+    length += f" soak, {result.equivalent_hours:.1f} h equivalent"
+    judged = result.judges_growth
+    record(
+        "gateway",
+        f"RSS growth after warm-up ({length})",
+        round(result.gateway.percent, 2),
+        "%",
+        versus="" if judged else "judged < 1 % in the 20 min soak",
+        most=1.0 if judged else None,
+    )
+    record(
+        "gateway",
+        f"steady RSS growth per message published ({length})",
+        round(result.steady_bytes_per_message, 1),
+        "bytes",
+        most=STEADY_GOAL_BYTES,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the figures and print the report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -262,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         result.report()
         record_growth(result)
+    else:
+        # Asked not to soak: the suite still owes these rows, as not measured.
+        record("gateway", "RSS growth after warm-up (no soak)", float("nan"), "%")
+        record("gateway", "steady RSS growth per message published (no soak)", float("nan"), "bytes")
     print()
     print(run_summary(began))
     return 0
