@@ -96,7 +96,8 @@ def benches(out: Path) -> list[Bench]:
             "spool",
             "spool_bench.py",
             ("--dir", str(out / "spool"), "--figures", "1,4,5", "--outbox-seconds", "10", "--profile", "never"),
-            expects=("write rate*", "fsyncs/s at 500 msg/s through the outbox*", "replay into Mosquitto*"),
+            # Loose patterns: the spool's figures carry the run's own numbers (best batch, window) in their names.
+            expects=("write rate*", "fsync*", "replay*"),
         ),
         Bench(
             "mcp",
