@@ -71,7 +71,8 @@ MODULES = [
     Module(
         "reload",
         ["gateway/reload.py"],
-        ["tests/gateway/test_reload*.py"],
+        ["tests/gateway/test_reload_diff*.py", "tests/gateway/test_reload.py"],
+        keyword="diff",  # test_reload.py's other tests run whole gateways: slow, and a reload diff is all they use
     ),
     Module(
         "mcp_codec",
