@@ -30,8 +30,9 @@ Attacks (attackers bind to 127.0.0.1 or spread over 127.0.1.x; traffic stays on 
   pre-hello    1,000 connections from 50 addresses (20 each) that send nothing; reconnect 1 s
                after a close
 
-Goals: p99 under attack <= p99 alone + 50 ms; RSS growth <= 32 MB; no pre-HELLO connection older
-than 11 s (needs a window longer than 11 s to be judged: `--quick` cannot). Exit 1 if one is missed.
+Goals: p99 under attack <= p99 alone + 50 ms; RSS growth <= 8 MB; no pre-HELLO connection older
+than 11 s (needs a window longer than 11 s to be judged: `--quick` cannot). Exit 1 if one is missed,
+or if an attack's run failed (its figures are then recorded as not measured).
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -76,7 +78,10 @@ GOOD_ID, GOOD_TOKEN = "good-1", "good-device-token-0001"
 ATTACKER_ID, ATTACKER_TOKEN = "attacker-1", "attacker-token-000001"
 WRONG_TOKEN = "not-the-right-token-0"
 P99_SLACK_MS = 50.0
-RSS_GOAL_MB = 32.0
+#: The worst attack grew the gateway by 2.7 MB in the run that set it (pre-hello, 256 connections held; the
+#: others 0.1-2 MB): 8 MB leaves room for a loaded machine and still catches the unbounded buffers of before
+#: (a NACK flood 28.6 MB, 1,000 silent connections 11.1 MB).
+RSS_GOAL_MB = 8.0
 AGE_GOAL_S = 11.0
 GOOD_INTERVAL = 0.02  # s between an ACK and the good device's next DATA
 RECONNECT_PAUSE = 1.0  # s an attacker waits before opening a closed connection again
@@ -329,7 +334,7 @@ class Attack:
             pass  # a reset: closed too
         return True
 
-    async def pre_hello(self, source: str, feed: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> None:
+    async def pre_hello(self, source: str, feed: Callable[[asyncio.StreamWriter], Coroutine[None, None, None]]) -> None:
         """Open connections from `source` that never pass HELLO, `feed` writing to each, until the window ends;
         each connection's age is noted when the gateway closes it."""
         while self.running():
@@ -507,7 +512,7 @@ async def pre_hello_crowd(a: Attack) -> None:
     await asyncio.gather(*(a.pre_hello(s, nothing) for s in sources))
 
 
-RUNNERS: dict[str, Callable[[Attack], Awaitable[None]]] = {
+RUNNERS: dict[str, Callable[[Attack], Coroutine[None, None, None]]] = {
     "slowloris": slowloris,
     "resync": resync_authenticated,
     "resync-pre": resync_pre_hello,
@@ -680,7 +685,9 @@ def report(rows: list[Row], judge_age: bool) -> int:
             )
             if judge_age:
                 missed += not ok
-                record(BENCH, f"{r.attack}: oldest pre-HELLO connection", round(r.age, 1), "s", most=AGE_GOAL_S)
+            # Recorded either way; judged only when the window is longer than the goal (a shorter one cannot show it).
+            most = AGE_GOAL_S if judge_age else None
+            record(BENCH, f"{r.attack}: oldest pre-HELLO connection", round(r.age, 1), "s", most=most)
     print_table(["figure", "value", "unit", "goal", "met"], table, blank="")
     print()
     details = []
@@ -759,12 +766,26 @@ def main(argv: list[str] | None = None) -> int:
         skews="every latency",
     )
     rows: list[Row] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hostile-bench-") as tmp:
         for name in chosen:
             print(f"  {name} ...", flush=True)
-            rows.append(asyncio.run(run_attack(name, args, scale, Path(tmp) / name)))
+            try:
+                rows.append(asyncio.run(run_attack(name, args, scale, Path(tmp) / name)))
+            except Exception:
+                # One attack's failure must not take the others' rows with it: its own are recorded as not measured.
+                traceback.print_exc()
+                failed.append(name)
     missed = report(rows, judge_age=args.window > AGE_GOAL_S)
+    for name in failed:
+        record(BENCH, f"{name}: p99 DATA->ACK", float("nan"), "ms", versus="the run failed")
+        record(BENCH, f"{name}: RSS growth", float("nan"), "MB", most=RSS_GOAL_MB)
+        if name in PRE_HELLO:
+            record(BENCH, f"{name}: oldest pre-HELLO connection", float("nan"), "s", most=AGE_GOAL_S)
     print()
+    if failed:
+        print(f"attacks whose run failed (tracebacks above; not measured): {', '.join(failed)}")
+    missed += len(failed)
     print(f"goals missed: {missed}")
     print(run_summary(started))
     return 1 if missed else 0
