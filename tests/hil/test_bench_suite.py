@@ -197,3 +197,31 @@ def test_every_benchmark_the_suite_runs_exists_and_owes_figures(tmp_path: Path) 
     for bench in real:
         assert (BENCH_DIR / bench.script).is_file(), bench.script
         assert bench.expects and len(set(bench.expects)) == len(bench.expects), bench.name
+
+
+def test_the_line_references_are_the_spec_arithmetic_not_the_driver_budget() -> None:
+    # The line limit and the virtual line's silences are what the driver is measured against: they come from the
+    # Modbus serial-line spec worked out in hil/line.py and line_bench.py, and must agree with it by hand.
+    from hil.line import char_bits, t35
+
+    assert [char_bits(8, "E", 1), char_bits(8, "N", 1), char_bits(8, "N", 2), char_bits(7, "E", 1)] == [11, 10, 11, 10]
+    assert t35(9600, 11) == pytest.approx(3.5 * 11 / 9600)
+    assert t35(19200, 11) == pytest.approx(3.5 * 11 / 19200)
+    assert t35(38400, 11) == t35(115200, 11) == pytest.approx(0.00175)
+
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_line", BENCH_DIR / "line_bench.py")
+        assert spec and spec.loader
+        line_bench = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = line_bench
+        spec.loader.exec_module(line_bench)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    # Read 10 holding registers from unit 1 at 0 (CRC not checked here), read 10 coils: 5 + 2 x 10 and 5 + 2 bytes.
+    holding, coils = bytes.fromhex("01030000000a0000"), bytes.fromhex("01010000000a0000")
+    assert line_bench.response_length(holding) == 25
+    assert line_bench.response_length(coils) == 7
+    one = (8 + 25) * 11 / 9600 + 2 * 3.5 * 11 / 9600
+    assert line_bench.computed_limit([holding], 9600, 11) == pytest.approx(1 / one)
+    assert line_bench.computed_limit([holding, holding], 115200, 11) == pytest.approx(1 / (33 * 11 / 115200 + 0.0035))
