@@ -1,0 +1,81 @@
+"""The MCP/1 codec's promises at their edges: limits of the header fields, what its errors say, and resync."""
+
+from __future__ import annotations
+
+import pytest
+
+from drivers.mcp.codec import (
+    MAGIC,
+    MAX_LENGTH,
+    MAX_SEQ,
+    DecodeError,
+    Decoder,
+    Frame,
+    FrameType,
+    MalformedPayload,
+    NackCode,
+    encode,
+    seq_next,
+)
+
+
+class _Sized(bytes):
+    """A payload that reports `size` bytes: the 32-bit length edge without allocating 4 GiB."""
+
+    size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _payload_of(size: int) -> bytes:
+    payload = _Sized(b"")
+    payload.size = size
+    return payload
+
+
+# --- the header's fields ----------------------------------------------------------------------------
+
+
+def test_a_payload_of_exactly_the_length_fields_maximum_fits_and_one_more_byte_does_not() -> None:
+    assert len(Frame(FrameType.DATA, 1, _payload_of(MAX_LENGTH)).payload) == MAX_LENGTH
+    with pytest.raises(ValueError, match=rf"payload of {MAX_LENGTH + 1} bytes does not fit the 32-bit length field"):
+        Frame(FrameType.DATA, 1, _payload_of(MAX_LENGTH + 1))
+
+
+@pytest.mark.parametrize("ftype", [-1, 256])
+def test_a_frame_type_outside_a_byte_is_refused_saying_so(ftype: int) -> None:
+    with pytest.raises(ValueError, match=rf"^frame type must be 0\.\.255, got {ftype}$"):
+        Frame(ftype, 1)
+
+
+@pytest.mark.parametrize("seq", [-1, MAX_SEQ + 1])
+def test_a_seq_outside_32_bits_is_refused_saying_so(seq: int) -> None:
+    with pytest.raises(ValueError, match=rf"^seq must be 0\.\.{MAX_SEQ}, got {seq}$"):
+        Frame(FrameType.DATA, seq)
+    with pytest.raises(ValueError, match=rf"^seq must be 0\.\.{MAX_SEQ}, got {seq}$"):
+        seq_next(seq)
+
+
+def test_an_error_about_a_frame_whose_seq_is_unknown_carries_seq_0() -> None:
+    # MCP.md 3: seq 0 means "unknown"; a NACK for such an error must not name frame 1.
+    assert MalformedPayload("payload: not JSON").seq == 0
+    assert MalformedPayload("payload: not JSON", seq=9).seq == 9
+
+
+# --- resynchronisation --------------------------------------------------------------------------------
+
+
+def test_after_a_crc_error_the_search_resumes_at_the_first_magic_in_the_header_not_a_later_one() -> None:
+    """MCP.md 5: skip one byte past the bad frame's start and search: the first magic found is the next
+    candidate, even when the header holds a second one further on."""
+    # A header whose seq holds a magic at offset 5 and whose length is a magic at offset 10; the candidate at 5
+    # has version 01 (offset 9), the one at 10 has version 02 (offset 14). The length is under max_payload and
+    # the payload received so far holds the next frame's magic: a corrupted frame, answered NACK 1.
+    bad = MAGIC + bytes([1, 0x55, 0xAA, 0x55, 0xAA, 0x01]) + MAGIC + bytes([0x02, 0, 0, 0, 0, 0])
+    stream = bad + encode(Frame(FrameType.HEARTBEAT, 7))
+    assert Decoder(MAX_LENGTH).feed(stream) == [
+        DecodeError(NackCode.CRC_MISMATCH, 0xAA55AA01, fatal=False),  # the frame at 0, its payload holds a magic
+        DecodeError(NackCode.CRC_MISMATCH, 0xAA55AA02, fatal=False),  # the candidate at 5: its CRC is wrong
+        DecodeError(NackCode.UNSUPPORTED_VERSION, 0, fatal=True),  # the candidate at 10: version 2
+    ]
