@@ -467,7 +467,7 @@ def report(runs: list[LineRun], headline: bool) -> None:
             round(best.reads_per_cycle, 2),
             "tx/cycle",
             ratio=best.reads_per_cycle / n_points if n_points else float("nan"),
-            versus=f"one read per point: {n_points} tx/cycle (one per table: {least})",
+            versus=f"computed from the config: one read per point {n_points} tx/cycle (one per table {least})",
             most=round(READS_SLACK * least / n_points, 3) if n_points else None,
         )
 
