@@ -176,7 +176,10 @@ async def test_dead_unit_goes_offline_and_is_probed_with_back_off(make_rig, clea
     assert dead.stats.transactions - tx0 == 1  # the probe at +2.1 s; the next is due at +6.2 s
     assert dead.stats.timeouts == dead.stats.transactions
     rate = (live.stats.cycles - cycles0) / elapsed
-    assert rate >= 0.9 * 20, rate  # 50 ms poll: 20 cycles/s; the probe costs one timeout
+    # 50 ms poll: 20 cycles/s on an idle machine (the probe costs one timeout). What this guards is that the dead
+    # unit no longer holds the line (its one probe above is the exact check): a dead unit still polled every
+    # 50 ms with a ~103 ms timeout leaves the neighbour ~7 cycles/s. >= 10 leaves room for a busy machine.
+    assert rate >= 10, rate
     assert live.online is True
     assert [s.online for s in rig.rec.states if s.device == "dead"] == [False]  # announced once
 
@@ -207,9 +210,10 @@ async def test_the_line_polls_other_units_while_a_failed_unit_settles(make_rig, 
     # Still one request per timeout + settle (the protection holds) ...
     assert silent.stats.transactions - tx0 <= elapsed / 0.2 + 1
     assert silent.stats.timeouts == silent.stats.transactions
-    # ... and the neighbour keeps half its rate (the line is free half the time), not one cycle per 200 ms.
+    # ... and the neighbour keeps polling meanwhile: ~50 cycles/s on an idle machine, 22-31 under stress-ng
+    # --cpu 2; a settle that held the whole line leaves it one cycle per 200 ms round (measured 5.0/s).
     rate = (live.stats.cycles - cycles0) / elapsed
-    assert rate >= 0.4 * 100, rate
+    assert rate >= 10, rate
     assert silent.online is not False
 
 
@@ -228,7 +232,9 @@ class TimedLink(ModbusLink):
         return data
 
 
-async def test_the_silence_between_frames_is_kept_to_the_fraction_of_a_millisecond(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+async def test_the_silence_between_frames_is_kept_to_the_fraction_of_a_millisecond(  # type: ignore[no-untyped-def]
+    make_rig, cleanup, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A fast line's t3.5 is 1.75 ms. Slept on asyncio's epoll loop it becomes 2-3 ms (the wait is rounded
     # up to whole milliseconds): at 115200 baud a tenth of the line. It must never be shorter either,
     # counted from the last byte heard to the next request.
@@ -246,17 +252,32 @@ async def test_the_silence_between_frames_is_kept_to_the_fraction_of_a_milliseco
     rig = await make_rig(cfg)
     cleanup.append(rig)
     link = TimedLink(rig.bus.cfg.port)
+    precise: list[float] = []
+    sleep_until = drivers.modbus.bus._sleep_until
+
+    def timed_wait(end: float) -> None:
+        precise.append(end)
+        sleep_until(end)
+
+    monkeypatch.setattr(drivers.modbus.bus, "_sleep_until", timed_wait)
     rig.bus = ModbusBus(rig.bus.cfg, rig.rec.sample, rig.rec.state, link=link)
     await rig.bus.start()
-    await asyncio.sleep(1.5)
+    # As many gaps as it takes, not as many as 1.5 s allow (a busy machine gets fewer).
+    deadline = time.monotonic() + 60
+    while len(link.reads) < 50 + 201:
+        assert time.monotonic() < deadline, len(link.reads)
+        await asyncio.sleep(0.05)
     reads = link.reads[50:]
     gaps = sorted(b[0] - a[1] for a, b in zip(reads, reads[1:], strict=False))
-    assert len(gaps) > 200, len(gaps)
-    assert gaps[0] >= 0.0015  # never early
+    assert gaps[0] >= 0.0015  # never early, however busy the machine
     median = gaps[len(gaps) // 2]
     print(f"gap 1.5 ms: {len(gaps)} gaps, shortest {gaps[0] * 1000:.3f} ms, median {median * 1000:.3f} ms")
-    # Rounded up to whole milliseconds the median is >= 2.05 ms; timed precisely ~1.6 ms (room for a busy machine).
-    assert median < 0.0015 + 0.00045, median
+    # Precise, not rounded up to whole milliseconds by asyncio's epoll wait (a median >= 2.05 ms): the silences
+    # are waited by the precise timer, which times to tens of microseconds on an idle machine (~1.6 ms median).
+    # How precise it is on a given machine is a speed figure: hil/bench/modbus_bench.py (figure 2, saturated
+    # line paced by the t3.5 gap) measures it; a busy machine delays any wait, so no wall bound here.
+    # (A silence already over when the next request is ready, as under load, needs no wait at all.)
+    assert precise, "the silences were not waited by the precise timer"
 
 
 async def test_exception_for_one_block_keeps_the_device_online(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
@@ -333,8 +354,13 @@ async def test_devices_are_probed_at_once_when_a_lost_port_opens_again(
     await bus.start()
     line = sim = None
     try:
-        await asyncio.sleep(3.2)  # four failed opens: the probe back-off is far beyond the next reopen
+        # Four failed opens (about 3.2 s on an idle machine; counted, not timed): the probe back-off is then far
+        # beyond the next reopen.
         device = bus.devices["d"]
+        deadline = time.monotonic() + 30
+        while bus.stats.reopen_attempts < 4:
+            assert time.monotonic() < deadline, bus.stats.reopen_attempts
+            await asyncio.sleep(0.02)
         assert device.online is False and device.next_probe > time.monotonic() + 5, device.backoff
         line = VirtualLine(link)
         line.start()
@@ -342,15 +368,16 @@ async def test_devices_are_probed_at_once_when_a_lost_port_opens_again(
             line.device_port, [SimSlave(1, [SimPoint("v", "holding", 0, cfg.devices[0].points[0].codec)])]
         )
         await sim.start()
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 10
         while not bus.port_open and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert bus.port_open
         opened = time.monotonic()
-        while not device.online and time.monotonic() < opened + 3:
+        while not device.online and time.monotonic() < opened + 10:
             await asyncio.sleep(0.02)
         assert device.online is True
-        assert time.monotonic() - opened < 1.0
+        # At once (one poll, well under a second on an idle machine), not at the backed-off probe >= 5 s away.
+        assert time.monotonic() - opened < 2.5
     finally:
         await bus.stop()
         if sim:
