@@ -47,51 +47,54 @@ class Module:
 
     name: str
     files: list[str]
-    # Globs of test files, relative to the tree; `test_<x>*.py` globs pick up new contract tests by name.
-    tests: list[str]
+    # Test folders, and a pytest -k expression choosing the module's test files (and tests) in them. The
+    # arguments stay the same when a test file is added (`test_spool_contract.py` matches `test_spool`),
+    # so that mutmut keeps its results for --keep instead of starting over.
+    folders: list[str]
+    keyword: str
     # mutmut mutant-name globs; empty means every mutant of `files` counts.
     functions: list[str] = field(default_factory=list)
-    # pytest -k expression to leave out slow tests that cannot see a mutant (they run a gateway subprocess).
-    keyword: str = ""
 
 
-# Tests are in-process only: a gateway or broker started as a subprocess imports the unmutated package.
+# Tests are in-process only: a gateway, broker or writer started as a subprocess imports the unmutated package.
 MODULES = [
     Module(
         "spool",
         ["bridge/spool.py", "bridge/spool_io.py"],
-        ["tests/bridge/test_buffers.py", "tests/bridge/test_spool*.py", "tests/bridge/test_state_files.py"],
-        keyword="not kill_9",  # the writer that is killed runs in a subprocess, on the unmutated spool
+        ["tests/bridge"],
+        # the kill -9 tests' writer runs in a subprocess, on the unmutated spool
+        "(test_buffers or test_spool or test_state_files) and not kill_9",
     ),
     Module(
         "outbox",
         ["bridge/outbox.py"],
-        ["tests/bridge/test_outbox*.py", "tests/security/test_outbox_ts.py"],
+        ["tests/bridge", "tests/security"],
+        "test_outbox",
     ),
     Module(
         "reload",
         ["gateway/reload.py"],
-        ["tests/gateway/test_reload_diff*.py", "tests/gateway/test_reload.py"],
-        keyword="diff",  # test_reload.py's other tests run whole gateways: slow, and a reload diff is all they use
+        ["tests/gateway"],
+        # test_reload.py's other tests run whole gateways: slow, and all they use of this module is the diff
+        "test_reload_diff or test_the_diff_names",
     ),
     Module(
         "mcp_codec",
         ["drivers/mcp/codec.py"],
-        ["tests/drivers/mcp/test_codec*.py", "tests/drivers/mcp/test_payload.py"],
+        ["tests/drivers/mcp"],
+        "test_codec or test_payload",
     ),
     Module(
         "mcp_session",
         ["drivers/mcp/session.py"],
-        [
-            "tests/drivers/mcp/test_server.py",
-            "tests/drivers/mcp/test_hostile_session.py",
-            "tests/drivers/mcp/test_session*.py",
-        ],
+        ["tests/drivers/mcp"],
+        "test_server.py or test_hostile_session or test_session",
     ),
     Module(
         "acl",
         ["bridge/broker_auth.py"],
-        ["tests/bridge/test_broker_auth*.py", "tests/bridge/test_acl*.py"],
+        ["tests/bridge"],
+        "test_broker_auth or test_acl",
         # Only the ACL: topic matching, the per-user access and the topic plugin, not logins or the users file.
         functions=[
             "bridge.broker_auth.x_covers__mutmut_*",
@@ -104,12 +107,14 @@ MODULES = [
     Module(
         "modbus_codec",
         ["drivers/modbus/codec.py"],
-        ["tests/drivers/modbus/test_codec*.py"],
+        ["tests/drivers/modbus"],
+        "test_codec",
     ),
     Module(
         "planner",
         ["drivers/modbus/planner.py"],
-        ["tests/drivers/modbus/test_planner*.py"],
+        ["tests/drivers/modbus"],
+        "test_planner",
     ),
 ]
 
@@ -159,15 +164,9 @@ def fingerprint(diff: str) -> str:
     return hashlib.sha256("\n".join(changed).encode()).hexdigest()[:10]
 
 
-def selected_tests(module: Module) -> list[str]:
-    """The module's test files that exist now, relative to the tree."""
-    found: list[str] = []
-    for pattern in module.tests:
-        for path in sorted(TREE.glob(pattern)):
-            rel = path.relative_to(TREE).as_posix()
-            if rel not in found:
-                found.append(rel)
-    return found
+def selection(module: Module) -> list[str]:
+    """The pytest arguments choosing the module's tests."""
+    return [*module.folders, "-k", module.keyword]
 
 
 def skipped(name: str) -> bool:
@@ -189,18 +188,12 @@ def prepare(module: Module, folder: Path, keep: bool) -> None:
             shutil.copytree(entry, target, ignore=SKIP_ANY, dirs_exist_ok=True, copy_function=shutil.copy2)
         else:
             shutil.copy2(entry, target)
-    tests = selected_tests(module)
-    if not tests:
-        raise SystemExit(f"{module.name}: none of {module.tests} exists")
-    test_args = list(tests)
-    if module.keyword:
-        test_args += ["-k", module.keyword]
     others = sorted(e.name for e in TREE.iterdir() if not skipped(e.name) and e.name not in SOURCE_PACKAGES)
     section = {
         "source_paths": SOURCE_PACKAGES,
         "only_mutate": module.files,
         "also_copy": others,
-        "pytest_add_cli_args_test_selection": test_args,
+        "pytest_add_cli_args_test_selection": selection(module),
         "pytest_add_cli_args": ["-p", "no:cacheprovider"],
         # Timeouts are judged on CPU time, so a busy machine does not turn slow tests into timeouts.
         "timeout_multiplier": 15.0,
@@ -276,7 +269,7 @@ def run_module(module: Module, args: argparse.Namespace, equivalents: list[Equiv
     elif module.functions:
         names = list(module.functions)
     start = time.monotonic()
-    print(f"{module.name}: mutating {', '.join(module.files)}; tests {' '.join(selected_tests(module))}", flush=True)
+    print(f"{module.name}: mutating {', '.join(module.files)}; tests {' '.join(selection(module))}", flush=True)
     done = mutmut(folder, "run", "--max-children", str(args.max_children), *names, log=log)
     seconds = time.monotonic() - start
     status = results(module, folder)

@@ -236,6 +236,9 @@ def test_session_settings_and_home_assistant_are_applied_as_a_whole() -> None:
 def test_listen_and_tls_are_restarts_not_session_settings() -> None:
     old, new = changed(lambda d: d["mcp"].update(listen="127.0.0.1:7799"))
     assert diff(old, new).other == []
+    old, new = changed(lambda d: d["mcp"].update(tls={"cert": "/etc/fg/c.pem", "key": "/etc/fg/k.pem"}))
+    assert diff(old, new).other == []
+    assert diff(old, new).restart_needed == ["mcp.tls"]
 
 
 def test_changes_is_true_when_anything_is_in_it() -> None:
