@@ -58,6 +58,8 @@ SYNCS = ("fsync", "fdatasync")
 # test fail (no read of the frame found), not pass.
 TRACED = "recvfrom,recvmsg,sendto,sendmsg,write,writev,pwrite64,pwritev,fsync,fdatasync"
 
+# Two sinks, the second much slower to commit: an ACK that waited for the first sink alone would leave
+# long before the second's fsync, and the trace would show it.
 CONFIG = """
 gateway: {{id: dur, state_dir: {state}, http: "127.0.0.1:{http}"}}
 broker: {{enabled: false}}
@@ -67,7 +69,7 @@ northbound:
     spool: {{commit_window: 20ms}}
   - name: backup
     url: mqtt://127.0.0.1:{dead}
-    spool: {{commit_window: 20ms}}
+    spool: {{commit_window: 250ms}}
 mcp:
   listen: 127.0.0.1:{mcp}
   devices:
