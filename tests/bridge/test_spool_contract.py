@@ -112,6 +112,22 @@ def test_more_returned_entries_than_one_query_holds_all_come_back(tmp_path: Path
 # --- expiry and the scans behind it ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("returned", [1, 2])
+def test_returned_entries_that_expire_are_not_handed_out_again(tmp_path: Path, returned: int) -> None:
+    clock = Clock(1000.0)
+    spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, max_age=10.0, clock=clock)
+    try:
+        spool.add(msgs(3))
+        spool.reject([e.id for e in spool.take(3)][:returned])  # back in line, waiting to be taken again
+        clock.now = 1020.0
+        assert spool.expire(clock.now) == 3
+        assert spool.take(5) == []
+        spool.add(msgs(1, 3))
+        assert [e.id for e in spool.take(5)] == [4]
+    finally:
+        spool.close()
+
+
 def test_expiry_reaches_past_the_first_chunk_of_rows_and_stops_at_the_first_young_one(tmp_path: Path) -> None:
     clock = Clock(1000.0)
     spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, max_age=100.0, clock=clock)
@@ -428,21 +444,30 @@ def test_a_fresh_file_opened_late_still_gets_what_the_damaged_one_held(
     payloads = fill_with_drops(path, clock)
     spool = open_with_damage_to_come(path, clock)
     real_lock = spool_module.lock_file
+    mono = Monotonic()
+    monkeypatch.setattr(spool_module, "time", types.SimpleNamespace(monotonic=mono.monotonic))
 
     def failing_lock(p: Path, name: str) -> int:
         raise SpoolStorageError(f"{name}: cannot open {p}: [Errno 30] Read-only file system")
 
+    refused = r"^spool spool\.db: no fresh spool in place of a corrupt one: spool spool\.db: cannot open "
     try:
         held = spool.stats().count
         damage_middle_page(path)
         monkeypatch.setattr(spool_module, "lock_file", failing_lock)
-        with pytest.raises(SpoolStorageError, match="no fresh spool in place of a corrupt one"):
+        with pytest.raises(SpoolStorageError, match=refused):
             spool.take(3000)
-        # Within ROTATE_INTERVAL: the same refusal, at once.
-        with pytest.raises(SpoolStorageError, match="no fresh spool in place of a corrupt one"):
+        mono.now += spool_module.ROTATE_INTERVAL - 0.5
+        with pytest.raises(SpoolStorageError, match=refused):  # within ROTATE_INTERVAL: the same refusal, at once
+            spool.add(msgs(1))
+        mono.now += 0.5  # exactly ROTATE_INTERVAL after the rotation: tried again, and it fails again
+        with pytest.raises(SpoolStorageError, match=r"^spool spool\.db: cannot open "):
+            spool.add(msgs(1))
+        mono.now += 1.0  # the interval counts from that attempt now
+        with pytest.raises(SpoolStorageError, match=refused):
             spool.add(msgs(1))
         monkeypatch.setattr(spool_module, "lock_file", real_lock)
-        monkeypatch.setattr(spool_module, "ROTATE_INTERVAL", 0.0)
+        mono.now += spool_module.ROTATE_INTERVAL - 1.0
         with caplog.at_level(logging.INFO, logger="bridge.spool"):
             entries = spool.take(3000)
         assert f"spool spool.db: a fresh spool file is open again at {path}" in [r.getMessage() for r in caplog.records]
