@@ -322,7 +322,9 @@ async def test_watchdog_pings_at_half_of_watchdog_usec(
     async with running(write_config(tmp_path)):
         pings = await notify_socket.wait_for("WATCHDOG", count=6, timeout=5)
     gaps = [b.at - a.at for a, b in zip(pings, pings[1:], strict=False)]
-    assert 0.17 < statistics.median(gaps) < 0.26, gaps
+    # Every 200 ms (half of WatchdogSec): a median under 0.3 s tells it from pinging at WatchdogSec (0.4 s) with
+    # room for a busy machine's late timers; never more often than the interval (load cannot make it sooner).
+    assert 0.17 < statistics.median(gaps) < 0.3, gaps
     assert max(gaps) < 0.4, gaps  # never as late as WatchdogSec itself
 
 
@@ -460,12 +462,14 @@ async def test_an_idle_line_stays_fresh_between_polls_minutes_apart(tmp_path: Pa
     await bus.start()
     try:
         oldest = 0.0
-        end = time.monotonic() + 2.5
+        end = time.monotonic() + 4.0
         while time.monotonic() < end:
             oldest = max(oldest, time.monotonic() - bus.alive_at)
             assert check(time.monotonic()) is None
             await asyncio.sleep(0.05)
-        assert oldest < 1.3, oldest  # ALIVE_TICK is 1 s
+        # ALIVE_TICK is 1 s (1.0-1.3 s seen on an idle machine); a task that did not tick would reach the whole
+        # 4 s window, so 2.5 s leaves a busy machine room and still tells the two apart.
+        assert oldest < 2.5, oldest
         assert bus.stats.transactions == 1  # polled once: the ticks are not polls
         assert 5.0 < bus.alive_limit < 10.0  # the 3 s open, a tick and slack: no false alarm, no endless wait
         # What the check says once the task stops moving.
@@ -490,12 +494,12 @@ async def test_a_line_waiting_to_reopen_its_port_stays_fresh(tmp_path: Path) -> 
         await asyncio.sleep(0.3)
         attempts = bus.stats.reopen_attempts
         oldest = 0.0
-        end = time.monotonic() + 2.5
+        end = time.monotonic() + 4.0
         while time.monotonic() < end:
             oldest = max(oldest, time.monotonic() - bus.alive_at)
             await asyncio.sleep(0.05)
         assert attempts == 1 and bus.stats.reopen_attempts == 1  # still backing off
-        assert oldest < 1.3, oldest
+        assert oldest < 2.5, oldest  # ticks every 1 s while it backs off (16 s), as above
     finally:
         await bus.stop()
 

@@ -182,7 +182,10 @@ async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and
             await asyncio.sleep(max(0.0, UNPLUG_SECONDS - (time.monotonic() - pulled)))
             # While it was out, the MCP device went on being served and the spool only grew.
             acked_during, spooled_during = len(sender.acked) - acked_before, spool_rows(spool)
-            assert acked_during >= UNPLUG_SECONDS / 0.05 * 0.5, (acked_during, sender.nacked)
+            # 100 in a 5 s unplug on an idle machine (one every 50 ms). The promise is that MCP goes on being served
+            # while the Modbus adapter is out, not at what rate a busy machine sends: a gateway stuck on the
+            # lost port would ACK none, so a tenth of the nominal count is a generous bound that still catches it.
+            assert acked_during >= UNPLUG_SECONDS / 0.05 * 0.1, (acked_during, sender.nacked)
             assert sender.nacked == {}
             assert spooled_during[: len(spooled_before)] == spooled_before
             assert len(spooled_during) > len(spooled_before)
@@ -200,7 +203,11 @@ async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and
                 "devices back online after the replug",
             )
             recovered = time.monotonic() - plugged
-            assert time.monotonic() - reopened < 2.0
+            # Polled at once when the port is back (100 ms polls), not when the probes' back-off, built up over
+            # the unplug, comes round (seconds); 2 s was the bound, 4 s leaves room for load. The exact check of
+            # this promise, with a back-off made >= 5 s, is test_bus.py's
+            # test_devices_are_probed_at_once_when_a_lost_port_opens_again.
+            assert time.monotonic() - reopened < 4.0
             # Fresh values, not stale ones: the slaves change every register and MQTT follows.
             switched = now_ms()
             for unit in UNITS:
