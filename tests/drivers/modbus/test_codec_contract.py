@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
+from typing import Any
 
 import pytest
 
@@ -30,7 +32,7 @@ def test_text_keeps_its_own_last_letters_and_drops_only_nul_and_space_padding() 
 
 def test_string_takes_its_length_as_a_keyword_as_well_as_in_the_type() -> None:
     assert PointCodec.parse("string", length=4) == PointCodec.parse("string:4")
-    with pytest.raises(CodecError, match=r"needs a length: string:N"):
+    with pytest.raises(CodecError, match=r"^type 'string' needs a length: string:N$"):
         PointCodec.parse("string")
 
 
@@ -72,3 +74,54 @@ def test_a_scaled_value_that_overflows_is_refused_with_the_range() -> None:
     # A float whose unscaled value is infinite.
     with pytest.raises(CodecError, match=r"^value 1e\+308 does not fit int16 \(-32768\.\.32767\)$"):
         PointCodec("int16", scale=1e-10).encode(1e308)
+
+
+# --- configuration refusals: each problem named, all of them at once --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"type": "float16"},
+            "unknown type 'float16'; expected one of bool, int16, uint16, int32, uint32, int64, uint64, float32, "
+            "float64, string, bitfield",
+        ),
+        (
+            {"type": "string:4"},
+            "unknown type 'string:4'; expected one of bool, int16, uint16, int32, uint32, int64, uint64, float32, "
+            "float64, string, bitfield (use PointCodec.parse for 'string:N')",
+        ),
+        ({"type": "string", "length": True}, "bad string point: string length must be an integer >= 1, got True"),
+        ({"type": "string", "length": 1.5}, "bad string point: string length must be an integer >= 1, got 1.5"),
+        ({"type": "bool", "scale": "x"}, "bad bool point: scale must be a number, got 'x'"),
+        (
+            {"type": "int16", "scale": 0, "length": 2},
+            "bad int16 point: length applies only to string points, not int16; scale must not be 0",
+        ),
+        ({"type": "bitfield"}, "bad bitfield point: a bitfield needs at least one (bit, name) pair"),
+        ({"type": "bitfield", "bits": ["ab"]}, "bad bitfield point: 'ab' is not a (bit, name) pair"),
+        ({"type": "bitfield", "bits": [5]}, "bad bitfield point: 5 is not a (bit, name) pair"),
+        (
+            {"type": "bitfield", "bits": [(1,), (16, "b")]},
+            "bad bitfield point: (1,) is not a (bit, name) pair; bit 16 is not a bit number 0..15",
+        ),
+        ({"type": "bitfield", "bits": [(True, "a")]}, "bad bitfield point: bit True is not a bit number 0..15"),
+    ],
+    ids=[
+        "unknown type",
+        "string:N to the constructor",
+        "bool length",
+        "float length",
+        "scale not a number",
+        "two problems",
+        "no bits",
+        "text as a pair",
+        "number as a pair",
+        "bad pair then bad bit",
+        "bool bit",
+    ],
+)
+def test_a_bad_point_config_is_refused_with_every_problem_and_only_those(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(CodecError, match=f"^{re.escape(message)}$"):
+        PointCodec(**kw)
