@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -167,11 +168,18 @@ async def test_ctrl_c_and_sigterm_to_the_group_leave_the_gateway_its_broker_for_
     # Said ready: its SIGTERM handler is in place already (the kernel lists the signal as caught).
     assert _signal_mask(pid, "SigCgt") & (1 << (signal.SIGTERM - 1)), "ready before its SIGTERM handler"
     nudges: list[str] = []
-    for name in ("terminate", "kill"):
+
+    def noted(name: str) -> Callable[[asyncio.subprocess.Process], None]:
         real = getattr(asyncio.subprocess.Process, name)
-        monkeypatch.setattr(
-            asyncio.subprocess.Process, name, lambda self, _r=real, _n=name: (nudges.append(_n), _r(self))[1]
-        )
+
+        def nudge(self: asyncio.subprocess.Process) -> None:
+            nudges.append(name)
+            real(self)
+
+        return nudge
+
+    for name in ("terminate", "kill"):
+        monkeypatch.setattr(asyncio.subprocess.Process, name, noted(name))
     try:
         # What a terminal's Ctrl-C and `systemctl stop` do: signal every process of the group at once, here
         # right after `ready` (a child that took its SIGTERM handler after saying ready died of this).
