@@ -1,0 +1,238 @@
+"""The outbox's contract at its edges, on a real MqttSink and the embedded broker: flush's answer, the figures
+it reports, how often a refused spooled entry is offered, the rate of its error logs, and its side tasks.
+
+test_outbox.py and test_outbox_faults.py cover the ways messages take; these hold the figures and limits
+that those leave free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import outbox as outbox_module
+from bridge.broker import EmbeddedBroker
+from bridge.buffer import MemoryBuffer
+from bridge.outbox import REPLAY_ATTEMPTS, Outbox
+from bridge.sink import MqttSink
+from bridge.spool import SpoolStorageError, SQLiteSpool
+from gateway.types import Message
+
+from helpers import Subscriber, TcpRelay, until
+
+P = "fg/contract"
+
+
+@contextlib.asynccontextmanager
+async def down_sink(port: int) -> AsyncIterator[tuple[MqttSink, TcpRelay]]:
+    """A started sink whose way to the broker is cut until `link.start()`."""
+    link = TcpRelay(port)
+    sink = MqttSink("up", f"mqtt://127.0.0.1:{link.port}", P, client_id=f"contract-{time.monotonic_ns()}")
+    await sink.start()
+    try:
+        yield sink, link
+    finally:
+        await sink.stop()
+        await link.close()
+
+
+def msg(i: int, topic: str = "seq", **kw: Any) -> Message:
+    """Message number i."""
+    return Message(topic, b"%d" % i, ts=1_000_000 + i, **kw)
+
+
+class Clock:
+    """A wall clock the test sets."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_health_says_not_started_then_nothing_then_stopped(broker: EmbeddedBroker, port: int) -> None:
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, MemoryBuffer())
+        assert box.health() == "not started"
+        await box.start()
+        assert box.health() is None
+        await box.stop()
+        assert box.health() == "stopped"
+
+
+async def test_flush_is_false_while_a_commit_still_waits_and_true_once_it_is_done(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=1.0)
+        await box.start()
+        try:
+            stored = box.enqueue(msg(1))  # offline: waits for the commit, 1 s of gathering away
+            assert await box.flush(0.05) is False
+            assert not stored.done()
+            assert await box.flush(30) is True
+            # Not checked at once: the commit loop empties the pending list one step before the commit task
+            # counts the batch as committing, and flush can look in between (a gap in flush itself).
+            await asyncio.wait_for(stored, 10)
+        finally:
+            await box.stop()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_figures_are_the_outboxs_counts_and_its_spools(
+    broker: EmbeddedBroker, port: int, tmp_path: Path, kind: str
+) -> None:
+    spool_clock = Clock(5000.0)
+    buffer = (
+        MemoryBuffer(clock=spool_clock)
+        if kind == "memory"
+        else SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, clock=spool_clock)
+    )
+    box_clock = Clock(5012.34)
+    async with down_sink(port) as (sink, _link):
+        box = Outbox(sink, buffer, commit_window=0.01, clock=box_clock)
+        await box.start()
+        try:
+            await asyncio.gather(*(box.enqueue(msg(i)) for i in range(3)))
+            assert await box.flush(10)  # the commit's bookkeeping is done too
+            st = buffer.stats()
+            figures = box.figures()
+            assert figures == {
+                "queued": 0,
+                "spool_messages": 3,
+                "spool_bytes": st.bytes,
+                "spool_oldest_age_s": 12.3,  # the outbox's now less the oldest entry's queue time
+                "dropped": 0,
+                "spool_commits": st.commits,
+                "spool_fsyncs": st.fsyncs,
+                "spool_bytes_written": st.bytes_written,
+                "live": 0,
+                "spooled": 3,
+                "replayed": 0,
+                "coalesced": 0,
+                "refused": 0,
+                "undeliverable": 0,
+            }
+            assert st.bytes > 0 and (kind == "memory" or st.commits >= 1)
+            box_clock.now = 4000.0  # a clock stepped back: an age is never negative
+            assert box.figures()["spool_oldest_age_s"] == 0.0
+        finally:
+            await box.stop()
+
+
+async def test_a_refused_spooled_entry_is_offered_exactly_replay_attempts_times(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(0), 1), (Message("bad/+/topic", b"x"), 2), (msg(1), 3)])  # paho will not publish a wildcard
+    spool.close()
+    offers: list[str] = []
+    async with down_sink(port) as (sink, link):
+        real = sink.try_publish
+
+        def counting(message: Message) -> Any:
+            offers.append(message.topic)
+            return real(message)
+
+        sink.try_publish = counting  # type: ignore[method-assign]
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.02, replay_rate=50)
+        await box.start()
+        try:
+            await link.start()
+            await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
+            await until(lambda: box.backlog == 0, 10, "the backlog to drain")
+        finally:
+            await box.stop()
+    assert offers.count("bad/+/topic") == REPLAY_ATTEMPTS
+    assert box.stats.undeliverable == 1 and box.figures()["dropped"] == 1
+    [line] = [r for r in caplog.records if "dropped spooled message" in r.getMessage()]
+    assert line.levelno == logging.ERROR
+    assert line.getMessage().startswith(
+        f"sink up: dropped spooled message 2 to 'bad/+/topic': refused {REPLAY_ATTEMPTS} times: "
+    )
+
+
+class FailingSpool(SQLiteSpool):
+    """A real spool whose chosen calls fail as a full or broken disk makes them fail."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.takes = 0
+        self.fail_takes = False
+        self.fail_forget = False
+
+    def take(self, n: int) -> Any:
+        self.takes += 1
+        if self.fail_takes:
+            raise SpoolStorageError("spool s: cannot read: disk I/O error")
+        return super().take(n)
+
+    def forget_retained(self, topic: str, through_id: int) -> int:
+        if self.fail_forget:
+            raise SpoolStorageError("spool s: cannot write: database or disk is full")
+        return super().forget_retained(topic, through_id)
+
+
+async def test_a_spool_that_keeps_failing_the_replay_is_logged_once_per_interval(
+    broker: EmbeddedBroker,
+    port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.01)
+    caplog.set_level(logging.ERROR, logger="bridge.outbox")
+    async with down_sink(port) as (sink, link):
+        spool = FailingSpool(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01)
+        await box.start()
+        try:
+            await box.enqueue(msg(1))
+            spool.fail_takes = True
+            await link.start()
+            await until(lambda: spool.takes >= 5, 10, "the replay to try again and again")
+            paused = [r.getMessage() for r in caplog.records if "replay paused" in r.getMessage()]
+            assert paused == ["sink up: replay paused: spool s: cannot read: disk I/O error"]
+            assert box.health() is None  # the loop goes on, it is not dead
+            monkeypatch.setattr(outbox_module, "REFUSAL_LOG_INTERVAL", 0.0)
+            takes = spool.takes
+            await until(lambda: spool.takes >= takes + 2, 10, "two more tries")
+            assert sum("replay paused" in r.getMessage() for r in caplog.records) >= 2  # every time, with no interval
+            spool.fail_takes = False
+            await until(lambda: box.backlog == 0, 10, "the replay once the spool reads again")
+        finally:
+            await box.stop()
+
+
+async def test_a_failing_removal_of_older_retained_states_is_logged_and_delivery_goes_on(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge.outbox")
+    async with down_sink(port) as (sink, link):
+        spool = FailingSpool(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01, replay_rate=0.5)
+        await box.start()
+        try:
+            await box.enqueue(msg(10, "value", retain=True))  # spooled: the link is down
+            spool.fail_forget = True
+            await link.start()
+            assert await sink.wait_connected(10)
+            # Acknowledged live, newer than the spooled state: the older one is removed in the background.
+            await asyncio.wait_for(box.enqueue(msg(20, "value", retain=True)), 10)
+            await until(lambda: any("disk is full" in r.getMessage() for r in caplog.records), 10, "the warning")
+            assert [r.getMessage() for r in caplog.records if "disk is full" in r.getMessage()] == [
+                "sink up: spool s: cannot write: database or disk is full"
+            ]
+            await asyncio.wait_for(box.enqueue(msg(21, "other")), 10)
+            assert box.health() is None
+        finally:
+            await box.stop()
