@@ -99,3 +99,12 @@ async def test_the_plugin_refuses_what_it_cannot_attribute_and_lets_the_gateway_
     for action in (Action.SUBSCRIBE, Action.PUBLISH, Action.RECEIVE):
         assert await strict.topic_filtering(session=gateway, topic="$SYS/x", action=action) is True
     assert await strict.topic_filtering(session=session("bob"), topic="plant/x", action=Action.RECEIVE) is False
+
+
+async def test_the_per_delivery_check_remembers_a_bounded_number_of_answers() -> None:
+    # RECEIVE is asked per message delivered: a client that publishes ever new topics must not grow the cache.
+    acl = plugin(BrokerAuth("users", acl={"alice": ALICE}))
+    alice = session("alice")
+    for n in range(5000):
+        await acl.topic_filtering(session=alice, topic=f"plant/pump-{n}/flow", action=Action.RECEIVE)
+    assert acl._receive.cache_info().currsize <= 4096
