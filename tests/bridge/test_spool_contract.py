@@ -18,6 +18,7 @@ import pytest
 
 from bridge import spool as spool_module
 from bridge import spool_io, statefiles
+from bridge.buffer import BufferFull
 from bridge.spool import SpoolCorrupt, SpoolEntryError, SpoolStorageError, SQLiteSpool
 from gateway.types import Message
 
@@ -475,5 +476,115 @@ def test_a_fresh_file_opened_late_still_gets_what_the_damaged_one_held(
         lost = held - len(entries)
         assert 0 < lost <= 40
         assert (spool.stats().count, spool.stats().dropped) == (len(entries), 7 + lost)
+    finally:
+        spool.close()
+
+
+# --- durability levels and the write accounting ----------------------------------------------------
+
+
+def synchronous(spool: SQLiteSpool) -> int:
+    """SQLite's synchronous level on the spool's connection now (2 = FULL, 1 = NORMAL)."""
+    return int(spool._db.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_adds_commit_with_full_sync_and_removals_with_normal(tmp_path: Path, meter_clock: Monotonic) -> None:
+    # What an MCP ACK stands on: an add is on disk when it returns (FULL), a removal may wait (NORMAL).
+    # The kernel's side of it (the fsyncs themselves) is checked under strace by test_durability_strace.py.
+    clock = Clock(1000.0)
+    spool = SQLiteSpool(
+        tmp_path / "spool.db",
+        min_free_bytes=0,
+        checkpoint_bytes=2**40,
+        max_age=10.0,
+        accept_sync_interval=1.0,
+        clock=clock,
+    )
+    try:
+        spool.add(msgs(3))
+        assert synchronous(spool) == 2
+        spool.take(1)
+        spool.accept([1])  # within accept_sync_interval of the add's sync
+        assert synchronous(spool) == 1
+        spool.add(msgs(1, 3))
+        assert synchronous(spool) == 2
+        fsyncs, commits = spool.stats().fsyncs, spool.stats().commits
+        clock.now = 1020.0
+        assert spool.expire(clock.now) == 3
+        assert synchronous(spool) == 1 and spool.stats().fsyncs == fsyncs  # expiry is a removal too
+        assert spool.stats().commits == commits + 1
+    finally:
+        spool.close()
+
+
+def test_an_entry_exactly_max_age_old_is_kept(tmp_path: Path) -> None:
+    clock = Clock(1000.0)
+    spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, max_age=10.0, clock=clock)
+    try:
+        spool.add(msgs(2))
+        commits = spool.stats().commits
+        assert spool.expire(1010.0) == 0
+        assert spool.stats().commits == commits  # nothing to remove: nothing written
+        assert spool.expire(1010.5) == 2
+        clock.now = 1020.0
+        spool.add(msgs(1, 2))
+        clock.now = 1025.0
+        spool.add(msgs(1, 3))
+        assert spool.expire(1035.0) == 1  # queued at 1020 goes; at 1025, exactly max_age old, stays
+        assert [e.id for e in spool.take(5)] == [4]
+        spool.add(msgs(1, 2))
+        clock.now = 1030.0
+        assert spool.expire(1040.5) == 2
+        assert spool.stats().dropped == 5  # the drops add up across expiries
+    finally:
+        spool.close()
+
+
+def test_the_write_meter_counts_the_wal_header_sync_of_each_fresh_wal(tmp_path: Path) -> None:
+    # Every add: one fsync of the WAL. With a checkpoint after each (checkpoint_bytes=1): two more for it,
+    # and one for the header of the WAL that the next add starts afresh.
+    steady = SQLiteSpool(tmp_path / "a.db", min_free_bytes=0, checkpoint_bytes=2**40)
+    churn = SQLiteSpool(tmp_path / "b.db", min_free_bytes=0, checkpoint_bytes=1)
+    try:
+        for spool, per_add in ((steady, 1), (churn, 4)):
+            spool.add(msgs(1))
+            before = spool.stats().fsyncs
+            spool.add(msgs(1, 1))
+            spool.add(msgs(1, 2))
+            assert spool.stats().fsyncs - before == 2 * per_add, spool.path.name
+    finally:
+        steady.close()
+        churn.close()
+
+
+def test_an_add_leaves_nothing_unsynced_for_expire_to_checkpoint(tmp_path: Path, meter_clock: Monotonic) -> None:
+    wal = tmp_path / "spool.db-wal"
+    spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, checkpoint_bytes=2**40, accept_sync_interval=1.0)
+    try:
+        spool.add(msgs(2))
+        fsyncs = spool.stats().fsyncs
+        meter_clock.now += 5
+        spool.expire(0)
+        assert spool.stats().fsyncs == fsyncs and wal.stat().st_size > 0  # no needless checkpoint
+    finally:
+        spool.close()
+
+
+def test_a_free_disk_floor_far_below_the_free_space_refuses_nothing(tmp_path: Path) -> None:
+    free = os.statvfs(tmp_path)
+    assert free.f_bavail * free.f_frsize > 64 * 1024**2, "the test wants 64 MiB free in its temp folder"
+    spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=1024**2)
+    try:
+        assert spool.add(msgs(2)) == [1, 2]
+    finally:
+        spool.close()
+
+
+def test_a_full_spool_that_rejects_says_what_did_not_fit(tmp_path: Path) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, when_full="reject", max_size=10_000)
+    try:
+        with pytest.raises(BufferFull) as full:
+            spool.add([(Message("big", b"x" * 6000), 0), (Message("big", b"x" * 6000), 1)])
+        assert re.fullmatch(r"spool spool\.db: 2 messages \(\d+ bytes\) do not fit in 10000 bytes", str(full.value))
     finally:
         spool.close()
