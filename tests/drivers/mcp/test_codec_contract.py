@@ -79,3 +79,13 @@ def test_after_a_crc_error_the_search_resumes_at_the_first_magic_in_the_header_n
         DecodeError(NackCode.CRC_MISMATCH, 0xAA55AA02, fatal=False),  # the candidate at 5: its CRC is wrong
         DecodeError(NackCode.UNSUPPORTED_VERSION, 0, fatal=True),  # the candidate at 10: version 2
     ]
+
+
+def test_the_last_bytes_of_a_decoded_frame_never_join_new_bytes_into_a_frame() -> None:
+    """A frame's CRC may be 55 AA; once the frame is decoded those bytes are spent, and only what follows them
+    (a lone 55, then AA 01 ...: no magic in the stream) may start the next frame."""
+    ack = encode(Frame(FrameType.ACK, 10313))
+    assert ack[-2:] == b"\x55\xaa"  # its CRC
+    decoder = Decoder()
+    assert decoder.feed(ack + b"\x55") == [Frame(FrameType.ACK, 10313)]
+    assert decoder.feed(encode(Frame(FrameType.HEARTBEAT, 7))[3:]) == []
