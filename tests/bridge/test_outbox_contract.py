@@ -19,7 +19,7 @@ import pytest
 
 from bridge import outbox as outbox_module
 from bridge.broker import EmbeddedBroker
-from bridge.buffer import MemoryBuffer
+from bridge.buffer import BufferFull, MemoryBuffer
 from bridge.outbox import REPLAY_ATTEMPTS, Outbox
 from bridge.sink import MqttSink
 from bridge.spool import SpoolStorageError, SQLiteSpool
@@ -236,3 +236,59 @@ async def test_a_failing_removal_of_older_retained_states_is_logged_and_delivery
             assert box.health() is None
         finally:
             await box.stop()
+
+
+async def test_a_replay_batch_skips_superseded_retained_states_and_sends_all_the_rest(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add(
+        [
+            (msg(0, "value", retain=True), 1),  # an older state: superseded by the next one
+            (msg(1, "value", retain=True), 2),
+            (msg(2), 3),
+            (msg(3), 4),
+        ]
+    )
+    spool.close()
+    async with down_sink(port) as (sink, link):
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.01, replay_rate=500)  # one batch
+        await box.start()
+        try:
+            await link.start()
+            await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
+            await until(lambda: box.backlog == 0, 10, "the whole batch to be settled")
+            assert [m.payload for m in subscriber.on(f"{P}/value")] == [b"1"]
+            assert [m.payload for m in subscriber.on(f"{P}/seq")] == [b"2", b"3"]
+            assert box.stats.replayed == 3
+        finally:
+            await box.stop()
+
+
+async def test_refusals_are_logged_with_their_counts_and_a_full_spool_only_as_a_warning(
+    broker: EmbeddedBroker, port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge.outbox")
+    huge = 2**64 - 1  # a ts beyond SQLite's int64: this message alone is refused
+    async with down_sink(port) as (sink, _link):
+        spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, when_full="reject", max_size=2000)
+        box = Outbox(sink, spool, commit_window=0.01)
+        await box.start()
+        try:
+            for i in range(3):
+                with pytest.raises(Exception, match="int64"):
+                    await asyncio.wait_for(box.enqueue(Message("seq", b"%d" % i, ts=huge)), 10)
+            await asyncio.wait_for(box.enqueue(Message("big", b"x" * 1200, ts=1)), 10)  # stored
+            monkeypatch.setattr(outbox_module, "REFUSAL_LOG_INTERVAL", 0.0)
+            with pytest.raises(BufferFull):  # no room left, and when_full: reject
+                await asyncio.wait_for(box.enqueue(Message("big", b"x" * 1200, ts=2)), 10)
+        finally:
+            await box.stop()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "not spooled" in r.getMessage()]
+    assert [level for level, _ in lines] == [logging.ERROR, logging.WARNING]
+    assert lines[0][1].startswith("sink up: 1 message(s) not spooled (1 so far): ")
+    assert "int64" in lines[0][1]
+    # The two refusals held back within the interval are counted in the next line, with the full one.
+    assert lines[1][1].startswith("sink up: 3 message(s) not spooled (4 so far): ")
+    assert box.stats.refused == 4
