@@ -89,3 +89,12 @@ def test_the_last_bytes_of_a_decoded_frame_never_join_new_bytes_into_a_frame() -
     decoder = Decoder()
     assert decoder.feed(ack + b"\x55") == [Frame(FrameType.ACK, 10313)]
     assert decoder.feed(encode(Frame(FrameType.HEARTBEAT, 7))[3:]) == []
+
+
+def test_feeding_a_decoder_that_stopped_at_a_fatal_error_says_the_session_must_close() -> None:
+    decoder = Decoder()
+    bad_version = bytearray(encode(Frame(FrameType.HEARTBEAT, 7)))
+    bad_version[4] = 2
+    assert decoder.feed(bad_version) == [DecodeError(NackCode.UNSUPPORTED_VERSION, 7, fatal=True)]
+    with pytest.raises(RuntimeError, match=r"^the MCP decoder stopped at a fatal error; the session must be closed$"):
+        decoder.feed(encode(Frame(FrameType.HEARTBEAT, 8)))
