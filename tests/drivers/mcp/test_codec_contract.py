@@ -98,3 +98,16 @@ def test_feeding_a_decoder_that_stopped_at_a_fatal_error_says_the_session_must_c
     assert decoder.feed(bad_version) == [DecodeError(NackCode.UNSUPPORTED_VERSION, 7, fatal=True)]
     with pytest.raises(RuntimeError, match=r"^the MCP decoder stopped at a fatal error; the session must be closed$"):
         decoder.feed(encode(Frame(FrameType.HEARTBEAT, 8)))
+
+
+def test_a_caller_that_stops_after_a_crc_error_loses_none_of_the_bytes_that_follow() -> None:
+    """`Decoder.events` may be left early; the next call goes on exactly where the last event ended."""
+    bad = bytearray(encode(Frame(FrameType.HEARTBEAT, 8)))
+    bad[-1] ^= 1  # its CRC: no magic after its first byte, so the resync drops all of it
+    decoder = Decoder()
+    events = decoder.events(encode(Frame(FrameType.HEARTBEAT, 7)) + bad)
+    assert next(events) == Frame(FrameType.HEARTBEAT, 7)
+    assert next(events) == DecodeError(NackCode.CRC_MISMATCH, 8, fatal=False)
+    # The caller stops here (it would close, or answer first) and comes back with the next bytes.
+    assert list(decoder.events(encode(Frame(FrameType.HEARTBEAT, 9)))) == [Frame(FrameType.HEARTBEAT, 9)]
+    assert decoder.pending == 0
