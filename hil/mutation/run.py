@@ -259,7 +259,7 @@ class Score:
         return caught / self.counted if self.counted else 0.0
 
 
-def run_module(module: Module, args: argparse.Namespace, equivalents: list[Equivalent]) -> Score:
+def run_module(module: Module, args: argparse.Namespace) -> Score:
     """Prepare, run mutmut, and score one module."""
     folder = WORK / module.name
     prepare(module, folder, keep=args.keep)
@@ -278,7 +278,8 @@ def run_module(module: Module, args: argparse.Namespace, equivalents: list[Equiv
         print(f"{module.name}: mutmut failed (exit {done.returncode}); its output is in {log}", file=sys.stderr)
         print("".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:]), file=sys.stderr)
         raise SystemExit(2)
-    listed = {e.mutant: e for e in equivalents if e.module == module.name}
+    # Read now, not at the start: the list may have grown while mutmut ran.
+    listed = {e.mutant: e for e in read_equivalents() if e.module == module.name}
     counts: Counter[str] = Counter()
     equivalent = 0
     survivors: list[tuple[str, str]] = []
@@ -336,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [m for m in MODULES if m.name in wanted]
     if args.nice:
         os.nice(args.nice)
-    equivalents = read_equivalents()
+    read_equivalents()  # a malformed line stops the run before it starts
     scores = []
     for module in chosen:
-        score = run_module(module, args, equivalents)
+        score = run_module(module, args)
         scores.append(score)
         print(f"{module.name}: {score.score:.1%} in {score.seconds:.0f} s", flush=True)
     print()
