@@ -111,3 +111,14 @@ def test_a_caller_that_stops_after_a_crc_error_loses_none_of_the_bytes_that_foll
     # The caller stops here (it would close, or answer first) and comes back with the next bytes.
     assert list(decoder.events(encode(Frame(FrameType.HEARTBEAT, 9)))) == [Frame(FrameType.HEARTBEAT, 9)]
     assert decoder.pending == 0
+
+
+def test_after_a_fatal_error_the_bytes_past_its_first_byte_stay_counted_as_undecoded() -> None:
+    heartbeat = encode(Frame(FrameType.HEARTBEAT, 7))
+    bad_version = bytearray(encode(Frame(FrameType.HEARTBEAT, 8)))
+    bad_version[4] = 2
+    decoder = Decoder()
+    assert decoder.feed(heartbeat + bad_version)[-1] == DecodeError(NackCode.UNSUPPORTED_VERSION, 8, fatal=True)
+    # Fatal errors consume one byte, like MCP.md's one-byte skip: the rest of the bad frame is not decoded.
+    assert decoder.pending == len(bad_version) - 1
+    assert decoder.has_partial
