@@ -113,12 +113,16 @@ def test_a_caller_that_stops_after_a_crc_error_loses_none_of_the_bytes_that_foll
     assert decoder.pending == 0
 
 
-def test_after_a_fatal_error_the_bytes_past_its_first_byte_stay_counted_as_undecoded() -> None:
+@pytest.mark.parametrize("fault", ["version", "length"])
+def test_after_a_fatal_error_the_bytes_past_its_first_byte_stay_counted_as_undecoded(fault: str) -> None:
     heartbeat = encode(Frame(FrameType.HEARTBEAT, 7))
-    bad_version = bytearray(encode(Frame(FrameType.HEARTBEAT, 8)))
-    bad_version[4] = 2
-    decoder = Decoder()
-    assert decoder.feed(heartbeat + bad_version)[-1] == DecodeError(NackCode.UNSUPPORTED_VERSION, 8, fatal=True)
+    bad = bytearray(encode(Frame(FrameType.DATA, 8, b'{"values":{"x":1}}')))
+    if fault == "version":
+        bad[4], code = 2, NackCode.UNSUPPORTED_VERSION
+    else:
+        bad[13], code = 0xFF, NackCode.FRAME_TOO_LARGE  # a length past max_payload
+    decoder = Decoder(max_payload=64)
+    assert decoder.feed(heartbeat + bad) == [Frame(FrameType.HEARTBEAT, 7), DecodeError(code, 8, fatal=True)]
     # Fatal errors consume one byte, like MCP.md's one-byte skip: the rest of the bad frame is not decoded.
-    assert decoder.pending == len(bad_version) - 1
+    assert decoder.pending == len(bad) - 1
     assert decoder.has_partial
