@@ -14,6 +14,7 @@ from drivers.mcp.codec import (
     FrameType,
     MalformedPayload,
     NackCode,
+    decode,
     encode,
     seq_next,
 )
@@ -126,3 +127,13 @@ def test_after_a_fatal_error_the_bytes_past_its_first_byte_stay_counted_as_undec
     # Fatal errors consume one byte, like MCP.md's one-byte skip: the rest of the bad frame is not decoded.
     assert decoder.pending == len(bad) - 1
     assert decoder.has_partial
+
+
+def test_a_magic_made_of_the_length_and_the_payload_is_no_reason_to_reject_a_frame() -> None:
+    """Only the payload is searched for the magic: a length ending in 55 (85 bytes) before a payload starting
+    AA 55 AA makes a 55 AA 55 AA across the two, and the frame is still good, however its bytes arrive."""
+    wire = encode(Frame(FrameType.DATA, 1, b"\xaa\x55\xaa" + b"x" * 82))
+    assert wire[13:17] == MAGIC
+    for cut in range(len(wire)):
+        decoder = Decoder()
+        assert decoder.feed(wire[:cut]) + decoder.feed(wire[cut:]) == [decode(wire)[1]], cut
