@@ -52,12 +52,14 @@ chromium:
 	$(SUDO) apt-get update -q; \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
-# Debian tools the tests run for real: strace (the durability test reads the kernel's fsyncs), shellcheck
-# (install.sh's lint), stress-ng (make test-stress). Each is checked by PATH and installed once if missing.
-TEST_TOOLS := strace shellcheck stress-ng
+# Debian tools the tests run for real, as command:package: strace (the durability test reads the kernel's
+# fsyncs), shellcheck (install.sh's lint), systemd-analyze (the unit file's check), stress-ng (make
+# test-stress). Each is checked by PATH and installed once if missing; under CI=true a test that lacks
+# one fails instead of skipping (tests/conftest.py).
+TEST_TOOLS := strace:strace shellcheck:shellcheck systemd-analyze:systemd stress-ng:stress-ng
 
 test-tools:
-	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	set -e; \
 	echo "installing Debian's$$missing for the test suite"; \
