@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -216,10 +215,15 @@ def rss_kb(pid: int | str = "self") -> int:
 
 
 def free_port() -> int:
-    """A TCP port on loopback that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on loopback that nobody listens on, reserved for this process (see tests/helpers.py).
+
+    Binding port 0 and releasing it leaves the port free for anyone until the server binds it: a bench run
+    beside the tests (or its own connections' source ports) could take it. The tests' free_port reserves
+    ports outside the ephemeral range with an flock that every test and bench process honours.
+    """
+    from tests.helpers import free_port as reserved_port  # late: the tests' helpers pull in paho and the drivers
+
+    return reserved_port()
 
 
 def subscribe(port: int, topic: str, on_message: Callable[[Any, Any, Any], None], timeout: float) -> mqtt.Client:
