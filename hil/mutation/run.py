@@ -262,21 +262,25 @@ class Score:
 def run_module(module: Module, args: argparse.Namespace) -> Score:
     """Prepare, run mutmut, and score one module."""
     folder = WORK / module.name
-    prepare(module, folder, keep=args.keep)
     log = folder / "mutmut.log"
-    names: list[str] = []
-    if args.keep and args.retry_survivors:
-        names = [n for n, s in results(module, folder).items() if s not in CAUGHT]
-    elif module.functions:
-        names = list(module.functions)
-    start = time.monotonic()
-    print(f"{module.name}: mutating {', '.join(module.files)}; tests {' '.join(selection(module))}", flush=True)
-    done = mutmut(folder, "run", "--max-children", str(args.max_children), *names, log=log)
-    seconds = time.monotonic() - start
+    seconds = 0.0
+    returncode = 0
+    if not args.report:
+        prepare(module, folder, keep=args.keep)
+        names: list[str] = []
+        if args.keep and args.retry_survivors:
+            names = [n for n, s in results(module, folder).items() if s not in CAUGHT]
+        elif module.functions:
+            names = list(module.functions)
+        start = time.monotonic()
+        print(f"{module.name}: mutating {', '.join(module.files)}; tests {' '.join(selection(module))}", flush=True)
+        returncode = mutmut(folder, "run", "--max-children", str(args.max_children), *names, log=log).returncode
+        seconds = time.monotonic() - start
     status = results(module, folder)
-    if done.returncode != 0 or not status:
-        print(f"{module.name}: mutmut failed (exit {done.returncode}); its output is in {log}", file=sys.stderr)
-        print("".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:]), file=sys.stderr)
+    if returncode != 0 or not status:
+        print(f"{module.name}: mutmut failed (exit {returncode}); its output is in {log}", file=sys.stderr)
+        if log.exists():
+            print("".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:]), file=sys.stderr)
         raise SystemExit(2)
     # Read now, not at the start: the list may have grown while mutmut ran.
     listed = {e.mutant: e for e in read_equivalents() if e.module == module.name}
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="reuse the module's work folder and mutmut's results")
     parser.add_argument("--retry-survivors", action="store_true", help="with --keep: run again the mutants not caught")
     parser.add_argument("--show", action="store_true", help="print the diff of every survivor")
+    parser.add_argument("--report", action="store_true", help="score the work folders as they are (a stopped run too)")
     args = parser.parse_args(argv)
     chosen = MODULES
     if args.only:
