@@ -137,3 +137,14 @@ def test_a_magic_made_of_the_length_and_the_payload_is_no_reason_to_reject_a_fra
     for cut in range(len(wire)):
         decoder = Decoder()
         assert decoder.feed(wire[:cut]) + decoder.feed(wire[cut:]) == [decode(wire)[1]], cut
+
+
+def test_a_frame_whose_magic_starts_in_the_last_three_bytes_of_a_bad_payload_is_found() -> None:
+    """A corrupted length may end the bad frame's payload 3 bytes into the next frame: the resync after its CRC
+    mismatch still finds that frame (the last magic that can start inside the payload starts 3 bytes from its end)."""
+    good = encode(Frame(FrameType.HEARTBEAT, 7))
+    bad = MAGIC + bytes([1, 2]) + (5).to_bytes(4, "big") + (20).to_bytes(4, "big") + b"x" * 17
+    assert Decoder().feed(bad + good) == [
+        DecodeError(NackCode.CRC_MISMATCH, 5, fatal=False),
+        Frame(FrameType.HEARTBEAT, 7),
+    ]
