@@ -160,7 +160,11 @@ async def test_a_broker_login_flood_does_not_hold_up_mcp_acks_and_is_counted(
             sent += sum(await asyncio.gather(*(wrong_logins(gw.mqtt_port, w, until) for w in range(40))))
         await asyncio.sleep(0.5)
     assert sent >= 40, sent
-    good.check(within=2.0, at_least=20)  # each ACK within 2 s, flood or not
+    # Each ACK within 10 s, flood or not. Measured here (2 cores, loaded by other work): a healthy gateway's
+    # slowest ACK during the flood 1.5 s, 5.4 s under `stress-ng --cpu 2` (the refused logins' TCP and MQTT
+    # handling, on the gateway's loop and on this process's, which runs the flood too); argon2 run on the
+    # gateway's loop instead of the login threads stalls the device past its 30 s DATA timeout (5 ACKs in all).
+    good.check(within=10.0, at_least=20)
     failures = sum(v for (name, _), v in (await gw.metrics()).items() if name == "fieldgate_broker_auth_failures_total")
     assert failures >= 1, "broker login failures are not on /metrics"
     assert gw.alive()
