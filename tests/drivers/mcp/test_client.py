@@ -178,9 +178,13 @@ async def test_window_of_32_outstanding(peer: Peer, make_client: MakeClient) -> 
     assert await client.wait_connected(2)
     sends = [asyncio.create_task(client.send({"i": i})) for i in range(33)]
     seqs = [(await peer.next(FrameType.DATA))[1].seq for _ in range(32)]
-    await asyncio.sleep(0.2)
-    assert len(peer.conns[0].of(FrameType.DATA)) == 32 and not any(t.done() for t in sends)
     conn = peer.conns[0]
+    # A heartbeat round trip on the same connection: a 33rd DATA, sent at once by all the sends started
+    # above, would be on the wire before the client's ACK of a heartbeat that reaches it only now.
+    await conn.send(Frame(FrameType.HEARTBEAT, 77))
+    _, ack = await peer.next(FrameType.ACK, timeout=5)
+    assert ack.seq == 77
+    assert len(conn.of(FrameType.DATA)) == 32 and not any(t.done() for t in sends)
     await conn.ack(seqs[0])
     _, last = await peer.next(FrameType.DATA, timeout=1)  # the 33rd goes out once a slot is free
     assert last.seq == 34 and sum(t.done() for t in sends) == 1
@@ -288,7 +292,10 @@ async def test_heartbeat_when_idle_and_gateway_heartbeat_acked(peer: Peer, make_
     await conn.send(Frame(FrameType.HEARTBEAT, 77))
     _, ack = await peer.next(FrameType.ACK, timeout=1)
     assert ack.seq == 77
-    await asyncio.sleep(0.4)
+    # The next heartbeat comes a heartbeat_s of silence later; a retransmission of the first (its ACK
+    # ignored) would come ack_timeout after it, so before that one, whatever the machine's speed.
+    _, second = await peer.next(FrameType.HEARTBEAT, timeout=5)
+    assert second.seq == 3, f"heartbeat seq {second.seq} again: its ACK was not taken"
     assert client.stats.retransmits == 0 and client.connected
 
 
