@@ -7,8 +7,11 @@ need them, so one gateway per test serves every variant.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import time
 from collections.abc import Awaitable, Callable
 
@@ -53,6 +56,15 @@ async def small_buffer_peer(port: int, source: str = "127.0.0.1") -> RawPeer:
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock)
     return RawPeer(reader, writer)
+
+
+def in_flight(peer: RawPeer, session: session_module.Session) -> int:
+    """Bytes `peer` wrote that the gateway's process has not received yet (in either socket or the peer's buffer)."""
+    sent = peer.writer.get_extra_info("socket").fileno()
+    received = session.writer.get_extra_info("socket").fileno()
+    queued = struct.unpack("i", fcntl.ioctl(sent, termios.TIOCOUTQ, b"\0" * 4))[0]
+    arrived = struct.unpack("i", fcntl.ioctl(received, termios.FIONREAD, b"\0" * 4))[0]
+    return int(peer.writer.transport.get_write_buffer_size()) + queued + arrived
 
 
 def shrink_send_buffer(server: McpServer, peer: RawPeer) -> session_module.Session:
@@ -268,7 +280,11 @@ async def test_a_peer_that_does_not_read_is_paused_then_closed_past_max_unread(m
     assert limit // 4 < session.unread <= limit
     in_before = server.totals.crc_errors
     peer.writer.write(chunk * 4)
-    await asyncio.sleep(0.3)
+    # Every byte handed to the gateway's process (none left in the peer's buffers nor in the gateway's socket),
+    # then a few turns of the loop: a read loop that was not paused would have taken them by then.
+    await until(lambda: in_flight(peer, session) == 0, 10, "the peer's bytes to reach the gateway's process")
+    for _ in range(10):
+        await asyncio.sleep(0)
     assert server.totals.crc_errors == in_before  # paused: nothing more read
     assert not session._closed
     # Once the peer reads, the session catches up and answers everything.
