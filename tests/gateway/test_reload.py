@@ -20,7 +20,7 @@ from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.reload import diff
 
-from helpers import GatewayProcess, Subscriber, free_port, subscribed
+from helpers import GatewayProcess, Received, Subscriber, free_port, subscribed
 from mcp_peer import RawPeer
 from mosquitto import Mosquitto
 
@@ -32,6 +32,17 @@ BOILER = (
 )
 PUMP = "{name: pump, unit: 2, poll: 100ms, points: [{name: level, table: holding, address: 5}]}"
 METER = "{name: meter, unit: 1, poll: 100ms, full_every: 200ms, points: [{name: kwh, table: holding, address: 0}]}"
+
+
+PUMP_STATUS = "fieldgate/t1/pump/status"
+
+
+async def marker(sub: Subscriber, topic: str) -> None:
+    """Publish a marker on `topic` from `sub` and wait for it to come back: the broker handles a client's
+    packets in order, so every retained message its earlier SUBSCRIBE was given has been delivered by then."""
+    payload = f"marker-{time.monotonic_ns()}".encode()
+    sub.publish(topic, payload)
+    await sub.wait_for(lambda ms: any(m.topic == topic and m.payload == payload for m in ms))
 
 
 def outbox_of(gw: Gateway, sink: str) -> Any:
@@ -121,18 +132,28 @@ async def test_a_device_removed_stops_publishing_goes_offline_and_its_values_are
         await early.next_on("fieldgate/t1/pump/level")  # retained: what the removal must clear
     path.write_text(config(port, [BOILER]))
     assert await gw.reload()
-    removed = time.monotonic()
-    await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/pump/status" and m.payload == b"offline" for m in ms))
-    await asyncio.sleep(0.6)  # six poll periods
-    assert [m for m in sub.on("fieldgate/t1/pump/telemetry") if m.at > removed + 0.2] == []
+
+    def offline_at(ms: list[Received]) -> int | None:
+        return next((i for i, m in enumerate(ms) if m.topic == PUMP_STATUS and m.payload == b"offline"), None)
+
+    cut = await sub.wait_for(lambda ms: offline_at(ms))
+    assert isinstance(cut, int)
+    # Three boiler telemetries after the `offline` (one every 200 ms, on the line the pump was on): a full poll
+    # cycle of that line lies between, and a pump still polled would have published in it.
+    await sub.wait_for(lambda ms: sum(m.topic == "fieldgate/t1/boiler/telemetry" for m in ms[cut + 1 :]) >= 3)
+    # After it only the clearing of the pump's retained values (empty payloads), no new value or telemetry.
+    assert [m for m in sub.messages[cut + 1 :] if m.topic.startswith("fieldgate/t1/pump/") and m.payload] == []
     assert gw.router is not None and "pump" not in gw.router.devices
-    await sub.next_on("fieldgate/t1/boiler/telemetry", after=time.monotonic())
     # A newcomer sees the retained `offline` and no stale value of a point nobody polls any more.
     async with subscribed(port, "fieldgate/t1/pump/#") as late:
-        await late.wait_for(lambda ms: any(m.topic == "fieldgate/t1/pump/status" for m in ms))
-        await asyncio.sleep(0.3)
+        await late.wait_for(lambda ms: any(m.topic == PUMP_STATUS for m in ms))
+        await marker(late, "fieldgate/t1/pump/test-marker")
         # (amqtt hands a new subscription retained messages beyond its filter: look at ours only.)
-        pump = {(m.topic, m.payload, m.retain) for m in late.messages if m.topic.startswith("fieldgate/t1/pump/")}
+        pump = {
+            (m.topic, m.payload, m.retain)
+            for m in late.messages
+            if m.topic.startswith("fieldgate/t1/pump/") and m.topic != "fieldgate/t1/pump/test-marker"
+        }
         assert pump == {("fieldgate/t1/pump/status", b"offline", True)}
 
 
@@ -152,7 +173,7 @@ async def test_a_changed_point_is_published_and_the_old_one_cleared(
     async with subscribed(port, "fieldgate/t1/boiler/+") as late:
         await late.next_on("fieldgate/t1/boiler/aux2")
         await late.next_on("fieldgate/t1/boiler/temp")  # kept: the point did not change
-        await asyncio.sleep(0.3)
+        await marker(late, "fieldgate/t1/boiler/test-marker")
         assert late.on("fieldgate/t1/boiler/aux") == []
 
 
