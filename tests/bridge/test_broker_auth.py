@@ -356,7 +356,9 @@ async def test_a_user_the_acl_does_not_name_logs_in_but_can_neither_read_nor_wri
         await asyncio.to_thread(alice.publish, "fg/t1/marker", "after")
         await asyncio.to_thread(gateway.publish, "fg/t1/plc/telemetry", "{}")
         await eventually(lambda: gateway.on("fg/t1/marker") and alice.on("fg/t1/plc/telemetry"))
-        await asyncio.sleep(0.5)  # a generous margin for a late delivery of carol's messages
+        # The markers above order gateway's and alice's deliveries; carol may read nothing, so nothing can
+        # mark hers: a generous wait (after the markers) for a late delivery to her.
+        await asyncio.sleep(1.0)
         assert [t for t, p in gateway.messages if p == b"666"] == []
         assert [t for t, p in alice.messages if p == b"666"] == []
         assert carol.messages == []
@@ -382,7 +384,10 @@ async def test_a_will_is_a_publish_and_needs_the_same_right(users: Path) -> None
         allowed.c.will_set("fg/t1/plc/set/sp", b"7", qos=1)
         assert await asyncio.to_thread(allowed.connect)  # a will within the user's rights is fine
         await asyncio.to_thread(allowed.close)
-        await asyncio.sleep(0.3)
+        # A marker on the same topic, published after both clients have gone: amqtt publishes a will when the
+        # connection ends, so bob's would be on its way before this.
+        await asyncio.to_thread(gateway.publish, "fg/t1/plc/set/sp", "marker")
+        await eventually(lambda: b"marker" in gateway.on("fg/t1/plc/set/sp"))
         assert b"666" not in gateway.on("fg/t1/plc/set/sp")
 
 
@@ -500,9 +505,15 @@ async def test_through_a_gateway_only_a_user_allowed_to_write_sets_a_point(
             await asyncio.to_thread(bob.publish, "fieldgate/t1/plc/set/sp", "55")  # PUBACKed, not delivered
             await asyncio.to_thread(alice.publish, "fieldgate/t1/plc/set/sp", "10")
             await eventually(lambda: bob.on("fieldgate/t1/plc/set/sp/result"))
-            await asyncio.sleep(0.3)  # room for a late result of bob's or carol's request, were it delivered
-            assert bob.on("fieldgate/t1/plc/set/sp/result") == [b'{"ok":true,"value":10,"error":null}']
-            assert sim.get(1, "sp") == 10
+            # A second request of alice's, after the first was answered: the gateway takes a point's requests
+            # one after the other, so a result of bob's or carol's, were they delivered, would be among these.
+            await asyncio.to_thread(alice.publish, "fieldgate/t1/plc/set/sp", "12")
+            await eventually(lambda: len(bob.on("fieldgate/t1/plc/set/sp/result")) >= 2)
+            assert bob.on("fieldgate/t1/plc/set/sp/result") == [
+                b'{"ok":true,"value":10,"error":null}',
+                b'{"ok":true,"value":12,"error":null}',
+            ]
+            assert sim.get(1, "sp") == 12
             assert carol.messages == []
         # Anonymous clients stay out, and a client that reuses the default sink client id disturbs nothing.
         assert not await logs_in(port)
