@@ -38,7 +38,7 @@ from gateway.errors import ConfigError
 from gateway.homeassistant import Discovery, configs, discovery_messages, removal_messages
 from gateway.types import Message
 
-from helpers import GatewayProcess, Received, free_port, subscribed, until
+from helpers import GatewayProcess, Received, Subscriber, free_port, subscribed, until
 from mosquitto import Mosquitto
 
 
@@ -738,6 +738,18 @@ def newest(messages: list[Received]) -> dict[str, Received]:
     return {m.topic: m for m in messages}
 
 
+#: A topic the gateway neither reads nor writes: the tests' own barrier.
+MARKER = "homeassistant/test-marker"
+
+
+async def marker(sub: Subscriber) -> None:
+    """Publish a (not retained) marker from `sub` and wait for it: a broker handles a client's packets in order,
+    so the retained messages its earlier SUBSCRIBE was given have all been delivered by then."""
+    payload = f"marker-{time.monotonic_ns()}".encode()
+    sub.publish(MARKER, payload)
+    await sub.wait_for(lambda ms: any(m.topic == MARKER and m.payload == payload for m in ms))
+
+
 async def retained_configs(port: int, expected: set[str]) -> dict[str, Received]:
     """The retained discovery configs a new subscriber gets, once every `expected` topic is among them."""
     deadline = time.monotonic() + 10
@@ -750,7 +762,7 @@ async def retained_configs(port: int, expected: set[str]) -> dict[str, Received]
                 if time.monotonic() > deadline:
                     raise
                 continue
-            await asyncio.sleep(0.2)  # a broker sends the retained set at once: nothing else is on its way
+            await marker(sub)
             return {t: m for t, m in newest(sub.messages).items() if m.retain}
 
 
@@ -821,8 +833,8 @@ async def test_a_point_gone_after_a_restart_has_its_config_removed(tmp_path: Pat
             await asyncio.wait_for(gw.discovery.removing, 5)
             async with subscribed(mosquitto.port, "homeassistant/#", "site/t1/status") as sub:
                 await sub.wait_for(lambda ms: any(m.topic == "site/t1/status" for m in ms))
-                await asyncio.sleep(0.2)
-                assert not [m for m in sub.messages if m.topic.startswith("homeassistant/")]
+                await marker(sub)
+                assert not [m for m in sub.messages if m.topic.startswith("homeassistant/") and m.topic != MARKER]
     assert json.loads(state.read_text()) == {"topics": []}
 
 
