@@ -235,12 +235,17 @@ def missing(expected: Iterable[int], messages: Iterable[Received], topic: str) -
 
 async def retained(port: int, topics: tuple[str, ...]) -> dict[str, object]:
     """What a subscriber that connects now is given on each topic (the retained values)."""
-    async with subscribed(port, *topics) as late:
+    marker = "test/marker"  # a topic the gateway neither reads nor writes
+    async with subscribed(port, *topics, marker) as late:
         await late.wait_for(lambda ms: {m.topic for m in ms} >= set(topics), timeout=5)
-        await asyncio.sleep(0.2)  # a stale duplicate would come right behind
-        assert all(m.retain for m in late.messages), [m.topic for m in late.messages if not m.retain]
-        assert len(late.messages) == len(topics), [(m.topic, m.payload) for m in late.messages]
-        return {m.topic: m.json() for m in late.messages}
+        # A marker from this subscriber, after its SUBSCRIBEs: the broker hands out the retained set before it
+        # takes the next packet, so a stale duplicate in that set would be here before the marker comes back.
+        late.publish(marker, b"after")
+        await late.wait_for(lambda ms: any(m.topic == marker for m in ms), timeout=5)
+        got = [m for m in late.messages if m.topic != marker]
+        assert all(m.retain for m in got), [m.topic for m in got if not m.retain]
+        assert len(got) == len(topics), [(m.topic, m.payload) for m in got]
+        return {m.topic: m.json() for m in got}
 
 
 # --- 1. outage while Modbus and MCP data flow -------------------------------------------------
