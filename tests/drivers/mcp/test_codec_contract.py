@@ -148,3 +148,9 @@ def test_a_frame_whose_magic_starts_in_the_last_three_bytes_of_a_bad_payload_is_
         DecodeError(NackCode.CRC_MISMATCH, 5, fatal=False),
         Frame(FrameType.HEARTBEAT, 7),
     ]
+
+
+@pytest.mark.parametrize("limit", [-1, MAX_LENGTH + 1, True, 1.5])
+def test_a_max_payload_the_length_field_cannot_hold_is_refused_saying_so(limit: object) -> None:
+    with pytest.raises(ValueError, match=rf"^max_payload must be an integer 0\.\.{MAX_LENGTH}, got {limit!r}$"):
+        Decoder(limit)  # type: ignore[arg-type]
