@@ -295,6 +295,9 @@ def run_module(module: Module, args: argparse.Namespace) -> Score:
             if entry:
                 stale.append(f"{name}: listed as equivalent but {state}")
             continue
+        if state == "not checked":  # a stopped run: neither caught nor a survivor yet
+            counts[state] += 1
+            continue
         print_ = fingerprint(diff_of(folder, name))
         if entry and entry.fingerprint == print_:
             equivalent += 1
