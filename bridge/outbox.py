@@ -410,8 +410,11 @@ class Outbox:
             batch, self._pending = self._pending, []
             self._pending_ready.clear()
             batch.sort(key=lambda it: it.seq)  # failed in-flight messages come back after younger ones
+            # Counted as committing in this same step: between here and the task's first step, flush(), len()
+            # and the backlog would otherwise miss the batch (and `order: strict` let younger messages go live).
+            items = self._begin_commit(batch)
             # Shielded: stop() waits for it rather than cutting a commit (and its waiters) in half.
-            self._commit_task = asyncio.ensure_future(self._commit(batch))
+            self._commit_task = asyncio.ensure_future(self._write(items))
             try:
                 await asyncio.shield(self._commit_task)
             except asyncio.CancelledError:
@@ -425,26 +428,35 @@ class Outbox:
 
     async def _commit(self, batch: list[_Item]) -> None:
         """Add the batch to the spool; settle everyone waiting on it (stored, or failed with SinkError)."""
+        await self._write(self._begin_commit(batch))
+
+    def _begin_commit(self, batch: list[_Item]) -> list[_Item]:
+        """Settle the superseded items of the batch and count the rest as committing: the ones to write."""
         items = [it for it in batch if not it.superseded or it.fut is not None]
         for it in batch:
             if it.superseded and it.fut is None:
                 it.settled = True
+        self._committing += len(items)
+        return items
+
+    async def _write(self, items: list[_Item]) -> None:
+        """Write items counted by _begin_commit; they stay counted until the spool's count includes them."""
         if not items:
             return
-        self._committing += len(items)
         stored = 0
+        held: int | None = None
         try:
-            stored = await self._store(items)
-        except Exception as exc:
-            log.exception("sink %s: spool commit failed", self.sink.name)
-            self._refused([it for it in items if not it.settled], SinkError(f"sink {self.sink.name}: {exc!r}"))
-        try:
-            held = (await self._refresh()).count  # also counts out what drop_oldest evicted
-        except Exception:
-            held = self._held + stored
-        # One step, so that the backlog never looks empty between the commit and its count.
-        self._committing -= len(items)
-        self._held = held
+            try:
+                stored = await self._store(items)
+            except Exception as exc:
+                log.exception("sink %s: spool commit failed", self.sink.name)
+                self._refused([it for it in items if not it.settled], SinkError(f"sink {self.sink.name}: {exc!r}"))
+            with contextlib.suppress(Exception):
+                held = (await self._refresh()).count  # also counts out what drop_oldest evicted
+        finally:
+            # One step, so that the backlog never looks empty between the commit and its count.
+            self._committing -= len(items)
+            self._held = held if held is not None else self._held + stored
         if stored:
             self._spooled_wake.set()
 

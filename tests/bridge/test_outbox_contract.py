@@ -79,9 +79,36 @@ async def test_flush_is_false_while_a_commit_still_waits_and_true_once_it_is_don
             assert await box.flush(0.05) is False
             assert not stored.done()
             assert await box.flush(30) is True
-            # Not checked at once: the commit loop empties the pending list one step before the commit task
-            # counts the batch as committing, and flush can look in between (a gap in flush itself).
-            await asyncio.wait_for(stored, 10)
+            assert stored.done() and stored.exception() is None  # True means stored, at once
+        finally:
+            await box.stop()
+
+
+async def test_flush_is_never_true_while_a_message_handed_over_before_it_is_not_stored_yet(
+    broker: EmbeddedBroker, port: int
+) -> None:
+    async with down_sink(port) as (sink, _link):
+        # A memory spool commits within one step of the loop: every step from the hand-over on is looked at.
+        box = Outbox(sink, MemoryBuffer(), commit_window=0)
+        await box.start()
+        try:
+            stored = box.enqueue(msg(1))  # offline: to the spool
+
+            async def look() -> tuple[bool, bool]:
+                """Whether the message was stored, and flush's answer, seen in one step of the loop."""
+                done = stored.done()
+                return done, await box.flush(0)  # answers from what it sees, before any await
+
+            looks = []
+            for _ in range(200):  # a look in every turn of the loop until the commit is done
+                looks.append(asyncio.ensure_future(look()))
+                if stored.done():
+                    break
+                await asyncio.sleep(0)
+            answers = await asyncio.gather(*looks)
+            assert stored.done() and stored.exception() is None
+            early = [step for step, (done, flushed) in enumerate(answers) if flushed and not done]
+            assert early == [], "flush() said everything was stored while the message was still on its way"
         finally:
             await box.stop()
 
