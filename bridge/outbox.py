@@ -160,7 +160,9 @@ class Outbox:
         self._spooled_wake = asyncio.Event()
         # topic -> what holds its newest retained message: an _Item (live queue, pending) or a spool id.
         self._retained: dict[str, _Item | int] = {}
-        self._spooled_retained: set[str] = set()  # topics with retained entries in the spool
+        # topic -> the newest retained entry of it committed to the spool: what the broker is to get if a newer
+        # state is refused (by the spool or the broker), so that a refusal never sets the topic back further.
+        self._spooled_retained: dict[str, int] = {}
         self._last_id = 0  # the newest spool id this outbox committed
         self._seq = 0
         self._executor = ThreadPoolExecutor(1, f"spool-{sink.name}") if self.buffer.durable else None
@@ -379,6 +381,7 @@ class Outbox:
             return
         if exc is not None:
             log.warning("sink %s: %s", self.sink.name, exc)
+            self._not_retained(item)
             item.resolve(exc if isinstance(exc, SinkError) else SinkError(f"sink {self.sink.name}: {exc}"))
             return
         self.stats.live += 1
@@ -386,7 +389,7 @@ class Outbox:
             del self._retained[item.message.topic]  # the broker has the newest: nothing to replay
             if item.message.topic in self._spooled_retained:
                 # Older states of the topic in the spool must not come back after a restart either.
-                self._spooled_retained.discard(item.message.topic)
+                self._spooled_retained.pop(item.message.topic, None)
                 self._background(self._call(self.buffer.forget_retained, item.message.topic, self._last_id))
         item.resolve()
 
@@ -511,18 +514,28 @@ class Outbox:
         self._last_id = max(self._last_id, *ids)
         for it, entry_id in zip(items, ids, strict=True):
             if it.message.retain:
-                self._spooled_retained.add(it.message.topic)
+                self._spooled_retained[it.message.topic] = max(
+                    entry_id, self._spooled_retained.get(it.message.topic, 0)
+                )
                 if self._retained.get(it.message.topic) is it:
                     self._retained[it.message.topic] = entry_id
             it.resolve()
+
+    def _not_retained(self, item: _Item) -> None:
+        """A retained message that will not reach the broker: its topic's newest spooled state is the one to send."""
+        topic = item.message.topic
+        if item.message.retain and self._retained.get(topic) is item:
+            if topic in self._spooled_retained:
+                self._retained[topic] = self._spooled_retained[topic]
+            else:
+                del self._retained[topic]
 
     def _refused(self, items: list[_Item], exc: SinkError) -> None:
         if not items:
             return
         self.stats.refused += len(items)
         for it in items:
-            if it.message.retain and self._retained.get(it.message.topic) is it:
-                del self._retained[it.message.topic]
+            self._not_retained(it)
             it.resolve(exc)
         now = time.monotonic()
         self._refusals_unlogged += len(items)

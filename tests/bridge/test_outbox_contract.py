@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from bridge.buffer import BufferFull, MemoryBuffer
 from bridge.outbox import REPLAY_ATTEMPTS, Outbox
 from bridge.sink import MqttSink
 from bridge.spool import SpoolStorageError, SQLiteSpool
+from gateway.errors import SinkError
 from gateway.types import Message
 
 from helpers import Subscriber, TcpRelay, until
@@ -319,3 +321,68 @@ async def test_refusals_are_logged_with_their_counts_and_a_full_spool_only_as_a_
     # The two refusals held back within the interval are counted in the next line, with the full one.
     assert lines[1][1].startswith("sink up: 3 message(s) not spooled (4 so far): ")
     assert box.stats.refused == 4
+
+
+async def test_a_retained_state_the_spool_refuses_leaves_the_older_stored_one_to_be_sent(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    async with down_sink(port) as (sink, link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
+        await box.start()
+        try:
+            await asyncio.wait_for(box.enqueue(msg(10, "value", retain=True)), 10)  # stored: the link is down
+            with pytest.raises(Exception, match="int64"):  # a ts beyond SQLite's int64: this state is refused
+                await asyncio.wait_for(box.enqueue(Message("value", b"11", ts=2**64 - 1, retain=True)), 10)
+            await asyncio.wait_for(box.enqueue(msg(12)), 10)  # stored behind it: replayed after it
+            await link.start()
+            await subscriber.wait_for(lambda _: bool(subscriber.on(f"{P}/seq")), 10)
+            # The broker accepted nothing newer than 10: that is the state it must end with.
+            assert [m.payload for m in subscriber.on(f"{P}/value")] == [b"10"]
+        finally:
+            await box.stop()
+
+
+class GatedSpool(SQLiteSpool):
+    """A real spool whose takes wait at a gate while `gated`, holding the replay back."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gated = False
+        self.gate = threading.Event()
+
+    def take(self, n: int) -> Any:
+        if self.gated:
+            self.gate.wait(30)
+        return super().take(n)
+
+
+async def test_a_retained_state_the_broker_connection_refuses_leaves_the_older_stored_one_to_be_sent(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    async with down_sink(port) as (sink, link):
+        real = sink.try_publish
+
+        def refusing(message: Message) -> Any:
+            if message.payload == b"11":
+                raise ValueError("payload refused")  # as paho refuses what it will not publish
+            return real(message)
+
+        sink.try_publish = refusing  # type: ignore[method-assign]
+        spool = GatedSpool(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01)
+        await box.start()
+        try:
+            await asyncio.wait_for(box.enqueue(msg(10, "value", retain=True)), 10)  # stored: the link is down
+            spool.gated = True  # the replay of 10 waits until the newer state has been refused
+            await link.start()
+            assert await sink.wait_connected(10)
+            with pytest.raises(SinkError, match="payload refused"):
+                await asyncio.wait_for(box.enqueue(msg(11, "value", retain=True)), 10)
+            spool.gate.set()
+            await until(lambda: box.backlog == 0, 10, "the replay")
+            await asyncio.wait_for(box.enqueue(msg(12)), 10)  # after the replay's PUBACK: behind it at the broker
+            await subscriber.wait_for(lambda _: bool(subscriber.on(f"{P}/seq")), 10)
+            assert [m.payload for m in subscriber.on(f"{P}/value")] == [b"10"]
+        finally:
+            spool.gate.set()
+            await box.stop()
