@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -170,25 +171,50 @@ def consistent(spool: SQLiteSpool, added: list[int]) -> None:
     assert [e.id for e in taken] == added
 
 
+class Mount:
+    """A mounted tmpfs and the spools opened on it, which are closed before it is unmounted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.spools: list[SQLiteSpool] = []
+
+    def spool(self, name: str, **kwargs: Any) -> SQLiteSpool:
+        """A spool in file `name` on the mount, closed at the end whatever the test's outcome."""
+        spool = SQLiteSpool(self.path / name, **kwargs)
+        self.spools.append(spool)
+        return spool
+
+
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs mounted on path (root only); skips the test where it cannot be mounted."""
+def tmpfs(path: Path, size: str) -> Iterator[Mount]:
+    """A small tmpfs mounted on path (root only); skips the test where it cannot be mounted.
+
+    Unmounted whatever the test's outcome: a failed test leaves its spool open (the traceback holds it), and
+    an open file keeps the mount busy.
+    """
     path.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    mount = Mount(path)
     try:
-        yield path
+        yield mount
     finally:
-        subprocess.run(["umount", str(path)], check=True)
+        for spool in mount.spools:
+            with contextlib.suppress(Exception):  # closing a spool on a full disk may fail: unmounted anyway
+                spool.close()
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            # Still busy (a file opened some other way): detached now, gone once the file is closed.
+            subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 def test_a_full_disk_fails_the_add_cleanly(tmp_path: Path) -> None:
     corrupt_before = corrupt_counts()["spool"]
-    with tmpfs(tmp_path / "small", "1M") as d:
+    with tmpfs(tmp_path / "small", "1M") as mount:
+        d = mount.path
         filler = d / "filler"
         filler.write_bytes(b"\0" * 300_000)
-        spool = SQLiteSpool(d / "a.db", min_free_bytes=0, checkpoint_bytes=2**40)
+        spool = mount.spool("a.db", min_free_bytes=0, checkpoint_bytes=2**40)
         added: list[int] = []
         with pytest.raises(SpoolError, match="full") as failure:
             for k in range(100):
@@ -201,14 +227,15 @@ def test_a_full_disk_fails_the_add_cleanly(tmp_path: Path) -> None:
         added += spool.add([(Message("t/after", b"x"), 0)])
         consistent(spool, added)
         spool.close()
-        reopened = SQLiteSpool(d / "a.db", min_free_bytes=0)
+        reopened = mount.spool("a.db", min_free_bytes=0)
         consistent(reopened, added)
         reopened.close()
 
 
 def test_the_floor_keeps_the_filesystem_from_filling(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "small", "2M") as d:
-        spool = SQLiteSpool(d / "a.db", min_free_bytes=1024 * 1024, when_full="reject")
+    with tmpfs(tmp_path / "small", "2M") as mount:
+        d = mount.path
+        spool = mount.spool("a.db", min_free_bytes=1024 * 1024, when_full="reject")
         with pytest.raises(SinkError, match="below the floor"):
             for k in range(1000):
                 spool.add([(Message(f"t/{k}", b"x" * 1000), k) for _ in range(10)])
