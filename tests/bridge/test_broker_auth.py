@@ -33,9 +33,13 @@ SECRET = "internal-secret"
 
 @pytest.fixture(autouse=True)
 def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The corrupt-file and login counters are process-wide: this module's count from zero, others' stay."""
+    """The corrupt-file and login counters are process-wide: this module's count from zero, others' stay.
+
+    A fresh login gate per test, too: its thread pool does not survive a fork (mutation testing forks each
+    mutant's test run from a process that has run the tests), and a gate whose threads are gone hangs every login.
+    """
     monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
-    monkeypatch.setattr(broker_auth.LOGINS, "failures", dict.fromkeys(broker_auth.LOGIN_FAILURES, 0))
+    monkeypatch.setattr(broker_auth, "LOGINS", broker_auth.LoginGate())
 
 
 class Client:
