@@ -178,6 +178,8 @@ class SQLiteSpool:
         self._db = db
         self._count, self._bytes = contents.count, contents.bytes
         self._last_id, self._dropped = contents.last_id, contents.dropped
+        # A WAL that grew past the checkpoint size (a long transaction) is cut back to it when it restarts.
+        db.execute(f"PRAGMA journal_size_limit={self.checkpoint_bytes}")
         self._io.start(db, wal_before)
         self._checkpoint()  # fold a WAL left by a crash (or the salvaged rows) into the file
         return db
@@ -503,14 +505,17 @@ class SQLiteSpool:
 
     def _after_commit(self) -> None:
         if self._io.wal_size >= self.checkpoint_bytes:
-            self._checkpoint()
+            self._checkpoint(truncate=False)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, *, truncate: bool = True) -> None:
+        # On the write path (WAL full) RESTART, not TRUNCATE: the next commit writes from the start of
+        # the WAL file it has, whose size then stays put, so its fdatasync need not also journal a
+        # growing file's new size. Open, close and expire leave the WAL empty on disk.
         if self._io.wal_size <= 0:
             return
         pages = self._io.wal_pages()
         try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'RESTART'})")
         except sqlite3.Error as exc:
             # What is committed stays committed in the WAL; the next checkpoint tries again.
             log.warning("%s: checkpoint failed: %s", self.name, exc)

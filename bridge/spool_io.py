@@ -3,8 +3,10 @@
 Write accounting (`BufferStats.commits/fsyncs/bytes_written`, since open; hil/bench/spool_bench.py
 checks the fsync count against strace): every FULL commit is one fdatasync of the WAL; the first
 commit into an empty WAL adds one (its header); a connection's first sync of the WAL also syncs
-the directory; every checkpoint of a non-empty WAL adds two (WAL, then the database). Bytes are
-the WAL's growth (checkpoints truncate it, so growth = frames appended) plus, per checkpoint, the
+the directory; every checkpoint of a non-empty WAL adds two (WAL, then the database). A checkpoint
+while running restarts the WAL in place (the file keeps its size, so a commit's fdatasync need not
+journal a new file size), so the WAL's length in use is read from the wal-index (`-shm`): its
+frame count. Bytes are the growth of that length (= frames appended) plus, per checkpoint, the
 distinct pages it copies back into the database (read from the WAL's frame headers). Filesystem
 metadata, partial-page rewrites in the page cache and the flash translation layer come on top.
 """
@@ -12,11 +14,13 @@ metadata, partial-page rewrites in the page cache and the flash translation laye
 from __future__ import annotations
 
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
 _WAL_HEADER = 32
 _FRAME_HEADER = 24
+_MX_FRAME = slice(16, 20)  # the wal-index header's frame count (native byte order), sqlite.org/walformat.html
 
 
 class WriteMeter:
@@ -28,6 +32,7 @@ class WriteMeter:
 
     def __init__(self, db_path: Path) -> None:
         self.wal = Path(f"{db_path}-wal")
+        self.shm = Path(f"{db_path}-shm")
         self.commits = self.fsyncs = self.bytes_written = 0
         self.wal_size = 0
         self.page_size = 0
@@ -38,10 +43,10 @@ class WriteMeter:
     def start(self, db: sqlite3.Connection, wal_before: int) -> None:
         """The counters start on a freshly opened connection; `wal_before`: the WAL's size before it opened."""
         self.page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
-        self.wal_size = self.stat_wal()
         # A connection fsyncs the directory along with its first sync of the WAL; creating the
         # schema of a new file did that already (uncounted: before the counters start).
-        self._dir_sync_pending = self.wal_size == wal_before
+        self._dir_sync_pending = self.stat_wal() == wal_before
+        self.wal_size = self.wal_in_use()
 
     def since_sync(self) -> float:
         """Seconds since the WAL was last fsynced (a FULL commit or a checkpoint)."""
@@ -50,7 +55,7 @@ class WriteMeter:
     def committed(self, *, durable: bool) -> None:
         """A write transaction committed, with synchronous=FULL when `durable`, else NORMAL."""
         self.commits += 1
-        wal = self.stat_wal()
+        wal = self.wal_in_use()
         # SQLite syncs the header of a WAL it (re)starts before its first frames, in any mode.
         self._count_syncs((self.wal_size == 0 and wal > 0) + durable)
         if durable:
@@ -62,23 +67,36 @@ class WriteMeter:
         self.wal_size = wal
 
     def checkpointed(self, pages: int) -> None:
-        """A truncating checkpoint copied `pages` (see wal_pages, read before it) into the database."""
+        """A full checkpoint copied `pages` (see wal_pages, read before it) into the database.
+
+        After it the next commit starts the WAL over (at its start, or in a truncated file).
+        """
         self._count_syncs(2)
         self.bytes_written += pages * self.page_size
         self.last_sync = time.monotonic()
         self.unsynced = False
-        self.wal_size = self.stat_wal()
+        self.wal_size = 0
 
     def wal_pages(self) -> int:
         """Distinct database pages in the WAL: what a checkpoint copies into the file."""
         step = self.page_size + _FRAME_HEADER
         try:
-            wal = self.wal.read_bytes()  # just written, so read from the page cache
+            with self.wal.open("rb") as f:  # just written, so read from the page cache
+                wal = f.read(self.wal_size)
         except OSError:
             return max(0, self.wal_size - _WAL_HEADER) // step  # every frame: an upper bound
-        # Each frame header starts with its page number; the WAL only holds frames since the last
-        # (truncating) checkpoint.
+        # Each frame header starts with its page number; frames past the length in use are stale
+        # ones from before the WAL restarted.
         return len({wal[i : i + 4] for i in range(_WAL_HEADER, len(wal) - step + 1, step)})
+
+    def wal_in_use(self) -> int:
+        """Bytes of the WAL that hold frames since it last (re)started: header and frames, 0 when none."""
+        try:
+            with self.shm.open("rb") as f:
+                frames = int.from_bytes(f.read(20)[_MX_FRAME], sys.byteorder)
+        except (OSError, ValueError):
+            return self.stat_wal()  # no wal-index: only the accounting suffers
+        return _WAL_HEADER + frames * (self.page_size + _FRAME_HEADER) if frames else 0
 
     def stat_wal(self) -> int:
         """The WAL file's size now (0 when there is none)."""
