@@ -124,31 +124,35 @@ def write_bytes() -> int:
     return 0
 
 
-def wal_size(path: Path) -> int:
-    """Size of the spool's WAL file (0 when there is none)."""
-    try:
-        return os.stat(f"{path}-wal").st_size
-    except FileNotFoundError:
-        return 0
-
-
 class CheckpointCounter:
-    """Counts the spool's checkpoints from outside: a truncating checkpoint is the only thing that shrinks the WAL.
+    """Counts the spool's checkpoints from outside, by the WAL header's checkpoint sequence number.
 
-    The WAL grows by a few pages per commit and is checkpointed at 4 MiB, so polling it a few times
-    a second (or after every add) sees every checkpoint.
+    A checkpoint on the write path restarts the WAL in place (the file keeps its size), a truncating
+    one empties it; either way the next commit writes a header with the number one up. The spool
+    checkpoints at most once per add, so polling after every add (or a few times a second) sees
+    every one, each at the commit after it.
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.last = wal_size(path)
+        self.wal = Path(f"{path}-wal")
+        self.last = self._sequence()
         self.count = 0
 
     def poll(self) -> None:
-        size = wal_size(self.path)
-        if size < self.last:
+        sequence = self._sequence()
+        if sequence is None:
+            return  # no header yet: emptied by a checkpoint, the next commit writes one
+        if self.last is not None and sequence != self.last:
             self.count += 1
-        self.last = size
+        self.last = sequence
+
+    def _sequence(self) -> int | None:
+        try:
+            with self.wal.open("rb") as f:
+                header = f.read(16)
+        except FileNotFoundError:
+            return None
+        return int.from_bytes(header[12:16], "big") if len(header) == 16 else None
 
 
 def open_spool(path: Path) -> SQLiteSpool:
