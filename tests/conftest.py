@@ -14,10 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from bridge import statefiles
 from bridge.broker import EmbeddedBroker
 
 from helpers import Subscriber, free_port
 from mosquitto import Mosquitto, MosquittoError, TlsFiles, make_tls_files
+
+
+@pytest.fixture(autouse=True)
+def corrupt_files_counted_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The damaged-state-file counters are process-wide: each test counts from zero, whatever ran before it."""
+    monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
 
 
 def in_ci() -> bool:
