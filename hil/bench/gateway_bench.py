@@ -50,7 +50,7 @@ import yaml
 from benchlib import ROOT, free_port, heading, note, print_header, print_table, record, rss_kb, run_summary, summary
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hil.soak import SoakResult, SoakSettings, soak
+from hil.soak import SoakSettings, record_growth, soak
 
 SHIPPED = ROOT / "config.yaml"
 READY_TIMEOUT = 30.0
@@ -211,30 +211,6 @@ def start_once(idle: float) -> StartRun:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def record_growth(result: SoakResult) -> None:
-    """Hand the soak's growth to the suite's table: the % for information (a run under 10 minutes cannot judge it),
-    the steady growth per message judged against STEADY_GOAL_BYTES."""
-    d = result.duration
-    length = f"{d / 60:.0f} min" if d >= 600 else f"{d:.0f} s"
-    length += f" soak, {result.equivalent_hours:.1f} h equivalent"
-    judged = result.judges_growth
-    record(
-        "gateway",
-        f"RSS growth after warm-up ({length})",
-        round(result.gateway.percent, 2),
-        "%",
-        versus="" if judged else "judged < 1 % in the 20 min soak",
-        most=1.0 if judged else None,
-    )
-    record(
-        "gateway",
-        f"steady RSS growth per message published ({length})",
-        round(result.steady_bytes_per_message, 1),
-        "bytes",
-        most=STEADY_GOAL_BYTES,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the figures and print the report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -289,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         result.report()
-        record_growth(result)
+        record_growth(result, STEADY_GOAL_BYTES)
     else:
         # Asked not to soak: the suite still owes these rows, as not measured.
         record("gateway", "RSS growth after warm-up (no soak)", float("nan"), "%")
