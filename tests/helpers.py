@@ -404,3 +404,17 @@ async def until(condition: Callable[[], object], timeout: float, what: str) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def record_queued(outbox: Any) -> list[Any]:
+    """From now on, every message handed to `outbox` (live or queued) is also appended to the returned list."""
+    queued: list[Any] = []
+    for name in ("submit", "enqueue"):
+        real: Callable[[Any], object] = getattr(outbox, name)
+
+        def record(message: Any, _real: Callable[[Any], object] = real) -> object:
+            queued.append(message)
+            return _real(message)
+
+        setattr(outbox, name, record)
+    return queued

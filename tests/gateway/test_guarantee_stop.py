@@ -8,13 +8,13 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.types import Message
 
+from helpers import record_queued
 from mosquitto import Mosquitto
 
 # No embedded broker: its stop takes time of its own, in which a background commit could still save the spool.
@@ -62,15 +62,7 @@ async def test_what_a_frozen_broker_never_acknowledged_is_in_the_spool_when_stop
         while not (up.sink.connected and up.stats.live > 5):
             assert time.monotonic() < deadline, "the sink never got going"
             await asyncio.sleep(0.05)
-        queued: list[Message] = []
-        for name in ("submit", "enqueue"):
-            real: Callable[[Message], object] = getattr(up, name)
-
-            def record(message: Message, _real: Callable[[Message], object] = real) -> object:
-                queued.append(message)
-                return _real(message)
-
-            setattr(up, name, record)
+        queued: list[Message] = record_queued(up)
         # Frozen, not gone: the connection stays up and nothing is acknowledged any more.
         assert mosquitto.pid is not None
         os.kill(mosquitto.pid, signal.SIGSTOP)

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from gateway.config import load_config
 from gateway.config.schema import BusConfig
 from gateway.types import Message
 
-from helpers import free_port
+from helpers import free_port, record_queued
 from mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -532,15 +532,7 @@ async def test_graceful_stop_within_10_s_with_a_dead_upstream_spools_what_was_qu
             assert time.monotonic() < deadline, "the cloud sink never got going"
             await asyncio.sleep(0.05)
 
-        queued: list[Message] = []
-        for name in ("submit", "enqueue"):
-            real: Callable[[Message], object] = getattr(cloud, name)
-
-            def record(message: Message, _real: Callable[[Message], object] = real) -> object:
-                queued.append(message)
-                return _real(message)
-
-            setattr(cloud, name, record)
+        queued: list[Message] = record_queued(cloud)
         # Frozen, not gone: the connection stays up and nothing is ever acknowledged again.
         assert mosquitto.pid is not None
         os.kill(mosquitto.pid, signal.SIGSTOP)
