@@ -22,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge.sink import MqttSink
 from drivers.mcp.client import McpClient, McpClientError, McpNacked
 from hil.scenarios import Recorder as Recorder  # re-exported: the bus tests and the HIL rig share one
 
@@ -418,3 +419,17 @@ def record_queued(outbox: Any) -> list[Any]:
 
         setattr(outbox, name, record)
     return queued
+
+
+@contextlib.asynccontextmanager
+async def down_sink(port: int, prefix: str) -> AsyncIterator[tuple[MqttSink, TcpRelay]]:
+    """A started MqttSink named "up" whose way to the broker on `port` is cut: a relay that does not accept yet
+    (`link.start()` opens it)."""
+    link = TcpRelay(port)
+    sink = MqttSink("up", f"mqtt://127.0.0.1:{link.port}", prefix, client_id=f"down-{time.monotonic_ns()}")
+    await sink.start()
+    try:
+        yield sink, link
+    finally:
+        await sink.stop()
+        await link.close()

@@ -8,11 +8,8 @@ that those leave free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +19,13 @@ from bridge import outbox as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.buffer import BufferFull, MemoryBuffer
 from bridge.outbox import REPLAY_ATTEMPTS, Outbox
-from bridge.sink import MqttSink
 from bridge.spool import SpoolStorageError, SQLiteSpool
 from gateway.errors import SinkError
 from gateway.types import Message
 
-from helpers import Subscriber, TcpRelay, until
+from helpers import Subscriber, down_sink, until
 
 P = "fg/contract"
-
-
-@contextlib.asynccontextmanager
-async def down_sink(port: int) -> AsyncIterator[tuple[MqttSink, TcpRelay]]:
-    """A started sink whose way to the broker is cut until `link.start()`."""
-    link = TcpRelay(port)
-    sink = MqttSink("up", f"mqtt://127.0.0.1:{link.port}", P, client_id=f"contract-{time.monotonic_ns()}")
-    await sink.start()
-    try:
-        yield sink, link
-    finally:
-        await sink.stop()
-        await link.close()
 
 
 def msg(i: int, topic: str = "seq", **kw: Any) -> Message:
@@ -61,7 +44,7 @@ class Clock:
 
 
 async def test_health_says_not_started_then_nothing_then_stopped(broker: EmbeddedBroker, port: int) -> None:
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, MemoryBuffer())
         assert box.health() == "not started"
         await box.start()
@@ -73,7 +56,7 @@ async def test_health_says_not_started_then_nothing_then_stopped(broker: Embedde
 async def test_flush_is_false_while_a_commit_still_waits_and_true_once_it_is_done(
     broker: EmbeddedBroker, port: int, tmp_path: Path
 ) -> None:
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=1.0)
         await box.start()
         try:
@@ -89,7 +72,7 @@ async def test_flush_is_false_while_a_commit_still_waits_and_true_once_it_is_don
 async def test_flush_is_never_true_while_a_message_handed_over_before_it_is_not_stored_yet(
     broker: EmbeddedBroker, port: int
 ) -> None:
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         # A memory spool commits within one step of the loop: every step from the hand-over on is looked at.
         box = Outbox(sink, MemoryBuffer(), commit_window=0)
         await box.start()
@@ -126,7 +109,7 @@ async def test_figures_are_the_outboxs_counts_and_its_spools(
         else SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, clock=spool_clock)
     )
     box_clock = Clock(5012.34)
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, buffer, commit_window=0.01, clock=box_clock)
         await box.start()
         try:
@@ -165,7 +148,7 @@ async def test_a_refused_spooled_entry_is_offered_exactly_replay_attempts_times(
     spool.add([(msg(0), 1), (Message("bad/+/topic", b"x"), 2), (msg(1), 3)])  # paho will not publish a wildcard
     spool.close()
     offers: list[str] = []
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         real = sink.try_publish
 
         def counting(message: Message) -> Any:
@@ -220,7 +203,7 @@ async def test_a_spool_that_keeps_failing_the_replay_is_logged_once_per_interval
 ) -> None:
     monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.01)
     caplog.set_level(logging.ERROR, logger="bridge.outbox")
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         spool = FailingSpool(tmp_path / "spool.db", min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.01)
         await box.start()
@@ -246,7 +229,7 @@ async def test_a_failing_removal_of_older_retained_states_is_logged_and_delivery
     broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="bridge.outbox")
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         spool = FailingSpool(tmp_path / "spool.db", min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.01, replay_rate=0.5)
         await box.start()
@@ -281,7 +264,7 @@ async def test_a_replay_batch_skips_superseded_retained_states_and_sends_all_the
         ]
     )
     spool.close()
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.01, replay_rate=500)  # one batch
         await box.start()
         try:
@@ -300,7 +283,7 @@ async def test_refusals_are_logged_with_their_counts_and_a_full_spool_only_as_a_
 ) -> None:
     caplog.set_level(logging.WARNING, logger="bridge.outbox")
     huge = 2**64 - 1  # a ts beyond SQLite's int64: this message alone is refused
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, when_full="reject", max_size=2000)
         box = Outbox(sink, spool, commit_window=0.01)
         await box.start()
@@ -326,7 +309,7 @@ async def test_refusals_are_logged_with_their_counts_and_a_full_spool_only_as_a_
 async def test_a_retained_state_the_spool_refuses_leaves_the_older_stored_one_to_be_sent(
     broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
 ) -> None:
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
         await box.start()
         try:
@@ -359,7 +342,7 @@ class GatedSpool(SQLiteSpool):
 async def test_a_retained_state_the_broker_connection_refuses_leaves_the_older_stored_one_to_be_sent(
     broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
 ) -> None:
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         real = sink.try_publish
 
         def refusing(message: Message) -> Any:

@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +19,16 @@ from bridge import outbox as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.buffer import MemoryBuffer
 from bridge.outbox import SPLIT_ADDS, Outbox
-from bridge.sink import MqttSink
 from bridge.spool import SpoolError, SQLiteSpool
 from gateway.errors import SinkError
 from gateway.supervise import Supervisor
 from gateway.types import Message
 
-from helpers import Subscriber, TcpRelay, spool_rows, until
+from helpers import Subscriber, down_sink, spool_rows, until
 
 P = "fg/faults"
 #: A `ts` an MCP device sent: 2**64 - 1, beyond SQLite's INTEGER (int64).
 HUGE_TS = 18446744073709551615
-
-
-@contextlib.asynccontextmanager
-async def down_sink(port: int) -> AsyncIterator[tuple[MqttSink, TcpRelay]]:
-    """A started sink whose way to the broker is cut (a relay that does not accept yet: `link.start()` opens it)."""
-    link = TcpRelay(port)
-    sink = MqttSink("up", f"mqtt://127.0.0.1:{link.port}", P, client_id=f"faults-{time.monotonic_ns()}")
-    await sink.start()
-    try:
-        yield sink, link
-    finally:
-        await sink.stop()
-        await link.close()
 
 
 def msg(i: int, topic: str = "seq", ts: int | None = None) -> Message:
@@ -76,7 +60,7 @@ class CountingSpool(SQLiteSpool):
 
 async def test_a_ts_beyond_int64_fails_only_its_own_message(broker: EmbeddedBroker, port: int, tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.05)
         await box.start()
         # One commit window: the bad message sits between good ones in the same batch.
@@ -108,7 +92,7 @@ async def test_a_message_no_buffer_can_store_fails_alone(
     broker: EmbeddedBroker, port: int, tmp_path: Path, bad: Message, kind: str
 ) -> None:
     buffer = SQLiteSpool(tmp_path / "s.db", min_free_bytes=0, max_size=4096) if kind == "sqlite" else MemoryBuffer()
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, buffer, commit_window=0.05)
         await box.start()
         good = [box.enqueue(msg(i)) for i in range(3)]
@@ -123,7 +107,7 @@ async def test_a_message_no_buffer_can_store_fails_alone(
 
 async def test_stop_keeps_what_it_can_and_never_raises(broker: EmbeddedBroker, port: int, tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.05)
         await box.start()
         futures = [box.enqueue(msg(0)), box.enqueue(msg(1, ts=HUGE_TS)), box.enqueue(msg(2, ts=-(2**70)))]
@@ -137,7 +121,7 @@ async def test_stop_keeps_what_it_can_and_never_raises(broker: EmbeddedBroker, p
 async def test_the_spool_names_the_bad_messages_and_the_rest_goes_in_with_one_more_add(
     broker: EmbeddedBroker, port: int, tmp_path: Path
 ) -> None:
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.05)
         await box.start()
@@ -166,7 +150,7 @@ class PoisonSpool(CountingSpool):
 async def test_a_refusal_that_names_no_item_is_halved_until_the_bad_ones_fail_within_a_bound(
     broker: EmbeddedBroker, port: int, tmp_path: Path
 ) -> None:
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         spool = PoisonSpool(tmp_path / "spool.db", min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.05)
         await box.start()
@@ -188,7 +172,7 @@ async def test_a_refusal_that_names_no_item_is_halved_until_the_bad_ones_fail_wi
 async def test_an_unexpected_error_of_the_spool_fails_that_batch_and_the_loop_goes_on(
     broker: EmbeddedBroker, port: int, tmp_path: Path
 ) -> None:
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0)
         spool.fail_adds = {1}
         box = Outbox(sink, spool, commit_window=0.02)
@@ -208,7 +192,7 @@ async def test_replay_drops_an_entry_the_broker_connection_refuses_and_delivers_
     # A topic paho will not publish (a wildcard), left in the spool between good entries.
     spool.add([(msg(0), 1), (Message("bad/+/topic", b"x"), 2), (msg(1), 3)])
     spool.close()
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.02, replay_rate=50)
         await box.start()
         await link.start()
@@ -226,7 +210,7 @@ async def test_the_replay_loop_survives_an_unexpected_error(
 ) -> None:
     monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.05, raising=False)
     path = tmp_path / "spool.db"
-    async with down_sink(port) as (sink, link):
+    async with down_sink(port, P) as (sink, link):
         spool = CountingSpool(path, min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.02)
         await box.start()
@@ -242,7 +226,7 @@ async def test_a_refusal_flood_is_logged_once_per_interval(
     broker: EmbeddedBroker, port: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="bridge.outbox")
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
         await box.start()
         for i in range(20):
@@ -257,7 +241,7 @@ async def test_under_a_supervisor_a_loop_that_dies_anyway_is_restarted_and_repor
     broker: EmbeddedBroker, port: int, tmp_path: Path
 ) -> None:
     supervisor = Supervisor(restart_min=0.05)
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, SQLiteSpool(tmp_path / "s.db", min_free_bytes=0), commit_window=0.02, supervisor=supervisor)
         await box.start()
         dead = supervisor.running("outbox:up:commit")
@@ -278,7 +262,7 @@ def _running(name: str) -> asyncio.Task[Any] | None:
 async def test_alone_a_loop_that_dies_is_restarted_by_a_supervisor_of_its_own_and_named_by_health(
     broker: EmbeddedBroker, port: int, tmp_path: Path
 ) -> None:
-    async with down_sink(port) as (sink, _link):
+    async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, SQLiteSpool(tmp_path / "s.db", min_free_bytes=0), commit_window=0.02)
         await box.start()
         dead = _running("outbox:up:commit")
