@@ -93,10 +93,15 @@ class WriteMeter:
         """Bytes of the WAL that hold frames since it last (re)started: header and frames, 0 when none."""
         try:
             with self.shm.open("rb") as f:
-                frames = int.from_bytes(f.read(20)[_MX_FRAME], sys.byteorder)
-        except (OSError, ValueError):
-            return self.stat_wal()  # no wal-index: only the accounting suffers
-        return _WAL_HEADER + frames * (self.page_size + _FRAME_HEADER) if frames else 0
+                header = f.read(_MX_FRAME.stop)
+        except OSError:
+            header = b""
+        if len(header) < _MX_FRAME.stop:
+            return self.stat_wal()  # no wal-index (or a cut one): only the accounting suffers
+        frames = int.from_bytes(header[_MX_FRAME], sys.byteorder)
+        in_use = _WAL_HEADER + frames * (self.page_size + _FRAME_HEADER) if frames else 0
+        # A wal-index SQLite has not rebuilt yet may claim more than the file holds: never more than the file.
+        return in_use if in_use <= self.wal_size + (1 << 20) else self.stat_wal()
 
     def stat_wal(self) -> int:
         """The WAL file's size now (0 when there is none)."""
