@@ -10,7 +10,7 @@ install, and runs per mutated function only the selected tests that call it.
     .venv/bin/python hil/mutation/run.py --only spool --keep --retry-survivors   # after adding a test
 
 Exit status: 0 when every module run reaches MIN_SCORE, 1 otherwise (2 on a usage or tool error).
-Mutants listed in `equivalent.txt` (beside this file) are counted apart and left out of the score.
+Mutants listed in `equivalent/<module>.txt` (beside this file) are counted apart and left out of the score.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import sys
 import time
 import tomllib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TREE = HERE.parent.parent  # the work tree run.py belongs to: /work/main or any copy of it
 WORK = TREE / "mutants"
-EQUIVALENT_FILE = HERE / "equivalent.txt"
+EQUIVALENT_DIR = HERE / "equivalent"  # one file per module, so each has one owner
 MIN_SCORE = 0.85
 SOURCE_PACKAGES = ["bridge", "drivers", "gateway"]
 # Not copied into a work folder: the venv, caches, outputs, and the work folders themselves.
@@ -139,19 +139,20 @@ class Equivalent:
     why: str
 
 
-def read_equivalents(path: Path = EQUIVALENT_FILE) -> list[Equivalent]:
-    """`module  mutant-name  fingerprint  why...` per line; `#` starts a comment."""
+def read_equivalents(folder: Path = EQUIVALENT_DIR) -> list[Equivalent]:
+    """`module  mutant-name  fingerprint  why...` per line of each `<module>.txt`; `#` starts a comment."""
     out: list[Equivalent] = []
-    if not path.exists():
-        return out
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(None, 3)
-        if len(parts) < 4:
-            raise SystemExit(f"{path}:{n}: want `module mutant fingerprint why`, got {line!r}")
-        out.append(Equivalent(*parts))
+    for path in sorted(folder.glob("*.txt")):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(None, 3)
+            if len(parts) < 4:
+                raise SystemExit(f"{path}:{n}: want `module mutant fingerprint why`, got {line!r}")
+            if parts[0] != path.stem:
+                raise SystemExit(f"{path}:{n}: an entry of module {parts[0]!r} in the file of {path.stem!r}")
+            out.append(Equivalent(*parts))
     return out
 
 
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-survivors", action="store_true", help="with --keep: run again the mutants not caught")
     parser.add_argument("--show", action="store_true", help="print the diff of every survivor")
     parser.add_argument("--report", action="store_true", help="score the work folders as they are (a stopped run too)")
+    parser.add_argument("--keyword", help="with one module in --only: this pytest -k expression instead of its own")
     args = parser.parse_args(argv)
     chosen = MODULES
     if args.only:
@@ -343,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown module(s) {unknown}; known: {names}")
         chosen = [m for m in MODULES if m.name in wanted]
+    if args.keyword:
+        if len(chosen) != 1:
+            parser.error("--keyword needs exactly one module in --only")
+        chosen = [replace(chosen[0], keyword=args.keyword)]
     if args.nice:
         os.nice(args.nice)
     read_equivalents()  # a malformed line stops the run before it starts
