@@ -16,7 +16,9 @@ will happen, which is what makes MCP ACKs truthful.
 The backlog is replayed at `replay_rate` while live messages keep flowing (`order: live`).
 Retained topics (per-point values, device statuses) carry state, not history: a retained message
 waiting in the live queue is replaced by a newer one of its topic, and a spooled one is replayed
-only if it is still the newest of its topic, so a replay never sets a retained topic back.
+only if it is still the newest of its topic, so a replay never sets a retained topic back. The older
+spooled states of a topic (up to RETAINED_FALLBACKS) stay in the spool until a newer state is delivered:
+if the newest is refused, the newest older one the broker takes is sent instead.
 
 No message stops the outbox: a batch the spool refuses for what its items hold (a `ts` beyond SQLite's
 int64, a topic that cannot be UTF-8, a message larger than max_size) is split until only those items
@@ -28,6 +30,7 @@ goes on after a pause. `stop` never raises: it keeps in the spool what it can an
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import functools
@@ -63,6 +66,10 @@ SPLIT_ADDS = 32
 #: Times a spooled entry is offered to a connected broker that refuses it (not a lost connection) before
 #: it is dropped, so that it cannot hold up the backlog behind it.
 REPLAY_ATTEMPTS = 3
+#: Older stored states of a retained topic the replay holds back, at most (taken, neither removed nor sent), while
+#: a newer one is on its way: if that one is never delivered, the newest of them goes instead. The oldest ones are
+#: let go beyond this: one is needed only if every newer one is refused, and each is memory until then.
+RETAINED_FALLBACKS = 8
 #: How long a loop waits after an unexpected failure before it goes on.
 LOOP_PAUSE = 1.0
 #: A refusal is logged at once, then at most this often (with the count in between).
@@ -163,6 +170,9 @@ class Outbox:
         # topic -> the newest retained entry of it committed to the spool: what the broker is to get if a newer
         # state is refused (by the spool or the broker), so that a refusal never sets the topic back further.
         self._spooled_retained: dict[str, int] = {}
+        # topic -> ids (ascending) of older retained entries the replay took and holds back while a newer state is
+        # on its way: removed once a newer state is delivered, offered again if the newer one never is.
+        self._parked: dict[str, list[int]] = {}
         self._last_id = 0  # the newest spool id this outbox committed
         self._seq = 0
         self._executor = ThreadPoolExecutor(1, f"spool-{sink.name}") if self.buffer.durable else None
@@ -390,6 +400,7 @@ class Outbox:
             if item.message.topic in self._spooled_retained:
                 # Older states of the topic in the spool must not come back after a restart either.
                 self._spooled_retained.pop(item.message.topic, None)
+                self._parked.pop(item.message.topic, None)  # held back in the spool: the forget removes them
                 self._background(self._call(self.buffer.forget_retained, item.message.topic, self._last_id))
         item.resolve()
 
@@ -523,12 +534,34 @@ class Outbox:
 
     def _not_retained(self, item: _Item) -> None:
         """A retained message that will not reach the broker: its topic's newest spooled state is the one to send."""
-        topic = item.message.topic
-        if item.message.retain and self._retained.get(topic) is item:
-            if topic in self._spooled_retained:
-                self._retained[topic] = self._spooled_retained[topic]
-            else:
-                del self._retained[topic]
+        if item.message.retain and self._retained.get(item.message.topic) is item:
+            again = self._fall_back(item.message.topic)
+            if again:
+                self._background(self._offer_again(again))
+
+    def _fall_back(self, topic: str) -> list[int]:
+        """The topic's newest state on its way is lost: the newest stored one is to be sent instead.
+
+        Returns the ids the replay holds back that it is to take again (that newest stored state, when held back).
+        """
+        newest = self._spooled_retained.get(topic)
+        if newest is None:
+            del self._retained[topic]
+            return []
+        self._retained[topic] = newest
+        held = self._parked.get(topic)
+        if held and held[-1] == newest:
+            held.pop()
+            if not held:
+                del self._parked[topic]
+            return [newest]
+        return []
+
+    async def _offer_again(self, ids: list[int]) -> None:
+        """Make held-back entries takeable again and wake the replay for them."""
+        await self._call(self.buffer.reject, ids)
+        self._held = (await self._refresh()).count
+        self._spooled_wake.set()
 
     def _refused(self, items: list[_Item], exc: SinkError) -> None:
         if not items:
@@ -600,8 +633,12 @@ class Outbox:
         sent: list[tuple[Entry, asyncio.Future[None]]] = []
         back: list[int] = []
         for i, e in enumerate(entries):
-            if e.message.retain and self._retained.get(e.message.topic) != e.id:
-                done.append(e.id)  # a newer state of this topic exists: publishing this one would set it back
+            newest = self._retained.get(e.message.topic) if e.message.retain else e.id
+            if newest is None:
+                done.append(e.id)  # the broker has a newer state of this topic: this one would set it back
+                continue
+            if newest != e.id:
+                done += self._park(e)  # a newer state is on its way: this one waits for its outcome
                 continue
             started = self._try_publish(e.message)
             if started is None:
@@ -619,14 +656,15 @@ class Outbox:
                 # The connection is up and refused it (a topic or payload paho will not publish).
                 if self._undeliverable(e, exc):
                     done.append(e.id)
+                    back += self._given_up(e)
                 else:
                     back.append(e.id)
                 continue
             done.append(e.id)
             self._replay_failures.pop(e.id, None)
             self.stats.replayed += 1
-            if e.message.retain and self._retained.get(e.message.topic) == e.id:
-                del self._retained[e.message.topic]
+            if e.message.retain:
+                done += self._delivered(e)
         if back:
             await self._call(self.buffer.reject, back)
         if done:
@@ -647,8 +685,6 @@ class Outbox:
             return False
         self._replay_failures.pop(e.id, None)
         self.stats.undeliverable += 1
-        if e.message.retain and self._retained.get(e.message.topic) == e.id:
-            del self._retained[e.message.topic]
         log.error(
             "sink %s: dropped spooled message %d to %r: refused %d times: %s",
             self.sink.name,
@@ -658,6 +694,45 @@ class Outbox:
             exc,
         )
         return True
+
+    def _park(self, e: Entry) -> list[int]:
+        """Hold back an older retained state of a topic whose newer state is on its way; the ids to remove now."""
+        held = self._parked.setdefault(e.message.topic, [])
+        if e.id not in held:  # taken again after a failed step of the replay: held once
+            bisect.insort(held, e.id)
+        if len(held) > RETAINED_FALLBACKS:
+            return [held.pop(0)]  # the oldest is let go: it is needed only if every newer state is refused
+        return []
+
+    def _delivered(self, e: Entry) -> list[int]:
+        """A retained state the broker acknowledged from the spool: the older ones held back are to be removed."""
+        topic = e.message.topic
+        if self._retained.get(topic) == e.id:
+            del self._retained[topic]
+        held = self._parked.get(topic, [])
+        cut = bisect.bisect(held, e.id)
+        older, rest = held[:cut], held[cut:]
+        if rest:
+            self._parked[topic] = rest
+        else:
+            self._parked.pop(topic, None)
+        return older
+
+    def _given_up(self, e: Entry) -> list[int]:
+        """A retained state dropped as undeliverable: the ids held back that the replay is to take again."""
+        if not e.message.retain:
+            return []
+        topic = e.message.topic
+        if self._spooled_retained.get(topic) == e.id:
+            # The newest stored state is now the newest one held back (older ones were all taken before it).
+            held = self._parked.get(topic)
+            if held:
+                self._spooled_retained[topic] = held[-1]
+            else:
+                del self._spooled_retained[topic]
+        if self._retained.get(topic) == e.id:
+            return self._fall_back(topic)
+        return []
 
     # --- housekeeping ---------------------------------------------------------------------------
 
