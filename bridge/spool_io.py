@@ -6,13 +6,18 @@ commit into an empty WAL adds one (its header); a connection's first sync of the
 the directory; every checkpoint of a non-empty WAL adds two (WAL, then the database). A checkpoint
 while running restarts the WAL in place (the file keeps its size, so a commit's fdatasync need not
 journal a new file size), so the WAL's length in use is read from the wal-index (`-shm`): its
-frame count. Bytes are the growth of that length (= frames appended) plus, per checkpoint, the
-distinct pages it copies back into the database (read from the WAL's frame headers). Filesystem
-metadata, partial-page rewrites in the page cache and the flash translation layer come on top.
+frame count, through one descriptor held from open to close. Closing any descriptor of the `-shm`
+drops every POSIX lock the process holds on it, SQLite's "in use" lock among them: another
+connection (`fieldgate spool`) would then take itself for the only one. Bytes are the growth of that
+length (= frames appended) plus, per checkpoint, the distinct pages it copies back into the database
+(read from the WAL's frame headers). Filesystem metadata, partial-page rewrites in the page cache
+and the flash translation layer come on top.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import sys
 import time
@@ -39,10 +44,14 @@ class WriteMeter:
         self.last_sync = time.monotonic()
         self.unsynced = False  # a NORMAL commit since the last fsync of the WAL
         self._dir_sync_pending = False
+        self._shm_fd: int | None = None
 
     def start(self, db: sqlite3.Connection, wal_before: int) -> None:
         """The counters start on a freshly opened connection; `wal_before`: the WAL's size before it opened."""
         self.page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        self.close()  # a descriptor of a file closed before this one opened (a rotation)
+        with contextlib.suppress(OSError):
+            self._shm_fd = os.open(self.shm, os.O_RDONLY | os.O_CLOEXEC)
         # A connection fsyncs the directory along with its first sync of the WAL; creating the
         # schema of a new file did that already (uncounted: before the counters start).
         self._dir_sync_pending = self.stat_wal() == wal_before
@@ -92,8 +101,7 @@ class WriteMeter:
     def wal_in_use(self) -> int:
         """Bytes of the WAL that hold frames since it last (re)started: header and frames, 0 when none."""
         try:
-            with self.shm.open("rb") as f:
-                header = f.read(_MX_FRAME.stop)
+            header = os.pread(self._shm_fd, _MX_FRAME.stop, 0) if self._shm_fd is not None else b""
         except OSError:
             header = b""
         if len(header) < _MX_FRAME.stop:
@@ -102,6 +110,12 @@ class WriteMeter:
         in_use = _WAL_HEADER + frames * (self.page_size + _FRAME_HEADER) if frames else 0
         # A wal-index SQLite has not rebuilt yet may claim more than the file holds: never more than the file.
         return in_use if in_use <= self.wal_size + (1 << 20) else self.stat_wal()
+
+    def close(self) -> None:
+        """Let go of the wal-index; only once SQLite's connection is closed (it drops the process's locks on it)."""
+        if self._shm_fd is not None:
+            os.close(self._shm_fd)
+            self._shm_fd = None
 
     def stat_wal(self) -> int:
         """The WAL file's size now (0 when there is none)."""
