@@ -25,7 +25,11 @@ from pathlib import Path
 
 _WAL_HEADER = 32
 _FRAME_HEADER = 24
-_MX_FRAME = slice(16, 20)  # the wal-index header's frame count (native byte order), sqlite.org/walformat.html
+# The wal-index header (sqlite.org/walformat.html): two copies of 48 bytes, equal once SQLite has written
+# them, each with isInit (1 once built) and mxFrame, the frame count (native byte order).
+_INDEX_HEADER = 48
+_IS_INIT = 12
+_MX_FRAME = slice(16, 20)
 
 
 class WriteMeter:
@@ -101,11 +105,14 @@ class WriteMeter:
     def wal_in_use(self) -> int:
         """Bytes of the WAL that hold frames since it last (re)started: header and frames, 0 when none."""
         try:
-            header = os.pread(self._shm_fd, _MX_FRAME.stop, 0) if self._shm_fd is not None else b""
+            header = os.pread(self._shm_fd, 2 * _INDEX_HEADER, 0) if self._shm_fd is not None else b""
         except OSError:
             header = b""
-        if len(header) < _MX_FRAME.stop:
-            return self.stat_wal()  # no wal-index (or a cut one): only the accounting suffers
+        first, second = header[:_INDEX_HEADER], header[_INDEX_HEADER:]
+        if len(second) < _INDEX_HEADER or first != second or first[_IS_INIT] != 1:
+            # No wal-index, a cut one, one zeroed or written over by someone else: the file's size, which
+            # only the accounting (and at most one early checkpoint) suffers from.
+            return self.stat_wal()
         frames = int.from_bytes(header[_MX_FRAME], sys.byteorder)
         in_use = _WAL_HEADER + frames * (self.page_size + _FRAME_HEADER) if frames else 0
         # A wal-index SQLite has not rebuilt yet may claim more than the file holds: never more than the file.
