@@ -9,6 +9,12 @@ stop (last messages, `offline` statuses) still has its broker. If it dies, its w
 supervisor restarts the watcher with its back-off, which starts the child again: a child that cannot be
 started again shows in the supervisor's problems() (so on /healthz) for as long as it cannot. The sinks
 reconnect and re-publish the retained state, as after any broker restart.
+
+The child checks the logins, so it counts the refused ones: after `ready` it writes its totals on stdout as a
+JSON line (`{"login_failures": {reason: n}}`) whenever they changed, at most every LOGIN_REPORT_INTERVAL, and
+the gateway adds what each child counted to `login_failures()` for /metrics, so that a child started again
+from zero does not make the counters go down. Refusals a child counted in its last moments before it died
+may be missing.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import os
 import signal
 import sys
 
-from bridge.broker_auth import BrokerAuth
+from bridge import broker_auth
+from bridge.broker_auth import LOGIN_FAILURES, BrokerAuth
 from gateway.errors import FieldgateError
 from gateway.supervise import Supervised, Supervisor
 
@@ -34,6 +41,8 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 #: After a SIGTERM the child waits this long for the gateway to close its stdin, then stops anyway.
 TERM_GRACE = 10.0
+#: The child reports its refused logins at most this often (s): a flood of them costs one line per interval.
+LOGIN_REPORT_INTERVAL = 0.5
 
 
 def _die_with_parent() -> None:
@@ -64,8 +73,14 @@ class BrokerProcess:
         self._supervisor = supervisor or Supervisor()
         self._watcher: Supervised | None = None
         self._relay: asyncio.Task[None] | None = None
+        self._reports: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
+        self._login_failures = dict.fromkeys(LOGIN_FAILURES, 0)
+
+    def login_failures(self) -> dict[str, int]:
+        """Logins the children refused since this gateway started, by reason (every reason of LOGIN_FAILURES)."""
+        return dict(self._login_failures)
 
     @property
     def pid(self) -> int | None:
@@ -112,6 +127,7 @@ class BrokerProcess:
         self._proc = proc
         # Keep reading its stderr: a full pipe would block the broker on its next warning.
         self._relay = asyncio.create_task(self._relay_stderr(proc.stderr), name="broker-process-stderr")
+        self._reports = asyncio.create_task(self._read_reports(proc.stdout), name="broker-process-reports")
         log.info("embedded broker (process %d) listening on %s", proc.pid, ", ".join(self.listeners))
 
     async def _relay_stderr(self, stderr: asyncio.StreamReader) -> None:
@@ -125,6 +141,27 @@ class BrokerProcess:
             if not line:
                 return
             log.warning("%s", line.decode(errors="replace").rstrip())
+
+    async def _read_reports(self, stdout: asyncio.StreamReader) -> None:
+        # One child's login totals: what it counted beyond its last report is new. Per child, so that one
+        # started again from zero adds to the gateway's counts instead of setting them back.
+        seen = dict.fromkeys(LOGIN_FAILURES, 0)
+        while True:
+            try:
+                line = await stdout.readline()
+            except ValueError:
+                log.warning("embedded broker wrote a line too long for a report; dropped")
+                continue
+            if not line:
+                return
+            counts = _login_report(line)
+            if counts is None:
+                log.warning("embedded broker wrote %r where a report of refused logins belongs; ignored", line[:80])
+                continue
+            for reason, n in counts.items():
+                if n > seen[reason]:
+                    self._login_failures[reason] += n - seen[reason]
+                    seen[reason] = n
 
     async def _watch(self) -> None:
         # Started again by the supervisor after its back-off, with no child (it died, or the last start
@@ -152,10 +189,11 @@ class BrokerProcess:
         finally:
             if proc is not None:
                 _release(proc)
-            if self._relay is not None:
-                self._relay.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._relay
+            for task in (self._relay, self._reports):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     @staticmethod
     async def _end(proc: asyncio.subprocess.Process) -> None:
@@ -173,12 +211,44 @@ class BrokerProcess:
                 continue
 
 
+def _login_report(line: bytes) -> dict[str, int] | None:
+    """The refused-login totals of one report line from the child, by known reason; None if it is none."""
+    try:
+        report = json.loads(line)
+    except ValueError:
+        return None
+    counts = report.get("login_failures") if isinstance(report, dict) else None
+    if not isinstance(counts, dict):
+        return None
+    return {r: n for r, n in counts.items() if r in LOGIN_FAILURES and type(n) is int and n >= 0}
+
+
 def _release(proc: asyncio.subprocess.Process) -> None:
     """Close the pipes' transport of an exited child now, on our loop: left to the garbage collector, it
     would try to close them on a loop that may be gone ("Event loop is closed")."""
     transport = getattr(proc, "_transport", None)
     if transport is not None:
         transport.close()
+
+
+async def _report_logins() -> None:
+    """Child: the refused-login totals as a JSON line on stdout whenever they changed (the gateway reads them)."""
+    fd = sys.stdout.fileno()
+    # Never blocking the broker's loop on a gateway that reads late: a line (far below PIPE_BUF) goes whole or
+    # not at all, and one not sent is no loss, since the next carries the totals.
+    os.set_blocking(fd, False)
+    sent: dict[str, int] | None = None
+    while True:
+        counts = broker_auth.login_failures()
+        if counts != sent:
+            try:
+                os.write(fd, json.dumps({"login_failures": counts}).encode() + b"\n")
+                sent = counts
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # the gateway is gone: stdin's end stops us
+        await asyncio.sleep(LOGIN_REPORT_INTERVAL)
 
 
 async def _serve(listeners: list[str], cert: str | None, key: str | None, auth: BrokerAuth | None) -> None:
@@ -199,7 +269,9 @@ async def _serve(listeners: list[str], cert: str | None, key: str | None, auth: 
             stop.set()  # the gateway closed it (or is gone)
 
     loop.add_reader(sys.stdin.fileno(), stdin_readable)
+    reports = asyncio.create_task(_report_logins())
     await stop.wait()
+    reports.cancel()
     await broker.stop()
 
 

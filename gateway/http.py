@@ -285,11 +285,12 @@ class GatewayCollector(Collector):
             statefiles.corrupt_counts(),
             label="file",
         )
-        if isinstance(gw.broker, EmbeddedBroker):
-            # A broker in a child process counts its refusals there: only an in-process one's are ours to show.
-            yield _by_reason(
-                "broker_auth_failures", "Embedded broker logins refused, by reason.", broker_auth.login_failures()
+        if gw.broker is not None:
+            # A broker in a child process counts its refusals there and reports them to its BrokerProcess.
+            refused = (
+                broker_auth.login_failures() if isinstance(gw.broker, EmbeddedBroker) else gw.broker.login_failures()
             )
+            yield _by_reason("broker_auth_failures", "Embedded broker logins refused, by reason.", refused)
 
 
 def _by_reason(name: str, doc: str, counts: dict[str, int], *, label: str = "reason") -> Metric:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
+from bridge.broker_auth import LOGIN_FAILURES
 from bridge.broker_process import BrokerProcess
 from bridge.sink import MqttSink
 from gateway.errors import FieldgateError
@@ -217,3 +218,33 @@ async def test_a_broker_stderr_line_too_long_to_relay_does_not_stop_the_relay(
     logged = [r.getMessage() for r in caplog.records if r.name == "bridge.broker_process"]
     assert logged[-1] == "broker: WARNING after the long one"
     assert any("too long" in m for m in logged)
+
+
+async def test_the_childs_login_reports_add_up_and_anything_else_on_its_stdout_is_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Totals per child: what a report counts beyond the last one is new; a child started again from zero adds.
+    broker = BrokerProcess(["tcp://127.0.0.1:1"])
+    for lines in (
+        [
+            b'{"login_failures": {"bad_password": 2, "busy": 0}}\n',
+            b"not json\n",
+            b'{"login_failures": {"bad_password": -5, "invented": 9, "busy": true, "anonymous": 1.5}}\n',
+            b"x" * 200_000 + b"\n",
+            b'{"login_failures": {"bad_password": 3, "unknown_user": 1}}\n',
+        ],
+        [b'{"login_failures": {"bad_password": 1}}\n'],  # the next child
+    ):
+        stdout = asyncio.StreamReader()
+        stdout.feed_data(b"".join(lines))
+        stdout.feed_eof()
+        async with asyncio.timeout(5):
+            await broker._read_reports(stdout)
+    assert broker.login_failures() == {
+        **dict.fromkeys(broker.login_failures(), 0),
+        "bad_password": 4,
+        "unknown_user": 1,
+    }
+    assert sorted(broker.login_failures()) == sorted(LOGIN_FAILURES)
+    logged = [r.getMessage() for r in caplog.records if r.name == "bridge.broker_process"]
+    assert any("not json" in m for m in logged) and any("too long" in m for m in logged)
