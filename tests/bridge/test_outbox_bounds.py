@@ -1,0 +1,131 @@
+"""The outbox's bounds and first answers: what flush says at once, that a first failure is logged at once
+whatever the interval, that the replay's refusal counts stay bounded and keep dropping what is refused.
+
+Real parts: an Outbox on a real SQLiteSpool file and a real MqttSink to the embedded broker, cut off by a
+relay (`down_sink`) until the test opens it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import outbox as outbox_module
+from bridge.broker import EmbeddedBroker
+from bridge.outbox import Outbox
+from bridge.spool import SpoolStorageError, SQLiteSpool
+from gateway.types import Message
+
+from helpers import Subscriber, down_sink, spool_rows, until
+
+P = "fg/bounds"
+#: Longer than any machine has been up: an interval that never ends within a test.
+FOREVER = 1e12
+
+
+def msg(i: int, topic: str = "seq") -> Message:
+    """Message number i."""
+    return Message(topic, b"%d" % i, ts=1_000_000 + i)
+
+
+async def test_flush_is_false_while_a_live_message_waits_in_the_queue(broker: EmbeddedBroker, port: int) -> None:
+    async with down_sink(port, P) as (sink, link):
+        box = Outbox(sink)
+        await box.start()
+        try:
+            await link.start()
+            assert await sink.wait_connected(10)
+            box.submit(msg(1))  # live: in the queue until the drain's next step hands it to the sink
+            assert len(box) == 1
+            assert await box.flush(0) is False
+            assert await box.flush(30) is True
+        finally:
+            await box.stop()
+
+
+class BrokenTakes(SQLiteSpool):
+    """A real spool whose takes fail as a broken disk makes them fail."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.takes = 0
+
+    def take(self, n: int) -> Any:
+        self.takes += 1
+        raise SpoolStorageError("spool s: cannot read: disk I/O error")
+
+
+async def test_the_first_failure_of_the_replay_is_logged_at_once_whatever_the_interval(
+    broker: EmbeddedBroker,
+    port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.01)
+    monkeypatch.setattr(outbox_module, "REFUSAL_LOG_INTERVAL", FOREVER)
+    caplog.set_level(logging.ERROR, logger="bridge.outbox")
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(1), 1)])
+    spool.close()
+    async with down_sink(port, P) as (sink, link):
+        spool = BrokenTakes(path, min_free_bytes=0)
+        box = Outbox(sink, spool)
+        await box.start()
+        try:
+            await link.start()
+            await until(lambda: spool.takes >= 3, 10, "the replay to try again and again")
+        finally:
+            await box.stop()
+    paused = [r.getMessage() for r in caplog.records if "replay paused" in r.getMessage()]
+    assert paused == ["sink up: replay paused: spool s: cannot read: disk I/O error"]
+
+
+async def test_the_first_refusal_is_logged_at_once_whatever_the_interval(
+    broker: EmbeddedBroker,
+    port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(outbox_module, "REFUSAL_LOG_INTERVAL", FOREVER)
+    caplog.set_level(logging.WARNING, logger="bridge.outbox")
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
+        await box.start()
+        try:
+            for i in range(2):
+                with pytest.raises(Exception, match="int64"):
+                    await box.enqueue(Message("seq", b"%d" % i, ts=2**64 - 1))
+        finally:
+            await box.stop()
+    lines = [r.getMessage() for r in caplog.records if "not spooled" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("sink up: 1 message(s) not spooled (1 so far): ")
+
+
+async def test_refusal_counts_of_dropped_entries_are_forgotten_so_every_refused_entry_is_dropped(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One entry per replay step and room for 10 refusal counts: a dropped entry's count left behind would fill
+    # the room after 10 drops, and the 11th refused entry would never be counted, so never dropped.
+    monkeypatch.setattr(outbox_module, "REPLAY_BATCH", 1)
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    bad = 12
+    spool.add([(Message(f"bad/+/{i}", b"x"), i) for i in range(bad)] + [(msg(1), bad)])  # paho refuses wildcards
+    spool.close()
+    async with down_sink(port, P) as (sink, link):
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), replay_rate=10_000)
+        await box.start()
+        try:
+            await link.start()
+            await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 20)
+            await until(lambda: box.backlog == 0, 10, "the backlog to drain")
+        finally:
+            await box.stop()
+    assert box.stats.undeliverable == bad
+    assert spool_rows(path) == []
