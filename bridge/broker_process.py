@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 
 from bridge import broker_auth
@@ -234,6 +235,8 @@ def _release(proc: asyncio.subprocess.Process) -> None:
 async def _report_logins() -> None:
     """Child: the refused-login totals as a JSON line on stdout whenever they changed (the gateway reads them)."""
     fd = sys.stdout.fileno()
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return  # run by hand: a terminal is no gateway, and O_NONBLOCK would be set on the shell's terminal too
     # Never blocking the broker's loop on a gateway that reads late: a line (far below PIPE_BUF) goes whole or
     # not at all, and one not sent is no loss, since the next carries the totals.
     os.set_blocking(fd, False)
