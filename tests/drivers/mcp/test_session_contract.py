@@ -4,15 +4,27 @@ and count on a real socket (the server in this process, so that mutation testing
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import fcntl
+import logging
+import struct
+import termios
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
-from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, NackCode, encode, nack
-from drivers.mcp.server import McpServer
-from drivers.mcp.session import SeqWindow, _command_result, boot_digest
+from drivers.mcp.codec import OVERHEAD, DecodeError, Decoder, Frame, FrameType, NackCode, encode, nack
+from drivers.mcp.server import MAX_INFLIGHT_DATA, McpServer
+from drivers.mcp.session import SeqWindow, Session, _command_result, boot_digest
 from gateway.config.schema import McpSection
-from gateway.types import CommandResult, Sample
+from gateway.errors import SinkError
+from gateway.types import Command, CommandResult, DeviceState, Sample
+
+from helpers import until
+
+T = TypeVar("T")
 
 
 def test_the_window_holds_the_last_1024_accepted_seqs_and_forgets_the_oldest() -> None:
@@ -97,6 +109,35 @@ TOKEN = "s3cret-token-0001"
 NOW_MS = 1_767_225_600_000
 
 
+async def in_real_time(awaitable: Awaitable[T], seconds: float = 10.0) -> T:
+    """`awaitable`'s result, or TimeoutError after `seconds` of real time, whatever the loop's clock says."""
+    loop = asyncio.get_running_loop()
+    work = asyncio.ensure_future(awaitable)
+    expired = asyncio.Event()
+    timer = threading.Timer(seconds, loop.call_soon_threadsafe, (expired.set,))
+    timer.daemon = True
+    timer.start()
+    waiter = asyncio.ensure_future(expired.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        waiter.cancel()
+    if not work.done():
+        work.cancel()
+        raise TimeoutError(f"nothing after {seconds:g} s")
+    return work.result()
+
+
+async def settle(condition: Callable[[], object], what: str, seconds: float = 10.0) -> None:
+    """Let the loop run until `condition()` holds (its clock may stand still); fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        await asyncio.sleep(0)
+
+
 class Peer:
     """A raw MCP connection with its own decoder."""
 
@@ -111,15 +152,17 @@ class Peer:
 
     async def answer(self) -> Frame:
         """The next frame the gateway sends; EOFError once it closed."""
-        async with asyncio.timeout(10):  # generous: only a missing answer runs into it
-            while not self.frames:
-                chunk = await self.reader.read(65536)
-                if not chunk:
-                    raise EOFError
-                self.frames += self.decoder.feed(chunk)
+        await in_real_time(self._more())  # generous: only a missing answer runs into it
         frame = self.frames.pop(0)
         assert isinstance(frame, Frame), frame
         return frame
+
+    async def _more(self) -> None:
+        while not self.frames:
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                raise EOFError
+            self.frames += self.decoder.feed(chunk)
 
     async def closed(self) -> bool:
         """True once the gateway closed the connection with nothing more to say."""
@@ -130,20 +173,48 @@ class Peer:
         raise AssertionError(f"expected the close, got {frame}")
 
 
+class Served:
+    """An McpServer in this process: what it delivers, the device states it reports, deliveries held on demand."""
+
+    def __init__(self, srv: McpServer) -> None:
+        self.srv = srv
+        self.delivered: list[Sample] = []
+        self.states: list[DeviceState] = []
+        self.hold = False  # while True, each delivery waits on its own future in `waiting`
+        self.waiting: list[tuple[Sample, asyncio.Future[None]]] = []
+        srv.deliver = self._deliver
+        srv._on_state = self.states.append
+
+    async def _deliver(self, sample: Sample) -> None:
+        if self.hold:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiting.append((sample, done))
+            await done
+        self.delivered.append(sample)
+
+    def release_all(self) -> None:
+        """Deliver everything held and hold nothing more."""
+        self.hold = False
+        for _, done in self.waiting:
+            if not done.done():
+                done.set_result(None)
+
+    def session(self) -> Session:
+        """pump-1's live session."""
+        return self.srv.sessions["pump-1"]
+
+
 @pytest.fixture
-async def server() -> AsyncIterator[tuple[McpServer, list[Sample]]]:
-    """An McpServer on a free port whose deliveries are recorded."""
+async def served() -> AsyncIterator[Served]:
+    """An McpServer on a free port, pump-1 its one device."""
     cfg = McpSection.model_validate({"listen": "127.0.0.1:0", "devices": [{"id": "pump-1", "token": TOKEN}]})
-    delivered: list[Sample] = []
-
-    async def deliver(sample: Sample) -> None:
-        delivered.append(sample)
-
-    srv = McpServer(cfg, deliver, lambda state: None)
+    srv = McpServer(cfg, lambda sample: asyncio.sleep(0), lambda state: None)
     await srv.start()
+    here = Served(srv)
     try:
-        yield srv, delivered
+        yield here
     finally:
+        here.release_all()
         await srv.stop()
 
 
@@ -152,9 +223,10 @@ async def connect(srv: McpServer) -> Peer:
     return Peer(*await asyncio.open_connection("127.0.0.1", srv.port))
 
 
-def hello(seq: int = 1) -> bytes:
-    """pump-1's HELLO."""
-    return encode(Frame.json(FrameType.HELLO, seq, {"device_id": "pump-1", "token": TOKEN, "boot_id": "b1"}))
+def hello(seq: int = 1, **fields: object) -> bytes:
+    """pump-1's HELLO (`fields` added to its payload or replacing them)."""
+    body = {"device_id": "pump-1", "token": TOKEN, "boot_id": "b1", **fields}
+    return encode(Frame.json(FrameType.HELLO, seq, body))
 
 
 def data(seq: int, body: dict[str, object] | None = None) -> bytes:
@@ -175,9 +247,9 @@ def code_and_reason(frame: Frame) -> tuple[int, int, str]:
 
 
 async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
-    server: tuple[McpServer, list[Sample]],
+    served: Served,
 ) -> None:
-    srv, delivered = server
+    srv, delivered = served.srv, served.delivered
     peer = await connect(srv)
     await peer.send(hello())
     assert await peer.answer() == Frame.json(FrameType.ACK, 1, {"heartbeat_s": 30})
@@ -198,14 +270,14 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
     await peer.send(encode(Frame.json(FrameType.RESPONSE, 99, {"ok": True})))  # answers no command: ignored
     await peer.send(encode(Frame(FrameType.HEARTBEAT, 8)))
     assert await peer.answer() == Frame(FrameType.ACK, 8)  # nothing came for the RESPONSE
-    assert [s.values for s in delivered] == [{"flow": 2}]
+    assert [(s.device, s.ts, s.values) for s in delivered] == [("pump-1", NOW_MS, {"flow": 2})]
 
     stats = srv.stats_for("pump-1")
     # Frames: HELLO, 2 x DATA 2, 2 HEARTBEATs, 2 refused DATA, type 9, the RESPONSE (a bad CRC is no frame).
     assert (stats.frames_in, stats.frames_out) == (9, 9)
     assert (stats.crc_errors, stats.nacks_sent, stats.duplicates) == (1, 4, 1)
     assert (stats.rejected_payloads, stats.bad_ts) == (2, 1)
-    assert (stats.sessions_opened, stats.sessions_closed) == (1, 0)
+    assert (stats.sessions_opened, stats.sessions_closed, stats.commands, stats.command_timeouts) == (1, 0, 0, 0)
     totals = srv.totals
     assert (totals.frames_in, totals.frames_out, totals.crc_errors, totals.nacks_sent) == (9, 9, 1, 4)
 
@@ -214,12 +286,13 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
         while stats.sessions_closed == 0:
             await asyncio.sleep(0.01)
     assert (stats.sessions_closed, totals.sessions_closed) == (1, 1)
+    assert served.states == [DeviceState("pump-1", True), DeviceState("pump-1", False, "closed by peer")]
 
 
 async def test_before_hello_the_third_framing_error_closes_and_the_second_does_not(
-    server: tuple[McpServer, list[Sample]],
+    served: Served,
 ) -> None:
-    srv, _ = server
+    srv = served.srv
     patient = await connect(srv)
     await patient.send(corrupted(hello(1)) + corrupted(hello(2)))
     assert [code_and_reason(await patient.answer())[:2] for _ in range(2)] == [(1, 1), (2, 1)]
@@ -232,8 +305,8 @@ async def test_before_hello_the_third_framing_error_closes_and_the_second_does_n
     assert await careless.closed()
 
 
-async def test_only_a_hello_opens_a_session_and_only_once(server: tuple[McpServer, list[Sample]]) -> None:
-    srv, _ = server
+async def test_only_a_hello_opens_a_session_and_only_once(served: Served) -> None:
+    srv = served.srv
     early = await connect(srv)
     await early.send(data(1))
     assert code_and_reason(await early.answer()) == (1, 6, "not registered")
@@ -245,3 +318,288 @@ async def test_only_a_hello_opens_a_session_and_only_once(server: tuple[McpServe
     await twice.send(hello(2))
     assert code_and_reason(await twice.answer()) == (2, 5, "HELLO on a session that already passed HELLO")
     assert await twice.closed()
+    assert served.states[-1] == DeviceState("pump-1", False, "a second HELLO")
+
+
+def taken(session: Session) -> bool:
+    """True once every byte the peer sent has been read by `session` (none left in its socket nor its reader)."""
+    sock = session.writer.get_extra_info("socket")
+    queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    return queued == 0 and not session.reader._buffer
+
+
+async def logged_in(served: Served, **fields: object) -> Peer:
+    """pump-1 past its HELLO."""
+    peer = await connect(served.srv)
+    await peer.send(hello(**fields))
+    assert (await peer.answer()).type == FrameType.ACK
+    return peer
+
+
+async def test_data_without_ts_takes_the_gateways_clock_and_a_ts_too_far_ahead_is_refused(served: Served) -> None:
+    peer = await logged_in(served)
+    before = time.time_ns() // 1_000_000
+    await peer.send(data(2, {"values": {"flow": 1}}))
+    assert await peer.answer() == Frame(FrameType.ACK, 2)
+    after = time.time_ns() // 1_000_000
+    assert before <= served.delivered[0].ts <= after
+    day = 86_400_000  # max_future_ts by default
+    await peer.send(data(3, {"ts": before + day, "values": {"flow": 3}}))
+    assert await peer.answer() == Frame(FrameType.ACK, 3)
+    # A minute past the limit: refused however slow this machine is (it would have to take a minute to read it).
+    await peer.send(data(4, {"ts": time.time_ns() // 1_000_000 + day + 60_000, "values": {"flow": 4}}))
+    assert code_and_reason(await peer.answer())[:2] == (4, 5)
+    assert served.srv.stats_for("pump-1").bad_ts == 1
+
+
+async def test_32_data_frames_may_await_their_answers_which_leave_in_order_whatever_order_they_finish_in(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = served.srv
+    peer = await logged_in(served)
+    served.hold = True
+    # A HEARTBEAT, then 38 DATA in one write: 32 await their answers, the 33rd is taken and then waits for a place.
+    await peer.send(encode(Frame(FrameType.HEARTBEAT, 2)) + b"".join(data(seq) for seq in range(3, 41)))
+    await until(lambda: len(served.waiting) >= 33, 10, "33 deliveries to start")
+    assert [sample.values["flow"] for sample, _ in served.waiting] == list(range(3, 36))
+    # The heartbeat's answer did not wait for them (a device would take the link for broken).
+    assert await peer.answer() == Frame(FrameType.ACK, 2)
+    # They finish last first, two of them failing; the answers still go out in the order the frames came.
+    for sample, done in reversed(served.waiting[:33]):
+        flow = sample.values["flow"]
+        if flow == 10:
+            done.set_exception(SinkError("spool full"))
+        elif flow == 11:
+            done.set_exception(RuntimeError("a bug in a sink"))
+        else:
+            done.set_result(None)
+    served.release_all()
+    answers = [await peer.answer() for _ in range(3, 41)]
+    assert answers[:7] == [Frame(FrameType.ACK, seq) for seq in range(3, 10)]
+    assert [code_and_reason(answer) for answer in answers[7:9]] == [
+        (10, 8, "overloaded: spool full"),
+        (11, 8, "overloaded: internal error"),
+    ]
+    assert answers[9:] == [Frame(FrameType.ACK, seq) for seq in range(12, 41)]
+    assert sorted(s.values["flow"] for s in served.delivered) == [f for f in range(3, 41) if f not in (10, 11)]
+    assert srv.stats_for("pump-1").nacks_sent == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "mcp pump-1: delivering DATA seq 11 failed"
+    ]
+    await until(lambda: srv.data_slots._value == MAX_INFLIGHT_DATA, 10, "every DATA place to be given back")
+
+
+async def test_a_session_replaced_with_answers_outstanding_gives_every_place_back(served: Served) -> None:
+    srv = served.srv
+    old = await logged_in(served)
+    served.hold = True
+    await old.send(b"".join(data(seq) for seq in range(2, 40)))
+    await until(lambda: len(served.waiting) >= 33, 10, "33 deliveries to start")
+    assert srv.data_slots._value == MAX_INFLIGHT_DATA - 32
+    # The device comes back on a new link (the old one dropped without a FIN) while its answers are still owed.
+    await logged_in(served)
+    assert await old.closed()
+    await until(lambda: srv.data_slots._value == MAX_INFLIGHT_DATA, 10, "the old session's places to be given back")
+
+
+async def test_a_read_full_of_frames_is_answered_at_most_256_at_a_time(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = await logged_in(served)
+    session = served.session()
+    writes: list[int] = []
+    real_write = session.writer.write
+
+    def write(data: bytes) -> None:
+        writes.append(len(data))
+        real_write(data)
+
+    monkeypatch.setattr(session.writer, "write", write)
+    await peer.send(b"".join(encode(Frame(FrameType.HEARTBEAT, seq)) for seq in range(2, 602)))
+    assert [(await peer.answer()).seq for _ in range(600)] == list(range(2, 602))
+    ack = len(encode(Frame(FrameType.ACK, 2)))
+    # A read of 600 frames: their answers leave in writes of 256 (other sessions get the loop in between).
+    assert sum(writes) == 600 * ack and max(writes) == 256 * ack, writes
+
+
+async def test_the_transport_pauses_the_session_above_a_quarter_of_max_unread(served: Served) -> None:
+    await logged_in(served)
+    transport = served.session().writer.transport
+    assert transport.get_write_buffer_limits() == (65536 // 16, 65536 // 4)  # max_unread 64 KiB by default
+
+
+async def test_a_command_goes_out_while_it_fits_max_unread_and_is_refused_past_it(served: Served) -> None:
+    srv = served.srv
+    srv.cfg.max_unread = 4096
+    peer = await logged_in(served)
+    empty = len(Frame.json(FrameType.COMMAND, 1, {"name": "load", "args": {"blob": ""}}).payload)
+    fill = "x" * (4096 - OVERHEAD - empty)  # the command's frame is 4096 bytes: exactly max_unread
+    refused = await srv.command(Command("pump-1", "load", {"blob": fill + "x"}))
+    assert refused == CommandResult(ok=False, error="the device is not reading (its unread output is at max_unread)")
+    task = asyncio.create_task(srv.command(Command("pump-1", "load", {"blob": fill})))
+    sent = await peer.answer()
+    assert sent.type == FrameType.COMMAND and sent.body() == {"name": "load", "args": {"blob": fill}}
+    await peer.send(encode(Frame.json(FrameType.RESPONSE, sent.seq, {"ok": True, "result": "loaded"})))
+    assert await task == CommandResult(ok=True, result="loaded")
+    assert "pump-1" in srv.sessions
+
+
+async def test_a_command_pending_when_the_session_ends_fails_at_once_saying_why(served: Served) -> None:
+    srv = served.srv
+    peer = await logged_in(served)
+    task = asyncio.create_task(srv.command(Command("pump-1", "reset", {})))
+    assert (await peer.answer()).type == FrameType.COMMAND
+    peer.writer.close()
+    async with asyncio.timeout(10):  # far less than its 4 x 5 s of retransmissions
+        assert await task == CommandResult(ok=False, error="session closed: closed by peer")
+
+
+async def test_a_session_whose_ack_loop_ends_is_closed_and_says_why(
+    served: Served, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(self: Session, seq: int, pending: asyncio.Future[None]) -> Frame | None:
+        raise RuntimeError("a bug in the ACK loop")
+
+    monkeypatch.setattr(Session, "_outcome", broken)
+    peer = await logged_in(served)
+    await peer.send(data(2))
+    assert await peer.closed()
+    await until(lambda: "pump-1" not in served.srv.sessions, 10, "the session to end")
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == (
+        "mcp pump-1: the ACK loop ended (RuntimeError: a bug in the ACK loop): "
+        "closing the session so that the device reconnects"
+    )
+    assert record.exc_info is not None and str(record.exc_info[1]) == "a bug in the ACK loop"
+    assert served.states[-1] == DeviceState("pump-1", False, "the ACK loop ended")
+    assert served.srv.data_slots._value == MAX_INFLIGHT_DATA
+
+
+async def test_the_gateway_stopping_closes_its_sessions_saying_so(served: Served) -> None:
+    peer = await logged_in(served)
+    await served.srv.stop()
+    assert await peer.closed()
+    assert served.states == [DeviceState("pump-1", True), DeviceState("pump-1", False, "gateway stopping")]
+
+
+# --- deadlines, on the loop's clock moved forward by the test -------------------------------------------------
+
+
+class LoopClock:
+    """The running loop's clock, standing still unless the test moves it: a deadline comes exactly when it says."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._real = loop.time
+        self._now = loop.time()
+        self._offset: float | None = None  # once released: the loop's time is real time plus this
+        loop.time = self.time  # type: ignore[method-assign]
+
+    def time(self) -> float:
+        """The loop's time now."""
+        return self._now if self._offset is None else self._real() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the loop's time `seconds` forward."""
+        self._now += seconds
+
+    def release(self) -> None:
+        """Let the clock run again from where it stands (forward only: timers already set keep their meaning)."""
+        self._offset = self._now - self._real()
+
+
+@pytest.fixture
+async def clock(served: Served) -> AsyncIterator[LoopClock]:
+    """The test's loop clock, standing still; it runs again before the server stops."""
+    stopped = LoopClock()
+    try:
+        yield stopped
+    finally:
+        stopped.release()
+
+
+async def test_silence_for_three_heartbeats_closes_the_session_and_says_so(served: Served, clock: LoopClock) -> None:
+    peer = await connect(served.srv)
+    await peer.send(hello(heartbeat_s=2))
+    assert await peer.answer() == Frame.json(FrameType.ACK, 1, {"heartbeat_s": 2})
+    for seq in (2, 3):
+        clock.advance(5.9)  # just short of 3 x 2 s since the last frame: each frame starts the count again
+        await peer.send(encode(Frame(FrameType.HEARTBEAT, seq)))
+        assert await peer.answer() == Frame(FrameType.ACK, seq)
+    clock.advance(6.1)
+    assert await peer.closed()
+    assert served.states[-1] == DeviceState("pump-1", False, "no frame for 6 s")
+
+
+async def test_the_hello_deadline_runs_from_accept_and_past_hello_no_longer_holds(
+    served: Served, clock: LoopClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.mcp.server")
+    srv = served.srv
+    late = await connect(srv)
+    await settle(lambda: srv.pending == 1, "the connection to be accepted")
+    clock.advance(9.9)  # hello_timeout is 10 s
+    await late.send(corrupted(hello()))
+    assert code_and_reason(await late.answer())[:2] == (1, 1)  # still open; the error moves no deadline
+    clock.advance(0.2)
+    assert await late.closed()
+    await settle(lambda: srv.pending == 0, "the connection to end")
+    assert "closed before HELLO: no HELLO within 10 s of accept" in caplog.text
+
+    peer = await logged_in(served)
+    clock.advance(10.5)
+    await peer.send(encode(Frame(FrameType.HEARTBEAT, 2)))
+    assert await peer.answer() == Frame(FrameType.ACK, 2)
+
+
+async def test_a_frame_has_5_s_from_its_first_byte_and_bytes_that_do_not_complete_it_buy_no_time(
+    served: Served, clock: LoopClock
+) -> None:
+    peer = await logged_in(served)
+    session = served.session()
+    two, three, four = data(2), data(3), data(4)
+
+    async def send(wire: bytes) -> None:
+        await peer.send(wire)
+        await settle(lambda: taken(session), "the session to read what was sent")
+
+    await send(two[:10])
+    clock.advance(4.0)
+    # Frame 2 completes and frame 3 starts in the same read: frame 3's 5 s run from now, not from frame 2's start.
+    await send(two[10:] + three[:10])
+    assert await peer.answer() == Frame(FrameType.ACK, 2)
+    clock.advance(4.0)
+    await send(three[10:20])
+    clock.advance(0.9)
+    await send(three[20:])
+    assert await peer.answer() == Frame(FrameType.ACK, 3)
+    # Frame 4 keeps coming a few bytes at a time but never completes: 5 s after its first byte, the session ends.
+    await send(four[:10])
+    clock.advance(4.5)
+    await send(four[10:20])
+    clock.advance(0.6)
+    assert await peer.closed()
+    assert served.states[-1] == DeviceState("pump-1", False, "a frame stalled for more than 5 s")
+
+
+async def test_a_command_is_sent_again_unchanged_on_silence_then_times_out(served: Served, clock: LoopClock) -> None:
+    srv = served.srv
+    srv.cfg.ack_timeout, srv.cfg.retries = 2.0, 2
+    peer = await logged_in(served)
+    task = asyncio.create_task(srv.command(Command("pump-1", "set_speed", {"rpm": 1200})))
+    first = await peer.answer()
+    assert first == Frame.json(FrameType.COMMAND, 1, {"name": "set_speed", "args": {"rpm": 1200}})
+    for _ in range(2):
+        clock.advance(2.1)
+        assert encode(await peer.answer()) == encode(first)  # retries: the same seq, the same bytes
+    clock.advance(2.1)
+    assert await in_real_time(task) == CommandResult(ok=False, error="timeout")
+    # Its late answer changes nothing; the next command has the next seq and gets its own answer.
+    await peer.send(encode(Frame.json(FrameType.RESPONSE, 1, {"ok": True})))
+    task = asyncio.create_task(srv.command(Command("pump-1", "stop", {})))
+    second = await peer.answer()
+    assert second == Frame.json(FrameType.COMMAND, 2, {"name": "stop", "args": {}})
+    await peer.send(encode(Frame.json(FrameType.RESPONSE, 2, {"ok": True, "result": "stopped"})))
+    assert await task == CommandResult(ok=True, result="stopped")
+    stats = srv.stats_for("pump-1")
+    assert (stats.commands, stats.command_timeouts) == (2, 1)
