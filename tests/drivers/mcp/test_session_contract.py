@@ -603,3 +603,41 @@ async def test_a_command_is_sent_again_unchanged_on_silence_then_times_out(serve
     assert await task == CommandResult(ok=True, result="stopped")
     stats = srv.stats_for("pump-1")
     assert (stats.commands, stats.command_timeouts) == (2, 1)
+
+
+async def test_a_frame_too_large_or_a_malformed_hello_is_nacked_and_closes(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.mcp.server")
+    srv = served.srv
+    # Before HELLO only max_hello_payload (4 KiB by default) is let in: refused from the header alone.
+    early = await connect(srv)
+    await early.send(encode(Frame(FrameType.HELLO, 3, b"{" + b" " * 4096 + b"}"))[:14])
+    assert code_and_reason(await early.answer()) == (3, 3, "frame too large")
+    assert await early.closed()
+    # Past HELLO, max_payload (1 MiB) holds, even for a frame in the same write as the HELLO.
+    peer = await connect(srv)
+    big = data(
+        2,
+        {"ts": NOW_MS, "values": {"s": "x" * 1000, "t": "y" * 1000, "u": "z" * 1000, "v": "w" * 1000, "w": "v" * 200}},
+    )
+    assert len(big) > 4096 + OVERHEAD
+    await peer.send(hello() + big)
+    assert (await peer.answer()).type == FrameType.ACK
+    assert await peer.answer() == Frame(FrameType.ACK, 2)
+    await peer.send(bytes.fromhex("55aa55aa0102") + (9).to_bytes(4, "big") + (1024 * 1024 + 1).to_bytes(4, "big"))
+    assert code_and_reason(await peer.answer()) == (9, 3, "frame too large")
+    assert await peer.closed()
+    assert served.states[-1] == DeviceState("pump-1", False, "frame too large")
+
+    malformed = await connect(srv)
+    await malformed.send(hello(heartbeat_s=0))
+    assert code_and_reason(await malformed.answer()) == (
+        1,
+        5,
+        "malformed payload: heartbeat_s must be an integer from 1 to 3600",
+    )
+    assert await malformed.closed()
+    await until(lambda: srv.pending == 0, 10, "the refused connections to end")
+    assert "closed before HELLO: malformed HELLO: heartbeat_s must be an integer from 1 to 3600" in caplog.text
+    assert srv.auth_failures == {"unknown_device": 0, "bad_token": 0}
