@@ -7,6 +7,7 @@ relay (`down_sink`) until the test opens it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from bridge import outbox as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.spool import SpoolStorageError, SQLiteSpool
+from gateway.config.schema import SpoolConfig
 from gateway.types import Message
 
 from helpers import Subscriber, down_sink, spool_rows, until
@@ -129,3 +131,55 @@ async def test_refusal_counts_of_dropped_entries_are_forgotten_so_every_refused_
             await box.stop()
     assert box.stats.undeliverable == bad
     assert spool_rows(path) == []
+
+
+async def test_a_window_of_64_publishes_is_in_flight_at_most_by_default(broker: EmbeddedBroker, port: int) -> None:
+    async with down_sink(port, P) as (sink, link):
+        offers: list[Message] = []
+        real = sink.try_publish
+
+        def counting(message: Message) -> Any:
+            offers.append(message)
+            return real(message)
+
+        sink.try_publish = counting  # type: ignore[method-assign]
+        box = Outbox(sink)
+        await box.start()
+        try:
+            await link.start()
+            assert await sink.wait_connected(10)
+            link.downstream.clear()  # connected, but no PUBACK comes back: every publish stays in flight
+            for i in range(100):
+                box.submit(msg(i))
+            await until(lambda: len(offers) >= 64, 10, "the window to fill")
+            await asyncio.sleep(0.1)  # the drain hands on in one step while the window has room: none has
+            assert len(offers) == 64
+            assert len(box) == 100 and box.backlog == 0  # the rest waits live, not in the spool
+        finally:
+            link.downstream.set()
+            await box.stop()
+
+
+async def test_by_default_the_live_queue_takes_10000_messages_and_spools_the_next(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    async with down_sink(port, P) as (sink, link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0))
+        await box.start()
+        try:
+            await link.start()
+            assert await sink.wait_connected(10)
+            for i in range(10_000):  # handed over in one step: the drain has not taken any yet
+                box.submit(msg(i))
+            assert box.backlog == 0  # the high-water mark of the README: 10,000 messages
+            box.submit(msg(10_000))
+            assert box.backlog == 1
+        finally:
+            await box.stop()
+
+
+async def test_an_outbox_built_without_them_takes_the_configurations_defaults(port: int) -> None:
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink)
+        spool = SpoolConfig()
+        assert (box.commit_window, box.replay_rate, box.order) == (spool.commit_window, spool.replay_rate, spool.order)
