@@ -19,6 +19,7 @@ from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.spool import SpoolStorageError, SQLiteSpool
 from gateway.config.schema import SpoolConfig
+from gateway.supervise import Supervisor
 from gateway.types import Message
 
 from helpers import Subscriber, down_sink, spool_rows, until
@@ -183,3 +184,21 @@ async def test_an_outbox_built_without_them_takes_the_configurations_defaults(po
         box = Outbox(sink)
         spool = SpoolConfig()
         assert (box.commit_window, box.replay_rate, box.order) == (spool.commit_window, spool.replay_rate, spool.order)
+
+
+async def test_health_names_only_the_outboxs_own_loops_not_other_tasks_of_its_supervisor(port: int) -> None:
+    supervisor = Supervisor(restart_min=3600.0)  # the failed task waits for its restart for the whole test
+
+    async def dies() -> None:
+        raise RuntimeError("another part of the gateway failed")
+
+    other = supervisor.spawn("gateway:other", dies)
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink, supervisor=supervisor)
+        await box.start()
+        try:
+            await until(lambda: supervisor.problems(), 10, "the other task's failure")
+            assert box.health() is None
+        finally:
+            await box.stop()
+            await supervisor.stop(other)
