@@ -95,6 +95,14 @@ def test_a_raw_run_that_was_out_of_step_or_beat_the_wire_is_no_limit() -> None:
     assert "no transaction" in line_bench.RawRun(0, 5.0, 0, 0).fault(computed)
 
 
+def test_a_gateway_figure_with_a_short_gap_or_above_the_wire_is_not_measured() -> None:
+    assert line_bench.off_the_wire(24.0, 24.5, 0) == ""
+    assert line_bench.off_the_wire(24.7, 24.5, 0) == ""  # within the clocks' disagreement
+    assert "short gaps" in line_bench.off_the_wire(20.0, 24.5, 1)
+    assert "faster than the computed" in line_bench.off_the_wire(27.1, 24.5, 0)  # the figure of issue 12
+    assert "faster than the computed" in line_bench.off_the_wire(float("nan"), 24.5, 0)
+
+
 def test_a_bad_answer_is_not_the_answer() -> None:
     good = bytes.fromhex("01030403e803e9") + b"\0\0"
     crc = line_bench._modbus_crc(good[:-2]).to_bytes(2, "little")
