@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from bridge.buffer import StorageError
-from bridge.spool import SpoolError, SQLiteSpool
+from bridge import spool as spool_module
+from bridge.buffer import BufferFull, StorageError
+from bridge.spool import FREE_CHECK_INTERVAL, FREE_SLACK, SpoolError, SQLiteSpool
 from bridge.statefiles import corrupt_counts
 from gateway.errors import SinkError
 from gateway.types import Message
@@ -242,6 +243,100 @@ def test_the_floor_keeps_the_filesystem_from_filling(tmp_path: Path) -> None:
         st = os.statvfs(d)
         assert st.f_bavail * st.f_frsize > 512 * 1024  # stopped near the floor, far from ENOSPC
         spool.close()
+
+
+class Clock:
+    """The spool's wall clock, moved by the test only."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+_STATVFS = os.statvfs  # the test's own look, not counted where a test counts the spool's
+
+
+def free(path: Path) -> int:
+    """Free bytes on path's filesystem, as the spool reckons them."""
+    st = _STATVFS(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_the_floor_holds_exactly_against_the_spools_own_writes(tmp_path: Path) -> None:
+    """The clock stands still, so the spool never looks again for time's sake: its own writes must make it look."""
+    with tmpfs(tmp_path / "small", "6M") as mount:
+        floor = free(mount.path) - 2 * FREE_SLACK  # about 2 MiB above it, to be written by the spool itself
+        spool = mount.spool("a.db", min_free_bytes=floor, when_full="reject", clock=Clock())
+        accepted = 0
+        for k in range(1000):
+            before = free(mount.path)
+            try:
+                spool.add([(Message(f"t/{k}", os.urandom(1000)), k) for _ in range(10)])
+            except BufferFull as full:
+                assert "below the floor" in str(full)
+                assert before < floor, f"refused with {before - floor} bytes above the floor"
+                break
+            assert before >= floor, f"add {k} accepted {floor - before} bytes below the floor"
+            accepted += 1
+        else:
+            pytest.fail("the spool never reached the floor")
+        assert accepted >= 20  # the spool wrote its way down to the floor before it stopped
+
+
+def test_the_floor_sees_what_others_wrote_within_the_check_interval(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "8M") as mount:
+        clock = Clock()
+        floor = 2 * FREE_SLACK
+        spool = mount.spool("a.db", min_free_bytes=floor, when_full="reject", clock=clock)
+        spool.add([(Message("t/0", b"x" * 1000), 0)])
+        filler = mount.path / "filler"
+        filler.write_bytes(b"\0" * (free(mount.path) - floor // 2))  # another writer takes the disk below the floor
+        clock.now += FREE_CHECK_INTERVAL
+        with pytest.raises(BufferFull, match="below the floor"):
+            spool.add([(Message("t/1", b"x" * 1000), 1)])
+        filler.unlink()
+        assert spool.add([(Message("t/2", b"x" * 1000), 2)]) == [2]  # room again: seen at the next add
+        filler.write_bytes(b"\0" * (free(mount.path) - floor // 2))
+        clock.now -= 3600  # a clock set back: the last look is no guide to how long ago it was
+        with pytest.raises(BufferFull, match="below the floor"):
+            spool.add([(Message("t/3", b"x" * 1000), 3)])
+
+
+def test_the_free_disk_is_looked_at_once_per_interval_far_from_the_floor_and_every_add_near_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks: list[float] = []
+    statvfs = os.statvfs
+
+    def counted(path: str | os.PathLike[str]) -> os.statvfs_result:
+        looks.append(clock.now)
+        return statvfs(path)
+
+    monkeypatch.setattr(spool_module.os, "statvfs", counted)
+    clock = Clock()
+    with tmpfs(tmp_path / "small", "8M") as mount:
+        floor = free(mount.path) - 3 * FREE_SLACK
+        spool = mount.spool("a.db", min_free_bytes=floor, clock=clock)
+        for k in range(20):
+            spool.add([(Message(f"t/{k}", b"x" * 100), k)])
+        assert looks == [clock.now]  # far from the floor: one look for 20 adds
+        clock.now += FREE_CHECK_INTERVAL - 0.001
+        spool.add([(Message("t/20", b"x"), 20)])
+        assert len(looks) == 1
+        clock.now += 0.001  # the interval is over
+        spool.add([(Message("t/21", b"x"), 21)])
+        assert looks == [clock.now - FREE_CHECK_INTERVAL, clock.now]
+        # Its own writes take it to within FREE_SLACK of the floor: from there on, every add looks.
+        k = 22
+        while free(mount.path) >= floor + FREE_SLACK:
+            spool.add([(Message(f"t/{k}", os.urandom(1000)), k) for _ in range(64)])
+            k += 1
+        near = len(looks)
+        for i in range(5):
+            spool.add([(Message(f"t/{k + i}", b"x"), k + i)])
+        assert len(looks) == near + 5
 
 
 def test_an_io_error_fails_the_add_cleanly(tmp_path: Path) -> None:
