@@ -202,3 +202,81 @@ async def test_health_names_only_the_outboxs_own_loops_not_other_tasks_of_its_su
         finally:
             await box.stop()
             await supervisor.stop(other)
+
+
+class Monotonic:
+    """The outbox's monotonic clock, set by the test (its `time` module seen through this)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        """The time the test set."""
+        return self.now
+
+
+async def test_a_refusal_is_logged_again_once_a_whole_interval_has_passed(
+    port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Monotonic(1000.0)
+    monkeypatch.setattr(outbox_module, "time", clock)
+    caplog.set_level(logging.WARNING, logger="bridge.outbox")
+    interval = outbox_module.REFUSAL_LOG_INTERVAL
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
+        await box.start()
+        try:
+            for i, now in enumerate([1000.0, 1000.0 + interval / 2, 1000.0 + interval]):
+                clock.now = now
+                with pytest.raises(Exception, match="int64"):
+                    await box.enqueue(Message("seq", b"%d" % i, ts=2**64 - 1))
+        finally:
+            await box.stop()
+    lines = [r.getMessage() for r in caplog.records if "not spooled" in r.getMessage()]
+    assert [line.split(":")[1] for line in lines] == [
+        " 1 message(s) not spooled (1 so far)",
+        " 2 message(s) not spooled (3 so far)",  # the one held back, counted with the next
+    ]
+
+
+class ClockedBrokenTakes(BrokenTakes):
+    """Takes that fail, each at the next time of `times` on the outbox's monotonic clock."""
+
+    def __init__(self, *args: Any, clock: Monotonic, times: list[float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = clock
+        self.times = times
+
+    def take(self, n: int) -> Any:
+        self.clock.now = self.times[min(self.takes, len(self.times) - 1)]
+        return super().take(n)
+
+
+async def test_a_failing_replay_is_logged_again_once_a_whole_interval_has_passed(
+    broker: EmbeddedBroker,
+    port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Monotonic(1000.0)
+    monkeypatch.setattr(outbox_module, "time", clock)
+    monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.01)
+    caplog.set_level(logging.ERROR, logger="bridge.outbox")
+    interval = outbox_module.REFUSAL_LOG_INTERVAL
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(1), 1)])
+    spool.close()
+    times = [1000.0, 1000.0 + interval / 2, 1000.0 + interval, 1000.0 + interval]
+    async with down_sink(port, P) as (sink, link):
+        spool = ClockedBrokenTakes(path, min_free_bytes=0, clock=clock, times=times)
+        box = Outbox(sink, spool)
+        await box.start()
+        try:
+            await link.start()
+            await until(lambda: spool.takes >= len(times), 10, "the replay to fail at each time")
+        finally:
+            await box.stop()
+    paused = [r.getMessage() for r in caplog.records if "replay paused" in r.getMessage()]
+    assert len(paused) == 2  # at 1000 and 1000 + interval; not half-way, nor twice at the same time
