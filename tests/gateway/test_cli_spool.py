@@ -135,7 +135,8 @@ def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_rich_table_on_a_terminal(tmp_path: Path) -> None:
-    console = Console(record=True, width=160, force_terminal=True)
+    # wide enough for the file column whatever the temporary folder's path (longer under pytest-xdist)
+    console = Console(record=True, width=200 + len(str(tmp_path)), force_terminal=True)
     row = SpoolRow(
         "upstream", "mqtts://broker.example:8883", tmp_path / "u.sqlite", 3, 1_258_291, 64 * 1024**2, 192.4, 2
     )
