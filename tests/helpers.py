@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -433,3 +435,37 @@ async def down_sink(port: int, prefix: str) -> AsyncIterator[tuple[MqttSink, Tcp
     finally:
         await sink.stop()
         await link.close()
+
+
+_login_ids = itertools.count()
+
+
+def _mqtt_string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+async def mqtt_login(
+    port: int, user: str | None, password: str | None, *, timeout: float = 30.0, source: str = "127.0.0.1"
+) -> int | None:
+    """The CONNACK return code a broker answers one MQTT 3.1.1 login with (None: it closed without one).
+
+    Written on a bare socket, so a test can send many at once from a chosen source address and see the
+    broker's own answer; each login has a fresh client id.
+    """
+    flags = 0x02 | (0x80 if user is not None else 0) | (0x40 if password is not None else 0)
+    body = _mqtt_string("MQTT") + bytes([4, flags]) + struct.pack(">H", 30)
+    body += _mqtt_string(f"login-{os.getpid()}-{next(_login_ids)}")
+    for field_ in (user, password):
+        body += _mqtt_string(field_) if field_ is not None else b""
+    assert len(body) < 128, "one length byte"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(bytes([0x10, len(body)]) + body)
+        await writer.drain()
+        try:
+            return (await asyncio.wait_for(reader.readexactly(4), timeout))[3]
+        except asyncio.IncompleteReadError:
+            return None
+    finally:
+        writer.close()

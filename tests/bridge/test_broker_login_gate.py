@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import struct
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ from bridge import broker_auth, statefiles
 from bridge.broker import EmbeddedBroker
 from bridge.broker_auth import LOGIN_CHECKS, LOGIN_PER_SOURCE, LOGIN_QUEUE, BrokerAuth, default_access, set_password
 
-from helpers import free_port, until
+from helpers import free_port, mqtt_login, until
 
 _ids = itertools.count()
 NOT_AUTHORIZED = 5  # CONNACK return code (MQTT 3.1.1)
@@ -87,25 +86,9 @@ async def broker_with(users: Path) -> AsyncIterator[int]:
         await b.stop()
 
 
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
 async def wrong_login(port: int, source: str) -> int | None:
     """alice with a wrong password from `source`: the CONNACK's return code (None: closed without one)."""
-    body = _string("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30) + _string(f"gate-{next(_ids)}")
-    body += _string("alice") + _string(f"guess-{next(_ids)}")
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    try:
-        writer.write(bytes([0x10, len(body)]) + body)
-        await writer.drain()
-        try:
-            return (await asyncio.wait_for(reader.readexactly(4), 120))[3]
-        except asyncio.IncompleteReadError:
-            return None
-    finally:
-        writer.close()
+    return await mqtt_login(port, "alice", f"guess-{next(_ids)}", timeout=120, source=source)
 
 
 def flood(port: int) -> list[asyncio.Task[int | None]]:

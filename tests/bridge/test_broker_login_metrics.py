@@ -4,10 +4,8 @@ in its child process (`separate`, the default), where the refusals are counted i
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
-import struct
 from pathlib import Path
 
 import aiohttp
@@ -16,33 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.broker_auth import LOGIN_FAILURES, set_password
 
-from helpers import GatewayProcess, free_port, until
+from helpers import GatewayProcess, free_port, mqtt_login, until
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_AUTHORIZED = 5  # CONNACK return code (MQTT 3.1.1)
-_ids = itertools.count()
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
-async def login(port: int, user: str | None, password: str | None) -> int | None:
-    """The CONNACK return code of an MQTT 3.1.1 CONNECT (None: closed without one)."""
-    flags = 0x02 | (0x80 if user is not None else 0) | (0x40 if password is not None else 0)
-    body = _string("MQTT") + bytes([4, flags]) + struct.pack(">H", 30) + _string(f"metrics-{next(_ids)}")
-    body += (_string(user) if user is not None else b"") + (_string(password) if password is not None else b"")
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(bytes([0x10, len(body)]) + body)
-        await writer.drain()
-        try:
-            return (await asyncio.wait_for(reader.readexactly(4), 60))[3]
-        except asyncio.IncompleteReadError:
-            return None
-    finally:
-        writer.close()
 
 
 async def refusals(http: aiohttp.ClientSession, url: str) -> dict[str, float] | None:
@@ -100,9 +75,9 @@ async def test_refused_broker_logins_are_on_metrics_wherever_the_broker_runs(tmp
                         "bad_password": ("alice", "wrong"),
                     }[reason]
                     for _ in range(times):
-                        assert await login(mqtt, user, password) == NOT_AUTHORIZED
+                        assert await mqtt_login(mqtt, user, password) == NOT_AUTHORIZED
                     expected[reason] += times
-                assert await login(mqtt, "alice", "pw-alice") == 0  # let in, not counted
+                assert await mqtt_login(mqtt, "alice", "pw-alice") == 0  # let in, not counted
 
             async def shown() -> dict[str, float] | None:
                 counts = await refusals(http, url)

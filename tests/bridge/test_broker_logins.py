@@ -7,8 +7,6 @@ CONNECTs ran one per thread of the default executor (which the sinks also use) a
 from __future__ import annotations
 
 import asyncio
-import itertools
-import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +24,8 @@ from gateway.config import parse_config
 from gateway.errors import FieldgateError
 
 from helpers import free_port, until
+from helpers import mqtt_login as login
 
-_ids = itertools.count()
 #: CONNACK return codes (MQTT 3.1.1): accepted, not authorized.
 ACCEPTED, NOT_AUTHORIZED = 0, 5
 
@@ -37,37 +35,6 @@ def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """The corrupt-file and login counters are process-wide: this module's count from zero, others' stay."""
     monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
     monkeypatch.setattr(broker_auth.LOGINS, "failures", dict.fromkeys(broker_auth.LOGIN_FAILURES, 0))
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
-def connect_packet(user: str | None, password: str | None) -> bytes:
-    """An MQTT 3.1.1 CONNECT, clean session, with a fresh client id."""
-    flags = 0x02 | (0x80 if user is not None else 0) | (0x40 if password is not None else 0)
-    body = _string("MQTT") + bytes([4, flags]) + struct.pack(">H", 30) + _string(f"flood-{next(_ids)}")
-    body += (_string(user) if user is not None else b"") + (_string(password) if password is not None else b"")
-    assert len(body) < 128
-    return bytes([0x10, len(body)]) + body
-
-
-async def login(
-    port: int, user: str | None, password: str | None, timeout: float = 30.0, source: str = "127.0.0.1"
-) -> int | None:
-    """The CONNACK return code the broker answers this login with (None: the connection closed first)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    try:
-        writer.write(connect_packet(user, password))
-        await writer.drain()
-        try:
-            connack = await asyncio.wait_for(reader.readexactly(4), timeout)
-        except asyncio.IncompleteReadError:
-            return None
-        return connack[3]
-    finally:
-        writer.close()
 
 
 @pytest.fixture(scope="module")
