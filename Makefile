@@ -66,14 +66,18 @@ test-tools:
 	$(SUDO) apt-get update -q; \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
 
+# Two test processes (pytest-xdist): most tests wait on sockets, lines and deadlines, so two share the
+# cores well; TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-test mosquitto chromium test-tools
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The whole suite with both cores busy (stress-ng --cpu 2 beside it), as on a shared CI machine: it must pass.
 test-stress: $(VENV)/.installed-test mosquitto chromium test-tools
 	@stress-ng --cpu 2 --timeout 3600s --quiet & stress=$$!; \
 	trap 'kill $$stress 2>/dev/null; wait $$stress 2>/dev/null' EXIT; \
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Mutation testing of the core (hil/mutation/; not part of make test: it is slow, see the README).
 $(VENV)/.installed-mutation: pyproject.toml $(VENV)/.installed-test
