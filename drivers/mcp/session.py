@@ -236,6 +236,8 @@ class Session:
         if not transport.is_closing() and 0 < unread <= self.server.cfg.max_unread // 4:
             # Answers already queued get a moment to leave; a peer that left more unread gets nothing more.
             with contextlib.suppress(Exception):
+                # drain() waits only while the buffer is above its high mark: at 0, until every byte left.
+                transport.set_write_buffer_limits(high=0)
                 await asyncio.wait_for(self.writer.drain(), CLOSE_GRACE)
         if transport.get_write_buffer_size():
             transport.abort()  # close() would hold the socket until a peer that never reads took it all

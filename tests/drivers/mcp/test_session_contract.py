@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import socket
 import struct
 import termios
 import threading
@@ -135,6 +136,12 @@ async def settle(condition: Callable[[], object], what: str, seconds: float = 10
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        await asyncio.sleep(0)
+
+
+async def turns(count: int = 50) -> None:
+    """Let the loop run `count` rounds: what needs neither time nor the network is done by then."""
+    for _ in range(count):
         await asyncio.sleep(0)
 
 
@@ -641,3 +648,62 @@ async def test_a_frame_too_large_or_a_malformed_hello_is_nacked_and_closes(
     await until(lambda: srv.pending == 0, 10, "the refused connections to end")
     assert "closed before HELLO: malformed HELLO: heartbeat_s must be an integer from 1 to 3600" in caplog.text
     assert srv.auth_failures == {"unknown_device": 0, "bad_token": 0}
+
+
+async def stuck_peer(served: Served) -> tuple[Peer, Session, list[int]]:
+    """pump-1 logged in on a link with small buffers, its answers piling up unread in its session's transport.
+
+    Returns the peer, its session and the seqs of the heartbeats it sent (each answered, not yet read).
+
+    Below a quarter of max_unread (1 MiB here, far above what one batch of answers adds): the session still
+    reads and answers everything.
+    """
+    served.srv.cfg.max_unread = 1024 * 1024
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.srv.port))
+    peer = Peer(*await asyncio.open_connection(sock=sock, limit=1024))  # its process holds little unread too
+    await peer.send(hello())
+    assert (await peer.answer()).type == FrameType.ACK
+    session = served.session()
+    session.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport = session.writer.transport
+    sent: list[int] = []
+    while not transport.get_write_buffer_size():
+        assert len(sent) < 100_000, "the kernel took every answer"
+        batch = range(len(sent) + 2, len(sent) + 66)
+        await peer.send(b"".join(encode(Frame(FrameType.HEARTBEAT, seq)) for seq in batch))
+        sent += batch
+        await settle(lambda: taken(session), "the session to read the heartbeats")
+    assert 0 < session.unread <= served.srv.cfg.max_unread // 4
+    return peer, session, sent
+
+
+TOO_LARGE = bytes.fromhex("55aa55aa0102") + (77).to_bytes(4, "big") + (1024 * 1024 + 1).to_bytes(4, "big")
+
+
+async def test_answers_queued_when_a_session_closes_get_a_second_to_leave(served: Served, clock: LoopClock) -> None:
+    srv = served.srv
+    peer, session, sent = await stuck_peer(served)
+    await peer.send(TOO_LARGE)  # a fatal error: NACK 3 and close
+    await settle(lambda: session._closed, "the session to close")
+    await turns()  # its clean-up reaches the wait for its answers to leave (no clock needed to get there)
+    clock.advance(0.9)
+    # The peer reads within the second: every answer, the NACK last, then a clean end (no reset).
+    assert [(await peer.answer()).seq for _ in sent] == sent
+    assert code_and_reason(await peer.answer()) == (77, 3, "frame too large")
+    assert await peer.closed()
+    await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
+
+    # One that does not read in that second gets nothing more: its socket is dropped.
+    peer, session, _ = await stuck_peer(served)
+    await peer.send(TOO_LARGE)
+    await settle(lambda: session._closed, "the session to close")
+    await turns()
+    clock.advance(0.9)
+    await turns()
+    assert "pump-1" in srv.sessions  # still waiting for the peer to read
+    clock.advance(0.2)
+    await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
+    assert session.writer.transport.is_closing() and session.writer.transport.get_write_buffer_size() == 0
