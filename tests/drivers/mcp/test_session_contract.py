@@ -650,6 +650,20 @@ async def test_a_frame_too_large_or_a_malformed_hello_is_nacked_and_closes(
     assert srv.auth_failures == {"unknown_device": 0, "bad_token": 0}
 
 
+async def narrow_link(served: Served, **fields: object) -> tuple[Peer, Session]:
+    """pump-1 logged in on a link whose socket buffers (and its own reader's) hold little: answers soon pile up."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.srv.port))
+    peer = Peer(*await asyncio.open_connection(sock=sock, limit=1024))
+    await peer.send(hello(**fields))
+    assert (await peer.answer()).type == FrameType.ACK
+    session = served.session()
+    session.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return peer, session
+
+
 async def stuck_peer(served: Served) -> tuple[Peer, Session, list[int]]:
     """pump-1 logged in on a link with small buffers, its answers piling up unread in its session's transport.
 
@@ -659,15 +673,7 @@ async def stuck_peer(served: Served) -> tuple[Peer, Session, list[int]]:
     reads and answers everything.
     """
     served.srv.cfg.max_unread = 1024 * 1024
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.srv.port))
-    peer = Peer(*await asyncio.open_connection(sock=sock, limit=1024))  # its process holds little unread too
-    await peer.send(hello())
-    assert (await peer.answer()).type == FrameType.ACK
-    session = served.session()
-    session.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer, session = await narrow_link(served)
     transport = session.writer.transport
     sent: list[int] = []
     while not transport.get_write_buffer_size():
@@ -707,3 +713,23 @@ async def test_answers_queued_when_a_session_closes_get_a_second_to_leave(served
     clock.advance(0.2)
     await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
     assert session.writer.transport.is_closing() and session.writer.transport.get_write_buffer_size() == 0
+
+
+async def test_a_peer_that_leaves_its_answers_unread_is_paused_then_closed_at_its_idle_deadline_saying_why(
+    served: Served, clock: LoopClock
+) -> None:
+    srv = served.srv
+    peer, session = await narrow_link(served, heartbeat_s=1)
+    batch = b"".join(encode(Frame(FrameType.HEARTBEAT, seq)) for seq in range(2, 66))
+    while not session._paused:
+        assert session.unread <= srv.cfg.max_unread // 4, "answers above a quarter of max_unread, still reading"
+        peer.writer.write(batch)  # no drain: once the session stops reading, the peer's writes pile up too
+        await settle(lambda: session._paused or taken(session), "the session to read the heartbeats or pause")
+    assert srv.cfg.max_unread // 4 < session.unread <= srv.cfg.max_unread
+    clock.advance(2.9)
+    await turns()
+    assert not session._closed
+    clock.advance(0.2)  # 3 x heartbeat_s since its last frame
+    await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
+    reason = "it did not read its answers (unread output above max_unread / 4) in time"
+    assert served.states[-1] == DeviceState("pump-1", False, reason)
