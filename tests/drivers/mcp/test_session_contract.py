@@ -7,11 +7,14 @@ import asyncio
 import fcntl
 import logging
 import socket
+import ssl
 import struct
+import subprocess
 import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -262,8 +265,9 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
     assert await peer.answer() == Frame.json(FrameType.ACK, 1, {"heartbeat_s": 30})
     await peer.send(data(2))
     assert await peer.answer() == Frame(FrameType.ACK, 2)
-    await peer.send(data(2))  # a resend: ACKed again, published once
-    assert await peer.answer() == Frame(FrameType.ACK, 2)
+    for _ in range(2):
+        await peer.send(data(2))  # a resend: ACKed again, published once
+        assert await peer.answer() == Frame(FrameType.ACK, 2)
     await peer.send(encode(Frame(FrameType.HEARTBEAT, 3)))
     assert await peer.answer() == Frame(FrameType.ACK, 3)
     await peer.send(corrupted(data(4)))
@@ -280,13 +284,13 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
     assert [(s.device, s.ts, s.values) for s in delivered] == [("pump-1", NOW_MS, {"flow": 2})]
 
     stats = srv.stats_for("pump-1")
-    # Frames: HELLO, 2 x DATA 2, 2 HEARTBEATs, 2 refused DATA, type 9, the RESPONSE (a bad CRC is no frame).
-    assert (stats.frames_in, stats.frames_out) == (9, 9)
-    assert (stats.crc_errors, stats.nacks_sent, stats.duplicates) == (1, 4, 1)
+    # Frames: HELLO, 3 x DATA 2, 2 HEARTBEATs, 2 refused DATA, type 9, the RESPONSE (a bad CRC is no frame).
+    assert (stats.frames_in, stats.frames_out) == (10, 10)
+    assert (stats.crc_errors, stats.nacks_sent, stats.duplicates) == (1, 4, 2)
     assert (stats.rejected_payloads, stats.bad_ts) == (2, 1)
     assert (stats.sessions_opened, stats.sessions_closed, stats.commands, stats.command_timeouts) == (1, 0, 0, 0)
     totals = srv.totals
-    assert (totals.frames_in, totals.frames_out, totals.crc_errors, totals.nacks_sent) == (9, 9, 1, 4)
+    assert (totals.frames_in, totals.frames_out, totals.crc_errors, totals.nacks_sent) == (10, 10, 1, 4)
 
     peer.writer.close()
     async with asyncio.timeout(10):
@@ -482,11 +486,16 @@ async def test_a_session_whose_ack_loop_ends_is_closed_and_says_why(
     assert served.srv.data_slots._value == MAX_INFLIGHT_DATA
 
 
-async def test_the_gateway_stopping_closes_its_sessions_saying_so(served: Served) -> None:
+async def test_the_gateway_stopping_closes_its_sessions_saying_so(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.mcp.session")
     peer = await logged_in(served)
     await served.srv.stop()
     assert await peer.closed()
     assert served.states == [DeviceState("pump-1", True), DeviceState("pump-1", False, "gateway stopping")]
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "drivers.mcp.session"]
+    assert said == [(logging.DEBUG, "mcp pump-1: closing: gateway stopping")]
 
 
 # --- deadlines, on the loop's clock moved forward by the test -------------------------------------------------
@@ -608,8 +617,15 @@ async def test_a_command_is_sent_again_unchanged_on_silence_then_times_out(serve
     assert second == Frame.json(FrameType.COMMAND, 2, {"name": "stop", "args": {}})
     await peer.send(encode(Frame.json(FrameType.RESPONSE, 2, {"ok": True, "result": "stopped"})))
     assert await task == CommandResult(ok=True, result="stopped")
+    # Without retries, one silence is enough.
+    srv.cfg.retries = 0
+    task = asyncio.create_task(srv.command(Command("pump-1", "ping", {})))
+    assert (await peer.answer()).seq == 3
+    clock.advance(2.1)
+    assert await in_real_time(task) == CommandResult(ok=False, error="timeout")
     stats = srv.stats_for("pump-1")
-    assert (stats.commands, stats.command_timeouts) == (2, 1)
+    assert (stats.commands, stats.command_timeouts) == (3, 2)
+    assert served.session()._responses == {}  # a long session keeps nothing of the commands it answered
 
 
 async def test_a_frame_too_large_or_a_malformed_hello_is_nacked_and_closes(
@@ -733,3 +749,47 @@ async def test_a_peer_that_leaves_its_answers_unread_is_paused_then_closed_at_it
     await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
     reason = "it did not read its answers (unread output above max_unread / 4) in time"
     assert served.states[-1] == DeviceState("pump-1", False, reason)
+
+
+async def test_a_tls_handshake_not_done_by_the_hello_deadline_ends_the_connection_saying_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.mcp.server")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=127.0.0.1"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    tls = {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    devices = [{"id": "pump-1", "token": TOKEN}]
+    srv = McpServer(
+        McpSection.model_validate({"listen": "127.0.0.1:0", "tls": tls, "devices": devices}),
+        lambda sample: asyncio.sleep(0),
+        lambda state: None,
+    )
+    await srv.start()
+    clock = LoopClock()
+    try:
+        _, silent = await asyncio.open_connection("127.0.0.1", srv.port)  # TCP only: no ClientHello ever
+        await settle(lambda: srv.pending == 1, "the connection to be accepted")
+        await turns()
+        clock.advance(9.9)
+        await turns()
+        assert srv.pending == 1
+        clock.advance(0.2)  # hello_timeout is 10 s, the handshake included
+        await settle(lambda: srv.pending == 0, "the connection to end")
+        assert "closed before HELLO: no TLS handshake within hello_timeout (10 s)" in caplog.text
+        silent.close()
+        # A device that does its handshake logs in, and its TLS transport pauses the session as a plain one does.
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        peer = Peer(*await asyncio.open_connection("127.0.0.1", srv.port, ssl=ctx))
+        await peer.send(hello())
+        assert (await peer.answer()).type == FrameType.ACK
+        assert srv.sessions["pump-1"].writer.transport.get_write_buffer_limits() == (65536 // 16, 65536 // 4)
+        peer.writer.close()
+    finally:
+        clock.release()
+        await srv.stop()
