@@ -1,0 +1,133 @@
+"""The live path's answers: what a waiter is told when the broker connection refuses its message or gives
+up on it, and what a live PUBACK of a retained state does to the states behind it.
+
+Real parts: an Outbox on a real SQLiteSpool file and a real MqttSink to the embedded broker; where the test
+needs to choose the broker connection's answer, the sink hands back a future the test settles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.broker import EmbeddedBroker
+from bridge.outbox import Outbox
+from bridge.sink import MqttSink
+from bridge.spool import SQLiteSpool
+from gateway.errors import SinkError
+from gateway.types import Message
+
+from helpers import Subscriber, down_sink, spool_rows, until
+
+P = "fg/live"
+
+
+def msg(i: int, topic: str = "seq", **kw: Any) -> Message:
+    """Message number i."""
+    return Message(topic, b"%d" % i, ts=1_000_000 + i, **kw)
+
+
+def answered_by_test(sink: MqttSink) -> list[asyncio.Future[None]]:
+    """From now on, each publish of the sink is answered by a future the test settles; the futures, in order."""
+    answers: list[asyncio.Future[None]] = []
+
+    def publish(_message: Message) -> asyncio.Future[None]:
+        answers.append(asyncio.get_running_loop().create_future())
+        return answers[-1]
+
+    sink.try_publish = publish  # type: ignore[method-assign]
+    return answers
+
+
+async def test_a_publish_the_connection_cancels_is_kept_in_the_spool(
+    broker: EmbeddedBroker, port: int, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    async with down_sink(port, P) as (sink, link):
+        await link.start()
+        assert await sink.wait_connected(10)
+        answers = answered_by_test(sink)
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.01)
+        await box.start()
+        try:
+            waited = box.enqueue(msg(1))
+            await until(lambda: answers, 10, "the publish")
+            answers[0].cancel()  # not acknowledged, not refused: kept
+            await asyncio.wait_for(waited, 10)  # answered by the spool's commit
+            assert box.stats.spooled == 1 and box.stats.refused == 0
+        finally:
+            await box.stop()
+    assert spool_rows(path) == [("seq", 1_000_001)]
+
+
+async def test_a_refused_live_message_fails_its_waiter_with_what_the_connection_said_and_logs_it(
+    broker: EmbeddedBroker, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge.outbox")
+    async with down_sink(port, P) as (sink, link):
+        await link.start()
+        assert await sink.wait_connected(10)
+        answers = answered_by_test(sink)
+        box = Outbox(sink)
+        await box.start()
+        try:
+            odd, refused = box.enqueue(msg(1)), box.enqueue(msg(2))
+            await until(lambda: len(answers) == 2, 10, "both publishes")
+            answers[0].set_exception(ValueError("payload too large"))  # not a SinkError: named as the sink's
+            said = SinkError("sink up: not authorized")
+            answers[1].set_exception(said)
+            with pytest.raises(SinkError) as first:
+                await asyncio.wait_for(odd, 10)
+            assert str(first.value) == "sink up: payload too large"
+            with pytest.raises(SinkError) as second:
+                await asyncio.wait_for(refused, 10)
+            assert second.value is said  # passed on as it came
+        finally:
+            await box.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "bridge.outbox"]
+    assert warnings == ["sink up: payload too large", "sink up: sink up: not authorized"]
+
+
+class GatedSpool(SQLiteSpool):
+    """A real spool whose takes wait at a gate: the replay holds still until the test opens it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+
+    def take(self, n: int) -> Any:
+        self.gate.wait(30)
+        return super().take(n)
+
+
+async def test_a_live_puback_of_an_older_retained_state_leaves_the_newer_spooled_one_to_be_sent(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    async with down_sink(port, P) as (sink, link):
+        await link.start()
+        assert await sink.wait_connected(10)
+        # One message live at most: while 10 waits for its PUBACK, 11 goes to the spool.
+        spool = GatedSpool(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01, high_water=1)
+        await box.start()
+        try:
+            link.downstream.clear()  # no PUBACK comes back for now
+            box.submit(msg(10, "value", retain=True))
+            await subscriber.wait_for(lambda _: subscriber.on(f"{P}/value"), 10)  # 10 is out; its PUBACK is held
+            box.submit(msg(11, "value", retain=True))
+            await until(lambda: box.backlog == 1 and len(box) == 1, 10, "11 to be spooled")
+            link.downstream.set()  # 10's PUBACK comes while the replay holds still: 11, newer, is still to be sent
+            await until(lambda: box.stats.live == 1, 10, "10's PUBACK")
+            spool.gate.set()
+            await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/value")) >= 2, 10)
+            await until(lambda: box.backlog == 0, 10, "the replay of 11")
+            assert [m.payload for m in subscriber.on(f"{P}/value")] == [b"10", b"11"]
+        finally:
+            link.downstream.set()
+            spool.gate.set()
+            await box.stop()
