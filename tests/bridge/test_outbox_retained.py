@@ -208,3 +208,41 @@ async def test_a_live_state_refused_after_the_replay_held_back_the_stored_one_se
         finally:
             spool.gate.set()
             await box.stop()
+
+
+class ForgetFails(SQLiteSpool):
+    """A real spool that cannot remove older retained states (a full disk), and whose takes wait at a gate."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+
+    def take(self, n: int) -> Any:
+        self.gate.wait(30)
+        return super().take(n)
+
+    def forget_retained(self, topic: str, through_id: int) -> int:
+        raise SinkError("spool s: cannot write: database or disk is full")
+
+
+async def test_an_older_state_the_replay_meets_after_a_newer_one_went_out_live_is_dropped_unsent(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    spooled(path, [state(10)])
+    async with down_sink(port, P) as (sink, link):
+        spool = ForgetFails(path, min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000)
+        await box.start()
+        try:
+            await link.start()
+            assert await sink.wait_connected(10)
+            await asyncio.wait_for(box.enqueue(state(11)), 10)  # out live; 10 could not be removed behind it
+            spool.gate.set()  # the replay meets 10 now
+            await drained(box, spool)
+            await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # behind anything the replay sent
+            await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)
+            assert [m.payload for m in subscriber.on(VALUE)] == [b"11"]
+        finally:
+            spool.gate.set()
+            await box.stop()
