@@ -110,6 +110,7 @@ def test_a_commands_answer_is_read_as_the_spec_says(reply: Frame, expected: Comm
 # --- one session on a real socket, the server in this process ----------------------------------------------
 
 TOKEN = "s3cret-token-0001"
+TOKEN_2 = "other-token-00002"
 NOW_MS = 1_767_225_600_000
 
 
@@ -216,8 +217,9 @@ class Served:
 
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
-    """An McpServer on a free port, pump-1 its one device."""
-    cfg = McpSection.model_validate({"listen": "127.0.0.1:0", "devices": [{"id": "pump-1", "token": TOKEN}]})
+    """An McpServer on a free port for pump-1 and pump-2."""
+    devices = [{"id": "pump-1", "token": TOKEN}, {"id": "pump-2", "token": TOKEN_2}]
+    cfg = McpSection.model_validate({"listen": "127.0.0.1:0", "devices": devices})
     srv = McpServer(cfg, lambda sample: asyncio.sleep(0), lambda state: None)
     await srv.start()
     here = Served(srv)
@@ -414,8 +416,9 @@ async def test_a_session_replaced_with_answers_outstanding_gives_every_place_bac
 
 
 async def test_a_read_full_of_frames_is_answered_at_most_256_at_a_time(
-    served: Served, monkeypatch: pytest.MonkeyPatch
+    served: Served, monkeypatch: pytest.MonkeyPatch, clock: LoopClock
 ) -> None:
+    # The loop's clock stands still: other sessions get the loop in between, but nothing waits for time.
     peer = await logged_in(served)
     session = served.session()
     writes: list[int] = []
@@ -434,9 +437,10 @@ async def test_a_read_full_of_frames_is_answered_at_most_256_at_a_time(
 
 
 async def test_the_transport_pauses_the_session_above_a_quarter_of_max_unread(served: Served) -> None:
+    served.srv.cfg.max_unread = 65542  # a quarter of it, 16385, is no multiple of 4
     await logged_in(served)
     transport = served.session().writer.transport
-    assert transport.get_write_buffer_limits() == (65536 // 16, 65536 // 4)  # max_unread 64 KiB by default
+    assert transport.get_write_buffer_limits() == (16385 // 4, 16385)
 
 
 async def test_a_command_goes_out_while_it_fits_max_unread_and_is_refused_past_it(served: Served) -> None:
@@ -793,3 +797,65 @@ async def test_a_tls_handshake_not_done_by_the_hello_deadline_ends_the_connectio
     finally:
         clock.release()
         await srv.stop()
+
+
+async def test_a_login_refused_for_a_ban_or_for_max_sessions_says_why(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.mcp.server")
+    srv = served.srv
+    srv.max_sessions = 1
+    await logged_in(served)
+    full = await connect(srv)
+    await full.send(encode(Frame.json(FrameType.HELLO, 4, {"device_id": "pump-2", "token": TOKEN_2, "boot_id": "c"})))
+    assert code_and_reason(await full.answer()) == (4, 8, "overloaded: max_sessions reached")
+    assert await full.closed()
+    await until(lambda: srv.pending == 0, 10, "the refused connection to end")
+    assert "closed before HELLO: max_sessions reached" in caplog.text
+    # Banned after it connected: NACK 7 without a token check.
+    srv.bans.configure(failures=1, window=60.0, ban_time=60.0)
+    guess, later = await connect(srv), await connect(srv)
+    await guess.send(hello(token="wrong-token-000000"))
+    assert code_and_reason(await guess.answer()) == (1, 7, "authentication failed")
+    await later.send(hello(seq=2))
+    assert code_and_reason(await later.answer()) == (2, 7, "authentication failed")
+    assert await later.closed()
+    await until(lambda: srv.pending == 0, 10, "the refused connections to end")
+    assert "closed before HELLO: its address is banned (mcp.auth_ban_*)" in caplog.text
+    assert (srv.auth_failures["bad_token"], srv.refused["banned"]) == (1, 1)
+
+
+async def test_a_command_refused_or_merely_acked_by_the_device_fails_and_draws_no_nack(served: Served) -> None:
+    srv = served.srv
+    peer = await logged_in(served)
+    for heartbeat, reply, error in [
+        (8, nack(0, NackCode.UNKNOWN_FRAME_TYPE, "no such command"), "device refused the command: no such command"),
+        (9, Frame(FrameType.ACK, 0), "malformed response: ok must be a boolean"),
+    ]:
+        task = asyncio.create_task(srv.command(Command("pump-1", "spin", {})))
+        sent = await peer.answer()
+        await peer.send(
+            encode(Frame(reply.type, sent.seq, reply.payload)) + encode(Frame(FrameType.HEARTBEAT, heartbeat))
+        )
+        assert await peer.answer() == Frame(FrameType.ACK, heartbeat)  # and nothing came before it
+        assert await in_real_time(task) == CommandResult(ok=False, error=error)
+
+
+async def test_a_link_reset_by_the_peer_ends_the_session_saying_so(served: Served) -> None:
+    peer = await logged_in(served)
+    sock = peer.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends a reset
+    peer.writer.transport.abort()
+    await until(lambda: "pump-1" not in served.srv.sessions, 10, "the session to end")
+    assert served.states[-1] == DeviceState("pump-1", False, "connection error: [Errno 104] Connection reset by peer")
+
+
+async def test_answers_past_max_unread_close_the_session_at_once_saying_so(served: Served) -> None:
+    srv = served.srv
+    peer, session = await narrow_link(served)
+    # One write of 16-byte bad frames whose 50-byte NACKs pass max_unread (64 KiB) within one read.
+    peer.writer.write(b"".join(corrupted(encode(Frame(FrameType.HEARTBEAT, seq))) for seq in range(2, 5000)))
+    await until(lambda: "pump-1" not in srv.sessions, 10, "the session to end")
+    reason = served.states[-1].reason
+    assert reason.startswith("its unread output passed max_unread (") and reason.endswith(" > 65536 bytes)"), reason
+    assert session.writer.transport.is_closing()
