@@ -229,7 +229,8 @@ async def test_an_older_state_the_replay_meets_after_a_newer_one_went_out_live_i
     broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
 ) -> None:
     path = tmp_path / "spool.db"
-    spooled(path, [state(10)])
+    # In one replay batch with the 10: a topic whose older state waits for its newer one, and telemetry.
+    spooled(path, [state(10), state(5, "other"), state(6, "other"), Message("seq", b"0", ts=1)])
     async with down_sink(port, P) as (sink, link):
         spool = ForgetFails(path, min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000)
@@ -241,8 +242,38 @@ async def test_an_older_state_the_replay_meets_after_a_newer_one_went_out_live_i
             spool.gate.set()  # the replay meets 10 now
             await drained(box, spool)
             await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # behind anything the replay sent
-            await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)
+            await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"11"]
+            assert [m.payload for m in subscriber.on(f"{P}/other")] == [b"6"]
+            assert [m.payload for m in subscriber.on(f"{P}/seq")] == [b"0", b"1"]
         finally:
             spool.gate.set()
+            await box.stop()
+
+
+async def test_a_replay_batch_cut_by_a_lost_connection_is_sent_once_it_is_back(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    spooled(path, [Message("seq", b"%d" % i, ts=i) for i in range(1, 4)] + [state(10)])
+    async with down_sink(port, P) as (sink, link):
+        real = sink.try_publish
+        cut: list[bytes] = []
+
+        def publish(message: Message) -> Any:
+            if message.payload == b"2" and not cut:
+                cut.append(message.payload)
+                return None  # the connection is gone just as 2 is to go out: 2 and what follows go back
+            return real(message)
+
+        sink.try_publish = publish  # type: ignore[method-assign]
+        spool = SQLiteSpool(path, min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000)
+        await box.start()
+        try:
+            await link.start()
+            await drained(box, spool)
+            await subscriber.wait_for(lambda _: subscriber.on(VALUE), 10)
+            assert [m.payload for m in subscriber.on(f"{P}/seq")] == [b"1", b"2", b"3"]
+        finally:
             await box.stop()
