@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import socket
 import ssl
 import struct
@@ -272,8 +273,8 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
         assert await peer.answer() == Frame(FrameType.ACK, 2)
     await peer.send(encode(Frame(FrameType.HEARTBEAT, 3)))
     assert await peer.answer() == Frame(FrameType.ACK, 3)
-    await peer.send(corrupted(data(4)))
-    assert code_and_reason(await peer.answer()) == (4, 1, "crc mismatch")
+    await peer.send(corrupted(data(4)) + corrupted(data(4)))
+    assert [code_and_reason(await peer.answer()) for _ in range(2)] == [(4, 1, "crc mismatch")] * 2
     await peer.send(data(5, {"ts": 946_684_799_999, "values": {"flow": 5}}))  # a millisecond before 2000
     assert code_and_reason(await peer.answer())[:2] == (5, 5)
     await peer.send(data(6, {"values": {}}))
@@ -287,12 +288,12 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
 
     stats = srv.stats_for("pump-1")
     # Frames: HELLO, 3 x DATA 2, 2 HEARTBEATs, 2 refused DATA, type 9, the RESPONSE (a bad CRC is no frame).
-    assert (stats.frames_in, stats.frames_out) == (10, 10)
-    assert (stats.crc_errors, stats.nacks_sent, stats.duplicates) == (1, 4, 2)
+    assert (stats.frames_in, stats.frames_out) == (10, 11)
+    assert (stats.crc_errors, stats.nacks_sent, stats.duplicates) == (2, 5, 2)
     assert (stats.rejected_payloads, stats.bad_ts) == (2, 1)
     assert (stats.sessions_opened, stats.sessions_closed, stats.commands, stats.command_timeouts) == (1, 0, 0, 0)
     totals = srv.totals
-    assert (totals.frames_in, totals.frames_out, totals.crc_errors, totals.nacks_sent) == (10, 10, 1, 4)
+    assert (totals.frames_in, totals.frames_out, totals.crc_errors, totals.nacks_sent) == (10, 11, 2, 5)
 
     peer.writer.close()
     async with asyncio.timeout(10):
@@ -303,8 +304,9 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
 
 
 async def test_before_hello_the_third_framing_error_closes_and_the_second_does_not(
-    served: Served,
+    served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.mcp.server")
     srv = served.srv
     patient = await connect(srv)
     await patient.send(corrupted(hello(1)) + corrupted(hello(2)))
@@ -316,14 +318,19 @@ async def test_before_hello_the_third_framing_error_closes_and_the_second_does_n
     await careless.send(b"".join(corrupted(hello(seq)) for seq in (1, 2, 3)))
     assert [code_and_reason(await careless.answer())[:2] for _ in range(3)] == [(1, 1), (2, 1), (3, 1)]
     assert await careless.closed()
+    await until(lambda: srv.pending == 0, 10, "the careless connection to end")
+    assert "closed before HELLO: 3 framing errors before HELLO" in caplog.text
 
 
-async def test_only_a_hello_opens_a_session_and_only_once(served: Served) -> None:
+async def test_only_a_hello_opens_a_session_and_only_once(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.mcp.server")
     srv = served.srv
     early = await connect(srv)
     await early.send(data(1))
     assert code_and_reason(await early.answer()) == (1, 6, "not registered")
     assert await early.closed()
+    await until(lambda: srv.pending == 0, 10, "the early connection to end")
+    assert "closed before HELLO: frame before HELLO" in caplog.text
 
     twice = await connect(srv)
     await twice.send(hello(1))
@@ -511,7 +518,8 @@ class LoopClock:
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self._real = loop.time
-        self._now = loop.time()
+        # A whole second (a little ahead: nothing is due yet), so that sums of halves and quarters stay exact.
+        self._now = float(math.ceil(loop.time()))
         self._offset: float | None = None  # once released: the loop's time is real time plus this
         loop.time = self.time  # type: ignore[method-assign]
 
@@ -540,15 +548,18 @@ async def clock(served: Served) -> AsyncIterator[LoopClock]:
 
 async def test_silence_for_three_heartbeats_closes_the_session_and_says_so(served: Served, clock: LoopClock) -> None:
     peer = await connect(served.srv)
-    await peer.send(hello(heartbeat_s=2))
-    assert await peer.answer() == Frame.json(FrameType.ACK, 1, {"heartbeat_s": 2})
+    await peer.send(hello(heartbeat_s=1))
+    assert await peer.answer() == Frame.json(FrameType.ACK, 1, {"heartbeat_s": 1})
     for seq in (2, 3):
-        clock.advance(5.9)  # just short of 3 x 2 s since the last frame: each frame starts the count again
+        clock.advance(2.9)  # just short of 3 x 1 s since the last frame: each frame starts the count again
         await peer.send(encode(Frame(FrameType.HEARTBEAT, seq)))
         assert await peer.answer() == Frame(FrameType.ACK, seq)
-    clock.advance(6.1)
+    # A frame begun is no frame: 3 s on (before its own 5 s run out) the silence ends the session.
+    await peer.send(encode(Frame(FrameType.HEARTBEAT, 4)) + data(5)[:10])
+    assert await peer.answer() == Frame(FrameType.ACK, 4)
+    clock.advance(3.1)
     assert await peer.closed()
-    assert served.states[-1] == DeviceState("pump-1", False, "no frame for 6 s")
+    assert served.states[-1] == DeviceState("pump-1", False, "no frame for 3 s")
 
 
 async def test_the_hello_deadline_runs_from_accept_and_past_hello_no_longer_holds(
@@ -597,7 +608,7 @@ async def test_a_frame_has_5_s_from_its_first_byte_and_bytes_that_do_not_complet
     await send(four[:10])
     clock.advance(4.5)
     await send(four[10:20])
-    clock.advance(0.6)
+    clock.advance(0.5)  # to the very instant the 5 s are up
     assert await peer.closed()
     assert served.states[-1] == DeviceState("pump-1", False, "a frame stalled for more than 5 s")
 
