@@ -741,6 +741,8 @@ async def test_answers_queued_when_a_session_closes_get_a_second_to_leave(served
     clock.advance(0.9)
     await turns()
     assert "pump-1" in srv.sessions  # still waiting for the peer to read
+    # Meanwhile a command for the device fails at once: nothing more goes to a closed session.
+    assert await srv.command(Command("pump-1", "reset", {})) == CommandResult(ok=False, error="session closed: closed")
     clock.advance(0.2)
     await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
     assert session.writer.transport.is_closing() and session.writer.transport.get_write_buffer_size() == 0
