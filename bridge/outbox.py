@@ -272,7 +272,7 @@ class Outbox:
             self._retained.setdefault(topic, entry_id)
         self._spooled_retained.update(newest)
         self._last_id = max(newest.values(), default=0)
-        self._held = (await self._call(self.buffer.stats)).count
+        self._held = (await self._refresh()).count  # also what figures() shows until the next refresh
         name = self.sink.name
         loops = {
             f"outbox:{name}:live": self._drain,
@@ -328,7 +328,7 @@ class Outbox:
 
     def figures(self) -> dict[str, Any]:
         """The outbox's and its spool's figures for `P/metrics`."""
-        st = self.buffer.stats() if self._executor is None else self._last_stats
+        st = self._last_stats  # refreshed after each change the outbox makes, so never a call into the spool here
         oldest = None if st.oldest_queued_at is None else round(max(0.0, self._clock() - st.oldest_queued_at), 1)
         return {
             "queued": len(self),
@@ -401,8 +401,13 @@ class Outbox:
                 # Older states of the topic in the spool must not come back after a restart either.
                 self._spooled_retained.pop(item.message.topic, None)
                 self._parked.pop(item.message.topic, None)  # held back in the spool: the forget removes them
-                self._background(self._call(self.buffer.forget_retained, item.message.topic, self._last_id))
+                self._background(self._forget_older(item.message.topic, self._last_id))
         item.resolve()
+
+    async def _forget_older(self, topic: str, through_id: int) -> None:
+        """Remove the topic's retained states up to `through_id` from the spool, then count what it holds."""
+        await self._call(self.buffer.forget_retained, topic, through_id)
+        self._held = (await self._refresh()).count
 
     def _background(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)

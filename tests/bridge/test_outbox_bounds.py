@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from bridge import outbox as outbox_module
 from bridge.broker import EmbeddedBroker
+from bridge.buffer import Buffer, MemoryBuffer
 from bridge.outbox import Outbox
 from bridge.spool import SpoolStorageError, SQLiteSpool
 from gateway.config.schema import SpoolConfig
@@ -280,3 +282,75 @@ async def test_a_failing_replay_is_logged_again_once_a_whole_interval_has_passed
             await box.stop()
     paused = [r.getMessage() for r in caplog.records if "replay paused" in r.getMessage()]
     assert len(paused) == 2  # at 1000 and 1000 + interval; not half-way, nor twice at the same time
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_figures_right_after_start_count_what_the_spool_held_from_before(
+    port: int, tmp_path: Path, kind: str
+) -> None:
+    buffer: Buffer = MemoryBuffer() if kind == "memory" else SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0)
+    buffer.add([(msg(1), 1), (msg(2), 2)])
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink, buffer)
+        await box.start()
+        try:
+            figures = box.figures()  # before any loop of the outbox has run
+            assert (figures["spool_messages"], figures["spool_bytes"]) == (2, buffer.stats().bytes)
+        finally:
+            await box.stop()
+
+
+class LoopWatchingSpool(SQLiteSpool):
+    """A real spool that notes each call of stats() made on the event loop's thread (I/O there stalls the loop)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop_thread = threading.get_ident()
+        self.on_loop = 0
+
+    def stats(self) -> Any:
+        self.on_loop += threading.get_ident() == self.loop_thread
+        return super().stats()
+
+
+async def test_figures_of_a_spool_that_does_io_never_call_it_on_the_event_loop(port: int, tmp_path: Path) -> None:
+    spool = LoopWatchingSpool(tmp_path / "spool.db", min_free_bytes=0)
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink, spool, commit_window=0.01)
+        await box.start()
+        try:
+            await box.enqueue(msg(1))
+            assert await box.flush(10)
+            assert box.figures()["spool_messages"] == 1
+        finally:
+            await box.stop()
+    assert spool.on_loop == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_the_background_removal_of_older_states_is_counted_and_leaves_no_task_nor_warning_behind(
+    broker: EmbeddedBroker,
+    port: int,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    monkeypatch.setattr(outbox_module, "HOUSEKEEPING_INTERVAL", 3600.0)  # its refresh would hide a missing one
+    caplog.set_level(logging.WARNING, logger="bridge.outbox")
+    async with down_sink(port, P) as (sink, link):
+        spool: Buffer = MemoryBuffer() if kind == "memory" else SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01, replay_rate=0.01)  # the replay never reaches the 10
+        await box.start()
+        try:
+            await box.enqueue(Message("seq", b"0", ts=1))  # the replay's one take now: this one
+            await box.enqueue(Message("value", b"10", ts=10, retain=True))
+            await link.start()
+            assert await sink.wait_connected(10)
+            await box.enqueue(Message("value", b"11", ts=11, retain=True))  # out live: 10 is removed behind it
+            await until(lambda: spool.newest_retained() == {}, 10, "the removal of 10")
+            await until(lambda: not box._side_tasks, 10, "the side task to be let go")
+            assert box.figures()["spool_messages"] == 0 and box.backlog == 0
+        finally:
+            await box.stop()
+    assert [r.getMessage() for r in caplog.records if r.name == "bridge.outbox"] == []
