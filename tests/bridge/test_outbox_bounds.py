@@ -354,3 +354,77 @@ async def test_the_background_removal_of_older_states_is_counted_and_leaves_no_t
         finally:
             await box.stop()
     assert [r.getMessage() for r in caplog.records if r.name == "bridge.outbox"] == []
+
+
+async def test_refusal_counts_of_delivered_entries_are_forgotten_so_a_later_refused_entry_is_dropped(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Room for 10 refusal counts; 11 entries refused once, then delivered: counts left behind would fill the
+    # room, and the refused entry after them would never be counted, so never dropped.
+    monkeypatch.setattr(outbox_module, "REPLAY_BATCH", 1)
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(i), i) for i in range(11)] + [(Message("bad/+/topic", b"x"), 11), (msg(99), 12)])
+    spool.close()
+    async with down_sink(port, P) as (sink, link):
+        real = sink.try_publish
+        refused_once: set[bytes] = set()
+
+        def once(message: Message) -> Any:
+            if message.topic == "seq" and message.payload not in refused_once:
+                refused_once.add(message.payload)
+                raise ValueError("not now")  # refused by the connection, once
+            return real(message)
+
+        sink.try_publish = once  # type: ignore[method-assign]
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), replay_rate=10_000)
+        await box.start()
+        try:
+            await link.start()
+            await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 12, 20)
+            await until(lambda: box.backlog == 0, 10, "the backlog to drain")
+        finally:
+            await box.stop()
+    assert (box.stats.replayed, box.stats.undeliverable) == (12, 1)
+
+
+class AcceptFailsOnce(SQLiteSpool):
+    """A real spool whose first removal of delivered entries fails as a full disk makes it fail."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed = False
+
+    def accept(self, ids: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise SpoolStorageError("spool s: cannot write: database or disk is full")
+        super().accept(ids)
+
+
+async def test_delivered_entries_the_spool_cannot_remove_go_out_again_and_the_replay_only_pauses(
+    broker: EmbeddedBroker,
+    port: int,
+    subscriber: Subscriber,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.01)
+    caplog.set_level(logging.ERROR, logger="bridge.outbox")
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(1), 1), (msg(2), 2)])
+    spool.close()
+    async with down_sink(port, P) as (sink, link):
+        box = Outbox(sink, AcceptFailsOnce(path, min_free_bytes=0), replay_rate=10_000)
+        await box.start()
+        try:
+            await link.start()
+            await until(lambda: box.backlog == 0, 20, "the backlog to drain")
+        finally:
+            await box.stop()
+    assert [m.payload for m in subscriber.on(f"{P}/seq")] == [b"1", b"2", b"1", b"2"]  # at least once
+    assert spool_rows(path) == []
+    errors = [r.getMessage() for r in caplog.records]
+    assert errors == ["sink up: replay paused: spool s: cannot write: database or disk is full"]
