@@ -284,3 +284,37 @@ async def test_a_replay_batch_cut_by_a_lost_connection_is_sent_once_it_is_back(
             assert (got if how == "not-sent" else sorted(got)) == [b"1", b"2", b"3"]
         finally:
             await box.stop()
+
+
+async def test_a_refused_live_state_with_a_newer_one_on_its_way_leaves_the_topic_to_the_newer_one(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    spooled(path, [state(10)])
+    async with down_sink(port, P) as (sink, link):
+        real = sink.try_publish
+        refusal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def publish(message: Message) -> Any:
+            return refusal if message.payload == b"11" else real(message)
+
+        sink.try_publish = publish  # type: ignore[method-assign]
+        spool = GatedSpool(path, min_free_bytes=0)  # the replay holds still until the end
+        box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000)
+        await box.start()
+        try:
+            await link.start()
+            assert await sink.wait_connected(10)
+            older, newer = box.enqueue(state(11)), box.enqueue(state(12))  # both live, both in flight
+            await asyncio.wait_for(newer, 10)  # 12 is at the broker
+            refusal.set_exception(SinkError("sink up: payload refused"))  # then 11 is refused: 12 stays the newest
+            with pytest.raises(SinkError):
+                await asyncio.wait_for(older, 10)
+            spool.gate.set()
+            await drained(box, spool)
+            await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # behind anything the replay sent
+            await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)
+            assert [m.payload for m in subscriber.on(VALUE)] == [b"12"]
+        finally:
+            spool.gate.set()
+            await box.stop()
