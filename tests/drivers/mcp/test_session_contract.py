@@ -835,6 +835,8 @@ async def test_a_login_refused_for_a_ban_or_for_max_sessions_says_why(
     assert await later.closed()
     await until(lambda: srv.pending == 0, 10, "the refused connections to end")
     assert "closed before HELLO: its address is banned (mcp.auth_ban_*)" in caplog.text
+    assert "closed before HELLO: authentication failed for 'pump-1'" in caplog.text
+    assert "mcp: login failed from 127.0.0.1: bad_token for device 'pump-1'" in caplog.text
     assert (srv.auth_failures["bad_token"], srv.refused["banned"]) == (1, 1)
 
 
