@@ -722,7 +722,10 @@ TOO_LARGE = bytes.fromhex("55aa55aa0102") + (77).to_bytes(4, "big") + (1024 * 10
 
 async def test_answers_queued_when_a_session_closes_get_a_second_to_leave(served: Served, clock: LoopClock) -> None:
     srv = served.srv
+    closing_nack = len(encode(nack(77, NackCode.FRAME_TOO_LARGE)))
     peer, session, sent = await stuck_peer(served)
+    # The answers left unread, the NACK included, come to exactly a quarter of max_unread: the most that gets a grace.
+    srv.cfg.max_unread = 4 * (session.unread + closing_nack)
     await peer.send(TOO_LARGE)  # a fatal error: NACK 3 and close
     await settle(lambda: session._closed, "the session to close")
     await turns()  # its clean-up reaches the wait for its answers to leave (no clock needed to get there)
@@ -746,6 +749,12 @@ async def test_answers_queued_when_a_session_closes_get_a_second_to_leave(served
     clock.advance(0.2)
     await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
     assert session.writer.transport.is_closing() and session.writer.transport.get_write_buffer_size() == 0
+
+    # One byte more than a quarter of max_unread left unread: no grace at all, dropped without the clock moving.
+    peer, session, _ = await stuck_peer(served)
+    srv.cfg.max_unread = 4 * (session.unread + closing_nack - 1)
+    await peer.send(TOO_LARGE)
+    await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
 
 
 async def test_a_peer_that_leaves_its_answers_unread_is_paused_then_closed_at_its_idle_deadline_saying_why(
