@@ -260,7 +260,7 @@ def code_and_reason(frame: Frame) -> tuple[int, int, str]:
 
 
 async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
-    served: Served,
+    served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
     srv, delivered = served.srv, served.delivered
     peer = await connect(srv)
@@ -301,6 +301,7 @@ async def test_each_frame_of_a_session_is_answered_and_counted_for_its_device(
             await asyncio.sleep(0.01)
     assert (stats.sessions_closed, totals.sessions_closed) == (1, 1)
     assert served.states == [DeviceState("pump-1", True), DeviceState("pump-1", False, "closed by peer")]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # an ordinary end
 
 
 async def test_before_hello_the_third_framing_error_closes_and_the_second_does_not(
@@ -881,5 +882,25 @@ async def test_answers_past_max_unread_close_the_session_at_once_saying_so(serve
     peer.writer.write(b"".join(corrupted(encode(Frame(FrameType.HEARTBEAT, seq))) for seq in range(2, 5000)))
     await until(lambda: "pump-1" not in srv.sessions, 10, "the session to end")
     reason = served.states[-1].reason
-    assert reason.startswith("its unread output passed max_unread (") and reason.endswith(" > 65536 bytes)"), reason
+    prefix, suffix = "its unread output passed max_unread (", " > 65536 bytes)"
+    assert reason.startswith(prefix) and reason.endswith(suffix), reason
+    # Closed by the answer that passed it: by at most that one NACK.
+    assert (
+        65536
+        < int(reason[len(prefix) : -len(suffix)])
+        <= 65536 + len(nack(2, NackCode.CRC_MISMATCH).payload) + OVERHEAD
+    )
     assert session.writer.transport.is_closing()
+
+
+async def test_an_ack_loop_cancelled_from_outside_closes_the_session_saying_so(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    await logged_in(served)
+    [acker] = [task for task in asyncio.all_tasks() if task.get_name().startswith("mcp-acks:")]
+    acker.cancel()
+    await until(lambda: "pump-1" not in served.srv.sessions, 10, "the session to end")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "mcp pump-1: the ACK loop ended (cancelled): closing the session so that the device reconnects"
+    ]
+    assert served.states[-1] == DeviceState("pump-1", False, "the ACK loop ended")
