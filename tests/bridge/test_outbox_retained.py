@@ -318,3 +318,59 @@ async def test_a_refused_live_state_with_a_newer_one_on_its_way_leaves_the_topic
         finally:
             spool.gate.set()
             await box.stop()
+
+
+async def test_a_newer_state_spooled_while_an_older_one_is_replayed_is_sent_after_it(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    spooled(path, [state(10)])
+    async with down_sink(port, P) as (sink, link):
+        spool = SQLiteSpool(path, min_free_bytes=0)
+        # high_water 0: every message no one waits on goes to the spool, also while connected
+        box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000, high_water=0)
+        await box.start()
+        try:
+            await link.start()
+            assert await sink.wait_connected(10)
+            link.downstream.clear()  # 10's PUBACK is held back
+            await subscriber.wait_for(lambda _: subscriber.on(VALUE), 10)  # the replay sent 10
+            box.submit(state(11))
+            await until(lambda: box.stats.spooled == 1, 10, "11 to be stored")
+            link.downstream.set()  # 10 is acknowledged: 11 is still to go
+            await drained(box, spool)
+            await subscriber.wait_for(lambda _: len(subscriber.on(VALUE)) >= 2, 10)
+            assert [m.payload for m in subscriber.on(VALUE)] == [b"10", b"11"]
+        finally:
+            link.downstream.set()
+            await box.stop()
+
+
+async def test_an_entry_given_up_on_leaves_the_others_of_its_batch_to_be_sent_again(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    spooled(path, [Message("seq", b"1", ts=1), Message("bad/+/topic", b"x", ts=2)])  # paho refuses a wildcard
+    async with down_sink(port, P) as (sink, link):
+        real = sink.try_publish
+        cancelled: list[int] = []
+
+        def publish(message: Message) -> Any:
+            if message.payload == b"1" and len(cancelled) < outbox_module.REPLAY_ATTEMPTS:
+                cancelled.append(1)  # neither acknowledged nor refused, in each batch with the bad entry
+                gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                gone.cancel()
+                return gone
+            return real(message)
+
+        sink.try_publish = publish  # type: ignore[method-assign]
+        spool = SQLiteSpool(path, min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000)
+        await box.start()
+        try:
+            await link.start()
+            await drained(box, spool)
+            assert [m.payload for m in subscriber.on(f"{P}/seq")] == [b"1"]
+            assert box.stats.undeliverable == 1
+        finally:
+            await box.stop()
