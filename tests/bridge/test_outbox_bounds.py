@@ -428,3 +428,35 @@ async def test_delivered_entries_the_spool_cannot_remove_go_out_again_and_the_re
     assert spool_rows(path) == []
     errors = [r.getMessage() for r in caplog.records]
     assert errors == ["sink up: replay paused: spool s: cannot write: database or disk is full"]
+
+
+class TakeRecorder(SQLiteSpool):
+    """A real spool that notes how many entries each take asks for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: list[int] = []
+
+    def take(self, n: int) -> Any:
+        self.asked.append(n)
+        return super().take(n)
+
+
+@pytest.mark.parametrize(("rate", "batch"), [(500.0, 50), (5.0, 1), (0.5, 1), (5000.0, 100), (20_000.0, 100)])
+async def test_a_replay_step_takes_a_tenth_of_a_seconds_worth_at_least_one_at_most_replay_batch(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, rate: float, batch: int
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(1), 1)])
+    spool.close()
+    async with down_sink(port, P) as (sink, link):
+        spool = TakeRecorder(path, min_free_bytes=0)
+        box = Outbox(sink, spool, replay_rate=rate)
+        await box.start()
+        try:
+            await link.start()
+            await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)
+        finally:
+            await box.stop()
+    assert spool.asked[0] == batch
