@@ -363,14 +363,17 @@ async def test_data_without_ts_takes_the_gateways_clock_and_a_ts_too_far_ahead_i
     await peer.send(data(2, {"values": {"flow": 1}}))
     assert await peer.answer() == Frame(FrameType.ACK, 2)
     after = time.time_ns() // 1_000_000
-    assert before <= served.delivered[0].ts <= after
+    assert type(served.delivered[0].ts) is int and before <= served.delivered[0].ts <= after  # unix ms, whole
     day = 86_400_000  # max_future_ts by default
     await peer.send(data(3, {"ts": before + day, "values": {"flow": 3}}))
     assert await peer.answer() == Frame(FrameType.ACK, 3)
     # A minute past the limit: refused however slow this machine is (it would have to take a minute to read it).
     await peer.send(data(4, {"ts": time.time_ns() // 1_000_000 + day + 60_000, "values": {"flow": 4}}))
     assert code_and_reason(await peer.answer())[:2] == (4, 5)
-    assert served.srv.stats_for("pump-1").bad_ts == 1
+    await peer.send(data(5, {"ts": 1, "values": {"flow": 5}}))
+    assert code_and_reason(await peer.answer())[:2] == (5, 5)
+    assert served.srv.stats_for("pump-1").bad_ts == 2
+    assert served.srv.points_of("pump-1") == {"flow"}
 
 
 async def test_32_data_frames_may_await_their_answers_which_leave_in_order_whatever_order_they_finish_in(
@@ -423,9 +426,15 @@ async def test_a_session_replaced_with_answers_outstanding_gives_every_place_bac
     await until(lambda: len(served.waiting) >= 33, 10, "33 deliveries to start")
     assert srv.data_slots._value == MAX_INFLIGHT_DATA - 32
     # The device comes back on a new link (the old one dropped without a FIN) while its answers are still owed.
-    await logged_in(served)
+    new = await logged_in(served)
     assert await old.closed()
     await until(lambda: srv.data_slots._value == MAX_INFLIGHT_DATA, 10, "the old session's places to be given back")
+    # It resends what is still being delivered: each resend waits for that delivery instead of a second one.
+    await new.send(data(2) + data(3))
+    await until(lambda: srv.stats_for("pump-1").duplicates == 2, 10, "both resends to be taken")
+    served.release_all()
+    assert [await new.answer() for _ in range(2)] == [Frame(FrameType.ACK, 2), Frame(FrameType.ACK, 3)]
+    assert len(served.waiting) == 33 and len(served.delivered) == 33
 
 
 async def test_a_read_full_of_frames_is_answered_at_most_256_at_a_time(
@@ -833,6 +842,10 @@ async def test_a_login_refused_for_a_ban_or_for_max_sessions_says_why(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="drivers.mcp.server")
     srv = served.srv
+    stranger = await connect(srv)
+    await stranger.send(encode(Frame.json(FrameType.HELLO, 1, {"device_id": "pump-9", "token": TOKEN, "boot_id": "x"})))
+    assert code_and_reason(await stranger.answer()) == (1, 7, "authentication failed")
+    assert await stranger.closed()
     srv.max_sessions = 1
     await logged_in(served)
     full = await connect(srv)
@@ -852,8 +865,8 @@ async def test_a_login_refused_for_a_ban_or_for_max_sessions_says_why(
     await until(lambda: srv.pending == 0, 10, "the refused connections to end")
     assert "closed before HELLO: its address is banned (mcp.auth_ban_*)" in caplog.text
     assert "closed before HELLO: authentication failed for 'pump-1'" in caplog.text
-    assert "mcp: login failed from 127.0.0.1: bad_token for device 'pump-1'" in caplog.text
-    assert (srv.auth_failures["bad_token"], srv.refused["banned"]) == (1, 1)
+    assert "mcp: login failed from 127.0.0.1: unknown_device for device 'pump-9'" in caplog.text
+    assert (srv.auth_failures, srv.refused["banned"]) == ({"unknown_device": 1, "bad_token": 1}, 1)
 
 
 async def test_a_command_refused_or_merely_acked_by_the_device_fails_and_draws_no_nack(served: Served) -> None:
