@@ -480,7 +480,7 @@ def test_free_disk_floor_makes_the_spool_behave_as_full(tmp_path: Path) -> None:
 
 def test_a_spool_file_is_opened_once(tmp_path: Path) -> None:
     spool = SQLiteSpool(tmp_path / "a.db")
-    with pytest.raises(SpoolError, match="in use"):
+    with pytest.raises(SpoolError, match=r"^spool a\.db: .*/a\.db is in use by another spool$"):
         SQLiteSpool(tmp_path / "a.db")
     spool.close()
     SQLiteSpool(tmp_path / "a.db").close()

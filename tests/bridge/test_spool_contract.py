@@ -570,6 +570,45 @@ def test_an_add_leaves_nothing_unsynced_for_expire_to_checkpoint(tmp_path: Path,
         spool.close()
 
 
+def test_a_reopened_spool_counts_what_the_kernel_does_at_its_first_add(tmp_path: Path) -> None:
+    # Seen under strace: reopening a closed spool syncs nothing; its first add syncs the header of the WAL
+    # it starts, the directory (a connection's first sync of the WAL) and the commit. Closing an empty
+    # WAL syncs nothing either.
+    path = tmp_path / "spool.db"
+    first = SQLiteSpool(path, min_free_bytes=0)
+    assert first.stats().commits == 0
+    first.add(msgs(1))
+    first.close()
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    try:
+        assert (spool.stats().commits, spool.stats().fsyncs, spool.stats().bytes_written) == (0, 0, 0)
+        spool.add(msgs(1, 1))
+        assert (spool.stats().commits, spool.stats().fsyncs) == (1, 3)
+        spool.add(msgs(1, 2))
+        assert spool.stats().fsyncs == 4
+    finally:
+        spool.close()
+    empty = SQLiteSpool(path, min_free_bytes=0)
+    empty.close()
+    assert empty.stats().fsyncs == 0
+
+
+def test_removals_commit_without_sync_for_a_second_by_default(tmp_path: Path, meter_clock: Monotonic) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, checkpoint_bytes=2**40)
+    try:
+        spool.add(msgs(4))
+        spool.take(4)
+        fsyncs = spool.stats().fsyncs
+        meter_clock.now += 0.75
+        spool.accept([1])
+        assert spool.stats().fsyncs == fsyncs
+        meter_clock.now += 0.25  # a second since the add's sync
+        spool.accept([2])
+        assert spool.stats().fsyncs == fsyncs + 1
+    finally:
+        spool.close()
+
+
 def test_a_free_disk_floor_far_below_the_free_space_refuses_nothing(tmp_path: Path) -> None:
     free = os.statvfs(tmp_path)
     assert free.f_bavail * free.f_frsize > 64 * 1024**2, "the test wants 64 MiB free in its temp folder"

@@ -114,6 +114,14 @@ def huge(header: bytes) -> bytes:
     return bytes(copy) * 2 + header[96:]
 
 
+def too_many(header: bytes) -> bytes:
+    """A header whose copies agree, but claiming 300 frames (1.2 MB) more than were written since the last reading."""
+    copy = bytearray(header[:48])
+    frames = int.from_bytes(copy[16:20], sys.byteorder) + 300
+    copy[16:20] = frames.to_bytes(4, sys.byteorder)
+    return bytes(copy) * 2 + header[96:]
+
+
 DAMAGES: dict[str, Callable[[bytes], bytes]] = {
     "emptied": emptied,
     "cut": cut,
@@ -121,6 +129,7 @@ DAMAGES: dict[str, Callable[[bytes], bytes]] = {
     "overwritten": overwritten,
     "torn": torn,
     "huge": huge,
+    "too_many": too_many,
 }
 
 

@@ -48,3 +48,20 @@ def test_a_full_wal_is_reused_in_place_not_regrown_and_stays_bounded(tmp_path: P
         assert reopened.stats().count == 2000
     finally:
         reopened.close()
+
+
+def test_a_wal_that_reaches_the_checkpoint_size_exactly_is_checkpointed(tmp_path: Path) -> None:
+    one = [(Message("plant/line1/0", b"x" * 100), 0)]
+    probe = SQLiteSpool(tmp_path / "probe.db", min_free_bytes=0, checkpoint_bytes=2**40)
+    try:
+        probe.add(one)  # into the empty WAL the open left: the WAL is then exactly what one such add writes
+        size = Path(f"{probe.path}-wal").stat().st_size
+    finally:
+        probe.close()
+    spool = SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0, checkpoint_bytes=size)
+    try:
+        before = spool.stats().fsyncs
+        spool.add(one)
+        assert spool.stats().fsyncs - before == 2 + 2  # the WAL's header and the commit, then the checkpoint's two
+    finally:
+        spool.close()
