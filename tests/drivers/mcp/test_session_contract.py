@@ -331,7 +331,9 @@ async def test_only_a_hello_opens_a_session_and_only_once(served: Served, caplog
     assert code_and_reason(await early.answer()) == (1, 6, "not registered")
     assert await early.closed()
     await until(lambda: srv.pending == 0, 10, "the early connection to end")
-    assert "closed before HELLO: frame before HELLO" in caplog.text
+    assert f"mcp connection from {early.writer.get_extra_info('sockname')} closed before HELLO: frame before HELLO" in [
+        r.getMessage() for r in caplog.records
+    ]
 
     twice = await connect(srv)
     await twice.send(hello(1))
@@ -831,7 +833,10 @@ async def test_a_tls_handshake_not_done_by_the_hello_deadline_ends_the_connectio
         await peer.send(hello())
         assert (await peer.answer()).type == FrameType.ACK
         assert srv.sessions["pump-1"].writer.transport.get_write_buffer_limits() == (65536 // 16, 65536 // 4)
-        peer.writer.close()
+        # Closed by the gateway (a fatal error here): the NACK, then TLS's own orderly end.
+        await peer.send(TOO_LARGE)
+        assert code_and_reason(await peer.answer()) == (77, 3, "frame too large")
+        assert await peer.closed()
     finally:
         clock.release()
         await srv.stop()
