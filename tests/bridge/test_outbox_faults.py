@@ -275,3 +275,52 @@ async def test_alone_a_loop_that_dies_is_restarted_by_a_supervisor_of_its_own_an
         assert box.health() is None
         await box.stop()
     assert box.health() == "stopped" and _running("outbox:up:commit") is None
+
+
+async def stored_and_adds(port: int, spool: CountingSpool, messages: list[Message]) -> tuple[list[bool], int]:
+    """Hand `messages` over in one commit window: whether each was stored, and the spool's add() calls for them."""
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink, spool, commit_window=0.05)
+        await box.start()
+        try:
+            futures = [box.enqueue(m) for m in messages]
+            await asyncio.wait(futures, timeout=10)
+            return [f.exception() is None for f in futures], spool.adds
+        finally:
+            await box.stop()
+
+
+@pytest.mark.parametrize(
+    ("budget", "stored", "adds"),
+    [(1, [False, False], 1), (2, [True, False], 2)],
+    ids=["no-add-left-to-split", "one-add-left"],
+)
+async def test_a_refusal_naming_its_item_is_split_only_while_the_budget_lasts(
+    broker: EmbeddedBroker,
+    port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    budget: int,
+    stored: list[bool],
+    adds: int,
+) -> None:
+    monkeypatch.setattr(outbox_module, "SPLIT_ADDS", budget)
+    spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0)
+    assert await stored_and_adds(port, spool, [msg(0), msg(1, ts=HUGE_TS)]) == (stored, adds)
+
+
+@pytest.mark.parametrize(("budget", "adds"), [(1, 1), (2, 3)], ids=["no-add-left-to-split", "one-split"])
+async def test_a_refusal_naming_no_item_is_halved_only_while_the_budget_lasts(
+    broker: EmbeddedBroker, port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int, adds: int
+) -> None:
+    monkeypatch.setattr(outbox_module, "SPLIT_ADDS", budget)
+    spool = PoisonSpool(tmp_path / "spool.db", min_free_bytes=0)
+    poison = [Message("poison", b"%d" % i, ts=i) for i in range(2)]
+    assert await stored_and_adds(port, spool, poison) == ([False, False], adds)
+
+
+async def test_a_full_spool_refuses_a_whole_batch_in_one_add(broker: EmbeddedBroker, port: int, tmp_path: Path) -> None:
+    spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0, when_full="reject", max_size=2000)
+    spool.add([(Message("big", b"x" * 1900, ts=1), 1)])
+    spool.adds = 0
+    assert await stored_and_adds(port, spool, [msg(i) for i in range(8)]) == ([False] * 8, 1)
