@@ -18,7 +18,7 @@ import pytest
 from bridge import outbox as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
-from bridge.spool import SpoolStorageError, SQLiteSpool
+from bridge.spool import SpoolError, SpoolStorageError, SQLiteSpool
 from gateway.types import Message
 
 from helpers import Subscriber, down_sink, spool_rows, until
@@ -165,6 +165,36 @@ async def test_a_commit_whose_figures_cannot_be_read_counts_what_it_stored(
                 await asyncio.wait_for(box.enqueue(Message("seq", b"2", ts=2**64 - 1)), 10)
             await until(lambda: len(box) == 0, 10, "the refusal to be counted")
             assert box.backlog == 1
+        finally:
+            spool.failing = False
+            await box.stop()
+
+
+class PoisonStatsFail(StatsFail):
+    """StatsFail that also refuses any batch holding a `poison` message without saying which."""
+
+    def add(self, items: Any) -> list[int]:
+        if any(m.topic == "poison" for m, _ in items):
+            raise SpoolError("spool s: a row broke a constraint")
+        return super().add(items)
+
+
+async def test_a_commit_split_in_several_adds_whose_figures_cannot_be_read_counts_all_it_stored(
+    port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "HOUSEKEEPING_INTERVAL", 3600.0)  # its refresh would hide a wrong count
+    async with down_sink(port, P) as (sink, _link):
+        spool = PoisonStatsFail(tmp_path / "spool.db", min_free_bytes=0)
+        box = Outbox(sink, spool, commit_window=0.05)
+        await box.start()
+        try:
+            spool.failing = True  # start() read them already
+            batch = [msg(1), Message("poison", b"x", ts=2), msg(3), msg(4)]  # one commit window: halved
+            futures = [box.enqueue(m) for m in batch]
+            await asyncio.wait(futures, timeout=10)
+            assert [f.exception() is None for f in futures] == [True, False, True, True]
+            await until(lambda: len(box) == 0, 10, "the commit to be counted")
+            assert box.backlog == 3
         finally:
             spool.failing = False
             await box.stop()
