@@ -778,13 +778,29 @@ async def test_a_peer_that_leaves_its_answers_unread_is_paused_then_closed_at_it
     served: Served, clock: LoopClock
 ) -> None:
     srv = served.srv
-    peer, session = await narrow_link(served, heartbeat_s=1)
-    batch = b"".join(encode(Frame(FrameType.HEARTBEAT, seq)) for seq in range(2, 66))
-    while not session._paused:
-        assert session.unread <= srv.cfg.max_unread // 4, "answers above a quarter of max_unread, still reading"
-        peer.writer.write(batch)  # no drain: once the session stops reading, the peer's writes pile up too
-        await settle(lambda: session._paused or taken(session), "the session to read the heartbeats or pause")
-    assert srv.cfg.max_unread // 4 < session.unread <= srv.cfg.max_unread
+
+    async def pause() -> tuple[Peer, Session, int]:
+        peer, session = await narrow_link(served, heartbeat_s=1)
+        batch = b"".join(encode(Frame(FrameType.HEARTBEAT, seq)) for seq in range(2, 66))
+        batches = 0
+        while not session._paused:
+            assert session.unread <= srv.cfg.max_unread // 4, "answers above a quarter of max_unread, still reading"
+            peer.writer.write(batch)  # no drain: once the session stops reading, the peer's writes pile up too
+            batches += 1
+            await settle(lambda: session._paused or taken(session), "the session to read the heartbeats or pause")
+        assert srv.cfg.max_unread // 4 < session.unread <= srv.cfg.max_unread
+        return peer, session, batches
+
+    # A peer that catches up is read again, and is no longer taken for one that does not read.
+    peer, session, batches = await pause()
+    for _ in range(64 * batches):
+        assert (await peer.answer()).type == FrameType.ACK
+    assert not session._paused
+    clock.advance(3.1)
+    await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
+    assert served.states[-1] == DeviceState("pump-1", False, "no frame for 3 s")
+
+    peer, session, _ = await pause()
     clock.advance(2.9)
     await turns()
     assert not session._closed
