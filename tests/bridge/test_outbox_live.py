@@ -19,7 +19,7 @@ from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from bridge.spool import SQLiteSpool
-from gateway.errors import SinkError
+from gateway.errors import SinkError, SinkOffline
 from gateway.types import Message
 
 from helpers import Subscriber, down_sink, spool_rows, until
@@ -130,4 +130,37 @@ async def test_a_live_puback_of_an_older_retained_state_leaves_the_newer_spooled
         finally:
             link.downstream.set()
             spool.gate.set()
+            await box.stop()
+
+
+async def test_with_strict_order_a_live_message_waits_behind_a_replay_batch_still_in_flight(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(1), 1), (msg(2), 2)])
+    spool.close()
+    async with down_sink(port, P) as (sink, link):
+        real = sink.try_publish
+        held: list[asyncio.Future[None]] = []
+
+        def publish(message: Message) -> Any:
+            if message.payload == b"1" and not held:
+                held.append(asyncio.get_running_loop().create_future())  # 1's answer is the test's
+                return held[0]
+            return real(message)
+
+        sink.try_publish = publish  # type: ignore[method-assign]
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.01, replay_rate=10_000, order="strict")
+        await box.start()
+        try:
+            await link.start()
+            await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)  # 2 is out; 1 is still in flight
+            later = box.enqueue(msg(3))  # the whole backlog is in this batch: 3 still waits behind it
+            held[0].set_exception(SinkOffline("sink up: connection lost before the broker acknowledged"))
+            await asyncio.wait_for(later, 10)
+            await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 3, 10)
+            await until(lambda: box.backlog == 0, 10, "the backlog to drain")
+            assert [m.payload for m in subscriber.on(f"{P}/seq")][-1] == b"3"
+        finally:
             await box.stop()
