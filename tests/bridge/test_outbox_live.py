@@ -164,3 +164,20 @@ async def test_with_strict_order_a_live_message_waits_behind_a_replay_batch_stil
             assert [m.payload for m in subscriber.on(f"{P}/seq")][-1] == b"3"
         finally:
             await box.stop()
+
+
+async def test_a_message_without_a_sample_time_is_stamped_with_the_outboxs_clock_in_ms(
+    port: int, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.db"
+    async with down_sink(port, P) as (sink, _link):
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.01, clock=lambda: 1_700_000_000.1234)
+        await box.start()
+        try:
+            await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # offline: stored
+        finally:
+            await box.stop()
+        with pytest.raises(SinkError) as stopped:
+            box.submit(msg(2))
+    assert spool_rows(path) == [("seq", 1_700_000_000_123)]
+    assert str(stopped.value) == "sink up: outbox stopped"
