@@ -53,6 +53,8 @@ Order = Literal["live", "strict"]
 
 #: Entries taken from the spool per replay step, at most.
 REPLAY_BATCH = 100
+#: Refusal counts kept for spooled entries at most (ten replay batches); the oldest is forgotten first.
+REPLAY_FAILURES_KEPT = 10 * REPLAY_BATCH
 #: How often expired entries are dropped and the spool's figures refreshed.
 HOUSEKEEPING_INTERVAL = 1.0
 #: A message someone waits on that the connected broker has not acknowledged after this long is spooled
@@ -685,8 +687,11 @@ class Outbox:
         """Count one refused publish of a spooled entry; True once it is to be dropped."""
         failures = self._replay_failures.get(e.id, 0) + 1
         if failures < REPLAY_ATTEMPTS:
-            if len(self._replay_failures) < 10 * REPLAY_BATCH:  # bounded: forgetting one only retries it more
-                self._replay_failures[e.id] = failures
+            if e.id not in self._replay_failures and len(self._replay_failures) >= REPLAY_FAILURES_KEPT:
+                # Counts of entries evicted or expired since are never cleared by a delivery: the oldest goes,
+                # so that a full table never stops counting (an entry never counted would be offered forever).
+                del self._replay_failures[next(iter(self._replay_failures))]
+            self._replay_failures[e.id] = failures
             return False
         self._replay_failures.pop(e.id, None)
         self.stats.undeliverable += 1

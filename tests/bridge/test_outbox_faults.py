@@ -205,6 +205,28 @@ async def test_replay_drops_an_entry_the_broker_connection_refuses_and_delivers_
     assert "dropped spooled message" in caplog.text
 
 
+async def test_a_full_table_of_refusal_counts_still_counts_a_new_refusal_and_drops_it(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    """Counts left by refused entries that were evicted or expired since must not stop the counting."""
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, min_free_bytes=0)
+    spool.add([(msg(0), 1), (Message("bad/+/topic", b"x"), 2), (msg(1), 3)])
+    spool.close()
+    async with down_sink(port, P) as (sink, link):
+        box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.02, replay_rate=50)
+        # What a long outage leaves: a full table of counts for ids no longer in the spool.
+        box._replay_failures.update((-n, 1) for n in range(1, outbox_module.REPLAY_FAILURES_KEPT + 1))
+        await box.start()
+        await link.start()
+        await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
+        await until(lambda: box.backlog == 0, 10, "the refused entry to be dropped and the backlog to drain")
+        assert box.stats.undeliverable == 1 and box.stats.replayed == 2
+        assert len(box._replay_failures) <= outbox_module.REPLAY_FAILURES_KEPT
+        await box.stop()
+    assert spool_rows(path) == []
+
+
 async def test_the_replay_loop_survives_an_unexpected_error(
     broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
