@@ -24,6 +24,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge.broker import EmbeddedBroker
+from bridge.broker_auth import BrokerAuth, default_access
 from bridge.sink import MqttSink
 from drivers.mcp.client import McpClient, McpClientError, McpNacked
 from hil.scenarios import Recorder as Recorder  # re-exported: the bus tests and the HIL rig share one
@@ -469,3 +471,16 @@ async def mqtt_login(
             return None
     finally:
         writer.close()
+
+
+@contextlib.asynccontextmanager
+async def broker_with_users(users: Path) -> AsyncIterator[int]:
+    """An in-process embedded broker on a free port with `users` and the default rules for prefix `fg`."""
+    port = free_port()
+    auth = BrokerAuth(str(users), default=default_access(["fg"]), internal_password="internal-secret-0001")
+    broker = EmbeddedBroker([f"tcp://127.0.0.1:{port}"], auth=auth)
+    await broker.start()
+    try:
+        yield port
+    finally:
+        await broker.stop()

@@ -9,18 +9,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from pwdlib import PasswordHash
 
 from bridge import broker_auth, statefiles
-from bridge.broker import EmbeddedBroker
-from bridge.broker_auth import LOGIN_CHECKS, LOGIN_PER_SOURCE, LOGIN_QUEUE, BrokerAuth, default_access, set_password
+from bridge.broker_auth import LOGIN_CHECKS, LOGIN_PER_SOURCE, LOGIN_QUEUE
 
-from helpers import free_port, mqtt_login, until
+from helpers import broker_with_users, mqtt_login, until
 
 _ids = itertools.count()
 NOT_AUTHORIZED = 5  # CONNACK return code (MQTT 3.1.1)
@@ -65,27 +62,6 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> ArgonProbe:
     return argon
 
 
-@pytest.fixture(scope="module")
-def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A users file with alice (pw-alice); hashed once, argon2 is slow on purpose."""
-    path = tmp_path_factory.mktemp("users") / "users"
-    set_password(path, "alice", "pw-alice")
-    return path
-
-
-@asynccontextmanager
-async def broker_with(users: Path) -> AsyncIterator[int]:
-    """An in-process broker (on this test's loop, so on its default executor's loop) with the users file."""
-    port = free_port()
-    auth = BrokerAuth(str(users), default=default_access(["fg"]), internal_password="internal-secret-0001")
-    b = EmbeddedBroker([f"tcp://127.0.0.1:{port}"], auth=auth)
-    await b.start()
-    try:
-        yield port
-    finally:
-        await b.stop()
-
-
 async def wrong_login(port: int, source: str) -> int | None:
     """alice with a wrong password from `source`: the CONNACK's return code (None: closed without one)."""
     return await mqtt_login(port, "alice", f"guess-{next(_ids)}", timeout=120, source=source)
@@ -101,7 +77,7 @@ async def test_a_login_flood_runs_at_most_the_gates_checks_at_once_and_leaves_th
 ) -> None:
     loop = asyncio.get_running_loop()
     gate = broker_auth.LOGINS
-    async with broker_with(users) as port:
+    async with broker_with_users(users) as port:
         logins = flood(port)
         # Half the gate's places taken (a check is 0.2 s or more: the rest drain over seconds).
         await until(lambda: gate.pending >= (LOGIN_CHECKS + LOGIN_QUEUE) // 2, 60, "the flood to fill the gate")

@@ -9,21 +9,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from bridge import broker_auth, statefiles
 from bridge.broker import EmbeddedBroker
-from bridge.broker_auth import BrokerAuth, default_access, read_users, set_password
+from bridge.broker_auth import read_users, set_password
 from bridge.statefiles import corrupt_counts
 from gateway.broker_access import broker_auth as gateway_broker_auth
 from gateway.config import parse_config
 from gateway.errors import FieldgateError
 
-from helpers import free_port, until
+from helpers import broker_with_users, free_port, until
 from helpers import mqtt_login as login
 
 #: CONNACK return codes (MQTT 3.1.1): accepted, not authorized.
@@ -35,27 +33,6 @@ def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """The corrupt-file and login counters are process-wide: this module's count from zero, others' stay."""
     monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
     monkeypatch.setattr(broker_auth.LOGINS, "failures", dict.fromkeys(broker_auth.LOGIN_FAILURES, 0))
-
-
-@pytest.fixture(scope="module")
-def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A users file with alice (pw-alice); hashed once, argon2 is slow on purpose."""
-    path = tmp_path_factory.mktemp("users") / "users"
-    set_password(path, "alice", "pw-alice")
-    return path
-
-
-@asynccontextmanager
-async def broker_with(users: Path) -> AsyncIterator[int]:
-    """An in-process broker with the users file; yields its port."""
-    port = free_port()
-    auth = BrokerAuth(str(users), default=default_access(["fg"]), internal_password="internal-secret-0001")
-    b = EmbeddedBroker([f"tcp://127.0.0.1:{port}"], auth=auth)
-    await b.start()
-    try:
-        yield port
-    finally:
-        await b.stop()
 
 
 async def test_a_login_flood_runs_two_checks_at_once_refuses_beyond_the_queue_and_counts(
@@ -76,7 +53,7 @@ async def test_a_login_flood_runs_two_checks_at_once_refuses_beyond_the_queue_an
         return real_run(password, hashed)
 
     monkeypatch.setattr(gate, "_run", noted_run)
-    async with broker_with(users) as port:
+    async with broker_with_users(users) as port:
         flood = [asyncio.create_task(login(port, "alice", f"guess-{i}")) for i in range(40)]
         await asyncio.sleep(0.3)  # the flood is in: checks run, a few wait, the rest were refused
         # The default executor is not held up by the checks: they are not on it (checked by thread below), and
@@ -103,7 +80,7 @@ async def test_a_flood_from_one_address_leaves_the_queue_to_a_user_from_another(
     gate = broker_auth.LOGINS
     monkeypatch.setattr(gate, "queue", 8)  # 2 running + 8 waiting: a short test
     before = broker_auth.login_failures()
-    async with broker_with(users) as port:
+    async with broker_with_users(users) as port:
         flooding = True
         biggest = 0
 
@@ -172,7 +149,7 @@ async def test_a_check_keeps_its_place_until_its_thread_is_done_even_when_its_lo
 
 async def test_every_refusal_is_counted_by_reason(users: Path) -> None:
     before = broker_auth.login_failures()
-    async with broker_with(users) as port:
+    async with broker_with_users(users) as port:
         assert await login(port, None, None) == NOT_AUTHORIZED
         assert await login(port, "mallory", "x") == NOT_AUTHORIZED
         assert await login(port, "alice", "wrong") == NOT_AUTHORIZED
@@ -187,7 +164,7 @@ async def test_a_hash_the_hasher_cannot_identify_is_a_counted_refusal(tmp_path: 
     path = tmp_path / "users"
     path.write_text("carol:$argon2x$v=19$m=65536,t=3,p=4$garbage\n")  # pwdlib raises UnknownHashError for it
     before = broker_auth.login_failures()
-    async with broker_with(path) as port:
+    async with broker_with_users(path) as port:
         assert await login(port, "carol", "x") == NOT_AUTHORIZED
         assert await login(port, "carol", "y") == NOT_AUTHORIZED  # the broker still answers
     after = broker_auth.login_failures()
