@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,7 @@ P = "fg/t1"
 BufferFactory = Callable[..., Buffer]
 
 
-#: What the outbox logs when one of its loops hits an error it did not expect: it goes on, but that is a bug.
-LOOP_FAILURES = ("replay failed", "spool commit failed", "housekeeping failed")
-
-
-@pytest.fixture(autouse=True)
-def no_loop_failure(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Every test here also fails when an outbox loop failed on the way, even if it healed itself afterwards."""
-    yield
-    failed = [
-        r.getMessage()
-        for r in caplog.get_records("call")  # in teardown, caplog.records holds the teardown's only
-        if r.name == "bridge.outbox" and r.getMessage().split(": ", 1)[-1].startswith(LOOP_FAILURES)
-    ]
-    assert failed == []
+pytestmark = pytest.mark.usefixtures("no_loop_failure")
 
 
 @pytest.fixture(params=["memory", "sqlite"])
