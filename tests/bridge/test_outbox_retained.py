@@ -163,6 +163,18 @@ class GatedSpool(SQLiteSpool):
         return super().stats()
 
 
+def answered_by_the_test(sink: MqttSink, payload: bytes) -> asyncio.Future[None]:
+    """The connection's outcome for the publish of `payload`: a future the test settles (refuse or PUBACK)."""
+    real = sink.try_publish
+    outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def publish(message: Message) -> Any:
+        return outcome if message.payload == payload else real(message)
+
+    sink.try_publish = publish  # type: ignore[method-assign]
+    return outcome
+
+
 async def test_a_live_state_refused_after_the_replay_held_back_the_stored_one_sends_the_stored_one(
     broker: EmbeddedBroker, port: int, subscriber: Subscriber, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,13 +182,7 @@ async def test_a_live_state_refused_after_the_replay_held_back_the_stored_one_se
     path = tmp_path / "spool.db"
     spooled(path, [state(10)])
     async with down_sink(port, P) as (sink, link):
-        real = sink.try_publish
-        refusal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def publish(message: Message) -> Any:
-            return refusal if message.payload == b"11" else real(message)
-
-        sink.try_publish = publish  # type: ignore[method-assign]
+        refusal = answered_by_the_test(sink, b"11")
         spool = GatedSpool(path, min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000)
         await box.start()
@@ -279,13 +285,7 @@ async def test_a_refused_live_state_with_a_newer_one_on_its_way_leaves_the_topic
     path = tmp_path / "spool.db"
     spooled(path, [state(10)])
     async with down_sink(port, P) as (sink, link):
-        real = sink.try_publish
-        refusal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def publish(message: Message) -> Any:
-            return refusal if message.payload == b"11" else real(message)
-
-        sink.try_publish = publish  # type: ignore[method-assign]
+        refusal = answered_by_the_test(sink, b"11")
         spool = GatedSpool(path, min_free_bytes=0)  # the replay holds still until the end
         box = Outbox(sink, spool, commit_window=0.01, replay_rate=10_000)
         await box.start()
