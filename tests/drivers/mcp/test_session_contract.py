@@ -460,6 +460,28 @@ async def test_a_read_full_of_frames_is_answered_at_most_256_at_a_time(
     assert sum(writes) == 600 * ack and max(writes) == 256 * ack, writes
 
 
+async def test_the_answers_of_one_read_may_come_to_exactly_max_unread_and_one_byte_more_closes(
+    served: Served,
+) -> None:
+    # The answers to one read leave together at its end, so they count together against max_unread.
+    first = await connect(served.srv)
+    await first.send(hello())
+    hello_ack = len(encode(await first.answer()))
+    beats = b"".join(encode(Frame(FrameType.HEARTBEAT, seq)) for seq in range(2, 256))  # 255 frames: one batch
+    answers = hello_ack + 254 * len(encode(Frame(FrameType.ACK, 2)))
+    for limit, closes in ((answers, False), (answers - 1, True)):
+        served.srv.cfg.max_unread = limit
+        peer = await connect(served.srv)  # replaces the session before it
+        await peer.send(hello() + beats)  # one write, read in one read
+        if closes:
+            assert await peer.closed()
+            await settle(lambda: "pump-1" not in served.srv.sessions, "the session to end")
+        else:
+            assert [(await peer.answer()).seq for _ in range(255)] == [1, *range(2, 256)]
+            await settle(lambda: taken(served.session()), "the session to read everything")
+            assert not served.session()._closed
+
+
 async def test_the_transport_pauses_the_session_above_a_quarter_of_max_unread(served: Served) -> None:
     served.srv.cfg.max_unread = 65542  # a quarter of it, 16385, is no multiple of 4
     await logged_in(served)
