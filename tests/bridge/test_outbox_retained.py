@@ -68,9 +68,13 @@ async def retained_at(port: int, topic: str) -> set[bytes]:
         return {m.payload for m in sub.on(topic) if m.retain}
 
 
-async def drained(box: Outbox, spool: SQLiteSpool) -> None:
-    """Wait until the outbox has settled everything its spool held."""
+async def drained(box: Outbox, spool: SQLiteSpool, subscriber: Subscriber) -> None:
+    """Wait until the outbox has settled everything its spool held and the subscriber got all it sent."""
     await until(lambda: box.backlog == 0 and spool.stats().count == 0, 20, "the spool to drain")
+    # A marker sent after it on the same connection: once it is in, everything before it is (the broker
+    # acknowledging a publish does not mean the subscriber has it yet).
+    await asyncio.wait_for(box.enqueue(Message("drained", b"")), 10)
+    await subscriber.wait_for(lambda _: subscriber.on(f"{P}/drained"), 10)
 
 
 async def test_a_newest_state_the_replay_gives_up_on_leaves_the_newest_older_one_to_the_broker(
@@ -85,7 +89,7 @@ async def test_a_newest_state_the_replay_gives_up_on_leaves_the_newest_older_one
         await box.start()
         try:
             await link.start()
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"11"]
             assert await retained_at(port, VALUE) == {b"11"}
         finally:
@@ -107,7 +111,7 @@ async def test_each_refused_newest_state_hands_the_topic_to_the_next_older_one(
         await box.start()
         try:
             await link.start()
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"10"]
             assert [m.payload for m in subscriber.on(f"{P}/other")] == [b"6"]  # another topic goes its own way
             assert await retained_at(port, VALUE) == {b"10"}
@@ -133,7 +137,7 @@ async def test_at_most_retained_fallbacks_older_states_are_held_back_per_topic(
         await box.start()
         try:
             await link.start()
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
         finally:
             await box.stop()
     got = [m.payload for m in subscriber.on(VALUE)]
@@ -196,7 +200,7 @@ async def test_a_live_state_refused_after_the_replay_held_back_the_stored_one_se
             refusal.set_exception(SinkError("sink up: payload refused"))  # the broker connection refuses 11
             with pytest.raises(SinkError, match="refused"):
                 await asyncio.wait_for(newer, 10)
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"10"]
         finally:
             spool.gate.set()
@@ -233,7 +237,7 @@ async def test_an_older_state_the_replay_meets_after_a_newer_one_went_out_live_i
             assert await sink.wait_connected(10)
             await asyncio.wait_for(box.enqueue(state(11)), 10)  # out live; 10 could not be removed behind it
             spool.gate.set()  # the replay meets 10 now
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # behind anything the replay sent
             await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"11"]
@@ -270,7 +274,7 @@ async def test_a_replay_batch_cut_by_a_lost_connection_is_sent_once_it_is_back(
         await box.start()
         try:
             await link.start()
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             await subscriber.wait_for(lambda _: subscriber.on(VALUE), 10)
             got = [m.payload for m in subscriber.on(f"{P}/seq")]
             # 3 went out in the same batch as the cancelled 2, which is sent again after it
@@ -298,7 +302,7 @@ async def test_a_refused_live_state_with_a_newer_one_on_its_way_leaves_the_topic
             with pytest.raises(SinkError):
                 await asyncio.wait_for(older, 10)
             spool.gate.set()
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # behind anything the replay sent
             await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"12"]
@@ -325,7 +329,7 @@ async def test_a_newer_state_spooled_while_an_older_one_is_replayed_is_sent_afte
             box.submit(state(11))
             await until(lambda: box.stats.spooled == 1, 10, "11 to be stored")
             link.downstream.set()  # 10 is acknowledged: 11 is still to go
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             await subscriber.wait_for(lambda _: len(subscriber.on(VALUE)) >= 2, 10)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"10", b"11"]
         finally:
@@ -356,7 +360,7 @@ async def test_an_entry_given_up_on_leaves_the_others_of_its_batch_to_be_sent_ag
         await box.start()
         try:
             await link.start()
-            await drained(box, spool)
+            await drained(box, spool, subscriber)
             assert [m.payload for m in subscriber.on(f"{P}/seq")] == [b"1"]
             assert box.stats.undeliverable == 1
         finally:
