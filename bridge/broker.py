@@ -9,7 +9,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 
-from bridge.broker_auth import BrokerAuth, read_users
+from bridge.broker_auth import BrokerAuth, login_failures, read_users
 from gateway.errors import FieldgateError
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,10 @@ class EmbeddedBroker:
             amqtt_log.setLevel(level)
         access = f"users of {self.auth.users_file}" if self.auth else "anonymous access"
         log.info("embedded broker listening on %s (%s)", ", ".join(self.listeners), access)
+
+    def login_failures(self) -> dict[str, int]:
+        """Logins refused in this process, by reason (a BrokerProcess answers for its children)."""
+        return login_failures()
 
     async def stop(self) -> None:
         """Stop serving and close every client connection."""

@@ -22,8 +22,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from bridge import broker_auth, statefiles
-from bridge.broker import EmbeddedBroker
+from bridge import statefiles
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import RESPONSE_BUCKETS
 from gateway import __version__
@@ -286,10 +285,7 @@ class GatewayCollector(Collector):
             label="file",
         )
         if gw.broker is not None:
-            # A broker in a child process counts its refusals there and reports them to its BrokerProcess.
-            refused = (
-                broker_auth.login_failures() if isinstance(gw.broker, EmbeddedBroker) else gw.broker.login_failures()
-            )
+            refused = gw.broker.login_failures()  # a broker child reports its counts to its BrokerProcess
             yield _by_reason("broker_auth_failures", "Embedded broker logins refused, by reason.", refused)
 
 
