@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 #: A name that becomes an MQTT topic level (ids, sink names, point and value names): 1-64 of A-Z a-z 0-9 _ . -,
 #: not starting with "." or "-". Use it with `fullmatch` only: `match` with "$" lets a trailing newline through.
 TOPIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+def now_ms() -> int:
+    """The wall clock in unix milliseconds: the unit of every `ts` the gateway publishes or stores."""
+    return time.time_ns() // 1_000_000
+
 
 #: A decoded field value as it is published: JSON scalars only.
 Value = bool | int | float | str | None
