@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test test-stress check bench mutation clean mosquitto chromium test-tools
+.PHONY: run test test-stress lint check bench mutation clean mosquitto chromium test-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -72,6 +72,17 @@ TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-test mosquitto chromium test-tools
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# Style, types and layers (.ci/run runs it beside make test): ruff on every Python file of the project, mypy (strict
+# on drivers/ and bridge/, see pyproject.toml), and import-linter's contracts: a new import that breaks the layout of
+# shared/ARCHITECTURE.md (drivers and bridge apart, only the shared kernel of gateway below them, no cycles) fails.
+LINT_PATHS := gateway drivers bridge hil tests
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The whole suite with both cores busy (stress-ng --cpu 2 beside it), as on a shared CI machine: it must pass.
 test-stress: $(VENV)/.installed-test mosquitto chromium test-tools
