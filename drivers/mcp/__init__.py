@@ -1,1 +1,1 @@
-"""MCP/1: the field-side framing protocol over TCP (spec: /work/shared/spec/MCP.md)."""
+"""MCP/1: the field-side framing protocol over TCP (described in docs/mcp.md)."""

@@ -25,9 +25,9 @@ T = TypeVar("T")
 CommandHandler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 """(name, args) -> result; raising answers the COMMAND with ok=false and str(exc)."""
 
-STALL_TIMEOUT = 5.0  # spec 5: a frame whose bytes stop arriving for 5 s after its first byte closes the session
+STALL_TIMEOUT = 5.0  # docs/mcp.md §4.2: a frame stalled for 5 s from its first byte closes the session
 _READ_CHUNK = 65536
-# After these NACKs the gateway closes the session (spec section 5), so the client closes too.
+# After these NACKs the gateway closes the session (docs/mcp.md §5), so the client closes too.
 _CLOSING_CODES = frozenset(
     {NackCode.UNSUPPORTED_VERSION, NackCode.FRAME_TOO_LARGE, NackCode.NOT_REGISTERED, NackCode.AUTHENTICATION_FAILED}
 )
@@ -352,7 +352,7 @@ class McpClient:
         heartbeat = _body(ack).get("heartbeat_s")
         if isinstance(heartbeat, int) and not isinstance(heartbeat, bool) and heartbeat > 0:
             self.heartbeat_s_effective = heartbeat
-        else:  # spec 2 says the ACK carries it; without a usable one our own request is the best guess
+        else:  # docs/mcp.md §2 says the ACK carries it; without a usable one our own request is the best guess
             self.heartbeat_s_effective = self.heartbeat_s
         conn.ready_at = asyncio.get_running_loop().time()
         self.last_error = None

@@ -181,7 +181,7 @@ class Outstanding:
 
         Lazily, like one scan of every frame in send order: a frame that a NACK 1 makes due while an earlier one is
         being written still goes out in this pass, one already passed in the next. The caller checks for answers."""
-        ready = conn.ready_at is not None  # nothing but HELLO before the HELLO ACK (spec 5, code 6)
+        ready = conn.ready_at is not None  # nothing but HELLO before the HELLO ACK (docs/mcp.md §5, code 6)
         control, unsent = list(conn.control.values()), deque[Pending]()  # the frames there are as the pass begins
         if ready:
             if conn is not self._conn:

@@ -1,7 +1,7 @@
 """MCP/1 frame codec: pure `encode(frame) -> bytes` and incremental `decode(buffer) -> (consumed, event)`.
 
-Decoding costs time linear in the bytes received, whatever they are. MCP.md resynchronises after a
-bad frame by skipping one byte and searching for the next magic; done literally (check the CRC of
+Decoding costs time linear in the bytes received, whatever they are. MCP/1 resynchronises after a
+bad frame by skipping one byte and searching for the next magic (docs/mcp.md §5.1); done literally (check the CRC of
 every candidate header), a buffer of headers that each announce a payload reaching the end of the
 buffer makes every header cost a CRC over the rest of it: quadratic, and the event loop stalls for
 every device. The rules that keep it linear, with the same outcome for every well-formed stream:
@@ -13,9 +13,9 @@ every device. The rules that keep it linear, with the same outcome for every wel
   its header, or that magic). This is also checked on the part of a payload received so far, so a
   corrupted `length` no longer waits for a huge payload once the next frame's magic has arrived.
 - A candidate whose payload holds no magic has its CRC checked once. On a mismatch the search for
-  the next magic starts in the header (one byte past the frame's start, as MCP.md says) and then
+  the next magic starts in the header (one byte past the frame's start, as docs/mcp.md §5.1 says) and then
   jumps to the last three bytes of the payload: no magic can start in between. The next frame found
-  is the one MCP.md's byte-by-byte search finds, but the payload is neither searched nor CRC-checked
+  is the one the byte-by-byte search of docs/mcp.md §5.1 finds, but the payload is neither searched nor CRC-checked
   again.
 - `Decoder` remembers how far a partial frame's payload has been searched, so bytes arriving one at
   a time are each searched a constant number of times.
@@ -65,7 +65,7 @@ _crc16 = crcmod.predefined.mkCrcFun("crc-ccitt-false")
 
 
 class FrameType(IntEnum):
-    """Frame types of MCP/1 (spec section 2)."""
+    """Frame types of MCP/1 (docs/mcp.md §2)."""
 
     HEARTBEAT = 1
     DATA = 2
@@ -77,7 +77,7 @@ class FrameType(IntEnum):
 
 
 class NackCode(IntEnum):
-    """Error codes carried in a NACK (spec section 5)."""
+    """Error codes carried in a NACK (docs/mcp.md §5)."""
 
     CRC_MISMATCH = 1
     UNSUPPORTED_VERSION = 2
@@ -90,7 +90,7 @@ class NackCode(IntEnum):
 
     @property
     def reason(self) -> str:
-        """The spec's reason text, e.g. "crc mismatch"."""
+        """The default reason text (docs/mcp.md §5), e.g. "crc mismatch"."""
         return self.name.lower().replace("_", " ")
 
 
@@ -144,7 +144,7 @@ class Frame:
 
     @classmethod
     def json(cls, type: int, seq: int, obj: dict[str, Any]) -> Frame:
-        """A frame whose payload is `obj` as compact JSON with sorted keys (the spec's canonical form).
+        """A frame whose payload is `obj` as compact JSON with sorted keys (the canonical form of docs/mcp.md §1).
 
         Any string is encodable: a lone surrogate (which a peer can slip into an error text) is written
         as "?", the rule of `gateway.jsonsafe.dumps_safe`. NaN, Infinity and values that are not JSON
@@ -168,7 +168,7 @@ class Frame:
 
 
 def nack(seq: int, code: NackCode, reason: str | None = None) -> Frame:
-    """The NACK of frame `seq`: `reason` (default: the spec's text for `code`) cut to MAX_REASON characters.
+    """The NACK of frame `seq`: `reason` (default: the text of docs/mcp.md §5 for `code`) cut to MAX_REASON characters.
 
     It never raises, whatever the reason holds (a peer's own text, lone surrogates, megabytes): answer
     every NACK through here.
@@ -189,7 +189,7 @@ class DecodeError:
 
     @property
     def reason(self) -> str:
-        """The spec's reason text for `code`."""
+        """The default reason text for `code` (docs/mcp.md §5)."""
         return self.code.reason
 
     def nack(self) -> Frame:
@@ -233,7 +233,7 @@ def _resync(buf: bytes | bytearray, start: int, frame: int, clean_from: int) -> 
     """Bytes to drop from `start` after rejecting the frame at `frame`: up to the first magic after its first byte.
 
     The caller knows that no magic starts between the end of the header and `clean_from`, so only the header's
-    last 13 bytes and what follows `clean_from` are searched: the result is MCP.md's one-byte skip and search.
+    last 13 bytes and what follows `clean_from` are searched: the result is docs/mcp.md §5.1's one-byte skip and search.
     """
     found = buf.find(MAGIC, frame + 1, frame + _HEADER_MAGIC_END)
     if found < 0:
@@ -271,7 +271,7 @@ def _decode_at(
     if buf[i + 4] != VERSION:
         # Nothing after the version byte is trustworthy, but the seq is reported when it is already at hand.
         seq = _TYPE_SEQ_LENGTH.unpack_from(buf, i + 5)[1] if header_complete else 0
-        # Fatal errors consume one byte, like the one-byte skip of MCP.md, so a caller that goes on still resyncs.
+        # Fatal errors consume one byte, like the one-byte skip (docs/mcp.md §5.1): a caller that goes on still resyncs.
         return i + 1 - start, DecodeError(NackCode.UNSUPPORTED_VERSION, seq, fatal=True), 0
     if not header_complete:
         return i - start, None, 0
@@ -334,8 +334,8 @@ class Decoder:
     @property
     def has_partial(self) -> bool:
         """True when buffered bytes may be the start of a frame that is not complete yet."""
-        # The decoder keeps nothing but a started frame or a tail that may begin a magic, and the spec's
-        # 5 s stall rule counts from a frame's first byte.
+        # The decoder keeps nothing but a started frame or a tail that may begin a magic, and the
+        # 5 s stall rule (docs/mcp.md §4.2) counts from a frame's first byte.
         return self.pending > 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | DecodeError]:
@@ -367,7 +367,7 @@ class Decoder:
     def _next(self) -> Frame | DecodeError | None:
         """The next event in the buffer, or None when more bytes are needed (or after a fatal error)."""
         if self._stopped:
-            # The spec closes the session at a fatal error; decoding further would only invent events.
+            # A fatal error closes the session (docs/mcp.md §5); decoding further would only invent events.
             return None
         consumed, event, clean = _decode_at(self._buf, self._offset, self._max_payload, self._offset + self._clean)
         self._offset += consumed

@@ -16,7 +16,7 @@ from gateway.types import TOPIC_NAME
 
 #: 2000-01-01T00:00Z in unix milliseconds: no device of this gateway's time sends data older than that.
 TS_MIN_MS = 946_684_800_000
-#: spec 2: device ids become an MQTT topic level.
+#: docs/mcp.md §2: device ids become an MQTT topic level.
 DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Value names become MQTT topic levels and status-page rows: the config's rule for names.
 VALUE_NAME = TOPIC_NAME

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STALL_TIMEOUT = 5.0  # spec 5: a frame whose bytes stop arriving
-MAX_OUTSTANDING = 32  # spec 3: DATA frames a device may have in flight
+STALL_TIMEOUT = 5.0  # docs/mcp.md §4.2: a frame whose bytes stop arriving
+MAX_OUTSTANDING = 32  # docs/mcp.md §3.4: DATA frames a device may have in flight
 READ_SIZE = 65536
 YIELD_EVERY = 256  # frames handled from one read before other sessions get the loop
 CLOSE_GRACE = 1.0  # seconds answers still queued get to leave when a session closes
@@ -69,12 +69,12 @@ class SessionStats:
 
 
 def boot_digest(boot_id: str) -> bytes:
-    """A fixed-size stand-in for a boot_id (any string, spec 3): only equality is ever asked of it."""
+    """A fixed-size stand-in for a boot_id (any string, docs/mcp.md §3.1): only equality is ever asked of it."""
     return hashlib.sha256(boot_id.encode("utf-8", "surrogatepass")).digest()
 
 
 class SeqWindow:
-    """The last accepted DATA seqs of a device (spec 3: a window of 1024)."""
+    """The last accepted DATA seqs of a device (docs/mcp.md §3.2: a window of 1024)."""
 
     def __init__(self, boot_id: str, size: int = 1024) -> None:
         self.boot = boot_digest(boot_id)  # not the string: a device's boot_id may be as long as its HELLO
@@ -321,7 +321,7 @@ class Session:
             if not self._decoder.has_partial:
                 self._partial_since = None
             elif handled or self._partial_since is None:
-                # spec 5 counts from a frame's first byte: frames completed in this read, so the partial
+                # docs/mcp.md §4.2 counts from a frame's first byte: frames completed in this read, so the partial
                 # left over started in it. Only a read that completed nothing keeps the older start.
                 self._partial_since = now
             if handled:
@@ -389,7 +389,7 @@ class Session:
         try:
             hello = read_hello(frame, server.cfg.heartbeat_s)
         except McpError as exc:
-            # spec 2: a HELLO is answered by ACK, or by NACK and close.
+            # docs/mcp.md §2: a HELLO is answered by ACK, or by NACK and close.
             self._send_nack(frame.seq, NackCode.MALFORMED_PAYLOAD, f"malformed payload: {exc}")
             raise SessionClosed(f"malformed HELLO: {exc}") from None
         expected = server.tokens.get(hello.device_id)
@@ -511,7 +511,7 @@ class Session:
         self._stats.nacks_sent += 1
         self.server.totals.nacks_sent += 1
         if reason is None:
-            # The spec's own reason: the same payload every time (a flood of bad frames is answered by many).
+            # The default reason (docs/mcp.md §5): one payload every time (a flood of bad frames is answered by many).
             return Frame(FrameType.NACK, seq, _default_nack_payload(code))
         return nack(seq, code, reason)
 

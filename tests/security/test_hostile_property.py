@@ -15,7 +15,7 @@ Invariants, checked after every example:
   `max_payload` may instead see the session closed (its NACK 3 comes first, but a close with the rest
   of the frame unread is a TCP reset, which may discard the NACK before the device reads it);
   a frame with bytes that may start a magic after its own (a payload of raw bytes) is answered too, but
-  the device then opens a new session: the gateway resynchronises inside that frame (MCP.md section 5)
+  the device then opens a new session: the gateway resynchronises inside that frame (docs/mcp.md §5.1)
   and would read the next frame as the rest of a bogus header;
 - the good device's every DATA is ACKed, none waits longer than 1 s;
 - the gateway process is alive.
@@ -63,7 +63,7 @@ DAY_MS = 86_400_000
 PLAUSIBLE_TS_MAX = now_ms() + DAY_MS // 2  # fixed at import: a strategy must not move while hypothesis runs
 
 T = TypeVar("T")
-CLOSING = {2, 3, 6, 7}  # NACK codes after which the gateway closes the session (MCP.md section 5)
+CLOSING = {2, 3, 6, 7}  # NACK codes after which the gateway closes the session (docs/mcp.md §5)
 
 
 # --- what the hostile device sends ------------------------------------------------------------------
@@ -370,7 +370,7 @@ class Hostile:
             ) from None
         took = time.monotonic() - sent
         # Bytes that may start a magic after the frame's own leave the gateway resynchronising inside this frame
-        # (MCP.md section 5), so that the next frame's bytes would be read as the rest of a bogus header: a stream
+        # (docs/mcp.md §5.1), so that the next frame's bytes would be read as the rest of a bogus header: a stream
         # the device corrupted itself. The frame must still be answered; the next one goes on a new session.
         desynced = MAGIC[:2] in raw[len(MAGIC) :] or raw.endswith(MAGIC[:1])
         closing = answer is not None and answer.type == FrameType.NACK and json.loads(answer.payload)["code"] in CLOSING

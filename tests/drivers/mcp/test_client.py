@@ -37,7 +37,7 @@ class PeerConn:
         await self.send(Frame(FrameType.ACK, seq) if body is None else Frame.json(FrameType.ACK, seq, body))
 
     async def nack(self, seq: int, code: NackCode) -> None:
-        """NACK `seq` with `code` and the spec's reason."""
+        """NACK `seq` with `code` and the default reason of docs/mcp.md §5."""
         await self.send(Frame.json(FrameType.NACK, seq, {"code": int(code), "reason": code.reason}))
 
     def of(self, kind: FrameType) -> list[Frame]:

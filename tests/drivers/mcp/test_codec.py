@@ -37,7 +37,7 @@ from gateway.errors import FieldgateError
 
 FAST = settings(max_examples=150, deadline=None)
 
-# MCP.md section 6, copied verbatim: (type, seq, payload JSON text or None, frame hex).
+# docs/mcp.md §6, copied verbatim: (type, seq, payload JSON text or None, frame hex).
 VECTORS: list[tuple[FrameType, int, str | None, str]] = [
     (FrameType.HEARTBEAT, 7, None, "55aa55aa01010000000700000000028b"),
     (FrameType.ACK, 7, None, "55aa55aa01060000000700000000b320"),
@@ -142,13 +142,13 @@ def test_vector_decodes(ftype: FrameType, seq: int, text: str | None, wire: str)
 
 
 def test_nack_of_crc_error_is_the_vector() -> None:
-    """A CRC error event answers with exactly the spec's NACK vector."""
+    """A CRC error event answers with exactly the NACK vector of docs/mcp.md §6."""
     nack = DecodeError(NackCode.CRC_MISMATCH, 2, fatal=False).nack()
     assert encode(nack).hex() == VECTORS[4][3]
 
 
 def test_nack_code_reasons_follow_the_spec_table() -> None:
-    """Names and reason texts of section 5, in order."""
+    """Names and reason texts of docs/mcp.md §5, in order."""
     assert [(c.value, c.reason) for c in NackCode] == [
         (1, "crc mismatch"),
         (2, "unsupported version"),
@@ -385,7 +385,7 @@ def test_bytes_without_magic_are_consumed_but_a_possible_magic_start_is_kept() -
 def test_a_corrupted_frame_is_reported_and_the_following_frames_survive(
     frame: Frame, following: list[Frame], data: st.DataObject
 ) -> None:
-    """Property: one flipped bit gives the error the field implies (section 5), then every later frame."""
+    """Property: one flipped bit gives the error the field implies (docs/mcp.md §5), then every later frame."""
     good = encode(frame)
     bit = data.draw(st.integers(0, 8 * len(good) - 1))
     flipped = bytearray(good)
@@ -431,7 +431,7 @@ def test_crc_error_resyncs_at_the_next_magic() -> None:
 
 
 def test_resync_after_a_crc_error_starts_one_byte_past_the_frame() -> None:
-    """MCP.md's one-byte skip: a magic inside the bad frame's header is the next frame start, not skipped."""
+    """The one-byte skip (docs/mcp.md §5.1): a magic inside the bad frame's header is the next frame start."""
     # The outer frame's type and seq are the inner frame's magic and version, its length (10) the inner type and
     # seq; its CRC fails. A decoder that jumped past the whole bad frame would lose the inner one.
     inner = Frame(0, 0x0000_0A07, b"{}")
@@ -806,8 +806,8 @@ def build(pieces: list[tuple[Any, ...]], max_payload: int) -> bytes:
 
 
 def reference(stream: bytes, max_payload: int) -> list[Frame | DecodeError]:
-    """MCP.md's decoding, literally (quadratic, fine for small streams): skip one byte after a bad frame and
-    search on; plus the codec's one rule, that a payload span holding the magic is a corrupted frame."""
+    """The decoding of docs/mcp.md §5.1, literally (quadratic, fine for small streams): skip one byte after a bad
+    frame and search on; plus the codec's one rule, that a payload span holding the magic is a corrupted frame."""
     events: list[Frame | DecodeError] = []
     p = 0
     while (i := stream.find(MAGIC, p)) >= 0:
@@ -857,8 +857,8 @@ def without_version_seq(events: list[Frame | DecodeError]) -> list[Frame | Decod
 def test_adversarial_streams_decode_as_the_spec_says_in_linear_work(
     pieces: list[tuple[Any, ...]], max_payload: int, data: st.DataObject
 ) -> None:
-    """Property: streams built from headers, magics and fragments give MCP.md's events however they are split,
-    with CRC and search work within the bounds."""
+    """Property: streams built from headers, magics and fragments give the events of docs/mcp.md §5.1 however they are
+    split, with CRC and search work within the bounds."""
     stream = build(pieces, max_payload)
     expected = reference(stream, max_payload)
     w = Work()

@@ -59,7 +59,7 @@ def test_a_seq_outside_32_bits_is_refused_saying_so(seq: int) -> None:
 
 
 def test_an_error_about_a_frame_whose_seq_is_unknown_carries_seq_0() -> None:
-    # MCP.md 3: seq 0 means "unknown"; a NACK for such an error must not name frame 1.
+    # docs/mcp.md §3.1: seq 0 means "unknown"; a NACK for such an error must not name frame 1.
     assert MalformedPayload("payload: not JSON").seq == 0
     assert MalformedPayload("payload: not JSON", seq=9).seq == 9
 
@@ -68,7 +68,7 @@ def test_an_error_about_a_frame_whose_seq_is_unknown_carries_seq_0() -> None:
 
 
 def test_after_a_crc_error_the_search_resumes_at_the_first_magic_in_the_header_not_a_later_one() -> None:
-    """MCP.md 5: skip one byte past the bad frame's start and search: the first magic found is the next
+    """docs/mcp.md §5.1: skip one byte past the bad frame's start and search: the first magic found is the next
     candidate, even when the header holds a second one further on."""
     # A header whose seq holds a magic at offset 5 and whose length is a magic at offset 10; the candidate at 5
     # has version 01 (offset 9), the one at 10 has version 02 (offset 14). The length is under max_payload and
@@ -124,7 +124,7 @@ def test_after_a_fatal_error_the_bytes_past_its_first_byte_stay_counted_as_undec
         bad[13], code = 0xFF, NackCode.FRAME_TOO_LARGE  # a length past max_payload
     decoder = Decoder(max_payload=64)
     assert decoder.feed(heartbeat + bad) == [Frame(FrameType.HEARTBEAT, 7), DecodeError(code, 8, fatal=True)]
-    # Fatal errors consume one byte, like MCP.md's one-byte skip: the rest of the bad frame is not decoded.
+    # Fatal errors consume one byte, like the one-byte skip (docs/mcp.md §5.1): the rest of the frame is not decoded.
     assert decoder.pending == len(bad) - 1
     assert decoder.has_partial
 

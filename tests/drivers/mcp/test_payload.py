@@ -107,7 +107,7 @@ def test_hello_device_id_by_fullmatch_and_other_fields() -> None:
     for bad in ("pump-1\n", "", "x" * 65, "a/b", 5):
         with pytest.raises(MalformedPayload, match="device_id"):
             read_hello(hello(device_id=bad), 30)
-    # spec 3: boot_id is any string (the HELLO's size is what bounds it).
+    # docs/mcp.md §3.1: boot_id is any string (the HELLO's size is what bounds it).
     assert read_hello(hello(boot_id="b" * 3000), 30).boot_id == "b" * 3000
     with pytest.raises(MalformedPayload, match="boot_id"):
         read_hello(hello(boot_id=5), 30)

@@ -28,7 +28,7 @@ NACK_CRC_2 = bytes.fromhex(
     "55aa55aa010700000002000000227b22636f6465223a312c22726561736f6e223a22637263206d69736d61746368227d9e35"
 )
 
-#: MCP.md section 1: CRC-16/CCITT-FALSE over version .. end of payload (crcmod's name for it).
+#: docs/mcp.md §1: CRC-16/CCITT-FALSE over version .. end of payload (crcmod's name for it).
 CRC_CCITT_FALSE = crcmod.predefined.mkCrcFun("crc-ccitt-false")
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z: DATA ts must lie between 2000-01-01 and tomorrow
@@ -48,8 +48,8 @@ async def test_hello_data_ack_bytes_and_telemetry_with_device_ts(mcp_gateway: Mc
     assert encode(ack) == encode(Frame.json(FrameType.ACK, 1, {"heartbeat_s": 30}))
     await peer.send(DATA)
     ack = await peer.recv()
-    # The ACK's bytes on their own, CRC included: MCP.md's algorithm through crcmod (checked on the spec's check
-    # value), not through encode().
+    # The ACK's bytes on their own, CRC included: the algorithm of docs/mcp.md §1 through crcmod (checked on its
+    # check value), not through encode().
     header = bytes.fromhex("55aa55aa01060000000200000000")
     assert CRC_CCITT_FALSE(b"123456789") == 0x29B1
     assert encode(ack) == header + CRC_CCITT_FALSE(header[4:]).to_bytes(2, "big")
@@ -94,7 +94,7 @@ async def test_bad_crc_mid_stream_keeps_the_session(mcp_gateway: McpGateway, con
     good = encode(Frame.json(FrameType.DATA, 3, {"ts": T0 + 5, "values": {"x": 1}}))
     await peer.send(bytes(bad) + good)
     reply = await peer.recv()
-    assert encode(reply) == NACK_CRC_2  # byte for byte the spec's vector
+    assert encode(reply) == NACK_CRC_2  # byte for byte the vector of docs/mcp.md §6
     assert await peer.recv() == Frame(FrameType.ACK, 3)
     tele = await mcp_gateway.sub.next_on("fieldgate/m1/pump-1/telemetry")
     assert tele.json() == {"ts": T0 + 5, "values": {"x": 1}}

@@ -303,7 +303,7 @@ async def test_data_resent_after_the_link_dropped_before_its_ack_is_published_on
     await until(lambda: server.held == 1, 10, "the first delivery to be under way")
     first.writer.transport.abort()
     await asyncio.sleep(0.2)
-    # spec 3: the device resends the same bytes on its new session, while the first delivery is still going.
+    # docs/mcp.md §3.2: the device resends the same bytes on its new session, while the first delivery is still going.
     again = await server.connect()
     again.writer.write(hello())
     assert (await again.frame()).type == FrameType.ACK

@@ -1,5 +1,6 @@
-"""The MCP session's promises: the duplicate window of spec 3, reading a command's answer, and each frame's answer
-and count on a real socket (the server in this process, so that mutation testing sees the session it runs)."""
+"""The MCP session's promises: the duplicate window of docs/mcp.md §3.2, reading a command's answer, and each
+frame's answer and count on a real socket (the server in this process, so that mutation testing sees the session
+it runs)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_the_window_holds_the_last_1024_accepted_seqs_and_forgets_the_oldest() -
         window.add(seq)
     assert all(seq in window for seq in range(1, 1025))
     window.add(1025)
-    assert 1 not in window  # spec 3: a window of the last 1024
+    assert 1 not in window  # docs/mcp.md §3.2: a window of the last 1024
     assert 2 in window and 1025 in window
 
 
