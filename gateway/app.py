@@ -30,11 +30,11 @@ from gateway.homeassistant import Discovery
 from gateway.http import HttpServer
 from gateway.jsonsafe import dumps_safe
 from gateway.reload import ConfigDiff, diff
-from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router
+from gateway.router import SUBSCRIPTIONS, Router
 from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
 from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier, line_alive
-from gateway.types import DeviceState, Message, Sample
+from gateway.types import DeviceProfile, DeviceState, Message, Sample
 
 log = logging.getLogger(__name__)
 

@@ -15,31 +15,14 @@ from bridge.outbox import Outbox
 from gateway.audit import AuditRecord
 from gateway.errors import SinkError
 from gateway.jsonsafe import JsonRejected, dumps_safe, is_utf8, loads_strict, utf8_text
-from gateway.types import Command, CommandResult, DeviceState, Message, Sample, Value, Write, WriteResult
+from gateway.types import Command, CommandResult, DeviceProfile, DeviceState, Message, Sample, Value, Write, WriteResult
 
 log = logging.getLogger(__name__)
 
-Writer = Callable[[Write], Awaitable[WriteResult]]
-Commander = Callable[[Command], Awaitable[CommandResult]]
 Audit = Callable[[AuditRecord], None]
 
 #: Topics each sink subscribes to (relative to its prefix).
 SUBSCRIPTIONS = ("+/set/+", "+/cmd")
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What the router needs to know of a device: deadbands, snapshot period, how to write it."""
-
-    name: str
-    full_every: float = 60.0
-    deadbands: dict[str, float] = field(default_factory=dict)
-    writer: Writer | None = None
-    commander: Commander | None = None
-    every_sample: bool = False  # devices that push (MCP): each sample is published whole
-    write_rate: float | None = None  # writes or commands per second; None: unlimited
-    write_burst: int = 10
-    points: frozenset[str] | None = None  # the configured points; None: the device pushes what it has (MCP)
 
 
 class TokenBucket:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 #: A name that becomes an MQTT topic level (ids, sink names, point and value names): 1-64 of A-Z a-z 0-9 _ . -,
 #: not starting with "." or "-". Use it with `fullmatch` only: `match` with "$" lets a trailing newline through.
@@ -95,3 +96,159 @@ class CommandResult:
     ok: bool
     result: Any = None
     error: str | None = None
+
+
+#: How the router reaches a device: a write of one point, or a command (both answered by the driver).
+Writer = Callable[[Write], Awaitable[WriteResult]]
+Commander = Callable[[Command], Awaitable[CommandResult]]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the router needs to know of a device: deadbands, snapshot period, how to write it."""
+
+    name: str
+    full_every: float = 60.0
+    deadbands: dict[str, float] = field(default_factory=dict)
+    writer: Writer | None = None
+    commander: Commander | None = None
+    every_sample: bool = False  # devices that push (MCP): each sample is published whole
+    write_rate: float | None = None  # writes or commands per second; None: unlimited
+    write_burst: int = 10
+    points: frozenset[str] | None = None  # the configured points; None: the device pushes what it has (MCP)
+
+
+# --- what a driver reports of itself: frozen copies that P/metrics, /metrics, the status page and systemd render --
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusLineCounters:
+    """A Modbus line's counters; `wire_seconds`: its answered reads' frames on the wire (utilisation's numerator)."""
+
+    transactions: int = 0
+    timeouts: int = 0
+    crc_errors: int = 0
+    exceptions: int = 0
+    errors: int = 0
+    reopen_attempts: int = 0
+    wire_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusDeviceCounters:
+    """A Modbus device's counters; `response_counts`: answered reads per response-time bucket (not cumulative)."""
+
+    transactions: int = 0
+    timeouts: int = 0
+    crc_errors: int = 0
+    exceptions: int = 0
+    errors: int = 0
+    cycles: int = 0
+    skipped_cycles: int = 0
+    writes: int = 0
+    last_response_s: float = 0.0
+    response_counts: tuple[int, ...] = ()
+    response_sum_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusDeviceSnapshot:
+    """One device of a Modbus line: its unit, whether it answers (None: not known yet) and its counters."""
+
+    name: str
+    unit: int
+    online: bool | None
+    counters: ModbusDeviceCounters
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusLineSnapshot:
+    """One Modbus line: where it is, its counters and devices, and whether its task runs and moves."""
+
+    name: str
+    port: str
+    framing: str  # baud rate and character format, "9600 8E1"
+    running: bool  # its task has not ended
+    stopping: bool  # being stopped (a reload or shutdown): not stuck, going away
+    alive_at: float  # time.monotonic() when its task last moved
+    alive_limit: float  # the longest one healthy step of its task takes, in seconds
+    counters: ModbusLineCounters
+    devices: tuple[ModbusDeviceSnapshot, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class McpDeviceCounters:
+    """An MCP device's counters across its sessions (or the server's totals over every device)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    crc_errors: int = 0
+    nacks_sent: int = 0
+    duplicates: int = 0
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    commands: int = 0
+    command_timeouts: int = 0
+    rejected_payloads: int = 0
+    bad_ts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class McpDeviceSnapshot:
+    """One configured MCP device: whether it has a session now, and its counters."""
+
+    id: str
+    online: bool
+    counters: McpDeviceCounters
+
+
+@dataclass(frozen=True, slots=True)
+class McpSessionSnapshot:
+    """One open MCP session: the device, its peer's address ("host:port") and the device's counters."""
+
+    device: str
+    peer: str
+    counters: McpDeviceCounters
+
+
+@dataclass(frozen=True, slots=True)
+class McpServerSnapshot:
+    """The MCP server: open sessions (by device id), connections refused or failed, each configured device."""
+
+    sessions: tuple[McpSessionSnapshot, ...]
+    devices: tuple[McpDeviceSnapshot, ...]
+    pending: int  # connections accepted and not past HELLO now
+    rejected: int  # connections refused at max_sessions, ever
+    refused: dict[str, int]  # connections closed at accept or HELLO, by reason
+    auth_failures: dict[str, int]  # failed HELLOs, by reason
+    totals: McpDeviceCounters
+
+
+#: What any driver reports; a new kind of driver adds its snapshot here and its renderers beside the others.
+DriverSnapshot = ModbusLineSnapshot | McpServerSnapshot
+
+
+class Driver(Protocol):
+    """A field-side driver as the gateway runs it (python-can's BusABC): samples leave through the callbacks given
+    to its constructor; writes and commands reach its devices through the writers and commanders of `profiles()`."""
+
+    @property
+    def name(self) -> str:
+        """The driver's name in logs ("rs485-1", "mcp")."""
+        ...
+
+    async def start(self) -> None:
+        """Open the line or listener and start the driver's task; FieldgateError when it cannot."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop the task, answer what waits with an error, close the line or listener."""
+        ...
+
+    def profiles(self) -> list[DeviceProfile]:
+        """What the router needs to know of each of the driver's devices."""
+        ...
+
+    def snapshot(self) -> DriverSnapshot:
+        """The driver's counters and state as of now (a frozen copy: reading it later sees no later change)."""
+        ...

@@ -13,8 +13,8 @@ from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.audit import AuditRecord
-from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router
-from gateway.types import Command, CommandResult, Write, WriteResult
+from gateway.router import SUBSCRIPTIONS, Router
+from gateway.types import Command, CommandResult, DeviceProfile, Write, WriteResult
 
 from helpers import Subscriber
 

@@ -11,8 +11,8 @@ from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.errors import SinkError
-from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router, encode_json
-from gateway.types import DeviceState, Sample, Value
+from gateway.router import SUBSCRIPTIONS, Router, encode_json
+from gateway.types import DeviceProfile, DeviceState, Sample, Value
 
 from helpers import Subscriber
 

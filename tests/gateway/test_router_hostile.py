@@ -19,8 +19,8 @@ from bridge.sink import MqttSink
 from gateway.audit import AuditRecord
 from gateway.http import StatusPage, _age
 from gateway.jsonsafe import loads_strict
-from gateway.router import SUBSCRIPTIONS, DeviceProfile, Router
-from gateway.types import Command, CommandResult, Sample, Write, WriteResult
+from gateway.router import SUBSCRIPTIONS, Router
+from gateway.types import Command, CommandResult, DeviceProfile, Sample, Write, WriteResult
 
 from helpers import Subscriber
 
