@@ -10,12 +10,13 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from drivers.mcp import report
 from drivers.mcp.admission import BanList, PendingCount, address_key
 from drivers.mcp.payload import quoted
 from drivers.mcp.session import SeqWindow, Session, SessionStats, boot_digest
 from gateway.config.schema import McpSection
 from gateway.errors import FieldgateError
-from gateway.types import Command, CommandResult, DeviceState, Sample
+from gateway.types import Command, CommandResult, DeviceState, McpServerSnapshot, Sample
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,15 @@ class McpServer:
     def authenticated(self) -> int:
         """Connections past HELLO now (a replaced one until it has closed)."""
         return len(self._connections) - self._pending.total
+
+    @property
+    def name(self) -> str:
+        """The driver's name in logs."""
+        return "mcp"
+
+    def snapshot(self) -> McpServerSnapshot:
+        """Sessions, refusals and each configured device's counters as of now (for the metrics and status page)."""
+        return report.server_snapshot(self, [d.id for d in self.cfg.devices])
 
     async def start(self) -> None:
         """Bind the listener (TLS when configured)."""

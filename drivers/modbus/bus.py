@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from drivers.modbus import budget
+from drivers.modbus import budget, report
 from drivers.modbus.device import Device, PollJob, now_ms
 from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span
 from drivers.modbus.transport import ModbusLink
@@ -26,7 +26,7 @@ from gateway.errors import (
     DeviceTimeout,
     WriteRejected,
 )
-from gateway.types import DeviceState, Sample, Value, Write, WriteResult
+from gateway.types import DeviceState, ModbusLineSnapshot, Sample, Value, Write, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,19 @@ class ModbusBus:
     def running(self) -> bool:
         """True from start to stop while the line's task has not ended (it never should on its own)."""
         return self._task is not None and not self._task.done()
+
+    def snapshot(self) -> ModbusLineSnapshot:
+        """The line's counters, devices and liveness as of now (what the metrics, status page and watchdog show)."""
+        return report.line_snapshot(
+            self.name,
+            self.cfg,
+            self.stats,
+            self.devices.values(),
+            running=self.running,
+            stopping=self.stopping,
+            alive_at=self.alive_at,
+            alive_limit=self.alive_limit,
+        )
 
     def _longest_step(self) -> float:
         # Between two `alive_at` stamps the task does at most one transaction or one open.
