@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import inspect
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ from bridge.broker import EmbeddedBroker
 from bridge.broker_auth import BrokerAuth, default_access
 from bridge.sink import MqttSink
 from drivers.mcp.client import McpClient, McpClientError, McpNacked
+from gateway.types import now_ms as now_ms  # re-exported: tests import it from here
 from hil.scenarios import Recorder as Recorder  # re-exported: the bus tests and the HIL rig share one
 
 #: Ports handed out by free_port: below the kernel's ephemeral range (ip_local_port_range, 32768-60999 by
@@ -301,11 +303,6 @@ class GatewayProcess:
                 self.stop()
 
 
-def now_ms() -> int:
-    """Unix time in ms, as samples carry it."""
-    return time.time_ns() // 1_000_000
-
-
 def spool_rows(path: Path) -> list[tuple[str, int]]:
     """(topic, sampled_ms) of every message in a spool file, read as it lies on disk."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -402,13 +399,23 @@ class Sender:
         return self.acked[max(self.acked)]
 
 
-async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Wait for `condition()` to be true; fail naming `what` after `timeout` seconds."""
+async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "", *, every: float = 0.02) -> Any:
+    """Wait for `condition()` to be truthy and return its value; fail naming `what` after `timeout` seconds.
+
+    `condition` may be a coroutine function (e.g. a scrape of /metrics): its result is awaited. It is asked
+    every `every` seconds.
+    """
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
+            named = what or getattr(condition, "__qualname__", repr(condition))
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {named}")
+        await asyncio.sleep(every)
 
 
 def record_queued(outbox: Any) -> list[Any]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, encode
 from gateway.app import Gateway
 
+from configs import Section, broker, config, mcp, mcp_device
 from helpers import Subscriber
 
+# The same gateway as mcp_gateway_config, as a format string: tests/drivers/mcp/conftest.py fills it in.
 CONFIG = """
 gateway: {{id: m1, state_dir: ./state, http: null}}
 broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"]}}
@@ -26,6 +29,23 @@ mcp:
     - {{id: pump-2, token: other-token-00002}}
 {extra}
 """
+
+
+def mcp_gateway_config(
+    mqtt: int, mcp_port: int, *, max_sessions: int = 100, northbound: list[Section] | None = None, **mcp_keys: Any
+) -> Section:
+    """The MCP test gateway: pump-1 and pump-2 allowed, ACKs awaited 300 ms once, 4 kB frames at most."""
+    devices = [mcp_device("pump-1"), mcp_device("pump-2", token="other-token-00002")]
+    server = mcp(
+        mcp_port,
+        ack_timeout="300ms",
+        retries=1,
+        max_payload="4kB",
+        max_sessions=max_sessions,
+        **mcp_keys,
+        devices=devices,
+    )
+    return config(id="m1", broker=broker(mqtt), northbound=northbound, mcp=server)
 
 
 @dataclass

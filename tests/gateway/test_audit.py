@@ -18,47 +18,59 @@ from gateway.config import load_config
 from gateway.jsonsafe import loads_strict
 from gateway.router import TokenBucket
 
+from configs import (
+    Section,
+    broker,
+    config,
+    device,
+    line,
+    mcp,
+    mcp_device,
+    sim_line,
+    sim_mcp,
+    sim_slave,
+    simulator,
+    write,
+)
+from configs import (
+    point as modbus_point,  # `point` is a loop variable below
+)
 from helpers import Received, Subscriber, free_port
 
-CONFIG = """
-gateway: {{id: t1, state_dir: ./state, http: null, audit: {{max_size: {audit_size}, backups: 2}}}}
-broker: {{listeners: ["tcp://127.0.0.1:{port}"], process: inline}}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 200ms
-          write_rate: 50
-          write_burst: 50
-          points:
-            - {{name: i16, table: holding, address: 0, type: int16}}
-            - {{name: sp, table: holding, address: 50, type: uint16, scale: 0.5, writable: true, min: 0, max: 1000}}
-            - {{name: target, table: holding, address: 60, type: float32, writable: true, min: -50, max: 150}}
-        - name: slow
-          unit: 2
-          poll: 200ms
-          write_rate: 0.1
-          write_burst: 2
-          points:
-            - {{name: level, table: holding, address: 0, writable: true}}
-mcp:
-  listen: 127.0.0.1:{mcp_port}
-  devices:
-    - {{id: pump-1, token: s3cret-token-0001, write_rate: 0.1, write_burst: 1}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - {{unit: 1}}
-        - {{unit: 2}}
-  mcp:
-    - {{id: pump-1, interval: 200ms, values: {{running: {{value: true}}}}}}
-"""
+
+def audit_config(port: int, mcp_port: int, audit_size: str) -> Section:
+    """A fast-writing plc and a slow device on a simulated line, and an MCP pump allowed one command per 10 s."""
+    plc = device(
+        "plc",
+        1,
+        poll="200ms",
+        write_rate=50,
+        write_burst=50,
+        points=[
+            modbus_point("i16", "holding", 0, "int16"),
+            modbus_point("sp", "holding", 50, "uint16", scale=0.5, writable=True, min=0, max=1000),
+            modbus_point("target", "holding", 60, "float32", writable=True, min=-50, max=150),
+        ],
+    )
+    slow = device(
+        "slow",
+        2,
+        poll="200ms",
+        write_rate=0.1,
+        write_burst=2,
+        points=[modbus_point("level", "holding", 0, writable=True)],
+    )
+    return config(
+        audit={"max_size": audit_size, "backups": 2},
+        broker=broker(port, process="inline"),
+        buses=[line("line", "./ttyA", plc, slow)],
+        mcp=mcp(mcp_port, devices=[mcp_device("pump-1", write_rate=0.1, write_burst=1)]),
+        simulator=simulator(
+            modbus=[sim_line("./ttyA", sim_slave(1), sim_slave(2))],
+            mcp=[sim_mcp("pump-1", "200ms", {"running": {"value": True}})],
+        ),
+    )
+
 
 Start = Callable[..., Awaitable[tuple[Gateway, Subscriber]]]
 
@@ -70,8 +82,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
 
     async def _start(audit_size: str = "1MB") -> tuple[Gateway, Subscriber]:
         port = free_port()
-        path = tmp_path / "config.yaml"
-        path.write_text(CONFIG.format(port=port, mcp_port=free_port(), audit_size=audit_size))
+        path = write(audit_config(port, free_port(), audit_size), tmp_path)
         gw = Gateway(load_config(path))
         await gw.start()
         sub = Subscriber(port)

@@ -15,60 +15,43 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import load_config
 
+from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, write
 from helpers import Subscriber, free_port
 
-CONFIG = """
-gateway: {{id: t1, state_dir: ./state, http: null}}
-broker: {{listeners: ["tcp://127.0.0.1:{port}"]}}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 200ms
-          full_every: 60s
-          points:
-            - {{name: i16, table: holding, address: 0, type: int16}}
-            - {{name: u16, table: holding, address: 1, type: uint16}}
-            - {{name: i32, table: holding, address: 2, type: int32}}
-            - {{name: u32, table: holding, address: 4, type: uint32, word_order: little}}
-            - {{name: i64, table: holding, address: 6, type: int64}}
-            - {{name: u64, table: holding, address: 10, type: uint64, word_order: little}}
-            - {{name: f32, table: holding, address: 14, type: float32}}
-            - {{name: f32ws, table: holding, address: 16, type: float32, word_order: little}}
-            - {{name: f32bs, table: holding, address: 18, type: float32, byte_order: little}}
-            - {{name: f64, table: holding, address: 20, type: float64}}
-            - {{name: f64ws, table: holding, address: 24, type: float64, word_order: little}}
-            - {{name: label, table: holding, address: 30, type: "string:10"}}
-            - {{name: flags, table: holding, address: 40, type: bitfield, bits: {{0: run, 5: alarm}}}}
-            - {{name: scaled, table: input, address: 0, type: int16, scale: 0.1, offset: -10}}
-            - {{name: relay, table: coil, address: 3, writable: true}}
-            - {{name: door, table: discrete, address: 7}}
-            - {{name: sp, table: holding, address: 50, type: uint16, scale: 0.5, writable: true, min: 0, max: 1000}}
-            - {{name: target, table: holding, address: 60, type: float32, writable: true}}
-        - name: other
-          unit: 2
-          poll: 100ms
-          points:
-            - {{name: level, table: input, address: 0}}
-        - name: ghost
-          unit: 3
-          poll: 100ms
-          points:
-            - {{name: level, table: input, address: 0}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - {{unit: 1}}
-        - unit: 2
-          values: {{level: {{value: 7}}}}
-        - {{unit: 3, dead: true}}
-"""
+
+def e2e_config(port: int, process: str | None = None) -> Section:
+    """A plc with a point of every type and byte/word order, a steady device and a dead one on a simulated line."""
+    holding = [
+        point("i16", "holding", 0, "int16"),
+        point("u16", "holding", 1, "uint16"),
+        point("i32", "holding", 2, "int32"),
+        point("u32", "holding", 4, "uint32", word_order="little"),
+        point("i64", "holding", 6, "int64"),
+        point("u64", "holding", 10, "uint64", word_order="little"),
+        point("f32", "holding", 14, "float32"),
+        point("f32ws", "holding", 16, "float32", word_order="little"),
+        point("f32bs", "holding", 18, "float32", byte_order="little"),
+        point("f64", "holding", 20, "float64"),
+        point("f64ws", "holding", 24, "float64", word_order="little"),
+        point("label", "holding", 30, "string:10"),
+        point("flags", "holding", 40, "bitfield", bits={0: "run", 5: "alarm"}),
+    ]
+    others = [
+        point("scaled", "input", 0, "int16", scale=0.1, offset=-10),
+        point("relay", "coil", 3, writable=True),
+        point("door", "discrete", 7),
+        point("sp", "holding", 50, "uint16", scale=0.5, writable=True, min=0, max=1000),
+        point("target", "holding", 60, "float32", writable=True),
+    ]
+    plc = device("plc", 1, poll="200ms", full_every="60s", points=holding + others)
+    other = device("other", 2, poll="100ms", points=[point("level", "input", 0)])
+    ghost = device("ghost", 3, poll="100ms", points=[point("level", "input", 0)])
+    slaves = [sim_slave(1), sim_slave(2, {"level": {"value": 7}}), sim_slave(3, dead=True)]
+    return config(
+        broker=broker(port, process=process),
+        buses=[line("line", "./ttyA", plc, other, ghost)],
+        simulator=simulator(modbus=[sim_line("./ttyA", *slaves)]),
+    )
 
 
 @asynccontextmanager
@@ -86,9 +69,7 @@ async def running(path: Path) -> AsyncIterator[Gateway]:
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Subscriber]]:
     """The test config's gateway and a subscriber on its embedded broker."""
     port = free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(port=port))
-    async with running(path) as gw:
+    async with running(write(e2e_config(port), tmp_path)) as gw:
         sub = Subscriber(port)
         await asyncio.to_thread(sub.start)
         try:
@@ -272,9 +253,7 @@ async def test_metrics_are_published(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(gateway.app, "METRICS_INTERVAL", 0.3)
     port = free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(port=port))
-    async with running(path):
+    async with running(write(e2e_config(port), tmp_path)):
         sub = Subscriber(port)
         await asyncio.to_thread(sub.start)
         try:
@@ -292,9 +271,7 @@ async def test_metrics_are_published(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 async def test_the_broker_can_run_in_its_own_process(tmp_path: Path) -> None:
     port = free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(port=port).replace("broker: {", "broker: {process: separate, "))
-    async with running(path) as gw:
+    async with running(write(e2e_config(port, process="separate"), tmp_path)) as gw:
         from bridge.broker_process import BrokerProcess
 
         assert isinstance(gw.broker, BrokerProcess) and gw.broker.pid is not None

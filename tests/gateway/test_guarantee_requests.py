@@ -9,32 +9,20 @@ from pathlib import Path
 from gateway.app import Gateway
 from gateway.config import load_config
 
+from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, sink, write
 from helpers import Received, free_port, subscribed
 from mosquitto import Mosquitto
 
-CONFIG = """
-gateway: {{id: t1, state_dir: ./state, http: null}}
-broker: {{process: inline, listeners: ["tcp://127.0.0.1:{port}"]}}
-northbound:
-  - {{name: local}}
-  - {{name: up, url: "{upstream}", topic_prefix: site/t1}}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 100ms
-          points:
-            - {{name: sp, table: holding, address: 1, type: uint16, writable: true}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices: [{{unit: 1}}]
-"""
+
+def requests_config(port: int, upstream: str) -> Section:
+    """A writable plc point, and two sinks: the embedded broker and `upstream` under another prefix."""
+    plc = device("plc", 1, poll="100ms", points=[point("sp", "holding", 1, "uint16", writable=True)])
+    return config(
+        broker=broker(port, process="inline"),
+        northbound=[sink("local"), sink("up", upstream, topic_prefix="site/t1")],
+        buses=[line("line", "./ttyA", plc)],
+        simulator=simulator(modbus=[sim_line("./ttyA", sim_slave(1))]),
+    )
 
 
 def values(results: list[Received]) -> list[object]:
@@ -44,8 +32,7 @@ def values(results: list[Received]) -> list[object]:
 
 async def test_a_result_goes_back_only_on_the_sink_the_request_came_from(tmp_path: Path, mosquitto: Mosquitto) -> None:
     port = free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(port=port, upstream=mosquitto.url))
+    path = write(requests_config(port, mosquitto.url), tmp_path)
     # (`./state` is taken from the config file's folder: tmp_path.)
     gw = Gateway(load_config(path))
     await gw.start()

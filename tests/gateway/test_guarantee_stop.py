@@ -14,29 +14,23 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.types import Message
 
+from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, sink, write
 from helpers import record_queued
 from mosquitto import Mosquitto
 
+
 # No embedded broker: its stop takes time of its own, in which a background commit could still save the spool.
-CONFIG = """
-gateway: {{id: st, state_dir: ./state, http: null}}
-broker: {{enabled: false}}
-northbound:
-  - name: up
-    url: {url}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - {{name: plc, unit: 1, poll: 50ms, points: [{{name: ramp, table: holding, address: 0, type: uint16}}]}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices: [{{unit: 1, values: {{ramp: {{wave: ramp, period: 100ms, min: 0, max: 60000}}}}}}]
-"""
+def stop_config(url: str) -> Section:
+    """A plc ramping every 50 ms, published to one sink: the broker at `url`."""
+    plc = device("plc", 1, poll="50ms", points=[point("ramp", "holding", 0, "uint16")])
+    ramp = {"wave": "ramp", "period": "100ms", "min": 0, "max": 60000}
+    return config(
+        id="st",
+        broker=broker(enabled=False),
+        northbound=[sink("up", url)],
+        buses=[line("line", "./ttyA", plc)],
+        simulator=simulator(modbus=[sim_line("./ttyA", sim_slave(1, {"ramp": ramp}))]),
+    )
 
 
 def spooled(path: Path) -> set[tuple[str, bytes]]:
@@ -51,8 +45,7 @@ def spooled(path: Path) -> set[tuple[str, bytes]]:
 async def test_what_a_frozen_broker_never_acknowledged_is_in_the_spool_when_stop_returns(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(url=mosquitto.url))
+    path = write(stop_config(mosquitto.url), tmp_path)
     gw = Gateway(load_config(path))
     await gw.start()
     frozen = False

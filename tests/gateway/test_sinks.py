@@ -11,19 +11,15 @@ from drivers.mcp.codec import Frame, FrameType
 from gateway.app import Gateway
 from gateway.config import load_config
 
+from configs import sink, write
 from helpers import Subscriber, free_port, now_ms
-from mcp_peer import CONFIG, RawPeer
+from mcp_peer import RawPeer, mcp_gateway_config
 
 
 async def test_a_dead_sink_does_not_hold_up_the_live_one_or_the_acks(tmp_path: Path) -> None:
     mqtt, mcp, nobody = free_port(), free_port(), free_port()
-    sinks = f"""
-northbound:
-  - {{name: local}}
-  - {{name: dead, url: "mqtt://127.0.0.1:{nobody}", spool: {{commit_window: 50ms}}}}
-"""
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(mqtt=mqtt, mcp=mcp, max_sessions=10, mcp_extra="", extra=sinks))
+    sinks = [sink("local"), sink("dead", f"mqtt://127.0.0.1:{nobody}", spool={"commit_window": "50ms"})]
+    path = write(mcp_gateway_config(mqtt, mcp, max_sessions=10, northbound=sinks), tmp_path)
     gw = Gateway(load_config(path))
     await gw.start()
     sub = Subscriber(mqtt)

@@ -26,45 +26,39 @@ from PIL import Image, ImageChops
 from gateway.app import Gateway
 from gateway.config import load_config
 
+from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, write
 from helpers import Subscriber, free_port, subscribed
 
 WIDTH, HEIGHT = 1280, 900
 CHROMIUM_TIMEOUT = 30.0
 PREFIX = "fieldgate/shot1"
 
-CONFIG = """
-gateway: {{id: shot1, state_dir: ./state, http: "127.0.0.1:{http}"}}
-broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"], process: inline}}
-modbus:
-  buses:
-    - name: rs485
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 100ms
-          points:
-            - {{name: ramp, table: holding, address: 0, type: uint16}}
-            - {{name: setpoint, table: holding, address: 5, type: uint16}}
-            - {{name: label, table: holding, address: 10, type: "string:8"}}
-        - name: ghost
-          unit: 3
-          poll: 100ms
-          points:
-            - {{name: level, table: input, address: 0}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - unit: 1
-          values:
-            ramp: {{wave: ramp, min: 0, max: 60000, step: 1, period: 1s}}
-            setpoint: {{value: 4321}}
-            label: {{value: north}}
-        - {{unit: 3, dead: true}}
-"""
+
+def page_config(http: int, mqtt: int) -> Section:
+    """A ramping plc with a setpoint and a label, a dead device, the status page on `http`."""
+    plc = device(
+        "plc",
+        1,
+        poll="100ms",
+        points=[
+            point("ramp", "holding", 0, "uint16"),
+            point("setpoint", "holding", 5, "uint16"),
+            point("label", "holding", 10, "string:8"),
+        ],
+    )
+    ghost = device("ghost", 3, poll="100ms", points=[point("level", "input", 0)])
+    values = {
+        "ramp": {"wave": "ramp", "min": 0, "max": 60000, "step": 1, "period": "1s"},
+        "setpoint": {"value": 4321},
+        "label": {"value": "north"},
+    }
+    return config(
+        id="shot1",
+        http=f"127.0.0.1:{http}",
+        broker=broker(mqtt, process="inline"),
+        buses=[line("rs485", "./ttyA", plc, ghost)],
+        simulator=simulator(modbus=[sim_line("./ttyA", sim_slave(1, values), sim_slave(3, dead=True))]),
+    )
 
 
 def chromium_binary() -> str:
@@ -240,9 +234,7 @@ class Running:
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
     """The test gateway, its status page on a free loopback port, a subscriber to all of its topics."""
     http, mqtt = free_port(), free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(CONFIG.format(http=http, mqtt=mqtt))
-    gw = Gateway(load_config(config))
+    gw = Gateway(load_config(write(page_config(http, mqtt), tmp_path)))
     await gw.start()
     try:
         async with subscribed(mqtt, f"{PREFIX}/#") as sub:

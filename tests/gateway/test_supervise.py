@@ -26,6 +26,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.supervise import Supervisor
 
+from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, write
 from helpers import Subscriber, free_port
 
 # --- the supervisor alone -----------------------------------------------------------------------------
@@ -154,27 +155,17 @@ def test_the_supervisor_imports_nothing_of_the_project() -> None:
 
 # --- every supervised task of a running gateway ------------------------------------------------------
 
-CONFIG = """
-gateway: {{id: sv, state_dir: ./state, http: 127.0.0.1:{http}}}
-broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"], process: separate}}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 200ms
-          points:
-            - {{name: count, table: holding, address: 0, type: uint16}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - {{unit: 1}}
-"""
+
+def supervised_config(http: int, mqtt: int) -> Section:
+    """One plc on a simulated line, the broker in a child process, the status page on `http`."""
+    plc = device("plc", 1, poll="200ms", points=[point("count", "holding", 0, "uint16")])
+    return config(
+        id="sv",
+        http=f"127.0.0.1:{http}",
+        broker=broker(mqtt, process="separate"),
+        buses=[line("line", "./ttyA", plc)],
+        simulator=simulator(modbus=[sim_line("./ttyA", sim_slave(1))]),
+    )
 
 
 class Supervised:
@@ -214,8 +205,7 @@ async def supervised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     http, mqtt = free_port(), free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(http=http, mqtt=mqtt))
+    path = write(supervised_config(http, mqtt), tmp_path)
     gw = Gateway(load_config(path))
     gw.supervisor.restart_min = 0.5  # the default 1 s works the same, only slower
     await gw.start()

@@ -35,6 +35,21 @@ from gateway.config import load_config
 from gateway.config.schema import BusConfig
 from gateway.types import Message
 
+from configs import (
+    Section,
+    broker,
+    config,
+    device,
+    line,
+    mcp,
+    mcp_device,
+    point,
+    sim_line,
+    sim_slave,
+    simulator,
+    sink,
+    write,
+)
 from helpers import free_port, record_queued
 from mosquitto import Mosquitto
 
@@ -42,53 +57,31 @@ ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "fieldgate.service"
 INSTALL = ROOT / "systemd" / "install.sh"
 
-CONFIG = """
-gateway: {{id: sd, state_dir: ./state, http: null}}
-broker: {{listeners: ["tcp://127.0.0.1:{port}"], process: {process}}}
-{northbound}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 100ms
-          points:
-            - {{name: ramp, table: holding, address: 0, type: uint16}}
-        - name: other
-          unit: 2
-          poll: 100ms
-          points:
-            - {{name: level, table: input, address: 0}}
-        - name: ghost
-          unit: 3
-          poll: 100ms
-          points:
-            - {{name: level, table: input, address: 0}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - {{id: pump-1, token: s3cret-token-0001}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - unit: 1
-          values: {{ramp: {{wave: ramp, min: 0, max: 60000, step: 1, period: 100ms}}}}
-        - unit: 2
-          values: {{level: {{value: 7}}}}
-        - {{unit: 3, dead: true}}
-"""
 
-
-def write_config(tmp_path: Path, *, northbound: str = "", process: str = "inline") -> Path:
+def write_config(tmp_path: Path, *, northbound: list[Section] | None = None, process: str = "inline") -> Path:
     """The test gateway's config file (the embedded broker on our loop unless `process` says otherwise)."""
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(port=free_port(), mcp=free_port(), northbound=northbound, process=process))
-    return path
+    plc = device("plc", 1, poll="100ms", points=[point("ramp", "holding", 0, "uint16")])
+    other = device("other", 2, poll="100ms", points=[point("level", "input", 0)])
+    ghost = device("ghost", 3, poll="100ms", points=[point("level", "input", 0)])
+    ramp = {"wave": "ramp", "min": 0, "max": 60000, "step": 1, "period": "100ms"}
+    cfg = config(
+        id="sd",
+        broker=broker(free_port(), process=process),
+        northbound=northbound,
+        buses=[line("line", "./ttyA", plc, other, ghost)],
+        mcp=mcp(free_port(), devices=[mcp_device("pump-1")]),
+        simulator=simulator(
+            modbus=[
+                sim_line(
+                    "./ttyA",
+                    sim_slave(1, {"ramp": ramp}),
+                    sim_slave(2, {"level": {"value": 7}}),
+                    sim_slave(3, dead=True),
+                )
+            ]
+        ),
+    )
+    return write(cfg, tmp_path)
 
 
 @asynccontextmanager
@@ -520,7 +513,7 @@ def spooled(path: Path) -> list[tuple[str, bytes]]:
 async def test_graceful_stop_within_10_s_with_a_dead_upstream_spools_what_was_queued(
     tmp_path: Path, mosquitto: Mosquitto, notify_socket: NotifySocket
 ) -> None:
-    northbound = f"northbound:\n  - name: local\n  - name: cloud\n    url: {mosquitto.url}\n"
+    northbound = [sink("local"), sink("cloud", mosquitto.url)]
     # The broker in its own process, as in production: its stop is part of the 10 s.
     path = write_config(tmp_path, northbound=northbound, process="separate")
     gw = Gateway(load_config(path))
