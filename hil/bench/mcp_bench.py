@@ -19,47 +19,42 @@ hil/bench/README.md says what each figure means.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import functools
-import gc
+import importlib.util
 import inspect
-import itertools
 import math
-import multiprocessing
-import os
 import resource
 import sys
 import tempfile
 import time
 import traceback
-import uuid
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 # benchlib first: it puts the repository on sys.path for the imports below.
 import benchlib
 from benchlib import (
-    ROOT,
-    cpu_seconds,
-    free_port,
     heading,
     note,
     package_version,
     percentile,
     print_header,
+    progress,
     record,
     rss_kb,
     run_summary,
-    subscribe,
     summary,
 )
+from benchlib.children import Child, Pid, stop_all
+from benchlib.configs import config, gateway_section, loopback_listener, mcp_device, mcp_section, write_config
+from benchlib.fleet import clients_child, publisher_child, warm_up
+from benchlib.gateway_child import gateway_child, gateway_status, wait_quiet
+from benchlib.mqtt import broker_child, free_port, subscriber_child
+from benchlib.procs import open_fds
+from benchlib.profiling import report_profile
 
-from drivers.mcp.codec import Decoder, Frame, FrameType, encode
 from drivers.mcp.session import MAX_OUTSTANDING
 
 GATEWAY_ID = "bench"
@@ -70,9 +65,6 @@ GOAL = 0.8  # our ACKed frames/s as a share of the bare paho -> amqtt rate
 DEFAULT_SECONDS = 6.0
 FD_RESERVE = 64  # descriptors the gateway keeps free for its broker, sink reconnects, spool, executor
 CLIENT_FDS_PER_PROC = 10_000  # sockets per device-client process
-CONNECT_CONCURRENCY = 200  # connects in progress per client process (the listen backlog is 100)
-NACK_BACKOFF = 1.0  # s a device waits before using a NACKed frame's window slot again ("retries later")
-HEARTBEAT_S = 3600  # in HELLO: idle sessions must survive the longest run, and devices send no periodic heartbeat
 READY_TIMEOUT = 120.0
 # Where the broker runs: config `broker.process: inline | separate`, or a process the bench spawns (what-if).
 LAYOUTS = {"inline": "in gw", "separate": "gw child", "external": "own proc"}
@@ -80,678 +72,9 @@ STATUS_TIMEOUT = 5.0  # s to wait for a (swamped) gateway's counters during a me
 MAX_WARMUP = 3.0  # s of warm-up at max sessions, where a steady state is minutes away
 
 
-# --- output -------------------------------------------------------------------------------------
-
-
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Print rows under headers: numbers right-aligned with thousands separators, "-" for a missing value."""
     benchlib.print_table(headers, rows, thousands=True, blank="-")
-
-
-def progress(text: str) -> None:
-    """What is running now (stderr, so that stdout stays the report)."""
-    print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-# --- /proc and limits ------------------------------------------------------------------------------
-
-
-def open_fds() -> int:
-    """File descriptors this process holds."""
-    return len(os.listdir("/proc/self/fd"))
-
-
-def raise_nofile() -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; (soft, hard) after."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def quiet_logs() -> None:
-    """Only errors: per-session INFO lines and amqtt's shutdown chatter would swamp the report.
-
-    MCP_BENCH_LOG=WARNING (or DEBUG) lets the gateway's own loggers through, to see why sessions end.
-    """
-    import logging
-
-    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
-    ours = os.environ.get("MCP_BENCH_LOG", "CRITICAL").upper()
-    for name in ("amqtt", "transitions"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    for name in ("bridge", "drivers", "gateway"):
-        logging.getLogger(name).setLevel(ours)
-    # asyncio's "socket.accept() out of system resource" is expected when probing the descriptor limit.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-
-
-# --- child processes ------------------------------------------------------------------------------
-
-
-class Child:
-    """A spawned process driven over a pipe: send (cmd, arg), get ("ok", value) or ("error", traceback)."""
-
-    def __init__(self, name: str, target: Callable[..., None], *args: Any) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.name = name
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_child_main, args=(target, args, child), name=name, daemon=True)
-        self.proc.start()
-        child.close()
-        assert self.proc.pid is not None
-        self.pid: int = self.proc.pid
-
-    def call(self, cmd: str, arg: Any = None, timeout: float = 60.0) -> Any:
-        """Send a command and wait for its answer."""
-        self.send(cmd, arg)
-        return self.wait(timeout, cmd)
-
-    def send(self, cmd: str, arg: Any = None) -> None:
-        """Send a command; `wait` collects the answer."""
-        self.conn.send((cmd, arg))
-
-    def wait(self, timeout: float, what: str = "start") -> Any:
-        """The next answer of the child."""
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.name}: no answer to {what!r} within {timeout:g} s")
-        kind, value = self.conn.recv()
-        if kind == "error":
-            raise RuntimeError(f"{self.name} failed:\n{value}")
-        return value
-
-    def cpu(self) -> float:
-        """CPU seconds used by the child so far (nan once it is gone)."""
-        try:
-            return cpu_seconds(self.pid)
-        except OSError:
-            return float("nan")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Ask the child to stop; terminate, then kill it if it does not."""
-        if self.proc.is_alive() and timeout:
-            with contextlib.suppress(Exception):
-                self.conn.send(("stop", None))
-            self.proc.join(timeout)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(3)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(3)
-        self.conn.close()
-
-
-@dataclass
-class Pid:
-    """A process the bench did not spawn (the gateway's broker child): only its CPU is read."""
-
-    pid: int
-
-    def cpu(self) -> float:
-        """CPU seconds used by the process so far (nan once it is gone)."""
-        try:
-            return cpu_seconds(self.pid)
-        except OSError:
-            return float("nan")
-
-
-def stop_all(children: list[Child]) -> None:
-    """Stop every child at once (clients close their sockets while the gateway stops); kill the stragglers."""
-    for c in children:
-        if c.proc.is_alive():
-            with contextlib.suppress(Exception):
-                c.conn.send(("stop", None))
-    deadline = time.monotonic() + 10
-    for c in children:
-        c.proc.join(max(0.1, deadline - time.monotonic()))
-    for c in children:
-        c.stop(timeout=0)
-
-
-def _child_main(target: Callable[..., None], args: tuple[Any, ...], conn: Connection) -> None:
-    try:
-        target(*args, conn)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise SystemExit(1) from None
-
-
-Handler = Callable[[Any], Awaitable[Any]]
-
-
-async def serve_pipe(conn: Connection, handlers: dict[str, Handler]) -> None:
-    """Answer the orchestrator's commands one after the other until "stop" (answered by the caller)."""
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):  # the orchestrator is gone
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait(("stop", None))
-
-    loop.add_reader(conn.fileno(), readable)
-    try:
-        while True:
-            cmd, arg = await inbox.get()
-            if cmd == "stop":
-                return
-            try:
-                result = await handlers[cmd](arg)
-            except Exception:
-                conn.send(("error", traceback.format_exc()))
-            else:
-                conn.send(("ok", result))
-    finally:
-        with contextlib.suppress(Exception):
-            loop.remove_reader(conn.fileno())
-
-
-# --- the gateway process ----------------------------------------------------------------------------
-
-
-def gateway_child(config_path: str, conn: Connection) -> None:
-    """The gateway with its embedded broker, exactly as `fieldgate run` builds it from a config file."""
-    quiet_logs()
-    nofile = raise_nofile()
-    asyncio.run(_gateway(config_path, nofile, conn))
-
-
-async def _gateway(config_path: str, nofile: tuple[int, int], conn: Connection) -> None:
-    from gateway.app import Gateway
-    from gateway.config import load_config
-
-    quiet_logs()  # again: importing bridge.broker resets amqtt's level
-    gw = Gateway(load_config(config_path))
-    await gw.start()
-    assert gw.mcp is not None
-    if not await gw.sinks[0].wait_connected(30):
-        raise RuntimeError("the gateway's sink did not connect to its broker")
-
-    def status(settle: bool = False) -> dict[str, Any]:
-        assert gw.mcp is not None
-        if settle:
-            gc.collect()
-        totals = gw.mcp.totals
-        return {
-            "time": time.monotonic(),
-            "sessions": len(gw.mcp.sessions),
-            "rejected": gw.mcp.rejected,
-            "frames_in": totals.frames_in,
-            "frames_out": totals.frames_out,
-            "nacks": totals.nacks_sent,
-            "published": sum(s.stats.published for s in gw.sinks),
-            "queued": sum(len(o) for o in gw.outboxes),
-            "dropped": sum(o.figures()["dropped"] for o in gw.outboxes),
-            "rss_kb": rss_kb(),
-            "fds": open_fds(),
-        }
-
-    async def on_status(arg: Any) -> dict[str, Any]:
-        settle, asked = arg
-        return {**status(settle), "asked": asked, "lag": time.monotonic() - asked}
-
-    async def on_profile(arg: Any) -> dict[str, Any]:
-        kind, seconds = arg
-        before = status()
-        if kind == "pyinstrument":
-            from pyinstrument import Profiler
-
-            # async_mode "disabled": sample the whole thread, not just this task's context.
-            profiler = Profiler(interval=0.0005, async_mode="disabled")
-            profiler.start()
-            await asyncio.sleep(seconds)
-            session = profiler.stop()
-            after = status()
-            result = analyse_samples(session.frame_records)
-        else:
-            import cProfile
-
-            prof = cProfile.Profile()
-            prof.enable()
-            await asyncio.sleep(seconds)
-            prof.disable()
-            after = status()
-            result = analyse_cprofile(prof)
-        result.update(kind=kind, acks=after["frames_out"] - before["frames_out"])
-        result["published"] = after["published"] - before["published"]
-        result["wall"] = after["time"] - before["time"]
-        return result
-
-    broker_pid = getattr(gw.broker, "pid", None)  # BrokerProcess only
-    info = {"pid": os.getpid(), "broker_pid": broker_pid, "mcp_port": gw.mcp.port, "nofile": nofile}
-    conn.send(("ok", {**info, **status(True)}))
-    try:
-        await serve_pipe(conn, {"status": on_status, "profile": on_profile})
-    finally:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(15):
-                await gw.stop()
-    conn.send(("ok", None))
-
-
-# --- profile analysis (runs in the gateway process) ----------------------------------------------------
-
-GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("amqtt broker", ("/amqtt/", "/transitions/")),
-    ("paho / sink", ("/paho/", "bridge/sink.py")),
-    ("MCP session/codec", ("drivers/mcp/", "/crcmod/")),
-    ("router / outbox", ("gateway/router.py", "bridge/outbox.py", "gateway/app.py", "gateway/types.py")),
-    ("asyncio overhead", ("/asyncio/", "/selectors.py")),
-]
-IDLE = "idle (epoll wait)"
-OTHER = "other"
-GROUP_NAMES = [g for g, _ in GROUPS] + [OTHER]
-
-
-def group_of(path: str) -> str | None:
-    """The component a source file belongs to; None for stdlib helpers and builtins (charged to the caller)."""
-    for name, needles in GROUPS:
-        if any(n in path for n in needles):
-            return name
-    return None
-
-
-def short_name(path: str, line: int, func: str) -> str:
-    """`package/file.py:line func`, without the install prefix."""
-    for marker in ("site-packages/", str(ROOT) + "/", "/lib/python3.11/"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
-    return f"{path}:{line} {func}" if path not in ("<built-in>", "~") else func
-
-
-def analyse_samples(records: list[tuple[list[str], float]]) -> dict[str, Any]:
-    """Group pyinstrument's sampled stacks: self time by component (nearest categorised frame), top entries."""
-    from pyinstrument.frame_info import frame_info_get_identifier
-
-    groups: dict[str, float] = defaultdict(float)
-    asyncio_for: dict[str, float] = defaultdict(float)  # asyncio's time by the component nearest above it
-    self_t: dict[str, float] = defaultdict(float)
-    cum_t: dict[str, float] = defaultdict(float)
-    total = idle = 0.0
-    for stack, t in records:
-        frames = []
-        for info in stack:
-            func, _, rest = frame_info_get_identifier(info).partition("\x00")
-            path, _, lineno = rest.partition("\x00")
-            frames.append((func, path, int(lineno or 0), group_of(path)))
-        total += t
-        leaf_func, leaf_path, leaf_line, _ = frames[-1]
-        if leaf_func == "epoll.poll":
-            idle += t
-            continue
-        self_t[short_name(leaf_path, leaf_line, leaf_func)] += t
-        for func, path, line, g in set(frames):
-            if g is not None and g != "asyncio overhead":
-                cum_t[short_name(path, line, func)] += t
-        owner = next((g for *_, g in reversed(frames) if g is not None), OTHER)
-        groups[owner] += t
-        if owner == "asyncio overhead":
-            above = (g for *_, g in reversed(frames) if g not in (None, "asyncio overhead"))
-            asyncio_for[next(above, "the event loop itself")] += t
-    return {
-        "total": total,
-        "idle": idle,
-        "busy": total - idle,
-        "groups": dict(groups),
-        "asyncio_for": dict(asyncio_for),
-        "top_self": sorted(self_t.items(), key=lambda kv: -kv[1])[:15],
-        "top_cum": sorted(cum_t.items(), key=lambda kv: -kv[1])[:15],
-    }
-
-
-def analyse_cprofile(prof: Any) -> dict[str, Any]:
-    """Group cProfile's self times by component (a builtin's or stdlib helper's time goes to its callers, edge by
-    edge), and count the tasks, futures and callbacks each component makes asyncio create."""
-    import pstats
-
-    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-    groups: dict[str, float] = defaultdict(float)
-    idle = 0.0
-    epoll = "<method 'poll' of 'select.epoll' objects>"
-
-    def charge(func: tuple[str, int, str], amount: float, into: dict[str, float], depth: int, calls: bool) -> None:
-        """Charge `amount` (self time, or with `calls` a call count that skips asyncio frames) to components."""
-        g = group_of(func[0])
-        if g is not None and not (calls and g == "asyncio overhead"):
-            into[g] += amount
-            return
-        callers = stats[func][4] if func in stats else {}
-        weight = {c: (edge[1] if calls else edge[3]) for c, edge in callers.items()}  # calls / cumulative time
-        total_w = sum(weight.values())
-        if depth > 25 or not total_w:
-            into["the event loop itself" if calls else OTHER] += amount
-            return
-        for caller, w in weight.items():
-            charge(caller, amount * w / total_w, into, depth + 1, calls)
-
-    for func, (_cc, _nc, tt, _ct, callers) in stats.items():
-        if func[2] == epoll:
-            idle += tt
-            continue
-        g = group_of(func[0])
-        if g is not None:
-            groups[g] += tt
-            continue
-        # Per caller edge: the part of func's own time spent on behalf of that caller.
-        edges = {c: e[2] for c, e in callers.items()}
-        if not sum(edges.values()):
-            groups[OTHER] += tt
-            continue
-        for caller, edge_tt in edges.items():
-            charge(caller, tt * edge_tt / sum(edges.values()), groups, 1, False)
-
-    made: dict[str, dict[str, float]] = {}
-    for what, needle in (("tasks", "create_task"), ("futures", "create_future"), ("callbacks", "__init__")):
-        into: dict[str, float] = defaultdict(float)
-        for func, (_cc, _nc, _tt, _ct, callers) in stats.items():
-            base = func[0].endswith("asyncio/base_events.py") and what != "callbacks"
-            handle = func[0].endswith("asyncio/events.py") and func[1] < 60 and what == "callbacks"
-            if func[2] == needle and (base or handle):
-                for caller, edge in callers.items():
-                    charge(caller, edge[1], into, 1, True)
-        made[what] = dict(into)
-    rows = [(short_name(f[0], f[1], f[2]), tt, nc) for f, (_cc, nc, tt, _ct, _c) in stats.items() if f[2] != epoll]
-    busy = sum(groups.values())
-    return {
-        "total": busy + idle,
-        "idle": idle,
-        "busy": busy,
-        "groups": dict(groups),
-        "made": made,
-        "top_self": sorted(rows, key=lambda r: -r[1])[:15],
-    }
-
-
-# --- the device clients ------------------------------------------------------------------------------
-
-
-def clients_child(impl: str, devices: list[tuple[str, str]], window: int, changing: int, conn: Connection) -> None:
-    """Device clients for `devices`: raw-codec senders, or McpClient with `window` senders each."""
-    quiet_logs()
-    raise_nofile()
-    asyncio.run(_clients(impl, devices, window, changing, conn))
-
-
-def data_values(seq: int, changing: int) -> dict[str, Any]:
-    """A DATA body's values: `changing` of them move on every frame, one (`running`) never does."""
-    flow = round(12.5 + (seq % 1000) * 0.01, 2) if changing else 12.5
-    values: dict[str, Any] = {"flow_lpm": flow}
-    values.update({f"flow{i}": flow for i in range(1, changing)})
-    values["running"] = True
-    return values
-
-
-class Fleet:
-    """Counters shared by every device of one client process."""
-
-    def __init__(self) -> None:
-        self.go = asyncio.Event()
-        self.acked = 0
-        self.nacked = 0
-        self.lost = 0
-        self.latencies: list[float] = []
-        self.tasks: list[asyncio.Task[None]] = []
-        self.writers: list[asyncio.StreamWriter] = []
-        self.clients: list[Any] = []
-
-
-async def _clients(impl: str, devices: list[tuple[str, str]], window: int, changing: int, conn: Connection) -> None:
-    fleet = Fleet()
-    loop = asyncio.get_running_loop()
-
-    async def raw_device(dev: str, token: str, port: int) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 60)
-        fleet.writers.append(writer)
-        hello = {"boot_id": uuid.uuid4().hex, "device_id": dev, "token": token, "heartbeat_s": HEARTBEAT_S}
-        writer.write(encode(Frame.json(FrameType.HELLO, 1, hello)))
-        decoder = Decoder()
-        events: list[Any] = []
-        async with asyncio.timeout(60):
-            while not events:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("closed before the HELLO ACK")
-                events = decoder.feed(data)
-        if not isinstance(events[0], Frame) or events[0].type != FrameType.ACK:
-            raise ConnectionError(f"HELLO answered with {events[0]}")
-        # Until the first frame after HELLO the gateway still applies its 10 s HELLO timeout (not 3 x heartbeat_s),
-        # so an idle device would be dropped 10 s after its HELLO: one HEARTBEAT now keeps idle sessions up.
-        writer.write(encode(Frame(FrameType.HEARTBEAT, 2)))
-        fleet.tasks.append(asyncio.create_task(raw_loop(reader, writer, decoder)))
-
-    async def raw_loop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: Decoder) -> None:
-        await fleet.go.wait()
-        sent: dict[int, float] = {}  # seq -> loop time of the write, in send order
-        seq = 2  # HELLO 1, HEARTBEAT 2
-        held = 0  # window slots waiting out a NACK's back-off
-
-        def send_more() -> None:
-            nonlocal seq
-            out = []
-            while len(sent) + held < window:
-                seq += 1
-                body = {"ts": time.time_ns() // 1_000_000, "values": data_values(seq, changing)}
-                out.append(encode(Frame.json(FrameType.DATA, seq, body)))
-                sent[seq] = loop.time()
-            if out and not writer.is_closing():
-                writer.write(b"".join(out))
-
-        def release() -> None:
-            nonlocal held
-            held -= 1
-            send_more()
-
-        send_more()
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    fleet.lost += 1
-                    return
-                now = loop.time()
-                for ev in decoder.feed(data):
-                    if not isinstance(ev, Frame):
-                        continue
-                    t = sent.pop(ev.seq, None)
-                    if t is None:
-                        continue
-                    if ev.type == FrameType.ACK:
-                        fleet.acked += 1
-                        fleet.latencies.append(now - t)
-                    else:  # NACK 8, overloaded: "the device retries later"
-                        fleet.nacked += 1
-                        held += 1
-                        loop.call_later(NACK_BACKOFF, release)
-                send_more()
-                await writer.drain()
-        except (ConnectionError, OSError):
-            fleet.lost += 1
-
-    async def mcp_device(dev: str, token: str, port: int) -> None:
-        from drivers.mcp.client import McpClient
-
-        # No retransmission within the bench: with thousands of frames queued an ACK may take long.
-        client = McpClient(
-            "127.0.0.1", port, dev, token, heartbeat_s=HEARTBEAT_S, ack_timeout=3600.0, retries=0, window=window
-        )
-        fleet.clients.append(client)
-        await client.start()
-        if not await client.wait_connected(60):
-            raise ConnectionError(f"McpClient {dev}: no session: {client.last_error}")
-        counter = itertools.count(1)  # one per device, so that its values move from frame to frame
-        for _ in range(window):
-            fleet.tasks.append(asyncio.create_task(mcp_sender(client, counter)))
-
-    async def mcp_sender(client: Any, counter: Iterator[int]) -> None:
-        from drivers.mcp.client import McpClientError
-
-        await fleet.go.wait()
-        while True:
-            t = loop.time()
-            try:
-                await client.send(data_values(next(counter), changing), ts=time.time_ns() // 1_000_000)
-            except McpClientError:
-                fleet.nacked += 1
-                if client._stopped:
-                    return
-                await asyncio.sleep(NACK_BACKOFF)
-                continue
-            fleet.acked += 1
-            fleet.latencies.append(loop.time() - t)
-
-    async def on_connect(port: int) -> dict[str, Any]:
-        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
-        opener = raw_device if impl == "raw" else mcp_device
-
-        async def one(dev: str, token: str) -> None:
-            async with sem:
-                await opener(dev, token, port)
-
-        t0 = time.monotonic()
-        results = await asyncio.gather(*(one(d, t) for d, t in devices), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        return {
-            "connected": len(results) - len(errors),
-            "failed": len(errors),
-            "first_error": repr(errors[0]) if errors else "",
-            "seconds": time.monotonic() - t0,
-        }
-
-    async def on_go(_: Any) -> None:
-        fleet.go.set()
-
-    async def on_progress(_: Any) -> dict[str, Any]:
-        return {"acked": fleet.acked, "nacked": fleet.nacked, "lost": fleet.lost}
-
-    async def on_mark(_: Any) -> None:
-        fleet.acked = fleet.nacked = 0
-        fleet.latencies = []
-
-    async def on_collect(_: Any) -> dict[str, Any]:
-        return {"acked": fleet.acked, "nacked": fleet.nacked, "lost": fleet.lost, "latencies": fleet.latencies}
-
-    conn.send(("ok", os.getpid()))
-    await serve_pipe(
-        conn,
-        {"connect": on_connect, "go": on_go, "progress": on_progress, "mark": on_mark, "collect": on_collect},
-    )
-    for task in fleet.tasks:
-        task.cancel()
-    for writer in fleet.writers:
-        writer.close()
-    for client in fleet.clients:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.stop(), 2)
-    conn.send(("ok", None))
-
-
-# --- the subscriber ----------------------------------------------------------------------------------
-
-
-def subscriber_child(port: int, topic: str, conn: Connection) -> None:
-    """A paho subscriber (QoS 1, its network loop on a thread) that counts messages on `topic`."""
-    count = 0
-
-    def on_message(_c: Any, _u: Any, _m: Any) -> None:
-        nonlocal count
-        count += 1
-
-    c = subscribe(port, topic, on_message, timeout=20)
-    conn.send(("ok", os.getpid()))
-    while True:
-        cmd, _ = conn.recv()
-        if cmd == "count":
-            conn.send(("ok", (count, time.monotonic())))
-        elif cmd == "stop":
-            c.disconnect()
-            c.loop_stop()
-            conn.send(("ok", None))
-            return
-
-
-# --- the bare baseline: EmbeddedBroker in a process, a paho publisher ----------------------------------
-
-
-def broker_child(port: int, conn: Connection) -> None:
-    """bridge/broker.py's EmbeddedBroker on its own event loop, as the gateway starts it."""
-    from bridge.broker import EmbeddedBroker
-
-    quiet_logs()  # after the import, which resets amqtt's level
-
-    async def serve() -> None:
-        broker = EmbeddedBroker([f"tcp://127.0.0.1:{port}"])
-        await broker.start()
-        conn.send(("ok", os.getpid()))
-        await serve_pipe(conn, {})
-        await broker.stop()
-
-    asyncio.run(serve())
-    conn.send(("ok", None))
-
-
-def publisher_child(port: int, window: int, changing: int, conn: Connection) -> None:
-    """A bare paho publisher, QoS 1, `window` PUBLISHes in flight, its network loop in this thread."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from gateway.router import encode_json
-
-    def telemetry_payload(seq: int) -> bytes:
-        # What the router publishes for one DATA frame, built the same way.
-        return encode_json({"ts": time.time_ns() // 1_000_000, "values": data_values(seq, changing)})
-
-    sent: dict[int, float] = {}
-    latencies: list[float] = []
-    acked = 0
-
-    def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        nonlocal acked
-        t = sent.pop(mid, None)
-        if t is not None:
-            acked += 1
-            latencies.append(time.monotonic() - t)
-
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-bare-{os.getpid()}", protocol=mqtt.MQTTv311)
-    c.max_inflight_messages_set(window)
-    c.max_queued_messages_set(0)
-    c.on_publish = on_publish
-    c.connect("127.0.0.1", port, keepalive=60)
-    deadline = time.monotonic() + 20
-    while not c.is_connected():
-        c.loop(0.05)
-        if time.monotonic() > deadline:
-            raise TimeoutError("the bare publisher did not connect")
-    conn.send(("ok", os.getpid()))
-    running = False
-    seq = 0
-    while True:
-        if conn.poll():
-            cmd, _ = conn.recv()
-            if cmd == "go":
-                running = True
-                conn.send(("ok", None))
-            elif cmd == "progress":
-                conn.send(("ok", {"acked": acked, "nacked": 0, "lost": 0}))
-            elif cmd == "mark":
-                acked, latencies = 0, []
-                conn.send(("ok", None))
-            elif cmd == "collect":
-                conn.send(("ok", {"acked": acked, "nacked": 0, "lost": 0, "latencies": latencies}))
-            elif cmd == "stop":
-                c.disconnect()
-                conn.send(("ok", None))
-                return
-        if running:
-            while len(sent) < window:
-                seq += 1
-                info = c.publish(BARE_TOPIC, telemetry_payload(seq), qos=1)
-                sent[info.mid] = time.monotonic()
-        c.loop(0.01)
 
 
 # --- one measured configuration ----------------------------------------------------------------------------
@@ -822,43 +145,6 @@ class Row:
         return percentile(self.latencies, q) * 1000
 
 
-def gw_status(gw: Child, settle: bool = False, timeout: float = READY_TIMEOUT) -> dict[str, Any] | None:
-    """The gateway's counters, RSS and descriptors, `lag`: how long its loop took to answer (s); None on timeout.
-
-    A swamped gateway answers late: answers to earlier requests are recognised and skipped.
-    """
-    asked = time.monotonic()
-    gw.send("status", (settle, asked))
-    while True:
-        left = asked + timeout - time.monotonic()
-        if left <= 0 or not gw.conn.poll(left):
-            return None
-        kind, value = gw.conn.recv()
-        if kind == "error":
-            raise RuntimeError(f"{gw.name} failed:\n{value}")
-        if value["asked"] == asked:
-            return value
-
-
-def warm_up(drivers: list[Child], target: int, min_s: float, max_s: float) -> tuple[float, bool]:
-    """Run until `target` frames were answered since go (each device's first window: latencies are then steady);
-    False when `max_s` passed first."""
-    t0 = time.monotonic()
-    while True:
-        time.sleep(0.25)
-        answered = 0
-        for d in drivers:
-            got = d.call("progress")
-            answered += got["acked"] + got["nacked"]
-        elapsed = time.monotonic() - t0
-        if elapsed < min_s:
-            continue
-        if answered >= target:
-            return elapsed, True
-        if elapsed >= max_s:
-            return elapsed, False
-
-
 def measure(
     row: Row,
     drivers: list[Child],
@@ -870,16 +156,16 @@ def measure(
     """One measurement window: counters and CPU at the start and the end."""
     for d in drivers:
         d.call("mark")
-    s0 = gw_status(gw, timeout=STATUS_TIMEOUT) if gw else None
+    s0 = gateway_status(gw, timeout=STATUS_TIMEOUT) if gw else None
     cpu0 = {role: sum(p.cpu() for p in ps) for role, ps in procs.items()}
     c0, t0 = sub.call("count")
     time.sleep(seconds)
     c1, t1 = sub.call("count")
     cpu1 = {role: sum(p.cpu() for p in ps) for role, ps in procs.items()}
     if gw:
-        row.rss_loaded_kb, row.fds_loaded = rss_kb(gw.pid), len(os.listdir(f"/proc/{gw.pid}/fd"))
+        row.rss_loaded_kb, row.fds_loaded = rss_kb(gw.pid), open_fds(gw.pid)
     got = [d.call("collect") for d in drivers]
-    s1 = gw_status(gw, timeout=STATUS_TIMEOUT) if gw else None
+    s1 = gateway_status(gw, timeout=STATUS_TIMEOUT) if gw else None
     if gw and (s0 is None or s1 is None):
         row.gw_lag = float("inf")  # swamped: its counters are lost
     row.wall_s = t1 - t0
@@ -905,11 +191,11 @@ def run_bare(window: int, changing: int, seconds: float) -> Row:
     port = free_port()
     children: list[Child] = []
     try:
-        broker = Child("broker", broker_child, port)
+        broker = Child("broker", broker_child, [loopback_listener(port)])
         children.append(broker)
         broker.wait(READY_TIMEOUT)
         sub = Child("subscriber", subscriber_child, port, TELEMETRY)
-        pub = Child("publisher", publisher_child, port, window, changing)
+        pub = Child("publisher", publisher_child, port, BARE_TOPIC, window, changing)
         children += [sub, pub]
         sub.wait(READY_TIMEOUT)
         pub.wait(READY_TIMEOUT)
@@ -923,43 +209,26 @@ def run_bare(window: int, changing: int, seconds: float) -> Row:
     return row
 
 
-def write_config(path: Path, state: Path, mqtt_port: int, mcp_port: int, devices: int, broker: str) -> None:
+def gateway_config(state: Path, mqtt_port: int, mcp_port: int, devices: int, broker: str) -> dict[str, Any]:
     """A gateway config: embedded broker (`broker.process` inline or separate) and default sink, or (external) a
     sink to a broker the bench runs; MCP with `devices` allowed devices."""
-    lines = [f"gateway: {{id: {GATEWAY_ID}, state_dir: {state}}}"]
+    embedded: dict[str, Any]
     if broker == "external":
-        lines += ["broker: {enabled: false}", f"northbound: [{{name: local, url: 'mqtt://127.0.0.1:{mqtt_port}'}}]"]
+        embedded = {"enabled": False}
+        northbound = [{"name": "local", "url": f"mqtt://127.0.0.1:{mqtt_port}"}]
     else:
-        lines += [f'broker: {{process: {broker}, listeners: ["tcp://127.0.0.1:{mqtt_port}"]}}']
-    lines += [
-        "mcp:",
-        f"  listen: 127.0.0.1:{mcp_port}",
-        "  max_sessions: 1000000",
+        embedded = {"process": broker, "listeners": [loopback_listener(mqtt_port)]}
+        northbound = None
+    mcp = mcp_section(
+        f"127.0.0.1:{mcp_port}",
+        [mcp_device(f"d{i}", f"token-{i:010d}") for i in range(devices)],
+        max_sessions=1_000_000,
         # Every bench client connects from 127.0.0.1, all at once: the per-address login limits that hold off
         # a flood would hold off the bench (hostile_bench.py measures those limits).
-        "  max_pending: 100000",
-        "  max_pending_per_ip: 100000",
-        "  devices:",
-    ]
-    lines += [f"    - {{id: d{i}, token: token-{i:010d}}}" for i in range(devices)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def wait_quiet(gw: Child, timeout: float) -> dict[str, Any]:
-    """Wait until the gateway's outboxes are empty (online statuses published), then settle and read RSS."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = gw_status(gw)
-        if st is None:
-            raise TimeoutError("the gateway does not answer")
-        if st["queued"] == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    time.sleep(0.5)
-    st = gw_status(gw, settle=True)
-    if st is None:
-        raise TimeoutError("the gateway does not answer")
-    return st
+        max_pending=100_000,
+        max_pending_per_ip=100_000,
+    )
+    return config(gateway=gateway_section(GATEWAY_ID, state), broker=embedded, northbound=northbound, mcp=mcp)
 
 
 def run_mcp(
@@ -981,12 +250,14 @@ def run_mcp(
     mqtt_port, mcp_port = free_port(), free_port()
     config = tmp / f"mcp-{label}-{impl}-{changing}-{broker}.yaml"
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    write_config(config, tmp / "state", mqtt_port, mcp_port, hard if clients is None else clients, broker)
+    write_config(
+        config, gateway_config(tmp / "state", mqtt_port, mcp_port, hard if clients is None else clients, broker)
+    )
     children: list[Child] = []
     try:
         brokers: list[Child | Pid] = []
         if broker == "external":
-            spawned = Child("broker", broker_child, mqtt_port)
+            spawned = Child("broker", broker_child, [loopback_listener(mqtt_port)])
             children.append(spawned)
             brokers.append(spawned)
             spawned.wait(READY_TIMEOUT)
@@ -1038,19 +309,13 @@ def run_mcp(
         measure(row, drivers, sub, procs, gw, seconds)
         if profile:
             for kind in ("pyinstrument", "cprofile"):
-                if kind == "pyinstrument" and not _have("pyinstrument"):
+                if kind == "pyinstrument" and importlib.util.find_spec("pyinstrument") is None:
                     continue
                 progress(f"  profiling the gateway with {kind} for {profile:g} s ...")
                 row.profiles.append(gw.call("profile", (kind, profile), timeout=profile + 120))
     finally:
         stop_all(children)
     return row
-
-
-def _have(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 # --- the report -------------------------------------------------------------------------------------------
@@ -1288,75 +553,6 @@ def report_sessions(rows: list[Row]) -> None:
             )
 
 
-def report_profile(row: Row) -> None:
-    """Figure 4: where the gateway's time goes."""
-    if not row.profiles:
-        return
-    heading(f"4. Where the gateway's time goes ({row.label} clients, full windows)")
-    per_frame = row.per_frame_us("gateway")
-    by_kind = {p["kind"]: p for p in row.profiles}
-    kinds = [k for k in ("pyinstrument", "cprofile") if k in by_kind]
-    first = by_kind[kinds[0]]
-
-    def share(p: dict[str, Any], seconds: float) -> float:
-        return seconds / p["busy"] * 100 if p["busy"] else float("nan")
-
-    table = []
-    for g in GROUP_NAMES:
-        line: list[object] = [g] + [share(by_kind[k], by_kind[k]["groups"].get(g, 0.0)) for k in kinds]
-        line.append(share(first, first["groups"].get(g, 0.0)) / 100 * per_frame)
-        table.append(line)
-    print_table(["component"] + [f"{k} %" for k in kinds] + [f"µs/frame (of {per_frame:.0f})"], table)
-    for kind in kinds:
-        p = by_kind[kind]
-        note(
-            f"{kind}: {p['wall']:.1f} s, {p['acks'] / p['wall']:.0f} ACKs/s while profiled, "
-            f"{p['published'] / max(1, p['acks']):.2f} publishes per ACK; the loop was busy "
-            f"{p['busy'] / max(1e-9, p['total']):.0%} of the time, in epoll wait "
-            f"{p['idle'] / max(1e-9, p['total']):.0%}"
-        )
-    note("%: share of the loop's busy time. A stdlib or builtin frame's time goes to the component of the nearest")
-    note("frame above it (pyinstrument) or of its callers (cProfile); asyncio's own code, including the socket")
-    note(f"calls of its transports, is 'asyncio overhead'. µs/frame: the {kinds[0]} share of figure 2's gateway CPU.")
-    if "asyncio_for" in first:
-        print()
-        print("  asyncio overhead by the component that called into it (pyinstrument, % of busy):")
-        rows = sorted(first["asyncio_for"].items(), key=lambda kv: -kv[1])
-        print_table(
-            ["on behalf of", "% of busy", "µs/frame"],
-            [[g, share(first, t), share(first, t) / 100 * per_frame] for g, t in rows],
-        )
-        note("'the event loop itself': _run_once, handle dispatch and task steps, which no component frame is above.")
-    if "cprofile" in by_kind:
-        p = by_kind["cprofile"]
-        made = p["made"]
-        comps = sorted({g for counts in made.values() for g in counts}, key=lambda g: -made["tasks"].get(g, 0.0))
-        print()
-        print("  asyncio objects made per ACKed frame, by the component that asked for them (cProfile call counts):")
-        acks = max(1, p["acks"])
-        print_table(
-            ["component", "tasks", "futures", "callbacks (Handle)"],
-            [[g] + [made[w].get(g, 0.0) / acks for w in ("tasks", "futures", "callbacks")] for g in comps]
-            + [["total"] + [sum(made[w].values()) / acks for w in ("tasks", "futures", "callbacks")]],
-        )
-    if "pyinstrument" in by_kind:
-        p = by_kind["pyinstrument"]
-        print()
-        print("  top self time (pyinstrument samples, % of busy):")
-        print_table(["function", "self %"], [[name, share(p, t)] for name, t in p["top_self"]])
-        print()
-        print("  top cumulative time of component functions (pyinstrument, % of busy):")
-        print_table(["function", "cum %"], [[name, share(p, t)] for name, t in p["top_cum"]])
-    if "cprofile" in by_kind:
-        p = by_kind["cprofile"]
-        print()
-        print("  top self time (cProfile: deterministic, it inflates small Python functions; calls per ACKed frame):")
-        print_table(
-            ["function", "self %", "calls/frame"],
-            [[name, share(p, tt), nc / max(1, p["acks"])] for name, tt, nc in p["top_self"]],
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the baseline and every client count, print the report."""
     from bridge.outbox import Outbox
@@ -1447,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     report_mcp(rows, bare, inspect.signature(Outbox).parameters["high_water"].default)
     report_sessions(rows)
     for r in rows:
-        report_profile(r)
+        title = f"4. Where the gateway's time goes ({r.label} clients, full windows)"
+        report_profile(title, r.profiles, r.per_frame_us("gateway"))
     print()
     if failures:
         print(f"{failures} run(s) failed: their figures are not measured (tracebacks above)")

@@ -1,9 +1,4 @@
-"""What the benchmarks in hil/bench share: the report's header, tables and lines, /proc readings, a test subscriber.
-
-Importing it puts the repository root on sys.path, so that the scripts run from a checkout where
-the project is not installed: each script imports it ahead of the project's packages (it sorts
-with the third-party imports, which come first). Linux only (/proc).
-"""
+"""A benchmark's report: its header and last line, tables, headings and notes, and the figures `make bench` judges."""
 
 from __future__ import annotations
 
@@ -13,22 +8,11 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import paho.mqtt.client as mqtt
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
+from ._root import ROOT
 
 # --- the report's header and last line ------------------------------------------------------------
 
@@ -84,6 +68,11 @@ def print_header(title: str, versions: Mapping[str, str], details: Sequence[str]
 def run_summary(started: float, averages: int = 3) -> str:
     """The report's last line: the run time since `started` (time.monotonic()) and the load average at the end."""
     return f"total run time {time.monotonic() - started:.0f} s; load average at end {loadavg(averages)}"
+
+
+def progress(text: str) -> None:
+    """What is running now (stderr, so that stdout stays the report)."""
+    print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 # --- headline figures for `make bench` ----------------------------------------------------------------
@@ -184,6 +173,9 @@ def summary(text: str) -> None:
     print(f"  => {text}")
 
 
+# --- numbers --------------------------------------------------------------------------------------
+
+
 def percentile(sorted_xs: Sequence[float], q: float) -> float:
     """The q-quantile of an already sorted list (nan when empty)."""
     if not sorted_xs:
@@ -191,56 +183,9 @@ def percentile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[min(len(sorted_xs) - 1, int(q * len(sorted_xs)))]
 
 
-# --- /proc readings -----------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """utime + stime of a process (all its threads), or of one of its threads, in seconds (1/CLK_TCK resolution)."""
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
-    with open(path) as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_kb(pid: int | str = "self") -> int:
-    """VmRSS of a process in KiB (0 when it has none, e.g. a zombie)."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-# --- loopback MQTT ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nobody listens on, reserved for this process (see tests/helpers.py).
-
-    Binding port 0 and releasing it leaves the port free for anyone until the server binds it: a bench run
-    beside the tests (or its own connections' source ports) could take it. The tests' free_port reserves
-    ports outside the ephemeral range with an flock that every test and bench process honours.
-    """
-    from tests.helpers import free_port as reserved_port  # late: the tests' helpers pull in paho and the drivers
-
-    return reserved_port()
-
-
-def subscribe(port: int, topic: str, on_message: Callable[[Any, Any, Any], None], timeout: float) -> mqtt.Client:
-    """A paho client (MQTT 3.1.1, QoS 1, its network loop on a thread) subscribed to `topic` on the loopback
-    broker at `port`; returns once the SUBACK came (TimeoutError after `timeout` s). Stop it with
-    disconnect() and loop_stop()."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    subscribed = threading.Event()
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=mqtt.MQTTv311)
-    c.max_inflight_messages_set(100)
-    c.on_connect = lambda cl, *_: cl.subscribe(topic, qos=1)
-    c.on_subscribe = lambda *_: subscribed.set()
-    c.on_message = on_message
-    c.connect("127.0.0.1", port, keepalive=60)
-    c.loop_start()
-    if not subscribed.wait(timeout):
-        raise TimeoutError("the bench subscriber did not subscribe")
-    return c
+def latency_summary(latencies: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 / max of latencies in seconds, in milliseconds (empty when there are none)."""
+    if not latencies:
+        return {}
+    xs = sorted(latencies)
+    return {"p50": percentile(xs, 0.50) * 1000, "p99": percentile(xs, 0.99) * 1000, "max": xs[-1] * 1000}
