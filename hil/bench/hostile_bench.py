@@ -41,10 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +51,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 # benchlib first: it puts the repository on sys.path for the imports below.
 from benchlib import (
@@ -69,8 +66,12 @@ from benchlib import (
     rss_kb,
     run_summary,
 )
+from benchlib.children import Child
+from benchlib.configs import config, gateway_section, loopback_listener, mcp_device, mcp_section, write_config
+from benchlib.procs import GatewayProcess, raise_nofile
 
 from drivers.mcp.codec import MAGIC, Decoder, Frame, FrameType, encode
+from gateway.types import now_ms
 
 BENCH = "hostile"
 GOOD_ADDR = "127.0.0.2"
@@ -112,49 +113,35 @@ PRE_HELLO = {"slowloris", "resync-pre", "wrong-token", "pre-hello"}  # attacks w
 # --- the gateway ------------------------------------------------------------------------------------
 
 
-def write_config(workdir: Path, mcp_port: int, mqtt_port: int, http_port: int) -> Path:
+def gateway_config(workdir: Path, mcp_port: int, mqtt_port: int, http_port: int) -> dict[str, Any]:
     """A gateway config: embedded broker (its own process, as shipped), MCP with every limit at its default."""
-    text = f"""
-gateway: {{id: hostile, state_dir: {workdir / "state"}, http: "127.0.0.1:{http_port}", log_level: INFO}}
-broker: {{listeners: ["tcp://127.0.0.1:{mqtt_port}"]}}
-mcp:
-  listen: 127.0.0.1:{mcp_port}
-  devices:
-    - {{id: {GOOD_ID}, token: {GOOD_TOKEN}}}
-    - {{id: {ATTACKER_ID}, token: {ATTACKER_TOKEN}}}
-"""
-    path = workdir / "config.yaml"
-    path.write_text(text)
-    return path
+    return config(
+        gateway=gateway_section("hostile", workdir / "state", http=f"127.0.0.1:{http_port}", log_level="INFO"),
+        broker={"listeners": [loopback_listener(mqtt_port)]},
+        mcp=mcp_section(
+            f"127.0.0.1:{mcp_port}", [mcp_device(GOOD_ID, GOOD_TOKEN), mcp_device(ATTACKER_ID, ATTACKER_TOKEN)]
+        ),
+    )
 
 
 class Gateway:
-    """`python -m gateway run` on a config of its own, its log in the work dir."""
+    """`python -m gateway run` on a config of its own, its log in the work dir, and what the bench asks of it."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
         self.mcp_port, self.http_port = free_port(), free_port()
-        config = write_config(workdir, self.mcp_port, free_port(), self.http_port)
-        self.log = workdir / "gateway.log"
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                cwd=workdir,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        config_path = write_config(
+            workdir / "config.yaml", gateway_config(workdir, self.mcp_port, free_port(), self.http_port)
+        )
+        self.process = GatewayProcess(config_path, workdir / "gateway.log", own_session=True)
 
-    @property
-    def alive(self) -> bool:
-        """Whether the process still runs."""
-        return self.proc.poll() is None
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines it logged."""
+        return "\n".join(self.process.output().splitlines()[-lines:])
 
     def rss_mb(self) -> float:
         """VmRSS of the gateway process in MB (the broker child not included)."""
         try:
-            return rss_kb(self.proc.pid) / 1024
+            return rss_kb(self.process.pid) / 1024
         except OSError:
             return float("nan")
 
@@ -169,19 +156,12 @@ class Gateway:
             return f"no answer ({type(exc).__name__})"
 
     def stop(self) -> str:
-        """SIGTERM, SIGKILL after STOP_TIMEOUT: how it ended."""
-        if not self.alive:
-            return f"had exited ({self.proc.returncode})"
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-            how = "stopped"
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its broker child too
-            self.proc.wait()
-            how = f"killed (no exit {STOP_TIMEOUT:g} s after SIGTERM)"
-        return how
+        """SIGTERM, SIGKILL of its process group after STOP_TIMEOUT: how it ended."""
+        if not self.process.alive:
+            return f"had exited ({self.process.proc.returncode})"
+        if self.process.stop(STOP_TIMEOUT):
+            return "stopped"
+        return f"killed (no exit {STOP_TIMEOUT:g} s after SIGTERM)"
 
 
 # --- the good device --------------------------------------------------------------------------------
@@ -245,7 +225,7 @@ class GoodDevice:
         while time.monotonic() < end:
             self.seq += 1
             n += 1
-            frame = Frame.json(FrameType.DATA, self.seq, {"ts": time.time_ns() // 1_000_000, "values": {"n": n}})
+            frame = Frame.json(FrameType.DATA, self.seq, {"ts": now_ms(), "values": {"n": n}})
             sent = time.monotonic()
             try:
                 self.writer.write(encode(frame))
@@ -523,12 +503,8 @@ RUNNERS: dict[str, Callable[[Attack], Coroutine[None, None, None]]] = {
 
 
 def attacker_main(name: str, port: int, seconds: float, scale: Scale, conn: Connection) -> None:
-    """The attacker process: run one attack for `seconds`, send back its AttackReport as a dict."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    """The attacker process (a Child): run one attack for `seconds`, answer its AttackReport as a dict."""
+    raise_nofile()
     a = Attack(port, seconds, scale)
 
     async def run() -> None:
@@ -541,7 +517,7 @@ def attacker_main(name: str, port: int, seconds: float, scale: Scale, conn: Conn
         a.report.still_open.extend(now - t for t in a._open.values())
 
     asyncio.run(run())
-    conn.send(a.report.__dict__)
+    conn.send(("ok", a.report.__dict__))
 
 
 # --- one row --------------------------------------------------------------------------------------
@@ -590,8 +566,7 @@ async def run_attack(name: str, args: argparse.Namespace, scale: Scale, workdir:
         try:
             await good.connect(READY_TIMEOUT)
         except (OSError, TimeoutError) as exc:
-            tail = "\n".join(gw.log.read_text(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"the gateway did not take the good device's HELLO: {exc}\n{tail}") from exc
+            raise RuntimeError(f"the gateway did not take the good device's HELLO: {exc}\n{gw.log_tail()}") from exc
         await good.measure(1.0)  # warm-up: the broker child and the sink connect, caches fill
         alone, _ = await good.measure(args.alone)
         rss_before = gw.rss_mb()
@@ -603,17 +578,15 @@ async def run_attack(name: str, args: argparse.Namespace, scale: Scale, workdir:
                 peak = max(peak, gw.rss_mb())
                 await asyncio.sleep(0.2)
 
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=False)
-        attacker = ctx.Process(target=attacker_main, args=(name, gw.mcp_port, args.window, scale, child), daemon=True)
-        attacker.start()
+        attacker = Child(f"attacker {name}", attacker_main, name, gw.mcp_port, args.window, scale)
         sampler = asyncio.create_task(sample_rss())
         under, censored = await good.measure(args.window)
-        report_dict = await asyncio.to_thread(lambda: parent.recv() if parent.poll(args.window + 30) else {})
+        try:
+            report_dict = await asyncio.to_thread(attacker.wait, args.window + 30, "its report")
+        except TimeoutError:
+            report_dict = {}
         sampler.cancel()
-        attacker.join(10)
-        if attacker.is_alive():
-            attacker.kill()
+        attacker.stop(timeout=10)
         report = AttackReport(**report_dict)
         healthz = gw.healthz()
     finally:
