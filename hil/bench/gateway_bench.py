@@ -34,7 +34,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +47,8 @@ import yaml
 
 # benchlib first: it puts the repository on sys.path for the imports below.
 from benchlib import ROOT, free_port, heading, note, print_header, print_table, record, rss_kb, run_summary, summary
+from benchlib.configs import write_config
+from benchlib.procs import GatewayProcess, fieldgate_command
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hil.soak import SoakSettings, record_growth, soak
@@ -72,21 +73,13 @@ def shipped_copy(workdir: Path) -> Path:
     cfg["broker"]["listeners"] = [f"tcp://127.0.0.1:{free_port()}"]
     cfg["mcp"]["listen"] = f"127.0.0.1:{free_port()}"
     cfg["gateway"]["http"] = f"127.0.0.1:{free_port()}"
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
-    return path
+    return write_config(workdir / "config.yaml", cfg)
 
 
 def broker_port(config: Path) -> int:
     """The port of the copied config's broker listener."""
     listener = yaml.safe_load(config.read_text())["broker"]["listeners"][0]
     return int(listener.rsplit(":", 1)[1])
-
-
-def fieldgate_command() -> list[str]:
-    """The `fieldgate` console script next to this Python, or `python -m gateway` without one."""
-    script = Path(sys.executable).parent / "fieldgate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]
 
 
 class FirstValues:
@@ -147,20 +140,6 @@ class StartRun:
     exit_code: int
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
 def start_once(idle: float) -> StartRun:
     """Start `fieldgate run` on a copy of the shipped config, time its start-up, read RSS after `idle` s, stop it."""
     workdir = Path(tempfile.mkdtemp(prefix="fieldgate-bench-"))
@@ -169,14 +148,15 @@ def start_once(idle: float) -> StartRun:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(workdir / "notify.sock"))
         notify.settimeout(READY_TIMEOUT)
-        env = {**os.environ, "NOTIFY_SOCKET": str(workdir / "notify.sock")}
-        env.pop("WATCHDOG_USEC", None)
         values = FirstValues(broker_port(config), "fieldgate/demo", SHIPPED_DEVICES)
         values.start()
-        log = (workdir / "gateway.log").open("wb")
         started = time.monotonic()
-        proc = subprocess.Popen(
-            [*fieldgate_command(), "run", "-c", str(config)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+        gw = GatewayProcess(
+            config,
+            workdir / "gateway.log",
+            command=fieldgate_command(),
+            env={"NOTIFY_SOCKET": str(workdir / "notify.sock")},
+            unset=["WATCHDOG_USEC"],
         )
         try:
             ready_at = None
@@ -188,25 +168,18 @@ def start_once(idle: float) -> StartRun:
                 raise RuntimeError(f"no value from {', '.join(missing)} within {READY_TIMEOUT:g} s")
             last_value = max(values.first.values())
             time.sleep(max(0.0, ready_at + idle - time.monotonic()))
-            if proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {proc.returncode}")
-            broker = next(iter(_children(proc.pid)), None)
-            gateway_kb = rss_kb(proc.pid)
+            if not gw.alive:
+                raise RuntimeError(f"the gateway exited with {gw.proc.returncode}")
+            broker = gw.broker_pid()
+            gateway_kb = rss_kb(gw.pid)
             broker_kb = rss_kb(broker) if broker else 0
         except (TimeoutError, RuntimeError) as exc:
-            raise RuntimeError(f"{exc}\n{(workdir / 'gateway.log').read_text(errors='replace')[-3000:]}") from exc
+            raise RuntimeError(f"{exc}\n{gw.output()[-3000:]}") from exc
         finally:
             values.stop()
             notify.close()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            log.close()
-        return StartRun(ready_at - started, last_value - started, gateway_kb, broker_kb, proc.returncode)
+            gw.stop(STOP_TIMEOUT)
+        return StartRun(ready_at - started, last_value - started, gateway_kb, broker_kb, gw.proc.returncode)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
