@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import math
 import time
@@ -13,10 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from drivers.modbus import budget, report
-from drivers.modbus.device import Device, PollJob, now_ms
+from drivers.modbus.device import Device, now_ms
 from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span
+from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # hil/scenarios.py reads it here
+from drivers.modbus.schedule import Idle, LineSchedule, Poll, PortWait, Reopen, ServeWrites
+from drivers.modbus.settings import LineSettings, PointSettings
 from drivers.modbus.transport import ModbusLink
-from gateway.config.schema import BusConfig, PointConfig
 from gateway.errors import (
     BusUnavailable,
     CodecError,
@@ -26,11 +26,10 @@ from gateway.errors import (
     DeviceTimeout,
     WriteRejected,
 )
-from gateway.types import DeviceState, ModbusLineSnapshot, Sample, Value, Write, WriteResult
+from gateway.types import DeviceProfile, DeviceState, ModbusLineSnapshot, Sample, Value, Write, WriteResult
 
 log = logging.getLogger(__name__)
 
-REOPEN_BACKOFF_MAX = 30.0
 #: How long opening the port may take (pymodbus' connect timeout).
 OPEN_TIMEOUT = 3.0
 #: The line's task wakes at least this often, so that `alive_at` stays fresh on an idle line.
@@ -56,7 +55,7 @@ class BusStats:
     wire_seconds: float = 0.0  # frames of answered reads on the wire: utilisation = wire / wall time
 
 
-def line_budget(cfg: BusConfig) -> budget.LineBudget:
+def line_budget(cfg: LineSettings) -> budget.LineBudget:
     """The share of the line that one cycle of every device's plan needs."""
     bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
     jobs = [
@@ -76,7 +75,7 @@ class _PendingWrite:
     """A validated write waiting for the line."""
 
     device: Device
-    point: PointConfig
+    point: PointSettings
     words: list[int] | list[bool]
     future: asyncio.Future[WriteResult]
 
@@ -86,7 +85,7 @@ class ModbusBus:
 
     def __init__(
         self,
-        cfg: BusConfig,
+        cfg: LineSettings,
         on_sample: Callable[[Sample], None],
         on_state: Callable[[DeviceState], None],
         *,
@@ -110,16 +109,11 @@ class ModbusBus:
         self._gap = cfg.inter_request_delay if cfg.inter_request_delay is not None else budget.t35(cfg.baudrate, bits)
         self._writes: asyncio.Queue[_PendingWrite] = asyncio.Queue()
         self._wake = asyncio.Event()
-        self._heap: list[tuple[float, int, PollJob]] = []
-        self._seq = itertools.count()
+        self._schedule = LineSchedule(self.devices.values())
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_end = 0.0
         self._timer: ThreadPoolExecutor | None = None  # for the short silences: see PRECISE_WAIT
-        # unit -> until when its next request must wait: a late answer must not meet a different request.
-        self._settle_until: dict[int, float] = {}
-        self._reopen_backoff = 1.0
-        self._reopen_at = 0.0
         self._logged: set[tuple[str, str, str]] = set()
         #: Monotonic time the line's task last moved (an iteration, a transaction, a back-off step).
         self.alive_at = time.monotonic()
@@ -130,6 +124,21 @@ class ModbusBus:
     def name(self) -> str:
         """The line's name."""
         return self.cfg.name
+
+    def profiles(self) -> list[DeviceProfile]:
+        """What the router needs to know of each device on the line; writes go through this line."""
+        return [
+            DeviceProfile(
+                dev.name,
+                dev.full_every,
+                {p.name: p.deadband for p in dev.points if p.deadband},
+                self.write,
+                write_rate=dev.write_rate,
+                write_burst=dev.write_burst,
+                points=frozenset(p.name for p in dev.points),
+            )
+            for dev in self.cfg.devices
+        ]
 
     @property
     def stopping(self) -> bool:
@@ -176,10 +185,7 @@ class ModbusBus:
         """Start the line's task; the port is opened (and reopened) by the task itself."""
         now = time.monotonic()
         self.alive_at = now
-        for device in self.devices.values():
-            for job in device.jobs:
-                job.due = now
-                heapq.heappush(self._heap, (job.due, next(self._seq), job))
+        self._schedule.start(now)
         self._task = asyncio.create_task(self._run(), name=f"modbus:{self.name}")
 
     async def stop(self) -> None:
@@ -218,7 +224,7 @@ class ModbusBus:
         self._wake.set()
         return await fut
 
-    def _prepare_write(self, device: Device, request: Write) -> tuple[PointConfig, list[int] | list[bool]]:
+    def _prepare_write(self, device: Device, request: Write) -> tuple[PointSettings, list[int] | list[bool]]:
         point = device.points.get(request.point)
         if point is None:
             raise WriteRejected(f"{device.name} has no point {request.point!r}")
@@ -245,38 +251,26 @@ class ModbusBus:
 
     async def _run(self) -> None:
         while not self._stopping:
-            self.alive_at = time.monotonic()
-            if not self._link.connected:
-                wait = self._reopen_at - self.alive_at
-                if wait > 0:
-                    await asyncio.sleep(min(wait, ALIVE_TICK))
-                else:
+            self.alive_at = now = time.monotonic()
+            writes_waiting = not self._writes.empty()
+            step = self._schedule.next_step(now, port_open=self._link.connected, writes_waiting=writes_waiting)
+            match step:
+                case Reopen():
                     await self._reopen()
-                continue
-            if not self._writes.empty():
-                await self._serve_writes()
-                continue
-            due, _, job = self._heap[0] if self._heap else (time.monotonic() + 3600, 0, None)
-            delay = due - time.monotonic()
-            if delay > 0:
-                self._wake.clear()
-                try:
-                    # Never asleep for long, even when the next poll is minutes away: see `alive_at`.
-                    async with asyncio.timeout(min(delay, ALIVE_TICK)):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                continue
-            heapq.heappop(self._heap)
-            assert job is not None
-            settling = self._settle_until.get(job.device.unit, 0.0)
-            if settling > time.monotonic():
-                # The unit's late answer may still come: poll the other units meanwhile instead of
-                # holding the line idle. The job keeps its own due time, so its schedule does not shift.
-                heapq.heappush(self._heap, (settling, next(self._seq), job))
-                continue
-            await self._run_job(job, job.due)
-            heapq.heappush(self._heap, (job.due, next(self._seq), job))
+                case PortWait(until):
+                    await asyncio.sleep(min(until - now, ALIVE_TICK))
+                case ServeWrites():
+                    await self._serve_writes()
+                case Idle(until):
+                    self._wake.clear()
+                    try:
+                        # Never asleep for long, even when the next poll is minutes away: see `alive_at`.
+                        async with asyncio.timeout(min(until - now, ALIVE_TICK)):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                case Poll():
+                    await self._run_cycle(step)
 
     async def _serve_writes(self) -> None:
         while not self._writes.empty():
@@ -290,45 +284,26 @@ class ModbusBus:
         try:
             await self._link.open()
         except BusUnavailable as exc:
-            if self._reopen_backoff == 1.0:
+            if not self._schedule.reopening:
                 log.warning("line %s: %s; retrying with back-off", self.name, exc)
-            now = time.monotonic()
-            for device in self.devices.values():
-                if device.record_failure(now, unreachable=True):
-                    self._announce(device, False, str(exc))
-            self._reopen_at = time.monotonic() + self._reopen_backoff
-            self._reopen_backoff = min(self._reopen_backoff * 2, REOPEN_BACKOFF_MAX)
+            for device in self._schedule.port_failed(time.monotonic()):
+                self._announce(device, False, str(exc))
             return
-        if self._reopen_backoff > 1.0:
+        if self._schedule.reopening:
             log.info("line %s: %s is open again", self.name, self.cfg.port)
-        self._reopen_backoff = 1.0
-        # Devices taken offline while the port was gone did not stop answering: probe each at once,
-        # not after the back-off their failed reopen attempts built up (a replugged adapter gives data
-        # again within a poll, not a minute later).
-        now = time.monotonic()
-        for device in self.devices.values():
-            device.line_restored(now)
+        self._schedule.port_opened(time.monotonic())
 
-    async def _run_job(self, job: PollJob, due: float) -> None:
-        device = job.device
-        now = time.monotonic()
-        if device.online is False and now < device.next_probe:
-            # Offline devices are probed with back-off instead of polled.
-            job.due = device.next_probe
-            return
-        probing = device.online is False
+    async def _run_cycle(self, poll: Poll) -> None:
+        device = poll.job.device
         ts = now_ms()
         values: dict[str, Value] = {}
         failure: DeviceError | None = None
         answered = False
-        for request in job.requests[:1] if probing else job.requests:
+        for request in poll.requests:
             # Writes jump the queue, also between the reads of one cycle.
             await self._serve_writes()
             try:
-                # Retries are for a healthy device's occasional noise; a device that failed its
-                # last poll gets one try per poll, so that a dead one holds the line less.
-                retries = device.retries if device.failures == 0 else 0
-                data = await self._transact(device, request, retries=retries)
+                data = await self._transact(device, request, retries=poll.retries)
             except DeviceException as exc:
                 # The device is alive; this block is not readable. Keep going with the others.
                 answered = True
@@ -339,31 +314,13 @@ class ModbusBus:
                 break  # a silent device must not hold the line for its remaining blocks
             answered = True
             values.update(device.decode(request, data))
-        device.stats.cycles += 1
-        after = time.monotonic()
-        if answered and failure is None:
-            if device.record_success():
-                self._announce(device, True, "answering")
-        elif failure is not None and device.record_failure(after):
+        change = self._schedule.poll_done(poll, time.monotonic(), answered=answered, failed=failure is not None)
+        if change is True:
+            self._announce(device, True, "answering")
+        elif change is False:
             self._announce(device, False, str(failure))
         if values:
             self._on_sample(Sample(device=device.name, ts=ts, values=values))
-        if device.online is False:
-            job.due = device.next_probe
-            return
-        if probing:
-            # Back online: poll the whole plan now.
-            job.due = after
-            return
-        # Fixed rate: the next cycle is due one interval after this one was due; cycles that
-        # could not start in time are skipped, not queued up.
-        next_due = due + job.interval
-        if next_due <= after:
-            missed = int((after - next_due) // job.interval) + 1
-            job.skipped += missed
-            device.stats.skipped_cycles += missed
-            next_due += missed * job.interval
-        job.due = next_due
 
     async def _transact(self, device: Device, request: ReadRequest, *, retries: int) -> list[int] | list[bool]:
         timeout = device.timeout(request.table, request.count)
@@ -393,7 +350,7 @@ class ModbusBus:
             if last is not None:
                 # A retry answered, maybe by the late answer to the attempt before: its own answer may still
                 # come, as late as a failed attempt's could (one timeout past the timeout).
-                self._settle_until[device.unit] = started + 2 * timeout
+                self._schedule.settle(device.unit, started + 2 * timeout)
             req, resp = budget.transaction_bytes(request.table, request.count)
             self.stats.wire_seconds += budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
             return data
@@ -426,10 +383,10 @@ class ModbusBus:
         and length would pass it as the answer to a different read. A retry of the same request needs no wait
         (the late answer is its answer), nor does another unit (pymodbus refuses an answer from the wrong unit):
         the line's task polls the other units while this one settles (see `_run`)."""
-        self._settle_until[unit] = time.monotonic() + timeout
+        self._schedule.settle(unit, time.monotonic() + timeout)
 
     async def _settled(self, unit: int) -> None:
-        wait = self._settle_until.pop(unit, 0.0) - time.monotonic()
+        wait = self._schedule.end_settle(unit) - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
             self.alive_at = time.monotonic()

@@ -1,0 +1,188 @@
+"""The Modbus line's schedule without I/O: which poll runs next and when, deferrals, probes and back-off.
+
+The line's task (bus.py) asks `LineSchedule.next_step(now, ...)` what to do, does the I/O and the
+waiting, and reports what happened (`poll_done`, `port_failed`, `port_opened`, `settle`). Every
+decision takes the clock as an argument, so the rules are tested with a clock the test sets:
+
+- Writes go before polls (the task also serves them between the reads of one cycle).
+- Fixed rate: a cycle is due one interval after the previous one was *due*; a cycle that could not
+  start in time is skipped and counted, never queued up.
+- An offline device is probed instead of polled: its due job's first read, one try, with back-off
+  (`Device.record_failure`). Until the probe is due its jobs wait in the queue, so it never holds up
+  a live device.
+- A unit that timed out or answered garbled *settles*: its next request waits until its late answer
+  can no longer come. Its jobs wait meanwhile (keeping their due times) and the other units' run.
+- A port that cannot be opened is retried with back-off; its devices go offline at once, and are
+  probed at once when it opens again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from drivers.modbus.device import Device, PollJob
+from drivers.modbus.planner import ReadRequest
+
+REOPEN_BACKOFF_START = 1.0
+REOPEN_BACKOFF_MAX = 30.0
+#: How far ahead an idle line with no poll jobs at all looks (it wakes earlier for writes and its tick).
+IDLE_HORIZON = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reopen:
+    """The port is closed and its back-off is over: try to open it now."""
+
+
+@dataclass(frozen=True, slots=True)
+class PortWait:
+    """The port is closed: the next attempt to open it is due at `until`."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServeWrites:
+    """Writes are queued: carry them out before any poll."""
+
+
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """Nothing is due before `until`: wait for it, or for a write."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """Run one cycle of `job` that was due at `due`: each of `requests`, with `retries` more tries each."""
+
+    job: PollJob
+    due: float
+    requests: tuple[ReadRequest, ...]
+    retries: int
+    probing: bool  # the device is offline: this is one read to see whether it answers again
+
+
+Step = Reopen | PortWait | ServeWrites | Idle | Poll
+
+
+class LineSchedule:
+    """The poll queue of one line and the decisions on it; the caller passes the clock."""
+
+    def __init__(self, devices: Iterable[Device]) -> None:
+        self.devices = list(devices)
+        self._queue: list[tuple[float, int, PollJob]] = []  # (when to look at the job again, tie-break, job)
+        self._order = itertools.count()
+        # unit -> until when its next request must wait: a late answer must not meet a different request.
+        self._settle_until: dict[int, float] = {}
+        self.reopen_backoff = REOPEN_BACKOFF_START
+        self.reopen_at = 0.0
+
+    @property
+    def reopening(self) -> bool:
+        """Whether the port failed to open at least once since it was last open."""
+        return self.reopen_backoff > REOPEN_BACKOFF_START
+
+    def start(self, now: float) -> None:
+        """Make every job of every device due at `now`."""
+        for device in self.devices:
+            for job in device.jobs:
+                job.due = now
+                self._push(job.due, job)
+
+    def next_step(self, now: float, *, port_open: bool, writes_waiting: bool) -> Step:
+        """What the line does next at `now`: open the port, serve writes, poll a job, or wait."""
+        if not port_open:
+            return Reopen() if self.reopen_at <= now else PortWait(self.reopen_at)
+        if writes_waiting:
+            return ServeWrites()
+        while self._queue:
+            at, _, job = self._queue[0]
+            if at > now:
+                return Idle(at)
+            heapq.heappop(self._queue)
+            device = job.device
+            settling = self._settle_until.get(device.unit, 0.0)
+            if settling > now:
+                # The unit's late answer may still come: poll the other units meanwhile instead of
+                # holding the line idle. The job keeps its own due time, so its schedule does not shift.
+                self._push(settling, job)
+                continue
+            if device.online is False and now < device.next_probe:
+                # Offline devices are probed with back-off instead of polled.
+                job.due = device.next_probe
+                self._push(job.due, job)
+                continue
+            probing = device.online is False
+            # Retries are for a healthy device's occasional noise; a device that failed its last poll
+            # gets one try per poll, so that a dead one holds the line less.
+            retries = device.retries if device.failures == 0 else 0
+            requests = job.requests[:1] if probing else job.requests
+            return Poll(job, job.due, tuple(requests), retries, probing)
+        return Idle(now + IDLE_HORIZON)
+
+    def poll_done(self, poll: Poll, now: float, *, answered: bool, failed: bool) -> bool | None:
+        """Take in how a cycle ended at `now` and queue its job's next cycle.
+
+        `answered`: some read of the cycle got an answer; `failed`: a read failed (the cycle stopped there).
+        Returns True when the cycle brought the device online, False when it took it offline, else None.
+        """
+        job, device = poll.job, poll.job.device
+        device.stats.cycles += 1
+        change: bool | None = None
+        if answered and not failed:
+            if device.record_success():
+                change = True
+        elif failed and device.record_failure(now):
+            change = False
+        job.due = self._next_due(poll, now)
+        self._push(job.due, job)
+        return change
+
+    def _next_due(self, poll: Poll, now: float) -> float:
+        job, device = poll.job, poll.job.device
+        if device.online is False:
+            return device.next_probe
+        if poll.probing:
+            # Back online: poll the whole plan now.
+            return now
+        # Fixed rate: the next cycle is due one interval after this one was due; cycles that
+        # could not start in time are skipped, not queued up.
+        next_due = poll.due + job.interval
+        if next_due <= now:
+            missed = int((now - next_due) // job.interval) + 1
+            job.skipped += missed
+            device.stats.skipped_cycles += missed
+            next_due += missed * job.interval
+        return next_due
+
+    def settle(self, unit: int, until: float) -> None:
+        """`unit`'s next request must not go before `until` (its late answer may still come)."""
+        self._settle_until[unit] = until
+
+    def end_settle(self, unit: int) -> float:
+        """Forget `unit`'s settle: when its next request may go (0.0 when it need not wait)."""
+        return self._settle_until.pop(unit, 0.0)
+
+    def port_failed(self, now: float) -> list[Device]:
+        """The port could not be opened at `now`: back off; returns the devices this took offline."""
+        offline = [device for device in self.devices if device.record_failure(now, unreachable=True)]
+        self.reopen_at = now + self.reopen_backoff
+        self.reopen_backoff = min(self.reopen_backoff * 2, REOPEN_BACKOFF_MAX)
+        return offline
+
+    def port_opened(self, now: float) -> None:
+        """The port opened at `now`: the next failure backs off afresh, offline devices are probed at once."""
+        self.reopen_backoff = REOPEN_BACKOFF_START
+        # Devices taken offline while the port was gone did not stop answering: probe each at once,
+        # not after the back-off their failed reopen attempts built up (a replugged adapter gives data
+        # again within a poll, not a minute later).
+        for device in self.devices:
+            device.line_restored(now)
+
+    def _push(self, at: float, job: PollJob) -> None:
+        heapq.heappush(self._queue, (at, next(self._order), job))
