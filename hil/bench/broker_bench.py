@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import multiprocessing
 import os
 import platform
 import subprocess
@@ -46,7 +44,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 # benchlib first: it puts the repository on sys.path for the imports below.
-from benchlib import ROOT, cpu_seconds, free_port, package_version, percentile, rss_kb, subscribe
+from benchlib import ROOT, cpu_seconds, free_port, latency_summary, package_version, subscribe
+from benchlib.children import Child
+from benchlib.mqtt import broker_child as embedded_broker_child
+from benchlib.procs import quiet_logs, rss_mb
 
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
@@ -56,18 +57,6 @@ PREFIX = "bench/gw"
 TOPIC = "data"  # measured messages: PREFIX/data
 WARM_TOPIC = "warm"
 QUEUE_HIGH_WATER = 1_000  # the throughput producer keeps at most this many messages queued
-
-
-def rss_mb(pid: int) -> float:
-    """VmRSS of a process in MB."""
-    return rss_kb(pid) / 1024
-
-
-def quiet_logs() -> None:
-    """Keep amqtt's shutdown chatter ("n messages not broadcasted") out of the output."""
-    logging.basicConfig(level=logging.ERROR)
-    for name in ("amqtt", "transitions", "bridge"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 # --- the subscriber -------------------------------------------------------------------------------
@@ -118,11 +107,11 @@ class Counter:
         self.client.loop_stop()
 
 
-def subscriber_process(port: int, conn: Connection) -> None:
-    """A Counter in its own process, driven over a pipe: ("expect", n) -> ("done", results)."""
+def subscriber_child(port: int, conn: Connection) -> None:
+    """A Counter in a benchlib Child: ("expect", n), then ("wait", timeout) answers what it counted."""
     sub = Counter(port)
     sub.start()
-    conn.send(("ready", os.getpid()))
+    conn.send(("ok", os.getpid()))
     while True:
         cmd, arg = conn.recv()
         if cmd == "expect":
@@ -130,49 +119,12 @@ def subscriber_process(port: int, conn: Connection) -> None:
             conn.send(("ok", None))
         elif cmd == "wait":
             finished = sub.done.wait(arg)
-            conn.send(
-                (
-                    "done",
-                    {
-                        "finished": finished,
-                        "count": sub.count,
-                        "last_at": sub.last_at,
-                        "latencies": latency_summary(sub.latencies),
-                    },
-                )
-            )
+            got = {"finished": finished, "count": sub.count, "last_at": sub.last_at}
+            conn.send(("ok", {**got, "latencies": latency_summary(sub.latencies)}))
         elif cmd == "stop":
             sub.stop()
-            conn.send(("bye", None))
+            conn.send(("ok", None))
             return
-
-
-def latency_summary(latencies: list[float]) -> dict[str, float]:
-    """p50 / p99 / max in milliseconds."""
-    if not latencies:
-        return {}
-    xs = sorted(latencies)
-    return {"p50": percentile(xs, 0.50) * 1000, "p99": percentile(xs, 0.99) * 1000, "max": xs[-1] * 1000}
-
-
-# --- the broker in its own process ---------------------------------------------------------------
-
-
-def broker_process(listeners: list[str], conn: Connection) -> None:
-    """EmbeddedBroker on its own event loop until told to stop."""
-    quiet_logs()
-    from bridge.broker import EmbeddedBroker
-
-    async def serve() -> None:
-        broker = EmbeddedBroker(listeners)
-        await broker.start()
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_reader(conn.fileno(), stop.set)
-        conn.send(("ready", os.getpid()))
-        await stop.wait()
-        await broker.stop()
-
-    asyncio.run(serve())
 
 
 # --- one scenario --------------------------------------------------------------------------------
@@ -240,10 +192,9 @@ async def run_scenario(sc: Scenario) -> Result:
     res = Result(sc)
     port = free_port()
     listeners = [f"tcp://127.0.0.1:{port}"]
-    ctx = multiprocessing.get_context("spawn")
     me = os.getpid()
     broker = None
-    broker_proc = None
+    broker_child: Child | None = None
     broker_pid = 0
     if sc.layout == "a":
         # Imported only here, so that in layout (b) the publisher process does not carry amqtt.
@@ -252,28 +203,22 @@ async def run_scenario(sc: Scenario) -> Result:
         broker = EmbeddedBroker(listeners)
         await broker.start()
     else:
-        broker_conn, child_conn = ctx.Pipe()
-        broker_proc = ctx.Process(target=broker_process, args=(listeners, child_conn), daemon=True)
-        broker_proc.start()
-        _, broker_pid = await asyncio.to_thread(broker_conn.recv)
+        broker_child = Child("broker", embedded_broker_child, listeners)
+        broker_pid = await asyncio.to_thread(broker_child.wait, 60)
 
     counter: Counter | None = None
-    sub_proc = None
-    sub_conn: Connection | None = None
+    sub_child: Child | None = None
     sub_pid = 0
     if sc.subscriber == "thread":
         counter = Counter(port)
         await asyncio.to_thread(counter.start)
     else:
-        sub_conn, child = ctx.Pipe()
-        sub_proc = ctx.Process(target=subscriber_process, args=(port, child), daemon=True)
-        sub_proc.start()
-        _, sub_pid = await asyncio.to_thread(sub_conn.recv)
+        sub_child = Child("subscriber", subscriber_child, port)
+        sub_pid = await asyncio.to_thread(sub_child.wait, 60)
 
-    async def sub_call(cmd: str, arg: Any) -> Any:
-        assert sub_conn is not None
-        sub_conn.send((cmd, arg))
-        return (await asyncio.to_thread(sub_conn.recv))[1]
+    async def sub_call(cmd: str, arg: Any, timeout: float = 60.0) -> Any:
+        assert sub_child is not None
+        return await asyncio.to_thread(sub_child.call, cmd, arg, timeout)
 
     sink = MqttSink("bench", f"mqtt://127.0.0.1:{port}", PREFIX, client_id=f"bench-pub-{me}", qos=1)
     box = Outbox(sink, window=sc.window)
@@ -331,7 +276,7 @@ async def run_scenario(sc: Scenario) -> Result:
         res.received, last_at = counter.count, counter.last_at
         res.latency_ms = latency_summary(counter.latencies) if sc.rate > 0 else {}
     else:
-        got = await sub_call("wait", timeout)
+        got = await sub_call("wait", timeout, timeout + 60)
         res.finished, res.received, last_at = got["finished"], got["count"], got["last_at"]
         res.latency_ms = got["latencies"] if sc.rate > 0 else {}
 
@@ -356,14 +301,12 @@ async def run_scenario(sc: Scenario) -> Result:
         await asyncio.to_thread(counter.stop)
     else:
         await sub_call("stop", None)
-        await asyncio.to_thread(sub_proc.join, 5)  # type: ignore[union-attr]
+        assert sub_child is not None
+        await asyncio.to_thread(sub_child.stop, 5)
     if broker:
         await broker.stop()
-    if broker_proc:
-        broker_conn.send("stop")
-        await asyncio.to_thread(broker_proc.join, 5)
-        if broker_proc.is_alive():
-            broker_proc.terminate()
+    if broker_child:
+        await asyncio.to_thread(broker_child.stop, 5)
     return res
 
 

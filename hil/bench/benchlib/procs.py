@@ -63,6 +63,11 @@ def rss_kb(pid: int | str = "self") -> int:
     return 0
 
 
+def rss_mb(pid: int | str = "self") -> float:
+    """VmRSS of a process in MiB."""
+    return rss_kb(pid) / 1024
+
+
 def rss_kb_or_zero(pid: int | None) -> int:
     """rss_kb(pid), or 0 when there is no such process (or no pid)."""
     if pid is None:
