@@ -11,22 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from drivers.modbus import budget, report
-from drivers.modbus.device import Device, now_ms
+from drivers.modbus.device import Device
 from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span
 from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # hil/scenarios.py reads it here
 from drivers.modbus.schedule import Idle, LineSchedule, Poll, PortWait, Reopen, ServeWrites
 from drivers.modbus.settings import LineSettings, PointSettings
+from drivers.modbus.stats import BusStats, count_transaction
 from drivers.modbus.transport import ModbusLink
 from gateway.errors import (
     BusUnavailable,
     CodecError,
-    CrcError,
     DeviceError,
     DeviceException,
-    DeviceTimeout,
     WriteRejected,
 )
-from gateway.types import DeviceProfile, DeviceState, ModbusLineSnapshot, Sample, Value, Write, WriteResult
+from gateway.types import DeviceProfile, DeviceState, ModbusLineSnapshot, Sample, Value, Write, WriteResult, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +39,6 @@ ALIVE_SLACK = 2.0
 #: asyncio's epoll wait rounds a timeout up to whole milliseconds, which stretches the 1.75 ms t3.5 of
 #: a fast line to 2-3 ms, a tenth of its capacity. time.sleep in a thread is not rounded.
 PRECISE_WAIT = 0.005
-
-
-@dataclass
-class BusStats:
-    """Counters of one line."""
-
-    transactions: int = 0
-    timeouts: int = 0
-    crc_errors: int = 0
-    exceptions: int = 0
-    errors: int = 0
-    reopen_attempts: int = 0
-    wire_seconds: float = 0.0  # frames of answered reads on the wire: utilisation = wire / wall time
 
 
 def line_budget(cfg: LineSettings) -> budget.LineBudget:
@@ -332,8 +318,8 @@ class ModbusBus:
             try:
                 data = await self._link.read(request.table, device.unit, request.address, request.count, timeout)
             except DeviceError as exc:
-                self._finished(device)
-                self._count(device, exc)
+                # A transaction counts once it ended (answered or failed); one cut short by stop() does not.
+                count_transaction(self.stats, device.stats, exc)
                 last = exc
                 if isinstance(exc, BusUnavailable | DeviceException):
                     raise
@@ -341,7 +327,7 @@ class ModbusBus:
                 continue
             finally:
                 self._last_end = self.alive_at = time.monotonic()
-            self._finished(device)
+            count_transaction(self.stats, device.stats)
             # The line went quiet with the answer's last byte, not when the answer was decoded: the
             # silence before the next request and the response time count from that byte.
             if started < self._link.last_rx < self._last_end:
@@ -356,11 +342,6 @@ class ModbusBus:
             return data
         assert last is not None
         raise last
-
-    def _finished(self, device: Device) -> None:
-        # A transaction counts once it ended (answered or failed); one cut short by stop() does not.
-        self.stats.transactions += 1
-        device.stats.transactions += 1
 
     async def _quiet_gap(self) -> None:
         # Real RS-485 slaves need silence between frames; pymodbus does not enforce it.
@@ -391,36 +372,25 @@ class ModbusBus:
             await asyncio.sleep(wait)
             self.alive_at = time.monotonic()
 
-    def _count(self, device: Device, exc: DeviceError) -> None:
-        if isinstance(exc, DeviceException):
-            self.stats.exceptions += 1
-            device.stats.exceptions += 1
-        elif isinstance(exc, CrcError):
-            self.stats.crc_errors += 1
-            device.stats.crc_errors += 1
-        elif isinstance(exc, DeviceTimeout):
-            self.stats.timeouts += 1
-            device.stats.timeouts += 1
-        else:
-            self.stats.errors += 1
-            device.stats.errors += 1
-
     async def _do_write(self, pending: _PendingWrite) -> WriteResult:
         device, point, words = pending.device, pending.point, pending.words
         device.stats.writes += 1
         timeout = device.timeout(point.table, len(words), write=True)
         await self._settled(device.unit)
         await self._quiet_gap()
+        failure: DeviceError | None = None
         try:
             await self._link.write(point.table, device.unit, point.address, words, timeout)
         except DeviceError as exc:
-            self._count(device, exc)
-            if not isinstance(exc, BusUnavailable | DeviceException):
-                self._settle(device.unit, timeout)
-            return WriteResult(ok=False, error=str(exc))
+            failure = exc
         finally:
             self._last_end = self.alive_at = time.monotonic()
-            self.stats.transactions += 1
+            # Counted also when stop() cuts it short: the request may have gone out.
+            count_transaction(self.stats, device.stats, failure, write=True)
+        if failure is not None:
+            if not isinstance(failure, BusUnavailable | DeviceException):
+                self._settle(device.unit, timeout)
+            return WriteResult(ok=False, error=str(failure))
         # Read the point back: the device may clamp or ignore a value without saying so.
         span = Span(point.name, point.table, point.address, point.codec.count)
         readback = ReadRequest(point.table, point.address, point.codec.count, (span,))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 
 from drivers.modbus import budget
 from drivers.modbus.codec import Decoded
 from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span, plan
-from gateway.config.schema import BusConfig, DeviceConfig, PointConfig
+from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings
+from drivers.modbus.stats import RESPONSE_BUCKETS as RESPONSE_BUCKETS  # gateway/prometheus.py reads it here
+from drivers.modbus.stats import DeviceStats
 from gateway.errors import CodecError
 from gateway.types import Value
 
@@ -23,9 +23,6 @@ PROBE_BACKOFF_MAX = 60.0
 #: The most of its line an offline unit's probes may take: each holds the line for a whole response
 #: timeout, so with a long timeout the first probes come later than PROBE_BACKOFF_START.
 PROBE_LINE_SHARE = 0.05
-# Upper bounds (seconds) of the response-time buckets: from a short read at 115200 baud to a
-# full 125-register read at 9600 baud behind a slow serial device server.
-RESPONSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass
@@ -40,35 +37,11 @@ class PollJob:
 
 
 @dataclass
-class DeviceStats:
-    """Counters of one device."""
-
-    transactions: int = 0
-    timeouts: int = 0
-    crc_errors: int = 0
-    exceptions: int = 0
-    errors: int = 0
-    cycles: int = 0
-    skipped_cycles: int = 0
-    writes: int = 0
-    last_response_s: float = 0.0
-    # Answered reads per RESPONSE_BUCKETS bucket (not cumulative); the last counts those above them all.
-    response_counts: list[int] = field(default_factory=lambda: [0] * (len(RESPONSE_BUCKETS) + 1))
-    response_sum_s: float = 0.0
-
-    def observe_response(self, seconds: float) -> None:
-        """Count one answered read that took `seconds` from request to response."""
-        self.last_response_s = seconds
-        self.response_sum_s += seconds
-        self.response_counts[bisect.bisect_left(RESPONSE_BUCKETS, seconds)] += 1
-
-
-@dataclass
 class Device:
     """Runtime state of one Modbus device on a bus."""
 
-    cfg: DeviceConfig
-    bus: BusConfig
+    cfg: DeviceSettings
+    bus: LineSettings
     online: bool | None = None  # None until the first answer or the first verdict
     failures: int = 0
     backoff: float = PROBE_BACKOFF_START
@@ -76,7 +49,7 @@ class Device:
     probe_backoff_start: float = PROBE_BACKOFF_START  # the first wait once offline: see PROBE_LINE_SHARE
     jobs: list[PollJob] = field(default_factory=list)
     stats: DeviceStats = field(default_factory=DeviceStats)
-    points: dict[str, PointConfig] = field(default_factory=dict)
+    points: dict[str, PointSettings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.points = {p.name: p for p in self.cfg.points}
@@ -134,7 +107,7 @@ class Device:
                 if request.table in BIT_TABLES:
                     values[point.name] = point.codec.decode_bits(chunk)  # type: ignore[arg-type]
                     continue
-                value = point.codec.decode(chunk)  # type: ignore[arg-type]
+                value = point.codec.decode(chunk)
             except CodecError as exc:
                 log.debug("%s.%s: %s", self.name, point.name, exc)
                 continue
@@ -181,7 +154,7 @@ class Device:
         return False
 
 
-def _tidy(value: Decoded, point: PointConfig) -> Decoded:
+def _tidy(value: Decoded, point: PointSettings) -> Decoded:
     # Publish what the device meant, not binary noise: a float32 carries ~7 significant digits,
     # and 215 * 0.1 should read 21.5, not 21.500000000000004.
     if isinstance(value, float) and math.isfinite(value):
@@ -190,8 +163,3 @@ def _tidy(value: Decoded, point: PointConfig) -> Decoded:
         if point.codec.scale != 1 or point.codec.offset != 0:
             return float(f"{value:.12g}")
     return value
-
-
-def now_ms() -> int:
-    """Unix time in milliseconds: the `ts` of a sample."""
-    return time.time_ns() // 1_000_000

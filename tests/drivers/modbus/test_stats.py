@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from drivers.modbus import budget
 from drivers.modbus.bus import ModbusBus
-from drivers.modbus.device import RESPONSE_BUCKETS, DeviceStats
+from drivers.modbus.stats import RESPONSE_BUCKETS, BusStats, DeviceStats, count_transaction
 from drivers.modbus.transport import ModbusLink
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimSlave
 from gateway.config import parse_config
-from gateway.errors import CrcError, DeviceTimeout
+from gateway.config.settings import modbus_line
+from gateway.errors import BusUnavailable, CrcError, DeviceError, DeviceException, DeviceTimeout, ProtocolError
 
 
 def test_response_times_land_in_their_bucket_with_le_semantics() -> None:
@@ -27,6 +29,36 @@ def test_response_times_land_in_their_bucket_with_le_semantics() -> None:
     assert stats.response_counts[-1] == 1 and sum(stats.response_counts) == 3
     assert stats.response_sum_s == pytest.approx(RESPONSE_BUCKETS[0] + 0.007 + RESPONSE_BUCKETS[-1] + 1)
     assert stats.last_response_s == RESPONSE_BUCKETS[-1] + 1
+
+
+@pytest.mark.parametrize(
+    ("error", "write", "line_counts", "device_counts"),
+    [
+        # (transactions, timeouts, crc_errors, exceptions, errors) of the line and of the device
+        (None, False, (1, 0, 0, 0, 0), (1, 0, 0, 0, 0)),
+        (DeviceTimeout("no response"), False, (1, 1, 0, 0, 0), (1, 1, 0, 0, 0)),
+        (CrcError("garbled"), False, (1, 0, 1, 0, 0), (1, 0, 1, 0, 0)),  # a CRC error is not also a timeout
+        (DeviceException("illegal data address", 2), False, (1, 0, 0, 1, 0), (1, 0, 0, 1, 0)),
+        (BusUnavailable("port lost"), False, (1, 0, 0, 0, 1), (1, 0, 0, 0, 1)),
+        (ProtocolError("short answer"), False, (1, 0, 0, 0, 1), (1, 0, 0, 0, 1)),
+        # A write is one of the line's transactions; the device counts it as one of its `writes` instead.
+        (None, True, (1, 0, 0, 0, 0), (0, 0, 0, 0, 0)),
+        (DeviceTimeout("no response"), True, (1, 1, 0, 0, 0), (0, 1, 0, 0, 0)),
+    ],
+)
+def test_one_transaction_is_counted_once_on_the_line_and_its_device(
+    error: DeviceError | None,
+    write: bool,
+    line_counts: tuple[int, ...],
+    device_counts: tuple[int, ...],
+) -> None:
+    line, device = BusStats(), DeviceStats()
+    count_transaction(line, device, error, write=write)
+    figures = ("transactions", "timeouts", "crc_errors", "exceptions", "errors")
+    assert tuple(getattr(line, f) for f in figures) == line_counts
+    assert tuple(getattr(device, f) for f in figures) == device_counts
+    assert line.reopen_attempts == 0 and line.wire_seconds == 0.0
+    assert device.cycles == device.writes == sum(device.response_counts) == 0
 
 
 async def test_a_garbled_answer_is_a_crc_error_and_silence_a_timeout(tmp_path: Path) -> None:
@@ -73,7 +105,7 @@ modbus:
     line.start()
     sim = ModbusSimulator(line.device_port, [SimSlave(1, [])])
     await sim.start()
-    bus = ModbusBus(cfg.model_copy(update={"port": line.gateway_port}), lambda s: None, lambda s: None)
+    bus = ModbusBus(replace(modbus_line(cfg), port=line.gateway_port), lambda s: None, lambda s: None)
     await bus.start()
     device = bus.devices["d"]
     try:
