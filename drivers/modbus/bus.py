@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from drivers.modbus import budget, report
 from drivers.modbus.device import Device
-from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span
+from drivers.modbus.planner import ReadRequest
 from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # hil/scenarios.py reads it here
 from drivers.modbus.schedule import Idle, LineSchedule, Poll, PortWait, Reopen, ServeWrites
-from drivers.modbus.settings import LineSettings, PointSettings
+from drivers.modbus.settings import LineSettings
 from drivers.modbus.stats import BusStats, count_transaction
 from drivers.modbus.transport import ModbusLink
+from drivers.modbus.writes import PendingWrite, encode_write, readback_request
 from gateway.errors import (
     BusUnavailable,
     CodecError,
@@ -56,16 +55,6 @@ def line_budget(cfg: LineSettings) -> budget.LineBudget:
     return budget.line_budget(jobs, cfg.baudrate, bits, framing=framing)
 
 
-@dataclass
-class _PendingWrite:
-    """A validated write waiting for the line."""
-
-    device: Device
-    point: PointSettings
-    words: list[int] | list[bool]
-    future: asyncio.Future[WriteResult]
-
-
 class ModbusBus:
     """Polls every device of one line and carries out writes, one transaction at a time."""
 
@@ -93,7 +82,7 @@ class ModbusBus:
         bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
         self._bits_per_char = bits
         self._gap = cfg.inter_request_delay if cfg.inter_request_delay is not None else budget.t35(cfg.baudrate, bits)
-        self._writes: asyncio.Queue[_PendingWrite] = asyncio.Queue()
+        self._writes: asyncio.Queue[PendingWrite] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._schedule = LineSchedule(self.devices.values())
         self._task: asyncio.Task[None] | None = None
@@ -198,7 +187,7 @@ class ModbusBus:
         if device is None:
             return WriteResult(ok=False, error=f"unknown device {request.device!r}")
         try:
-            point, words = self._prepare_write(device, request)
+            point, words = encode_write(device, request)
         except (WriteRejected, CodecError) as exc:
             return WriteResult(ok=False, error=str(exc))
         if not self._link.connected:
@@ -206,32 +195,9 @@ class ModbusBus:
         if device.online is False:
             return WriteResult(ok=False, error=f"{device.name} is offline")
         fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        await self._writes.put(_PendingWrite(device, point, words, fut))
+        await self._writes.put(PendingWrite(device, point, words, fut))
         self._wake.set()
         return await fut
-
-    def _prepare_write(self, device: Device, request: Write) -> tuple[PointSettings, list[int] | list[bool]]:
-        point = device.points.get(request.point)
-        if point is None:
-            raise WriteRejected(f"{device.name} has no point {request.point!r}")
-        if not point.writable:
-            raise WriteRejected(f"{device.name}.{point.name} is read-only")
-        value = request.value
-        if point.min is not None or point.max is not None:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise WriteRejected(f"{device.name}.{point.name} expects a number, got {value!r}")
-            if not math.isfinite(value):
-                # NaN compares false with both limits: without this it would slip past them.
-                lo, hi = ("" if x is None else f"{x:g}" for x in (point.min, point.max))
-                limits = f"{lo}..{hi}"
-                raise WriteRejected(f"{value} is not a number within the limits {limits} of {device.name}.{point.name}")
-            if point.min is not None and value < point.min:
-                raise WriteRejected(f"{value} is below the minimum {point.min:g} of {device.name}.{point.name}")
-            if point.max is not None and value > point.max:
-                raise WriteRejected(f"{value} is above the maximum {point.max:g} of {device.name}.{point.name}")
-        if point.table in BIT_TABLES:
-            return point, point.codec.encode_bits(value)
-        return point, point.codec.encode(value)
 
     # --- the line's task ------------------------------------------------------------------------
 
@@ -372,7 +338,7 @@ class ModbusBus:
             await asyncio.sleep(wait)
             self.alive_at = time.monotonic()
 
-    async def _do_write(self, pending: _PendingWrite) -> WriteResult:
+    async def _do_write(self, pending: PendingWrite) -> WriteResult:
         device, point, words = pending.device, pending.point, pending.words
         device.stats.writes += 1
         timeout = device.timeout(point.table, len(words), write=True)
@@ -392,8 +358,7 @@ class ModbusBus:
                 self._settle(device.unit, timeout)
             return WriteResult(ok=False, error=str(failure))
         # Read the point back: the device may clamp or ignore a value without saying so.
-        span = Span(point.name, point.table, point.address, point.codec.count)
-        readback = ReadRequest(point.table, point.address, point.codec.count, (span,))
+        readback = readback_request(point)
         try:
             data = await self._transact(device, readback, retries=device.retries)
         except DeviceError as exc:
