@@ -33,7 +33,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -47,7 +46,7 @@ import paho.mqtt.client as mqtt
 from benchlib import ROOT, cpu_seconds, free_port, latency_summary, package_version, subscribe
 from benchlib.children import Child
 from benchlib.mqtt import broker_child as embedded_broker_child
-from benchlib.procs import quiet_logs, rss_mb
+from benchlib.procs import quiet_logs, rss_mb, run_fresh
 
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
@@ -323,16 +322,7 @@ def run_one(spec: str) -> None:
 
 def launch(sc: Scenario) -> Result:
     """Run one scenario in a fresh interpreter."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--one", json.dumps(asdict(sc))],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"scenario {sc} failed:\n{out.stderr[-3000:]}")
-    data = json.loads(out.stdout.strip().splitlines()[-1])
+    data = run_fresh([__file__, "--one", json.dumps(asdict(sc))], f"scenario {sc}", timeout=600, cwd=ROOT)
     data["scenario"] = Scenario(**data["scenario"])
     return Result(**data)
 

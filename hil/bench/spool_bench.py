@@ -45,15 +45,12 @@ import cProfile
 import inspect
 import json
 import logging
-import multiprocessing
 import os
-import pstats
 import re
 import shutil
 import sqlite3
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -65,7 +62,6 @@ from typing import Any
 
 # benchlib first: it puts the repository on sys.path for the imports below.
 from benchlib import (
-    ROOT,
     cpu_seconds,
     free_port,
     package_version,
@@ -75,6 +71,10 @@ from benchlib import (
     run_summary,
     subscribe,
 )
+from benchlib.children import Child
+from benchlib.mqtt import Mosquitto
+from benchlib.procs import run_fresh, thread_cpu
+from benchlib.profiling import self_time_per_message
 
 from bridge.buffer import entry_size
 from bridge.outbox import REPLAY_BATCH, Outbox
@@ -292,19 +292,6 @@ def phase_steady(path: Path, window: float, seconds: float) -> dict[str, Any]:
     }
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds of each live thread of this process, by thread name (/proc/self/task)."""
-    out: dict[str, float] = {}
-    for t in threading.enumerate():
-        if t.native_id is None:
-            continue
-        try:
-            out[t.name] = out.get(t.name, 0.0) + cpu_seconds(os.getpid(), t.native_id)
-        except OSError:
-            continue  # ended meanwhile
-    return out
-
-
 def thread_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """CPU per role between two thread_cpu() readings: the event loop, the spool's worker, the rest."""
     split = {"loop": 0.0, "spool": 0.0, "other": 0.0}
@@ -471,27 +458,24 @@ class Arrivals:
 
 
 def subscriber_main(port: int, conn: Connection) -> None:
-    """Figure 5's subscriber process: subscribe, say its pid, then answer ("wait", (n, idle)) and ("stop", None)."""
+    """Figure 5's subscriber, a benchlib Child: subscribe, then answer ("wait", (n, idle)) until ("stop", None)."""
     arrivals = Arrivals()
     client = subscribe(port, f"{PREFIX}/+/telemetry", arrivals.on_message, timeout=10)
-    conn.send(os.getpid())
+    conn.send(("ok", os.getpid()))
     while True:
         cmd, arg = conn.recv()
         if cmd == "wait":
-            conn.send(arrivals.wait(*arg))
+            conn.send(("ok", arrivals.wait(*arg)))
             continue
         client.disconnect()
         client.loop_stop()
-        conn.send(None)
+        conn.send(("ok", None))
         return
 
 
 async def _replay(path: Path, n: int, rate: float, port: int, broker_pid: int, profile: float) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    sub = ctx.Process(target=subscriber_main, args=(port, child_conn), daemon=True)
-    sub.start()
-    sub_pid: int = await asyncio.to_thread(conn.recv)
+    sub = Child("subscriber", subscriber_main, port)
+    sub_pid: int = await asyncio.to_thread(sub.wait, 60)
 
     spool = open_spool(path)
     sink = MqttSink("bench", f"mqtt://127.0.0.1:{port}", PREFIX, client_id=f"spool-bench-{os.getpid()}")
@@ -531,15 +515,13 @@ async def _replay(path: Path, n: int, rate: float, port: int, broker_pid: int, p
         profiled.update(msgs=box.stats.replayed, seconds=t_empty - t_conn)
     replayed = box.stats.replayed
     left = (await asyncio.to_thread(spool.stats)).count
-    conn.send(("wait", (n, 5.0)))
-    got: dict[str, Any] = await asyncio.to_thread(conn.recv)
+    got: dict[str, Any] = await asyncio.to_thread(sub.call, "wait", (n, 5.0), 600)
     # The subscriber's CPU until its last arrival is what it spent on these messages.
     sub_cpu = max(sub_cpu, cpu_seconds(sub_pid) - sub0)
     await box.stop()
     await sink.stop()
-    conn.send(("stop", None))
-    await asyncio.to_thread(conn.recv)
-    await asyncio.to_thread(sub.join, 5)
+    await asyncio.to_thread(sub.call, "stop")
+    await asyncio.to_thread(sub.stop, 5)
     empty_s = t_empty - t_conn
     span = got["last_at"] - got["first_at"]
     result: dict[str, Any] = {
@@ -583,11 +565,8 @@ def phase_bare_replay(path: Path, n: int, port: int, broker_pid: int) -> dict[st
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    ctx = multiprocessing.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    sub = ctx.Process(target=subscriber_main, args=(port, child_conn), daemon=True)
-    sub.start()
-    sub_pid: int = conn.recv()
+    sub = Child("subscriber", subscriber_main, port)
+    sub_pid: int = sub.wait(60)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"spool-bench-bare-{os.getpid()}", protocol=mqtt.MQTTv311
     )
@@ -620,13 +599,11 @@ def phase_bare_replay(path: Path, n: int, port: int, broker_pid: int) -> dict[st
     t_acked = time.monotonic()
     cpu = time.process_time() - cpu0
     broker_cpu = cpu_seconds(broker_pid) - broker0
-    conn.send(("wait", (n, 5.0)))
-    got: dict[str, Any] = conn.recv()
+    got: dict[str, Any] = sub.call("wait", (n, 5.0), 600)
     sub_cpu = cpu_seconds(sub_pid) - sub0
     client.disconnect()
-    conn.send(("stop", None))
-    conn.recv()
-    sub.join(5)
+    sub.call("stop")
+    sub.stop(5)
     acked_s = t_acked - t_conn
     span = got["last_at"] - got["first_at"]
     return {
@@ -645,55 +622,22 @@ def phase_bare_replay(path: Path, n: int, port: int, broker_pid: int) -> dict[st
     }
 
 
-def component(filename: str) -> str:
-    """Which part of the outbox's process a profiled function belongs to."""
-    name = filename.replace("\\", "/")
-    for part, label in (
-        ("bridge/outbox.py", "outbox"),
-        ("bridge/sink.py", "sink"),
-        ("bridge/spool", "spool"),
-        ("paho/", "paho"),
-        ("asyncio/", "asyncio"),
-        ("concurrent/", "executor hand-off"),
-        ("threading.py", "executor hand-off"),
-        ("selectors.py", "epoll"),
-    ):
-        if part in name:
-            return label
-    if name == "~":
-        return "builtins"
-    if "spool_bench.py" in name:
-        return "bench"
-    return "other"
+#: The parts of the outbox's process a profiled function belongs to, by a substring of its file's path.
+PROFILE_PARTS = (
+    ("bridge/outbox.py", "outbox"),
+    ("bridge/sink.py", "sink"),
+    ("bridge/spool", "spool"),
+    ("paho/", "paho"),
+    ("asyncio/", "asyncio"),
+    ("concurrent/", "executor hand-off"),
+    ("threading.py", "executor hand-off"),
+    ("selectors.py", "epoll"),
+)
 
 
 def profile_summary(prof: cProfile.Profile, msgs: int, seconds: float) -> dict[str, Any]:
-    """Self time per component and the top functions, per replayed message."""
-    stats = pstats.Stats(prof)
-    raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
-    per = max(1, msgs)
-    by_part: dict[str, float] = {}
-    rows = []
-    for (filename, line, func), (_cc, calls, tottime, cumtime, _callers) in raw.items():
-        part = component(filename)
-        if func == "<method 'poll' of 'select.epoll' objects>":
-            part = "epoll wait (idle)"
-        elif part == "builtins":
-            # A builtin's self time goes to whoever called it most.
-            callers = _callers or {}
-            if callers:
-                top = max(callers.items(), key=lambda kv: kv[1][2])[0]  # (cc, nc, tottime, cumtime) per caller
-                part = component(top[0])
-        by_part[part] = by_part.get(part, 0.0) + tottime
-        short = f"{Path(filename).name}:{line}({func})" if filename != "~" else func
-        rows.append((short, calls / per, tottime / per * 1e6, cumtime / per * 1e6))
-    rows.sort(key=lambda r: -r[2])
-    return {
-        "msgs": msgs,
-        "seconds": seconds,
-        "parts_us": {k: v / per * 1e6 for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])},
-        "top": rows[:15],
-    }
+    """Self time per part of the outbox's process and the top functions, per replayed message."""
+    return self_time_per_message(prof, msgs, seconds, PROFILE_PARTS, script="spool_bench.py")
 
 
 # --- the orchestrator ---------------------------------------------------------------------------
@@ -705,16 +649,14 @@ def child(
     """Run one phase in a fresh process (optionally under strace, its log to `strace_out`) and return its figures."""
     if fresh:
         open_spool(path).close()  # create the file here: its schema commits are not the phase's
-    cmd = [sys.executable, __file__, "--phase", phase, "--path", str(path), "--args", json.dumps(kwargs)]
+    argv = [__file__, "--phase", phase, "--path", str(path), "--args", json.dumps(kwargs)]
+    trace: list[str] = []
     if strace_out is not None:
         # Every fsync/fdatasync of every thread, with its time (wall clock, as the phase's window) and the path
         # of its descriptor (-y); only those calls stop the process (--seccomp-bpf), so the cost is theirs.
         trace = ["strace", "-f", "--seccomp-bpf", "-ttt", "-y", "-e", "trace=fsync,fdatasync", "-o", str(strace_out)]
-        cmd = [*trace, *cmd]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"phase {phase} {kwargs} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = run_fresh(argv, f"phase {phase} {kwargs}", prefix=trace)
+    return result
 
 
 # "PID TIME fdatasync(FD</path>) = 0", or "... fdatasync(FD</path> <unfinished ...>" when another thread's call
@@ -841,13 +783,8 @@ def met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def start_mosquitto(work: Path) -> Any:
-    """tests/mosquitto.py's broker (listener on a free loopback port, anonymous, no persistence, no queue limits)."""
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from mosquitto import Mosquitto  # the test suite's helper: one config for the tests and the bench
-
+def start_mosquitto(work: Path) -> Mosquitto:
+    """A Mosquitto on a free loopback port: anonymous, no persistence, no queue limits (benchlib.mqtt)."""
     broker = Mosquitto(work / "mosquitto", free_port())
     broker.start()
     return broker

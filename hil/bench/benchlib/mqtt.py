@@ -110,10 +110,19 @@ class Mosquitto:
             "log_dest stderr",
             "log_type error",
             "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp_format %H:%M:%S",
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # mosquitto 2 would otherwise switch users and lose its work dir
         return "\n".join(lines) + "\n"
+
+    @property
+    def url(self) -> str:
+        """The broker's address as the gateway's sink config takes it."""
+        return f"mqtt://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -13,6 +14,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ._root import ROOT
 
@@ -124,6 +126,26 @@ def quiet_logs(libraries: Sequence[str] = ("amqtt", "transitions")) -> None:
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(ours)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+# --- a fresh interpreter per measurement -------------------------------------------------------------
+
+
+def run_fresh(
+    argv: Sequence[str],
+    what: str,
+    *,
+    prefix: Sequence[str] = (),
+    timeout: float | None = None,
+    cwd: Path | None = None,
+) -> Any:
+    """Run `python ARGV` (under `prefix`, e.g. strace, when given) and return the JSON of its last line of output:
+    a measurement in an interpreter of its own, whose allocations and threads no earlier one left behind.
+    RuntimeError naming `what`, with the end of its stderr, when it fails."""
+    done = subprocess.run([*prefix, sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- `fieldgate run` as a child process ------------------------------------------------------------
