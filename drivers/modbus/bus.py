@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from drivers.modbus import budget, report
 from drivers.modbus.device import Device
@@ -15,6 +14,7 @@ from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # 
 from drivers.modbus.schedule import Idle, LineSchedule, Poll, PortWait, Reopen, ServeWrites
 from drivers.modbus.settings import LineSettings
 from drivers.modbus.stats import BusStats, count_transaction
+from drivers.modbus.timing import QuietGap
 from drivers.modbus.transport import ModbusLink
 from drivers.modbus.writes import PendingWrite, encode_write, readback_request
 from gateway.errors import (
@@ -34,10 +34,6 @@ OPEN_TIMEOUT = 3.0
 ALIVE_TICK = 1.0
 #: Allowed on top of the longest single step of the task: scheduling delays, the quiet gap.
 ALIVE_SLACK = 2.0
-#: Silences shorter than this (t3.5 from 9600 baud up) are timed by a thread of the line's own:
-#: asyncio's epoll wait rounds a timeout up to whole milliseconds, which stretches the 1.75 ms t3.5 of
-#: a fast line to 2-3 ms, a tenth of its capacity. time.sleep in a thread is not rounded.
-PRECISE_WAIT = 0.005
 
 
 def line_budget(cfg: LineSettings) -> budget.LineBudget:
@@ -81,14 +77,13 @@ class ModbusBus:
         )
         bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
         self._bits_per_char = bits
-        self._gap = cfg.inter_request_delay if cfg.inter_request_delay is not None else budget.t35(cfg.baudrate, bits)
+        gap = cfg.inter_request_delay if cfg.inter_request_delay is not None else budget.t35(cfg.baudrate, bits)
+        self._quiet = QuietGap(gap, self.name)
         self._writes: asyncio.Queue[PendingWrite] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._schedule = LineSchedule(self.devices.values())
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._last_end = 0.0
-        self._timer: ThreadPoolExecutor | None = None  # for the short silences: see PRECISE_WAIT
         self._logged: set[tuple[str, str, str]] = set()
         #: Monotonic time the line's task last moved (an iteration, a transaction, a back-off step).
         self.alive_at = time.monotonic()
@@ -154,7 +149,7 @@ class ModbusBus:
                 if p.writable:
                     longest = max(longest, device.timeout(p.table, p.codec.count, write=True))
         # The silence kept before a request is a step too (a settle after a failure is at most one timeout).
-        return max(longest, self._gap)
+        return max(longest, self._quiet.seconds)
 
     async def start(self) -> None:
         """Start the line's task; the port is opened (and reopened) by the task itself."""
@@ -177,9 +172,7 @@ class ModbusBus:
             if not pending.future.done():
                 pending.future.set_result(WriteResult(ok=False, error="gateway stopping"))
         self._link.close()
-        if self._timer is not None:
-            self._timer.shutdown(wait=False)
-            self._timer = None
+        self._quiet.close()
 
     async def write(self, request: Write) -> WriteResult:
         """Write one point; jumps ahead of polling. Never raises for a bad request: the result says why."""
@@ -292,13 +285,13 @@ class ModbusBus:
                 self._settle(device.unit, timeout)
                 continue
             finally:
-                self._last_end = self.alive_at = time.monotonic()
+                self._quiet.last_end = self.alive_at = time.monotonic()
             count_transaction(self.stats, device.stats)
             # The line went quiet with the answer's last byte, not when the answer was decoded: the
             # silence before the next request and the response time count from that byte.
-            if started < self._link.last_rx < self._last_end:
-                self._last_end = self._link.last_rx
-            device.stats.observe_response(self._last_end - started)
+            if started < self._link.last_rx < self._quiet.last_end:
+                self._quiet.last_end = self._link.last_rx
+            device.stats.observe_response(self._quiet.last_end - started)
             if last is not None:
                 # A retry answered, maybe by the late answer to the attempt before: its own answer may still
                 # come, as late as a failed attempt's could (one timeout past the timeout).
@@ -310,18 +303,8 @@ class ModbusBus:
         raise last
 
     async def _quiet_gap(self) -> None:
-        # Real RS-485 slaves need silence between frames; pymodbus does not enforce it.
-        end = self._last_end + self._gap
-        wait = end - time.monotonic()
-        if wait <= 0:
-            return
-        if wait < PRECISE_WAIT:
-            if self._timer is None:
-                self._timer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modbus-gap-{self.name}")
-            await asyncio.get_running_loop().run_in_executor(self._timer, _sleep_until, end)
-        else:
-            await asyncio.sleep(wait)
-        self.alive_at = time.monotonic()
+        if await self._quiet.wait():
+            self.alive_at = time.monotonic()
 
     def _settle(self, unit: int, timeout: float) -> None:
         """After a timeout or a garbled answer from `unit`, its next *other* request waits one more response
@@ -350,7 +333,7 @@ class ModbusBus:
         except DeviceError as exc:
             failure = exc
         finally:
-            self._last_end = self.alive_at = time.monotonic()
+            self._quiet.last_end = self.alive_at = time.monotonic()
             # Counted also when stop() cuts it short: the request may have gone out.
             count_transaction(self.stats, device.stats, failure, write=True)
         if failure is not None:
@@ -379,10 +362,3 @@ class ModbusBus:
         if key not in self._logged:
             self._logged.add(key)
             log.warning("%s: reading %s: %s", device.name, where, exc)
-
-
-def _sleep_until(end: float) -> None:
-    """Block until time.monotonic() reaches `end`, to the tens of microseconds (a worker thread's wait)."""
-    wait = end - time.monotonic()
-    if wait > 0:
-        time.sleep(wait)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import drivers.modbus.bus
 import drivers.modbus.schedule
+import drivers.modbus.timing
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import PROBE_BACKOFF_MAX, PROBE_LINE_SHARE, Device
 from drivers.modbus.settings import LineSettings
@@ -172,13 +172,13 @@ async def test_the_silence_between_frames_is_kept_to_the_fraction_of_a_milliseco
     cleanup.append(rig)
     link = TimedLink(rig.bus.cfg.port)
     precise: list[float] = []
-    sleep_until = drivers.modbus.bus._sleep_until
+    sleep_until = drivers.modbus.timing._sleep_until
 
     def timed_wait(end: float) -> None:
         precise.append(end)
         sleep_until(end)
 
-    monkeypatch.setattr(drivers.modbus.bus, "_sleep_until", timed_wait)
+    monkeypatch.setattr(drivers.modbus.timing, "_sleep_until", timed_wait)
     rig.bus = ModbusBus(rig.bus.cfg, rig.rec.sample, rig.rec.state, link=link)
     await rig.bus.start()
     # As many gaps as it takes, not as many as 1.5 s allow (a busy machine gets fewer).
