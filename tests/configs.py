@@ -134,9 +134,16 @@ def sim_mcp(id: str, interval: str | None = None, values: dict[str, Section] | N
     return _given(id=id, interval=interval, values=values)
 
 
+class _Dumper(yaml.SafeDumper):
+    """safe_dump without anchors: a section used twice is written out twice, as a person would."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def text(cfg: Section) -> str:
     """The config as the YAML a person would write."""
-    return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def write(cfg: Section, path: Path) -> Path:

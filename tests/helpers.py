@@ -399,16 +399,16 @@ class Sender:
         return self.acked[max(self.acked)]
 
 
-async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "", *, every: float = 0.02) -> Any:
+async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "", *, every: float = 0.01) -> Any:
     """Wait for `condition()` to be truthy and return its value; fail naming `what` after `timeout` seconds.
 
-    `condition` may be a coroutine function (e.g. a scrape of /metrics): its result is awaited. It is asked
-    every `every` seconds.
+    `condition` may be a coroutine function (e.g. a scrape of /metrics): the coroutine it returns is awaited
+    (only a coroutine: a task it returns is a value, as truthy as any). It is asked every `every` seconds.
     """
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
-        if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
             result = await result
         if result:
             return result

@@ -6,8 +6,7 @@ import asyncio
 import itertools
 import ssl
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +23,9 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.errors import FieldgateError
 
-from helpers import free_port
+import configs  # qualified: `broker` is this file's own
+from configs import Section
+from helpers import free_port, until
 from mosquitto import make_tls_files
 
 _ids = itertools.count()
@@ -146,14 +147,6 @@ async def logs_in(port: int, user: str | None = None, password: str | None = Non
     if ok:
         await asyncio.to_thread(c.close)
     return ok
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    """Wait until predicate() is truthy."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +289,8 @@ async def test_default_rules_users_read_all_and_write_only_set_and_cmd(users: Pa
         await asyncio.to_thread(alice.publish, "fg/t1/plc/set/sp", "10")
         await asyncio.to_thread(alice.publish, "fg/t1/pump/cmd", "{}")
         await asyncio.to_thread(gateway.publish, "fg/t1/plc/sp", "10")  # the gateway may publish anything
-        await eventually(lambda: bob.on("fg/t1/plc/sp"))
-        await eventually(lambda: gateway.on("fg/t1/pump/cmd"))
+        await until(lambda: bob.on("fg/t1/plc/sp"), 5)
+        await until(lambda: gateway.on("fg/t1/pump/cmd"), 5)
         # In order per client: alice's refused messages came before her accepted ones, so they are not late.
         assert [t for t, _ in gateway.messages if t != "fg/t1/plc/sp"] == ["fg/t1/plc/set/sp", "fg/t1/pump/cmd"]
         assert bob.on("fg/t1/plc/sp") == [b"10"]
@@ -324,7 +317,7 @@ async def test_an_acl_limits_each_user_to_its_topics(users: Path) -> None:
         await asyncio.to_thread(alice.publish, "fg/t1/plc/set/sp", "2")
         await asyncio.to_thread(gateway.publish, "fg/t1/plc/telemetry", "{}")
         await asyncio.to_thread(gateway.publish, "fg/t1/plc/status", "online")
-        await eventually(lambda: bob.on("fg/t1/plc/telemetry") and alice.on("fg/t1/plc/status"))
+        await until(lambda: bob.on("fg/t1/plc/telemetry") and alice.on("fg/t1/plc/status"), 5)
         assert gateway.on("fg/t1/plc/set/sp") == [b"2"] and not gateway.on("fg/t1/pump/cmd")
         assert {t for t, _ in bob.messages} == {"fg/t1/plc/telemetry"}
 
@@ -359,7 +352,7 @@ async def test_a_user_the_acl_does_not_name_logs_in_but_can_neither_read_nor_wri
         # Published after carol's PUBACKs: once both subscribers have these, carol's would have come too.
         await asyncio.to_thread(alice.publish, "fg/t1/marker", "after")
         await asyncio.to_thread(gateway.publish, "fg/t1/plc/telemetry", "{}")
-        await eventually(lambda: gateway.on("fg/t1/marker") and alice.on("fg/t1/plc/telemetry"))
+        await until(lambda: gateway.on("fg/t1/marker") and alice.on("fg/t1/plc/telemetry"), 5)
         # The markers above order gateway's and alice's deliveries; carol may read nothing, so nothing can
         # mark hers: a generous wait (after the markers) for a late delivery to her.
         await asyncio.sleep(1.0)
@@ -369,7 +362,7 @@ async def test_a_user_the_acl_does_not_name_logs_in_but_can_neither_read_nor_wri
         # The broker kept the gateway's retained value, not carol's forgery.
         async with connected(port, "alice", "pw-a") as late:
             assert await asyncio.to_thread(late.subscribe, "fg/t1/plc/sp")
-            await eventually(lambda: late.on("fg/t1/plc/sp"))
+            await until(lambda: late.on("fg/t1/plc/sp"), 5)
             assert set(late.on("fg/t1/plc/sp")) == {b"10"}  # (amqtt may hand a retained message twice)
 
 
@@ -391,7 +384,7 @@ async def test_a_will_is_a_publish_and_needs_the_same_right(users: Path) -> None
         # A marker on the same topic, published after both clients have gone: amqtt publishes a will when the
         # connection ends, so bob's would be on its way before this.
         await asyncio.to_thread(gateway.publish, "fg/t1/plc/set/sp", "marker")
-        await eventually(lambda: b"marker" in gateway.on("fg/t1/plc/set/sp"))
+        await until(lambda: b"marker" in gateway.on("fg/t1/plc/set/sp"), 5)
         assert b"666" not in gateway.on("fg/t1/plc/set/sp")
 
 
@@ -407,7 +400,7 @@ async def test_a_session_taken_over_by_client_id_gets_only_what_its_new_user_may
         ):
             await asyncio.to_thread(gw.publish, "fg/t1/plc/sp", "1")
             await asyncio.to_thread(gw.publish, "fg/t1/plc/telemetry", "{}")
-            await eventually(lambda: bob.on("fg/t1/plc/telemetry"))
+            await until(lambda: bob.on("fg/t1/plc/telemetry"), 5)
             assert not bob.on("fg/t1/plc/sp")
 
 
@@ -434,7 +427,7 @@ async def test_mqtts_and_wss_listeners_take_tls_clients_with_passwords(users: Pa
             assert await asyncio.to_thread(gateway.subscribe, "fg/#")
             await asyncio.to_thread(over_tls.publish, "fg/t1/plc/set/a", "1")
             await asyncio.to_thread(over_wss.publish, "fg/t1/plc/set/b", "2")
-            await eventually(lambda: gateway.on("fg/t1/plc/set/a") and gateway.on("fg/t1/plc/set/b"))
+            await until(lambda: gateway.on("fg/t1/plc/set/a") and gateway.on("fg/t1/plc/set/b"), 5)
         assert not await logs_in(mqtts, "alice", "wrong", tls=ctx)
         assert not await logs_in(mqtts, "alice", "pw-a")  # plain MQTT on the TLS port
     finally:
@@ -448,34 +441,21 @@ def test_users_file_lines_are_argon2(users: Path) -> None:
 
 # --- a real gateway -------------------------------------------------------------------------------
 
-CONFIG = """
-gateway: {{id: t1, state_dir: ./state, http: null}}
-broker:
-  listeners: ["tcp://127.0.0.1:{port}"]
-  users: users
-  acl:
-    alice: {{read: ["fieldgate/#"], write: ["fieldgate/t1/+/set/+"]}}
-    bob: {{read: ["fieldgate/#"]}}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 100ms
-          points:
-            - {{name: level, table: input, address: 0}}
-            - {{name: sp, table: holding, address: 50, type: uint16, writable: true}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - unit: 1
-          values: {{level: {{value: 7}}}}
-"""
+
+def acl_config(port: int, process: str) -> Section:
+    """A plc with a writable point; the broker's users file `users` (beside the config) and an ACL for two of them."""
+    acl = {"alice": {"read": ["fieldgate/#"], "write": ["fieldgate/t1/+/set/+"]}, "bob": {"read": ["fieldgate/#"]}}
+    plc = configs.device(
+        "plc",
+        1,
+        poll="100ms",
+        points=[configs.point("level", "input", 0), configs.point("sp", "holding", 50, "uint16", writable=True)],
+    )
+    return configs.config(
+        broker=configs.broker(port, process=process, users="users", acl=acl),
+        buses=[configs.line("line", "./ttyA", plc)],
+        simulator=configs.simulator(modbus=[configs.sim_line("./ttyA", configs.sim_slave(1, {"level": {"value": 7}}))]),
+    )
 
 
 @pytest.mark.parametrize("process", ["separate", "inline"])
@@ -484,8 +464,7 @@ async def test_through_a_gateway_only_a_user_allowed_to_write_sets_a_point(
 ) -> None:
     port = free_port()
     (tmp_path / "users").write_bytes(users.read_bytes())
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(port=port).replace("  users:", f"  process: {process}\n  users:"))
+    path = configs.write(acl_config(port, process), tmp_path)
     gw = Gateway(load_config(path))
     await gw.start()
     try:
@@ -500,19 +479,19 @@ async def test_through_a_gateway_only_a_user_allowed_to_write_sets_a_point(
             assert await asyncio.to_thread(bob.subscribe, "fieldgate/#")
             assert not await asyncio.to_thread(carol.subscribe, "fieldgate/#")
             # The gateway's own sink got in: its retained status and the polled values are there.
-            await eventually(lambda: b"online" in bob.on("fieldgate/t1/status") and bob.on("fieldgate/t1/plc/level"))
+            await until(lambda: b"online" in bob.on("fieldgate/t1/status") and bob.on("fieldgate/t1/plc/level"), 5)
             assert bob.on("fieldgate/t1/plc/level")[-1] == b"7"
             sim.set(1, "level", 8)
-            await eventually(lambda: bob.on("fieldgate/t1/plc/telemetry"))
+            await until(lambda: bob.on("fieldgate/t1/plc/telemetry"), 5)
 
             await asyncio.to_thread(carol.publish, "fieldgate/t1/plc/set/sp", "66")  # PUBACKed, not delivered
             await asyncio.to_thread(bob.publish, "fieldgate/t1/plc/set/sp", "55")  # PUBACKed, not delivered
             await asyncio.to_thread(alice.publish, "fieldgate/t1/plc/set/sp", "10")
-            await eventually(lambda: bob.on("fieldgate/t1/plc/set/sp/result"))
+            await until(lambda: bob.on("fieldgate/t1/plc/set/sp/result"), 5)
             # A second request of alice's, after the first was answered: the gateway takes a point's requests
             # one after the other, so a result of bob's or carol's, were they delivered, would be among these.
             await asyncio.to_thread(alice.publish, "fieldgate/t1/plc/set/sp", "12")
-            await eventually(lambda: len(bob.on("fieldgate/t1/plc/set/sp/result")) >= 2)
+            await until(lambda: len(bob.on("fieldgate/t1/plc/set/sp/result")) >= 2, 5)
             assert bob.on("fieldgate/t1/plc/set/sp/result") == [
                 b'{"ok":true,"value":10,"error":null}',
                 b'{"ok":true,"value":12,"error":null}',
@@ -525,7 +504,7 @@ async def test_through_a_gateway_only_a_user_allowed_to_write_sets_a_point(
         async with connected(port, "alice", "pw-a") as alice:
             assert await asyncio.to_thread(alice.subscribe, "fieldgate/t1/plc/set/sp/result")
             await asyncio.to_thread(alice.publish, "fieldgate/t1/plc/set/sp", "11")
-            await eventually(lambda: alice.on("fieldgate/t1/plc/set/sp/result"))
+            await until(lambda: alice.on("fieldgate/t1/plc/set/sp/result"), 5)
             assert sim.get(1, "sp") == 11
     finally:
         await gw.stop()

@@ -16,6 +16,8 @@ from gateway.cli import main
 from gateway.spool_report import SpoolRow, human_age, human_size, print_table
 from gateway.types import Message
 
+import configs  # qualified: `config` is this file's fixture
+
 AGE = 192.0  # seconds the oldest message has waited: "3m 12s"
 PAYLOAD = b'{"ts": 1700000000000, "values": {"flow": 12.5}}'
 TOPIC = "fieldgate/plant/pump1/telemetry"
@@ -24,18 +26,11 @@ SIZE = entry_size(Message(TOPIC, PAYLOAD))
 
 def write_config(tmp_path: Path) -> Path:
     """Two sinks: the embedded broker (no spool file) and an upstream one holding three messages of five."""
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        "gateway:\n"
-        "  id: plant\n"
-        f"  state_dir: {tmp_path / 'state'}\n"
-        "northbound:\n"
-        "  - name: local\n"
-        "  - name: upstream\n"
-        "    url: mqtts://broker.example:8883\n"
-        f"    spool: {{max_size: {3 * SIZE}}}\n"
+    upstream = configs.sink("upstream", "mqtts://broker.example:8883", spool={"max_size": 3 * SIZE})
+    cfg = configs.config(
+        id="plant", state_dir=tmp_path / "state", http=configs.DEFAULT, northbound=[configs.sink("local"), upstream]
     )
-    return cfg
+    return configs.write(cfg, tmp_path)
 
 
 @pytest.fixture

@@ -23,51 +23,15 @@ from gateway import __version__
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.errors import FieldgateError
-from gateway.http import Utilisation
+from gateway.utilisation import Utilisation
 from gateway.jsonsafe import loads_strict
 from gateway.types import Sample
 
-from helpers import Received, Subscriber, free_port, now_ms
+from configs import broker, config, device, line, mcp, mcp_device, point, sim_line, sim_mcp, sim_slave, simulator, write
+from helpers import Received, Subscriber, free_port, now_ms, until
 from mcp_peer import RawPeer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-CONFIG = """
-gateway: {{id: web1, state_dir: ./state, http: {http}}}
-broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"], process: inline}}
-modbus:
-  buses:
-    - name: rs485
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 100ms
-          points:
-            - {{name: count, table: holding, address: 0, type: uint16}}
-            - {{name: label, table: holding, address: 10, type: "string:8"}}
-        - name: ghost
-          unit: 3
-          poll: 100ms
-          points:
-            - {{name: level, table: input, address: 0}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - {{id: pump-1, token: s3cret-token-0001}}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - {{unit: 1}}
-        - {{unit: 3, dead: true}}
-  mcp:
-    - id: pump-1
-      interval: 100ms
-      values: {{flow: {{value: 12.5}}}}
-"""
 
 
 @dataclass
@@ -80,11 +44,27 @@ class Web:
     http: aiohttp.ClientSession
 
 
-def write_config(tmp_path: Path, http: str, mqtt: int = 0) -> Path:
+def write_config(tmp_path: Path, http: str | None, mqtt: int = 0) -> Path:
     """The test config with `gateway.http` set as given, every other port free."""
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(http=http, mqtt=mqtt or free_port(), mcp=free_port()))
-    return path
+    plc = device(
+        "plc",
+        1,
+        poll="100ms",
+        points=[point("count", "holding", 0, "uint16"), point("label", "holding", 10, "string:8")],
+    )
+    ghost = device("ghost", 3, poll="100ms", points=[point("level", "input", 0)])
+    cfg = config(
+        id="web1",
+        http=http,
+        broker=broker(mqtt or free_port(), process="inline"),
+        buses=[line("rs485", "./ttyA", plc, ghost)],
+        mcp=mcp(free_port(), devices=[mcp_device("pump-1")]),
+        simulator=simulator(
+            modbus=[sim_line("./ttyA", sim_slave(1), sim_slave(3, dead=True))],
+            mcp=[sim_mcp("pump-1", "100ms", {"flow": {"value": 12.5}})],
+        ),
+    )
+    return write(cfg, tmp_path)
 
 
 @pytest.fixture
@@ -133,16 +113,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[key]
 
 
-async def until(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    """Poll an async check until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.1)
-
-
 def listening_ports() -> set[int]:
     """TCP ports this process listens on (from /proc: its socket inodes in state LISTEN)."""
     inodes = set()
@@ -177,8 +147,7 @@ async def test_metrics_parse_and_move_between_scrapes(web: Web) -> None:
             else None
         )
 
-    first = await until(pump_connected)
-    assert first, "the simulated MCP device never got a session, or the sink never connected"
+    first = await until(pump_connected, what="a session of the simulated MCP device and the sink connected", every=0.1)
 
     def grew(s: Samples) -> bool:
         return all(
@@ -199,8 +168,7 @@ async def test_metrics_parse_and_move_between_scrapes(web: Web) -> None:
         ghost_timed_out = value(s, "fieldgate_modbus_device_timeouts_total", line="rs485", device="ghost") > 0
         return s if grew(s) and ghost_timed_out else None
 
-    second = await until(moved, timeout=30)
-    assert second, "the counters never moved between two scrapes"
+    second = await until(moved, 30, "the counters to move between two scrapes", every=0.1)
 
     for name in ("transactions_total", "response_seconds_count"):
         before, after = (
@@ -259,8 +227,7 @@ async def test_a_dead_unit_shows_offline_with_timeouts(web: Web) -> None:
             else None
         )
 
-    samples = await until(offline)
-    assert samples, "ghost never went offline"
+    samples = await until(offline, what="ghost to go offline", every=0.1)
     assert value(samples, "fieldgate_modbus_device_timeouts_total", **ghost) > 0
     assert value(samples, "fieldgate_modbus_device_response_seconds_count", **ghost) == 0
     assert value(samples, "fieldgate_modbus_device_online", line="rs485", device="plc") == 1
@@ -296,8 +263,7 @@ async def test_metrics_count_task_failures_dropped_requests_and_corrupt_state_fi
         s = await scrape(web)
         return s if value(s, "fieldgate_requests_dropped_total", sink="local") >= 10 else None
 
-    samples = await until(counted)
-    assert samples, "the dropped requests were never counted"
+    samples = await until(counted, what="the dropped requests to be counted", every=0.1)
     assert value(samples, "fieldgate_requests_dropped_total", sink="local") == 10
     assert value(samples, "fieldgate_task_failures_total", task="metrics") == 1
     assert value(samples, "fieldgate_task_down", task="metrics") == 1
@@ -332,13 +298,13 @@ async def test_metrics_count_mcp_login_failures_refusals_and_rejected_payloads(w
         return s if value(s, "fieldgate_mcp_pending_connections") == n else None
 
     # Idle (both peers above are gone): none; one connection that has not sent HELLO: one.
-    assert await until(lambda: pending(0)), "a closed connection still counted as pending"
+    await until(lambda: pending(0), what="a closed connection no longer counted as pending", every=0.1)
     _, silent = await asyncio.open_connection("127.0.0.1", web.gw.mcp.port)
     try:
-        assert await until(lambda: pending(1)), "a connection without HELLO not counted as pending"
+        await until(lambda: pending(1), what="a connection without HELLO counted as pending", every=0.1)
     finally:
         silent.close()
-    assert await until(lambda: pending(0)), "the silent connection still counted after it closed"
+    await until(lambda: pending(0), what="the silent connection no longer counted after it closed", every=0.1)
 
 
 # --- /healthz -------------------------------------------------------------------------------------------
@@ -449,8 +415,7 @@ async def test_status_page_shows_live_values_as_mqtt_does_and_escapes_them(web: 
         devices = p.table("devices")
         return (body, p) if devices.get("ghost", [""] * 3)[2] == "offline" and "pump-1" in devices else None
 
-    found = await until(page_with_offline_ghost)
-    assert found, "the page never showed ghost offline and pump-1"
+    found = await until(page_with_offline_ghost, what="the page to show ghost offline and pump-1", every=0.1)
     body, page = found
     # The same text the retained MQTT topic carries, after the browser unescapes it.
     assert page.values[("plc", "count")] == "4242"
@@ -576,7 +541,7 @@ async def test_a_part_that_fails_to_read_costs_its_section_and_series_only(
 
 
 async def test_http_null_opens_no_listener(tmp_path: Path) -> None:
-    gw = Gateway(load_config(write_config(tmp_path, "null")))
+    gw = Gateway(load_config(write_config(tmp_path, None)))
     before = listening_ports()
     await gw.start()
     try:
@@ -613,10 +578,8 @@ def test_fieldgate_run_refuses_a_port_in_use_with_one_line(tmp_path: Path) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        path = tmp_path / "config.yaml"
-        path.write_text(
-            f"gateway: {{id: cli1, state_dir: ./state, http: '127.0.0.1:{port}'}}\n"
-            f"broker: {{listeners: ['tcp://127.0.0.1:{free_port()}'], process: inline}}\n"
+        path = write(
+            config(id="cli1", http=f"127.0.0.1:{port}", broker=broker(free_port(), process="inline")), tmp_path
         )
         res = subprocess.run(
             [sys.executable, "-m", "gateway", "run", "-c", str(path)],
@@ -651,12 +614,12 @@ def test_listening_beyond_loopback_warns() -> None:
 
 def test_utilisation_is_wire_time_over_the_last_minute() -> None:
     stats = SimpleNamespace(wire_seconds=0.0)
-    bus = SimpleNamespace(name="l", stats=stats)
-    util = Utilisation([bus])  # type: ignore[list-item]
+    bus = SimpleNamespace(name="l", counters=stats)
+    util = Utilisation()
     assert util.ratio(bus, 0.0) == 0.0  # type: ignore[arg-type]
     for t in range(0, 101, 10):
         # 10 % of the line for 50 s, then 50 %.
         stats.wire_seconds = 0.1 * min(t, 50) + 0.5 * max(0, t - 50)
-        util.sample(float(t))
+        util.sample([bus], float(t))  # type: ignore[list-item]
     # The oldest sample kept is the newest one at least 60 s old: t=40, wire 4.0; now wire 30.0.
     assert util.ratio(bus, 100.0) == pytest.approx((30.0 - 4.0) / 60)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ import pytest
 from drivers.mcp.codec import FrameType
 from gateway.cli import main
 
+from configs import Section, broker, config, mcp, mcp_device, sim_mcp, simulator, sink, write
 from helpers import GatewayProcess, free_port
 from mcp_peer import RawPeer
 
@@ -20,26 +21,6 @@ TOKEN = "tok-Q7zv-93kd-alpaca"
 PASSWORD = "pw-X4mn-27hb-walrus"
 ENV = {"FG_TEST_MCP_TOKEN": TOKEN, "FG_TEST_SINK_PASSWORD": PASSWORD}
 
-CONFIG = """
-gateway: {{id: s1, state_dir: ./state, http: null}}
-broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"]}}
-northbound:
-  - name: local
-    username: fieldgate
-    password: "${{FG_TEST_SINK_PASSWORD}}"
-    {sink_extra}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - id: pump-1
-      token: "${{FG_TEST_MCP_TOKEN}}"
-      {device_extra}
-    {more_devices}
-simulator:
-  mcp:
-    - {{id: pump-1, interval: 200ms, values: {{running: {{value: true}}}}}}
-"""
-
 
 def leaks(text: str) -> list[str]:
     """The secrets (or a tell-tale part of one) that `text` shows."""
@@ -47,14 +28,23 @@ def leaks(text: str) -> list[str]:
 
 
 def write_config(
-    tmp_path: Path, sink_extra: str = "", device_extra: str = "", more_devices: str = ""
+    tmp_path: Path,
+    sink_extra: Section | None = None,
+    device_extra: Section | None = None,
+    more_devices: list[Section] | None = None,
 ) -> tuple[Path, int, int]:
     """A config holding both secrets by reference; returns it with its MQTT and MCP ports."""
-    mqtt, mcp = free_port(), free_port()
-    path = tmp_path / "config.yaml"
-    extra = {"sink_extra": sink_extra, "device_extra": device_extra, "more_devices": more_devices}
-    path.write_text(CONFIG.format(mqtt=mqtt, mcp=mcp, **extra))
-    return path, mqtt, mcp
+    mqtt, mcp_port = free_port(), free_port()
+    local = sink("local", username="fieldgate", password="${FG_TEST_SINK_PASSWORD}", **(sink_extra or {}))
+    pump = mcp_device("pump-1", token="${FG_TEST_MCP_TOKEN}", **(device_extra or {}))
+    cfg = config(
+        id="s1",
+        broker=broker(mqtt),
+        northbound=[local],
+        mcp=mcp(mcp_port, devices=[pump, *(more_devices or [])]),
+        simulator=simulator(mcp=[sim_mcp("pump-1", "200ms", {"running": {"value": True}})]),
+    )
+    return write(cfg, tmp_path), mqtt, mcp_port
 
 
 def check(path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -80,35 +70,35 @@ def test_check_of_a_good_config_shows_no_secret(
     [
         # The secret itself where a value of another type belongs.
         (
-            'keepalive: "${FG_TEST_SINK_PASSWORD}"',
-            "",
-            "",
+            {"keepalive": "${FG_TEST_SINK_PASSWORD}"},
+            None,
+            None,
             "northbound[0].keepalive: '${FG_TEST_SINK_PASSWORD}' is not a duration",
         ),
-        ("", 'meta: "${FG_TEST_MCP_TOKEN}"', "", "mcp.devices[0].meta: "),
-        ("", 'points: "${FG_TEST_MCP_TOKEN} ${FG_TEST_SINK_PASSWORD}"', "", "mcp.devices[0].points: "),
+        (None, {"meta": "${FG_TEST_MCP_TOKEN}"}, None, "mcp.devices[0].meta: "),
+        (None, {"points": "${FG_TEST_MCP_TOKEN} ${FG_TEST_SINK_PASSWORD}"}, None, "mcp.devices[0].points: "),
         # The key holding it of the wrong type.
-        ("", "", '- {id: pump-2, token: ["${FG_TEST_MCP_TOKEN}"]}', "mcp.devices[1].token: "),
+        (None, None, [mcp_device("pump-2", token=["${FG_TEST_MCP_TOKEN}"])], "mcp.devices[1].token: "),
         # Credentials inside a URL, from the environment or written in.
         (
-            'url: "mqtt://fieldgate:${FG_TEST_SINK_PASSWORD}@broker.example.com"',
-            "",
-            "",
+            {"url": "mqtt://fieldgate:${FG_TEST_SINK_PASSWORD}@broker.example.com"},
+            None,
+            None,
             "url must not carry credentials",
         ),
-        ('url: "mqtt://fieldgate:walrus@broker.example.com"', "", "", "url must not carry credentials"),
+        ({"url": "mqtt://fieldgate:walrus@broker.example.com"}, None, None, "url must not carry credentials"),
         # A misspelt key next to it, and a second device reusing the id.
-        ('pasword: "${FG_TEST_SINK_PASSWORD}"', "", "", "northbound[0].pasword: unknown key"),
-        ("", "", '- {id: pump-1, token: "${FG_TEST_MCP_TOKEN}x"}', "mcp.devices[1].id: "),
+        ({"pasword": "${FG_TEST_SINK_PASSWORD}"}, None, None, "northbound[0].pasword: unknown key"),
+        (None, None, [mcp_device("pump-1", token="${FG_TEST_MCP_TOKEN}x")], "mcp.devices[1].id: "),
     ],
 )
 def test_check_errors_near_a_secret_do_not_show_it(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    sink_extra: str,
-    device_extra: str,
-    more_devices: str,
+    sink_extra: Section | None,
+    device_extra: Section | None,
+    more_devices: list[Section] | None,
     expected: str,
 ) -> None:
     path, _, _ = write_config(tmp_path, sink_extra, device_extra, more_devices)

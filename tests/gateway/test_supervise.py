@@ -27,22 +27,13 @@ from gateway.config import load_config
 from gateway.supervise import Supervisor
 
 from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, write
-from helpers import Subscriber, free_port
+from helpers import Subscriber, free_port, until
 
 # --- the supervisor alone -----------------------------------------------------------------------------
 
 
 class Boom(RuntimeError):
     """The injected failure."""
-
-
-async def wait_until(check: Callable[[], object], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll a check until it is truthy; its value."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"timed out: {what or check}"
-        await asyncio.sleep(0.01)
-    return result
 
 
 async def test_a_failing_task_is_logged_restarted_with_doubling_back_off_and_listed_meanwhile(
@@ -56,7 +47,7 @@ async def test_a_failing_task_is_logged_restarted_with_doubling_back_off_and_lis
         raise Boom(f"failure {len(starts)}")
 
     sup.spawn("flaky", work)
-    await wait_until(lambda: len(starts) >= 5 and sup.problems())
+    await until(lambda: len(starts) >= 5 and sup.problems(), 5)
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     # 0.05, 0.1, 0.2, then capped at 0.2 (timers may run a little late, never early).
     for gap, want in zip(gaps, (0.05, 0.1, 0.2, 0.2), strict=False):
@@ -83,7 +74,7 @@ async def test_the_back_off_starts_again_after_a_healthy_spell_and_a_running_tas
         await asyncio.sleep(3600)
 
     sup.spawn("w", work)
-    await wait_until(lambda: len(runs) >= 6, timeout=5)
+    await until(lambda: len(runs) >= 6, 5)
     assert sup.problems() == [] and sup.running("w") is not None
     # 0.05, 0.1, 0.2, then 0.4 s of health resets it: 0.05 again (not 0.4), then 0.1.
     waits = [runs[1] - runs[0], runs[2] - runs[1], runs[3] - runs[2], runs[4] - runs[3] - 0.4, runs[5] - runs[4]]
@@ -104,13 +95,13 @@ async def test_a_task_cancelled_from_outside_or_that_returns_is_restarted_but_st
         await asyncio.sleep(3600)
 
     entry = sup.spawn("loop", work)
-    await wait_until(lambda: starts == 1)
+    await until(lambda: starts == 1, 5)
     first = sup.running("loop")
     assert first is not None and first.get_name() == "loop"
     first.cancel()
-    await wait_until(lambda: sup.problems(), what="the cancelled task listed")
+    await until(lambda: sup.problems(), 5, "the cancelled task listed")
     assert sup.problems()[0].startswith("task loop: cancelled")
-    await wait_until(lambda: starts == 3 and sup.running("loop"), what="restarted twice")
+    await until(lambda: starts == 3 and sup.running("loop"), 5, "restarted twice")
     assert entry.failures == 2
     await sup.stop(entry)
     await asyncio.sleep(0.15)
@@ -130,17 +121,17 @@ async def test_a_task_is_a_lasting_problem_only_after_failing_again_and_again_wi
         raise Boom(f"failure {runs}")
 
     entry = sup.spawn("w", work)
-    await wait_until(lambda: runs == 1 and sup.problems())
+    await until(lambda: runs == 1 and sup.problems(), 5)
     assert sup.problems(lasting=True) == []  # one failure: the supervisor's to fix
-    await wait_until(lambda: runs == 3 and sup.problems(), what="the third failure")
+    await until(lambda: runs == 3 and sup.problems(), 5, "the third failure")
     assert entry.streak == 3
     (problem,) = sup.problems(lasting=True)
     assert problem.startswith("task w: failed: Boom('failure 3')")
     assert sup.problems([]) == [] and sup.problems([entry]) == sup.problems()
     healthy.set()
     started = runs
-    await wait_until(lambda: runs == started + 1 and sup.running("w"), what="a healthy run")
-    await wait_until(lambda: sup.problems(), timeout=2, what="its failure after the healthy spell")
+    await until(lambda: runs == started + 1 and sup.running("w"), 5, "a healthy run")
+    await until(lambda: sup.problems(), 2, "its failure after the healthy spell")
     assert entry.streak == 1 and sup.problems(lasting=True) == []
     await sup.stop()
 
@@ -307,7 +298,7 @@ async def test_every_supervised_task_shows_in_healthz_after_a_failure_and_comes_
 
     # And they work again: the broker child is a new one and serves; the sink is connected to it; metrics,
     # samples and STATUS lines flow; a reload is carried out.
-    await wait_until(lambda: gw.broker.pid not in (None, old_pid), timeout=10, what="a new broker child")  # type: ignore[union-attr]
+    await until(lambda: gw.broker.pid not in (None, old_pid), 10, "a new broker child")  # type: ignore[union-attr]
     assert await sink.wait_connected(10)
     sub = Subscriber(int(gw.cfg.broker.listeners[0].rsplit(":", 1)[1]), ("fieldgate/sv/metrics",))
     await asyncio.to_thread(sub.start)
@@ -316,5 +307,5 @@ async def test_every_supervised_task_shows_in_healthz_after_a_failure_and_comes_
     finally:
         sub.stop()
     supervised.datagrams()
-    await wait_until(lambda: any(b"STATUS=" in d for d in supervised.datagrams()), what="a STATUS line")
+    await until(lambda: any(b"STATUS=" in d for d in supervised.datagrams()), 5, "a STATUS line")
     assert await gw.reload() is True
