@@ -30,7 +30,7 @@ import serial
 
 # benchlib first: it puts the repository on sys.path for the imports below.
 from benchlib import heading, note, print_header, print_table, record, run_summary, summary
-from modbus_bench import (
+from benchlib.modbus import (
     FLAT_POLL,
     READY_TIMEOUT,
     WARMUP,
