@@ -8,22 +8,18 @@ import logging
 import random
 import ssl as ssl_lib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from drivers.mcp import codec
-from drivers.mcp.client_state import RESPONSE_CACHE as RESPONSE_CACHE
-from drivers.mcp.client_state import Connection, Outstanding, Pending
-from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, MalformedPayload, NackCode, encode
+from drivers.mcp.client_state import CommandHandler, Connection, Outstanding, Pending
+from drivers.mcp.codec import DecodeError, Decoder, Frame, FrameType, MalformedPayload, NackCode, encode, nack
 from gateway.errors import FieldgateError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-CommandHandler = Callable[[str, dict[str, Any]], Awaitable[Any]]
-"""(name, args) -> result; raising answers the COMMAND with ok=false and str(exc)."""
 
 STALL_TIMEOUT = 5.0  # docs/mcp.md §4.2: a frame stalled for 5 s from its first byte closes the session
 _READ_CHUNK = 65536
@@ -76,10 +72,6 @@ def _body(frame: Frame) -> dict[str, Any]:
         return frame.body()
     except MalformedPayload:
         return {}
-
-
-def _nack(seq: int, code: NackCode) -> bytes:
-    return encode(Frame.json(FrameType.NACK, seq, {"code": int(code), "reason": code.reason}))
 
 
 class McpClient:
@@ -324,7 +316,7 @@ class McpClient:
         try:
             kind = FrameType(frame.type)
         except ValueError:
-            await self._write(conn, _nack(frame.seq, NackCode.UNKNOWN_FRAME_TYPE))
+            await self._write(conn, encode(nack(frame.seq, NackCode.UNKNOWN_FRAME_TYPE)))
             return
         if kind is FrameType.ACK:
             self._on_ack(conn, frame)
@@ -395,7 +387,7 @@ class McpClient:
         body = _body(frame)
         name, args = body.get("name"), body.get("args", {})
         if not isinstance(name, str) or not isinstance(args, dict):
-            await self._write(conn, _nack(seq, NackCode.MALFORMED_PAYLOAD))
+            await self._write(conn, encode(nack(seq, NackCode.MALFORMED_PAYLOAD)))
             return
         conn.responses.begin(seq)
         task = asyncio.create_task(self._run_command(conn, seq, name, args), name=f"mcp-command-{seq}")

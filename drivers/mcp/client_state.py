@@ -12,14 +12,14 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from drivers.mcp.codec import Frame, FrameType, encode, seq_next
 
-if TYPE_CHECKING:
-    from drivers.mcp.client import CommandHandler
+CommandHandler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+"""(name, args) -> result; raising answers the COMMAND with ok=false and str(exc)."""
 
 RESPONSE_CACHE = 64  # answered COMMAND seqs kept per connection for the gateway's retransmissions
 
