@@ -6,7 +6,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from drivers.modbus.planner import BIT_TABLES, MAX_BITS, MAX_REGISTERS, TABLES
+from drivers.modbus.planner import BIT_TABLES, MAX_BITS, MAX_REGISTERS, TABLES, ReadRequest
+from drivers.modbus.settings import LineSettings
 
 OVERLOAD_THRESHOLD = 0.8  # callers warn above this: retries and jitter need headroom
 FAST_BAUD = 19200  # above this the spec fixes t3.5 instead of scaling it
@@ -160,6 +161,13 @@ def line_budget(
         bits_per_char=bits_per_char,
         framing=framing,
     )
+
+
+def plan_budget(line: LineSettings, plans: Iterable[tuple[float, Iterable[ReadRequest]]]) -> LineBudget:
+    """The share of `line` that one cycle of each poll plan, given as (interval, planned reads), needs."""
+    bits = char_bits(line.bytesize, line.parity, line.stopbits)
+    jobs = [(interval, [transaction_bytes(r.table, r.count) for r in reads]) for interval, reads in plans]
+    return line_budget(jobs, line.baudrate, bits, framing=f"{line.bytesize}{line.parity}{line.stopbits}")
 
 
 def _data_bytes(table: str, count: int) -> int:

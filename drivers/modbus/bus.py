@@ -38,17 +38,8 @@ ALIVE_SLACK = 2.0
 
 def line_budget(cfg: LineSettings) -> budget.LineBudget:
     """The share of the line that one cycle of every device's plan needs."""
-    bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
-    jobs = [
-        (
-            job.interval,
-            [budget.transaction_bytes(r.table, r.count) for r in job.requests],
-        )
-        for dev in cfg.devices
-        for job in Device(dev, cfg).jobs
-    ]
-    framing = f"{cfg.bytesize}{cfg.parity}{cfg.stopbits}"
-    return budget.line_budget(jobs, cfg.baudrate, bits, framing=framing)
+    plans = ((job.interval, job.requests) for dev in cfg.devices for job in Device(dev, cfg).jobs)
+    return budget.plan_budget(cfg, plans)
 
 
 class ModbusBus:
