@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.broker_auth import LOGIN_FAILURES, set_password
 
+from configs import broker, config, write
 from helpers import GatewayProcess, free_port, mqtt_login, until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +44,7 @@ def broker_child(gateway_pid: int) -> int:
 async def test_refused_broker_logins_are_on_metrics_wherever_the_broker_runs(tmp_path: Path, process: str) -> None:
     set_password(tmp_path / "users", "alice", "pw-alice")
     mqtt, web = free_port(), free_port()
-    (tmp_path / "config.yaml").write_text(
-        f"gateway: {{id: logins, state_dir: ./state, http: '127.0.0.1:{web}'}}\n"
-        f"broker: {{listeners: ['tcp://127.0.0.1:{mqtt}'], process: {process}, users: users}}\n"
-    )
+    write(config(id="logins", http=f"127.0.0.1:{web}", broker=broker(mqtt, process=process, users="users")), tmp_path)
     url = f"http://127.0.0.1:{web}/metrics"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with GatewayProcess(["run", "-c", "config.yaml"], tmp_path / "gateway.log", cwd=tmp_path, env=env) as gw:

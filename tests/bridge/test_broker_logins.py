@@ -21,6 +21,7 @@ from gateway.broker_access import broker_auth as gateway_broker_auth
 from gateway.config import parse_config
 from gateway.errors import FieldgateError
 
+from configs import broker, text
 from helpers import broker_with_users, free_port, until
 from helpers import mqtt_login as login
 
@@ -190,7 +191,7 @@ async def test_a_users_file_that_cannot_be_read_is_moved_aside_and_the_broker_st
     users = tmp_path / "users"
     users.write_bytes(content)
     port = free_port()
-    cfg = parse_config(f"broker: {{process: inline, listeners: ['tcp://127.0.0.1:{port}'], users: users}}").config
+    cfg = parse_config(text({"broker": broker(port, process="inline", users="users")})).config
     before = corrupt_counts()["users"]
     auth = gateway_broker_auth(cfg, tmp_path, "internal-secret-0001")
     assert auth is not None

@@ -41,6 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.mcp.codec import Decoder, Frame, FrameType, encode
 
+import configs  # qualified: `sink` and `config` are names of this file's own
+from configs import Section
 from helpers import free_port
 
 # The trace's parser is strace_log.py next to this file (tests/ itself is on the path already).
@@ -58,23 +60,23 @@ SYNCS = ("fsync", "fdatasync")
 # test fail (no read of the frame found), not pass.
 TRACED = "recvfrom,recvmsg,sendto,sendmsg,write,writev,pwrite64,pwritev,fsync,fdatasync"
 
-# Two sinks, the second much slower to commit: an ACK that waited for the first sink alone would leave
-# long before the second's fsync, and the trace would show it.
-CONFIG = """
-gateway: {{id: dur, state_dir: {state}, http: "127.0.0.1:{http}"}}
-broker: {{enabled: false}}
-northbound:
-  - name: up
-    url: mqtt://127.0.0.1:{dead}
-    spool: {{commit_window: 20ms}}
-  - name: backup
-    url: mqtt://127.0.0.1:{dead}
-    spool: {{commit_window: 250ms}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - {{id: pump-1, token: {token}}}
-"""
+
+def durability_config(state: Path, http: int, dead: int, mcp_port: int) -> Section:
+    """Two sinks, the second much slower to commit: an ACK that waited for the first sink alone would leave long
+    before the second's fsync, and the trace would show it. Both brokers are `dead` (a port nobody listens on)."""
+    sinks = [
+        configs.sink("up", f"mqtt://127.0.0.1:{dead}", spool={"commit_window": "20ms"}),
+        configs.sink("backup", f"mqtt://127.0.0.1:{dead}", spool={"commit_window": "250ms"}),
+    ]
+    return configs.config(
+        id="dur",
+        state_dir=state,
+        http=f"127.0.0.1:{http}",
+        broker=configs.broker(enabled=False),
+        northbound=sinks,
+        mcp=configs.mcp(mcp_port, devices=[configs.mcp_device("pump-1", token=TOKEN)]),
+    )
+
 
 Figures = dict[str, dict[str, float]]  # sink -> metric name -> value
 
@@ -222,10 +224,7 @@ def traced_gateway(tmp: Path, trace: Path) -> Iterator[tuple[int, int]]:
     try:
         for _attempt in range(3):  # the MCP and HTTP ports are chosen free; another test may take one first
             mcp, http = free_port(), free_port()
-            config = tmp / "config.yaml"
-            config.write_text(
-                CONFIG.format(state=tmp / "state", http=http, dead=dead.getsockname()[1], mcp=mcp, token=TOKEN)
-            )
+            config = configs.write(durability_config(tmp / "state", http, dead.getsockname()[1], mcp), tmp)
             cmd = ["strace", "-f", "--seccomp-bpf", "-ttt", "-yy", "-xx", "-s", "65536", "-e", f"trace={TRACED}"]
             cmd += ["-o", str(trace), sys.executable, "-m", "gateway", "run", "-c", str(config)]
             with log.open("wb") as out:

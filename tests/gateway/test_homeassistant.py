@@ -38,6 +38,8 @@ from gateway.errors import ConfigError
 from gateway.homeassistant import Discovery, configs, discovery_messages, removal_messages
 from gateway.types import Message
 
+import configs as build  # the tests' config builder (`configs` is gateway.homeassistant's)
+from configs import Section
 from helpers import GatewayProcess, Received, Subscriber, free_port, subscribed, until
 from mosquitto import Mosquitto
 
@@ -673,36 +675,6 @@ def test_publish_gives_each_sink_its_own_prefix(tmp_path: Path) -> None:
 
 # --- end to end -----------------------------------------------------------------------------------
 
-E2E = """
-gateway: {{id: t1, state_dir: ./state, http: null}}
-broker: {{process: inline, listeners: ["tcp://127.0.0.1:{port}"]}}
-northbound:
-  - {{name: local}}
-  - {{name: up, url: "{upstream}", topic_prefix: site/t1}}
-homeassistant: {{enabled: {enabled}}}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 100ms
-          points:
-            - {{name: temp, table: holding, address: 0, type: int16, scale: 0.1, unit: "°C", device_class: temperature}}
-            - {{name: sp, table: holding, address: 1, type: uint16, scale: 0.5, writable: true, min: 0, max: 100}}
-            - {{name: relay, table: coil, address: 0, writable: true}}
-            - {{name: flags, table: holding, address: 2, type: bitfield, bits: {{0: run, 5: alarm}}}}
-{extra}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - {{unit: 1}}
-"""
-SPARE = "            - {name: spare, table: holding, address: 3}"
 SPARE_TOPIC = "homeassistant/sensor/t1_plc_spare/config"
 TOPICS = {
     "homeassistant/binary_sensor/t1_status/config",
@@ -727,10 +699,22 @@ async def running(path: Path) -> AsyncIterator[Gateway]:
 
 def write(tmp_path: Path, port: int, upstream: str, *, spare: bool = True, enabled: bool = True) -> Path:
     """The end-to-end config, with or without the `spare` point."""
-    path = tmp_path / "config.yaml"
-    extra = SPARE if spare else ""
-    path.write_text(E2E.format(port=port, upstream=upstream, enabled=str(enabled).lower(), extra=extra))
-    return path
+    points = [
+        build.point("temp", "holding", 0, "int16", scale=0.1, unit="°C", device_class="temperature"),
+        build.point("sp", "holding", 1, "uint16", scale=0.5, writable=True, min=0, max=100),
+        build.point("relay", "coil", 0, writable=True),
+        build.point("flags", "holding", 2, "bitfield", bits={0: "run", 5: "alarm"}),
+    ]
+    if spare:
+        points.append(build.point("spare", "holding", 3))
+    cfg = build.config(
+        broker=build.broker(port, process="inline"),
+        northbound=[build.sink("local"), build.sink("up", upstream, topic_prefix="site/t1")],
+        homeassistant={"enabled": enabled},
+        buses=[build.line("line", "./ttyA", build.device("plc", 1, poll="100ms", points=points))],
+        simulator=build.simulator(modbus=[build.sim_line("./ttyA", build.sim_slave(1))]),
+    )
+    return build.write(cfg, tmp_path)
 
 
 def newest(messages: list[Received]) -> dict[str, Received]:
@@ -840,29 +824,21 @@ async def test_a_point_gone_after_a_restart_has_its_config_removed(tmp_path: Pat
 
 # --- across a reload (SIGHUP) -----------------------------------------------------------------------
 
-RELOAD = """
-gateway: {{id: t1, state_dir: ./state, http: null}}
-broker: {{listeners: ["tcp://127.0.0.1:{port}"]}}
-northbound:
-  - {{name: local}}
-  - {{name: up, url: "{upstream}", topic_prefix: site/t1}}
-homeassistant: {{enabled: true}}
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-{devices}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices: [{{unit: 1}}, {{unit: 2}}, {{unit: 3}}]
-"""
-PLC = "        - {{name: plc, unit: 1, poll: 200ms, points: [{{name: temp, table: holding, address: 0}}, {}]}}"
-HEATER = "        - {name: heater, unit: 2, poll: 200ms, points: [{name: power, table: holding, address: 0}]}"
-FAN = "        - {name: fan, unit: 3, poll: 200ms, points: [{name: speed, table: holding, address: 0}]}"
+
+def reload_config(port: int, upstream: str, plc_point: Section, *others: Section) -> Section:
+    """Discovery on, two sinks; on the line `plc` (temp and `plc_point`) and the `others` (simulated units 1-3)."""
+    plc = build.device("plc", 1, poll="200ms", points=[build.point("temp", "holding", 0), plc_point])
+    return build.config(
+        broker=build.broker(port),
+        northbound=[build.sink("local"), build.sink("up", upstream, topic_prefix="site/t1")],
+        homeassistant={"enabled": True},
+        buses=[build.line("line", "./ttyA", plc, *others)],
+        simulator=build.simulator(modbus=[build.sim_line("./ttyA", *(build.sim_slave(u) for u in (1, 2, 3)))]),
+    )
+
+
+HEATER = build.device("heater", 2, poll="200ms", points=[build.point("power", "holding", 0)])
+FAN = build.device("fan", 3, poll="200ms", points=[build.point("speed", "holding", 0)])
 BEFORE = {
     "homeassistant/binary_sensor/t1_status/config",
     "homeassistant/sensor/t1_plc_temp/config",
@@ -880,9 +856,8 @@ async def test_a_reload_publishes_the_configs_of_new_points_and_devices_and_clea
     """README: "Home Assistant configs of points gone are removed at once" (on a reload), on every sink."""
     port = free_port()
     path = tmp_path / "config.yaml"
-    spare = "{name: spare, table: holding, address: 1}"
-    extra = "{name: extra, table: holding, address: 2}"
-    path.write_text(RELOAD.format(port=port, upstream=mosquitto.url, devices=PLC.format(spare) + "\n" + HEATER))
+    spare = build.point("spare", "holding", 1)
+    build.write(reload_config(port, mosquitto.url, spare, HEATER), path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     with GatewayProcess(["run", "-c", str(path)], tmp_path / "gateway.log", cwd=tmp_path, env=env) as gw:
         await gw.logged("fieldgate t1 up")
@@ -890,7 +865,8 @@ async def test_a_reload_publishes_the_configs_of_new_points_and_devices_and_clea
         assert set(await retained_configs(mosquitto.port, BEFORE)) == BEFORE
 
         async with subscribed(port, "homeassistant/#") as local, subscribed(mosquitto.port, "homeassistant/#") as up:
-            path.write_text(RELOAD.format(port=port, upstream=mosquitto.url, devices=PLC.format(extra) + "\n" + FAN))
+            extra = build.point("extra", "holding", 2)
+            build.write(reload_config(port, mosquitto.url, extra, FAN), path)
             gw.proc.send_signal(signal.SIGHUP)
             await gw.logged("reload: +1 device (fan), -1 device (heater), ~1 device (plc), bus line restarted")
             # Live, on both brokers: the removed entities' configs cleared (empty, so HA deletes them), the new

@@ -12,31 +12,26 @@ from pathlib import Path
 
 from drivers.mcp.client import McpClient
 
+from configs import Section, broker, config, mcp, mcp_device, sink, write
 from helpers import GatewayProcess, free_port, now_ms, spool_rows
 
 TOKEN = "s3cret-token-0001"
 
-CONFIG = """
-gateway: {{id: sf, state_dir: ./state, http: null}}
-broker: {broker}
-{homeassistant}
-northbound:
-  - name: up
-{url}
-    spool: {{commit_window: 20ms}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - {{id: pump-1, token: {token}}}
-"""
 
-
-def write_config(tmp_path: Path, *, broker: str = "{enabled: false}", url: str = "", ha: str = "") -> int:
-    """config.yaml in tmp_path; the MCP port."""
-    mcp = free_port()
-    text = CONFIG.format(broker=broker, homeassistant=ha, url=url, mcp=mcp, token=TOKEN)
-    (tmp_path / "config.yaml").write_text(text)
-    return mcp
+def write_config(
+    tmp_path: Path, *, broker: Section | None = None, url: str | None = None, homeassistant: Section | None = None
+) -> int:
+    """config.yaml in tmp_path (no embedded broker unless `broker` is given); the MCP port."""
+    mcp_port = free_port()
+    cfg = config(
+        id="sf",
+        broker=broker or {"enabled": False},
+        homeassistant=homeassistant,
+        northbound=[sink("up", url, spool={"commit_window": "20ms"})],
+        mcp=mcp(mcp_port, devices=[mcp_device("pump-1", token=TOKEN)]),
+    )
+    write(cfg, tmp_path)
+    return mcp_port
 
 
 async def one_acked_frame(port: int, ts: int) -> None:
@@ -58,7 +53,7 @@ def moved_aside(folder: Path, name: str) -> list[Path]:
 
 async def test_a_spool_of_random_bytes_is_moved_aside_and_the_gateway_serves(tmp_path: Path) -> None:
     # The upstream is down (nobody listens): an ACK means the frame is committed to the fresh spool.
-    mcp = write_config(tmp_path, url=f"    url: mqtt://127.0.0.1:{free_port()}")
+    mcp = write_config(tmp_path, url=f"mqtt://127.0.0.1:{free_port()}")
     spool = tmp_path / "state" / "spool" / "up.sqlite"
     spool.parent.mkdir(parents=True)
     garbage = os.urandom(64 * 1024)
@@ -84,8 +79,8 @@ async def test_a_users_file_and_a_discovery_state_of_garbage_are_moved_aside_and
     users.write_bytes(garbage)
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "homeassistant.json").write_bytes(b"\x00" * 512)
-    broker = f"{{process: inline, listeners: ['tcp://127.0.0.1:{port}'], users: users}}"
-    mcp = write_config(tmp_path, broker=broker, ha="homeassistant: {enabled: true}")
+    embedded = broker(port, process="inline", users="users")
+    mcp = write_config(tmp_path, broker=embedded, homeassistant={"enabled": True})
     log = tmp_path / "gateway.log"
     with GatewayProcess(["run", "-c", "config.yaml"], log, cwd=tmp_path, stop_timeout=10) as gw:
         await gw.logged("fieldgate sf up:", 20)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from drivers.mcp.codec import MAGIC, VERSION, DecodeError, Frame, FrameType, NackCode, encode
 
+from configs import broker, config, mcp_device, write
+from configs import mcp as mcp_section  # `mcp` is the port below
 from helpers import GatewayProcess, free_port
 from mcp_peer import RawPeer
 
@@ -26,16 +28,6 @@ ROOT = Path(__file__).parents[2]
 GOOD_TOKEN = "good-device-token-0001"
 SECOND_TOKEN = "second-device-token-02"
 ACK_BOUND = 1.0  # seconds: generous for one DATA frame on loopback, far below what the flood cost before
-
-CONFIG = """
-gateway: {{id: sec1, state_dir: ./state, http: null}}
-broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"]}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - {{id: good-1, token: {good}}}
-    - {{id: second-1, token: {second}}}
-"""
 
 
 def resync_flood(size: int, frame_type: FrameType, seq: int, step: int = 14, longest: int | None = None) -> bytes:
@@ -104,8 +96,8 @@ class GoodDevice:
 async def gateway(tmp_path: Path) -> AsyncIterator[int]:
     """`fieldgate run` with an embedded broker and two MCP devices; yields its MCP port."""
     mqtt, mcp = free_port(), free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(mqtt=mqtt, mcp=mcp, good=GOOD_TOKEN, second=SECOND_TOKEN))
+    devices = [mcp_device("good-1", token=GOOD_TOKEN), mcp_device("second-1", token=SECOND_TOKEN)]
+    path = write(config(id="sec1", broker=broker(mqtt), mcp=mcp_section(mcp, devices=devices)), tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # A stuck event loop does not see SIGTERM: a short stop timeout keeps a failing run short.
     with GatewayProcess(
