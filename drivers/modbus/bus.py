@@ -1,4 +1,4 @@
-"""One RS-485 line: one task, one lock, fixed-rate polling, writes ahead of the queue."""
+"""One RS-485 line: one task, one transaction at a time; schedule.py decides what next, the task does the I/O."""
 
 from __future__ import annotations
 
@@ -303,7 +303,7 @@ class ModbusBus:
         for it and pymodbus drops it, instead of arriving during that request, where the same unit, function
         and length would pass it as the answer to a different read. A retry of the same request needs no wait
         (the late answer is its answer), nor does another unit (pymodbus refuses an answer from the wrong unit):
-        the line's task polls the other units while this one settles (see `_run`)."""
+        the line's task polls the other units while this one settles (see `LineSchedule.next_step`)."""
         self._schedule.settle(unit, time.monotonic() + timeout)
 
     async def _settled(self, unit: int) -> None:
