@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.types import Message
 
+import configs  # qualified: `device` and `simulator` name this file's own helpers
+from configs import Section
 from helpers import GatewayProcess, Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed, until
 from mosquitto import Mosquitto
 
@@ -45,44 +47,6 @@ P = "fieldgate/sf"
 PUMP = f"{P}/pump-1/telemetry"
 PLC = f"{P}/plc/telemetry"
 FROZEN = 4242  # the ramp's last value, set while the broker is down
-
-CONFIG = """
-gateway: {{id: sf, state_dir: {state_dir}, http: null}}
-broker: {{enabled: false}}
-northbound:
-  - name: up
-    url: {url}
-{tls}
-    spool: {{commit_window: 50ms, replay_rate: {replay_rate}, order: {order}{spool}}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - {{id: pump-1, token: s3cret-token-0001}}
-{modbus}
-"""
-
-MODBUS = """
-modbus:
-  buses:
-    - name: line
-      port: ./ttyA
-      baudrate: 115200
-      parity: N
-      devices:
-        - name: plc
-          unit: 1
-          poll: 100ms
-          points:
-            - {name: ramp, table: holding, address: 0, type: uint16}
-            - {name: sp, table: holding, address: 10, type: uint16, writable: true}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices:
-        - unit: 1
-          values: {ramp: {wave: ramp, period: 100ms, min: 0, max: 60000}}
-"""
-
 
 # --- building and running --------------------------------------------------------------------
 
@@ -102,25 +66,36 @@ def write_config(
     modbus: bool = True,
     order: str = "live",
     replay_rate: float = 5000,
-    spool: str = "",
-    tls: str = "",
+    spool: Section | None = None,
+    tls: Section | None = None,
     state_dir: str = "./state",
 ) -> Setup:
-    """The test gateway's config in tmp_path: sink `up` to `url`, MCP device pump-1, optionally the Modbus slave."""
+    """The test gateway's config in tmp_path: sink `up` to `url`, MCP device pump-1, optionally the Modbus slave
+    (a plc whose ramp changes at every 100 ms poll); `spool` and `tls` add keys to the sink's."""
     mcp_port = free_port()
-    path = tmp_path / "config.yaml"
-    text = CONFIG.format(
-        state_dir=state_dir,
-        url=url,
-        tls=tls,
-        replay_rate=replay_rate,
-        order=order,
-        spool=spool,
-        mcp=mcp_port,
-        modbus=MODBUS if modbus else "",
+    up_spool = {"commit_window": "50ms", "replay_rate": replay_rate, "order": order, **(spool or {})}
+    plc = configs.device(
+        "plc",
+        1,
+        poll="100ms",
+        points=[
+            configs.point("ramp", "holding", 0, "uint16"),
+            configs.point("sp", "holding", 10, "uint16", writable=True),
+        ],
     )
-    path.write_text(text)
-    return Setup(path, mcp_port)
+    ramp = {"wave": "ramp", "period": "100ms", "min": 0, "max": 60000}
+    cfg = configs.config(
+        id="sf",
+        state_dir=state_dir,
+        broker=configs.broker(enabled=False),
+        northbound=[configs.sink("up", url, **(tls or {}), spool=up_spool)],
+        mcp=configs.mcp(mcp_port, devices=[configs.mcp_device("pump-1")]),
+        buses=[configs.line("line", "./ttyA", plc)] if modbus else None,
+        simulator=configs.simulator(modbus=[configs.sim_line("./ttyA", configs.sim_slave(1, {"ramp": ramp}))])
+        if modbus
+        else None,
+    )
+    return Setup(configs.write(cfg, tmp_path), mcp_port)
 
 
 @contextlib.asynccontextmanager
@@ -178,13 +153,6 @@ def simulator(gw: Gateway) -> ModbusSimulator:
     """The simulated slave line of a gateway."""
     assert gw.simulation is not None
     return next(iter(gw.simulation.simulators.values()))
-
-
-async def eventually(condition: Callable[[], object], timeout: float) -> None:
-    """Wait up to `timeout` seconds for `condition()`, without failing: the assertions that follow say what is wrong."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
 
 
 # --- what was promised, what arrived ---------------------------------------------------------
@@ -302,13 +270,14 @@ async def outage(
             await until(lambda: outbox.backlog == 0 and len(outbox) == 0, 15, "the backlog to drain")
             plc = handed.telemetry_ts("plc")
             # No failure here: check_complete names what is missing if it never came.
-            await eventually(
-                lambda: (
-                    not missing(sender.acked, before.messages + sub.messages, PUMP)
-                    and not missing(plc, before.messages + sub.messages, PLC)
-                ),
-                timeout=5,
-            )
+            with contextlib.suppress(AssertionError):
+                await until(
+                    lambda: (
+                        not missing(sender.acked, before.messages + sub.messages, PUMP)
+                        and not missing(plc, before.messages + sub.messages, PLC)
+                    ),
+                    5,
+                )
             result = Outage(sender, handed, list(before.messages), list(sub.messages), (down, up), backlog)
             result.retained = await retained(mosquitto.port, (f"{P}/pump-1/n", f"{P}/plc/ramp"))
             return result
@@ -415,7 +384,7 @@ async def test_reject_nacks_code_8_when_the_spool_is_full_and_the_gateway_serves
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     mosquitto.stop()
-    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool=", max_size: 2kB, when_full: reject")
+    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool={"max_size": "2kB", "when_full": "reject"})
     async with running(setup) as gw, device(setup) as client:
         sender = Sender(client)
         for _ in range(100):
@@ -451,7 +420,7 @@ async def test_drop_oldest_drops_the_oldest_and_p_metrics_counts_them(
 ) -> None:
     monkeypatch.setattr(gateway.app, "METRICS_INTERVAL", 0.3)
     mosquitto.stop()
-    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool=", max_size: 4kB")
+    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool={"max_size": "4kB"})
     async with running(setup) as gw, device(setup) as client:
         sender = Sender(client)
         for _ in range(60):
@@ -490,7 +459,7 @@ async def test_max_age_drops_what_waited_too_long_and_counts_it(
 ) -> None:
     monkeypatch.setattr(bridge.outbox, "HOUSEKEEPING_INTERVAL", 0.1)
     mosquitto.stop()
-    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool=", max_age: 1s")
+    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool={"max_age": "1s"})
     async with running(setup) as gw, device(setup) as client:
         outbox = gw.outboxes[0]
         sender = Sender(client, depth=16)
@@ -539,7 +508,7 @@ async def full_disk(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[tuple
     """A gateway whose state dir is a 1 MB tmpfs, the broker down, and MCP DATA sent until the disk is full."""
     mosquitto.stop()
     with tmpfs(tmp_path / "disk", "1m") as disk:
-        spool = ", min_free: 0"  # no floor: the filesystem itself runs out
+        spool = {"min_free": 0}  # no floor: the filesystem itself runs out
         setup = write_config(tmp_path, mosquitto.url, modbus=False, state_dir=str(disk), spool=spool)
         async with running(setup) as gw, device(setup) as client:
             st = os.statvfs(disk)
@@ -592,7 +561,7 @@ async def test_the_free_disk_floor_nacks_8_without_filling_the_disk(tmp_path: Pa
     mosquitto.stop()
     st = os.statvfs(tmp_path)
     floor = st.f_bavail * st.f_frsize + 2**30  # more than is free: the floor is already reached
-    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool=f", min_free: {floor}")
+    setup = write_config(tmp_path, mosquitto.url, modbus=False, spool={"min_free": floor})
     async with running(setup) as gw, device(setup) as client:
         sender = Sender(client)
         await sender.send()
@@ -616,7 +585,7 @@ async def test_the_free_disk_floor_nacks_8_without_filling_the_disk(tmp_path: Pa
 async def test_tls_with_a_client_certificate_to_an_upstream_mosquitto(tmp_path: Path, mosquitto_tls: Mosquitto) -> None:
     tls = mosquitto_tls.tls
     assert tls is not None
-    keys = f"    ca: {tls.ca}\n    cert: {tls.client_cert}\n    key: {tls.client_key}"
+    keys = {"ca": str(tls.ca), "cert": str(tls.client_cert), "key": str(tls.client_key)}
     setup = write_config(tmp_path, mosquitto_tls.url, tls=keys)
     sub = Subscriber(mosquitto_tls.port)
     sub.client.tls_set_context(tls.client_context())
