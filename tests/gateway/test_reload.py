@@ -17,21 +17,41 @@ import pytest
 from bridge.spool import SQLiteSpool
 from drivers.mcp.codec import Frame, FrameType
 from gateway.app import Gateway
-from gateway.config import load_config, parse_config
+from gateway.config import Config, load_config, parse_config
 from gateway.reload import diff
 
+from configs import (
+    Section,
+    broker,
+    config,
+    device,
+    line,
+    mcp,
+    mcp_device,
+    point,
+    sim_line,
+    sim_slave,
+    simulator,
+    sink,
+    text,
+    write,
+)
 from helpers import GatewayProcess, Received, Subscriber, free_port, subscribed
 from mcp_peer import RawPeer
 from mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BOILER = (
-    "{name: boiler, unit: 1, poll: 100ms, full_every: 200ms, points: "
-    "[{name: temp, table: holding, address: 0}, {name: aux, table: holding, address: 3}]}"
-)
-PUMP = "{name: pump, unit: 2, poll: 100ms, points: [{name: level, table: holding, address: 5}]}"
-METER = "{name: meter, unit: 1, poll: 100ms, full_every: 200ms, points: [{name: kwh, table: holding, address: 0}]}"
+
+def boiler(*, unit: int = 1, aux: Section | None = None) -> Section:
+    """Unit 1 of line1: `temp` and `aux` (or the point given), polled every 100 ms, read whole every 200 ms."""
+    points = [point("temp", "holding", 0), aux or point("aux", "holding", 3)]
+    return device("boiler", unit, poll="100ms", full_every="200ms", points=points)
+
+
+BOILER = boiler()
+PUMP = device("pump", 2, poll="100ms", points=[point("level", "holding", 5)])
+METER = device("meter", 1, poll="100ms", full_every="200ms", points=[point("kwh", "holding", 0)])
 
 
 PUMP_STATUS = "fieldgate/t1/pump/status"
@@ -50,32 +70,29 @@ def outbox_of(gw: Gateway, sink: str) -> Any:
     return next((o for o in gw.outboxes if o.sink.name == sink), None)
 
 
-def config(
+def reload_config(
     port: int,
-    line1: list[str],
+    line1: list[Section],
     *,
-    line2: tuple[str, ...] = (METER,),
-    sinks: tuple[str, ...] = ("{name: local}",),
+    line2: tuple[Section, ...] = (METER,),
+    sinks: tuple[Section, ...] = (sink("local"),),
     gateway_id: str = "t1",
-    mcp: str = "",
-) -> str:
+    mcp: Section | None = None,
+) -> Section:
     """A gateway with two simulated lines (units 1 and 2 on ttyA, unit 1 on ttyB); the simulator never changes."""
-    return f"""
-gateway: {{id: {gateway_id}, state_dir: ./state, http: null}}
-broker: {{listeners: ["tcp://127.0.0.1:{port}"]}}
-northbound: [{", ".join(sinks)}]
-modbus:
-  buses:
-    - {{name: line1, port: ./ttyA, baudrate: 115200, parity: N, devices: [{", ".join(line1)}]}}
-    - {{name: line2, port: ./ttyB, baudrate: 115200, parity: N, devices: [{", ".join(line2)}]}}
-{mcp}
-simulator:
-  modbus:
-    - link: ./ttyA
-      devices: [{{unit: 1, values: {{temp: {{value: 21}}}}}}, {{unit: 2}}]
-    - link: ./ttyB
-      devices: [{{unit: 1, values: {{kwh: {{value: 42}}}}}}]
-"""
+    return config(
+        id=gateway_id,
+        broker=broker(port),
+        northbound=list(sinks),
+        buses=[line("line1", "./ttyA", *line1), line("line2", "./ttyB", *line2)],
+        mcp=mcp,
+        simulator=simulator(
+            modbus=[
+                sim_line("./ttyA", sim_slave(1, {"temp": {"value": 21}}), sim_slave(2)),
+                sim_line("./ttyB", sim_slave(1, {"kwh": {"value": 42}})),
+            ]
+        ),
+    )
 
 
 @pytest.fixture
@@ -83,7 +100,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Subscriber, Path
     """A running gateway with `boiler` on line1 and `meter` on line2, a subscriber, its config path and broker port."""
     port = free_port()
     path = tmp_path / "config.yaml"
-    path.write_text(config(port, [BOILER]))
+    write(reload_config(port, [BOILER]), path)
     gw = Gateway(load_config(path))
     await gw.start()
     try:
@@ -102,7 +119,7 @@ async def test_a_device_added_publishes_and_the_other_line_runs_on_untouched(
     await sub.next_on("fieldgate/t1/meter/telemetry")
     before = line2.stats.transactions
     assert sub.on("fieldgate/t1/pump/telemetry") == []
-    path.write_text(config(port, [BOILER, PUMP]))
+    write(reload_config(port, [BOILER, PUMP]), path)
     caplog.set_level(logging.INFO, logger="gateway.app")
     assert await gw.reload() is True
     msg = await sub.next_on("fieldgate/t1/pump/telemetry")
@@ -123,14 +140,14 @@ async def test_a_device_removed_stops_publishing_goes_offline_and_its_values_are
     setup: tuple[Gateway, Subscriber, Path, int],
 ) -> None:
     gw, sub, path, port = setup
-    path.write_text(config(port, [BOILER, PUMP]))
+    write(reload_config(port, [BOILER, PUMP]), path)
     assert await gw.reload()
     await sub.wait_for(lambda ms: any(m.topic == "fieldgate/t1/pump/status" and m.payload == b"online" for m in ms))
     await sub.next_on("fieldgate/t1/pump/level")
 
     async with subscribed(port, "fieldgate/t1/pump/#") as early:
         await early.next_on("fieldgate/t1/pump/level")  # retained: what the removal must clear
-    path.write_text(config(port, [BOILER]))
+    write(reload_config(port, [BOILER]), path)
     assert await gw.reload()
 
     def offline_at(ms: list[Received]) -> int | None:
@@ -163,8 +180,8 @@ async def test_a_changed_point_is_published_and_the_old_one_cleared(
     gw, sub, path, port = setup
     async with subscribed(port, "fieldgate/t1/boiler/+") as early:
         await early.next_on("fieldgate/t1/boiler/aux")  # retained: what the change must clear
-    changed = BOILER.replace("{name: aux, table: holding, address: 3}", "{name: aux2, table: holding, address: 7}")
-    path.write_text(config(port, [changed]))
+    changed = boiler(aux=point("aux2", "holding", 7))
+    write(reload_config(port, [changed]), path)
     assert await gw.reload()
     msg = await sub.next_on("fieldgate/t1/boiler/aux2")
     assert msg.json() == 0
@@ -182,8 +199,9 @@ async def test_a_bad_file_is_refused_and_the_gateway_runs_on(
 ) -> None:
     gw, sub, path, port = setup
     cfg, buses = gw.cfg, list(gw.buses)
-    bad = config(port, [BOILER.replace("unit: 1", "unit: 300"), PUMP]).replace("parity: N", "parity: X", 1)
-    path.write_text(bad)
+    bad = reload_config(port, [boiler(unit=300), PUMP])
+    bad["modbus"]["buses"][0]["parity"] = "X"
+    write(bad, path)
     caplog.set_level(logging.INFO, logger="gateway.app")
     assert await gw.reload() is False
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -196,7 +214,7 @@ async def test_a_bad_file_is_refused_and_the_gateway_runs_on(
 
     # A valid file with a change only a restart can make is refused the same way, naming the key.
     caplog.clear()
-    path.write_text(config(port, [BOILER, PUMP], gateway_id="t2"))
+    write(reload_config(port, [BOILER, PUMP], gateway_id="t2"), path)
     assert await gw.reload() is False
     assert "gateway.id changed, and that needs a restart" in caplog.text
     assert "config reload refused; still running the previous config" in caplog.text
@@ -208,8 +226,8 @@ async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
 ) -> None:
     port = free_port()
     path = tmp_path / "config.yaml"
-    up = f"{{name: up, url: '{mosquitto.url}', keepalive: 5s}}"
-    path.write_text(config(port, [BOILER], sinks=("{name: local}", up)))
+    up = sink("up", mosquitto.url, keepalive="5s")
+    write(reload_config(port, [BOILER], sinks=(sink("local"), up)), path)
     mosquitto.stop()
     caplog.set_level(logging.INFO, logger="gateway.app")
     gw = Gateway(load_config(path))
@@ -224,14 +242,14 @@ async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
         # Changed (keepalive): rebuilt on the same spool file, which it takes over whole.
         held = outbox_of(gw, "up").backlog
         old = outbox_of(gw, "up")
-        path.write_text(config(port, [BOILER], sinks=("{name: local}", up.replace("5s", "6s"))))
+        write(reload_config(port, [BOILER], sinks=(sink("local"), up | {"keepalive": "6s"})), path)
         assert await gw.reload()
         assert outbox_of(gw, "up") is not old and old.health() == "stopped"
         assert outbox_of(gw, "up").backlog >= held
         assert len(gw.sinks) == len(gw.outboxes) == 2
 
         # Removed: its outbox stops, the spool stays on disk with what it holds.
-        path.write_text(config(port, [BOILER]))
+        write(reload_config(port, [BOILER]), path)
         removed_ms = time.time() * 1000
         assert await gw.reload()
         assert outbox_of(gw, "up") is None and [s.name for s in gw.sinks] == ["local"]
@@ -247,7 +265,7 @@ async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
         # Back, with its broker up: the new sink sends what was spooled before the removal.
         mosquitto.start()
         async with subscribed(mosquitto.port, "fieldgate/t1/boiler/telemetry") as upstream:
-            path.write_text(config(port, [BOILER], sinks=("{name: local}", up)))
+            write(reload_config(port, [BOILER], sinks=(sink("local"), up)), path)
             assert await gw.reload()
 
             def spooled(ms: list) -> bool:  # type: ignore[type-arg]
@@ -266,11 +284,8 @@ async def test_mcp_devices_removed_or_rekeyed_lose_their_session(tmp_path: Path)
     port, mcp_port = free_port(), free_port()
     path = tmp_path / "config.yaml"
 
-    def mcp(devices: str) -> str:
-        return f"mcp:\n  listen: 127.0.0.1:{mcp_port}\n  devices: [{devices}]"
-
-    both = "{id: pump-1, token: s3cret-token-0001}, {id: pump-2, token: other-token-00002}"
-    path.write_text(config(port, [BOILER], mcp=mcp(both)))
+    both = [mcp_device("pump-1"), mcp_device("pump-2", token="other-token-00002")]
+    write(reload_config(port, [BOILER], mcp=mcp(mcp_port, devices=both)), path)
     gw = Gateway(load_config(path))
     await gw.start()
     try:
@@ -279,13 +294,8 @@ async def test_mcp_devices_removed_or_rekeyed_lose_their_session(tmp_path: Path)
             peers[device] = RawPeer(*await asyncio.open_connection("127.0.0.1", mcp_port))
             assert (await peers[device].hello(device_id=device, token=token)).type == FrameType.ACK
         # pump-1 removed, pump-2 keeps its place but gets a new token, pump-3 is new.
-        path.write_text(
-            config(
-                port,
-                [BOILER],
-                mcp=mcp("{id: pump-2, token: new-token-0000003}, {id: pump-3, token: t3-token-00000004}"),
-            )
-        )
+        rekeyed = [mcp_device("pump-2", token="new-token-0000003"), mcp_device("pump-3", token="t3-token-00000004")]
+        write(reload_config(port, [BOILER], mcp=mcp(mcp_port, devices=rekeyed)), path)
         assert await gw.reload()
         assert await peers["pump-1"].closed() and await peers["pump-2"].closed()
         assert gw.router is not None and set(gw.router.devices) == {"boiler", "meter", "pump-2", "pump-3"}
@@ -305,8 +315,8 @@ async def test_mcp_devices_removed_or_rekeyed_lose_their_session(tmp_path: Path)
 async def test_mcp_data_sent_while_a_sink_is_swapped_is_acked_and_delivered(tmp_path: Path) -> None:
     port, mcp_port = free_port(), free_port()
     path = tmp_path / "config.yaml"
-    mcp = f"mcp:\n  listen: 127.0.0.1:{mcp_port}\n  devices: [{{id: pump-1, token: s3cret-token-0001}}]"
-    path.write_text(config(port, [BOILER], mcp=mcp))
+    server = mcp(mcp_port, devices=[mcp_device("pump-1")])
+    write(reload_config(port, [BOILER], mcp=server), path)
     gw = Gateway(load_config(path))
     await gw.start()
     try:
@@ -328,7 +338,7 @@ async def test_mcp_data_sent_while_a_sink_is_swapped_is_acked_and_delivered(tmp_
             sending = asyncio.create_task(send())
             await asyncio.sleep(0.02)
             # The only sink changes: between its old outbox and the new one, DATA must wait, not fail.
-            path.write_text(config(port, [BOILER], sinks=("{name: local, keepalive: 20s}",), mcp=mcp))
+            write(reload_config(port, [BOILER], sinks=(sink("local", keepalive="20s"),), mcp=server), path)
             assert await gw.reload()
             reloaded.set()
             count = await sending
@@ -345,7 +355,7 @@ async def test_systemd_hears_reloading_then_ready_and_the_watchdog_follows_the_n
 ) -> None:
     port = free_port()
     path = tmp_path / "config.yaml"
-    path.write_text(config(port, [BOILER]))
+    write(reload_config(port, [BOILER]), path)
     address = tmp_path / "notify.sock"
     monkeypatch.setenv("NOTIFY_SOCKET", str(address))
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")
@@ -358,7 +368,7 @@ async def test_systemd_hears_reloading_then_ready_and_the_watchdog_follows_the_n
         try:
             assert b"READY=1" in notify.recv(4096).splitlines()
             old_line1 = gw.buses[0]
-            path.write_text(config(port, [BOILER, PUMP]))
+            write(reload_config(port, [BOILER, PUMP]), path)
             assert await gw.reload()
             reloading = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
             assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
@@ -380,31 +390,37 @@ async def test_systemd_hears_reloading_then_ready_and_the_watchdog_follows_the_n
 
 
 def test_the_diff_names_what_changed_and_templates_follow_their_devices() -> None:
-    base = """
-gateway: {{id: d, state_dir: /tmp/x, http: null}}
-modbus:
-  templates:
-    t: [{{name: a, table: holding, address: {addr}}}]
-  buses:
-    - {{name: l1, port: /dev/a, devices: [{{name: x, unit: 1, template: t}}]}}
-    - {{name: l2, port: /dev/b, devices: [{{name: y, unit: 1, points: [{{name: b, table: coil, address: 0}}]}}]}}
-northbound: [{{name: local}}, {{name: up, url: "mqtt://h"}}]
-"""
-    old = parse_config(base.format(addr=0)).config
-    new = parse_config(base.format(addr=1).replace(', {name: up, url: "mqtt://h"}', "")).config
+
+    def base(addr: int, *, up: bool = True, state_dir: str = "/tmp/x", http: str | None = None) -> Config:
+        lines = [
+            line("l1", "/dev/a", device("x", 1, template="t"), baudrate=None, parity=None),
+            line("l2", "/dev/b", device("y", 1, points=[point("b", "coil", 0)]), baudrate=None, parity=None),
+        ]
+        cfg = config(
+            id="d",
+            state_dir=state_dir,
+            http=http,
+            northbound=[sink("local"), sink("up", "mqtt://h")] if up else [sink("local")],
+            templates={"t": [point("a", "holding", addr)]},
+            buses=lines,
+        )
+        return parse_config(text(cfg)).config
+
+    old = base(0)
+    new = base(1, up=False)
     d = diff(old, new)
     assert d.restart_needed == []
     assert (d.buses.changed, d.devices.changed, d.sinks.removed) == (["l1"], ["x"], ["up"])
     assert d.summary() == "~1 device (x), -1 sink (up), bus l1 restarted"
     assert diff(old, old).summary() == "nothing changed"
-    moved = parse_config(base.format(addr=0).replace("/tmp/x", "/tmp/y").replace("http: null", "http: ':1'")).config
+    moved = base(0, state_dir="/tmp/y", http=":1")
     assert diff(old, moved).restart_needed == ["gateway.state_dir", "gateway.http"]
 
 
 async def test_sighup_to_a_running_gateway_reloads_it(tmp_path: Path) -> None:
     port = free_port()
     path = tmp_path / "config.yaml"
-    path.write_text(config(port, [BOILER]))
+    write(reload_config(port, [BOILER]), path)
     log_path = tmp_path / "stderr.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     gw = GatewayProcess(["run", "-c", str(path)], log_path, cwd=tmp_path, env=env)
@@ -413,7 +429,7 @@ async def test_sighup_to_a_running_gateway_reloads_it(tmp_path: Path) -> None:
         await logged("fieldgate t1 up")
         async with subscribed(port) as sub:
             await sub.next_on("fieldgate/t1/boiler/telemetry", timeout=20)
-            path.write_text(config(port, [BOILER, PUMP]))
+            write(reload_config(port, [BOILER, PUMP]), path)
             proc.send_signal(signal.SIGHUP)
             await logged("reload: +1 device (pump), bus line1 restarted")
             await sub.next_on("fieldgate/t1/pump/telemetry")
