@@ -25,13 +25,14 @@ from gateway.audit import AuditLog
 from gateway.broker_access import broker_auth
 from gateway.config import Loaded, load_config
 from gateway.config.schema import BusConfig, Config, SinkConfig
+from gateway.config.settings import mcp_server, modbus_line
 from gateway.errors import ConfigError
 from gateway.homeassistant import Discovery
 from gateway.http import HttpServer
 from gateway.jsonsafe import dumps_safe
 from gateway.reload import ConfigDiff, diff
 from gateway.router import SUBSCRIPTIONS, Router
-from gateway.simulation import Simulation, resolve_path, start_mcp_simulation, start_simulation
+from gateway.simulation import Simulation, start_mcp_simulation, start_simulation
 from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier, line_alive
 from gateway.types import DeviceProfile, DeviceState, Message, Sample
@@ -53,7 +54,7 @@ def budget_warnings(cfg: Config) -> list[str]:
     """One line per bus whose plan needs more than 80 % of the line's wire time."""
     out = []
     for bus in cfg.modbus.buses:
-        b = line_budget(bus)
+        b = line_budget(modbus_line(bus))
         if b.overloaded:
             hint = "polls will drift — lengthen `poll` or raise the baud rate"
             out.append(f"modbus bus {bus.name}: poll plan {b.describe()}; {hint}")
@@ -200,45 +201,16 @@ class Gateway:
         """The Modbus lines and the MCP server; returns what the router needs to know of each device."""
         self.buses = [self._build_bus(b) for b in self.cfg.modbus.buses]
         if self.cfg.mcp:
-            self.mcp = McpServer(self.cfg.mcp, self._deliver, self._on_state)
-        return self._profiles(self.cfg)
+            self.mcp = McpServer(mcp_server(self.cfg.mcp), self._deliver, self._on_state)
+        return self._profiles()
 
     def _build_bus(self, bus_cfg: BusConfig) -> ModbusBus:
-        return ModbusBus(self._bus_config(bus_cfg), self._on_sample, self._on_state)
+        return ModbusBus(modbus_line(bus_cfg, self.base), self._on_sample, self._on_state)
 
-    def _profiles(self, cfg: Config) -> list[DeviceProfile]:
-        """What the router needs to know of each device of `cfg`, written through the running buses."""
-        profiles = []
-        bus_of = {b.name: b for b in self.buses}
-        for bus_cfg in cfg.modbus.buses:
-            for dev in bus_cfg.devices:
-                deadbands = {p.name: p.deadband for p in dev.points if p.deadband}
-                profiles.append(
-                    DeviceProfile(
-                        dev.name,
-                        dev.full_every,
-                        deadbands,
-                        bus_of[bus_cfg.name].write,
-                        write_rate=dev.write_rate,
-                        write_burst=dev.write_burst,
-                        points=frozenset(p.name for p in dev.points),
-                    )
-                )
-        if cfg.mcp and self.mcp:
-            for d in cfg.mcp.devices:
-                profiles.append(
-                    DeviceProfile(
-                        d.id,
-                        commander=self.mcp.command,
-                        every_sample=True,
-                        write_rate=d.write_rate,
-                        write_burst=d.write_burst,
-                    )
-                )
-        return profiles
-
-    def _bus_config(self, bus: BusConfig) -> BusConfig:
-        return bus.model_copy(update={"port": resolve_path(bus.port, self.base)})
+    def _profiles(self) -> list[DeviceProfile]:
+        """What the router needs to know of each device, as the running drivers have it (writes go through them)."""
+        drivers: list[ModbusBus | McpServer] = [*self.buses, *([self.mcp] if self.mcp else [])]
+        return [profile for driver in drivers for profile in driver.profiles()]
 
     def _on_sample(self, sample: Sample) -> None:
         if self._held is not None:
@@ -464,7 +436,7 @@ class Gateway:
         for bus in [b for b in self.buses if b.name in gone_buses]:
             await bus.stop()
         if self.mcp is not None and new.mcp is not None:
-            await self.mcp.reconfigure(new.mcp)
+            await self.mcp.reconfigure(mcp_server(new.mcp))
         self.base = base
         running = {b.name: b for b in self.buses if b.name not in gone_buses}
         fresh = [self._build_bus(b) for b in new.modbus.buses if b.name not in running]
@@ -477,7 +449,7 @@ class Gateway:
         self._held = []
         try:
             started = await self._swap_sinks(new, changes)
-            self.router.update(self._profiles(new))
+            self.router.update(self._profiles())
             self.loaded, self.cfg = loaded, new
         finally:
             held, self._held = self._held, None

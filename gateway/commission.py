@@ -9,6 +9,7 @@ from drivers.modbus import budget
 from drivers.modbus.codec import PointCodec
 from drivers.modbus.planner import BIT_TABLES
 from drivers.modbus.transport import ModbusLink
+from gateway.config.addresses import modbus_port
 from gateway.errors import CodecError, ConfigError, DeviceError, DeviceException
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -30,7 +31,9 @@ def parse_units(text: str) -> list[int]:
 
 
 def _link(args: argparse.Namespace) -> ModbusLink:
-    return ModbusLink(args.port, baudrate=args.baud, parity=args.parity, bytesize=args.bytesize, stopbits=args.stopbits)
+    return ModbusLink(
+        modbus_port(args.port), baudrate=args.baud, parity=args.parity, bytesize=args.bytesize, stopbits=args.stopbits
+    )
 
 
 def _timeout(args: argparse.Namespace, table: str, count: int, write: bool = False) -> float:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.statefiles import move_aside
 from gateway import __version__
+from gateway.config.settings import point_codec
 from gateway.errors import SinkError
 from gateway.jsonsafe import loads_strict
 from gateway.types import Message, absolute
@@ -113,7 +114,7 @@ def component(kind: str, writable: bool) -> str:
 
 def point_kind(point: PointConfig) -> str:
     """What a Modbus point's topic carries: number, bool or string (a bitfield: bools, one per bit)."""
-    t = point.codec.type
+    t = point_codec(point).type
     return "bool" if t in ("bool", "bitfield") else "string" if t == "string" else "number"
 
 
@@ -130,7 +131,7 @@ def known_device_classes(component_name: str, kind: str) -> frozenset[str]:
 
 def _write_range(point: PointConfig) -> tuple[float, float, float]:
     """(min, max, step) of a writable numeric point: its `min`/`max`, else what its type can hold."""
-    codec = point.codec
+    codec = point_codec(point)
     if codec.type in _FLOAT_MAX:
         lo, hi, step = -_FLOAT_MAX[codec.type], _FLOAT_MAX[codec.type], MIN_STEP
     else:
@@ -155,8 +156,9 @@ def _modbus_entities(cfg: Config) -> list[Entity]:
         for dev in bus.devices:
             model = f"Modbus RTU unit {dev.unit} on bus {bus.name}"
             for p in dev.points:
-                if p.codec.type == "bitfield":
-                    for _, bit in p.codec.bits:
+                codec = point_codec(p)
+                if codec.type == "bitfield":
+                    for _, bit in codec.bits:
                         name = f"{p.name}.{bit}"
                         out.append(
                             Entity("binary_sensor", dev.name, name, "bool", model, None, p.device_class, icon=p.icon)
@@ -171,7 +173,7 @@ def _modbus_entities(cfg: Config) -> list[Entity]:
                     e = dataclasses.replace(e, minimum=lo, maximum=hi, step=step)
                 elif comp == "text":
                     # Within text.mqtt's `max` limit of 255: a point is at most 125 registers.
-                    e = dataclasses.replace(e, minimum=0, maximum=p.codec.length)
+                    e = dataclasses.replace(e, minimum=0, maximum=codec.length)
                 out.append(e)
     return out
 

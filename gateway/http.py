@@ -26,6 +26,7 @@ from bridge import statefiles
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import RESPONSE_BUCKETS
 from gateway import __version__
+from gateway.config.addresses import split_listen
 from gateway.errors import FieldgateError
 from gateway.jsonsafe import dumps_safe
 from gateway.spool_report import human_age, human_size
@@ -40,12 +41,6 @@ REFRESH_S = 5  # the status page reloads itself this often
 UTILISATION_WINDOW = 60.0  # seconds of wire time the utilisation gauge averages over
 UTILISATION_SAMPLE = 5.0  # how often the line counters are sampled for it
 SHUTDOWN_TIMEOUT = 1.0  # a scrape in progress at stop gets this long
-
-
-def split_listen(listen: str) -> tuple[str | None, int]:
-    """`HOST:PORT`, `[v6]:PORT` or `:PORT` (every interface) as (host or None, port)."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or None, int(port)
 
 
 class Utilisation:
@@ -320,7 +315,7 @@ class HttpServer:
         # No access log: a scrape every 15 s would fill the journal with nothing.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
-        host, port = split_listen(self.listen)
+        host, port = split_listen(self.listen)  # an empty host: None, every interface to aiohttp
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:

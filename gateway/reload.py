@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config.addresses import resolve_path
 from gateway.config.schema import BusConfig, Config
-from gateway.simulation import resolve_path
 
 
 def _dump(model: Any) -> Any:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drivers.mcp.server import split_listen
 from drivers.sim.line import VirtualLine
 from drivers.sim.mcp import McpSimDevice
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
+from gateway.config.addresses import resolve_path, split_listen
 from gateway.config.schema import Config, SimValue
+from gateway.config.settings import modbus_line
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,6 @@ def _wave(v: SimValue | None) -> Wave:
     if v is None:
         return Wave()
     return Wave(kind=v.wave, value=v.value, min=v.min, max=v.max, period=v.period, step=v.step)
-
-
-def resolve_path(path: str, base: Path) -> str:
-    """A relative serial path or link is taken relative to the config file's folder."""
-    if path.startswith("tcp://") or Path(path).is_absolute():
-        return path
-    # Normalised, not resolved: the path may be a link to a pty left behind by a killed run.
-    return os.path.normpath(base / path)
 
 
 @dataclass
@@ -60,7 +52,8 @@ async def start_simulation(cfg: Config, base: Path) -> Simulation:
     assert cfg.simulator is not None
     for line_cfg in cfg.simulator.modbus:
         link = resolve_path(line_cfg.link, base)
-        bus = next((b for b in cfg.modbus.buses if resolve_path(b.port, base) == link), None)
+        bus_cfg = next((b for b in cfg.modbus.buses if resolve_path(b.port, base) == link), None)
+        bus = modbus_line(bus_cfg) if bus_cfg else None
         line = VirtualLine(link)
         line.start()
         sim.lines.append(line)
@@ -83,7 +76,7 @@ async def start_mcp_simulation(cfg: Config, sim: Simulation, port: int) -> None:
     """Connect the simulated MCP devices to the gateway's own MCP server (listening on `port`)."""
     assert cfg.simulator is not None and cfg.mcp is not None
     tokens = {d.id: d.token for d in cfg.mcp.devices}
-    host = split_listen(cfg.mcp.listen)[0]
+    host = split_listen(cfg.mcp.listen, "0.0.0.0")[0]
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     for dev in cfg.simulator.mcp:
         waves = {name: _wave(v) for name, v in dev.values.items()}

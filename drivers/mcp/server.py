@@ -14,9 +14,9 @@ from drivers.mcp import report
 from drivers.mcp.admission import BanList, PendingCount, address_key
 from drivers.mcp.payload import quoted
 from drivers.mcp.session import SeqWindow, Session, SessionStats, boot_digest
-from gateway.config.schema import McpSection
+from drivers.mcp.settings import McpSettings
 from gateway.errors import FieldgateError
-from gateway.types import Command, CommandResult, DeviceState, McpServerSnapshot, Sample
+from gateway.types import Command, CommandResult, DeviceProfile, DeviceState, McpServerSnapshot, Sample
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,6 @@ def session_limit(wanted: int, reserve: int = FD_RESERVE) -> int:
     return limit
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[v6]:PORT`) as a (host, port) pair."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 #: Reasons of `McpServer.auth_failures` and `McpServer.refused` (all present from the start, at 0).
 AUTH_FAILURE_REASONS = ("unknown_device", "bad_token")
 REFUSED_REASONS = ("max_sessions", "max_pending", "max_pending_per_ip", "banned")
@@ -79,7 +73,7 @@ class McpServer:
 
     def __init__(
         self,
-        cfg: McpSection,
+        cfg: McpSettings,
         deliver: Deliver,
         on_state: Callable[[DeviceState], None],
     ) -> None:
@@ -129,9 +123,22 @@ class McpServer:
         """Sessions, refusals and each configured device's counters as of now (for the metrics and status page)."""
         return report.server_snapshot(self, [d.id for d in self.cfg.devices])
 
+    def profiles(self) -> list[DeviceProfile]:
+        """What the router needs to know of each configured device: it pushes whole samples and takes commands."""
+        return [
+            DeviceProfile(
+                d.id,
+                commander=self.command,
+                every_sample=True,
+                write_rate=d.write_rate,
+                write_burst=d.write_burst,
+            )
+            for d in self.cfg.devices
+        ]
+
     async def start(self) -> None:
         """Bind the listener (TLS when configured)."""
-        host, port = split_listen(self.cfg.listen)
+        host, port = self.cfg.host, self.cfg.port
         tls = self.cfg.tls
         # Plain TCP at accept; each session does its TLS handshake itself, so that a handshake counts as
         # a pending connection and runs under the HELLO deadline.
@@ -148,7 +155,7 @@ class McpServer:
         self._set_limits(self.cfg)
         log.info("MCP server listening on %s:%d%s", host, self.port, " (TLS)" if self._tls else "")
 
-    def _set_limits(self, cfg: McpSection) -> None:
+    def _set_limits(self, cfg: McpSettings) -> None:
         """max_sessions and max_pending as the file-descriptor limit allows them (both hold a socket)."""
         wanted = cfg.max_sessions + cfg.max_pending
         total = session_limit(wanted)
@@ -173,8 +180,8 @@ class McpServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
-    async def reconfigure(self, cfg: McpSection) -> list[str]:
-        """Take a reloaded section on the same listener; closes the sessions of devices removed or re-keyed.
+    async def reconfigure(self, cfg: McpSettings) -> list[str]:
+        """Take reloaded settings on the same listener; closes the sessions of devices removed or re-keyed.
 
         Returns the ids whose session was closed. Other settings apply to sessions from now on.
         """

@@ -12,6 +12,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
+from drivers.modbus.settings import TcpEndpoint
 from gateway.errors import BusUnavailable, CrcError, DeviceException, DeviceTimeout, ProtocolError
 
 # pymodbus logs every timeout at ERROR with a frame dump; we log state changes ourselves.
@@ -35,7 +36,7 @@ class ModbusLink:
 
     def __init__(
         self,
-        port: str,
+        port: str | TcpEndpoint,
         *,
         baudrate: int = 9600,
         parity: str = "E",
@@ -50,11 +51,10 @@ class ModbusLink:
         #: time.monotonic() when bytes last came in (0.0 before any): the line has been quiet since.
         self.last_rx = 0.0
         client: AsyncModbusSerialClient | AsyncModbusTcpClient
-        if port.startswith("tcp://"):
-            host, _, tcp_port = port[len("tcp://") :].rpartition(":")
+        if isinstance(port, TcpEndpoint):
             client = AsyncModbusTcpClient(
-                host,
-                port=int(tcp_port),
+                port.host,
+                port=port.port,
                 framer=FramerType.RTU,
                 timeout=connect_timeout,
                 retries=0,

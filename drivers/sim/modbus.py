@@ -20,6 +20,8 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.modbus.codec import Decoded, PointCodec
+from drivers.modbus.planner import BIT_TABLES
+from drivers.modbus.settings import TcpEndpoint
 from drivers.sim.waves import Wave
 from gateway.types import Value
 
@@ -28,7 +30,6 @@ log = logging.getLogger(__name__)
 _TABLE_OF_FC = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 4: "input"}
 _TABLE_OF_FC.update({fc: "holding" for fc in (3, 6, 16, 22, 23)})
 _BLOCK_ID = {"coil": "c", "discrete": "d", "holding": "h", "input": "i"}
-_BIT_TABLES = ("coil", "discrete")
 # Registers beyond the last point stay readable, so that merged reads across gaps succeed.
 _SLACK = 128
 
@@ -60,9 +61,9 @@ class SimSlave:
 
 
 class ModbusSimulator:
-    """A pymodbus RTU server answering for several unit ids on one serial port (or `tcp://host:port`)."""
+    """A pymodbus RTU server answering for several unit ids on one serial port (or as a serial device server)."""
 
-    def __init__(self, port: str, slaves: Sequence[SimSlave], *, baudrate: int = 9600) -> None:
+    def __init__(self, port: str | TcpEndpoint, slaves: Sequence[SimSlave], *, baudrate: int = 9600) -> None:
         self.port = port
         self.slaves = {s.unit: s for s in slaves}
         self._baudrate = baudrate
@@ -73,13 +74,12 @@ class ModbusSimulator:
     async def start(self) -> None:
         """Open the port and start answering."""
         devices = [self._device(slave) for slave in self.slaves.values()]
-        if self.port.startswith("tcp://"):
+        if isinstance(self.port, TcpEndpoint):
             # A serial device server: RTU frames over a TCP connection.
-            host, _, port = self.port[len("tcp://") :].rpartition(":")
             self._server = ModbusTcpServer(
                 devices,
                 framer=FramerType.RTU,
-                address=(host, int(port)),
+                address=(self.port.host, self.port.port),
                 trace_pdu=self._filter,  # type: ignore[arg-type]  # None drops the request
             )
         else:
@@ -102,7 +102,7 @@ class ModbusSimulator:
     async def stop(self) -> None:
         """Stop answering and close the port."""
         if self._server:
-            await self._server.shutdown()
+            await self._server.shutdown()  # type: ignore[no-untyped-call]  # pymodbus leaves it untyped
             self._server = None
 
     def _device(self, slave: SimSlave) -> SimDevice:
@@ -122,7 +122,7 @@ class ModbusSimulator:
         return SimDevice(
             id=slave.unit,
             simdata=(bits("coil"), bits("discrete"), regs("holding"), regs("input")),
-            action=action,  # type: ignore[arg-type]
+            action=action,
         )
 
     def _filter(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU | None:
@@ -139,7 +139,7 @@ class ModbusSimulator:
         if table is None:
             return
         # For bit tables pymodbus passes the count in 16-bit words.
-        end = address + (count * 16 if table in _BIT_TABLES else count)
+        end = address + (count * 16 if table in BIT_TABLES else count)
         now = time.time()
         for point in slave.points:
             if point.table != table or point.address >= end or point.address + point.codec.count <= address:
@@ -152,7 +152,7 @@ class ModbusSimulator:
     def _store(self, unit: int, point: SimPoint, value: Value) -> None:
         start, regs = self._blocks[unit][point.table]
         codec = point.codec
-        if point.table in _BIT_TABLES:
+        if point.table in BIT_TABLES:
             self._set_bit(start, regs, point.address, bool(value))
             return
         if codec.type == "bitfield":
@@ -192,7 +192,7 @@ class ModbusSimulator:
         """The value a point holds now, decoded with its codec."""
         point = self._point(unit, name)
         start, regs = self._blocks[unit][point.table]
-        if point.table in _BIT_TABLES:
+        if point.table in BIT_TABLES:
             index, bit = point.address // 16 - start, point.address % 16
             return bool(regs[index] >> bit & 1)
         offset = point.address - start

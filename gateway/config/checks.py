@@ -7,11 +7,13 @@ import os
 import re
 from typing import Any
 
+from drivers.modbus.planner import BIT_TABLES
 from gateway import homeassistant as ha
 
 from .problems import Path, Problem, hint
 from .prune import Pruned
-from .schema import BIT_TABLES, Config, DeviceConfig, PointConfig
+from .schema import Config, DeviceConfig, PointConfig
+from .settings import point_codec
 from .yamlsrc import Source
 
 _LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d{1,5})$")
@@ -196,13 +198,14 @@ class _Checks:
         """A point must fit in one request and in the 16-bit address space."""
         if point.table in BIT_TABLES:
             return
-        count = point.codec.count
+        codec = point_codec(point)
+        count = codec.count
         origin = f"point {point.name!r}" if own_path else f"point {point.name!r} (from template {device.template!r})"
         if count > device.max_registers:
             path = self._key_or(own_path, "type") if own_path else self._key_or(at, "max_registers")
             self._error(
                 path,
-                f"{origin} is {point.codec.spec}: {count} registers, "
+                f"{origin} is {codec.spec}: {count} registers, "
                 f"more than max_registers {device.max_registers} of device {device.name!r}",
             )
         if point.address + count - 1 > 65535:
@@ -377,7 +380,7 @@ class _Checks:
 
     def _ha_class(self, path: Path, point: PointConfig) -> None:
         kind = ha.point_kind(point)
-        comp = "binary_sensor" if point.codec.type == "bitfield" else ha.component(kind, point.writable)
+        comp = "binary_sensor" if point_codec(point).type == "bitfield" else ha.component(kind, point.writable)
         self._ha_known(path, point.device_class, comp, kind)
 
     def _ha_known(self, path: Path, device_class: str | None, comp: str, kind: str) -> None:

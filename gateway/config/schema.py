@@ -8,12 +8,13 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from drivers.modbus.codec import PointCodec
+from drivers.modbus.planner import BIT_TABLES
 from gateway.errors import CodecError
 from gateway.types import TOPIC_NAME
 
+from .codecs import named_bits, point_codec, point_type
 from .units import Duration, Size
 
 
@@ -66,7 +67,6 @@ class Model(BaseModel):
 # --- modbus -------------------------------------------------------------------------------
 
 Table = Literal["coil", "discrete", "input", "holding"]
-BIT_TABLES = ("coil", "discrete")
 
 
 class PointConfig(Model):
@@ -90,12 +90,12 @@ class PointConfig(Model):
     device_class: HaDeviceClass | None = None
     state_class: HaStateClass | None = None
     icon: HaIcon | None = None
-    _codec: PointCodec = PrivateAttr()
 
     @model_validator(mode="after")
-    def _build_codec(self) -> PointConfig:
+    def _check_point(self) -> PointConfig:
+        # The runtime codec is built by config/settings.py; here its layout is only checked.
         is_bit_table = self.table in BIT_TABLES
-        type_spec = self.type or ("bool" if is_bit_table else "uint16")
+        type_spec = point_type(self.table, self.type)
         if is_bit_table and type_spec != "bool":
             raise ValueError(f"a {self.table} point is a single bit: type must be bool, not {type_spec}")
         if self.writable and self.table not in ("coil", "holding"):
@@ -115,27 +115,11 @@ class PointConfig(Model):
         if self.state_class and self.writable:
             # A writable point is a Home Assistant `number`, which keeps no statistics.
             raise ValueError("`state_class` does not apply to a writable point (Home Assistant shows it as a number)")
-        if isinstance(self.bits, list):
-            bits = tuple((i, n) for i, n in enumerate(self.bits) if n)
-        else:
-            bits = tuple(sorted((self.bits or {}).items()))
         try:
-            self._codec = PointCodec.parse(
-                type_spec,
-                byte_order=self.byte_order,
-                word_order=self.word_order,
-                scale=self.scale,
-                offset=self.offset,
-                bits=bits,
-            )
+            point_codec(type_spec, self.byte_order, self.word_order, self.scale, self.offset, named_bits(self.bits))
         except CodecError as exc:
             raise ValueError(str(exc)) from None
         return self
-
-    @property
-    def codec(self) -> PointCodec:
-        """The register codec of this point."""
-        return self._codec
 
 
 class DeviceConfig(Model):
@@ -170,11 +154,6 @@ class BusConfig(Model):
     inter_request_delay: Duration | None = None  # None: t3.5 at this baud rate
     offline_after: int = Field(default=3, ge=1, le=100)
     devices: list[DeviceConfig] = Field(default_factory=list)
-
-    @property
-    def is_tcp(self) -> bool:
-        """True when the port is a serial device server (`tcp://host:port`)."""
-        return self.port.startswith("tcp://")
 
 
 class ModbusConfig(Model):

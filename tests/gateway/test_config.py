@@ -12,6 +12,7 @@ import pytest
 from drivers.mcp.payload import VALUE_NAME
 from gateway.config import Config, Loaded, find_config, load_config, parse_config
 from gateway.config.schema import BusConfig, PointConfig, SinkConfig
+from gateway.config.settings import point_codec
 from gateway.errors import ConfigError
 from gateway.types import TOPIC_NAME
 
@@ -155,9 +156,9 @@ def test_template_points_are_copied_into_each_device() -> None:
     meter1.points[0].unit = "kV"
     assert meter2.points[0].unit == "V"
     assert all(isinstance(p, PointConfig) for p in meter2.points)
-    assert meter1.points[1].codec.count == 2 and meter1.points[0].codec.scale == 0.1
-    assert meter2.points[3].codec.bits == ((0, "running"), (3, "fault"))
-    assert [p.codec.count for p in boiler.points] == [2, 4]
+    assert point_codec(meter1.points[1]).count == 2 and point_codec(meter1.points[0]).scale == 0.1
+    assert point_codec(meter2.points[3]).bits == ((0, "running"), (3, "fault"))
+    assert [point_codec(p).count for p in boiler.points] == [2, 4]
 
 
 def test_empty_file_means_all_defaults() -> None:

@@ -33,6 +33,7 @@ from drivers.modbus.bus import ModbusBus
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.config.schema import BusConfig
+from gateway.config.settings import modbus_line
 from gateway.types import Message
 
 from configs import (
@@ -451,7 +452,7 @@ async def test_an_idle_line_stays_fresh_between_polls_minutes_apart(tmp_path: Pa
         def close(self) -> None:
             pass
 
-    bus = ModbusBus(cfg, lambda s: None, lambda s: None, link=QuickLink())  # type: ignore[arg-type]
+    bus = ModbusBus(modbus_line(cfg), lambda s: None, lambda s: None, link=QuickLink())  # type: ignore[arg-type]
     check = sd.line_alive(bus)
     await bus.start()
     try:
@@ -481,7 +482,7 @@ async def test_a_line_waiting_to_reopen_its_port_stays_fresh(tmp_path: Path) -> 
             "devices": [{"name": "d", "unit": 1, "poll": "1s", "points": [POINT]}],
         }
     )
-    bus = ModbusBus(cfg, lambda s: None, lambda s: None)
+    bus = ModbusBus(modbus_line(cfg), lambda s: None, lambda s: None)
     bus._reopen_backoff = 16.0  # as after a few failed opens
     await bus.start()
     try:

@@ -1,7 +1,7 @@
 """Hostile MCP peers against a real gateway's McpServer over real sockets: before HELLO, bans, unread output, payloads.
 
-Limits are set on the running server's config (`server.cfg.X = ...`): sessions read them when they
-need them, so one gateway per test serves every variant.
+Limits are set on the running server's settings (`server.cfg = replace(server.cfg, X=...)`): sessions read
+them when they need them, so one gateway per test serves every variant.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import struct
 import termios
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 
@@ -85,8 +86,8 @@ async def test_the_hello_deadline_runs_from_accept_and_nacks_do_not_restart_it(
     mcp_gateway: McpGateway, connect: Connect
 ) -> None:
     server = mcp_of(mcp_gateway)
-    server.cfg.hello_timeout = 1.0
-    server.cfg.max_hello_errors = 1000
+    server.cfg = replace(server.cfg, hello_timeout=1.0)
+    server.cfg = replace(server.cfg, max_hello_errors=1000)
     peer = await connect()
     opened = time.monotonic()
     for seq in range(1, 100):
@@ -105,7 +106,7 @@ async def test_the_hello_deadline_runs_from_accept_and_nacks_do_not_restart_it(
 
 
 async def test_a_hello_after_the_deadline_is_not_answered(mcp_gateway: McpGateway, connect: Connect) -> None:
-    mcp_of(mcp_gateway).cfg.hello_timeout = 0.5
+    mcp_of(mcp_gateway).cfg = replace(mcp_of(mcp_gateway).cfg, hello_timeout=0.5)
     peer = await connect()
     await asyncio.sleep(0.8)
     with pytest.raises((ConnectionError, OSError)):
@@ -116,7 +117,7 @@ async def test_before_hello_a_long_frame_is_nack_3_and_close_after_hello_it_is_w
     mcp_gateway: McpGateway, connect: Connect
 ) -> None:
     server = mcp_of(mcp_gateway)
-    server.cfg.max_hello_payload = 1024  # max_payload is 4 kB in the test config
+    server.cfg = replace(server.cfg, max_hello_payload=1024)  # max_payload is 4 kB in the test config
     header = bytes.fromhex("55aa55aa0103") + (7).to_bytes(4, "big") + (2000).to_bytes(4, "big")
     peer = await connect()
     await peer.send(header)  # refused from the header alone, nothing more read
@@ -186,7 +187,7 @@ async def test_max_pending_and_max_pending_per_ip_close_at_accept(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="drivers.mcp")
     server = mcp_of(mcp_gateway)
-    server.cfg.max_pending_per_ip = 3
+    server.cfg = replace(server.cfg, max_pending_per_ip=3)
     server.max_pending = 5
     local = [await connect(local_addr=("127.0.0.1", 0)) for _ in range(3)]
     await until(lambda: server.pending == 3, 10, "three pending connections")
@@ -352,7 +353,7 @@ async def test_a_peer_that_does_not_read_its_acks_holds_no_places_of_other_devic
 
 async def test_data_rules_nack_5_publish_nothing_and_are_counted(mcp_gateway: McpGateway, connect: Connect) -> None:
     server = mcp_of(mcp_gateway)
-    server.cfg.max_points = 4
+    server.cfg = replace(server.cfg, max_points=4)
     sub = mcp_gateway.sub
     peer = await connect()
     assert (await peer.hello()).type == FrameType.ACK
@@ -425,7 +426,7 @@ async def test_a_thousand_connections_that_never_log_in_hold_at_most_max_pending
 ) -> None:
     server = mcp_of(mcp_gateway)
     server.max_pending = 50
-    server.cfg.max_pending_per_ip = 20
+    server.cfg = replace(server.cfg, max_pending_per_ip=20)
     good = await connect()
     assert (await good.hello("pump-2", TOKEN_2)).type == FrameType.ACK
     crowd: list[RawPeer] = []
@@ -456,7 +457,7 @@ async def test_a_command_that_would_pass_max_unread_is_refused_and_the_session_s
     from gateway.types import Command
 
     server = mcp_of(mcp_gateway)
-    server.cfg.max_unread = 4096
+    server.cfg = replace(server.cfg, max_unread=4096)
     peer = await connect()
     assert (await peer.hello()).type == FrameType.ACK
     result = await server.command(Command("pump-1", "load", {"blob": "x" * 5000}))

@@ -19,6 +19,7 @@ import pytest
 from drivers.mcp.codec import Frame, FrameType, encode
 from drivers.mcp.server import MAX_INFLIGHT_DATA, McpServer
 from gateway.config.schema import McpSection
+from gateway.config.settings import mcp_server
 
 from helpers import until
 from mcp_peer import McpGateway, RawPeer
@@ -145,7 +146,7 @@ async def test_pending_tls_handshakes_count_and_end_at_the_hello_deadline(tmp_pa
     async def deliver(sample: object) -> None:
         return None
 
-    server = McpServer(cfg, deliver, lambda state: None)
+    server = McpServer(mcp_server(cfg), deliver, lambda state: None)
     await server.start()
     try:
         # Two connections that never start TLS: pending, and the third is refused at accept.
@@ -274,7 +275,7 @@ async def test_a_burst_of_connects_fits_the_listen_queue() -> None:
     async def deliver(sample: object) -> None:
         return None
 
-    server = McpServer(cfg, deliver, lambda state: None)
+    server = McpServer(mcp_server(cfg), deliver, lambda state: None)
     await server.start()
     socks: list[socket.socket] = []
     try:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import time
+from dataclasses import replace
 
 import crcmod.predefined
 import pytest
@@ -189,7 +190,7 @@ async def test_a_stalled_frame_closes_the_session(connect, monkeypatch: pytest.M
 
 async def test_no_hello_in_time_closes(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
     assert mcp_gateway.gw.mcp is not None
-    mcp_gateway.gw.mcp.cfg.hello_timeout = 0.5
+    mcp_gateway.gw.mcp.cfg = replace(mcp_gateway.gw.mcp.cfg, hello_timeout=0.5)
     peer = await connect()
     assert await peer.closed(timeout=3)
 
@@ -282,7 +283,7 @@ async def test_the_device_client_against_the_gateway(mcp_gateway: McpGateway) ->
 async def test_after_hello_the_heartbeat_period_governs_not_the_hello_limit(mcp_gateway: McpGateway, connect) -> None:  # type: ignore[no-untyped-def]
     # Regression: the 10 s HELLO limit stayed in force until the frame after HELLO.
     assert mcp_gateway.gw.mcp is not None
-    mcp_gateway.gw.mcp.cfg.hello_timeout = 0.5
+    mcp_gateway.gw.mcp.cfg = replace(mcp_gateway.gw.mcp.cfg, hello_timeout=0.5)
     peer = await connect()
     assert (await peer.hello(heartbeat_s=30)).type == FrameType.ACK
     assert not await peer.closed(timeout=1.2)

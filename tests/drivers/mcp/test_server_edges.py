@@ -17,6 +17,7 @@ import pytest
 from drivers.mcp.codec import Decoder, Frame, FrameType, encode
 from drivers.mcp.server import McpServer
 from gateway.config.schema import McpSection
+from gateway.config.settings import mcp_server
 from gateway.types import Sample
 
 from helpers import until
@@ -105,7 +106,7 @@ async def start_server() -> AsyncIterator[StartServer]:
     async def start(**overrides: Any) -> Server:
         devices = [{"id": "good", "token": TOKEN}, {"id": "other", "token": OTHER_TOKEN}]
         cfg = McpSection.model_validate({"listen": "127.0.0.1:0", "devices": devices, **overrides})
-        srv = McpServer(cfg, lambda s: asyncio.sleep(0), lambda st: None)
+        srv = McpServer(mcp_server(cfg), lambda s: asyncio.sleep(0), lambda st: None)
         await srv.start()
         server = Server(srv)
         server._peers = []

@@ -16,6 +16,7 @@ import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +26,7 @@ from drivers.mcp.codec import OVERHEAD, DecodeError, Decoder, Frame, FrameType, 
 from drivers.mcp.server import MAX_INFLIGHT_DATA, McpServer
 from drivers.mcp.session import SeqWindow, Session, _command_result, boot_digest
 from gateway.config.schema import McpSection
+from gateway.config.settings import mcp_server
 from gateway.errors import SinkError
 from gateway.types import Command, CommandResult, DeviceState, Sample
 
@@ -222,7 +224,7 @@ async def served() -> AsyncIterator[Served]:
     """An McpServer on a free port for pump-1 and pump-2."""
     devices = [{"id": "pump-1", "token": TOKEN}, {"id": "pump-2", "token": TOKEN_2}]
     cfg = McpSection.model_validate({"listen": "127.0.0.1:0", "devices": devices})
-    srv = McpServer(cfg, lambda sample: asyncio.sleep(0), lambda state: None)
+    srv = McpServer(mcp_server(cfg), lambda sample: asyncio.sleep(0), lambda state: None)
     await srv.start()
     here = Served(srv)
     try:
@@ -471,7 +473,7 @@ async def test_the_answers_of_one_read_may_come_to_exactly_max_unread_and_one_by
     beats = b"".join(encode(Frame(FrameType.HEARTBEAT, seq)) for seq in range(2, 256))  # 255 frames: one batch
     answers = hello_ack + 254 * len(encode(Frame(FrameType.ACK, 2)))
     for limit, closes in ((answers, False), (answers - 1, True)):
-        served.srv.cfg.max_unread = limit
+        served.srv.cfg = replace(served.srv.cfg, max_unread=limit)
         peer = await connect(served.srv)  # replaces the session before it
         await peer.send(hello() + beats)  # one write, read in one read
         if closes:
@@ -484,7 +486,7 @@ async def test_the_answers_of_one_read_may_come_to_exactly_max_unread_and_one_by
 
 
 async def test_the_transport_pauses_the_session_above_a_quarter_of_max_unread(served: Served) -> None:
-    served.srv.cfg.max_unread = 65542  # a quarter of it, 16385, is no multiple of 4
+    served.srv.cfg = replace(served.srv.cfg, max_unread=65542)  # a quarter of it, 16385, is no multiple of 4
     await logged_in(served)
     transport = served.session().writer.transport
     assert transport.get_write_buffer_limits() == (16385 // 4, 16385)
@@ -492,7 +494,7 @@ async def test_the_transport_pauses_the_session_above_a_quarter_of_max_unread(se
 
 async def test_a_command_goes_out_while_it_fits_max_unread_and_is_refused_past_it(served: Served) -> None:
     srv = served.srv
-    srv.cfg.max_unread = 4096
+    srv.cfg = replace(srv.cfg, max_unread=4096)
     peer = await logged_in(served)
     empty = len(Frame.json(FrameType.COMMAND, 1, {"name": "load", "args": {"blob": ""}}).payload)
     fill = "x" * (4096 - OVERHEAD - empty)  # the command's frame is 4096 bytes: exactly max_unread
@@ -655,7 +657,7 @@ async def test_a_frame_has_5_s_from_its_first_byte_and_bytes_that_do_not_complet
 
 async def test_a_command_is_sent_again_unchanged_on_silence_then_times_out(served: Served, clock: LoopClock) -> None:
     srv = served.srv
-    srv.cfg.ack_timeout, srv.cfg.retries = 2.0, 2
+    srv.cfg = replace(srv.cfg, ack_timeout=2.0, retries=2)
     peer = await logged_in(served)
     task = asyncio.create_task(srv.command(Command("pump-1", "set_speed", {"rpm": 1200})))
     first = await peer.answer()
@@ -673,7 +675,7 @@ async def test_a_command_is_sent_again_unchanged_on_silence_then_times_out(serve
     await peer.send(encode(Frame.json(FrameType.RESPONSE, 2, {"ok": True, "result": "stopped"})))
     assert await task == CommandResult(ok=True, result="stopped")
     # Without retries, one silence is enough.
-    srv.cfg.retries = 0
+    srv.cfg = replace(srv.cfg, retries=0)
     task = asyncio.create_task(srv.command(Command("pump-1", "ping", {})))
     assert (await peer.answer()).seq == 3
     clock.advance(2.1)
@@ -743,7 +745,7 @@ async def stuck_peer(served: Served) -> tuple[Peer, Session, list[int]]:
     Below a quarter of max_unread (1 MiB here, far above what one batch of answers adds): the session still
     reads and answers everything.
     """
-    served.srv.cfg.max_unread = 1024 * 1024
+    served.srv.cfg = replace(served.srv.cfg, max_unread=1024 * 1024)
     peer, session = await narrow_link(served)
     transport = session.writer.transport
     sent: list[int] = []
@@ -765,7 +767,7 @@ async def test_answers_queued_when_a_session_closes_get_a_second_to_leave(served
     closing_nack = len(encode(nack(77, NackCode.FRAME_TOO_LARGE)))
     peer, session, sent = await stuck_peer(served)
     # The answers left unread, the NACK included, come to exactly a quarter of max_unread: the most that gets a grace.
-    srv.cfg.max_unread = 4 * (session.unread + closing_nack)
+    srv.cfg = replace(srv.cfg, max_unread=4 * (session.unread + closing_nack))
     await peer.send(TOO_LARGE)  # a fatal error: NACK 3 and close
     await settle(lambda: session._closed, "the session to close")
     await turns()  # its clean-up reaches the wait for its answers to leave (no clock needed to get there)
@@ -792,7 +794,7 @@ async def test_answers_queued_when_a_session_closes_get_a_second_to_leave(served
 
     # One byte more than a quarter of max_unread left unread: no grace at all, dropped without the clock moving.
     peer, session, _ = await stuck_peer(served)
-    srv.cfg.max_unread = 4 * (session.unread + closing_nack - 1)
+    srv.cfg = replace(srv.cfg, max_unread=4 * (session.unread + closing_nack - 1))
     await peer.send(TOO_LARGE)
     await settle(lambda: "pump-1" not in srv.sessions, "the session to end")
 
@@ -848,7 +850,9 @@ async def test_a_tls_handshake_not_done_by_the_hello_deadline_ends_the_connectio
     devices = [{"id": "pump-1", "token": TOKEN}]
     srv = McpServer(
         # Longer than asyncio's own 60 s handshake timeout: the HELLO deadline must be the one that holds.
-        McpSection.model_validate({"listen": "127.0.0.1:0", "tls": tls, "hello_timeout": 120, "devices": devices}),
+        mcp_server(
+            McpSection.model_validate({"listen": "127.0.0.1:0", "tls": tls, "hello_timeout": 120, "devices": devices})
+        ),
         lambda sample: asyncio.sleep(0),
         lambda state: None,
     )
