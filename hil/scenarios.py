@@ -18,20 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import serial
+import yaml
 
 from drivers.modbus.bus import OPEN_TIMEOUT, REOPEN_BACKOFF_MAX, ModbusBus
 from drivers.modbus.transport import ModbusLink
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
-from gateway.config import parse_config
 from gateway.config.schema import BusConfig
 from gateway.types import DeviceState, Sample
+from hil.bench.benchlib.configs import config, dump, holding_registers, modbus_device, modbus_line, parse_bus
 from hil.line import Faults, FrameFormat, Rs485Line
 
 #: What `--scenario all` runs, in this order.
@@ -65,30 +67,17 @@ def known_value(unit: int, address: int) -> int:
     return (unit * 1000 + address) & 0xFFFF
 
 
-def registers(unit: int, count: int, *, poll: str = "20ms", first: int = 0) -> str:
-    """A device's YAML: `count` uint16 holding registers from `first` (values: see known_value)."""
-    points = "\n".join(
-        f"            - {{name: r{a}, table: holding, address: {a}}}" for a in range(first, first + count)
-    )
-    return f"""        - name: d{unit}
-          unit: {unit}
-          poll: {poll}
-          points:
-{points}"""
+def registers(unit: int, count: int, *, poll: str = "20ms", first: int = 0) -> dict[str, Any]:
+    """Device d<unit> with `count` uint16 holding registers from `first` (values: see known_value)."""
+    return modbus_device(f"d{unit}", unit, holding_registers(count, first), poll=poll)
 
 
-def bus_config(devices_yaml: str, **bus: object) -> BusConfig:
-    """A bus config validated exactly like a user's."""
+def bus_config(devices: str | Sequence[Mapping[str, Any]], **bus: object) -> BusConfig:
+    """A bus config validated exactly like a user's: its devices as dicts (see `registers`) or as YAML text."""
+    listed: Sequence[Mapping[str, Any]] = yaml.safe_load(devices) if isinstance(devices, str) else devices
     settings = {"port": "/dev/null", "baudrate": 19200, "parity": "E", **bus}
-    extra = "".join(f"\n      {k}: {v}" for k, v in settings.items())
-    text = f"""
-modbus:
-  buses:
-    - name: line{extra}
-      devices:
-{devices_yaml}
-"""
-    return parse_config(text).config.modbus.buses[0]
+    line = modbus_line("line", str(settings.pop("port")), listed, **settings)
+    return parse_bus(dump(config(modbus=[line])))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +188,20 @@ class Rigs:
         return self.hardware is not None
 
     async def build(
-        self, devices_yaml: str, *, faults: Faults | None = None, seed: int = 1, start: bool = True, **settings: object
+        self,
+        devices: str | Sequence[Mapping[str, Any]],
+        *,
+        faults: Faults | None = None,
+        seed: int = 1,
+        start: bool = True,
+        **settings: object,
     ) -> Rig:
-        """Line (or relay) + slaves with known values + a bus, from a devices YAML and bus settings."""
+        """Line (or relay) + slaves with known values + a bus, from its devices (dicts or YAML) and bus settings."""
         if self.baudrate is not None:
             settings["baudrate"] = self.baudrate
         if self.format is not None:
             settings.update(bytesize=self.format.bytesize, parity=self.format.parity, stopbits=self.format.stopbits)
-        cfg = bus_config(devices_yaml, **settings)
+        cfg = bus_config(devices, **settings)
         frame_format = FrameFormat(cfg.bytesize, cfg.parity, cfg.stopbits)
         slaves = [
             SimSlave(
@@ -369,7 +364,7 @@ async def _noisy(rigs: Rigs, name: str, faults: Faults, seconds: float, seed: in
     """Three devices polled through `faults` for `seconds`, then on a clean line until all are back."""
     started = time.monotonic()
     result = Result(name)
-    devices = "\n".join(registers(u, 10) for u in (1, 2, 3))
+    devices = [registers(u, 10) for u in (1, 2, 3)]
     # 115200 baud carries ~6x the bytes of 19200 per second: more faults in a short run.
     rig = await rigs.build(devices, faults=faults, seed=seed, baudrate=115200)
     try:
@@ -435,7 +430,7 @@ async def late_other_unit(
     seed = DEFAULT_SEEDS["late"] if seed is None else seed
     started = time.monotonic()
     result = Result(f"late, retries {retries}")
-    devices = "\n".join(registers(u, 1, poll="0.1ms") for u in (1, 2))
+    devices = [registers(u, 1, poll="0.1ms") for u in (1, 2)]
     rig = await rigs.build(devices, seed=seed, retries=retries, start=False)
     try:
         # Late: past the bus's response timeout (~111 ms for one register at 19200 8E1), spread over
@@ -482,7 +477,7 @@ async def late_same_unit(rigs: Rigs, *, seconds: float | None = None, seed: int 
     seed = DEFAULT_SEEDS["late"] if seed is None else seed
     started = time.monotonic()
     result = Result("late, same unit")
-    devices = registers(1, 1, poll="0.1ms") + "\n            - {name: r100, table: holding, address: 100}"
+    devices = [modbus_device("d1", 1, [*holding_registers(1), *holding_registers(1, first=100)], poll="0.1ms")]
     rig = await rigs.build(devices, seed=seed, retries=1, start=False)
     try:
         timeout = rig.bus.devices["d1"].timeout("holding", 1)
@@ -520,7 +515,7 @@ async def unplug(
         return Result("unplug", skipped="needs an operator to pull and replug the adapter (stdin is not a terminal)")
     started = time.monotonic()
     result = Result("unplug")
-    devices = "\n".join(registers(u, 2, poll="50ms") for u in (1, 2))
+    devices = [registers(u, 2, poll="50ms") for u in (1, 2)]
     rig = await rigs.build(devices, seed=seed)
     try:
         if not await rig.wait_for(rig.all_online, 5):

@@ -60,7 +60,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -82,7 +81,16 @@ from drivers.sim.waves import Wave
 from gateway.config import load_config, parse_config
 from gateway.config.schema import Config
 from gateway.simulation import resolve_path
-from hil.bench.benchlib import ROOT, free_port, print_table, rss_kb
+from hil.bench.benchlib import ROOT, configs, free_port, print_table
+from hil.bench.benchlib.configs import (
+    gateway_section,
+    loopback_listener,
+    mcp_device,
+    mcp_section,
+    modbus_device,
+    modbus_line,
+)
+from hil.bench.benchlib.procs import GatewayProcess, rss_kb_or_zero
 
 PREFIX = "fieldgate/soak"
 TOKEN = "soak-token-0123456"
@@ -149,45 +157,48 @@ def device_names(s: SoakSettings) -> tuple[list[str], list[str]]:
     return [f"plc{i + 1}" for i in range(s.devices)], [f"pump-{i + 1}" for i in range(s.mcp_devices)]
 
 
-def gateway_config(s: SoakSettings, *, broker: int, upstream: int, mcp: int) -> str:
+#: The points of every Modbus device of the soak (simulated_slaves moves each at every read).
+SOAK_POINTS = (
+    {"name": "counter", "table": "holding", "address": 0, "type": "uint16"},
+    {"name": "level", "table": "holding", "address": 1, "type": "float32"},
+    {
+        "name": "status",
+        "table": "holding",
+        "address": 3,
+        "type": "bitfield",
+        "bits": {0: "running", 1: "heating", 2: "pump"},
+    },
+    {"name": "setpoint", "table": "holding", "address": 4, "type": "int16", "writable": True, "min": 0, "max": 1000},
+)
+
+
+def gateway_config(s: SoakSettings, *, broker: int, upstream: int, mcp: int) -> dict[str, Any]:
     """The gateway's config: fast Modbus line, MCP devices, the embedded broker and an upstream sink with a spool."""
     plcs, pumps = device_names(s)
-    devices = "".join(
-        f"""
-        - name: {name}
-          unit: {i + 1}
-          poll: {s.poll * 1000:g}ms
-          points:
-            - {{name: counter, table: holding, address: 0, type: uint16}}
-            - {{name: level, table: holding, address: 1, type: float32}}
-            - {{name: status, table: holding, address: 3, type: bitfield, bits: {{0: running, 1: heating, 2: pump}}}}
-            - {{name: setpoint, table: holding, address: 4, type: int16, writable: true, min: 0, max: 1000}}"""
-        for i, name in enumerate(plcs)
+    line = modbus_line(
+        "fast",
+        "./ttySOAK",
+        [modbus_device(name, i + 1, SOAK_POINTS, poll=f"{s.poll * 1000:g}ms") for i, name in enumerate(plcs)],
+        baudrate=115200,
+        parity="N",
+        timeout="500ms",
+        inter_request_delay="0s",
     )
-    mcp_devices = "".join(f"\n    - {{id: {pid}, token: {TOKEN}, write_rate: 50}}" for pid in pumps)
-    return f"""# Written by hil/soak.py for one run.
-gateway: {{id: soak, state_dir: ./state, http: null, log_level: INFO}}
-broker:
-  listeners: [tcp://127.0.0.1:{broker}]
-northbound:
-  - name: local
-  - name: upstream
-    url: mqtt://127.0.0.1:{upstream}
-    keepalive: 5s
-    spool: {{commit_window: 50ms, replay_rate: 20000}}
-modbus:
-  buses:
-    - name: fast
-      port: ./ttySOAK
-      baudrate: 115200
-      parity: N
-      timeout: 500ms
-      inter_request_delay: 0s
-      devices:{devices}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:{mcp_devices}
-"""
+    return configs.config(
+        gateway=gateway_section("soak", "./state", http=None, log_level="INFO"),
+        broker={"listeners": [loopback_listener(broker)]},
+        northbound=[
+            {"name": "local"},
+            {
+                "name": "upstream",
+                "url": f"mqtt://127.0.0.1:{upstream}",
+                "keepalive": "5s",
+                "spool": {"commit_window": "50ms", "replay_rate": 20000},
+            },
+        ],
+        modbus=[line],
+        mcp=mcp_section(f"127.0.0.1:{mcp}", [mcp_device(pid, TOKEN, write_rate=50) for pid in pumps]),
+    )
 
 
 def shipped_reads_per_hour(path: Path = ROOT / "config.yaml") -> float:
@@ -366,33 +377,18 @@ class Consumer:
 # --- the gateway process --------------------------------------------------------------------------
 
 
-class GatewayRun:
+class GatewayRun(GatewayProcess):
     """`python -m gateway run -c CONFIG` (or under tracemalloc) with its output in a log file."""
 
     def __init__(self, config: Path, log: Path, *, trace_file: Path | None = None, leak: int = 0) -> None:
-        self.log = log
         self.trace_file = trace_file
-        env = dict(os.environ)
-        args = [sys.executable, "-m", "gateway", "run", "-c", str(config)]
+        env = {}
         if trace_file is not None:
             env[TRACE_FILE_ENV] = str(trace_file)
         if leak:
             env[LEAK_ENV] = str(leak)
-        if trace_file is not None or leak:
-            args = [sys.executable, "-m", "hil.soak", INSTRUMENTED_GATEWAY, "run", "-c", str(config)]
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(args, cwd=config.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self._broker_pid: int | None = None
-
-    @property
-    def pid(self) -> int:
-        """The gateway's process id."""
-        return self.proc.pid
-
-    def output(self) -> str:
-        """What it logged so far."""
-        return self.log.read_text(errors="replace")
+        command = [sys.executable, "-m", "hil.soak", INSTRUMENTED_GATEWAY] if env else None
+        super().__init__(config, log, command=command, env=env)
 
     async def logged(self, text: str, timeout: float = READY_TIMEOUT) -> None:
         """Wait for `text` in its log (RuntimeError if it exits or the time runs out)."""
@@ -403,13 +399,6 @@ class GatewayRun:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the gateway never logged {text!r}:\n{self.output()[-3000:]}")
             await asyncio.sleep(0.05)
-
-    def broker_pid(self) -> int | None:
-        """The embedded broker child's process id (found again if it was restarted), or None."""
-        if self._broker_pid is not None and _parent_of(self._broker_pid) == self.pid:
-            return self._broker_pid
-        self._broker_pid = next((p for p in _children(self.pid)), None)
-        return self._broker_pid
 
     async def snapshot(self, timeout: float = 120.0) -> tracemalloc.Snapshot:
         """Ask a traced gateway for a tracemalloc snapshot (SIGUSR2) and load it."""
@@ -424,42 +413,6 @@ class GatewayRun:
                 raise RuntimeError("the traced gateway wrote no snapshot")
             await asyncio.sleep(0.2)
         return await asyncio.to_thread(tracemalloc.Snapshot.load, str(self.trace_file))
-
-    def stop(self) -> int:
-        """SIGTERM and wait (SIGKILL after STOP_TIMEOUT); its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _parent_of(int(entry)) == pid:
-            out.append(int(entry))
-    return sorted(out)
-
-
-def _rss(pid: int | None) -> int:
-    if pid is None:
-        return 0
-    try:
-        return rss_kb(pid)
-    except OSError:
-        return 0
 
 
 def instrumented_gateway(argv: Sequence[str]) -> int:
@@ -686,7 +639,7 @@ def analyse(samples: list[Sample], s: SoakSettings) -> tuple[Growth, Growth, flo
 async def soak(s: SoakSettings, workdir: Path, *, progress: bool = False) -> SoakResult:
     """Run the gateway in `workdir` under the soak's traffic for `s.seconds` and measure its RSS."""
     broker_port, upstream_port, mcp_port = free_port(), free_port(), free_port()
-    text = gateway_config(s, broker=broker_port, upstream=upstream_port, mcp=mcp_port)
+    text = configs.dump(gateway_config(s, broker=broker_port, upstream=upstream_port, mcp=mcp_port))
     config = workdir / "soak.yaml"
     config.write_text(text)
     cfg = parse_config(text).config
@@ -783,8 +736,8 @@ async def soak(s: SoakSettings, workdir: Path, *, progress: bool = False) -> Soa
             samples.append(
                 Sample(
                     t,
-                    _rss(gateway.pid),
-                    _rss(gateway.broker_pid()),
+                    rss_kb_or_zero(gateway.pid),
+                    rss_kb_or_zero(gateway.broker_pid()),
                     sim.requests,
                     consumer.messages + upstream.published,
                     acked(),
@@ -814,7 +767,8 @@ async def soak(s: SoakSettings, workdir: Path, *, progress: bool = False) -> Soa
                 await task
         for device in mcp:
             await device.stop()
-        exit_code = await asyncio.to_thread(gateway.stop)
+        await asyncio.to_thread(gateway.stop, STOP_TIMEOUT)
+        exit_code = gateway.proc.returncode
         with contextlib.suppress(Exception):
             await asyncio.to_thread(consumer.stop)
         await upstream.stop()

@@ -61,9 +61,9 @@ def mcp_device(device_id: str, token: str, **settings: Any) -> Section:
     return {"id": device_id, "token": token, **settings}
 
 
-def modbus_line(name: str, port: str, devices: Sequence[Section], **settings: Any) -> Section:
+def modbus_line(name: str, port: str, devices: Sequence[Mapping[str, Any]], **settings: Any) -> Section:
     """One Modbus line (`modbus.buses[]`): its name, port, settings, then its devices."""
-    return {"name": name, "port": port, **settings, "devices": list(devices)}
+    return {"name": name, "port": port, **settings, "devices": [dict(d) for d in devices]}
 
 
 def modbus_device(name: str, unit: int, points: Sequence[Mapping[str, Any]], poll: str) -> Section:
