@@ -1,6 +1,6 @@
 """The Modbus line's schedule in memory: no pty, no sleeps, a clock the test sets.
 
-`Line` plays the line's task (bus.py) around the schedule: it asks for the next step, "does" each
+`LineTask` plays the line's task (bus.py) around the schedule: it asks for the next step, "does" each
 read in a fixed time of the test's clock (a unit in `dead` never answers: each try costs a whole
 timeout and leaves the unit settling), and reports back. The promises of the README's "Behaviour
 worth knowing" are checked on that, case by case.
@@ -53,7 +53,7 @@ def named(schedule: LineSchedule, name: str) -> Device:
 
 
 @dataclass
-class Line:
+class LineTask:
     """The line's task in memory, on a clock the test moves; notes every poll it ran and when."""
 
     schedule: LineSchedule
@@ -154,17 +154,17 @@ def test_fixed_rate_skips_what_could_not_start_in_time(
 def test_polls_stay_on_their_grid_however_long_each_cycle_took() -> None:
     # Three reads of 5 ms, then 40 ms more each (as if the machine was slow): a 55 ms cycle on a 50 ms grid.
     schedule = line(device("d", 1, 0, 10, 20, poll=0.05))
-    lane = Line(schedule)
+    task = LineTask(schedule)
     dues: list[float] = []
     for _ in range(12):
-        step = schedule.next_step(lane.now, port_open=True, writes_waiting=False)
+        step = schedule.next_step(task.now, port_open=True, writes_waiting=False)
         if isinstance(step, Idle):
-            lane.now = step.until
+            task.now = step.until
             continue
         assert isinstance(step, Poll)
         dues.append(step.due)
-        lane.now += 3 * READ + 0.04
-        schedule.poll_done(step, lane.now, answered=True, failed=False)
+        task.now += 3 * READ + 0.04
+        schedule.poll_done(step, task.now, answered=True, failed=False)
     steps = [d / 0.05 for d in dues]
     assert all(abs(s - round(s)) < 1e-6 for s in steps), steps
     gaps = [round(b - a, 6) for a, b in zip(steps, steps[1:], strict=False)]
@@ -176,7 +176,7 @@ def test_polls_stay_on_their_grid_however_long_each_cycle_took() -> None:
 def test_two_poll_intervals_interleave_each_at_its_own_rate() -> None:
     # One device, a fast point (100 ms) and a slow one (250 ms): two jobs. A second device at 200 ms.
     schedule = line(device("a", 1, (0, 0.1), (10, 0.25)), device("b", 2, 0, poll=0.2))
-    polls = Line(schedule).run(0.99)
+    polls = LineTask(schedule).run(0.99)
     ran = [(round(at, 6), p.job.device.name, p.job.interval, round(p.due, 6)) for at, p in polls]
     # (start, device, interval, due): each cycle starts when due, or after the 5 ms reads ahead of it when
     # several are due at once (then in the order they were queued); its due time stays on its own grid.
@@ -209,19 +209,19 @@ def test_two_poll_intervals_interleave_each_at_its_own_rate() -> None:
 
 def test_a_dead_unit_goes_offline_then_is_only_probed_with_back_off() -> None:
     schedule = line(device("live", 1, 0, poll=0.05), device("dead", 2, 0, 10, poll=0.05), retries=1)
-    lane = Line(schedule, dead={2})
+    task = LineTask(schedule, dead={2})
     dead, live = named(schedule, "dead"), named(schedule, "live")
-    polls = lane.run(1.0)
+    polls = task.run(1.0)
     assert dead.online is False and live.online is True
     # The first failed poll with its retry (2 tries), then one try per poll until offline (3 failed polls).
     dead_polls = [p for _, p in polls if p.job.device is dead]
     assert [p.retries for p in dead_polls[:3]] == [1, 0, 0]
-    assert lane.tries["dead"] == 4
+    assert task.tries["dead"] == 4
     # Each probe holds the line for a whole timeout: the first comes after timeout / PROBE_LINE_SHARE.
     first_wait = TIMEOUT / PROBE_LINE_SHARE
     assert dead.backoff == pytest.approx(first_wait)
     offline_at = dead.next_probe - first_wait
-    polls = lane.run(offline_at + 130.0)
+    polls = task.run(offline_at + 130.0)
     probes = [(at, p) for at, p in polls if p.job.device is dead]
     assert all(p.probing and p.retries == 0 and len(p.requests) == 1 for _, p in probes)
     probe_starts = [at for at, _ in probes]
@@ -237,10 +237,10 @@ def test_a_dead_unit_goes_offline_then_is_only_probed_with_back_off() -> None:
 def test_a_dead_neighbour_once_offline_leaves_the_live_unit_its_poll_rate() -> None:
     # The README's "its neighbours keep their poll rate" (the bench measures 98-100 % on a real line).
     schedule = line(device("live", 1, 0, poll=0.05), device("dead", 2, 0, poll=0.05))
-    lane = Line(schedule, dead={2})
-    lane.run(1.0)
+    task = LineTask(schedule, dead={2})
+    task.run(1.0)
     assert named(schedule, "dead").online is False
-    polls = lane.run(61.0)
+    polls = task.run(61.0)
     live = starts(polls, "live")
     assert len(live) >= 0.98 * 60 / 0.05, len(live)
     # Without the back-off (a dead unit polled every 50 ms, each poll a 100 ms timeout) it gets a third of that.
@@ -250,8 +250,8 @@ def test_a_dead_neighbour_once_offline_leaves_the_live_unit_its_poll_rate() -> N
 def test_a_settling_unit_waits_while_the_other_units_use_the_line() -> None:
     # A unit that never answers but is never declared offline: after each timeout it settles one more timeout.
     schedule = line(device("live", 1, 0, poll=0.01), device("silent", 2, 0, poll=0.01, offline_after=100), retries=0)
-    lane = Line(schedule, dead={2})
-    polls = lane.run(2.0)
+    task = LineTask(schedule, dead={2})
+    polls = task.run(2.0)
     silent, live = starts(polls, "silent"), starts(polls, "live")
     # One try per timeout + settle (the late answer cannot meet another request) ...
     assert len(silent) <= 2.0 / (2 * TIMEOUT) + 1
@@ -293,26 +293,25 @@ def test_an_offline_unit_waits_for_its_probe_without_holding_up_the_others() -> 
 @pytest.mark.parametrize("failures_before", [0, 2])
 def test_a_unit_that_answers_again_is_polled_in_full_at_once(failures_before: int) -> None:
     schedule = line(device("d", 1, 0, 10, 20, poll=0.5), offline_after=1)
-    lane = Line(schedule, dead={1})
-    lane.run(0.01)
+    task = LineTask(schedule, dead={1})
+    task.run(0.01)
     d = named(schedule, "d")
     assert d.online is False
     for _ in range(failures_before):
-        lane.run(d.next_probe + 0.01)
-    lane.dead.clear()
-    lane.now = d.next_probe
-    probe = schedule.next_step(lane.now, port_open=True, writes_waiting=False)
+        task.run(d.next_probe + 0.01)
+    task.dead.clear()
+    task.now = d.next_probe
+    probe = schedule.next_step(task.now, port_open=True, writes_waiting=False)
     assert isinstance(probe, Poll) and probe.probing and len(probe.requests) == 1 and probe.retries == 0
-    lane.now += READ
-    assert schedule.poll_done(probe, lane.now, answered=True, failed=False) is True
-    full = schedule.next_step(lane.now, port_open=True, writes_waiting=False)
+    task.now += READ
+    assert schedule.poll_done(probe, task.now, answered=True, failed=False) is True
+    full = schedule.next_step(task.now, port_open=True, writes_waiting=False)
     assert isinstance(full, Poll) and not full.probing
-    assert len(full.requests) == 3 and full.retries == 1 and full.due == lane.now
+    assert len(full.requests) == 3 and full.retries == 1 and full.due == task.now
     assert d.backoff == d.probe_backoff_start  # a later outage backs off from the start again
 
 
-def test_an_exception_answer_keeps_the_device_online() -> None:
-    # Every read answered with a Modbus exception: answered, none failed.
+def test_a_cycle_that_failed_after_some_answers_is_a_failed_poll() -> None:
     schedule = line(device("d", 1, 0, poll=0.1))
     schedule.start(0.0)
     poll = schedule.next_step(0.0, port_open=True, writes_waiting=False)
@@ -320,9 +319,12 @@ def test_an_exception_answer_keeps_the_device_online() -> None:
     assert schedule.poll_done(poll, 0.01, answered=True, failed=False) is True
     poll = schedule.next_step(0.1, port_open=True, writes_waiting=False)
     assert isinstance(poll, Poll)
-    # Answered, then a later read of the cycle failed: a failed poll, not yet offline.
+    # One read answered (or answered with a Modbus exception: alive), a later one failed: not yet offline.
     assert schedule.poll_done(poll, 0.2, answered=True, failed=True) is None
-    assert named(schedule, "d").failures == 1
+    d = named(schedule, "d")
+    assert d.failures == 1 and d.online is True
+    retry = schedule.next_step(poll.job.due, port_open=True, writes_waiting=False)
+    assert isinstance(retry, Poll) and retry.retries == 0  # a device that failed its last poll gets one try
 
 
 # --- the port --------------------------------------------------------------------------------------------------
