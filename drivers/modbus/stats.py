@@ -77,3 +77,10 @@ def count_transaction(
     if error is not None:
         line.count_failure(error)
         device.count_failure(error)
+
+
+def count_answered_read(line: BusStats, device: DeviceStats, response_s: float, wire_s: float) -> None:
+    """Count one answered read: a transaction of both, its response time on the device, its frames' time on the line."""
+    count_transaction(line, device)
+    device.observe_response(response_s)
+    line.wire_seconds += wire_s

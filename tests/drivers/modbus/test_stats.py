@@ -11,7 +11,7 @@ import pytest
 
 from drivers.modbus import budget
 from drivers.modbus.bus import ModbusBus
-from drivers.modbus.stats import RESPONSE_BUCKETS, BusStats, DeviceStats, count_transaction
+from drivers.modbus.stats import RESPONSE_BUCKETS, BusStats, DeviceStats, count_answered_read, count_transaction
 from drivers.modbus.transport import ModbusLink
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimSlave
@@ -59,6 +59,18 @@ def test_one_transaction_is_counted_once_on_the_line_and_its_device(
     assert tuple(getattr(device, f) for f in figures) == device_counts
     assert line.reopen_attempts == 0 and line.wire_seconds == 0.0
     assert device.cycles == device.writes == sum(device.response_counts) == 0
+
+
+def test_an_answered_read_counts_its_response_time_on_the_device_and_its_wire_time_on_the_line() -> None:
+    line, a, b = BusStats(), DeviceStats(), DeviceStats()
+    count_answered_read(line, a, 0.007, 0.002)
+    count_answered_read(line, b, 0.03, 0.004)
+    count_transaction(line, b, DeviceTimeout("no response"))
+    assert (line.transactions, a.transactions, b.transactions) == (3, 1, 2)
+    assert line.timeouts == b.timeouts == 1 and a.timeouts == 0
+    assert line.wire_seconds == pytest.approx(0.006)
+    assert a.response_counts[1] == 1 and b.response_counts[3] == 1 and sum(b.response_counts) == 1  # le 0.01, 0.05
+    assert (a.last_response_s, b.last_response_s) == (0.007, 0.03)
 
 
 async def test_a_garbled_answer_is_a_crc_error_and_silence_a_timeout(tmp_path: Path) -> None:
