@@ -35,49 +35,6 @@ def test_check_accepts_the_shipped_config() -> None:
     assert "config.yaml: ok — 1 modbus bus(es), 4 device(s)" in r.stdout
 
 
-def test_check_lists_every_mistake_with_its_line(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        "gateway:\n"
-        "  id: plant\n"
-        "modbus:\n"
-        "  buses:\n"
-        "    - name: l1\n"
-        "      port: /dev/ttyUSB0\n"
-        "      baudrat: 9600\n"
-        "      parity: X\n"
-        "      devices:\n"
-        "        - name: d1\n"
-        "          unit: 300\n"
-        "          poll: soon\n"
-        "          points:\n"
-        "            - {name: t, table: coil, address: 0, type: float32}\n"
-    )
-    r = fieldgate("check", "-c", str(bad))
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 5, r.stderr
-    assert lines[0] == f"{bad}:7: modbus.buses[0].baudrat: unknown key 'baudrat' (did you mean 'baudrate'?)"
-    assert lines[1].startswith(f"{bad}:8: modbus.buses[0].parity: ")
-    assert lines[2].startswith(f"{bad}:11: modbus.buses[0].devices[0].unit: ")
-    assert lines[3].startswith(f"{bad}:12: modbus.buses[0].devices[0].poll: ")
-    assert lines[4].startswith(f"{bad}:14: modbus.buses[0].devices[0].points[0]")
-    assert "Traceback" not in r.stderr
-
-
-def test_check_warns_about_an_overloaded_line(tmp_path: Path) -> None:
-    points = "\n".join(f"            - {{name: p{i}, table: holding, address: {i * 40}}}" for i in range(20))
-    cfg = tmp_path / "busy.yaml"
-    cfg.write_text(
-        "modbus:\n  buses:\n    - name: slow\n      port: /dev/ttyUSB0\n      baudrate: 1200\n      devices:\n"
-        f"        - name: d\n          unit: 1\n          poll: 1s\n          points:\n{points}\n"
-    )
-    r = fieldgate("check", "-c", str(cfg))
-    assert r.returncode == 0
-    assert "warning: modbus bus slow: poll plan needs" in r.stderr
-    assert "1200 baud" in r.stderr
-
-
 def test_missing_config_and_bad_usage_exit_2(tmp_path: Path) -> None:
     r = fieldgate("check", "-c", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "nope.yaml" in r.stderr and "Traceback" not in r.stderr
