@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 from drivers.mcp import report
 from drivers.mcp.admission import BanList, PendingCount, address_key
 from drivers.mcp.payload import quoted
-from drivers.mcp.session import SeqWindow, Session, SessionStats, boot_digest
+from drivers.mcp.protocol import SeqWindow, SessionStats
+from drivers.mcp.session import Session
 from drivers.mcp.settings import McpSettings
 from gateway.errors import FieldgateError
 from gateway.types import Command, CommandResult, DeviceProfile, DeviceState, McpServerSnapshot, Sample
@@ -330,7 +331,7 @@ class McpServer:
         assert device_id is not None
         self._leave_pending(session)
         window = self._windows.get(device_id)
-        if window is None or window.boot != boot_digest(boot_id):
+        if window is None or not window.continues(boot_id):
             self._windows[device_id] = SeqWindow(boot_id)  # a new boot: forget the old seqs
             self._inflight[device_id] = {}  # and its deliveries in flight (they finish, but match nothing new)
         old = self.sessions.get(device_id)

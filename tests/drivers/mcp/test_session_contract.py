@@ -23,8 +23,9 @@ from typing import TypeVar
 import pytest
 
 from drivers.mcp.codec import OVERHEAD, DecodeError, Decoder, Frame, FrameType, NackCode, encode, nack
+from drivers.mcp.protocol import SeqWindow, boot_digest, command_result
 from drivers.mcp.server import MAX_INFLIGHT_DATA, McpServer
-from drivers.mcp.session import SeqWindow, Session, _command_result, boot_digest
+from drivers.mcp.session import Session
 from gateway.config.schema import McpSection
 from gateway.config.settings import mcp_server
 from gateway.errors import SinkError
@@ -108,7 +109,7 @@ def response(body: dict[str, object]) -> Frame:
     ],
 )
 def test_a_commands_answer_is_read_as_the_spec_says(reply: Frame, expected: CommandResult) -> None:
-    assert _command_result(reply) == expected
+    assert command_result(reply) == expected
 
 
 # --- one session on a real socket, the server in this process ----------------------------------------------
