@@ -24,7 +24,7 @@ from bridge.spool import SpoolError, SQLiteSpool
 from gateway.errors import SinkError
 from gateway.types import Message
 
-from helpers import Subscriber, TcpRelay
+from helpers import Subscriber, TcpRelay, until
 
 P = "fg/t1"
 
@@ -96,18 +96,10 @@ def msg(i: int, topic: str = "seq", **kw: Any) -> Message:
     return Message(topic, b"%d" % i, ts=1_000_000 + i, **kw)
 
 
-async def until(cond: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait until cond() is truthy."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_online_fifo_goes_straight_out_and_writes_nothing(
     broker: EmbeddedBroker, port: int, sub: Subscriber, make_buffer: BufferFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bridge.outbox as outbox_module
+    import bridge.outbox_limits as outbox_module
 
     # The waited-on last message is spooled if its PUBACK takes LIVE_WAIT_MAX (a loaded machine can take 5 s
     # for 600 messages): it would then be replayed beside the live queue, out of order. That spill has its own
@@ -258,7 +250,7 @@ async def test_messages_in_flight_at_a_cut_are_spooled_and_arrive(
         assert await sink.wait_connected(5)
         link.downstream.clear()  # PUBACKs held back: everything stays in flight
         waited = [box.enqueue(msg(i)) for i in range(100)]
-        await until(lambda: len(box._handed) == 32)
+        await until(lambda: len(box._live.in_flight) == 32)
         await link.close()  # the connection dies before any PUBACK
         # Every waiter is settled by the spool commit, not left hanging on the dead connection.
         await asyncio.wait_for(asyncio.gather(*waited), 5)
@@ -438,7 +430,7 @@ async def test_a_retained_state_acknowledged_live_removes_its_older_spooled_stat
 async def test_a_stalled_broker_holds_an_awaited_message_for_a_bounded_time(
     broker: EmbeddedBroker, port: int, sub: Subscriber, make_buffer: BufferFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bridge.outbox as outbox_module
+    import bridge.outbox_limits as outbox_module
 
     monkeypatch.setattr(outbox_module, "LIVE_WAIT_MAX", 0.5)
     monkeypatch.setattr(outbox_module, "HOUSEKEEPING_INTERVAL", 0.1)
