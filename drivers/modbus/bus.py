@@ -13,7 +13,7 @@ from drivers.modbus.planner import ReadRequest
 from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # hil/scenarios.py reads it here
 from drivers.modbus.schedule import Idle, LineSchedule, Poll, PortWait, Reopen, ServeWrites
 from drivers.modbus.settings import LineSettings
-from drivers.modbus.stats import BusStats, count_transaction
+from drivers.modbus.stats import BusStats, count_answered_read, count_transaction
 from drivers.modbus.timing import QuietGap
 from drivers.modbus.transport import ModbusLink
 from drivers.modbus.writes import PendingWrite, encode_write, readback_request
@@ -277,18 +277,17 @@ class ModbusBus:
                 continue
             finally:
                 self._quiet.last_end = self.alive_at = time.monotonic()
-            count_transaction(self.stats, device.stats)
             # The line went quiet with the answer's last byte, not when the answer was decoded: the
             # silence before the next request and the response time count from that byte.
             if started < self._link.last_rx < self._quiet.last_end:
                 self._quiet.last_end = self._link.last_rx
-            device.stats.observe_response(self._quiet.last_end - started)
+            req, resp = budget.transaction_bytes(request.table, request.count)
+            wire = budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
+            count_answered_read(self.stats, device.stats, self._quiet.last_end - started, wire)
             if last is not None:
                 # A retry answered, maybe by the late answer to the attempt before: its own answer may still
                 # come, as late as a failed attempt's could (one timeout past the timeout).
                 self._schedule.settle(device.unit, started + 2 * timeout)
-            req, resp = budget.transaction_bytes(request.table, request.count)
-            self.stats.wire_seconds += budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
             return data
         assert last is not None
         raise last
