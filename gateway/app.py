@@ -9,9 +9,8 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.broker import EmbeddedBroker, client_url
 from bridge.broker_auth import INTERNAL_USER
@@ -27,15 +26,20 @@ from gateway.config import Loaded, load_config
 from gateway.config.schema import BusConfig, Config, SinkConfig
 from gateway.config.settings import mcp_server, modbus_line
 from gateway.errors import ConfigError
+from gateway.health import problems
 from gateway.homeassistant import Discovery
-from gateway.http import HttpServer
 from gateway.jsonsafe import dumps_safe
+from gateway.metrics_topic import metrics_payload
 from gateway.reload import ConfigDiff, diff
 from gateway.router import SUBSCRIPTIONS, Router
 from gateway.simulation import Simulation, start_mcp_simulation, start_simulation
+from gateway.snapshot import GatewaySnapshot, take_snapshot
 from gateway.supervise import Supervised, Supervisor
-from gateway.systemd import ServiceNotifier, line_alive
-from gateway.types import DeviceProfile, DeviceState, Message, Sample
+from gateway.systemd import ServiceNotifier
+from gateway.types import DeviceProfile, DeviceState, Message, Sample, now_ms
+
+if TYPE_CHECKING:
+    from gateway.http import HttpServer  # imported when `gateway.http` is on: aiohttp and prometheus-client
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ class Gateway:
         self.started_at = 0.0
         self.http: HttpServer | None = None
         self.audit: AuditLog | None = None
-        self.systemd = ServiceNotifier(self)
+        self.systemd = ServiceNotifier(self.snapshot, self.supervisor)
         self._reload_wanted = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         #: While a reload swaps parts: driver events wait here, in order, instead of meeting half a swap.
@@ -127,7 +131,9 @@ class Gateway:
                 await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
         if cfg.gateway.http is not None:
             # After the drivers: the first page and scrape already show every line and device.
-            self.http = HttpServer(self, cfg.gateway.http)
+            from gateway.http import HttpServer
+
+            self.http = HttpServer(self.snapshot, cfg.gateway.http, self.supervisor)
             await self.http.start()
         self._metrics = self.supervisor.spawn("metrics", self._metrics_loop)
         # A SIGHUP that came during start-up is carried out now that everything is up.
@@ -269,63 +275,27 @@ class Gateway:
         """True while a config reload is being applied (lines and sinks may be stopped and rebuilt)."""
         return self._reload_lock.locked()
 
-    def problems(self, *, lasting: bool = False) -> list[str]:
-        """Why the gateway is not healthy now (for /healthz and the systemd watchdog): a sink's outbox that is not
-        running, a supervised task that failed and waits for its restart, a Modbus line whose task ended or that
-        has not moved for longer than any healthy step takes.
+    @property
+    def gateway_id(self) -> str:
+        """The gateway's id (`gateway.id`)."""
+        return self.cfg.gateway.id
 
-        With `lasting` (the watchdog), a supervised task counts only once it keeps failing: one failure the
-        supervisor's restart fixes must not have systemd restart the whole gateway (see LASTING_FAILURES).
-        """
-        # Their loops run under our supervisor, whose problems() names them.
-        out = [f"sink {o.sink.name}: {why}" for o in self.outboxes if (why := o.health(loops=False))]
-        out += self.supervisor.problems(lasting=lasting)
-        now = time.monotonic()
-        for bus in self.buses:
-            if bus.stopping:
-                continue  # going away (a reload), not stuck
-            if not bus.running:
-                out.append(f"modbus line {bus.name}: its task has ended")
-            elif stuck := line_alive(bus)(now):
-                out.append(stuck)
-        return out
+    def snapshot(self) -> GatewaySnapshot:
+        """Every part of the gateway as of now, frozen: what the metrics, the status page and systemd render."""
+        return take_snapshot(self)
+
+    def problems(self, *, lasting: bool = False) -> list[str]:
+        """Why the gateway is not healthy now (for /healthz and the systemd watchdog); see gateway.health."""
+        return problems(self.snapshot(), lasting=lasting)
 
     def metrics(self) -> dict[str, object]:
         """Counters and gauges of every part, as published on `P/metrics`."""
-        return {
-            "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "buses": {b.name: asdict(b.stats) for b in self.buses},
-            "devices": {
-                d.name: {**asdict(d.stats), "online": d.online} for b in self.buses for d in b.devices.values()
-            },
-            "mcp": {
-                "sessions": len(self.mcp.sessions),
-                "rejected": self.mcp.rejected,
-                **asdict(self.mcp.totals),
-                "devices": {d.id: asdict(self.mcp.stats_for(d.id)) for d in self.cfg.mcp.devices}
-                if self.cfg.mcp
-                else {},
-            }
-            if self.mcp
-            else None,
-            "sinks": {
-                o.sink.name: {
-                    **asdict(s.stats),
-                    **o.figures(),
-                    "connected": s.connected,
-                    "requests_dropped": self.router.dropped_requests.get(s.name, 0) if self.router else 0,
-                }
-                for o, s in zip(self.outboxes, self.sinks, strict=True)
-            },
-            "tasks": {
-                e.name: {"failures": e.failures, "down": e.restart_at is not None} for e in self.supervisor.tasks
-            },
-        }
+        return metrics_payload(self.snapshot())
 
     async def _metrics_loop(self) -> None:
         while True:
             await asyncio.sleep(METRICS_INTERVAL)
-            payload = dumps_safe({"ts": time.time_ns() // 1_000_000, **self.metrics()})
+            payload = dumps_safe({"ts": now_ms(), **self.metrics()})
             for outbox in self.outboxes:
                 outbox.submit(Message("metrics", payload))
 
@@ -467,8 +437,6 @@ class Gateway:
             await sink.start()
         for bus in fresh:
             await bus.start()
-        if self.http is not None:
-            self.http.utilisation.buses = list(self.buses)
 
     async def _swap_sinks(self, new: Config, changes: ConfigDiff) -> list[tuple[MqttSink, Outbox]]:
         """Stop the removed and changed sinks' outboxes (spooling what they hold) and build the new ones."""

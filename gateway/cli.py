@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str, debug: bool) -> None:
-    from gateway.systemd import JournalFormatter, stderr_is_journal
+    from gateway.journal import JournalFormatter, stderr_is_journal
 
     handler = logging.StreamHandler(sys.stderr)
     # Under systemd, journald stamps each line itself and files it under its `<N>` priority prefix.

@@ -17,7 +17,7 @@ from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.audit import AuditRecord
-from gateway.http import StatusPage, _age
+from gateway.status_page import StatusPage, _age
 from gateway.jsonsafe import loads_strict
 from gateway.router import SUBSCRIPTIONS, Router
 from gateway.types import Command, CommandResult, DeviceProfile, Sample, Write, WriteResult

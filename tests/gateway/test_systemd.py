@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -34,7 +33,18 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.config.schema import BusConfig
 from gateway.config.settings import modbus_line
-from gateway.types import Message
+from gateway.journal import JournalFormatter
+from gateway.snapshot import GatewaySnapshot, SinkSnapshot
+from gateway.types import (
+    McpDeviceCounters,
+    McpServerSnapshot,
+    McpSessionSnapshot,
+    Message,
+    ModbusDeviceCounters,
+    ModbusDeviceSnapshot,
+    ModbusLineCounters,
+    ModbusLineSnapshot,
+)
 
 from configs import (
     Section,
@@ -285,30 +295,29 @@ async def test_status_lines_summarise_lines_sessions_and_sinks(
 
 
 def test_status_line_names_each_sinks_state() -> None:
-    def sink(name: str, connected: bool, connects: int, backlog: int) -> tuple[SimpleNamespace, SimpleNamespace]:
-        s = SimpleNamespace(name=name, connected=connected, stats=SimpleNamespace(connects=connects))
-        return SimpleNamespace(backlog=backlog), s
+    def sink(name: str, connected: bool, connects: int, backlog: int) -> SinkSnapshot:
+        return SinkSnapshot(name, connected, {"connects": connects}, {}, backlog, None, 0)
 
-    device = SimpleNamespace
-    lines = [SimpleNamespace(devices={"a": device(online=True), "b": device(online=False), "c": device(online=None)})]
-    pairs = [
+    def unit(online: bool | None) -> ModbusDeviceSnapshot:
+        return ModbusDeviceSnapshot("d", 1, online, ModbusDeviceCounters())
+
+    units = (unit(True), unit(False), unit(None))
+    lines = [ModbusLineSnapshot("l", "/dev/x", "9600 8E1", True, False, 0.0, 1.0, ModbusLineCounters(), units)]
+    sinks = (
         sink("local", True, 1, 0),
         sink("cloud", False, 3, 1234),
         sink("backup", True, 2, 56),
         sink("lab", False, 0, 0),
         sink("old", False, 1, 0),
-    ]
-    gw = SimpleNamespace(
-        buses=lines * 2,
-        mcp=SimpleNamespace(sessions={"p": 1}),
-        outboxes=[o for o, _ in pairs],
-        sinks=[s for _, s in pairs],
     )
-    assert sd.status_line(gw) == (  # type: ignore[arg-type]
+    session = McpSessionSnapshot("p", "127.0.0.1:1", McpDeviceCounters())
+    mcp = McpServerSnapshot((session,), (), 0, 0, {}, {}, McpDeviceCounters())
+    gw = GatewaySnapshot("g", 0.0, 0, 0.0, False, lines=tuple(lines * 2), mcp=mcp, sinks=sinks)
+    assert sd.status_line(gw) == (
         "2/6 devices online on 2 lines, 1 MCP session, sinks: local up; cloud spooling 1,234; "
         "backup up, replaying 56; lab connecting; old down"
     )
-    assert sd.status_line(SimpleNamespace(buses=[], mcp=None, outboxes=[], sinks=[])) == "running"  # type: ignore[arg-type]
+    assert sd.status_line(GatewaySnapshot("g", 0.0, 0, 0.0, False)) == "running"
 
 
 async def test_watchdog_pings_at_half_of_watchdog_usec(
@@ -453,7 +462,7 @@ async def test_an_idle_line_stays_fresh_between_polls_minutes_apart(tmp_path: Pa
             pass
 
     bus = ModbusBus(modbus_line(cfg), lambda s: None, lambda s: None, link=QuickLink())  # type: ignore[arg-type]
-    check = sd.line_alive(bus)
+    check = sd.line_alive(bus.snapshot)
     await bus.start()
     try:
         oldest = 0.0
@@ -562,7 +571,7 @@ async def test_graceful_stop_within_10_s_with_a_dead_upstream_spools_what_was_qu
 
 
 def test_journal_formatter_prefixes_every_line_with_its_priority() -> None:
-    fmt = sd.JournalFormatter()
+    fmt = JournalFormatter()
 
     def line(level: int, msg: str, exc: bool = False) -> str:
         exc_info = None

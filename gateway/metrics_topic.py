@@ -1,0 +1,43 @@
+"""The body of `P/metrics`: every part's counters and gauges, rendered from a snapshot."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from gateway.snapshot import GatewaySnapshot
+from gateway.types import ModbusDeviceSnapshot
+
+
+def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
+    """Counters and gauges of every part, as published on `P/metrics`; raises what a part that was not read raised."""
+    snapshot.require(*snapshot.unreadable)
+    mcp = snapshot.mcp
+    return {
+        "uptime_s": round(snapshot.uptime_s, 1),
+        "buses": {line.name: asdict(line.counters) for line in snapshot.lines},
+        "devices": {d.name: _device(d) for line in snapshot.lines for d in line.devices},
+        "mcp": {
+            "sessions": len(mcp.sessions),
+            "rejected": mcp.rejected,
+            **asdict(mcp.totals),
+            "devices": {d.id: asdict(d.counters) for d in mcp.devices},
+        }
+        if mcp
+        else None,
+        "sinks": {
+            sink.name: {
+                **sink.counters,
+                **sink.figures,
+                "connected": sink.connected,
+                "requests_dropped": sink.requests_dropped,
+            }
+            for sink in snapshot.sinks
+        },
+        "tasks": {task.name: {"failures": task.failures, "down": task.down} for task in snapshot.tasks},
+    }
+
+
+def _device(device: ModbusDeviceSnapshot) -> dict[str, object]:
+    counters: dict[str, object] = asdict(device.counters)
+    counters["response_counts"] = list(device.counters.response_counts)  # a list, as the driver keeps it
+    return {**counters, "online": device.online}
