@@ -21,6 +21,8 @@ from gateway.config import parse_config
 from gateway.errors import ConfigError, FieldgateError
 from gateway.types import Message
 
+from configs import sink
+from configs import text as yaml_text  # `text` names the YAML of the tests above
 from helpers import Subscriber, free_port
 
 
@@ -290,7 +292,7 @@ def test_config_refuses_topics_that_would_start_with_dollar(text: str, where: st
 
 @pytest.mark.parametrize("prefix", ["/$SYS/gw1", "//$gw"])
 def test_a_leading_slash_does_not_smuggle_a_dollar_prefix_in(prefix: str) -> None:
-    errors = config_errors(BASE + f'northbound: [{{name: up, topic_prefix: "{prefix}"}}]')
+    errors = config_errors(yaml_text({"gateway": {"id": "gw1"}, "northbound": [sink("up", topic_prefix=prefix)]}))
     assert errors, f"accepted: the sink would publish under {prefix.strip('/')!r}"
 
 
