@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,6 +32,7 @@ from drivers.modbus.transport import ModbusLink
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
 from gateway.config.schema import BusConfig
+from gateway.config.settings import modbus_line as line_settings
 from gateway.types import DeviceState, Sample
 from hil.bench.benchlib.configs import config, dump, holding_registers, modbus_device, modbus_line, parse_bus
 from hil.line import Faults, FrameFormat, Rs485Line
@@ -103,7 +104,7 @@ class Rig:
     @property
     def gateway_port(self) -> str:
         """The port the bus opens."""
-        return self.bus.cfg.port
+        return str(self.bus.cfg.port)
 
     def wrong_values(self) -> list[tuple[str, str, object, int]]:
         """Every published value that differs from what its slave held: (device, point, got, held)."""
@@ -201,7 +202,7 @@ class Rigs:
             settings["baudrate"] = self.baudrate
         if self.format is not None:
             settings.update(bytesize=self.format.bytesize, parity=self.format.parity, stopbits=self.format.stopbits)
-        cfg = bus_config(devices, **settings)
+        cfg = line_settings(bus_config(devices, **settings))
         frame_format = FrameFormat(cfg.bytesize, cfg.parity, cfg.stopbits)
         slaves = [
             SimSlave(
@@ -233,7 +234,7 @@ class Rigs:
                 stopbits=cfg.stopbits,
                 connect_timeout=OPEN_TIMEOUT,
             )
-            bus = ModbusBus(cfg.model_copy(update={"port": line.gateway_port}), rec.sample, rec.state, link=link)
+            bus = ModbusBus(replace(cfg, port=line.gateway_port), rec.sample, rec.state, link=link)
         else:
             # The device's adapter is opened as the wire needs it; the relay carries its bytes to and from
             # a pty where the slaves listen, faults applied, no timing added.
@@ -257,7 +258,7 @@ class Rigs:
             )
             await line.start()
             # The gateway's adapter takes the real format, parity included.
-            bus = ModbusBus(cfg.model_copy(update={"port": self.hardware.gateway_port}), rec.sample, rec.state)
+            bus = ModbusBus(replace(cfg, port=self.hardware.gateway_port), rec.sample, rec.state)
         sim = ModbusSimulator(line.device_port, slaves, baudrate=cfg.baudrate)
         rig = Rig(bus, sim, rec, line, self.hardware, device_serial)
         self._rigs.append(rig)

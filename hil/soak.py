@@ -80,6 +80,7 @@ from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
 from gateway.config import load_config, parse_config
 from gateway.config.schema import Config
+from gateway.config.settings import modbus_line as line_settings
 from gateway.simulation import resolve_path
 from hil.bench.benchlib import ROOT, configs, free_port, print_table
 from hil.bench.benchlib.configs import (
@@ -211,9 +212,10 @@ def shipped_reads_per_hour(path: Path = ROOT / "config.yaml") -> float:
             live |= {(resolve_path(line.link, base), d.unit) for d in line.devices if not d.dead}
     total = 0.0
     for bus in cfg.modbus.buses:
-        for dev in bus.devices:
+        settings = line_settings(bus)
+        for dev in settings.devices:
             if (resolve_path(bus.port, base), dev.unit) in live:
-                total += sum(len(job.requests) * 3600.0 / job.interval for job in Device(dev, bus).jobs)
+                total += sum(len(job.requests) * 3600.0 / job.interval for job in Device(dev, settings).jobs)
     return total
 
 
@@ -225,7 +227,7 @@ def simulated_slaves(cfg: Config) -> list[SimSlave]:
         "status": Wave(kind="bits", period=0.25),
         "setpoint": Wave(value=20),
     }
-    bus = cfg.modbus.buses[0]
+    bus = line_settings(cfg.modbus.buses[0])
     return [
         SimSlave(d.unit, [SimPoint(p.name, p.table, p.address, p.codec, waves[p.name]) for p in d.points])
         for d in bus.devices

@@ -42,7 +42,8 @@ from benchlib.modbus import (
     bench_config,
     boiler_points,
     devices_like,
-    parse_bus,
+    parse_line,
+    serial_path,
     sim_slaves,
     stop_bus,
 )
@@ -113,9 +114,9 @@ LINE_LOOPS = {"precise": serve_rs485, "default": serve_rs485_default_loop}
 
 
 async def _serve_rs485(config_text: str, dead_units: list[int], conn: Connection) -> None:
-    bus = parse_bus(config_text)
+    bus = parse_line(config_text)
     loop = asyncio.get_running_loop()
-    line = Rs485Line(bus.port, baudrate=bus.baudrate, frame_format=f"{bus.bytesize}{bus.parity}{bus.stopbits}")
+    line = Rs485Line(serial_path(bus), baudrate=bus.baudrate, frame_format=f"{bus.bytesize}{bus.parity}{bus.stopbits}")
     await line.start()
     sim = ModbusSimulator(line.device_port, sim_slaves(bus, dead_units), baudrate=bus.baudrate)
     stop = asyncio.Event()

@@ -37,8 +37,10 @@ from benchlib.modbus import (
 from drivers.modbus import budget
 from drivers.modbus.bus import ModbusBus, line_budget
 from drivers.modbus.device import PROBE_LINE_SHARE, Device
+from drivers.modbus.settings import LineSettings
 from gateway.config import load_config
-from gateway.config.schema import BusConfig, Config
+from gateway.config.schema import Config
+from gateway.config.settings import modbus_line
 from gateway.config.units import parse_duration
 from gateway.errors import ConfigError
 from gateway.types import DeviceState
@@ -53,7 +55,7 @@ GOAL = 0.95  # share of their rate live devices should keep with a dead unit on 
 # --- figure 1: planning ---------------------------------------------------------------------------
 
 
-def per_point_budget(bus: BusConfig) -> budget.LineBudget:
+def per_point_budget(bus: LineSettings) -> budget.LineBudget:
     """The wire budget if every point were read by a request of its own."""
     bits = budget.char_bits(bus.bytesize, bus.parity, bus.stopbits)
     jobs: list[tuple[float, list[tuple[int, int]]]] = []
@@ -77,7 +79,8 @@ def plan_table(cfg: Config) -> tuple[int, int]:
     returns (points, planned reads) per round of every device (0, 0 without polled points)."""
     rows: list[list[object]] = []
     points = planned = 0
-    for bus in cfg.modbus.buses:
+    lines = [modbus_line(bus) for bus in cfg.modbus.buses]
+    for bus in lines:
         for dev_cfg in bus.devices:
             jobs = Device(dev_cfg, bus).jobs
             n_reads = sum(len(job.requests) for job in jobs)
@@ -91,7 +94,7 @@ def plan_table(cfg: Config) -> tuple[int, int]:
         note("no polled Modbus points in this config")
         return 0, 0
     print_table(["bus", "device", "unit", "poll", "points (= reads, 1 per point)", "planned reads", "fewer by"], rows)
-    for bus in cfg.modbus.buses:
+    for bus in lines:
         b = line_budget(bus)
         flag = "  ** over the 80% warning threshold **" if b.overloaded else ""
         note(f"bus {bus.name}, planned: {b.describe()}{flag}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    from drivers.modbus.settings import LineSettings
     from gateway.config.schema import BusConfig
 
 Section = dict[str, Any]
@@ -92,3 +93,10 @@ def parse_bus(text: str) -> BusConfig:
     from gateway.config import parse_config
 
     return parse_config(text, filename="<bench>").config.modbus.buses[0]
+
+
+def parse_line(text: str) -> LineSettings:
+    """The settings the Modbus driver takes for the first line of a config's YAML (validated, then converted)."""
+    from gateway.config.settings import modbus_line as line_settings
+
+    return line_settings(parse_bus(text))

@@ -16,13 +16,13 @@ from typing import Any
 
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import Device
+from drivers.modbus.settings import LineSettings, PointSettings
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
-from gateway.config.schema import BusConfig, PointConfig
 from gateway.types import DeviceState, Sample
 
-from .configs import config, dump, holding_registers, modbus_line, parse_bus
+from .configs import config, dump, holding_registers, modbus_line, parse_line
 from .procs import cpu_seconds
 
 BAUD = 19200  # the shipped config's rate; on a pty it only sets t3.5 and the derived timeouts
@@ -42,13 +42,13 @@ class BenchBus:
     """A one-bus config: its YAML text (which the simulator process re-reads) and the validated bus."""
 
     text: str
-    cfg: BusConfig
+    cfg: LineSettings
 
 
 def bench_config(name: str, port: str, devices: list[dict[str, Any]], **bus: Any) -> BenchBus:
     """A one-bus config written as YAML and validated exactly like a user's file."""
     text = dump(config(modbus=[modbus_line(name, port, devices, **{"baudrate": BAUD, "parity": "N", **bus})]))
-    return BenchBus(text, parse_bus(text))
+    return BenchBus(text, parse_line(text))
 
 
 def register_points(count: int) -> list[dict[str, Any]]:
@@ -96,7 +96,14 @@ def devices_like(count: int, points: list[dict[str, Any]], poll: str = FLAT_POLL
     return [{"name": f"d{u}", "unit": u, "poll": poll, "points": points} for u in range(1, count + 1)]
 
 
-def planned_reads(bus: BusConfig) -> int:
+def serial_path(bus: LineSettings) -> str:
+    """The serial device path of a bench line (the benches' lines are never Modbus TCP)."""
+    if not isinstance(bus.port, str):
+        raise ValueError(f"bus {bus.name}: a bench line is a serial path, not {bus.port}")
+    return bus.port
+
+
+def planned_reads(bus: LineSettings) -> int:
     """Read transactions one round of the first device's plan takes."""
     return sum(len(job.requests) for job in Device(bus.devices[0], bus).jobs)
 
@@ -104,7 +111,7 @@ def planned_reads(bus: BusConfig) -> int:
 # --- the simulated line, in its own process ------------------------------------------------------
 
 
-def sim_wave(point: PointConfig) -> Wave:
+def sim_wave(point: PointSettings) -> Wave:
     """A moving value that fits the point's type, so every read decodes something real."""
     kind = point.codec.type
     if kind == "bool":
@@ -118,7 +125,7 @@ def sim_wave(point: PointConfig) -> Wave:
     return Wave(kind="sine", min=-50, max=50, period=10)
 
 
-def sim_slaves(bus: BusConfig, dead_units: Sequence[int]) -> list[SimSlave]:
+def sim_slaves(bus: LineSettings, dead_units: Sequence[int]) -> list[SimSlave]:
     """One simulated slave per configured device, holding that device's points."""
     return [
         SimSlave(
@@ -133,12 +140,12 @@ def sim_slaves(bus: BusConfig, dead_units: Sequence[int]) -> list[SimSlave]:
 def serve_line(config_text: str, dead_units: list[int], conn: Connection) -> None:
     """Child process: a virtual line at the bus's port with its slaves, until the parent says stop."""
     logging.basicConfig(level=logging.ERROR)
-    asyncio.run(_serve_line(parse_bus(config_text), dead_units, conn))
+    asyncio.run(_serve_line(parse_line(config_text), dead_units, conn))
 
 
-async def _serve_line(bus: BusConfig, dead_units: list[int], conn: Connection) -> None:
+async def _serve_line(bus: LineSettings, dead_units: list[int], conn: Connection) -> None:
     loop = asyncio.get_running_loop()
-    line = VirtualLine(bus.port)
+    line = VirtualLine(serial_path(bus))
     line.start()
     sim = ModbusSimulator(line.device_port, sim_slaves(bus, dead_units), baudrate=bus.baudrate)
     try:
@@ -233,7 +240,7 @@ async def stop_bus(bus: ModbusBus) -> None:
 class Recorder:
     """on_sample/on_state callbacks that note when each cycle's values and each state change arrived."""
 
-    def __init__(self, bus: BusConfig) -> None:
+    def __init__(self, bus: LineSettings) -> None:
         self.cycles: dict[str, list[float]] = {d.name: [] for d in bus.devices}
         self.points = 0
         self.offline_at: dict[str, float] = {}
