@@ -503,20 +503,20 @@ def test_disabled_publishes_nothing() -> None:
 @pytest.mark.parametrize(
     ("point", "message"),
     [
-        ("{name: x, table: coil, address: 0, state_class: measurement}", "`state_class` is for numeric points"),
+        (build.point("x", "coil", 0, state_class="measurement"), "`state_class` is for numeric points"),
         (
-            "{name: x, table: holding, address: 0, writable: true, state_class: measurement}",
+            build.point("x", "holding", 0, writable=True, state_class="measurement"),
             "does not apply to a writable point",
         ),
-        ("{name: x, table: holding, address: 0, device_class: Temperature}", "is not a Home Assistant device class"),
-        ("{name: x, table: holding, address: 0, icon: thermometer}", "is not an icon"),
-        ("{name: x, table: holding, address: 0, state_class: mean}", "state_class"),
+        (build.point("x", "holding", 0, device_class="Temperature"), "is not a Home Assistant device class"),
+        (build.point("x", "holding", 0, icon="thermometer"), "is not an icon"),
+        (build.point("x", "holding", 0, state_class="mean"), "state_class"),
     ],
 )
-def test_config_refuses_hints_that_cannot_work(point: str, message: str) -> None:
-    text = f"modbus: {{buses: [{{name: b, port: /dev/x, devices: [{{name: d, unit: 1, points: [{point}]}}]}}]}}"
+def test_config_refuses_hints_that_cannot_work(point: Section, message: str) -> None:
+    bus = build.line("b", "/dev/x", build.device("d", 1, points=[point]), baudrate=None, parity=None)
     with pytest.raises(ConfigError) as exc:
-        parse_config(text)
+        parse_config(build.text({"modbus": {"buses": [bus]}}))
     assert message in str(exc.value)
 
 
