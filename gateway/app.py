@@ -93,7 +93,7 @@ class Gateway:
         self._reload_wanted = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         #: While a reload swaps parts: driver events wait here, in order, instead of meeting half a swap.
-        self._held: list[Callable[[], None]] | None = None
+        self._events_during_swap: list[Callable[[], None]] | None = None
 
     async def start(self) -> None:
         """Start the parts in dependency order: simulator, broker, sinks, router, drivers."""
@@ -219,17 +219,17 @@ class Gateway:
         return [profile for driver in drivers for profile in driver.profiles()]
 
     def _on_sample(self, sample: Sample) -> None:
-        if self._held is not None:
-            self._held.append(functools.partial(self._on_sample, sample))
+        if self._events_during_swap is not None:
+            self._events_during_swap.append(functools.partial(self._on_sample, sample))
             return
         assert self.router is not None
         self.router.on_sample(sample)
 
     def _deliver(self, sample: Sample) -> asyncio.Future[Any]:
-        if self._held is not None:
+        if self._events_during_swap is not None:
             # The MCP ACK waits for the swap too: it still means "durable on every sink".
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._held.append(functools.partial(self._deliver_later, sample, fut))
+            self._events_during_swap.append(functools.partial(self._deliver_later, sample, fut))
             return fut
         assert self.router is not None
         return self.router.deliver(sample)
@@ -248,8 +248,8 @@ class Gateway:
         self._deliver(sample).add_done_callback(settle)
 
     def _on_state(self, state: DeviceState) -> None:
-        if self._held is not None:
-            self._held.append(functools.partial(self._on_state, state))
+        if self._events_during_swap is not None:
+            self._events_during_swap.append(functools.partial(self._on_state, state))
             return
         assert self.router is not None
         self.router.on_state(state)
@@ -416,13 +416,13 @@ class Gateway:
         await asyncio.gather(*(o.flush(RELOAD_FLUSH_TIMEOUT) for o in leaving))
         old_sinks = [self.sinks[self.outboxes.index(o)] for o in leaving]
         started: list[tuple[MqttSink, Outbox]] = []
-        self._held = []
+        self._events_during_swap = []
         try:
             started = await self._swap_sinks(new, changes)
             self.router.update(self._profiles())
             self.loaded, self.cfg = loaded, new
         finally:
-            held, self._held = self._held, None
+            held, self._events_during_swap = self._events_during_swap, None
             for event in held:
                 event()
         await asyncio.gather(*(sink.stop() for sink in old_sinks))

@@ -110,6 +110,32 @@ def _moved(old: Value, new: Value, deadband: float) -> bool:
         return True
 
 
+def _audit_record(
+    outbox: Outbox,
+    arrived_ns: int,
+    topic: str,
+    device: str,
+    action: str,
+    target: str | None,
+    request: Any,
+    request_id: str | None = None,
+    raw: bytes | None = None,
+) -> Callable[..., AuditRecord]:
+    """The AuditRecord of one set/cmd request that came in on `outbox`'s sink, given its outcome's fields."""
+    return functools.partial(
+        AuditRecord,
+        ts_ns=arrived_ns,
+        origin=outbox.sink.name,
+        topic=outbox.sink.topic(topic),
+        device=device,
+        action=action,
+        target=target,
+        request=request,
+        request_id=request_id,
+        raw=raw,
+    )
+
+
 class Router:
     """Turns driver events into messages for every sink, and sink requests into driver calls."""
 
@@ -384,17 +410,7 @@ class Router:
         raw = payload if problem else None
         if isinstance(value, dict):
             value = value.get("value")
-        record = functools.partial(
-            AuditRecord,
-            ts_ns=arrived,
-            origin=outbox.sink.name,
-            topic=outbox.sink.topic(f"{device}/set/{point}"),
-            device=device,
-            action="set",
-            target=point,
-            request=value,
-            raw=raw,
-        )
+        record = _audit_record(outbox, arrived, f"{device}/set/{point}", device, "set", point, value, raw=raw)
         result = WriteResult(ok=False, error="the gateway stopped before the device answered")
         try:
             if problem:
@@ -437,18 +453,8 @@ class Router:
         request_id = None if cmd_id is None else cmd_id if isinstance(cmd_id, str) else encode_json(cmd_id).decode()
         name = body.get("name") if isinstance(body, dict) else None
         args = body.get("args", {}) if isinstance(body, dict) else body
-        record = functools.partial(
-            AuditRecord,
-            ts_ns=arrived,
-            origin=outbox.sink.name,
-            topic=outbox.sink.topic(f"{device}/cmd"),
-            device=device,
-            action="cmd",
-            target=name if isinstance(name, str) else None,
-            request=args,
-            request_id=request_id,
-            raw=raw,
-        )
+        target = name if isinstance(name, str) else None
+        record = _audit_record(outbox, arrived, f"{device}/cmd", device, "cmd", target, args, request_id, raw)
         result = CommandResult(ok=False, error="the gateway stopped before the device answered")
         try:
             if problem:
