@@ -67,7 +67,16 @@ MODULES = [
     ),
     Module(
         "outbox",
-        ["bridge/outbox.py"],
+        # Outbox and its parts: live queue, group commit, replay, retained topics, buffer calls, deliveries.
+        [
+            "bridge/outbox.py",
+            "bridge/outbox_live.py",
+            "bridge/outbox_commit.py",
+            "bridge/outbox_replay.py",
+            "bridge/outbox_retained.py",
+            "bridge/outbox_buffer.py",
+            "bridge/delivery.py",
+        ],
         ["tests/bridge"],
         # tests/security/test_outbox_ts.py takes 14 s a run and test_outbox_faults.py holds its case in-process
         "test_outbox",

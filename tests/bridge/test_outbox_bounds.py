@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge import outbox as outbox_module
+from bridge import outbox_limits as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.buffer import Buffer, MemoryBuffer
 from bridge.outbox import Outbox
@@ -207,7 +207,7 @@ async def test_health_names_only_the_outboxs_own_loops_not_other_tasks_of_its_su
 
 
 class Monotonic:
-    """The outbox's monotonic clock, set by the test (its `time` module seen through this)."""
+    """The outbox's monotonic clock, set by the test."""
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -221,11 +221,12 @@ async def test_a_refusal_is_logged_again_once_a_whole_interval_has_passed(
     port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Monotonic(1000.0)
-    monkeypatch.setattr(outbox_module, "time", clock)
     caplog.set_level(logging.WARNING, logger="bridge.outbox")
     interval = outbox_module.REFUSAL_LOG_INTERVAL
     async with down_sink(port, P) as (sink, _link):
-        box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
+        box = Outbox(
+            sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01, monotonic=clock.monotonic
+        )
         await box.start()
         try:
             for i, now in enumerate([1000.0, 1000.0 + interval / 2, 1000.0 + interval]):
@@ -262,7 +263,6 @@ async def test_a_failing_replay_is_logged_again_once_a_whole_interval_has_passed
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = Monotonic(1000.0)
-    monkeypatch.setattr(outbox_module, "time", clock)
     monkeypatch.setattr(outbox_module, "LOOP_PAUSE", 0.01)
     caplog.set_level(logging.ERROR, logger="bridge.outbox")
     interval = outbox_module.REFUSAL_LOG_INTERVAL
@@ -273,7 +273,7 @@ async def test_a_failing_replay_is_logged_again_once_a_whole_interval_has_passed
     times = [1000.0, 1000.0 + interval / 2, 1000.0 + interval, 1000.0 + interval]
     async with down_sink(port, P) as (sink, link):
         spool = ClockedBrokenTakes(path, min_free_bytes=0, clock=clock, times=times)
-        box = Outbox(sink, spool)
+        box = Outbox(sink, spool, monotonic=clock.monotonic)
         await box.start()
         try:
             await link.start()
@@ -349,7 +349,7 @@ async def test_the_background_removal_of_older_states_is_counted_and_leaves_no_t
             assert await sink.wait_connected(10)
             await box.enqueue(Message("value", b"11", ts=11, retain=True))  # out live: 10 is removed behind it
             await until(lambda: spool.newest_retained() == {}, 10, "the removal of 10")
-            await until(lambda: not box._side_tasks, 10, "the side task to be let go")
+            await until(lambda: not box._spool.side_tasks, 10, "the side task to be let go")
             assert box.figures()["spool_messages"] == 0 and box.backlog == 0
         finally:
             await box.stop()

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from bridge import outbox as outbox_module
+from bridge import outbox_limits as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.buffer import BufferFull, MemoryBuffer
-from bridge.outbox import REPLAY_ATTEMPTS, Outbox
+from bridge.outbox import Outbox
+from bridge.outbox_limits import REPLAY_ATTEMPTS
 from bridge.spool import SpoolStorageError, SQLiteSpool
 from gateway.errors import SinkError
 from gateway.types import Message

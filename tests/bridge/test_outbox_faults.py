@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from bridge import outbox as outbox_module
+from bridge import outbox_limits as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.buffer import MemoryBuffer
-from bridge.outbox import SPLIT_ADDS, Outbox
+from bridge.outbox import Outbox
+from bridge.outbox_limits import SPLIT_ADDS
 from bridge.spool import SpoolError, SQLiteSpool
 from gateway.errors import SinkError
 from gateway.supervise import Supervisor
@@ -216,13 +217,13 @@ async def test_a_full_table_of_refusal_counts_still_counts_a_new_refusal_and_dro
     async with down_sink(port, P) as (sink, link):
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.02, replay_rate=50)
         # What a long outage leaves: a full table of counts for ids no longer in the spool.
-        box._replay_failures.update((-n, 1) for n in range(1, outbox_module.REPLAY_FAILURES_KEPT + 1))
+        box._replay.refusals.update((-n, 1) for n in range(1, outbox_module.REPLAY_FAILURES_KEPT + 1))
         await box.start()
         await link.start()
         await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
         await until(lambda: box.backlog == 0, 10, "the refused entry to be dropped and the backlog to drain")
         assert box.stats.undeliverable == 1 and box.stats.replayed == 2
-        assert len(box._replay_failures) <= outbox_module.REPLAY_FAILURES_KEPT
+        assert len(box._replay.refusals) <= outbox_module.REPLAY_FAILURES_KEPT
         await box.stop()
     assert spool_rows(path) == []
 

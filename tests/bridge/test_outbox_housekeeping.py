@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge import outbox as outbox_module
+from bridge import outbox_limits as outbox_module
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.spool import SpoolError, SpoolStorageError, SQLiteSpool

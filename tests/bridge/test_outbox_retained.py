@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from bridge import outbox as outbox_module
+from bridge import outbox_limits as outbox_module
 from bridge.broker import EmbeddedBroker
-from bridge.outbox import REPLAY_ATTEMPTS, RETAINED_FALLBACKS, Outbox
+from bridge.outbox import Outbox
+from bridge.outbox_limits import REPLAY_ATTEMPTS, RETAINED_FALLBACKS
 from bridge.sink import MqttSink
 from bridge.spool import SQLiteSpool
 from gateway.errors import SinkError

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-import bridge.outbox
+import bridge.outbox_limits
 import bridge.sink
 import gateway.app
 from bridge.outbox import Outbox
@@ -457,7 +457,7 @@ async def test_drop_oldest_drops_the_oldest_and_p_metrics_counts_them(
 async def test_max_age_drops_what_waited_too_long_and_counts_it(
     tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bridge.outbox, "HOUSEKEEPING_INTERVAL", 0.1)
+    monkeypatch.setattr(bridge.outbox_limits, "HOUSEKEEPING_INTERVAL", 0.1)
     mosquitto.stop()
     setup = write_config(tmp_path, mosquitto.url, modbus=False, spool={"max_age": "1s"})
     async with running(setup) as gw, device(setup) as client:
