@@ -43,7 +43,7 @@ from drivers.mcp.codec import Decoder, Frame, FrameType, encode
 
 import configs  # qualified: `sink` and `config` are names of this file's own
 from configs import Section
-from helpers import free_port
+from helpers import free_port, now_ms
 
 # The trace's parser is strace_log.py next to this file (tests/ itself is on the path already).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -284,7 +284,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Traced:
             answer = device.exchange(Frame.json(FrameType.HELLO, 1, hello))
             assert answer.type == FrameType.ACK, answer
             for seq, marker in markers.items():
-                data = {"ts": time.time_ns() // 1_000_000, "values": {"mark": marker.decode()}}
+                data = {"ts": now_ms(), "values": {"mark": marker.decode()}}
                 answer = device.exchange(Frame.json(FrameType.DATA, seq, data))
                 assert (answer.type, answer.seq) == (FrameType.ACK, seq), answer
             device_port = device.port

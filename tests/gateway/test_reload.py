@@ -36,7 +36,7 @@ from configs import (
     text,
     write,
 )
-from helpers import GatewayProcess, Received, Subscriber, free_port, subscribed
+from helpers import GatewayProcess, Received, Subscriber, free_port, now_ms, subscribed
 from mcp_peer import RawPeer
 from mosquitto import Mosquitto
 
@@ -330,7 +330,7 @@ async def test_mcp_data_sent_while_a_sink_is_swapped_is_acked_and_delivered(tmp_
                 seq = 1
                 while not reloaded.is_set() or seq < 50:
                     seq += 1
-                    body = {"ts": int(time.time() * 1000), "values": {"n": seq}}
+                    body = {"ts": now_ms(), "values": {"n": seq}}
                     await peer.send(Frame.json(FrameType.DATA, seq, body))
                     await asyncio.sleep(0)
                 return seq - 1

@@ -21,7 +21,7 @@ from drivers.mcp.codec import MAGIC, VERSION, DecodeError, Frame, FrameType, Nac
 
 from configs import broker, config, mcp_device, write
 from configs import mcp as mcp_section  # `mcp` is the port below
-from helpers import GatewayProcess, free_port
+from helpers import GatewayProcess, free_port, now_ms
 from mcp_peer import RawPeer
 
 ROOT = Path(__file__).parents[2]
@@ -62,7 +62,7 @@ class GoodDevice:
     async def one(self) -> float:
         """Send one DATA frame and wait for its ACK; the time it took (the bound's doubled as a timeout)."""
         self.seq += 1
-        body = {"ts": time.time_ns() // 1_000_000, "values": {"n": self.seq}}
+        body = {"ts": now_ms(), "values": {"n": self.seq}}
         sent = time.monotonic()
         await self.peer.send(Frame.json(FrameType.DATA, self.seq, body))
         try:
