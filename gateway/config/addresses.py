@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import overload
 
 from drivers.modbus.settings import TcpEndpoint
 
 TCP_SCHEME = "tcp://"
+#: `HOST:PORT`, `[v6]:PORT` or `:PORT` as `fieldgate check` accepts a listen address.
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d{1,5})$")
 
 
 def is_tcp(port: str) -> bool:
@@ -46,3 +50,34 @@ def split_listen(listen: str, every_interface: str | None = None) -> tuple[str |
     """
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or every_interface, int(port)
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """Split `HOST:PORT` (`[v6]:PORT`, `:PORT`) as written (brackets kept); None if it is not one."""
+    m = _LISTEN.match(address)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        return None
+    return m.group(1), int(m.group(2))
+
+
+def exposed(address: str) -> str | None:
+    """`HOST:PORT` as listened on, if `address` reaches beyond loopback; else None."""
+    hostport = host_port(address)
+    if hostport is None or _is_loopback(hostport[0]):
+        return None
+    return f"{hostport[0] or '0.0.0.0'}:{hostport[1]}"
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # empty (all interfaces) or a name that may resolve anywhere
+
+
+def port_key(port: str) -> str:
+    """A serial path compared by what it names: `./var/tty0` and `var/tty0` are one line."""
+    return port if "://" in port else os.path.normpath(port)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import re
 from typing import Any
 
 from drivers.modbus.planner import BIT_TABLES
 from gateway import homeassistant as ha
 
+from .addresses import exposed, host_port, port_key
 from .problems import Path, Problem, hint
 from .prune import Pruned
 from .schema import Config, DeviceConfig, PointConfig
 from .settings import point_codec
 from .yamlsrc import Source
-
-_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d{1,5})$")
 
 
 def check(config: Config, source: Source, pruned: Pruned) -> tuple[list[Problem], list[Problem]]:
@@ -24,37 +20,6 @@ def check(config: Config, source: Source, pruned: Pruned) -> tuple[list[Problem]
     checks = _Checks(config, source, pruned)
     checks.run()
     return checks.errors, checks.warnings
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    """Split `HOST:PORT` (`[v6]:PORT`, `:PORT`); None if it is not one."""
-    m = _LISTEN.match(address)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        return None
-    return m.group(1), int(m.group(2))
-
-
-def _exposed(address: str) -> str | None:
-    """`HOST:PORT` as listened on, if `address` reaches beyond loopback; else None."""
-    hostport = _host_port(address)
-    if hostport is None or _is_loopback(hostport[0]):
-        return None
-    return f"{hostport[0] or '0.0.0.0'}:{hostport[1]}"
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # empty (all interfaces) or a name that may resolve anywhere
-
-
-def _port_key(port: str) -> str:
-    """A serial path compared by what it names: `./var/tty0` and `var/tty0` are one line."""
-    return port if "://" in port else os.path.normpath(port)
 
 
 class _Checks:
@@ -110,7 +75,7 @@ class _Checks:
             at = ("modbus", "buses", b)
             self._first(names, bus.name, at + ("name",), f"bus name {bus.name!r} is used twice")
             message = f"port {bus.port!r} is used by two buses"
-            self._first(ports, _port_key(bus.port), at + ("port",), message)
+            self._first(ports, port_key(bus.port), at + ("port",), message)
 
     def _devices(self) -> None:
         bad_templates = self._template_duplicates()
@@ -238,7 +203,7 @@ class _Checks:
         mcp = self.config.mcp
         if mcp is None:
             return
-        if _host_port(mcp.listen) is None:
+        if host_port(mcp.listen) is None:
             self._error(("mcp", "listen"), f"{mcp.listen!r} is not HOST:PORT (e.g. 0.0.0.0:7720)")
         ids: dict[Any, Path] = {}
         for i, device in enumerate(mcp.devices):
@@ -268,14 +233,14 @@ class _Checks:
         sim = self.config.simulator
         if sim is None:
             return
-        buses = {_port_key(bus.port): b for b, bus in reversed(list(enumerate(self.config.modbus.buses)))}
+        buses = {port_key(bus.port): b for b, bus in reversed(list(enumerate(self.config.modbus.buses)))}
         # A bus dropped as invalid may be the one a line refers to: no "not found" then.
         bus_dropped = self.pruned.dropped(("modbus", "buses"), depth=1, keys=("port",))
         self._sim_mcp()
         links: dict[Any, Path] = {}
         for n, line in enumerate(sim.modbus):
             at = ("simulator", "modbus", n)
-            link = _port_key(line.link)
+            link = port_key(line.link)
             message = f"link {line.link!r} is used by two simulated lines"
             self._first(links, link, at + ("link",), message)
             units: dict[Any, Path] = {}
@@ -344,21 +309,21 @@ class _Checks:
     def _exposure(self) -> None:
         broker = self.config.broker
         http = self.config.gateway.http
-        if http is not None and _host_port(http) is None:
+        if http is not None and host_port(http) is None:
             self._error(("gateway", "http"), f"{http!r} is not HOST:PORT (e.g. 127.0.0.1:9720)")
-        elif http is not None and (where := _exposed(http)):
+        elif http is not None and (where := exposed(http)):
             # The page and /metrics have no login: they show every value, line and spool to whoever asks.
             self._warn(("gateway", "http"), f"listens on {where} without authentication (status page, /metrics)")
         mcp = self.config.mcp
         if mcp is not None and mcp.tls is None:
             # MCP devices authenticate with tokens; without TLS those cross the network in clear.
-            where = _exposed(mcp.listen)
+            where = exposed(mcp.listen)
             if where:
                 self._warn(("mcp", "listen"), f"listens on {where} without TLS: device tokens travel in clear")
         if broker.users is not None or not broker.enabled:
             return
         for i, url in enumerate(broker.listeners):
-            where = _exposed(url.split("://", 1)[1].rstrip("/"))
+            where = exposed(url.split("://", 1)[1].rstrip("/"))
             if where:
                 self._warn(("broker", "listeners", i), f"listens on {where} without authentication")
 
