@@ -58,8 +58,12 @@ def config(
     homeassistant: Section | None = None,
     simulator: Section | None = None,
 ) -> Section:
-    """A whole gateway config: gateway `id` in `state_dir` with no status page unless `http` is given."""
-    gateway = {"id": id, "state_dir": str(state_dir)}
+    """A whole gateway config: gateway `id` in `state_dir` with no status page unless `http` is given.
+
+    A section not given is the gateway's own default: give `broker` (the default listens on port 1883, which
+    tests running beside each other would share) unless it is `broker(enabled=False)` with sinks that have urls.
+    """
+    gateway: Section = {"id": id, "state_dir": str(state_dir)}
     if not isinstance(http, _Default):
         gateway["http"] = http
     gateway.update(_given(log_level=log_level, audit=audit))
