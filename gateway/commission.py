@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from drivers.modbus import budget
@@ -28,6 +29,14 @@ def parse_units(text: str) -> list[int]:
             raise ConfigError([f"--units: {part!r} is outside 1-247"])
         units.update(range(a, b + 1))
     return sorted(units)
+
+
+def parse_json_value(text: str) -> object:
+    """A command-line value: JSON when it parses, else the bare text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _link(args: argparse.Namespace) -> ModbusLink:
@@ -119,8 +128,6 @@ async def read(args: argparse.Namespace) -> int:
 
 async def write(args: argparse.Namespace) -> int:
     """Write one value, read it back and print what the device holds."""
-    from gateway.cli import parse_json_value
-
     if args.table not in ("coil", "holding"):
         raise ConfigError([f"--table: the {args.table} table is read-only"])
     codec = _codec(args)
