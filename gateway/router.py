@@ -3,45 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.outbox import Outbox
-from gateway.audit import AuditRecord
+from gateway.device_requests import Audit, DeviceRequests
 from gateway.errors import SinkError
-from gateway.jsonsafe import JsonRejected, dumps_safe, is_utf8, loads_strict, utf8_text
-from gateway.types import Command, CommandResult, DeviceProfile, DeviceState, Message, Sample, Value, Write, WriteResult
+from gateway.jsonsafe import dumps_safe, is_utf8, utf8_text
+from gateway.types import DeviceProfile, DeviceState, Message, Sample, Value
 
 log = logging.getLogger(__name__)
 
-Audit = Callable[[AuditRecord], None]
-
 #: Topics each sink subscribes to (relative to its prefix).
 SUBSCRIPTIONS = ("+/set/+", "+/cmd")
-
-
-class TokenBucket:
-    """`rate` per second on average, up to `burst` at once."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._at = now
-
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
-        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 @dataclass
@@ -60,15 +38,6 @@ class _DeviceView:
 #: `id`, a 10^400 ts): the name stays for the callers that know it.
 encode_json = dumps_safe
 
-#: A request's payload longer than this is refused unread (a `set` value or a `cmd` is a few bytes).
-MAX_REQUEST_PAYLOAD = 64 * 1024
-#: Requests a sink may bring per second that are refused before any device sees them (for an unknown device,
-#: one that takes no writes/commands, or one over its own rate), and at once: each is audited and answered, so
-#: without a bound a flood of them fills the audit log (and rotates the real records out of it).
-STRAY_RATE = 10.0
-STRAY_BURST = 20
-#: A dropped request is logged at most this often per sink.
-DROP_LOG_INTERVAL = 60.0
 #: Characters a value name may not have: MQTT wildcards, the level separator, NUL (not a topic level then).
 _NOT_IN_NAMES = frozenset("+#/\0")
 
@@ -110,32 +79,6 @@ def _moved(old: Value, new: Value, deadband: float) -> bool:
         return True
 
 
-def _audit_record(
-    outbox: Outbox,
-    arrived_ns: int,
-    topic: str,
-    device: str,
-    action: str,
-    target: str | None,
-    request: Any,
-    request_id: str | None = None,
-    raw: bytes | None = None,
-) -> Callable[..., AuditRecord]:
-    """The AuditRecord of one set/cmd request that came in on `outbox`'s sink, given its outcome's fields."""
-    return functools.partial(
-        AuditRecord,
-        ts_ns=arrived_ns,
-        origin=outbox.sink.name,
-        topic=outbox.sink.topic(topic),
-        device=device,
-        action=action,
-        target=target,
-        request=request,
-        request_id=request_id,
-        raw=raw,
-    )
-
-
 class Router:
     """Turns driver events into messages for every sink, and sink requests into driver calls."""
 
@@ -150,16 +93,9 @@ class Router:
         self.outboxes = outboxes
         self.devices = {p.name: _DeviceView(p) for p in profiles}
         self._clock = clock
-        self._audit = audit
-        self._buckets = {
-            p.name: TokenBucket(p.write_rate, p.write_burst, clock()) for p in profiles if p.write_rate is not None
-        }
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: Per sink: one bucket for requests refused before any device sees them (see STRAY_RATE).
-        self._stray: dict[str, TokenBucket] = {}
-        #: Per sink: requests dropped by that bucket (neither carried out, audited nor answered).
-        self.dropped_requests: dict[str, int] = {}
-        self._drop_logged: dict[str, float] = {}
+        # Through a lambda: the requests read the router's clock as it is at each call.
+        self.requests = DeviceRequests(self._profile, self._answer, clock=lambda: self._clock(), audit=audit)
+        self.requests.set_rates(profiles)
         #: Values whose name could not be a topic level (no validating driver lets one through; counted if one does).
         self.dropped_values = 0
 
@@ -180,13 +116,8 @@ class Router:
                 for key in [k for k in view.latest if k.split(".", 1)[0] not in profile.points]:
                     del view.latest[key]
             self.devices[profile.name] = view
-            bucket = self._buckets.get(profile.name)
-            if profile.write_rate is None:
-                self._buckets.pop(profile.name, None)
-            elif bucket is None or (bucket.rate, bucket.burst) != (profile.write_rate, profile.write_burst):
-                self._buckets[profile.name] = TokenBucket(profile.write_rate, profile.write_burst, self._clock())
+        self.requests.set_rates(profiles)
         for name, view in old.items():
-            self._buckets.pop(name, None)
             self._send(Message(f"{name}/status", b"offline", retain=True))
             self._clear(name, view, list(view.published))
         return list(old)
@@ -221,7 +152,7 @@ class Router:
                 done: asyncio.Future[Any] = loop.create_future()
                 done.set_result(None)
                 return done
-            futures = [outbox.enqueue(telemetry) for outbox in self.outboxes]
+            futures = [outbox.put(telemetry, awaited=True) for outbox in self.outboxes]
         except SinkError as exc:
             failed: asyncio.Future[Any] = loop.create_future()
             failed.set_exception(exc)
@@ -298,7 +229,7 @@ class Router:
     def _send(self, message: Message, only: Outbox | None = None) -> None:
         for outbox in self.outboxes:
             if only is None or outbox is only:
-                outbox.submit(message)
+                outbox.put(message)
 
     def retained_state(self) -> list[Message]:
         """Every retained message the gateway stands behind (statuses and latest values); never raises."""
@@ -313,182 +244,26 @@ class Router:
     def republish(self, outbox: Outbox) -> None:
         """Give a (re)connected sink the retained state again: its broker may have lost it."""
         for message in self.retained_state():
-            outbox.submit(message)
+            outbox.put(message)
 
     # --- from the sinks -----------------------------------------------------------------------------
 
     def on_request(self, outbox: Outbox, topic: str, payload: bytes) -> None:
         """Handle `<device>/set/<point>` and `<device>/cmd` from a sink; the result goes back to it."""
-        parts = topic.split("/")
-        if len(parts) == 3 and parts[1] == "set":
-            self._spawn(self._set(outbox, parts[0], parts[2], payload))
-        elif len(parts) == 2 and parts[1] == "cmd":
-            self._spawn(self._cmd(outbox, parts[0], payload))
+        self.requests.on_request(outbox, topic, payload)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._request_done)
+    @property
+    def dropped_requests(self) -> dict[str, int]:
+        """Per sink: set/cmd requests no device would see, dropped beyond the sink's limit (not audited or answered)."""
+        return self.requests.dropped
 
-    def _request_done(self, task: asyncio.Future[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("handling a request failed: %r", exc, exc_info=exc)
-
-    def _rate_limited(self, device: str, what: str) -> str | None:
-        """The refusal when `device` has used up its write rate, else None (and a token is spent)."""
-        bucket = self._buckets.get(device)
-        if bucket is None or bucket.take(self._clock()):
-            return None
-        return f"rate limited: {device} takes at most {bucket.rate:g} {what}/s (burst {bucket.burst})"
-
-    def _admit(self, outbox: Outbox, device: str, takes: bool, what: str) -> tuple[bool, str | None]:
-        """Whether to handle a request at all, and its refusal when the device is over its rate.
-
-        A request the device takes spends one of the device's tokens; one refused before reaching a device (no
-        such device, none it takes, over the rate) spends one of the sink's as well, and is dropped without one.
-        """
-        refusal = self._rate_limited(device, what) if takes else None
-        if (refusal or not takes) and not self._stray_ok(outbox):
-            return False, refusal
-        return True, refusal
-
-    def _stray_ok(self, outbox: Outbox) -> bool:
-        """Spend one of the sink's tokens for a request no device will see; False (counted) when there is none."""
-        sink, now = outbox.sink.name, self._clock()
-        bucket = self._stray.get(sink)
-        if bucket is None:
-            bucket = self._stray[sink] = TokenBucket(STRAY_RATE, STRAY_BURST, now)
-        if bucket.take(now):
-            return True
-        dropped = self.dropped_requests[sink] = self.dropped_requests.get(sink, 0) + 1
-        if now - self._drop_logged.get(sink, float("-inf")) >= DROP_LOG_INTERVAL:
-            self._drop_logged[sink] = now
-            log.warning(
-                "sink %s: more than %g requests/s that no device takes; dropping the rest unanswered and unaudited "
-                "(%d so far)",
-                sink,
-                STRAY_RATE,
-                dropped,
-            )
-        return False
-
-    def _answer(self, outbox: Outbox, topic: str, body: dict[str, Any]) -> None:
-        try:
-            self._send(Message(topic, encode_json(body)), only=outbox)
-        except SinkError as exc:  # the sink is going away (stop, reload): nobody is left to tell
-            log.info("result on %s not sent: %s", topic, exc)
-
-    def _record(self, record: AuditRecord) -> None:
-        if self._audit is None:
-            return
-        try:
-            self._audit(record)
-        except Exception:
-            # The action is carried out (or refused) as asked; losing its record is worth a traceback, not more.
-            log.exception("audit record of %s %s could not be written", record.action, record.topic)
-
-    @staticmethod
-    def _read(payload: bytes) -> tuple[Any, str | None]:
-        """The request's JSON and None, or None and why it is refused."""
-        if len(payload) > MAX_REQUEST_PAYLOAD:
-            return None, f"payload of {len(payload)} bytes; requests take at most {MAX_REQUEST_PAYLOAD}"
-        try:
-            return loads_strict(payload), None
-        except JsonRejected as exc:
-            return None, f"payload is not JSON: {str(exc)[:120]}: {payload[:64]!r}"
-
-    async def _set(self, outbox: Outbox, device: str, point: str, payload: bytes) -> None:
-        arrived, started = time.time_ns(), time.monotonic()
+    def _profile(self, device: str) -> DeviceProfile | None:
         view = self.devices.get(device)
-        writer = view.profile.writer if view is not None else None
-        go_on, refusal = self._admit(outbox, device, writer is not None, "writes")
-        if not go_on:
-            return
-        result_topic = f"{device}/set/{point}/result"
-        value, problem = self._read(payload)
-        raw = payload if problem else None
-        if isinstance(value, dict):
-            value = value.get("value")
-        record = _audit_record(outbox, arrived, f"{device}/set/{point}", device, "set", point, value, raw=raw)
-        result = WriteResult(ok=False, error="the gateway stopped before the device answered")
-        try:
-            if problem:
-                result = WriteResult(ok=False, error=problem)
-            elif view is None:
-                result = WriteResult(ok=False, error=f"unknown device {device!r}")
-            elif writer is None:
-                result = WriteResult(ok=False, error=f"{device} takes no writes")
-            elif refusal:
-                result = WriteResult(ok=False, error=refusal)
-            else:
-                # Before the device is touched: a crash after this line still leaves a trace of the request.
-                self._record(record(ok=None, stage="request"))
-                result = await writer(Write(device, point, value, origin=outbox.sink.name))
-        except Exception as exc:
-            log.exception("set %s.%s failed", device, point)
-            result = WriteResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])
-        finally:
-            log.info("set %s.%s = %r: %s", device, point, payload[:64], "ok" if result.ok else result.error)
-            self._answer(outbox, result_topic, {"ok": result.ok, "value": result.value, "error": result.error})
-            self._record(
-                record(
-                    ok=result.ok,
-                    result=result.value,
-                    error=result.error,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                )
-            )
+        return view.profile if view is not None else None
 
-    async def _cmd(self, outbox: Outbox, device: str, payload: bytes) -> None:
-        arrived, started = time.time_ns(), time.monotonic()
-        view = self.devices.get(device)
-        commander = view.profile.commander if view is not None else None
-        go_on, refusal = self._admit(outbox, device, commander is not None, "commands")
-        if not go_on:
-            return
-        body, problem = self._read(payload)
-        raw = payload if problem else None
-        cmd_id: object = body.get("id") if isinstance(body, dict) else None
-        request_id = None if cmd_id is None else cmd_id if isinstance(cmd_id, str) else encode_json(cmd_id).decode()
-        name = body.get("name") if isinstance(body, dict) else None
-        args = body.get("args", {}) if isinstance(body, dict) else body
-        target = name if isinstance(name, str) else None
-        record = _audit_record(outbox, arrived, f"{device}/cmd", device, "cmd", target, args, request_id, raw)
-        result = CommandResult(ok=False, error="the gateway stopped before the device answered")
-        try:
-            if problem:
-                result = CommandResult(ok=False, error=problem)
-            elif not isinstance(body, dict) or not isinstance(name, str) or not name:
-                result = CommandResult(ok=False, error='payload must be {"name": str, "args": {...}, "id": optional}')
-            elif not isinstance(args, dict):
-                result = CommandResult(ok=False, error="args must be a JSON object")
-            elif view is None:
-                result = CommandResult(ok=False, error=f"unknown device {device!r}")
-            elif commander is None:
-                result = CommandResult(ok=False, error=f"{device} takes no commands")
-            elif refusal:
-                result = CommandResult(ok=False, error=refusal)
-            else:
-                self._record(record(ok=None, stage="request"))
-                result = await commander(Command(device, name, args, request_id))
-        except Exception as exc:
-            log.exception("cmd %s failed", device)
-            result = CommandResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])
-        finally:
-            log.info("cmd %s: %s", device, "ok" if result.ok else result.error)
-            reply = {"id": cmd_id, "ok": result.ok, "result": result.result, "error": result.error}
-            self._answer(outbox, f"{device}/cmd/result", reply)
-            self._record(
-                record(
-                    ok=result.ok,
-                    result=result.result,
-                    error=result.error,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                )
-            )
+    def _answer(self, outbox: Outbox, message: Message) -> None:
+        self._send(message, only=outbox)
 
     async def stop(self) -> None:
         """Wait briefly for writes in progress."""
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
+        await self.requests.stop()

@@ -16,7 +16,7 @@ from gateway.app import Gateway
 from gateway.audit import AuditLog, AuditRecord
 from gateway.config import load_config
 from gateway.jsonsafe import loads_strict
-from gateway.router import TokenBucket
+from gateway.token_bucket import TokenBucket
 
 from configs import (
     Section,
