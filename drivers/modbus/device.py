@@ -33,7 +33,6 @@ class PollJob:
     interval: float
     requests: list[ReadRequest]
     due: float = 0.0
-    skipped: int = 0
 
 
 @dataclass

@@ -155,7 +155,6 @@ class LineSchedule:
         next_due = poll.due + job.interval
         if next_due <= now:
             missed = int((now - next_due) // job.interval) + 1
-            job.skipped += missed
             device.stats.skipped_cycles += missed
             next_due += missed * job.interval
         return next_due
