@@ -24,12 +24,14 @@ import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import crcmod.predefined
 import serial
+from benchlib import heading, note, print_header, print_table, record, run_summary, summary
 
 # benchlib first: it puts the repository on sys.path for the imports below.
-from benchlib import heading, note, print_header, print_table, record, run_summary, summary
+from benchlib.children import serve_pipe
 from benchlib.modbus import (
     FLAT_POLL,
     READY_TIMEOUT,
@@ -94,10 +96,11 @@ def precise_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve_rs485(config_text: str, dead_units: list[int], conn: Connection) -> None:
-    """Child process: an Rs485Line at the bus's port (its baud rate and framing) with pymodbus slaves behind it,
+    """A Child target: an Rs485Line at the bus's port (its baud rate and framing) with pymodbus slaves behind it,
     on a PreciseSelector loop.
 
-    Answers "stats" with (the line's clock, its LineStats as a dict); anything else, or EOF, stops it.
+    Answers "stats" with (the line's clock, its LineStats as a dict) and "requests" with the frames it carried
+    (and how often); "stop", or EOF, stops it.
     """
     logging.basicConfig(level=logging.ERROR)
     with asyncio.Runner(loop_factory=precise_loop) as runner:
@@ -119,28 +122,18 @@ async def _serve_rs485(config_text: str, dead_units: list[int], conn: Connection
     line = Rs485Line(serial_path(bus), baudrate=bus.baudrate, frame_format=f"{bus.bytesize}{bus.parity}{bus.stopbits}")
     await line.start()
     sim = ModbusSimulator(line.device_port, sim_slaves(bus, dead_units), baudrate=bus.baudrate)
-    stop = asyncio.Event()
 
-    def on_request() -> None:
-        try:
-            request = conn.recv()
-        except EOFError:  # the parent is gone
-            stop.set()
-            return
-        if request == "stats":
-            conn.send((loop.time(), asdict(line.stats)))
-        elif request == "requests":
-            conn.send(dict(line.requests))
-        else:
-            stop.set()
+    async def stats(_: object) -> tuple[float, dict[str, Any]]:
+        return loop.time(), asdict(line.stats)
+
+    async def requests(_: object) -> dict[bytes, int]:
+        return dict(line.requests)
 
     line.count_requests = True
     try:
         await sim.start()
-        conn.send("ready")
-        loop.add_reader(conn.fileno(), on_request)
-        await stop.wait()
-        loop.remove_reader(conn.fileno())
+        conn.send(("ok", None))
+        await serve_pipe(conn, {"stats": stats, "requests": requests})  # until "stop", or EOF
     finally:
         await sim.stop()
         await line.stop()

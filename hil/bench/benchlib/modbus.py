@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
 from gateway.types import DeviceState, Sample
 
+from .children import Child, serve_pipe
 from .configs import config, dump, holding_registers, modbus_line, parse_line
-from .procs import cpu_seconds
 
 BAUD = 19200  # the shipped config's rate; on a pty it only sets t3.5 and the derived timeouts
 WARMUP = 0.5  # seconds after the first answers, so imports and first-call caches are paid
@@ -138,84 +137,58 @@ def sim_slaves(bus: LineSettings, dead_units: Sequence[int]) -> list[SimSlave]:
 
 
 def serve_line(config_text: str, dead_units: list[int], conn: Connection) -> None:
-    """Child process: a virtual line at the bus's port with its slaves, until the parent says stop."""
+    """A Child target: a virtual line at the bus's port with its slaves, until the orchestrator says stop."""
     logging.basicConfig(level=logging.ERROR)
     asyncio.run(_serve_line(parse_line(config_text), dead_units, conn))
 
 
 async def _serve_line(bus: LineSettings, dead_units: list[int], conn: Connection) -> None:
-    loop = asyncio.get_running_loop()
     line = VirtualLine(serial_path(bus))
     line.start()
     sim = ModbusSimulator(line.device_port, sim_slaves(bus, dead_units), baudrate=bus.baudrate)
     try:
         await sim.start()
-        conn.send("ready")
-        stop = asyncio.Event()
-        # A message and EOF (the parent is gone) both end the line.
-        loop.add_reader(conn.fileno(), stop.set)
-        await stop.wait()
-        loop.remove_reader(conn.fileno())
+        conn.send(("ok", None))
+        await serve_pipe(conn, {})  # until "stop", or EOF when the orchestrator is gone
     finally:
         await sim.stop()
         line.close()
 
 
-#: A child process's entry point: (bus config YAML, dead units, its end of the pipe).
+#: A Child target that serves a bench bus: (bus config YAML, dead units, its end of the pipe).
 ServeFn = Callable[[str, list[int], Connection], None]
 
 
 class SimProcess:
-    """One bus's simulated line and slaves in a child process, so that our CPU figures are the gateway's alone.
+    """One bus's simulated line and slaves in a benchlib Child, so that our CPU figures are the gateway's alone.
 
-    `target` runs in the child (default `serve_line`, a pty pair without timing); it sends "ready" once
-    its slaves answer and stops on "stop" or when the parent goes away.
+    `target` runs in the child (default `serve_line`, a pty pair without timing); it answers once its slaves
+    answer, then serves the requests `ask` sends until it is stopped.
     """
 
     def __init__(self, bench: BenchBus, dead_units: Sequence[int] = (), target: ServeFn = serve_line) -> None:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs an event loop
-        self._conn, self._child_end = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=target,
-            args=(bench.text, list(dead_units), self._child_end),
-            name=f"sim-{bench.cfg.name}",
-            daemon=True,
-        )
+        self._start = (f"sim-{bench.cfg.name}", target, bench.text, list(dead_units))
+        self._child: Child | None = None
 
     async def __aenter__(self) -> SimProcess:
-        self._proc.start()
-        self._child_end.close()
-        if not await asyncio.to_thread(self._conn.poll, READY_TIMEOUT):
-            self._proc.kill()
-            raise RuntimeError(f"simulator did not start within {READY_TIMEOUT:.0f} s")
-        try:
-            self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"simulator process failed to start (exit code {self._proc.exitcode})") from None
+        name, target, *args = self._start
+        self._child = Child(name, target, *args)
+        await asyncio.to_thread(self._child.wait, READY_TIMEOUT, "start")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        try:
-            self._conn.send("stop")
-        except OSError:
-            pass  # already gone
-        await asyncio.to_thread(self._proc.join, 10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        self._conn.close()
+        if self._child is not None:
+            await asyncio.to_thread(self._child.stop, 10)
 
     async def ask(self, request: str) -> Any:
         """Send the child a request its `target` answers, and wait for the answer."""
-        self._conn.send(request)
-        if not await asyncio.to_thread(self._conn.poll, READY_TIMEOUT):
-            raise RuntimeError(f"the child did not answer {request!r} within {READY_TIMEOUT:.0f} s")
-        return self._conn.recv()
+        assert self._child is not None
+        return await asyncio.to_thread(self._child.call, request, None, READY_TIMEOUT)
 
     def cpu_seconds(self) -> float:
         """User + system CPU the child has used so far (Linux /proc, 1/CLK_TCK resolution)."""
-        assert self._proc.pid is not None
-        return cpu_seconds(self._proc.pid)
+        assert self._child is not None
+        return self._child.cpu()
 
 
 # --- measuring a running bus ----------------------------------------------------------------------
