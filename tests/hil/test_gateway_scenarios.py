@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import configs
 import pytest
 
 import bridge.sink
@@ -35,47 +36,34 @@ UNITS = (1, 2)
 REGISTERS = 4
 SECOND_VALUE = 500  # added to every register after the replug
 
-CONFIG = """
-gateway: {{id: hil, state_dir: ./state, http: null}}
-broker:
-  process: inline
-  listeners: [tcp://127.0.0.1:{broker}]
-northbound:
-  - {{name: local}}
-  - name: up
-    url: {upstream}
-    spool: {{commit_window: 50ms, replay_rate: 5000}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  devices:
-    - {{id: pump-1, token: s3cret-token-0001}}
-modbus:
-  buses:
-    - name: line
-      port: {port}
-      baudrate: 19200
-      parity: N
-      devices:
-{devices}
-"""
-
 
 def first_value(unit: int, address: int) -> int:
     """What a register holds until the replug: distinct per unit and address."""
     return unit * 1000 + address
 
 
-def devices_yaml() -> str:
-    """The bus's devices: `d<unit>` with uint16 holding registers r0.., polled every 100 ms."""
-    out = []
-    for unit in UNITS:
-        points = "\n".join(
-            f"            - {{name: r{a}, table: holding, address: {a}, type: uint16}}" for a in range(REGISTERS)
+def gateway_config(broker: int, upstream: str, mcp_port: int, port: str) -> configs.Section:
+    """The gateway: embedded broker, the local sink and a spooled upstream one, an MCP device, and the line's
+    devices `d<unit>` with uint16 holding registers r0.., polled every 100 ms."""
+    devices = [
+        configs.device(
+            f"d{unit}",
+            unit,
+            poll="100ms",
+            points=[configs.point(f"r{a}", "holding", a, "uint16") for a in range(REGISTERS)],
         )
-        out.append(
-            f"        - name: d{unit}\n          unit: {unit}\n          poll: 100ms\n          points:\n{points}"
-        )
-    return "\n".join(out)
+        for unit in UNITS
+    ]
+    return configs.config(
+        id="hil",
+        broker=configs.broker(broker, process="inline"),
+        northbound=[
+            configs.sink("local"),
+            configs.sink("up", upstream, spool={"commit_window": "50ms", "replay_rate": 5000}),
+        ],
+        mcp=configs.mcp(mcp_port, devices=[configs.mcp_device("pump-1")]),
+        buses=[configs.line("line", port, *devices, baudrate=19200)],
+    )
 
 
 def slaves() -> list[SimSlave]:
@@ -148,10 +136,7 @@ async def test_adapter_unplugged_and_replugged_recovers_alone_and_leaves_mcp_and
     line, sim = field
     mosquitto.stop()  # the upstream broker is down for the whole unplug: its spool keeps filling
     broker, mcp = free_port(), free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        CONFIG.format(broker=broker, upstream=mosquitto.url, mcp=mcp, port=line.gateway_port, devices=devices_yaml())
-    )
+    config = configs.write(gateway_config(broker, mosquitto.url, mcp, line.gateway_port), tmp_path / "config.yaml")
     spool = tmp_path / "state" / "spool" / "up.sqlite"
     gw = Gateway(load_config(config))
     await gw.start()
