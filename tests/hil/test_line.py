@@ -17,18 +17,12 @@ import pytest
 from drivers.modbus import budget
 from drivers.modbus.transport import ModbusLink
 from hil.line import Faults, FrameFormat, Rs485Line
+from hil.scenarios import registers
 
 
 async def test_throughput_at_19200_8e1_approaches_but_never_beats_the_line_limit(make_rig) -> None:  # type: ignore[no-untyped-def]
     # Two devices with one 10-register block each and a near-zero poll interval: the line never idles.
-    devices = "\n".join(
-        f"""        - name: d{u}
-          unit: {u}
-          poll: 0.1ms
-          points:
-{chr(10).join(f"            - {{name: r{i}, table: holding, address: {i}}}" for i in range(10))}"""
-        for u in (1, 2)
-    )
+    devices = [registers(u, 10, poll="0.1ms") for u in (1, 2)]
     rig = await make_rig(devices)
     assert await rig.wait_for(lambda: rig.bus.stats.transactions >= 10, 5)
     tx0, t0 = rig.bus.stats.transactions, time.monotonic()
