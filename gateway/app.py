@@ -3,40 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from bridge.broker import EmbeddedBroker, client_url
-from bridge.broker_auth import INTERNAL_USER
+from bridge.broker import EmbeddedBroker
 from bridge.broker_process import BrokerProcess
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
-from bridge.spool import SQLiteSpool
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus, line_budget
 from gateway.audit import AuditLog
 from gateway.broker_access import broker_auth
 from gateway.config import Loaded, load_config
 from gateway.config.schema import BusConfig, Config, SinkConfig
-from gateway.config.settings import mcp_server, modbus_line
+from gateway.config.settings import mcp_server, modbus_line, modbus_plan
 from gateway.errors import ConfigError
+from gateway.event_gate import EventGate
 from gateway.health import problems
 from gateway.homeassistant import Discovery
 from gateway.jsonsafe import dumps_safe
 from gateway.metrics_topic import metrics_payload
 from gateway.reload import ConfigDiff, diff
-from gateway.router import SUBSCRIPTIONS, Router
+from gateway.router import Router
 from gateway.simulation import Simulation, start_mcp_simulation, start_simulation
+from gateway.sinks import build_sink
 from gateway.snapshot import GatewaySnapshot, take_snapshot
 from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier
-from gateway.types import DeviceProfile, DeviceState, Message, Sample, now_ms
+from gateway.types import DeviceProfile, Driver, Message, now_ms
 
 if TYPE_CHECKING:
     from gateway.http import HttpServer  # imported when `gateway.http` is on: aiohttp and prometheus-client
@@ -58,7 +56,7 @@ def budget_warnings(cfg: Config) -> list[str]:
     """One line per bus whose plan needs more than 80 % of the line's wire time."""
     out = []
     for bus in cfg.modbus.buses:
-        b = line_budget(modbus_line(bus))
+        b = line_budget(modbus_plan(bus))
         if b.overloaded:
             hint = "polls will drift — lengthen `poll` or raise the baud rate"
             out.append(f"modbus bus {bus.name}: poll plan {b.describe()}; {hint}")
@@ -92,8 +90,12 @@ class Gateway:
         self.systemd = ServiceNotifier(self.snapshot, self.supervisor)
         self._reload_wanted = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        #: While a reload swaps parts: driver events wait here, in order, instead of meeting half a swap.
-        self._events_during_swap: list[Callable[[], None]] | None = None
+        #: Driver events go to the router through this; while a reload swaps parts they wait in it, in order.
+        self.events = EventGate(lambda: self.router)
+        # The callbacks every driver is built with (_build_drivers).
+        self._on_sample = self.events.on_sample
+        self._deliver = self.events.deliver
+        self._on_state = self.events.on_state
 
     async def start(self) -> None:
         """Start the parts in dependency order: simulator, broker, sinks, router, drivers."""
@@ -123,12 +125,10 @@ class Gateway:
             await sink.start()
         for warning in budget_warnings(cfg):
             log.warning("%s", warning)
-        for bus in self.buses:
-            await bus.start()
-        if self.mcp:
-            await self.mcp.start()
-            if self.simulation and cfg.simulator and cfg.simulator.mcp:
-                await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
+        for driver in self.drivers:
+            await driver.start()
+        if self.mcp and self.simulation and cfg.simulator and cfg.simulator.mcp:
+            await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
         if cfg.gateway.http is not None:
             # After the drivers: the first page and scrape already show every line and device.
             from gateway.http import HttpServer
@@ -157,51 +157,11 @@ class Gateway:
             self.outboxes.append(outbox)
 
     def _build_sink(self, cfg: Config, s: SinkConfig) -> tuple[MqttSink, Outbox]:
-        """The MQTT sink of one `northbound` entry and its outbox on the sink's spool file."""
-        url = s.url or client_url(cfg.broker.listeners)
-        client_id = s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}"
-        username, password = s.username, s.password
+        """The MQTT sink of one `northbound` entry and its outbox (see gateway.sinks)."""
         auth = self.broker.auth if self.broker else None
-        if s.url is None and auth is not None and username is None:
-            username, password = INTERNAL_USER, auth.internal_password
-            # amqtt drops a session's subscriptions when anyone connects with its client id, even a
-            # client that then fails to log in: on a broker with users, ours is not guessable.
-            client_id = s.client_id or f"{client_id}-{secrets.token_hex(4)}"
-        sink = MqttSink(
-            s.name,
-            url,
-            cfg.prefix_for(s),
-            client_id=client_id,
-            qos=s.qos,
-            keepalive=s.keepalive,
-            username=username,
-            password=password,
-            ca=s.ca,
-            cert=s.cert,
-            key=s.key,
-            subscriptions=SUBSCRIPTIONS,
-            on_request=functools.partial(self._request, s.name),
-            on_connect=functools.partial(self._reconnected, s.name),
-            supervisor=self.supervisor,
+        return build_sink(
+            cfg, s, auth=auth, on_request=self._request, on_connect=self._reconnected, supervisor=self.supervisor
         )
-        spool = SQLiteSpool(
-            cfg.spool_path(s),
-            max_size=s.spool.max_size,
-            max_age=s.spool.max_age,
-            when_full=s.spool.when_full,
-            min_free_bytes=s.spool.min_free,
-            name=f"sink {s.name} spool",
-        )
-        outbox = Outbox(
-            sink,
-            spool,
-            commit_window=s.spool.commit_window,
-            replay_rate=s.spool.replay_rate,
-            order=s.spool.order,
-            supervisor=self.supervisor,
-        )
-        log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
-        return sink, outbox
 
     def _build_drivers(self) -> list[DeviceProfile]:
         """The Modbus lines and the MCP server; returns what the router needs to know of each device."""
@@ -217,42 +177,6 @@ class Gateway:
         """What the router needs to know of each device, as the running drivers have it (writes go through them)."""
         drivers: list[ModbusBus | McpServer] = [*self.buses, *([self.mcp] if self.mcp else [])]
         return [profile for driver in drivers for profile in driver.profiles()]
-
-    def _on_sample(self, sample: Sample) -> None:
-        if self._events_during_swap is not None:
-            self._events_during_swap.append(functools.partial(self._on_sample, sample))
-            return
-        assert self.router is not None
-        self.router.on_sample(sample)
-
-    def _deliver(self, sample: Sample) -> asyncio.Future[Any]:
-        if self._events_during_swap is not None:
-            # The MCP ACK waits for the swap too: it still means "durable on every sink".
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._events_during_swap.append(functools.partial(self._deliver_later, sample, fut))
-            return fut
-        assert self.router is not None
-        return self.router.deliver(sample)
-
-    def _deliver_later(self, sample: Sample, fut: asyncio.Future[Any]) -> None:
-        def settle(done: asyncio.Future[Any]) -> None:
-            if fut.done():
-                return
-            if done.cancelled():
-                fut.cancel()
-            elif (exc := done.exception()) is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(done.result())
-
-        self._deliver(sample).add_done_callback(settle)
-
-    def _on_state(self, state: DeviceState) -> None:
-        if self._events_during_swap is not None:
-            self._events_during_swap.append(functools.partial(self._on_state, state))
-            return
-        assert self.router is not None
-        self.router.on_state(state)
 
     # Sinks are built before their outboxes and the router exist, so they look them up late (and a
     # sink that a reload replaced or removed may still deliver a request: it goes to its successor or nowhere).
@@ -276,6 +200,11 @@ class Gateway:
         return self._reload_lock.locked()
 
     @property
+    def drivers(self) -> list[Driver]:
+        """The field-side drivers: every Modbus line, then the MCP server."""
+        return [*self.buses, *([self.mcp] if self.mcp else [])]
+
+    @property
     def gateway_id(self) -> str:
         """The gateway's id (`gateway.id`)."""
         return self.cfg.gateway.id
@@ -297,7 +226,7 @@ class Gateway:
             await asyncio.sleep(METRICS_INTERVAL)
             payload = dumps_safe({"ts": now_ms(), **self.metrics()})
             for outbox in self.outboxes:
-                outbox.submit(Message("metrics", payload))
+                outbox.put(Message("metrics", payload))
 
     async def stop(self) -> None:
         """Stop polling, publish what is queued and the offline states, then close everything (within STOP_BUDGET)."""
@@ -312,16 +241,14 @@ class Gateway:
         await self.supervisor.stop(self._metrics)
         if self.simulation:
             await self.simulation.stop_mcp()
-        for bus in self.buses:
-            await bus.stop()
-        if self.mcp:
-            await self.mcp.stop()
+        for driver in self.drivers:
+            await driver.stop()
         if self.router:
             await self.router.stop()
             for name, view in self.router.devices.items():
                 if view.online:
                     for outbox in self.outboxes:
-                        outbox.submit(Message(f"{name}/status", b"offline", retain=True))
+                        outbox.put(Message(f"{name}/status", b"offline", retain=True))
         # All sinks flush at once, so a dead upstream costs the flush timeout once, not once per sink;
         # what is not acknowledged by then goes to the spools (outbox.stop), which is never cut short.
         flush_for = min(STOP_FLUSH_TIMEOUT, max(0.0, deadline - STOP_RESERVE - time.monotonic()))
@@ -415,16 +342,10 @@ class Gateway:
         leaving = [o for o in self.outboxes if o.sink.name in changes.sinks.removed + changes.sinks.changed]
         await asyncio.gather(*(o.flush(RELOAD_FLUSH_TIMEOUT) for o in leaving))
         old_sinks = [self.sinks[self.outboxes.index(o)] for o in leaving]
-        started: list[tuple[MqttSink, Outbox]] = []
-        self._events_during_swap = []
-        try:
+        with self.events.held():
             started = await self._swap_sinks(new, changes)
             self.router.update(self._profiles())
             self.loaded, self.cfg = loaded, new
-        finally:
-            held, self._events_during_swap = self._events_during_swap, None
-            for event in held:
-                event()
         await asyncio.gather(*(sink.stop() for sink in old_sinks))
         for _, outbox in started:
             await outbox.start()

@@ -1,0 +1,79 @@
+"""Building a northbound sink: its MQTT client, its spool file and the outbox between them, from one config entry."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bridge.broker import client_url
+from bridge.broker_auth import INTERNAL_USER, BrokerAuth
+from bridge.outbox import Outbox
+from bridge.sink import MqttSink
+from bridge.spool import SQLiteSpool
+from gateway.config.schema import Config, SinkConfig
+from gateway.router import SUBSCRIPTIONS
+from gateway.supervise import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def build_sink(
+    cfg: Config,
+    s: SinkConfig,
+    *,
+    auth: BrokerAuth | None,
+    on_request: Callable[[str, str, bytes], None],
+    on_connect: Callable[[str], Coroutine[Any, Any, None]],
+    supervisor: Supervisor,
+) -> tuple[MqttSink, Outbox]:
+    """The MQTT sink of one `northbound` entry and its outbox on the sink's spool file.
+
+    `auth`: the embedded broker's users, if it has any (a sink on it logs in as the gateway's own user);
+    `on_request` and `on_connect` get the sink's name first.
+    """
+    url = s.url or client_url(cfg.broker.listeners)
+    client_id = s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}"
+    username, password = s.username, s.password
+    if s.url is None and auth is not None and username is None:
+        username, password = INTERNAL_USER, auth.internal_password
+        # amqtt drops a session's subscriptions when anyone connects with its client id, even a
+        # client that then fails to log in: on a broker with users, ours is not guessable.
+        client_id = s.client_id or f"{client_id}-{secrets.token_hex(4)}"
+    sink = MqttSink(
+        s.name,
+        url,
+        cfg.prefix_for(s),
+        client_id=client_id,
+        qos=s.qos,
+        keepalive=s.keepalive,
+        username=username,
+        password=password,
+        ca=s.ca,
+        cert=s.cert,
+        key=s.key,
+        subscriptions=SUBSCRIPTIONS,
+        on_request=functools.partial(on_request, s.name),
+        on_connect=functools.partial(on_connect, s.name),
+        supervisor=supervisor,
+    )
+    spool = SQLiteSpool(
+        cfg.spool_path(s),
+        max_size=s.spool.max_size,
+        max_age=s.spool.max_age,
+        when_full=s.spool.when_full,
+        min_free_bytes=s.spool.min_free,
+        name=f"sink {s.name} spool",
+    )
+    outbox = Outbox(
+        sink,
+        spool,
+        commit_window=s.spool.commit_window,
+        replay_rate=s.spool.replay_rate,
+        order=s.spool.order,
+        supervisor=supervisor,
+    )
+    log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
+    return sink, outbox
