@@ -10,7 +10,7 @@ from pathlib import Path
 
 from drivers.mcp.settings import McpDeviceSettings, McpSettings, TlsSettings
 from drivers.modbus.codec import PointCodec
-from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings
+from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings, TcpEndpoint
 
 from . import codecs
 from .addresses import modbus_port, resolve_path, split_listen
@@ -64,10 +64,22 @@ def modbus_device(device: DeviceConfig) -> DeviceSettings:
 
 def modbus_line(bus: BusConfig, base: Path | None = None) -> LineSettings:
     """A line's settings; with `base` (the config file's folder), a relative serial path is taken from there."""
-    port = bus.port if base is None else resolve_path(bus.port, base)
+    return _line(bus, modbus_port(bus.port if base is None else resolve_path(bus.port, base)))
+
+
+def modbus_plan(bus: BusConfig) -> LineSettings:
+    """A line's settings for planning its polls (`line_budget`), its port left as written.
+
+    A plan needs no port, and a `tcp://` port without a number fails the line when it is built, as it always
+    has, not `fieldgate check`'s budget warnings.
+    """
+    return _line(bus, bus.port)
+
+
+def _line(bus: BusConfig, port: str | TcpEndpoint) -> LineSettings:
     return LineSettings(
         name=bus.name,
-        port=modbus_port(port),
+        port=port,
         baudrate=bus.baudrate,
         parity=bus.parity,
         bytesize=bus.bytesize,

@@ -14,7 +14,7 @@ from drivers.modbus.codec import PointCodec
 from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings, TcpEndpoint
 from gateway.config.addresses import modbus_port, resolve_path, split_listen
 from gateway.config.schema import BusConfig, McpSection, PointConfig
-from gateway.config.settings import mcp_server, modbus_line, point_codec
+from gateway.config.settings import mcp_server, modbus_line, modbus_plan, point_codec
 
 # Every key away from its default, so that a key the converter forgets shows as the settings' default.
 POINT = {
@@ -190,3 +190,12 @@ def test_a_bad_codec_spec_is_still_refused_with_the_codecs_words() -> None:
         PointConfig.model_validate({"name": "s", "table": "holding", "address": 0, "type": "string"})
     with pytest.raises(ValueError, match=r"scale/offset do not apply to bool points"):
         PointConfig.model_validate({"name": "b", "table": "holding", "address": 0, "type": "bool", "scale": 2})
+
+
+def test_a_plan_takes_the_port_as_written_and_only_the_line_parses_it() -> None:
+    # `fieldgate check` plans every line for its budget warnings: a port it does not check must not fail it.
+    bus = BusConfig.model_validate({**BUS, "port": "tcp://plc"})
+    assert modbus_plan(bus).port == "tcp://plc"
+    assert modbus_plan(bus).devices == modbus_line(BusConfig.model_validate(BUS)).devices
+    with pytest.raises(ValueError, match="invalid literal"):
+        modbus_line(bus)
