@@ -55,7 +55,7 @@ from benchlib.mqtt import broker_child, free_port, subscriber_child
 from benchlib.procs import open_fds
 from benchlib.profiling import report_profile
 
-from drivers.mcp.session import MAX_OUTSTANDING
+from drivers.mcp.protocol import MAX_OUTSTANDING
 
 GATEWAY_ID = "bench"
 PREFIX = f"fieldgate/{GATEWAY_ID}"  # the default prefix of the default sink
@@ -264,7 +264,7 @@ def run_mcp(
         gw = Child("gateway", gateway_child, str(config))
         children.append(gw)
         info = gw.wait(READY_TIMEOUT)
-        row.nofile = tuple(info["nofile"])  # type: ignore[assignment]
+        row.nofile = tuple(info["nofile"])
         if info["broker_pid"]:  # process: separate, the gateway's own child
             brokers.append(Pid(info["broker_pid"]))
         sub = Child("subscriber", subscriber_child, mqtt_port, TELEMETRY)

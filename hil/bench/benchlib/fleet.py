@@ -215,11 +215,11 @@ def publisher_child(port: int, topic: str, window: int, changing: int, conn: Con
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gateway.router import encode_json
+    from gateway.jsonsafe import dumps_safe
 
     def telemetry_payload(seq: int) -> bytes:
-        # What the router publishes for one DATA frame, built the same way.
-        return encode_json({"ts": now_ms(), "values": data_values(seq, changing)})
+        # What the router publishes for one DATA frame, built the same way (its encoder is dumps_safe).
+        return dumps_safe({"ts": now_ms(), "values": data_values(seq, changing)})
 
     sent: dict[int, float] = {}
     latencies: list[float] = []
