@@ -24,7 +24,7 @@ def named_bits(bits: dict[int, str] | list[str | None] | None) -> tuple[tuple[in
 
 
 @functools.lru_cache(maxsize=CODEC_CACHE_SIZE)
-def point_codec(
+def layout_codec(
     type_spec: str,
     byte_order: str,
     word_order: str,

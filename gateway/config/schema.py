@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from drivers.modbus.planner import BIT_TABLES
 from gateway.errors import CodecError
 
-from .codecs import named_bits, point_codec, point_type
+from .codecs import layout_codec, named_bits, point_type
 from .fields import HaDeviceClass, HaIcon, HaStateClass, Listener, Name, TopicFilter, TopicPrefix
 from .units import Duration, Size
 
@@ -76,7 +76,7 @@ class PointConfig(Model):
             # A writable point is a Home Assistant `number`, which keeps no statistics.
             raise ValueError("`state_class` does not apply to a writable point (Home Assistant shows it as a number)")
         try:
-            point_codec(type_spec, self.byte_order, self.word_order, self.scale, self.offset, named_bits(self.bits))
+            layout_codec(type_spec, self.byte_order, self.word_order, self.scale, self.offset, named_bits(self.bits))
         except CodecError as exc:
             raise ValueError(str(exc)) from None
         return self

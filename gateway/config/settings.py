@@ -19,7 +19,7 @@ from .schema import BusConfig, DeviceConfig, McpSection, PointConfig
 
 def point_codec(point: PointConfig) -> PointCodec:
     """The register codec of a validated point (shared by every point of the same layout)."""
-    return codecs.point_codec(
+    return codecs.layout_codec(
         codecs.point_type(point.table, point.type),
         point.byte_order,
         point.word_order,
