@@ -1,0 +1,111 @@
+"""The gateway's snapshot, its health verdict and the event gate of a reload, in memory: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.event_gate import EventGate
+from gateway.health import problems
+from gateway.snapshot import LINES, MCP, SINKS, GatewaySnapshot, take_snapshot
+from gateway.supervise import Supervisor
+from gateway.types import (
+    DeviceState,
+    ModbusDeviceCounters,
+    ModbusDeviceSnapshot,
+    ModbusLineCounters,
+    ModbusLineSnapshot,
+    Sample,
+)
+
+
+def line(name: str, *, running: bool = True, stopping: bool = False, alive_at: float = 100.0) -> ModbusLineSnapshot:
+    """A line whose task last moved at `alive_at` and whose longest healthy step is 5 s."""
+    unit = ModbusDeviceSnapshot("d", 1, True, ModbusDeviceCounters())
+    return ModbusLineSnapshot(
+        name, "/dev/ttyX", "9600 8E1", running, stopping, alive_at, 5.0, ModbusLineCounters(), (unit,)
+    )
+
+
+class Parts:
+    """The running gateway's parts as take_snapshot reads them; `mcp` fails to report."""
+
+    gateway_id = "g1"
+    started_at = 10.0
+    reloading = False
+    router = None
+    outboxes: list[object] = []
+    sinks: list[object] = []
+    broker = None
+
+    def __init__(self) -> None:
+        self.supervisor = Supervisor()
+        self.buses = [SimpleNamespace(snapshot=lambda: line("l1"))]
+        self.mcp = SimpleNamespace(snapshot=self._broken)
+
+    @staticmethod
+    def _broken() -> object:
+        raise RuntimeError("a bug in the MCP counters")
+
+
+def test_a_part_that_cannot_be_read_is_kept_as_unreadable_and_the_rest_is_read() -> None:
+    snap = take_snapshot(Parts())  # type: ignore[arg-type]
+    assert [x.name for x in snap.lines] == ["l1"] and snap.gateway_id == "g1"
+    assert snap.mcp is None and list(snap.unreadable) == [MCP]
+    snap.require(LINES, SINKS)  # read: nothing raised
+    with pytest.raises(RuntimeError, match="a bug in the MCP counters"):
+        snap.require(LINES, MCP)
+
+
+def test_health_names_an_ended_line_and_a_stuck_one_but_not_one_being_stopped() -> None:
+    lines = (
+        line("ok", alive_at=99.0),
+        line("ended", running=False),
+        line("stuck", alive_at=90.0),  # 10 s idle, its longest step 5 s
+        line("leaving", running=False, stopping=True, alive_at=0.0),  # a reload stopped it: going away, not stuck
+    )
+    snap = GatewaySnapshot("g", 100.0, 0, 90.0, False, lines=lines, task_problems=("task t: failed",))
+    assert problems(snap) == [
+        "task t: failed",
+        "modbus line ended: its task has ended",
+        "modbus line stuck (/dev/ttyX) has not moved for 10.0 s (its longest step is 5.0 s): stuck in I/O",
+    ]
+    assert problems(snap, lasting=True) == problems(snap)[1:]  # one failure is the supervisor's to fix
+
+
+class Recorder:
+    """A router that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def on_sample(self, sample: Sample) -> None:
+        self.seen.append(sample)
+
+    def on_state(self, state: DeviceState) -> None:
+        self.seen.append(state)
+
+    def deliver(self, sample: Sample) -> asyncio.Future[None]:
+        self.seen.append(("delivered", sample))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_events_during_a_swap_wait_and_then_reach_the_router_in_order_even_when_the_swap_fails() -> None:
+    router = Recorder()
+    gate = EventGate(lambda: router)  # type: ignore[arg-type, return-value]
+    first, second = Sample("a", 1, {"x": 1}), Sample("b", 2, {"y": 2})
+    with pytest.raises(RuntimeError), gate.held():
+        gate.on_sample(first)
+        ack = gate.deliver(second)
+        gate.on_state(DeviceState("a", False))
+        assert router.seen == [] and not ack.done()  # nothing meets the half-swapped parts
+        raise RuntimeError("the swap failed")
+    assert router.seen == [first, ("delivered", second), DeviceState("a", False)]
+    await asyncio.sleep(0)  # the held delivery's outcome settles the future the driver got
+    assert ack.done() and ack.result() is None
+    gate.on_sample(first)  # the gate is open again
+    assert router.seen[-1] is first
