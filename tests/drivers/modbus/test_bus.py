@@ -136,6 +136,63 @@ async def test_dead_unit_goes_offline_and_is_probed_with_back_off(make_rig, clea
     assert live.online is True
 
 
+class UnitLink(ModbusLink):
+    """A real link that notes each read, answered or not: (unit, handed to pymodbus at, ended at)."""
+
+    def __init__(self, port: str) -> None:
+        super().__init__(port, baudrate=115200, parity="N")
+        self.reads: list[tuple[int, float, float]] = []
+
+    async def read(self, table: str, unit: int, address: int, count: int, timeout: float) -> list[int] | list[bool]:
+        """The read, noted when it ends."""
+        sent = time.monotonic()
+        try:
+            return await super().read(table, unit, address, count, timeout)
+        finally:
+            self.reads.append((unit, sent, time.monotonic()))
+
+
+async def test_after_a_timeout_the_unit_waits_one_more_timeout_while_the_others_use_the_line(  # type: ignore[no-untyped-def]
+    make_rig, cleanup
+) -> None:
+    # A unit that never answers but is never declared offline fails every poll: after each timeout its next
+    # request waits one more timeout (its late answer must not meet a different request). The order of the
+    # reads on the line shows it, however busy the machine (test_schedule.py checks the rates).
+    cfg = bus_config(
+        """        - name: live
+          unit: 1
+          poll: 10ms
+          points: [{name: v, table: holding, address: 0}]
+        - name: silent
+          unit: 2
+          poll: 10ms
+          offline_after: 100
+          points: [{name: v, table: holding, address: 0}]""",
+        retries=0,
+        timeout="100ms",
+    )
+    rig = await make_rig(cfg, dead=(2,))
+    cleanup.append(rig)
+    link = UnitLink(rig.bus.cfg.port)
+    rig.bus = ModbusBus(rig.bus.cfg, rig.rec.sample, rig.rec.state, link=link)
+    await rig.bus.start()
+    deadline = time.monotonic() + 30
+    while sum(unit == 2 for unit, _, _ in link.reads) < 6:
+        assert time.monotonic() < deadline, link.reads
+        await asyncio.sleep(0.05)
+    silent = [(i, sent, ended) for i, (unit, sent, ended) in enumerate(link.reads) if unit == 2]
+    settling = []  # per failed read of the silent unit: did a neighbour's read start before its settle was over
+    for (i, _, ended), (j, sent, _) in zip(silent, silent[1:], strict=False):
+        assert sent >= ended + 0.1, (ended, sent)  # never sooner than one timeout after the last one failed
+        between = [started for unit, started, _ in link.reads[i + 1 : j] if unit == 1]
+        assert between  # the neighbour was polled meanwhile
+        settling.append(min(between) < ended + 0.1)
+    # The wait is the silent unit's alone, not the line's: a neighbour's read started inside it (in every
+    # window on an idle machine; a busy one may stall the odd window past its 100 ms, not all five).
+    assert any(settling), link.reads
+    assert rig.bus.devices["silent"].online is not False
+
+
 class TimedLink(ModbusLink):
     """A real link that notes when each read was handed to pymodbus and when its answer's last byte came."""
 
