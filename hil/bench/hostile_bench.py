@@ -68,6 +68,7 @@ from benchlib import (
 )
 from benchlib.children import Child
 from benchlib.configs import config, gateway_section, loopback_listener, mcp_device, mcp_section, write_config
+from benchlib.fleet import hello_frame
 from benchlib.procs import GatewayProcess, raise_nofile
 
 from drivers.mcp.codec import MAGIC, Decoder, Frame, FrameType, encode
@@ -191,8 +192,7 @@ class GoodDevice:
                 self.decoder = Decoder()
                 self.frames.clear()
                 self.seq += 1
-                body = {"boot_id": "bench", "device_id": GOOD_ID, "token": GOOD_TOKEN, "heartbeat_s": 3600}
-                self.writer.write(encode(Frame.json(FrameType.HELLO, self.seq, body)))
+                self.writer.write(hello_frame(self.seq, GOOD_ID, GOOD_TOKEN, boot_id="bench", heartbeat_s=3600))
                 answer = await self._answer(self.seq, max(0.1, deadline - time.monotonic()))
                 if answer is not None and answer.type == FrameType.ACK:
                     return
@@ -340,8 +340,7 @@ class Attack:
 
     async def hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Pass HELLO as the attacker's own (valid) device."""
-        body = {"boot_id": f"b{time.monotonic_ns()}", "device_id": ATTACKER_ID, "token": ATTACKER_TOKEN}
-        writer.write(encode(Frame.json(FrameType.HELLO, 1, body)))
+        writer.write(hello_frame(1, ATTACKER_ID, ATTACKER_TOKEN, boot_id=f"b{time.monotonic_ns()}"))
         decoder = Decoder()
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(10):
@@ -453,9 +452,8 @@ async def wrong_token(a: Attack) -> None:
             return
         reader, writer = pair
         opened = time.monotonic()
-        body = {"boot_id": "x", "device_id": ATTACKER_ID, "token": WRONG_TOKEN}
         with contextlib.suppress(OSError):
-            writer.write(encode(Frame.json(FrameType.HELLO, seq, body)))
+            writer.write(hello_frame(seq, ATTACKER_ID, WRONG_TOKEN, boot_id="x"))
         decoder = Decoder()
 
         def seen(data: bytes) -> None:

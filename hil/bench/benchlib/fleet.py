@@ -29,6 +29,14 @@ NACK_BACKOFF = 1.0  # s a device waits before using a NACKed frame's window slot
 HEARTBEAT_S = 3600  # in HELLO: idle sessions must survive the longest run, and devices send no periodic heartbeat
 
 
+def hello_frame(seq: int, device_id: str, token: str, *, boot_id: str, heartbeat_s: int | None = None) -> bytes:
+    """An encoded HELLO for a device (with `heartbeat_s` when given, else the gateway's default heartbeat)."""
+    body: dict[str, Any] = {"boot_id": boot_id, "device_id": device_id, "token": token}
+    if heartbeat_s is not None:
+        body["heartbeat_s"] = heartbeat_s
+    return encode(Frame.json(FrameType.HELLO, seq, body))
+
+
 def clients_child(impl: str, devices: list[tuple[str, str]], window: int, changing: int, conn: Connection) -> None:
     """Device clients for `devices`: raw-codec senders, or McpClient with `window` senders each."""
     quiet_logs()
@@ -66,8 +74,7 @@ async def _clients(impl: str, devices: list[tuple[str, str]], window: int, chang
     async def raw_device(dev: str, token: str, port: int) -> None:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 60)
         fleet.writers.append(writer)
-        hello = {"boot_id": uuid.uuid4().hex, "device_id": dev, "token": token, "heartbeat_s": HEARTBEAT_S}
-        writer.write(encode(Frame.json(FrameType.HELLO, 1, hello)))
+        writer.write(hello_frame(1, dev, token, boot_id=uuid.uuid4().hex, heartbeat_s=HEARTBEAT_S))
         decoder = Decoder()
         events: list[Any] = []
         async with asyncio.timeout(60):
