@@ -64,7 +64,8 @@ class Session:
         # Answers made while handling one read go out in one write (one syscall, not one per NACK).
         self._output = PeerOutput(writer)
         self._corked = False
-        self._deliveries: asyncio.Queue[tuple[OwedAnswer, asyncio.Future[None]]] = asyncio.Queue()
+        # Every DATA answer leaves from the ACK loop, as it always did: the owed answer, and its delivery if any.
+        self._owed: asyncio.Queue[tuple[OwedAnswer, asyncio.Future[None] | None]] = asyncio.Queue()
         self._room = asyncio.Semaphore(MAX_OUTSTANDING)
         self._responses: dict[int, asyncio.Future[Frame]] = {}
         self._closed = False
@@ -291,17 +292,15 @@ class Session:
         except BaseException:
             self._room.release()
             raise
-        owed = self._protocol.owe(seq, answer, decided=pending is None)
-        if pending is not None:
-            self._deliveries.put_nowait((owed, pending))
-        self._send_answers()
+        self._owed.put_nowait((self._protocol.owe(seq, answer, decided=pending is None), pending))
 
     # --- answering --------------------------------------------------------------------------------
 
     async def _ack_in_order(self) -> None:
         while True:
-            owed, pending = await self._deliveries.get()
-            self._protocol.delivered(owed, await self._outcome(owed.seq, pending))
+            owed, pending = await self._owed.get()
+            if pending is not None:
+                self._protocol.delivered(owed, await self._outcome(owed.seq, pending))
             self._send_answers()
 
     def _send_answers(self) -> None:
