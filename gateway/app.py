@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bridge.broker import EmbeddedBroker
 from bridge.broker_process import BrokerProcess
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
@@ -29,15 +28,18 @@ from gateway.jsonsafe import dumps_safe
 from gateway.metrics_topic import metrics_payload
 from gateway.reload import ConfigDiff, diff
 from gateway.router import Router
-from gateway.simulation import Simulation, start_mcp_simulation, start_simulation
 from gateway.sinks import build_sink
 from gateway.snapshot import GatewaySnapshot, take_snapshot
 from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier
 from gateway.types import DeviceProfile, Driver, Message, now_ms
 
+# Imported where a run uses them: amqtt only for a broker inside this process, aiohttp and prometheus-client only
+# with `gateway.http` on, pymodbus's server (which imports aiohttp too) only for a simulator.
 if TYPE_CHECKING:
-    from gateway.http import HttpServer  # imported when `gateway.http` is on: aiohttp and prometheus-client
+    from bridge.broker import EmbeddedBroker
+    from gateway.http import HttpServer
+    from gateway.simulation import Simulation
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ class Gateway:
         self.started_at = time.monotonic()
         Path(cfg.gateway.state_dir).mkdir(parents=True, exist_ok=True)
         if cfg.simulator:
+            from gateway.simulation import start_simulation
+
             self.simulation = await start_simulation(cfg, self.base)
         if cfg.broker.enabled:
             # Our own sinks log in with a secret made afresh at each start, held only in memory.
@@ -111,6 +115,8 @@ class Gateway:
             if cfg.broker.process == "separate":
                 self.broker = BrokerProcess(cfg.broker.listeners, **tls, auth=auth, supervisor=self.supervisor)
             else:
+                from bridge.broker import EmbeddedBroker
+
                 self.broker = EmbeddedBroker(cfg.broker.listeners, **tls, auth=auth)
             await self.broker.start()
 
@@ -128,6 +134,8 @@ class Gateway:
         for driver in self.drivers:
             await driver.start()
         if self.mcp and self.simulation and cfg.simulator and cfg.simulator.mcp:
+            from gateway.simulation import start_mcp_simulation
+
             await start_mcp_simulation(cfg, self.simulation, self.mcp.port)
         if cfg.gateway.http is not None:
             # After the drivers: the first page and scrape already show every line and device.
