@@ -15,24 +15,20 @@ Our per-point topics carry the bare JSON value, so numbers need no `value_templa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge.statefiles import move_aside
 from gateway import __version__
 from gateway.config.settings import point_codec
 from gateway.errors import SinkError
-from gateway.jsonsafe import loads_strict
+from gateway.ha_state import STATE_FILE, load_published, save_published
 from gateway.types import Message, absolute
 
 if TYPE_CHECKING:  # only types: config checks import this module, so it must not import the config
@@ -41,7 +37,6 @@ if TYPE_CHECKING:  # only types: config checks import this module, so it must no
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "homeassistant.json"
 ORIGIN = {"name": "Fieldgate", "sw_version": __version__}
 #: Bool values are JSON on our topics; HA compares these strings and sends them to the set topic.
 PAYLOAD_ON, PAYLOAD_OFF = "true", "false"
@@ -74,8 +69,6 @@ BINARY_SENSOR_DEVICE_CLASSES = frozenset(
 #: https://www.home-assistant.io/integrations/switch/#device-class
 SWITCH_DEVICE_CLASSES = frozenset({"outlet", "switch"})
 
-#: A state file larger than this is no file of ours: a topic per entity, and thousands of entities take kilobytes.
-MAX_STATE_BYTES = 16 * 1024**2
 
 _FLOAT_MAX = {"float32": 3.4028234663852886e38, "float64": sys.float_info.max}
 
@@ -297,67 +290,6 @@ def removal_messages(topics: Iterable[str]) -> list[Message]:
     return [Message(absolute(t), b"", retain=True, qos=1) for t in sorted(topics)]
 
 
-def load_published(path: Path) -> set[str]:
-    """The discovery topics an earlier run published (empty when none).
-
-    A file that is not what `save_published` writes (an SD card's garbage, a truncated write) is moved
-    aside as `homeassistant.json.corrupt-<unix seconds>` and counted; configs of points removed meanwhile
-    then stay in Home Assistant until removed by hand. One that cannot be opened (permissions) is left alone.
-    """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_STATE_BYTES + 1)
-    except FileNotFoundError:
-        return set()
-    except OSError as exc:
-        if exc.errno != errno.EIO:
-            log.warning("home assistant: cannot read %s (%s): configs of removed points stay in place", path, exc)
-            return set()
-        return _corrupt(path, f"cannot be read: {exc}")
-    try:
-        return _published_topics(raw)
-    except ValueError as exc:
-        return _corrupt(path, str(exc))
-
-
-def _published_topics(raw: bytes) -> set[str]:
-    """The topics of a state file's contents; ValueError saying why for anything else."""
-    if len(raw) > MAX_STATE_BYTES:
-        raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
-    data = loads_strict(raw)
-    topics = data.get("topics") if isinstance(data, dict) else None
-    if not isinstance(topics, list):
-        raise ValueError('not {"topics": [...]}')
-    for topic in topics:
-        # Each is published to (an empty retained payload): it must be a topic paho takes.
-        if not isinstance(topic, str) or not topic or len(topic.encode()) > 65535 or any(c in topic for c in "+#\0"):
-            raise ValueError(f"{str(topic)[:80]!r} is not a discovery topic")
-    return set(topics)
-
-
-def _corrupt(path: Path, reason: str) -> set[str]:
-    try:
-        move_aside(path, "homeassistant", reason)
-    except OSError as exc:  # it is replaced at the next save all the same
-        log.error("home assistant: %s is corrupt (%s) and cannot be moved aside: %s", path, reason, exc)
-    return set()
-
-
-def save_published(path: Path, topics: Iterable[str]) -> None:
-    """Remember the published discovery topics, atomically (a power cut leaves the old file or the new)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"topics": sorted(topics)}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("home assistant: cannot write %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
 class Discovery:
     """Keeps Home Assistant's discovery configs in step with the config, on every sink."""
 
@@ -382,7 +314,7 @@ class Discovery:
         if not gone:
             return None
         try:
-            futures = [o.enqueue(m) for o in outboxes for m in removal_messages(gone)]
+            futures = [o.put(m, awaited=True) for o in outboxes for m in removal_messages(gone)]
         except SinkError as exc:
             log.warning("home assistant: cannot remove %d discovery config(s): %s", len(gone), exc)
             return None
@@ -401,4 +333,4 @@ class Discovery:
     def publish(self, outbox: Outbox, sink: str) -> None:
         """Give a (re)connected sink every discovery config, retained, its topics under that sink's prefix."""
         for message in self._messages.get(sink, ()):
-            outbox.submit(message)
+            outbox.put(message)
