@@ -23,11 +23,10 @@ No message stops the outbox, and any other failure in a loop is logged and the l
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from bridge import outbox_limits as limits
 from bridge.buffer import Buffer, MemoryBuffer
@@ -172,22 +171,6 @@ class Outbox:
         else:
             self._commits.spool_it(item)
         return future
-
-    def submit(self, message: Message) -> None:
-        """Hand a message over without waiting for it."""
-        self.put(message)
-
-    def enqueue(self, message: Message) -> asyncio.Future[None]:
-        """Hand a message over; the future resolves once it is durable (SinkError if it never will be)."""
-        return self.put(message, awaited=True)
-
-    async def publish(self, message: Message) -> None:
-        """Hand a message over and return once it is durable."""
-        await self.put(message, awaited=True)
-
-    def figures(self) -> dict[str, Any]:
-        """The snapshot as a dict."""
-        return dataclasses.asdict(self.snapshot())
 
     def _live_ok(self, awaited: bool) -> bool:
         if not self.sink.connected:

@@ -110,7 +110,7 @@ class _Outbox(Protocol):
     def sink(self) -> Any: ...
     @property
     def backlog(self) -> int: ...
-    def figures(self) -> dict[str, Any]: ...
+    def snapshot(self) -> Any: ...
     def health(self, *, loops: bool = True) -> str | None: ...
 
 
@@ -208,7 +208,7 @@ def _sinks(gw: GatewayParts) -> tuple[SinkSnapshot, ...]:
             name=sink.name,
             connected=sink.connected,
             counters=asdict(sink.stats),
-            figures=outbox.figures(),
+            figures=asdict(outbox.snapshot()),
             backlog=outbox.backlog,
             problem=outbox.health(loops=False),  # its loops run under our supervisor, whose problems name them
             requests_dropped=dropped.get(sink.name, 0),

@@ -435,13 +435,13 @@ def instrumented_gateway(argv: Sequence[str]) -> int:
         from bridge.outbox import Outbox
 
         kept: list[bytes] = []
-        put = Outbox._put
+        put = Outbox.put
 
-        def leaky_put(self: Outbox, message: Any, fut: Any) -> None:
+        def leaky_put(self: Outbox, message: Any, *, awaited: bool = False) -> Any:
             kept.append(bytes(leak))
-            put(self, message, fut)
+            return put(self, message, awaited=awaited)
 
-        Outbox._put = leaky_put  # type: ignore[method-assign]
+        Outbox.put = leaky_put  # type: ignore[method-assign]
     return fieldgate(list(argv))
 
 

@@ -421,14 +421,13 @@ async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str =
 def record_queued(outbox: Any) -> list[Any]:
     """From now on, every message handed to `outbox` (live or queued) is also appended to the returned list."""
     queued: list[Any] = []
-    for name in ("submit", "enqueue"):
-        real: Callable[[Any], object] = getattr(outbox, name)
+    real: Callable[..., object] = outbox.put
 
-        def record(message: Any, _real: Callable[[Any], object] = real) -> object:
-            queued.append(message)
-            return _real(message)
+    def record(message: Any, **kwargs: Any) -> object:
+        queued.append(message)
+        return real(message, **kwargs)
 
-        setattr(outbox, name, record)
+    outbox.put = record
     return queued
 
 

@@ -232,7 +232,7 @@ async def run_scenario(sc: Scenario) -> Result:
 
     # Warm up: allocations, paho's and amqtt's first-time paths, the burner's steady state.
     for i in range(1_000):
-        box.submit(Message(WARM_TOPIC, payload(i, sc.size)))
+        box.put(Message(WARM_TOPIC, payload(i, sc.size)))
     await box.flush(60)
     await asyncio.sleep(0.2)
 
@@ -255,7 +255,7 @@ async def run_scenario(sc: Scenario) -> Result:
         while sent < sc.n:
             room = min(QUEUE_HIGH_WATER - len(box), sc.n - sent)
             for _ in range(room):
-                box.submit(Message(TOPIC, payload(sent, sc.size)))
+                box.put(Message(TOPIC, payload(sent, sc.size)))
                 sent += 1
             await asyncio.sleep(0.002)
     else:
@@ -263,7 +263,7 @@ async def run_scenario(sc: Scenario) -> Result:
         while sent < sc.n:
             due = min(sc.n, int((time.monotonic() - t0) * sc.rate) + 1)
             while sent < due:
-                box.submit(Message(TOPIC, payload(sent, sc.size)))
+                box.put(Message(TOPIC, payload(sent, sc.size)))
                 sent += 1
             await asyncio.sleep(0.005)
 

@@ -9,7 +9,7 @@ Figures (200-byte payloads, topic "devNN/telemetry"):
 2. FIFO drain: 100,000 messages stored, then take(n) + accept(ids) until empty. msg/s.
 3. Steady load: 500 msg/s arriving, grouped into one add() per group-commit window (50 ms = 25
    messages, 100, 120 and 200 ms). fsyncs/s and bytes written per 1,000 messages, add() latency.
-4. Through the outbox: 500 msg/s handed to `Outbox.publish` (one task per message, each awaiting
+4. Through the outbox: 500 msg/s handed to `Outbox.put` (one task per message, each awaiting
    it) with an `MqttSink` pointed at a closed port, so that everything goes to the spool through
    the outbox's own group commit (commit_window 120 ms, as shipped, and 50 ms). fsyncs/s, bytes
    per 1,000 messages, publish -> commit latency, CPU per message of the whole process.
@@ -316,7 +316,7 @@ async def _outbox_steady(path: Path, commit_window: float, seconds: float, warmu
     async def one(message: Message) -> None:
         timed = measuring
         t = time.perf_counter()
-        await box.publish(message)
+        await box.put(message, awaited=True)
         if timed:
             latencies.append(time.perf_counter() - t)
 
@@ -363,7 +363,7 @@ async def _outbox_steady(path: Path, commit_window: float, seconds: float, warmu
     io = write_bytes() - base["io"]
     msgs = sent - base["sent"]
     await asyncio.gather(*tasks)
-    figures = box.figures()
+    figures = box.snapshot()
     await box.stop()  # closes the spool (its final checkpoint included in fsyncs_process)
     await sink.stop()
     closed = spool.stats()
@@ -386,14 +386,14 @@ async def _outbox_steady(path: Path, commit_window: float, seconds: float, warmu
         "cpu_split_us": {k: v / msgs * 1e6 for k, v in split.items()},
         "p50_ms": statistics.median(latencies) * 1e3,
         "p99_ms": percentile(latencies, 0.99) * 1e3,
-        "spooled": figures["spooled"],
-        "live": figures["live"],
+        "spooled": figures.spooled,
+        "live": figures.live,
         "sent": sent,
     }
 
 
 def phase_outbox(path: Path, commit_window: float, seconds: float, warmup: float) -> dict[str, Any]:
-    """Figure 4: RATE msg/s through Outbox.publish into the spool (the sink's broker is unreachable)."""
+    """Figure 4: RATE msg/s through Outbox.put into the spool (the sink's broker is unreachable)."""
     return asyncio.run(_outbox_steady(path, commit_window, seconds, warmup))
 
 
@@ -502,7 +502,7 @@ async def _replay(path: Path, n: int, rate: float, port: int, broker_pid: int, p
         prof.enable()
     deadline = t_conn + max(60.0, n / 200)
     poll = 0.002 if rate >= UNTHROTTLED else 0.02  # the bench's own wake-ups count in the CPU figure
-    while box.stats.replayed < n or box.figures()["spool_messages"] > 0:
+    while box.stats.replayed < n or box.snapshot().spool_messages > 0:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(poll)
@@ -967,7 +967,7 @@ def main() -> None:
 
         if 4 in figures:
             print(
-                f"\n4. Through the outbox: {RATE} msg/s to Outbox.publish for {outbox_seconds:g} s (after {warmup:g} s "
+                f"\n4. Through the outbox: {RATE} msg/s to Outbox.put for {outbox_seconds:g} s (after {warmup:g} s "
                 "of warm-up), sink's broker unreachable, so all is spooled"
             )
             print(
@@ -1006,7 +1006,7 @@ def main() -> None:
                     f"{fsync_verdict(syncs)}"
                 )
             print(
-                "publish = `await outbox.publish(m)` until the commit that holds m; CPU = the whole process "
+                "publish = `await outbox.put(m, awaited=True)` until the commit that holds m; CPU = the whole process "
                 "(with the bench's task per message) / messages; loop/spool/other = event loop thread / the "
                 "outbox's spool worker / other threads"
             )

@@ -109,8 +109,8 @@ async def test_online_fifo_goes_straight_out_and_writes_nothing(
     async with sink_on(port) as sink, outbox_of(sink, buf, window=64) as box:
         assert await sink.wait_connected(5)
         for i in range(600):
-            box.submit(msg(i))
-        last = box.enqueue(msg(600))
+            box.put(msg(i))
+        last = box.put(msg(600), awaited=True)
         assert await box.flush(20)
         await asyncio.wait_for(last, 1)
         await sub.wait_for(lambda _: len(seq(sub)) >= 601)
@@ -124,7 +124,7 @@ async def test_offline_messages_are_spooled_committed_then_delivered_in_order(
 ) -> None:
     buf = make_buffer()
     async with cut_link(port) as link, sink_on(link.port) as sink, outbox_of(sink, buf, commit_window=0.1) as box:
-        waited = [box.enqueue(msg(i)) for i in range(300)]
+        waited = [box.put(msg(i), awaited=True) for i in range(300)]
         # Durable once committed to the spool, long before any broker is there.
         await asyncio.wait_for(asyncio.gather(*waited), 5)
         assert buf.stats().count == 300 and box.stats.spooled == 300
@@ -144,7 +144,7 @@ async def test_a_spool_survives_stop_and_the_next_outbox_replays_it(
     async with cut_link(port) as link, sink_on(link.port) as sink:
         async with outbox_of(sink, SQLiteSpool(tmp_path / "s.sqlite", min_free_bytes=0)) as box:
             for i in range(50):
-                box.submit(msg(i))
+                box.put(msg(i))
             await asyncio.sleep(0.05)
         # stop() spooled whatever had not gone out and closed the file; a new run picks it up.
         again = SQLiteSpool(tmp_path / "s.sqlite", min_free_bytes=0)
@@ -162,12 +162,12 @@ async def test_live_data_flows_while_the_backlog_drains_at_the_replay_rate(
     async with cut_link(port) as link, sink_on(link.port) as sink:
         async with outbox_of(sink, make_buffer(), replay_rate=100) as box:
             for i in range(100):
-                box.submit(msg(i))
+                box.put(msg(i))
             await until(lambda: box.backlog == 100 and not len(box))
             await link.start()
             assert await sink.wait_connected(5)
             started = time.monotonic()
-            box.submit(msg(1000, "live"))
+            box.put(msg(1000, "live"))
             got = await sub.next_on(f"{P}/live", 5)
             assert got.payload == b"1000"
             assert len(seq(sub)) < 60, "live data went out at once, ahead of most of the backlog"
@@ -183,12 +183,12 @@ async def test_strict_order_makes_live_data_wait_behind_the_backlog(
     async with cut_link(port) as link, sink_on(link.port) as sink:
         async with outbox_of(sink, make_buffer(), replay_rate=200, order="strict") as box:
             for i in range(60):
-                box.submit(msg(i))
+                box.put(msg(i))
             await until(lambda: box.backlog == 60)
             await link.start()
             assert await sink.wait_connected(5)
             for i in range(60, 80):
-                box.submit(msg(i))
+                box.put(msg(i))
             await sub.wait_for(lambda _: len(seq(sub)) >= 80, 10)
             assert seq(sub) == list(range(80))
 
@@ -199,15 +199,15 @@ async def test_replay_never_sets_a_retained_topic_back(
     async with cut_link(port) as link, sink_on(link.port) as sink:
         async with outbox_of(sink, make_buffer(), replay_rate=5) as box:
             for i in range(5):
-                box.submit(msg(i, "value", retain=True))
-                box.submit(msg(i, "telemetry"))
+                box.put(msg(i, "value", retain=True))
+                box.put(msg(i, "telemetry"))
             await until(lambda: box.backlog == 6)  # 4 of the 5 retained values coalesced away
             assert box.stats.coalesced == 4
             await link.start()
             assert await sink.wait_connected(5)
             # Newer than anything spooled: out at once, while the replay (1 message per 0.2 s) has not
             # reached the spooled value 4 (fifth in the spool).
-            box.submit(msg(99, "value", retain=True))
+            box.put(msg(99, "value", retain=True))
             await sub.wait_for(lambda _: len(seq(sub, "telemetry")) >= 5, 10)
             await asyncio.sleep(0.2)
         assert seq(sub, "telemetry") == list(range(5))  # telemetry (history) is all replayed
@@ -225,9 +225,9 @@ async def test_the_newest_spooled_retained_value_is_replayed_retained(
     broker: EmbeddedBroker, port: int, sub: Subscriber, make_buffer: BufferFactory
 ) -> None:
     async with cut_link(port) as link, sink_on(link.port) as sink, outbox_of(sink, make_buffer()) as box:
-        box.submit(msg(1, "value", retain=True))
+        box.put(msg(1, "value", retain=True))
         await until(lambda: box.backlog == 1)
-        box.submit(msg(2, "value", retain=True))
+        box.put(msg(2, "value", retain=True))
         await until(lambda: box.backlog == 2)  # committed apart: both spooled, 2 the newest
         await link.start()
         await sub.wait_for(lambda _: seq(sub, "value") == [2], 10)
@@ -249,7 +249,7 @@ async def test_messages_in_flight_at_a_cut_are_spooled_and_arrive(
         await link.start()
         assert await sink.wait_connected(5)
         link.downstream.clear()  # PUBACKs held back: everything stays in flight
-        waited = [box.enqueue(msg(i)) for i in range(100)]
+        waited = [box.put(msg(i), awaited=True) for i in range(100)]
         await until(lambda: len(box._live.in_flight) == 32)
         await link.close()  # the connection dies before any PUBACK
         # Every waiter is settled by the spool commit, not left hanging on the dead connection.
@@ -272,9 +272,9 @@ async def test_past_high_water_an_awaited_message_waits_for_its_puback_while_oth
             await link.start()
             assert await sink.wait_connected(5)
             link.downstream.clear()  # the broker is there but slow: no PUBACK gets back for now
-            waited = [box.enqueue(msg(i)) for i in range(20)]
+            waited = [box.put(msg(i), awaited=True) for i in range(20)]
             for i in range(20, 30):
-                box.submit(msg(i))
+                box.put(msg(i))
             await until(lambda: box.backlog == 10)  # nobody waits on these: spooled past the high-water mark
             await asyncio.sleep(0.3)
             # The awaited ones were not spooled (an ACK at disk speed would take in more than the broker gets):
@@ -292,12 +292,12 @@ async def test_reject_when_full_fails_the_awaited_publish_and_keeps_what_was_acc
     size = len(b"seq") + 1 + 32  # entry_size of a one-digit message
     buf = make_buffer(max_size=5 * size, when_full="reject")
     async with cut_link(port) as link, sink_on(link.port) as sink, outbox_of(sink, buf) as box:
-        accepted = [box.enqueue(msg(i)) for i in range(5)]
+        accepted = [box.put(msg(i), awaited=True) for i in range(5)]
         await asyncio.wait_for(asyncio.gather(*accepted), 5)
-        refused = box.enqueue(msg(7))
+        refused = box.put(msg(7), awaited=True)
         with pytest.raises(BufferFull):
             await asyncio.wait_for(refused, 5)
-        assert box.figures()["dropped"] == 1 and box.stats.refused == 1
+        assert box.snapshot().dropped == 1 and box.stats.refused == 1
         await link.start()
         await sub.wait_for(lambda _: len(seq(sub)) >= 5, 10)
         await asyncio.sleep(0.1)
@@ -311,8 +311,8 @@ async def test_drop_oldest_counts_what_it_dropped(
     buf = make_buffer(max_size=3 * size)
     async with cut_link(port) as link, sink_on(link.port) as sink, outbox_of(sink, buf) as box:
         for i in range(8):
-            await box.publish(msg(i))  # each its own commit
-        await until(lambda: box.figures()["dropped"] == 5)
+            await box.put(msg(i), awaited=True)  # each its own commit
+        await until(lambda: box.snapshot().dropped == 5)
         await link.start()
         await sub.wait_for(lambda _: len(seq(sub)) >= 3, 10)
         await asyncio.sleep(0.1)
@@ -327,12 +327,12 @@ async def test_max_age_drops_what_waited_too_long(
     async with cut_link(port) as link, sink_on(link.port) as sink:
         async with outbox_of(sink, buf, clock=lambda: now[0]) as box:
             for i in range(3):
-                await box.publish(msg(i))
+                await box.put(msg(i), awaited=True)
             now[0] += 61
             for i in range(3, 5):
-                await box.publish(msg(i))
+                await box.put(msg(i), awaited=True)
             # Expiry runs in the outbox's housekeeping, once a second.
-            await until(lambda: box.figures()["dropped"] == 3, 3)
+            await until(lambda: box.snapshot().dropped == 3, 3)
             await link.start()
             await sub.wait_for(lambda _: len(seq(sub)) >= 2, 10)
             await asyncio.sleep(0.1)
@@ -351,13 +351,13 @@ async def test_a_spool_that_cannot_write_fails_the_publish_and_nothing_else(
 ) -> None:
     async with cut_link(port) as link, sink_on(link.port) as sink, outbox_of(sink, _FailingSpool()) as box:
         with pytest.raises(SinkError, match="No space left"):
-            await asyncio.wait_for(box.enqueue(msg(1)), 5)
-        box.submit(msg(2))  # no waiter: counted, logged, not raised
+            await asyncio.wait_for(box.put(msg(1), awaited=True), 5)
+        box.put(msg(2))  # no waiter: counted, logged, not raised
         await until(lambda: box.stats.refused == 2)
         await link.start()
         assert await sink.wait_connected(5)
         # The outbox still works once the broker is back: live messages need no spool.
-        await box.publish(msg(3))
+        await box.put(msg(3), awaited=True)
         await sub.wait_for(lambda _: seq(sub) == [3], 5)
 
 
@@ -370,14 +370,14 @@ async def test_publish_after_stop_fails_instead_of_waiting_forever(broker: Embed
         await box.start()
         await box.stop()
         with pytest.raises(SinkError):
-            await asyncio.wait_for(box.publish(msg(1)), 1)
+            await asyncio.wait_for(box.put(msg(1), awaited=True), 1)
 
 
 async def test_publish_fails_when_the_topic_is_invalid(broker: EmbeddedBroker, port: int) -> None:
     async with sink_on(port) as sink, outbox_of(sink, MemoryBuffer()) as box:
         assert await sink.wait_connected(5)
         with pytest.raises(SinkError):
-            await asyncio.wait_for(box.publish(Message("bad/+/topic", b"1")), 1)
+            await asyncio.wait_for(box.put(Message("bad/+/topic", b"1"), awaited=True), 1)
 
 
 async def test_a_connection_lost_while_stopping_still_leaves_everything_in_the_spool(
@@ -390,7 +390,7 @@ async def test_a_connection_lost_while_stopping_still_leaves_everything_in_the_s
         assert await sink.wait_connected(5)
         link.downstream.clear()  # no PUBACKs: everything stays in flight
         for i in range(10):
-            box.submit(msg(i))
+            box.put(msg(i))
         await until(lambda: len(box) == 10)
         # The connection drops just as stop() begins: the sink hears of it while stop() waits for its tasks.
         await link.close()
@@ -410,12 +410,12 @@ async def test_a_retained_state_acknowledged_live_removes_its_older_spooled_stat
         # One entry per 100 s: the replay never reaches the 10, which only the live PUBACK of 20 can remove.
         async with outbox_of(sink, SQLiteSpool(path, min_free_bytes=0), replay_rate=0.01) as box:
             for i in range(5):
-                box.submit(msg(i, "telemetry"))
-            box.submit(msg(10, "value", retain=True))
+                box.put(msg(i, "telemetry"))
+            box.put(msg(10, "value", retain=True))
             await until(lambda: box.backlog == 6)
             await link.start()
             assert await sink.wait_connected(5)
-            box.submit(msg(20, "value", retain=True))  # out at once, long before the replay reaches the 10
+            box.put(msg(20, "value", retain=True))  # out at once, long before the replay reaches the 10
             await sub.wait_for(lambda _: seq(sub, "value") == [20], 5)
         # Stopped mid-drain (a restart, a power cut): the spool must not hold the older state any more,
         # or the next run would replay it over the newer one.
@@ -438,7 +438,7 @@ async def test_a_stalled_broker_holds_an_awaited_message_for_a_bounded_time(
         await link.start()
         assert await sink.wait_connected(5)
         link.downstream.clear()  # connected, but nothing comes back: a stalled broker
-        waited = box.enqueue(msg(1))
+        waited = box.put(msg(1), awaited=True)
         started = time.monotonic()
         await asyncio.wait_for(waited, 5)  # answered by the spool commit, not by the PUBACK
         assert 0.4 < time.monotonic() - started < 2.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ async def test_flush_is_false_while_a_live_message_waits_in_the_queue(broker: Em
         try:
             await link.start()
             assert await sink.wait_connected(10)
-            box.submit(msg(1))  # live: in the queue until the drain's next step hands it to the sink
+            box.put(msg(1))  # live: in the queue until the drain's next step hands it to the sink
             assert len(box) == 1
             assert await box.flush(0) is False
             assert await box.flush(30) is True
@@ -105,7 +106,7 @@ async def test_the_first_refusal_is_logged_at_once_whatever_the_interval(
         try:
             for i in range(2):
                 with pytest.raises(Exception, match="int64"):
-                    await box.enqueue(Message("seq", b"%d" % i, ts=2**64 - 1))
+                    await box.put(Message("seq", b"%d" % i, ts=2**64 - 1), awaited=True)
         finally:
             await box.stop()
     lines = [r.getMessage() for r in caplog.records if "not spooled" in r.getMessage()]
@@ -153,7 +154,7 @@ async def test_a_window_of_64_publishes_is_in_flight_at_most_by_default(broker: 
             assert await sink.wait_connected(10)
             link.downstream.clear()  # connected, but no PUBACK comes back: every publish stays in flight
             for i in range(100):
-                box.submit(msg(i))
+                box.put(msg(i))
             await until(lambda: len(offers) >= 64, 10, "the window to fill")
             await asyncio.sleep(0.1)  # the drain hands on in one step while the window has room: none has
             assert len(offers) == 64
@@ -173,9 +174,9 @@ async def test_by_default_the_live_queue_takes_10000_messages_and_spools_the_nex
             await link.start()
             assert await sink.wait_connected(10)
             for i in range(10_000):  # handed over in one step: the drain has not taken any yet
-                box.submit(msg(i))
+                box.put(msg(i))
             assert box.backlog == 0  # the high-water mark of the README: 10,000 messages
-            box.submit(msg(10_000))
+            box.put(msg(10_000))
             assert box.backlog == 1
         finally:
             await box.stop()
@@ -232,7 +233,7 @@ async def test_a_refusal_is_logged_again_once_a_whole_interval_has_passed(
             for i, now in enumerate([1000.0, 1000.0 + interval / 2, 1000.0 + interval]):
                 clock.now = now
                 with pytest.raises(Exception, match="int64"):
-                    await box.enqueue(Message("seq", b"%d" % i, ts=2**64 - 1))
+                    await box.put(Message("seq", b"%d" % i, ts=2**64 - 1), awaited=True)
         finally:
             await box.stop()
     lines = [r.getMessage() for r in caplog.records if "not spooled" in r.getMessage()]
@@ -294,7 +295,7 @@ async def test_figures_right_after_start_count_what_the_spool_held_from_before(
         box = Outbox(sink, buffer)
         await box.start()
         try:
-            figures = box.figures()  # before any loop of the outbox has run
+            figures = asdict(box.snapshot())  # before any loop of the outbox has run
             assert (figures["spool_messages"], figures["spool_bytes"]) == (2, buffer.stats().bytes)
         finally:
             await box.stop()
@@ -319,9 +320,9 @@ async def test_figures_of_a_spool_that_does_io_never_call_it_on_the_event_loop(p
         box = Outbox(sink, spool, commit_window=0.01)
         await box.start()
         try:
-            await box.enqueue(msg(1))
+            await box.put(msg(1), awaited=True)
             assert await box.flush(10)
-            assert box.figures()["spool_messages"] == 1
+            assert box.snapshot().spool_messages == 1
         finally:
             await box.stop()
     assert spool.on_loop == 0
@@ -343,14 +344,15 @@ async def test_the_background_removal_of_older_states_is_counted_and_leaves_no_t
         box = Outbox(sink, spool, commit_window=0.01, replay_rate=0.01)  # the replay never reaches the 10
         await box.start()
         try:
-            await box.enqueue(Message("seq", b"0", ts=1))  # the replay's one take now: this one
-            await box.enqueue(Message("value", b"10", ts=10, retain=True))
+            await box.put(Message("seq", b"0", ts=1), awaited=True)  # the replay's one take now: this one
+            await box.put(Message("value", b"10", ts=10, retain=True), awaited=True)
             await link.start()
             assert await sink.wait_connected(10)
-            await box.enqueue(Message("value", b"11", ts=11, retain=True))  # out live: 10 is removed behind it
+            # out live: 10 is removed behind it
+            await box.put(Message("value", b"11", ts=11, retain=True), awaited=True)
             await until(lambda: spool.newest_retained() == {}, 10, "the removal of 10")
             await until(lambda: not box._spool.side_tasks, 10, "the side task to be let go")
-            assert box.figures()["spool_messages"] == 0 and box.backlog == 0
+            assert box.snapshot().spool_messages == 0 and box.backlog == 0
         finally:
             await box.stop()
     assert [r.getMessage() for r in caplog.records if r.name == "bridge.outbox"] == []

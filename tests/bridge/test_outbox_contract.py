@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ async def test_flush_is_false_while_a_commit_still_waits_and_true_once_it_is_don
         box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=1.0)
         await box.start()
         try:
-            stored = box.enqueue(msg(1))  # offline: waits for the commit, 1 s of gathering away
+            stored = box.put(msg(1), awaited=True)  # offline: waits for the commit, 1 s of gathering away
             assert await box.flush(0.05) is False
             assert not stored.done()
             assert await box.flush(30) is True
@@ -78,7 +79,7 @@ async def test_flush_is_never_true_while_a_message_handed_over_before_it_is_not_
         box = Outbox(sink, MemoryBuffer(), commit_window=0)
         await box.start()
         try:
-            stored = box.enqueue(msg(1))  # offline: to the spool
+            stored = box.put(msg(1), awaited=True)  # offline: to the spool
 
             async def look() -> tuple[bool, bool]:
                 """Whether the message was stored, and flush's answer, seen in one step of the loop."""
@@ -114,10 +115,10 @@ async def test_figures_are_the_outboxs_counts_and_its_spools(
         box = Outbox(sink, buffer, commit_window=0.01, clock=box_clock)
         await box.start()
         try:
-            await asyncio.gather(*(box.enqueue(msg(i)) for i in range(3)))
+            await asyncio.gather(*(box.put(msg(i), awaited=True) for i in range(3)))
             assert await box.flush(10)  # the commit's bookkeeping is done too
             st = buffer.stats()
-            figures = box.figures()
+            figures = asdict(box.snapshot())
             assert figures == {
                 "queued": 0,
                 "spool_messages": 3,
@@ -136,7 +137,7 @@ async def test_figures_are_the_outboxs_counts_and_its_spools(
             }
             assert st.bytes > 0 and (kind == "memory" or st.commits >= 1)
             box_clock.now = 4000.0  # a clock stepped back: an age is never negative
-            assert box.figures()["spool_oldest_age_s"] == 0.0
+            assert box.snapshot().spool_oldest_age_s == 0.0
         finally:
             await box.stop()
 
@@ -166,7 +167,7 @@ async def test_a_refused_spooled_entry_is_offered_exactly_replay_attempts_times(
         finally:
             await box.stop()
     assert offers.count("bad/+/topic") == REPLAY_ATTEMPTS
-    assert box.stats.undeliverable == 1 and box.figures()["dropped"] == 1
+    assert box.stats.undeliverable == 1 and box.snapshot().dropped == 1
     [line] = [r for r in caplog.records if "dropped spooled message" in r.getMessage()]
     assert line.levelno == logging.ERROR
     assert line.getMessage() == (
@@ -210,7 +211,7 @@ async def test_a_spool_that_keeps_failing_the_replay_is_logged_once_per_interval
         box = Outbox(sink, spool, commit_window=0.01)
         await box.start()
         try:
-            await box.enqueue(msg(1))
+            await box.put(msg(1), awaited=True)
             spool.fail_takes = True
             await link.start()
             await until(lambda: spool.takes >= 5, 10, "the replay to try again and again")
@@ -236,17 +237,17 @@ async def test_a_failing_removal_of_older_retained_states_is_logged_and_delivery
         box = Outbox(sink, spool, commit_window=0.01, replay_rate=0.5)
         await box.start()
         try:
-            await box.enqueue(msg(10, "value", retain=True))  # spooled: the link is down
+            await box.put(msg(10, "value", retain=True), awaited=True)  # spooled: the link is down
             spool.fail_forget = True
             await link.start()
             assert await sink.wait_connected(10)
             # Acknowledged live, newer than the spooled state: the older one is removed in the background.
-            await asyncio.wait_for(box.enqueue(msg(20, "value", retain=True)), 10)
+            await asyncio.wait_for(box.put(msg(20, "value", retain=True), awaited=True), 10)
             await until(lambda: any("disk is full" in r.getMessage() for r in caplog.records), 10, "the warning")
             assert [r.getMessage() for r in caplog.records if "disk is full" in r.getMessage()] == [
                 "sink up: spool s: cannot write: database or disk is full"
             ]
-            await asyncio.wait_for(box.enqueue(msg(21, "other")), 10)
+            await asyncio.wait_for(box.put(msg(21, "other"), awaited=True), 10)
             assert box.health() is None
         finally:
             await box.stop()
@@ -292,11 +293,11 @@ async def test_refusals_are_logged_with_their_counts_and_a_full_spool_only_as_a_
         try:
             for i in range(3):
                 with pytest.raises(Exception, match="int64"):
-                    await asyncio.wait_for(box.enqueue(Message("seq", b"%d" % i, ts=huge)), 10)
-            await asyncio.wait_for(box.enqueue(Message("big", b"x" * 1200, ts=1)), 10)  # stored
+                    await asyncio.wait_for(box.put(Message("seq", b"%d" % i, ts=huge), awaited=True), 10)
+            await asyncio.wait_for(box.put(Message("big", b"x" * 1200, ts=1), awaited=True), 10)  # stored
             monkeypatch.setattr(outbox_module, "REFUSAL_LOG_INTERVAL", 0.0)
             with pytest.raises(BufferFull):  # no room left, and when_full: reject
-                await asyncio.wait_for(box.enqueue(Message("big", b"x" * 1200, ts=2)), 10)
+                await asyncio.wait_for(box.put(Message("big", b"x" * 1200, ts=2), awaited=True), 10)
         finally:
             await box.stop()
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if "not spooled" in r.getMessage()]
@@ -315,10 +316,10 @@ async def test_a_retained_state_the_spool_refuses_leaves_the_older_stored_one_to
         box = Outbox(sink, SQLiteSpool(tmp_path / "spool.db", min_free_bytes=0), commit_window=0.01)
         await box.start()
         try:
-            await asyncio.wait_for(box.enqueue(msg(10, "value", retain=True)), 10)  # stored: the link is down
+            await asyncio.wait_for(box.put(msg(10, "value", retain=True), awaited=True), 10)  # stored: the link is down
             with pytest.raises(Exception, match="int64"):  # a ts beyond SQLite's int64: this state is refused
-                await asyncio.wait_for(box.enqueue(Message("value", b"11", ts=2**64 - 1, retain=True)), 10)
-            await asyncio.wait_for(box.enqueue(msg(12)), 10)  # stored behind it: replayed after it
+                await asyncio.wait_for(box.put(Message("value", b"11", ts=2**64 - 1, retain=True), awaited=True), 10)
+            await asyncio.wait_for(box.put(msg(12), awaited=True), 10)  # stored behind it: replayed after it
             await link.start()
             await subscriber.wait_for(lambda _: bool(subscriber.on(f"{P}/seq")), 10)
             # The broker accepted nothing newer than 10: that is the state it must end with.
@@ -357,15 +358,16 @@ async def test_a_retained_state_the_broker_connection_refuses_leaves_the_older_s
         box = Outbox(sink, spool, commit_window=0.01)
         await box.start()
         try:
-            await asyncio.wait_for(box.enqueue(msg(10, "value", retain=True)), 10)  # stored: the link is down
+            await asyncio.wait_for(box.put(msg(10, "value", retain=True), awaited=True), 10)  # stored: the link is down
             spool.gated = True  # the replay of 10 waits until the newer state has been refused
             await link.start()
             assert await sink.wait_connected(10)
             with pytest.raises(SinkError, match="payload refused"):
-                await asyncio.wait_for(box.enqueue(msg(11, "value", retain=True)), 10)
+                await asyncio.wait_for(box.put(msg(11, "value", retain=True), awaited=True), 10)
             spool.gate.set()
             await until(lambda: box.backlog == 0, 10, "the replay")
-            await asyncio.wait_for(box.enqueue(msg(12)), 10)  # after the replay's PUBACK: behind it at the broker
+            # after the replay's PUBACK: behind it at the broker
+            await asyncio.wait_for(box.put(msg(12), awaited=True), 10)
             await subscriber.wait_for(lambda _: bool(subscriber.on(f"{P}/seq")), 10)
             assert [m.payload for m in subscriber.on(f"{P}/value")] == [b"10"]
         finally:

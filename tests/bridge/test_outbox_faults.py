@@ -65,14 +65,14 @@ async def test_a_ts_beyond_int64_fails_only_its_own_message(broker: EmbeddedBrok
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.05)
         await box.start()
         # One commit window: the bad message sits between good ones in the same batch.
-        good = [box.enqueue(msg(i)) for i in range(5)]
-        bad = box.enqueue(msg(99, ts=HUGE_TS))
-        good += [box.enqueue(msg(i)) for i in range(5, 10)]
+        good = [box.put(msg(i), awaited=True) for i in range(5)]
+        bad = box.put(msg(99, ts=HUGE_TS), awaited=True)
+        good += [box.put(msg(i), awaited=True) for i in range(5, 10)]
         await asyncio.wait_for(asyncio.gather(*good), 5)
         with pytest.raises(SinkError, match="int"):
             await asyncio.wait_for(bad, 5)
         # The commit loop goes on: the next batch is stored and its waiter answered.
-        await asyncio.wait_for(box.enqueue(msg(10)), 5)
+        await asyncio.wait_for(box.put(msg(10), awaited=True), 5)
         assert box.health() is None
         assert (box.stats.spooled, box.stats.refused) == (11, 1)
         await box.stop()
@@ -96,9 +96,9 @@ async def test_a_message_no_buffer_can_store_fails_alone(
     async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, buffer, commit_window=0.05)
         await box.start()
-        good = [box.enqueue(msg(i)) for i in range(3)]
-        failing = box.enqueue(bad)
-        good += [box.enqueue(msg(i)) for i in range(3, 6)]
+        good = [box.put(msg(i), awaited=True) for i in range(3)]
+        failing = box.put(bad, awaited=True)
+        good += [box.put(msg(i), awaited=True) for i in range(3, 6)]
         await asyncio.wait_for(asyncio.gather(*good), 5)
         with pytest.raises(SinkError):
             await asyncio.wait_for(failing, 5)
@@ -111,8 +111,8 @@ async def test_stop_keeps_what_it_can_and_never_raises(broker: EmbeddedBroker, p
     async with down_sink(port, P) as (sink, _link):
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.05)
         await box.start()
-        futures = [box.enqueue(msg(0)), box.enqueue(msg(1, ts=HUGE_TS)), box.enqueue(msg(2, ts=-(2**70)))]
-        box.submit(msg(3))
+        futures = [box.put(m, awaited=True) for m in (msg(0), msg(1, ts=HUGE_TS), msg(2, ts=-(2**70)))]
+        box.put(msg(3))
         await box.stop()  # the bad ones are still pending: stop commits them with the rest, and returns
         done = [f.exception() for f in futures]
     assert done[0] is None and isinstance(done[1], SinkError) and isinstance(done[2], SinkError)
@@ -126,12 +126,12 @@ async def test_the_spool_names_the_bad_messages_and_the_rest_goes_in_with_one_mo
         spool = CountingSpool(tmp_path / "spool.db", min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.05)
         await box.start()
-        futures = [box.enqueue(msg(i, ts=HUGE_TS if i in (3, 321) else None)) for i in range(500)]
+        futures = [box.put(msg(i, ts=HUGE_TS if i in (3, 321) else None), awaited=True) for i in range(500)]
         await asyncio.wait(futures, timeout=10)
         assert [i for i, f in enumerate(futures) if f.exception() is not None] == [3, 321]
         assert spool.adds == 2  # one fsync for the 498 good ones, as without the bad ones
         spool.adds = 0
-        futures = [box.enqueue(msg(i, ts=HUGE_TS)) for i in range(1000)]
+        futures = [box.put(msg(i, ts=HUGE_TS), awaited=True) for i in range(1000)]
         await asyncio.wait(futures, timeout=10)
         assert all(isinstance(f.exception(), SinkError) for f in futures)
         assert spool.adds == 1
@@ -155,17 +155,17 @@ async def test_a_refusal_that_names_no_item_is_halved_until_the_bad_ones_fail_wi
         spool = PoisonSpool(tmp_path / "spool.db", min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.05)
         await box.start()
-        futures = [box.enqueue(msg(i, topic="poison" if i == 321 else "seq")) for i in range(500)]
+        futures = [box.put(msg(i, topic="poison" if i == 321 else "seq"), awaited=True) for i in range(500)]
         await asyncio.wait(futures, timeout=10)
         assert [i for i, f in enumerate(futures) if f.exception() is not None] == [321]
         assert spool.adds <= 2 * math.ceil(math.log2(500)) + 1
         # Every message bad: the halving stops at SPLIT_ADDS; each half still waiting is tried once more.
         spool.adds = 0
-        futures = [box.enqueue(msg(i, topic="poison")) for i in range(1000)]
+        futures = [box.put(msg(i, topic="poison"), awaited=True) for i in range(1000)]
         await asyncio.wait(futures, timeout=10)
         assert all(isinstance(f.exception(), SinkError) for f in futures)
         assert SPLIT_ADDS <= spool.adds <= SPLIT_ADDS + math.ceil(math.log2(1000)) + 1  # the budget, all of it
-        await asyncio.wait_for(box.enqueue(msg(1000)), 5)
+        await asyncio.wait_for(box.put(msg(1000), awaited=True), 5)
         assert box.stats.spooled == 500
         await box.stop()
 
@@ -179,8 +179,8 @@ async def test_an_unexpected_error_of_the_spool_fails_that_batch_and_the_loop_go
         box = Outbox(sink, spool, commit_window=0.02)
         await box.start()
         with pytest.raises(SinkError, match="a bug in the buffer"):
-            await asyncio.wait_for(box.enqueue(msg(0)), 5)
-        await asyncio.wait_for(box.enqueue(msg(1)), 5)
+            await asyncio.wait_for(box.put(msg(0), awaited=True), 5)
+        await asyncio.wait_for(box.put(msg(1), awaited=True), 5)
         assert box.health() is None
         await box.stop()
 
@@ -237,7 +237,7 @@ async def test_the_replay_loop_survives_an_unexpected_error(
         spool = CountingSpool(path, min_free_bytes=0)
         box = Outbox(sink, spool, commit_window=0.02)
         await box.start()
-        await asyncio.gather(*(box.enqueue(msg(i)) for i in range(3)))
+        await asyncio.gather(*(box.put(msg(i), awaited=True) for i in range(3)))
         spool.fail_takes = 2
         await link.start()
         await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 3, 10)
@@ -254,7 +254,7 @@ async def test_a_refusal_flood_is_logged_once_per_interval(
         await box.start()
         for i in range(20):
             with contextlib.suppress(SinkError):
-                await asyncio.wait_for(box.enqueue(msg(i, ts=HUGE_TS)), 5)
+                await asyncio.wait_for(box.put(msg(i, ts=HUGE_TS), awaited=True), 5)
         await box.stop()
     assert box.stats.refused == 20
     assert sum("not spooled" in r.getMessage() for r in caplog.records) == 1
@@ -272,7 +272,7 @@ async def test_under_a_supervisor_a_loop_that_dies_anyway_is_restarted_and_repor
         dead.cancel()  # as a bug would end it
         await until(lambda: any("outbox:up:commit" in p for p in supervisor.problems()), 2, "the report")
         await until(lambda: supervisor.running("outbox:up:commit") not in (None, dead), 2, "the restart")
-        await asyncio.wait_for(box.enqueue(msg(1)), 5)
+        await asyncio.wait_for(box.put(msg(1), awaited=True), 5)
         assert supervisor.problems() == [] and box.health() is None
         await box.stop()
     assert supervisor.tasks == [] and box.health() == "stopped"
@@ -294,7 +294,7 @@ async def test_alone_a_loop_that_dies_is_restarted_by_a_supervisor_of_its_own_an
         await until(lambda: (box.health() or "").startswith("task outbox:up:commit: cancelled"), 2, "the report")
         # The supervisor's first back-off is 1 s.
         await until(lambda: _running("outbox:up:commit") not in (None, dead), 3, "the restart")
-        await asyncio.wait_for(box.enqueue(msg(1)), 5)
+        await asyncio.wait_for(box.put(msg(1), awaited=True), 5)
         assert box.health() is None
         await box.stop()
     assert box.health() == "stopped" and _running("outbox:up:commit") is None
@@ -306,7 +306,7 @@ async def stored_and_adds(port: int, spool: CountingSpool, messages: list[Messag
         box = Outbox(sink, spool, commit_window=0.05)
         await box.start()
         try:
-            futures = [box.enqueue(m) for m in messages]
+            futures = [box.put(m, awaited=True) for m in messages]
             await asyncio.wait(futures, timeout=10)
             return [f.exception() is None for f in futures], spool.adds
         finally:

@@ -51,10 +51,10 @@ async def test_a_stalled_broker_gets_waited_on_messages_spooled_in_flight_or_que
             await link.start()
             assert await sink.wait_connected(10)
             link.downstream.clear()  # connected, but nothing comes back: a stalled broker
-            in_flight = box.enqueue(msg(1))  # the one publish the window allows
-            queued = box.enqueue(msg(2))  # waits behind it in the queue
+            in_flight = box.put(msg(1), awaited=True)  # the one publish the window allows
+            queued = box.put(msg(2), awaited=True)  # waits behind it in the queue
             if unwaited:
-                box.submit(msg(3))  # no one waits on it: it keeps its place in the queue
+                box.put(msg(3))  # no one waits on it: it keeps its place in the queue
             await asyncio.wait_for(asyncio.gather(in_flight, queued), 10)  # answered by the spool's commit
             assert box.stats.spooled == 2
             # Once the commit is counted: 1 still with the sink (it may arrive twice), 3 still queued.
@@ -103,8 +103,8 @@ async def test_a_failing_housekeeping_is_logged_and_goes_on(
         try:
             await until(lambda: spool.expires >= 6, 10, "housekeeping to go on after its failures")
             assert box.health() is None
-            await asyncio.wait_for(box.enqueue(msg(1)), 10)  # the spool is fine again
-            await until(lambda: box.figures()["spool_messages"] == 1, 10, "the figures to follow")
+            await asyncio.wait_for(box.put(msg(1), awaited=True), 10)  # the spool is fine again
+            await until(lambda: box.snapshot().spool_messages == 1, 10, "the figures to follow")
         finally:
             await box.stop()
     lines = [(r.getMessage(), r.exc_info is not None) for r in caplog.records]
@@ -127,7 +127,7 @@ async def test_a_spilled_message_whose_connection_then_drops_is_stored_once(
             await link.start()
             assert await sink.wait_connected(10)
             link.downstream.clear()  # a stalled broker
-            waited = box.enqueue(msg(1))
+            waited = box.put(msg(1), awaited=True)
             await until(lambda: box.backlog == 1, 10, "the message to be spilled")  # waiting for the commit
             await link.close()  # the connection drops before the commit: the sink gives the message back
             await asyncio.wait_for(waited, 10)
@@ -158,11 +158,11 @@ async def test_a_commit_whose_figures_cannot_be_read_counts_what_it_stored(
         await box.start()
         try:
             spool.failing = True  # start() read them already
-            await asyncio.wait_for(box.enqueue(msg(1)), 10)
+            await asyncio.wait_for(box.put(msg(1), awaited=True), 10)
             await until(lambda: len(box) == 0, 10, "the commit to be counted")
             assert box.backlog == 1
             with pytest.raises(Exception, match="int64"):  # refused: nothing stored, nothing counted
-                await asyncio.wait_for(box.enqueue(Message("seq", b"2", ts=2**64 - 1)), 10)
+                await asyncio.wait_for(box.put(Message("seq", b"2", ts=2**64 - 1), awaited=True), 10)
             await until(lambda: len(box) == 0, 10, "the refusal to be counted")
             assert box.backlog == 1
         finally:
@@ -190,7 +190,7 @@ async def test_a_commit_split_in_several_adds_whose_figures_cannot_be_read_count
         try:
             spool.failing = True  # start() read them already
             batch = [msg(1), Message("poison", b"x", ts=2), msg(3), msg(4)]  # one commit window: halved
-            futures = [box.enqueue(m) for m in batch]
+            futures = [box.put(m, awaited=True) for m in batch]
             await asyncio.wait(futures, timeout=10)
             assert [f.exception() is None for f in futures] == [True, False, True, True]
             await until(lambda: len(box) == 0, 10, "the commit to be counted")

@@ -55,7 +55,7 @@ async def test_a_publish_the_connection_cancels_is_kept_in_the_spool(
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.01)
         await box.start()
         try:
-            waited = box.enqueue(msg(1))
+            waited = box.put(msg(1), awaited=True)
             await until(lambda: answers, 10, "the publish")
             answers[0].cancel()  # not acknowledged, not refused: kept
             await asyncio.wait_for(waited, 10)  # answered by the spool's commit
@@ -76,7 +76,7 @@ async def test_a_refused_live_message_fails_its_waiter_with_what_the_connection_
         box = Outbox(sink)
         await box.start()
         try:
-            odd, refused = box.enqueue(msg(1)), box.enqueue(msg(2))
+            odd, refused = box.put(msg(1), awaited=True), box.put(msg(2), awaited=True)
             await until(lambda: len(answers) == 2, 10, "both publishes")
             answers[0].set_exception(ValueError("payload too large"))  # not a SinkError: named as the sink's
             said = SinkError("sink up: not authorized")
@@ -117,9 +117,9 @@ async def test_a_live_puback_of_an_older_retained_state_leaves_the_newer_spooled
         await box.start()
         try:
             link.downstream.clear()  # no PUBACK comes back for now
-            box.submit(msg(10, "value", retain=True))
+            box.put(msg(10, "value", retain=True))
             await subscriber.wait_for(lambda _: subscriber.on(f"{P}/value"), 10)  # 10 is out; its PUBACK is held
-            box.submit(msg(11, "value", retain=True))
+            box.put(msg(11, "value", retain=True))
             await until(lambda: box.backlog == 1 and len(box) == 1, 10, "11 to be spooled")
             link.downstream.set()  # 10's PUBACK comes while the replay holds still: 11, newer, is still to be sent
             await until(lambda: box.stats.live == 1, 10, "10's PUBACK")
@@ -156,7 +156,7 @@ async def test_with_strict_order_a_live_message_waits_behind_a_replay_batch_stil
         try:
             await link.start()
             await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)  # 2 is out; 1 is still in flight
-            later = box.enqueue(msg(3))  # the whole backlog is in this batch: 3 still waits behind it
+            later = box.put(msg(3), awaited=True)  # the whole backlog is in this batch: 3 still waits behind it
             held[0].set_exception(SinkOffline("sink up: connection lost before the broker acknowledged"))
             await asyncio.wait_for(later, 10)
             await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 3, 10)
@@ -174,10 +174,10 @@ async def test_a_message_without_a_sample_time_is_stamped_with_the_outboxs_clock
         box = Outbox(sink, SQLiteSpool(path, min_free_bytes=0), commit_window=0.01, clock=lambda: 1_700_000_000.1234)
         await box.start()
         try:
-            await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # offline: stored
+            await asyncio.wait_for(box.put(Message("seq", b"1"), awaited=True), 10)  # offline: stored
         finally:
             await box.stop()
         with pytest.raises(SinkError) as stopped:
-            box.submit(msg(2))
+            box.put(msg(2))
     assert spool_rows(path) == [("seq", 1_700_000_000_123)]
     assert str(stopped.value) == "sink up: outbox stopped"

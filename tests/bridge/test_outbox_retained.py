@@ -74,7 +74,7 @@ async def drained(box: Outbox, spool: SQLiteSpool, subscriber: Subscriber) -> No
     await until(lambda: box.backlog == 0 and spool.stats().count == 0, 20, "the spool to drain")
     # A marker sent after it on the same connection: once it is in, everything before it is (the broker
     # acknowledging a publish does not mean the subscriber has it yet).
-    await asyncio.wait_for(box.enqueue(Message("drained", b"")), 10)
+    await asyncio.wait_for(box.put(Message("drained", b""), awaited=True), 10)
     await subscriber.wait_for(lambda _: subscriber.on(f"{P}/drained"), 10)
 
 
@@ -194,7 +194,7 @@ async def test_a_live_state_refused_after_the_replay_held_back_the_stored_one_se
         try:
             await link.start()
             assert await sink.wait_connected(10)
-            newer = box.enqueue(state(11))  # live, in flight: the broker has not answered yet
+            newer = box.put(state(11), awaited=True)  # live, in flight: the broker has not answered yet
             await until(lambda: len(box) == 1, 10, "the newer state to be in flight")
             spool.gate.set()  # the replay takes 10 while 11 is on its way: 10 is not to be sent now
             assert await asyncio.to_thread(spool.settled.wait, 10)
@@ -236,10 +236,10 @@ async def test_an_older_state_the_replay_meets_after_a_newer_one_went_out_live_i
         try:
             await link.start()
             assert await sink.wait_connected(10)
-            await asyncio.wait_for(box.enqueue(state(11)), 10)  # out live; 10 could not be removed behind it
+            await asyncio.wait_for(box.put(state(11), awaited=True), 10)  # out live; 10 could not be removed behind it
             spool.gate.set()  # the replay meets 10 now
             await drained(box, spool, subscriber)
-            await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # behind anything the replay sent
+            await asyncio.wait_for(box.put(Message("seq", b"1"), awaited=True), 10)  # behind anything the replay sent
             await subscriber.wait_for(lambda _: len(subscriber.on(f"{P}/seq")) >= 2, 10)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"11"]
             assert [m.payload for m in subscriber.on(f"{P}/other")] == [b"6"]
@@ -297,14 +297,15 @@ async def test_a_refused_live_state_with_a_newer_one_on_its_way_leaves_the_topic
         try:
             await link.start()
             assert await sink.wait_connected(10)
-            older, newer = box.enqueue(state(11)), box.enqueue(state(12))  # both live, both in flight
+            # both live, both in flight
+            older, newer = box.put(state(11), awaited=True), box.put(state(12), awaited=True)
             await asyncio.wait_for(newer, 10)  # 12 is at the broker
             refusal.set_exception(SinkError("sink up: payload refused"))  # then 11 is refused: 12 stays the newest
             with pytest.raises(SinkError):
                 await asyncio.wait_for(older, 10)
             spool.gate.set()
             await drained(box, spool, subscriber)
-            await asyncio.wait_for(box.enqueue(Message("seq", b"1")), 10)  # behind anything the replay sent
+            await asyncio.wait_for(box.put(Message("seq", b"1"), awaited=True), 10)  # behind anything the replay sent
             await subscriber.wait_for(lambda _: subscriber.on(f"{P}/seq"), 10)
             assert [m.payload for m in subscriber.on(VALUE)] == [b"12"]
         finally:
@@ -327,7 +328,7 @@ async def test_a_newer_state_spooled_while_an_older_one_is_replayed_is_sent_afte
             assert await sink.wait_connected(10)
             link.downstream.clear()  # 10's PUBACK is held back
             await subscriber.wait_for(lambda _: subscriber.on(VALUE), 10)  # the replay sent 10
-            box.submit(state(11))
+            box.put(state(11))
             await until(lambda: box.stats.spooled == 1, 10, "11 to be stored")
             link.downstream.set()  # 10 is acknowledged: 11 is still to go
             await drained(box, spool, subscriber)

@@ -200,11 +200,11 @@ async def test_an_outbox_goes_on_with_the_fresh_spool(
         await link.start()  # the replay takes from the damaged file: rotated, the backlog is gone
         await until(lambda: any(CORRUPT.fullmatch(p.name) for p in tmp_path.iterdir()), 10, "the rotation")
         await until(lambda: box.backlog == 0, 10, "an empty backlog")
-        await asyncio.wait_for(box.enqueue(Message("live", b"1")), 5)
+        await asyncio.wait_for(box.put(Message("live", b"1"), awaited=True), 5)
         await subscriber.wait_for(lambda _: subscriber.on("fg/rot/live"), 5)
         await link.close()  # down again: spooled into the fresh file
         await until(lambda: not sink.connected, 10, "the sink to notice")
-        await asyncio.wait_for(box.enqueue(Message("later", b"2", ts=7)), 5)
+        await asyncio.wait_for(box.put(Message("later", b"2", ts=7), awaited=True), 5)
         assert box.health() is None
     finally:
         await box.stop()

@@ -560,13 +560,12 @@ class RecordingOutbox:
         self.messages: list[Message] = []
         self.futures: list[asyncio.Future[None]] = []
 
-    def enqueue(self, message: Message) -> asyncio.Future[None]:
+    def put(self, message: Message, *, awaited: bool = False) -> asyncio.Future[None] | None:
         self.messages.append(message)
+        if not awaited:
+            return None  # handed over without waiting: the caller ignores the future
         self.futures.append(asyncio.get_running_loop().create_future())
         return self.futures[-1]
-
-    def submit(self, message: Message) -> None:
-        self.messages.append(message)
 
 
 def _outboxes(*boxes: RecordingOutbox) -> list[Outbox]:

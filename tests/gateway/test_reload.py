@@ -236,7 +236,7 @@ async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
         # Upstream away: the sink spools.
         deadline = time.monotonic() + 10
         while outbox_of(gw, "up").backlog < 5:
-            assert time.monotonic() < deadline, outbox_of(gw, "up").figures()
+            assert time.monotonic() < deadline, outbox_of(gw, "up").snapshot()
             await asyncio.sleep(0.1)
 
         # Changed (keepalive): rebuilt on the same spool file, which it takes over whole.
@@ -274,7 +274,7 @@ async def test_a_sink_removed_keeps_its_spool_and_sends_it_when_added_back(
             await upstream.wait_for(spooled, timeout=20)
         deadline = time.monotonic() + 20
         while outbox_of(gw, "up").backlog:
-            assert time.monotonic() < deadline, outbox_of(gw, "up").figures()
+            assert time.monotonic() < deadline, outbox_of(gw, "up").snapshot()
             await asyncio.sleep(0.1)
     finally:
         await gw.stop()

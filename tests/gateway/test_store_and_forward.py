@@ -163,13 +163,14 @@ class Handed:
 
     def __init__(self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
         self.messages: list[Message] = []
-        original = outbox.submit
+        original = outbox.put
 
-        def submit(message: Message) -> None:
-            self.messages.append(message)
-            original(message)
+        def put(message: Message, *, awaited: bool = False) -> asyncio.Future[None]:
+            if not awaited:
+                self.messages.append(message)
+            return original(message, awaited=awaited)
 
-        monkeypatch.setattr(outbox, "submit", submit)
+        monkeypatch.setattr(outbox, "put", put)
 
     def telemetry_ts(self, device: str) -> set[int]:
         """The ts of every telemetry message of `device` handed over so far."""
@@ -466,9 +467,9 @@ async def test_max_age_drops_what_waited_too_long_and_counts_it(
         old = await sender.burst(5)
         assert set(old) <= set(sender.acked)
         # 5 telemetry, the newest retained value, the device's status (older retained values were coalesced).
-        await until(lambda: outbox.figures()["dropped"] >= 7, 5, "the old messages to expire")
+        await until(lambda: outbox.snapshot().dropped >= 7, 5, "the old messages to expire")
         spooled = outbox.stats.spooled
-        assert spooled == 7 and outbox.figures()["dropped"] == spooled and outbox.figures()["spool_messages"] == 0
+        assert spooled == 7 and outbox.snapshot().dropped == spooled and outbox.snapshot().spool_messages == 0
         assert gw.metrics()["sinks"]["up"]["dropped"] == spooled  # type: ignore[index]
 
         young = await sender.burst(5)
@@ -480,7 +481,7 @@ async def test_max_age_drops_what_waited_too_long_and_counts_it(
         finally:
             sub.stop()
         assert not set(ts_of(sub.messages, PUMP)) & set(old), "an expired message was published"
-        assert outbox.figures()["dropped"] == spooled
+        assert outbox.snapshot().dropped == spooled
 
 
 # --- 4. a full disk ---------------------------------------------------------------------------

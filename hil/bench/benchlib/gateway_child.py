@@ -51,7 +51,7 @@ async def _gateway(config_path: str, nofile: tuple[int, int], conn: Connection) 
             "nacks": totals.nacks_sent,
             "published": sum(s.stats.published for s in gw.sinks),
             "queued": sum(len(o) for o in gw.outboxes),
-            "dropped": sum(o.figures()["dropped"] for o in gw.outboxes),
+            "dropped": sum(o.snapshot().dropped for o in gw.outboxes),
             "rss_kb": rss_kb(),
             "fds": open_fds(),
         }
