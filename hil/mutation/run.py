@@ -60,7 +60,7 @@ class Module:
 MODULES = [
     Module(
         "spool",
-        ["bridge/spool.py", "bridge/spool_io.py"],
+        ["bridge/spool.py", "bridge/spool_file.py", "bridge/spool_io.py"],
         ["tests/bridge"],
         # the kill -9 tests' writer runs in a subprocess, on the unmutated spool
         "(test_buffers or test_spool or test_state_files) and not kill_9",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import spool as spool_module
+from bridge import spool_file as spool_module
 from bridge import spool_io, statefiles
 from bridge.buffer import BufferFull
 from bridge.spool import SpoolCorrupt, SpoolEntryError, SpoolStorageError, SQLiteSpool

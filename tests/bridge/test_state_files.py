@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import spool as spool_module
+from bridge import spool_file as spool_module
 from bridge import statefiles
 from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
