@@ -14,17 +14,18 @@ from bridge.broker_process import BrokerProcess
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from drivers.mcp.server import McpServer
-from drivers.modbus.bus import ModbusBus, line_budget
+from drivers.modbus.bus import ModbusBus
 from gateway.audit import AuditLog
 from gateway.broker_access import broker_auth
 from gateway.config import Loaded, load_config
 from gateway.config.schema import BusConfig, Config, SinkConfig
-from gateway.config.settings import mcp_server, modbus_line, modbus_plan
+from gateway.config.settings import mcp_server, modbus_line
 from gateway.errors import ConfigError
 from gateway.event_gate import EventGate
 from gateway.health import problems
 from gateway.homeassistant import Discovery
 from gateway.jsonsafe import dumps_safe
+from gateway.line_budgets import budget_warnings
 from gateway.metrics_topic import metrics_payload
 from gateway.reload import ConfigDiff, diff
 from gateway.router import Router
@@ -52,17 +53,6 @@ STOP_BUDGET = 9.0
 STOP_RESERVE = 3.0
 #: How long a reload lets a removed or changed sink publish what it holds before the rest is spooled.
 RELOAD_FLUSH_TIMEOUT = 1.0
-
-
-def budget_warnings(cfg: Config) -> list[str]:
-    """One line per bus whose plan needs more than 80 % of the line's wire time."""
-    out = []
-    for bus in cfg.modbus.buses:
-        b = line_budget(modbus_plan(bus))
-        if b.overloaded:
-            hint = "polls will drift — lengthen `poll` or raise the baud rate"
-            out.append(f"modbus bus {bus.name}: poll plan {b.describe()}; {hint}")
-    return out
 
 
 class Gateway:

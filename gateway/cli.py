@@ -154,8 +154,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from gateway.app import budget_warnings
     from gateway.config import find_config, load_config
+    from gateway.line_budgets import budget_warnings
 
     loaded = load_config(find_config(args.config))
     cfg = loaded.config
