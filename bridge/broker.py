@@ -9,7 +9,9 @@ from typing import Any
 
 from amqtt.broker import Broker
 
-from bridge.broker_auth import BrokerAuth, login_failures, read_users
+from bridge.broker_acl import BrokerAuth
+from bridge.broker_auth import login_failures
+from bridge.broker_users import read_users
 from gateway.errors import FieldgateError
 
 log = logging.getLogger(__name__)

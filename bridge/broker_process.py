@@ -31,7 +31,8 @@ import stat
 import sys
 
 from bridge import broker_auth
-from bridge.broker_auth import LOGIN_FAILURES, BrokerAuth
+from bridge.broker_acl import BrokerAuth
+from bridge.broker_auth import LOGIN_FAILURES
 from gateway.errors import FieldgateError
 from gateway.supervise import Supervised, Supervisor
 

@@ -8,14 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from bridge.broker_auth import (
-    Access,
-    BrokerAuth,
-    check_username,
-    default_access,
-    recover_users_file,
-    set_password,
-)
+from bridge.broker_acl import Access, BrokerAuth, default_access
+from bridge.broker_users import check_username, recover_users_file, set_password
 from gateway.config.schema import Config
 from gateway.errors import FieldgateError
 

@@ -9,7 +9,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bridge.broker import client_url
-from bridge.broker_auth import INTERNAL_USER, BrokerAuth
+from bridge.broker_acl import BrokerAuth
+from bridge.broker_users import INTERNAL_USER
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from bridge.spool import SQLiteSpool

@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.broker import EmbeddedBroker
-from bridge.broker_auth import BrokerAuth, default_access
+from bridge.broker_acl import BrokerAuth, default_access
 from bridge.sink import MqttSink
 from drivers.mcp.client import McpClient, McpClientError, McpNacked
 from gateway.types import now_ms as now_ms  # re-exported: tests import it from here

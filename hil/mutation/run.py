@@ -105,15 +105,16 @@ MODULES = [
     ),
     Module(
         "acl",
-        ["bridge/broker_auth.py"],
+        ["bridge/broker_acl.py", "bridge/broker_auth.py"],
         ["tests/bridge"],
         "test_broker_auth or test_acl",
-        # Only the ACL: topic matching, the per-user access and the topic plugin, not logins or the users file.
+        # Only the ACL: topic matching, the per-user access and the topic plugin, not logins (broker_auth.py's
+        # login gate) or the users file (broker_users.py, not mutated).
         functions=[
-            "bridge.broker_auth.x_covers__mutmut_*",
-            "bridge.broker_auth.xǁAccessǁ*",
-            "bridge.broker_auth.x_default_access__mutmut_*",
-            "bridge.broker_auth.xǁBrokerAuthǁaccess__mutmut_*",
+            "bridge.broker_acl.x_covers__mutmut_*",
+            "bridge.broker_acl.xǁAccessǁ*",
+            "bridge.broker_acl.x_default_access__mutmut_*",
+            "bridge.broker_acl.xǁBrokerAuthǁaccess__mutmut_*",
             "bridge.broker_auth.xǁTopicAclPluginǁ*",
         ],
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.broker_auth import set_password
+from bridge.broker_users import set_password
 
 
 @pytest.fixture(scope="module")

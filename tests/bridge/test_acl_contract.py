@@ -10,7 +10,9 @@ import pytest
 from amqtt.contexts import Action, BaseContext
 from amqtt.session import Session
 
-from bridge.broker_auth import INTERNAL_USER, Access, BrokerAuth, TopicAclPlugin, covers, default_access
+from bridge.broker_acl import Access, BrokerAuth, covers, default_access
+from bridge.broker_auth import TopicAclPlugin
+from bridge.broker_users import INTERNAL_USER
 
 ALICE = Access(read=("plant/#", "alarms/+/active"), write=("plant/+/set/+", "plant/+/cmd"))
 

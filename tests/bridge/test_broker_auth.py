@@ -17,8 +17,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge import broker_auth, statefiles
 from bridge.broker import EmbeddedBroker
-from bridge.broker_auth import INTERNAL_USER, Access, BrokerAuth, covers, default_access, read_users, set_password
+from bridge.broker_acl import Access, BrokerAuth, covers, default_access
 from bridge.broker_process import BrokerProcess
+from bridge.broker_users import INTERNAL_USER, read_users, set_password
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.errors import FieldgateError

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pwdlib import PasswordHash
 
-from bridge import broker_auth, statefiles
+from bridge import broker_auth, broker_users, statefiles
 from bridge.broker_auth import LOGIN_CHECKS, LOGIN_PER_SOURCE, LOGIN_QUEUE
 
 from helpers import broker_with_users, mqtt_login, until
@@ -57,8 +57,8 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> ArgonProbe:
     """A fresh login gate (its threads do not survive a fork) and counters, and the probe in the hasher's place."""
     monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
     monkeypatch.setattr(broker_auth, "LOGINS", broker_auth.LoginGate())
-    argon = ArgonProbe(broker_auth._HASHER)
-    monkeypatch.setattr(broker_auth, "_HASHER", argon)
+    argon = ArgonProbe(broker_users._HASHER)
+    monkeypatch.setattr(broker_users, "_HASHER", argon)
     return argon
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from bridge import broker_auth, statefiles
 from bridge.broker import EmbeddedBroker
-from bridge.broker_auth import read_users, set_password
+from bridge.broker_users import read_users, set_password
 from bridge.statefiles import corrupt_counts
 from gateway.broker_access import broker_auth as gateway_broker_auth
 from gateway.config import parse_config

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from bridge.broker_auth import set_password
+from bridge.broker_users import set_password
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.config.schema import Config

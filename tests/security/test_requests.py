@@ -12,7 +12,7 @@ from typing import Any
 
 from hostile import PREFIX, McpPeer, RunningGateway, StartGateway, good_device
 
-from bridge.broker_auth import set_password
+from bridge.broker_users import set_password
 from drivers.mcp.codec import Frame, FrameType
 
 from helpers import Received, Subscriber
