@@ -77,7 +77,8 @@ from benchlib.procs import run_fresh, thread_cpu
 from benchlib.profiling import self_time_per_message
 
 from bridge.buffer import entry_size
-from bridge.outbox import REPLAY_BATCH, Outbox
+from bridge.outbox import Outbox
+from bridge.outbox_limits import REPLAY_BATCH
 from bridge.sink import MqttSink
 from bridge.spool import SQLiteSpool
 from bridge.spool_schema import INSERT
@@ -624,7 +625,8 @@ def phase_bare_replay(path: Path, n: int, port: int, broker_pid: int) -> dict[st
 
 #: The parts of the outbox's process a profiled function belongs to, by a substring of its file's path.
 PROFILE_PARTS = (
-    ("bridge/outbox.py", "outbox"),
+    ("bridge/outbox", "outbox"),  # outbox.py and the parts split off it (live queue, commit, replay, ...)
+    ("bridge/delivery.py", "outbox"),
     ("bridge/sink.py", "sink"),
     ("bridge/spool", "spool"),
     ("paho/", "paho"),
