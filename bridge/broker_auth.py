@@ -142,7 +142,7 @@ def login_failures() -> dict[str, int]:
         return dict(LOGINS.failures)
 
 
-class UsersAuthPlugin(BaseAuthPlugin):
+class UsersAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints: its bases are Any
     """amqtt authentication: users of the users file (argon2) and the gateway's own INTERNAL_USER."""
 
     @dataclass
@@ -192,7 +192,7 @@ class UsersAuthPlugin(BaseAuthPlugin):
         return None
 
 
-class TopicAclPlugin(BaseTopicPlugin):
+class TopicAclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type hints: its bases are Any
     """amqtt topic checks: subscribe and publish within the user's `Access`; everything for INTERNAL_USER."""
 
     @dataclass
