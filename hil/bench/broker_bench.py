@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -43,7 +42,18 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 # benchlib first: it puts the repository on sys.path for the imports below.
-from benchlib import ROOT, cpu_seconds, free_port, latency_summary, package_version, subscribe
+from benchlib import (
+    ROOT,
+    cpu_seconds,
+    free_port,
+    latency_summary,
+    note,
+    package_version,
+    print_header,
+    print_table,
+    run_summary,
+    subscribe,
+)
 from benchlib.children import Child
 from benchlib.mqtt import broker_child as embedded_broker_child
 from benchlib.procs import quiet_logs, rss_mb, run_fresh
@@ -327,8 +337,9 @@ def launch(sc: Scenario) -> Result:
     return Result(**data)
 
 
-def us(seconds: float, n: int) -> str:
-    return f"{seconds / max(1, n) * 1e6:7.0f}"
+def us(seconds: float, n: int) -> float:
+    """CPU seconds per message, in µs."""
+    return seconds / max(1, n) * 1e6
 
 
 def median_run(runs: list[Result]) -> tuple[Result, str]:
@@ -338,37 +349,43 @@ def median_run(runs: list[Result]) -> tuple[Result, str]:
     return ordered[len(ordered) // 2], spread
 
 
-def print_table(rows: list[tuple[Result, str]]) -> None:
+def report(rows: list[tuple[Result, str]]) -> None:
     """One line per scenario; ratio (b)/(a) against the matching layout-(a) line."""
     results = [r for r, _ in rows]
     spreads = {id(r): s for r, s in rows}
     base = {(r.scenario.load, r.scenario.rate): r for r in results if r.scenario.layout == "a"}
-    head = (
-        f"{'layout':<12} {'load':>4} {'got':>4} {'target':>7} {'msg/s':>6} {'(range)':>11} {'b/a':>5} "
-        f"{'gw µs/msg':>9} {'brk µs/msg':>10} {'total µs':>8} {'gw core%':>8} {'p50 ms':>6} {'p99 ms':>6} "
-        f"{'RSS gw':>7} {'RSS brk':>7} {'RSS sub':>7}"
-    )
-    print(head)
-    print("-" * len(head))
+    table: list[list[object]] = []
     for r in results:
         sc = r.scenario
         a = base.get((sc.load, sc.rate))
-        ratio = f"{r.msg_s / a.msg_s:5.2f}" if a and sc.layout == "b" and a.msg_s else f"{'':>5}"
         n = r.received
-        core = (r.gw_cpu_s + r.load_cpu_s) / r.wall_s * 100
-        got = r.load_cpu_s / r.wall_s
         lat = r.latency_ms
-        spread = f"({spreads[id(r)]})" if spreads[id(r)] else ""
-        print(
-            f"{'(a) in-proc' if sc.layout == 'a' else '(b) separate':<12} {sc.load:>4.0%} {got:>4.0%} "
-            f"{('max' if sc.rate <= 0 else f'{sc.rate:.0f}/s'):>7} {r.msg_s:6.0f} {spread:>11} {ratio} "
-            f"{us(r.gw_cpu_s, n):>9} {(us(r.broker_cpu_s, n) if sc.layout == 'b' else '(in gw)'):>10} "
-            f"{us(r.gw_cpu_s + r.broker_cpu_s, n):>8} {core:8.0f} "
-            f"{lat.get('p50', float('nan')):6.1f} {lat.get('p99', float('nan')):6.1f} "
-            f"{r.rss_gw_mb:6.1f}M {(f'{r.rss_broker_mb:6.1f}M' if r.rss_broker_mb else '      -'):>7} "
-            f"{(f'{r.rss_sub_mb:6.1f}M' if r.rss_sub_mb else ' (in gw)'):>7}"
-            + ("" if r.finished else f"   INCOMPLETE: {r.received}/{sc.n}")
+        table.append(
+            [
+                "(a) in-proc" if sc.layout == "a" else "(b) separate",
+                f"{sc.load:.0%}",
+                f"{r.load_cpu_s / r.wall_s:.0%}",
+                "max" if sc.rate <= 0 else f"{sc.rate:.0f}/s",
+                r.msg_s,
+                f"({spreads[id(r)]})" if spreads[id(r)] else "",
+                r.msg_s / a.msg_s if a and sc.layout == "b" and a.msg_s else float("nan"),
+                us(r.gw_cpu_s, n),
+                us(r.broker_cpu_s, n) if sc.layout == "b" else "(in gw)",
+                us(r.gw_cpu_s + r.broker_cpu_s, n),
+                (r.gw_cpu_s + r.load_cpu_s) / r.wall_s * 100,
+                lat.get("p50", float("nan")),
+                lat.get("p99", float("nan")),
+                f"{r.rss_gw_mb:.1f}M",
+                f"{r.rss_broker_mb:.1f}M" if r.rss_broker_mb else "-",
+                f"{r.rss_sub_mb:.1f}M" if r.rss_sub_mb else "(in gw)",
+            ]
         )
+    headers = ["layout", "load", "got", "target", "msg/s", "(range)", "b/a", "gw µs/msg", "brk µs/msg", "total µs"]
+    print_table([*headers, "gw core%", "p50 ms", "p99 ms", "RSS gw", "RSS brk", "RSS sub"], table, blank="")
+    for r in results:
+        if not r.finished:
+            sc = r.scenario
+            note(f"INCOMPLETE: layout {sc.layout}, load {sc.load:.0%}: {r.received}/{sc.n} messages arrived")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,11 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         run_one(args.one)
         return 0
 
-    print(
-        f"broker_bench: {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"amqtt {package_version('amqtt')}, paho-mqtt {package_version('paho-mqtt')}; "
-        f"payload {args.size} B, QoS 1, Outbox window {args.window}, subscriber on a {args.subscriber}"
+    print_header(
+        "broker layout",
+        {name: package_version(name) for name in ("amqtt", "paho-mqtt")},
+        [f"payload {args.size} B, QoS 1, Outbox window {args.window}, subscriber on a {args.subscriber}"],
+        skews="every rate and CPU figure",
     )
+    started = time.monotonic()
     loads = [0.0, args.load] if args.load > 0 else [0.0]
     scenarios = [
         Scenario(layout, load, 0.0, args.n, args.size, args.window, args.subscriber)
@@ -421,15 +440,14 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(launch(sc))
         rows.append(median_run(runs))
     print()
-    print_table(rows)
+    report(rows)
+    note("msg/s: end to end, median of the runs (range over them); got: share of a core the simulated load")
+    note("actually got; gw µs/msg: publisher process CPU per message minus the subscriber thread and the")
+    note("simulated load (includes the broker in (a)); brk: broker process (b); total = gw + brk; gw core%:")
+    note("the publisher process's share of one core, simulated load included; p50/p99: submit -> subscriber")
+    note("latency at fixed rates; RSS: VmRSS at the end of the run.")
     print()
-    print(
-        "msg/s: end to end, median of the runs (range over them); got: share of a core the simulated load\n"
-        "actually got; gw µs/msg: publisher process CPU per message minus the subscriber thread and the\n"
-        "simulated load (includes the broker in (a)); brk: broker process (b); total = gw + brk; gw core%:\n"
-        "the publisher process's share of one core, simulated load included; p50/p99: submit -> subscriber\n"
-        "latency at fixed rates; RSS: VmRSS at the end of the run."
-    )
+    print(run_summary(started))
     return 0
 
 
