@@ -492,7 +492,7 @@ async def test_a_line_waiting_to_reopen_its_port_stays_fresh(tmp_path: Path) -> 
         }
     )
     bus = ModbusBus(modbus_line(cfg), lambda s: None, lambda s: None)
-    bus._reopen_backoff = 16.0  # as after a few failed opens
+    bus._schedule.reopen_backoff = 16.0  # as after a few failed opens
     await bus.start()
     try:
         await asyncio.sleep(0.3)
