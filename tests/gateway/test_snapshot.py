@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 
 from gateway.event_gate import EventGate
 from gateway.health import problems
-from gateway.snapshot import LINES, MCP, SINKS, GatewaySnapshot, take_snapshot
+from gateway.metrics_topic import metrics_payload
+from gateway.snapshot import LINES, MCP, SINKS, GatewaySnapshot, SinkSnapshot, TaskSnapshot, take_snapshot
 from gateway.supervise import Supervisor
 from gateway.types import (
     DeviceState,
+    McpDeviceCounters,
+    McpDeviceSnapshot,
+    McpServerSnapshot,
     ModbusDeviceCounters,
     ModbusDeviceSnapshot,
     ModbusLineCounters,
@@ -109,3 +114,35 @@ async def test_events_during_a_swap_wait_and_then_reach_the_router_in_order_even
     assert ack.done() and ack.result() is None
     gate.on_sample(first)  # the gate is open again
     assert router.seen[-1] is first
+
+
+def test_metrics_payload_keeps_its_keys_order_and_json_shapes() -> None:
+    counters = ModbusDeviceCounters(transactions=3, response_counts=(1, 2), response_sum_s=0.5)
+    unit = ModbusDeviceSnapshot("d1", 1, True, counters)
+    lines = (
+        ModbusLineSnapshot(
+            "l1", "/dev/x", "9600 8E1", True, False, 0.0, 5.0, ModbusLineCounters(transactions=3), (unit,)
+        ),
+    )
+    pump = McpDeviceSnapshot("pump", True, McpDeviceCounters(frames_in=4))
+    mcp = McpServerSnapshot((), (pump,), 0, 2, {}, {}, McpDeviceCounters(frames_in=4))
+    sink = SinkSnapshot("up", True, {"published": 7}, {"queued": 1, "dropped": 0}, 0, None, 5)
+    tasks = (TaskSnapshot("metrics", 1, False),)
+    snap = GatewaySnapshot("g", 100.0, 0, 12.34, False, lines=lines, mcp=mcp, sinks=(sink,), tasks=tasks)
+    payload = metrics_payload(snap)
+    assert payload == {
+        "uptime_s": 12.3,
+        "buses": {"l1": {**asdict(ModbusLineCounters()), "transactions": 3}},
+        "devices": {"d1": {**asdict(counters), "response_counts": [1, 2], "online": True}},
+        "mcp": {
+            "sessions": 0,
+            "rejected": 2,
+            **asdict(McpDeviceCounters(frames_in=4)),
+            "devices": {"pump": asdict(pump.counters)},
+        },
+        "sinks": {"up": {"published": 7, "queued": 1, "dropped": 0, "connected": True, "requests_dropped": 5}},
+        "tasks": {"metrics": {"failures": 1, "down": False}},
+    }
+    assert list(payload["devices"]["d1"]) == [*asdict(counters), "online"]  # type: ignore[index]
+    with pytest.raises(RuntimeError, match="a bug in the MCP counters"):
+        metrics_payload(take_snapshot(Parts()))  # type: ignore[arg-type]  # a part not read: no half payload
