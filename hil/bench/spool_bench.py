@@ -64,9 +64,12 @@ from typing import Any
 from benchlib import (
     cpu_seconds,
     free_port,
+    heading,
+    note,
     package_version,
     percentile,
     print_header,
+    print_table,
     record,
     run_summary,
     subscribe,
@@ -762,12 +765,12 @@ FSYNC_NOTE = (
 )
 
 
-def syncs_per_1k(r: dict[str, Any], trace: Path | None, spool: Path) -> str:
-    """fsyncs strace saw on the spool's files per 1,000 messages of a write phase's window ("-" without strace)."""
+def syncs_per_1k(r: dict[str, Any], trace: Path | None, spool: Path) -> float:
+    """fsyncs strace saw on the spool's files per 1,000 messages of a write phase's window (NaN without strace)."""
     if trace is None:
-        return "-"
+        return float("nan")
     start, end = r["window"]
-    return f"{sum(1 for t in kernel_syncs(trace, spool) if start <= t <= end) / r['msgs'] * 1000:.1f}"
+    return sum(1 for t in kernel_syncs(trace, spool) if start <= t <= end) / r["msgs"] * 1000
 
 
 def fsync_verdict(syncs: Syncs) -> str:
@@ -777,8 +780,9 @@ def fsync_verdict(syncs: Syncs) -> str:
     return f"{syncs.rate:.1f} ({met(syncs.rate <= GOAL_FSYNC)}); the spool's own counter {syncs.own_rate:.1f}"
 
 
-def per_k(value: float, msgs: int) -> str:
-    return f"{value / msgs * 1000 / 1024:,.0f} KiB"
+def per_k(value: float, msgs: int) -> float:
+    """Bytes per 1,000 messages, in KiB."""
+    return value / msgs * 1000 / 1024
 
 
 def met(ok: bool) -> str:
@@ -804,7 +808,308 @@ def print_profile(p: dict[str, Any]) -> None:
         print(f"   {calls:>9.2f} {tottime:>8.2f} {cumtime:>8.2f}  {name}")
 
 
+@dataclass(frozen=True)
+class Run:
+    """What the figures of one run use: where the files go, whether strace counts fsyncs, and the lengths."""
+
+    work: Path
+    use_strace: bool
+    seconds: float
+    steady_seconds: float
+    outbox_seconds: float
+    warmup: float
+    replay_n: int
+    throttled_n: int
+    profile: str
+    profile_seconds: float
+
+    def trace(self, name: str) -> Path | None:
+        """Where a phase's strace log goes (None without strace)."""
+        return self.work / f"{name}.strace" if self.use_strace else None
+
+
+def figure_write(run: Run, goals: list[str]) -> None:
+    """Figure 1: add() flat out against bare sqlite3 executemany of the same rows in the same transactions."""
+    heading(
+        f"1. Write rate: add() flat out for {run.seconds:g} s, one committed transaction per add(), against bare "
+        "sqlite3 executemany of the same rows in the same transactions (WAL, synchronous=FULL)"
+    )
+    rows: list[list[object]] = []
+    for i, batch in enumerate(WRITE_BATCHES):
+        # Alternating which of the pair goes first, best of WRITE_ROUNDS each: other work on the machine
+        # (and the disk's own moods) then weighs on both alike. Both under strace when it is there, so
+        # that its cost per fsync (two stops of the process) weighs on both alike too.
+        writes: dict[str, list[tuple[dict[str, Any], Path, Path | None]]] = {"spool": [], "bare": []}
+        for k in range(WRITE_ROUNDS):
+            order = ("spool", "bare") if k % 2 == 0 else ("bare", "spool")
+            for who in order:
+                phase = "write" if who == "spool" else "bare_write"
+                path = run.work / f"write{i}-{who}{k}.db"
+                trace = run.trace(f"write{i}-{who}{k}")
+                got = child(phase, path, trace, batch=batch, seconds=run.seconds)
+                writes[who].append((got, path, trace))
+        r, r_path, r_trace = max(writes["spool"], key=lambda x: x[0]["rate"])
+        ref, ref_path, ref_trace = max(writes["bare"], key=lambda x: x[0]["rate"])
+        ratio = r["rate"] / ref["rate"]
+        syncs = Syncs.of(r, r_trace, r_path)
+        rows.append(
+            [
+                batch,
+                r["rate"],
+                ref["rate"],
+                ratio,
+                r["cpu_us"],
+                ref["cpu_us"],
+                syncs_per_1k(r, r_trace, r_path),
+                syncs_per_1k(ref, ref_trace, ref_path),
+                syncs.agreement(),
+                per_k(r["bytes"], r["msgs"]),
+                per_k(r["kernel_bytes"], r["msgs"]),
+            ]
+        )
+        record(
+            "spool",
+            f"write rate, {batch} msgs per commit (synchronous=FULL)",
+            r["rate"],
+            "msg/s",
+            ratio=ratio,
+            versus=f"bare sqlite3 executemany {ref['rate']:,.0f} msg/s",
+            goal=GOAL_WRITE,
+        )
+        goals.append(
+            f"- write rate >= {GOAL_WRITE:g} x bare sqlite3 executemany, {batch} msgs per transaction: "
+            f"{r['rate']:,.0f} / {ref['rate']:,.0f} msg/s = {ratio:.2f} ({met(ratio >= GOAL_WRITE)})"
+        )
+    headers = ["msgs/add", "msg/s", "bare msg/s", "ratio", "CPU µs/msg", "(bare)", "fsyncs/1k msgs", "(bare)"]
+    print_table([*headers, "strace=spool", "KiB/1k msgs (spool)", "(kernel)"], rows, blank="-")
+    note(f"best of {WRITE_ROUNDS} runs each; ratio = add() msg/s / bare msg/s; bare = the same rows (ids made per")
+    note("transaction), the same INSERT into a file the spool made, BEGIN IMMEDIATE + executemany + COMMIT;")
+    note("fsyncs counted by strace (- without it); strace=spool as in figure 3")
+
+
+def figure_drain(run: Run) -> None:
+    """Figure 2: a full spool taken and accepted until empty."""
+    heading(f"2. FIFO drain: {DRAIN_FILL:,} messages stored, then take(n) + accept() until empty")
+    rows: list[list[object]] = []
+    for i, batch in enumerate(DRAIN_BATCHES):
+        r = child("drain", run.work / f"drain{i}.db", batch=batch)
+        rows.append(
+            [
+                batch,
+                r["rate"],
+                r["commits"],
+                r["fsyncs"],
+                per_k(r["bytes"], r["msgs"]),
+                per_k(r["kernel_bytes"], r["msgs"]),
+            ]
+        )
+    print_table(["take(n)", "msg/s", "commits", "fsyncs", "KiB/1k msgs (spool)", "(kernel)"], rows, blank="-")
+
+
+def figure_steady(run: Run, goals: list[str]) -> None:
+    """Figure 3: a steady load, one add() per group-commit window."""
+    heading(f"3. Steady load: {RATE} msg/s for {run.steady_seconds:g} s, one add() per group-commit window")
+    rows: list[list[object]] = []
+    for i, window in enumerate(WINDOWS):
+        path = run.work / f"steady{i}.db"
+        trace = run.trace(f"steady{i}")
+        r = child("steady", path, trace, window=window, seconds=run.steady_seconds)
+        syncs = Syncs.of(r, trace, path)
+        rows.append(
+            [
+                f"{window * 1000:.0f}ms",
+                round(RATE * window),
+                r["rate"],
+                syncs.rate,
+                syncs.own_rate,
+                syncs.agreement(),
+                r["checkpoints"],
+                per_k(r["bytes"], r["msgs"]),
+                per_k(r["kernel_bytes"], r["msgs"]),
+                f"{r['p50_ms']:.2f}ms",
+                f"{r['p99_ms']:.2f}ms",
+            ]
+        )
+        goals.append(
+            f"- <= {GOAL_FSYNC:g} fsync/s (strace) at {RATE} msg/s, spool alone, "
+            f"{window * 1000:.0f} ms window: {fsync_verdict(syncs)}"
+        )
+    headers = ["window", "msgs/add", "msg/s", "fsync/s", "(spool)", "strace=spool", "ckpts", "KiB/1k msgs (spool)"]
+    print_table([*headers, "(kernel)", "add p50", "p99"], rows, blank="-")
+    note(FSYNC_NOTE)
+
+
+def figure_outbox(run: Run, goals: list[str]) -> None:
+    """Figure 4: the outbox's own group commit at a steady load, its sink's broker unreachable."""
+    heading(
+        f"4. Through the outbox: {RATE} msg/s to Outbox.put for {run.outbox_seconds:g} s (after {run.warmup:g} s "
+        "of warm-up), sink's broker unreachable, so all is spooled"
+    )
+    rows: list[list[object]] = []
+    for i, window in enumerate(OUTBOX_WINDOWS):
+        path = run.work / f"outbox{i}.db"
+        trace = run.trace(f"outbox{i}")
+        r = child("outbox", path, trace, commit_window=window, seconds=run.outbox_seconds, warmup=run.warmup)
+        if r["spooled"] != r["sent"] or r["live"]:
+            raise RuntimeError(f"figure 4: {r['sent']} sent, {r['spooled']} spooled, {r['live']} went live")
+        syncs = Syncs.of(r, trace, path)
+        rows.append(
+            [
+                f"{window * 1000:.0f}ms",
+                r["rate"],
+                r["commits"] / r["seconds"],
+                syncs.rate,
+                syncs.own_rate,
+                syncs.agreement(),
+                r["checkpoints"],
+                per_k(r["bytes"], r["msgs"]),
+                per_k(r["kernel_bytes"], r["msgs"]),
+                f"{r['p50_ms']:.1f}ms",
+                f"{r['p99_ms']:.1f}ms",
+                r["cpu_us"],
+                "/".join(f"{r['cpu_split_us'][k]:.0f}" for k in ("loop", "spool", "other")),
+            ]
+        )
+        if window == DEFAULT_COMMIT_WINDOW:
+            # strace's count, NaN (not measured) without it: the spool's own counter is a model of
+            # SQLite's syncs and would keep counting if SQLite stopped making them.
+            record(
+                "spool",
+                f"fsyncs/s at {RATE} msg/s through the outbox ({window * 1000:.0f} ms commit window), "
+                "counted by strace",
+                syncs.rate,
+                "fsync/s",
+                most=GOAL_FSYNC,
+            )
+        goals.append(
+            f"- <= {GOAL_FSYNC:g} fsync/s (strace) at {RATE} msg/s, through the outbox, commit_window "
+            f"{window * 1000:.0f} ms{' (default)' if window == DEFAULT_COMMIT_WINDOW else ''}: "
+            f"{fsync_verdict(syncs)}"
+        )
+    headers = ["commit window", "msg/s", "commits/s", "fsync/s", "(spool)", "strace=spool", "ckpts"]
+    headers += ["KiB/1k msgs (spool)", "(kernel)", "publish p50", "p99", "CPU µs/msg", "(loop/spool/other)"]
+    print_table(headers, rows, blank="-")
+    note("publish = `await outbox.put(m, awaited=True)` until the commit that holds m; CPU = the whole process")
+    note("(with the bench's task per message) / messages; loop/spool/other = event loop thread / the outbox's")
+    note("spool worker / other threads")
+    note(FSYNC_NOTE)
+
+
+def figure_replay(run: Run, broker: Mosquitto, goals: list[str]) -> None:
+    """Figure 5: a filled spool replayed into Mosquitto, against a bare paho publisher of the same messages."""
+    heading(
+        f"5. Replay into Mosquitto ({broker.url}): a filled spool, an Outbox whose sink connects, "
+        "a paho subscriber (QoS 1) in its own process"
+    )
+    assert broker.pid is not None
+    rows: list[list[object]] = []
+    unthrottled = bare = 0.0
+    # The unthrottled replay and its reference take turns (best of REPLAY_ROUNDS each), then one throttled.
+    replays: list[tuple[str, float, int]] = []
+    for k in range(REPLAY_ROUNDS):
+        pair = [("outbox", UNTHROTTLED, run.replay_n), ("bare", UNTHROTTLED, run.replay_n)]
+        replays += pair if k % 2 == 0 else pair[::-1]
+    replays.append(("outbox", DEFAULT_REPLAY_RATE, run.throttled_n))
+    for i, (who, rate, n) in enumerate(replays):
+        if who == "bare":
+            b = child("bare_replay", run.work / "bare", fresh=False, n=n, port=broker.port, broker_pid=broker.pid)
+            bare = max(bare, b["rate_arrivals"])
+            ok = b["distinct"] == n and b["missing"] == 0 and b["out_of_order"] == 0
+            verdict = "yes" if ok else f"NO: {b['distinct']:,} of {n:,} came, {b['out_of_order']} out of order"
+            cores = "/".join(f"{b['core_pct'][k]:.0f}" for k in ("publisher", "mosquitto", "subscriber"))
+            rows.append(
+                ["bare paho", n, b["rate_arrivals"], b["rate_acked"], f"{b['acked_s']:.2f}s", b["cpu_us"], "", cores]
+                + [verdict]
+            )
+            continue
+        path = run.work / f"replay{i}.db"
+        fill_spool(path, n)
+        r = child("replay", path, fresh=False, n=n, rate=rate, port=broker.port, broker_pid=broker.pid)
+        if rate == UNTHROTTLED:
+            unthrottled = max(unthrottled, r["rate_arrivals"])
+        ok = r["distinct"] == n and r["missing"] == 0 and r["out_of_order"] == 0 and r["left"] == 0
+        verdict = (
+            "yes"
+            if ok
+            else f"NO: {r['distinct']:,} of {n:,} came, {r['out_of_order']} out of order, "
+            f"{r['count'] - r['distinct']} duplicates, {r['left']} left in the spool"
+        )
+        split = "/".join(f"{r['cpu_split_us'][k]:.0f}" for k in ("loop", "spool", "other"))
+        cores = "/".join(f"{r['core_pct'][k]:.0f}" for k in ("outbox", "mosquitto", "subscriber"))
+        label = "unthrottled" if rate == UNTHROTTLED else f"{rate:g}"
+        rows.append(
+            [label, n, r["rate_arrivals"], r["rate_empty"], f"{r['empty_s']:.2f}s", r["cpu_us"], split, cores, verdict]
+        )
+    headers = ["replay_rate", "messages", "msg/s arrivals", "(to empty)", "empty after", "CPU µs/msg"]
+    print_table([*headers, "(loop/spool/other)", "core% outbox/mosq/sub", "all in order"], rows, thousands=True)
+    note("arrivals = distinct messages / (last - first arrival at the subscriber); to empty = replayed / time from")
+    note("the sink's connection until the spool is empty; CPU = the outbox's process / replayed messages; core%")
+    note(f"over that time. replay_rate {DEFAULT_REPLAY_RATE:g} is the Outbox's default")
+    note(
+        f"bare paho = the same messages from a bare paho client (QoS 1, {REPLAY_INFLIGHT} in flight, one thread); "
+        "its (to empty) is until the last PUBACK, its core% is publisher/mosq/sub"
+    )
+    step = max(1, min(REPLAY_BATCH, int(DEFAULT_REPLAY_RATE / 10)))
+    steps = -(-run.throttled_n // step)
+    if steps > 1:
+        note(
+            f"throttled: {step} messages every {step / DEFAULT_REPLAY_RATE:g} s, the first at once, so "
+            f"{run.throttled_n:,} span {steps - 1} steps: "
+            f"{run.throttled_n / ((steps - 1) * step / DEFAULT_REPLAY_RATE):,.0f} msg/s if the throttle holds"
+        )
+    ratio = unthrottled / bare if bare > 0 else float("nan")  # no reference: not measured
+    record(
+        "spool",
+        "replay into Mosquitto, unthrottled",
+        unthrottled,
+        "msg/s",
+        ratio=ratio,
+        versus=f"bare paho publisher {bare:,.0f} msg/s",
+        goal=GOAL_REPLAY,
+    )
+    goals.append(
+        f"- replay >= {GOAL_REPLAY:g} x a bare paho publisher into Mosquitto (unthrottled, {run.replay_n:,} "
+        f"messages, best of {REPLAY_ROUNDS}): {unthrottled:,.0f} / {bare:,.0f} msg/s = {ratio:.2f} "
+        f"({met(ratio >= GOAL_REPLAY)})"
+    )
+    if run.profile == "always" or (run.profile == "auto" and not ratio >= GOAL_REPLAY):
+        path = run.work / "replay-profile.db"
+        n = max(run.replay_n, int(run.profile_seconds * 20_000))  # enough not to run dry while profiled
+        fill_spool(path, n)
+        r = child(
+            "replay",
+            path,
+            fresh=False,
+            n=n,
+            rate=UNTHROTTLED,
+            port=broker.port,
+            broker_pid=broker.pid,
+            profile=run.profile_seconds,
+        )
+        print(
+            f"\n   Profiled unthrottled replay of {n:,} (a run of its own, not in the table): "
+            f"{r['rate_arrivals']:,.0f} msg/s under cProfile; CPU µs/msg "
+            + "/".join(f"{r['cpu_split_us'][k]:.0f}" for k in ("loop", "spool", "other"))
+            + " (loop/spool/other), core% outbox/mosq/sub "
+            + "/".join(f"{r['core_pct'][k]:.0f}" for k in ("outbox", "mosquitto", "subscriber"))
+        )
+        print_profile(r["profile"])
+
+
+#: A phase's entry point in its fresh interpreter (`--phase NAME`): its figures come back as JSON.
+PHASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "write": phase_write,
+    "drain": phase_drain,
+    "steady": phase_steady,
+    "outbox": phase_outbox,
+    "replay": phase_replay,
+    "bare_write": phase_bare_write,
+    "bare_replay": phase_bare_replay,
+}
+
+
 def main() -> None:
+    """Run the figures asked for (or, with --phase, one phase in this fresh interpreter) and print the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=None, help="where the spool files go (default: a temp dir)")
     parser.add_argument("--figures", default="1,2,3,4,5", help="which figures to run, e.g. 4,5 (default: all)")
@@ -838,27 +1143,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase:
         logging.basicConfig(level=logging.WARNING)
-        phases: dict[str, Callable[..., dict[str, Any]]] = {
-            "write": phase_write,
-            "drain": phase_drain,
-            "steady": phase_steady,
-            "outbox": phase_outbox,
-            "replay": phase_replay,
-            "bare_write": phase_bare_write,
-            "bare_replay": phase_bare_replay,
-        }
-        print(json.dumps(phases[args.phase](args.path, **json.loads(args.args))))
+        print(json.dumps(PHASES[args.phase](args.path, **json.loads(args.args))))
         return
 
     def pick(given: float | None, default: float, quick: float) -> float:
         return given if given is not None else quick if args.quick else default
 
-    seconds = pick(args.seconds, 2.0, 0.2)
-    steady_seconds = pick(args.steady_seconds, 30.0, 2.0)
-    outbox_seconds = pick(args.outbox_seconds, 30.0, 3.0)
-    warmup = 1.0 if args.quick else 2.0
-    replay_n = int(pick(args.replay_n, REPLAY_N, 10_000))
-    throttled_n = int(pick(args.throttled_n, THROTTLED_N, 1_000))
     figures = {int(x) for x in args.figures.split(",") if x.strip()}
     if not figures <= {1, 2, 3, 4, 5}:
         parser.error("--figures takes numbers from 1 to 5")
@@ -866,257 +1156,38 @@ def main() -> None:
     if args.dir:
         args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fieldgate-spool-bench-", dir=args.dir))
-    use_strace = not args.no_strace and shutil.which("strace") is not None
+    run = Run(
+        work=work,
+        use_strace=not args.no_strace and shutil.which("strace") is not None,
+        seconds=pick(args.seconds, 2.0, 0.2),
+        steady_seconds=pick(args.steady_seconds, 30.0, 2.0),
+        outbox_seconds=pick(args.outbox_seconds, 30.0, 3.0),
+        warmup=1.0 if args.quick else 2.0,
+        replay_n=int(pick(args.replay_n, REPLAY_N, 10_000)),
+        throttled_n=int(pick(args.throttled_n, THROTTLED_N, 1_000)),
+        profile=args.profile,
+        profile_seconds=args.profile_seconds,
+    )
     broker = None
     goals: list[str] = []
     try:
-        mosquitto = None
         if 5 in figures:
             broker = start_mosquitto(work)
-            mosquitto = broker.executable
-        header(work, mosquitto)
-        if not use_strace and {3, 4} & figures:
+        header(work, broker.executable if broker else None)
+        if not run.use_strace and {3, 4} & figures:
             why = "not used (--no-strace)" if args.no_strace else "is not installed"
             print(f"strace {why}: the fsync figures are not measured")
         started = time.monotonic()
-
         if 1 in figures:
-            print(
-                f"\n1. Write rate: add() flat out for {seconds:g} s, one committed transaction per add(), against bare "
-                "sqlite3 executemany of the same rows in the same transactions (WAL, synchronous=FULL)"
-            )
-            print(
-                f"{'msgs/add':>8} {'msg/s':>10} {'bare msg/s':>10} {'ratio':>6} {'CPU µs/msg':>10} {'(bare)':>7} "
-                f"{'fsyncs/1k msgs':>14} {'(bare)':>7} {'strace=spool':>22} {'bytes/1k (spool)':>17} {'(kernel)':>10}"
-            )
-            for i, batch in enumerate(WRITE_BATCHES):
-                # Alternating which of the pair goes first, best of WRITE_ROUNDS each: other work on the machine
-                # (and the disk's own moods) then weighs on both alike. Both under strace when it is there, so
-                # that its cost per fsync (two stops of the process) weighs on both alike too.
-                writes: dict[str, list[tuple[dict[str, Any], Path, Path | None]]] = {"spool": [], "bare": []}
-                for k in range(WRITE_ROUNDS):
-                    order = ("spool", "bare") if k % 2 == 0 else ("bare", "spool")
-                    for who in order:
-                        phase = "write" if who == "spool" else "bare_write"
-                        path = work / f"write{i}-{who}{k}.db"
-                        trace = work / f"write{i}-{who}{k}.strace" if use_strace else None
-                        got = child(phase, path, trace, batch=batch, seconds=seconds)
-                        writes[who].append((got, path, trace))
-                r, r_path, r_trace = max(writes["spool"], key=lambda x: x[0]["rate"])
-                ref, ref_path, ref_trace = max(writes["bare"], key=lambda x: x[0]["rate"])
-                ratio = r["rate"] / ref["rate"]
-                syncs = Syncs.of(r, r_trace, r_path)
-
-                print(
-                    f"{batch:>8} {r['rate']:>10,.0f} {ref['rate']:>10,.0f} {ratio:>6.2f} {r['cpu_us']:>10.1f} "
-                    f"{ref['cpu_us']:>7.1f} {syncs_per_1k(r, r_trace, r_path):>14} "
-                    f"{syncs_per_1k(ref, ref_trace, ref_path):>7} {syncs.agreement():>22} "
-                    f"{per_k(r['bytes'], r['msgs']):>17} {per_k(r['kernel_bytes'], r['msgs']):>10}"
-                )
-                record(
-                    "spool",
-                    f"write rate, {batch} msgs per commit (synchronous=FULL)",
-                    r["rate"],
-                    "msg/s",
-                    ratio=ratio,
-                    versus=f"bare sqlite3 executemany {ref['rate']:,.0f} msg/s",
-                    goal=GOAL_WRITE,
-                )
-                goals.append(
-                    f"- write rate >= {GOAL_WRITE:g} x bare sqlite3 executemany, {batch} msgs per transaction: "
-                    f"{r['rate']:,.0f} / {ref['rate']:,.0f} msg/s = {ratio:.2f} ({met(ratio >= GOAL_WRITE)})"
-                )
-            print(
-                f"best of {WRITE_ROUNDS} runs each; ratio = add() msg/s / bare msg/s; bare = the same rows "
-                "(ids made per transaction), the same INSERT into a file the spool made, BEGIN IMMEDIATE + "
-                "executemany + COMMIT; fsyncs counted by strace (- without it); strace=spool as in figure 3"
-            )
-
+            figure_write(run, goals)
         if 2 in figures:
-            print(f"\n2. FIFO drain: {DRAIN_FILL:,} messages stored, then take(n) + accept() until empty")
-            print(
-                f"{'take(n)':>8} {'msg/s':>10} {'commits':>8} {'fsyncs':>7} {'bytes/1k (spool)':>17} {'(kernel)':>10}"
-            )
-            for i, batch in enumerate(DRAIN_BATCHES):
-                r = child("drain", work / f"drain{i}.db", batch=batch)
-                print(
-                    f"{batch:>8} {r['rate']:>10,.0f} {r['commits']:>8} {r['fsyncs']:>7} "
-                    f"{per_k(r['bytes'], r['msgs']):>17} {per_k(r['kernel_bytes'], r['msgs']):>10}"
-                )
-
+            figure_drain(run)
         if 3 in figures:
-            print(f"\n3. Steady load: {RATE} msg/s for {steady_seconds:g} s, one add() per group-commit window")
-            print(
-                f"{'window':>7} {'msgs/add':>8} {'msg/s':>6} {'fsync/s':>8} {'(spool)':>8} {'strace=spool':>22} "
-                f"{'ckpts':>5} {'bytes/1k (spool)':>17} {'(kernel)':>10} {'add p50':>8} {'p99':>7}"
-            )
-            for i, window in enumerate(WINDOWS):
-                path = work / f"steady{i}.db"
-                trace = work / f"steady{i}.strace" if use_strace else None
-                r = child("steady", path, trace, window=window, seconds=steady_seconds)
-                syncs = Syncs.of(r, trace, path)
-                print(
-                    f"{window * 1000:>5.0f}ms {round(RATE * window):>8} {r['rate']:>6.0f} {syncs.rate:>8.1f} "
-                    f"{syncs.own_rate:>8.1f} {syncs.agreement():>22} {r['checkpoints']:>5} "
-                    f"{per_k(r['bytes'], r['msgs']):>17} {per_k(r['kernel_bytes'], r['msgs']):>10} "
-                    f"{r['p50_ms']:>6.2f}ms {r['p99_ms']:>5.2f}ms"
-                )
-                goals.append(
-                    f"- <= {GOAL_FSYNC:g} fsync/s (strace) at {RATE} msg/s, spool alone, "
-                    f"{window * 1000:.0f} ms window: {fsync_verdict(syncs)}"
-                )
-            print(FSYNC_NOTE)
-
+            figure_steady(run, goals)
         if 4 in figures:
-            print(
-                f"\n4. Through the outbox: {RATE} msg/s to Outbox.put for {outbox_seconds:g} s (after {warmup:g} s "
-                "of warm-up), sink's broker unreachable, so all is spooled"
-            )
-            print(
-                f"{'commit window':>13} {'msg/s':>6} {'commits/s':>9} {'fsync/s':>8} {'(spool)':>8} "
-                f"{'strace=spool':>22} {'ckpts':>5} {'bytes/1k (spool)':>17} {'(kernel)':>10} {'publish p50':>11} "
-                f"{'p99':>8} {'CPU µs/msg':>10} {'(loop/spool/other)':>18}"
-            )
-            for i, window in enumerate(OUTBOX_WINDOWS):
-                path = work / f"outbox{i}.db"
-                trace = work / f"outbox{i}.strace" if use_strace else None
-                r = child("outbox", path, trace, commit_window=window, seconds=outbox_seconds, warmup=warmup)
-                if r["spooled"] != r["sent"] or r["live"]:
-                    raise RuntimeError(f"figure 4: {r['sent']} sent, {r['spooled']} spooled, {r['live']} went live")
-                syncs = Syncs.of(r, trace, path)
-                split = "/".join(f"{r['cpu_split_us'][k]:.0f}" for k in ("loop", "spool", "other"))
-                print(
-                    f"{window * 1000:>11.0f}ms {r['rate']:>6.0f} {r['commits'] / r['seconds']:>9.1f} "
-                    f"{syncs.rate:>8.1f} {syncs.own_rate:>8.1f} {syncs.agreement():>22} {r['checkpoints']:>5} "
-                    f"{per_k(r['bytes'], r['msgs']):>17} {per_k(r['kernel_bytes'], r['msgs']):>10} "
-                    f"{r['p50_ms']:>9.1f}ms {r['p99_ms']:>6.1f}ms {r['cpu_us']:>10.1f} {split:>18}"
-                )
-                if window == DEFAULT_COMMIT_WINDOW:
-                    # strace's count, NaN (not measured) without it: the spool's own counter is a model of
-                    # SQLite's syncs and would keep counting if SQLite stopped making them.
-                    record(
-                        "spool",
-                        f"fsyncs/s at {RATE} msg/s through the outbox ({window * 1000:.0f} ms commit window), "
-                        "counted by strace",
-                        syncs.rate,
-                        "fsync/s",
-                        most=GOAL_FSYNC,
-                    )
-                goals.append(
-                    f"- <= {GOAL_FSYNC:g} fsync/s (strace) at {RATE} msg/s, through the outbox, commit_window "
-                    f"{window * 1000:.0f} ms{' (default)' if window == DEFAULT_COMMIT_WINDOW else ''}: "
-                    f"{fsync_verdict(syncs)}"
-                )
-            print(
-                "publish = `await outbox.put(m, awaited=True)` until the commit that holds m; CPU = the whole process "
-                "(with the bench's task per message) / messages; loop/spool/other = event loop thread / the "
-                "outbox's spool worker / other threads"
-            )
-            print(FSYNC_NOTE)
-
-        if 5 in figures:
-            assert broker is not None
-            print(
-                f"\n5. Replay into Mosquitto ({broker.url}): a filled spool, an Outbox whose sink connects, "
-                "a paho subscriber (QoS 1) in its own process"
-            )
-            print(
-                f"{'replay_rate':>11} {'messages':>8} {'msg/s arrivals':>14} {'(to empty)':>10} {'empty after':>11} "
-                f"{'CPU µs/msg':>10} {'(loop/spool/other)':>18} {'core% outbox/mosq/sub':>21}  all in order"
-            )
-            unthrottled = bare = 0.0
-            # The unthrottled replay and its reference take turns (best of REPLAY_ROUNDS each), then one throttled.
-            replays: list[tuple[str, float, int]] = []
-            for k in range(REPLAY_ROUNDS):
-                pair = [("outbox", UNTHROTTLED, replay_n), ("bare", UNTHROTTLED, replay_n)]
-                replays += pair if k % 2 == 0 else pair[::-1]
-            replays.append(("outbox", DEFAULT_REPLAY_RATE, throttled_n))
-            for i, (who, rate, n) in enumerate(replays):
-                if who == "bare":
-                    b = child("bare_replay", work / "bare", fresh=False, n=n, port=broker.port, broker_pid=broker.pid)
-                    bare = max(bare, b["rate_arrivals"])
-                    ok = b["distinct"] == n and b["missing"] == 0 and b["out_of_order"] == 0
-                    verdict = "yes" if ok else f"NO: {b['distinct']:,} of {n:,} came, {b['out_of_order']} out of order"
-                    cores = "/".join(f"{b['core_pct'][k]:.0f}" for k in ("publisher", "mosquitto", "subscriber"))
-                    print(
-                        f"{'bare paho':>11} {n:>8,} {b['rate_arrivals']:>14,.0f} {b['rate_acked']:>10,.0f} "
-                        f"{b['acked_s']:>10.2f}s {b['cpu_us']:>10.1f} {'':>18} {cores:>21}  {verdict}"
-                    )
-                    continue
-                path = work / f"replay{i}.db"
-                fill_spool(path, n)
-                r = child("replay", path, fresh=False, n=n, rate=rate, port=broker.port, broker_pid=broker.pid)
-                if rate == UNTHROTTLED:
-                    unthrottled = max(unthrottled, r["rate_arrivals"])
-                ok = r["distinct"] == n and r["missing"] == 0 and r["out_of_order"] == 0 and r["left"] == 0
-                verdict = (
-                    "yes"
-                    if ok
-                    else f"NO: {r['distinct']:,} of {n:,} came, {r['out_of_order']} out of order, "
-                    f"{r['count'] - r['distinct']} duplicates, {r['left']} left in the spool"
-                )
-                split = "/".join(f"{r['cpu_split_us'][k]:.0f}" for k in ("loop", "spool", "other"))
-                cores = "/".join(f"{r['core_pct'][k]:.0f}" for k in ("outbox", "mosquitto", "subscriber"))
-                label = "unthrottled" if rate == UNTHROTTLED else f"{rate:g}"
-                print(
-                    f"{label:>11} {n:>8,} {r['rate_arrivals']:>14,.0f} {r['rate_empty']:>10,.0f} "
-                    f"{r['empty_s']:>10.2f}s {r['cpu_us']:>10.1f} {split:>18} {cores:>21}  {verdict}"
-                )
-            print(
-                "arrivals = distinct messages / (last - first arrival at the subscriber); to empty = replayed / time "
-                "from the sink's connection until the spool is empty; CPU = the outbox's process / replayed "
-                f"messages; core% over that time. replay_rate {DEFAULT_REPLAY_RATE:g} is the Outbox's default"
-            )
-            print(
-                f"bare paho = the same messages from a bare paho client (QoS 1, {REPLAY_INFLIGHT} in flight, one "
-                "thread); its (to empty) is until the last PUBACK, its core% is publisher/mosq/sub"
-            )
-            step = max(1, min(REPLAY_BATCH, int(DEFAULT_REPLAY_RATE / 10)))
-            steps = -(-throttled_n // step)
-            if steps > 1:
-                print(
-                    f"throttled: {step} messages every {step / DEFAULT_REPLAY_RATE:g} s, the first at once, so "
-                    f"{throttled_n:,} span {steps - 1} steps: "
-                    f"{throttled_n / ((steps - 1) * step / DEFAULT_REPLAY_RATE):,.0f} msg/s if the throttle holds"
-                )
-            ratio = unthrottled / bare if bare > 0 else float("nan")  # no reference: not measured
-            record(
-                "spool",
-                "replay into Mosquitto, unthrottled",
-                unthrottled,
-                "msg/s",
-                ratio=ratio,
-                versus=f"bare paho publisher {bare:,.0f} msg/s",
-                goal=GOAL_REPLAY,
-            )
-            goals.append(
-                f"- replay >= {GOAL_REPLAY:g} x a bare paho publisher into Mosquitto (unthrottled, {replay_n:,} "
-                f"messages, best of {REPLAY_ROUNDS}): {unthrottled:,.0f} / {bare:,.0f} msg/s = {ratio:.2f} "
-                f"({met(ratio >= GOAL_REPLAY)})"
-            )
-            if args.profile == "always" or (args.profile == "auto" and not ratio >= GOAL_REPLAY):
-                path = work / "replay-profile.db"
-                n = max(replay_n, int(args.profile_seconds * 20_000))  # enough not to run dry while profiled
-                fill_spool(path, n)
-                r = child(
-                    "replay",
-                    path,
-                    fresh=False,
-                    n=n,
-                    rate=UNTHROTTLED,
-                    port=broker.port,
-                    broker_pid=broker.pid,
-                    profile=args.profile_seconds,
-                )
-                print(
-                    f"\n   Profiled unthrottled replay of {n:,} (a run of its own, not in the table): "
-                    f"{r['rate_arrivals']:,.0f} msg/s under cProfile; CPU µs/msg "
-                    + "/".join(f"{r['cpu_split_us'][k]:.0f}" for k in ("loop", "spool", "other"))
-                    + " (loop/spool/other), core% outbox/mosq/sub "
-                    + "/".join(f"{r['core_pct'][k]:.0f}" for k in ("outbox", "mosquitto", "subscriber"))
-                )
-                print_profile(r["profile"])
-
+            figure_outbox(run, goals)
+        if broker is not None:
+            figure_replay(run, broker, goals)
         if goals:
             print("\nGoals (store-and-forward issue)")
             for line in goals:
