@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from typing import Any
 
 from amqtt.broker import Broker
 
 from bridge.broker_acl import BrokerAuth
 from bridge.broker_auth import login_failures
+from bridge.broker_listeners import listener_config
 from bridge.broker_users import read_users
 from gateway.errors import FieldgateError
 
@@ -20,42 +20,9 @@ log = logging.getLogger(__name__)
 _PLUGINS: dict[str, Any] = {
     "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
 }
-_URL = re.compile(r"^(?P<scheme>tcp|mqtt|ws|mqtts|wss)://(?P<host>[^:/]*|\[[0-9a-fA-F:]+\]):(?P<port>\d+)/?$")
 
 for _name in ("amqtt", "transitions"):
     logging.getLogger(_name).setLevel(logging.WARNING)
-
-
-def listener_config(url: str, cert: str | None = None, key: str | None = None) -> dict[str, Any]:
-    """amqtt's listener settings for one of our listener URLs."""
-    m = _URL.match(url)
-    if not m:
-        raise FieldgateError(f"broker listener {url!r} is not SCHEME://HOST:PORT")
-    scheme = m["scheme"]
-    host = m["host"].strip("[]") or "0.0.0.0"
-    cfg: dict[str, Any] = {
-        "type": "ws" if scheme in ("ws", "wss") else "tcp",
-        "bind": f"{host}:{m['port']}",
-    }
-    if scheme in ("mqtts", "wss"):
-        cfg.update(ssl=True, certfile=cert, keyfile=key)
-    return cfg
-
-
-def client_url(listeners: list[str]) -> str:
-    """The URL the gateway's own sink uses to reach the embedded broker (its first TCP listener)."""
-    for url in listeners:
-        m = _URL.match(url)
-        if m and m["scheme"] in ("tcp", "mqtt"):
-            host = m["host"].strip("[]")
-            if host in ("", "0.0.0.0"):
-                host = "127.0.0.1"
-            elif host == "::":
-                host = "::1"  # asyncio binds "::" IPv6-only
-            if ":" in host:
-                host = f"[{host}]"
-            return f"mqtt://{host}:{m['port']}"
-    raise FieldgateError("the embedded broker needs a tcp:// listener for the gateway's own sink")
 
 
 class EmbeddedBroker:

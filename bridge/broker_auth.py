@@ -31,7 +31,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from bridge.broker_acl import BrokerAuth
-from bridge.broker_users import INTERNAL_USER, UsersFile, verify_password
+from bridge.broker_users import INTERNAL_USER, LOGIN_FAILURES, UsersFile, verify_password
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ LOGIN_QUEUE = 32
 #: Two checks take some 0.4 s: a client that logs in again at once after each refusal (about 10 wrong
 #: logins a second) holds at most this many places, and the other users find the rest of the queue free.
 LOGIN_PER_SOURCE = 4
-#: Why logins are refused, as `fieldgate_broker_auth_failures_total{reason}` names them.
-LOGIN_FAILURES = ("anonymous", "unknown_user", "bad_password", "busy", "will_denied", "error")
 #: A refusal is logged once per reason per this many seconds (with the count in between).
 LOGIN_LOG_INTERVAL = 60.0
 

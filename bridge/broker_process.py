@@ -30,9 +30,8 @@ import signal
 import stat
 import sys
 
-from bridge import broker_auth
 from bridge.broker_acl import BrokerAuth
-from bridge.broker_auth import LOGIN_FAILURES
+from bridge.broker_users import LOGIN_FAILURES
 from gateway.errors import FieldgateError
 from gateway.supervise import Supervised, Supervisor
 
@@ -241,9 +240,13 @@ async def _report_logins() -> None:
     # Never blocking the broker's loop on a gateway that reads late: a line (far below PIPE_BUF) goes whole or
     # not at all, and one not sent is no loss, since the next carries the totals.
     os.set_blocking(fd, False)
+    # The child's own login gate; imported here, in the child, so that the gateway (which only reads the
+    # totals) does not load amqtt with it.
+    from bridge.broker_auth import login_failures
+
     sent: dict[str, int] | None = None
     while True:
-        counts = broker_auth.login_failures()
+        counts = login_failures()
         if counts != sent:
             try:
                 os.write(fd, json.dumps({"login_failures": counts}).encode() + b"\n")

@@ -1,4 +1,5 @@
-"""The embedded broker's users file: one USER:ARGON2-HASH per line, read, checked, recovered and written.
+"""The embedded broker's users: the users file (one USER:ARGON2-HASH per line: read, checked, recovered and
+written), the password check, and the reasons a login is refused. No amqtt here.
 
 A users file that cannot be read at start is moved aside (`recover_users_file`) and the broker starts
 with none: only the gateway's own sinks get in until users are added again.
@@ -29,6 +30,9 @@ MAX_ARGON2_KIB = 256 * 1024
 _ARGON2_COST = re.compile(r"\$argon2(?:id|i|d)\$v=\d+\$m=(?P<m>\d{1,12}),t=(?P<t>\d{1,12}),p=(?P<p>\d{1,12})\$")
 #: A users file larger than this is no users file (a line per user; thousands of users take a few hundred KiB).
 MAX_USERS_BYTES = 4 * 1024**2
+
+#: Why logins are refused, as `fieldgate_broker_auth_failures_total{reason}` names them.
+LOGIN_FAILURES = ("anonymous", "unknown_user", "bad_password", "busy", "will_denied", "error")
 
 #: The user the gateway's own sinks log in as; `$` keeps it out of the users file (see `check_username`).
 INTERNAL_USER = "$fieldgate"

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bridge.broker import client_url
+from bridge.broker_listeners import client_url
 from bridge.broker_acl import BrokerAuth
 from bridge.broker_users import INTERNAL_USER
 from bridge.outbox import Outbox

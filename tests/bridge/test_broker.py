@@ -15,7 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.broker import EmbeddedBroker, client_url, listener_config
+from bridge.broker import EmbeddedBroker
+from bridge.broker_listeners import client_url, listener_config
 from bridge.sink import MqttSink
 from gateway.config import parse_config
 from gateway.errors import ConfigError, FieldgateError

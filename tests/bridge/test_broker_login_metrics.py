@@ -12,8 +12,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.broker_auth import LOGIN_FAILURES
-from bridge.broker_users import set_password
+from bridge.broker_users import LOGIN_FAILURES, set_password
 
 from configs import broker, config, write
 from helpers import GatewayProcess, free_port, mqtt_login, until

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import broker_auth, statefiles
+from bridge import broker_auth, broker_users, statefiles
 from bridge.broker import EmbeddedBroker
 from bridge.broker_users import read_users, set_password
 from bridge.statefiles import corrupt_counts
@@ -33,7 +33,7 @@ ACCEPTED, NOT_AUTHORIZED = 0, 5
 def counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """The corrupt-file and login counters are process-wide: this module's count from zero, others' stay."""
     monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
-    monkeypatch.setattr(broker_auth.LOGINS, "failures", dict.fromkeys(broker_auth.LOGIN_FAILURES, 0))
+    monkeypatch.setattr(broker_auth.LOGINS, "failures", dict.fromkeys(broker_users.LOGIN_FAILURES, 0))
 
 
 async def test_a_login_flood_runs_two_checks_at_once_refuses_beyond_the_queue_and_counts(

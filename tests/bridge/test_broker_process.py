@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.broker_auth import LOGIN_FAILURES
+from bridge.broker_users import LOGIN_FAILURES
 from bridge.broker_process import BrokerProcess
 from bridge.sink import MqttSink
 from gateway.errors import FieldgateError
