@@ -12,6 +12,7 @@ from typing import Any, Protocol
 #: not starting with "." or "-". Use it with `fullmatch` only: `match` with "$" lets a trailing newline through.
 TOPIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
+
 def now_ms() -> int:
     """The wall clock in unix milliseconds: the unit of every `ts` the gateway publishes or stores."""
     return time.time_ns() // 1_000_000
