@@ -7,6 +7,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from gateway.config.schema import BusConfig, Config, SinkConfig
 from gateway.config.settings import mcp_server, modbus_line
 from gateway.errors import ConfigError
 from gateway.event_gate import EventGate
-from gateway.health import problems
+from gateway.health import HEALTH_PARTS, problems
 from gateway.homeassistant import Discovery
 from gateway.jsonsafe import dumps_safe
 from gateway.line_budgets import budget_warnings
@@ -30,7 +31,7 @@ from gateway.metrics_topic import metrics_payload
 from gateway.reload import ConfigDiff, diff
 from gateway.router import Router
 from gateway.sinks import build_sink
-from gateway.snapshot import GatewaySnapshot, take_snapshot
+from gateway.snapshot import ALL_PARTS, GatewaySnapshot, take_snapshot
 from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier
 from gateway.types import DeviceProfile, Driver, Message, now_ms
@@ -207,13 +208,13 @@ class Gateway:
         """The gateway's id (`gateway.id`)."""
         return self.cfg.gateway.id
 
-    def snapshot(self) -> GatewaySnapshot:
-        """Every part of the gateway as of now, frozen: what the metrics, the status page and systemd render."""
-        return take_snapshot(self)
+    def snapshot(self, parts: Collection[str] = ALL_PARTS) -> GatewaySnapshot:
+        """`parts` of the gateway (all unless told) as of now, frozen: what metrics, status page and systemd render."""
+        return take_snapshot(self, parts)
 
     def problems(self, *, lasting: bool = False) -> list[str]:
         """Why the gateway is not healthy now (for /healthz and the systemd watchdog); see gateway.health."""
-        return problems(self.snapshot(), lasting=lasting)
+        return problems(self.snapshot(HEALTH_PARTS), lasting=lasting)
 
     def metrics(self) -> dict[str, object]:
         """Counters and gauges of every part, as published on `P/metrics`."""

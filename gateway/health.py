@@ -5,6 +5,9 @@ from __future__ import annotations
 from gateway.snapshot import LINES, SINKS, TASKS, GatewaySnapshot
 from gateway.types import ModbusLineSnapshot
 
+#: The parts of a snapshot `problems` reads: /healthz and the watchdog take only these.
+HEALTH_PARTS = (SINKS, TASKS, LINES)
+
 
 def line_stuck(line: ModbusLineSnapshot, now: float) -> str | None:
     """Why a Modbus line looks stuck at `now` (its task has not moved for longer than any healthy step takes)."""
@@ -24,7 +27,7 @@ def problems(snapshot: GatewaySnapshot, *, lasting: bool = False) -> list[str]:
     With `lasting` (the watchdog), a supervised task counts only once it keeps failing: one failure the
     supervisor's restart fixes must not have systemd restart the whole gateway (see LASTING_FAILURES).
     """
-    snapshot.require(SINKS, TASKS, LINES)
+    snapshot.require(*HEALTH_PARTS)
     out = [f"sink {sink.name}: {sink.problem}" for sink in snapshot.sinks if sink.problem]
     out += snapshot.lasting_task_problems if lasting else snapshot.task_problems
     for line in snapshot.lines:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -12,9 +11,9 @@ from prometheus_client.exposition import choose_encoder
 
 from gateway.config.addresses import split_listen
 from gateway.errors import FieldgateError
-from gateway.health import problems
+from gateway.health import HEALTH_PARTS, problems
 from gateway.prometheus import GatewayCollector
-from gateway.snapshot import LINES, GatewaySnapshot
+from gateway.snapshot import LINES, SnapshotSource
 from gateway.status_page import StatusPage
 from gateway.supervise import Supervised, Supervisor
 from gateway.utilisation import Utilisation
@@ -28,7 +27,7 @@ SHUTDOWN_TIMEOUT = 1.0  # a scrape in progress at stop gets this long
 class HttpServer:
     """The gateway's HTTP listener: `/metrics` (Prometheus), `/healthz` and `/` (status page)."""
 
-    def __init__(self, snapshot: Callable[[], GatewaySnapshot], listen: str, supervisor: Supervisor) -> None:
+    def __init__(self, snapshot: SnapshotSource, listen: str, supervisor: Supervisor) -> None:
         self.snapshot = snapshot
         self.listen = listen
         self.port = 0
@@ -76,7 +75,7 @@ class HttpServer:
             self._sample()
 
     def _sample(self) -> None:
-        snapshot = self.snapshot()
+        snapshot = self.snapshot((LINES,))
         snapshot.require(LINES)
         self.utilisation.sample(snapshot.lines, snapshot.taken_at)
 
@@ -88,7 +87,7 @@ class HttpServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         # That this handler runs at all shows the event loop answers; the rest is what can die quietly.
-        found = problems(self.snapshot())
+        found = problems(self.snapshot(HEALTH_PARTS))
         if found:
             return web.Response(status=503, text="\n".join(found) + "\n")
         return web.Response(text="ok\n")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from gateway.snapshot import GatewaySnapshot
+from gateway.snapshot import ALL_PARTS, GatewaySnapshot
 from gateway.types import ModbusDeviceSnapshot
 
 
 def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
     """Counters and gauges of every part, as published on `P/metrics`; raises what a part that was not read raised."""
-    snapshot.require(*snapshot.unreadable)
+    snapshot.require(*ALL_PARTS)
     mcp = snapshot.mcp
     return {
         "uptime_s": round(snapshot.uptime_s, 1),

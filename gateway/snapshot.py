@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +31,8 @@ LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER = (
     "state files",
     "broker",
 )
+#: Every part: what a snapshot reads unless asked for fewer (the watchdog reads only what health needs).
+ALL_PARTS = (LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +87,24 @@ class GatewaySnapshot:
     state_files_corrupt: dict[str, int] = field(default_factory=dict)
     broker_login_failures: dict[str, int] | None = None  # None: no embedded broker
     unreadable: dict[str, BaseException] = field(default_factory=dict)
+    read: frozenset[str] = frozenset(ALL_PARTS)  # the parts this snapshot was asked for
 
     def require(self, *parts: str) -> None:
-        """Raise what reading the first of `parts` that could not be read raised; nothing when all were read."""
+        """Raise what reading the first of `parts` that could not be read raised; nothing when all were read.
+
+        LookupError for a part this snapshot was not asked for: its fields would only look empty.
+        """
         for part in parts:
+            if part not in self.read:
+                raise LookupError(f"the {part} part was not read into this snapshot")
             if (exc := self.unreadable.get(part)) is not None:
                 raise exc
+
+
+class SnapshotSource(Protocol):
+    """What renderers are given instead of the gateway: a call that takes a snapshot of some or all parts."""
+
+    def __call__(self, parts: Collection[str] = ALL_PARTS) -> GatewaySnapshot: ...
 
 
 # --- the builder -----------------------------------------------------------------------------------
@@ -170,15 +184,18 @@ class GatewayParts(Protocol):
     def reloading(self) -> bool: ...
 
 
-def take_snapshot(gw: GatewayParts) -> GatewaySnapshot:
-    """Read every part of the gateway once, now."""
+def take_snapshot(gw: GatewayParts, parts: Collection[str] = ALL_PARTS) -> GatewaySnapshot:
+    """Read `parts` of the gateway (every part unless told), once, now."""
     now = time.monotonic()
-    parts: dict[str, Any] = {}
+    taken = frozenset(parts)
+    fields: dict[str, Any] = {}
     unreadable: dict[str, BaseException] = {}
 
     def read(part: str, reader: Any) -> None:
+        if part not in taken:
+            return
         try:
-            parts.update(reader())
+            fields.update(reader())
         except Exception as exc:  # one part that cannot be read costs what needs it, not the snapshot
             unreadable[part] = exc
 
@@ -197,7 +214,8 @@ def take_snapshot(gw: GatewayParts) -> GatewaySnapshot:
         uptime_s=now - gw.started_at,
         reloading=gw.reloading,
         unreadable=unreadable,
-        **parts,
+        read=taken,
+        **fields,
     )
 
 

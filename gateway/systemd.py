@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from gateway.health import line_stuck, problems
+from gateway.health import HEALTH_PARTS, line_stuck, problems
 from gateway.sdnotify import (
     notify,
     ready,
@@ -22,7 +22,7 @@ from gateway.sdnotify import (
     watchdog_interval,
     watchdog_ping,
 )
-from gateway.snapshot import LINES, MCP, SINKS, GatewaySnapshot
+from gateway.snapshot import LINES, MCP, SINKS, GatewaySnapshot, SnapshotSource
 from gateway.supervise import Supervised, Supervisor
 from gateway.types import ModbusLineSnapshot
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: How often the one-line STATUS= summary is refreshed.
 STATUS_INTERVAL = 10.0
+#: The parts of a snapshot the STATUS= line reads.
+STATUS_PARTS = (LINES, MCP, SINKS)
 #: The least lateness of the watchdog's own timer taken as a blocked event loop (tiny test intervals).
 MIN_LATENESS = 0.25
 
@@ -92,7 +94,7 @@ class Watchdog:
             self.pings += 1
 
 
-def gateway_healthy(snapshot: Callable[[], GatewaySnapshot]) -> Check:
+def gateway_healthy(snapshot: SnapshotSource) -> Check:
     """A check that fails with the gateway's first lasting problem (a stuck or ended line, a sink's outbox not
     running, a supervised task that keeps failing); skipped while a reload rebuilds lines and sinks.
 
@@ -102,7 +104,7 @@ def gateway_healthy(snapshot: Callable[[], GatewaySnapshot]) -> Check:
     """
 
     def check(now: float) -> str | None:
-        taken = snapshot()
+        taken = snapshot(HEALTH_PARTS)
         if taken.reloading:
             return None
         found = problems(taken, lasting=True)
@@ -129,7 +131,7 @@ def _count(n: int, what: str) -> str:
 
 def status_line(snapshot: GatewaySnapshot) -> str:
     """The gateway in one line: devices online per line, MCP sessions, each sink's state."""
-    snapshot.require(LINES, MCP, SINKS)
+    snapshot.require(*STATUS_PARTS)
     parts = []
     if snapshot.lines:
         devices = [d for line in snapshot.lines for d in line.devices]
@@ -155,7 +157,7 @@ def status_line(snapshot: GatewaySnapshot) -> str:
 class ServiceNotifier:
     """What the gateway tells systemd: READY with a STATUS, fresh STATUS lines, watchdog pings, STOPPING."""
 
-    def __init__(self, snapshot: Callable[[], GatewaySnapshot], supervisor: Supervisor) -> None:
+    def __init__(self, snapshot: SnapshotSource, supervisor: Supervisor) -> None:
         self.snapshot = snapshot
         self.supervisor = supervisor
         self.watchdog: Watchdog | None = None
@@ -165,7 +167,7 @@ class ServiceNotifier:
         """Everything is up: READY=1, then keep STATUS fresh and start the watchdog if systemd asked for one."""
         if socket_address() is None:
             return
-        snapshot = self.snapshot()
+        snapshot = self.snapshot(STATUS_PARTS)
         ready(status_line(snapshot))
         # Supervised like every long-lived task; the watchdog is not: its end (a failure, or stuck) must mean no
         # more pings, so that systemd restarts the gateway, never a restart that pings again.
@@ -187,7 +189,7 @@ class ServiceNotifier:
 
     def reloaded(self) -> None:
         """READY=1 again after a reload, refused or not; the watchdog now watches the lines that run now."""
-        ready(status_line(self.snapshot()))
+        ready(status_line(self.snapshot(STATUS_PARTS)))
 
     async def stopping(self) -> None:
         """STOPPING=1; no more pings or STATUS refreshes (systemd disarms the watchdog while stopping)."""
@@ -201,4 +203,4 @@ class ServiceNotifier:
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            status(status_line(self.snapshot()))
+            status(status_line(self.snapshot(STATUS_PARTS)))

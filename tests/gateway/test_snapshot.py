@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from gateway.event_gate import EventGate
-from gateway.health import problems
+from gateway.health import HEALTH_PARTS, problems
 from gateway.metrics_topic import metrics_payload
 from gateway.snapshot import LINES, MCP, SINKS, GatewaySnapshot, SinkSnapshot, TaskSnapshot, take_snapshot
 from gateway.supervise import Supervisor
@@ -47,7 +47,7 @@ class Parts:
 
     def __init__(self) -> None:
         self.supervisor = Supervisor()
-        self.buses = [SimpleNamespace(snapshot=lambda: line("l1"))]
+        self.buses = [SimpleNamespace(snapshot=lambda: line("l1", running=False))]
         self.mcp = SimpleNamespace(snapshot=self._broken)
 
     @staticmethod
@@ -146,3 +146,13 @@ def test_metrics_payload_keeps_its_keys_order_and_json_shapes() -> None:
     assert list(payload["devices"]["d1"]) == [*asdict(counters), "online"]  # type: ignore[index]
     with pytest.raises(RuntimeError, match="a bug in the MCP counters"):
         metrics_payload(take_snapshot(Parts()))  # type: ignore[arg-type]  # a part not read: no half payload
+
+
+def test_health_reads_only_its_parts_and_a_part_not_read_cannot_pass_for_empty() -> None:
+    snap = take_snapshot(Parts(), HEALTH_PARTS)  # type: ignore[arg-type]
+    assert snap.unreadable == {}  # the MCP server, which fails to report, was not asked
+    assert problems(snap) == ["modbus line l1: its task has ended"]
+    with pytest.raises(LookupError, match="the mcp part was not read"):
+        snap.require(MCP)
+    with pytest.raises(LookupError):
+        metrics_payload(snap)
