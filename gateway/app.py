@@ -27,7 +27,7 @@ from gateway.health import HEALTH_PARTS, problems
 from gateway.homeassistant import Discovery
 from gateway.jsonsafe import dumps_safe
 from gateway.line_budgets import budget_warnings
-from gateway.metrics_topic import metrics_payload
+from gateway.metrics_topic import METRICS_PARTS, metrics_payload
 from gateway.reload import ConfigDiff, diff
 from gateway.router import Router
 from gateway.sinks import build_sink
@@ -218,7 +218,7 @@ class Gateway:
 
     def metrics(self) -> dict[str, object]:
         """Counters and gauges of every part, as published on `P/metrics`."""
-        return metrics_payload(self.snapshot())
+        return metrics_payload(self.snapshot(METRICS_PARTS))
 
     async def _metrics_loop(self) -> None:
         while True:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from gateway.snapshot import ALL_PARTS, GatewaySnapshot
+from gateway.snapshot import LINES, MCP, SINKS, TASKS, GatewaySnapshot
 from gateway.types import ModbusDeviceSnapshot
+
+#: The parts of a snapshot the payload reads.
+METRICS_PARTS = (LINES, MCP, SINKS, TASKS)
 
 
 def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
     """Counters and gauges of every part, as published on `P/metrics`; raises what a part that was not read raised."""
-    snapshot.require(*ALL_PARTS)
+    snapshot.require(*METRICS_PARTS)
     mcp = snapshot.mcp
     return {
         "uptime_s": round(snapshot.uptime_s, 1),

@@ -17,10 +17,13 @@ from prometheus_client.utils import floatToGoString
 
 from drivers.modbus.device import RESPONSE_BUCKETS
 from gateway import __version__
-from gateway.snapshot import BROKER, DROPS, LINES, MCP, SINKS, STATE_FILES, TASKS, GatewaySnapshot
+from gateway.snapshot import BROKER, DROPS, LINES, MCP, SINKS, STATE_FILES, TASKS, GatewaySnapshot, SnapshotSource
 from gateway.utilisation import UTILISATION_WINDOW, Utilisation
 
 log = logging.getLogger(__name__)
+
+#: The parts of a snapshot a scrape reads (not what was published of each device: the status page shows that).
+SCRAPE_PARTS = (LINES, MCP, SINKS, TASKS, DROPS, STATE_FILES, BROKER)
 
 
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
@@ -34,13 +37,13 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 class GatewayCollector(Collector):
     """Renders a fresh snapshot of the gateway at each scrape: no second set of counters to keep in step."""
 
-    def __init__(self, snapshot: Callable[[], GatewaySnapshot], utilisation: Utilisation) -> None:
+    def __init__(self, snapshot: SnapshotSource, utilisation: Utilisation) -> None:
         self.snapshot = snapshot
         self.utilisation = utilisation
 
     def collect(self) -> Iterator[Metric]:
         """Every series of the gateway, as of now."""
-        snap = self.snapshot()
+        snap = self.snapshot(SCRAPE_PARTS)
         info = _gauge("info", "The gateway's id and version (always 1).", ["gateway", "version"])
         info.add_metric([snap.gateway_id, __version__], 1)
         yield info
