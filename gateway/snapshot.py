@@ -3,12 +3,11 @@
 P/metrics, the Prometheus collector, the status page, /healthz, the watchdog and the systemd status line
 all render a `GatewaySnapshot`; none of them reads a driver, outbox, sink or the supervisor itself.
 A part whose reading raises is left empty and kept in `unreadable`: each renderer then drops what
-needs it (a section, a group of series) and renders the rest, as it did when it read the parts itself.
+needs it (a section, a group of series) and renders the rest.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,8 +16,6 @@ from typing import Any, Protocol
 from bridge import statefiles
 from gateway.supervise import Supervisor
 from gateway.types import McpServerSnapshot, ModbusLineSnapshot, Value, now_ms
-
-log = logging.getLogger(__name__)
 
 #: The parts a snapshot reads; each may be `unreadable` on its own.
 LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER = (
