@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import configs
 import pytest
 
 import bridge.sink
@@ -26,6 +25,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from hil.line import Rs485Line
 
+import configs
 from helpers import Received, Sender, Subscriber, free_port, now_ms, spool_rows, subscribed, until
 from mosquitto import Mosquitto
 
