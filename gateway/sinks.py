@@ -8,8 +8,8 @@ import secrets
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bridge.broker_listeners import client_url
 from bridge.broker_acl import BrokerAuth
+from bridge.broker_listeners import client_url
 from bridge.broker_users import INTERNAL_USER
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
