@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from drivers.modbus.planner import BIT_TABLES
-from gateway import homeassistant as ha
+from gateway.config import ha_entities as ha
 
 from .addresses import exposed, host_port, port_key
 from .problems import Path, Problem, hint
