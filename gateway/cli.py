@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -187,11 +186,3 @@ def _spool(args: argparse.Namespace) -> int:
     for error in errors:
         print(f"fieldgate: {error}", file=sys.stderr)
     return EXIT_RUNTIME if errors else EXIT_OK
-
-
-def parse_json_value(text: str) -> object:
-    """A command-line value: JSON when it parses, else the bare text."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text

@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from drivers.modbus.device import RESPONSE_BUCKETS
+from drivers.modbus.stats import RESPONSE_BUCKETS
 from gateway import __version__
 from gateway.snapshot import BROKER, DROPS, LINES, MCP, SINKS, STATE_FILES, TASKS, GatewaySnapshot, SnapshotSource
 from gateway.utilisation import UTILISATION_WINDOW, Utilisation

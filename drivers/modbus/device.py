@@ -10,7 +10,6 @@ from drivers.modbus import budget
 from drivers.modbus.codec import Decoded
 from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span, plan
 from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings
-from drivers.modbus.stats import RESPONSE_BUCKETS as RESPONSE_BUCKETS  # gateway/prometheus.py reads it here
 from drivers.modbus.stats import DeviceStats
 from gateway.errors import CodecError
 from gateway.types import Value
