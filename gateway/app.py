@@ -174,8 +174,7 @@ class Gateway:
 
     def _profiles(self) -> list[DeviceProfile]:
         """What the router needs to know of each device, as the running drivers have it (writes go through them)."""
-        drivers: list[ModbusBus | McpServer] = [*self.buses, *([self.mcp] if self.mcp else [])]
-        return [profile for driver in drivers for profile in driver.profiles()]
+        return [profile for driver in self.drivers for profile in driver.profiles()]
 
     # Sinks are built before their outboxes and the router exist, so they look them up late (and a
     # sink that a reload replaced or removed may still deliver a request: it goes to its successor or nowhere).
