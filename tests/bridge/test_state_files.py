@@ -142,6 +142,21 @@ def test_a_spool_locked_by_another_gateway_is_not_corrupt(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.db"]
 
 
+def test_a_database_that_is_not_a_spool_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """A `messages` table with other columns is someone else's data: refused by name, never moved aside or used."""
+    path = tmp_path / "spool.db"
+    with sqlite3.connect(path) as other:
+        other.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT)")
+        other.execute("INSERT INTO messages (body) VALUES ('kept')")
+    other.close()
+    with pytest.raises(SpoolStorageError, match=r"is not a spool \(columns \['body', 'id'\]\)"):
+        SQLiteSpool(path, min_free_bytes=0)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("spool.db-")) == ["spool.db"]
+    with sqlite3.connect(path) as again:
+        assert again.execute("SELECT body FROM messages").fetchall() == [("kept",)]
+    again.close()
+
+
 def corrupt_under(spool: SQLiteSpool, rows: int = 15_000) -> int:
     """Fill an open spool beyond SQLite's page cache, then overwrite its pages after the first on disk."""
     for k in range(0, rows, 1000):
