@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.broker_users import LOGIN_FAILURES
 from bridge.broker_process import BrokerProcess
+from bridge.broker_users import LOGIN_FAILURES
 from bridge.sink import MqttSink
 from gateway.errors import FieldgateError
 from gateway.supervise import Supervisor

@@ -23,9 +23,9 @@ from gateway import __version__
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.errors import FieldgateError
-from gateway.utilisation import Utilisation
 from gateway.jsonsafe import loads_strict
 from gateway.types import Sample
+from gateway.utilisation import Utilisation
 
 from configs import broker, config, device, line, mcp, mcp_device, point, sim_line, sim_mcp, sim_slave, simulator, write
 from helpers import Received, Subscriber, free_port, now_ms, until

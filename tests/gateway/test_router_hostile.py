@@ -17,9 +17,9 @@ from bridge.broker import EmbeddedBroker
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from gateway.audit import AuditRecord
-from gateway.status_page import StatusPage, _age
 from gateway.jsonsafe import loads_strict
 from gateway.router import SUBSCRIPTIONS, Router
+from gateway.status_page import StatusPage, _age
 from gateway.types import Command, CommandResult, DeviceProfile, Sample, Write, WriteResult
 
 from helpers import Subscriber
