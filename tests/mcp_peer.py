@@ -13,23 +13,6 @@ from gateway.app import Gateway
 from configs import Section, broker, config, mcp, mcp_device
 from helpers import Subscriber
 
-# The same gateway as mcp_gateway_config, as a format string: tests/drivers/mcp/conftest.py fills it in.
-CONFIG = """
-gateway: {{id: m1, state_dir: ./state, http: null}}
-broker: {{listeners: ["tcp://127.0.0.1:{mqtt}"]}}
-mcp:
-  listen: 127.0.0.1:{mcp}
-  ack_timeout: 300ms
-  retries: 1
-  max_payload: 4kB
-  max_sessions: {max_sessions}
-{mcp_extra}
-  devices:
-    - {{id: pump-1, token: s3cret-token-0001}}
-    - {{id: pump-2, token: other-token-00002}}
-{extra}
-"""
-
 
 def mcp_gateway_config(
     mqtt: int, mcp_port: int, *, max_sessions: int = 100, northbound: list[Section] | None = None, **mcp_keys: Any

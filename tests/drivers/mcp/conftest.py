@@ -11,22 +11,22 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import load_config
 
+import configs
 from helpers import Subscriber, free_port
-from mcp_peer import CONFIG, McpGateway, RawPeer
+from mcp_peer import McpGateway, RawPeer, mcp_gateway_config
 
 
 @pytest.fixture
 def mcp_config() -> dict[str, object]:
-    """Overrides for the MCP test config (tests may change them before `mcp_gateway` starts)."""
-    return {"max_sessions": 100, "extra": "", "mcp_extra": ""}
+    """Keys of the MCP test gateway's `mcp` section (tests may change them before `mcp_gateway` starts)."""
+    return {"max_sessions": 100}
 
 
 @pytest.fixture
 async def mcp_gateway(tmp_path: Path, mcp_config: dict[str, object]) -> AsyncIterator[McpGateway]:
     """A gateway with an MCP server and its embedded broker, on free ports."""
     mqtt, mcp = free_port(), free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(mqtt=mqtt, mcp=mcp, **mcp_config))
+    path = configs.write(mcp_gateway_config(mqtt, mcp, **mcp_config), tmp_path / "config.yaml")
     gw = Gateway(load_config(path))
     await gw.start()
     sub = Subscriber(mqtt)

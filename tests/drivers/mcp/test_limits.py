@@ -93,12 +93,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def mcp_config(pki: dict[str, Path], request: pytest.FixtureRequest) -> dict[str, object]:
     """TLS on, client certificates required (tests that need other settings override)."""
-    tls = (
-        f"  tls: {{cert: {pki['server.pem']}, key: {pki['server.key']}, client_ca: {pki['ca.pem']}}}"
-        if request.node.get_closest_marker("tls")
-        else ""
-    )
-    return {"max_sessions": 5, "extra": "", "mcp_extra": tls}
+    if not request.node.get_closest_marker("tls"):
+        return {"max_sessions": 5}
+    return {
+        "max_sessions": 5,
+        "tls": {"cert": str(pki["server.pem"]), "key": str(pki["server.key"]), "client_ca": str(pki["ca.pem"])},
+    }
 
 
 def client_context(pki: dict[str, Path], with_cert: bool) -> ssl.SSLContext:

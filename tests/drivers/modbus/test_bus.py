@@ -24,12 +24,14 @@ from gateway.errors import BusUnavailable, DeviceException, DeviceTimeout
 from gateway.types import Write
 from hil import scenarios
 
+from configs import Section, device, point
 from helpers import Recorder
 
 
-def bus_config(devices_yaml: str, **bus: object) -> LineSettings:
-    """A bus config validated exactly like a user's: 115200 baud, no parity (ptys refuse even parity)."""
-    return modbus_line(scenarios.bus_config(devices_yaml, **{"baudrate": 115200, "parity": "N", **bus}))
+def bus_config(devices: str | list[Section], **bus: object) -> LineSettings:
+    """A bus config validated exactly like a user's (devices as YAML text or the builder's dicts): 115200 baud, no
+    parity (ptys refuse even parity)."""
+    return modbus_line(scenarios.bus_config(devices, **{"baudrate": 115200, "parity": "N", **bus}))
 
 
 @dataclass
@@ -86,17 +88,8 @@ async def start(make_rig, cleanup, cfg: LineSettings, dead: tuple[int, ...] = ()
 
 
 async def test_writes_jump_ahead_of_polling(make_rig, cleanup) -> None:  # type: ignore[no-untyped-def]
-    points = "\n".join(f"            - {{name: p{i}, table: holding, address: {i * 20}}}" for i in range(10))
-    cfg = bus_config(
-        f"""        - name: d
-          unit: 1
-          poll: 10ms
-          max_gap: 0
-          points:
-            - {{name: sp, table: holding, address: 500, writable: true}}
-{points}""",
-        inter_request_delay="20ms",
-    )
+    points = [point("sp", "holding", 500, writable=True)] + [point(f"p{i}", "holding", i * 20) for i in range(10)]
+    cfg = bus_config([device("d", 1, poll="10ms", max_gap=0, points=points)], inter_request_delay="20ms")
     rig = await start(make_rig, cleanup, cfg)
     await asyncio.sleep(0.3)
     before = rig.bus.stats.transactions
@@ -214,16 +207,8 @@ async def test_the_silence_between_frames_is_kept_to_the_fraction_of_a_milliseco
     # A fast line's t3.5 is 1.75 ms. Slept on asyncio's epoll loop it becomes 2-3 ms (the wait is rounded
     # up to whole milliseconds): at 115200 baud a tenth of the line. It must never be shorter either,
     # counted from the last byte heard to the next request.
-    points = "\n".join(f"            - {{name: p{i}, table: holding, address: {i * 20}}}" for i in range(3))
-    devices = "\n".join(
-        f"""        - name: d{u}
-          unit: {u}
-          poll: 0.1ms
-          max_gap: 0
-          points:
-{points}"""
-        for u in (1, 2)
-    )
+    points = [point(f"p{i}", "holding", i * 20) for i in range(3)]
+    devices = [device(f"d{u}", u, poll="0.1ms", max_gap=0, points=points) for u in (1, 2)]
     cfg = bus_config(devices, inter_request_delay="1.5ms")
     rig = await make_rig(cfg)
     cleanup.append(rig)
