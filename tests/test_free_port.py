@@ -1,4 +1,5 @@
-"""free_port: ports outside the ephemeral range, never handed to two test processes, never one in use."""
+"""free_port (hil/ports.py; tests/helpers.py re-exports it): ports outside the ephemeral range, never handed to two
+test processes, never one in use."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import helpers
-from helpers import PORT_RANGE, free_port
+from hil import ports
+from hil.ports import PORT_RANGE, free_port
 
 TESTS = Path(__file__).resolve().parent
 
 # A test process whose pid-based starting place is the same as every other's (the worst case): it prints
 # the ports it was given and keeps them (it lives) until its stdin closes.
 TAKER = """
-import sys, helpers
-helpers.os.getpid = lambda: 1
-print(" ".join(str(helpers.free_port()) for _ in range(int(sys.argv[1]))), flush=True)
+import sys
+from hil import ports
+ports.os.getpid = lambda: 1
+print(" ".join(str(ports.free_port()) for _ in range(int(sys.argv[1]))), flush=True)
 sys.stdin.read()
 """
 
@@ -71,12 +73,12 @@ def test_a_port_is_outside_the_ephemeral_range_and_not_handed_out_twice() -> Non
 
 
 def test_a_port_someone_listens_on_is_passed_over(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(helpers, "_PORT_LOCKS", tmp_path)
-    monkeypatch.setattr(helpers, "_reserved", {})
-    monkeypatch.setattr(helpers.os, "getpid", lambda: 1)
+    monkeypatch.setattr(ports, "_PORT_LOCKS", tmp_path)
+    monkeypatch.setattr(ports, "_reserved", {})
+    monkeypatch.setattr(ports.os, "getpid", lambda: 1)
     first = free_port()
-    os.close(helpers._reserved[first])
-    monkeypatch.setattr(helpers, "_reserved", {})  # as if another process, without the lock scheme
+    os.close(ports._reserved[first])
+    monkeypatch.setattr(ports, "_reserved", {})  # as if another process, without the lock scheme
     for fd in os.listdir(tmp_path):
         (tmp_path / fd).unlink()  # and without its lock file
     with socket.socket() as s:
