@@ -16,7 +16,9 @@ from pathlib import Path
 from bridge.statefiles import move_aside
 from gateway.jsonsafe import loads_strict
 
-log = logging.getLogger(__name__)
+# The logger name these lines had before the split (the state file was discovery's):
+# journal filters keep working.
+log = logging.getLogger("gateway.homeassistant")
 
 STATE_FILE = "homeassistant.json"
 #: A state file larger than this is no file of ours: a topic per entity, and thousands of entities take kilobytes.

@@ -20,7 +20,9 @@ from gateway import __version__
 from gateway.snapshot import BROKER, DROPS, LINES, MCP, SINKS, STATE_FILES, TASKS, GatewaySnapshot, SnapshotSource
 from gateway.utilisation import UTILISATION_WINDOW, Utilisation
 
-log = logging.getLogger(__name__)
+# The logger name these lines had before the split (the collector was the HTTP server's):
+# journal filters keep working.
+log = logging.getLogger("gateway.http")
 
 #: The parts of a snapshot a scrape reads (not what was published of each device: the status page shows that).
 SCRAPE_PARTS = (LINES, MCP, SINKS, TASKS, DROPS, STATE_FILES, BROKER)

@@ -10,7 +10,9 @@ import logging
 import os
 import socket
 
-log = logging.getLogger(__name__)
+# The logger name these lines had before the split (sd_notify was systemd.py's):
+# journal filters keep working.
+log = logging.getLogger("gateway.systemd")
 
 
 def socket_address() -> str | None:

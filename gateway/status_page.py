@@ -13,7 +13,9 @@ from gateway.snapshot import DEVICES, LINES, MCP, SINKS, GatewaySnapshot
 from gateway.spool_report import human_age, human_size
 from gateway.utilisation import Utilisation
 
-log = logging.getLogger(__name__)
+# The logger name these lines had before the split (the page was the HTTP server's):
+# journal filters keep working.
+log = logging.getLogger("gateway.http")
 
 REFRESH_S = 5  # the page reloads itself this often
 
