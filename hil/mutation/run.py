@@ -96,12 +96,13 @@ MODULES = [
     ),
     Module(
         "mcp_session",
-        ["drivers/mcp/session.py"],
+        # The session's I/O, its sans-IO protocol rules and its output (events.py holds plain dataclasses only).
+        ["drivers/mcp/session.py", "drivers/mcp/protocol.py", "drivers/mcp/output.py"],
         ["tests/drivers/mcp"],
-        # The contract tests drive the session in-process on a loop clock they move; the others start a whole
-        # gateway per test (~50 s per surviving mutant). The one left out waits 3 s of real time for a rule
-        # a loop-clock test covers.
-        "(test_session or test_server_edges) and not test_a_peer_whose_reads_always_end_mid_frame",
+        # test_protocol drives the protocol in memory; the contract tests drive the session in-process on a loop
+        # clock they move; the others start a whole gateway per test (~50 s per surviving mutant). The one left
+        # out waits 3 s of real time for a rule a loop-clock test covers.
+        "(test_session or test_server_edges or test_protocol) and not test_a_peer_whose_reads_always_end_mid_frame",
     ),
     Module(
         "acl",

@@ -135,6 +135,19 @@ def test_a_hello_that_passes_registers_the_device_with_its_heartbeat() -> None:
     assert nack_of(send) == (7, 8, "overloaded: max_sessions reached") and close == Close("max_sessions reached")
 
 
+def test_a_hello_that_passes_names_its_device_in_the_verdict() -> None:
+    verdict = fresh().login(hello(), LIMITS, banned=False, token_of=TOKENS.get)
+    assert verdict.hello is not None and verdict.device_id == "pump-1"
+
+
+def test_a_configured_token_that_is_no_valid_unicode_refuses_the_hello_without_raising() -> None:
+    # Settings are plain values: a token with a lone surrogate is compared like any other, and matches no peer's.
+    verdict = fresh().login(hello(), LIMITS, banned=False, token_of={"pump-1": TOKEN + "\ud800"}.get)
+    assert verdict.hello is None and verdict.auth_failure == "bad_token"
+    send, close = verdict.refusal
+    assert nack_of(send)[:2] == (1, 7) and close == Close("authentication failed for 'pump-1'")
+
+
 @pytest.mark.parametrize("limit", [1, 2, 3, 5])
 def test_before_hello_the_nth_framing_error_closes_where_n_is_max_hello_errors(limit: int) -> None:
     limits = McpSettings(listen="x:1", host="x", port=1, max_hello_errors=limit)
@@ -224,6 +237,11 @@ def test_a_malformed_data_owes_its_nack_5_in_order_and_publishes_nothing(
     assert isinstance(verdict, Owe) and verdict.answer is not None
     assert nack_of(Send(verdict.answer)) == (5, 5, reason)
     assert (proto.stats.rejected_payloads, proto.stats.bad_ts, proto.stats.nacks_sent) == (1, bad_ts, 1)
+
+
+def test_a_malformed_data_is_owed_under_its_own_seq() -> None:
+    verdict = judge(logged_in(), data(7, values={}), SeqWindow("b1"))
+    assert isinstance(verdict, Owe) and verdict.seq == 7 and verdict.answer is not None
 
 
 # --- DATA answers leave in arrival order ---------------------------------------------------------------------
