@@ -509,6 +509,24 @@ async def test_a_command_goes_out_while_it_fits_max_unread_and_is_refused_past_i
     assert "pump-1" in srv.sessions
 
 
+async def test_a_command_answered_twice_in_one_read_takes_the_first_answer_and_the_session_goes_on(
+    served: Served,
+) -> None:
+    """A device that repeats its RESPONSE (both in one read) gets its first answer taken, the second ignored."""
+    srv = served.srv
+    peer = await logged_in(served)
+    task = asyncio.create_task(srv.command(Command("pump-1", "reset", {})))
+    sent = await peer.answer()
+    assert sent.type == FrameType.COMMAND
+    first = Frame.json(FrameType.RESPONSE, sent.seq, {"ok": True, "result": "first"})
+    second = Frame.json(FrameType.RESPONSE, sent.seq, {"ok": True, "result": "second"})
+    await peer.send(encode(first) + encode(second))
+    assert await task == CommandResult(ok=True, result="first")
+    await peer.send(encode(Frame(FrameType.HEARTBEAT, 9)))
+    assert await peer.answer() == Frame(FrameType.ACK, 9)  # the session still answers
+    assert "pump-1" in srv.sessions
+
+
 async def test_a_command_pending_when_the_session_ends_fails_at_once_saying_why(served: Served) -> None:
     srv = served.srv
     peer = await logged_in(served)
