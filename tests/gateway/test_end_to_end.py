@@ -222,7 +222,8 @@ async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
     port = free_port()
     text = (
         shipped.replace("tcp://127.0.0.1:1883", f"tcp://127.0.0.1:{port}")
-        .replace("id: demo", "id: demo\n  state_dir: ./state")
+        # Its status page too: 9720 may be taken by another gateway on this machine (a bench, the appliance).
+        .replace("id: demo", f"id: demo\n  state_dir: ./state\n  http: 127.0.0.1:{free_port()}")
         .replace("127.0.0.1:7720", f"127.0.0.1:{free_port()}")
     )
     assert f"127.0.0.1:{port}" in text
