@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hil.mosquitto_conf import base_config
+
 MISSING = "mosquitto is not installed: run `make test` once (it installs Debian's mosquitto package)"
 
 
@@ -180,26 +182,7 @@ class Mosquitto:
         self.config.write_text(self._config_text())
 
     def _config_text(self) -> str:
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "persistence false",
-            # 0 = unlimited: the default 1000 drops QoS 1 messages to a slow but connected subscriber.
-            "max_queued_messages 0",
-            "max_inflight_messages 0",
-            # stderr goes to the log file, so config errors before logging starts land there too.
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-            "log_timestamp_format %H:%M:%S",
-        ]
-        if os.geteuid() == 0:
-            # As root, mosquitto 2 switches to the `mosquitto` user before it reads the TLS files, which then
-            # cannot reach them in a 0700 tmp dir ("Unable to load CA certificates ... Permission denied").
-            lines.append("user root")
+        lines = base_config(self.port)
         if self.tls is not None:
             lines += [
                 f"cafile {self.tls.ca}",

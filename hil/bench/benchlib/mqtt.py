@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from hil.mosquitto_conf import base_config
 from hil.ports import free_port
 
 from .children import serve_pipe
@@ -100,24 +101,7 @@ class Mosquitto:
         self._log_file: IO[bytes] | None = None
 
     def _config_text(self) -> str:
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "persistence false",
-            # 0 = unlimited: the default 1000 drops QoS 1 messages to a slow but connected subscriber.
-            "max_queued_messages 0",
-            "max_inflight_messages 0",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-            "log_timestamp_format %H:%M:%S",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")  # mosquitto 2 would otherwise switch users and lose its work dir
-        return "\n".join(lines) + "\n"
+        return "\n".join(base_config(self.port)) + "\n"
 
     @property
     def url(self) -> str:
