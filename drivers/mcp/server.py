@@ -253,7 +253,12 @@ class McpServer:
         """Per-device counters (a shared scratch set before HELLO)."""
         if device_id is None:
             return self._unregistered
-        return self._stats.setdefault(device_id, SessionStats())
+        # Not setdefault: the snapshot asks for every configured device at each scrape and P/metrics, and a
+        # fresh SessionStats per call (thrown away when the device has one) is garbage by the thousand.
+        stats = self._stats.get(device_id)
+        if stats is None:
+            stats = self._stats[device_id] = SessionStats()
+        return stats
 
     def window(self, device_id: str) -> SeqWindow:
         """The device's duplicate window."""
