@@ -132,6 +132,8 @@ class ModbusLineCounters:
     exceptions: int = 0
     errors: int = 0
     reopen_attempts: int = 0
+    passthrough: int = 0  # Modbus TCP server clients' transactions carried out on the line
+    passthrough_failed: int = 0
     wire_seconds: float = 0.0
 
 

@@ -5,13 +5,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from pymodbus.pdu import ModbusPDU
 
 from drivers.modbus import budget, report
 from drivers.modbus.device import Device
 from drivers.modbus.planner import ReadRequest
+from drivers.modbus.schedule import (
+    RECONNECT_BACKOFF_MAX,
+    Idle,
+    LineSchedule,
+    Poll,
+    PortWait,
+    Reopen,
+    ServePassthrough,
+    ServeWrites,
+)
 from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # hil/scenarios.py reads it here
-from drivers.modbus.schedule import Idle, LineSchedule, Poll, PortWait, Reopen, ServeWrites
 from drivers.modbus.settings import LineSettings
 from drivers.modbus.stats import BusStats, count_answered_read, count_transaction
 from drivers.modbus.timing import QuietGap
@@ -34,6 +47,16 @@ OPEN_TIMEOUT = 3.0
 ALIVE_TICK = 1.0
 #: Allowed on top of the longest single step of the task: scheduling delays, the quiet gap.
 ALIVE_SLACK = 2.0
+
+
+@dataclass
+class PendingPassthrough:
+    """A request of a Modbus TCP server client waiting for the line, and the future its handler awaits."""
+
+    device: Device
+    request: ModbusPDU
+    timeout: float
+    future: asyncio.Future[ModbusPDU]
 
 
 def line_budget(cfg: LineSettings) -> budget.LineBudget:
@@ -60,19 +83,28 @@ class ModbusBus:
         self._on_state = on_state
         self._link = link or ModbusLink(
             cfg.port,
+            framing=cfg.framing,
             baudrate=cfg.baudrate,
             parity=cfg.parity,
             bytesize=cfg.bytesize,
             stopbits=cfg.stopbits,
-            connect_timeout=OPEN_TIMEOUT,
+            connect_timeout=cfg.connect_timeout,
+            rs485=cfg.rs485,
         )
         bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
         self._bits_per_char = bits
-        gap = cfg.inter_request_delay if cfg.inter_request_delay is not None else budget.t35(cfg.baudrate, bits)
+        if cfg.inter_request_delay is not None:
+            gap = cfg.inter_request_delay
+        else:
+            # Modbus TCP frames are delimited by their header, not by silence.
+            gap = 0.0 if cfg.mbap else budget.t35(cfg.baudrate, bits)
         self._quiet = QuietGap(gap, self.name)
         self._writes: asyncio.Queue[PendingWrite] = asyncio.Queue()
+        self._passthrough: deque[PendingPassthrough] = deque()
         self._wake = asyncio.Event()
-        self._schedule = LineSchedule(self.devices.values())
+        self._schedule = LineSchedule(
+            self.devices.values(), reopen_backoff_max=RECONNECT_BACKOFF_MAX if cfg.is_tcp else REOPEN_BACKOFF_MAX
+        )
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._logged: set[tuple[str, str, str]] = set()
@@ -131,7 +163,7 @@ class ModbusBus:
 
     def _longest_step(self) -> float:
         # Between two `alive_at` stamps the task does at most one transaction or one open.
-        longest = OPEN_TIMEOUT
+        longest = max(OPEN_TIMEOUT, self.cfg.connect_timeout)
         for device in self.devices.values():
             for job in device.jobs:
                 for r in job.requests:
@@ -162,6 +194,10 @@ class ModbusBus:
             pending = self._writes.get_nowait()
             if not pending.future.done():
                 pending.future.set_result(WriteResult(ok=False, error="gateway stopping"))
+        while self._passthrough:
+            waiting = self._passthrough.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(BusUnavailable(f"line {self.name} is stopping"))
         self._link.close()
         self._quiet.close()
 
@@ -183,13 +219,41 @@ class ModbusBus:
         self._wake.set()
         return await fut
 
+    @property
+    def passthrough_waiting(self) -> int:
+        """Pass-through requests queued for the line now."""
+        return len(self._passthrough)
+
+    async def pass_through(self, device: str, request: ModbusPDU, timeout: float | None = None) -> ModbusPDU:
+        """Carry out a Modbus TCP server client's request on the device's unit, in the line's own schedule.
+
+        Returns the device's response as it came, an exception response included. Raises DeviceTimeout when the
+        device does not answer, DeviceError when it is offline, BusUnavailable when the line is down or stopping.
+        """
+        dev = self.devices[device]
+        if self._stopping or not self._link.connected:
+            raise BusUnavailable(f"line {self.name} is down ({self.cfg.port} is not open)")
+        if dev.online is False:
+            raise DeviceError(f"{dev.name} is offline")
+        if timeout is None:
+            timeout = dev.timeout("holding", 125)
+        fut: asyncio.Future[ModbusPDU] = asyncio.get_running_loop().create_future()
+        self._passthrough.append(PendingPassthrough(dev, request, timeout, fut))
+        self._wake.set()
+        return await fut
+
     # --- the line's task ------------------------------------------------------------------------
 
     async def _run(self) -> None:
         while not self._stopping:
             self.alive_at = now = time.monotonic()
             writes_waiting = not self._writes.empty()
-            step = self._schedule.next_step(now, port_open=self._link.connected, writes_waiting=writes_waiting)
+            step = self._schedule.next_step(
+                now,
+                port_open=self._link.connected,
+                writes_waiting=writes_waiting,
+                passthrough_waiting=bool(self._passthrough),
+            )
             match step:
                 case Reopen():
                     await self._reopen()
@@ -197,6 +261,8 @@ class ModbusBus:
                     await asyncio.sleep(min(until - now, ALIVE_TICK))
                 case ServeWrites():
                     await self._serve_writes()
+                case ServePassthrough():
+                    await self._serve_passthrough()
                 case Idle(until):
                     self._wake.clear()
                     try:
@@ -214,6 +280,33 @@ class ModbusBus:
             result = await self._do_write(pending)
             if not pending.future.done():
                 pending.future.set_result(result)
+
+    async def _serve_passthrough(self) -> None:
+        pending = self._passthrough.popleft()
+        self._schedule.passthrough_done()
+        if pending.future.done():  # its client went away while it waited
+            return
+        device = pending.device
+        await self._settled(device.unit)
+        await self._quiet_gap()
+        failure: DeviceError | None = None
+        try:
+            response = await self._link.execute(pending.request, device.unit, pending.timeout)
+        except DeviceError as exc:
+            failure = exc
+        finally:
+            self._quiet.last_end = self.alive_at = time.monotonic()
+        # Counted apart from the polls' transactions (a line's are the sum of its devices').
+        self.stats.passthrough += 1
+        if failure is not None:
+            self.stats.passthrough_failed += 1
+            if not isinstance(failure, BusUnavailable | DeviceException):
+                self._settle(device.unit, pending.timeout)
+            if not pending.future.done():
+                pending.future.set_exception(failure)
+            return
+        if not pending.future.done():
+            pending.future.set_result(response)
 
     async def _reopen(self) -> None:
         self.stats.reopen_attempts += 1
@@ -281,6 +374,7 @@ class ModbusBus:
             # silence before the next request and the response time count from that byte.
             if started < self._link.last_rx < self._quiet.last_end:
                 self._quiet.last_end = self._link.last_rx
+            device.cache.store(request.table, request.address, data, self._quiet.last_end)
             req, resp = budget.transaction_bytes(request.table, request.count)
             wire = budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
             count_answered_read(self.stats, device.stats, self._quiet.last_end - started, wire)
@@ -318,6 +412,7 @@ class ModbusBus:
         await self._settled(device.unit)
         await self._quiet_gap()
         failure: DeviceError | None = None
+        device.cache.invalidate(point.table, point.address, len(words))
         try:
             await self._link.write(point.table, device.unit, point.address, words, timeout)
         except DeviceError as exc:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from drivers.modbus import budget
+from drivers.modbus.cache import RawCache
 from drivers.modbus.codec import Decoded
 from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span, plan
 from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings
@@ -22,6 +23,9 @@ PROBE_BACKOFF_MAX = 60.0
 #: The most of its line an offline unit's probes may take: each holds the line for a whole response
 #: timeout, so with a long timeout the first probes come later than PROBE_BACKOFF_START.
 PROBE_LINE_SHARE = 0.05
+#: A Modbus TCP device's default response timeout: no baud rate to derive one from, and a TCP-to-RTU
+#: converter's serial side behind it needs its own time (a device may set `timeout`).
+MBAP_TIMEOUT = 1.0
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Device:
     jobs: list[PollJob] = field(default_factory=list)
     stats: DeviceStats = field(default_factory=DeviceStats)
     points: dict[str, PointSettings] = field(default_factory=dict)
+    #: The raw values of the device's last reads (for the Modbus TCP server's cache hits).
+    cache: RawCache = field(default_factory=RawCache)
 
     def __post_init__(self) -> None:
         self.points = {p.name: p for p in self.cfg.points}
@@ -89,6 +95,8 @@ class Device:
             return self.cfg.timeout
         if self.bus.timeout is not None:
             return self.bus.timeout
+        if self.bus.mbap:
+            return MBAP_TIMEOUT
         bits = budget.char_bits(self.bus.bytesize, self.bus.parity, self.bus.stopbits)
         req, resp = budget.transaction_bytes(table, count, write=write)
         # A serial device server adds a network round trip on top of the wire time.

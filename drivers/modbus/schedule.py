@@ -5,6 +5,9 @@ waiting, and reports what happened (`poll_done`, `port_failed`, `port_opened`, `
 decision takes the clock as an argument, so the rules are tested with a clock the test sets:
 
 - Writes go before polls (the task also serves them between the reads of one cycle).
+- Pass-through requests (the Modbus TCP server's clients) go after writes and before polls, but while
+  a poll is due they alternate with poll cycles, one pass-through transaction between two cycles: the
+  clients get the line's spare time and a share of a busy one, never the polled devices' own.
 - Fixed rate: a cycle is due one interval after the previous one was *due*; a cycle that could not
   start in time is skipped and counted, never queued up.
 - An offline device is probed instead of polled: its due job's first read, one try, with back-off
@@ -28,6 +31,8 @@ from drivers.modbus.planner import ReadRequest
 
 REOPEN_BACKOFF_START = 1.0
 REOPEN_BACKOFF_MAX = 30.0
+#: A Modbus TCP endpoint is reconnected with back-off up to a minute (a PLC rebooting, a network gone).
+RECONNECT_BACKOFF_MAX = 60.0
 #: How far ahead an idle line with no poll jobs at all looks (it wakes earlier for writes and its tick).
 IDLE_HORIZON = 3600.0
 
@@ -50,6 +55,11 @@ class ServeWrites:
 
 
 @dataclass(frozen=True, slots=True)
+class ServePassthrough:
+    """A pass-through request is queued and its turn has come: carry out one."""
+
+
+@dataclass(frozen=True, slots=True)
 class Idle:
     """Nothing is due before `until`: wait for it, or for a write."""
 
@@ -67,14 +77,17 @@ class Poll:
     probing: bool  # the device is offline: this is one read to see whether it answers again
 
 
-Step = Reopen | PortWait | ServeWrites | Idle | Poll
+Step = Reopen | PortWait | ServeWrites | ServePassthrough | Idle | Poll
 
 
 class LineSchedule:
     """The poll queue of one line and the decisions on it; the caller passes the clock."""
 
-    def __init__(self, devices: Iterable[Device]) -> None:
+    def __init__(self, devices: Iterable[Device], *, reopen_backoff_max: float = REOPEN_BACKOFF_MAX) -> None:
         self.devices = list(devices)
+        self.reopen_backoff_max = reopen_backoff_max
+        # A pass-through transaction ran while a poll was due: the next turn is the poll's.
+        self._poll_owed = False
         self._queue: list[tuple[float, int, PollJob]] = []  # (when to look at the job again, tie-break, job)
         self._order = itertools.count()
         # unit -> until when its next request must wait: a late answer must not meet a different request.
@@ -94,12 +107,27 @@ class LineSchedule:
                 job.due = now
                 self._push(job.due, job)
 
-    def next_step(self, now: float, *, port_open: bool, writes_waiting: bool) -> Step:
-        """What the line does next at `now`: open the port, serve writes, poll a job, or wait."""
+    def next_step(
+        self, now: float, *, port_open: bool, writes_waiting: bool, passthrough_waiting: bool = False
+    ) -> Step:
+        """What the line does next at `now`: open the port, serve writes or a pass-through, poll a job, or wait."""
         if not port_open:
             return Reopen() if self.reopen_at <= now else PortWait(self.reopen_at)
         if writes_waiting:
             return ServeWrites()
+        step = self._next_poll(now)
+        if passthrough_waiting and not (isinstance(step, Poll) and self._poll_owed):
+            if isinstance(step, Poll):
+                # Its turn comes after this pass-through: back in the queue where it was.
+                self._push(step.job.due, step.job)
+            return ServePassthrough()
+        return step
+
+    def passthrough_done(self) -> None:
+        """A pass-through transaction ended: a poll that is due now goes before the next one."""
+        self._poll_owed = True
+
+    def _next_poll(self, now: float) -> Poll | Idle:
         while self._queue:
             at, _, job = self._queue[0]
             if at > now:
@@ -133,6 +161,7 @@ class LineSchedule:
         """
         job, device = poll.job, poll.job.device
         device.stats.cycles += 1
+        self._poll_owed = False
         change: bool | None = None
         if answered and not failed:
             if device.record_success():
@@ -171,7 +200,7 @@ class LineSchedule:
         """The port could not be opened at `now`: back off; returns the devices this took offline."""
         offline = [device for device in self.devices if device.record_failure(now, unreachable=True)]
         self.reopen_at = now + self.reopen_backoff
-        self.reopen_backoff = min(self.reopen_backoff * 2, REOPEN_BACKOFF_MAX)
+        self.reopen_backoff = min(self.reopen_backoff * 2, self.reopen_backoff_max)
         return offline
 
     def port_opened(self, now: float) -> None:

@@ -14,7 +14,7 @@ from drivers.modbus.codec import PointCodec
 
 @dataclass(frozen=True, slots=True)
 class TcpEndpoint:
-    """An RTU-over-TCP serial device server; prints as the `tcp://host:port` it was configured as."""
+    """A Modbus TCP device or serial device server; prints as the `tcp://host:port` it was configured as."""
 
     host: str
     port: int
@@ -57,11 +57,25 @@ class DeviceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Rs485Settings:
+    """The kernel's RS-485 mode for a transceiver on a UART (a Pi HAT): RTS drives the transmitter."""
+
+    rts_on_send: bool = True  # RTS level while sending (True: high)
+    rts_after_send: bool = False  # RTS level after sending
+    delay_before_tx: float | None = None  # seconds between RTS and the first bit
+    delay_after_tx: float | None = None  # seconds between the last bit and RTS back
+    rx_during_tx: bool = False  # keep the receiver on while sending (hears its own frames)
+
+
+@dataclass(frozen=True, slots=True)
 class LineSettings:
-    """One serial line (or RTU-over-TCP serial device server), its framing and timing, and its devices."""
+    """One line: a serial port, a Modbus TCP endpoint or an RTU-over-TCP serial device server; its devices."""
 
     name: str
-    port: str | TcpEndpoint  # a serial device path, or a serial device server
+    port: str | TcpEndpoint  # a serial device path, or a TCP endpoint
+    framing: str = "rtu"  # rtu, or tcp (MBAP) on a TCP endpoint
+    connect_timeout: float = 3.0  # opening the port or connecting to the endpoint
+    rs485: Rs485Settings | None = None  # a serial port's RS-485 mode; None: left as the port has it
     baudrate: int = 9600
     parity: str = "E"  # N, E or O
     bytesize: int = 8
@@ -74,5 +88,33 @@ class LineSettings:
 
     @property
     def is_tcp(self) -> bool:
-        """True when the port is a serial device server."""
+        """True when the port is a TCP endpoint (Modbus TCP or a serial device server)."""
         return isinstance(self.port, TcpEndpoint)
+
+    @property
+    def mbap(self) -> bool:
+        """True for Modbus TCP (MBAP header, transaction ids): no baud rate, no t3.5, no CRC."""
+        return self.framing == "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class ExposeSettings:
+    """A device the Modbus TCP server serves, at the unit id its clients address."""
+
+    unit: int
+    device: str
+    writes: bool = False  # functions that write (5, 6, 15, 16, ...) are refused with exception 1 unless True
+    passthrough: str = "reads"  # reads: functions 1-4 (+ writes); all: any function pymodbus knows
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The Modbus TCP server that shares the lines with other masters (SCADA, HMI, vendor tools)."""
+
+    listen: str  # as configured, for messages
+    host: str
+    port: int
+    max_connections: int = 16
+    max_queue: int = 8  # requests of one connection waiting for a line; more get exception 6 (busy)
+    cache_max_age: float = 2.0  # a read wholly covered by raw registers polled this recently is served from them
+    expose: tuple[ExposeSettings, ...] = ()

@@ -45,6 +45,8 @@ class BusStats(TransactionCounts):
     """Counters of one line."""
 
     reopen_attempts: int = 0
+    passthrough: int = 0  # transactions of the Modbus TCP server's clients carried out on the line
+    passthrough_failed: int = 0  # of those, the ones that got no answer
     wire_seconds: float = 0.0  # frames of answered reads on the wire: utilisation = wire / wall time
 
 

@@ -12,7 +12,8 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from drivers.modbus.settings import TcpEndpoint
+from drivers.modbus import rs485
+from drivers.modbus.settings import Rs485Settings, TcpEndpoint
 from gateway.errors import BusUnavailable, CrcError, DeviceException, DeviceTimeout, ProtocolError
 
 # pymodbus logs every timeout at ERROR with a frame dump; we log state changes ourselves.
@@ -32,19 +33,23 @@ _EXCEPTION_NAMES = {
 
 
 class ModbusLink:
-    """A Modbus RTU client on one serial line or RTU-over-TCP serial device server."""
+    """A Modbus client on one serial line, Modbus TCP endpoint or RTU-over-TCP serial device server."""
 
     def __init__(
         self,
         port: str | TcpEndpoint,
         *,
+        framing: str = "rtu",
         baudrate: int = 9600,
         parity: str = "E",
         bytesize: int = 8,
         stopbits: int = 1,
         connect_timeout: float = 3.0,
+        rs485: Rs485Settings | None = None,
     ) -> None:
         self.port = port
+        self.framing = framing
+        self._rs485 = rs485
         # Whether bytes came in during the current transaction: pymodbus drops a frame with a bad
         # CRC without a word, so a timeout after bytes arrived is the only sign of a garbled answer.
         self._rx_seen = False
@@ -55,7 +60,7 @@ class ModbusLink:
             client = AsyncModbusTcpClient(
                 port.host,
                 port=port.port,
-                framer=FramerType.RTU,
+                framer=FramerType.SOCKET if framing == "tcp" else FramerType.RTU,
                 timeout=connect_timeout,
                 retries=0,
                 reconnect_delay=0,
@@ -90,6 +95,12 @@ class ModbusLink:
             raise BusUnavailable(f"cannot open {self.port}: {exc}") from exc
         if not ok:
             raise BusUnavailable(f"cannot open {self.port}")
+        if self._rs485 is not None:
+            try:
+                rs485.configure(self._client, self._rs485)
+            except BusUnavailable:
+                self._client.close()
+                raise
 
     def close(self) -> None:
         """Close the port."""
@@ -132,13 +143,20 @@ class ModbusLink:
         op = partial(op, device_id=unit)
         await self._execute(op, unit, timeout)
 
+    async def execute(self, request: ModbusPDU, unit: int, timeout: float) -> ModbusPDU:
+        """Carry out any request pymodbus can frame (a pass-through); the device's exception response is returned."""
+        request.dev_id = unit
+        return await self._execute(partial(self._client.execute, False, request), unit, timeout, errors=False)
+
     def _heard(self, sending: bool, data: bytes) -> bytes:
         if not sending and data:
             self._rx_seen = True
             self.last_rx = time.monotonic()
         return data
 
-    async def _execute(self, op: Callable[[], Awaitable[ModbusPDU]], unit: int, timeout: float) -> ModbusPDU:
+    async def _execute(
+        self, op: Callable[[], Awaitable[ModbusPDU]], unit: int, timeout: float, *, errors: bool = True
+    ) -> ModbusPDU:
         # pymodbus reads its response timeout from these params at each request.
         self._client.ctx.comm_params.timeout_connect = timeout
         self._rx_seen = False
@@ -157,7 +175,7 @@ class ModbusLink:
             raise ProtocolError(f"unit {unit}: {exc}") from exc
         except OSError as exc:
             raise BusUnavailable(f"{self.port}: {exc}") from exc
-        if response.isError():
+        if errors and response.isError():
             code = int(getattr(response, "exception_code", 0))
             name = _EXCEPTION_NAMES.get(code, "unknown exception")
             raise DeviceException(f"unit {unit}: exception {code} ({name})", code)

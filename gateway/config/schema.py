@@ -100,11 +100,25 @@ class DeviceConfig(Model):
     points: list[PointConfig] = Field(default_factory=list)
 
 
+class Rs485Config(Model):
+    """The kernel's RS-485 mode of a serial port (a transceiver on the Pi's UART): RTS drives the transmitter."""
+
+    rts_on_send: bool = True
+    rts_after_send: bool = False
+    delay_before_tx: Duration | None = None
+    delay_after_tx: Duration | None = None
+    rx_during_tx: bool = False
+
+
 class BusConfig(Model):
-    """One serial line (or RTU-over-TCP serial device server) and the devices on it."""
+    """One line and the devices on it: a serial port, a Modbus TCP endpoint or a serial device server."""
 
     name: Name
     port: str = Field(min_length=1)
+    # On a tcp:// port: tcp (Modbus TCP, MBAP header) or rtu (RTU framing to a serial device server).
+    framing: Literal["tcp", "rtu"] | None = None  # None: tcp on a tcp:// port, rtu on a serial one
+    connect_timeout: Duration = Field(default=3.0, gt=0)
+    rs485: Rs485Config | None = None
     baudrate: int = Field(default=9600, ge=300, le=4_000_000)
     parity: Literal["N", "E", "O"] = "E"
     bytesize: Literal[7, 8] = 8
@@ -115,12 +129,46 @@ class BusConfig(Model):
     offline_after: int = Field(default=3, ge=1, le=100)
     devices: list[DeviceConfig] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _port_kind(self) -> BusConfig:
+        tcp = self.port.startswith("tcp://")
+        if self.framing == "tcp" and not tcp:
+            raise ValueError(f"framing: tcp (Modbus TCP) needs a tcp://HOST:PORT port, not {self.port!r}")
+        if self.rs485 is not None and tcp:
+            raise ValueError("`rs485` is for a serial port; a tcp:// port has no transceiver to drive")
+        return self
+
+    @property
+    def line_framing(self) -> str:
+        """The framing the line speaks: as configured, else tcp on a tcp:// port and rtu on a serial one."""
+        return self.framing or ("tcp" if self.port.startswith("tcp://") else "rtu")
+
+
+class ExposeConfig(Model):
+    """A configured Modbus device the Modbus TCP server serves, at the unit id its clients address."""
+
+    unit: int = Field(ge=0, le=255)
+    device: Name
+    writes: bool = False  # functions that write are refused (exception 1) unless allowed here
+    passthrough: Literal["reads", "all"] = "reads"  # all: also functions the gateway does not poll (0x17, 0x2B, ...)
+
+
+class ModbusServerConfig(Model):
+    """A Modbus TCP server that shares the gateway's lines with other masters (SCADA, HMI, vendor tools)."""
+
+    listen: str = "127.0.0.1:5020"
+    max_connections: int = Field(default=16, ge=1, le=1024)
+    max_queue: int = Field(default=8, ge=1, le=1024)  # one connection's requests waiting; more: exception 6
+    cache_max_age: Duration = 2.0  # 0: every read goes to the device
+    expose: list[ExposeConfig] = Field(default_factory=list)
+
 
 class ModbusConfig(Model):
-    """Modbus RTU buses and reusable point templates."""
+    """Modbus buses, reusable point templates, and the Modbus TCP server."""
 
     buses: list[BusConfig] = Field(default_factory=list)
     templates: dict[Name, list[PointConfig]] = Field(default_factory=dict)
+    server: ModbusServerConfig | None = None
 
 
 # --- gateway, broker, northbound --------------------------------------------------------------

@@ -10,11 +10,19 @@ from pathlib import Path
 
 from drivers.mcp.settings import McpDeviceSettings, McpSettings, TlsSettings
 from drivers.modbus.codec import PointCodec
-from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings, TcpEndpoint
+from drivers.modbus.settings import (
+    DeviceSettings,
+    ExposeSettings,
+    LineSettings,
+    PointSettings,
+    Rs485Settings,
+    ServerSettings,
+    TcpEndpoint,
+)
 
 from . import codecs
 from .addresses import modbus_port, resolve_path, split_listen
-from .schema import BusConfig, DeviceConfig, McpSection, PointConfig
+from .schema import BusConfig, DeviceConfig, McpSection, ModbusServerConfig, PointConfig
 
 
 def point_codec(point: PointConfig) -> PointCodec:
@@ -77,9 +85,23 @@ def modbus_plan(bus: BusConfig) -> LineSettings:
 
 
 def _line(bus: BusConfig, port: str | TcpEndpoint) -> LineSettings:
+    rs485 = bus.rs485
     return LineSettings(
         name=bus.name,
         port=port,
+        framing=bus.line_framing,
+        connect_timeout=bus.connect_timeout,
+        rs485=(
+            Rs485Settings(
+                rts_on_send=rs485.rts_on_send,
+                rts_after_send=rs485.rts_after_send,
+                delay_before_tx=rs485.delay_before_tx,
+                delay_after_tx=rs485.delay_after_tx,
+                rx_during_tx=rs485.rx_during_tx,
+            )
+            if rs485
+            else None
+        ),
         baudrate=bus.baudrate,
         parity=bus.parity,
         bytesize=bus.bytesize,
@@ -89,6 +111,20 @@ def _line(bus: BusConfig, port: str | TcpEndpoint) -> LineSettings:
         inter_request_delay=bus.inter_request_delay,
         offline_after=bus.offline_after,
         devices=tuple(modbus_device(d) for d in bus.devices),
+    )
+
+
+def modbus_server(section: ModbusServerConfig) -> ServerSettings:
+    """The Modbus TCP server's settings; its `listen` on an empty host is every IPv4 interface."""
+    host, port = split_listen(section.listen, "0.0.0.0")
+    return ServerSettings(
+        listen=section.listen,
+        host=host,
+        port=port,
+        max_connections=section.max_connections,
+        max_queue=section.max_queue,
+        cache_max_age=section.cache_max_age,
+        expose=tuple(ExposeSettings(e.unit, e.device, e.writes, e.passthrough) for e in section.expose),
     )
 
 

@@ -13,8 +13,8 @@ from drivers.mcp.settings import McpDeviceSettings, McpSettings, TlsSettings
 from drivers.modbus.codec import PointCodec
 from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings, TcpEndpoint
 from gateway.config.addresses import modbus_port, resolve_path, split_listen
-from gateway.config.schema import BusConfig, McpSection, PointConfig
-from gateway.config.settings import mcp_server, modbus_line, modbus_plan, point_codec
+from gateway.config.schema import BusConfig, McpSection, ModbusServerConfig, PointConfig
+from gateway.config.settings import mcp_server, modbus_line, modbus_plan, modbus_server, point_codec
 
 # Every key away from its default, so that a key the converter forgets shows as the settings' default.
 POINT = {
@@ -57,7 +57,22 @@ BUS = {
     "retries": 3,
     "inter_request_delay": "4ms",
     "offline_after": 5,
+    "connect_timeout": "7s",
+    "rs485": {
+        "rts_on_send": False,
+        "rts_after_send": True,
+        "delay_before_tx": "1ms",
+        "delay_after_tx": "2ms",
+        "rx_during_tx": True,
+    },
     "devices": [DEVICE],
+}
+SERVER = {
+    "listen": "10.0.0.2:1502",
+    "max_connections": 3,
+    "max_queue": 2,
+    "cache_max_age": "500ms",
+    "expose": [{"unit": 4, "device": "meter", "writes": True, "passthrough": "all"}],
 }
 MCP = {
     "listen": "[::1]:7721",
@@ -96,7 +111,10 @@ def landed(settings: Any, model: Any, parsed: set[str]) -> None:
 def test_every_key_of_a_line_its_devices_and_points_lands_in_the_settings() -> None:
     bus = BusConfig.model_validate(BUS)
     line = modbus_line(bus)
-    landed(line, bus, {"port", "devices"})
+    landed(line, bus, {"port", "devices", "framing", "rs485"})
+    assert line.framing == "rtu"  # a serial port speaks RTU
+    assert bus.rs485 is not None and line.rs485 is not None
+    landed(line.rs485, bus.rs485, set())
     (device,) = line.devices
     landed(device, bus.devices[0], {"points"})
     (point,) = device.points
@@ -104,6 +122,34 @@ def test_every_key_of_a_line_its_devices_and_points_lands_in_the_settings() -> N
     assert point.codec == PointCodec.parse("int32", byte_order="little", word_order="little", scale=0.5, offset=-3.0)
     assert line.port == "/dev/ttyUSB3"
     assert isinstance(line, LineSettings) and isinstance(device, DeviceSettings) and isinstance(point, PointSettings)
+
+
+@pytest.mark.parametrize(("framing", "expected"), [(None, "tcp"), ("tcp", "tcp"), ("rtu", "rtu")])
+def test_a_tcp_port_speaks_modbus_tcp_unless_told_rtu(framing: str | None, expected: str) -> None:
+    bus = {"name": "plc", "port": "tcp://10.0.0.7:502"} | ({"framing": framing} if framing else {})
+    line = modbus_line(BusConfig.model_validate(bus))
+    assert (line.framing, line.mbap, line.is_tcp) == (expected, expected == "tcp", True)
+
+
+@pytest.mark.parametrize(
+    ("bus", "error"),
+    [
+        ({"port": "/dev/ttyUSB0", "framing": "tcp"}, "framing: tcp .* needs a tcp://HOST:PORT port"),
+        ({"port": "tcp://10.0.0.7:502", "rs485": {}}, "`rs485` is for a serial port"),
+    ],
+)
+def test_a_framing_or_rs485_that_does_not_fit_the_port_is_refused(bus: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        BusConfig.model_validate({"name": "l", **bus})
+
+
+def test_every_key_of_the_modbus_server_lands_in_the_settings() -> None:
+    section = ModbusServerConfig.model_validate(SERVER)
+    settings = modbus_server(section)
+    landed(settings, section, {"host", "port", "expose"})
+    assert (settings.host, settings.port) == ("10.0.0.2", 1502)
+    (expose,) = settings.expose
+    landed(expose, section.expose[0], set())
 
 
 def test_every_key_of_the_mcp_section_lands_in_the_settings() -> None:
@@ -142,7 +188,7 @@ def test_a_modbus_port_is_a_serial_path_or_a_tcp_endpoint(port: str, expected: s
 
 def test_a_relative_serial_path_is_taken_from_the_config_files_folder(tmp_path: Path) -> None:
     def port_of(port: str) -> str | TcpEndpoint:
-        return modbus_line(BusConfig.model_validate({**BUS, "port": port}), tmp_path).port
+        return modbus_line(BusConfig.model_validate({**BUS, "port": port, "rs485": None}), tmp_path).port
 
     assert port_of("./var/ttySIM0") == str(tmp_path / "var" / "ttySIM0")
     assert port_of("/dev/ttyUSB0") == "/dev/ttyUSB0"
@@ -194,7 +240,7 @@ def test_a_bad_codec_spec_is_still_refused_with_the_codecs_words() -> None:
 
 def test_a_plan_takes_the_port_as_written_and_only_the_line_parses_it() -> None:
     # `fieldgate check` plans every line for its budget warnings: a port it does not check must not fail it.
-    bus = BusConfig.model_validate({**BUS, "port": "tcp://plc"})
+    bus = BusConfig.model_validate({**BUS, "port": "tcp://plc", "rs485": None})
     assert modbus_plan(bus).port == "tcp://plc"
     assert modbus_plan(bus).devices == modbus_line(BusConfig.model_validate(BUS)).devices
     with pytest.raises(ValueError, match="invalid literal"):
