@@ -54,9 +54,10 @@ chromium:
 
 # Debian tools the tests run for real, as command:package: strace (the durability test reads the kernel's
 # fsyncs), shellcheck (install.sh's lint), systemd-analyze (the unit file's check), stress-ng (make
-# test-stress). Each is checked by PATH and installed once if missing; under CI=true a test that lacks
+# test-stress), mbpoll (a Modbus TCP client on libmodbus, apart from pymodbus, against the gateway's server).
+# Each is checked by PATH and installed once if missing; under CI=true a test that lacks
 # one fails instead of skipping (tests/conftest.py).
-TEST_TOOLS := strace:strace shellcheck:shellcheck systemd-analyze:systemd stress-ng:stress-ng
+TEST_TOOLS := strace:strace shellcheck:shellcheck systemd-analyze:systemd stress-ng:stress-ng mbpoll:mbpoll
 
 test-tools:
 	@missing=""; for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
