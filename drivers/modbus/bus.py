@@ -376,7 +376,8 @@ class ModbusBus:
                 self._quiet.last_end = self._link.last_rx
             device.cache.store(request.table, request.address, data, self._quiet.last_end)
             req, resp = budget.transaction_bytes(request.table, request.count)
-            wire = budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
+            # Modbus TCP has no serial wire to fill: its utilisation stays 0.
+            wire = 0.0 if self.cfg.mbap else budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
             count_answered_read(self.stats, device.stats, self._quiet.last_end - started, wire)
             if last is not None:
                 # A retry answered, maybe by the late answer to the attempt before: its own answer may still
