@@ -179,6 +179,28 @@ class ModbusLineSnapshot:
     devices: tuple[ModbusDeviceSnapshot, ...]
 
 
+# --- the Modbus TCP server (issue 14): what its clients asked and how each was answered ---
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusServerSnapshot:
+    """The Modbus TCP server that shares the lines with other masters: its connections and answers so far."""
+
+    listen: str  # host:port as configured
+    running: bool  # the listener is open
+    connections: int  # open now
+    accepted: int  # connections accepted, ever
+    refused: int  # connections closed at accept: max_connections were open
+    malformed: int  # connections closed for a malformed MBAP frame
+    cache_hits: int  # reads answered from the raw values the line polled
+    passthrough: int  # requests carried out on a line for a client (reads and other functions)
+    writes: int  # writes carried out on a line for a client
+    busy: int  # answered exception 6: the connection's queue to the line was full, or the write rate spent
+    waiting: int  # requests waiting for a line now
+    exceptions: dict[int, int]  # exception responses sent, by code (the devices' own included)
+    unaudited: int  # refused writes left out of the audit log (a flood of them is bounded)
+
+
 @dataclass(frozen=True, slots=True)
 class McpDeviceCounters:
     """An MCP device's counters across its sessions (or the server's totals over every device)."""
@@ -228,7 +250,7 @@ class McpServerSnapshot:
 
 
 #: What any driver reports; a new kind of driver adds its snapshot here and its renderers beside the others.
-DriverSnapshot = ModbusLineSnapshot | McpServerSnapshot
+DriverSnapshot = ModbusLineSnapshot | McpServerSnapshot | ModbusServerSnapshot
 
 
 class Driver(Protocol):
