@@ -6,12 +6,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drivers.modbus.settings import LineSettings, TcpEndpoint
 from drivers.sim.line import VirtualLine
 from drivers.sim.mcp import McpSimDevice
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
-from gateway.config.addresses import resolve_path, split_listen
-from gateway.config.schema import Config, SimValue
+from gateway.config.addresses import TCP_SCHEME, port_key, resolve_path, split_listen
+from gateway.config.schema import Config, SimModbusDevice, SimValue
 from gateway.config.settings import modbus_line
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class Simulation:
     """The running virtual lines and their slaves."""
 
     lines: list[VirtualLine] = field(default_factory=list)
-    simulators: dict[str, ModbusSimulator] = field(default_factory=dict)  # by link path
+    simulators: dict[str, ModbusSimulator] = field(default_factory=dict)  # by link path or tcp:// url
     mcp_devices: list[McpSimDevice] = field(default_factory=list)
 
     async def stop_mcp(self) -> None:
@@ -47,7 +48,7 @@ class Simulation:
 
 
 async def start_simulation(cfg: Config, base: Path) -> Simulation:
-    """Create each virtual line, link its gateway end where the config says, and start its slaves."""
+    """Create each virtual line and TCP endpoint, link or bind it where the config says, and start its slaves."""
     sim = Simulation()
     assert cfg.simulator is not None
     for line_cfg in cfg.simulator.modbus:
@@ -57,19 +58,38 @@ async def start_simulation(cfg: Config, base: Path) -> Simulation:
         line = VirtualLine(link)
         line.start()
         sim.lines.append(line)
-        slaves = []
-        for dev in line_cfg.devices:
-            dev_cfg = next((d for d in bus.devices if d.unit == dev.unit), None) if bus else None
-            points = [
-                SimPoint(p.name, p.table, p.address, p.codec, _wave(dev.values.get(p.name)))
-                for p in (dev_cfg.points if dev_cfg else [])
-            ]
-            slaves.append(SimSlave(dev.unit, points, dead=dev.dead))
+        slaves = _slaves(line_cfg.devices, bus)
         simulator = ModbusSimulator(line.device_port, slaves, baudrate=bus.baudrate if bus else 9600)
         await simulator.start()
         sim.simulators[link] = simulator
         log.info("simulated line %s: units %s", link, ", ".join(str(s.unit) for s in slaves))
+    for endpoint_cfg in cfg.simulator.modbus_tcp:
+        url = TCP_SCHEME + endpoint_cfg.listen
+        bus_cfg = next((b for b in cfg.modbus.buses if port_key(b.port) == url), None)
+        bus = modbus_line(bus_cfg) if bus_cfg else None
+        host, port = split_listen(endpoint_cfg.listen, "0.0.0.0")
+        slaves = _slaves(endpoint_cfg.devices, bus)
+        # It speaks what the bus polling it speaks: Modbus TCP, or RTU frames as a serial device server would.
+        framing = bus.framing if bus else "tcp"
+        simulator = ModbusSimulator(TcpEndpoint(host, port), slaves, framing=framing)
+        await simulator.start()
+        sim.simulators[url] = simulator
+        units = ", ".join(str(s.unit) for s in slaves)
+        log.info("simulated %s endpoint %s: units %s", "Modbus TCP" if framing == "tcp" else "RTU", url, units)
     return sim
+
+
+def _slaves(devices: list[SimModbusDevice], bus: LineSettings | None) -> list[SimSlave]:
+    """The simulated slaves, each with the points of the device its bus polls at the same unit."""
+    slaves = []
+    for dev in devices:
+        dev_cfg = next((d for d in bus.devices if d.unit == dev.unit), None) if bus else None
+        points = [
+            SimPoint(p.name, p.table, p.address, p.codec, _wave(dev.values.get(p.name)))
+            for p in (dev_cfg.points if dev_cfg else [])
+        ]
+        slaves.append(SimSlave(dev.unit, points, dead=dev.dead))
+    return slaves
 
 
 async def start_mcp_simulation(cfg: Config, sim: Simulation, port: int) -> None:

@@ -1,4 +1,7 @@
-"""Virtual Modbus RTU slaves for demos and tests, served by pymodbus over a serial port.
+"""Virtual Modbus slaves for demos and tests, served by pymodbus: RTU over a serial port, or a TCP endpoint.
+
+On a TCP endpoint the slaves speak Modbus TCP (MBAP framing: a PLC, a meter or a Modbus TCP to RTU
+converter with many unit ids behind one address) or RTU frames (a serial device server).
 
 Each simulated point follows a wave in engineering units; the value is encoded with the
 point's own codec at the moment a request reads it, so a test can compare what the gateway
@@ -61,10 +64,15 @@ class SimSlave:
 
 
 class ModbusSimulator:
-    """A pymodbus RTU server answering for several unit ids on one serial port (or as a serial device server)."""
+    """A pymodbus server answering for several unit ids on one serial port or one TCP endpoint."""
 
-    def __init__(self, port: str | TcpEndpoint, slaves: Sequence[SimSlave], *, baudrate: int = 9600) -> None:
+    def __init__(
+        self, port: str | TcpEndpoint, slaves: Sequence[SimSlave], *, baudrate: int = 9600, framing: str = "rtu"
+    ) -> None:
+        if framing not in ("rtu", "tcp") or (framing == "tcp" and not isinstance(port, TcpEndpoint)):
+            raise ValueError(f"framing {framing!r} cannot be served on {port}")
         self.port = port
+        self.framing = framing  # on a TcpEndpoint: tcp (Modbus TCP, MBAP) or rtu (a serial device server)
         self.slaves = {s.unit: s for s in slaves}
         self._baudrate = baudrate
         self._server: ModbusSerialServer | ModbusTcpServer | None = None
@@ -75,10 +83,9 @@ class ModbusSimulator:
         """Open the port and start answering."""
         devices = [self._device(slave) for slave in self.slaves.values()]
         if isinstance(self.port, TcpEndpoint):
-            # A serial device server: RTU frames over a TCP connection.
             self._server = ModbusTcpServer(
                 devices,
-                framer=FramerType.RTU,
+                framer=FramerType.SOCKET if self.framing == "tcp" else FramerType.RTU,
                 address=(self.port.host, self.port.port),
                 trace_pdu=self._filter,  # type: ignore[arg-type]  # None drops the request
             )

@@ -374,6 +374,13 @@ class SimModbusLine(Model):
     devices: list[SimModbusDevice] = Field(default_factory=list)
 
 
+class SimModbusTcp(Model):
+    """A virtual Modbus TCP endpoint on `listen`, many units behind it; it speaks the framing of the bus polling it."""
+
+    listen: str = Field(min_length=1)  # HOST:PORT; the bus with port tcp://HOST:PORT polls it
+    devices: list[SimModbusDevice] = Field(default_factory=list)
+
+
 class SimMcpDevice(Model):
     """A virtual MCP device that connects to the gateway's MCP server and pushes DATA."""
 
@@ -386,6 +393,7 @@ class SimulatorSection(Model):
     """Virtual field devices started in-process (demos and tests)."""
 
     modbus: list[SimModbusLine] = Field(default_factory=list)
+    modbus_tcp: list[SimModbusTcp] = Field(default_factory=list)
     mcp: list[SimMcpDevice] = Field(default_factory=list)
 
 
