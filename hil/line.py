@@ -43,6 +43,7 @@ import re
 import signal
 import sys
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -151,6 +152,56 @@ class LineStats:
     overflow_bytes: int = 0  # bytes thrown away for a side that stopped reading
 
 
+@dataclass(frozen=True, slots=True)
+class FrameRecord:
+    """One frame the line carried, in the line's clock (the event loop's, i.e. time.monotonic()).
+
+    `sent`: when its sender handed it to the line (before any fault held it); `start`/`end`: when it held the
+    wire. `data`: the bytes as the other side received them (dropped bytes left out, flipped ones flipped).
+    """
+
+    source: str  # "gateway", "device" or "babble"
+    sent: float
+    start: float
+    end: float
+    data: bytes
+
+
+#: Clock slack of `one_master`'s comparisons (the line's own short-gap count allows as much).
+MASTER_SLACK = 1e-6
+
+
+def one_master(frames: Sequence[FrameRecord], t35: float) -> list[str]:
+    """What in a frame log shows more than one master on the line (empty when the line stayed one master's).
+
+    One master's line: each request is handed to the line no sooner than t3.5 after the previous frame (its
+    answer, or the previous request when none came) has ended, and each device frame answers the request
+    just before it, from the unit that request addressed (at most one answer per request). Babble holds the
+    wire and answers nothing.
+    """
+    faults: list[str] = []
+    previous: FrameRecord | None = None
+    request: FrameRecord | None = None  # the request still waiting for its answer
+    for f in frames:
+        if f.source == "gateway":
+            if previous is not None and f.sent < previous.end + t35 - MASTER_SLACK:
+                gap = (f.sent - previous.end) * 1000
+                faults.append(
+                    f"request {f.data.hex()} handed over {gap:.3f} ms after the {previous.source} frame "
+                    f"{previous.data[:8].hex()} ended (t3.5 {t35 * 1000:.3f} ms) at {f.sent:.6f}"
+                )
+            request = f
+        elif f.source == "device":
+            if request is None:
+                faults.append(f"device frame {f.data[:8].hex()} at {f.start:.6f} answers no request")
+            elif f.data[:1] != request.data[:1]:
+                asked = request.data.hex()
+                faults.append(f"device frame {f.data[:8].hex()} at {f.start:.6f} is not from the unit of {asked}")
+            request = None
+        previous = f
+    return faults
+
+
 @dataclass(order=True)
 class _Frame:
     """A frame waiting for the medium: ordered by when it may start."""
@@ -162,6 +213,7 @@ class _Frame:
     chars: list[int | None] = field(compare=False)  # None: a dropped byte, wire time but no delivery
     held: bool = field(compare=False, default=False)  # delayed by a fault: never continues a frame
     late: bool = field(compare=False, default=False)  # a late reply
+    sent: float = field(compare=False, default=0.0)  # when its sender handed it over
 
 
 class _FdEnd:
@@ -198,6 +250,7 @@ class Rs485Line:
         pace: bool = True,
         gateway_fd: int | None = None,
         frame_gap: float | None = None,
+        log_frames: int = 0,
     ) -> None:
         if gateway_fd is not None and link is not None:
             raise ValueError("a link names a pty the line creates; a gateway_fd is a port already open")
@@ -244,6 +297,8 @@ class Rs485Line:
         #: before any fault): what a benchmark replays and counts on the line, not what the gateway says it sent.
         self.count_requests = False
         self.requests: dict[bytes, int] = {}
+        #: With `log_frames` > 0, the last that many frames carried (see FrameRecord; `one_master` checks them).
+        self.frame_log: deque[FrameRecord] | None = deque(maxlen=log_frames) if log_frames > 0 else None
 
     @property
     def faults(self) -> Faults:
@@ -464,7 +519,7 @@ class Rs485Line:
                     chars[i] = None
                     self.stats.dropped_bytes += 1
         source = "gateway" if from_gateway else "device"
-        self._hold(_Frame(release, self._seq, not from_gateway, source, chars, held, late))
+        self._hold(_Frame(release, self._seq, not from_gateway, source, chars, held, late, now))
 
     def _hold(self, frame: _Frame) -> None:
         self._seq += 1
@@ -485,7 +540,7 @@ class Rs485Line:
                 r = self._rng["babble"]
                 n = r.randint(1, max(1, self.faults.babble_max))
                 chars: list[int | None] = [r.randrange(256) for _ in range(n)]
-                self._hold(_Frame(self._next_babble, 0, True, "babble", chars, True))
+                self._hold(_Frame(self._next_babble, 0, True, "babble", chars, True, sent=self._next_babble))
                 self.stats.babble_bursts += 1
                 self.stats.babble_bytes += n
             self._next_babble += self._babble_wait()
@@ -510,10 +565,12 @@ class Rs485Line:
     def _schedule(self, frame: _Frame) -> None:
         # Times are the frame's own deadlines, not "now": a late wake-up must not stretch the wire.
         quiet = self._free_at
+        continued = False
         # Only a transmitter that is still sending continues its frame; after a held (late) frame
         # the next one is another answer and gets its own silence.
         if frame.source == self._last_source and not frame.held and not self._last_held and frame.release <= quiet:
             start = quiet  # the same transmitter still sending: one frame, no gap
+            continued = True
         elif frame.source == "device":
             start = max(frame.release, quiet + self.t35)  # the slave waits for the end-of-frame silence
         else:
@@ -546,10 +603,22 @@ class Rs485Line:
             self._wire.append((t, False, payload))
         self._free_at = t
         self.stats.wire_seconds += t - start
+        if self.frame_log is not None:
+            self._log_frame(frame, start, t, continued)
         if frame.to_gateway:
             self.stats.frames_to_gateway += 1
         else:
             self.stats.frames_to_device += 1
+
+    def _log_frame(self, frame: _Frame, start: float, end: float, continued: bool) -> None:
+        assert self.frame_log is not None
+        data = bytes(c for c in frame.chars if c is not None)
+        if continued and self.frame_log and self.frame_log[-1].source == frame.source:
+            # A chunk of the frame still on the wire: one frame in the log, as on the wire.
+            last = self.frame_log.pop()
+            self.frame_log.append(FrameRecord(last.source, last.sent, last.start, end, last.data + data))
+            return
+        self.frame_log.append(FrameRecord(frame.source, frame.sent, start, end, data))
 
     def _deliver(self, now: float) -> None:
         out: dict[bool, bytearray] = {True: bytearray(), False: bytearray()}
