@@ -1,0 +1,222 @@
+"""One Modbus TCP client's connection: MBAP frames in (pymodbus' socket framer and server-side PDU decoder),
+answers out in request order, a bounded number waiting for a line, and TCP back-pressure beyond that."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pymodbus.framer import FramerSocket
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+
+from drivers.modbus.server_requests import (
+    BUSY,
+    DEVICE_FAILURE,
+    ILLEGAL_FUNCTION,
+    PATH_UNAVAILABLE,
+    Exposed,
+    RequestHandler,
+    exception,
+    writes,
+)
+
+log = logging.getLogger(__name__)
+
+#: MBAP header: transaction id, protocol id, length (2 bytes each), then the unit id the length counts.
+MBAP_HEADER = 7
+#: The length field counts the unit id and the PDU: a PDU is 1 to 253 bytes.
+MIN_LENGTH, MAX_LENGTH = 2, 254
+#: A frame that has begun must be complete within this long: a header announcing more than ever comes
+#: must not hold the connection (and its buffer) forever.
+PARTIAL_FRAME_TIMEOUT = 10.0
+#: Bytes read from the socket at a time: the connection buffers at most this and one frame.
+READ_CHUNK = 4096
+#: Answers a connection holds for its client before it stops reading the socket, on top of `max_queue`:
+#: a client that sends faster than it reads (or than the lines serve) is back-pressured by TCP.
+HARD_QUEUE_EXTRA = 32
+
+
+class Malformed(Exception):
+    """The client sent something that is no Modbus TCP frame: the connection is closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One request as it came: its transaction id, unit id and PDU bytes."""
+
+    tid: int
+    unit: int
+    pdu: bytes
+
+
+class Connection:
+    """Serves one client: a reader that frames and routes requests, a writer that answers them in order."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        handler: RequestHandler,
+        *,
+        peer: str,
+        max_queue: int,
+        on_malformed: Callable[[Connection, str], None],
+    ) -> None:
+        self._reader, self._writer = reader, writer
+        self._handler = handler
+        self.peer = peer  # "host:port"
+        self.origin = f"modbus-tcp {peer}"
+        self._max_queue = max_queue
+        self._on_malformed = on_malformed
+        self._framer = FramerSocket(DecodePDU(is_server=True))
+        self._decoder = self._framer.decoder
+        #: Answers in request order, each with the request's transaction id and unit id.
+        self._answers: asyncio.Queue[tuple[Frame, asyncio.Future[ModbusPDU]]] = asyncio.Queue(
+            max_queue + HARD_QUEUE_EXTRA
+        )
+        #: Requests of this connection waiting for a line (or behind a write of this connection).
+        self.waiting: set[asyncio.Task[ModbusPDU]] = set()
+        self._last_write: asyncio.Task[ModbusPDU] | None = None
+
+    async def serve(self) -> None:
+        """Read, answer and write until the client goes, sends a malformed frame, or the server stops."""
+        reading = asyncio.create_task(self._read_requests(), name=f"modbus-server {self.peer} in")
+        sending = asyncio.create_task(self._send_answers(), name=f"modbus-server {self.peer} out")
+        try:
+            # Either side ending ends the connection: a reader blocked on a full queue must not outlive the writer.
+            await asyncio.wait({reading, sending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reading.cancel()
+            sending.cancel()
+            self.close()
+            await asyncio.wait({reading, sending})
+        for task in (reading, sending):
+            if task.cancelled() or (exc := task.exception()) is None:
+                continue
+            if isinstance(exc, Malformed):
+                self._on_malformed(self, str(exc))
+            elif not isinstance(exc, ConnectionError | OSError):  # an OSError: the client went away
+                log.error("modbus-server %s: %r", self.peer, exc, exc_info=exc)
+
+    def close(self) -> None:
+        """Drop what waits (the lines skip a request whose client is gone) and close the socket."""
+        for task in list(self.waiting):
+            task.cancel()
+        self._writer.close()
+
+    # --- requests in -------------------------------------------------------------------------
+
+    async def _read_requests(self) -> None:
+        buffer = bytearray()
+        while True:
+            frame = self._next_frame(buffer)
+            if frame is not None:
+                await self._request(frame)
+                continue
+            try:
+                async with asyncio.timeout(PARTIAL_FRAME_TIMEOUT if buffer else None):
+                    chunk = await self._reader.read(READ_CHUNK)
+            except TimeoutError:
+                raise Malformed(f"a frame stayed incomplete for {PARTIAL_FRAME_TIMEOUT:g} s") from None
+            if not chunk:
+                return
+            buffer += chunk
+
+    def _next_frame(self, buffer: bytearray) -> Frame | None:
+        if len(buffer) < MBAP_HEADER:
+            return None
+        # pymodbus' framer answers "wait for more" both to a short frame and to a wrong protocol id, and takes
+        # any length: the header's protocol id and length are checked here, the frame is then its to decode.
+        protocol, length = int.from_bytes(buffer[2:4], "big"), int.from_bytes(buffer[4:6], "big")
+        if protocol != 0:
+            raise Malformed(f"protocol id {protocol} (Modbus is 0)")
+        if not MIN_LENGTH <= length <= MAX_LENGTH:
+            raise Malformed(f"MBAP length {length} (a Modbus TCP frame has {MIN_LENGTH} to {MAX_LENGTH})")
+        end = 6 + length
+        if len(buffer) < end:
+            return None
+        # Exactly one frame: pymodbus then reads no byte of the next one.
+        used, unit, tid, pdu = self._framer.decode(bytes(buffer[:end]))
+        del buffer[:end]
+        if used != end or not pdu:
+            raise Malformed(f"frame of {end} bytes not taken by the MBAP framer")
+        return Frame(tid, unit, pdu)
+
+    async def _request(self, frame: Frame) -> None:
+        fc = frame.pdu[0]
+        if fc == 0 or fc & 0x80:
+            raise Malformed(f"function code {fc} in a request")
+        answer: asyncio.Future[ModbusPDU]
+        if fc not in self._decoder.pdu_table:
+            # A well-framed request for a function pymodbus does not know: refused as a Modbus server does.
+            known = frame.unit in self._handler.units
+            answer = self._now(ExceptionResponse(fc, ILLEGAL_FUNCTION if known else PATH_UNAVAILABLE))
+        else:
+            request = self._decoder.decode(frame.pdu)
+            if request is None:
+                raise Malformed(f"function {fc}: pymodbus cannot decode the request ({len(frame.pdu)} bytes)")
+            answer = self._answer(frame.unit, request)
+        # Blocks while the client has this many answers outstanding: the socket is not read meanwhile.
+        await self._answers.put((frame, answer))
+
+    def _answer(self, unit: int, request: ModbusPDU) -> asyncio.Future[ModbusPDU]:
+        handler = self._handler
+        after = self._last_write if self._last_write is not None and not self._last_write.done() else None
+        if after is None:
+            routed = handler.route(unit, request, self.origin)
+            if not isinstance(routed, Exposed):
+                return self._now(routed)
+        if len(self.waiting) >= self._max_queue:
+            handler.stats.busy += 1
+            return self._now(exception(request, BUSY))
+        task = asyncio.create_task(self._on_line(unit, request, after))
+        self.waiting.add(task)
+        task.add_done_callback(self.waiting.discard)
+        if writes(request):
+            self._last_write = task
+        return task
+
+    async def _on_line(self, unit: int, request: ModbusPDU, after: asyncio.Task[ModbusPDU] | None) -> ModbusPDU:
+        if after is not None:
+            # A read behind a write of the same client sees the written values: it is routed once the write ended.
+            await asyncio.wait({after})
+        routed = self._handler.route(unit, request, self.origin)
+        if not isinstance(routed, Exposed):
+            return routed
+        return await self._handler.on_line(routed, request, self.origin)
+
+    @staticmethod
+    def _now(response: ModbusPDU) -> asyncio.Future[ModbusPDU]:
+        done: asyncio.Future[ModbusPDU] = asyncio.get_running_loop().create_future()
+        done.set_result(response)
+        return done
+
+    # --- answers out -------------------------------------------------------------------------
+
+    async def _send_answers(self) -> None:
+        stats = self._handler.stats
+        while True:
+            request, answer = await self._answers.get()
+            fc = request.pdu[0]
+            try:
+                response = await answer
+            except Exception:
+                log.exception("modbus-server %s: answering a request failed", self.peer)
+                response = ExceptionResponse(fc, DEVICE_FAILURE)
+            # The client's own transaction id and unit id, whatever the line used.
+            response.transaction_id, response.dev_id = request.tid, request.unit
+            try:
+                data = self._framer.buildFrame(response)
+            except (ValueError, OverflowError, struct.error) as exc:
+                log.warning("modbus-server %s: cannot frame the answer %s: %s", self.peer, response, exc)
+                response = ExceptionResponse(fc, DEVICE_FAILURE, request.unit, request.tid)
+                response.transaction_id = request.tid
+                data = self._framer.buildFrame(response)
+            if response.isError():
+                code = response.exception_code
+                stats.exceptions[code] = stats.exceptions.get(code, 0) + 1
+            self._writer.write(data)
+            await self._writer.drain()
