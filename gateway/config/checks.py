@@ -8,6 +8,8 @@ from drivers.modbus.planner import BIT_TABLES
 from gateway.config import ha_entities as ha
 
 from .addresses import exposed, host_port, port_key
+from .checks_modbus_tcp import ModbusTcpChecks
+from .checks_sim import SimulatorChecks
 from .problems import Path, Problem, hint
 from .prune import Pruned
 from .schema import Config, DeviceConfig, PointConfig
@@ -22,49 +24,21 @@ def check(config: Config, source: Source, pruned: Pruned) -> tuple[list[Problem]
     return checks.errors, checks.warnings
 
 
-class _Checks:
+class _Checks(SimulatorChecks, ModbusTcpChecks):
     """Cross-references that no single model can check, run on the typed config."""
-
-    def __init__(self, config: Config, source: Source, pruned: Pruned) -> None:
-        self.config = config
-        self.source = source
-        self.pruned = pruned
-        self.errors: list[Problem] = []
-        self.warnings: list[Problem] = []
-        self.device_names: dict[Any, Path] = {}  # Modbus device name -> where it is declared
 
     def run(self) -> None:
         """Run every check; templates are resolved (with the devices) before the simulator's."""
         self._buses()
+        self._shared_endpoints()
         self._ha_hints()  # before _devices: each device's own points are still at their paths
         self._devices()
         self._ha_ids()
         self._sinks()
         self._mcp()
         self._simulator()
+        self._modbus_server()  # after _devices: it names the devices that exist
         self._exposure()
-
-    # Paths below are in the validated (possibly pruned) data; problems are kept as written.
-
-    def _error(self, path: Path, message: str) -> None:
-        self.errors.append(Problem(self.pruned.original(path), message))
-
-    def _warn(self, path: Path, message: str) -> None:
-        self.warnings.append(Problem(self.pruned.original(path), message))
-
-    def _line(self, path: Path) -> int:
-        return self.source.line_of(self.pruned.original(path))
-
-    def _key_or(self, path: Path, key: str) -> Path:
-        """`path.key` if that key is written in the file, else `path` (for the best line)."""
-        return path + (key,) if self.source.has(self.pruned.original(path + (key,))) else path
-
-    def _first(self, seen: dict[Any, Path], value: Any, path: Path, message: str) -> None:
-        """Report `path` if `value` was seen before; otherwise remember it."""
-        if value in seen:
-            self._error(path, f"{message} (first at line {self._line(seen[value])})")
-        else:
-            seen[value] = path
 
     # -- modbus ----------------------------------------------------------------------------
 
@@ -74,6 +48,8 @@ class _Checks:
         for b, bus in enumerate(self.config.modbus.buses):
             at = ("modbus", "buses", b)
             self._first(names, bus.name, at + ("name",), f"bus name {bus.name!r} is used twice")
+            if bus.line_framing == "tcp":
+                continue  # a Modbus TCP endpoint takes more than one connection: a warning (_shared_endpoints)
             message = f"port {bus.port!r} is used by two buses"
             self._first(ports, port_key(bus.port), at + ("port",), message)
 
@@ -226,83 +202,6 @@ class _Checks:
                 f"max_hello_payload ({mcp.max_hello_payload}) is above max_payload ({mcp.max_payload}), "
                 "which holds first",
             )
-
-    # -- simulator -------------------------------------------------------------------------------
-
-    def _simulator(self) -> None:
-        sim = self.config.simulator
-        if sim is None:
-            return
-        buses = {port_key(bus.port): b for b, bus in reversed(list(enumerate(self.config.modbus.buses)))}
-        # A bus dropped as invalid may be the one a line refers to: no "not found" then.
-        bus_dropped = self.pruned.dropped(("modbus", "buses"), depth=1, keys=("port",))
-        self._sim_mcp()
-        links: dict[Any, Path] = {}
-        for n, line in enumerate(sim.modbus):
-            at = ("simulator", "modbus", n)
-            link = port_key(line.link)
-            message = f"link {line.link!r} is used by two simulated lines"
-            self._first(links, link, at + ("link",), message)
-            units: dict[Any, Path] = {}
-            for k, simdev in enumerate(line.devices):
-                self._first(
-                    units,
-                    simdev.unit,
-                    at + ("devices", k, "unit"),
-                    f"unit {simdev.unit} is simulated twice on this line",
-                )
-            if link not in buses:
-                if not bus_dropped:
-                    self._warn(
-                        at + ("link",),
-                        f"no modbus bus has port {line.link!r}: nothing polls this simulated line",
-                    )
-                continue
-            for k, simdev in enumerate(line.devices):
-                self._sim_device(buses[link], simdev.unit, simdev.values, at + ("devices", k))
-
-    def _sim_mcp(self) -> None:
-        """A simulated MCP device must be one the MCP server accepts (its token comes from there)."""
-        assert self.config.simulator is not None
-        known = sorted(d.id for d in self.config.mcp.devices) if self.config.mcp else []
-        if self.pruned.dropped(("mcp",)):
-            return
-        for n, device in enumerate(self.config.simulator.mcp):
-            if device.id not in known:
-                where = "mcp.devices" if self.config.mcp else "an `mcp` section"
-                self._error(("simulator", "mcp", n, "id"), f"{device.id!r} is not in {where}{hint(device.id, known)}")
-
-    def _sim_device(self, b: int, unit: int, values: dict[str, Any], at: Path) -> None:
-        """The values of a simulated slave must name points of the device polled at its unit."""
-        bus = self.config.modbus.buses[b]
-        bus_at = ("modbus", "buses", b)
-        found = [(d, device) for d, device in enumerate(bus.devices) if device.unit == unit]
-        if not found:
-            if self.pruned.dropped(self.pruned.original(bus_at + ("devices",)), depth=1, keys=("unit",)):
-                return
-            units = ", ".join(str(device.unit) for device in bus.devices) or "none"
-            text = f"bus {bus.name!r} has no device with unit {unit} (units there: {units})"
-            if values:
-                self._error(at + ("unit",), text)
-            else:
-                self._warn(at + ("unit",), text + ": nothing polls this simulated device")
-            return
-        d, device = found[0]
-        device_at = self.pruned.original(bus_at + ("devices", d))
-        if (
-            self.pruned.dropped(device_at + ("points",))
-            or self.pruned.dropped(device_at + ("template",))
-            or (device.template and self.pruned.dropped(("modbus", "templates", device.template)))
-        ):
-            return  # a point dropped as invalid may be the one named here
-        points = [point.name for point in device.points]
-        for key in values:
-            if key not in points:
-                suffix = hint(key, points) or f" (points: {', '.join(points) or 'none'})"
-                self._error(
-                    at + ("values", key),
-                    f"device {device.name!r} (unit {unit}) has no point {key!r}{suffix}",
-                )
 
     # -- exposure ----------------------------------------------------------------------------------
 
