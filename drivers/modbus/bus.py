@@ -7,7 +7,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pymodbus.pdu import ModbusPDU
 
@@ -25,18 +24,13 @@ from drivers.modbus.schedule import (
     ServeWrites,
 )
 from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # hil/scenarios.py reads it here
+from drivers.modbus.served import LineRequests, PendingPassthrough
 from drivers.modbus.settings import LineSettings
-from drivers.modbus.stats import BusStats, count_answered_read, count_transaction
-from drivers.modbus.timing import QuietGap
+from drivers.modbus.stats import BusStats
+from drivers.modbus.transactions import LineTransactions
 from drivers.modbus.transport import ModbusLink
-from drivers.modbus.writes import PendingWrite, encode_write, readback_request
-from gateway.errors import (
-    BusUnavailable,
-    CodecError,
-    DeviceError,
-    DeviceException,
-    WriteRejected,
-)
+from drivers.modbus.writes import PendingRawWrite, PendingWrite, encode_write
+from gateway.errors import BusUnavailable, CodecError, DeviceError, DeviceException, WriteRejected
 from gateway.types import DeviceProfile, DeviceState, ModbusLineSnapshot, Sample, Value, Write, WriteResult, now_ms
 
 log = logging.getLogger(__name__)
@@ -47,16 +41,6 @@ OPEN_TIMEOUT = 3.0
 ALIVE_TICK = 1.0
 #: Allowed on top of the longest single step of the task: scheduling delays, the quiet gap.
 ALIVE_SLACK = 2.0
-
-
-@dataclass
-class PendingPassthrough:
-    """A request of a Modbus TCP server client waiting for the line, and the future its handler awaits."""
-
-    device: Device
-    request: ModbusPDU
-    timeout: float
-    future: asyncio.Future[ModbusPDU]
 
 
 def line_budget(cfg: LineSettings) -> budget.LineBudget:
@@ -91,25 +75,17 @@ class ModbusBus:
             connect_timeout=cfg.connect_timeout,
             rs485=cfg.rs485,
         )
-        bits = budget.char_bits(cfg.bytesize, cfg.parity, cfg.stopbits)
-        self._bits_per_char = bits
-        if cfg.inter_request_delay is not None:
-            gap = cfg.inter_request_delay
-        else:
-            # Modbus TCP frames are delimited by their header, not by silence.
-            gap = 0.0 if cfg.mbap else budget.t35(cfg.baudrate, bits)
-        self._quiet = QuietGap(gap, self.name)
-        self._writes: asyncio.Queue[PendingWrite] = asyncio.Queue()
+        self._writes: asyncio.Queue[PendingWrite | PendingRawWrite] = asyncio.Queue()
         self._passthrough: deque[PendingPassthrough] = deque()
         self._wake = asyncio.Event()
         self._schedule = LineSchedule(
-            self.devices.values(), reopen_backoff_max=RECONNECT_BACKOFF_MAX if cfg.is_tcp else REOPEN_BACKOFF_MAX
+            self.devices.values(), reopen_backoff_max=RECONNECT_BACKOFF_MAX if cfg.is_tcp else None
         )
+        self._io = LineTransactions(cfg, self._link, self._schedule, self.stats)
+        self._requests = LineRequests(self._io, on_sample, self._log_once)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._logged: set[tuple[str, str, str]] = set()
-        #: Monotonic time the line's task last moved (an iteration, a transaction, a back-off step).
-        self.alive_at = time.monotonic()
         #: The longest a healthy line goes without moving: longer means its task is stuck.
         self.alive_limit = self._longest_step() + ALIVE_TICK + ALIVE_SLACK
 
@@ -117,6 +93,15 @@ class ModbusBus:
     def name(self) -> str:
         """The line's name."""
         return self.cfg.name
+
+    @property
+    def alive_at(self) -> float:
+        """Monotonic time the line's task last moved (an iteration, a transaction, a back-off step)."""
+        return self._io.alive_at
+
+    @alive_at.setter
+    def alive_at(self, when: float) -> None:
+        self._io.alive_at = when
 
     def profiles(self) -> list[DeviceProfile]:
         """What the router needs to know of each device on the line; writes go through this line."""
@@ -171,8 +156,10 @@ class ModbusBus:
             for p in device.points.values():
                 if p.writable:
                     longest = max(longest, device.timeout(p.table, p.codec.count, write=True))
+            # A Modbus TCP server client's pass-through or write, of any size it may ask.
+            longest = max(longest, device.timeout("holding", 125), device.timeout("holding", 123, write=True))
         # The silence kept before a request is a step too (a settle after a failure is at most one timeout).
-        return max(longest, self._quiet.seconds)
+        return max(longest, self._io.quiet.seconds)
 
     async def start(self) -> None:
         """Start the line's task; the port is opened (and reopened) by the task itself."""
@@ -192,14 +179,18 @@ class ModbusBus:
             await asyncio.wait({task}, timeout=0.1)
         while not self._writes.empty():
             pending = self._writes.get_nowait()
-            if not pending.future.done():
+            if pending.future.done():
+                continue
+            if isinstance(pending, PendingRawWrite):
+                pending.future.set_exception(BusUnavailable(f"line {self.name} is stopping"))
+            else:
                 pending.future.set_result(WriteResult(ok=False, error="gateway stopping"))
         while self._passthrough:
             waiting = self._passthrough.popleft()
             if not waiting.future.done():
                 waiting.future.set_exception(BusUnavailable(f"line {self.name} is stopping"))
         self._link.close()
-        self._quiet.close()
+        self._io.quiet.close()
 
     async def write(self, request: Write) -> WriteResult:
         """Write one point; jumps ahead of polling. Never raises for a bad request: the result says why."""
@@ -230,17 +221,35 @@ class ModbusBus:
         Returns the device's response as it came, an exception response included. Raises DeviceTimeout when the
         device does not answer, DeviceError when it is offline, BusUnavailable when the line is down or stopping.
         """
-        dev = self.devices[device]
-        if self._stopping or not self._link.connected:
-            raise BusUnavailable(f"line {self.name} is down ({self.cfg.port} is not open)")
-        if dev.online is False:
-            raise DeviceError(f"{dev.name} is offline")
+        dev = self._reachable(device)
         if timeout is None:
             timeout = dev.timeout("holding", 125)
         fut: asyncio.Future[ModbusPDU] = asyncio.get_running_loop().create_future()
         self._passthrough.append(PendingPassthrough(dev, request, timeout, fut))
         self._wake.set()
         return await fut
+
+    async def raw_write(self, device: str, request: ModbusPDU, origin: str) -> ModbusPDU:
+        """Carry out a Modbus TCP server client's write request on the device's unit, queued with the line's writes.
+
+        The written points are read back and published, as after an MQTT write. Returns the device's response as
+        it came (an exception response included); raises as `pass_through` does.
+        """
+        dev = self._reachable(device)
+        fut: asyncio.Future[ModbusPDU] = asyncio.get_running_loop().create_future()
+        await self._writes.put(PendingRawWrite(dev, request, origin, fut))
+        self._wake.set()
+        return await fut
+
+    def _reachable(self, device: str) -> Device:
+        """The device, when a request for it may wait for the line: DeviceError when it is offline, BusUnavailable
+        when the line is down."""
+        dev = self.devices[device]
+        if self._stopping or not self._link.connected:
+            raise BusUnavailable(f"line {self.name} is down ({self.cfg.port} is not open)")
+        if dev.online is False:
+            raise DeviceError(f"{dev.name} is offline")
+        return dev
 
     # --- the line's task ------------------------------------------------------------------------
 
@@ -277,36 +286,15 @@ class ModbusBus:
     async def _serve_writes(self) -> None:
         while not self._writes.empty():
             pending = self._writes.get_nowait()
-            result = await self._do_write(pending)
-            if not pending.future.done():
-                pending.future.set_result(result)
+            if isinstance(pending, PendingRawWrite):
+                await self._requests.raw_write(pending)
+            else:
+                await self._requests.write(pending)
 
     async def _serve_passthrough(self) -> None:
         pending = self._passthrough.popleft()
         self._schedule.passthrough_done()
-        if pending.future.done():  # its client went away while it waited
-            return
-        device = pending.device
-        await self._settled(device.unit)
-        await self._quiet_gap()
-        failure: DeviceError | None = None
-        try:
-            response = await self._link.execute(pending.request, device.unit, pending.timeout)
-        except DeviceError as exc:
-            failure = exc
-        finally:
-            self._quiet.last_end = self.alive_at = time.monotonic()
-        # Counted apart from the polls' transactions (a line's are the sum of its devices').
-        self.stats.passthrough += 1
-        if failure is not None:
-            self.stats.passthrough_failed += 1
-            if not isinstance(failure, BusUnavailable | DeviceException):
-                self._settle(device.unit, pending.timeout)
-            if not pending.future.done():
-                pending.future.set_exception(failure)
-            return
-        if not pending.future.done():
-            pending.future.set_result(response)
+        await self._requests.pass_through(pending)
 
     async def _reopen(self) -> None:
         self.stats.reopen_attempts += 1
@@ -352,89 +340,7 @@ class ModbusBus:
             self._on_sample(Sample(device=device.name, ts=ts, values=values))
 
     async def _transact(self, device: Device, request: ReadRequest, *, retries: int) -> list[int] | list[bool]:
-        timeout = device.timeout(request.table, request.count)
-        last: DeviceError | None = None
-        await self._settled(device.unit)
-        for _ in range(retries + 1):
-            await self._quiet_gap()
-            started = time.monotonic()
-            try:
-                data = await self._link.read(request.table, device.unit, request.address, request.count, timeout)
-            except DeviceError as exc:
-                # A transaction counts once it ended (answered or failed); one cut short by stop() does not.
-                count_transaction(self.stats, device.stats, exc)
-                last = exc
-                if isinstance(exc, BusUnavailable | DeviceException):
-                    raise
-                self._settle(device.unit, timeout)
-                continue
-            finally:
-                self._quiet.last_end = self.alive_at = time.monotonic()
-            # The line went quiet with the answer's last byte, not when the answer was decoded: the
-            # silence before the next request and the response time count from that byte.
-            if started < self._link.last_rx < self._quiet.last_end:
-                self._quiet.last_end = self._link.last_rx
-            device.cache.store(request.table, request.address, data, self._quiet.last_end)
-            req, resp = budget.transaction_bytes(request.table, request.count)
-            # Modbus TCP has no serial wire to fill: its utilisation stays 0.
-            wire = 0.0 if self.cfg.mbap else budget.transaction_time(req, resp, self.cfg.baudrate, self._bits_per_char)
-            count_answered_read(self.stats, device.stats, self._quiet.last_end - started, wire)
-            if last is not None:
-                # A retry answered, maybe by the late answer to the attempt before: its own answer may still
-                # come, as late as a failed attempt's could (one timeout past the timeout).
-                self._schedule.settle(device.unit, started + 2 * timeout)
-            return data
-        assert last is not None
-        raise last
-
-    async def _quiet_gap(self) -> None:
-        if await self._quiet.wait():
-            self.alive_at = time.monotonic()
-
-    def _settle(self, unit: int, timeout: float) -> None:
-        """After a timeout or a garbled answer from `unit`, its next *other* request waits one more response
-        timeout (libmodbus does this line-wide): an answer the unit sends late then arrives while nothing waits
-        for it and pymodbus drops it, instead of arriving during that request, where the same unit, function
-        and length would pass it as the answer to a different read. A retry of the same request needs no wait
-        (the late answer is its answer), nor does another unit (pymodbus refuses an answer from the wrong unit):
-        the line's task polls the other units while this one settles (see `LineSchedule.next_step`)."""
-        self._schedule.settle(unit, time.monotonic() + timeout)
-
-    async def _settled(self, unit: int) -> None:
-        wait = self._schedule.end_settle(unit) - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-            self.alive_at = time.monotonic()
-
-    async def _do_write(self, pending: PendingWrite) -> WriteResult:
-        device, point, words = pending.device, pending.point, pending.words
-        device.stats.writes += 1
-        timeout = device.timeout(point.table, len(words), write=True)
-        await self._settled(device.unit)
-        await self._quiet_gap()
-        failure: DeviceError | None = None
-        device.cache.invalidate(point.table, point.address, len(words))
-        try:
-            await self._link.write(point.table, device.unit, point.address, words, timeout)
-        except DeviceError as exc:
-            failure = exc
-        finally:
-            self._quiet.last_end = self.alive_at = time.monotonic()
-            # Counted also when stop() cuts it short: the request may have gone out.
-            count_transaction(self.stats, device.stats, failure, write=True)
-        if failure is not None:
-            if not isinstance(failure, BusUnavailable | DeviceException):
-                self._settle(device.unit, timeout)
-            return WriteResult(ok=False, error=str(failure))
-        # Read the point back: the device may clamp or ignore a value without saying so.
-        readback = readback_request(point)
-        try:
-            data = await self._transact(device, readback, retries=device.retries)
-        except DeviceError as exc:
-            return WriteResult(ok=False, error=f"written, but the read-back failed: {exc}")
-        values = device.decode(readback, data)
-        self._on_sample(Sample(device=device.name, ts=now_ms(), values=values))
-        return WriteResult(ok=True, value=values.get(point.name))
+        return await self._io.read(device, request, retries=retries)
 
     def _announce(self, device: Device, online: bool, reason: str) -> None:
         if online:

@@ -58,4 +58,4 @@ class RawCache:
             stop = min(end, start + n)
             out.extend(data[at - start : stop - start])
             at = stop
-        return out  # type: ignore[return-value]
+        return out

@@ -83,9 +83,10 @@ Step = Reopen | PortWait | ServeWrites | ServePassthrough | Idle | Poll
 class LineSchedule:
     """The poll queue of one line and the decisions on it; the caller passes the clock."""
 
-    def __init__(self, devices: Iterable[Device], *, reopen_backoff_max: float = REOPEN_BACKOFF_MAX) -> None:
+    def __init__(self, devices: Iterable[Device], *, reopen_backoff_max: float | None = None) -> None:
         self.devices = list(devices)
-        self.reopen_backoff_max = reopen_backoff_max
+        # None: REOPEN_BACKOFF_MAX as it is when the schedule is built (tests shorten it).
+        self.reopen_backoff_max = REOPEN_BACKOFF_MAX if reopen_backoff_max is None else reopen_backoff_max
         # A pass-through transaction ran while a poll was due: the next turn is the poll's.
         self._poll_owed = False
         self._queue: list[tuple[float, int, PollJob]] = []  # (when to look at the job again, tie-break, job)

@@ -6,8 +6,10 @@ import asyncio
 import math
 from dataclasses import dataclass
 
+from pymodbus.pdu import ModbusPDU
+
 from drivers.modbus.device import Device
-from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span
+from drivers.modbus.planner import BIT_TABLES, ReadRequest, Span, plan
 from drivers.modbus.settings import PointSettings
 from gateway.errors import WriteRejected
 from gateway.types import Write, WriteResult
@@ -24,6 +26,46 @@ class PendingWrite:
     point: PointSettings
     words: Words
     future: asyncio.Future[WriteResult]
+
+
+@dataclass
+class PendingRawWrite:
+    """A Modbus TCP server client's write request as it came, waiting for the line, and the future it awaits."""
+
+    device: Device
+    request: ModbusPDU
+    origin: str  # who asked (`modbus-tcp <peer>`), for the log
+    future: asyncio.Future[ModbusPDU]
+
+
+#: Function codes that write, and the table they write: (function code) -> table.
+_WRITE_TABLES = {5: "coil", 15: "coil", 6: "holding", 16: "holding", 0x16: "holding", 0x17: "holding"}
+
+
+def written_range(request: ModbusPDU) -> tuple[str, int, int] | None:
+    """The (table, address, count) a request writes, None for one that writes nothing (a read, a diagnostic)."""
+    table = _WRITE_TABLES.get(request.function_code)
+    if table is None:
+        return None
+    code = request.function_code
+    if code == 0x17:  # read/write multiple registers: the write part
+        return table, int(getattr(request, "write_address", 0)), len(getattr(request, "write_registers", ()))
+    if code in (5, 6, 0x16):
+        return table, request.address, 1
+    if code == 15:
+        return table, request.address, len(request.bits)
+    return table, request.address, len(request.registers)
+
+
+def readback_requests(device: Device, table: str, address: int, count: int) -> list[ReadRequest]:
+    """The reads that fetch every configured point a write of `count` from `address` on `table` touched, planned."""
+    end = address + count
+    spans = [
+        Span(p.name, p.table, p.address, p.codec.count)
+        for p in device.points.values()
+        if p.table == table and p.address < end and address < p.address + p.codec.count
+    ]
+    return plan(spans, max_gap=device.cfg.max_gap, max_registers=device.cfg.max_registers) if spans else []
 
 
 def encode_write(device: Device, request: Write) -> tuple[PointSettings, Words]:
