@@ -32,7 +32,7 @@ def test_version() -> None:
 def test_check_accepts_the_shipped_config() -> None:
     r = fieldgate("check", "-c", "config.yaml")
     assert r.returncode == 0, r.stderr
-    assert "config.yaml: ok — 1 modbus bus(es), 4 device(s)" in r.stdout
+    assert "config.yaml: ok — 2 modbus bus(es), 6 device(s)" in r.stdout
 
 
 def test_missing_config_and_bad_usage_exit_2(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from pymodbus.client import AsyncModbusTcpClient
 
 from gateway.app import Gateway
 from gateway.config import load_config
@@ -219,14 +220,18 @@ async def test_device_comes_back_online(gateway: tuple[Gateway, Subscriber]) -> 
 
 async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
     shipped = (Path(__file__).parents[2] / "config.yaml").read_text()
-    port = free_port()
+    port, server_port, endpoint_port = free_port(), free_port(), free_port()
     text = (
         shipped.replace("tcp://127.0.0.1:1883", f"tcp://127.0.0.1:{port}")
         # Its status page too: 9720 may be taken by another gateway on this machine (a bench, the appliance).
         .replace("id: demo", f"id: demo\n  state_dir: ./state\n  http: 127.0.0.1:{free_port()}")
         .replace("127.0.0.1:7720", f"127.0.0.1:{free_port()}")
+        # The Modbus TCP server and the simulated Modbus TCP endpoint (the bus's port and the simulator's listen).
+        .replace("127.0.0.1:5020", f"127.0.0.1:{server_port}")
+        .replace("127.0.0.1:5502", f"127.0.0.1:{endpoint_port}")
     )
-    assert f"127.0.0.1:{port}" in text
+    for address in (port, server_port, f"tcp://127.0.0.1:{endpoint_port}", f"listen: 127.0.0.1:{endpoint_port}"):
+        assert f"{address}" in text
     path = tmp_path / "config.yaml"
     path.write_text(text)
     async with running(path):
@@ -237,6 +242,8 @@ async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
                 "fieldgate/demo/boiler1/telemetry",
                 "fieldgate/demo/meter/telemetry",
                 "fieldgate/demo/pump-1/telemetry",
+                "fieldgate/demo/pv-meter/telemetry",  # the Modbus TCP bus
+                "fieldgate/demo/inverter/telemetry",
             ):
                 msg = await sub.next_on(topic, timeout=10)
                 assert msg.json()["values"]
@@ -245,6 +252,17 @@ async def test_shipped_config_starts_and_publishes(tmp_path: Path) -> None:
             )
             temps = [m.json() for m in sub.on("fieldgate/demo/boiler1/temperature")]
             assert all(55 <= t <= 65 for t in temps)
+            powers = [m.json() for m in sub.on("fieldgate/demo/pv-meter/power")]
+            assert powers and all(1500 <= w <= 4500 for w in powers)
+            # SCADA's side: boiler1's temperature (input 0, int16 x 0.1) read through the Modbus TCP server.
+            client = AsyncModbusTcpClient("127.0.0.1", port=server_port, timeout=5, retries=0)
+            assert await client.connect()
+            try:
+                answer = await client.read_input_registers(0, count=1, device_id=1)
+            finally:
+                client.close()
+            assert not answer.isError(), answer
+            assert 550 <= struct.unpack(">h", struct.pack(">H", answer.registers[0]))[0] <= 650
         finally:
             sub.stop()
 
