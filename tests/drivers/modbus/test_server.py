@@ -1,0 +1,284 @@
+"""The Modbus TCP server in front of a real line (pty, pymodbus slaves), with real Modbus TCP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsRequest
+from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, WriteSingleRegisterRequest
+
+from drivers.modbus.server import ModbusTcpServer
+from drivers.modbus.settings import ExposeSettings, ServerSettings
+from gateway.errors import FieldgateError
+
+from configs import device, point
+from helpers import until
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_rig import RawClient, StubGate, line_config, server_rig  # noqa: E402
+
+EXPOSE = (ExposeSettings(1, "d1"), ExposeSettings(2, "d2", writes=True))
+
+
+def two_devices(poll: str = "50ms", **bus: object):  # type: ignore[no-untyped-def]
+    """d1 (unit 1) and d2 (unit 2), each with four holding registers, a float and a coil polled."""
+    points = [point(f"r{i}", "holding", i) for i in range(4)]
+    points += [point("f", "holding", 10, "float32", word_order="little"), point("c", "coil", 3, writable=True)]
+    points += [point("w", "holding", 20, writable=True)]
+    return line_config([device("d1", 1, poll=poll, points=points), device("d2", 2, poll=poll, points=points)], **bus)
+
+
+async def polled(rig) -> None:  # type: ignore[no-untyped-def]
+    """Every device answered a poll since now."""
+    marks = {name: dev.stats.cycles for name, dev in rig.bus.devices.items()}
+    await until(lambda: all(dev.stats.cycles > marks[n] + 1 for n, dev in rig.bus.devices.items()), 20, "polls")
+
+
+async def test_a_covered_fresh_read_is_a_cache_hit_without_a_line_transaction(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, two_devices(poll="50ms"), EXPOSE, cache_max_age=30.0) as rig:
+        rig.sim.set(1, "f", 1234.5)
+        await polled(rig)
+        client = AsyncModbusTcpClient("127.0.0.1", port=rig.port, timeout=10)
+        await client.connect()
+        try:
+            passthrough = rig.bus.stats.passthrough
+            for _ in range(20):
+                rr = await client.read_holding_registers(10, count=2, device_id=1)
+                assert not rr.isError(), rr
+                # The raw words as the slave holds them (the float, low word first), not a re-encoding.
+                point_codec = rig.bus.devices["d1"].points["f"].codec
+                assert list(rr.registers) == point_codec.encode(1234.5)
+                bits = await client.read_coils(3, count=1, device_id=1)
+                assert not bits.isError()
+            assert rig.server.stats.cache_hits == 40
+            assert rig.bus.stats.passthrough == passthrough  # the line carried out none of them
+        finally:
+            client.close()
+
+
+async def test_reads_the_polls_do_not_cover_or_that_are_stale_pass_through_the_line(tmp_path: Path) -> None:
+    # Polled once an hour: after the first poll the cache is stale within cache_max_age.
+    async with server_rig(tmp_path, two_devices(poll="1h"), EXPOSE, cache_max_age=0.2) as rig:
+        await until(lambda: rig.bus.devices["d1"].online, 20, "d1 polled")
+        client = AsyncModbusTcpClient("127.0.0.1", port=rig.port, timeout=10)
+        await client.connect()
+        try:
+            # Beyond the polled registers (the slave has them): the line reads them for the client.
+            before = rig.bus.stats.passthrough
+            rr = await client.read_holding_registers(40, count=3, device_id=1)
+            assert not rr.isError() and len(rr.registers) == 3
+            assert rig.bus.stats.passthrough == before + 1
+            # Half covered (registers 19-22: the polls' block ends with the point at 20): not a cache hit.
+            rr = await client.read_holding_registers(19, count=4, device_id=1)
+            assert not rr.isError()
+            assert rig.bus.stats.passthrough == before + 2
+            # Covered but stale: the value the slave holds now, read through the line.
+            await asyncio.sleep(0.3)
+            rig.sim.set(1, "r0", 4321)
+            rr = await client.read_holding_registers(0, count=1, device_id=1)
+            assert list(rr.registers) == [4321]
+            assert rig.bus.stats.passthrough == before + 3
+            assert rig.server.stats.cache_hits == 0
+        finally:
+            client.close()
+
+
+async def test_exceptions_unit_not_exposed_writes_refused_device_exception_and_dead_device(tmp_path: Path) -> None:
+    cfg = two_devices(poll="100ms", timeout="100ms")
+    gate = StubGate()
+    expose = (*EXPOSE, ExposeSettings(3, "d3"))
+    cfg = line_config(
+        [
+            device("d1", 1, poll="100ms", points=[point("r0", "holding", 0)]),
+            device("d2", 2, poll="100ms", points=[point("w", "holding", 20, writable=True)]),
+            device("d3", 3, poll="100ms", offline_after=100, points=[point("r0", "holding", 0)]),
+        ],
+        timeout="100ms",
+    )
+    async with server_rig(tmp_path, cfg, expose, dead=(3,), gate=gate) as rig:
+        await until(lambda: rig.bus.devices["d1"].online, 20, "d1 polled")
+        client = AsyncModbusTcpClient("127.0.0.1", port=rig.port, timeout=10)
+        await client.connect()
+        try:
+            rr = await client.read_holding_registers(0, count=1, device_id=9)
+            assert rr.isError() and rr.exception_code == 0x0A  # gateway path unavailable
+            rr = await client.write_register(0, 7, device_id=1)
+            assert rr.isError() and rr.exception_code == 0x01  # d1 takes no writes
+            assert gate.admitted == []  # refused before the rate limit
+            assert gate.records[-1][0] == "d1" and gate.records[-1][3] is False
+            assert gate.records[-1][2] == "write_register 0 7"
+            rr = await client.read_holding_registers(60000, count=2, device_id=1)
+            assert rr.isError() and rr.exception_code == 0x02  # the slave's own, passed on
+            rr = await client.read_holding_registers(40, count=1, device_id=3)
+            assert rr.isError() and rr.exception_code == 0x0B  # the slave is silent: target failed to respond
+            # passthrough: reads (the default) takes no other function than 1-4 and the writes.
+            rr = await client.report_device_id(device_id=1)
+            assert rr.isError() and rr.exception_code == 0x01
+        finally:
+            client.close()
+        snap = rig.server.snapshot()
+        assert snap.exceptions == {0x0A: 1, 0x01: 2, 0x02: 1, 0x0B: 1}
+
+
+async def test_an_offline_device_is_0x0b_at_once_and_never_a_cache_hit(tmp_path: Path) -> None:
+    cfg = line_config([device("d1", 1, poll="20ms", points=[point("r0", "holding", 0)])], timeout="50ms", retries=0)
+    async with server_rig(tmp_path, cfg, (ExposeSettings(1, "d1"),), cache_max_age=3600.0) as rig:
+        await until(lambda: rig.bus.devices["d1"].online, 20, "d1 polled")
+        rig.sim.set_dead(1)
+        await until(lambda: rig.bus.devices["d1"].online is False, 20, "d1 offline")
+        client = await RawClient.connect(rig.port)
+        try:
+            await client.send(client.frame(ReadHoldingRegistersRequest(address=0, count=1), 5, 1))
+            rr = await client.response()
+            assert rr.isError() and rr.exception_code == 0x0B
+            assert rig.server.stats.cache_hits == 0
+        finally:
+            client.close()
+
+
+async def test_answers_carry_the_clients_transaction_and_unit_ids_in_request_order(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, two_devices(), EXPOSE, cache_max_age=30.0) as rig:
+        await polled(rig)
+        client = await RawClient.connect(rig.port)
+        try:
+            # Pipelined in one segment: cache hits, pass-throughs and exceptions, for two units.
+            requests: list[tuple[int, int, ModbusPDU]] = [
+                (0xBEEF, 1, ReadHoldingRegistersRequest(address=40, count=2)),  # pass-through
+                (0x0001, 2, ReadHoldingRegistersRequest(address=0, count=4)),  # cache hit
+                (0xFFFF, 9, ReadHoldingRegistersRequest(address=0, count=1)),  # 0x0A
+                (0x0000, 1, ReadCoilsRequest(address=3, count=1)),  # cache hit
+                (0x1234, 2, ReadHoldingRegistersRequest(address=50, count=1)),  # pass-through
+            ]
+            await client.send(b"".join(client.frame(req, tid, unit) for tid, unit, req in requests))
+            answers = [await client.response() for _ in requests]
+            assert [(a.transaction_id, a.dev_id) for a in answers] == [(t, u) for t, u, _ in requests]
+            assert [a.function_code for a in answers] == [3, 3, 0x83, 1, 3]
+        finally:
+            client.close()
+
+
+async def test_malformed_frames_close_only_that_connection(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, two_devices(), EXPOSE, cache_max_age=30.0) as rig:
+        await polled(rig)
+        good = await RawClient.connect(rig.port)
+        bad_frames = [
+            bytes.fromhex("0001 0001 0006 01 03 0000 0001"),  # protocol id 1
+            bytes.fromhex("0001 0000 ffff 01"),  # a header announcing 65535 bytes: closed at once, not awaited
+            bytes.fromhex("0001 0000 0001 01"),  # a length that leaves no room for a function code
+            bytes.fromhex("0001 0000 0003 01 03 00"),  # a read whose address and count are cut off
+            bytes.fromhex("0001 0000 0006 01 03 0000 0000"),  # a read of 0 registers (pymodbus refuses to decode)
+            bytes.fromhex("0001 0000 0003 01 83 02"),  # an exception response sent as a request
+        ]
+        try:
+            for n, data in enumerate(bad_frames, 1):
+                bad = await RawClient.connect(rig.port)
+                await bad.send(data)
+                assert await bad.closed(), data.hex()
+                bad.close()
+                assert rig.server.stats.malformed == n
+                # The neighbour's connection is untouched.
+                await good.send(good.frame(ReadHoldingRegistersRequest(address=0, count=1), n, 1))
+                rr = await good.response()
+                assert not rr.isError() and rr.transaction_id == n
+            # A function pymodbus does not know is no malformed frame: exception 1, the connection stays.
+            await good.send(bytes.fromhex("0077 0000 0002 01 64"))
+            rr = await good.response()
+            assert rr.transaction_id == 0x77 and rr.exception_code == 0x01
+        finally:
+            good.close()
+
+
+async def test_max_connections_refuses_more_at_accept(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, two_devices(), EXPOSE, max_connections=2) as rig:
+        first, second = await RawClient.connect(rig.port), await RawClient.connect(rig.port)
+        await until(lambda: len(rig.server.connections) == 2, 20, "two connections")
+        third = await RawClient.connect(rig.port)
+        assert await third.closed()
+        assert rig.server.snapshot().refused == 1
+        first.close()
+        await until(lambda: len(rig.server.connections) == 1, 20, "one connection left")
+        fourth = await RawClient.connect(rig.port)
+        try:
+            await fourth.send(fourth.frame(ReadHoldingRegistersRequest(address=0, count=1), 4, 1))
+            assert (await fourth.response()).transaction_id == 4
+        finally:
+            for c in (second, third, fourth):
+                c.close()
+
+
+async def test_a_client_beyond_its_queue_gets_busy_answers_in_order(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, two_devices(), EXPOSE, max_queue=2, cache_max_age=30.0) as rig:
+        await polled(rig)
+        client = await RawClient.connect(rig.port)
+        try:
+            # Five pass-throughs at once: two may wait for the line, three are busy; then a cache hit.
+            frames = [client.frame(ReadHoldingRegistersRequest(address=40 + i, count=1), 100 + i, 1) for i in range(5)]
+            frames.append(client.frame(ReadHoldingRegistersRequest(address=0, count=1), 200, 1))
+            await client.send(b"".join(frames))
+            answers = [await client.response() for _ in frames]
+            assert [a.transaction_id for a in answers] == [100, 101, 102, 103, 104, 200]
+            assert [a.function_code for a in answers] == [3, 3, 0x83, 0x83, 0x83, 3]
+            assert [a.exception_code for a in answers[2:5]] == [6, 6, 6]
+            assert rig.server.snapshot().busy == 3
+        finally:
+            client.close()
+
+
+async def test_writes_go_through_the_gate_to_the_slave_and_are_audited(tmp_path: Path) -> None:
+    gate = StubGate(tokens=1)
+    async with server_rig(tmp_path, two_devices(poll="100ms"), EXPOSE, gate=gate, cache_max_age=30.0) as rig:
+        await polled(rig)
+        client = AsyncModbusTcpClient("127.0.0.1", port=rig.port, timeout=10)
+        await client.connect()
+        try:
+            rr = await client.write_register(20, 555, device_id=2)
+            assert not rr.isError(), rr
+            assert rig.sim.get(2, "w") == 555
+            # A read right behind it sees the written value (the line dropped the cached block).
+            rr = await client.read_holding_registers(20, count=1, device_id=2)
+            assert list(rr.registers) == [555]
+            local = client.ctx.transport.get_extra_info("sockname")  # type: ignore[union-attr]
+            origin = f"modbus-tcp 127.0.0.1:{local[1]}"
+            assert gate.admitted == [("d2", origin, "write_register 20 555")]
+            assert gate.records == [("d2", origin, "write_register 20 555", True, None)]
+            # The gate's rate is spent: busy, audited as refused, nothing written.
+            rr = await client.write_register(20, 666, device_id=2)
+            assert rr.isError() and rr.exception_code == 0x06
+            assert gate.records[-1] == ("d2", origin, "write_register 20 666", False, "rate limited: d2")
+            assert rig.sim.get(2, "w") == 555
+        finally:
+            client.close()
+
+
+async def test_a_write_and_the_read_behind_it_in_one_segment_see_the_write(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, two_devices(poll="50ms"), EXPOSE, cache_max_age=30.0) as rig:
+        await polled(rig)
+        client = await RawClient.connect(rig.port)
+        try:
+            frames = client.frame(WriteSingleRegisterRequest(address=20, registers=[777]), 1, 2)
+            frames += client.frame(ReadHoldingRegistersRequest(address=20, count=1), 2, 2)
+            await client.send(frames)
+            write, read = await client.response(), await client.response()
+            assert not write.isError() and list(read.registers) == [777]
+        finally:
+            client.close()
+
+
+async def test_start_fails_clearly_on_a_taken_address_and_on_an_unknown_device(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, two_devices(), EXPOSE) as rig:
+        port = rig.port
+        taken = ServerSettings(listen=f"127.0.0.1:{port}", host="127.0.0.1", port=port, expose=EXPOSE)
+        second = ModbusTcpServer(taken, [rig.bus], StubGate())
+        with pytest.raises(FieldgateError, match=rf"cannot listen on 127.0.0.1:{port}: the address is taken"):
+            await second.start()
+        with pytest.raises(FieldgateError, match="exposes 'nope', which no bus has"):
+            ModbusTcpServer(
+                ServerSettings(listen="x", host="127.0.0.1", port=0, expose=(ExposeSettings(1, "nope"),)),
+                [rig.bus],
+                StubGate(),
+            )
