@@ -257,11 +257,13 @@ class ModbusBus:
         while not self._stopping:
             self.alive_at = now = time.monotonic()
             writes_waiting = not self._writes.empty()
+            while self._passthrough and self._passthrough[0].future.done():
+                self._passthrough.popleft()  # its client went away while it waited: it costs the line nothing
             step = self._schedule.next_step(
                 now,
                 port_open=self._link.connected,
                 writes_waiting=writes_waiting,
-                passthrough_waiting=bool(self._passthrough),
+                passthrough_unit=self._passthrough[0].device.unit if self._passthrough else None,
             )
             match step:
                 case Reopen():

@@ -7,7 +7,8 @@ decision takes the clock as an argument, so the rules are tested with a clock th
 - Writes go before polls (the task also serves them between the reads of one cycle).
 - Pass-through requests (the Modbus TCP server's clients) go after writes and before polls, but while
   a poll is due they alternate with poll cycles, one pass-through transaction between two cycles: the
-  clients get the line's spare time and a share of a busy one, never the polled devices' own.
+  clients get the line's spare time and a share of a busy one, never the polled devices' own. One for a
+  unit that settles waits for the settle, as that unit's polls do, while the other units' polls go on.
 - Fixed rate: a cycle is due one interval after the previous one was *due*; a cycle that could not
   start in time is skipped and counted, never queued up.
 - An offline device is probed instead of polled: its due job's first read, one try, with back-off
@@ -109,20 +110,29 @@ class LineSchedule:
                 self._push(job.due, job)
 
     def next_step(
-        self, now: float, *, port_open: bool, writes_waiting: bool, passthrough_waiting: bool = False
+        self, now: float, *, port_open: bool, writes_waiting: bool, passthrough_unit: int | None = None
     ) -> Step:
-        """What the line does next at `now`: open the port, serve writes or a pass-through, poll a job, or wait."""
+        """What the line does next at `now`: open the port, serve writes or a pass-through, poll a job, or wait.
+
+        `passthrough_unit`: the unit of the pass-through request next in line, None when none waits.
+        """
         if not port_open:
             return Reopen() if self.reopen_at <= now else PortWait(self.reopen_at)
         if writes_waiting:
             return ServeWrites()
         step = self._next_poll(now)
-        if passthrough_waiting and not (isinstance(step, Poll) and self._poll_owed):
-            if isinstance(step, Poll):
-                # Its turn comes after this pass-through: back in the queue where it was.
-                self._push(step.job.due, step.job)
-            return ServePassthrough()
-        return step
+        if passthrough_unit is None:
+            return step
+        settling = self._settle_until.get(passthrough_unit, 0.0)
+        if settling > now:
+            # Its unit's late answer may still come: the other units' polls use the line meanwhile.
+            return Idle(min(step.until, settling)) if isinstance(step, Idle) else step
+        if isinstance(step, Poll):
+            if self._poll_owed:
+                return step
+            # Its turn comes after this pass-through: back in the queue where it was.
+            self._push(step.job.due, step.job)
+        return ServePassthrough()
 
     def passthrough_done(self) -> None:
         """A pass-through transaction ended: a poll that is due now goes before the next one."""

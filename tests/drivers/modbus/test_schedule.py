@@ -22,6 +22,7 @@ from drivers.modbus.schedule import (
     Poll,
     PortWait,
     Reopen,
+    ServePassthrough,
     ServeWrites,
 )
 from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings
@@ -361,3 +362,86 @@ def test_devices_are_probed_at_once_when_the_port_opens_again() -> None:
     assert isinstance(probe, Poll) and probe.probing
     schedule.port_failed(now + 1)
     assert schedule.next_step(now + 1, port_open=False, writes_waiting=False) == PortWait(now + 2)  # afresh
+
+
+# --- pass-through (the Modbus TCP server's clients) ---------------------------------------------------------------
+
+
+def test_writes_go_before_a_pass_through_and_a_pass_through_before_a_due_poll() -> None:
+    schedule = line(device("d", 1, 0))
+    schedule.start(10.0)
+    assert schedule.next_step(10.0, port_open=True, writes_waiting=True, passthrough_unit=1) == ServeWrites()
+    assert schedule.next_step(10.0, port_open=False, writes_waiting=False, passthrough_unit=1) == Reopen()
+    assert schedule.next_step(10.0, port_open=True, writes_waiting=False, passthrough_unit=1) == ServePassthrough()
+    schedule.passthrough_done()
+    # The poll the pass-through went before is still queued, with its due time: its turn now, whoever waits.
+    step = schedule.next_step(10.001, port_open=True, writes_waiting=False, passthrough_unit=1)
+    assert isinstance(step, Poll) and step.due == 10.0
+    schedule.poll_done(step, 10.002, answered=True, failed=False)
+    # Nothing due: a waiting pass-through goes at once, again and again.
+    for _ in range(3):
+        assert (
+            schedule.next_step(10.003, port_open=True, writes_waiting=False, passthrough_unit=1) == ServePassthrough()
+        )
+        schedule.passthrough_done()
+    assert schedule.next_step(10.003, port_open=True, writes_waiting=False) == Idle(11.0)
+
+
+@dataclass
+class BusyLineTask(LineTask):
+    """The line's task with a client that always has a pass-through waiting (each takes READ); notes every step."""
+
+    steps: list[tuple[float, str]] = field(default_factory=list)
+
+    def run(self, until: float) -> list[tuple[float, Poll]]:
+        """Serve the schedule until `until`, pass-through whenever it is its turn; returns the polls run."""
+        first = len(self.ran)
+        while self.now < until:
+            step = self.schedule.next_step(self.now, port_open=True, writes_waiting=False, passthrough_unit=9)
+            if isinstance(step, ServePassthrough):
+                self.steps.append((self.now, "pass-through"))
+                self.now += READ
+                self.schedule.passthrough_done()
+                continue
+            assert isinstance(step, Poll), step  # a pass-through always waits: never idle
+            self.steps.append((self.now, step.job.device.name))
+            self.ran.append((self.now, step))
+            self.cycle(step)
+        return self.ran[first:]
+
+
+def test_with_pass_through_always_waiting_due_polls_still_run_every_other_step() -> None:
+    # Three devices whose polls need 3 x 5 ms of every 40 ms: a client that never stops takes the rest.
+    schedule = line(*(device(f"d{u}", u, 0, poll=0.04) for u in (1, 2, 3)))
+    task = BusyLineTask(schedule)
+    polls = task.run(10.0)
+    for d in schedule.devices:
+        # Every cycle ran (250 in 10 s), none skipped; none later than the pass-through in progress and the two
+        # other due polls with one pass-through before each (5 transactions; a pass-through before each poll is 6).
+        assert d.stats.skipped_cycles == 0 and d.stats.cycles == 250, (d.name, d.stats)
+        late = [at - p.due for at, p in polls if p.job.device is d]
+        assert max(late) <= 5 * READ + 1e-9, (d.name, max(late))
+    kinds = [kind for _, kind in task.steps]
+    # Never two polls in a row: one pass-through between two cycles ...
+    assert all(a == "pass-through" or b == "pass-through" for a, b in zip(kinds, kinds[1:], strict=False))
+    # ... and the client gets the line's spare time: 10 s less the polls' 3.75 s, in 5 ms transactions.
+    assert kinds.count("pass-through") == pytest.approx((10.0 - 750 * READ) / READ, abs=2)
+
+
+def test_a_pass_through_for_a_settling_unit_waits_for_the_settle_while_the_others_poll() -> None:
+    schedule = line(device("a", 1, 0, poll=1.0), device("b", 2, 0, poll=1.0))
+    schedule.start(0.0)
+    schedule.settle(1, 0.5)  # unit 1 timed out: its late answer may come until 0.5
+    step = schedule.next_step(0.0, port_open=True, writes_waiting=False, passthrough_unit=1)
+    assert isinstance(step, Poll) and step.job.device.name == "b"
+    schedule.poll_done(step, 0.005, answered=True, failed=False)
+    # Unit 1's poll and the pass-through both wait for the settle; the line idles until it ends, not longer.
+    assert schedule.next_step(0.005, port_open=True, writes_waiting=False, passthrough_unit=1) == Idle(0.5)
+    # A pass-through for another unit need not wait.
+    assert schedule.next_step(0.005, port_open=True, writes_waiting=False, passthrough_unit=2) == ServePassthrough()
+    schedule.passthrough_done()
+    # The settle is over: unit 1's poll first (a pass-through just had its turn), then its pass-through.
+    step = schedule.next_step(0.5, port_open=True, writes_waiting=False, passthrough_unit=1)
+    assert isinstance(step, Poll) and step.job.device.name == "a"
+    schedule.poll_done(step, 0.505, answered=True, failed=False)
+    assert schedule.next_step(0.505, port_open=True, writes_waiting=False, passthrough_unit=1) == ServePassthrough()
