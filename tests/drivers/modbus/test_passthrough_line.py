@@ -1,0 +1,133 @@
+"""The line side of the Modbus TCP server on a real pty line with a pymodbus slave: pass-through and raw writes.
+
+A client's request is carried out on the line as it came (pymodbus PDUs), in the line's own schedule; the
+answers come back unchanged, exception responses included. A client's write invalidates the device's raw
+cache for the written range and the configured points it touched are read back and published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
+
+from drivers.modbus.bus import ModbusBus
+from drivers.sim.line import VirtualLine
+from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
+from gateway.config.settings import modbus_line
+from gateway.errors import BusUnavailable
+from hil import scenarios
+
+from configs import device, point
+from helpers import Recorder, until
+
+#: Addresses beyond the simulated slave's registers: it answers exception 2 (illegal data address).
+BEYOND = 60000
+
+
+@dataclass
+class Rig:
+    """A bus on a pty line to one pymodbus slave (unit 1) holding `sp` at 10, `sp2` at 11 and `other` at 40."""
+
+    bus: ModbusBus
+    sim: ModbusSimulator
+    rec: Recorder
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """The line, its slave and a bus polling points sp, sp2 (holding 10, 11) once at start (poll: 1 h)."""
+    points = [point("sp", "holding", 10), point("sp2", "holding", 11), point("other", "holding", 40)]
+    cfg = modbus_line(
+        scenarios.bus_config([device("d", 1, poll="1h", max_gap=0, points=points)], baudrate=115200, parity="N")
+    )
+    line = VirtualLine(tmp_path / "tty")
+    line.start()
+    sim = ModbusSimulator(
+        line.device_port, [SimSlave(1, [SimPoint(p.name, p.table, p.address, p.codec) for p in cfg.devices[0].points])]
+    )
+    await sim.start()
+    for name, value in (("sp", 7), ("sp2", 8), ("other", 9)):
+        sim.set(1, name, value)
+    rec = Recorder()
+    bus = ModbusBus(replace(cfg, port=line.gateway_port), rec.sample, rec.state)
+    await bus.start()
+    try:
+        await until(lambda: rec.samples, what="the first poll")
+        yield Rig(bus, sim, rec)
+    finally:
+        await bus.stop()
+        await sim.stop()
+        line.close()
+
+
+async def test_a_pass_through_read_comes_back_as_the_slave_answered_and_is_counted_apart(rig: Rig) -> None:
+    polled = rig.bus.stats.transactions
+    response = await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=3))
+    assert not response.isError() and list(response.registers) == [9, 0, 0]
+    refused = await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=BEYOND, count=2))
+    # The device's exception response, unchanged (0x83, exception 2), for the server to pass on.
+    assert refused.isError() and refused.function_code == 0x83 and refused.exception_code == 2
+    assert (rig.bus.stats.passthrough, rig.bus.stats.passthrough_failed) == (2, 0)
+    assert rig.bus.stats.transactions == polled  # the line's own transactions are its polls and writes
+
+
+async def test_a_raw_write_reaches_the_slave_invalidates_the_cache_and_publishes_the_read_back(rig: Rig) -> None:
+    device = rig.bus.devices["d"]
+    assert device.cache.lookup("holding", 10, 2, 0.0) == [7, 8]
+    samples = len(rig.rec.samples)
+    response = await rig.bus.raw_write(
+        "d", WriteMultipleRegistersRequest(address=10, registers=[1234, 4321]), "modbus-tcp 127.0.0.1:50000"
+    )
+    assert not response.isError() and (response.function_code, response.address, response.count) == (16, 10, 2)
+    assert (rig.sim.get(1, "sp"), rig.sim.get(1, "sp2")) == (1234, 4321)
+    # Answered before the read-back ran: the cache must not serve the values the write replaced.
+    assert device.cache.lookup("holding", 10, 2, 0.0) in (None, [1234, 4321])
+    sample = await until(lambda: rig.rec.samples[samples:], what="the read-back's sample")
+    # The points the write touched, read back in one planned block; `other` was not touched.
+    assert [s.values for s in sample] == [{"sp": 1234, "sp2": 4321}]
+    assert device.cache.lookup("holding", 10, 2, 0.0) == [1234, 4321]
+    assert device.stats.writes == 1
+
+
+async def test_a_device_exception_to_a_raw_write_is_passed_on_unchanged_and_nothing_is_read_back(rig: Rig) -> None:
+    before = rig.bus.stats.transactions
+    samples = len(rig.rec.samples)
+    response = await rig.bus.raw_write("d", WriteSingleRegisterRequest(address=BEYOND, registers=[1]), "modbus-tcp x")
+    assert response.isError() and response.function_code == 0x86 and response.exception_code == 2
+    # One write transaction, counted as the device's exception; no read-back followed.
+    assert rig.bus.stats.transactions == before + 1 and rig.bus.stats.exceptions == 1
+    await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1))  # the line moved on
+    assert rig.rec.samples[samples:] == []
+
+
+async def test_a_pass_through_whose_client_went_away_never_reaches_the_line(rig: Rig) -> None:
+    gone = asyncio.create_task(rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1)))
+    await asyncio.sleep(0)  # queued for the line, which has not taken it yet
+    assert rig.bus.passthrough_waiting == 1
+    gone.cancel()
+    response = await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=41, count=1))
+    assert not response.isError()
+    assert rig.bus.stats.passthrough == 1
+
+
+async def test_requests_waiting_when_the_line_stops_fail_as_line_unavailable(rig: Rig) -> None:
+    waiting = [
+        asyncio.create_task(rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1))),
+        asyncio.create_task(rig.bus.raw_write("d", WriteSingleRegisterRequest(address=10, registers=[5]), "x")),
+    ]
+    await asyncio.sleep(0)
+    await rig.bus.stop()
+    for task in waiting:
+        with pytest.raises(BusUnavailable):
+            await task
+    with pytest.raises(BusUnavailable):
+        await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1))
