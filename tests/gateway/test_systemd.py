@@ -699,6 +699,40 @@ def test_systemd_analyze_security_rates_the_unit_ok(tmp_path: Path) -> None:
     assert re.search(r"Overall exposure level for fieldgate.service: [0-2]\.\d", result.stdout), result.stdout[-300:]
 
 
+PORT_502_LINES = ("AmbientCapabilities=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE")
+
+
+def test_port_502_is_one_uncommenting_away_and_then_the_unit_grants_that_capability_alone(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    # Off as shipped: the shipped config's Modbus TCP server listens on 5020.
+    assert not any(x.startswith(("AmbientCapabilities=", "CapabilityBoundingSet=CAP")) for x in unit_lines())
+    for setting in PORT_502_LINES:
+        assert f"\n#{setting}\n" in text, setting
+        text = text.replace(f"\n#{setting}\n", f"\n{setting}\n")
+    settings = [x for x in text.splitlines() if x and not x.startswith("#")]
+    # systemd adds up CapabilityBoundingSet= lines after the last empty one, which resets the set: what holds is
+    # what follows it, and an ambient capability outside the bounding set would not be granted.
+    bounding = [x.split("=", 1)[1] for x in settings if x.startswith("CapabilityBoundingSet=")]
+    reset = max(i for i, value in enumerate(bounding) if value == "")
+    assert [value for value in bounding[reset + 1 :] if value] == ["CAP_NET_BIND_SERVICE"]
+    ambient = [x.split("=", 1)[1] for x in settings if x.startswith("AmbientCapabilities=")]
+    assert ambient == ["CAP_NET_BIND_SERVICE"]
+    assert "NoNewPrivileges=yes" in settings  # an ambient capability survives it; setuid binaries still gain none
+    analyze = _analyze()
+    copy = tmp_path / "fieldgate.service"
+    copy.write_text(text.replace("/opt/fieldgate/venv/bin/fieldgate", sys.executable))
+    verify = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stdout == "" and verify.stderr == "", verify.stdout + verify.stderr
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", "--threshold=25", "--no-pager", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rating = re.search(r"Overall exposure level for fieldgate.service: [0-2]\.\d", security.stdout)
+    assert rating, security.stdout[-300:]
+
+
 def test_install_sh_is_valid_bash_and_shellcheck_clean() -> None:
     subprocess.run(["bash", "-n", str(INSTALL)], check=True, timeout=30)
     assert os.access(INSTALL, os.X_OK)
