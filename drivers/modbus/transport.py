@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -32,6 +34,19 @@ _EXCEPTION_NAMES = {
 }
 
 
+#: Exception codes a Modbus gateway (a TCP-to-RTU converter) sends for a unit behind it that it cannot reach:
+#: 10 gateway path unavailable, 11 gateway target failed to respond.
+GATEWAY_EXCEPTIONS = frozenset({10, 11})
+#: Timeouts in a row after which pymodbus would close a TCP connection: in effect never (see ModbusLink).
+NEVER_DISCONNECT = sys.maxsize
+#: TCP finds a Modbus TCP peer gone (powered off, unplugged, a network down) that never closed the connection:
+#: keepalive probes on an idle connection, and a limit on how long sent data may stay unacknowledged.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+UNACKED_LIMIT_MS = 20_000
+
+
 class ModbusLink:
     """A Modbus client on one serial line, Modbus TCP endpoint or RTU-over-TCP serial device server."""
 
@@ -50,6 +65,9 @@ class ModbusLink:
         self.port = port
         self.framing = framing
         self._rs485 = rs485
+        self._connect_timeout = connect_timeout
+        #: Modbus TCP (MBAP): answers carry the request's transaction id, a connection has its own health.
+        self.mbap = isinstance(port, TcpEndpoint) and framing == "tcp"
         # Whether bytes came in during the current transaction: pymodbus drops a frame with a bad
         # CRC without a word, so a timeout after bytes arrived is the only sign of a garbled answer.
         self._rx_seen = False
@@ -65,7 +83,13 @@ class ModbusLink:
                 retries=0,
                 reconnect_delay=0,
                 trace_packet=self._heard,
+                trace_connect=self._connection_changed if self.mbap else None,
             )
+            if self.mbap:
+                # pymodbus closes a TCP connection after a few timeouts in a row. Behind a Modbus TCP-to-RTU
+                # converter that is one dead unit among live ones, and reconnecting cannot revive it: the
+                # line's schedule takes a silent unit offline and probes it, TCP itself finds a dead peer.
+                client.set_max_no_responses(NEVER_DISCONNECT)
         else:
             client = AsyncModbusSerialClient(
                 port,
@@ -89,6 +113,8 @@ class ModbusLink:
         """Open the port; BusUnavailable when it cannot be opened."""
         if self.connected:
             return
+        # pymodbus keeps one timeout for connecting and for responses, and each request sets it to its own.
+        self._client.ctx.comm_params.timeout_connect = self._connect_timeout
         try:
             ok = await self._client.connect()
         except (OSError, ModbusException) as exc:
@@ -101,6 +127,8 @@ class ModbusLink:
             except BusUnavailable:
                 self._client.close()
                 raise
+        if self.mbap:
+            _watch_peer(self._client.ctx.transport)
 
     def close(self) -> None:
         """Close the port."""
@@ -148,6 +176,15 @@ class ModbusLink:
         request.dev_id = unit
         return await self._execute(partial(self._client.execute, False, request), unit, timeout, errors=False)
 
+    def _connection_changed(self, connected: bool) -> None:
+        # pymodbus leaves a request waiting for its whole timeout when the peer closes the connection
+        # under it: fail it now, as the line being lost, not as the device being silent.
+        if connected:
+            return
+        waiting = self._client.ctx.response_future
+        if not waiting.done():
+            waiting.set_exception(ConnectionException(f"{self.port}: connection closed by the peer"))
+
     def _heard(self, sending: bool, data: bytes) -> bytes:
         if not sending and data:
             self._rx_seen = True
@@ -168,6 +205,10 @@ class ModbusLink:
         except ModbusIOException as exc:
             if "device id" in str(exc):
                 raise ProtocolError(f"unit {unit}: answer from another unit ({exc})") from exc
+            if self.mbap and self._rx_seen:
+                # MBAP frames cannot be garbled on TCP: what came was another request's (late) answer.
+                late = "an answer to an earlier request was dropped"
+                raise DeviceTimeout(f"unit {unit}: no response within {timeout * 1000:.0f} ms ({late})") from exc
             if self._rx_seen:
                 raise CrcError(f"unit {unit}: garbled response (no frame with a valid CRC)") from exc
             raise DeviceTimeout(f"unit {unit}: no response within {timeout * 1000:.0f} ms") from exc
@@ -178,5 +219,25 @@ class ModbusLink:
         if errors and response.isError():
             code = int(getattr(response, "exception_code", 0))
             name = _EXCEPTION_NAMES.get(code, "unknown exception")
+            if self.mbap and code in GATEWAY_EXCEPTIONS:
+                # A Modbus TCP gateway answering for a unit it cannot reach: the unit itself is silent.
+                raise DeviceTimeout(f"unit {unit}: no response (the gateway answered exception {code}, {name})")
             raise DeviceException(f"unit {unit}: exception {code} ({name})", code)
         return response
+
+
+def _watch_peer(transport: object) -> None:
+    """Have TCP itself close a Modbus TCP connection whose peer went away without a word."""
+    sock = getattr(transport, "get_extra_info", lambda _name: None)("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", UNACKED_LIMIT_MS),
+    ):
+        option = getattr(socket, name, None)  # Linux names; elsewhere the system's defaults apply
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
