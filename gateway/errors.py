@@ -47,6 +47,10 @@ class BusUnavailable(DeviceError):
     """The serial line (or serial device server) cannot be opened or was lost."""
 
 
+class PortBusy(BusUnavailable):
+    """Another process holds the serial port: opening it too would interleave two masters' frames on the line."""
+
+
 class ProtocolError(DeviceError):
     """The device answered something that does not fit the request."""
 

@@ -2,26 +2,65 @@
 
 A transceiver on the Pi's UART (an RS-485 HAT) needs its driver enabled for each transmission; with the
 kernel's RS-485 mode, RTS does it. USB adapters switch by themselves and need none of this.
+
+pyserial's names are not the config's: `rts_level_for_tx` is SER_RS485_RTS_ON_SEND (RTS while sending),
+`rts_level_for_rx` is SER_RS485_RTS_AFTER_SEND (RTS after sending), `loopback` is SER_RS485_RX_DURING_TX,
+and its delays are seconds, which it truncates to the kernel's whole milliseconds (`int(seconds * 1000)`).
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
+import serial
 import serial.rs485
 
 from drivers.modbus.settings import Rs485Settings
 from gateway.errors import BusUnavailable
 
+#: The longest RTS delay the kernel takes (serial_core's RS485_MAX_RTS_DELAY, 100 ms); it clamps longer ones.
+MAX_DELAY = 0.1
+
+
+def delay_ms(seconds: float) -> int:
+    """A delay in the kernel's unit, whole milliseconds (the nearest: 2.9 ms is 3, where pyserial would say 2)."""
+    return round(seconds * 1000)
+
+
+def problems(cfg: Rs485Settings) -> list[str]:
+    """What the kernel would change of these settings without a word, each as one sentence; empty when none."""
+    found: list[str] = []
+    if cfg.rts_on_send == cfg.rts_after_send:
+        level = "high" if cfg.rts_on_send else "low"
+        found.append(
+            f"rts_on_send and rts_after_send are both {level}: RTS would never switch the transmitter "
+            "(one of them must be true, the other false)"
+        )
+    for key in ("delay_before_tx", "delay_after_tx"):
+        seconds: float | None = getattr(cfg, key)
+        if seconds is None:
+            continue
+        if seconds > MAX_DELAY:
+            found.append(f"{key}: {seconds * 1000:g} ms is longer than the kernel's longest RTS delay, 100 ms")
+        elif abs(seconds * 1000 - delay_ms(seconds)) > 1e-6:
+            found.append(f"{key}: {seconds * 1000:g} ms is not whole milliseconds, the kernel's unit")
+    return found
+
 
 def settings(cfg: Rs485Settings) -> serial.rs485.RS485Settings:
-    """pyserial's form of the line's RS-485 settings."""
+    """pyserial's form of the line's RS-485 settings; a delay not given leaves the port's own."""
+
+    def delay(seconds: float | None) -> float | None:
+        # Whole milliseconds as seconds: pyserial's int(seconds * 1000) gives them back exactly for 0-1000.
+        return None if seconds is None else delay_ms(seconds) / 1000
+
     return serial.rs485.RS485Settings(
         rts_level_for_tx=cfg.rts_on_send,
         rts_level_for_rx=cfg.rts_after_send,
         loopback=cfg.rx_during_tx,
-        delay_before_tx=cfg.delay_before_tx,
-        delay_before_rx=cfg.delay_after_tx,
+        delay_before_tx=delay(cfg.delay_before_tx),
+        delay_before_rx=delay(cfg.delay_after_tx),
     )
 
 
@@ -33,10 +72,19 @@ def configure(client: Any, cfg: Rs485Settings) -> None:
     port = getattr(getattr(client.ctx, "transport", None), "sync_serial", None)
     if port is None:
         raise BusUnavailable("RS-485 mode: the serial port is not open")
+    wrong = problems(cfg)
+    if wrong:
+        # The kernel would put in settings of its own choosing: the transceiver would not be driven as configured.
+        raise BusUnavailable(f"{port.port}: `rs485:` is not applied: " + "; ".join(wrong))
     try:
         port.rs485_mode = settings(cfg)
     except (OSError, ValueError, serial.SerialException) as exc:
+        # pyserial raises a ValueError from the ioctl's OSError, whose reason is the plain one.
+        cause = exc.__context__ if isinstance(exc.__context__, OSError) else exc
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        if isinstance(cause, OSError) and cause.errno == errno.ENOTTY:
+            reason += ": its driver has no RS-485 support"
         raise BusUnavailable(
-            f"{port.port} refuses the kernel's RS-485 mode ({exc}): it is no UART with RS-485 support "
+            f"{port.port} refuses the kernel's RS-485 mode ({reason}); `rs485:` is for a transceiver on a UART "
             "(a USB adapter switches by itself: remove `rs485:`)"
         ) from exc

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import sys
+import termios
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -16,7 +19,7 @@ from pymodbus.pdu import ModbusPDU
 
 from drivers.modbus import rs485
 from drivers.modbus.settings import Rs485Settings, TcpEndpoint
-from gateway.errors import BusUnavailable, CrcError, DeviceException, DeviceTimeout, ProtocolError
+from gateway.errors import BusUnavailable, CrcError, DeviceException, DeviceTimeout, PortBusy, ProtocolError
 
 # pymodbus logs every timeout at ERROR with a frame dump; we log state changes ourselves.
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
@@ -110,17 +113,51 @@ class ModbusLink:
         return bool(self._client.connected)
 
     async def open(self) -> None:
-        """Open the port; BusUnavailable when it cannot be opened."""
+        """Open the port; PortBusy when another process holds it, BusUnavailable when it cannot be opened otherwise."""
         if self.connected:
             return
         # pymodbus keeps one timeout for connecting and for responses, and each request sets it to its own.
         self._client.ctx.comm_params.timeout_connect = self._connect_timeout
+        # pymodbus turns a failed open into `False` and drops the reason; its port factory is wrapped to keep it,
+        # since "busy", "missing" and "no permission" each need a different fix from the user.
+        ctx = self._client.ctx
+        create = ctx.call_create
+        refused: list[OSError] = []
+
+        async def create_keeping_the_reason() -> Any:
+            try:
+                return await create()
+            except OSError as exc:
+                refused.append(exc)
+                raise
+
+        ctx.call_create = create_keeping_the_reason
         try:
             ok = await self._client.connect()
-        except (OSError, ModbusException) as exc:
+        except termios.error as exc:
+            # pyserial opened the port and closed it again: the port refuses the line's baud rate or framing
+            # (a pseudo-terminal refuses even parity). Not an OSError, so pymodbus lets it through.
+            p = ctx.comm_params
+            line = f"{p.baudrate} baud {p.bytesize}{p.parity}{p.stopbits}"
+            raise BusUnavailable(f"cannot open {self.port}: it refuses {line} ({exc.args[-1]})") from exc
+        except (OSError, ModbusException, ValueError) as exc:  # ValueError: pyserial refusing a setting
             raise BusUnavailable(f"cannot open {self.port}: {exc}") from exc
+        finally:
+            ctx.call_create = create
         if not ok:
-            raise BusUnavailable(f"cannot open {self.port}")
+            why = refused[0] if refused else None
+            if why is not None and isinstance(why.__context__, OSError):
+                why = why.__context__  # pyserial's error wraps the OS's, which has the plain errno and reason
+            code = why.errno if why is not None else None
+            serial_port = not isinstance(self.port, TcpEndpoint)
+            if serial_port and code in (errno.EAGAIN, errno.EBUSY):
+                # EAGAIN: another process holds the exclusive lock (flock) pymodbus has pyserial take;
+                # EBUSY: another program set TIOCEXCL on the port.
+                raise PortBusy(f"port busy: {self.port} is in use by another process")
+            reason = f": {why.strerror or why}" if why is not None else ""
+            if serial_port and code == errno.EACCES:
+                reason += " (is the gateway's user in the `dialout` group?)"
+            raise BusUnavailable(f"cannot open {self.port}{reason}")
         if self._rs485 is not None:
             try:
                 rs485.configure(self._client, self._rs485)
