@@ -93,6 +93,21 @@ def benches(out: Path) -> list[Bench]:
             ),
         ),
         Bench(
+            "server",
+            "modbus_server_bench.py",
+            expects=(
+                "cache-hit latency p50, loopback",
+                "cache-hit latency p99, loopback",
+                *(
+                    f"pass-through latency {q} over the line at 19200 8E1, {polling}"
+                    for polling in ("without polling", "with polling")
+                    for q in ("p50", "p99")
+                ),
+                "polled devices' cycles/s while 10 clients pass through",
+                "polled devices' cycles/s while a client floods and another sends malformed frames",
+            ),
+        ),
+        Bench(
             "spool",
             "spool_bench.py",
             ("--dir", str(out / "spool"), "--figures", "1,4,5", "--outbox-seconds", "10", "--profile", "never"),
