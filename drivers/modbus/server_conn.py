@@ -80,17 +80,17 @@ class Connection:
         #: Requests of this connection waiting for a line (or behind a write of this connection).
         self.waiting: set[asyncio.Task[ModbusPDU]] = set()
         self._last_write: asyncio.Task[ModbusPDU] | None = None
+        self._sides: tuple[asyncio.Task[None], ...] = ()
 
     async def serve(self) -> None:
         """Read, answer and write until the client goes, sends a malformed frame, or the server stops."""
         reading = asyncio.create_task(self._read_requests(), name=f"modbus-server {self.peer} in")
         sending = asyncio.create_task(self._send_answers(), name=f"modbus-server {self.peer} out")
+        self._sides = (reading, sending)
         try:
             # Either side ending ends the connection: a reader blocked on a full queue must not outlive the writer.
             await asyncio.wait({reading, sending}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            reading.cancel()
-            sending.cancel()
             self.close()
             await asyncio.wait({reading, sending})
         for task in (reading, sending):
@@ -102,10 +102,11 @@ class Connection:
                 log.error("modbus-server %s: %r", self.peer, exc, exc_info=exc)
 
     def close(self) -> None:
-        """Drop what waits (the lines skip a request whose client is gone) and close the socket."""
-        for task in list(self.waiting):
+        """Drop what waits (the lines skip a request whose client is gone) and close the socket at once."""
+        for task in (*self._sides, *self.waiting):
             task.cancel()
-        self._writer.close()
+        # Not a graceful close: answers a client does not read would hold the socket open for ever.
+        self._writer.transport.abort()
 
     # --- requests in -------------------------------------------------------------------------
 

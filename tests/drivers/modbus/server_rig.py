@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -121,9 +122,17 @@ class RawClient:
         self.framer = FramerSocket(DecodePDU(is_server=False))
 
     @classmethod
-    async def connect(cls, port: int) -> RawClient:
-        """Connected to the server on loopback."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, *, buffers: int | None = None) -> RawClient:
+        """Connected to the server on loopback; `buffers`: the socket's send and receive buffers, in bytes."""
+        if buffers is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            return cls(reader, writer)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
         return cls(reader, writer)
 
     def frame(self, request: ModbusPDU, tid: int, unit: int) -> bytes:
