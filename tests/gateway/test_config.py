@@ -451,3 +451,28 @@ def test_names_refuse_a_trailing_newline() -> None:
     assert len(errors) == 3, errors
     assert all("is not a topic-safe name" in e for e in errors), errors
     assert VALUE_NAME is TOPIC_NAME  # one rule for names in the config and in MCP DATA
+
+
+# --- the README's config reference ----------------------------------------------------------------------
+
+
+def _reference_rows() -> set[str]:
+    """The keys the README's "Config reference: Modbus lines and the Modbus TCP server" tables name."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Config reference: Modbus lines and the Modbus TCP server", 1)[1].split("\n## ", 1)[0]
+    keys: set[str] = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            first_cell = row.split("|")[1]
+            keys |= set(first_cell.split("`")[1::2])
+    return keys
+
+
+def test_every_key_of_a_bus_and_of_the_modbus_tcp_server_is_in_the_readmes_config_reference() -> None:
+    from gateway.config.schema import ExposeConfig, ModbusServerConfig, Rs485Config
+
+    documented = _reference_rows()
+    expected = set(BusConfig.model_fields) | {f"rs485.{k}" for k in Rs485Config.model_fields}
+    expected |= {k for k in ModbusServerConfig.model_fields if k != "expose"}
+    expected |= {f"expose[].{k}" for k in ExposeConfig.model_fields}
+    assert expected - documented == set(), "keys the README's config reference does not name"
