@@ -54,8 +54,13 @@ class RawCache:
                     best = block
             if best is None:
                 return None
-            start, n, _, data = best
+            start, n, t_best, data = best
             stop = min(end, start + n)
+            # A fresher block that begins inside this one holds its values from there on (a write's read-back
+            # within a planned block, say).
+            for s, _, t, _ in fresh:
+                if at < s < stop and t > t_best:
+                    stop = s
             out.extend(data[at - start : stop - start])
             at = stop
         return out
