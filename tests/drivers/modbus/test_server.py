@@ -282,3 +282,45 @@ async def test_start_fails_clearly_on_a_taken_address_and_on_an_unknown_device(t
                 [rig.bus],
                 StubGate(),
             )
+
+
+async def test_passthrough_all_forwards_other_functions_and_still_guards_the_ones_that_write(tmp_path: Path) -> None:
+    cfg = two_devices(poll="100ms")
+    expose = (ExposeSettings(1, "d1", passthrough="all"), ExposeSettings(2, "d2", writes=True, passthrough="all"))
+    gate = StubGate()
+    async with server_rig(tmp_path, cfg, expose, gate=gate) as rig:
+        await polled(rig)
+        client = AsyncModbusTcpClient("127.0.0.1", port=rig.port, timeout=10)
+        await client.connect()
+        try:
+            # Diagnostics "return query data" reads nothing and writes nothing: forwarded, echoed by the slave.
+            passthrough = rig.bus.stats.passthrough
+            rr = await client.diag_query_data(b"\x12\x34", device_id=1)
+            assert not rr.isError() and rig.bus.stats.passthrough == passthrough + 1
+            # Functions that write need `writes: true` as well: refused on d1 without reaching its line...
+            before = rig.line_transactions()
+            rr = await client.readwrite_registers(
+                read_address=0, read_count=2, write_address=20, values=[99], device_id=1
+            )
+            assert rr.isError() and rr.exception_code == 0x01
+            rr = await client.mask_write_register(address=20, and_mask=0, or_mask=5, device_id=1)
+            assert rr.isError() and rr.exception_code == 0x01
+            # ... and "force listen-only mode" would take the device off the line's polls.
+            rr = await client.diag_force_listen_only(device_id=1, no_response_expected=False)
+            assert rr.isError() and rr.exception_code == 0x01
+            assert rig.bus.stats.passthrough == passthrough + 1
+            assert [r[2] for r in gate.records] == [
+                "function 0x17 ReadWriteMultipleRegistersRequest",
+                "function 0x16 MaskWriteRegisterRequest",
+                "function 0x08/0x04 ForceListenOnlyModeRequest",
+            ]
+            # ... and carried out as writes, through the gate, on d2.
+            rr = await client.readwrite_registers(
+                read_address=20, read_count=1, write_address=20, values=[4242], device_id=2
+            )
+            assert not rr.isError(), rr
+            assert list(rr.registers) == [4242] and rig.sim.get(2, "w") == 4242
+            assert gate.admitted[-1][0] == "d2" and gate.records[-1][3] is True
+            assert rig.line_transactions() > before
+        finally:
+            client.close()
