@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from drivers.modbus import rs485
 from drivers.modbus.planner import BIT_TABLES
+from drivers.modbus.settings import Rs485Settings
 from gateway.config import ha_entities as ha
 
 from .addresses import exposed, host_port, port_key
@@ -12,7 +14,7 @@ from .checks_modbus_tcp import ModbusTcpChecks
 from .checks_sim import SimulatorChecks
 from .problems import Path, Problem, hint
 from .prune import Pruned
-from .schema import Config, DeviceConfig, PointConfig
+from .schema import BusConfig, Config, DeviceConfig, PointConfig
 from .settings import point_codec
 from .yamlsrc import Source
 
@@ -48,10 +50,22 @@ class _Checks(SimulatorChecks, ModbusTcpChecks):
         for b, bus in enumerate(self.config.modbus.buses):
             at = ("modbus", "buses", b)
             self._first(names, bus.name, at + ("name",), f"bus name {bus.name!r} is used twice")
+            self._rs485(bus, at)
             if bus.line_framing == "tcp":
                 continue  # a Modbus TCP endpoint takes more than one connection: a warning (_shared_endpoints)
             message = f"port {bus.port!r} is used by two buses"
             self._first(ports, port_key(bus.port), at + ("port",), message)
+
+    def _rs485(self, bus: BusConfig, at: Path) -> None:
+        """RS-485 settings the kernel would change without a word: the line refuses them when it opens; said here."""
+        if bus.rs485 is None:
+            return
+        for problem in rs485.problems(Rs485Settings(**bus.rs485.model_dump())):
+            key, _, rest = problem.partition(": ")
+            if key in type(bus.rs485).model_fields:
+                self._error(self._key_or(at + ("rs485",), key), rest)  # the path names the key
+            else:
+                self._error(at + ("rs485",), problem)
 
     def _devices(self) -> None:
         bad_templates = self._template_duplicates()
