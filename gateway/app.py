@@ -16,19 +16,20 @@ from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus
+from drivers.modbus.server import ModbusTcpServer
 from gateway.audit import AuditLog
 from gateway.broker_access import broker_auth
-from gateway.config import Loaded, load_config
+from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config, SinkConfig
 from gateway.config.settings import mcp_server, modbus_line
-from gateway.errors import ConfigError
 from gateway.event_gate import EventGate
 from gateway.health import HEALTH_PARTS, problems
 from gateway.homeassistant import Discovery
 from gateway.jsonsafe import dumps_safe
 from gateway.line_budgets import budget_warnings
 from gateway.metrics_topic import METRICS_PARTS, metrics_payload
-from gateway.reload import ConfigDiff, diff
+from gateway.modbus_server import build_modbus_server
+from gateway.reload import ConfigDiff, read_for_reload
 from gateway.router import Router
 from gateway.sinks import build_sink
 from gateway.snapshot import ALL_PARTS, GatewaySnapshot, take_snapshot
@@ -69,6 +70,7 @@ class Gateway:
         self.outboxes: list[Outbox] = []
         self.buses: list[ModbusBus] = []
         self.mcp: McpServer | None = None
+        self.modbus_server: ModbusTcpServer | None = None
         self.router: Router | None = None
         self.discovery = Discovery(self.cfg)
         #: Every long-lived task of the gateway's own (sinks, broker child watcher, metrics, reloads, the status
@@ -163,11 +165,18 @@ class Gateway:
         )
 
     def _build_drivers(self) -> list[DeviceProfile]:
-        """The Modbus lines and the MCP server; returns what the router needs to know of each device."""
+        """The Modbus lines, the MCP server and the Modbus TCP server; returns what the router needs of each device."""
         self.buses = [self._build_bus(b) for b in self.cfg.modbus.buses]
         if self.cfg.mcp:
             self.mcp = McpServer(mcp_server(self.cfg.mcp), self._deliver, self._on_state)
+        self._build_modbus_server(self.cfg)
         return self._profiles()
+
+    def _build_modbus_server(self, cfg: Config) -> None:
+        # Over the lines as they run now; writes share the MQTT writes' rate limit and audit log.
+        self.modbus_server = build_modbus_server(
+            cfg, self.buses, lambda: self.router.requests.admit_write if self.router else None, lambda: self.audit
+        )
 
     def _build_bus(self, bus_cfg: BusConfig) -> ModbusBus:
         return ModbusBus(modbus_line(bus_cfg, self.base), self._on_sample, self._on_state)
@@ -199,8 +208,8 @@ class Gateway:
 
     @property
     def drivers(self) -> list[Driver]:
-        """The field-side drivers: every Modbus line, then the MCP server."""
-        return [*self.buses, *([self.mcp] if self.mcp else [])]
+        """The field-side drivers: every Modbus line, the MCP server, then the Modbus TCP server (after its lines)."""
+        return [*self.buses, *([self.mcp] if self.mcp else []), *([self.modbus_server] if self.modbus_server else [])]
 
     @property
     def gateway_id(self) -> str:
@@ -302,23 +311,10 @@ class Gateway:
 
     async def _reload(self, path: str) -> bool:
         log.info("reloading %s", path)
-        try:
-            loaded = await asyncio.to_thread(load_config, path)
-        except ConfigError as exc:
-            for error in exc.errors:
-                log.error("%s", error)
-            log.error("config reload refused; still running the previous config")
+        checked = await read_for_reload(path, self.cfg, self.base)
+        if checked is None:
             return False
-        new = loaded.config
-        base = Path(loaded.path).resolve().parent
-        changes = diff(self.cfg, new, self.base, base)
-        if changes.restart_needed:
-            for key in changes.restart_needed:
-                log.error("%s: %s changed, and that needs a restart (systemctl restart fieldgate)", path, key)
-            log.error("config reload refused; still running the previous config")
-            return False
-        for warning in loaded.warnings + budget_warnings(new):
-            log.warning("%s", warning)
+        loaded, base, changes = checked
         await self._apply(loaded, base, changes)
         log.info("reload: %s", changes.summary())
         return True
@@ -328,6 +324,9 @@ class Gateway:
         new = loaded.config
         assert self.router is not None
         gone_buses = set(changes.buses.removed) | set(changes.buses.changed)
+        server = self.modbus_server if changes.modbus_server else None
+        if server is not None:  # first: it holds the lines, and its clients get no answer from a stopping one
+            await server.stop()
         for bus in [b for b in self.buses if b.name in gone_buses]:
             await bus.stop()
         if self.mcp is not None and new.mcp is not None:
@@ -356,6 +355,10 @@ class Gateway:
             await sink.start()
         for bus in fresh:
             await bus.start()
+        if changes.modbus_server:
+            self._build_modbus_server(new)
+            if self.modbus_server is not None:
+                await self.modbus_server.start()
 
     async def _swap_sinks(self, new: Config, changes: ConfigDiff) -> list[tuple[MqttSink, Outbox]]:
         """Stop the removed and changed sinks' outboxes (spooling what they hold) and build the new ones."""

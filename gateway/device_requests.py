@@ -112,6 +112,11 @@ class DeviceRequests:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("handling a request failed: %r", exc, exc_info=exc)
 
+    def admit_write(self, device: str) -> str | None:
+        """A write to `device` from elsewhere (the Modbus TCP server): None and a token of the device's write rate
+        spent, as an MQTT write spends one, or the refusal when it has none left."""
+        return self._rate_limited(device, "writes")
+
     def _rate_limited(self, device: str, what: str) -> str | None:
         """The refusal when `device` has used up its write rate, else None (and a token is spent)."""
         bucket = self._buckets.get(device)

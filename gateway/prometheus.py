@@ -17,7 +17,18 @@ from prometheus_client.utils import floatToGoString
 
 from drivers.modbus.stats import RESPONSE_BUCKETS
 from gateway import __version__
-from gateway.snapshot import BROKER, DROPS, LINES, MCP, SINKS, STATE_FILES, TASKS, GatewaySnapshot, SnapshotSource
+from gateway.snapshot import (
+    BROKER,
+    DROPS,
+    LINES,
+    MCP,
+    MODBUS_SERVER,
+    SINKS,
+    STATE_FILES,
+    TASKS,
+    GatewaySnapshot,
+    SnapshotSource,
+)
 from gateway.utilisation import UTILISATION_WINDOW, Utilisation
 
 # The logger name these lines had before the split (the collector was the HTTP server's):
@@ -25,7 +36,7 @@ from gateway.utilisation import UTILISATION_WINDOW, Utilisation
 log = logging.getLogger("gateway.http")
 
 #: The parts of a snapshot a scrape reads (not what was published of each device: the status page shows that).
-SCRAPE_PARTS = (LINES, MCP, SINKS, TASKS, DROPS, STATE_FILES, BROKER)
+SCRAPE_PARTS = (LINES, MCP, SINKS, TASKS, DROPS, STATE_FILES, BROKER, MODBUS_SERVER)
 
 
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
@@ -52,7 +63,7 @@ class GatewayCollector(Collector):
         uptime = _gauge("uptime_seconds", "Seconds since the gateway started.", [])
         uptime.add_metric([], snap.uptime_s)
         yield uptime
-        for part in (self._lines, self._devices, self._mcp, self._sinks, self._gateway):
+        for part in (self._lines, self._devices, self._mcp, self._modbus_server, self._sinks, self._gateway):
             yield from self._guarded(part, snap)
 
     @staticmethod
@@ -73,6 +84,8 @@ class GatewayCollector(Collector):
             "exceptions": "Modbus exception responses.",
             "errors": "Answers that did not fit the request (wrong unit, wrong length).",
             "reopen_attempts": "Attempts to (re)open the serial port.",
+            "passthrough": "Modbus TCP server clients' requests carried out on the line (not counted as transactions).",
+            "passthrough_failed": "Of those, the ones the device did not answer (or the line lost).",
             "wire_seconds": "Seconds the frames of answered reads took on the wire.",
         }
         families = {k: _counter(f"modbus_line_{k}", doc, ["line"]) for k, doc in counters.items()}
@@ -167,6 +180,42 @@ class GatewayCollector(Collector):
             online.add_metric([device.id], 1 if device.online else 0)
         yield from families.values()
         yield online
+
+    def _modbus_server(self, snap: GatewaySnapshot) -> Iterator[Metric]:
+        snap.require(MODBUS_SERVER)
+        server = snap.modbus_server
+        if server is None:
+            return
+        up = _gauge("modbus_server_up", "1 while the Modbus TCP server listens, else 0.", ["listen"])
+        up.add_metric([server.listen], 1 if server.running else 0)
+        yield up
+        gauges = {
+            "connections": "Modbus TCP client connections open now.",
+            "waiting": "Client requests waiting for a line now.",
+        }
+        counters = {
+            "accepted": "Client connections accepted.",
+            "refused": "Client connections closed at accept: max_connections were open.",
+            "malformed": "Client connections closed for a malformed MBAP frame.",
+            "cache_hits": "Reads answered from the raw registers the lines polled, without a line transaction.",
+            "passthrough": "Client requests carried out on a line (reads and other functions).",
+            "writes": "Client writes carried out on a line (rate-limited and audited as MQTT writes).",
+            "busy": "Requests answered exception 6: the connection's queue was full, or the write rate spent.",
+            "unaudited": "Refused writes left out of the audit log (a flood of them is bounded).",
+        }
+        values = asdict(server)
+        for key, doc in gauges.items():
+            family = _gauge(f"modbus_server_{key}", doc, [])
+            family.add_metric([], values[key])
+            yield family
+        for key, doc in counters.items():
+            counter = _counter(f"modbus_server_{key}", doc, [])
+            counter.add_metric([], values[key])
+            yield counter
+        exceptions = _counter("modbus_server_exceptions", "Exception responses sent to clients, by code.", ["code"])
+        for code, count in sorted(server.exceptions.items()):
+            exceptions.add_metric([f"0x{code:02X}"], count)
+        yield exceptions
 
     def _sinks(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         snap.require(SINKS)

@@ -6,12 +6,20 @@ a bus, sink or device renamed is one removed and one added.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config import Loaded, load_config
 from gateway.config.addresses import resolve_path
 from gateway.config.schema import BusConfig, Config
+from gateway.errors import ConfigError
+from gateway.line_budgets import budget_warnings
+
+# The logger name these lines had when the app read the file itself: journal filters keep working.
+log = logging.getLogger("gateway.app")
 
 
 def _dump(model: Any) -> Any:
@@ -76,12 +84,15 @@ class ConfigDiff:
     devices: Changes  # Modbus and MCP devices together, as the router sees them
     mcp_devices: Changes
     other: list[str]  # sections applied as a whole: `homeassistant`, the `mcp` session settings
+    #: The Modbus TCP server is rebuilt: `modbus.server` changed, or a line it serves from was (it holds the lines).
+    modbus_server: bool = False
 
     def summary(self) -> str:
         """One line: `+1 device (boiler2), -1 sink (cloud), bus line1 restarted`."""
         parts = self.devices.summary("device") + self.sinks.summary("sink")
         parts += [f"bus {n} added" for n in self.buses.added] + [f"bus {n} removed" for n in self.buses.removed]
         parts += [f"bus {n} restarted" for n in self.buses.changed]
+        parts += ["Modbus TCP server restarted"] if self.modbus_server else []
         parts += [f"{key} updated" for key in self.other]
         return ", ".join(parts) or "nothing changed"
 
@@ -113,4 +124,27 @@ def diff(old: Config, new: Config, old_base: Path | None = None, new_base: Path 
         settings = {"devices", "listen", "tls"}
         if old.mcp.model_dump(mode="json", exclude=settings) != new.mcp.model_dump(mode="json", exclude=settings):
             other.append("mcp settings")
-    return ConfigDiff(restart_needed(old, new), buses, sinks, devices, _compare(old_mcp, new_mcp), other)
+    server = _dump(old.modbus.server) != _dump(new.modbus.server) or (new.modbus.server is not None and bool(buses))
+    return ConfigDiff(restart_needed(old, new), buses, sinks, devices, _compare(old_mcp, new_mcp), other, server)
+
+
+async def read_for_reload(path: str, old: Config, old_base: Path) -> tuple[Loaded, Path, ConfigDiff] | None:
+    """Read the config file again and compare it with the running one: what to apply, or None when it is refused
+    (a bad file, or a change only a restart can apply: each reason logged)."""
+    try:
+        loaded = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            log.error("%s", error)
+        log.error("config reload refused; still running the previous config")
+        return None
+    base = Path(loaded.path).resolve().parent
+    changes = diff(old, loaded.config, old_base, base)
+    if changes.restart_needed:
+        for key in changes.restart_needed:
+            log.error("%s: %s changed, and that needs a restart (systemctl restart fieldgate)", path, key)
+        log.error("config reload refused; still running the previous config")
+        return None
+    for warning in loaded.warnings + budget_warnings(loaded.config):
+        log.warning("%s", warning)
+    return loaded, base, changes

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from bridge import statefiles
 from gateway.supervise import Supervisor
-from gateway.types import McpServerSnapshot, ModbusLineSnapshot, Value, now_ms
+from gateway.types import McpServerSnapshot, ModbusLineSnapshot, ModbusServerSnapshot, Value, now_ms
 
 #: The parts a snapshot reads; each may be `unreadable` on its own.
 LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER = (
@@ -28,8 +28,9 @@ LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER = (
     "state files",
     "broker",
 )
+MODBUS_SERVER = "modbus server"
 #: Every part: what a snapshot reads unless asked for fewer (the watchdog reads only what health needs).
-ALL_PARTS = (LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER)
+ALL_PARTS = (LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER, MODBUS_SERVER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class GatewaySnapshot:
     reloading: bool
     lines: tuple[ModbusLineSnapshot, ...] = ()
     mcp: McpServerSnapshot | None = None
+    modbus_server: ModbusServerSnapshot | None = None  # None: no `modbus.server` configured
     sinks: tuple[SinkSnapshot, ...] = ()
     devices: tuple[PublishedDevice, ...] = ()
     tasks: tuple[TaskSnapshot, ...] = ()
@@ -155,6 +157,10 @@ class _McpServer(Protocol):
     def snapshot(self) -> McpServerSnapshot: ...
 
 
+class _ModbusServer(Protocol):
+    def snapshot(self) -> ModbusServerSnapshot: ...
+
+
 class GatewayParts(Protocol):
     """The running gateway's parts that a snapshot reads."""
 
@@ -166,6 +172,8 @@ class GatewayParts(Protocol):
     def buses(self) -> Sequence[_Line]: ...
     @property
     def mcp(self) -> _McpServer | None: ...
+    @property
+    def modbus_server(self) -> _ModbusServer | None: ...
     @property
     def router(self) -> _Router | None: ...
     @property
@@ -198,6 +206,7 @@ def take_snapshot(gw: GatewayParts, parts: Collection[str] = ALL_PARTS) -> Gatew
 
     read(LINES, lambda: {"lines": tuple(bus.snapshot() for bus in gw.buses)})
     read(MCP, lambda: {"mcp": gw.mcp.snapshot() if gw.mcp is not None else None})
+    read(MODBUS_SERVER, lambda: {"modbus_server": _modbus_server(gw)})
     read(SINKS, lambda: {"sinks": _sinks(gw)})
     read(DEVICES, lambda: {"devices": _devices(gw.router)})
     read(TASKS, lambda: _tasks(gw.supervisor))
@@ -214,6 +223,11 @@ def take_snapshot(gw: GatewayParts, parts: Collection[str] = ALL_PARTS) -> Gatew
         read=taken,
         **fields,
     )
+
+
+def _modbus_server(gw: GatewayParts) -> ModbusServerSnapshot | None:
+    server = gw.modbus_server
+    return server.snapshot() if server is not None else None
 
 
 def _sinks(gw: GatewayParts) -> tuple[SinkSnapshot, ...]:

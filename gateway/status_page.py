@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.jsonsafe import dumps_safe
-from gateway.snapshot import DEVICES, LINES, MCP, SINKS, GatewaySnapshot
+from gateway.snapshot import DEVICES, LINES, MCP, MODBUS_SERVER, SINKS, GatewaySnapshot
 from gateway.spool_report import human_age, human_size
 from gateway.utilisation import Utilisation
 
@@ -104,6 +104,9 @@ class StatusPage:
             '<section id="mcp"><h2>MCP sessions</h2>',
             self._guarded(self._mcp),
             "</section>",
+            '<section id="modbus-server"><h2>Modbus TCP server</h2>',
+            self._guarded(self._modbus_server),
+            "</section>",
             '<section id="sinks"><h2>Sinks and spools</h2>',
             self._guarded(self._sinks),
             "</section>",
@@ -177,12 +180,39 @@ class StatusPage:
                         (str(st.crc_errors), True),
                         (str(st.exceptions), True),
                         (str(st.errors), True),
+                        (f"{st.passthrough} ({st.passthrough_failed} failed)", True),
                         (f"{self.utilisation.ratio(line, snap.taken_at):.1%}", True),
                     ]
                 )
             )
         headers = ["line", "port", "framing", "transactions", "timeouts", "CRC errors", "exceptions", "errors"]
-        return _table([*headers, "utilisation (1 min)"], rows)
+        return _table([*headers, "pass-through", "utilisation (1 min)"], rows)
+
+    def _modbus_server(self) -> str:
+        self.snapshot.require(MODBUS_SERVER)
+        server = self.snapshot.modbus_server
+        if server is None:
+            return "<p>The Modbus TCP server is not enabled.</p>"
+        state = '<span class="online">listening</span>' if server.running else '<span class="bad">not listening</span>'
+        codes = ", ".join(f"0x{code:02X}: {n}" for code, n in sorted(server.exceptions.items())) or "none"
+        row = _cells(
+            [
+                (_e(server.listen), False),
+                (str(server.connections), True),
+                (str(server.cache_hits), True),
+                (str(server.passthrough), True),
+                (str(server.writes), True),
+                (str(server.busy), True),
+                (str(server.waiting), True),
+                (_e(codes), False),
+            ]
+        )
+        summary = (
+            f"<p>{state}; {server.accepted} connection(s) accepted, {server.refused} refused at max_connections, "
+            f"{server.malformed} closed for a malformed frame.</p>"
+        )
+        headers = ["listen", "connections", "cache hits", "pass-through", "writes", "busy", "waiting", "exceptions"]
+        return summary + _table(headers, [row])
 
     def _mcp(self) -> str:
         self.snapshot.require(MCP)

@@ -22,7 +22,7 @@ from gateway.sdnotify import (
     watchdog_interval,
     watchdog_ping,
 )
-from gateway.snapshot import LINES, MCP, SINKS, GatewaySnapshot, SnapshotSource
+from gateway.snapshot import LINES, MCP, MODBUS_SERVER, SINKS, GatewaySnapshot, SnapshotSource
 from gateway.supervise import Supervised, Supervisor
 from gateway.types import ModbusLineSnapshot
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: How often the one-line STATUS= summary is refreshed.
 STATUS_INTERVAL = 10.0
 #: The parts of a snapshot the STATUS= line reads.
-STATUS_PARTS = (LINES, MCP, SINKS)
+STATUS_PARTS = (LINES, MCP, SINKS, MODBUS_SERVER)
 #: The least lateness of the watchdog's own timer taken as a blocked event loop (tiny test intervals).
 MIN_LATENESS = 0.25
 
@@ -139,6 +139,8 @@ def status_line(snapshot: GatewaySnapshot) -> str:
         parts.append(f"{online}/{len(devices)} devices online on {_count(len(snapshot.lines), 'line')}")
     if snapshot.mcp is not None:
         parts.append(_count(len(snapshot.mcp.sessions), "MCP session"))
+    if snapshot.modbus_server is not None:
+        parts.append(_count(snapshot.modbus_server.connections, "Modbus TCP client"))
     sinks = []
     for sink in snapshot.sinks:
         backlog = sink.backlog

@@ -128,6 +128,7 @@ RESTART_ONLY = [
     Case("simulator", DELETE, "simulator"),
     Case("simulator.modbus", [{"link": "./ttyA", "devices": [{"unit": 1, "dead": True}]}], "simulator"),
     Case("simulator.mcp", [{"id": "pump-1", "interval": "1s"}], "simulator"),
+    Case("simulator.modbus_tcp", [{"listen": "127.0.0.1:5502", "devices": [{"unit": 1}]}], "simulator"),
 ]
 # Adding `mcp` to a gateway without one is the same key the other way round.
 ADD_MCP = Case("mcp", {"listen": "127.0.0.1:7720"}, "mcp")
@@ -156,6 +157,12 @@ LIVE = [
     Case("northbound", [{"name": "local", "spool": {"commit_window": "50ms"}}], None),
     Case("modbus.buses", [], None),
     Case("modbus.templates", {"t": [{"name": "a", "table": "coil", "address": 0}]}, None),
+    # The Modbus TCP server (added by each of these to the plain config) is rebuilt by a reload that changes it.
+    Case("modbus.server.listen", "127.0.0.1:5021", None),
+    Case("modbus.server.max_connections", 4, None),
+    Case("modbus.server.max_queue", 2, None),
+    Case("modbus.server.cache_max_age", "5s", None),
+    Case("modbus.server.expose", [{"unit": 1, "device": "boiler", "writes": True}], None),
 ]
 
 

@@ -44,6 +44,7 @@ class Parts:
     outboxes: list[object] = []
     sinks: list[object] = []
     broker = None
+    modbus_server = None
 
     def __init__(self) -> None:
         self.supervisor = Supervisor()
