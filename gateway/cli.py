@@ -27,12 +27,21 @@ class _Parser(argparse.ArgumentParser):
 
 def _serial_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", required=True, help="serial device (/dev/ttyUSB0) or tcp://host:port")
+    p.add_argument(
+        "--framing",
+        choices=["tcp", "rtu"],
+        default=None,
+        help="on tcp://: tcp (Modbus TCP, the default) or rtu (RTU frames to a serial device server)",
+    )
     p.add_argument("--baud", type=int, default=9600, help="baud rate (default 9600)")
     p.add_argument("--parity", choices=["N", "E", "O"], default="E", help="parity (default E)")
     p.add_argument("--bytesize", type=int, choices=[7, 8], default=8)
     p.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     p.add_argument(
-        "--timeout", type=float, default=None, help="response timeout in seconds (default: from the baud rate)"
+        "--timeout",
+        type=float,
+        default=None,
+        help="response timeout in seconds (default: from the baud rate; 1 s on Modbus TCP)",
     )
 
 

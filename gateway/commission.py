@@ -8,10 +8,11 @@ import sys
 
 from drivers.modbus import budget
 from drivers.modbus.codec import PointCodec
+from drivers.modbus.device import MBAP_TIMEOUT
 from drivers.modbus.planner import BIT_TABLES
 from drivers.modbus.transport import ModbusLink
-from gateway.config.addresses import modbus_port
-from gateway.errors import CodecError, ConfigError, DeviceError, DeviceException
+from gateway.config.addresses import is_tcp, modbus_port
+from gateway.errors import BusUnavailable, CodecError, ConfigError, DeviceError, DeviceException
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -39,15 +40,35 @@ def parse_json_value(text: str) -> object:
         return text
 
 
+def framing(args: argparse.Namespace) -> str:
+    """The framing `--port` is spoken in: `--framing`, else Modbus TCP on tcp:// and RTU on a serial port (as a bus)."""
+    if args.framing is None:
+        return "tcp" if is_tcp(args.port) else "rtu"
+    if args.framing == "tcp" and not is_tcp(args.port):
+        raise ConfigError([f"--framing tcp (Modbus TCP) needs --port tcp://HOST:PORT, not {args.port!r}"])
+    return str(args.framing)
+
+
 def _link(args: argparse.Namespace) -> ModbusLink:
+    try:
+        port = modbus_port(args.port)
+    except ValueError:
+        raise ConfigError([f"--port: {args.port!r} has no port number (tcp://HOST:PORT)"]) from None
     return ModbusLink(
-        modbus_port(args.port), baudrate=args.baud, parity=args.parity, bytesize=args.bytesize, stopbits=args.stopbits
+        port,
+        framing=framing(args),
+        baudrate=args.baud,
+        parity=args.parity,
+        bytesize=args.bytesize,
+        stopbits=args.stopbits,
     )
 
 
 def _timeout(args: argparse.Namespace, table: str, count: int, write: bool = False) -> float:
     if args.timeout is not None:
         return float(args.timeout)
+    if framing(args) == "tcp":
+        return MBAP_TIMEOUT  # no baud rate to derive one from
     bits = budget.char_bits(args.bytesize, args.parity, args.stopbits)
     req, resp = budget.transaction_bytes(table, count, write=write)
     return budget.response_timeout(resp, args.baud, bits, request_bytes=req)
@@ -61,11 +82,19 @@ async def scan(args: argparse.Namespace) -> int:
     timeout = _timeout(args, "holding", 1)
     found: list[int] = []
 
-    async def probe(unit: int) -> None:
+    async def probe(unit: int, *, again: bool = False) -> None:
         try:
             await link.read("holding", unit, 0, 1, timeout)
         except DeviceException:
             pass  # it answered, with an exception: it is there
+        except BusUnavailable:
+            # Every unit after this one would look absent. pymodbus closes an RTU-over-TCP connection after
+            # a few silent units in a row, and an endpoint may drop one: reconnect once and ask again.
+            if again:
+                raise
+            link.close()
+            await link.open()
+            return await probe(unit, again=True)
         except DeviceError:
             return
         found.append(unit)

@@ -1,4 +1,4 @@
-"""Wire-time budget of a Modbus RTU RS-485 line: frame sizes, timings, utilisation."""
+"""Wire-time budget of a Modbus RTU RS-485 line: frame sizes, timings, utilisation (none on a Modbus TCP line)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ T35_FAST = 0.00175  # seconds; Modbus over serial line V1.02, 2.5.1.1
 MAX_WRITE_COILS = 1968  # FC15, Modbus application protocol 6.11
 MAX_WRITE_REGISTERS = 123  # FC16, Modbus application protocol 6.12
 WRITABLE_TABLES: frozenset[str] = frozenset({"coil", "holding"})
+#: A LineBudget's `framing` on a Modbus TCP line, which has no wire time to budget.
+MBAP_FRAMING = "Modbus TCP"
 
 # Every RTU frame carries unit id + function code up front and a 2-byte CRC at the end.
 _ENVELOPE = 1 + 1 + 2
@@ -119,6 +121,8 @@ class LineBudget:
 
     def describe(self) -> str:
         """One human line with the numbers behind the utilisation."""
+        if self.framing == MBAP_FRAMING:
+            return f"needs no serial wire time: Modbus TCP ({self.transactions} transactions per round)"
         framing = f"{self.framing} " if self.framing else ""
         line = f"{self.baudrate} baud {framing}({self.bits_per_char} bits/char)"
         if not self.intervals:
@@ -164,8 +168,25 @@ def line_budget(
 
 
 def plan_budget(line: LineSettings, plans: Iterable[tuple[float, Iterable[ReadRequest]]]) -> LineBudget:
-    """The share of `line` that one cycle of each poll plan, given as (interval, planned reads), needs."""
+    """The share of `line` that one cycle of each poll plan, given as (interval, planned reads), needs.
+
+    A Modbus TCP line has no serial wire and no baud rate: its plan needs none of a wire's time.
+    """
     bits = char_bits(line.bytesize, line.parity, line.stopbits)
+    if line.mbap:
+        listed = [(interval, list(reads)) for interval, reads in plans]
+        if any(not interval > 0 for interval, _ in listed):
+            raise ValueError("poll interval must be > 0 s")
+        return LineBudget(
+            busy_per_second=0.0,
+            utilisation=0.0,
+            cycle_seconds=tuple(0.0 for _ in listed),
+            intervals=tuple(interval for interval, _ in listed),
+            transactions=sum(len(reads) for _, reads in listed),
+            baudrate=line.baudrate,
+            bits_per_char=bits,
+            framing=MBAP_FRAMING,
+        )
     jobs = [(interval, [transaction_bytes(r.table, r.count) for r in reads]) for interval, reads in plans]
     return line_budget(jobs, line.baudrate, bits, framing=f"{line.bytesize}{line.parity}{line.stopbits}")
 
