@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -162,25 +163,28 @@ async def test_answers_carry_the_clients_transaction_and_unit_ids_in_request_ord
             client.close()
 
 
-async def test_malformed_frames_close_only_that_connection(tmp_path: Path) -> None:
+async def test_malformed_frames_close_only_that_connection(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="drivers.modbus.server")
     async with server_rig(tmp_path, two_devices(), EXPOSE, cache_max_age=30.0) as rig:
         await polled(rig)
         good = await RawClient.connect(rig.port)
-        bad_frames = [
-            bytes.fromhex("0001 0001 0006 01 03 0000 0001"),  # protocol id 1
-            bytes.fromhex("0001 0000 ffff 01"),  # a header announcing 65535 bytes: closed at once, not awaited
-            bytes.fromhex("0001 0000 0001 01"),  # a length that leaves no room for a function code
-            bytes.fromhex("0001 0000 0003 01 03 00"),  # a read whose address and count are cut off
-            bytes.fromhex("0001 0000 0006 01 03 0000 0000"),  # a read of 0 registers (pymodbus refuses to decode)
-            bytes.fromhex("0001 0000 0003 01 83 02"),  # an exception response sent as a request
-        ]
+        bad_frames = {
+            "protocol id 1 ": bytes.fromhex("0001 0001 0006 01 03 0000 0001"),
+            # A header announcing 65535 bytes: closed at once, not awaited.
+            "MBAP length 65535 ": bytes.fromhex("0001 0000 ffff 01"),
+            "MBAP length 1 ": bytes.fromhex("0001 0000 0001 01"),  # no room for a function code
+            "function 3: pymodbus cannot decode": bytes.fromhex("0001 0000 0003 01 03 00"),  # cut off
+            "function 3: pymodbus cannot": bytes.fromhex("0001 0000 0006 01 03 0000 0000"),  # a read of 0 registers
+            "function code 131 in a request": bytes.fromhex("0001 0000 0003 01 83 02"),  # an exception response
+        }
         try:
-            for n, data in enumerate(bad_frames, 1):
+            for n, (why, data) in enumerate(bad_frames.items(), 1):
                 bad = await RawClient.connect(rig.port)
                 await bad.send(data)
                 assert await bad.closed(), data.hex()
                 bad.close()
                 assert rig.server.stats.malformed == n
+                assert why in caplog.records[-1].getMessage(), caplog.records[-1].getMessage()
                 # The neighbour's connection is untouched.
                 await good.send(good.frame(ReadHoldingRegistersRequest(address=0, count=1), n, 1))
                 rr = await good.response()
@@ -189,6 +193,9 @@ async def test_malformed_frames_close_only_that_connection(tmp_path: Path) -> No
             await good.send(bytes.fromhex("0077 0000 0002 01 64"))
             rr = await good.response()
             assert rr.transaction_id == 0x77 and rr.exception_code == 0x01
+            # Logged once per peer at WARNING: a client looping on bad frames cannot flood the journal.
+            warned = [r for r in caplog.records if r.levelno == logging.WARNING and "malformed" in r.getMessage()]
+            assert len(warned) == 1 and "127.0.0.1:" in warned[0].getMessage()
         finally:
             good.close()
 
