@@ -12,7 +12,7 @@ from drivers.modbus.device import MBAP_TIMEOUT
 from drivers.modbus.planner import BIT_TABLES
 from drivers.modbus.transport import ModbusLink
 from gateway.config.addresses import is_tcp, modbus_port
-from gateway.errors import BusUnavailable, CodecError, ConfigError, DeviceError, DeviceException
+from gateway.errors import BusUnavailable, CodecError, ConfigError, DeviceError, DeviceException, PortBusy
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -74,11 +74,26 @@ def _timeout(args: argparse.Namespace, table: str, count: int, write: bool = Fal
     return budget.response_timeout(resp, args.baud, bits, request_bytes=req)
 
 
+#: What to do about a port another process holds: most often the running service, polling that very line.
+PORT_BUSY_HINT = (
+    "  if it is the Fieldgate service: stop it first (sudo systemctl stop fieldgate), or leave it running and reach "
+    "the devices through its Modbus TCP server (`modbus.server` in config.yaml)"
+)
+
+
+async def open_link(link: ModbusLink) -> None:
+    """Open the link; when another process holds the port, say what to do about it (PortBusy)."""
+    try:
+        await link.open()
+    except PortBusy as exc:
+        raise PortBusy(f"{exc}\n{PORT_BUSY_HINT}") from exc
+
+
 async def scan(args: argparse.Namespace) -> int:
     """Probe each unit id with a one-register read; any answer, even an exception, means present."""
     units = parse_units(args.units)
     link = _link(args)
-    await link.open()
+    await open_link(link)
     timeout = _timeout(args, "holding", 1)
     found: list[int] = []
 
@@ -140,7 +155,7 @@ async def read(args: argparse.Namespace) -> int:
         raise ConfigError(["--count must be at least 1"])
     total = codec.count * args.count
     link = _link(args)
-    await link.open()
+    await open_link(link)
     try:
         data = await link.read(args.table, args.unit, args.address, total, _timeout(args, args.table, total))
     except DeviceError as exc:
@@ -166,7 +181,7 @@ async def write(args: argparse.Namespace) -> int:
     except CodecError as exc:
         raise ConfigError([f"--value: {exc}"]) from None
     link = _link(args)
-    await link.open()
+    await open_link(link)
     try:
         await link.write(args.table, args.unit, args.address, words, _timeout(args, args.table, len(words), write=True))
         back = await link.read(
