@@ -104,7 +104,8 @@ def benches(out: Path) -> list[Bench]:
                     for q in ("p50", "p99")
                 ),
                 "polled devices' cycles/s while 10 clients pass through",
-                "polled devices' cycles/s while a client floods and another sends malformed frames",
+                "polled devices' cycles/s while a client floods past max_queue",
+                "polled devices' cycles/s while a client sends malformed frames, reconnecting",
             ),
         ),
         Bench(
