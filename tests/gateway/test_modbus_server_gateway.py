@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.snapshot import GatewaySnapshot
+from gateway.status_page import StatusPage
+from gateway.systemd import status_line
+from gateway.types import ModbusLineCounters, ModbusLineSnapshot, ModbusServerSnapshot
+from gateway.utilisation import Utilisation
 
 from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, write
 from helpers import GatewayProcess, Subscriber, free_port, subscribed, until
@@ -240,3 +246,39 @@ async def test_a_reload_rebuilds_the_server_with_its_new_settings_and_over_the_r
             await asyncio.wait_for(read_unit(second, 1), 5)
     finally:
         await gw.stop()
+
+
+# --- how the server is shown ------------------------------------------------------------------------------------
+
+
+def test_the_status_page_and_the_systemd_status_line_show_the_server_and_the_lines_pass_through() -> None:
+    counters = ModbusLineCounters(transactions=40, passthrough=7, passthrough_failed=2)
+    lines = (ModbusLineSnapshot("rs485", "/dev/ttyX", "9600 8E1", True, False, 0.0, 5.0, counters, ()),)
+    server = ModbusServerSnapshot(
+        listen="127.0.0.1:5020",
+        running=True,
+        connections=3,
+        accepted=9,
+        refused=1,
+        malformed=2,
+        cache_hits=120,
+        passthrough=7,
+        writes=4,
+        busy=5,
+        waiting=0,
+        exceptions={0x0B: 2, 0x01: 1},
+        unaudited=0,
+    )
+    snap = GatewaySnapshot("g", 100.0, 0, 90.0, False, lines=lines, modbus_server=server)
+    html = StatusPage(snap, Utilisation(), []).render()
+    section = html.split('<section id="modbus-server">')[1].split("</section>")[0]
+    assert "listening" in section and "9 connection(s) accepted, 1 refused" in section and "2 closed" in section
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", section)
+    assert cells == ["127.0.0.1:5020", "3", "120", "7", "4", "5", "0", "0x01: 1, 0x0B: 2"]
+    lines_section = html.split('<section id="lines">')[1].split("</section>")[0]
+    assert "7 (2 failed)" in lines_section
+    assert "3 Modbus TCP clients" in status_line(snap)
+    # Without a server: said so on the page, nothing in the status line.
+    bare = GatewaySnapshot("g", 100.0, 0, 90.0, False, lines=lines)
+    assert "The Modbus TCP server is not enabled." in StatusPage(bare, Utilisation(), []).render()
+    assert "Modbus TCP" not in status_line(bare)
