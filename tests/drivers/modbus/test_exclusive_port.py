@@ -7,6 +7,8 @@ another link of this one, that opens the same port fails at once, before it touc
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +19,7 @@ import serial
 
 import drivers.modbus.schedule
 from drivers.modbus.bus import ModbusBus
+from drivers.modbus.settings import Rs485Settings
 from drivers.modbus.transport import ModbusLink
 from drivers.sim.line import VirtualLine
 from gateway.config.settings import modbus_line
@@ -123,3 +126,33 @@ async def test_a_line_whose_port_refuses_its_framing_keeps_retrying(
         await bus.stop()
     assert [s.online for s in rec.states] == [False]
     assert "it refuses 9600 baud 8E1" in rec.states[0].reason
+
+
+def open_fds() -> int:
+    """File descriptors this process has open now."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("why", ["rs485-refused", "busy", "framing-refused"])
+async def test_an_open_failing_a_thousand_times_leaks_no_file_descriptor(pty: VirtualLine, why: str) -> None:
+    """A line retries a failing open for as long as the gateway runs: each attempt must leave nothing open."""
+    holder = serial.Serial(pty.gateway_port, exclusive=True) if why == "busy" else None
+    link = ModbusLink(
+        pty.gateway_port,
+        baudrate=115200,
+        parity="E" if why == "framing-refused" else "N",
+        rs485=Rs485Settings() if why == "rs485-refused" else None,
+    )
+    try:
+        with pytest.raises(BusUnavailable):
+            await link.open()  # the first attempt may open what stays open for good (the loop's own pipes)
+        gc.collect()  # what earlier tests left for the collector to close
+        before = open_fds()
+        for _ in range(1000):
+            with pytest.raises(BusUnavailable):
+                await link.open()
+        gc.collect()
+        assert open_fds() <= before
+    finally:
+        if holder is not None:
+            holder.close()
