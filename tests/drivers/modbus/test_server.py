@@ -11,7 +11,11 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 from pymodbus.pdu.bit_message import ReadCoilsRequest
-from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, WriteSingleRegisterRequest
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
 
 from drivers.modbus.server import ModbusTcpServer
 from drivers.modbus.settings import ExposeSettings, ServerSettings
@@ -331,3 +335,57 @@ async def test_passthrough_all_forwards_other_functions_and_still_guards_the_one
             assert rig.line_transactions() > before
         finally:
             client.close()
+
+
+async def test_a_flood_of_refused_writes_is_answered_but_its_audit_records_are_bounded(tmp_path: Path) -> None:
+    gate = StubGate()
+    async with server_rig(tmp_path, two_devices(), EXPOSE, gate=gate) as rig:
+        client = await RawClient.connect(rig.port)
+        try:
+            many = WriteMultipleRegistersRequest(address=20, registers=list(range(123)))
+            frames = [client.frame(WriteSingleRegisterRequest(address=20, registers=[i]), i, 1) for i in range(300)]
+            frames.append(client.frame(many, 999, 1))
+            for frame in frames:  # one at a time: the connection's queue is not the bound under test
+                await client.send(frame)
+                assert (await client.response()).exception_code == 0x01
+        finally:
+            client.close()
+        # Each refused, none audited beyond the bucket's burst (and its refill while this ran).
+        assert 20 <= len(gate.records) < 100, len(gate.records)
+        assert rig.server.snapshot().unaudited == 301 - len(gate.records)
+        assert gate.admitted == []
+        assert all(len(r[2]) <= 200 for r in gate.records)
+
+
+async def test_a_write_whose_counts_disagree_is_0x03_and_never_reaches_the_gate(tmp_path: Path) -> None:
+    gate = StubGate()
+    async with server_rig(tmp_path, two_devices(), EXPOSE, gate=gate) as rig:
+        client = await RawClient.connect(rig.port)
+        try:
+            # Write 2 registers at 20, byte count 4, but one register's bytes: pymodbus decodes it, a device must not
+            # get it re-encoded as something else.
+            await client.send(bytes.fromhex("0009 0000 0009 02 10 0014 0002 04 0001"))
+            rr = await client.response()
+            assert rr.transaction_id == 9 and rr.exception_code == 0x03
+            # 10 coils in one byte.
+            await client.send(bytes.fromhex("000a 0000 0008 02 0f 0014 000a 01 ff"))
+            rr = await client.response()
+            assert rr.transaction_id == 10 and rr.exception_code == 0x03
+        finally:
+            client.close()
+        assert gate.admitted == [] and rig.server.stats.writes == 0
+
+
+async def test_stop_closes_every_connection_and_fails_what_waits(tmp_path: Path) -> None:
+    cfg = line_config(
+        [device("d1", 1, poll="1h", offline_after=100, points=[point("r0", "holding", 0)])], timeout="3s", retries=0
+    )
+    async with server_rig(tmp_path, cfg, (ExposeSettings(1, "d1"),), dead=(1,)) as rig:
+        client = await RawClient.connect(rig.port)
+        await client.send(client.frame(ReadHoldingRegistersRequest(address=40, count=1), 1, 1))
+        await until(lambda: rig.server.snapshot().waiting == 1, 20, "a request waiting for the line")
+        await rig.server.stop()
+        assert await client.closed()
+        snap = rig.server.snapshot()
+        assert not snap.running and snap.connections == 0 and snap.waiting == 0
+        client.close()
