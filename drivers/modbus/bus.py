@@ -295,8 +295,12 @@ class ModbusBus:
 
     async def _serve_passthrough(self) -> None:
         pending = self._passthrough.popleft()
-        self._schedule.passthrough_done()
-        await self._requests.pass_through(pending)
+        started = time.monotonic()
+        try:
+            await self._requests.pass_through(pending)
+        finally:
+            ended = time.monotonic()
+            self._schedule.passthrough_done(ended, ended - started)
 
     async def _reopen(self) -> None:
         self.stats.reopen_attempts += 1

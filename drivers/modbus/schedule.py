@@ -6,9 +6,11 @@ decision takes the clock as an argument, so the rules are tested with a clock th
 
 - Writes go before polls (the task also serves them between the reads of one cycle).
 - Pass-through requests (the Modbus TCP server's clients) go after writes and before polls, but while
-  a poll is due they alternate with poll cycles, one pass-through transaction between two cycles: the
-  clients get the line's spare time and a share of a busy one, never the polled devices' own. One for a
-  unit that settles waits for the settle, as that unit's polls do, while the other units' polls go on.
+  polls are due they take turns with them: after a pass-through, the due polls go first for as long as
+  the pass-through held the line, and at least one of them. The clients get the line's spare time and at
+  most half of a busy one, however long their requests take (a 125-register read, a silent unit's
+  timeout): never the polled devices' own. One for a unit that settles waits for the settle, as that
+  unit's polls do, while the other units' polls go on.
 - Fixed rate: a cycle is due one interval after the previous one was *due*; a cycle that could not
   start in time is skipped and counted, never queued up.
 - An offline device is probed instead of polled: its due job's first read, one try, with back-off
@@ -88,8 +90,9 @@ class LineSchedule:
         self.devices = list(devices)
         # None: REOPEN_BACKOFF_MAX as it is when the schedule is built (tests shorten it).
         self.reopen_backoff_max = REOPEN_BACKOFF_MAX if reopen_backoff_max is None else reopen_backoff_max
-        # A pass-through transaction ran while a poll was due: the next turn is the poll's.
+        # A pass-through ran: the next due poll goes first, and so do all due polls until this time.
         self._poll_owed = False
+        self._polls_first_until = 0.0
         self._queue: list[tuple[float, int, PollJob]] = []  # (when to look at the job again, tie-break, job)
         self._order = itertools.count()
         # unit -> until when its next request must wait: a late answer must not meet a different request.
@@ -128,15 +131,17 @@ class LineSchedule:
             # Its unit's late answer may still come: the other units' polls use the line meanwhile.
             return Idle(min(step.until, settling)) if isinstance(step, Idle) else step
         if isinstance(step, Poll):
-            if self._poll_owed:
+            if self._poll_owed or now < self._polls_first_until:
                 return step
             # Its turn comes after this pass-through: back in the queue where it was.
             self._push(step.job.due, step.job)
         return ServePassthrough()
 
-    def passthrough_done(self) -> None:
-        """A pass-through transaction ended: a poll that is due now goes before the next one."""
+    def passthrough_done(self, now: float, took: float) -> None:
+        """A pass-through ended at `now` after holding the line `took` seconds: the polls due meanwhile go first,
+        one at least and as many as fit in as long again."""
         self._poll_owed = True
+        self._polls_first_until = now + took
 
     def _next_poll(self, now: float) -> Poll | Idle:
         while self._queue:

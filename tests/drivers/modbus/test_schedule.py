@@ -373,7 +373,7 @@ def test_writes_go_before_a_pass_through_and_a_pass_through_before_a_due_poll() 
     assert schedule.next_step(10.0, port_open=True, writes_waiting=True, passthrough_unit=1) == ServeWrites()
     assert schedule.next_step(10.0, port_open=False, writes_waiting=False, passthrough_unit=1) == Reopen()
     assert schedule.next_step(10.0, port_open=True, writes_waiting=False, passthrough_unit=1) == ServePassthrough()
-    schedule.passthrough_done()
+    schedule.passthrough_done(10.001, 0.001)
     # The poll the pass-through went before is still queued, with its due time: its turn now, whoever waits.
     step = schedule.next_step(10.001, port_open=True, writes_waiting=False, passthrough_unit=1)
     assert isinstance(step, Poll) and step.due == 10.0
@@ -383,14 +383,16 @@ def test_writes_go_before_a_pass_through_and_a_pass_through_before_a_due_poll() 
         assert (
             schedule.next_step(10.003, port_open=True, writes_waiting=False, passthrough_unit=1) == ServePassthrough()
         )
-        schedule.passthrough_done()
+        schedule.passthrough_done(10.003, 0.0)
     assert schedule.next_step(10.003, port_open=True, writes_waiting=False) == Idle(11.0)
 
 
 @dataclass
 class BusyLineTask(LineTask):
-    """The line's task with a client that always has a pass-through waiting (each takes READ); notes every step."""
+    """The line's task with a client that always has a pass-through waiting, each holding the line `passthrough`
+    seconds; notes every step."""
 
+    passthrough: float = READ
     steps: list[tuple[float, str]] = field(default_factory=list)
 
     def run(self, until: float) -> list[tuple[float, Poll]]:
@@ -400,8 +402,8 @@ class BusyLineTask(LineTask):
             step = self.schedule.next_step(self.now, port_open=True, writes_waiting=False, passthrough_unit=9)
             if isinstance(step, ServePassthrough):
                 self.steps.append((self.now, "pass-through"))
-                self.now += READ
-                self.schedule.passthrough_done()
+                self.now += self.passthrough
+                self.schedule.passthrough_done(self.now, self.passthrough)
                 continue
             assert isinstance(step, Poll), step  # a pass-through always waits: never idle
             self.steps.append((self.now, step.job.device.name))
@@ -439,9 +441,23 @@ def test_a_pass_through_for_a_settling_unit_waits_for_the_settle_while_the_other
     assert schedule.next_step(0.005, port_open=True, writes_waiting=False, passthrough_unit=1) == Idle(0.5)
     # A pass-through for another unit need not wait.
     assert schedule.next_step(0.005, port_open=True, writes_waiting=False, passthrough_unit=2) == ServePassthrough()
-    schedule.passthrough_done()
+    schedule.passthrough_done(0.01, 0.005)
     # The settle is over: unit 1's poll first (a pass-through just had its turn), then its pass-through.
     step = schedule.next_step(0.5, port_open=True, writes_waiting=False, passthrough_unit=1)
     assert isinstance(step, Poll) and step.job.device.name == "a"
     schedule.poll_done(step, 0.505, answered=True, failed=False)
     assert schedule.next_step(0.505, port_open=True, writes_waiting=False, passthrough_unit=1) == ServePassthrough()
+
+
+def test_pass_throughs_that_hold_the_line_long_leave_the_due_polls_their_rate() -> None:
+    # Each client request takes a whole timeout (a unit that never answers it, or a long read on a slow line):
+    # taking turns one for one, the third due poll would wait three of them (300 ms) and miss its 200 ms slot.
+    schedule = line(*(device(f"d{u}", u, 0, poll=0.2) for u in (1, 2, 3)))
+    task = BusyLineTask(schedule, passthrough=TIMEOUT)
+    polls = task.run(20.0)
+    for d in schedule.devices:
+        assert d.stats.skipped_cycles == 0 and d.stats.cycles == 100, (d.name, d.stats)
+        late = [at - p.due for at, p in polls if p.job.device is d]
+        assert max(late) <= TIMEOUT + 2 * READ + 1e-9, (d.name, max(late))  # the request in progress, two polls
+    # The client still gets what the polls leave: 20 s less their 1.5 s, in 100 ms requests.
+    assert [kind for _, kind in task.steps].count("pass-through") == pytest.approx((20.0 - 300 * READ) / TIMEOUT, abs=2)
