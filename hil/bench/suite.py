@@ -93,6 +93,15 @@ def benches(out: Path) -> list[Bench]:
             ),
         ),
         Bench(
+            "modbus-tcp",
+            "modbus_tcp_bench.py",
+            expects=(
+                "Modbus TCP tx/s of the gateway's line, 10-register reads, loopback",
+                "Modbus TCP gateway CPU per transaction",
+                "Modbus TCP gateway CPU per 1,000 points polled",
+            ),
+        ),
+        Bench(
             "server",
             "modbus_server_bench.py",
             expects=(
