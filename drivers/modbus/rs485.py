@@ -10,17 +10,29 @@ and its delays are seconds, which it truncates to the kernel's whole millisecond
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
+import logging
 from typing import Any
 
 import serial
 import serial.rs485
+import serial.serialposix
 
 from drivers.modbus.settings import Rs485Settings
 from gateway.errors import BusUnavailable
 
+log = logging.getLogger(__name__)
+
 #: The longest RTS delay the kernel takes (serial_core's RS485_MAX_RTS_DELAY, 100 ms); it clamps longer ones.
 MAX_DELAY = 0.1
+# The kernel's ABI for reading the mode back (include/uapi/linux/serial.h, asm-generic/ioctls.h), as pyserial has it.
+TIOCGRS485 = serial.serialposix.TIOCGRS485
+SER_RS485_ENABLED = serial.serialposix.SER_RS485_ENABLED
+SER_RS485_RTS_ON_SEND = serial.serialposix.SER_RS485_RTS_ON_SEND
+SER_RS485_RTS_AFTER_SEND = serial.serialposix.SER_RS485_RTS_AFTER_SEND
+SER_RS485_RX_DURING_TX = serial.serialposix.SER_RS485_RX_DURING_TX
 
 
 def delay_ms(seconds: float) -> int:
@@ -88,3 +100,44 @@ def configure(client: Any, cfg: Rs485Settings) -> None:
             f"{port.port} refuses the kernel's RS-485 mode ({reason}); `rs485:` is for a transceiver on a UART "
             "(a USB adapter switches by itself: remove `rs485:`)"
         ) from exc
+    # A UART driver takes the ioctl but may drop what it cannot do (delays, receiving while sending) and says so
+    # only in dmesg: read back what it applied.
+    changed = differences(cfg, applied(port.fd))
+    if changed:
+        log.warning(
+            "%s: the UART driver applied RS-485 settings other than `rs485:` asks: %s", port.port, "; ".join(changed)
+        )
+
+
+def applied(fd: int) -> tuple[int, int, int] | None:
+    """The kernel's RS-485 flags and its two RTS delays (ms) on an open port; None where it cannot be asked."""
+    buf = array.array("i", [0] * 8)  # struct serial_rs485: flags, delay before, delay after, padding
+    try:
+        fcntl.ioctl(fd, TIOCGRS485, buf)
+    except OSError:
+        return None
+    return buf[0], buf[1], buf[2]
+
+
+def differences(cfg: Rs485Settings, got: tuple[int, int, int] | None) -> list[str]:
+    """How the kernel's RS-485 state `got` differs from the settings, one phrase per key; empty when it does not."""
+    if got is None:
+        return []
+    flags, before_ms, after_ms = got
+    found: list[str] = []
+    if not flags & SER_RS485_ENABLED:
+        return ["RS-485 mode is off"]
+    for key, flag, wanted in (
+        ("rts_on_send", SER_RS485_RTS_ON_SEND, cfg.rts_on_send),
+        ("rts_after_send", SER_RS485_RTS_AFTER_SEND, cfg.rts_after_send),
+        ("rx_during_tx", SER_RS485_RX_DURING_TX, cfg.rx_during_tx),
+    ):
+        if bool(flags & flag) != wanted:
+            found.append(f"{key} is {str(bool(flags & flag)).lower()}")
+    for key, seconds, ms in (
+        ("delay_before_tx", cfg.delay_before_tx, before_ms),
+        ("delay_after_tx", cfg.delay_after_tx, after_ms),
+    ):
+        if seconds is not None and ms != delay_ms(seconds):
+            found.append(f"{key} is {ms} ms, not {delay_ms(seconds)} ms")
+    return found

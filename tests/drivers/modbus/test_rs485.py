@@ -28,7 +28,7 @@ from drivers.modbus.transport import ModbusLink
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from gateway.config.settings import modbus_line
-from gateway.errors import BusUnavailable
+from gateway.errors import BusUnavailable, ConfigError
 from hil import scenarios
 
 from configs import device, point
@@ -63,6 +63,9 @@ class KernelRs485:
         self.struct = [flags, delay_before, delay_after, 0, 0, 0, 0, 0]
         self.set_calls: list[list[int]] = []
         self._real = fcntl.ioctl
+        #: What this driver cannot do and drops from what it is given, as serial_core does (with a dmesg note).
+        self.supports_delays = True
+        self.supports_rx_during_tx = True
 
     def ioctl(self, fd: int, request: int, arg: Any = 0, mutate: bool = True) -> Any:
         """fcntl.ioctl with the two RS-485 requests answered here."""
@@ -70,8 +73,12 @@ class KernelRs485:
             arg[:] = array.array("i", self.struct)
             return 0
         if request == TIOCSRS485:
-            self.struct = list(arg)
             self.set_calls.append(list(arg))
+            self.struct = list(arg)
+            if not self.supports_delays:
+                self.struct[1:3] = [0, 0]
+            if not self.supports_rx_during_tx:
+                self.struct[0] &= ~SER_RS485_RX_DURING_TX
             return 0
         return self._real(fd, request, arg, mutate)
 
@@ -151,25 +158,43 @@ def test_pyserial_settings_from_the_line_settings() -> None:
 
 
 @pytest.mark.parametrize(
-    ("section", "problem"),
+    ("section", "settings", "problem"),
     [
-        ({"rts_on_send": True, "rts_after_send": True}, "rts_on_send and rts_after_send are both high"),
-        ({"rts_on_send": False, "rts_after_send": False}, "rts_on_send and rts_after_send are both low"),
-        ({"delay_before_tx": "150ms"}, "delay_before_tx: 150 ms is longer than the kernel's longest RTS delay"),
-        ({"delay_after_tx": "0.5ms"}, "delay_after_tx: 0.5 ms is not whole milliseconds"),
+        (
+            {"rts_on_send": True, "rts_after_send": True},
+            Rs485Settings(rts_on_send=True, rts_after_send=True),
+            "rts_on_send and rts_after_send are both high",
+        ),
+        (
+            {"rts_on_send": False, "rts_after_send": False},
+            Rs485Settings(rts_on_send=False, rts_after_send=False),
+            "rts_on_send and rts_after_send are both low",
+        ),
+        (
+            {"delay_before_tx": "150ms"},
+            Rs485Settings(delay_before_tx=0.15),
+            "delay_before_tx: 150 ms is longer than the kernel's longest RTS delay",
+        ),
+        (
+            {"delay_after_tx": "0.5ms"},
+            Rs485Settings(delay_after_tx=0.0005),
+            "delay_after_tx: 0.5 ms is not whole milliseconds",
+        ),
     ],
     ids=["rts-both-high", "rts-both-low", "delay-too-long", "delay-below-a-millisecond"],
 )
 async def test_settings_the_kernel_would_change_are_refused_naming_the_key(
-    pty: VirtualLine, kernel: KernelRs485, section: dict[str, Any], problem: str
+    pty: VirtualLine, kernel: KernelRs485, section: dict[str, Any], settings: Rs485Settings, problem: str
 ) -> None:
     """The kernel silently swaps equal RTS levels and clamps delays; pyserial truncates sub-millisecond ones. The
-    line refuses such settings with the reason instead of driving the transceiver otherwise than configured."""
+    config refuses such a section (`fieldgate check`), and so does a link given such settings directly, rather
+    than drive the transceiver otherwise than asked."""
+    with pytest.raises(ConfigError) as refused_config:
+        line_config("/dev/ttyAMA0", section)
+    assert problem.split(": ")[-1] in str(refused_config.value), str(refused_config.value)
+    assert any(problem in p for p in rs485.problems(settings)), rs485.problems(settings)
     pty.start()
-    cfg = line_config(pty.gateway_port, section)
-    assert cfg.rs485 is not None
-    assert any(problem in p for p in rs485.problems(cfg.rs485)), rs485.problems(cfg.rs485)
-    link = ModbusLink(cfg.port, baudrate=cfg.baudrate, parity=cfg.parity, rs485=cfg.rs485)
+    link = ModbusLink(pty.gateway_port, baudrate=115200, parity="N", rs485=settings)
     with pytest.raises(BusUnavailable) as refused:
         await link.open()
     assert problem in str(refused.value) and pty.gateway_port in str(refused.value)
@@ -250,3 +275,31 @@ async def test_rs485_is_applied_again_at_each_reopen(pty: VirtualLine, kernel: K
         await asyncio.sleep(0)
     assert len(kernel.set_calls) == 3
     assert all(call[1] == 2 for call in kernel.set_calls)
+
+
+async def test_what_the_uart_driver_drops_of_the_settings_is_logged_naming_the_keys(
+    pty: VirtualLine, kernel: KernelRs485, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A driver takes TIOCSRS485 but drops what it cannot do (only dmesg says so): the mode is read back, and the
+    keys it did not apply are logged with the port; the line runs on in the mode the driver gave it."""
+    pty.start()
+    caplog.set_level(logging.WARNING, logger="drivers.modbus.rs485")
+    every_key = {"rts_on_send": True, "delay_before_tx": "2ms", "delay_after_tx": "1ms", "rx_during_tx": True}
+    cfg = line_config(pty.gateway_port, every_key)
+    assert cfg.rs485 is not None
+    link = ModbusLink(cfg.port, baudrate=cfg.baudrate, parity=cfg.parity, rs485=cfg.rs485)
+    await link.open()  # a driver that does it all: not a word
+    link.close()
+    assert caplog.records == []
+    kernel.supports_delays = False
+    kernel.supports_rx_during_tx = False
+    await link.open()
+    try:
+        assert link.connected
+    finally:
+        link.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"{pty.gateway_port}: the UART driver applied RS-485 settings other than `rs485:` asks: rx_during_tx is "
+        "false; delay_before_tx is 0 ms, not 2 ms; delay_after_tx is 0 ms, not 1 ms"
+    ]
