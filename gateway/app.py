@@ -248,7 +248,7 @@ class Gateway:
         await self.supervisor.stop(self._metrics)
         if self.simulation:
             await self.simulation.stop_mcp()
-        for driver in self.drivers:
+        for driver in reversed(self.drivers):  # the Modbus TCP server before the lines its clients wait for
             await driver.stop()
         if self.router:
             await self.router.stop()
