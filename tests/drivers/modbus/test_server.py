@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu import ModbusPDU
-from pymodbus.pdu.bit_message import ReadCoilsRequest
+from pymodbus.pdu.bit_message import ReadCoilsRequest, WriteMultipleCoilsRequest, WriteSingleCoilRequest
 from pymodbus.pdu.register_message import (
     ReadHoldingRegistersRequest,
     WriteMultipleRegistersRequest,
@@ -18,6 +18,7 @@ from pymodbus.pdu.register_message import (
 )
 
 from drivers.modbus.server import ModbusTcpServer
+from drivers.modbus.server_requests import describe
 from drivers.modbus.settings import ExposeSettings, ServerSettings
 from gateway.errors import FieldgateError
 
@@ -389,3 +390,12 @@ async def test_stop_closes_every_connection_and_fails_what_waits(tmp_path: Path)
         snap = rig.server.snapshot()
         assert not snap.running and snap.connections == 0 and snap.waiting == 0
         client.close()
+
+
+def test_an_audit_record_names_a_write_in_bounded_words() -> None:
+    many = WriteMultipleRegistersRequest(address=20, registers=list(range(123)))
+    shown = ", ".join(str(v) for v in range(16))
+    assert describe(many) == f"write_registers 20 [{shown}, ... (123 values)]"
+    coils = WriteMultipleCoilsRequest(address=7, bits=[True, False] * 984)
+    assert describe(coils).endswith(", ... (1968 values)]") and len(describe(coils)) <= 200
+    assert describe(WriteSingleCoilRequest(address=3, bits=[True])) == "write_coil 3 True"
