@@ -7,6 +7,7 @@ another link of this one, that opens the same port fails at once, before it touc
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
 import subprocess
@@ -156,3 +157,30 @@ async def test_an_open_failing_a_thousand_times_leaks_no_file_descriptor(pty: Vi
     finally:
         if holder is not None:
             holder.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (errno.EBUSY, "port busy: /dev/ttyAMA0 is in use by another process"),
+        (errno.EACCES, "cannot open /dev/ttyAMA0: Permission denied (is the gateway's user in the `dialout` group?)"),
+    ],
+    ids=["tiocexcl", "no-permission"],
+)
+async def test_what_only_a_non_root_user_meets_is_told_apart_too(
+    monkeypatch: pytest.MonkeyPatch, code: int, said: str
+) -> None:
+    """EBUSY (another program set TIOCEXCL) and EACCES (not in `dialout`) spare root, which runs these tests: the
+    port's open is stood in for, raising as pyserial does (its SerialException from the OS's error)."""
+
+    def refuse(url: str, *args: object, **kwargs: object) -> serial.Serial:
+        try:
+            raise OSError(code, os.strerror(code), url)
+        except OSError as msg:
+            raise serial.SerialException(msg.errno, f"could not open port {url}: {msg}") from None
+
+    monkeypatch.setattr(serial, "serial_for_url", refuse)
+    with pytest.raises(BusUnavailable) as refused:
+        await ModbusLink("/dev/ttyAMA0", parity="N").open()
+    assert str(refused.value) == said
+    assert isinstance(refused.value, PortBusy) == (code == errno.EBUSY)
