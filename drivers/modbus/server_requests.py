@@ -60,9 +60,8 @@ MAX_READWRITE_REGISTERS = 121
 #: this rate; the refusals beyond it are counted (`unaudited`) and named in the next record that is written.
 REFUSAL_AUDIT_BURST = 20
 REFUSAL_AUDIT_RATE = 1.0
-#: An audit record's description of a request is cut to this many values and characters.
+#: An audit record's description of a write names this many of its values (and how many there were).
 WHAT_VALUES = 16
-WHAT_CHARS = 200
 
 _WRITE_NAMES = {5: "write_coil", 6: "write_register", 15: "write_coils", 16: "write_registers"}
 _CACHE_RESPONSES: dict[int, type[ModbusPDU]] = {
@@ -179,18 +178,16 @@ def describe(request: ModbusPDU) -> str:
     """A request as an audit record names it, bounded: "write_registers 100 [1, 2]"."""
     fc = request.function_code
     if isinstance(request, WriteSingleCoilRequest):
-        text = f"write_coil {request.address} {bool(request.bits[0])}"
-    elif isinstance(request, WriteSingleRegisterRequest):
-        text = f"write_register {request.address} {request.registers[0]}"
-    elif fc in _WRITE_NAMES:
+        return f"write_coil {request.address} {bool(request.bits[0])}"
+    if isinstance(request, WriteSingleRegisterRequest):
+        return f"write_register {request.address} {request.registers[0]}"
+    if fc in _WRITE_NAMES:
         values = list(request.bits if fc == 15 else request.registers)
         shown = ", ".join(str(int(v)) for v in values[:WHAT_VALUES])
         more = f", ... ({len(values)} values)" if len(values) > WHAT_VALUES else ""
-        text = f"{_WRITE_NAMES[fc]} {request.address} [{shown}{more}]"
-    else:
-        sub = f"/0x{request.sub_function_code:02x}" if request.sub_function_code >= 0 else ""
-        text = f"function 0x{fc:02x}{sub} {type(request).__name__}"
-    return text[:WHAT_CHARS]
+        return f"{_WRITE_NAMES[fc]} {request.address} [{shown}{more}]"
+    sub = f"/0x{request.sub_function_code:02x}" if request.sub_function_code >= 0 else ""
+    return f"function 0x{fc:02x}{sub} {type(request).__name__}"
 
 
 class RefusalAudit:
