@@ -177,18 +177,11 @@ class ModbusBus:
         while task is not None and not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=0.1)
+        self._fail_clients(f"line {self.name} is stopping")
         while not self._writes.empty():
             pending = self._writes.get_nowait()
-            if pending.future.done():
-                continue
-            if isinstance(pending, PendingRawWrite):
-                pending.future.set_exception(BusUnavailable(f"line {self.name} is stopping"))
-            else:
+            if isinstance(pending, PendingWrite) and not pending.future.done():
                 pending.future.set_result(WriteResult(ok=False, error="gateway stopping"))
-        while self._passthrough:
-            waiting = self._passthrough.popleft()
-            if not waiting.future.done():
-                waiting.future.set_exception(BusUnavailable(f"line {self.name} is stopping"))
         self._link.close()
         self._io.quiet.close()
 
@@ -267,6 +260,7 @@ class ModbusBus:
             )
             match step:
                 case Reopen():
+                    self._fail_clients(f"line {self.name} is down ({self.cfg.port} is not open)")
                     await self._reopen()
                 case PortWait(until):
                     await asyncio.sleep(min(until - now, ALIVE_TICK))
@@ -284,6 +278,23 @@ class ModbusBus:
                         pass
                 case Poll():
                     await self._run_cycle(step)
+
+    def _fail_clients(self, reason: str) -> None:
+        """Tell the Modbus TCP server's clients waiting for the line that it is gone (their writes too: one carried
+        out when the port is back, long after its client gave up, would surprise whoever sent it)."""
+        while self._passthrough:
+            waiting = self._passthrough.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(BusUnavailable(reason))
+        kept: list[PendingWrite] = []
+        while not self._writes.empty():
+            pending = self._writes.get_nowait()
+            if not isinstance(pending, PendingRawWrite):
+                kept.append(pending)  # an MQTT write waits for the port, as it always did
+            elif not pending.future.done():
+                pending.future.set_exception(BusUnavailable(reason))
+        for pending in kept:
+            self._writes.put_nowait(pending)
 
     async def _serve_writes(self) -> None:
         while not self._writes.empty():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from pymodbus.pdu import ModbusPDU
 from pymodbus.pdu.register_message import (
     ReadHoldingRegistersRequest,
     WriteMultipleRegistersRequest,
@@ -20,6 +21,7 @@ from pymodbus.pdu.register_message import (
 )
 
 from drivers.modbus.bus import ModbusBus
+from drivers.modbus.transport import ModbusLink
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from gateway.config.settings import modbus_line
@@ -131,3 +133,63 @@ async def test_requests_waiting_when_the_line_stops_fail_as_line_unavailable(rig
             await task
     with pytest.raises(BusUnavailable):
         await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1))
+
+
+class LosingLink(ModbusLink):
+    """A real link whose first pass-through finds the port gone once `lose` is set (as an unplugged adapter)."""
+
+    def __init__(self, port: str) -> None:
+        super().__init__(port, baudrate=115200, parity="N")
+        self.lose = asyncio.Event()
+        self.lost = False
+
+    async def execute(self, request: ModbusPDU, unit: int, timeout: float) -> ModbusPDU:
+        """The pass-through, or the port's loss the first time."""
+        if self.lost:
+            return await super().execute(request, unit, timeout)
+        self.lost = True
+        await self.lose.wait()
+        self.close()
+        raise BusUnavailable(f"{self.port}: the port went away")
+
+
+async def test_clients_waiting_for_a_line_whose_port_is_lost_are_told_at_once_not_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    cfg = modbus_line(
+        scenarios.bus_config(
+            [device("d", 1, poll="1h", points=[point("sp", "holding", 10)])], baudrate=115200, parity="N"
+        )
+    )
+    line = VirtualLine(tmp_path / "tty")
+    line.start()
+    sim = ModbusSimulator(
+        line.device_port, [SimSlave(1, [SimPoint("sp", "holding", 10, cfg.devices[0].points[0].codec)])]
+    )
+    await sim.start()
+    rec = Recorder()
+    link = LosingLink(line.gateway_port)
+    bus = ModbusBus(replace(cfg, port=line.gateway_port), rec.sample, rec.state, link=link)
+    await bus.start()
+    try:
+        await until(lambda: rec.samples, what="the first poll")
+        read = ReadHoldingRegistersRequest(address=40, count=1)
+        first = asyncio.create_task(bus.pass_through("d", read))
+        await until(lambda: link.lost, what="the first pass-through on the line")
+        waiting = [
+            asyncio.create_task(bus.pass_through("d", ReadHoldingRegistersRequest(address=41, count=1))),
+            asyncio.create_task(bus.raw_write("d", WriteSingleRegisterRequest(address=10, registers=[5]), "x")),
+        ]
+        await asyncio.sleep(0)
+        line.close()  # the adapter is gone for good: the port cannot be opened again
+        link.lose.set()
+        with pytest.raises(BusUnavailable, match="went away"):
+            await first
+        for task in waiting:
+            with pytest.raises(BusUnavailable, match="is down"):
+                await asyncio.wait_for(task, 10)  # the line retries the port for minutes: not that long
+        assert sim.requests == 1  # the first poll's: neither request reached the slave
+    finally:
+        await bus.stop()
+        await sim.stop()
+        line.close()
