@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -398,4 +400,48 @@ async def test_an_exception_response_keeps_a_modbus_tcp_unit_online(buses: list[
             finally:
                 link.close()
     finally:
+        await sim.stop()
+
+
+async def test_a_device_flooding_bytes_holds_up_no_other_bus_and_costs_no_memory(buses: list[ModbusBus]) -> None:
+    # A broken or hostile endpoint: an MBAP header with a foreign protocol id that claims the longest frame, then
+    # bytes without end (pymodbus waits for a frame that never completes).
+    flood_port, live_port = free_port(), free_port()
+    sent = 0
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        junk = struct.pack(">HHHB", 1, 0x0101, 0xFFFF, 1) + bytes(range(256)) * 256
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(junk)
+                sent += len(junk)
+                await writer.drain()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", flood_port)
+    live_cfg = tcp_line(live_port, [device("live", 1, poll="20ms", points=[point("v", "holding", 0)])])
+    sim = ModbusSimulator(TcpEndpoint("127.0.0.1", live_port), slaves_of(live_cfg), framing="tcp")
+    await sim.start()
+    try:
+        live, _ = await run_bus(buses, live_cfg)
+        await until(lambda: live.devices["live"].online is True, what="the live unit")
+
+        async def rate(seconds: float = 2.0) -> float:
+            before, started = live.devices["live"].stats.cycles, time.monotonic()
+            await asyncio.sleep(seconds)
+            return (live.devices["live"].stats.cycles - before) / (time.monotonic() - started)
+
+        alone = await rate()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        flooded_cfg = tcp_line(flood_port, [device("flooded", 1, poll="20ms", points=[point("v", "holding", 0)])])
+        flooded, _ = await run_bus(buses, flooded_cfg)
+        await until(lambda: sent > 50_000_000, timeout=30, what="50 MB of flood read by the gateway")
+        beside = await rate()
+        assert flooded.devices["flooded"].online is not True
+        # The live bus keeps its pace (a paced poll; 0.8 leaves room for a loaded machine).
+        assert beside >= 0.8 * alone, (alone, beside)
+        # pymodbus drops a receive buffer past one frame's size: the flood is never held.
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 20_000  # KiB
+    finally:
+        server.close()
         await sim.stop()
