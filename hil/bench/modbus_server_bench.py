@@ -13,7 +13,8 @@ side (pymodbus clients over loopback). Every baseline is measured in the same ru
 3. The polled devices' cycle rate while 10 clients pass through at once, against none (goal >= 0.9); the
    polls are counted on the line (the requests it carried), not taken from the gateway.
 4. The same while one client floods (requests pipelined without waiting, far past `max_queue`: answered
-   busy, then held back by TCP), then while one sends malformed MBAP frames, reconnecting after each close.
+   busy, then held back by TCP), then while one sends malformed MBAP frames, reconnecting after each close,
+   then while 10 clients read a configured device that died (polled hourly, so still taken as online).
 
 The line's frame log is checked for a second master (`hil.line.one_master`) over the whole run.
 
@@ -76,6 +77,10 @@ UNPOLLED = 100  # holding registers 100..109: in no point, so every read of them
 POLL = "100ms"
 NO_POLL = "1h"  # polled once at start, then not within the run
 CLIENTS = 10
+#: A configured, exposed device that died: polled hourly (a nameplate, say), so the gateway still takes it as
+#: online when the clients come, and each of their reads waits out its response timeout on the line.
+DEAD_UNIT = 3
+DEAD_POLL = "1h"
 GOAL = 0.9  # polled cycle rate with 10 clients passing through over none
 READY_TIMEOUT = 60.0
 DEFAULT_SECONDS = 10.0
@@ -91,13 +96,14 @@ def held(unit: int, address: int) -> int:
 
 
 def slaves() -> list[SimSlave]:
-    """The devices behind the line (and behind the bare TCP server): the polled block and the unpolled one."""
+    """The devices behind the line (and behind the bare TCP server): the polled block and the unpolled one; and
+    DEAD_UNIT, which never answers."""
     codec = PointCodec("uint16")
     addresses = [*range(POLLED), *range(UNPOLLED, UNPOLLED + 10)]
     return [
         SimSlave(unit, [SimPoint(f"r{a}", "holding", a, codec, Wave(value=held(unit, a))) for a in addresses])
         for unit in UNITS
-    ]
+    ] + [SimSlave(DEAD_UNIT, [SimPoint("r0", "holding", 0, codec)], dead=True)]
 
 
 def wire_latency(registers: int) -> float:
@@ -259,6 +265,7 @@ class Abuse:
     other: int = 0  # any other answer
     malformed_sent: int = 0  # malformed frames sent, one per connection
     closed: int = 0  # of those connections, closed by the gateway
+    dead_answers: dict[str, int] = field(default_factory=dict)  # the dead unit's readers: answer -> count
     errors: list[str] = field(default_factory=list)
 
 
@@ -350,6 +357,26 @@ async def malformed(port: int, until: float, abuse: Abuse) -> None:
             writer.transport.abort()
 
 
+async def dead_unit(port: int, until: float, abuse: Abuse) -> None:
+    """CLIENTS clients reading DEAD_UNIT's unpolled registers in a loop until `until`; what they were answered."""
+
+    async def one() -> None:
+        client = await tcp_client(port, until + READY_TIMEOUT)
+        try:
+            while time.monotonic() < until:
+                try:
+                    rr = await client.read_holding_registers(UNPOLLED, count=10, device_id=DEAD_UNIT)
+                except Exception as exc:  # counted: a client that failed is an answer of its own
+                    what = type(exc).__name__
+                else:
+                    what = f"exception {rr.exception_code:#04x}" if rr.isError() else "data"
+                abuse.dead_answers[what] = abuse.dead_answers.get(what, 0) + 1
+        finally:
+            client.close()
+
+    await asyncio.gather(*(one() for _ in range(CLIENTS)))
+
+
 # --- the gateway ---------------------------------------------------------------------------------------
 
 
@@ -357,6 +384,7 @@ def gateway_config(tmp: Path, link: str, poll: str, server: int) -> Path:
     """Two devices on the line, polled every `poll`, both exposed on the Modbus TCP server (cache_max_age 2 s)."""
     points = [{"name": f"r{a}", "table": "holding", "address": a, "type": "uint16"} for a in range(POLLED)]
     devices = [modbus_device(f"d{u}", u, points, poll) for u in UNITS]
+    devices.append(modbus_device(f"d{DEAD_UNIT}", DEAD_UNIT, points, DEAD_POLL))
     cfg = config(
         gateway=gateway_section("bench", tmp / f"state-{poll}", http=None),
         broker={"listeners": [f"tcp://127.0.0.1:{free_port()}"]},
@@ -367,7 +395,7 @@ def gateway_config(tmp: Path, link: str, poll: str, server: int) -> Path:
         "listen": f"127.0.0.1:{server}",
         "max_connections": 32,
         "cache_max_age": "2s",
-        "expose": [{"unit": u, "device": f"d{u}"} for u in UNITS],
+        "expose": [{"unit": u, "device": f"d{u}"} for u in (*UNITS, DEAD_UNIT)],
     }
     return write_config(tmp / f"config-{poll}.yaml", cfg)
 
@@ -546,7 +574,7 @@ async def measure(tmp: Path, seconds: float, reads: int) -> Results:
             res.shared.merge(r)
 
         windows: dict[str, tuple[float, float]] = {}
-        for name, attack in (("flood", flood), ("malformed", malformed)):
+        for name, attack in (("flood", flood), ("malformed", malformed), ("dead", dead_unit)):
             await asyncio.sleep(1.0)  # the last answers drain
             start = time.monotonic()
             await attack(rig.port, start + seconds, res.abuse)
@@ -644,6 +672,8 @@ def report(res: Results, headline: bool) -> None:
     nan = float("nan")
     flooded = res.attacks.get("flood", Attack(nan, 0.0, 0))
     broken = res.attacks.get("malformed", Attack(nan, 0.0, 0))
+    dead = res.attacks.get("dead", Attack(nan, 0.0, 0))
+    dead_seen = ", ".join(f"{n} {what}" for what, n in sorted(a.dead_answers.items())) or "nothing"
     print_table(
         ["attack", "polls/s alone", "attacked", "ratio", "pass-throughs/s", "what the attacker saw"],
         [
@@ -663,6 +693,14 @@ def report(res: Results, headline: bool) -> None:
                 broken.passthrough_rate,
                 f"{a.malformed_sent} connections with a malformed frame, {a.closed} closed by the gateway",
             ],
+            [
+                "dead unit",
+                res.rate_alone,
+                dead.rate,
+                dead.rate / res.rate_alone,
+                dead.passthrough_rate,
+                f"{CLIENTS} clients reading unit {DEAD_UNIT}: {dead_seen}",
+            ],
         ],
         blank="-",
     )
@@ -671,6 +709,8 @@ def report(res: Results, headline: bool) -> None:
     note("writes wait). 'sent': requests its socket accepted; the unread ones wait in the kernels' socket buffers.")
     note("malformed: one malformed MBAP frame per connection (protocol id 1, length 0xffff, length 0), and a new")
     note("connection as soon as the gateway has closed the last one (each waited for up to 5 s).")
+    note(f"dead unit: {CLIENTS} clients read unit {DEAD_UNIT}, a configured device polled every {DEAD_POLL} that never")
+    note("answers; its pass-throughs on the line are counted in the same column.")
     for e in a.errors[:3]:
         note(e)
 
@@ -689,7 +729,7 @@ def report(res: Results, headline: bool) -> None:
         f"polled cycle rate with {CLIENTS} clients passing through: {ratio:.3f} of alone ({verdict} the >= {GOAL} goal)"
         + (f"; NOT MEASURED: {why}" if why else "")
     )
-    for name, attack in (("flooded", flooded), ("sent malformed frames", broken)):
+    for name, attack in (("flooded", flooded), ("sent malformed frames", broken), ("reading a dead unit", dead)):
         share = attack.rate / res.rate_alone
         verdict = "meets" if share >= GOAL else "MISSES"
         summary(f"polled cycle rate while {name}: {share:.3f} of alone ({verdict} the >= {GOAL} goal)")
@@ -753,6 +793,21 @@ def report(res: Results, headline: bool) -> None:
         "cycles/s",
         ratio=broken.rate / res.rate_alone if broken_ok else nan,
         versus=alone if broken_ok else (why or "a malformed frame's connection stayed open")[:90],
+        goal=GOAL,
+    )
+    record_dead(res, dead, why)
+
+
+def record_dead(res: Results, dead: Attack, why: str) -> None:
+    """The dead unit's figure: not measured when the line saw a second master, or a reader got data."""
+    ok = not why and bool(res.abuse.dead_answers) and "data" not in res.abuse.dead_answers
+    record(
+        BENCH,
+        f"polled devices' cycles/s while {CLIENTS} clients read a dead device polled every {DEAD_POLL}",
+        round(dead.rate, 2),
+        "cycles/s",
+        ratio=dead.rate / res.rate_alone if ok else float("nan"),
+        versus=f"no clients: {res.rate_alone:.2f} cycles/s" if ok else (why or "the dead unit answered")[:90],
         goal=GOAL,
     )
 
