@@ -12,6 +12,8 @@ with `set`) holds its value from then on.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import zlib
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ from drivers.modbus.codec import Decoded, PointCodec
 from drivers.modbus.planner import BIT_TABLES
 from drivers.modbus.settings import TcpEndpoint
 from drivers.sim.waves import Wave
+from gateway.errors import BusUnavailable
 from gateway.types import Value
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,16 @@ class SimSlave:
     dead: bool = False
 
 
+def _bind_error(port: str | TcpEndpoint) -> str:
+    """Why a listening socket cannot be had on `port` (the OS's reason), or a plain guess when it now can."""
+    if isinstance(port, TcpEndpoint):
+        try:
+            socket.create_server((port.host, port.port)).close()
+        except OSError as exc:
+            return os.strerror(exc.errno) if exc.errno else str(exc)
+    return "the port cannot be opened"
+
+
 class ModbusSimulator:
     """A pymodbus server answering for several unit ids on one serial port or one TCP endpoint."""
 
@@ -96,7 +109,12 @@ class ModbusSimulator:
                 baudrate=self._baudrate,
                 trace_pdu=self._filter,  # type: ignore[arg-type]  # None drops the request
             )
-        await self._server.serve_forever(background=True)
+        try:
+            await self._server.serve_forever(background=True)
+        except RuntimeError as exc:
+            # pymodbus says only "Could not start listen"; binding again gives the reason (in use, not allowed).
+            self._server = None
+            raise BusUnavailable(f"simulator: cannot listen on {self.port}: {_bind_error(self.port)}") from exc
         runtime = self._server.context.devices  # type: ignore[union-attr]
         for unit in self.slaves:
             self._blocks[unit] = {

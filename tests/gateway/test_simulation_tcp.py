@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +18,7 @@ from pymodbus.framer import FramerType
 from gateway.config import parse_config
 from gateway.simulation import Simulation, start_simulation
 
-from configs import Section, config, device, line, point, text
+from configs import Section, broker, config, device, line, point, text, write
 from helpers import free_port, until
 
 
@@ -87,3 +90,16 @@ async def test_the_endpoint_speaks_rtu_frames_when_its_bus_says_framing_rtu(tmp_
         assert sim.simulators[f"tcp://127.0.0.1:{port}"].framing == "rtu"
         answer = await c.read_holding_registers(0, count=1, device_id=2)
         assert answer.registers == [7]
+
+
+def test_an_endpoint_whose_port_is_taken_ends_the_start_with_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", free_port())) as held:
+        port = held.getsockname()[1]
+        cfg = endpoint_config(port) | {"broker": broker(free_port())}
+        path = write(cfg, tmp_path)
+        run = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "-c", str(path)], capture_output=True, text=True, timeout=60
+        )
+    assert run.returncode == 1, run.stderr
+    said = f"fieldgate: simulator: cannot listen on tcp://127.0.0.1:{port}: Address already in use"
+    assert run.stderr.strip() == said
