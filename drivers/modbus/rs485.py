@@ -41,7 +41,10 @@ def delay_ms(seconds: float) -> int:
 
 
 def problems(cfg: Rs485Settings) -> list[str]:
-    """What the kernel would change of these settings without a word, each as one sentence; empty when none."""
+    """What the kernel would change of these settings (a note in dmesg at most), one sentence each; empty if none.
+
+    Each starts with the key it is about and a colon where there is one key: `fieldgate check` places it there.
+    """
     found: list[str] = []
     if cfg.rts_on_send == cfg.rts_after_send:
         level = "high" if cfg.rts_on_send else "low"
