@@ -445,3 +445,71 @@ async def test_a_device_flooding_bytes_holds_up_no_other_bus_and_costs_no_memory
     finally:
         server.close()
         await sim.stop()
+
+
+async def test_reconnects_back_off_and_a_connect_that_hangs_marks_devices_offline(buses: list[ModbusBus]) -> None:
+    # An endpoint whose accept queue is full: every connect hangs until the bus's connect timeout.
+    port = free_port()
+    held = hanging_listener(port)
+    try:
+        cfg = tcp_line(port, [device("d", 1, poll="50ms", points=[point("v", "holding", 0)])], connect_timeout="300ms")
+        bus, rec = await run_bus(buses, cfg)
+        attempts: list[float] = []
+
+        async def watch() -> None:
+            seen = 0
+            while True:
+                if bus.stats.reopen_attempts > seen:
+                    seen = bus.stats.reopen_attempts
+                    attempts.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await until(lambda: bus.devices["d"].online is False, what="offline after the first connect timed out")
+            assert "cannot open" in rec.states[-1].reason
+            await until(lambda: len(attempts) >= 4, timeout=30, what="four connect attempts")
+        finally:
+            watcher.cancel()
+        # Each wait doubles (1 s, 2 s, 4 s ... up to a minute): the gaps grow, each well past the one before.
+        gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+        assert all(later > 1.4 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
+    finally:
+        for s in held:
+            s.close()
+
+
+async def test_an_offline_unit_is_probed_with_back_off_while_the_others_poll(
+    scripted: Scripted, buses: list[ModbusBus]
+) -> None:
+    scripted.silent.add(9)
+    cfg = tcp_line(
+        scripted.port,
+        [
+            device("live", 1, poll="20ms", points=[point("v", "holding", 0)]),
+            device("dead", 9, poll="20ms", offline_after=2, retries=0, points=[point("v", "holding", 0)]),
+        ],
+        timeout="50ms",
+    )
+    bus, rec = await run_bus(buses, cfg)
+    dead = bus.devices["dead"]
+    await until(lambda: dead.online is False, what="unit 9 offline")
+    tried: list[float] = []
+
+    async def watch() -> None:
+        seen = dead.stats.timeouts
+        while True:
+            if dead.stats.timeouts > seen:
+                seen = dead.stats.timeouts
+                tried.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await until(lambda: len(tried) >= 3, timeout=30, what="three probes")
+    finally:
+        watcher.cancel()
+    gaps = [b - a for a, b in zip(tried, tried[1:], strict=False)]
+    assert gaps[1] > 1.4 * gaps[0], gaps
+    assert bus.devices["live"].online is True and scripted.connections == 1
+    assert [s.online for s in rec.states if s.device == "dead"] == [False]
