@@ -34,7 +34,11 @@ async def test_a_modbus_tcp_bus_publishes_takes_a_set_and_shows_like_a_serial_li
         "meter",
         1,
         poll="100ms",
-        points=[point("power", "input", 0, "float32"), point("limit", "holding", 10, "int16", writable=True)],
+        full_every="1s",
+        points=[
+            point("power", "input", 0, "float32", deadband=10),
+            point("limit", "holding", 10, "int16", writable=True),
+        ],
     )
     pump = device("pump", 2, poll="100ms", points=[point("running", "coil", 0)])
     bus = line("plant", f"tcp://127.0.0.1:{endpoint}", meter, pump, baudrate=None, parity=None)
@@ -67,6 +71,20 @@ async def test_a_modbus_tcp_bus_publishes_takes_a_set_and_shows_like_a_serial_li
                     lambda ms: any(m.topic == "fieldgate/t1/meter/power" and m.json() == 2500.25 for m in ms)
                 )
                 assert power
+                # Within the deadband: not published; past it: published.
+                sim.set(1, "power", 2505.0)
+                # The full snapshot (full_every) carries it once polled.
+                await sub.wait_for(
+                    lambda ms: any(
+                        m.topic == "fieldgate/t1/meter/telemetry" and m.json()["values"].get("power") == 2505.0
+                        for m in ms
+                    )
+                )
+                sim.set(1, "power", 2600.0)
+                await sub.wait_for(
+                    lambda ms: any(m.topic == "fieldgate/t1/meter/power" and m.json() == 2600.0 for m in ms)
+                )
+                assert 2505.0 not in [m.json() for m in sub.on("fieldgate/t1/meter/power")]
                 await sub.wait_for(
                     lambda ms: any(m.topic == "fieldgate/t1/pump/running" and m.json() is False for m in ms)
                 )
