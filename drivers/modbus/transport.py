@@ -42,6 +42,10 @@ _EXCEPTION_NAMES = {
 GATEWAY_EXCEPTIONS = frozenset({10, 11})
 #: Timeouts in a row after which pymodbus would close a TCP connection: in effect never (see ModbusLink).
 NEVER_DISCONNECT = sys.maxsize
+#: Bytes received and not yet framed that a Modbus TCP link keeps: 16 of the largest frames (an MBAP header and a
+#: 253-byte PDU), so that late answers queued behind each other never crowd out the awaited one, while a peer
+#: that sends without end is still dropped at a few kilobytes.
+MBAP_RECEIVE_BUFFER = 16 * (7 + 253)
 #: TCP finds a Modbus TCP peer gone (powered off, unplugged, a network down) that never closed the connection:
 #: keepalive probes on an idle connection, and a limit on how long sent data may stay unacknowledged.
 KEEPALIVE_IDLE = 10
@@ -93,6 +97,9 @@ class ModbusLink:
                 # converter that is one dead unit among live ones, and reconnecting cannot revive it: the
                 # line's schedule takes a silent unit offline and probes it, TCP itself finds a dead peer.
                 client.set_max_no_responses(NEVER_DISCONNECT)
+                # pymodbus drops its whole receive buffer once it holds more than one frame: a late answer
+                # that arrives together with the awaited one would take that one with it.
+                client.ctx.max_buffer_size = MBAP_RECEIVE_BUFFER
         else:
             client = AsyncModbusSerialClient(
                 port,

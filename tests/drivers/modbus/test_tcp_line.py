@@ -57,6 +57,7 @@ class Scripted:
     silent: set[int] = field(default_factory=set)  # units that never answer
     gateway_fault: set[int] = field(default_factory=set)  # units the "converter" answers 0x0B for
     late: dict[int, float] = field(default_factory=dict)  # request number -> answer this many seconds late
+    held: set[int] = field(default_factory=set)  # request numbers answered only with the next answer, in one write
     mute: bool = False  # accept connections, read requests, never answer
     drop_at: int | None = None  # request number on whose arrival the connection is closed
     connections: int = 0
@@ -80,7 +81,7 @@ class Scripted:
         self.connections += 1
         self._writers.append(writer)
         framer = FramerSocket(DecodePDU(True))
-        buffer = b""
+        buffer = holding = b""
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(4096):
                 buffer += data
@@ -102,6 +103,10 @@ class Scripted:
                         response = ReadHoldingRegistersResponse(registers=[self.requests] * request.count)
                     response.dev_id, response.transaction_id = request.dev_id, request.transaction_id
                     frame = framer.buildFrame(response)
+                    if self.requests in self.held:
+                        holding += frame
+                        continue
+                    frame, holding = holding + frame, b""
                     delay = self.late.get(self.requests, 0.0)
                     if delay:
                         asyncio.get_running_loop().call_later(delay, writer.write, frame)
@@ -240,6 +245,23 @@ async def test_a_late_answer_is_never_taken_for_the_next_requests(scripted: Scri
         assert await link.read("holding", 1, 0, 2, timeout=5.0) == [2, 2]
         # The late answer came during request 2 and was dropped; the next ones are in step.
         assert await link.read("holding", 1, 0, 2, timeout=5.0) == [3, 3]
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("late_answers", [1, 4])
+async def test_late_answers_arriving_with_the_awaited_one_do_not_crowd_it_out(
+    scripted: Scripted, late_answers: int
+) -> None:
+    # The largest answers (125 registers, 259 bytes each): the late ones and the awaited one in one segment.
+    scripted.held.update(range(1, late_answers + 1))
+    link = ModbusLink(TcpEndpoint("127.0.0.1", scripted.port), framing="tcp")
+    await link.open()
+    try:
+        for _ in range(late_answers):
+            with pytest.raises(DeviceTimeout):
+                await link.read("holding", 1, 0, 125, timeout=0.1)
+        assert await link.read("holding", 1, 0, 125, timeout=5.0) == [late_answers + 1] * 125
     finally:
         link.close()
 
