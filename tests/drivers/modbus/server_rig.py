@@ -137,8 +137,13 @@ class RawClient:
 
     def frame(self, request: ModbusPDU, tid: int, unit: int) -> bytes:
         """The request's MBAP frame."""
+        return self.frame_of(request, tid, unit)
+
+    @staticmethod
+    def frame_of(request: ModbusPDU, tid: int, unit: int) -> bytes:
+        """The request's MBAP frame, built by pymodbus' socket framer."""
         request.transaction_id, request.dev_id = tid, unit
-        return self.framer.buildFrame(request)
+        return FramerSocket(DecodePDU(is_server=False)).buildFrame(request)
 
     async def send(self, data: bytes) -> None:
         """Bytes to the server as given."""
