@@ -78,6 +78,7 @@ class ModbusLink:
         # Whether bytes came in during the current transaction: pymodbus drops a frame with a bad
         # CRC without a word, so a timeout after bytes arrived is the only sign of a garbled answer.
         self._rx_seen = False
+        self._undecodable = False  # the current transaction's answer was a frame pymodbus cannot decode
         #: time.monotonic() when bytes last came in (0.0 before any): the line has been quiet since.
         self.last_rx = 0.0
         client: AsyncModbusSerialClient | AsyncModbusTcpClient
@@ -100,6 +101,7 @@ class ModbusLink:
                 # pymodbus drops its whole receive buffer once it holds more than one frame: a late answer
                 # that arrives together with the awaited one would take that one with it.
                 client.ctx.max_buffer_size = MBAP_RECEIVE_BUFFER
+                client.ctx.callback_data = self._undecodable_dropped(client.ctx.callback_data)  # type: ignore[method-assign]
         else:
             client = AsyncModbusSerialClient(
                 port,
@@ -220,6 +222,19 @@ class ModbusLink:
         request.dev_id = unit
         return await self._execute(partial(self._client.execute, False, request), unit, timeout, errors=False)
 
+    def _undecodable_dropped(self, take: Callable[[bytes, tuple[str, int] | None], int]) -> Callable[..., int]:
+        def take_or_drop(data: bytes, addr: tuple[str, int] | None = None) -> int:
+            try:
+                return take(data, addr)
+            except ModbusIOException:
+                # A frame whose PDU pymodbus cannot decode (a function it does not know): raised out of asyncio's
+                # data_received, it would log a traceback and close the connection. Dropped instead, the request
+                # fails as for any unusable answer and the connection stays for the other units.
+                self._undecodable = True
+                return len(data)
+
+        return take_or_drop
+
     def _connection_changed(self, connected: bool) -> None:
         # pymodbus leaves a request waiting for its whole timeout when the peer closes the connection
         # under it: fail it now, as the line being lost, not as the device being silent.
@@ -240,7 +255,7 @@ class ModbusLink:
     ) -> ModbusPDU:
         # pymodbus reads its response timeout from these params at each request.
         self._client.ctx.comm_params.timeout_connect = timeout
-        self._rx_seen = False
+        self._rx_seen = self._undecodable = False
         try:
             # Called in here: on a port that was lost, pymodbus raises "Not connected" at the call itself.
             response: ModbusPDU = await op()
@@ -250,8 +265,10 @@ class ModbusLink:
             if "device id" in str(exc):
                 raise ProtocolError(f"unit {unit}: answer from another unit ({exc})") from exc
             if self.mbap and self._rx_seen:
-                # MBAP frames cannot be garbled on TCP: what came was another request's (late) answer.
-                late = "an answer to an earlier request was dropped"
+                # MBAP frames cannot be garbled on TCP: what came was another request's (late) answer, or one
+                # pymodbus cannot decode.
+                late = "an undecodable answer" if self._undecodable else "an answer to an earlier request"
+                late += " was dropped"
                 raise DeviceTimeout(f"unit {unit}: no response within {timeout * 1000:.0f} ms ({late})") from exc
             if self._rx_seen:
                 raise CrcError(f"unit {unit}: garbled response (no frame with a valid CRC)") from exc

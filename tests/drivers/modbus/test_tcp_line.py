@@ -56,6 +56,7 @@ class Scripted:
     port: int = field(default_factory=free_port)
     silent: set[int] = field(default_factory=set)  # units that never answer
     gateway_fault: set[int] = field(default_factory=set)  # units the "converter" answers 0x0B for
+    undecodable: set[int] = field(default_factory=set)  # units answered with a function pymodbus does not know
     late: dict[int, float] = field(default_factory=dict)  # request number -> answer this many seconds late
     held: set[int] = field(default_factory=set)  # request numbers answered only with the next answer, in one write
     mute: bool = False  # accept connections, read requests, never answer
@@ -103,6 +104,8 @@ class Scripted:
                         response = ReadHoldingRegistersResponse(registers=[self.requests] * request.count)
                     response.dev_id, response.transaction_id = request.dev_id, request.transaction_id
                     frame = framer.buildFrame(response)
+                    if request.dev_id in self.undecodable:
+                        frame = framer.encode(b"\x64\x02\x00\x00", request.dev_id, request.transaction_id)
                     if self.requests in self.held:
                         holding += frame
                         continue
@@ -262,6 +265,20 @@ async def test_late_answers_arriving_with_the_awaited_one_do_not_crowd_it_out(
             with pytest.raises(DeviceTimeout):
                 await link.read("holding", 1, 0, 125, timeout=0.1)
         assert await link.read("holding", 1, 0, 125, timeout=5.0) == [late_answers + 1] * 125
+    finally:
+        link.close()
+
+
+async def test_an_undecodable_answer_fails_its_request_and_keeps_the_connection(scripted: Scripted) -> None:
+    scripted.undecodable.add(4)
+    link = ModbusLink(TcpEndpoint("127.0.0.1", scripted.port), framing="tcp")
+    await link.open()
+    try:
+        with pytest.raises(DeviceTimeout, match="undecodable answer"):
+            await link.read("holding", 4, 0, 1, timeout=0.5)
+        assert link.connected
+        assert await link.read("holding", 1, 0, 1, timeout=5.0) == [2]
+        assert scripted.connections == 1
     finally:
         link.close()
 
