@@ -264,6 +264,12 @@ class ModbusLink:
         except ModbusIOException as exc:
             if "device id" in str(exc):
                 raise ProtocolError(f"unit {unit}: answer from another unit ({exc})") from exc
+            if self.mbap and self._client.ctx.recv_buffer:
+                # Part of a frame came and its rest did not: the rest may still come, in front of the next
+                # answer, and a TCP stream has no silence to find a frame's start by. A new connection is in step.
+                self._client.close()
+                cut = "its answer was cut short: reconnecting"
+                raise DeviceTimeout(f"unit {unit}: no response within {timeout * 1000:.0f} ms ({cut})") from exc
             if self.mbap and self._rx_seen:
                 # MBAP frames cannot be garbled on TCP: what came was another request's (late) answer, or one
                 # pymodbus cannot decode.

@@ -57,6 +57,8 @@ class Scripted:
     silent: set[int] = field(default_factory=set)  # units that never answer
     gateway_fault: set[int] = field(default_factory=set)  # units the "converter" answers 0x0B for
     undecodable: set[int] = field(default_factory=set)  # units answered with a function pymodbus does not know
+    trickle: dict[int, float] = field(default_factory=dict)  # unit -> the second half of its answers this late
+    lag: dict[int, float] = field(default_factory=dict)  # unit -> every answer this late
     late: dict[int, float] = field(default_factory=dict)  # request number -> answer this many seconds late
     held: set[int] = field(default_factory=set)  # request numbers answered only with the next answer, in one write
     mute: bool = False  # accept connections, read requests, never answer
@@ -110,9 +112,14 @@ class Scripted:
                         holding += frame
                         continue
                     frame, holding = holding + frame, b""
-                    delay = self.late.get(self.requests, 0.0)
-                    if delay:
-                        asyncio.get_running_loop().call_later(delay, writer.write, frame)
+                    delay = self.late.get(self.requests, 0.0) or self.lag.get(request.dev_id, 0.0)
+                    loop = asyncio.get_running_loop()
+                    if request.dev_id in self.trickle:
+                        # Half the answer now, the rest after the client's timeout.
+                        writer.write(frame[: len(frame) // 2])
+                        loop.call_later(self.trickle[request.dev_id], writer.write, frame[len(frame) // 2 :])
+                    elif delay:
+                        loop.call_later(delay, writer.write, frame)
                     else:
                         writer.write(frame)
         writer.close()
@@ -552,3 +559,27 @@ async def test_an_offline_unit_is_probed_with_back_off_while_the_others_poll(
     assert gaps[1] > 1.4 * gaps[0], gaps
     assert bus.devices["live"].online is True and scripted.connections == 1
     assert [s.online for s in rec.states if s.device == "dead"] == [False]
+
+
+async def test_an_answer_cut_short_does_not_put_the_other_units_out_of_step(
+    scripted: Scripted, buses: list[ModbusBus]
+) -> None:
+    # Unit 5 sends half its answer, the rest after the timeout: that rest would arrive during the next request,
+    # in front of its answer, and TCP has no silence to find a frame's start by.
+    scripted.trickle[5] = 0.15
+    scripted.lag[1] = 0.03  # the live unit's requests wait most of the time: the rest lands in one of them
+    cfg = tcp_line(
+        scripted.port,
+        [
+            device("live", 1, poll="20ms", points=[point("v", "holding", 0)]),
+            device("slow", 5, poll="20ms", offline_after=100, retries=0, points=[point("v", "holding", 0)]),
+        ],
+        timeout="100ms",
+    )
+    bus, rec = await run_bus(buses, cfg)
+    live, slow = bus.devices["live"], bus.devices["slow"]
+    await until(lambda: slow.stats.timeouts >= 5, timeout=30, what="five answers cut short")
+    await until(lambda: live.stats.cycles >= 20, timeout=30, what="the live unit's cycles")
+    assert live.stats.timeouts == 0 and live.stats.errors == 0
+    assert [s.online for s in rec.states if s.device == "live"] == [True]
+    assert scripted.connections > 1  # each answer cut short ends its connection: the next one starts in step
