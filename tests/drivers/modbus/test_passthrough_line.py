@@ -14,14 +14,23 @@ from pathlib import Path
 
 import pytest
 from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import (
+    ReadCoilsRequest,
+    WriteMultipleCoilsRequest,
+    WriteSingleCoilRequest,
+)
 from pymodbus.pdu.register_message import (
+    MaskWriteRegisterRequest,
     ReadHoldingRegistersRequest,
+    ReadWriteMultipleRegistersRequest,
     WriteMultipleRegistersRequest,
     WriteSingleRegisterRequest,
 )
 
 from drivers.modbus.bus import ModbusBus
+from drivers.modbus.device import Device
 from drivers.modbus.transport import ModbusLink
+from drivers.modbus.writes import readback_requests, written_range
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from gateway.config.settings import modbus_line
@@ -193,3 +202,52 @@ async def test_clients_waiting_for_a_line_whose_port_is_lost_are_told_at_once_no
         await bus.stop()
         await sim.stop()
         line.close()
+
+
+# --- what a client's write touches (no I/O) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_pdu", "written"),
+    [
+        (WriteSingleRegisterRequest(address=7, registers=[1]), ("holding", 7, 1)),
+        (WriteMultipleRegistersRequest(address=100, registers=[1, 2, 3]), ("holding", 100, 3)),
+        (WriteSingleCoilRequest(address=9, bits=[True]), ("coil", 9, 1)),
+        (WriteMultipleCoilsRequest(address=16, bits=[True] * 11), ("coil", 16, 11)),
+        (MaskWriteRegisterRequest(address=4, and_mask=0x00FF, or_mask=0x0100), ("holding", 4, 1)),
+        # Read/write multiple registers: the range it writes, not the one it reads.
+        (
+            ReadWriteMultipleRegistersRequest(read_address=0, read_count=5, write_address=30, write_registers=[1, 2]),
+            ("holding", 30, 2),
+        ),
+        (ReadHoldingRegistersRequest(address=0, count=5), None),
+        (ReadCoilsRequest(address=0, count=5), None),
+    ],
+    ids=lambda x: type(x).__name__ if not isinstance(x, tuple | type(None)) else str(x),
+)
+def test_the_range_a_client_request_writes(request_pdu: ModbusPDU, written: tuple[str, int, int] | None) -> None:
+    assert written_range(request_pdu) == written
+
+
+def test_a_write_reads_back_only_the_configured_points_it_touched_in_planned_blocks() -> None:
+    points = [
+        point("a", "holding", 10),
+        point("b", "holding", 11, "float32"),  # 11..12
+        point("c", "holding", 20),
+        point("k", "coil", 10),
+    ]
+    cfg = modbus_line(scenarios.bus_config([device("d", 1, max_gap=0, points=points)], baudrate=115200, parity="N"))
+    dev = Device(cfg.devices[0], cfg)
+
+    def reads(table: str, address: int, count: int) -> list[tuple[str, int, int, list[str]]]:
+        return [
+            (r.table, r.address, r.count, [s.key for s in r.spans])
+            for r in readback_requests(dev, table, address, count)
+        ]
+
+    assert reads("holding", 12, 1) == [("holding", 11, 2, ["b"])]  # half of a float32 is the whole point read back
+    assert reads("holding", 9, 4) == [("holding", 10, 3, ["a", "b"])]
+    assert reads("holding", 10, 11) == [("holding", 10, 3, ["a", "b"]), ("holding", 20, 1, ["c"])]
+    assert reads("coil", 10, 1) == [("coil", 10, 1, ["k"])]
+    assert reads("holding", 13, 7) == []  # nothing configured there: nothing to publish
+    assert reads("input", 10, 1) == []
