@@ -87,7 +87,8 @@ class Connection:
         self.waiting: set[asyncio.Task[ModbusPDU]] = set()
         self._last_write: asyncio.Task[ModbusPDU] | None = None
         self._sides: tuple[asyncio.Task[None], ...] = ()
-        self._tokens = float(REQUEST_BURST)
+        # A new connection starts with one token, not the burst: reconnecting must not be a way around the rate.
+        self._tokens = 1.0
         self._tokens_at = time.monotonic()
 
     async def serve(self) -> None:

@@ -17,6 +17,7 @@ from pymodbus.pdu.register_message import (
     WriteSingleRegisterRequest,
 )
 
+import drivers.modbus.server_conn
 from drivers.modbus.server import ModbusTcpServer
 from drivers.modbus.server_requests import describe
 from drivers.modbus.settings import ExposeSettings, ServerSettings
@@ -223,7 +224,11 @@ async def test_max_connections_refuses_more_at_accept(tmp_path: Path) -> None:
                 c.close()
 
 
-async def test_a_client_beyond_its_queue_gets_busy_answers_in_order(tmp_path: Path) -> None:
+async def test_a_client_beyond_its_queue_gets_busy_answers_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # All six taken at once (the request rate is not under test): faster than the line serves them.
+    monkeypatch.setattr(drivers.modbus.server_conn, "REQUEST_RATE", 1e9)
     async with server_rig(tmp_path, two_devices(), EXPOSE, max_queue=2, cache_max_age=30.0) as rig:
         await polled(rig)
         client = await RawClient.connect(rig.port)

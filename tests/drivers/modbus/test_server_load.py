@@ -217,3 +217,20 @@ async def test_a_frame_left_incomplete_closes_the_connection(tmp_path: Path, mon
         assert (await idle.response()).transaction_id == 3
         idle.close()
         stalled.close()
+
+
+async def test_reconnecting_is_no_way_around_the_request_rate(tmp_path: Path) -> None:
+    async with server_rig(tmp_path, polled_line("50ms"), EXPOSE, cache_max_age=3600.0) as rig:
+        await until(lambda: all(d.online for d in rig.bus.devices.values()), 20, "polls")
+        frame = RawClient.frame_of(ReadHoldingRegistersRequest(address=0, count=4), 1, 1)
+        started = time.monotonic()
+        for _ in range(20):
+            client = await RawClient.connect(rig.port)
+            await client.send(frame * 20)
+            for _ in range(20):
+                assert not (await client.response()).isError()
+            client.close()
+        rate = 400 / (time.monotonic() - started)
+        print(f"400 cache hits over 20 connections: {rate:.0f}/s")
+        # Each new connection starts with one request's token: a burst per connection would allow ~thousands/s.
+        assert rate <= 1.5 * drivers.modbus.server_conn.REQUEST_RATE
