@@ -39,7 +39,7 @@ class AuditRecord:
     origin: str  # the sink it came in on
     topic: str  # the full topic it was published on
     device: str
-    action: str  # "set" or "cmd"
+    action: str  # "set" or "cmd" (MQTT), "write" (a Modbus TCP server client)
     target: str | None  # the point written, or the command's name
     request: Any  # the value asked for, or the command's args
     ok: bool | None  # None: the `request` line, written before the outcome is known

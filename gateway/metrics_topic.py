@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from gateway.snapshot import LINES, MCP, SINKS, TASKS, GatewaySnapshot
-from gateway.types import ModbusDeviceSnapshot
+from gateway.snapshot import LINES, MCP, MODBUS_SERVER, SINKS, TASKS, GatewaySnapshot
+from gateway.types import ModbusDeviceSnapshot, ModbusServerSnapshot
 
 #: The parts of a snapshot the payload reads.
-METRICS_PARTS = (LINES, MCP, SINKS, TASKS)
+METRICS_PARTS = (LINES, MCP, SINKS, TASKS, MODBUS_SERVER)
 
 
 def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
@@ -37,7 +37,13 @@ def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
             for sink in snapshot.sinks
         },
         "tasks": {task.name: {"failures": task.failures, "down": task.down} for task in snapshot.tasks},
+        "modbus_server": _server(snapshot.modbus_server) if snapshot.modbus_server else None,
     }
+
+
+def _server(server: ModbusServerSnapshot) -> dict[str, object]:
+    # JSON object keys are strings: the exception codes as Modbus writes them.
+    return {**asdict(server), "exceptions": {f"0x{code:02X}": n for code, n in sorted(server.exceptions.items())}}
 
 
 def _device(device: ModbusDeviceSnapshot) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from gateway.types import (
     ModbusDeviceSnapshot,
     ModbusLineCounters,
     ModbusLineSnapshot,
+    ModbusServerSnapshot,
     Sample,
 )
 
@@ -143,7 +145,11 @@ def test_metrics_payload_keeps_its_keys_order_and_json_shapes() -> None:
         },
         "sinks": {"up": {"published": 7, "queued": 1, "dropped": 0, "connected": True, "requests_dropped": 5}},
         "tasks": {"metrics": {"failures": 1, "down": False}},
+        "modbus_server": None,
     }
+    server = ModbusServerSnapshot("127.0.0.1:5020", True, 2, 5, 1, 0, 40, 3, 1, 0, 0, {11: 2, 1: 4}, 0)
+    served = metrics_payload(dataclasses.replace(snap, modbus_server=server))["modbus_server"]
+    assert served == {**asdict(server), "exceptions": {"0x01": 4, "0x0B": 2}}  # JSON keys, as Modbus writes codes
     assert list(payload["devices"]["d1"]) == [*asdict(counters), "online"]  # type: ignore[index]
     with pytest.raises(RuntimeError, match="a bug in the MCP counters"):
         metrics_payload(take_snapshot(Parts()))  # type: ignore[arg-type]  # a part not read: no half payload
