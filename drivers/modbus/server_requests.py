@@ -20,6 +20,7 @@ from pymodbus.pdu.bit_message import (
     WriteMultipleCoilsRequest,
     WriteSingleCoilRequest,
 )
+from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
 from pymodbus.pdu.register_message import (
     ReadHoldingRegistersResponse,
     ReadInputRegistersResponse,
@@ -55,6 +56,8 @@ DIAGNOSTICS_THAT_WRITE = frozenset({0x01, 0x03, 0x04, 0x0A, 0x14})
 MAX_WRITE_REGISTERS = 123
 MAX_WRITE_COILS = 1968
 MAX_READWRITE_REGISTERS = 121
+#: The room pymodbus' device identification response starts encoding its objects with (253 less its header).
+MEI_SPACE = 253 - 6
 
 #: Refused writes are audited, a flood of them not: a server-wide bucket of this many records, refilled at
 #: this rate; the refusals beyond it are counted (`unaudited`) and named in the next record that is written.
@@ -174,6 +177,18 @@ def inconsistent(request: ModbusPDU) -> bool:
     return False
 
 
+def reencodable(response: ModbusPDU) -> ModbusPDU:
+    """The device's response, ready to be encoded again as it came.
+
+    pymodbus' device identification response counts its objects up from what decoding set: encoded again
+    unchanged it would announce twice the objects it carries.
+    """
+    if isinstance(response, ReadDeviceInformationResponse):
+        response.number_of_objects = 0
+        response.space_left = MEI_SPACE
+    return response
+
+
 def describe(request: ModbusPDU) -> str:
     """A request as an audit record names it, bounded: "write_registers 100 [1, 2]"."""
     fc = request.function_code
@@ -273,7 +288,7 @@ class RequestHandler:
         if response.function_code & 0x7F != fc:
             # Not an answer to this request: nothing a client could take as one.
             return exception(request, TARGET_FAILED)
-        return response
+        return reencodable(response)
 
     async def _write(self, target: Exposed, request: ModbusPDU, origin: str) -> ModbusPDU:
         name, what = target.device.name, describe(request)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu import DecodePDU, ModbusPDU
 from pymodbus.pdu.bit_message import ReadCoilsRequest, WriteMultipleCoilsRequest, WriteSingleCoilRequest
+from pymodbus.pdu.mei_message import ReadDeviceInformationRequest
 from pymodbus.pdu.register_message import (
     ReadHoldingRegistersRequest,
     WriteMultipleRegistersRequest,
@@ -18,8 +19,9 @@ from pymodbus.pdu.register_message import (
 )
 
 import drivers.modbus.server_conn
+from drivers.modbus.device import Device
 from drivers.modbus.server import ModbusTcpServer
-from drivers.modbus.server_requests import describe
+from drivers.modbus.server_requests import RequestHandler, ServerStats, describe, exposed_units, reencodable
 from drivers.modbus.settings import ExposeSettings, ServerSettings
 from gateway.errors import FieldgateError
 
@@ -314,6 +316,10 @@ async def test_passthrough_all_forwards_other_functions_and_still_guards_the_one
             passthrough = rig.bus.stats.passthrough
             rr = await client.diag_query_data(b"\x12\x34", device_id=1)
             assert not rr.isError() and rig.bus.stats.passthrough == passthrough + 1
+            # Device identification (0x2B/0x0E): the slave's objects, as it answered them.
+            rr = await client.read_device_information(read_code=1, object_id=0, device_id=1)
+            assert not rr.isError() and rr.function_code == 0x2B, rr
+            passthrough += 1
             # Functions that write need `writes: true` as well: refused on d1 without reaching its line...
             before = rig.line_transactions()
             rr = await client.readwrite_registers(
@@ -404,3 +410,35 @@ def test_an_audit_record_names_a_write_in_bounded_words() -> None:
     coils = WriteMultipleCoilsRequest(address=7, bits=[True, False] * 984)
     assert describe(coils).endswith(", ... (1968 values)]") and len(describe(coils)) <= 200
     assert describe(WriteSingleCoilRequest(address=3, bits=[True])) == "write_coil 3 True"
+
+
+def test_a_device_identification_answer_is_framed_again_as_the_device_sent_it() -> None:
+    sent = bytes.fromhex("2b 0e 01 83 00 00 03 00 06 56656e646f72 01 04 50726f64 02 03 312e30")
+    response = DecodePDU(is_server=False).decode(sent)
+    assert response is not None
+    again = reencodable(response)
+    assert bytes([again.function_code]) + again.encode() == sent
+
+    cfg = two_devices()
+
+    class Line:
+        """A line whose device answers the identification request with `sent`."""
+
+        name = "line"
+        devices = {"d1": Device(cfg.devices[0], cfg)}
+
+        async def pass_through(self, device: str, request: ModbusPDU, timeout: float | None = None) -> ModbusPDU:
+            """The device's answer, decoded as the line's pymodbus client decodes it."""
+            decoded = DecodePDU(is_server=False).decode(sent)
+            assert decoded is not None
+            return decoded
+
+        async def raw_write(self, device: str, request: ModbusPDU, origin: str) -> ModbusPDU:
+            """Not asked for."""
+            raise AssertionError(request)
+
+    units = exposed_units([ExposeSettings(1, "d1", passthrough="all")], [Line()])
+    handler = RequestHandler(units, StubGate(), ServerStats(), cache_max_age=1.0)
+    request = ReadDeviceInformationRequest(read_code=1, object_id=0)
+    answer = asyncio.run(handler.on_line(units[1], request, "test"))
+    assert bytes([answer.function_code]) + answer.encode() == sent
