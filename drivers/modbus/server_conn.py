@@ -186,28 +186,34 @@ class Connection:
     def _answer(self, unit: int, request: ModbusPDU) -> asyncio.Future[ModbusPDU]:
         handler = self._handler
         after = self._last_write if self._last_write is not None and not self._last_write.done() else None
+        target: Exposed | None = None
         if after is None:
             routed = handler.route(unit, request, self.origin)
             if not isinstance(routed, Exposed):
                 return self._now(routed)
+            target = routed
         if len(self.waiting) >= self._max_queue:
             handler.stats.busy += 1
             return self._now(exception(request, BUSY))
-        task = asyncio.create_task(self._on_line(unit, request, after))
+        task = asyncio.create_task(self._on_line(unit, request, target, after))
         self.waiting.add(task)
         task.add_done_callback(self.waiting.discard)
         if writes(request):
             self._last_write = task
         return task
 
-    async def _on_line(self, unit: int, request: ModbusPDU, after: asyncio.Task[ModbusPDU] | None) -> ModbusPDU:
+    async def _on_line(
+        self, unit: int, request: ModbusPDU, target: Exposed | None, after: asyncio.Task[ModbusPDU] | None
+    ) -> ModbusPDU:
         if after is not None:
             # A read behind a write of the same client sees the written values: it is routed once the write ended.
             await asyncio.wait({after})
-        routed = self._handler.route(unit, request, self.origin)
-        if not isinstance(routed, Exposed):
-            return routed
-        return await self._handler.on_line(routed, request, self.origin)
+            routed = self._handler.route(unit, request, self.origin)
+            if not isinstance(routed, Exposed):
+                return routed
+            target = routed
+        assert target is not None
+        return await self._handler.on_line(target, request, self.origin)
 
     @staticmethod
     def _now(response: ModbusPDU) -> asyncio.Future[ModbusPDU]:
@@ -234,7 +240,6 @@ class Connection:
             except (ValueError, OverflowError, struct.error) as exc:
                 log.warning("modbus-server %s: cannot frame the answer %s: %s", self.peer, response, exc)
                 response = ExceptionResponse(fc, DEVICE_FAILURE, request.unit, request.tid)
-                response.transaction_id = request.tid
                 data = self._framer.buildFrame(response)
             if response.isError():
                 code = response.exception_code
