@@ -442,3 +442,16 @@ def test_a_device_identification_answer_is_framed_again_as_the_device_sent_it() 
     request = ReadDeviceInformationRequest(read_code=1, object_id=0)
     answer = asyncio.run(handler.on_line(units[1], request, "test"))
     assert bytes([answer.function_code]) + answer.encode() == sent
+
+
+async def test_an_admitted_write_whose_client_vanishes_is_still_carried_out_and_audited(tmp_path: Path) -> None:
+    gate = StubGate()
+    async with server_rig(tmp_path, two_devices(poll="20ms"), EXPOSE, gate=gate) as rig:
+        await polled(rig)
+        client = await RawClient.connect(rig.port)
+        await client.send(client.frame(WriteSingleRegisterRequest(address=20, registers=[31337]), 1, 2))
+        await until(lambda: gate.admitted, 20, "the write admitted")
+        client.close()
+        await until(lambda: gate.records, 20, "the write audited")
+        assert gate.records[0][2:] == ("write_register 20 31337", True, None)
+        assert rig.sim.get(2, "w") == 31337
