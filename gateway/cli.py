@@ -60,7 +60,7 @@ def _point_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = _Parser(prog="fieldgate", description="Fieldgate: Modbus RTU and MCP/1 field devices to MQTT.")
+    parser = _Parser(prog="fieldgate", description="Fieldgate: Modbus RTU, Modbus TCP and MCP/1 field devices to MQTT.")
     parser.add_argument("--version", action="version", version=f"fieldgate {__version__}")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", help="config file (default ./config.yaml, then /etc/fieldgate/config.yaml)")
 
-    scan = sub.add_parser("scan", help="find the unit ids that answer on a serial line")
+    scan = sub.add_parser("scan", help="find the unit ids that answer on a serial line or behind a tcp:// endpoint")
     _serial_args(scan)
     scan.add_argument("--units", default="1-247", help="unit ids to try: 1-247, or 1,2,10-20")
 
