@@ -446,12 +446,28 @@ def test_a_device_identification_answer_is_framed_again_as_the_device_sent_it() 
 
 async def test_an_admitted_write_whose_client_vanishes_is_still_carried_out_and_audited(tmp_path: Path) -> None:
     gate = StubGate()
-    async with server_rig(tmp_path, two_devices(poll="20ms"), EXPOSE, gate=gate) as rig:
-        await polled(rig)
+    # A client's read of a silent unit holds the line for its timeout: the write waits for the line meanwhile.
+    cfg = line_config(
+        [
+            device("silent", 1, poll="1h", timeout="2s", offline_after=100, points=[point("r0", "holding", 0)]),
+            device("d2", 2, poll="1h", points=[point("w", "holding", 20, writable=True)]),
+        ],
+        retries=0,
+    )
+    expose = (ExposeSettings(1, "silent"), ExposeSettings(2, "d2", writes=True))
+    async with server_rig(tmp_path, cfg, expose, dead=(1,), gate=gate) as rig:
+        await until(lambda: rig.bus.devices["d2"].online, 20, "d2 polled")
+        reader = await RawClient.connect(rig.port)
+        await reader.send(reader.frame(ReadHoldingRegistersRequest(address=0, count=1), 1, 1))
+        await until(lambda: rig.server.snapshot().waiting == 1 and rig.bus.passthrough_waiting == 0, 20, "on the line")
         client = await RawClient.connect(rig.port)
         await client.send(client.frame(WriteSingleRegisterRequest(address=20, registers=[31337]), 1, 2))
         await until(lambda: gate.admitted, 20, "the write admitted")
         client.close()
+        await until(lambda: len(rig.server.connections) == 1, 20, "the writing client gone")
+        assert not gate.records  # its write was still waiting for the line
+        assert (await reader.response()).exception_code == 0x0B
+        reader.close()
         await until(lambda: gate.records, 20, "the write audited")
         assert gate.records[0][2:] == ("write_register 20 31337", True, None)
         assert rig.sim.get(2, "w") == 31337
