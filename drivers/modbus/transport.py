@@ -93,11 +93,12 @@ class ModbusLink:
                 trace_packet=self._heard,
                 trace_connect=self._connection_changed if self.mbap else None,
             )
+            # pymodbus closes a TCP connection after a few timeouts in a row. Behind a Modbus TCP-to-RTU
+            # converter or a serial device server that is one dead unit among live ones, and reconnecting
+            # cannot revive it: the line's schedule takes a silent unit offline and probes it, TCP itself
+            # finds a dead peer.
+            client.set_max_no_responses(NEVER_DISCONNECT)
             if self.mbap:
-                # pymodbus closes a TCP connection after a few timeouts in a row. Behind a Modbus TCP-to-RTU
-                # converter that is one dead unit among live ones, and reconnecting cannot revive it: the
-                # line's schedule takes a silent unit offline and probes it, TCP itself finds a dead peer.
-                client.set_max_no_responses(NEVER_DISCONNECT)
                 # pymodbus drops its whole receive buffer once it holds more than one frame: a late answer
                 # that arrives together with the awaited one would take that one with it.
                 client.ctx.max_buffer_size = MBAP_RECEIVE_BUFFER
@@ -173,7 +174,7 @@ class ModbusLink:
             except BusUnavailable:
                 self._client.close()
                 raise
-        if self.mbap:
+        if isinstance(self.port, TcpEndpoint):
             _watch_peer(self._client.ctx.transport)
 
     def close(self) -> None:

@@ -325,6 +325,31 @@ async def test_a_dead_unit_among_live_ones_costs_no_reconnects(scripted: Scripte
     assert [s.online for s in rec.states if s.device == "live"] == [True]
 
 
+async def test_a_dead_unit_behind_a_serial_device_server_costs_no_reconnects(buses: list[ModbusBus]) -> None:
+    # The same for RTU framing over TCP: a serial device server's dead unit is a timeout like on a serial line.
+    port = free_port()
+    cfg = tcp_line(
+        port,
+        [
+            device("live", 1, poll="2s", points=[point("v", "holding", 0)]),
+            device("dead", 9, poll="20ms", offline_after=20, retries=0, points=[point("v", "holding", 0)]),
+        ],
+        framing="rtu",
+        timeout="50ms",
+    )
+    assert not cfg.mbap
+    sim = ModbusSimulator(TcpEndpoint("127.0.0.1", port), slaves_of(cfg, dead=[9]), framing="rtu")
+    await sim.start()
+    try:
+        bus, rec = await run_bus(buses, cfg)
+        await until(lambda: bus.devices["dead"].stats.timeouts >= 8, what="eight timeouts in a row from unit 9")
+        await until(lambda: bus.devices["live"].stats.cycles >= 2, what="the live unit's second cycle")
+        assert bus.stats.reopen_attempts == 1
+        assert [s.online for s in rec.states if s.device == "live"] == [True]
+    finally:
+        await sim.stop()
+
+
 async def test_a_dead_endpoint_marks_its_devices_offline_and_holds_up_no_other_bus(
     scripted: Scripted, buses: list[ModbusBus]
 ) -> None:
