@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from pymodbus.pdu.register_message import ReadHoldingRegistersRequest
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadWriteMultipleRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
 
 import drivers.modbus.server_conn
 from drivers.modbus.server_conn import HARD_QUEUE_EXTRA
@@ -234,3 +241,43 @@ async def test_reconnecting_is_no_way_around_the_request_rate(tmp_path: Path) ->
         print(f"400 cache hits over 20 connections: {rate:.0f}/s")
         # Each new connection starts with one request's token: a burst per connection would allow ~thousands/s.
         assert rate <= 1.5 * drivers.modbus.server_conn.REQUEST_RATE
+
+
+async def test_mangled_frames_get_an_answer_or_a_closed_connection_and_never_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(drivers.modbus.server_conn, "PARTIAL_FRAME_TIMEOUT", 0.5)
+    monkeypatch.setattr(drivers.modbus.server_conn, "REQUEST_RATE", 1e9)
+    rng = random.Random(14)
+    valid = [
+        RawClient.frame_of(request, 7, unit)
+        for unit in (1, 2, 9)
+        for request in (
+            ReadHoldingRegistersRequest(address=0, count=4),
+            ReadHoldingRegistersRequest(address=40, count=2),
+            WriteSingleRegisterRequest(address=20, registers=[5]),
+            WriteMultipleRegistersRequest(address=20, registers=[1, 2, 3]),
+            ReadWriteMultipleRegistersRequest(read_address=0, read_count=2, write_address=20, write_registers=[9]),
+        )
+    ]
+    async with server_rig(tmp_path, polled_line("50ms"), (*EXPOSE, ExposeSettings(9, "d1", passthrough="all"))) as rig:
+        await until(lambda: all(d.online for d in rig.bus.devices.values()), 20, "polls")
+        for _ in range(200):
+            frame = bytearray(rng.choice(valid))
+            for _ in range(rng.randint(1, 3)):  # flip bytes after the transaction id
+                frame[rng.randrange(2, len(frame))] = rng.randrange(256)
+            if rng.random() < 0.2:
+                frame = frame[: rng.randrange(1, len(frame))]
+            client = await RawClient.connect(rig.port)
+            await client.send(bytes(frame))
+            try:
+                answer = await client.response(timeout=20)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # closed: malformed or incomplete
+            else:
+                assert answer.transaction_id == 7
+            client.close()
+        await until(lambda: not rig.server.connections, 20, "all closed")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    print(rig.server.snapshot())
