@@ -103,8 +103,8 @@ async def scan(args: argparse.Namespace) -> int:
         except DeviceException:
             pass  # it answered, with an exception: it is there
         except BusUnavailable:
-            # Every unit after this one would look absent. pymodbus closes an RTU-over-TCP connection after
-            # a few silent units in a row, and an endpoint may drop one: reconnect once and ask again.
+            # Every unit after this one would look absent. An endpoint may drop the connection (some serial
+            # device servers do after a few silent units): reconnect once and ask again.
             if again:
                 raise
             link.close()

@@ -28,6 +28,8 @@ class _Serial(Protocol):
     def parity(self) -> str: ...
     @property
     def stopbits(self) -> float: ...
+    @property
+    def mbap(self) -> bool: ...
 
 
 class ReportingDevice(Protocol):
@@ -65,7 +67,8 @@ def line_snapshot(
     return ModbusLineSnapshot(
         name=name,
         port=str(cfg.port),
-        framing=f"{cfg.baudrate} {cfg.bytesize}{cfg.parity}{cfg.stopbits:g}",
+        # A Modbus TCP line has no character framing; RTU over TCP keeps the serial side's, as configured.
+        framing="Modbus TCP" if cfg.mbap else f"{cfg.baudrate} {cfg.bytesize}{cfg.parity}{cfg.stopbits:g}",
         running=running,
         stopping=stopping,
         alive_at=alive_at,

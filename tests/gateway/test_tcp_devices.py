@@ -123,6 +123,7 @@ async def test_a_modbus_tcp_bus_publishes_takes_a_set_and_shows_like_a_serial_li
                         page = await resp.text()
                     assert resp.status == 200
                     assert f"tcp://127.0.0.1:{endpoint}" in page and "meter" in page and "pump" in page
+                    assert "Modbus TCP" in page and "9600 8E1" not in page  # no baud rate on Modbus TCP
                 assert gw.stop() == 0
     finally:
         await sim.stop()
