@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import tty
@@ -46,6 +47,7 @@ CLIENTS = 4
 READS_PER_CLIENT = 25
 PIPELINED = 6  # requests one raw client sends before reading any answer (within max_queue)
 WINDOW = 4.0  # seconds of polling alone, the baseline of the poll rate
+WRITES = (11, 22, 33, 44, 55)  # what the writer writes to d2's setpoint, in turn
 
 
 def held(unit: int, address: int) -> int:
@@ -97,6 +99,7 @@ class Field:
     sim: ModbusSimulator
     gateway: GatewayProcess
     port: int
+    state: Path  # the gateway's state dir: its audit log
 
 
 @pytest.fixture
@@ -111,7 +114,7 @@ async def field(tmp_path: Path) -> AsyncIterator[Field]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     with GatewayProcess(["run", "-c", str(config)], tmp_path / "gateway.log", cwd=tmp_path, env=env) as gw:
         try:
-            yield Field(line, sim, gw, port)
+            yield Field(line, sim, gw, port, tmp_path / "state")
         finally:
             gw.stop()
             await sim.stop()
@@ -139,6 +142,29 @@ def unpolled_reads(frames: list[FrameRecord], since: float) -> int:
         and int.from_bytes(f.data[2:4], "big") >= UNPOLLED
         and f.sent >= since
     )
+
+
+def written(frames: list[FrameRecord]) -> list[tuple[int, int]]:
+    """(address, value) of every single-register write request the line carried, decoded by pymodbus."""
+    framer = FramerRTU(DecodePDU(is_server=True))
+    out = []
+    for f in frames:
+        if f.source != "gateway" or f.data[1:2] != b"\x06":
+            continue
+        used, _, _, pdu_bytes = framer.decode(f.data)
+        pdu = framer.decoder.decode(pdu_bytes) if used else None
+        assert pdu is not None, f.data.hex()
+        out.append((pdu.address, pdu.registers[0]))
+    return out
+
+
+def audited_writes(state: Path) -> list[dict[str, object]]:
+    """The outcome records of writes in the gateway's audit log (its `request` lines left out)."""
+    path = state / "audit.log"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("action") == "write" and r.get("stage") != "request"]
 
 
 async def connected(port: int) -> AsyncModbusTcpClient:
@@ -172,7 +198,7 @@ async def writer(port: int, sim: ModbusSimulator) -> list[str]:
     client = await connected(port)
     wrong = []
     try:
-        for value in (11, 22, 33, 44, 55):
+        for value in WRITES:
             wr = await client.write_register(SETPOINT, value, device_id=2)
             if wr.isError():
                 wrong.append(f"write {value}: {wr}")
@@ -265,6 +291,13 @@ async def test_scada_clients_pass_through_the_line_and_it_stays_one_master(field
 
     # Every client got its own answers.
     assert [w for ws in results for w in ws] == []
+    # Each write crossed the line once, as the client asked it, and was audited as a Modbus TCP client's.
+    assert written(frames) == [(SETPOINT, v) for v in WRITES]
+    await until(lambda: len(audited_writes(field.state)) >= len(WRITES), 10, "the writes' outcomes in the audit log")
+    outcomes = audited_writes(field.state)
+    assert len(outcomes) == len(WRITES), outcomes
+    assert all(r["device"] == "d2" and r["ok"] is True for r in outcomes), outcomes
+    assert all(str(r["origin"]).startswith("modbus-tcp 127.0.0.1:") for r in outcomes), outcomes
     # Every unpolled read crossed the line once: pass-through, not a cache's answer, and not twice.
     assert unpolled_reads(frames, shared_from) == CLIENTS * READS_PER_CLIENT + PIPELINED
     # The line stayed one master's, by its own log and by its own count of short gaps.
