@@ -471,3 +471,28 @@ async def test_an_admitted_write_whose_client_vanishes_is_still_carried_out_and_
         await until(lambda: gate.records, 20, "the write audited")
         assert gate.records[0][2:] == ("write_register 20 31337", True, None)
         assert rig.sim.get(2, "w") == 31337
+
+
+class BrokenGate(StubGate):
+    """A gate whose rate limit fails (a bug in it, say)."""
+
+    def admit(self, device: str, origin: str, what: str) -> str | None:
+        """Raises."""
+        raise RuntimeError("the gate broke")
+
+
+async def test_a_request_whose_handling_fails_is_answered_0x04_and_the_connection_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with server_rig(tmp_path, two_devices(), EXPOSE, gate=BrokenGate(), cache_max_age=30.0) as rig:
+        await polled(rig)
+        client = await RawClient.connect(rig.port)
+        try:
+            await client.send(client.frame(WriteSingleRegisterRequest(address=20, registers=[1]), 1, 2))
+            rr = await client.response()
+            assert rr.transaction_id == 1 and rr.exception_code == 0x04  # server device failure
+            await client.send(client.frame(ReadHoldingRegistersRequest(address=0, count=1), 2, 2))
+            assert not (await client.response()).isError()
+        finally:
+            client.close()
+        assert "the gate broke" in caplog.text
