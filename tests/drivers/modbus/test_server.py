@@ -14,6 +14,7 @@ from pymodbus.pdu.bit_message import ReadCoilsRequest, WriteMultipleCoilsRequest
 from pymodbus.pdu.mei_message import ReadDeviceInformationRequest
 from pymodbus.pdu.register_message import (
     ReadHoldingRegistersRequest,
+    ReadHoldingRegistersResponse,
     WriteMultipleRegistersRequest,
     WriteSingleRegisterRequest,
 )
@@ -24,6 +25,7 @@ from drivers.modbus.server import ModbusTcpServer
 from drivers.modbus.server_requests import RequestHandler, ServerStats, describe, exposed_units, reencodable
 from drivers.modbus.settings import ExposeSettings, ServerSettings
 from gateway.errors import FieldgateError
+from hil.ports import free_port
 
 from configs import device, point
 from helpers import until
@@ -496,3 +498,37 @@ async def test_a_request_whose_handling_fails_is_answered_0x04_and_the_connectio
         finally:
             client.close()
         assert "the gate broke" in caplog.text
+
+
+async def test_an_answer_that_cannot_be_framed_is_0x04_and_the_connection_goes_on(tmp_path: Path) -> None:
+    cfg = two_devices()
+
+    class Line:
+        """A line whose device answer holds a word no frame can carry."""
+
+        name = "line"
+        devices = {"d1": Device(cfg.devices[0], cfg)}
+
+        async def pass_through(self, device: str, request: ModbusPDU, timeout: float | None = None) -> ModbusPDU:
+            """A register of 17 bits."""
+            return ReadHoldingRegistersResponse(registers=[70000])
+
+        async def raw_write(self, device: str, request: ModbusPDU, origin: str) -> ModbusPDU:
+            """Not asked for."""
+            raise AssertionError(request)
+
+    port = free_port()
+    settings = ServerSettings(
+        listen=f"127.0.0.1:{port}", host="127.0.0.1", port=port, expose=(ExposeSettings(1, "d1"),)
+    )
+    server = ModbusTcpServer(settings, [Line()], StubGate())
+    await server.start()
+    client = await RawClient.connect(port)
+    try:
+        for tid in (1, 2):
+            await client.send(client.frame(ReadHoldingRegistersRequest(address=40, count=1), tid, 1))
+            rr = await client.response()
+            assert rr.transaction_id == tid and rr.exception_code == 0x04
+    finally:
+        client.close()
+        await server.stop()
