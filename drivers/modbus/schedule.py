@@ -99,11 +99,14 @@ class LineSchedule:
         self._settle_until: dict[int, float] = {}
         self.reopen_backoff = REOPEN_BACKOFF_START
         self.reopen_at = 0.0
+        self._open_failed = False
+        # The port opened and nothing has answered on it yet: it is not known to work.
+        self._unproven = False
 
     @property
     def reopening(self) -> bool:
         """Whether the port failed to open at least once since it was last open."""
-        return self.reopen_backoff > REOPEN_BACKOFF_START
+        return self._open_failed
 
     def start(self, now: float) -> None:
         """Make every job of every device due at `now`."""
@@ -179,6 +182,11 @@ class LineSchedule:
         device.stats.cycles += 1
         self._poll_owed = False
         change: bool | None = None
+        if answered and self._unproven:
+            # Something answered on the port since it opened: a later loss reopens at once, backing off afresh.
+            self._unproven = False
+            self.reopen_backoff = REOPEN_BACKOFF_START
+            self.reopen_at = 0.0
         if answered and not failed:
             if device.record_success():
                 change = True
@@ -215,13 +223,20 @@ class LineSchedule:
     def port_failed(self, now: float) -> list[Device]:
         """The port could not be opened at `now`: back off; returns the devices this took offline."""
         offline = [device for device in self.devices if device.record_failure(now, unreachable=True)]
+        self._open_failed = True
         self.reopen_at = now + self.reopen_backoff
         self.reopen_backoff = min(self.reopen_backoff * 2, self.reopen_backoff_max)
         return offline
 
     def port_opened(self, now: float) -> None:
-        """The port opened at `now`: the next failure backs off afresh, offline devices are probed at once."""
-        self.reopen_backoff = REOPEN_BACKOFF_START
+        """The port opened at `now`: offline devices are probed at once; the back-off starts afresh once an answer
+        comes (`poll_done`)."""
+        self._open_failed = False
+        # Until then an open counts as an attempt: a peer that accepts a connection and closes it at once (or a
+        # port that is lost as soon as it opens) is reopened with back-off, not as fast as the task can loop.
+        self._unproven = True
+        self.reopen_at = now + self.reopen_backoff
+        self.reopen_backoff = min(self.reopen_backoff * 2, self.reopen_backoff_max)
         # Devices taken offline while the port was gone did not stop answering: probe each at once,
         # not after the back-off their failed reopen attempts built up (a replugged adapter gives data
         # again within a poll, not a minute later).

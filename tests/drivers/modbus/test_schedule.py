@@ -360,8 +360,33 @@ def test_devices_are_probed_at_once_when_the_port_opens_again() -> None:
     assert not schedule.reopening
     probe = schedule.next_step(now, port_open=True, writes_waiting=False)
     assert isinstance(probe, Poll) and probe.probing
+    schedule.poll_done(probe, now, answered=True, failed=False)  # the port works: it answered
     schedule.port_failed(now + 1)
     assert schedule.next_step(now + 1, port_open=False, writes_waiting=False) == PortWait(now + 2)  # afresh
+
+
+def test_a_port_lost_each_time_before_anything_answers_is_reopened_with_back_off() -> None:
+    # A peer that accepts a connection and closes it at once: every open succeeds, nothing ever answers.
+    schedule = line(device("d", 1, 0, poll=0.1))
+    schedule.start(0.0)
+    now, waits = 0.0, []
+    for _ in range(7):
+        assert schedule.next_step(now, port_open=False, writes_waiting=False) == Reopen()
+        schedule.port_opened(now)
+        step = schedule.next_step(now + 0.01, port_open=False, writes_waiting=False)  # lost again at once
+        assert isinstance(step, PortWait)
+        waits.append(step.until - now)
+        now = step.until
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, REOPEN_BACKOFF_MAX, REOPEN_BACKOFF_MAX]
+    assert not schedule.reopening  # each open succeeded: nothing to warn about at the next one
+    # Once something answers, a loss reopens at once and the back-off starts afresh.
+    schedule.port_opened(now)
+    poll = schedule.next_step(now, port_open=True, writes_waiting=False)
+    assert isinstance(poll, Poll)
+    schedule.poll_done(poll, now + 0.05, answered=True, failed=False)
+    assert schedule.next_step(now + 5, port_open=False, writes_waiting=False) == Reopen()
+    schedule.port_failed(now + 5)
+    assert schedule.next_step(now + 5, port_open=False, writes_waiting=False) == PortWait(now + 6)
 
 
 # --- pass-through (the Modbus TCP server's clients) ---------------------------------------------------------------
