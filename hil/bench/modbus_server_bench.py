@@ -476,6 +476,21 @@ def poll_rate(frames: list[FrameRecord], start: float, end: float) -> float:
     return n / len(UNITS) / (end - start)
 
 
+def poll_gaps(frames: list[FrameRecord], start: float, end: float) -> list[float]:
+    """Seconds between one device's consecutive polls handed over in [start, end), every device's together."""
+    gaps: list[float] = []
+    for unit in UNITS:
+        sent = [f.sent for f in frames if start <= f.sent < end and is_poll(f, unit)]
+        gaps += [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    return gaps
+
+
+def line_capacity() -> float:
+    """Transactions/s the line carries of 10-register reads, by the spec's arithmetic: both frames' characters
+    and two t3.5 silences (before the answer and before the next request)."""
+    return 1 / (wire_latency(10) + T35)
+
+
 # --- the measurements ----------------------------------------------------------------------------------
 
 
@@ -506,6 +521,8 @@ class Results:
     pass_polled: Reads = field(default_factory=Reads)
     rate_alone: float = float("nan")
     rate_shared: float = float("nan")
+    gaps_alone: list[float] = field(default_factory=list)  # seconds between a device's polls, no clients
+    gaps_shared: list[float] = field(default_factory=list)  # the same with 10 clients passing through
     shared: Reads = field(default_factory=Reads)
     shared_seconds: float = 0.0
     shared_line_reads: int = 0  # pass-throughs the line carried in that window
@@ -599,6 +616,8 @@ async def measure(tmp: Path, seconds: float, reads: int) -> Results:
         frames = await rig.frames(run_start)
         res.rate_alone = poll_rate(frames, alone_start, alone_end)
         res.rate_shared = poll_rate(frames, shared_start, shared_end)
+        res.gaps_alone = poll_gaps(frames, alone_start, alone_end)
+        res.gaps_shared = poll_gaps(frames, shared_start, shared_end)
         res.shared_seconds = shared_end - shared_start
         res.shared_line_reads = sum(1 for f in frames if shared_start <= f.sent < shared_end and is_unpolled_read(f))
         for name, (start, end) in windows.items():
@@ -678,6 +697,19 @@ def report(res: Results, headline: bool) -> None:
     )
     note(f"2 devices, one read of 10 registers each, polled every {POLL}; the clients read 10 unpolled registers in a")
     note("loop each. 'second master': frames of the whole run that hil.line.one_master flags (must be 0).")
+    alone, shared = latency_summary(res.gaps_alone), latency_summary(res.gaps_shared)
+    if alone and shared:
+        note(
+            f"a device's poll interval p50/p99/max: {alone['p50']:.1f}/{alone['p99']:.1f}/{alone['max']:.1f} ms alone, "
+            f"{shared['p50']:.1f}/{shared['p99']:.1f}/{shared['max']:.1f} ms with {CLIENTS} clients"
+        )
+    capacity = line_capacity()
+    spare = capacity - len(UNITS) * res.rate_shared
+    note(
+        f"the line carries {capacity:.1f} such reads/s (computed: 33 chars x {BITS} bits / {BAUD} + 2 x t3.5); "
+        f"the polls took {len(UNITS) * res.rate_shared:.1f}/s, leaving {spare:.1f}/s: the clients got {pt_rate:.1f} "
+        f"({pt_rate / spare:.2f} of it)"
+    )
     for f in res.faults[:5]:
         note(f"second master: {f}")
 
