@@ -27,7 +27,11 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.framer import FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU
-from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadHoldingRegistersResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadHoldingRegistersResponse,
+    WriteMultipleRegistersRequest,
+)
 
 from drivers.modbus.codec import PointCodec
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
@@ -345,6 +349,27 @@ async def test_the_frame_log_shows_a_master_that_talks_before_the_answer_and_t35
         faults = one_master(frames, line.t35)
         assert len(faults) == 1, faults
         assert faults[0].startswith(f"request {request.hex()} handed over -"), faults
+
+
+async def test_the_frame_log_keeps_a_frame_that_arrives_in_pieces_as_one(tmp_path: Path) -> None:
+    # A sender's second write while its first is still on the wire continues the frame (as on a real line): one
+    # record, or one_master would take its rest for a request handed over with no silence at all.
+    framer = FramerRTU(DecodePDU(is_server=False))
+    request = framer.buildFrame(WriteMultipleRegistersRequest(address=0, registers=list(range(100)), dev_id=1))
+    async with Rs485Line(tmp_path / "tty", baudrate=BAUD, frame_format="8E1", log_frames=100) as line:
+        gateway, device = await raw_ends(line)
+        try:
+            os.write(gateway, request[:100])  # 57 ms on the wire
+            await asyncio.sleep(0.005)
+            os.write(gateway, request[100:])
+            await read_exactly(device, len(request))
+        finally:
+            os.close(gateway)
+            os.close(device)
+        assert line.frame_log is not None
+        frames = list(line.frame_log)
+        assert [(f.source, f.data) for f in frames] == [("gateway", request)]
+        assert one_master(frames, line.t35) == []
 
 
 async def raw_ends(line: Rs485Line) -> tuple[int, int]:
