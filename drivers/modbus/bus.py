@@ -30,11 +30,21 @@ from drivers.modbus.stats import BusStats
 from drivers.modbus.transactions import LineTransactions
 from drivers.modbus.transport import ModbusLink
 from drivers.modbus.writes import PendingRawWrite, PendingWrite, encode_write
-from gateway.errors import BusUnavailable, CodecError, DeviceError, DeviceException, WriteRejected
+from gateway.errors import (
+    BusUnavailable,
+    CodecError,
+    CrcError,
+    DeviceError,
+    DeviceException,
+    DeviceTimeout,
+    WriteRejected,
+)
 from gateway.types import DeviceProfile, DeviceState, ModbusLineSnapshot, Sample, Value, Write, WriteResult, now_ms
 
 log = logging.getLogger(__name__)
 
+#: Functions 1-4, the reads of the four tables: a client's read that goes unanswered counts like a poll's.
+READ_FUNCTIONS = frozenset({1, 2, 3, 4})
 #: How long opening the port may take (pymodbus' connect timeout).
 OPEN_TIMEOUT = 3.0
 #: The line's task wakes at least this often, so that `alive_at` stays fresh on an idle line.
@@ -82,7 +92,7 @@ class ModbusBus:
             self.devices.values(), reopen_backoff_max=RECONNECT_BACKOFF_MAX if cfg.is_tcp else None
         )
         self._io = LineTransactions(cfg, self._link, self._schedule, self.stats)
-        self._requests = LineRequests(self._io, on_sample, self._log_once)
+        self._requests = LineRequests(self._io, on_sample, self._log_once, self._passthrough_heard)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._logged: set[tuple[str, str, str]] = set()
@@ -358,6 +368,19 @@ class ModbusBus:
 
     async def _transact(self, device: Device, request: ReadRequest, *, retries: int) -> list[int] | list[bool]:
         return await self._io.read(device, request, retries=retries)
+
+    def _passthrough_heard(self, device: Device, request: ModbusPDU, failure: DeviceError | None) -> None:
+        """A client's read tells whether its device answers, as a poll does: a device that died between two
+        rare polls goes offline after `offline_after` silent reads, and its clients get exception 0x0B at once
+        instead of each holding the line for a response timeout. Other functions say nothing of the device
+        (some ignore a function they do not know)."""
+        if request.function_code not in READ_FUNCTIONS:
+            return
+        if failure is None:
+            if device.record_success():
+                self._announce(device, True, "answering")
+        elif isinstance(failure, DeviceTimeout | CrcError) and self._schedule.read_unanswered(device, time.monotonic()):
+            self._announce(device, False, str(failure))
 
     def _announce(self, device: Device, online: bool, reason: str) -> None:
         if online:

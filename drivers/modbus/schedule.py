@@ -196,6 +196,18 @@ class LineSchedule:
         self._push(job.due, job)
         return change
 
+    def read_unanswered(self, device: Device, now: float) -> bool:
+        """A client's read of `device` went unanswered at `now`, counted as a failed poll; True when this took the
+        device offline, its jobs then waiting for its probes (not for their next due time, maybe an hour away)."""
+        if not device.record_failure(now):
+            return False
+        self._queue = [entry for entry in self._queue if entry[2].device is not device]
+        heapq.heapify(self._queue)
+        for job in device.jobs:
+            job.due = device.next_probe
+            self._push(job.due, job)
+        return True
+
     def _next_due(self, poll: Poll, now: float) -> float:
         job, device = poll.job, poll.job.device
         if device.online is False:

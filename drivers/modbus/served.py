@@ -37,10 +37,12 @@ class LineRequests:
         io: LineTransactions,
         on_sample: Callable[[Sample], None],
         log_once: Callable[[Device, str, Exception], None],
+        heard: Callable[[Device, ModbusPDU, DeviceError | None], None],
     ) -> None:
         self._io = io
         self._on_sample = on_sample
         self._log_once = log_once
+        self._heard = heard  # a pass-through's outcome: whether its device answered
 
     async def write(self, pending: PendingWrite) -> None:
         """An MQTT write of one point, then its read-back; the result goes to its future."""
@@ -105,9 +107,11 @@ class LineRequests:
         try:
             response = await self._io.execute(pending.device, pending.request, pending.timeout, write=False)
         except DeviceError as exc:
+            self._heard(pending.device, pending.request, exc)
             if not pending.future.done():
                 pending.future.set_exception(exc)
             return
+        self._heard(pending.device, pending.request, None)
         if not pending.future.done():
             pending.future.set_result(response)
 

@@ -34,7 +34,7 @@ from drivers.modbus.writes import readback_requests, written_range
 from drivers.sim.line import VirtualLine
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from gateway.config.settings import modbus_line
-from gateway.errors import BusUnavailable
+from gateway.errors import BusUnavailable, DeviceError, DeviceTimeout
 from hil import scenarios
 
 from configs import device, point
@@ -89,6 +89,23 @@ async def test_a_pass_through_read_comes_back_as_the_slave_answered_and_is_count
     assert refused.isError() and refused.function_code == 0x83 and refused.exception_code == 2
     assert (rig.bus.stats.passthrough, rig.bus.stats.passthrough_failed) == (2, 0)
     assert rig.bus.stats.transactions == polled  # the line's own transactions are its polls and writes
+
+
+async def test_a_device_that_died_between_rare_polls_goes_offline_by_its_clients_reads(rig: Rig) -> None:
+    # Polled hourly, the device dies: its clients' reads time out as a poll's would, and after `offline_after`
+    # (3) of them it is offline, so that the next client gets its 0x0B at once instead of a timeout on the line.
+    rig.sim.set_dead(1)
+    for _ in range(3):
+        with pytest.raises(DeviceTimeout):
+            await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1))
+    assert [(s.device, s.online) for s in rig.rec.states] == [("d", True), ("d", False)]
+    tried = rig.bus.stats.passthrough
+    with pytest.raises(DeviceError, match="offline"):
+        await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1))
+    assert rig.bus.stats.passthrough == tried  # refused before the line
+    # It comes back by its probes, as any offline device does.
+    rig.sim.set_dead(1, False)
+    await until(lambda: rig.bus.devices["d"].online is True, timeout=30, what="the probe that finds it back")
 
 
 async def test_a_raw_write_reaches_the_slave_invalidates_the_cache_and_publishes_the_read_back(rig: Rig) -> None:
