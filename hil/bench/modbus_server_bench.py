@@ -14,7 +14,8 @@ side (pymodbus clients over loopback). Every baseline is measured in the same ru
    polls are counted on the line (the requests it carried), not taken from the gateway.
 4. The same while one client floods (requests pipelined without waiting, far past `max_queue`: answered
    busy, then held back by TCP), then while one sends malformed MBAP frames, reconnecting after each close,
-   then while 10 clients read a configured device that died (polled hourly, so still taken as online).
+   then while 10 clients read a configured device that died (polled hourly, so still taken as online), then
+   while 10 clients read one that answers 80 ms late.
 
 The line's frame log is checked for a second master (`hil.line.one_master`) over the whole run.
 
@@ -64,7 +65,7 @@ from drivers.modbus.codec import PointCodec
 from drivers.modbus.settings import TcpEndpoint
 from drivers.sim.modbus import ModbusSimulator, SimPoint, SimSlave
 from drivers.sim.waves import Wave
-from hil.line import FrameRecord, Rs485Line, char_bits, one_master, t35
+from hil.line import Faults, FrameRecord, Rs485Line, char_bits, one_master, t35
 
 BENCH = "server"
 BAUD = 19200
@@ -81,6 +82,9 @@ CLIENTS = 10
 #: online when the clients come, and each of their reads waits out its response timeout on the line.
 DEAD_UNIT = 3
 DEAD_POLL = "1h"
+#: A configured, exposed device that answers, but SLOW_DELAY late (a slow controller, a radio link), polled hourly too.
+SLOW_UNIT = 4
+SLOW_DELAY = 0.08
 GOAL = 0.9  # polled cycle rate with 10 clients passing through over none
 READY_TIMEOUT = 60.0
 DEFAULT_SECONDS = 10.0
@@ -102,13 +106,19 @@ def held(unit: int, address: int) -> int:
 
 def slaves() -> list[SimSlave]:
     """The devices behind the line (and behind the bare TCP server): the polled block and the unpolled one; and
-    DEAD_UNIT, which never answers."""
+    DEAD_UNIT, which never answers, and SLOW_UNIT, which holds the same registers as the others (the line makes it
+    answer late)."""
     codec = PointCodec("uint16")
     addresses = [*range(POLLED), *range(UNPOLLED, UNPOLLED + 10)]
     return [
         SimSlave(unit, [SimPoint(f"r{a}", "holding", a, codec, Wave(value=held(unit, a))) for a in addresses])
         for unit in UNITS
-    ] + [SimSlave(DEAD_UNIT, [SimPoint("r0", "holding", 0, codec)], dead=True)]
+    ] + [
+        SimSlave(DEAD_UNIT, [SimPoint("r0", "holding", 0, codec)], dead=True),
+        SimSlave(
+            SLOW_UNIT, [SimPoint(f"r{a}", "holding", a, codec, Wave(value=held(SLOW_UNIT, a))) for a in addresses]
+        ),
+    ]
 
 
 def wire_latency(registers: int) -> float:
@@ -131,7 +141,8 @@ def serve_line(link: str, conn: Connection) -> None:
 
 async def _serve_line(link: str, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
-    line = Rs485Line(link, baudrate=BAUD, frame_format=FORMAT, log_frames=LOG_FRAMES)
+    slow = Faults(late_rate=1.0, late_delay=SLOW_DELAY, late_units=frozenset({SLOW_UNIT}))
+    line = Rs485Line(link, baudrate=BAUD, frame_format=FORMAT, log_frames=LOG_FRAMES, faults=slow)
     await line.start()
     sim = ModbusSimulator(line.device_port, slaves(), baudrate=BAUD)
 
@@ -270,7 +281,7 @@ class Abuse:
     other: int = 0  # any other answer
     malformed_sent: int = 0  # malformed frames sent, one per connection
     closed: int = 0  # of those connections, closed by the gateway
-    dead_answers: dict[str, int] = field(default_factory=dict)  # the dead unit's readers: answer -> count
+    unit_answers: dict[int, dict[str, int]] = field(default_factory=dict)  # unit -> its readers' answers -> count
     errors: list[str] = field(default_factory=list)
 
 
@@ -362,24 +373,39 @@ async def malformed(port: int, until: float, abuse: Abuse) -> None:
             writer.transport.abort()
 
 
-async def dead_unit(port: int, until: float, abuse: Abuse) -> None:
-    """CLIENTS clients reading DEAD_UNIT's unpolled registers in a loop until `until`; what they were answered."""
+async def unit_readers(unit: int, port: int, until: float, abuse: Abuse) -> None:
+    """CLIENTS clients reading `unit`'s unpolled registers in a loop until `until`; what they were answered."""
+    answers = abuse.unit_answers.setdefault(unit, {})
+    want = [held(unit, a) for a in range(UNPOLLED, UNPOLLED + 10)]
 
     async def one() -> None:
         client = await tcp_client(port, until + READY_TIMEOUT)
         try:
             while time.monotonic() < until:
                 try:
-                    rr = await client.read_holding_registers(UNPOLLED, count=10, device_id=DEAD_UNIT)
+                    rr = await client.read_holding_registers(UNPOLLED, count=10, device_id=unit)
                 except Exception as exc:  # counted: a client that failed is an answer of its own
                     what = type(exc).__name__
                 else:
-                    what = f"exception {rr.exception_code:#04x}" if rr.isError() else "data"
-                abuse.dead_answers[what] = abuse.dead_answers.get(what, 0) + 1
+                    if rr.isError():
+                        what = f"exception {rr.exception_code:#04x}"
+                    else:
+                        what = "data" if list(rr.registers) == want else "wrong data"
+                answers[what] = answers.get(what, 0) + 1
         finally:
             client.close()
 
     await asyncio.gather(*(one() for _ in range(CLIENTS)))
+
+
+async def dead_unit(port: int, until: float, abuse: Abuse) -> None:
+    """CLIENTS clients reading DEAD_UNIT in a loop until `until`."""
+    await unit_readers(DEAD_UNIT, port, until, abuse)
+
+
+async def slow_unit(port: int, until: float, abuse: Abuse) -> None:
+    """CLIENTS clients reading SLOW_UNIT in a loop until `until`."""
+    await unit_readers(SLOW_UNIT, port, until, abuse)
 
 
 # --- the gateway ---------------------------------------------------------------------------------------
@@ -390,6 +416,7 @@ def gateway_config(tmp: Path, link: str, poll: str, server: int) -> Path:
     points = [{"name": f"r{a}", "table": "holding", "address": a, "type": "uint16"} for a in range(POLLED)]
     devices = [modbus_device(f"d{u}", u, points, poll) for u in UNITS]
     devices.append(modbus_device(f"d{DEAD_UNIT}", DEAD_UNIT, points, DEAD_POLL))
+    devices.append(modbus_device(f"d{SLOW_UNIT}", SLOW_UNIT, points, DEAD_POLL))
     cfg = config(
         gateway=gateway_section("bench", tmp / f"state-{poll}", http=None),
         broker={"listeners": [f"tcp://127.0.0.1:{free_port()}"]},
@@ -400,7 +427,7 @@ def gateway_config(tmp: Path, link: str, poll: str, server: int) -> Path:
         "listen": f"127.0.0.1:{server}",
         "max_connections": 32,
         "cache_max_age": "2s",
-        "expose": [{"unit": u, "device": f"d{u}"} for u in (*UNITS, DEAD_UNIT)],
+        "expose": [{"unit": u, "device": f"d{u}"} for u in (*UNITS, DEAD_UNIT, SLOW_UNIT)],
     }
     return write_config(tmp / f"config-{poll}.yaml", cfg)
 
@@ -605,7 +632,7 @@ async def measure(tmp: Path, seconds: float, reads: int) -> Results:
             res.shared.merge(r)
 
         windows: dict[str, tuple[float, float]] = {}
-        for name, attack in (("flood", flood), ("malformed", malformed), ("dead", dead_unit)):
+        for name, attack in (("flood", flood), ("malformed", malformed), ("dead", dead_unit), ("slow", slow_unit)):
             await asyncio.sleep(1.0)  # the last answers drain
             start = time.monotonic()
             await attack(rig.port, start + seconds, res.abuse)
@@ -713,13 +740,17 @@ def report(res: Results, headline: bool) -> None:
     for f in res.faults[:5]:
         note(f"second master: {f}")
 
-    heading("3. Polled devices' cycle rate while one client floods, then while one sends malformed frames")
+    heading("3. Polled devices' cycle rate under a flood, malformed frames, clients of a dead and of a slow device")
     a = res.abuse
     nan = float("nan")
     flooded = res.attacks.get("flood", Attack(nan, 0.0, 0))
     broken = res.attacks.get("malformed", Attack(nan, 0.0, 0))
     dead = res.attacks.get("dead", Attack(nan, 0.0, 0))
-    dead_seen = ", ".join(f"{n} {what}" for what, n in sorted(a.dead_answers.items())) or "nothing"
+    slow = res.attacks.get("slow", Attack(nan, 0.0, 0))
+
+    def seen(unit: int) -> str:
+        return ", ".join(f"{n} {what}" for what, n in sorted(a.unit_answers.get(unit, {}).items())) or "nothing"
+
     print_table(
         ["attack", "polls/s alone", "attacked", "ratio", "pass-throughs/s", "what the attacker saw"],
         [
@@ -745,7 +776,15 @@ def report(res: Results, headline: bool) -> None:
                 dead.rate,
                 dead.rate / res.rate_alone,
                 dead.passthrough_rate,
-                f"{CLIENTS} clients reading unit {DEAD_UNIT}: {dead_seen}",
+                f"{CLIENTS} clients reading unit {DEAD_UNIT}: {seen(DEAD_UNIT)}",
+            ],
+            [
+                "slow unit",
+                res.rate_alone,
+                slow.rate,
+                slow.rate / res.rate_alone,
+                slow.passthrough_rate,
+                f"{CLIENTS} clients reading unit {SLOW_UNIT}: {seen(SLOW_UNIT)}",
             ],
         ],
         blank="-",
@@ -756,7 +795,8 @@ def report(res: Results, headline: bool) -> None:
     note("malformed: one malformed MBAP frame per connection (protocol id 1, length 0xffff, length 0), and a new")
     note("connection as soon as the gateway has closed the last one (each waited for up to 5 s).")
     note(f"dead unit: {CLIENTS} clients read unit {DEAD_UNIT}, a configured device polled every {DEAD_POLL} that never")
-    note("answers; its pass-throughs on the line are counted in the same column.")
+    note("answers; its pass-throughs on the line are counted in the same column. slow unit: the same, with unit")
+    note(f"{SLOW_UNIT}, which answers every request {SLOW_DELAY * 1000:.0f} ms late (within its timeout).")
     for e in a.errors[:3]:
         note(e)
 
@@ -775,7 +815,12 @@ def report(res: Results, headline: bool) -> None:
         f"polled cycle rate with {CLIENTS} clients passing through: {ratio:.3f} of alone ({verdict} the >= {GOAL} goal)"
         + (f"; NOT MEASURED: {why}" if why else "")
     )
-    for name, attack in (("flooded", flooded), ("sent malformed frames", broken), ("reading a dead unit", dead)):
+    for name, attack in (
+        ("flooded", flooded),
+        ("sent malformed frames", broken),
+        ("reading a dead unit", dead),
+        ("reading a slow unit", slow),
+    ):
         share = attack.rate / res.rate_alone
         verdict = "meets" if share >= GOAL else "MISSES"
         summary(f"polled cycle rate while {name}: {share:.3f} of alone ({verdict} the >= {GOAL} goal)")
@@ -843,19 +888,27 @@ def report(res: Results, headline: bool) -> None:
         versus=alone if broken_ok else (why or "a malformed frame's connection stayed open")[:90],
         goal=GOAL,
     )
-    record_dead(res, dead, why)
+    record_unit_readers(res, dead, why, "a dead device", DEAD_UNIT, ok_answer=False)
+    record_unit_readers(
+        res, slow, why, f"a device answering {SLOW_DELAY * 1000:.0f} ms late", SLOW_UNIT, ok_answer=True
+    )
 
 
-def record_dead(res: Results, dead: Attack, why: str) -> None:
-    """The dead unit's figure: not measured when the line saw a second master, or a reader got data."""
-    ok = not why and bool(res.abuse.dead_answers) and "data" not in res.abuse.dead_answers
+def record_unit_readers(res: Results, attack: Attack, why: str, what: str, unit: int, *, ok_answer: bool) -> None:
+    """The figure of CLIENTS clients reading one unit: not measured when the line saw a second master, or when the
+    unit's readers got other answers than it gives (data for the slow unit, none for the dead one)."""
+    answers = res.abuse.unit_answers.get(unit, {})
+    right = set(answers) == {"data"} if ok_answer else bool(answers) and not {"data", "wrong data"} & set(answers)
+    ok = not why and right
     record(
         BENCH,
-        f"polled devices' cycles/s while {CLIENTS} clients read a dead device polled every {DEAD_POLL}",
-        round(dead.rate, 2),
+        f"polled devices' cycles/s while {CLIENTS} clients read {what} polled every {DEAD_POLL}",
+        round(attack.rate, 2),
         "cycles/s",
-        ratio=dead.rate / res.rate_alone if ok else float("nan"),
-        versus=f"no clients: {res.rate_alone:.2f} cycles/s" if ok else (why or "the dead unit answered")[:90],
+        ratio=attack.rate / res.rate_alone if ok else float("nan"),
+        versus=f"no clients: {res.rate_alone:.2f} cycles/s"
+        if ok
+        else (why or f"unit {unit}'s readers got {answers}")[:90],
         goal=GOAL,
     )
 
