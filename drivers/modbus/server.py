@@ -136,6 +136,7 @@ class ModbusTcpServer:
             self._handler,
             peer=peer,
             max_queue=self.cfg.max_queue,
+            idle_timeout=self.cfg.idle_timeout or None,
             on_malformed=self._malformed,
         )
         self.connections.add(conn)

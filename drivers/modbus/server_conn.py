@@ -70,12 +70,16 @@ class Connection:
         peer: str,
         max_queue: int,
         on_malformed: Callable[[Connection, str], None],
+        idle_timeout: float | None = None,
     ) -> None:
         self._reader, self._writer = reader, writer
         self._handler = handler
         self.peer = peer  # "host:port"
         self.origin = f"modbus-tcp {peer}"
         self._max_queue = max_queue
+        # A client gone without a word (a SCADA host powered off, a cable pulled) would hold its slot of
+        # max_connections for ever: one that sends nothing for this long, and waits for nothing, is closed.
+        self._idle_timeout = idle_timeout
         self._on_malformed = on_malformed
         self._framer = FramerSocket(DecodePDU(is_server=True))
         self._decoder = self._framer.decoder
@@ -128,10 +132,17 @@ class Connection:
                 await self._request(frame)
                 continue
             try:
-                async with asyncio.timeout(PARTIAL_FRAME_TIMEOUT if buffer else None):
+                async with asyncio.timeout(PARTIAL_FRAME_TIMEOUT if buffer else self._idle_timeout):
                     chunk = await self._reader.read(READ_CHUNK)
             except TimeoutError:
-                raise Malformed(f"a frame stayed incomplete for {PARTIAL_FRAME_TIMEOUT:g} s") from None
+                if buffer:
+                    raise Malformed(f"a frame stayed incomplete for {PARTIAL_FRAME_TIMEOUT:g} s") from None
+                if self.waiting or not self._answers.empty():
+                    continue  # it waits for its answers: not idle
+                log.info(
+                    "modbus-server %s: nothing sent for %g s (idle_timeout): closed", self.peer, self._idle_timeout
+                )
+                return
             if not chunk:
                 return
             buffer += chunk

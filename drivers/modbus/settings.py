@@ -116,5 +116,6 @@ class ServerSettings:
     port: int
     max_connections: int = 16
     max_queue: int = 8  # requests of one connection waiting for a line; more get exception 6 (busy)
+    idle_timeout: float = 300.0  # a connection that sent nothing this long (and waits for nothing) is closed; 0: never
     cache_max_age: float = 2.0  # a read wholly covered by raw registers polled this recently is served from them
     expose: tuple[ExposeSettings, ...] = ()

@@ -155,6 +155,7 @@ class ModbusServerConfig(Model):
     listen: str = "127.0.0.1:5020"
     max_connections: int = Field(default=16, ge=1, le=1024)
     max_queue: int = Field(default=8, ge=1, le=1024)  # one connection's requests waiting; more: exception 6
+    idle_timeout: Duration = Field(default=300.0, ge=0)  # a client silent this long is closed; 0: never
     cache_max_age: Duration = 2.0  # 0: every read goes to the device
     expose: list[ExposeConfig] = Field(default_factory=list)
 

@@ -123,6 +123,7 @@ def modbus_server(section: ModbusServerConfig) -> ServerSettings:
         port=port,
         max_connections=section.max_connections,
         max_queue=section.max_queue,
+        idle_timeout=section.idle_timeout,
         cache_max_age=section.cache_max_age,
         expose=tuple(ExposeSettings(e.unit, e.device, e.writes, e.passthrough) for e in section.expose),
     )

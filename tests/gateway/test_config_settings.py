@@ -71,6 +71,7 @@ SERVER = {
     "listen": "10.0.0.2:1502",
     "max_connections": 3,
     "max_queue": 2,
+    "idle_timeout": "30s",
     "cache_max_age": "500ms",
     "expose": [{"unit": 4, "device": "meter", "writes": True, "passthrough": "all"}],
 }

@@ -161,6 +161,7 @@ LIVE = [
     Case("modbus.server.listen", "127.0.0.1:5021", None),
     Case("modbus.server.max_connections", 4, None),
     Case("modbus.server.max_queue", 2, None),
+    Case("modbus.server.idle_timeout", "1m", None),
     Case("modbus.server.cache_max_age", "5s", None),
     Case("modbus.server.expose", [{"unit": 1, "device": "boiler", "writes": True}], None),
 ]

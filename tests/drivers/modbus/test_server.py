@@ -228,6 +228,25 @@ async def test_max_connections_refuses_more_at_accept(tmp_path: Path) -> None:
                 c.close()
 
 
+async def test_a_silent_client_is_closed_after_idle_timeout_and_frees_its_slot(tmp_path: Path) -> None:
+    # A SCADA host gone without a word must not hold one of max_connections for ever.
+    async with server_rig(tmp_path, two_devices(), EXPOSE, max_connections=1, idle_timeout=1.0) as rig:
+        talking = await RawClient.connect(rig.port)
+        for tid in range(1, 6):  # a client that keeps asking stays, however long it has been connected
+            await talking.send(talking.frame(ReadHoldingRegistersRequest(address=0, count=1), tid, 1))
+            assert (await talking.response()).transaction_id == tid
+            await asyncio.sleep(0.3)
+        assert len(rig.server.connections) == 1
+        assert await talking.closed()  # then it goes quiet: closed
+        late = await RawClient.connect(rig.port)  # and its slot is free
+        try:
+            await late.send(late.frame(ReadHoldingRegistersRequest(address=0, count=1), 9, 1))
+            assert (await late.response()).transaction_id == 9
+        finally:
+            talking.close()
+            late.close()
+
+
 async def test_a_client_beyond_its_queue_gets_busy_answers_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
