@@ -82,7 +82,8 @@ class DeviceConfig(Model):
     """A Modbus device (unit) on a bus."""
 
     name: Name
-    unit: int = Field(ge=1, le=247)
+    # 1-247 on a serial line (0 is its broadcast); Modbus TCP devices addressed directly often take 0 or 255.
+    unit: int = Field(ge=0, le=255)
     poll: Duration = 1.0
     full_every: Duration = 60.0
     max_gap: int = Field(default=10, ge=0, le=125)
@@ -132,6 +133,13 @@ class BusConfig(Model):
             raise ValueError(f"framing: tcp (Modbus TCP) needs a tcp://HOST:PORT port, not {self.port!r}")
         if self.rs485 is not None and tcp:
             raise ValueError("`rs485` is for a serial port; a tcp:// port has no transceiver to drive")
+        if self.line_framing != "tcp":
+            for device in self.devices:
+                if not 1 <= device.unit <= 247:
+                    raise ValueError(
+                        f"device {device.name}: unit {device.unit} is not a unit on an RTU line (1-247; "
+                        "0 is its broadcast): 0-255 only on Modbus TCP"
+                    )
         return self
 
     @property

@@ -137,6 +137,11 @@ def test_a_tcp_port_speaks_modbus_tcp_unless_told_rtu(framing: str | None, expec
     [
         ({"port": "/dev/ttyUSB0", "framing": "tcp"}, "framing: tcp .* needs a tcp://HOST:PORT port"),
         ({"port": "tcp://10.0.0.7:502", "rs485": {}}, "`rs485` is for a serial port"),
+        ({"port": "/dev/ttyUSB0", "devices": [{"name": "d", "unit": 0}]}, "unit 0 is not a unit on an RTU line"),
+        (
+            {"port": "tcp://10.0.0.7:4001", "framing": "rtu", "devices": [{"name": "d", "unit": 255}]},
+            "unit 255 is not a unit on an RTU line",
+        ),
     ],
 )
 def test_a_framing_or_rs485_that_does_not_fit_the_port_is_refused(bus: dict[str, Any], error: str) -> None:

@@ -227,6 +227,23 @@ async def test_many_units_behind_one_endpoint_every_point_type_and_a_write(buses
         await sim.stop()
 
 
+async def test_units_0_and_255_of_devices_addressed_directly_are_polled_on_modbus_tcp(buses: list[ModbusBus]) -> None:
+    # A Modbus TCP device on its own IP often answers only to unit 255 or 0 (neither is a unit on an RTU line).
+    port = free_port()
+    cfg = tcp_line(
+        port, [device(f"d{unit}", unit, poll="50ms", points=[point("v", "holding", 3)]) for unit in (0, 255)]
+    )
+    sim = ModbusSimulator(TcpEndpoint("127.0.0.1", port), slaves_of(cfg), framing="tcp")
+    await sim.start()
+    try:
+        sim.set(0, "v", 100)
+        sim.set(255, "v", 255)
+        bus, rec = await run_bus(buses, cfg)
+        await until(lambda: latest(rec, "d0").get("v") == 100 and latest(rec, "d255").get("v") == 255, what="both")
+    finally:
+        await sim.stop()
+
+
 def test_timeouts_on_modbus_tcp_are_not_derived_from_a_baud_rate() -> None:
     one = "[{name: d, unit: 1, points: [{name: v, table: holding, address: 0}]}]"
     slow = tcp_line(1502, one, baudrate=1200)
