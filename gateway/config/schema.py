@@ -213,9 +213,9 @@ class SimValue(Model):
 
 
 class SimModbusDevice(Model):
-    """A virtual Modbus slave on a simulated line."""
+    """A virtual Modbus slave on a simulated line or endpoint."""
 
-    unit: int = Field(ge=1, le=247)
+    unit: int = Field(ge=0, le=255)  # as a polled device's: 1-247 on an RTU line, 0-255 on Modbus TCP
     dead: bool = False  # never answers: shows offline handling
     values: dict[str, SimValue] = Field(default_factory=dict)
 

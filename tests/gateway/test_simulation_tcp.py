@@ -84,6 +84,19 @@ async def test_one_endpoint_answers_modbus_tcp_for_several_units_with_moving_val
             await c.read_holding_registers(0, count=1, device_id=3)
 
 
+async def test_units_0_and_255_answer_as_devices_on_their_own_ip_often_do(tmp_path: Path) -> None:
+    port = free_port()
+    direct = [device(f"d{unit}", unit, points=[point("t", "holding", 0, "int16")]) for unit in (0, 255)]
+    simulated_units = [{"unit": unit, "values": {"t": {"value": unit + 1}}} for unit in (0, 255)]
+    cfg = config(
+        buses=[line("plc-net", f"tcp://127.0.0.1:{port}", *direct)],
+        simulator={"modbus_tcp": [{"listen": f"127.0.0.1:{port}", "devices": simulated_units}]},
+    )
+    async with simulated(cfg, tmp_path), client(port, FramerType.SOCKET) as c:
+        assert (await c.read_holding_registers(0, count=1, device_id=0)).registers == [1]
+        assert (await c.read_holding_registers(0, count=1, device_id=255)).registers == [256]
+
+
 async def test_the_endpoint_speaks_rtu_frames_when_its_bus_says_framing_rtu(tmp_path: Path) -> None:
     port = free_port()
     async with simulated(endpoint_config(port, framing="rtu"), tmp_path) as sim, client(port, FramerType.RTU) as c:
