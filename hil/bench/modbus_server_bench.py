@@ -79,7 +79,7 @@ POLL = "100ms"
 NO_POLL = "1h"  # polled once at start, then not within the run
 CLIENTS = 10
 #: A configured, exposed device that died: polled hourly (a nameplate, say), so the gateway still takes it as
-#: online when the clients come, and each of their reads waits out its response timeout on the line.
+#: online when the clients come, and their reads wait out their response timeout on the line until it is offline.
 DEAD_UNIT = 3
 DEAD_POLL = "1h"
 #: A configured, exposed device that answers, but SLOW_DELAY late (a slow controller, a radio link), polled hourly too.
