@@ -24,7 +24,7 @@ from drivers.modbus.schedule import (
     ServeWrites,
 )
 from drivers.modbus.schedule import REOPEN_BACKOFF_MAX as REOPEN_BACKOFF_MAX  # hil/scenarios.py reads it here
-from drivers.modbus.served import LineRequests, PendingPassthrough
+from drivers.modbus.served import LineRequests, PendingPassthrough, passthrough_timeout
 from drivers.modbus.settings import LineSettings
 from drivers.modbus.stats import BusStats
 from drivers.modbus.transactions import LineTransactions
@@ -226,7 +226,7 @@ class ModbusBus:
         """
         dev = self._reachable(device)
         if timeout is None:
-            timeout = dev.timeout("holding", 125)
+            timeout = passthrough_timeout(dev, request)
         fut: asyncio.Future[ModbusPDU] = asyncio.get_running_loop().create_future()
         self._passthrough.append(PendingPassthrough(dev, request, timeout, fut))
         self._wake.set()
@@ -267,6 +267,7 @@ class ModbusBus:
                 port_open=self._link.connected,
                 writes_waiting=writes_waiting,
                 passthrough_unit=self._passthrough[0].device.unit if self._passthrough else None,
+                passthrough_takes=self._passthrough[0].timeout if self._passthrough else 0.0,
             )
             match step:
                 case Reopen():

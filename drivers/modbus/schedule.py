@@ -6,11 +6,12 @@ decision takes the clock as an argument, so the rules are tested with a clock th
 
 - Writes go before polls (the task also serves them between the reads of one cycle).
 - Pass-through requests (the Modbus TCP server's clients) go after writes and before polls, but while
-  polls are due they take turns with them: after a pass-through, the due polls go first for as long as
-  the pass-through held the line, and at least one of them. The clients get the line's spare time and at
-  most half of a busy one, however long their requests take (a 125-register read, a silent unit's
-  timeout): never the polled devices' own. One for a unit that settles waits for the settle, as that
-  unit's polls do, while the other units' polls go on.
+  polls are due they take turns with them: after a pass-through, the due polls go first for POLLS_FIRST
+  (19) times as long as the pass-through held the line, and at least one of them; meanwhile a pass-through
+  goes between polls only where it fits (its timeout) before the next poll falls due. The clients get the
+  line's spare time and a twentieth of a busy one, however long their requests take (a 125-register
+  read, a slow device's answer, a silent unit's timeout): never the polled devices' own. One for a unit
+  that settles waits for the settle, as that unit's polls do, while the other units' polls go on.
 - Fixed rate: a cycle is due one interval after the previous one was *due*; a cycle that could not
   start in time is skipped and counted, never queued up.
 - An offline device is probed instead of polled: its due job's first read, one try, with back-off
@@ -36,6 +37,11 @@ REOPEN_BACKOFF_START = 1.0
 REOPEN_BACKOFF_MAX = 30.0
 #: A Modbus TCP endpoint is reconnected with back-off up to a minute (a PLC rebooting, a network gone).
 RECONNECT_BACKOFF_MAX = 60.0
+#: After a pass-through, the polls that fall due within this many times as long go first, and a pass-through
+#: fits between them only where it cannot delay one: while polls are due, clients get a twentieth of the line's
+#: time (a slow device's answers or timeouts included), and all the time no poll needs. Shared by count (one
+#: for one) or half and half, clients reading a device that answers late left the polls two thirds of their rate.
+POLLS_FIRST = 19.0
 #: How far ahead an idle line with no poll jobs at all looks (it wakes earlier for writes and its tick).
 IDLE_HORIZON = 3600.0
 
@@ -116,11 +122,18 @@ class LineSchedule:
                 self._push(job.due, job)
 
     def next_step(
-        self, now: float, *, port_open: bool, writes_waiting: bool, passthrough_unit: int | None = None
+        self,
+        now: float,
+        *,
+        port_open: bool,
+        writes_waiting: bool,
+        passthrough_unit: int | None = None,
+        passthrough_takes: float = 0.0,
     ) -> Step:
         """What the line does next at `now`: open the port, serve writes or a pass-through, poll a job, or wait.
 
-        `passthrough_unit`: the unit of the pass-through request next in line, None when none waits.
+        `passthrough_unit`: the unit of the pass-through request next in line, None when none waits;
+        `passthrough_takes`: the longest it may hold the line (its response timeout).
         """
         if not port_open:
             return Reopen() if self.reopen_at <= now else PortWait(self.reopen_at)
@@ -138,13 +151,17 @@ class LineSchedule:
                 return step
             # Its turn comes after this pass-through: back in the queue where it was.
             self._push(step.job.due, step.job)
+        elif now < self._polls_first_until and now + passthrough_takes > step.until:
+            # The clients had their share, and this one may still hold the line when the next poll falls due:
+            # it goes when that poll is done, or when the clients' turn comes again.
+            return Idle(min(step.until, self._polls_first_until))
         return ServePassthrough()
 
     def passthrough_done(self, now: float, took: float) -> None:
         """A pass-through ended at `now` after holding the line `took` seconds: the polls due meanwhile go first,
-        one at least and as many as fit in as long again."""
+        one at least and as many as fall due in POLLS_FIRST times as long."""
         self._poll_owed = True
-        self._polls_first_until = now + took
+        self._polls_first_until = now + took * POLLS_FIRST
 
     def _next_poll(self, now: float) -> Poll | Idle:
         while self._queue:

@@ -104,6 +104,10 @@ class LineRequests:
         """A Modbus TCP client's request as it came; the device's response (or the failure) to its future."""
         if pending.future.done():  # its client went away while it waited
             return
+        if pending.device.online is False:
+            # It went offline while this waited (maybe by the reads queued before it): 0x0B at once, not a timeout.
+            pending.future.set_exception(DeviceError(f"{pending.device.name} is offline"))
+            return
         try:
             response = await self._io.execute(pending.device, pending.request, pending.timeout, write=False)
         except DeviceError as exc:
@@ -114,6 +118,19 @@ class LineRequests:
         self._heard(pending.device, pending.request, None)
         if not pending.future.done():
             pending.future.set_result(response)
+
+
+#: The tables functions 1-4 read.
+_READ_TABLES = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
+
+
+def passthrough_timeout(device: Device, request: ModbusPDU) -> float:
+    """How long a client's request may wait for its answer: a read's own (its table and count), else the longest."""
+    table = _READ_TABLES.get(request.function_code)
+    count = getattr(request, "count", 0)
+    if table is not None and isinstance(count, int) and 0 < count <= (2000 if table in ("coil", "discrete") else 125):
+        return device.timeout(table, count)
+    return device.timeout("holding", 125)
 
 
 def _what(request: ModbusPDU) -> str:

@@ -29,6 +29,7 @@ from pymodbus.pdu.register_message import (
 
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import Device
+from drivers.modbus.served import passthrough_timeout
 from drivers.modbus.transport import ModbusLink
 from drivers.modbus.writes import readback_requests, written_range
 from drivers.sim.line import VirtualLine
@@ -95,9 +96,12 @@ async def test_a_device_that_died_between_rare_polls_goes_offline_by_its_clients
     # Polled hourly, the device dies: its clients' reads time out as a poll's would, and after `offline_after`
     # (3) of them it is offline, so that the next client gets its 0x0B at once instead of a timeout on the line.
     rig.sim.set_dead(1)
-    for _ in range(3):
-        with pytest.raises(DeviceTimeout):
-            await rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1))
+    tried = rig.bus.stats.passthrough
+    # Six clients' reads queued at once: three time out, the three still waiting are refused off the line.
+    reads = [rig.bus.pass_through("d", ReadHoldingRegistersRequest(address=40, count=1)) for _ in range(6)]
+    outcomes = await asyncio.gather(*reads, return_exceptions=True)
+    assert [type(o) for o in outcomes] == [DeviceTimeout] * 3 + [DeviceError] * 3, outcomes
+    assert rig.bus.stats.passthrough == tried + 3
     assert [(s.device, s.online) for s in rig.rec.states] == [("d", True), ("d", False)]
     tried = rig.bus.stats.passthrough
     with pytest.raises(DeviceError, match="offline"):
@@ -268,3 +272,13 @@ def test_a_write_reads_back_only_the_configured_points_it_touched_in_planned_blo
     assert reads("coil", 10, 1) == [("coil", 10, 1, ["k"])]
     assert reads("holding", 13, 7) == []  # nothing configured there: nothing to publish
     assert reads("input", 10, 1) == []
+
+
+def test_a_client_reads_timeout_is_its_own_reads_not_the_longest() -> None:
+    cfg = modbus_line(scenarios.bus_config([device("d", 1, points=[point("v", "holding", 0)])], baudrate=9600))
+    dev = Device(cfg.devices[0], cfg)
+    short, long = ReadHoldingRegistersRequest(address=0, count=2), ReadHoldingRegistersRequest(address=0, count=125)
+    assert passthrough_timeout(dev, short) == dev.timeout("holding", 2) < passthrough_timeout(dev, long)
+    assert passthrough_timeout(dev, ReadCoilsRequest(address=0, count=16)) == dev.timeout("coil", 16)
+    # A function whose answer's size is not known from the request: the longest a read may take.
+    assert passthrough_timeout(dev, MaskWriteRegisterRequest(address=0)) == dev.timeout("holding", 125)
