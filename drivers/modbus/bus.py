@@ -267,7 +267,7 @@ class ModbusBus:
                 port_open=self._link.connected,
                 writes_waiting=writes_waiting,
                 passthrough_unit=self._passthrough[0].device.unit if self._passthrough else None,
-                passthrough_takes=self._passthrough[0].timeout if self._passthrough else 0.0,
+                passthrough_takes=self._passthrough[0].expected if self._passthrough else 0.0,
             )
             match step:
                 case Reopen():

@@ -7,11 +7,13 @@ decision takes the clock as an argument, so the rules are tested with a clock th
 - Writes go before polls (the task also serves them between the reads of one cycle).
 - Pass-through requests (the Modbus TCP server's clients) go after writes and before polls, but while
   polls are due they take turns with them: after a pass-through, the due polls go first for POLLS_FIRST
-  (19) times as long as the pass-through held the line, and at least one of them; meanwhile a pass-through
-  goes between polls only where it fits (its timeout) before the next poll falls due. The clients get the
-  line's spare time and a twentieth of a busy one, however long their requests take (a 125-register
-  read, a slow device's answer, a silent unit's timeout): never the polled devices' own. One for a unit
-  that settles waits for the settle, as that unit's polls do, while the other units' polls go on.
+  (9) times as long as the pass-through held the line, and at least one of them. Meanwhile a pass-through
+  goes between polls only where it fits: when it will likely end (as long as its device's last answer
+  took) before the next poll falls due, or by half a poll interval after (a fixed-rate cycle that starts
+  that late keeps its slot). The clients get the line's spare time and a tenth of a busy one, however
+  long their requests take (a 125-register read, a slow device's answer, a silent unit's timeout): never
+  the polled devices' own. One for a unit that settles waits for the settle, as that unit's polls do,
+  while the other units' polls go on.
 - Fixed rate: a cycle is due one interval after the previous one was *due*; a cycle that could not
   start in time is skipped and counted, never queued up.
 - An offline device is probed instead of polled: its due job's first read, one try, with back-off
@@ -38,10 +40,10 @@ REOPEN_BACKOFF_MAX = 30.0
 #: A Modbus TCP endpoint is reconnected with back-off up to a minute (a PLC rebooting, a network gone).
 RECONNECT_BACKOFF_MAX = 60.0
 #: After a pass-through, the polls that fall due within this many times as long go first, and a pass-through
-#: fits between them only where it cannot delay one: while polls are due, clients get a twentieth of the line's
+#: fits between them only where it cannot cost one its slot: while polls are due, clients get a tenth of the line's
 #: time (a slow device's answers or timeouts included), and all the time no poll needs. Shared by count (one
 #: for one) or half and half, clients reading a device that answers late left the polls two thirds of their rate.
-POLLS_FIRST = 19.0
+POLLS_FIRST = 9.0
 #: How far ahead an idle line with no poll jobs at all looks (it wakes earlier for writes and its tick).
 IDLE_HORIZON = 3600.0
 
@@ -98,6 +100,10 @@ class LineSchedule:
         self.reopen_backoff_max = REOPEN_BACKOFF_MAX if reopen_backoff_max is None else reopen_backoff_max
         # A pass-through ran: the next due poll goes first, and so do all due polls until this time.
         self._poll_owed = False
+        # How late a poll may start for a pass-through that fits between polls: half the shortest poll interval
+        # (a fixed-rate cycle that starts that late keeps its slot; see _next_due).
+        intervals = [job.interval for device in self.devices for job in device.jobs]
+        self._poll_slack = 0.5 * min(intervals, default=0.0)
         self._polls_first_until = 0.0
         self._queue: list[tuple[float, int, PollJob]] = []  # (when to look at the job again, tie-break, job)
         self._order = itertools.count()
@@ -133,7 +139,7 @@ class LineSchedule:
         """What the line does next at `now`: open the port, serve writes or a pass-through, poll a job, or wait.
 
         `passthrough_unit`: the unit of the pass-through request next in line, None when none waits;
-        `passthrough_takes`: the longest it may hold the line (its response timeout).
+        `passthrough_takes`: how long it will likely hold the line.
         """
         if not port_open:
             return Reopen() if self.reopen_at <= now else PortWait(self.reopen_at)
@@ -151,7 +157,7 @@ class LineSchedule:
                 return step
             # Its turn comes after this pass-through: back in the queue where it was.
             self._push(step.job.due, step.job)
-        elif now < self._polls_first_until and now + passthrough_takes > step.until:
+        elif now < self._polls_first_until and now + passthrough_takes > step.until + self._poll_slack:
             # The clients had their share, and this one may still hold the line when the next poll falls due:
             # it goes when that poll is done, or when the clients' turn comes again.
             return Idle(min(step.until, self._polls_first_until))

@@ -28,6 +28,12 @@ class PendingPassthrough:
     timeout: float
     future: asyncio.Future[ModbusPDU]
 
+    @property
+    def expected(self) -> float:
+        """How long it will likely hold the line: as long as its device's last answer took (the timeout before
+        any came); the line's schedule fits it between polls by it."""
+        return self.device.stats.last_response_s or self.timeout
+
 
 class LineRequests:
     """Carries out the requests others queued for the line, on its transactions; publishes what writes read back."""

@@ -29,7 +29,7 @@ from pymodbus.pdu.register_message import (
 
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import Device
-from drivers.modbus.served import passthrough_timeout
+from drivers.modbus.served import PendingPassthrough, passthrough_timeout
 from drivers.modbus.transport import ModbusLink
 from drivers.modbus.writes import readback_requests, written_range
 from drivers.sim.line import VirtualLine
@@ -282,3 +282,12 @@ def test_a_client_reads_timeout_is_its_own_reads_not_the_longest() -> None:
     assert passthrough_timeout(dev, ReadCoilsRequest(address=0, count=16)) == dev.timeout("coil", 16)
     # A function whose answer's size is not known from the request: the longest a read may take.
     assert passthrough_timeout(dev, MaskWriteRegisterRequest(address=0)) == dev.timeout("holding", 125)
+
+
+async def test_a_waiting_client_read_is_expected_to_take_as_long_as_its_devices_last_answer(rig: Rig) -> None:
+    # The schedule fits a pass-through between polls by this: a whole timeout would never fit a busy line.
+    device = rig.bus.devices["d"]
+    pending = PendingPassthrough(device, ReadHoldingRegistersRequest(address=40, count=1), 0.5, asyncio.Future())
+    assert 0 < device.stats.last_response_s == pending.expected < pending.timeout
+    device.stats.last_response_s = 0.0  # no answer yet: the timeout is all that is known
+    assert pending.expected == 0.5

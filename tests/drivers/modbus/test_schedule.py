@@ -504,3 +504,33 @@ def test_a_slow_devices_pass_throughs_leave_the_due_polls_their_rate_and_fit_bet
         assert d.stats.cycles >= 0.9 * 400, (d.name, d.stats)
     served = [kind for _, kind in task.steps].count("pass-through")
     assert served >= 0.04 * 20.0 / 0.08  # the clients still get their share of the busy line
+
+
+def test_a_pass_through_goes_between_polls_where_it_fits_and_waits_where_it_would_cost_a_slot() -> None:
+    schedule = line(device("d", 1, 0, poll=0.1))
+    schedule.start(0.0)
+    poll = schedule.next_step(0.0, port_open=True, writes_waiting=False)
+    assert isinstance(poll, Poll)
+    schedule.poll_done(poll, 0.005, answered=True, failed=False)
+    assert schedule.next_step(0.005, port_open=True, writes_waiting=False, passthrough_unit=9) == ServePassthrough()
+    schedule.passthrough_done(0.025, 0.02)  # the clients' turn is spent until 0.025 + 9 x 0.02
+    # The next poll is due at 0.1: one likely to take 90 ms fits (it ends by 0.1 + half the 100 ms interval) ...
+    assert (
+        schedule.next_step(0.03, port_open=True, writes_waiting=False, passthrough_unit=9, passthrough_takes=0.09)
+        == ServePassthrough()
+    )
+    schedule.passthrough_done(0.1, 0.09)
+    # ... one likely to take 160 ms would cost the next poll (due 0.2) its slot: the due poll goes first, and
+    # after it the pass-through waits, the line idle until that poll.
+    later = 0.1 + 9 * 0.09
+    step = schedule.next_step(0.1, port_open=True, writes_waiting=False, passthrough_unit=9, passthrough_takes=0.16)
+    assert isinstance(step, Poll)
+    schedule.poll_done(step, 0.105, answered=True, failed=False)
+    assert schedule.next_step(
+        0.105, port_open=True, writes_waiting=False, passthrough_unit=9, passthrough_takes=0.16
+    ) == Idle(0.2)
+    # Once the clients' turn comes again it goes, fit or not.
+    assert (
+        schedule.next_step(later, port_open=True, writes_waiting=False, passthrough_unit=9, passthrough_takes=0.16)
+        == ServePassthrough()
+    )
