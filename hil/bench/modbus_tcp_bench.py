@@ -24,20 +24,17 @@ from benchlib.modbus import (
     FLAT_POLL,
     WARMUP,
     BenchBus,
-    Recorder,
     SimProcess,
-    Snapshot,
     Window,
     bench_config,
+    bus_window,
     devices_like,
     mixed_points,
     register_points,
     sim_slaves,
-    stop_bus,
 )
 from pymodbus.client import AsyncModbusTcpClient
 
-from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import Device
 from drivers.modbus.settings import LineSettings, TcpEndpoint
 from hil.ports import free_port
@@ -128,35 +125,14 @@ async def bare_client(bench: BenchBus, sim: SimProcess, seconds: float) -> Loop:
         client.close()
 
 
-async def gateway_line(bench: BenchBus, sim: SimProcess, seconds: float) -> Window:
-    """The gateway's ModbusBus polling the bus flat out: a steady window after every device answered."""
-    rec = Recorder(bench.cfg)
-    bus = ModbusBus(bench.cfg, rec.on_sample, rec.on_state)
-    await bus.start()
-    try:
-        try:
-            await asyncio.wait_for(rec.online.wait(), READY_TIMEOUT)
-        except TimeoutError:
-            raise RuntimeError(
-                f"bus {bench.cfg.name}: not every device answered within {READY_TIMEOUT:.0f} s"
-            ) from None
-        await asyncio.sleep(WARMUP)
-        first = Snapshot.take(bus, sim, rec)
-        await asyncio.sleep(seconds)
-        last = Snapshot.take(bus, sim, rec)
-    finally:
-        await stop_bus(bus)
-    return Window.between(first, last)
-
-
 async def alternating(bench: BenchBus, sim: SimProcess, seconds: float) -> tuple[Loop, Window]:
     """The bare loop and the gateway's line, each in two half windows taken in turn (bare, line, bare, line),
     so that a change in the machine's load during the run falls on both alike; the halves summed."""
     half = seconds / 2
     loops = [await bare_client(bench, sim, half)]
-    windows = [await gateway_line(bench, sim, half)]
+    windows = [await bus_window(bench, sim, half)]
     loops.append(await bare_client(bench, sim, half))
-    windows.append(await gateway_line(bench, sim, half))
+    windows.append(await bus_window(bench, sim, half))
     bare = Loop(*(sum(getattr(x, f) for x in loops) for f in ("seconds", "transactions", "cpu", "sim_cpu")))
     a, b = windows
     line = Window(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(Window)})

@@ -297,20 +297,25 @@ class Window(Snapshot):
 
 async def flat_out(bench: BenchBus, seconds: float) -> Window:
     """Poll a bus as fast as it goes and measure a steady window of `seconds` after every device answered."""
-    rec = Recorder(bench.cfg)
     async with SimProcess(bench) as sim:
-        bus = ModbusBus(bench.cfg, rec.on_sample, rec.on_state)
-        await bus.start()
+        return await bus_window(bench, sim, seconds)
+
+
+async def bus_window(bench: BenchBus, sim: SimProcess, seconds: float) -> Window:
+    """The gateway's ModbusBus polling `sim`'s devices as configured: a steady window after every device answered."""
+    rec = Recorder(bench.cfg)
+    bus = ModbusBus(bench.cfg, rec.on_sample, rec.on_state)
+    await bus.start()
+    try:
         try:
-            try:
-                await asyncio.wait_for(rec.online.wait(), READY_TIMEOUT)
-            except TimeoutError:
-                late = f"bus {bench.cfg.name}: not every device answered within {READY_TIMEOUT:.0f} s"
-                raise RuntimeError(late) from None
-            await asyncio.sleep(WARMUP)
-            first = Snapshot.take(bus, sim, rec)
-            await asyncio.sleep(seconds)
-            last = Snapshot.take(bus, sim, rec)
-        finally:
-            await stop_bus(bus)
+            await asyncio.wait_for(rec.online.wait(), READY_TIMEOUT)
+        except TimeoutError:
+            late = f"bus {bench.cfg.name}: not every device answered within {READY_TIMEOUT:.0f} s"
+            raise RuntimeError(late) from None
+        await asyncio.sleep(WARMUP)
+        first = Snapshot.take(bus, sim, rec)
+        await asyncio.sleep(seconds)
+        last = Snapshot.take(bus, sim, rec)
+    finally:
+        await stop_bus(bus)
     return Window.between(first, last)
