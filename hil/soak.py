@@ -210,6 +210,8 @@ def shipped_reads_per_hour(path: Path = ROOT / "config.yaml") -> float:
     if cfg.simulator:
         for line in cfg.simulator.modbus:
             live |= {(resolve_path(line.link, base), d.unit) for d in line.devices if not d.dead}
+        for endpoint in cfg.simulator.modbus_tcp:
+            live |= {(f"tcp://{endpoint.listen}", d.unit) for d in endpoint.devices if not d.dead}
     total = 0.0
     for bus in cfg.modbus.buses:
         settings = line_settings(bus)

@@ -60,7 +60,7 @@ DEFAULT_RUNS = 3
 DEFAULT_IDLE = 10.0
 DEFAULT_SOAK = 60.0
 #: Devices whose values count as "the gateway is ready": what the shipped simulator section serves.
-SHIPPED_DEVICES = ("boiler1", "boiler2", "meter", "pump-1", "weather")
+SHIPPED_DEVICES = ("boiler1", "boiler2", "meter", "pv-meter", "inverter", "pump-1", "weather")
 #: Steady RSS growth per message the short soak may show. Measured 0.0-0.1 bytes; the least a per-message leak
 #: can cost is one Python object and its slot (an empty bytes and a list slot, 41 bytes), 10x this. hil/soak.py's
 #: own verdict allows 16 (its self-check); the bench holds the gateway to what it does.
@@ -68,11 +68,20 @@ STEADY_GOAL_BYTES = 4.0
 
 
 def shipped_copy(workdir: Path) -> Path:
-    """The shipped config in `workdir`, its broker, MCP and status page on free loopback ports."""
+    """The shipped config in `workdir`, its broker, MCP, status page, Modbus TCP server and simulated Modbus TCP
+    endpoints on free loopback ports."""
     cfg = yaml.safe_load(SHIPPED.read_text())
     cfg["broker"]["listeners"] = [f"tcp://127.0.0.1:{free_port()}"]
     cfg["mcp"]["listen"] = f"127.0.0.1:{free_port()}"
     cfg["gateway"]["http"] = f"127.0.0.1:{free_port()}"
+    if cfg["modbus"].get("server"):
+        cfg["modbus"]["server"]["listen"] = f"127.0.0.1:{free_port()}"
+    for endpoint in cfg.get("simulator", {}).get("modbus_tcp", []):
+        moved = f"127.0.0.1:{free_port()}"
+        for bus in cfg["modbus"]["buses"]:  # the bus that polls the endpoint follows it
+            if bus["port"] == f"tcp://{endpoint['listen']}":
+                bus["port"] = f"tcp://{moved}"
+        endpoint["listen"] = moved
     return write_config(workdir / "config.yaml", cfg)
 
 
