@@ -95,6 +95,9 @@ def plan_table(cfg: Config) -> tuple[int, int]:
         return 0, 0
     print_table(["bus", "device", "unit", "poll", "points (= reads, 1 per point)", "planned reads", "fewer by"], rows)
     for bus in lines:
+        if bus.mbap:
+            note(f"bus {bus.name}: Modbus TCP, no serial wire to budget")
+            continue
         b = line_budget(bus)
         flag = "  ** over the 80% warning threshold **" if b.overloaded else ""
         note(f"bus {bus.name}, planned: {b.describe()}{flag}")
