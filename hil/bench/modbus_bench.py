@@ -21,6 +21,7 @@ from benchlib import ROOT, heading, note, print_header, print_table, record, run
 from benchlib.modbus import (
     BAUD,
     FLAT_POLL,
+    POINTS_COLUMNS,
     Recorder,
     SimProcess,
     Window,
@@ -30,6 +31,7 @@ from benchlib.modbus import (
     flat_out,
     mixed_points,
     planned_reads,
+    points_cells,
     register_points,
     stop_bus,
 )
@@ -208,34 +210,9 @@ async def figure_points(tmp: Path, seconds: float, cpu_per_tx: float | None) -> 
     w = await flat_out(bench, seconds)
     decoded = max(w.points, 1)
     cycles = max(w.cycles, 1)
-    rows = [
-        [
-            len(bench.cfg.devices),
-            len(points),
-            reads,
-            f"{w.seconds:.1f}",
-            w.cycles,
-            w.timeouts,
-            round(w.points / w.seconds),
-            1000 * w.cpu / cycles,
-            1000 * w.cpu / decoded,
-            f"{w.cpu / w.seconds:.0%}",
-        ]
-    ]
     print_table(
-        [
-            "devices",
-            "points/device",
-            "reads/cycle",
-            "window s",
-            "cycles",
-            "timeouts",
-            "points/s",
-            "CPU ms/cycle",
-            "CPU s per 1000 points",
-            "gateway CPU use",
-        ],
-        rows,
+        [*POINTS_COLUMNS, "gateway CPU use"],
+        [[*points_cells(bench, len(points), reads, w), f"{w.cpu / w.seconds:.0%}"]],
     )
     note("types: int16 (scaled), uint16, uint32, string:8, bitfield, float32, int64, float64, int32 word-swapped,")
     note("coils, discrete inputs; poll 0.1 ms, inter_request_delay 0. A point counts when its value reaches on_sample")

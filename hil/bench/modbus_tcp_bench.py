@@ -22,6 +22,7 @@ from benchlib.children import serve_pipe
 from benchlib.configs import parse_line
 from benchlib.modbus import (
     FLAT_POLL,
+    POINTS_COLUMNS,
     WARMUP,
     BenchBus,
     SimProcess,
@@ -30,6 +31,7 @@ from benchlib.modbus import (
     bus_window,
     devices_like,
     mixed_points,
+    points_cells,
     register_points,
     sim_slaves,
 )
@@ -222,39 +224,14 @@ async def figure_points(seconds: float) -> None:
     async with SimProcess(bench, target=serve_endpoint) as sim:
         bare, w = await alternating(bench, sim, seconds)
     decoded = max(w.points, 1)
-    cycles = max(w.cycles, 1)
     # The bare loop reads the same blocks and decodes nothing: its CPU per round, spread over the points a
     # round carries, is what the points would cost if the gateway added nothing to pymodbus.
     bare_rounds = bare.transactions / (reads * len(bench.cfg.devices))
     bare_per_1000 = 1000 * bare.cpu / max(bare_rounds * len(points) * len(bench.cfg.devices), 1)
     gw_per_1000 = 1000 * w.cpu / decoded
     print_table(
-        [
-            "devices",
-            "points/device",
-            "reads/cycle",
-            "window s",
-            "cycles",
-            "timeouts",
-            "points/s",
-            "CPU ms/cycle",
-            "CPU s per 1000 points",
-            "bare loop, same reads",
-        ],
-        [
-            [
-                len(bench.cfg.devices),
-                len(points),
-                reads,
-                f"{w.seconds:.1f}",
-                w.cycles,
-                w.timeouts,
-                round(w.points / w.seconds),
-                1000 * w.cpu / cycles,
-                gw_per_1000,
-                bare_per_1000,
-            ]
-        ],
+        [*POINTS_COLUMNS, "bare loop, same reads"],
+        [[*points_cells(bench, len(points), reads, w), bare_per_1000]],
     )
     note("types as modbus_bench.py's figure 3 (hil/bench/README.md). A point counts when its value reaches on_sample.")
     summary(
