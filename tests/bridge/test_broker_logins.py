@@ -112,7 +112,10 @@ async def test_a_flood_from_one_address_leaves_the_queue_to_a_user_from_another(
                 # Behind at most the flood's 4 (its share of the queue) and the 2 the threads had taken.
                 ahead = started[mark:].index("pw-alice")
                 assert ahead <= 2 + 4, started[mark:]
-            assert gate.by_source.get("127.0.0.1") == gate.per_source == 4
+            # The flood still holds its share (each flooder logs in again 5 ms after its answer: looked at in
+            # that gap, one place may be free for a moment, as a loaded machine showed once).
+            assert gate.per_source == 4
+            await until(lambda: gate.by_source.get("127.0.0.1", 0) == gate.per_source, 10, "the flood at its share")
         finally:
             flooding = False
             await asyncio.gather(*flood)
