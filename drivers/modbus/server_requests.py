@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import (
     ReadCoilsResponse,
@@ -252,9 +254,14 @@ class RequestHandler:
                 return exception(request, ILLEGAL_FUNCTION)
             if inconsistent(request):
                 return exception(request, ILLEGAL_DATA_VALUE)
-            return target
-        if fc in WRITE_FUNCTIONS or target.cfg.passthrough != "all":
+        elif target.cfg.passthrough != "all":
             return exception(request, ILLEGAL_FUNCTION)
+        try:
+            # pymodbus decodes some requests it cannot encode again (a diagnostics sub-function with extra data,
+            # a file record past 255 bytes): refused here, before they wait for the line.
+            request.encode()
+        except (struct.error, ValueError, ModbusException):
+            return exception(request, ILLEGAL_DATA_VALUE)
         return target
 
     def _cached(self, target: Exposed, request: ModbusPDU) -> ModbusPDU | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import sys
 import termios
 import time
@@ -280,7 +281,9 @@ class ModbusLink:
             if self._rx_seen:
                 raise CrcError(f"unit {unit}: garbled response (no frame with a valid CRC)") from exc
             raise DeviceTimeout(f"unit {unit}: no response within {timeout * 1000:.0f} ms") from exc
-        except (ModbusException, ValueError) as exc:
+        except (ModbusException, ValueError, struct.error) as exc:
+            # struct.error: a request pymodbus decoded from a client but cannot encode again (a diagnostics
+            # sub-function with extra data, a file record past 255 bytes); it must fail its request, not the line.
             raise ProtocolError(f"unit {unit}: {exc}") from exc
         except OSError as exc:
             raise BusUnavailable(f"{self.port}: {exc}") from exc

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.framer import FramerSocket
 from pymodbus.pdu import DecodePDU, ModbusPDU
 from pymodbus.pdu.bit_message import ReadCoilsRequest, WriteMultipleCoilsRequest, WriteSingleCoilRequest
 from pymodbus.pdu.mei_message import ReadDeviceInformationRequest
@@ -24,7 +25,7 @@ from drivers.modbus.device import Device
 from drivers.modbus.server import ModbusTcpServer
 from drivers.modbus.server_requests import RequestHandler, ServerStats, describe, exposed_units, reencodable
 from drivers.modbus.settings import ExposeSettings, ServerSettings
-from gateway.errors import FieldgateError
+from gateway.errors import FieldgateError, ProtocolError
 from hil.ports import free_port
 
 from configs import device, point
@@ -551,3 +552,25 @@ async def test_an_answer_that_cannot_be_framed_is_0x04_and_the_connection_goes_o
     finally:
         client.close()
         await server.stop()
+
+
+async def test_a_request_pymodbus_decodes_but_cannot_encode_is_refused_and_the_line_polls_on(tmp_path: Path) -> None:
+    # Diagnostics sub-function 0x15 with extra data: pymodbus decodes it, then fails to encode it again
+    # (struct.error). It must neither reach the line nor, given to the line directly, end the line's task.
+    pdu = bytes.fromhex("08001522b1b2b3")
+    request = DecodePDU(is_server=True).decode(pdu)
+    assert request is not None
+    async with server_rig(tmp_path, two_devices(poll="100ms"), (ExposeSettings(1, "d1", passthrough="all"),)) as rig:
+        await polled(rig)
+        client = await RawClient.connect(rig.port)
+        try:
+            await client.send(FramerSocket(DecodePDU(is_server=False)).encode(pdu, 1, 0x51))
+            rr = await client.response()
+            assert rr.transaction_id == 0x51 and rr.isError() and rr.exception_code == 0x03
+        finally:
+            client.close()
+        with pytest.raises(ProtocolError):
+            await rig.bus.pass_through("d1", request)
+        cycles = rig.bus.devices["d1"].stats.cycles
+        await until(lambda: rig.bus.devices["d1"].stats.cycles > cycles + 2, 20, "the line polling on")
+        assert rig.bus.running
