@@ -16,8 +16,10 @@ from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from drivers.modbus.server_requests import (
     BUSY,
     DEVICE_FAILURE,
+    ILLEGAL_DATA_VALUE,
     ILLEGAL_FUNCTION,
     PATH_UNAVAILABLE,
+    READ_TABLES,
     Exposed,
     RequestHandler,
     exception,
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: MBAP header: transaction id, protocol id, length (2 bytes each), then the unit id the length counts.
 MBAP_HEADER = 7
+#: A read request's PDU: function code, address, count.
+READ_PDU_BYTES = 5
 #: The length field counts the unit id and the PDU: a PDU is 1 to 253 bytes.
 MIN_LENGTH, MAX_LENGTH = 2, 254
 #: A frame that has begun must be complete within this long: a header announcing more than ever comes
@@ -188,9 +192,15 @@ class Connection:
             answer = self._now(ExceptionResponse(fc, ILLEGAL_FUNCTION if known else PATH_UNAVAILABLE))
         else:
             request = self._decoder.decode(frame.pdu)
-            if request is None:
+            if request is None and fc in READ_TABLES and len(frame.pdu) == READ_PDU_BYTES:
+                # A well-formed read whose count is out of range (0, or past 125 registers or 2,000 bits):
+                # pymodbus refuses to decode it; a Modbus server answers 0x03, it is no reason to close.
+                known = frame.unit in self._handler.units
+                answer = self._now(ExceptionResponse(fc, ILLEGAL_DATA_VALUE if known else PATH_UNAVAILABLE))
+            elif request is None:
                 raise Malformed(f"function {fc}: pymodbus cannot decode the request ({len(frame.pdu)} bytes)")
-            answer = self._answer(frame.unit, request)
+            else:
+                answer = self._answer(frame.unit, request)
         # Blocks while the client has this many answers outstanding: the socket is not read meanwhile.
         await self._answers.put((frame, answer))
 

@@ -574,3 +574,21 @@ async def test_a_request_pymodbus_decodes_but_cannot_encode_is_refused_and_the_l
         cycles = rig.bus.devices["d1"].stats.cycles
         await until(lambda: rig.bus.devices["d1"].stats.cycles > cycles + 2, 20, "the line polling on")
         assert rig.bus.running
+
+
+@pytest.mark.parametrize(("fc", "count"), [(3, 0), (3, 126), (4, 200), (1, 2001)])
+async def test_a_read_with_a_count_out_of_range_gets_0x03_and_keeps_its_connection(
+    tmp_path: Path, fc: int, count: int
+) -> None:
+    # pymodbus will not decode such a read; a SCADA tag set up with count 0 or 200 must not reconnect for ever.
+    pdu = bytes([fc]) + (0).to_bytes(2, "big") + count.to_bytes(2, "big")
+    async with server_rig(tmp_path, two_devices(), EXPOSE) as rig:
+        client = await RawClient.connect(rig.port)
+        try:
+            await client.send(FramerSocket(DecodePDU(is_server=False)).encode(pdu, 1, 0x61))
+            rr = await client.response()
+            assert rr.transaction_id == 0x61 and rr.isError() and rr.exception_code == 0x03
+            await client.send(client.frame(ReadHoldingRegistersRequest(address=0, count=1), 0x62, 1))
+            assert (await client.response()).transaction_id == 0x62  # the same connection answers on
+        finally:
+            client.close()
