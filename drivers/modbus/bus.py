@@ -12,7 +12,7 @@ from pymodbus.pdu import ModbusPDU
 
 from drivers.modbus import budget, report
 from drivers.modbus.device import Device
-from drivers.modbus.planner import ReadRequest
+from drivers.modbus.planner import READ_TABLES, ReadRequest
 from drivers.modbus.schedule import (
     RECONNECT_BACKOFF_MAX,
     Idle,
@@ -43,8 +43,6 @@ from gateway.types import DeviceProfile, DeviceState, ModbusLineSnapshot, Sample
 
 log = logging.getLogger(__name__)
 
-#: Functions 1-4, the reads of the four tables: a client's read that goes unanswered counts like a poll's.
-READ_FUNCTIONS = frozenset({1, 2, 3, 4})
 #: How long opening the port may take (pymodbus' connect timeout).
 OPEN_TIMEOUT = 3.0
 #: The line's task wakes at least this often, so that `alive_at` stays fresh on an idle line.
@@ -375,7 +373,7 @@ class ModbusBus:
         rare polls goes offline after `offline_after` silent reads, and its clients get exception 0x0B at once
         instead of each holding the line for a response timeout. Other functions say nothing of the device
         (some ignore a function they do not know)."""
-        if request.function_code not in READ_FUNCTIONS:
+        if request.function_code not in READ_TABLES:
             return
         if failure is None:
             if device.record_success():

@@ -10,6 +10,8 @@ BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete"})
 MAX_REGISTERS = 125  # per read request (FC3/FC4), Modbus application protocol 6.3/6.4
 MAX_BITS = 2000  # per read request (FC1/FC2), Modbus application protocol 6.1/6.2
 ADDRESS_SPACE = 65536
+#: The read functions (1-4) and the table each reads.
+READ_TABLES: dict[int, str] = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
 
 
 @dataclass(frozen=True, slots=True)

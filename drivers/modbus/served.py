@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from pymodbus.pdu import ModbusPDU
 
 from drivers.modbus.device import Device
+from drivers.modbus.planner import BIT_TABLES, MAX_BITS, MAX_REGISTERS, READ_TABLES
 from drivers.modbus.transactions import LineTransactions
-from drivers.modbus.writes import PendingRawWrite, PendingWrite, readback_request, readback_requests, written_range
+from drivers.modbus.writes import (
+    WRITE_FUNCTIONS,
+    PendingRawWrite,
+    PendingWrite,
+    readback_request,
+    readback_requests,
+    written_range,
+)
 from gateway.errors import DeviceError
 from gateway.types import Sample, Value, WriteResult, now_ms
 
@@ -78,9 +86,8 @@ class LineRequests:
         if pending.future.done():  # its client went away while it waited: nothing was written
             return
         written = written_range(request)
-        table, _, count = written or ("holding", request.address, 1)
         try:
-            response = await self._io.execute(device, request, device.timeout(table, count, write=True), write=True)
+            response = await self._io.execute(device, request, raw_write_timeout(device, request), write=True)
         except DeviceError as exc:
             log.info("%s: write %s by %s failed: %s", device.name, _what(request), pending.origin, exc)
             if not pending.future.done():
@@ -126,17 +133,26 @@ class LineRequests:
             pending.future.set_result(response)
 
 
-#: The tables functions 1-4 read.
-_READ_TABLES = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
-
-
 def passthrough_timeout(device: Device, request: ModbusPDU) -> float:
     """How long a client's request may wait for its answer: a read's own (its table and count), else the longest."""
-    table = _READ_TABLES.get(request.function_code)
+    table = READ_TABLES.get(request.function_code)
     count = getattr(request, "count", 0)
-    if table is not None and isinstance(count, int) and 0 < count <= (2000 if table in ("coil", "discrete") else 125):
+    if (
+        table is not None
+        and isinstance(count, int)
+        and 0 < count <= (MAX_BITS if table in BIT_TABLES else MAX_REGISTERS)
+    ):
         return device.timeout(table, count)
-    return device.timeout("holding", 125)
+    return device.timeout("holding", MAX_REGISTERS)
+
+
+def raw_write_timeout(device: Device, request: ModbusPDU) -> float:
+    """How long a client's write may wait for its answer: a write's own for 5, 6, 15 and 16; the longest for the
+    others (0x15-0x17, diagnostics: frames up to 256 bytes either way, 0x17's answer carries what it reads)."""
+    written = written_range(request)
+    if request.function_code in WRITE_FUNCTIONS and written is not None:
+        return device.timeout(written[0], written[2], write=True)
+    return passthrough_timeout(device, request)
 
 
 def _what(request: ModbusPDU) -> str:

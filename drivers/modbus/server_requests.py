@@ -32,7 +32,9 @@ from pymodbus.pdu.register_message import (
 )
 
 from drivers.modbus.device import Device
+from drivers.modbus.planner import READ_TABLES as READ_TABLES  # the read functions a poll cache can answer
 from drivers.modbus.settings import ExposeSettings
+from drivers.modbus.writes import WRITE_FUNCTIONS as WRITE_FUNCTIONS  # what every device with `writes: true` takes
 from gateway.errors import DeviceError, DeviceException, FieldgateError
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,6 @@ BUSY = 0x06
 PATH_UNAVAILABLE = 0x0A
 TARGET_FAILED = 0x0B
 
-#: Read functions a device's polls can answer from its cache: function code -> table.
-READ_TABLES = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
-#: The writes every exposed device may take when it has `writes: true`.
-WRITE_FUNCTIONS = frozenset({5, 6, 15, 16})
 #: Other functions that change what a device holds: write file record, mask write, read/write registers.
 OTHER_WRITE_FUNCTIONS = frozenset({0x15, 0x16, 0x17})
 DIAGNOSTICS = 0x08

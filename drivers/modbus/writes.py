@@ -38,6 +38,8 @@ class PendingRawWrite:
     future: asyncio.Future[ModbusPDU]
 
 
+#: The writes of single and multiple coils and registers (5, 6, 15, 16).
+WRITE_FUNCTIONS = frozenset({5, 6, 15, 16})
 #: Function codes that write, and the table they write: (function code) -> table.
 _WRITE_TABLES = {5: "coil", 15: "coil", 6: "holding", 16: "holding", 0x16: "holding", 0x17: "holding"}
 

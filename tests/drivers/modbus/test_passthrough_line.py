@@ -29,7 +29,7 @@ from pymodbus.pdu.register_message import (
 
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.device import Device
-from drivers.modbus.served import PendingPassthrough, passthrough_timeout
+from drivers.modbus.served import PendingPassthrough, passthrough_timeout, raw_write_timeout
 from drivers.modbus.transport import ModbusLink
 from drivers.modbus.writes import readback_requests, written_range
 from drivers.sim.line import VirtualLine
@@ -291,3 +291,13 @@ async def test_a_waiting_client_read_is_expected_to_take_as_long_as_its_devices_
     assert 0 < device.stats.last_response_s == pending.expected < pending.timeout
     device.stats.last_response_s = 0.0  # no answer yet: the timeout is all that is known
     assert pending.expected == 0.5
+
+
+def test_a_client_writes_timeout_fits_what_it_writes_and_what_it_reads_back() -> None:
+    cfg = modbus_line(scenarios.bus_config([device("d", 1, points=[point("v", "holding", 0)])], baudrate=9600))
+    dev = Device(cfg.devices[0], cfg)
+    single = WriteSingleRegisterRequest(address=0, registers=[1])
+    assert raw_write_timeout(dev, single) == dev.timeout("holding", 1, write=True)
+    # A read/write of 121 registers answers with all of them: a 1-register write's timeout ends long before.
+    readwrite = ReadWriteMultipleRegistersRequest(read_address=0, read_count=121, write_address=0, write_registers=[1])
+    assert raw_write_timeout(dev, readwrite) >= dev.timeout("holding", 121) > dev.timeout("holding", 1, write=True)
