@@ -71,7 +71,6 @@ class ModbusLink:
         rs485: Rs485Settings | None = None,
     ) -> None:
         self.port = port
-        self.framing = framing
         self._rs485 = rs485
         self._connect_timeout = connect_timeout
         #: Modbus TCP (MBAP): answers carry the request's transaction id, a connection has its own health.
@@ -92,7 +91,7 @@ class ModbusLink:
                 retries=0,
                 reconnect_delay=0,
                 trace_packet=self._heard,
-                trace_connect=self._connection_changed if self.mbap else None,
+                trace_connect=self._connection_changed,
             )
             # pymodbus closes a TCP connection after a few timeouts in a row. Behind a Modbus TCP-to-RTU
             # converter or a serial device server that is one dead unit among live ones, and reconnecting

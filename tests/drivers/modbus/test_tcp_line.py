@@ -625,3 +625,23 @@ async def test_an_answer_cut_short_does_not_put_the_other_units_out_of_step(
     assert live.stats.timeouts == 0 and live.stats.errors == 0
     assert [s.online for s in rec.states if s.device == "live"] == [True]
     assert scripted.connections > 1  # each answer cut short ends its connection: the next one starts in step
+
+
+async def test_a_serial_device_server_closing_under_a_request_fails_it_at_once() -> None:
+    # RTU over TCP too: pymodbus would leave the request waiting its whole (30 s) timeout.
+    async def close_on_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    server = await asyncio.start_server(close_on_request, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = ModbusLink(TcpEndpoint("127.0.0.1", port), framing="rtu")
+    try:
+        await link.open()
+        async with asyncio.timeout(10):
+            with pytest.raises(BusUnavailable, match="closed by the peer"):
+                await link.read("holding", 1, 0, 1, timeout=30.0)
+    finally:
+        link.close()
+        server.close()
+        await server.wait_closed()
