@@ -65,7 +65,7 @@ async def start_simulation(cfg: Config, base: Path) -> Simulation:
         log.info("simulated line %s: units %s", link, ", ".join(str(s.unit) for s in slaves))
     for endpoint_cfg in cfg.simulator.modbus_tcp:
         url = TCP_SCHEME + endpoint_cfg.listen
-        bus_cfg = next((b for b in cfg.modbus.buses if port_key(b.port) == url), None)
+        bus_cfg = next((b for b in cfg.modbus.buses if port_key(b.port) == port_key(url)), None)
         bus = modbus_line(bus_cfg) if bus_cfg else None
         host, port = split_listen(endpoint_cfg.listen, "0.0.0.0")
         slaves = _slaves(endpoint_cfg.devices, bus)

@@ -20,7 +20,8 @@ class TcpEndpoint:
     port: int
 
     def __str__(self) -> str:
-        return f"tcp://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

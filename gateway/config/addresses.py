@@ -36,7 +36,7 @@ def modbus_port(port: str) -> str | TcpEndpoint:
     if not is_tcp(port):
         return port
     host, _, number = port[len(TCP_SCHEME) :].rpartition(":")
-    return TcpEndpoint(host, int(number))
+    return TcpEndpoint(host.strip("[]"), int(number))  # an IPv6 address without its brackets, as sockets take it
 
 
 @overload
@@ -79,5 +79,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def port_key(port: str) -> str:
-    """A serial path compared by what it names: `./var/tty0` and `var/tty0` are one line."""
+    """A port compared by what it names: `./var/tty0` and `var/tty0` are one line, `tcp://PLC:502` and
+    `tcp://plc:502` one endpoint (host names are not case-sensitive), `tcp://[::1]:502` is `tcp://::1:502`."""
+    if is_tcp(port):
+        host, sep, number = port[len(TCP_SCHEME) :].rpartition(":")
+        return f"{TCP_SCHEME}{host.strip('[]').lower()}{sep}{number}" if sep else port.lower()
     return port if "://" in port else os.path.normpath(port)

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .addresses import TCP_SCHEME, exposed, host_port
+from .addresses import exposed, host_port, port_key
 from .checkbase import CheckBase
 from .problems import Path, hint
-
-
-def endpoint_key(port: str) -> str:
-    """A `tcp://` port compared by the endpoint it names: host names are not case-sensitive."""
-    host, sep, number = port[len(TCP_SCHEME) :].rpartition(":")
-    return f"{TCP_SCHEME}{host.strip('[]').lower()}{sep}{number}" if sep else port.lower()
 
 
 class ModbusTcpChecks(CheckBase):
@@ -24,7 +18,7 @@ class ModbusTcpChecks(CheckBase):
         for b, bus in enumerate(self.config.modbus.buses):
             if bus.line_framing != "tcp":
                 continue  # serial ports and serial device servers: the buses check refuses a port used twice
-            key = endpoint_key(bus.port)
+            key = port_key(bus.port)
             if key not in seen:
                 seen[key] = b
                 continue

@@ -30,7 +30,7 @@ class SimulatorChecks(CheckBase):
             if host_port(endpoint.listen) is None:
                 self._error(at + ("listen",), f"{endpoint.listen!r} is not HOST:PORT (e.g. 127.0.0.1:5502)")
                 continue
-            url = TCP_SCHEME + endpoint.listen
+            url = port_key(TCP_SCHEME + endpoint.listen)
             self._first(links, url, at + ("listen",), f"{endpoint.listen!r} is listened on by two simulated endpoints")
             self._sim_units(endpoint.devices, at, "endpoint")
             self._sim_polled(url, endpoint.devices, at, "listen", "endpoint")

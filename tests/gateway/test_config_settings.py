@@ -12,7 +12,7 @@ from drivers.mcp.server import McpServer
 from drivers.mcp.settings import McpDeviceSettings, McpSettings, TlsSettings
 from drivers.modbus.codec import PointCodec
 from drivers.modbus.settings import DeviceSettings, LineSettings, PointSettings, TcpEndpoint
-from gateway.config.addresses import modbus_port, resolve_path, split_listen
+from gateway.config.addresses import modbus_port, port_key, resolve_path, split_listen
 from gateway.config.schema import BusConfig, McpSection, ModbusServerConfig, PointConfig
 from gateway.config.settings import mcp_server, modbus_line, modbus_plan, modbus_server, point_codec
 
@@ -182,6 +182,7 @@ async def test_the_mcp_servers_profiles_come_from_its_settings() -> None:
     [
         ("tcp://10.0.0.7:4001", TcpEndpoint("10.0.0.7", 4001)),
         ("tcp://plc-gw.local:502", TcpEndpoint("plc-gw.local", 502)),
+        ("tcp://[fd00::7]:502", TcpEndpoint("fd00::7", 502)),  # without brackets, as sockets take an address
         ("/dev/ttyUSB0", "/dev/ttyUSB0"),
         ("./var/ttySIM0", "./var/ttySIM0"),
     ],
@@ -251,3 +252,10 @@ def test_a_plan_takes_the_port_as_written_and_only_the_line_parses_it() -> None:
     assert modbus_plan(bus).devices == modbus_line(BusConfig.model_validate(BUS)).devices
     with pytest.raises(ValueError, match="invalid literal"):
         modbus_line(bus)
+
+
+def test_ports_name_one_line_or_endpoint_however_they_are_spelled() -> None:
+    assert port_key("./var/tty0") == port_key("var/tty0")
+    assert port_key("tcp://PLC-1.local:502") == port_key("tcp://plc-1.local:502")
+    assert port_key("tcp://[fd00::7]:502") == port_key("tcp://FD00::7:502")
+    assert port_key("tcp://plc:502") != port_key("tcp://plc:503")
