@@ -304,12 +304,22 @@ class RequestHandler:
             return exception(request, BUSY)
         self.stats.writes += 1
         # Admitted: carried out and audited even when its client goes away meanwhile (it may be on the wire).
-        task = asyncio.create_task(self._carry_out(target, request, origin, what))
+        recorded: list[bool] = []
+        task = asyncio.create_task(self._carry_out(target, request, origin, what, recorded))
         self.writes_running.add(task)
         task.add_done_callback(self.writes_running.discard)
+
+        def stopped_before_it_ran(done: asyncio.Task[ModbusPDU]) -> None:
+            # stop() cancels a write task that never ran: its `finally` never came, its outcome is audited here.
+            if not recorded:
+                self._gate.record(name, origin, what, False, "the gateway stopped before the write went out")
+
+        task.add_done_callback(stopped_before_it_ran)
         return await asyncio.shield(task)
 
-    async def _carry_out(self, target: Exposed, request: ModbusPDU, origin: str, what: str) -> ModbusPDU:
+    async def _carry_out(
+        self, target: Exposed, request: ModbusPDU, origin: str, what: str, recorded: list[bool]
+    ) -> ModbusPDU:
         name = target.device.name
         error: str | None = "the gateway stopped before the device answered"
         try:
@@ -324,6 +334,7 @@ class RequestHandler:
         except DeviceError as exc:
             error, response = str(exc), exception(request, TARGET_FAILED)
         finally:
+            recorded.append(True)
             self._gate.record(name, origin, what, error is None, error)
         return response
 

@@ -592,3 +592,22 @@ async def test_a_read_with_a_count_out_of_range_gets_0x03_and_keeps_its_connecti
             assert (await client.response()).transaction_id == 0x62  # the same connection answers on
         finally:
             client.close()
+
+
+async def test_an_admitted_write_the_stop_cancels_before_it_ran_is_audited_too(tmp_path: Path) -> None:
+    gate = StubGate()
+    expose = (ExposeSettings(2, "d2", writes=True),)
+    async with server_rig(tmp_path, two_devices(), expose, gate=gate) as rig:
+        handler = rig.server._handler
+        write = asyncio.create_task(
+            handler._write(handler.units[2], WriteSingleRegisterRequest(address=20, registers=[7]), "modbus-tcp t:1")
+        )
+        await asyncio.sleep(0)  # admitted: its task made, not yet run
+        assert len(gate.admitted) == 1 and handler.writes_running
+        await rig.server.stop()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        # The request was audited at admission: its outcome is too, never left open.
+        assert [(r[0], r[3], r[4]) for r in gate.records] == [
+            ("d2", False, "the gateway stopped before the write went out")
+        ]
