@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test test-stress lint check bench mutation clean mosquitto chromium test-tools
+.PHONY: run test test-stress lint check bench mutation clean mosquitto chromium test-tools proto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -102,6 +102,17 @@ mutation: $(VENV)/.installed-mutation
 # Every benchmark, one table (hil/bench/suite.py; ~7 minutes here). Full reports land in var/bench/<time>/.
 bench: $(VENV)/.installed-test mosquitto
 	$(BIN)/python hil/bench/suite.py $(BENCH_ARGS)
+
+# The Sparkplug B payload module is protoc's output, checked in: regenerate it after editing the .proto. protoc comes
+# from grpcio-tools in a venv of its own (the gateway needs only the protobuf runtime); its version sets the
+# runtime the generated module asks for (protobuf>=7.35.1 in pyproject.toml).
+PROTO_VENV := var/protoc-venv
+PROTO_DIR := bridge/sparkplug
+
+proto:
+	@[ -x $(PROTO_VENV)/bin/python ] || $(PY) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/pip install -q grpcio-tools==1.85.4
+	cd $(PROTO_DIR) && $(CURDIR)/$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. sparkplug_b.proto
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis

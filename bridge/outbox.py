@@ -79,7 +79,10 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         supervisor: Supervisor | None = None,
+        prepare: Callable[[Message], Message | None] | None = None,
     ) -> None:
+        """`prepare`: what the sink makes of each message handed over, before it is queued or spooled (None: the
+        sink has no use for it, and its future resolves at once); a Sparkplug sink's births and data come so."""
         self.sink = sink
         self.buffer: Buffer = buffer if buffer is not None else MemoryBuffer(name=f"sink {sink.name} memory buffer")
         self.high_water = high_water
@@ -88,6 +91,7 @@ class Outbox:
         self._clock = clock
         self._monotonic = monotonic
         self._seq = 0
+        self._prepare = prepare
         self._spool = OutboxBuffer(self.buffer, sink.name, monotonic)
         self._retained = RetainedTopics()
         self._commits = GroupCommit(
@@ -160,6 +164,13 @@ class Outbox:
         """
         if self._stopped:
             raise SinkError(f"sink {self.sink.name}: outbox stopped")
+        if self._prepare is not None:
+            prepared = self._prepare(message)
+            if prepared is None:
+                unused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                unused.set_result(None)
+                return unused
+            message = prepared
         self._seq += 1
         ts = message.ts if message.ts is not None else int(self._clock() * 1000)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

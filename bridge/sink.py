@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from bridge.sink_sockets import LoopSockets
 from gateway.errors import SinkError, SinkOffline
 from gateway.supervise import Supervised, Supervisor
 from gateway.types import ABSOLUTE, Message
@@ -35,6 +36,11 @@ MISC_INTERVAL = 1.0
 RequestHandler = Callable[[str, bytes], None]
 #: Called after every (re)connect, once `status` is online: the gateway re-publishes its retained state.
 ConnectHandler = Callable[[], Coroutine[Any, Any, None]]
+#: The message the broker publishes for us when the connection dies: made afresh for each connection.
+WillMaker = Callable[[], Message]
+
+#: The gateway's own last will and goodbye (topic contract: `P/status`).
+OFFLINE = Message("status", b"offline", retain=True, qos=1)
 
 
 @dataclass
@@ -50,7 +56,7 @@ class SinkStats:
     bad_requests: int = 0  # requests whose topic was not UTF-8, or whose handling failed
 
 
-class MqttSink:
+class MqttSink(LoopSockets):
     """Publishes the gateway's messages to one MQTT broker under one topic prefix."""
 
     def __init__(
@@ -72,7 +78,14 @@ class MqttSink:
         on_connect: ConnectHandler | None = None,
         max_inflight: int = 100,
         supervisor: Supervisor | None = None,
+        will: WillMaker | None = None,
+        goodbye: WillMaker | None = None,
+        announce: bool = True,
+        retained_ok: Callable[[str], bool] | None = None,
     ) -> None:
+        """`will`/`goodbye`: the last will of each connection and what `stop` publishes (both `status` offline
+        unless given); `announce`: publish `status` online on connect; `retained_ok`: the prefix-relative
+        topics whose retained messages are state to take (a Sparkplug host's STATE), not stale requests."""
         parsed = urlparse(url)
         self.name = name
         self.prefix = prefix
@@ -87,6 +100,10 @@ class MqttSink:
         self._client_id = client_id
         self._credentials = (username, password)
         self._max_inflight = max_inflight
+        self._will = will
+        self._goodbye = goodbye
+        self._announce = announce
+        self._retained_ok = retained_ok
         self._tls: ssl.SSLContext | None = None
         if parsed.scheme == "mqtts":
             self._tls = ssl.create_default_context(cafile=ca)
@@ -119,7 +136,8 @@ class MqttSink:
         if self._tls is not None:
             c.tls_set_context(self._tls)
         # The last will tells subscribers the gateway vanished without a goodbye.
-        c.will_set(self.topic("status"), b"offline", qos=1, retain=True)
+        will = self._will() if self._will is not None else OFFLINE
+        c.will_set(self.topic(will.topic), will.payload, qos=1 if will.qos is None else will.qos, retain=will.retain)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_publish = self._handle_puback
@@ -162,7 +180,7 @@ class MqttSink:
         if self.connected:
             with contextlib.suppress(SinkError, TimeoutError):
                 async with asyncio.timeout(2.0):
-                    await self.publish(Message("status", b"offline", retain=True, qos=1))
+                    await self.publish(self._goodbye() if self._goodbye is not None else OFFLINE)
         await self._supervisor.stop(self._connector, self._misc)
         self._client.disconnect()
         self._fail_pending(SinkOffline(f"sink {self.name} stopped before the broker acknowledged"))
@@ -228,6 +246,11 @@ class MqttSink:
         self._pending[info.mid] = fut
         return fut
 
+    def drop(self) -> None:
+        """End the broker session now, without the will (say goodbye first if one is due); it is connected again."""
+        if self._client.is_connected():
+            self._client.disconnect()
+
     # --- paho callbacks (all on the loop thread once connected) ------------------------------------
 
     def _fail_pending(self, exc: SinkError) -> None:
@@ -246,7 +269,8 @@ class MqttSink:
         log.info("sink %s: connected to %s:%d", self.name, self._host, self._port)
         for sub in self._subscriptions:
             client.subscribe(self.topic(sub), qos=1)
-        client.publish(self.topic("status"), b"online", qos=1, retain=True)
+        if self._announce:
+            client.publish(self.topic("status"), b"online", qos=1, retain=True)
         self._connected.set()
         if self._on_connect_hook:
             task = asyncio.get_running_loop().create_task(self._on_connect_hook(), name=f"sink:{self.name}:on-connect")
@@ -291,7 +315,8 @@ class MqttSink:
             # paho decodes the topic on access; a broker that passed on bad UTF-8 must not reach paho's read loop.
             self.stats.bad_requests += 1
             return
-        if msg.retain:
+        relative = topic[len(self.prefix) + 1 :] if topic.startswith(self.prefix + "/") else None
+        if msg.retain and not (relative is not None and self._retained_ok and self._retained_ok(relative)):
             # A request left retained on the broker would be carried out again at every (re)subscribe.
             self.stats.retained_requests += 1
             if self.stats.retained_requests == 1:
@@ -299,54 +324,14 @@ class MqttSink:
                     "sink %s: ignoring a retained request on %s (publish requests without retain)", self.name, topic
                 )
             return
-        if self._on_request and topic.startswith(self.prefix + "/"):
+        if self._on_request and relative is not None:
             try:
-                self._on_request(topic[len(self.prefix) + 1 :], bytes(msg.payload))
+                self._on_request(relative, bytes(msg.payload))
             except Exception:
                 # Raised into paho's read loop, the request is never acknowledged and the broker delivers it again
                 # after the reconnect, and again: one bad request must cost itself only.
                 self.stats.bad_requests += 1
                 log.exception("sink %s: handling a request on %s failed", self.name, topic)
-
-    # --- socket plumbing --------------------------------------------------------------------------
-
-    def _threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
-        assert self._loop is not None
-        try:
-            on_loop = asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            fn(*args)  # in order with paho's own unregister calls
-        else:
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _socket_open(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
-        self._threadsafe(self._add_reader, client, sock)
-
-    def _add_reader(self, client: mqtt.Client, sock: Any) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.add_reader(sock, client.loop_read)
-
-    def _socket_close(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(sock)
-            self._loop.remove_writer(sock)
-
-    def _register_write(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
-        self._threadsafe(self._add_writer, client, sock)
-
-    def _add_writer(self, client: mqtt.Client, sock: Any) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.add_writer(sock, client.loop_write)
-
-    def _unregister_write(self, client: mqtt.Client, _ud: Any, sock: Any) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_writer(sock)
 
     async def _connect_loop(self) -> None:
         delay = RECONNECT_MIN

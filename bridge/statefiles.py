@@ -1,9 +1,9 @@
 """State files that cannot be read: moved aside (never deleted), logged at ERROR, counted, replaced by a fresh one.
 
-The gateway keeps a few files of its own under the state dir: each sink's spool, `homeassistant.json`, and
-the broker users file (written by `fieldgate passwd`). An SD card that starts to fail turns them into
-random bytes, truncated files or pages of garbage; none of that may keep Modbus, MCP and the broker
-down. The owner of each file decides what "cannot be read" means for it and calls `move_aside`; the
+The gateway keeps a few files of its own under the state dir: each sink's spool, `homeassistant.json`, each
+Sparkplug sink's bdSeq, and the broker users file (written by `fieldgate passwd`). An SD card that starts to
+fail turns them into random bytes, truncated files or pages of garbage; none of that may keep Modbus, MCP and
+the broker down. The owner of each file decides what "cannot be read" means for it and calls `move_aside`; the
 file is renamed to `<name>.corrupt-<unix seconds>` (with its `-wal`/`-shm` companions, for SQLite), so
 that nothing the operator might want to rescue is lost, and the gateway starts with a fresh one.
 `corrupt_counts()` feeds `fieldgate_state_files_corrupt_total{file}`.
@@ -29,7 +29,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 #: The files counted, as `fieldgate_state_files_corrupt_total{file}` names them.
-FILES = ("spool", "homeassistant", "users")
+FILES = ("spool", "homeassistant", "users", "sparkplug")
 #: Moved-aside copies of one file kept at most: a card that keeps failing must not fill the disk with them.
 KEEP = 3
 
@@ -38,7 +38,7 @@ _counts: dict[str, int] = dict.fromkeys(FILES, 0)
 
 
 def corrupt_counts() -> dict[str, int]:
-    """Files moved aside since start, by kind (`spool`, `homeassistant`, `users`), every kind present."""
+    """Files moved aside since start, by kind (`spool`, `homeassistant`, `users`, `sparkplug`), every kind present."""
     with _lock:
         return dict(_counts)
 

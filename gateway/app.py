@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from bridge.broker_process import BrokerProcess
 from bridge.outbox import Outbox
-from bridge.sink import MqttSink
 from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.server import ModbusTcpServer
@@ -31,8 +30,9 @@ from gateway.metrics_topic import METRICS_PARTS, metrics_payload
 from gateway.modbus_server import build_modbus_server
 from gateway.reload import ConfigDiff, read_for_reload
 from gateway.router import Router
-from gateway.sinks import build_sink
+from gateway.sinks import Sink, SinkHooks, build_sink, refresh
 from gateway.snapshot import ALL_PARTS, GatewaySnapshot, take_snapshot
+from gateway.sparkplug_sinks import SparkplugSources
 from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier
 from gateway.types import DeviceProfile, Driver, Message, now_ms
@@ -66,13 +66,14 @@ class Gateway:
         self.base = Path(loaded.path).resolve().parent
         self.simulation: Simulation | None = None
         self.broker: EmbeddedBroker | BrokerProcess | None = None
-        self.sinks: list[MqttSink] = []
+        self.sinks: list[Sink] = []
         self.outboxes: list[Outbox] = []
         self.buses: list[ModbusBus] = []
         self.mcp: McpServer | None = None
         self.modbus_server: ModbusTcpServer | None = None
         self.router: Router | None = None
         self.discovery = Discovery(self.cfg)
+        self.sparkplug = SparkplugSources(lambda: self.cfg, lambda: self.router, self.snapshot)
         #: Every long-lived task of the gateway's own (sinks, broker child watcher, metrics, reloads, the status
         #: page's sampler) runs under this: restarted with back-off when it fails, and listed in problems().
         self.supervisor = Supervisor()
@@ -157,12 +158,11 @@ class Gateway:
             self.sinks.append(sink)
             self.outboxes.append(outbox)
 
-    def _build_sink(self, cfg: Config, s: SinkConfig) -> tuple[MqttSink, Outbox]:
+    def _build_sink(self, cfg: Config, s: SinkConfig) -> tuple[Sink, Outbox]:
         """The MQTT sink of one `northbound` entry and its outbox (see gateway.sinks)."""
         auth = self.broker.auth if self.broker else None
-        return build_sink(
-            cfg, s, auth=auth, on_request=self._request, on_connect=self._reconnected, supervisor=self.supervisor
-        )
+        hooks = SinkHooks(self._request, self._reconnected, self.sparkplug)
+        return build_sink(cfg, s, auth=auth, hooks=hooks, supervisor=self.supervisor)
 
     def _build_drivers(self) -> list[DeviceProfile]:
         """The Modbus lines, the MCP server and the Modbus TCP server; returns what the router needs of each device."""
@@ -343,6 +343,7 @@ class Gateway:
             started = await self._swap_sinks(new, changes)
             self.router.update(self._profiles())
             self.loaded, self.cfg = loaded, new
+            refresh(self.sinks)
         await asyncio.gather(*(sink.stop() for sink in old_sinks))
         for _, outbox in started:
             await outbox.start()
@@ -360,7 +361,7 @@ class Gateway:
             if self.modbus_server is not None:
                 await self.modbus_server.start()
 
-    async def _swap_sinks(self, new: Config, changes: ConfigDiff) -> list[tuple[MqttSink, Outbox]]:
+    async def _swap_sinks(self, new: Config, changes: ConfigDiff) -> list[tuple[Sink, Outbox]]:
         """Stop the removed and changed sinks' outboxes (spooling what they hold) and build the new ones."""
         for name in changes.sinks.removed + changes.sinks.changed:
             outbox = next(o for o in self.outboxes if o.sink.name == name)

@@ -6,6 +6,7 @@ import functools
 import logging
 import secrets
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.broker_acl import BrokerAuth
@@ -13,30 +14,39 @@ from bridge.broker_listeners import client_url
 from bridge.broker_users import INTERNAL_USER
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
+from bridge.sparkplug.node import NAMESPACE, SparkplugNode
 from bridge.spool import SQLiteSpool
 from gateway.config.schema import Config, SinkConfig
 from gateway.router import SUBSCRIPTIONS
+from gateway.sparkplug_sinks import SparkplugSources, build_node
 from gateway.supervise import Supervisor
+
+#: A northbound sink as the gateway runs it: the topic contract's MQTT sink, or a Sparkplug B edge node.
+Sink = MqttSink | SparkplugNode
 
 # The logger name these lines had before the split (sinks were built in the app):
 # journal filters keep working.
 log = logging.getLogger("gateway.app")
 
 
-def build_sink(
-    cfg: Config,
-    s: SinkConfig,
-    *,
-    auth: BrokerAuth | None,
-    on_request: Callable[[str, str, bytes], None],
-    on_connect: Callable[[str], Coroutine[Any, Any, None]],
-    supervisor: Supervisor,
-) -> tuple[MqttSink, Outbox]:
-    """The MQTT sink of one `northbound` entry and its outbox on the sink's spool file.
+@dataclass(frozen=True)
+class SinkHooks:
+    """The gateway's side of every sink: requests (`on_request`) and connects (`on_connect`) get the sink's name
+    first; `sparkplug`: what a Sparkplug sink reads of the gateway."""
 
-    `auth`: the embedded broker's users, if it has any (a sink on it logs in as the gateway's own user);
-    `on_request` and `on_connect` get the sink's name first.
+    on_request: Callable[[str, str, bytes], None]
+    on_connect: Callable[[str], Coroutine[Any, Any, None]]
+    sparkplug: SparkplugSources
+
+
+def build_sink(
+    cfg: Config, s: SinkConfig, *, auth: BrokerAuth | None, hooks: SinkHooks, supervisor: Supervisor
+) -> tuple[Sink, Outbox]:
+    """The MQTT sink (or Sparkplug edge node) of one `northbound` entry and its outbox on the sink's spool file.
+
+    `auth`: the embedded broker's users, if it has any (a sink on it logs in as the gateway's own user).
     """
+    on_request, on_connect = hooks.on_request, hooks.on_connect
     url = s.url or client_url(cfg.broker.listeners)
     client_id = s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}"
     username, password = s.username, s.password
@@ -45,23 +55,46 @@ def build_sink(
         # amqtt drops a session's subscriptions when anyone connects with its client id, even a
         # client that then fails to log in: on a broker with users, ours is not guessable.
         client_id = s.client_id or f"{client_id}-{secrets.token_hex(4)}"
-    sink = MqttSink(
-        s.name,
-        url,
-        cfg.prefix_for(s),
-        client_id=client_id,
-        qos=s.qos,
-        keepalive=s.keepalive,
-        username=username,
-        password=password,
-        ca=s.ca,
-        cert=s.cert,
-        key=s.key,
-        subscriptions=SUBSCRIPTIONS,
-        on_request=functools.partial(on_request, s.name),
-        on_connect=functools.partial(on_connect, s.name),
-        supervisor=supervisor,
-    )
+    common: dict[str, Any] = {
+        "client_id": client_id,
+        "keepalive": s.keepalive,
+        "username": username,
+        "password": password,
+        "ca": s.ca,
+        "cert": s.cert,
+        "key": s.key,
+        "supervisor": supervisor,
+    }
+    node: SparkplugNode | None = None
+    if s.format == "sparkplug":
+        node = build_node(cfg, s, hooks.sparkplug, functools.partial(on_request, s.name))
+        mqtt = MqttSink(
+            s.name,
+            url,
+            NAMESPACE,
+            qos=0,
+            subscriptions=node.subscriptions,
+            on_request=node.on_message,
+            on_connect=node.on_connect,
+            will=node.will,
+            goodbye=node.goodbye,
+            announce=False,
+            retained_ok=node.retained_ok,
+            **common,
+        )
+        node.attach(mqtt)
+    else:
+        mqtt = MqttSink(
+            s.name,
+            url,
+            cfg.prefix_for(s),
+            qos=s.qos,
+            subscriptions=SUBSCRIPTIONS,
+            on_request=functools.partial(on_request, s.name),
+            on_connect=functools.partial(on_connect, s.name),
+            **common,
+        )
+    sink: Sink = node if node is not None else mqtt
     spool = SQLiteSpool(
         cfg.spool_path(s),
         max_size=s.spool.max_size,
@@ -77,6 +110,17 @@ def build_sink(
         replay_rate=s.spool.replay_rate,
         order=s.spool.order,
         supervisor=supervisor,
+        prepare=node.prepare if node is not None else None,
     )
-    log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
+    if node is not None:
+        log.info("sink %s: Sparkplug B edge node %s/%s on %s", s.name, node.session.group, node.session.edge, url)
+    else:
+        log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
     return sink, outbox
+
+
+def refresh(sinks: list[Sink]) -> None:
+    """After a reload: Sparkplug nodes whose devices or metrics changed are born again."""
+    for sink in sinks:
+        if isinstance(sink, SparkplugNode):
+            sink.refresh()

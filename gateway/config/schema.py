@@ -95,6 +95,15 @@ class SpoolConfig(Model):
     commit_window: Duration = 0.12  # group commit: messages spooled within this window share one fsync
 
 
+class SparkplugConfig(Model):
+    """How a `format: sparkplug` sink names the gateway in the Sparkplug B namespace (spBv1.0/<group>/.../<edge>)."""
+
+    group_id: Name
+    edge_node_id: Name | None = None  # None: gateway.id
+    # A Sparkplug 3.0 primary host application: births wait for its STATE online; meanwhile the data is spooled.
+    primary_host: Name | None = None
+
+
 class SinkConfig(Model):
     """A northbound MQTT broker the gateway publishes to."""
 
@@ -110,6 +119,31 @@ class SinkConfig(Model):
     keepalive: Duration = 30.0
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     topic_prefix: TopicPrefix | None = None  # None: fieldgate/<gateway.id>
+    format: Literal["json", "sparkplug"] = "json"  # json: the topic contract of INTERFACE.md; sparkplug: Sparkplug B
+    sparkplug: SparkplugConfig | None = None
+
+    @model_validator(mode="after")
+    def _sparkplug(self) -> SinkConfig:
+        if self.format != "sparkplug":
+            if self.sparkplug is not None:
+                raise ValueError("`sparkplug` goes with `format: sparkplug`")
+            return self
+        if self.sparkplug is None:
+            raise ValueError("format: sparkplug needs a `sparkplug` section with at least `group_id`")
+        # What the specification fixes is not the user's to set: a value given anyway would be silently ignored.
+        fixed = {
+            "topic_prefix": "the namespace is spBv1.0/<group_id>/...",
+            "qos": "each message type has the QoS the specification gives it",
+        }
+        for key, why in fixed.items():
+            if key in self.model_fields_set:
+                raise ValueError(f"`{key}` does not apply to a sparkplug sink: {why}")
+        if "order" in self.spool.model_fields_set and self.spool.order != "strict":
+            raise ValueError(
+                "a sparkplug sink replays in order (spool.order: strict): births, then the stored data, then live data"
+            )
+        self.spool.order = "strict"
+        return self
 
     @model_validator(mode="after")
     def _url_scheme(self) -> SinkConfig:

@@ -1,0 +1,347 @@
+"""A Sparkplug B edge node: the sink a `format: sparkplug` outbox publishes through, on one MQTT connection.
+
+The gateway hands this sink what it hands every sink (telemetry, statuses, metrics, request results); `prepare`
+keeps what Sparkplug has a use for, as the outbox then queues or spools it, and `try_publish` turns each into its
+Sparkplug message at the moment it goes out. So `seq`, the aliases and the historical flag are decided in one
+place, in wire order, and the spool holds the gateway's own values (its replay after a host's absence is the
+outbox's, in order: `order: strict`).
+
+A session: the MQTT connection (its will is an NDEATH with the connection's bdSeq), the subscriptions, then, when
+the primary host (if any) says it is online, the NBIRTH and a DBIRTH for each online device; only then is the sink
+`connected` for the outbox. Data sampled no later than a device's birth values is published as historical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+
+from bridge.sink import MqttSink, SinkStats
+from bridge.sparkplug.bdseq import BdSeqFile
+from bridge.sparkplug.inbound import device_writes, read_state, rebirth_requested
+from bridge.sparkplug.payload import CommandRefused, MetricSpec
+from bridge.sparkplug.prepare import NodeMetrics, Prepare
+from bridge.sparkplug.session import EdgeSession, specs_for
+from gateway.jsonsafe import dumps_safe
+from gateway.types import Message, Value, now_ms
+
+log = logging.getLogger("bridge.sparkplug")
+
+NAMESPACE = "spBv1.0"
+
+
+@dataclass(frozen=True)
+class DeviceNow:
+    """A device as the gateway knows it now, for its birth: its declared metrics and its latest values."""
+
+    name: str
+    online: bool | None  # None: not known yet (not polled, no session yet)
+    specs: tuple[MetricSpec, ...] | None  # None: it declares nothing (an MCP device pushes what it has)
+    values: Mapping[str, Value]
+    ts: int  # when the latest values were sampled (unix ms); 0: none yet
+
+
+#: The devices as they are now (their births are made from this).
+DevicesNow = Callable[[], list[DeviceNow]]
+#: The gateway's request path: (`<device>/set/<point>`, JSON value), as an MQTT `set` arrives.
+SetRequest = Callable[[str, bytes], None]
+
+
+@dataclass
+class SparkplugStats(SinkStats):
+    """Counters of a Sparkplug sink: its MQTT connection's, and the node's."""
+
+    births: int = 0  # NBIRTH sequences published (connects, rebirths, reloads)
+    rebirth_requests: int = 0
+    device_births: int = 0
+    device_deaths: int = 0
+    commands: int = 0  # DCMD metrics handed to the write path
+    bad_commands: int = 0  # NCMD/DCMD/STATE payloads refused unread
+    host_online: bool | None = None  # the primary host's last STATE (None: no primary host, or not heard yet)
+
+
+def _metric_sets(node: list[tuple[MetricSpec, Value]], devices: list[DeviceNow]) -> object:
+    """What the births declare, to compare: the node's metrics and each device's declared ones."""
+    return tuple(spec for spec, _ in node), tuple((d.name, d.specs) for d in devices)
+
+
+class SparkplugNode:
+    """The Publisher of a Sparkplug sink's outbox; the MQTT connection under it is an `MqttSink` it drives."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        group: str,
+        edge: str,
+        primary_host: str | None,
+        bdseq: BdSeqFile,
+        devices: DevicesNow,
+        node_metrics: NodeMetrics,
+        on_set: SetRequest,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.name = name
+        self.primary_host = primary_host
+        self.session = EdgeSession(group, edge)
+        self.counts = SparkplugStats()
+        self.mqtt: MqttSink | None = None
+        self._bdseq = bdseq
+        self._bd_seq = bdseq.value or 0
+        self._devices = devices
+        self._node_metrics = node_metrics
+        self._on_set = on_set
+        self._clock = clock
+        self._born_for: int | None = None  # the MQTT connection (its connects count) whose births are out
+        self._ready = asyncio.Event()
+        self._host_ts = -1  # the newest STATE's timestamp seen
+        self._prepare = Prepare(node_metrics, clock)
+        self.prepare = self._prepare.prepare  # the outbox's (prepare.py)
+        self._history_born: set[str] = set()  # offline devices born only to carry their stored data
+        self._born_with: object = None  # the devices' and the node's metric sets of the last births
+
+    # --- what the MQTT connection is built with -------------------------------------------------
+
+    def attach(self, mqtt: MqttSink) -> None:
+        """Take the connection this node publishes on (built with the hooks below)."""
+        self.mqtt = mqtt
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        """Below `spBv1.0/`: the node's and its devices' commands, and the primary host's STATE."""
+        own = (self.session.topic("NCMD"), self.session.topic("DCMD", "+"))
+        return own + ((f"STATE/{self.primary_host}",) if self.primary_host else ())
+
+    def will(self) -> Message:
+        """The will of a new connection: an NDEATH with the next bdSeq (kept in the state dir before it is used)."""
+        self._bd_seq = self._bdseq.next()
+        return self._ndeath()
+
+    def goodbye(self) -> Message:
+        """The NDEATH published before a clean disconnect (it would not fire the will)."""
+        return self._ndeath()
+
+    def _ndeath(self) -> Message:
+        return Message(self.session.topic("NDEATH"), self.session.ndeath(self._bd_seq, self._clock()), qos=1)
+
+    def retained_ok(self, relative: str) -> bool:
+        """The primary host's STATE is retained by design: it is state to take, not a stale request."""
+        return self.primary_host is not None and relative == f"STATE/{self.primary_host}"
+
+    # --- the Publisher the outbox sees ------------------------------------------------------------
+
+    @property
+    def stats(self) -> SparkplugStats:
+        """The sink's counters (the MQTT connection's and the node's), for P/metrics and /metrics."""
+        if self.mqtt is not None:
+            for f in fields(SinkStats):
+                setattr(self.counts, f.name, getattr(self.mqtt.stats, f.name))
+        return self.counts
+
+    @property
+    def connected(self) -> bool:
+        """True once this connection's births are out: until then the outbox spools."""
+        return self.mqtt is not None and self.mqtt.connected and self._born_for == self.mqtt.stats.connects
+
+    def topic(self, relative: str) -> str:
+        """The full topic of a gateway-relative one; a `set` request is named by the DCMD it came as."""
+        parts = relative.split("/")
+        if len(parts) == 3 and parts[1] == "set":
+            return f"{NAMESPACE}/{self.session.topic('DCMD', parts[0])}"
+        return f"{NAMESPACE}/{relative}"
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a session with its births out."""
+        if self.connected:
+            return True
+        self._ready.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return self.connected
+
+    async def start(self) -> None:
+        """Start connecting; the births follow the connection (and the primary host's STATE)."""
+        assert self.mqtt is not None
+        await self.mqtt.start()
+
+    async def stop(self) -> None:
+        """Publish the NDEATH and disconnect."""
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+
+    def try_publish(self, message: Message) -> asyncio.Future[None] | None:
+        """Publish the Sparkplug message(s) a prepared message makes now; None while no session is born."""
+        if not self.connected:
+            return None
+        assert self.mqtt is not None
+        now = self._clock()
+        out: list[tuple[str, bytes]] = []
+        device, _, rest = message.topic.partition("/")
+        body = json.loads(message.payload) if rest == "telemetry" or message.topic == "metrics" else None
+        if rest == "telemetry" and body is not None:
+            values, ts = body["values"], int(body["ts"])
+            if self.session.needs_birth(device, values):
+                birth = self._dbirth(device, now, extra=values)
+                if birth is None:
+                    return self._done()  # a device the gateway no longer has
+                out.append(birth)
+            data = self.session.ddata(device, values, ts, now)
+            if data is not None:
+                out.append(data)
+            if ts > self.session.devices[device].ts:
+                out += self._bury_history(now)
+        elif rest == "status":
+            out += self._status(device, message.payload == b"online", message.ts or now, now)
+        elif message.topic == "metrics" and body is not None:
+            data = self.session.ndata(body["values"], now)
+            out += [data] if data is not None else []
+        return self._send(out)
+
+    def _status(self, device: str, online: bool, ts: int, now: int) -> list[tuple[str, bytes]]:
+        if self.session.node is not None and ts < self.session.node.ts:
+            return []  # stale: this session's births already say how the device is now
+        if online:
+            if device in self.session.devices:
+                return []
+            birth = self._dbirth(device, now)
+            return [birth] if birth is not None else []
+        self._history_born.discard(device)
+        death = self.session.ddeath(device, now)
+        if death is None:
+            return []
+        self.counts.device_deaths += 1
+        return [death]
+
+    def _bury_history(self, now: int) -> list[tuple[str, bytes]]:
+        """DDEATHs for offline devices born only for their stored data, once live data flows again."""
+        if not self._history_born:
+            return []
+        online = {d.name for d in self._devices() if d.online}
+        out = []
+        for name in sorted(self._history_born - online):
+            death = self.session.ddeath(name, now)
+            if death is not None:
+                self.counts.device_deaths += 1
+                out.append(death)
+        self._history_born.clear()
+        return out
+
+    def _send(self, out: list[tuple[str, bytes]]) -> asyncio.Future[None] | None:
+        assert self.mqtt is not None
+        fut: asyncio.Future[None] | None = None
+        for topic, payload in out:
+            fut = self.mqtt.try_publish(Message(topic, payload, qos=0))
+            if fut is None:
+                return None  # the connection went just now: the next one births again
+        return fut if fut is not None else self._done()
+
+    @staticmethod
+    def _done() -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    # --- births -----------------------------------------------------------------------------------
+
+    def _dbirth(self, device: str, now: int, extra: Mapping[str, Value] | None = None) -> tuple[str, bytes] | None:
+        """A DBIRTH of `device` as the gateway has it now (with `extra`'s metrics if its birth lacks them)."""
+        found = next((d for d in self._devices() if d.name == device), None)
+        if found is None or not (found.specs or found.values or extra):
+            return None  # gone, or nothing to declare yet (an MCP device before its first data): born with that
+        seen = {**found.values, **(extra or {})}
+        birth = self.session.dbirth(device, specs_for(found.specs, seen), found.values, found.ts, now)
+        if not found.online:
+            self._history_born.add(device)
+        self.counts.device_births += 1
+        return birth
+
+    def birth(self) -> None:
+        """NBIRTH and a DBIRTH for each online device, now; the outbox may publish once they are out."""
+        if self.mqtt is None or not self.mqtt.connected:
+            return
+        now = self._clock()
+        node_metrics, devices = self._node_metrics(), self._devices()
+        self._born_with = _metric_sets(node_metrics, devices)
+        out = [self.session.nbirth(self._bd_seq, node_metrics, now)]
+        self._prepare.put.node.update((spec.name, value) for spec, value in node_metrics)  # the host has these now
+        self._history_born.clear()
+        for device in devices:
+            if device.online and (device.specs or device.values):
+                specs = specs_for(device.specs, device.values)
+                out.append(self.session.dbirth(device.name, specs, device.values, device.ts, now))
+                self.counts.device_births += 1
+        self.counts.births += 1
+        self._born_for = self.mqtt.stats.connects
+        if self._send(out) is None:
+            self._born_for = None
+            return
+        self._ready.set()
+        log.info("sink %s: NBIRTH (bdSeq %d) and %d DBIRTH(s) published", self.name, self._bd_seq, len(out) - 1)
+
+    def rebirth(self) -> None:
+        """Births again (a host asked, or the devices or their points changed): only in a born session."""
+        if self.connected:
+            self.birth()
+
+    def refresh(self) -> None:
+        """Births again if the devices or the metrics they declare changed (a reload): hosts learn metrics there."""
+        if self.connected and _metric_sets(self._node_metrics(), self._devices()) != self._born_with:
+            log.info("sink %s: the devices or their metrics changed: births again", self.name)
+            self.birth()
+
+    async def on_connect(self) -> None:
+        """A new connection: births at once, or once the primary host's STATE says it is online.
+
+        With a primary host the births wait for its STATE on this connection (retained: it comes right after the
+        subscription), even if the last one said online: the host may have left while we were away.
+        """
+        if self.primary_host is None and not self.connected:
+            self.birth()
+
+    # --- from the broker ------------------------------------------------------------------------
+
+    def on_message(self, relative: str, payload: bytes) -> None:
+        """A STATE, NCMD or DCMD for this node (topic below `spBv1.0/`)."""
+        parts = relative.split("/")
+        try:
+            if parts[0] == "STATE":
+                self._on_state(payload)
+            elif len(parts) == 3 and parts[1] == "NCMD":
+                if rebirth_requested(self.session, payload):
+                    self.counts.rebirth_requests += 1
+                    log.info("sink %s: a host asked for a rebirth", self.name)
+                    self.rebirth()
+            elif len(parts) == 4 and parts[1] == "DCMD":
+                for name, value in device_writes(self.session, parts[3], payload):
+                    self.counts.commands += 1
+                    self._on_set(f"{parts[3]}/set/{name}", dumps_safe(value))
+        except (CommandRefused, ValueError) as exc:
+            self.counts.bad_commands += 1
+            if self.counts.bad_commands == 1 or self.counts.bad_commands % 1000 == 0:
+                bad = self.counts.bad_commands
+                log.warning("sink %s: refused %s: %s (%d so far)", self.name, relative[:120], exc, bad)
+
+    def _on_state(self, payload: bytes) -> None:
+        state = read_state(payload)
+        if state.timestamp < self._host_ts:
+            return  # older than one seen: a stale retained copy
+        self._host_ts = state.timestamp
+        was, self.counts.host_online = self.counts.host_online, state.online
+        if state.online:
+            if was is not True:
+                log.info("sink %s: primary host %s is online", self.name, self.primary_host)
+            if self.mqtt is not None and self.mqtt.connected and not self.connected:
+                self.birth()
+            return
+        log.warning("sink %s: primary host %s is offline: data stays in the spool", self.name, self.primary_host)
+        if self.connected and self.mqtt is not None:
+            # The specification: NDEATH, disconnect, connect again (a new bdSeq) and wait for the host.
+            self._born_for = None
+            self.mqtt.try_publish(self.goodbye())
+            self.mqtt.drop()
