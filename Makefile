@@ -67,11 +67,21 @@ test-tools:
 	$(SUDO) apt-get update -q; \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
 
+# The Sparkplug tests decode what the gateway publishes with an independent implementation (pysparkplug), which
+# needs paho-mqtt<2: it lives in a venv of its own (tests/sparkplug/independent/README.md).
+SPB_VENV := .venv-sparkplug
+SPB_REQS := tests/sparkplug/independent/requirements.txt
+
+$(SPB_VENV)/.installed: $(SPB_REQS)
+	$(PY) -m venv $(SPB_VENV)
+	$(SPB_VENV)/bin/pip install -q -r $(SPB_REQS)
+	touch $@
+
 # Two test processes (pytest-xdist): most tests wait on sockets, lines and deadlines, so two share the
 # cores well; TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.installed-test mosquitto chromium test-tools
+test: $(VENV)/.installed-test $(SPB_VENV)/.installed mosquitto chromium test-tools
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Style, types and layers (.ci/run runs it beside make test): ruff on every Python file of the project, mypy (strict
@@ -86,7 +96,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/lint-imports
 
 # The whole suite with both cores busy (stress-ng --cpu 2 beside it), as on a shared CI machine: it must pass.
-test-stress: $(VENV)/.installed-test mosquitto chromium test-tools
+test-stress: $(VENV)/.installed-test $(SPB_VENV)/.installed mosquitto chromium test-tools
 	@stress-ng --cpu 2 --timeout 3600s --quiet & stress=$$!; \
 	trap 'kill $$stress 2>/dev/null; wait $$stress 2>/dev/null' EXIT; \
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
@@ -115,4 +125,4 @@ proto:
 	cd $(PROTO_DIR) && $(CURDIR)/$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. sparkplug_b.proto
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .hypothesis
+	rm -rf $(VENV) $(SPB_VENV) var .pytest_cache .hypothesis
