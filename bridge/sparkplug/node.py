@@ -31,6 +31,8 @@ from gateway.types import Message, Value, now_ms
 log = logging.getLogger("bridge.sparkplug")
 
 NAMESPACE = "spBv1.0"
+#: Births at most this often on request (seconds): faster requests share one.
+REBIRTH_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class SparkplugNode:
         self.prepare = self._prepare.prepare  # the outbox's (prepare.py)
         self._history_born: set[str] = set()  # offline devices born only to carry their stored data
         self._born_with: object = None  # the devices' and the node's metric sets of the last births
+        self._last_birth = float("-inf")  # loop time of the last births
+        self._rebirth_later: asyncio.TimerHandle | None = None
 
     # --- what the MQTT connection is built with -------------------------------------------------
 
@@ -172,6 +176,8 @@ class SparkplugNode:
 
     async def stop(self) -> None:
         """Publish the NDEATH and disconnect."""
+        if self._rebirth_later is not None:
+            self._rebirth_later.cancel()
         if self.mqtt is not None:
             await self.mqtt.stop()
 
@@ -277,6 +283,7 @@ class SparkplugNode:
                 out.append(self.session.dbirth(device.name, specs, device.values, device.ts, now))
                 self.counts.device_births += 1
         self.counts.births += 1
+        self._last_birth = asyncio.get_running_loop().time()
         self._born_for = self.mqtt.stats.connects
         if self._send(out) is None:
             self._born_for = None
@@ -285,7 +292,22 @@ class SparkplugNode:
         log.info("sink %s: NBIRTH (bdSeq %d) and %d DBIRTH(s) published", self.name, self._bd_seq, len(out) - 1)
 
     def rebirth(self) -> None:
-        """Births again (a host asked, or the devices or their points changed): only in a born session."""
+        """Births again (a host asked, or the devices or their points changed): only in a born session.
+
+        At most one per REBIRTH_INTERVAL: requests that come faster (a host that asks on every gap, or one that
+        floods) are answered by one rebirth at the end of the interval, not one each.
+        """
+        if not self.connected:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_birth + REBIRTH_INTERVAL - loop.time()
+        if wait <= 0:
+            self.birth()
+        elif self._rebirth_later is None:
+            self._rebirth_later = loop.call_later(wait, self._deferred_rebirth)
+
+    def _deferred_rebirth(self) -> None:
+        self._rebirth_later = None
         if self.connected:
             self.birth()
 
@@ -343,5 +365,7 @@ class SparkplugNode:
         if self.connected and self.mqtt is not None:
             # The specification: NDEATH, disconnect, connect again (a new bdSeq) and wait for the host.
             self._born_for = None
-            self.mqtt.try_publish(self.goodbye())
+            sent = self.mqtt.try_publish(self.goodbye())
+            if sent is not None:  # its PUBACK may not come before the disconnect: nobody waits for it
+                sent.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.mqtt.drop()
