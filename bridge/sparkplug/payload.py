@@ -6,6 +6,7 @@ The payload classes are protoc's (sparkplug_b_pb2, from sparkplug_b.proto); this
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -103,8 +104,9 @@ def set_value(metric: Metric, datatype: int, value: Value) -> None:
     elif datatype == FLOAT:
         assert isinstance(value, int | float)
         try:
-            metric.float_value = float(value)
-        except OverflowError:
+            # struct refuses a finite number past float32's range: protobuf would store it as an infinity
+            metric.float_value = struct.unpack("<f", struct.pack("<f", float(value)))[0]
+        except (OverflowError, struct.error):
             metric.is_null = True
     else:
         assert isinstance(value, int)
@@ -125,16 +127,30 @@ def get_value(metric: Metric, datatype: int | None = None) -> Value:
     if kind == "boolean_value":
         return metric.boolean_value
     if kind == "string_value":
-        return metric.string_value
+        text = metric.string_value
+        return text if isinstance(text, str) else None  # protobuf hands a proto2 string that is not UTF-8 as bytes
     if kind in ("double_value", "float_value"):
         number = metric.double_value if kind == "double_value" else metric.float_value
         return number if math.isfinite(number) else None
     if kind in ("int_value", "long_value"):
         raw = metric.int_value if kind == "int_value" else metric.long_value
-        bits, signed = _INTS.get(dt or 0, (32 if kind == "int_value" else 64, False))
-        if signed and raw >= 1 << (bits - 1):
-            return raw - (1 << bits)
-        return raw
+        field_bits = 32 if kind == "int_value" else 64
+        bits, signed = _INTS.get(dt or 0, (field_bits, False))
+        return _int_from(raw, min(bits, field_bits), signed, field_bits)
+    return None
+
+
+def _int_from(raw: int, bits: int, signed: bool, field_bits: int) -> int | None:
+    """The integer an unsigned wire field holds for a `bits`-wide type; None when it holds no such integer.
+
+    A negative value comes as its two's complement at the type's width (Int16 -1: 65535), or sign-extended to the
+    field's width (0xFFFFFFFF) as some encoders send it; anything else past the type's range is no value of it
+    (Int16 70000 is not 4464).
+    """
+    if raw < 1 << bits:
+        return raw - (1 << bits) if signed and raw >= 1 << (bits - 1) else raw
+    if signed and raw >= (1 << field_bits) - (1 << (bits - 1)):
+        return raw - (1 << field_bits)
     return None
 
 
