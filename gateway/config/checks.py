@@ -12,6 +12,7 @@ from gateway.config import ha_entities as ha
 from .addresses import exposed, host_port, port_key
 from .checks_modbus_tcp import ModbusTcpChecks
 from .checks_sim import SimulatorChecks
+from .checks_sparkplug import SparkplugChecks
 from .problems import Path, Problem, hint
 from .prune import Pruned
 from .schema import BusConfig, Config, DeviceConfig, PointConfig
@@ -26,7 +27,7 @@ def check(config: Config, source: Source, pruned: Pruned) -> tuple[list[Problem]
     return checks.errors, checks.warnings
 
 
-class _Checks(SimulatorChecks, ModbusTcpChecks):
+class _Checks(SimulatorChecks, ModbusTcpChecks, SparkplugChecks):
     """Cross-references that no single model can check, run on the typed config."""
 
     def run(self) -> None:
@@ -37,6 +38,7 @@ class _Checks(SimulatorChecks, ModbusTcpChecks):
         self._devices()
         self._ha_ids()
         self._sinks()
+        self._sparkplug()  # after _devices: a device's metrics are its template's points and its own
         self._mcp()
         self._simulator()
         self._modbus_server()  # after _devices: it names the devices that exist
