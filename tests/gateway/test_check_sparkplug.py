@@ -4,6 +4,7 @@ and that the Sparkplug-only warnings stay out of configs without a sparkplug sin
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,14 @@ def test_two_edge_nodes_apart_by_group_are_fine_and_the_same_pair_twice_is_refus
         _warnings(text.replace("group_id: g2", "group_id: g1, edge_node_id: gw1"))
     assert len(info.value.errors) == 1
     assert "sink 'b' is Sparkplug edge node g1/gw1 on mqtt://h:1883, as sink 'a' is (line 3)" in info.value.errors[0]
+
+
+def test_every_sparkplug_key_is_in_the_readmes_sparkplug_table() -> None:
+    """The README's Sparkplug section has a row for `format` and each key of the `sparkplug` section."""
+    from gateway.config.schema import SparkplugConfig
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Sparkplug B (Ignition and other SCADA hosts)", 1)[1].split("\n## ", 1)[0]
+    rows = {row.split("|")[1].strip().strip("`") for row in section.splitlines() if row.startswith("| `")}
+    expected = {"format"} | {f"sparkplug.{key}" for key in SparkplugConfig.model_fields}
+    assert expected - rows == set(), "keys the README's Sparkplug table does not name"
