@@ -139,6 +139,18 @@ def benches(out: Path) -> list[Bench]:
             ),
         ),
         Bench(
+            "sparkplug",
+            "sparkplug_bench.py",
+            ("--short",),
+            expects=(
+                "gateway CPU per MCP DATA frame, MCP 1,000 frames/s, Sparkplug",
+                "bytes on the wire per MCP DATA frame, MCP 1,000 frames/s, Sparkplug",
+                "gateway CPU per field sample, shipped demo config, Sparkplug",
+                "bytes on the wire per field sample, shipped demo config, Sparkplug",
+                "connect → last DBIRTH, 100 devices x 50 points",
+            ),
+        ),
+        Bench(
             "hostile",
             "hostile_bench.py",
             expects=(
