@@ -255,6 +255,7 @@ class GatewayCollector(Collector):
         yield from c.values()
         yield connected
         yield published
+        yield from _sparkplug(snap)
 
     def _gateway(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         snap.require(TASKS)
@@ -293,6 +294,38 @@ class GatewayCollector(Collector):
             yield _by_reason(
                 "broker_auth_failures", "Embedded broker logins refused, by reason.", snap.broker_login_failures
             )
+
+
+#: A Sparkplug sink's own counters (bridge/sparkplug/node.py SparkplugStats), by their key in the sink's counters.
+SPARKPLUG_COUNTERS = {
+    "births": "NBIRTH sequences published (connects, rebirths, reloads that changed the metrics).",
+    "rebirth_requests": "Rebirth requests (NCMD Node Control/Rebirth) from host applications.",
+    "device_births": "DBIRTH messages published.",
+    "device_deaths": "DDEATH messages published.",
+    "commands": "DCMD metrics handed to the write path (each is audited there).",
+    "bad_commands": "NCMD, DCMD and STATE payloads refused unread (not Sparkplug, too large, too many metrics).",
+}
+
+
+def _sparkplug(snap: GatewaySnapshot) -> Iterator[Metric]:
+    """The series of Sparkplug sinks (those whose counters are a SparkplugStats'); none without one."""
+    sinks = [sink for sink in snap.sinks if "births" in sink.counters]
+    if not sinks:
+        return
+    families = {key: _counter(f"sparkplug_{key}", doc, ["sink"]) for key, doc in SPARKPLUG_COUNTERS.items()}
+    host = _gauge(
+        "sparkplug_host_online",
+        "1 while the primary host's last STATE says online, 0 when it says offline (absent: none configured or heard).",
+        ["sink"],
+    )
+    for sink in sinks:
+        for key, family in families.items():
+            family.add_metric([sink.name], sink.counters[key])
+        online = sink.counters.get("host_online")
+        if online is not None:
+            host.add_metric([sink.name], 1 if online else 0)
+    yield from families.values()
+    yield host
 
 
 def _by_reason(name: str, doc: str, counts: dict[str, int], *, label: str = "reason") -> Metric:

@@ -53,6 +53,9 @@ def _cells(values: list[tuple[str, bool]]) -> str:
     return "<tr>" + "".join(f'<td class="n">{v}</td>' if n else f"<td>{v}</td>" for v, n in values) + "</tr>"
 
 
+#: A Sparkplug sink's counters, in the order of the page's columns after the primary host's.
+_SPARKPLUG_KEYS = ("births", "rebirth_requests", "device_births", "device_deaths", "commands", "bad_commands")
+
 #: Ages beyond this (about 31,700 years) are not ages: a device clock or a ts that is not one.
 _AGE_MAX_MS = 10**15
 
@@ -263,4 +266,21 @@ class StatusPage:
                 )
             )
         headers = ["sink", "broker", "queued", "spooled", "spool size", "oldest", "dropped", "fsyncs", "written"]
-        return _table(headers, rows)
+        return _table(headers, rows) + self._sparkplug()
+
+    def _sparkplug(self) -> str:
+        """The Sparkplug sinks' node counters, under the sinks (a sparkplug sink counts as connected once born)."""
+        sinks = [sink for sink in self.snapshot.sinks if "births" in sink.counters]
+        if not sinks:
+            return ""
+        rows = []
+        for sink in sinks:
+            c = sink.counters
+            host = c.get("host_online")
+            cells = [(_e(sink.name), False), ("—" if host is None else _state(bool(host)), False)]
+            cells += [(str(c[key]), True) for key in _SPARKPLUG_KEYS]
+            rows.append(_cells(cells))
+        headers = ["Sparkplug sink", "primary host", "births", "rebirth requests", "device births", "device deaths"]
+        headers += ["writes (DCMD)", "refused commands"]
+        note = "<p>A Sparkplug sink shows connected once its births are out; — : no primary host, or no STATE yet.</p>"
+        return _table(headers, rows) + note

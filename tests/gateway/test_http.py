@@ -9,21 +9,29 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
+from bridge.outbox import OutboxSnapshot
+from bridge.sink import SinkStats
+from bridge.sparkplug.node import SparkplugStats
 from drivers.mcp.codec import Frame, FrameType
 from gateway import __version__
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.errors import FieldgateError
 from gateway.jsonsafe import loads_strict
+from gateway.prometheus import GatewayCollector
+from gateway.snapshot import GatewaySnapshot, SinkSnapshot
+from gateway.status_page import StatusPage
 from gateway.types import Sample
 from gateway.utilisation import Utilisation
 
@@ -623,3 +631,57 @@ def test_utilisation_is_wire_time_over_the_last_minute() -> None:
         util.sample([bus], float(t))  # type: ignore[list-item]
     # The oldest sample kept is the newest one at least 60 s old: t=40, wire 4.0; now wire 30.0.
     assert util.ratio(bus, 100.0) == pytest.approx((30.0 - 4.0) / 60)  # type: ignore[arg-type]
+
+
+# --- Sparkplug sinks -------------------------------------------------------------------------------------
+
+
+def _sparkplug_snapshot() -> GatewaySnapshot:
+    """A JSON sink and two Sparkplug sinks (primary host offline; none heard) as the snapshot builder makes them."""
+    figures = asdict(OutboxSnapshot(0, 0, 0, None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    node = SparkplugStats(published=40, births=3, rebirth_requests=1, device_births=9, device_deaths=2, commands=5)
+    sinks = (
+        SinkSnapshot("local", True, asdict(SinkStats(published=7)), figures, 0, None, 0),
+        SinkSnapshot("scada", False, asdict(replace(node, bad_commands=4, host_online=False)), figures, 0, None, 0),
+        SinkSnapshot("hist", True, asdict(SparkplugStats(births=1)), figures, 0, None, 0),
+    )
+    return GatewaySnapshot("g", 100.0, 0, 1.0, False, sinks=sinks)
+
+
+def _registry(collector: GatewayCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def test_metrics_show_a_sparkplug_sinks_node_counters_and_its_primary_host_as_a_gauge() -> None:
+    """/metrics: fieldgate_sparkplug_* per Sparkplug sink; host_online 1/0, absent while no STATE was heard."""
+    snap = _sparkplug_snapshot()
+    text = generate_latest(_registry(GatewayCollector(lambda parts=(): snap, Utilisation()))).decode()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    expected = {"births": 3, "rebirth_requests": 1, "device_births": 9, "device_deaths": 2, "commands": 5}
+    for key, count in {**expected, "bad_commands": 4}.items():
+        assert value(samples, f"fieldgate_sparkplug_{key}_total", sink="scada") == count
+    assert value(samples, "fieldgate_sparkplug_births_total", sink="hist") == 1
+    assert value(samples, "fieldgate_sparkplug_host_online", sink="scada") == 0
+    assert ("fieldgate_sparkplug_host_online", frozenset({("sink", "hist")})) not in samples  # None: no series
+    assert not any(n.startswith("fieldgate_sparkplug") and dict(lbl).get("sink") == "local" for n, lbl in samples)
+    assert value(samples, "fieldgate_sink_published_total", sink="scada") == 40
+
+
+def test_status_page_shows_a_sparkplug_sinks_counters_and_primary_host() -> None:
+    """The page has a row per Sparkplug sink: its primary host (— when none heard) and its node counters."""
+    page = PageParser()
+    page.feed(StatusPage(_sparkplug_snapshot(), Utilisation(), []).render())
+    rows = [cells for section, cells in page.rows if section == "sinks"]
+    assert rows[-3:] == [
+        ["Sparkplug sink", "primary host", "births", "rebirth requests", "device births", "device deaths"]
+        + ["writes (DCMD)", "refused commands"],
+        ["scada", "offline", "3", "1", "9", "2", "5", "4"],
+        ["hist", "—", "1", "0", "0", "0", "0", "0"],
+    ]
+    assert [cells[0] for cells in rows[:4]] == ["sink", "local", "scada", "hist"]  # the sinks table as before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -163,3 +164,16 @@ def test_health_reads_only_its_parts_and_a_part_not_read_cannot_pass_for_empty()
         snap.require(MCP)
     with pytest.raises(LookupError):
         metrics_payload(snap)
+
+
+def test_metrics_payload_carries_a_sparkplug_sinks_node_counters_and_its_host_state_as_json() -> None:
+    """P/metrics: a Sparkplug sink's counters sit with its other ones; host_online is true/false, or null unheard."""
+    from bridge.sparkplug.node import SparkplugStats
+
+    heard = SinkSnapshot("scada", True, asdict(SparkplugStats(births=2, commands=3, host_online=True)), {}, 0, None, 0)
+    unheard = SinkSnapshot("hist", False, asdict(SparkplugStats()), {}, 0, None, 0)
+    snap = GatewaySnapshot("g", 100.0, 0, 1.0, False, mcp=None, sinks=(heard, unheard))
+    sinks = metrics_payload(snap)["sinks"]
+    assert sinks["scada"]["births"] == 2 and sinks["scada"]["commands"] == 3  # type: ignore[index]
+    assert sinks["scada"]["host_online"] is True and sinks["hist"]["host_online"] is None  # type: ignore[index]
+    assert json.loads(json.dumps(sinks))["hist"]["host_online"] is None  # JSON null, not a number
