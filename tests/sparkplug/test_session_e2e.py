@@ -20,6 +20,7 @@ from sparkplug.rig import EDGE, GROUP, Recorded, Rig, SpbRecorder, decode_indepe
 from sparkplug.sparkplug_decode import DECODER, SPB_PYTHON
 
 from bridge.sparkplug import sparkplug_b_pb2 as pb
+from bridge.sparkplug.node import REBIRTH_INTERVAL
 from gateway import __version__
 
 import configs
@@ -210,6 +211,15 @@ def test_births_on_connect_declare_every_metric_and_data_carries_only_changes_by
                 matched += 1
     assert matched >= len(ddata) // 2, "the DDATA metric timestamps are not the samples' ts"
     assert all(m.device in DEVICES for m in rig.recorder.of("DDATA"))
+    # Only changes: no metric is sent with the value it last had (in the birth or a DDATA), MCP's whole frames too.
+    last: dict[tuple[str | None, int], Any] = {}
+    for m in messages:
+        if m.kind in ("DBIRTH", "DDATA"):
+            for metric in m.decoded().metrics:
+                key = (m.device, metric.alias)
+                if m.kind == "DDATA":
+                    assert key not in last or last[key] != value_of(metric), f"{m.topic} resent {metric}"
+                last[key] = value_of(metric)
     assert seq_breaks(messages) == []
     agree_with_the_independent_decoder(messages)
 
@@ -281,18 +291,40 @@ class HostApp:
 
 def test_a_rebirth_request_births_the_node_and_every_device_again_with_the_same_bdseq(tmp_path: Path) -> None:
     """NCMD `Node Control/Rebirth` = true (sent by the independent host) -> NBIRTH seq 0 with the same bdSeq and
-    aliases, a DBIRTH of every online device, then data with seq running on; `false`, garbage and an NCMD for
-    another edge node birth nothing."""
+    aliases, a DBIRTH of every online device, then data with seq running on; `false`, a String "true", garbage and
+    an NCMD for another edge node birth nothing."""
     with Rig(tmp_path) as rig:
-        first = wait_births(rig)
-        wait_ddata(rig, "plc", 3, first.index)
-        mark = rig.recorder.mark()
         rec = rig.recorder
-        # Published at QoS 1 and acknowledged before the host's request: the broker hands them to the node first.
+        first = wait_births(rig)
+        # Past the rebirth interval, so that a rebirth (wrongly) asked below would go out at once, not be deferred.
+        rig.wait(
+            lambda: [m for m in rec.of("DDATA", "plc") if m.at > first.at + REBIRTH_INTERVAL + 0.2],
+            20,
+            "data past the rebirth interval",
+        )
+        mark = rec.mark()
+        # All from one connection at QoS 1: the broker hands them to the node in this order, the DCMD last. Its
+        # read-back (a DDATA of temp 33.3) is the node's answer to a message after every refused request.
         rec.publish(NCMD, ncmd_rebirth(False), qos=1)
         rec.publish(NCMD, b"\xff\xff\xff\x0fnot protobuf", qos=1)
         rec.publish(NCMD, payload_of([("Node Control/Rebirth", DATATYPE["String"], "true")]), qos=1)
         rec.publish(f"{NS}/NCMD/another-edge", ncmd_rebirth(True), qos=1)
+        rec.publish(f"{NS}/DCMD/{EDGE}/plc", payload_of([("temp", DATATYPE["Double"], 33.3)]), qos=1)
+        temp = aliases(next(b for b in births_after(rec, first) if b.device == "plc"))["temp"]
+        written = rig.wait(
+            lambda: next(
+                (
+                    m
+                    for m in rec.of("DDATA", "plc", mark)
+                    if any(x.alias == temp and x.double_value == 33.3 for x in m.decoded().metrics)
+                ),
+                None,
+            ),
+            20,
+            "the read-back of the DCMD after the refused requests",
+        )
+        refused = [m.topic for m in rec.since(mark)[: written.index - mark] if m.kind in ("NBIRTH", "DBIRTH")]
+        assert refused == [], f"a request that is no rebirth request made {refused}"
         host = HostApp(rig.mosquitto.port)
         try:
             host.expect(lambda line: line.get("event") == "online")
@@ -313,7 +345,7 @@ def test_a_rebirth_request_births_the_node_and_every_device_again_with_the_same_
     after = {b.device: aliases(b) for b in births_after(rec, again)}
     assert set(after) == set(DEVICES) and after == before, "every device born again, with the aliases it had"
     assert seq_breaks(messages) == []
-    agree_with_the_independent_decoder([m for m in messages if m.kind != "NCMD"])
+    agree_with_the_independent_decoder([m for m in messages if m.kind not in ("NCMD", "DCMD")])
 
 
 # --- 3. a device that goes and comes back ----------------------------------------------------
