@@ -7,7 +7,7 @@ MQTT in the order they were made here, so that `seq` on the wire runs as it runs
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bridge.sparkplug.payload import (
     BOOLEAN,
@@ -172,5 +172,8 @@ def specs_for(declared: Iterable[MetricSpec] | None, seen: Mapping[str, Value]) 
     for name, value in seen.items():
         known = out.get(name)
         if known is None or not fits(known.datatype, value):
-            out[name] = MetricSpec(name, datatype_of(value), None if known is None else known.unit)
+            # A declared metric keeps its unit, range and writability: only its datatype grows to the value's.
+            out[name] = (
+                MetricSpec(name, datatype_of(value)) if known is None else replace(known, datatype=datatype_of(value))
+            )
     return list(out.values())
