@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
+from bridge.broker_acl import Access, default_access
+
 from .checkbase import CheckBase
 from .problems import Path
 from .schema import SinkConfig
@@ -30,6 +32,8 @@ class SparkplugChecks(CheckBase):
         if not sinks:
             return
         self._edge_nodes(sinks)
+        for s, sink in sinks:
+            self._embedded_access(s, sink)
         self._device_case()
         self._metric_case()
         if self.config.homeassistant.enabled and len(sinks) == len(self.config.northbound):
@@ -60,6 +64,38 @@ class SparkplugChecks(CheckBase):
                 "and each sink's births and deaths would end the other's session at the host; "
                 "give one another edge_node_id",
             )
+
+    def _embedded_access(self, s: int, sink: SinkConfig) -> None:
+        """On the embedded broker with users, a host must be let publish its STATE and commands (the default lets
+        users publish only the JSON sinks' set/cmd topics): without that, a primary host's STATE never arrives."""
+        broker = self.config.broker
+        if sink.url is not None or not broker.enabled or broker.users is None:
+            return
+        assert sink.sparkplug is not None
+        sp = sink.sparkplug
+        base = f"spBv1.0/{sp.group_id}"
+        edge = sp.edge_node_id or self.config.gateway.id
+        topics = [f"{base}/NCMD/{edge}", f"{base}/DCMD/{edge}/<device>"]
+        topics = ([f"spBv1.0/STATE/{sp.primary_host}"] if sp.primary_host else []) + topics
+        if broker.acl is None:
+            prefixes = [self.config.prefix_for(n) for n in self.config.northbound if n.url is None]
+            rules = [default_access(prefixes)]
+        else:
+            rules = [Access(tuple(rule.read), tuple(rule.write)) for rule in broker.acl.values()]
+        denied = [t for t in topics if not any(rule.may_write(t.replace("<device>", "d")) for rule in rules)]
+        if not denied:
+            return
+        state = sp.primary_host is not None and denied[0].startswith("spBv1.0/STATE/")
+        effects = ["the primary host's STATE never arrives, so the sink never births and keeps all in its spool"]
+        effects = effects if state else []
+        if len(denied) > (1 if state else 0):
+            effects.append("no rebirth request or write reaches the node")
+        self._warn(
+            ("northbound", s),
+            f"sparkplug sink {sink.name!r} is on the embedded broker, where no user may publish "
+            f"{', '.join(denied)} ({'the default access' if broker.acl is None else 'broker.acl'}): "
+            f"{'; '.join(effects)}; give the host's user `write:` filters for them in broker.acl",
+        )
 
     def _device_case(self) -> None:
         """Device ids that differ only in case: the specification says they SHOULD NOT (hosts may fold case)."""
