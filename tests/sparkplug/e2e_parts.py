@@ -63,7 +63,13 @@ def state(online: bool, ts: int) -> bytes:
 
 
 def gateway_config(
-    tmp_path: Path, mqtt_url: str, mcp_port: int, *, primary_host: str | None = None, mcp_points: bool = False
+    tmp_path: Path,
+    mqtt_url: str,
+    mcp_port: int,
+    *,
+    primary_host: str | None = None,
+    mcp_points: bool = False,
+    boiler_dead: bool = False,
 ) -> Path:
     """The config: one line (boiler, meter) on a simulated pty, pump-1 over MCP, a JSON and a Sparkplug sink."""
     sparkplug = {"group_id": GROUP, "edge_node_id": EDGE} | ({"primary_host": primary_host} if primary_host else {})
@@ -87,7 +93,7 @@ def gateway_config(
             modbus=[
                 sim_line(
                     "./ttyA",
-                    sim_slave(1, {"temperature": {"value": 60}, "setpoint": {"value": 45}}),
+                    sim_slave(1, {"temperature": {"value": 60}, "setpoint": {"value": 45}}, dead=boiler_dead or None),
                     sim_slave(2, {"count": RAMP}),
                 )
             ]
@@ -142,7 +148,7 @@ class Recorder(Subscriber):
         self.client.publish(topic_, payload, qos=qos, retain=retain)
 
 
-def bool_of(metric: Any) -> Any:
+def value_of(metric: Any) -> Any:
     """A metric's value, whatever field holds it."""
     which = metric.WhichOneof("value")
     return getattr(metric, which) if which else None
@@ -158,6 +164,11 @@ class Rig:
     mcp_port: int
     sub: Recorder
     gw: GatewayProcess
+    primary_host: str | None = None
+
+    def rewrite(self, **keys: Any) -> None:
+        """Write the config again with `keys` of gateway_config changed (for the next start)."""
+        gateway_config(self.tmp, self.mosquitto.url, self.mcp_port, primary_host=self.primary_host, **keys)
 
     @property
     def state_dir(self) -> Path:
@@ -224,7 +235,7 @@ async def rig(
         mcp_port = free_port()
         path = gateway_config(tmp_path, mosq.url, mcp_port, primary_host=primary_host, mcp_points=mcp_points)
         gw = GatewayProcess(["run", "-c", str(path)], tmp_path / "gateway.log", cwd=tmp_path, env=env())
-        r = Rig(tmp_path, mosq, path, mcp_port, sub, gw)
+        r = Rig(tmp_path, mosq, path, mcp_port, sub, gw, primary_host)
         try:
             await r.gw.logged("fieldgate t1 up", timeout=60)
             yield r
@@ -235,6 +246,10 @@ async def rig(
     finally:
         sub.stop()
         mosq.stop()
+        # For a post-mortem of a failed run: what the recorder saw, in order.
+        with (tmp_path / "recorded.jsonl").open("w") as out:
+            for m in sub.messages:
+                out.write(json.dumps({"topic": m.topic, "payload": m.payload.hex(), "at": m.at}) + "\n")
 
 
 @contextlib.contextmanager
