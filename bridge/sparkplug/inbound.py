@@ -63,6 +63,8 @@ def device_writes(session: EdgeSession, device: str, data: bytes) -> list[tuple[
     born = session.devices.get(device)
     for m in payload.metrics:
         name: str | None = m.name if m.HasField("name") and m.name else None
+        if name is not None and not isinstance(name, str):  # protobuf hands a proto2 string not in UTF-8 as bytes
+            raise CommandRefused("a metric name that is not UTF-8")
         if name is None and m.HasField("alias"):
             name = session.name_of(device, m.alias)
         if name is None:
