@@ -22,8 +22,8 @@ The API (kept small and stable: other test files import it):
   0..100 writable, `flow` float32, `status` bitfield bits 0 running / 1 alarm, `serial` string:8) and `aux`
   (unit 2: `count` uint16 ramp); MCP device `pump-1` (declared points `flow_lpm` number l/min, `running` bool)
   pushes every `mcp_interval` s. The field devices run in the test process (`rig.field`, on a thread of its
-  own), so a test can silence a Modbus unit (`field.set_dead(2)`) or drop the MCP device
-  (`field.mcp_disconnect()` / `field.mcp_connect()`).
+  own), so a test can silence a Modbus unit (`field.set_dead(2)`), drop the MCP device
+  (`field.mcp_disconnect()` / `field.mcp_connect()`) or make it push other values (`field.mcp_hold({...})`).
 - `rig.recorder` (`SpbRecorder`): a paho client subscribed to `spBv1.0/#` at QoS 1 (so a message arrives at the
   QoS it was published with, up to 1) recording every message as a `Recorded` (topic, payload, qos, retain,
   at, and its parts: kind, group, edge, device, `decoded()`, `seq`, `metrics()`, `bdseq()`); `of(kind,
@@ -244,6 +244,13 @@ class Field:
         """Connect the simulated MCP device(s) and start pushing."""
         assert self._sim is not None
         self._run(start_mcp_simulation(self._cfg, self._sim, self.mcp_port))
+
+    def mcp_hold(self, values: dict[str, Any]) -> None:
+        """From the next push on, the MCP device(s) send these values (beside their waves, replacing any of the
+        same name), as a device's `set` command would hold them; a name that is no wave is a new metric."""
+        assert self._sim is not None
+        for device in self._sim.mcp_devices:
+            self.loop.call_soon_threadsafe(device.held.update, dict(values))
 
     def mcp_disconnect(self) -> None:
         """Disconnect the simulated MCP device(s)."""
