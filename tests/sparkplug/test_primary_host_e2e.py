@@ -9,11 +9,12 @@ that also publishes the host's STATE (retained, QoS 1, as a Sparkplug 3.0 host d
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sparkplug.e2e_parts import STATE_TOPIC, Rig, decode, rig, state, value_of
+from sparkplug.e2e_parts import JSON_PREFIX, STATE_TOPIC, Rig, decode, rig, state, value_of
 from sparkplug.sparkplug_decode import decode_independently
 
 from gateway.types import now_ms
@@ -211,7 +212,12 @@ async def test_a_kill_9_while_the_primary_host_is_away_loses_no_acked_value(tmp_
             acked_before = len(sender.acked)
             r.start_gateway()
             await until(lambda: r.gw.output().count("fieldgate t1 up") == 2, 60, "the gateway up again")
+            restarted = time.monotonic()
             await until(lambda: len(sender.acked) >= acked_before + 20, 30, "ACKs from the restarted gateway")
+            # The Modbus devices polled again (the JSON sink says so) before the host comes: a device without
+            # values at its birth is another test's case (the xfail below).
+            for name in ("boiler", "meter"):
+                await r.sub.next_on(f"{JSON_PREFIX}/{name}/telemetry", 30, after=restarted)
             await sender.stop()
         assert not sender.nacked, sender.nacked
         acked = sorted(sender.acked.values())
