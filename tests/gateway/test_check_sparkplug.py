@@ -1,16 +1,28 @@
 """`fieldgate check` on Sparkplug sinks, beyond tests/config_cases/sparkplug_check_*: what is and is not one broker,
-and that the Sparkplug-only warnings stay out of configs without a sparkplug sink."""
+that the Sparkplug-only warnings stay out of configs without a sparkplug sink, and, on the real embedded broker
+(amqtt), what the warning about its users' access rests on: the default access drops a host's STATE, an acl that
+names the node's topics lets a host birth and rebirth the node."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import textwrap
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.config import parse_config
+from bridge.broker_users import hash_password
+from bridge.sparkplug import sparkplug_b_pb2 as pb
+from gateway.app import Gateway
+from gateway.config import load_config, parse_config
 from gateway.config.checks_sparkplug import broker_key
 from gateway.errors import ConfigError
+
+from configs import broker, config, sink, write
+from helpers import free_port, until
 
 CASE_CLASHES = """\
     homeassistant: {enabled: true}
@@ -100,3 +112,74 @@ def test_every_sparkplug_key_is_in_the_readmes_sparkplug_table() -> None:
     rows = {row.split("|")[1].strip().strip("`") for row in section.splitlines() if row.startswith("| `")}
     expected = {"format"} | {f"sparkplug.{key}" for key in SparkplugConfig.model_fields}
     assert expected - rows == set(), "keys the README's Sparkplug table does not name"
+
+
+# --- the embedded broker's access, on the real broker: what the warning about it rests on -------------------------
+
+HOST_PASSWORD = "host-password-1234"
+NODE = {"group_id": "plant1", "edge_node_id": "line-a", "primary_host": "h1"}
+MARKER = "fieldgate/gw1/x/set/y"  # a topic every user may publish under the default access: its echo orders the test
+
+
+def _rebirth() -> bytes:
+    payload = pb.Payload(timestamp=1, seq=0)
+    m = payload.metrics.add()
+    m.name, m.datatype, m.boolean_value = "Node Control/Rebirth", pb.DataType.Value("Boolean"), True
+    return payload.SerializeToString()
+
+
+async def _host_session(tmp_path: Path, acl: dict[str, object] | None) -> tuple[list[str], list[str]]:
+    """Run the gateway with a sparkplug sink on its embedded broker (users, `acl`); a host logs in as `host`,
+    publishes its STATE online, asks for a rebirth and publishes MARKER. (`fieldgate check`'s warnings, topics seen.)"""
+    port = free_port()
+    (tmp_path / "users").write_text(f"host:{hash_password(HOST_PASSWORD)}\n")
+    cfg = config(
+        id="gw1",
+        state_dir=tmp_path / "state",
+        broker=broker(port, process="inline", users="users", **({"acl": acl} if acl else {})),
+        northbound=[sink("scada", format="sparkplug", sparkplug=NODE)],
+    )
+    loaded = load_config(write(cfg, tmp_path))
+    seen: list[str] = []
+    host = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="host-h1")
+    host.username_pw_set("host", HOST_PASSWORD)
+    host.on_message = lambda _c, _u, m: seen.append(m.topic)
+    subscribed: list[object] = []
+    host.on_connect = lambda c, *_: c.subscribe([("spBv1.0/#", 1), ("fieldgate/#", 1)])
+    host.on_subscribe = lambda _c, _u, _mid, codes, _p: subscribed.extend(codes)
+    gw = Gateway(loaded)
+    await gw.start()
+    try:
+        await asyncio.to_thread(host.connect, "127.0.0.1", port)
+        host.loop_start()
+        await until(lambda: subscribed, what="the host's SUBACK")
+        assert all(not code.is_failure for code in subscribed), subscribed  # type: ignore[attr-defined]
+        state = json.dumps({"online": True, "timestamp": 1796650000000}).encode()
+        host.publish("spBv1.0/STATE/h1", state, qos=1, retain=True)
+        if acl:  # allowed: the node is born, and a rebirth request is taken
+            await until(lambda: seen.count("spBv1.0/plant1/NBIRTH/line-a") == 1, what="the NBIRTH after STATE")
+            host.publish("spBv1.0/plant1/NCMD/line-a", _rebirth(), qos=1)
+            await until(lambda: seen.count("spBv1.0/plant1/NBIRTH/line-a") == 2, what="the NBIRTH of the rebirth")
+        host.publish(MARKER, b"1", qos=1)
+        await until(lambda: MARKER in seen, what="the marker's echo")
+    finally:
+        host.loop_stop()
+        host.disconnect()
+        await gw.stop()
+    return loaded.warnings, seen
+
+
+async def test_a_host_the_default_access_lets_publish_nothing_of_the_node_is_warned_about(tmp_path: Path) -> None:
+    """With users and no acl the broker drops the host's STATE (so the sink would never birth): check warns."""
+    warnings, seen = await _host_session(tmp_path, None)
+    assert "spBv1.0/STATE/h1" not in seen and "spBv1.0/plant1/NBIRTH/line-a" not in seen, seen
+    assert len(warnings) == 1 and "no user may publish spBv1.0/STATE/h1" in warnings[0], warnings
+
+
+async def test_a_host_the_acl_lets_publish_state_and_commands_births_the_node_on_amqtt(tmp_path: Path) -> None:
+    """With an acl naming the node's topics the host's STATE births the node on amqtt, an NCMD rebirths it: no
+    warning."""
+    writes = ["spBv1.0/STATE/h1", "spBv1.0/plant1/NCMD/line-a", "spBv1.0/plant1/DCMD/line-a/+", MARKER]
+    warnings, seen = await _host_session(tmp_path, {"host": {"read": ["spBv1.0/#", "fieldgate/#"], "write": writes}})
+    assert seen.count("spBv1.0/plant1/NBIRTH/line-a") == 2
+    assert warnings == []
