@@ -4,13 +4,16 @@ with what went in. A mistake our encoder and our decoder share shows here."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from sparkplug.sparkplug_decode import decode_independently
+from sparkplug.sparkplug_decode import SPB_PYTHON, decode_independently
 
 from bridge.sparkplug import payload as p
+from bridge.sparkplug.inbound import device_writes, rebirth_requested
 from bridge.sparkplug.payload import MetricSpec
 from bridge.sparkplug.session import EdgeSession
 from gateway.types import Value
@@ -177,3 +180,66 @@ def test_random_integers_of_every_width_and_floats_decode_independently(
                 assert got[name] is not None and math.isnan(got[name])
             else:
                 assert got[name] == value, (name, got[name], value)
+
+
+#: Runs in the decoder's venv: encodes the commands given as JSON on stdin with pysparkplug, one hex payload a line.
+ENCODE_COMMANDS = """
+import json, sys
+import pysparkplug as spb
+for line in sys.stdin:
+    spec = json.loads(line)
+    metrics = tuple(
+        spb.Metric(timestamp=1, name=m.get("name"), alias=m.get("alias"),
+                   datatype=spb.DataType[m["datatype"].upper()], value=m["value"])
+        for m in spec["metrics"]
+    )
+    cls = spb.NCmd if spec["kind"] == "NCMD" else spb.DCmd
+    print(cls(timestamp=1, metrics=metrics).encode(include_dtypes=spec["dtypes"]).hex(), flush=True)
+"""
+
+
+def encode_independently(commands: list[dict[str, object]]) -> list[bytes]:
+    """NCMD/DCMD payloads as pysparkplug encodes them (its own protobuf module and value encoding)."""
+    proc = subprocess.run(
+        [str(SPB_PYTHON), "-c", ENCODE_COMMANDS],
+        input="".join(json.dumps(c) + "\n" for c in commands),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [bytes.fromhex(line) for line in proc.stdout.split()]
+
+
+def test_commands_encoded_independently_are_read_as_the_host_meant_them() -> None:
+    """A host's DCMD (by name and by alias, negative Int8/16/32/64, UInt64, Float, Double, Boolean, String; with and
+    without datatypes) and its NCMD rebirth, encoded by pysparkplug, read by our inbound as what the host sent."""
+    session = EdgeSession("g", "e")
+    session.nbirth(0, [], NOW)
+    types = {"i8": p.INT8, "i16": p.INT16, "i32": p.INT32, "i64": p.INT64, "u64": p.UINT64, "f": p.FLOAT}
+    types |= {"d": p.DOUBLE, "b": p.BOOLEAN, "s": p.STRING}
+    session.dbirth("pump1", [MetricSpec(n, dt, writable=True) for n, dt in types.items()], {}, NOW, NOW)
+    sent: list[tuple[str, str, Value]] = [
+        ("i8", "Int8", -128),
+        ("i16", "Int16", -42),
+        ("i32", "Int32", -(2**31)),
+        ("i64", "Int64", -1),
+        ("u64", "UInt64", 2**64 - 1),
+        ("f", "Float", 0.5),
+        ("d", "Double", -13.25),
+        ("b", "Boolean", True),
+        ("s", "String", "auto ✓"),
+    ]
+    by_name = [{"name": n, "datatype": dt, "value": v} for n, dt, v in sent]
+    by_alias = [{"alias": session.alias("pump1", n), "datatype": dt, "value": v} for n, dt, v in sent]
+    rebirth = [{"name": "Node Control/Rebirth", "datatype": "Boolean", "value": True}]
+    commands: list[dict[str, object]] = [
+        {"kind": "DCMD", "dtypes": True, "metrics": by_name},
+        {"kind": "DCMD", "dtypes": False, "metrics": by_alias},  # our reader takes each datatype from the birth
+        {"kind": "NCMD", "dtypes": True, "metrics": rebirth},
+    ]
+    named, aliased, ncmd = encode_independently(commands)
+    want = [(n, v) for n, _, v in sent]
+    assert device_writes(session, "pump1", named) == want
+    assert device_writes(session, "pump1", aliased) == want
+    assert rebirth_requested(session, ncmd)
