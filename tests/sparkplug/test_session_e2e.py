@@ -581,3 +581,32 @@ def test_the_bdseq_file_wraps_after_255_and_a_damaged_one_is_moved_aside(tmp_pat
         aside = list(rig.bdseq_path.parent.glob("scada.bdseq.corrupt-*"))
         assert len(aside) == 1 and aside[0].read_bytes().startswith(b"\xff\xfe7 not a number")
         assert "corrupt" in rig.log()
+
+
+def test_after_the_broker_comes_back_the_new_session_and_its_will_carry_a_new_bdseq(tmp_path: Path) -> None:
+    """The broker restarts: the node connects again with a new bdSeq (the one on disk), births with seq 0 and
+    that bdSeq, and the will of that connection (seen after kill -9) carries it too, not the first session's."""
+    with Rig(tmp_path) as rig:
+        first = wait_births(rig)
+        bd = first.bdseq()
+        rig.mosquitto.stop()
+        rig.mosquitto.start()
+        # A recorder of its own, subscribed at once; the rebirth asked below shows the session's NBIRTH even if
+        # the node reconnected before the recorder did.
+        rec = SpbRecorder(rig.mosquitto.port)
+        rec.start()
+        try:
+            rig.wait(lambda: rec.of("DDATA", "plc"), 30, "data after the broker came back")
+            if not rec.of("NBIRTH"):
+                rec.publish(NCMD, ncmd_rebirth(True), qos=1)
+            second = rig.wait(lambda: rec.of("NBIRTH"), 15, "an NBIRTH of the new session")[0]
+            mark = rec.mark()
+            rig.kill_gateway()
+            will = rig.wait(lambda: rec.of("NDEATH", since=mark), 15, "the will NDEATH")[0]
+        finally:
+            rec.stop()
+
+    assert second.seq == 0 and second.bdseq() != bd
+    assert second.bdseq() == int(rig.bdseq_path.read_text())
+    assert will.bdseq() == second.bdseq(), "the will of the new connection carries its bdSeq"
+    assert (will.qos, will.retain) == (1, False)
