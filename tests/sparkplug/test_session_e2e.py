@@ -439,11 +439,14 @@ def test_kill_9_leaves_the_will_ndeath_and_the_next_run_takes_the_next_bdseq(tmp
 
 
 def test_seq_runs_on_by_one_across_hundreds_of_messages_and_wraps_at_255(tmp_path: Path) -> None:
-    """On a live run, seq runs 0, 1, ... 255, 0 across every NBIRTH/DBIRTH/DDATA of the node, wrapping more than
-    once (320+ messages, one NBIRTH), as both decoders read it."""
+    """On a live run, seq runs 0, 1, ... 255, 0 across every NBIRTH/DBIRTH/DDATA/NDATA of the node, wrapping more
+    than once (600+ messages, one NBIRTH), as both decoders read it; the NDATA carries the node metrics that
+    changed (uptime, the line's transactions), by alias."""
     with Rig(tmp_path, poll="20ms", mcp_interval=0.02) as rig:
         nbirth = wait_births(rig)
         rig.wait(lambda: len(sequenced(rig.recorder.messages())) >= 600, 45, "600 messages of the node")
+        # The node's own metrics go out every 10 s (the gateway's metrics interval): one NDATA in the run too.
+        ndata = rig.wait(lambda: rig.recorder.of("NDATA"), 45, "an NDATA of the node's metrics")[0]
         messages = rig.recorder.messages()
 
     seqs = [m.seq for m in sequenced(messages)]
@@ -453,6 +456,13 @@ def test_seq_runs_on_by_one_across_hundreds_of_messages_and_wraps_at_255(tmp_pat
     assert [m.index for m in messages if m.kind == "NBIRTH"] == [nbirth.index]
     theirs = decode_independent(sequenced(messages))
     assert [t["seq"] for t in theirs] == seqs
+    # NDATA: the node's metrics that changed, by the NBIRTH's aliases, with their ts.
+    by_alias = {a: n for n, a in aliases(nbirth).items()}
+    sent = {by_alias[m.alias] for m in ndata.decoded().metrics}
+    assert {"Node Info/Uptime", "Lines/rs485/Transactions"} <= sent
+    assert not sent & {"Properties/Software", "Properties/Software Version", "bdSeq", "Node Control/Rebirth"}
+    assert all(m.name == "" and m.timestamp > 0 for m in ndata.decoded().metrics)
+    assert (ndata.qos, ndata.retain) == (0, False)
 
 
 # --- 6. reloads ------------------------------------------------------------------------------
