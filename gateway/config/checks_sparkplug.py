@@ -46,13 +46,27 @@ class SparkplugChecks(CheckBase):
     def _edge_nodes(self, sinks: list[tuple[int, SinkConfig]]) -> None:
         """Two sinks may not be one edge node (group_id + edge_node_id) on one broker: each would end the other."""
         seen: dict[Any, int] = {}
+        folded: dict[Any, int] = {}
         for s, sink in sinks:
             assert sink.sparkplug is not None
             sp = sink.sparkplug
             edge = sp.edge_node_id or self.config.gateway.id
             key = (broker_key(sink.url), sp.group_id, edge)
+            fold = (key[0], sp.group_id.lower(), edge.lower())
             if key not in seen:
                 seen[key] = s
+                if fold in folded:  # the same ids but for case: not the same node, yet hosts may take it for one
+                    other = self.config.northbound[folded[fold]]
+                    assert other.sparkplug is not None
+                    self._warn(
+                        self._key_or(("northbound", s, "sparkplug"), "edge_node_id"),
+                        f"sink {sink.name!r} is Sparkplug edge node {sp.group_id}/{edge} on {key[0]} and sink "
+                        f"{other.name!r} (line {self._line(('northbound', folded[fold]))}) is "
+                        f"{other.sparkplug.group_id}/{other.sparkplug.edge_node_id or self.config.gateway.id}: ids "
+                        "that differ only in case, which the specification says SHOULD NOT be (a host that folds "
+                        "case takes them for one node)",
+                    )
+                folded.setdefault(fold, s)
                 continue
             first = self.config.northbound[seen[key]]
             line = self._line(("northbound", seen[key]))
