@@ -75,8 +75,10 @@ def fits(datatype: int, value: Value) -> bool:
         return isinstance(value, str)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    if datatype in (FLOAT, DOUBLE):
-        return True
+    if datatype == DOUBLE:
+        return True  # an int past a double's range goes out as a null: no datatype would hold it better
+    if datatype == FLOAT:
+        return _float32(value) is not None  # past float32's range: a new birth as Double holds it
     if datatype in _INTS:
         bits, signed = _INTS[datatype]
         if not isinstance(value, int):
@@ -84,6 +86,14 @@ def fits(datatype: int, value: Value) -> bool:
         low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         return bool(low <= value <= high)
     return False
+
+
+def _float32(value: int | float) -> float | None:
+    """`value` as the nearest float32, or None when that is past float32's range (an infinity it was not)."""
+    try:
+        return float(struct.unpack("<f", struct.pack("<f", float(value)))[0])
+    except (OverflowError, struct.error):
+        return None
 
 
 def set_value(metric: Metric, datatype: int, value: Value) -> None:
@@ -103,11 +113,7 @@ def set_value(metric: Metric, datatype: int, value: Value) -> None:
             metric.is_null = True
     elif datatype == FLOAT:
         assert isinstance(value, int | float)
-        try:
-            # struct refuses a finite number past float32's range: protobuf would store it as an infinity
-            metric.float_value = struct.unpack("<f", struct.pack("<f", float(value)))[0]
-        except (OverflowError, struct.error):
-            metric.is_null = True
+        metric.float_value = float(value)  # fits(): within float32's range (protobuf would store an infinity)
     else:
         assert isinstance(value, int)
         bits, _ = _INTS[datatype]

@@ -107,7 +107,9 @@ def test_a_directory_in_place_of_the_file_gives_numbers_and_is_not_counted_corru
     assert path.is_dir()
 
 
-def test_the_number_is_fsynced_before_the_rename_and_the_rename_is_synced_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_number_is_fsynced_before_the_rename_and_the_rename_is_synced_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The new number reaches the disk before the rename makes it the file, and the rename reaches it before the
     number is used (a power cut leaves the old or the new number, and never brings back one already used)."""
     calls: list[str] = []

@@ -139,6 +139,18 @@ def test_a_float_is_the_nearest_float32_or_a_null_never_an_infinity(value: float
     assert back.float_value == expected and math.isfinite(back.float_value)
 
 
+@pytest.mark.parametrize(
+    ("value", "holds"),
+    [(3.4028234663852886e38, True), (-3.4e38, True), (3.5e38, False), (1e300, False), (2**128, False), (1e-50, True)],
+)
+def test_a_float_past_float32s_range_does_not_fit_so_the_metric_is_born_again_as_double(
+    value: float, holds: bool
+) -> None:
+    """Float fits up to float32's largest value; past it `fits` says no, and a new birth as Double carries it."""
+    assert p.fits(p.FLOAT, value) is holds
+    assert p.fits(p.DOUBLE, value)
+
+
 @pytest.mark.parametrize("datatype", [p.FLOAT, p.DOUBLE])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_nan_and_infinities_go_out_as_themselves_and_read_back_as_no_value(datatype: int, value: float) -> None:

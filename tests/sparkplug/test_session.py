@@ -227,3 +227,30 @@ def test_ndata_before_an_nbirth_and_a_ddeath_of_an_unborn_device_are_nothing() -
     assert out is not None and out[0] == "g/NDATA/e"
     payload = Payload.FromString(out[1])
     assert payload.seq == 1 and len(payload.metrics) == 1 and p.get_value(payload.metrics[0], p.DOUBLE) == 2.0
+
+
+any_value: st.SearchStrategy[Value] = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**1100), 2**1100),
+    st.floats(),
+    st.text(max_size=5),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(p.NAMES)), any_value, any_value)
+def test_a_birth_made_for_a_value_holds_it_so_births_never_loop(declared: int, value: Value, then: Value) -> None:
+    """After the birth specs_for makes for a value, that value needs no other birth: a device whose values do not
+    fit its declaration costs one DBIRTH, not one per message."""
+    session = EdgeSession("g", "e")
+    session.nbirth(0, [], NOW)
+    specs = specs_for([MetricSpec("v", declared)], {"v": value})
+    (spec,) = specs
+    assert p.fits(spec.datatype, value)
+    session.dbirth("d", specs, {"v": value}, NOW, NOW)
+    assert not session.needs_birth("d", {"v": value})
+    if session.needs_birth("d", {"v": then}):
+        session.dbirth("d", specs_for(specs, {"v": then}), {"v": then}, NOW, NOW)
+        assert not session.needs_birth("d", {"v": then})
