@@ -31,8 +31,10 @@ def decode(message: tuple[str, bytes] | None) -> tuple[str, Payload] | None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(ops, min_size=1, max_size=400), st.integers(0, 255))
-def test_seq_and_aliases_over_any_sequence_of_messages(script: list[tuple[str, str, list[str]]], bd: int) -> None:
+@given(st.lists(ops, min_size=1, max_size=80), st.integers(1, 4), st.integers(0, 300), st.integers(0, 255))
+def test_seq_and_aliases_over_any_sequence_of_messages(
+    script: list[tuple[str, str, list[str]]], repeat: int, warm_up: int, bd: int
+) -> None:
     """seq is 0 on each NBIRTH and +1 mod 256 on every other message; an alias names one metric of one device (or
     the node) for the whole process, across rebirths; DATA carries born aliases only, with no name or datatype."""
     session = EdgeSession("g", "e")
@@ -42,7 +44,9 @@ def test_seq_and_aliases_over_any_sequence_of_messages(script: list[tuple[str, s
     born: dict[str, dict[int, str]] = {}  # this session's births: device -> alias -> metric
     now = NOW
     sent = 0
-    for kind, device, names in [("nbirth", "", []), *script]:
+    # Up to 300 DDATA first and the script repeated: runs of hundreds of messages, so that seq wraps in the script.
+    warm: list[tuple[str, str, list[str]]] = [("dbirth", "tank", ["flow"]), *[("ddata", "tank", ["flow"])] * warm_up]
+    for kind, device, names in [("nbirth", "", []), *warm, *script * repeat]:
         now += 1
         values: dict[str, Value] = {n: float(i) for i, n in enumerate(names)}
         specs = [MetricSpec(n, p.DOUBLE) for n in names]
