@@ -58,6 +58,8 @@ def device_writes(session: EdgeSession, device: str, data: bytes) -> list[tuple[
     A metric named neither by a name nor by an alias its birth gave keeps the alias as `alias <n>`: the write is
     refused (and audited) as one to an unknown point.
     """
+    if not device:  # `DCMD/+` matches an empty level too; the session's "" is the node, no device
+        raise CommandRefused("a DCMD without a device")
     payload = read_command(data)
     writes: list[tuple[str, Value]] = []
     born = session.devices.get(device)

@@ -161,6 +161,14 @@ def test_device_writes_refuses_garbage_too_many_metrics_too_many_bytes_and_an_em
             device_writes(session, "pump1", data)
 
 
+def test_a_dcmd_to_an_empty_device_name_is_refused_not_read_with_the_nodes_aliases() -> None:
+    """`spBv1.0/g/DCMD/e/` (an empty last level, which `DCMD/+` matches) is no device: the node's bdSeq alias must
+    not turn it into a write of `bdSeq`."""
+    session = born_session()
+    with pytest.raises(CommandRefused, match="without a device"):
+        device_writes(session, "", command({"alias": session.alias("", "bdSeq"), "long_value": 1}))
+
+
 def test_a_string_value_that_is_not_utf8_is_written_as_no_value() -> None:
     """A string_value in bad UTF-8 reaches the set path as null (refused there), never as the text "b'..'"."""
     data = b"\x12\x0a\x0a\x04mode\x7a\x02\xff\xfe"  # metric {name: "mode", string_value: 0xff 0xfe}
