@@ -77,6 +77,33 @@ def value_of(metric: pb.Payload.Metric) -> Any:
     return None if kind is None else getattr(metric, kind)
 
 
+def shape_errors(messages: Iterable[Recorded]) -> list[str]:
+    """Where a message breaks the specification's shape: every metric has a timestamp; births give name, datatype
+    and an alias (but `Node Control/Rebirth`); DATA gives an alias only (no name, no datatype); DDEATH has seq."""
+    out = []
+    for m in messages:
+        if m.kind not in SEQUENCED:
+            continue
+        p = m.decoded()
+        if not p.HasField("timestamp") or not p.HasField("seq"):
+            out.append(f"#{m.index} {m.topic}: no payload timestamp or seq")
+        for metric in p.metrics:
+            where = f"#{m.index} {m.topic} {metric.name or metric.alias}"
+            if not metric.HasField("timestamp"):
+                out.append(f"{where}: no timestamp")
+            if m.kind in ("NBIRTH", "DBIRTH"):
+                if not metric.name or not metric.HasField("datatype"):
+                    out.append(f"{where}: a birth metric without name or datatype")
+                if metric.HasField("alias") == (metric.name == "Node Control/Rebirth"):
+                    out.append(f"{where}: alias wrong (only Rebirth has none)")
+                if metric.WhichOneof("value") is None and not metric.is_null:
+                    out.append(f"{where}: neither a value nor is_null")
+            elif m.kind in ("NDATA", "DDATA"):
+                if metric.HasField("name") or metric.HasField("datatype") or not metric.HasField("alias"):
+                    out.append(f"{where}: DATA metric not by alias only")
+    return out
+
+
 def wait_births(rig: Rig, since: int = 0, devices: Iterable[str] = DEVICES) -> Recorded:
     """The NBIRTH after `since` once a DBIRTH of each of `devices` followed it."""
     rec = rig.recorder
@@ -168,6 +195,8 @@ def test_births_on_connect_declare_every_metric_and_data_carries_only_changes_by
 
     births = {b.device: b for b in births_after(rig.recorder, nbirth)}
     assert set(births) == set(DEVICES)
+    # Every metric a device reports is in its birth: no value it pushed or was polled for births it again.
+    assert sorted(m.device or "" for m in rig.recorder.of("DBIRTH")) == sorted(DEVICES)
     plc = births["plc"].metrics()
     expected = {
         "level": "Int16",
@@ -221,6 +250,7 @@ def test_births_on_connect_declare_every_metric_and_data_carries_only_changes_by
                     assert key not in last or last[key] != value_of(metric), f"{m.topic} resent {metric}"
                 last[key] = value_of(metric)
     assert seq_breaks(messages) == []
+    assert shape_errors(messages) == []
     agree_with_the_independent_decoder(messages)
 
 
@@ -451,6 +481,7 @@ def test_seq_runs_on_by_one_across_hundreds_of_messages_and_wraps_at_255(tmp_pat
 
     seqs = [m.seq for m in sequenced(messages)]
     assert seq_breaks(messages) == []
+    assert shape_errors(messages) == []
     wraps = [i for i in range(1, len(seqs)) if seqs[i - 1] == 255 and seqs[i] == 0]
     assert len(wraps) >= 2, f"seq wrapped {len(wraps)} time(s)"
     assert [m.index for m in messages if m.kind == "NBIRTH"] == [nbirth.index]
