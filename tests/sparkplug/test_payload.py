@@ -285,3 +285,33 @@ def test_read_command_bounds_size_metrics_and_garbage() -> None:
         p.read_command(b"\x00" * (64 * 1024 + 1))
     with pytest.raises(p.CommandRefused, match="not a Sparkplug B payload"):
         p.read_command(b"\xff\xff\xff")
+
+
+any_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**1100), 2**1100),
+    st.floats(),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(sorted(p.NAMES)), any_value)
+def test_any_value_as_any_datatype_reads_back_as_itself_or_as_no_value(datatype: int, value: object) -> None:
+    """Whatever the gateway hands over and whatever the birth declared, a host reads the value (Float: its nearest
+    float32) or a null, never another value; and a value that fits is never a null."""
+    back, got = round_trip(datatype, value)
+    if got is None:
+        fits = p.fits(datatype, value)  # type: ignore[arg-type]
+        non_finite = isinstance(value, float) and not math.isfinite(value)
+        assert value is None or not fits or non_finite or (datatype == p.DOUBLE and isinstance(value, int))
+        return
+    assert p.fits(datatype, value)  # type: ignore[arg-type]
+    if datatype == p.FLOAT:
+        assert isinstance(value, int | float) and got == struct.unpack("<f", struct.pack("<f", float(value)))[0]
+    elif datatype == p.DOUBLE:
+        assert got == float(value)  # type: ignore[arg-type]
+    else:
+        assert got == value and type(got) is type(value)
