@@ -7,7 +7,7 @@ does. The amqtt plugins that apply it are in `bridge/broker_auth.py`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +52,10 @@ class Access:
         return any(covers(p, topic) for p in self.write)
 
 
-def default_access(prefixes: list[str]) -> Access:
-    """What any user may do without an ACL: read everything (not `$…`), write only set/cmd requests."""
-    write = [t for p in prefixes for t in (f"{p}/+/set/+", f"{p}/+/cmd")]
+def default_access(prefixes: list[str], requests: Sequence[str] = ()) -> Access:
+    """What any user may do without an ACL: read everything (not `$…`), write only requests: set/cmd under each of
+    `prefixes`, and the topics of `requests` (a Sparkplug node's commands and its primary host's STATE)."""
+    write = [t for p in prefixes for t in (f"{p}/+/set/+", f"{p}/+/cmd")] + list(requests)
     return Access(read=("#",), write=tuple(dict.fromkeys(write)))
 
 

@@ -35,7 +35,8 @@ def broker_auth(cfg: Config, base: Path, internal_password: str) -> BrokerAuth |
     acl = cfg.broker.acl
     if acl is None:
         prefixes = [cfg.prefix_for(s) for s in cfg.northbound if s.url is None]
-        return BrokerAuth(str(path), default=default_access(prefixes), internal_password=internal_password)
+        default = default_access(prefixes, cfg.embedded_requests())
+        return BrokerAuth(str(path), default=default, internal_password=internal_password)
     rules = {user: Access(tuple(rule.read), tuple(rule.write)) for user, rule in acl.items()}
     return BrokerAuth(str(path), acl=rules, internal_password=internal_password)
 

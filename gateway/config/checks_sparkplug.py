@@ -93,7 +93,7 @@ class SparkplugChecks(CheckBase):
         topics = ([f"spBv1.0/STATE/{sp.primary_host}"] if sp.primary_host else []) + topics
         if broker.acl is None:
             prefixes = [self.config.prefix_for(n) for n in self.config.northbound if n.url is None]
-            rules = [default_access(prefixes)]
+            rules = [default_access(prefixes, self.config.embedded_requests())]
         else:
             rules = [Access(tuple(rule.read), tuple(rule.write)) for rule in broker.acl.values()]
         denied = [t for t in topics if not any(rule.may_write(t.replace("<device>", "d")) for rule in rules)]

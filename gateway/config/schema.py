@@ -302,6 +302,17 @@ class Config(Model):
         """The topic prefix a sink publishes under."""
         return sink.topic_prefix or f"fieldgate/{self.gateway.id}"
 
+    def embedded_requests(self) -> list[str]:
+        """What users of the embedded broker may publish without an ACL beyond the JSON sinks' set/cmd: each
+        Sparkplug sink's NCMD and DCMD topics and its primary host's STATE (a host must be able to birth it)."""
+        topics: list[str] = []
+        for s in self.northbound:
+            if s.url is None and s.sparkplug is not None:
+                base, edge = f"spBv1.0/{s.sparkplug.group_id}", s.sparkplug.edge_node_id or self.gateway.id
+                host = s.sparkplug.primary_host
+                topics += [*([f"spBv1.0/STATE/{host}"] if host else []), f"{base}/NCMD/{edge}", f"{base}/DCMD/{edge}/+"]
+        return topics
+
     def spool_path(self, sink: SinkConfig) -> Path:
         """The SQLite spool file of a sink, under the state dir."""
         return Path(self.gateway.state_dir) / "spool" / f"{sink.name}.sqlite"
