@@ -39,9 +39,7 @@ class SinkSnapshot:
 
     name: str
     connected: bool
-    counters: dict[str, Any]  # the sink's own (published, connects, ...; a Sparkplug sink's host_online is a bool)
-        str, int | bool | None
-    ]  # the sink's own (published, connects, ...; a Sparkplug host_online), in P/metrics' order
+    counters: dict[str, Any]  # the sink's own (published, connects, ...; a Sparkplug sink's host_online: bool | None)
     figures: dict[str, Any]  # the outbox's and its spool's (queued, spool_messages, dropped, ...)
     backlog: int  # messages in the spool or on their way into it
     problem: str | None  # why its outbox is not running (None: it runs)
