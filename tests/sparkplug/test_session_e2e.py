@@ -507,7 +507,8 @@ def reloaded(rig: Rig, count: int) -> bool:
 def test_a_reload_that_changes_the_metrics_rebirths_and_one_that_does_not_births_nothing(tmp_path: Path) -> None:
     """A point added by SIGHUP -> NBIRTH seq 0 (same bdSeq) and every DBIRTH, the plc's with the new metric and
     the old aliases; a reload that changes nothing a host sees (an MCP device's write rate) -> no birth at all; a
-    device removed -> births of the others only, and no more data of it."""
+    device removed -> births of the others only, and no more data of it; another edge_node_id -> the old node's
+    NDEATH and the new one's NBIRTH with the next bdSeq."""
     with Rig(tmp_path) as rig:
         rec = rig.recorder
         first = wait_births(rig)
@@ -535,6 +536,12 @@ def test_a_reload_that_changes_the_metrics_rebirths_and_one_that_does_not_births
         third = wait_births(rig, since=removed, devices=("plc", "pump-1"))
         rig.wait(lambda: reloaded(rig, 3), 15, "the third reload")
         wait_ddata(rig, "plc", 5, third.index)
+
+        renamed = rec.mark()
+        rig.config["northbound"][0]["sparkplug"]["edge_node_id"] = "line-b"
+        rig.reload()
+        ended = rig.wait(lambda: rec.of("NDEATH", since=renamed), 15, "the old edge node's NDEATH")[0]
+        fourth = rig.wait(lambda: [m for m in rec.of("NBIRTH", since=renamed) if "/line-b" in m.topic], 15, "line-b")[0]
         messages = rec.messages()
 
     assert again.seq == 0 and again.bdseq() == first.bdseq()
@@ -554,6 +561,9 @@ def test_a_reload_that_changes_the_metrics_rebirths_and_one_that_does_not_births
     assert third.seq == 0 and third.bdseq() == first.bdseq()
     assert {b.device for b in births_after(rec, third)} == {"plc", "pump-1"}
     assert [m.topic for m in messages[third.index :] if m.device == "aux"] == []
+    # Another edge node id is another session: the old one's NDEATH (its bdSeq), the new one's on the next number.
+    assert ended.topic == f"{NS}/NDEATH/{EDGE}" and ended.bdseq() == first.bdseq()
+    assert fourth.seq == 0 and fourth.bdseq() == (first.bdseq() + 1) % 256
     assert seq_breaks(messages) == []
     agree_with_the_independent_decoder(messages)
 
