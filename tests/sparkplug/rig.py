@@ -22,8 +22,9 @@ The API (kept small and stable: other test files import it):
   0..100 writable, `flow` float32, `status` bitfield bits 0 running / 1 alarm, `serial` string:8) and `aux`
   (unit 2: `count` uint16 ramp); MCP device `pump-1` (declared points `flow_lpm` number l/min, `running` bool)
   pushes every `mcp_interval` s. The field devices run in the test process (`rig.field`, on a thread of its
-  own), so a test can silence a Modbus unit (`field.set_dead(2)`), drop the MCP device
-  (`field.mcp_disconnect()` / `field.mcp_connect()`) or make it push other values (`field.mcp_hold({...})`).
+  own), so a test can silence a Modbus unit (`field.set_dead(2)`), set a point (`field.set(1, "flow", 2.5)`),
+  drop the MCP device (`field.mcp_disconnect()` / `field.mcp_connect()`) or make it push other values
+  (`field.mcp_hold({...})`).
 - `rig.recorder` (`SpbRecorder`): a paho client subscribed to `spBv1.0/#` at QoS 1 (so a message arrives at the
   QoS it was published with, up to 1) recording every message as a `Recorded` (topic, payload, qos, retain,
   at, and its parts: kind, group, edge, device, `decoded()`, `seq`, `metrics()`, `bdseq()`); `of(kind,
@@ -234,6 +235,11 @@ class Field:
         assert self._sim is not None
         sim = next(iter(self.sim_values()))
         self.loop.call_soon_threadsafe(sim.set_dead, unit, dead)
+
+    def set(self, unit: int, point: str, value: Any) -> None:
+        """Make a Modbus unit's point hold `value` from now on (encoded with the point's own codec)."""
+        sim = next(iter(self.sim_values()))
+        self.loop.call_soon_threadsafe(sim.set, unit, point, value)
 
     def sim_values(self) -> Iterable[Any]:
         """The ModbusSimulators (one per line)."""

@@ -661,3 +661,55 @@ def test_after_the_broker_comes_back_the_new_session_and_its_will_carry_a_new_bd
     assert second.bdseq() == int(rig.bdseq_path.read_text())
     assert will.bdseq() == second.bdseq(), "the will of the new connection carries its bdSeq"
     assert (will.qos, will.retain) == (1, False)
+
+
+def test_a_devices_odd_readings_reach_the_host_as_both_decoders_read_them(tmp_path: Path) -> None:
+    """A device reading Int16's minimum goes out as its 16-bit two's complement (pysparkplug reads -32768), a float
+    that is NaN as a null (and the next number after it), an empty and a non-ASCII string as they are."""
+    with Rig(tmp_path) as rig:
+        rec = rig.recorder
+        nbirth = wait_births(rig)
+        plc = aliases(next(b for b in births_after(rec, nbirth) if b.device == "plc"))
+        mark = rec.mark()
+        rig.field.set(1, "level", -32768)
+        rig.field.set(1, "flow", float("nan"))
+        rig.field.set(1, "serial", "")
+
+        def carrying(alias: int, test: Any) -> Recorded | None:
+            return next(
+                (
+                    m
+                    for m in rec.of("DDATA", "plc", mark)
+                    if any(x.alias == alias and test(x) for x in m.decoded().metrics)
+                ),
+                None,
+            )
+
+        nulled = rig.wait(lambda: carrying(plc["flow"], lambda x: x.is_null), 15, "flow as a null")
+        rig.wait(lambda: carrying(plc["level"], lambda x: x.int_value == 0x8000), 15, "level -32768")
+        rig.wait(
+            lambda: carrying(plc["serial"], lambda x: x.HasField("string_value") and x.string_value == ""),
+            15,
+            "an empty serial",
+        )
+        rig.field.set(1, "flow", 2.5)
+        rig.field.set(1, "serial", "ÄÖ-7")
+        rig.wait(lambda: carrying(plc["flow"], lambda x: x.float_value == 2.5 and not x.is_null), 15, "flow 2.5 again")
+        rig.wait(lambda: carrying(plc["serial"], lambda x: x.string_value == "ÄÖ-7"), 15, "serial ÄÖ-7")
+        messages = rec.messages()
+
+    flow = next(x for x in nulled.decoded().metrics if x.alias == plc["flow"])
+    assert flow.WhichOneof("value") is None and flow.timestamp > 0
+    node = [m for m in messages if m.kind in SEQUENCED]
+    theirs = decode_independent(node)
+    values = [
+        (x["name"], x["value"], x["is_null"])
+        for m, t in zip(node, theirs, strict=True)
+        if m.index >= mark and m.device == "plc"
+        for x in t["metrics"]
+        if x["name"] in ("level", "flow", "serial")
+    ]
+    for wanted in [("level", -32768, False), ("flow", None, True), ("serial", "", False), ("flow", 2.5, False)]:
+        assert wanted in values, (wanted, values)
+    assert ("serial", "ÄÖ-7", False) in values
+    assert seq_breaks(messages) == [] and shape_errors(messages) == []
