@@ -11,6 +11,7 @@ import json
 import queue
 import subprocess
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -636,19 +637,22 @@ def test_the_bdseq_file_wraps_after_255_and_a_damaged_one_is_moved_aside(tmp_pat
 
 def test_after_the_broker_comes_back_the_new_session_and_its_will_carry_a_new_bdseq(tmp_path: Path) -> None:
     """The broker restarts: the node connects again with a new bdSeq (the one on disk), births with seq 0 and
-    that bdSeq, and the will of that connection (seen after kill -9) carries it too, not the first session's."""
+    that bdSeq, and the will of that connection (seen after kill -9) carries it too, not the first session's; the
+    new session starts with its births, then what was spooled meanwhile as historical DDATA, in order."""
     with Rig(tmp_path) as rig:
         first = wait_births(rig)
         bd = first.bdseq()
         rig.mosquitto.stop()
+        time.sleep(1.0)  # not a bound: the devices report meanwhile, and the node spools it
         rig.mosquitto.start()
-        # A recorder of its own, subscribed at once; the rebirth asked below shows the session's NBIRTH even if
-        # the node reconnected before the recorder did.
+        # A recorder of its own, subscribed at once (the node retries after 0.5 s at the soonest); the rebirth asked
+        # below shows the session's NBIRTH even if the node reconnected before the recorder did.
         rec = SpbRecorder(rig.mosquitto.port)
         rec.start()
         try:
-            rig.wait(lambda: rec.of("DDATA", "plc"), 30, "data after the broker came back")
-            if not rec.of("NBIRTH"):
+            rig.wait(lambda: len(rec.of("DDATA", "plc")) >= 10, 30, "data after the broker came back")
+            natural = bool(rec.of("NBIRTH"))
+            if not natural:
                 rec.publish(NCMD, ncmd_rebirth(True), qos=1)
             second = rig.wait(lambda: rec.of("NBIRTH"), 15, "an NBIRTH of the new session")[0]
             mark = rec.mark()
@@ -661,6 +665,26 @@ def test_after_the_broker_comes_back_the_new_session_and_its_will_carry_a_new_bd
     assert second.bdseq() == int(rig.bdseq_path.read_text())
     assert will.bdseq() == second.bdseq(), "the will of the new connection carries its bdSeq"
     assert (will.qos, will.retain) == (1, False)
+    if natural:
+        # Seen from the session's start: births first, then what was spooled as historical DDATA older than the
+        # device's birth values (in sample order), then live data.
+        messages = sequenced(rec.messages()[:mark])
+        assert messages[0] is second
+        assert seq_breaks(messages) == [] and shape_errors(messages) == []
+        born = {m.device: m for m in births_after(rec, second)}
+        historical = []
+        for m in messages:
+            if m.kind == "DDATA":
+                assert m.device in born and born[m.device].index < m.index, f"{m.topic} before its DBIRTH"
+                birth_ts = max(x.timestamp for x in born[m.device].decoded().metrics)
+                for x in m.decoded().metrics:
+                    assert x.is_historical == (x.timestamp < birth_ts) and x.timestamp != birth_ts, (m.topic, x)
+                    if x.is_historical:
+                        historical.append((m.device, x.timestamp))
+        assert historical, "nothing the devices reported during the outage came as historical data"
+        for device in DEVICES:
+            stamps = [ts for d, ts in historical if d == device]
+            assert stamps == sorted(stamps), device
 
 
 def test_a_devices_odd_readings_reach_the_host_as_both_decoders_read_them(tmp_path: Path) -> None:
