@@ -37,13 +37,15 @@ async def sink_counters(r: Rig, after: float) -> dict[str, Any]:
     return dict(body["sinks"]["scada"])
 
 
-async def counters_reaching(r: Rig, key: str, at_least: int) -> dict[str, Any]:
+async def counters_reaching(r: Rig, key: str, at_least: int, timeout: float = 40.0) -> dict[str, Any]:
     """The scada sink's counters once P/metrics shows `key` >= `at_least` (the flood may still be read)."""
+    deadline = time.monotonic() + timeout
     since = time.monotonic()
     while True:
         counters = await sink_counters(r, since)
         if counters[key] >= at_least:
             return counters
+        assert time.monotonic() < deadline, f"{key} stayed at {counters[key]} (< {at_least}): {counters}"
         since = time.monotonic()
 
 
