@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -508,9 +509,9 @@ def reloaded(rig: Rig, count: int) -> bool:
 
 def test_a_reload_that_changes_the_metrics_rebirths_and_one_that_does_not_births_nothing(tmp_path: Path) -> None:
     """A point added by SIGHUP -> NBIRTH seq 0 (same bdSeq) and every DBIRTH, the plc's with the new metric and
-    the old aliases; a reload that changes nothing a host sees (an MCP device's write rate) -> no birth at all; a
-    device removed -> births of the others only, and no more data of it; another edge_node_id -> the old node's
-    NDEATH and the new one's NBIRTH with the next bdSeq."""
+    the old aliases; a reload that changes nothing a host sees (an MCP device's write rate), or one refused, -> no
+    birth at all; a device removed -> births of the others only, and no more data of it; another edge_node_id ->
+    the old node's NDEATH and the new one's NBIRTH with the next bdSeq."""
     with Rig(tmp_path) as rig:
         rec = rig.recorder
         first = wait_births(rig)
@@ -531,6 +532,14 @@ def test_a_reload_that_changes_the_metrics_rebirths_and_one_that_does_not_births
         after = rec.mark()
         wait_ddata(rig, "plc", 5, after)
         wait_ddata(rig, "pump-1", 3, after)
+        # A config the gateway refuses (a topic_prefix on the sparkplug sink) changes nothing either.
+        assert rig.gateway is not None
+        refused = {**rig.config, "northbound": [{**rig.config["northbound"][0], "topic_prefix": "x/y"}]}
+        configs.write({k: v for k, v in refused.items() if k != "simulator"}, rig.config_path)
+        rig.gateway.proc.send_signal(signal.SIGHUP)
+        rig.wait(lambda: "config reload refused" in rig.log(), 15, "the refused reload")
+        after = rec.mark()
+        wait_ddata(rig, "plc", 5, after)
 
         removed = rec.mark()
         rig.config["modbus"]["buses"][0]["devices"].pop(1)  # aux
