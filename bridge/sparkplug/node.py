@@ -106,6 +106,7 @@ class SparkplugNode:
         self._born_with: object = None  # the devices' and the node's metric sets of the last births
         self._last_birth = float("-inf")  # loop time of the last births
         self._rebirth_later: asyncio.TimerHandle | None = None
+        self._born_at: dict[str, float] = {}  # loop time of each device's last DBIRTH
 
     # --- what the MQTT connection is built with -------------------------------------------------
 
@@ -122,6 +123,9 @@ class SparkplugNode:
     def will(self) -> Message:
         """The will of a new connection: an NDEATH with the next bdSeq (kept in the state dir before it is used)."""
         self._bd_seq = self._bdseq.next()
+        # A STATE's time counts within one connection: the retained one comes again on the new subscription, and
+        # one far in the future (a host's clock, or garbage) must not make every later STATE look stale for good.
+        self._host_ts = -1
         return self._ndeath()
 
     def goodbye(self) -> Message:
@@ -192,7 +196,7 @@ class SparkplugNode:
         body = json.loads(message.payload) if rest == "telemetry" or message.topic == "metrics" else None
         if rest == "telemetry" and body is not None:
             values, ts = body["values"], int(body["ts"])
-            if self.session.needs_birth(device, values):
+            if self.session.needs_birth(device, values) and not self._born_lately(device):
                 birth = self._dbirth(device, now, extra=values)
                 if birth is None:
                     return self._done()  # a device the gateway no longer has
@@ -208,6 +212,13 @@ class SparkplugNode:
             data = self.session.ndata(body["values"], now)
             out += [data] if data is not None else []
         return self._send(out)
+
+    def _born_lately(self, device: str) -> bool:
+        """True when `device` was born less than REBIRTH_INTERVAL ago: a device whose values keep changing type
+        gets one DBIRTH a second, not one a message (until then a value its datatype cannot hold goes out null)."""
+        born_at = self._born_at.get(device)
+        lately = born_at is not None and asyncio.get_running_loop().time() - born_at < REBIRTH_INTERVAL
+        return lately and device in self.session.devices
 
     def _status(self, device: str, online: bool, ts: int, now: int) -> list[tuple[str, bytes]]:
         if self.session.node is not None and ts < self.session.node.ts:
@@ -258,13 +269,17 @@ class SparkplugNode:
     def _dbirth(self, device: str, now: int, extra: Mapping[str, Value] | None = None) -> tuple[str, bytes] | None:
         """A DBIRTH of `device` as the gateway has it now (with `extra`'s metrics if its birth lacks them)."""
         found = next((d for d in self._devices() if d.name == device), None)
-        if found is None or not (found.specs or found.values or extra):
-            return None  # gone, or nothing to declare yet (an MCP device before its first data): born with that
+        if found is None or not (found.values or extra):
+            return None  # gone, or no value yet (a device that just connected): born with its first data
         seen = {**found.values, **(extra or {})}
-        birth = self.session.dbirth(device, specs_for(found.specs, seen), found.values, found.ts, now)
+        # Without values (silent since a restart, its stored data going out now) the birth says "unknown as of
+        # now": what was sampled before it is historical.
+        ts = found.ts if found.values else now
+        birth = self.session.dbirth(device, specs_for(found.specs, seen), found.values, ts, now)
         if not found.online:
             self._history_born.add(device)
         self.counts.device_births += 1
+        self._born_at[device] = asyncio.get_running_loop().time()
         return birth
 
     def birth(self) -> None:
@@ -278,7 +293,7 @@ class SparkplugNode:
         self._prepare.put.node.update((spec.name, value) for spec, value in node_metrics)  # the host has these now
         self._history_born.clear()
         for device in devices:
-            if device.online and (device.specs or device.values):
+            if device.online and device.values:
                 specs = specs_for(device.specs, device.values)
                 out.append(self.session.dbirth(device.name, specs, device.values, device.ts, now))
                 self.counts.device_births += 1

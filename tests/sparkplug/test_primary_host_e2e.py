@@ -215,7 +215,7 @@ async def test_a_kill_9_while_the_primary_host_is_away_loses_no_acked_value(tmp_
             restarted = time.monotonic()
             await until(lambda: len(sender.acked) >= acked_before + 20, 30, "ACKs from the restarted gateway")
             # The Modbus devices polled again (the JSON sink says so) before the host comes: a device without
-            # values at its birth is another test's case (the xfail below).
+            # values at its birth is another test's case (below).
             for name in ("boiler", "meter"):
                 await r.sub.next_on(f"{JSON_PREFIX}/{name}/telemetry", 30, after=restarted)
             await sender.stop()
@@ -240,12 +240,6 @@ async def test_a_kill_9_while_the_primary_host_is_away_loses_no_acked_value(tmp_
         assert_independently_decoded([m for m in msgs if kind(m) != "NDEATH"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: bridge/sparkplug/session.py EdgeSession.dbirth keeps Born(ts=ts) where the birth's metrics carry "
-    "`ts or now`: a device born without values (ts 0, as after a restart) has birth ts 0, so ddata() publishes its "
-    "stored samples as live (is_historical false, older than the DBIRTH); fix: Born(ts=ts or now)",
-)
 async def test_stored_data_of_a_device_silent_after_a_restart_goes_out_as_historical(tmp_path: Path) -> None:
     """Values spooled before a kill -9, of a device that no longer answers after the restart, reach the host as
     historical DDATA (sampled long before the session's births), after a DBIRTH of that device, never as live."""
