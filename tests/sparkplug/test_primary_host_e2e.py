@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sparkplug.e2e_parts import JSON_PREFIX, STATE_TOPIC, Rig, decode, rig, state, value_of
 from sparkplug.sparkplug_decode import decode_independently
 
