@@ -582,6 +582,15 @@ def test_a_reload_that_changes_the_metrics_rebirths_and_one_that_does_not_births
 # --- what a device pushes, what the state dir holds ------------------------------------------
 
 
+def past_the_birth_interval(rig: Rig, birth: Recorded) -> None:
+    """Wait for data that arrived REBIRTH_INTERVAL (and a margin) after `birth`: a device is born again once in it."""
+    rig.wait(
+        lambda: [m for m in rig.recorder.of("DDATA", since=birth.index) if m.at > birth.at + REBIRTH_INTERVAL + 0.2],
+        20,
+        "data past the birth interval",
+    )
+
+
 def test_an_mcp_device_pushing_a_new_metric_or_another_type_is_born_again_alone(tmp_path: Path) -> None:
     """An MCP device that pushes a metric its birth lacks, or a value its metric's datatype cannot hold (a string
     for a number), gets a DBIRTH of its own carrying it (the old aliases kept); the node and the other devices are
@@ -590,14 +599,15 @@ def test_an_mcp_device_pushing_a_new_metric_or_another_type_is_born_again_alone(
         rec = rig.recorder
         nbirth = wait_births(rig)
         born = next(b for b in births_after(rec, nbirth) if b.device == "pump-1")
-        wait_ddata(rig, "pump-1", 3, born.index)
+        # Each change past the interval in which a device is born once at most (see the next test for within it).
+        past_the_birth_interval(rig, born)
         mark = rec.mark()
         rig.field.mcp_hold({"vibration": 1.5})
         grown = rig.wait(lambda: rec.of("DBIRTH", "pump-1", mark), 15, "pump-1 born with vibration")[0]
-        wait_ddata(rig, "pump-1", 3, grown.index)
+        past_the_birth_interval(rig, grown)
         rig.field.mcp_hold({"flow_lpm": "jammed"})
         texted = rig.wait(lambda: rec.of("DBIRTH", "pump-1", grown.index + 1), 15, "pump-1 born with a string")[0]
-        wait_ddata(rig, "plc", 3, texted.index)
+        past_the_birth_interval(rig, texted)
         rig.field.mcp_hold({"flow_lpm": 12.5})
         back = rig.wait(lambda: rec.of("DBIRTH", "pump-1", texted.index + 1), 15, "pump-1 born a number again")[0]
         wait_ddata(rig, "plc", 3, back.index)
@@ -773,3 +783,34 @@ def test_check_names_only_the_sparkplug_key_when_the_embedded_broker_is_off(
     assert main(["check", "-c", str(tmp_path / "config.yaml")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and "topic_prefix" in errors[0], errors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bridge/sparkplug/node.py try_publish/_born_lately (3fd994f): a value that needs a DBIRTH within "
+    "REBIRTH_INTERVAL of the device's last one goes out null and no birth is scheduled; prepare.py sends only "
+    "changes, so a value that then stays never comes again and the host never gets it",
+)
+def test_a_type_change_right_after_a_birth_still_reaches_the_host(tmp_path: Path) -> None:
+    """An MCP device that pushes a string for its number metric right after its DBIRTH (within the interval in
+    which a device is born once) and keeps it gets a DBIRTH carrying the string all the same, later."""
+    with Rig(tmp_path) as rig:
+        rec = rig.recorder
+        nbirth = wait_births(rig)
+        born = next(b for b in births_after(rec, nbirth) if b.device == "pump-1")
+        past_the_birth_interval(rig, born)
+        mark = rec.mark()
+        rig.field.mcp_hold({"vibration": 1.5})
+        grown = rig.wait(lambda: rec.of("DBIRTH", "pump-1", mark), 15, "pump-1 born with vibration")[0]
+        rig.field.mcp_hold({"flow_lpm": "jammed"})  # at once: within the interval after that birth
+        texted = rig.wait(
+            lambda: [
+                b
+                for b in rec.of("DBIRTH", "pump-1", grown.index + 1)
+                if b.metrics()["flow_lpm"].datatype == DATATYPE["String"]
+            ],
+            15,
+            "pump-1 born with the string it has held since",
+        )[0]
+    flow = texted.metrics()["flow_lpm"]
+    assert pb.DataType.Name(flow.datatype) == "String" and flow.string_value == "jammed"
