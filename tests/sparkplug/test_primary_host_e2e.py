@@ -208,15 +208,15 @@ async def test_a_kill_9_while_the_primary_host_is_away_loses_no_acked_value(tmp_
             sender.start()
             await until(lambda: sum(1 for t, _ in rows(r) if t.startswith("pump-1/")) >= 20, 30, "pump-1 spooled")
             r.kill9()
+            killed = time.monotonic()  # what the JSON sink publishes from now on is the restarted gateway's
             acked_before = len(sender.acked)
             r.start_gateway()
             await until(lambda: r.gw.output().count("fieldgate t1 up") == 2, 60, "the gateway up again")
-            restarted = time.monotonic()
             await until(lambda: len(sender.acked) >= acked_before + 20, 30, "ACKs from the restarted gateway")
             # The Modbus devices polled again (the JSON sink says so) before the host comes: a device without
             # values at its birth is another test's case (below).
             for name in ("boiler", "meter"):
-                await r.sub.next_on(f"{JSON_PREFIX}/{name}/telemetry", 30, after=restarted)
+                await r.sub.next_on(f"{JSON_PREFIX}/{name}/telemetry", 30, after=killed)
             await sender.stop()
         assert not sender.nacked, sender.nacked
         acked = sorted(sender.acked.values())
