@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bridge.sparkplug.bdseq import BdSeqFile
-from bridge.sparkplug.node import DeviceNow, SparkplugNode
+from bridge.sparkplug.node import SparkplugNode
 from bridge.sparkplug.payload import BOOLEAN, DATATYPES, DOUBLE, STRING, UINT64, MetricSpec
+from bridge.sparkplug.view import DeviceNow
 from gateway import __version__
 from gateway.config.schema import Config, PointConfig, SinkConfig
 from gateway.config.settings import point_codec

@@ -22,9 +22,10 @@ from dataclasses import dataclass, fields
 from bridge.sink import MqttSink, SinkStats
 from bridge.sparkplug.bdseq import BdSeqFile
 from bridge.sparkplug.inbound import device_writes, read_state, rebirth_requested
-from bridge.sparkplug.payload import CommandRefused, MetricSpec
+from bridge.sparkplug.payload import CommandRefused
 from bridge.sparkplug.prepare import NodeMetrics, Prepare
 from bridge.sparkplug.session import EdgeSession, specs_for
+from bridge.sparkplug.view import DevicesNow, SetRequest, metric_sets
 from gateway.jsonsafe import dumps_safe
 from gateway.types import Message, Value, now_ms
 
@@ -33,23 +34,6 @@ log = logging.getLogger("bridge.sparkplug")
 NAMESPACE = "spBv1.0"
 #: Births at most this often on request (seconds): faster requests share one.
 REBIRTH_INTERVAL = 1.0
-
-
-@dataclass(frozen=True)
-class DeviceNow:
-    """A device as the gateway knows it now, for its birth: its declared metrics and its latest values."""
-
-    name: str
-    online: bool | None  # None: not known yet (not polled, no session yet)
-    specs: tuple[MetricSpec, ...] | None  # None: it declares nothing (an MCP device pushes what it has)
-    values: Mapping[str, Value]
-    ts: int  # when the latest values were sampled (unix ms); 0: none yet
-
-
-#: The devices as they are now (their births are made from this).
-DevicesNow = Callable[[], list[DeviceNow]]
-#: The gateway's request path: (`<device>/set/<point>`, JSON value), as an MQTT `set` arrives.
-SetRequest = Callable[[str, bytes], None]
 
 
 @dataclass
@@ -63,11 +47,6 @@ class SparkplugStats(SinkStats):
     commands: int = 0  # DCMD metrics handed to the write path
     bad_commands: int = 0  # NCMD/DCMD/STATE payloads refused unread
     host_online: bool | None = None  # the primary host's last STATE (None: no primary host, or not heard yet)
-
-
-def _metric_sets(node: list[tuple[MetricSpec, Value]], devices: list[DeviceNow]) -> object:
-    """What the births declare, to compare: the node's metrics and each device's declared ones."""
-    return tuple(spec for spec, _ in node), tuple((d.name, d.specs) for d in devices)
 
 
 class SparkplugNode:
@@ -107,6 +86,7 @@ class SparkplugNode:
         self._last_birth = float("-inf")  # loop time of the last births
         self._rebirth_later: asyncio.TimerHandle | None = None
         self._born_at: dict[str, float] = {}  # loop time of each device's last DBIRTH
+        self._dbirths_due: dict[str, asyncio.TimerHandle] = {}
 
     # --- what the MQTT connection is built with -------------------------------------------------
 
@@ -180,8 +160,9 @@ class SparkplugNode:
 
     async def stop(self) -> None:
         """Publish the NDEATH and disconnect."""
-        if self._rebirth_later is not None:
-            self._rebirth_later.cancel()
+        for timer in [self._rebirth_later, *self._dbirths_due.values()]:
+            if timer is not None:
+                timer.cancel()
         if self.mqtt is not None:
             await self.mqtt.stop()
 
@@ -196,11 +177,14 @@ class SparkplugNode:
         body = json.loads(message.payload) if rest == "telemetry" or message.topic == "metrics" else None
         if rest == "telemetry" and body is not None:
             values, ts = body["values"], int(body["ts"])
-            if self.session.needs_birth(device, values) and not self._born_lately(device):
-                birth = self._dbirth(device, now, extra=values)
-                if birth is None:
-                    return self._done()  # a device the gateway no longer has
-                out.append(birth)
+            if self.session.needs_birth(device, values):
+                if self._born_lately(device):
+                    self._dbirth_later(device)  # meanwhile what its birth cannot hold goes out null or not at all
+                else:
+                    birth = self._dbirth(device, now, extra=values)
+                    if birth is None:
+                        return self._done()  # a device the gateway no longer has
+                    out.append(birth)
             data = self.session.ddata(device, values, ts, now)
             if data is not None:
                 out.append(data)
@@ -219,6 +203,22 @@ class SparkplugNode:
         born_at = self._born_at.get(device)
         lately = born_at is not None and asyncio.get_running_loop().time() - born_at < REBIRTH_INTERVAL
         return lately and device in self.session.devices
+
+    def _dbirth_later(self, device: str) -> None:
+        """One DBIRTH of `device` at the end of its REBIRTH_INTERVAL, with the values the gateway has then (the
+        router's latest: what went out null meanwhile is in it)."""
+        if device in self._dbirths_due:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._born_at[device] + REBIRTH_INTERVAL - loop.time()
+        self._dbirths_due[device] = loop.call_later(max(0.0, wait), self._deferred_dbirth, device)
+
+    def _deferred_dbirth(self, device: str) -> None:
+        self._dbirths_due.pop(device, None)
+        if self.connected and device in self.session.devices:
+            birth = self._dbirth(device, self._clock())
+            if birth is not None:
+                self._send([birth])
 
     def _status(self, device: str, online: bool, ts: int, now: int) -> list[tuple[str, bytes]]:
         if self.session.node is not None and ts < self.session.node.ts:
@@ -288,7 +288,7 @@ class SparkplugNode:
             return
         now = self._clock()
         node_metrics, devices = self._node_metrics(), self._devices()
-        self._born_with = _metric_sets(node_metrics, devices)
+        self._born_with = metric_sets(node_metrics, devices)
         out = [self.session.nbirth(self._bd_seq, node_metrics, now)]
         self._prepare.put.node.update((spec.name, value) for spec, value in node_metrics)  # the host has these now
         self._history_born.clear()
@@ -328,7 +328,7 @@ class SparkplugNode:
 
     def refresh(self) -> None:
         """Births again if the devices or the metrics they declare changed (a reload): hosts learn metrics there."""
-        if self.connected and _metric_sets(self._node_metrics(), self._devices()) != self._born_with:
+        if self.connected and metric_sets(self._node_metrics(), self._devices()) != self._born_with:
             log.info("sink %s: the devices or their metrics changed: births again", self.name)
             self.birth()
 

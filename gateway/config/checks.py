@@ -178,7 +178,8 @@ class _Checks(SimulatorChecks, ModbusTcpChecks, SparkplugChecks):
         for s, sink in enumerate(self.config.northbound):
             at = ("northbound", s)
             self._first(names, sink.name, at + ("name",), f"sink name {sink.name!r} is used twice")
-            if sink.url is None and not self.config.broker.enabled:
+            # A northbound section pruned for its own errors leaves the default sink in its place: not the user's.
+            if sink.url is None and not self.config.broker.enabled and not self.pruned.dropped(("northbound",)):
                 if self.source.has(("northbound",)):
                     self._error(
                         self._key_or(at, "url"),

@@ -760,15 +760,10 @@ def test_a_devices_odd_readings_reach_the_host_as_both_decoders_read_them(tmp_pa
 
 
 # --- 7. config errors ------------------------------------------------------------------------
-# Each refused key has its case in tests/config_cases/sparkplug_*; this is the one the case harness cannot hold
-# as expected output, because the output is wrong.
+# Each refused key has its case in tests/config_cases/sparkplug_*; this one runs with the embedded broker off, where
+# check used to add an error about the default sink in place of the pruned section.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/config/checks.py _sinks: a northbound section pruned for an invalid sink is checked as the "
-    "default sink list, so with broker.enabled false check adds an error about a sink 'local' the file does not have",
-)
 def test_check_names_only_the_sparkplug_key_when_the_embedded_broker_is_off(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -785,12 +780,6 @@ def test_check_names_only_the_sparkplug_key_when_the_embedded_broker_is_off(
     assert len(errors) == 1 and "topic_prefix" in errors[0], errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/sparkplug/node.py try_publish/_born_lately (3fd994f): a value that needs a DBIRTH within "
-    "REBIRTH_INTERVAL of the device's last one goes out null and no birth is scheduled; prepare.py sends only "
-    "changes, so a value that then stays never comes again and the host never gets it",
-)
 def test_a_type_change_right_after_a_birth_still_reaches_the_host(tmp_path: Path) -> None:
     """An MCP device that pushes a string for its number metric right after its DBIRTH (within the interval in
     which a device is born once) and keeps it gets a DBIRTH carrying the string all the same, later."""

@@ -1,0 +1,31 @@
+"""What a Sparkplug edge node sees of the gateway: its devices as they are now, and the way a write goes in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from bridge.sparkplug.payload import MetricSpec
+from gateway.types import Value
+
+
+@dataclass(frozen=True)
+class DeviceNow:
+    """A device as the gateway knows it now, for its birth: its declared metrics and its latest values."""
+
+    name: str
+    online: bool | None  # None: not known yet (not polled, no session yet)
+    specs: tuple[MetricSpec, ...] | None  # None: it declares nothing (an MCP device pushes what it has)
+    values: Mapping[str, Value]
+    ts: int  # when the latest values were sampled (unix ms); 0: none yet
+
+
+#: The devices as they are now (their births are made from this).
+DevicesNow = Callable[[], list[DeviceNow]]
+#: The gateway's request path: (`<device>/set/<point>`, JSON value), as an MQTT `set` arrives.
+SetRequest = Callable[[str, bytes], None]
+
+
+def metric_sets(node: list[tuple[MetricSpec, Value]], devices: list[DeviceNow]) -> object:
+    """What the births declare, to compare: the node's metrics and each device's declared ones."""
+    return tuple(spec for spec, _ in node), tuple((d.name, d.specs) for d in devices)
