@@ -191,3 +191,36 @@ async def test_a_refused_dcmd_is_audited_leaves_the_slave_alone_and_the_host_see
         polled = {m.payload for m in r.sub.on(f"{JSON_PREFIX}/boiler/setpoint")}
         assert polled == {b"45.0"}, polled
         assert_both_decoders_agree(r)
+
+
+async def test_odd_dcmd_values_are_refused_and_audited_and_write_nothing(tmp_path: Path) -> None:
+    """Values a Double metric cannot take (NaN, infinities, null, a boolean, a string, a 64-bit integer far out of
+    range) written to the setpoint are each refused and audited with the error; the slave keeps its value."""
+    odd = [
+        Payload.Metric(name="setpoint", double_value=float("nan")),
+        Payload.Metric(name="setpoint", double_value=float("inf")),
+        Payload.Metric(name="setpoint", float_value=float("-inf")),
+        Payload.Metric(name="setpoint", is_null=True),
+        Payload.Metric(name="setpoint", boolean_value=True),
+        Payload.Metric(name="setpoint", string_value="50"),
+        Payload.Metric(name="setpoint", long_value=2**64 - 1),
+        Payload.Metric(name="setpoint", datatype=4, long_value=2**63),  # Int64 -2**63
+    ]
+    async with rig(tmp_path) as r:
+        await born(r)
+        await r.sub.wait_for(lambda ms: any(m.topic == f"{JSON_PREFIX}/boiler/setpoint" for m in ms), 20)
+        for metric in odd:
+            r.sub.publish_raw(DCMD, dcmd(metric), qos=1)
+
+        def outcomes() -> list[dict[str, Any]]:
+            return [x for x in r.audit() if x["point"] == "setpoint" and x["ok"] is not None]
+
+        await until(lambda: len(outcomes()) == len(odd), 20, "every odd write's outcome audited")
+        assert [x["ok"] for x in outcomes()] == [False] * len(odd), outcomes()
+        assert all(x["error"] for x in outcomes()), outcomes()
+        since = time.monotonic()
+        await r.sub.wait_for(
+            lambda ms: len([m for m in ms if m.topic == f"{JSON_PREFIX}/meter/count" and m.at > since]) >= 2, 20
+        )
+        polled = {m.payload for m in r.sub.on(f"{JSON_PREFIX}/boiler/setpoint")}
+        assert polled == {b"45.0"}, polled
