@@ -258,3 +258,37 @@ async def test_stored_data_of_a_device_silent_after_a_restart_goes_out_as_histor
         assert any(x.timestamp == spooled_ts for x in data), (spooled_ts, data)
         assert all(x.is_historical for x in data if x.timestamp == spooled_ts), data
         check_session(msgs, {"meter"})
+
+
+async def test_a_flapping_host_leaves_one_consistent_session_and_loses_nothing(tmp_path: Path) -> None:
+    """100 STATE online/offline flips in a burst (each newer), ending online: the gateway stays up, ends in one
+    born session whose NBIRTH's bdSeq is the one its will (an NDEATH after kill -9) carries, and every value the
+    MCP device had ACKed during the flapping reaches the host."""
+    async with rig(tmp_path, primary_host="scada-main") as r:
+        async with r.pump() as client:
+            sender = Sender(client, interval=0.02, depth=4)
+            set_state(r, True, now_ms())
+            await r.sub.wait_for(lambda _: any(kind(m) == "NBIRTH" for m in node_messages(r)), 30)
+            sender.start()
+            base = now_ms()
+            for i in range(100):
+                r.sub.client.publish(STATE_TOPIC, state(i % 2 == 1, base + 1 + i), qos=1, retain=True)
+            await until(lambda: len(sender.acked) >= 60, 30, "ACKs during and after the flapping")
+            await sender.stop()
+        acked = set(sender.acked.values())
+        await until(lambda: acked <= {n for n, *_ in pump_ns(node_messages(r))}, 30, "every ACKed value")
+        assert r.gw.proc.poll() is None
+        msgs = node_messages(r)
+        births = [m for m in msgs if kind(m) == "NBIRTH"]
+        deaths = [m for m in msgs if kind(m) == "NDEATH"]
+        print(f"flapping host: 100 STATEs -> {len(births)} NBIRTH, {len(deaths)} NDEATH, {len(acked)} values ACKed")
+        last_birth = _bdseq(births[-1])
+        # The last session is whole: from its NBIRTH on, births, then data (historical first) in order.
+        tail = msgs[msgs.index(births[-1]) :]
+        assert not [m for m in tail if kind(m) == "NDEATH"], "the host ended online: no death after the last birth"
+        check_session(tail, {"boiler", "meter"})
+        r.kill9()
+        await r.sub.wait_for(lambda _: len([m for m in node_messages(r) if kind(m) == "NDEATH"]) > len(deaths), 30)
+        will = [m for m in node_messages(r) if kind(m) == "NDEATH"][-1]
+        assert _bdseq(will) == last_birth, (_bdseq(will), last_birth)
+        assert_independently_decoded([m for m in msgs if kind(m) != "NDEATH"])
