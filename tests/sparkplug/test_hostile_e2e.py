@@ -210,11 +210,11 @@ async def test_garbage_and_absurd_state_is_refused_and_counted(tmp_path: Path) -
 
 @pytest.mark.xfail(
     strict=True,
-    reason="finding: bridge/sparkplug/inbound.py read_state takes any timestamp below 2**63, and node.py _on_state "
-    "keeps the newest seen for the process' life: one STATE online dated far ahead (a peer, or a host with a wrong "
-    "clock) makes every later STATE of the real host 'stale', so its offline is ignored and the node publishes on "
-    "(live data to no host, nothing spooled). Proposed: refuse (count) a STATE dated more than a bound (e.g. 1 day) "
-    "past the gateway's clock",
+    reason="finding: bridge/sparkplug/inbound.py read_state takes any timestamp below 2**63, and within one "
+    "connection node.py _on_state ignores every STATE older than the newest seen (will() resets it only per "
+    "connection): after one STATE online dated far ahead (a peer, or a host with a wrong clock) the real host's "
+    "offline is ignored and the node publishes live data to nobody instead of spooling, until it happens to "
+    "reconnect. Proposed: refuse (count) a STATE dated more than a bound (e.g. 1 day) past the gateway's clock",
 )
 async def test_a_state_dated_far_ahead_does_not_silence_the_real_hosts_offline(tmp_path: Path) -> None:
     """After a STATE online dated in the year 2500, the real host's STATE offline (dated now) still makes the node
