@@ -154,7 +154,10 @@ async def test_births_wait_for_the_primary_host_and_its_absence_is_replayed_as_h
         before = len(rows(r))
         await until(lambda: len(rows(r)) >= before + 3, 30, "the spool to grow while the host is offline")
 
-        # A STATE older than the last one seen (a stale copy) is no reason to birth.
+        # A STATE older than the last one seen (a stale copy) is no reason to birth. Sent once the new connection
+        # has taken the retained offline (a STATE's time counts within one connection).
+        offline_said = "primary host scada-main is offline"
+        await until(lambda: r.gw.output().count(offline_said) >= 2, 30, "the new connection to read the STATE")
         set_state(r, True, t1 - 1)
         grown = len(rows(r))
         await until(lambda: len(rows(r)) >= grown + 3, 30, "the spool to grow after the stale STATE")
