@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: Longest raw payload kept when a request is not JSON.
 RAW_PAYLOAD_MAX = 256
+#: A record longer than this has each field over FIELD_MAX cut to that (with its length said): requests full of
+#: 60 KiB strings would otherwise rotate every earlier record out of the log within seconds.
+RECORD_MAX = 4096
+FIELD_MAX = 256
 FILENAME = "audit.log"
 
 
@@ -74,13 +78,23 @@ class AuditRecord:
         body.update(ok=self.ok, result=self.result, error=self.error, ms=round(self.duration_ms, 1))
         # Whatever the request held (a lone surrogate, a 10^400 number): the line is written, never skipped.
         try:
-            return dumps_safe(_plain(body)).decode("utf-8")
+            line = dumps_safe(_plain(body)).decode("utf-8")
         except RecursionError:
             # Deeper than any JSON a request can bring (loads_strict stops at 32): recorded as such.
             for key in ("args", "value", "result"):
                 if key in body:
                     body[key] = "<nested too deep to record>"
-            return dumps_safe(_plain(body)).decode("utf-8")
+            line = dumps_safe(_plain(body)).decode("utf-8")
+        return line if len(line) <= RECORD_MAX else _shortened(body)
+
+
+def _shortened(body: dict[str, Any]) -> str:
+    """The record with each field whose JSON is longer than FIELD_MAX cut to that, saying how long it was."""
+    for key, value in body.items():
+        text = dumps_safe(_plain(value)).decode("utf-8")
+        if len(text) > FIELD_MAX:
+            body[key] = f"{text[:FIELD_MAX]}... ({len(text)} characters, cut)"
+    return dumps_safe(_plain(body)).decode("utf-8")
 
 
 def _plain(value: object) -> object:

@@ -34,6 +34,8 @@ log = logging.getLogger("bridge.sparkplug")
 NAMESPACE = "spBv1.0"
 #: Births at most this often on request (seconds): faster requests share one.
 REBIRTH_INTERVAL = 1.0
+#: A STATE's timestamp more than this ahead of the gateway's clock (ms) does not order later ones.
+STATE_AHEAD_MS = 86_400_000
 
 
 @dataclass
@@ -368,7 +370,10 @@ class SparkplugNode:
         state = read_state(payload)
         if state.timestamp < self._host_ts:
             return  # older than one seen: a stale retained copy
-        self._host_ts = state.timestamp
+        if state.timestamp <= self._clock() + STATE_AHEAD_MS:
+            # One dated further ahead is obeyed but not kept as the newest: kept, it would make the real host's
+            # later STATEs look stale. (Not refused: a Pi without a real-time clock may be days behind the host.)
+            self._host_ts = state.timestamp
         was, self.counts.host_online = self.counts.host_online, state.online
         if state.online:
             if was is not True:
