@@ -96,7 +96,9 @@ class DeviceRequests:
 
     def on_request(self, outbox: Outbox, topic: str, payload: bytes) -> None:
         """Handle `<device>/set/<point>` and `<device>/cmd` from a sink; the result goes back to it."""
-        parts = topic.split("/")
+        # At most three parts: a point name with "/" (a Sparkplug DCMD's folders; never an MQTT `+/set/+`) is
+        # refused and audited as a point the device does not have, not dropped unseen.
+        parts = topic.split("/", 2)
         if len(parts) == 3 and parts[1] == "set":
             self._spawn(self._set(outbox, parts[0], parts[2], payload))
         elif len(parts) == 2 and parts[1] == "cmd":

@@ -17,16 +17,14 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 from bridge.sink import MqttSink, SinkStats
 from bridge.sparkplug.bdseq import BdSeqFile
-from bridge.sparkplug.inbound import device_writes, read_state, rebirth_requested
-from bridge.sparkplug.payload import CommandRefused
+from bridge.sparkplug.host_input import HostInput
 from bridge.sparkplug.prepare import NodeMetrics, Prepare
 from bridge.sparkplug.session import EdgeSession, specs_for
-from bridge.sparkplug.view import DevicesNow, SetRequest, metric_sets
-from gateway.jsonsafe import dumps_safe
+from bridge.sparkplug.view import DevicesNow, SetRequest, SparkplugStats, metric_sets
 from gateway.types import Message, Value, now_ms
 
 log = logging.getLogger("bridge.sparkplug")
@@ -34,24 +32,9 @@ log = logging.getLogger("bridge.sparkplug")
 NAMESPACE = "spBv1.0"
 #: Births at most this often on request (seconds): faster requests share one.
 REBIRTH_INTERVAL = 1.0
-#: A STATE's timestamp more than this ahead of the gateway's clock (ms) does not order later ones.
-STATE_AHEAD_MS = 86_400_000
 
 
-@dataclass
-class SparkplugStats(SinkStats):
-    """Counters of a Sparkplug sink: its MQTT connection's, and the node's."""
-
-    births: int = 0  # NBIRTH sequences published (connects, rebirths, reloads)
-    rebirth_requests: int = 0
-    device_births: int = 0
-    device_deaths: int = 0
-    commands: int = 0  # DCMD metrics handed to the write path
-    bad_commands: int = 0  # NCMD/DCMD/STATE payloads refused unread
-    host_online: bool | None = None  # the primary host's last STATE (None: no primary host, or not heard yet)
-
-
-class SparkplugNode:
+class SparkplugNode(HostInput):
     """The Publisher of a Sparkplug sink's outbox; the MQTT connection under it is an `MqttSink` it drives."""
 
     def __init__(
@@ -89,6 +72,7 @@ class SparkplugNode:
         self._rebirth_later: asyncio.TimerHandle | None = None
         self._born_at: dict[str, float] = {}  # loop time of each device's last DBIRTH
         self._dbirths_due: dict[str, asyncio.TimerHandle] = {}
+        self._dropping = False  # the host went offline: this connection is being closed
 
     # --- what the MQTT connection is built with -------------------------------------------------
 
@@ -108,6 +92,9 @@ class SparkplugNode:
         # A STATE's time counts within one connection: the retained one comes again on the new subscription, and
         # one far in the future (a host's clock, or garbage) must not make every later STATE look stale for good.
         self._host_ts = -1
+        self._dropping = False
+        if self.counts.host_online is not None:
+            self.counts.host_online = None  # not heard on this connection yet: births wait for its STATE
         return self._ndeath()
 
     def goodbye(self) -> Message:
@@ -172,32 +159,49 @@ class SparkplugNode:
         """Publish the Sparkplug message(s) a prepared message makes now; None while no session is born."""
         if not self.connected:
             return None
-        assert self.mqtt is not None
         now = self._clock()
-        out: list[tuple[str, bytes]] = []
         device, _, rest = message.topic.partition("/")
-        body = json.loads(message.payload) if rest == "telemetry" or message.topic == "metrics" else None
-        if rest == "telemetry" and body is not None:
+        if rest == "status":
+            return self._send(self._status(device, message.payload == b"online", message.ts or now, now))
+        if rest != "telemetry" and message.topic != "metrics":
+            return self._done()
+        try:
+            body = json.loads(message.payload)
             values, ts = body["values"], int(body["ts"])
-            if self.session.needs_birth(device, values):
-                if self._born_lately(device):
-                    self._dbirth_later(device)  # meanwhile what its birth cannot hold goes out null or not at all
-                else:
-                    birth = self._dbirth(device, now, extra=values)
-                    if birth is None:
-                        return self._done()  # a device the gateway no longer has
-                    out.append(birth)
-            data = self.session.ddata(device, values, ts, now)
-            if data is not None:
-                out.append(data)
-            if ts > self.session.devices[device].ts:
-                out += self._bury_history(now)
-        elif rest == "status":
-            out += self._status(device, message.payload == b"online", message.ts or now, now)
-        elif message.topic == "metrics" and body is not None:
-            data = self.session.ndata(body["values"], now)
-            out += [data] if data is not None else []
-        return self._send(out)
+            if not isinstance(values, dict):
+                raise TypeError("values is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            # Not what prepare() makes: a spool written by this sink as a JSON one (its format changed), or damaged.
+            log.warning("sink %s: dropped a stored %s that is not Sparkplug's to send: %s", self.name, rest, exc)
+            return self._done()
+        if rest == "telemetry":
+            return self._send(self._telemetry(device, values, ts, now))
+        node = self.session.node
+        if node is None or ts < node.ts:
+            return self._done()  # node metrics stored before this session's NBIRTH, which carried newer ones
+        data = self.session.ndata(values, now)
+        return self._send([data] if data is not None else [])
+
+    def _telemetry(self, device: str, values: dict[str, Value], ts: int, now: int) -> list[tuple[str, bytes]]:
+        """A device's DDATA, after a DBIRTH if its birth lacks a metric or cannot hold a value."""
+        out = []
+        born = self.session.devices.get(device)
+        if self.session.needs_birth(device, values):
+            if born is not None and ts < born.ts:
+                pass  # a stored value of another type does not change what the birth declares now: it goes null
+            elif self._born_lately(device):
+                self._dbirth_later(device)  # meanwhile what its birth cannot hold goes out null or not at all
+            else:
+                birth = self._dbirth(device, now, extra=values)
+                if birth is None:
+                    return []  # a device the gateway no longer has
+                out.append(birth)
+        data = self.session.ddata(device, values, ts, now)
+        if data is not None:
+            out.append(data)
+        if ts > self.session.devices[device].ts:
+            out += self._bury_history(now)
+        return out
 
     def _born_lately(self, device: str) -> bool:
         """True when `device` was born less than REBIRTH_INTERVAL ago: a device whose values keep changing type
@@ -223,15 +227,18 @@ class SparkplugNode:
                 self._send([birth])
 
     def _status(self, device: str, online: bool, ts: int, now: int) -> list[tuple[str, bytes]]:
-        if self.session.node is not None and ts < self.session.node.ts:
-            return []  # stale: this session's births already say how the device is now
+        stale = self.session.node is not None and ts < self.session.node.ts
+        if stale and not (not online and device in self._history_born):
+            # This session's births already say how the device is now, but one born for its stored data is
+            # offline: its stored `offline` ends that birth where it happened.
+            return []
         if online:
             if device in self.session.devices:
                 return []
             birth = self._dbirth(device, now)
             return [birth] if birth is not None else []
         self._history_born.discard(device)
-        death = self.session.ddeath(device, now)
+        death = self.session.ddeath(device, min(ts, now))  # when it went offline (a stored one: back then)
         if death is None:
             return []
         self.counts.device_deaths += 1
@@ -284,9 +291,15 @@ class SparkplugNode:
         self._born_at[device] = asyncio.get_running_loop().time()
         return birth
 
+    def _may_birth(self) -> bool:
+        """Whether births may go out now: connected, not disconnecting, and the primary host (if any) online."""
+        if self.mqtt is None or not self.mqtt.connected or self._dropping:
+            return False
+        return self.primary_host is None or self.counts.host_online is True
+
     def birth(self) -> None:
         """NBIRTH and a DBIRTH for each online device, now; the outbox may publish once they are out."""
-        if self.mqtt is None or not self.mqtt.connected:
+        if not self._may_birth():
             return
         now = self._clock()
         node_metrics, devices = self._node_metrics(), self._devices()
@@ -299,8 +312,10 @@ class SparkplugNode:
                 specs = specs_for(device.specs, device.values)
                 out.append(self.session.dbirth(device.name, specs, device.values, device.ts, now))
                 self.counts.device_births += 1
+                self._born_at[device.name] = asyncio.get_running_loop().time()
         self.counts.births += 1
         self._last_birth = asyncio.get_running_loop().time()
+        assert self.mqtt is not None
         self._born_for = self.mqtt.stats.connects
         if self._send(out) is None:
             self._born_for = None
@@ -321,11 +336,13 @@ class SparkplugNode:
         if wait <= 0:
             self.birth()
         elif self._rebirth_later is None:
+            # Data stops now (the specification), the births come at the end of the interval.
+            self._born_for = None
             self._rebirth_later = loop.call_later(wait, self._deferred_rebirth)
 
     def _deferred_rebirth(self) -> None:
         self._rebirth_later = None
-        if self.connected:
+        if not self.connected and self._may_birth():
             self.birth()
 
     def refresh(self) -> None:
@@ -342,50 +359,3 @@ class SparkplugNode:
         """
         if self.primary_host is None and not self.connected:
             self.birth()
-
-    # --- from the broker ------------------------------------------------------------------------
-
-    def on_message(self, relative: str, payload: bytes) -> None:
-        """A STATE, NCMD or DCMD for this node (topic below `spBv1.0/`)."""
-        parts = relative.split("/")
-        try:
-            if parts[0] == "STATE":
-                self._on_state(payload)
-            elif len(parts) == 3 and parts[1] == "NCMD":
-                if rebirth_requested(self.session, payload):
-                    self.counts.rebirth_requests += 1
-                    log.info("sink %s: a host asked for a rebirth", self.name)
-                    self.rebirth()
-            elif len(parts) == 4 and parts[1] == "DCMD":
-                for name, value in device_writes(self.session, parts[3], payload):
-                    self.counts.commands += 1
-                    self._on_set(f"{parts[3]}/set/{name}", dumps_safe(value))
-        except (CommandRefused, ValueError) as exc:
-            self.counts.bad_commands += 1
-            if self.counts.bad_commands == 1 or self.counts.bad_commands % 1000 == 0:
-                bad = self.counts.bad_commands
-                log.warning("sink %s: refused %s: %s (%d so far)", self.name, relative[:120], exc, bad)
-
-    def _on_state(self, payload: bytes) -> None:
-        state = read_state(payload)
-        if state.timestamp < self._host_ts:
-            return  # older than one seen: a stale retained copy
-        if state.timestamp <= self._clock() + STATE_AHEAD_MS:
-            # One dated further ahead is obeyed but not kept as the newest: kept, it would make the real host's
-            # later STATEs look stale. (Not refused: a Pi without a real-time clock may be days behind the host.)
-            self._host_ts = state.timestamp
-        was, self.counts.host_online = self.counts.host_online, state.online
-        if state.online:
-            if was is not True:
-                log.info("sink %s: primary host %s is online", self.name, self.primary_host)
-            if self.mqtt is not None and self.mqtt.connected and not self.connected:
-                self.birth()
-            return
-        log.warning("sink %s: primary host %s is offline: data stays in the spool", self.name, self.primary_host)
-        if self.connected and self.mqtt is not None:
-            # The specification: NDEATH, disconnect, connect again (a new bdSeq) and wait for the host.
-            self._born_for = None
-            sent = self.mqtt.try_publish(self.goodbye())
-            if sent is not None:  # its PUBACK may not come before the disconnect: nobody waits for it
-                sent.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self.mqtt.drop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from bridge.sink import SinkStats
 from bridge.sparkplug.payload import MetricSpec
 from gateway.types import Value
 
@@ -29,3 +30,16 @@ SetRequest = Callable[[str, bytes], None]
 def metric_sets(node: list[tuple[MetricSpec, Value]], devices: list[DeviceNow]) -> object:
     """What the births declare, to compare: the node's metrics and each device's declared ones."""
     return tuple(spec for spec, _ in node), tuple((d.name, d.specs) for d in devices)
+
+
+@dataclass
+class SparkplugStats(SinkStats):
+    """Counters of a Sparkplug sink: its MQTT connection's, and the node's."""
+
+    births: int = 0  # NBIRTH sequences published (connects, rebirths, reloads)
+    rebirth_requests: int = 0
+    device_births: int = 0
+    device_deaths: int = 0
+    commands: int = 0  # DCMD metrics handed to the write path
+    bad_commands: int = 0  # NCMD/DCMD/STATE payloads refused unread
+    host_online: bool | None = None  # the primary host's last STATE (None: no primary host, or not heard yet)

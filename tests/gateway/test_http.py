@@ -22,7 +22,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from bridge.outbox import OutboxSnapshot
 from bridge.sink import SinkStats
-from bridge.sparkplug.node import SparkplugStats
+from bridge.sparkplug.view import SparkplugStats
 from drivers.mcp.codec import Frame, FrameType
 from gateway import __version__
 from gateway.app import Gateway

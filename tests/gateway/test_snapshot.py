@@ -168,7 +168,7 @@ def test_health_reads_only_its_parts_and_a_part_not_read_cannot_pass_for_empty()
 
 def test_metrics_payload_carries_a_sparkplug_sinks_node_counters_and_its_host_state_as_json() -> None:
     """P/metrics: a Sparkplug sink's counters sit with its other ones; host_online is true/false, or null unheard."""
-    from bridge.sparkplug.node import SparkplugStats
+    from bridge.sparkplug.view import SparkplugStats
 
     heard = SinkSnapshot("scada", True, asdict(SparkplugStats(births=2, commands=3, host_online=True)), {}, 0, None, 0)
     unheard = SinkSnapshot("hist", False, asdict(SparkplugStats()), {}, 0, None, 0)
