@@ -212,7 +212,8 @@ class MqttSink(LoopSockets):
             return
 
     def try_publish(self, message: Message) -> asyncio.Future[None] | None:
-        """Hand a message to paho now: a future resolved by its PUBACK, or None while disconnected.
+        """Hand a message to paho now: a future resolved by its PUBACK (QoS 0: once paho wrote it to the socket), or
+        None while disconnected.
 
         No task per message: the hot path of every publish (the outbox drains through here).
         """
@@ -235,8 +236,13 @@ class MqttSink(LoopSockets):
                     SinkError(f"sink {self.name}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
                 )
                 return fut
-            self.stats.published += 1
-            fut.set_result(None)
+            if info.is_published():
+                self.stats.published += 1
+                fut.set_result(None)
+                return fut
+            # Delivered once paho has written it to the socket (its on_publish): what is still in paho's queue when
+            # the connection drops goes back to the caller (the outbox spools it), as an unacknowledged QoS 1 does.
+            self._pending[info.mid] = fut
             return fut
         # QoS 1: paho keeps the message until its PUBACK, also across a reconnect (NO_CONN
         # means it will go out once connected), so one future per message id is enough.

@@ -138,6 +138,8 @@ class TcpRelay:
         self.delay = delay  # added to every chunk, each direction (a slow link)
         self.downstream = asyncio.Event()  # cleared: broker → client bytes are held back
         self.downstream.set()
+        self.upstream = asyncio.Event()  # cleared: client → broker bytes are held back (the client's buffers fill)
+        self.upstream.set()
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -180,7 +182,7 @@ class TcpRelay:
                 dst.transport.abort()
 
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(pump(reader, b_writer, None), pump(b_reader, writer, self.downstream))
+            await asyncio.gather(pump(reader, b_writer, self.upstream), pump(b_reader, writer, self.downstream))
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ import pytest
 
 from bridge.broker import EmbeddedBroker
 from bridge.sink import MqttSink
-from gateway.errors import SinkError
+from gateway.errors import SinkError, SinkOffline
 from gateway.supervise import Supervisor
 from gateway.types import Message
 
@@ -123,6 +123,28 @@ async def test_qos0_returns_without_waiting_for_the_broker_and_qos_is_per_messag
             relay.downstream.set()
             await asyncio.wait_for(task, 5)
             assert sink.stats.published == 2
+    finally:
+        await relay.close()
+
+
+async def test_a_qos0_message_paho_has_not_written_when_the_connection_drops_is_handed_back(
+    broker: EmbeddedBroker, port: int, sub: Subscriber
+) -> None:
+    """A QoS 0 publish is delivered once written to the socket, not once handed to paho: one still in paho's queue
+    when the connection drops fails with SinkOffline, so the outbox spools it (a Sparkplug sink is all QoS 0)."""
+    relay = TcpRelay(port)
+    await relay.start()
+    try:
+        async with running(relay.port, qos=0) as sink:
+            await connected(sink, sub)
+            relay.upstream.clear()  # the link stalls: the socket's buffers fill and paho keeps the rest
+            fut = sink.try_publish(Message("big", b"x" * (32 * 1024 * 1024)))
+            assert fut is not None
+            await not_done_for(fut, 0.5)
+            await relay.close()
+            with pytest.raises(SinkOffline):
+                await asyncio.wait_for(fut, 10)
+            assert sink.stats.published == 0
     finally:
         await relay.close()
 
