@@ -366,8 +366,8 @@ async def test_an_online_state_read_while_disconnecting_births_nothing_on_that_c
         # Both as the MQTT connection hands them over, back to back, before the disconnect is through.
         e.node.on_message(f"STATE/{HOST}", state(False, online_at + 1))
         e.node.on_message(f"STATE/{HOST}", state(True, online_at + 2))
-        # The births counter (P/metrics) is what shows it here: paho refuses a publish after disconnect(), so such an
-        # NBIRTH (the old bdSeq) did not reach this broker in our runs, but counted, and set the session born.
+        # The births counter (P/metrics) is what shows it here: such an NBIRTH (the old bdSeq), made after the
+        # connection's disconnect() call, did not reach this broker in our runs, but it was made and counted.
         assert e.node.stats.births == births, "an NBIRTH was made on the connection being closed"
         second = await until(lambda: e.of("NBIRTH")[1:], 20, "the next connection's NBIRTH")
         [ndeath] = [m for m in e.of("NDEATH") if m.bdseq() == first.bdseq()]
