@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 from bridge import outbox_limits as limits
@@ -94,7 +95,10 @@ class Replay:
             if newest != e.id:
                 done += self._retained.hold_back(e)  # a newer state is on its way: this one waits for its outcome
                 continue
-            started = start_publish(self._sink, e.message)
+            # With its sample time (the SQLite spool gives the message back without it): a Sparkplug sink dates a
+            # replayed DDEATH by it, and takes a status as stale by it.
+            message = e.message if e.message.ts is not None else dataclasses.replace(e.message, ts=e.sampled_ms)
+            started = start_publish(self._sink, message)
             if started is None:
                 back = [x.id for x in entries[i:] if x.id not in done]
                 break

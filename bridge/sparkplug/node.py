@@ -125,7 +125,7 @@ class SparkplugNode(HostInput):
 
     def topic(self, relative: str) -> str:
         """The full topic of a gateway-relative one; a `set` request is named by the DCMD it came as."""
-        parts = relative.split("/")
+        parts = relative.split("/", 2)  # a point name may hold "/" (a DCMD's folders): the device is the first level
         if len(parts) == 3 and parts[1] == "set":
             return f"{NAMESPACE}/{self.session.topic('DCMD', parts[0])}"
         return f"{NAMESPACE}/{relative}"

@@ -191,16 +191,9 @@ def aux(online: bool, values: dict[str, Value], ts: int) -> DeviceNow:
     return DeviceNow("aux", online, (MetricSpec("count", UINT64),), values, ts)
 
 
-#: Replayed from the SQLite spool a message has lost its `ts` (bridge/spool_schema.py `to_entry` builds the Message
-#: without the row's sampled_ms), so a stored status is taken as one of now: not stale, and dated now.
-TS_LOST = (
-    "bridge/spool_schema.py to_entry: a message read back from the SQLite spool has ts=None (sampled_ms is not put "
-    "back into the Message), so SparkplugNode.try_publish dates a replayed status `now`"
-)
-BUFFERS = [
-    pytest.param("memory", id="memory"),
-    pytest.param("sqlite", id="sqlite", marks=pytest.mark.xfail(strict=True, reason=TS_LOST)),
-]
+#: A stored status keeps its time in either buffer (from the SQLite spool: the row's sampled_ms, bridge/spool_schema.py
+#: `to_entry`; it was lost there until the tests below found it).
+BUFFERS = ["memory", "sqlite"]
 
 
 @contextlib.asynccontextmanager
@@ -225,8 +218,8 @@ async def stored_then_offline(tmp_path: Path, buffer: str) -> AsyncIterator[tupl
         yield e, offline_at
 
 
-# Only [memory] guards the stale-status decision: from the SQLite spool the status comes back dated now (TS_LOST), so
-# [sqlite] gets its DDEATH whatever that decision says.
+# Before the SQLite spool kept a message's ts, only [memory] guarded the stale-status decision: [sqlite]'s status came
+# back dated now, so it got its DDEATH whatever that decision said.
 @pytest.mark.parametrize("buffer", ["memory", "sqlite"])
 async def test_a_device_born_for_its_stored_data_dies_by_its_stored_offline_status(tmp_path: Path, buffer: str) -> None:
     """A device offline when the host came back is born only for its stored data (DBIRTH, historical DDATA); its
@@ -393,13 +386,6 @@ async def test_a_dcmd_metric_named_with_a_slash_is_refused_and_audited(tmp_path:
         assert record["origin"] == "scada", record
 
 
-TOPIC_SPLIT = (
-    "bridge/sparkplug/node.py SparkplugNode.topic splits the relative topic on every '/': "
-    "`boiler/set/Device Control/Reboot` has 4 parts, so the result is not named by its DCMD topic"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=TOPIC_SPLIT)
 async def test_the_refusal_of_a_dcmd_metric_named_with_a_slash_is_audited_under_its_dcmd_topic(
     tmp_path: Path,
 ) -> None:
