@@ -14,7 +14,7 @@ from bridge.broker_listeners import client_url
 from bridge.broker_users import INTERNAL_USER
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
-from bridge.sparkplug.node import NAMESPACE, SparkplugNode
+from bridge.sparkplug.node import SparkplugNode
 from bridge.spool import SQLiteSpool
 from gateway.config.schema import Config, SinkConfig
 from gateway.router import SUBSCRIPTIONS
@@ -68,21 +68,7 @@ def build_sink(
     node: SparkplugNode | None = None
     if s.format == "sparkplug":
         node = build_node(cfg, s, hooks.sparkplug, functools.partial(on_request, s.name))
-        mqtt = MqttSink(
-            s.name,
-            url,
-            NAMESPACE,
-            qos=0,
-            subscriptions=node.subscriptions,
-            on_request=node.on_message,
-            on_connect=node.on_connect,
-            will=node.will,
-            goodbye=node.goodbye,
-            announce=False,
-            retained_ok=node.retained_ok,
-            **common,
-        )
-        node.attach(mqtt)
+        mqtt = node.connect_to(url, **common)
     else:
         mqtt = MqttSink(
             s.name,

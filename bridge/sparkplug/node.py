@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import fields
+from typing import Any
 
 from bridge.sink import MqttSink, SinkStats
 from bridge.sparkplug.bdseq import BdSeqFile
@@ -79,6 +80,26 @@ class SparkplugNode(HostInput):
     def attach(self, mqtt: MqttSink) -> None:
         """Take the connection this node publishes on (built with the hooks below)."""
         self.mqtt = mqtt
+
+    def connect_to(self, url: str, **options: Any) -> MqttSink:
+        """The MQTT connection of this node to `url` (its namespace, QoS 0, its will, subscriptions and hooks),
+        attached; `options`: the sink's own (client id, credentials, TLS, keepalive, supervisor)."""
+        mqtt = MqttSink(
+            self.name,
+            url,
+            NAMESPACE,
+            qos=0,
+            subscriptions=self.subscriptions,
+            on_request=self.on_message,
+            on_connect=self.on_connect,
+            will=self.will,
+            goodbye=self.goodbye,
+            announce=False,
+            retained_ok=self.retained_ok,
+            **options,
+        )
+        self.attach(mqtt)
+        return mqtt
 
     @property
     def subscriptions(self) -> tuple[str, ...]:

@@ -117,21 +117,7 @@ async def edge(
             on_set=lambda t, p: e.writes.append((t, p)) if e is not None else None,
             clock=lambda: now[0],
         )
-        mqtt = MqttSink(
-            "scada",
-            mosq.url,
-            NAMESPACE,
-            client_id=f"review-{time.monotonic_ns()}",
-            qos=0,
-            subscriptions=node.subscriptions,
-            on_request=node.on_message,
-            on_connect=node.on_connect,
-            will=node.will,
-            goodbye=node.goodbye,
-            announce=False,
-            retained_ok=node.retained_ok,
-        )
-        node.attach(mqtt)
+        mqtt = node.connect_to(mosq.url, client_id=f"review-{time.monotonic_ns()}")
         store = SQLiteSpool(spool or tmp_path / "scada.spool") if buffer == "sqlite" else None
         outbox = Outbox(
             node,
