@@ -17,7 +17,7 @@ from drivers.mcp.server import McpServer
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.server import ModbusTcpServer
 from gateway.audit import AuditLog
-from gateway.broker_access import broker_auth
+from gateway.broker_access import start_broker
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config, SinkConfig
 from gateway.config.settings import mcp_server, modbus_line
@@ -102,17 +102,8 @@ class Gateway:
             from gateway.simulation import start_simulation
 
             self.simulation = await start_simulation(cfg, self.base)
-        if cfg.broker.enabled:
-            # Our own sinks log in with a secret made afresh at each start, held only in memory.
-            auth = broker_auth(cfg, self.base, secrets.token_urlsafe(32))
-            tls = {"cert": cfg.broker.cert, "key": cfg.broker.key}
-            if cfg.broker.process == "separate":
-                self.broker = BrokerProcess(cfg.broker.listeners, **tls, auth=auth, supervisor=self.supervisor)
-            else:
-                from bridge.broker import EmbeddedBroker
-
-                self.broker = EmbeddedBroker(cfg.broker.listeners, **tls, auth=auth)
-            await self.broker.start()
+        # Our own sinks log in with a secret made afresh at each start, held only in memory.
+        self.broker = await start_broker(cfg, self.base, secrets.token_urlsafe(32), self.supervisor)
 
         self._build_sinks()
         audit = cfg.gateway.audit

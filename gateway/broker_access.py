@@ -7,11 +7,17 @@ import getpass
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bridge.broker_acl import Access, BrokerAuth, default_access
+from bridge.broker_process import BrokerProcess
 from bridge.broker_users import check_username, recover_users_file, set_password
 from gateway.config.schema import Config
 from gateway.errors import FieldgateError
+from gateway.supervise import Supervisor
+
+if TYPE_CHECKING:
+    from bridge.broker import EmbeddedBroker
 
 
 def users_file(cfg: Config, base: Path) -> Path | None:
@@ -39,6 +45,28 @@ def broker_auth(cfg: Config, base: Path, internal_password: str) -> BrokerAuth |
         return BrokerAuth(str(path), default=default, internal_password=internal_password)
     rules = {user: Access(tuple(rule.read), tuple(rule.write)) for user, rule in acl.items()}
     return BrokerAuth(str(path), acl=rules, internal_password=internal_password)
+
+
+async def start_broker(
+    cfg: Config, base: Path, internal_password: str, supervisor: Supervisor
+) -> EmbeddedBroker | BrokerProcess | None:
+    """The embedded broker as configured, started; None when `broker.enabled` is false.
+
+    `internal_password`: what the gateway's own sinks log in with (made afresh at each start, held only in memory).
+    """
+    if not cfg.broker.enabled:
+        return None
+    auth = broker_auth(cfg, base, internal_password)
+    tls = {"cert": cfg.broker.cert, "key": cfg.broker.key}
+    broker: EmbeddedBroker | BrokerProcess
+    if cfg.broker.process == "separate":
+        broker = BrokerProcess(cfg.broker.listeners, **tls, auth=auth, supervisor=supervisor)
+    else:
+        from bridge.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker(cfg.broker.listeners, **tls, auth=auth)
+    await broker.start()
+    return broker
 
 
 def _password(args: argparse.Namespace) -> str:
