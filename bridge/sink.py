@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import random
 import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from bridge.sink_reconnect import BASE, CAP, Nodes, TakeoverWatch, backoff
 from bridge.sink_sockets import LoopSockets
 from gateway.errors import SinkError, SinkOffline
 from gateway.supervise import Supervised, Supervisor
@@ -28,8 +30,6 @@ from gateway.types import ABSOLUTE, Message
 
 log = logging.getLogger(__name__)
 
-RECONNECT_MIN = 0.5
-RECONNECT_MAX = 30.0
 MISC_INTERVAL = 1.0
 
 #: Called for each message received on a subscribed topic: (topic relative to the prefix, payload).
@@ -54,6 +54,8 @@ class SinkStats:
     received: int = 0
     retained_requests: int = 0  # set/cmd requests found retained on the broker: ignored
     bad_requests: int = 0  # requests whose topic was not UTF-8, or whose handling failed
+    takeovers: int = 0  # episodes of the broker closing each session right after connect: our client id in use
+    broker: str = ""  # the url of the node the sink is on (or tries next): a string, not a counter
 
 
 class MqttSink(LoopSockets):
@@ -82,17 +84,25 @@ class MqttSink(LoopSockets):
         goodbye: WillMaker | None = None,
         announce: bool = True,
         retained_ok: Callable[[str], bool] | None = None,
+        urls: tuple[str, ...] = (),
+        reconnect_base: float = BASE,
+        reconnect_cap: float = CAP,
+        rand: Callable[[], float] | None = None,
     ) -> None:
         """`will`/`goodbye`: the last will of each connection and what `stop` publishes (both `status` offline
         unless given); `announce`: publish `status` online on connect; `retained_ok`: the prefix-relative
-        topics whose retained messages are state to take (a Sparkplug host's STATE), not stale requests."""
-        parsed = urlparse(url)
+        topics whose retained messages are state to take (a Sparkplug host's STATE), not stale requests; `urls`: the
+        nodes of one cluster in turn (else `url`); `reconnect_*`, `rand`: the full-jitter back-off and its dice."""
         self.name = name
         self.prefix = prefix
         self.qos = qos
-        self.stats = SinkStats()
-        self._host = parsed.hostname or "127.0.0.1"
-        self._port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+        self._nodes = Nodes(urls or (url,))
+        self.stats = SinkStats(broker=self._nodes.current.url)
+        self._host, self._port = self._nodes.current.host, self._nodes.current.port
+        self._backoff = functools.partial(backoff, base=reconnect_base, cap=reconnect_cap, rand=rand or random.random)
+        self._takeover = TakeoverWatch()
+        # Attempts since the last connection that was up; our own drop() under way (no take-over of the broker's).
+        self._failures, self._dropping = 0, False
         self._keepalive = max(1, int(keepalive))
         self._subscriptions = subscriptions
         self._on_request = on_request
@@ -105,7 +115,7 @@ class MqttSink(LoopSockets):
         self._announce = announce
         self._retained_ok = retained_ok
         self._tls: ssl.SSLContext | None = None
-        if parsed.scheme == "mqtts":
+        if self._nodes.any_tls:
             self._tls = ssl.create_default_context(cafile=ca)
             if cert:
                 self._tls.load_cert_chain(cert, key)
@@ -133,7 +143,7 @@ class MqttSink(LoopSockets):
         username, password = self._credentials
         if username is not None:
             c.username_pw_set(username, password)
-        if self._tls is not None:
+        if self._tls is not None and self._nodes.current.tls:
             c.tls_set_context(self._tls)
         # The last will tells subscribers the gateway vanished without a goodbye.
         will = self._will() if self._will is not None else OFFLINE
@@ -255,6 +265,7 @@ class MqttSink(LoopSockets):
     def drop(self) -> None:
         """End the broker session now, without the will (say goodbye first if one is due); it is connected again."""
         if self._client.is_connected():
+            self._dropping = True
             self._client.disconnect()
 
     # --- paho callbacks (all on the loop thread once connected) ------------------------------------
@@ -269,10 +280,12 @@ class MqttSink(LoopSockets):
         if client is not self._client:
             return
         if reason.is_failure:
-            log.warning("sink %s: broker %s:%d refused the connection: %s", self.name, self._host, self._port, reason)
+            log.warning("sink %s: broker %s refused the connection: %s", self.name, self._nodes.current.url, reason)
             return
         self.stats.connects += 1
-        log.info("sink %s: connected to %s:%d", self.name, self._host, self._port)
+        self._failures, self._dropping = 0, False  # a connection that was up: retries start from the base again
+        self._takeover.connected()
+        log.info("sink %s: connected to %s", self.name, self._nodes.current.url)
         for sub in self._subscriptions:
             client.subscribe(self.topic(sub), qos=1)
         if self._announce:
@@ -298,7 +311,10 @@ class MqttSink(LoopSockets):
         if was:
             self.stats.disconnects += 1
             if not self._closing:
-                log.warning("sink %s: connection to %s:%d lost: %s", self.name, self._host, self._port, reason)
+                log.warning("sink %s: connection to %s lost: %s", self.name, self._nodes.current.url, reason)
+            if not (self._closing or self._dropping) and self._takeover.dropped():
+                self.stats.takeovers += 1
+                log.error(self._takeover.message(self.name, self._client_id, self._nodes.current.url))
         # The next connection is a new client: what this one did not get acknowledged goes back to the caller.
         self.stats.unacked_at_disconnect += sum(1 for f in self._pending.values() if not f.done())
         self._fail_pending(SinkOffline(f"sink {self.name}: connection lost before the broker acknowledged"))
@@ -340,29 +356,34 @@ class MqttSink(LoopSockets):
                 log.exception("sink %s: handling a request on %s failed", self.name, topic)
 
     async def _connect_loop(self) -> None:
-        delay = RECONNECT_MIN
         while True:
-            if not self._connected.is_set() and not self._client.is_connected():
-                try:
-                    assert self._loop is not None
-                    # A fresh client per attempt (also after a restart by the supervisor), none left half-used.
-                    if self._attempts:
-                        self._client = self._new_client()
-                    self._attempts += 1
-                    self._dropped.clear()
-                    # The TCP (and TLS) handshake blocks, so it runs in a worker thread.
-                    await self._loop.run_in_executor(
-                        None, self._client.connect, self._host, self._port, self._keepalive
-                    )
-                    # Give the CONNACK time to come back over a slow link, unless the connection drops first.
-                    await self._connected_or_dropped(max(10.0, self._keepalive))
-                    delay = RECONNECT_MIN if self._connected.is_set() else min(delay * 2, RECONNECT_MAX)
-                except (OSError, ssl.SSLError) as exc:
-                    log.debug("sink %s: connect to %s:%d failed: %s", self.name, self._host, self._port, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RECONNECT_MAX)
-                    continue
-            await asyncio.sleep(delay if not self._connected.is_set() else MISC_INTERVAL)
+            if self._connected.is_set() and not self._dropped.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(MISC_INTERVAL):
+                        await self._dropped.wait()
+                continue
+            if self._client.is_connected():
+                await asyncio.sleep(MISC_INTERVAL)
+                continue
+            assert self._loop is not None
+            if self._attempts:
+                # Every retry waits a random share of the back-off, the first one too: a fleet that lost its broker
+                # together spreads out. Then the next node (this one failed or dropped us) with a fresh client (also
+                # after a restart by the supervisor), none left half-used.
+                await asyncio.sleep(self._backoff(self._failures))
+                self._failures += 1
+                if (node := self._nodes.advance()).url != self.stats.broker:
+                    self.stats.broker, self._host, self._port = node.url, node.host, node.port
+                self._client = self._new_client()
+            self._attempts += 1
+            self._dropped.clear()
+            try:  # the TCP (and TLS) handshake blocks: in a worker thread
+                await self._loop.run_in_executor(None, self._client.connect, self._host, self._port, self._keepalive)
+            except (OSError, ssl.SSLError) as exc:
+                log.debug("sink %s: connect to %s failed: %s", self.name, self.stats.broker, exc)
+                continue
+            # Give the CONNACK time to come back over a slow link, unless the connection drops first.
+            await self._connected_or_dropped(max(10.0, self._keepalive))
 
     async def _connected_or_dropped(self, timeout: float) -> None:
         waiters = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._dropped.wait())]

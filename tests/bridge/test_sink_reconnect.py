@@ -1,0 +1,185 @@
+"""The sink's reconnect policy: full-jitter back-off, the round robin over a cluster's nodes, take-over detection,
+first as pure functions (hypothesis), then in MqttSink's connect loop against a real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+import bridge.sink
+from bridge.sink import MqttSink
+from bridge.sink_reconnect import Nodes, TakeoverWatch, backoff
+
+from helpers import free_port, until
+from mosquitto import Mosquitto
+
+unit = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
+seconds = st.floats(min_value=0.001, max_value=3600.0)
+
+
+@given(attempt=st.integers(min_value=0, max_value=10_000), base=seconds, cap=seconds, r=unit)
+def test_each_wait_is_within_zero_and_the_capped_exponential(attempt: int, base: float, cap: float, r: float) -> None:
+    """Every wait is uniform in [0, min(cap, base * 2**attempt)]: the dice times that ceiling, never above the cap."""
+    wait = backoff(attempt, base, cap, rand=lambda: r)
+    ceiling = min(cap, base * 2.0 ** min(attempt, 64))
+    assert 0.0 <= wait <= ceiling <= cap
+    assert wait == pytest.approx(ceiling * r)
+
+
+@given(attempt=st.integers(min_value=0, max_value=200), base=seconds, cap=seconds)
+def test_the_ceiling_doubles_until_the_cap(attempt: int, base: float, cap: float) -> None:
+    """With the dice at their top, the ceiling of retry n+1 is twice that of retry n until the cap holds it."""
+    top = 1.0 - 2**-53
+
+    def ceiling(n: int) -> float:
+        return backoff(n, base, cap, rand=lambda: top) / top
+
+    assert ceiling(attempt + 1) == pytest.approx(min(cap, 2 * ceiling(attempt)))
+
+
+def test_the_first_retry_is_jittered_too_and_the_defaults_are_1s_and_60s() -> None:
+    """Retry 0 draws from [0, 1 s]: not a fixed first wait, which a whole fleet would share."""
+    assert backoff(0, rand=lambda: 0.0) == 0.0
+    assert backoff(0, rand=lambda: 0.5) == 0.5
+    assert backoff(0, rand=lambda: 0.999) == pytest.approx(0.999)
+    assert backoff(6, rand=lambda: 0.999) == pytest.approx(59.94)  # 64 s capped at 60
+    assert backoff(10**6, rand=lambda: 0.5) == 30.0  # no overflow far past the cap
+
+
+def test_nodes_go_round_robin_and_stay_put_until_advanced() -> None:
+    """The current node is kept until the sink moves on; moving on wraps around; ports default per scheme."""
+    nodes = Nodes(("mqtt://a", "mqtts://b:9000", "mqtts://c"))
+    assert [nodes.current.url] * 2 == [nodes.current.url, nodes.current.url] == ["mqtt://a"] * 2
+    assert [nodes.advance().url, nodes.advance().url, nodes.advance().url] == [
+        "mqtts://b:9000",
+        "mqtts://c",
+        "mqtt://a",
+    ]
+    assert (nodes.current.port, Nodes(("mqtts://c",)).current.port, nodes.any_tls) == (1883, 8883, True)
+    with pytest.raises(ValueError):
+        Nodes(())
+
+
+class FakeClock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def session(watch: TakeoverWatch, clock: FakeClock, lasted: float, then: float = 0.5) -> bool:
+    """One session that lasted `lasted` s and was closed by the broker, then `then` s until the next connect."""
+    watch.connected()
+    clock.now += lasted
+    started = watch.dropped()
+    clock.now += then
+    return started
+
+
+def test_a_take_over_is_three_quick_drops_within_a_minute_and_is_reported_once_per_episode() -> None:
+    """Quick drops count; the third starts an episode (reported once however long it lasts); a session that lasts
+    ends it, and the next run of quick drops is a new episode."""
+    clock = FakeClock()
+    watch = TakeoverWatch(clock=clock)
+    assert [session(watch, clock, 0.2) for _ in range(8)] == [False, False, True] + [False] * 5
+    assert not session(watch, clock, 600.0)  # a session that lasted: the other gateway is gone
+    assert not watch.in_episode
+    assert [session(watch, clock, 0.2) for _ in range(3)] == [False, False, True]
+
+
+def test_drops_after_a_while_or_spread_over_more_than_a_minute_are_no_take_over() -> None:
+    """A broker restarting now and then is not a take-over: neither slow drops nor quick ones far apart."""
+    clock = FakeClock()
+    watch = TakeoverWatch(clock=clock)
+    assert [session(watch, clock, 6.0) for _ in range(10)] == [False] * 10
+    assert [session(watch, clock, 0.2, then=40.0) for _ in range(10)] == [False] * 10
+    assert not watch.dropped()  # a drop without a connect (a failed attempt) counts for nothing
+
+
+# --- in the connect loop ---------------------------------------------------------------------------
+
+
+async def test_the_connect_loop_draws_each_wait_from_the_back_off_and_a_connection_resets_it(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries while the broker is away ask the back-off for attempts 0, 1, 2, ... (the first retry too) with the
+    sink's base and cap; once a connection was up, the retries after its drop start from attempt 0 again."""
+    asked: list[tuple[int, float, float]] = []
+
+    def spy(attempt: int, base: float, cap: float, rand: Any) -> float:
+        asked.append((attempt, base, cap))
+        return backoff(attempt, base, cap, rand)
+
+    monkeypatch.setattr(bridge.sink, "backoff", spy)
+    sink = MqttSink(
+        "up", mosquitto.url, "fg/t", client_id="reconnect-spy", reconnect_base=0.02, reconnect_cap=0.1, rand=lambda: 1.0
+    )
+    mosquitto.kill()
+    await sink.start()
+    try:
+        await until(lambda: len(asked) >= 4, 10, "four retries")
+        mosquitto.start()
+        assert await sink.wait_connected(10)
+        before = len(asked)
+        assert [a for a, _, _ in asked[:before]] == list(range(before))
+        assert {(b, c) for _, b, c in asked} == {(0.02, 0.1)}
+        mosquitto.kill()
+        await until(lambda: len(asked) >= before + 2, 10, "retries after the drop")
+        assert [a for a, _, _ in asked[before : before + 2]] == [0, 1]
+    finally:
+        await sink.stop()
+
+
+async def test_a_second_client_with_our_id_is_reported_once_as_a_take_over(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another client that keeps connecting with the sink's client id (a second gateway with the same id): the
+    broker closes our session right after each connect; the sink logs one ERROR naming the id and broker, and
+    counts one take-over, not one per drop."""
+    client_id = f"fieldgate-twin-{free_port()}"
+    sink = MqttSink("cloud", mosquitto.url, "fg/t", client_id=client_id, reconnect_base=0.05, reconnect_cap=0.2)
+    stop = threading.Event()
+
+    def twin() -> None:
+        # The other gateway: connects with the same id again and again, as its own reconnect loop would.
+        while not stop.is_set():
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+            with contextlib.suppress(OSError):
+                c.connect("127.0.0.1", mosquitto.port)
+                c.loop_start()
+                stop.wait(0.4)
+                c.loop_stop()
+                c.disconnect()
+
+    caplog.set_level(logging.INFO, logger="bridge.sink")
+    await sink.start()
+    thread = asyncio.create_task(asyncio.to_thread(twin))
+    try:
+        assert await sink.wait_connected(10)
+        await until(lambda: sink.stats.takeovers >= 1, 20, "a take-over")
+        drops = sink.stats.disconnects
+        await until(lambda: sink.stats.disconnects >= drops + 3, 20, "more drops in the same episode")
+        assert sink.stats.takeovers == 1
+    finally:
+        stop.set()
+        await thread
+        await sink.stop()
+    errors = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "another gateway" in r.getMessage()
+    ]
+    assert errors == [
+        f"sink cloud: another gateway uses the client id {client_id} on {mosquitto.url}: the broker closed this "
+        "session 3 times within 5 s of connecting (give each gateway its own gateway.id, or the sink its own client_id)"
+    ]
