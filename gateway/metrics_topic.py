@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from gateway.snapshot import LINES, MCP, MODBUS_SERVER, SINKS, TASKS, GatewaySnapshot
+from gateway.clock import ClockSnapshot
+from gateway.snapshot import CLOCK, LINES, MCP, MODBUS_SERVER, SINKS, TASKS, GatewaySnapshot
 from gateway.types import ModbusDeviceSnapshot, ModbusServerSnapshot
 
 #: The parts of a snapshot the payload reads.
-METRICS_PARTS = (LINES, MCP, SINKS, TASKS, MODBUS_SERVER)
+METRICS_PARTS = (LINES, MCP, SINKS, TASKS, MODBUS_SERVER, CLOCK)
 
 
 def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
@@ -38,6 +39,17 @@ def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
         },
         "tasks": {task.name: {"failures": task.failures, "down": task.down} for task in snapshot.tasks},
         "modbus_server": _server(snapshot.modbus_server) if snapshot.modbus_server else None,
+        "clock": _clock(snapshot.clock) if snapshot.clock else None,
+    }
+
+
+def _clock(clock: ClockSnapshot) -> dict[str, object]:
+    # P/status stays `online`/`offline` (its last will): the clock's state is published here.
+    return {
+        "synchronized": clock.synchronized,  # null: cannot tell
+        "source": clock.source,
+        "steps": clock.steps,
+        "last_step_s": None if clock.last_step_s is None else round(clock.last_step_s, 3),
     }
 
 

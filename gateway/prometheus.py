@@ -19,6 +19,7 @@ from drivers.modbus.stats import RESPONSE_BUCKETS
 from gateway import __version__
 from gateway.snapshot import (
     BROKER,
+    CLOCK,
     DROPS,
     LINES,
     MCP,
@@ -36,7 +37,7 @@ from gateway.utilisation import UTILISATION_WINDOW, Utilisation
 log = logging.getLogger("gateway.http")
 
 #: The parts of a snapshot a scrape reads (not what was published of each device: the status page shows that).
-SCRAPE_PARTS = (LINES, MCP, SINKS, TASKS, DROPS, STATE_FILES, BROKER, MODBUS_SERVER)
+SCRAPE_PARTS = (LINES, MCP, SINKS, TASKS, DROPS, STATE_FILES, BROKER, MODBUS_SERVER, CLOCK)
 
 
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
@@ -63,7 +64,7 @@ class GatewayCollector(Collector):
         uptime = _gauge("uptime_seconds", "Seconds since the gateway started.", [])
         uptime.add_metric([], snap.uptime_s)
         yield uptime
-        for part in (self._lines, self._devices, self._mcp, self._modbus_server, self._sinks, self._gateway):
+        for part in (self._lines, self._devices, self._mcp, self._modbus_server, self._sinks, self._gateway, _clock):
             yield from self._guarded(part, snap)
 
     @staticmethod
@@ -326,6 +327,25 @@ def _sparkplug(snap: GatewaySnapshot) -> Iterator[Metric]:
             host.add_metric([sink.name], 1 if online else 0)
     yield from families.values()
     yield host
+
+
+def _clock(snap: GatewaySnapshot) -> Iterator[Metric]:
+    """The clock's sync state and the wall clock's steps; none without a clock watch."""
+    snap.require(CLOCK)
+    clock = snap.clock
+    if clock is None:
+        return
+    synced = _gauge("clock_synchronized", "1 while the clock is synchronised, else 0 (absent: cannot tell).", [])
+    if clock.synchronized is not None:
+        synced.add_metric([], 1 if clock.synchronized else 0)
+    yield synced
+    steps = _counter("clock_steps", "Steps of the wall clock over 1 s (against the monotonic clock).", [])
+    steps.add_metric([], clock.steps)
+    yield steps
+    last = _gauge("clock_last_step_seconds", "The last step's size, + forward, - back (absent: none).", [])
+    if clock.last_step_s is not None:
+        last.add_metric([], clock.last_step_s)
+    yield last
 
 
 def _by_reason(name: str, doc: str, counts: dict[str, int], *, label: str = "reason") -> Metric:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from bridge import statefiles
+from gateway.clock import ClockSnapshot
 from gateway.supervise import Supervisor
 from gateway.types import McpServerSnapshot, ModbusLineSnapshot, ModbusServerSnapshot, Value, now_ms
 
@@ -29,8 +30,9 @@ LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER = (
     "broker",
 )
 MODBUS_SERVER = "modbus server"
+CLOCK = "clock"
 #: Every part: what a snapshot reads unless asked for fewer (the watchdog reads only what health needs).
-ALL_PARTS = (LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER, MODBUS_SERVER)
+ALL_PARTS = (LINES, MCP, SINKS, DEVICES, TASKS, DROPS, STATE_FILES, BROKER, MODBUS_SERVER, CLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class GatewaySnapshot:
     values_dropped: int = 0
     state_files_corrupt: dict[str, int] = field(default_factory=dict)
     broker_login_failures: dict[str, int] | None = None  # None: no embedded broker
+    clock: ClockSnapshot | None = None  # None: no clock watch (not rendered)
     unreadable: dict[str, BaseException] = field(default_factory=dict)
     read: frozenset[str] = frozenset(ALL_PARTS)  # the parts this snapshot was asked for
 
@@ -147,6 +150,10 @@ class _Router(Protocol):
 
 class _Broker(Protocol):
     def login_failures(self) -> dict[str, int]: ...
+
+
+class _ClockWatch(Protocol):
+    def snapshot(self) -> ClockSnapshot: ...
 
 
 class _Line(Protocol):
@@ -213,6 +220,7 @@ def take_snapshot(gw: GatewayParts, parts: Collection[str] = ALL_PARTS) -> Gatew
     read(DROPS, lambda: {"values_dropped": gw.router.dropped_values if gw.router else 0})
     read(STATE_FILES, lambda: {"state_files_corrupt": statefiles.corrupt_counts()})
     read(BROKER, lambda: {"broker_login_failures": gw.broker.login_failures() if gw.broker is not None else None})
+    read(CLOCK, lambda: {"clock": _clock(gw)})
     return GatewaySnapshot(
         gateway_id=gw.gateway_id,
         taken_at=now,
@@ -223,6 +231,12 @@ def take_snapshot(gw: GatewayParts, parts: Collection[str] = ALL_PARTS) -> Gatew
         read=taken,
         **fields,
     )
+
+
+def _clock(gw: GatewayParts) -> ClockSnapshot | None:
+    # A gateway without a ClockWatch (none built yet, or a test's parts) has no clock part to show.
+    watch: _ClockWatch | None = getattr(gw, "clock", None)
+    return watch.snapshot() if watch is not None else None
 
 
 def _modbus_server(gw: GatewayParts) -> ModbusServerSnapshot | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.jsonsafe import dumps_safe
-from gateway.snapshot import DEVICES, LINES, MCP, MODBUS_SERVER, SINKS, GatewaySnapshot
+from gateway.snapshot import CLOCK, DEVICES, LINES, MCP, MODBUS_SERVER, SINKS, GatewaySnapshot
 from gateway.spool_report import human_age, human_size
 from gateway.utilisation import Utilisation
 
@@ -97,7 +97,9 @@ class StatusPage:
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>Fieldgate {gid}</title><style>{_STYLE}</style></head><body>",
             f"<header><h1>Fieldgate {gid}</h1>",
-            f"<p>version {_e(__version__)} · up {human_age(snap.uptime_s)} · health: {health}</p></header>",
+            f"<p>version {_e(__version__)} · up {human_age(snap.uptime_s)} · health: {health}</p>",
+            self._guarded(self._clock),
+            "</header>",
             '<section id="devices"><h2>Devices</h2>',
             self._guarded(self._devices),
             "</section>",
@@ -127,6 +129,24 @@ class StatusPage:
         except Exception as exc:
             log.exception("status page: the %s section could not be rendered", section.__name__.strip("_"))
             return f'<p class="bad">This section could not be shown: {_e(repr(exc)[:200])}</p>'
+
+    def _clock(self) -> str:
+        """`clock: synchronised (timesyncd), 0 steps`, with the last step; nothing without a clock watch."""
+        self.snapshot.require(CLOCK)
+        clock = self.snapshot.clock
+        if clock is None:
+            return ""
+        if clock.synchronized is None:
+            state = '<span class="unknown">unknown</span>'
+        elif clock.synchronized:
+            state = f'<span class="online">synchronised</span> ({_e(clock.source)})'
+        else:
+            state = f'<span class="bad">NOT synchronised</span> ({_e(clock.source)})'
+        line = f"clock: {state}, {clock.steps} step{'' if clock.steps == 1 else 's'}"
+        if clock.last_step_s is not None:
+            way = "forward" if clock.last_step_s > 0 else "back"
+            line += f"; the last one {way} by {abs(clock.last_step_s):.1f} s"
+        return f'<p id="clock">{line}</p>'
 
     def _devices(self) -> str:
         snap = self.snapshot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from bridge.sparkplug.view import SparkplugStats
 from drivers.mcp.codec import Frame, FrameType
 from gateway import __version__
 from gateway.app import Gateway
+from gateway.clock import ClockSnapshot
 from gateway.config import load_config, parse_config
 from gateway.errors import FieldgateError
 from gateway.jsonsafe import loads_strict
@@ -685,3 +687,57 @@ def test_status_page_shows_a_sparkplug_sinks_counters_and_primary_host() -> None
         ["hist", "—", "1", "0", "0", "0", "0", "0"],
     ]
     assert [cells[0] for cells in rows[:4]] == ["sink", "local", "scada", "hist"]  # the sinks table as before
+
+
+# --- the clock ----------------------------------------------------------------------------------------------
+
+
+def _scrape(snap: GatewaySnapshot) -> Samples:
+    text = generate_latest(_registry(GatewayCollector(lambda parts=(): snap, Utilisation()))).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_show_the_clocks_sync_state_and_steps_and_no_gauge_when_unknown() -> None:
+    """/metrics: fieldgate_clock_synchronized 1/0 (no series when unknown), steps, the last step's signed size."""
+    base = GatewaySnapshot("g", 100.0, 0, 1.0, False)
+    assert not any(name.startswith("fieldgate_clock") for name, _ in _scrape(base))  # no watch: no series
+    stepped = _scrape(replace(base, clock=ClockSnapshot(False, "kernel", 2, -5.0, 1_700_000_000_000)))
+    assert value(stepped, "fieldgate_clock_synchronized") == 0
+    assert value(stepped, "fieldgate_clock_steps_total") == 2
+    assert value(stepped, "fieldgate_clock_last_step_seconds") == -5.0
+    assert (
+        value(
+            _scrape(replace(base, clock=ClockSnapshot(True, "timesyncd", 0, None, None))),
+            "fieldgate_clock_synchronized",
+        )
+        == 1
+    )
+    unknown = _scrape(replace(base, clock=ClockSnapshot(None, "none", 0, None, None)))
+    assert value(unknown, "fieldgate_clock_steps_total") == 0
+    assert not any(n in ("fieldgate_clock_synchronized", "fieldgate_clock_last_step_seconds") for n, _ in unknown)
+
+
+@pytest.mark.parametrize(
+    ("clock", "line", "css"),
+    [
+        (ClockSnapshot(True, "timesyncd", 0, None, None), "clock: synchronised (timesyncd), 0 steps", "online"),
+        (
+            ClockSnapshot(False, "kernel", 1, 3600.24, 0),
+            "clock: NOT synchronised (kernel), 1 step; the last one forward by 3600.2 s",
+            "bad",
+        ),
+        (ClockSnapshot(None, "none", 3, -2.0, 0), "clock: unknown, 3 steps; the last one back by 2.0 s", "unknown"),
+    ],
+)
+def test_status_page_has_a_clock_line_in_its_header(clock: ClockSnapshot, line: str, css: str) -> None:
+    """The page's header says the clock's state (coloured) and its steps; no line without a clock watch."""
+    snap = GatewaySnapshot("g", 100.0, 0, 1.0, False)
+    header = StatusPage(replace(snap, clock=clock), Utilisation(), []).render().split("</header>")[0]
+    paragraph = header.split('<p id="clock">')[1].split("</p>")[0]
+    assert re.sub(r"<[^>]+>", "", paragraph) == line
+    assert f'<span class="{css}">' in paragraph
+    assert 'id="clock"' not in StatusPage(snap, Utilisation(), []).render()

@@ -147,6 +147,7 @@ def test_metrics_payload_keeps_its_keys_order_and_json_shapes() -> None:
         "sinks": {"up": {"published": 7, "queued": 1, "dropped": 0, "connected": True, "requests_dropped": 5}},
         "tasks": {"metrics": {"failures": 1, "down": False}},
         "modbus_server": None,
+        "clock": None,  # no clock watch
     }
     server = ModbusServerSnapshot("127.0.0.1:5020", True, 2, 5, 1, 0, 40, 3, 1, 0, 0, {11: 2, 1: 4}, 0)
     served = metrics_payload(dataclasses.replace(snap, modbus_server=server))["modbus_server"]
@@ -177,3 +178,32 @@ def test_metrics_payload_carries_a_sparkplug_sinks_node_counters_and_its_host_st
     assert sinks["scada"]["births"] == 2 and sinks["scada"]["commands"] == 3  # type: ignore[index]
     assert sinks["scada"]["host_online"] is True and sinks["hist"]["host_online"] is None  # type: ignore[index]
     assert json.loads(json.dumps(sinks))["hist"]["host_online"] is None  # JSON null, not a number
+
+
+def test_the_clock_part_is_the_watchs_snapshot_none_without_a_watch_and_json_on_p_metrics() -> None:
+    """take_snapshot reads a ClockWatch as `clock` (None without one); P/metrics carries it, null when unknown."""
+    from gateway.clock import ClockSnapshot, ClockSource, ClockWatch, SyncState
+
+    assert take_snapshot(Parts()).clock is None  # type: ignore[arg-type]
+    parts = Parts()
+    parts.mcp = SimpleNamespace(snapshot=lambda: None)
+    now = {"wall": 100.0, "mono": 5.0}
+    source = ClockSource(
+        wall=lambda: now["wall"], monotonic=lambda: now["mono"], sync=lambda: SyncState(True, "kernel")
+    )
+    watch = ClockWatch(Supervisor(), source)
+    watch.check()
+    now.update(wall=3701.25, mono=6.0)  # 1 s passed, the wall clock moved 3601.25 s
+    watch.check()
+    parts.clock = watch  # type: ignore[attr-defined]
+    snap = take_snapshot(parts)  # type: ignore[arg-type]
+    assert snap.clock == ClockSnapshot(True, "kernel", 1, 3600.25, 3701250)
+    clock = metrics_payload(snap)["clock"]
+    assert clock == {"synchronized": True, "source": "kernel", "steps": 1, "last_step_s": 3600.25}
+    unknown = dataclasses.replace(snap, clock=ClockSnapshot(None, "none", 0, None, None))
+    assert json.loads(json.dumps(metrics_payload(unknown)["clock"])) == {
+        "synchronized": None,
+        "source": "none",
+        "steps": 0,
+        "last_step_s": None,
+    }
