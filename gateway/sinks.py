@@ -48,6 +48,7 @@ def build_sink(
     """
     on_request, on_connect = hooks.on_request, hooks.on_connect
     url = s.url or client_url(cfg.broker.listeners)
+    urls = tuple(s.urls or (url,))  # the nodes of one cluster: the sink (and its one spool and outbox) goes round them
     client_id = s.client_id or f"fieldgate-{cfg.gateway.id}-{s.name}"
     username, password = s.username, s.password
     if s.url is None and auth is not None and username is None:
@@ -64,6 +65,9 @@ def build_sink(
         "cert": s.cert,
         "key": s.key,
         "supervisor": supervisor,
+        "urls": urls,
+        "reconnect_base": s.reconnect_base,
+        "reconnect_cap": s.reconnect_cap,
     }
     node: SparkplugNode | None = None
     if s.format == "sparkplug":
@@ -99,9 +103,11 @@ def build_sink(
         prepare=node.prepare if node is not None else None,
     )
     if node is not None:
-        log.info("sink %s: Sparkplug B edge node %s/%s on %s", s.name, node.session.group, node.session.edge, url)
+        log.info(
+            "sink %s: Sparkplug B edge node %s/%s on %s", s.name, node.session.group, node.session.edge, " ".join(urls)
+        )
     else:
-        log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), url)
+        log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), " ".join(urls))
     return sink, outbox
 
 

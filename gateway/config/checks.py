@@ -12,6 +12,7 @@ from gateway.config import ha_entities as ha
 from .addresses import exposed, host_port, port_key
 from .checks_modbus_tcp import ModbusTcpChecks
 from .checks_sim import SimulatorChecks
+from .checks_sinks import SinkChecks
 from .checks_sparkplug import SparkplugChecks
 from .problems import Path, Problem, hint
 from .prune import Pruned
@@ -27,7 +28,7 @@ def check(config: Config, source: Source, pruned: Pruned) -> tuple[list[Problem]
     return checks.errors, checks.warnings
 
 
-class _Checks(SimulatorChecks, ModbusTcpChecks, SparkplugChecks):
+class _Checks(SimulatorChecks, ModbusTcpChecks, SparkplugChecks, SinkChecks):
     """Cross-references that no single model can check, run on the typed config."""
 
     def run(self) -> None:
@@ -38,6 +39,7 @@ class _Checks(SimulatorChecks, ModbusTcpChecks, SparkplugChecks):
         self._devices()
         self._ha_ids()
         self._sinks()
+        self._client_ids()
         self._sparkplug()  # after _devices: a device's metrics are its template's points and its own
         self._mcp()
         self._simulator()

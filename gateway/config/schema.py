@@ -108,7 +108,10 @@ class SinkConfig(Model):
     """A northbound MQTT broker the gateway publishes to."""
 
     name: Name
-    url: str | None = None  # None: the embedded broker
+    url: str | None = None  # None: the embedded broker (with `urls`: set to its first)
+    urls: list[str] | None = None  # the nodes of one cluster, taken in turn (instead of `url`)
+    reconnect_base: Duration = Field(default=1.0, gt=0)  # full-jitter back-off: wait n in [0, min(cap, base*2^n)]
+    reconnect_cap: Duration = Field(default=60.0, gt=0)
     client_id: str | None = None
     username: str | None = None
     password: str | None = None
@@ -147,11 +150,28 @@ class SinkConfig(Model):
 
     @model_validator(mode="after")
     def _url_scheme(self) -> SinkConfig:
-        if self.url is not None and "@" in self.url:
-            # Not echoed: what precedes the `@` is most likely a password.
-            raise ValueError("url must not carry credentials: give them as `username` and `password`")
-        if self.url is not None and not re.match(r"^mqtts?://[^:/]+(:\d{1,5})?/?$", self.url):
-            raise ValueError(f"url {self.url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        if self.url is not None and self.urls is not None:
+            raise ValueError("give either `url` (one broker) or `urls` (the nodes of one cluster), not both")
+        if self.urls is not None and not self.urls:
+            raise ValueError("urls: give at least one url (or leave `urls` out for the embedded broker)")
+        named = (
+            [("url", self.url)] if self.url is not None else [(f"urls[{i}]", u) for i, u in enumerate(self.urls or [])]
+        )
+        for key, url in named:
+            if "@" in url:
+                # Not echoed: what precedes the `@` is most likely a password.
+                raise ValueError(f"{key} must not carry credentials: give them as `username` and `password`")
+            if not re.match(r"^mqtts?://[^:/]+(:\d{1,5})?/?$", url):
+                raise ValueError(f"{key} {url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        if self.urls is not None and len(set(self.urls)) < len(self.urls):
+            raise ValueError("urls: each node once (a node named twice would take two turns)")
+        if self.reconnect_cap < self.reconnect_base:
+            raise ValueError(
+                f"reconnect_cap ({self.reconnect_cap:g} s) is below reconnect_base ({self.reconnect_base:g} s)"
+            )
+        if self.urls is not None:
+            # Everything that asks `url is None` (the embedded broker?) sees a broker of its own: the first node.
+            self.url = self.urls[0]
         return self
 
 
