@@ -18,6 +18,7 @@ from drivers.modbus.bus import ModbusBus
 from drivers.modbus.server import ModbusTcpServer
 from gateway.audit import AuditLog
 from gateway.broker_access import start_broker
+from gateway.clock import ClockWatch
 from gateway.config import Loaded
 from gateway.config.schema import BusConfig, Config, SinkConfig
 from gateway.config.settings import mcp_server, modbus_line
@@ -77,6 +78,7 @@ class Gateway:
         #: Every long-lived task of the gateway's own (sinks, broker child watcher, metrics, reloads, the status
         #: page's sampler) runs under this: restarted with back-off when it fails, and listed in problems().
         self.supervisor = Supervisor()
+        self.clock = ClockWatch(self.supervisor)  # is the wall clock synchronised, and did it step?
         self._metrics: Supervised | None = None
         self._reloads: Supervised | None = None
         self._stopping = asyncio.Event()
@@ -129,6 +131,7 @@ class Gateway:
             self.http = HttpServer(self.snapshot, cfg.gateway.http, self.supervisor)
             await self.http.start()
         self._metrics = self.supervisor.spawn("metrics", self._metrics_loop)
+        self.clock.start()
         # A SIGHUP that came during start-up is carried out now that everything is up.
         self._reloads = self.supervisor.spawn("reload", self._reload_loop)
         log.info(

@@ -217,11 +217,6 @@ async def test_the_watch_runs_under_the_supervisor_and_stops() -> None:
 # --- through a real gateway process ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/app.py has no ClockWatch yet: the lead adds `self.clock = ClockWatch(self.supervisor)` "
-    "in Gateway.__init__ and `self.clock.start()` in Gateway.start",
-)
 async def test_a_running_gateway_shows_this_machines_clock_state_on_metrics_and_the_page(tmp_path: Path) -> None:
     """`fieldgate run`: /metrics has fieldgate_clock_* as this machine reads its sync state; the page its line."""
     http = free_port()
