@@ -241,6 +241,10 @@ class GatewayCollector(Collector):
         )
         connected = _gauge("sink_connected", "1 while the sink's broker session is up, else 0.", ["sink"])
         published = _counter("sink_published", "Messages the sink handed to its broker.", ["sink"])
+        takeovers = _counter(
+            "sink_takeovers", "Times the broker kept closing the sink's session right after connect: its client id "
+            "in use by another client (one count per episode).", ["sink"],
+        )  # fmt: skip
         for sink in snap.sinks:
             figures = sink.figures
             for name, (key, _) in gauges.items():
@@ -251,11 +255,13 @@ class GatewayCollector(Collector):
                 oldest.add_metric([sink.name], figures["spool_oldest_age_s"])
             connected.add_metric([sink.name], 1 if sink.connected else 0)
             published.add_metric([sink.name], sink.counters["published"])
+            takeovers.add_metric([sink.name], sink.counters["takeovers"])
         yield from g.values()
         yield oldest
         yield from c.values()
         yield connected
         yield published
+        yield takeovers
         yield from _sparkplug(snap)
 
     def _gateway(self, snap: GatewaySnapshot) -> Iterator[Metric]:

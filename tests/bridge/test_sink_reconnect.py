@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from dataclasses import asdict
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -14,10 +15,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 import bridge.sink
+from bridge.outbox import OutboxSnapshot
 from bridge.sink import MqttSink
 from bridge.sink_reconnect import Nodes, TakeoverWatch, backoff
+from gateway.metrics_topic import metrics_payload
+from gateway.prometheus import GatewayCollector
+from gateway.snapshot import GatewaySnapshot, SinkSnapshot
+from gateway.utilisation import Utilisation
 
 from helpers import free_port, until
 from mosquitto import Mosquitto
@@ -108,6 +117,25 @@ def test_drops_after_a_while_or_spread_over_more_than_a_minute_are_no_take_over(
     assert not watch.dropped()  # a drop without a connect (a failed attempt) counts for nothing
 
 
+def snapshot_of(sink: MqttSink) -> GatewaySnapshot:
+    """A gateway snapshot holding this sink as the snapshot builder takes it (its stats as counters)."""
+    figures = asdict(OutboxSnapshot(0, 0, 0, None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    sinks = (SinkSnapshot(sink.name, sink.connected, asdict(sink.stats), figures, 0, None, 0),)
+    return GatewaySnapshot("g", 100.0, 0, 1.0, False, sinks=sinks)
+
+
+def scrape(snap: GatewaySnapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """/metrics of the snapshot: (name, labels) -> value."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(lambda parts=(): snap, Utilisation()))
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 # --- in the connect loop ---------------------------------------------------------------------------
 
 
@@ -147,7 +175,7 @@ async def test_a_second_client_with_our_id_is_reported_once_as_a_take_over(
 ) -> None:
     """Another client that keeps connecting with the sink's client id (a second gateway with the same id): the
     broker closes our session right after each connect; the sink logs one ERROR naming the id and broker, and
-    counts one take-over, not one per drop."""
+    counts one take-over, not one per drop, which P/metrics and /metrics show (the broker as a string, no label)."""
     client_id = f"fieldgate-twin-{free_port()}"
     sink = MqttSink("cloud", mosquitto.url, "fg/t", client_id=client_id, reconnect_base=0.05, reconnect_cap=0.2)
     stop = threading.Event()
@@ -179,6 +207,13 @@ async def test_a_second_client_with_our_id_is_reported_once_as_a_take_over(
     errors = [
         r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "another gateway" in r.getMessage()
     ]
+    snap = snapshot_of(sink)
+    shown = metrics_payload(snap)["sinks"]
+    assert isinstance(shown, dict)
+    assert (shown["cloud"]["takeovers"], shown["cloud"]["broker"]) == (1, mosquitto.url)  # P/metrics
+    scraped = scrape(snap)
+    assert scraped[("fieldgate_sink_takeovers_total", frozenset({("sink", "cloud")}))] == 1
+    assert all(set(dict(labels)) <= {"sink"} for name, labels in scraped if name.startswith("fieldgate_sink_"))
     assert errors == [
         f"sink cloud: another gateway uses the client id {client_id} on {mosquitto.url}: the broker closed this "
         "session 3 times within 5 s of connecting (give each gateway its own gateway.id, or the sink its own client_id)"
