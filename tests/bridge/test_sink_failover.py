@@ -18,9 +18,13 @@ from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from bridge.sink_reconnect import backoff
 from bridge.spool import SQLiteSpool
+from gateway.app import Gateway
+from gateway.config import load_config
 from gateway.types import Message
 
+from configs import sink, write
 from helpers import Subscriber, free_port, subscribed, until
+from mcp_peer import mcp_gateway_config
 from mosquitto import Mosquitto
 
 P = "fg/cluster"
@@ -132,3 +136,27 @@ async def test_a_sink_fails_over_to_the_next_node_and_back_and_loses_nothing(
         assert await box.flush(10)
         assert box.backlog == 0
     print(f"failover: on the other node {took[0]:.2f} s and {took[1]:.2f} s after the kill")
+
+
+async def test_a_gateways_json_and_sparkplug_sinks_take_urls_and_their_back_off_from_the_config(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A config's `urls` (first node dead) and `reconnect_*` reach both kinds of sink: each moves on to the live
+    node, says so in its stats, and publishes there (status online; the Sparkplug node's NBIRTH)."""
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    urls = [dead, mosquitto.url]
+    back_off = {"reconnect_base": "50ms", "reconnect_cap": "200ms"}
+    sinks = [
+        sink("cloud", None, urls=urls, **back_off),
+        sink("scada", None, urls=urls, format="sparkplug", sparkplug={"group_id": "plant"}, **back_off),
+    ]
+    path = write(mcp_gateway_config(free_port(), free_port(), northbound=sinks), tmp_path)
+    async with subscribed(mosquitto.port, "fieldgate/m1/status", "spBv1.0/plant/NBIRTH/#") as sub:
+        gw = Gateway(load_config(path))
+        await gw.start()
+        try:
+            for s in gw.sinks:
+                await until(lambda s=s: s.stats.broker == mosquitto.url and s.connected, 20, f"{s.name} on node 2")
+            await sub.wait_for(lambda ms: {m.topic for m in ms} >= {"fieldgate/m1/status", "spBv1.0/plant/NBIRTH/m1"})
+        finally:
+            await gw.stop()
