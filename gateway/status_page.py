@@ -274,7 +274,12 @@ class StatusPage:
                 _cells(
                     [
                         (_e(sink.name), False),
-                        (_state(sink.connected, ("connected", "disconnected")), False),
+                        # The node it is on (or tries next) on hover: a cluster's sink moves between its urls.
+                        (
+                            f'<span title="{_e(sink.counters.get("broker", ""))}">'
+                            f"{_state(sink.connected, ('connected', 'disconnected'))}</span>",
+                            False,
+                        ),
                         (str(f["queued"]), True),
                         (str(f["spool_messages"]), True),
                         (_e(human_size(f["spool_bytes"])), True),

@@ -26,6 +26,7 @@ from bridge.sink_reconnect import Nodes, TakeoverWatch, backoff
 from gateway.metrics_topic import metrics_payload
 from gateway.prometheus import GatewayCollector
 from gateway.snapshot import GatewaySnapshot, SinkSnapshot
+from gateway.status_page import StatusPage
 from gateway.utilisation import Utilisation
 
 from helpers import free_port, until
@@ -175,7 +176,8 @@ async def test_a_second_client_with_our_id_is_reported_once_as_a_take_over(
 ) -> None:
     """Another client that keeps connecting with the sink's client id (a second gateway with the same id): the
     broker closes our session right after each connect; the sink logs one ERROR naming the id and broker, and
-    counts one take-over, not one per drop, which P/metrics and /metrics show (the broker as a string, no label)."""
+    counts one take-over, not one per drop, which P/metrics and /metrics show (the broker as a string, no label;
+    on the status page on hover)."""
     client_id = f"fieldgate-twin-{free_port()}"
     sink = MqttSink("cloud", mosquitto.url, "fg/t", client_id=client_id, reconnect_base=0.05, reconnect_cap=0.2)
     stop = threading.Event()
@@ -211,6 +213,8 @@ async def test_a_second_client_with_our_id_is_reported_once_as_a_take_over(
     shown = metrics_payload(snap)["sinks"]
     assert isinstance(shown, dict)
     assert (shown["cloud"]["takeovers"], shown["cloud"]["broker"]) == (1, mosquitto.url)  # P/metrics
+    page = StatusPage(snap, Utilisation(), []).render()
+    assert f'<span title="{mosquitto.url}"><span class="offline">disconnected</span></span>' in page  # stopped
     scraped = scrape(snap)
     assert scraped[("fieldgate_sink_takeovers_total", frozenset({("sink", "cloud")}))] == 1
     assert all(set(dict(labels)) <= {"sink"} for name, labels in scraped if name.startswith("fieldgate_sink_"))
