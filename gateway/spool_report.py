@@ -69,7 +69,7 @@ def collect(cfg: Config, now: float) -> tuple[list[SpoolRow], list[str]]:
             if stats.oldest_queued_at is not None:
                 # Clamped: a clock stepped back must not show a negative age.
                 oldest = max(0.0, now - stats.oldest_queued_at)
-        url = sink.url or "embedded"
+        url = " ".join(sink.urls) if sink.urls else sink.url or "embedded"
         rows.append(SpoolRow(sink.name, url, path, count, held, sink.spool.max_size, oldest, dropped))
     return rows, errors
 

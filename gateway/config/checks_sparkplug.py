@@ -44,40 +44,49 @@ class SparkplugChecks(CheckBase):
             )
 
     def _edge_nodes(self, sinks: list[tuple[int, SinkConfig]]) -> None:
-        """Two sinks may not be one edge node (group_id + edge_node_id) on one broker: each would end the other."""
+        """Two sinks may not be one edge node (group_id + edge_node_id) on one broker: each would end the other.
+        A cluster sink (`urls`) is on each of its nodes."""
         seen: dict[Any, int] = {}
         folded: dict[Any, int] = {}
+        told: set[tuple[int, int]] = set()  # sink pairs already named (two sinks on the same cluster meet per node)
         for s, sink in sinks:
             assert sink.sparkplug is not None
             sp = sink.sparkplug
             edge = sp.edge_node_id or self.config.gateway.id
-            key = (broker_key(sink.url), sp.group_id, edge)
-            fold = (key[0], sp.group_id.lower(), edge.lower())
-            if key not in seen:
-                seen[key] = s
-                if fold in folded:  # the same ids but for case: not the same node, yet hosts may take it for one
-                    other = self.config.northbound[folded[fold]]
-                    assert other.sparkplug is not None
-                    self._warn(
-                        self._key_or(("northbound", s, "sparkplug"), "edge_node_id"),
-                        f"sink {sink.name!r} is Sparkplug edge node {sp.group_id}/{edge} on {key[0]} and sink "
-                        f"{other.name!r} (line {self._line(('northbound', folded[fold]))}) is "
-                        f"{other.sparkplug.group_id}/{other.sparkplug.edge_node_id or self.config.gateway.id}: ids "
-                        "that differ only in case, which the specification says SHOULD NOT be (a host that folds "
-                        "case takes them for one node)",
-                    )
-                folded.setdefault(fold, s)
-                continue
-            first = self.config.northbound[seen[key]]
-            line = self._line(("northbound", seen[key]))
-            named = "" if sp.edge_node_id else " (edge_node_id defaults to gateway.id)"
-            self._error(
-                self._key_or(("northbound", s, "sparkplug"), "edge_node_id"),
-                f"sink {sink.name!r} is Sparkplug edge node {sp.group_id}/{edge}{named} on {key[0]}, as sink "
-                f"{first.name!r} is (line {line}): the specification makes the group_id/edge_node_id pair unique, "
-                "and each sink's births and deaths would end the other's session at the host; "
-                "give one another edge_node_id",
-            )
+            nodes: list[str | None] = list(sink.urls) if sink.urls else [sink.url]
+            for url in dict.fromkeys(nodes):
+                key = (broker_key(url), sp.group_id, edge)
+                fold = (key[0], sp.group_id.lower(), edge.lower())
+                if key not in seen:
+                    seen[key] = s
+                    if fold in folded and (folded[fold], s) not in told:
+                        # The same ids but for case: not the same node, yet hosts may take it for one.
+                        told.add((folded[fold], s))
+                        other = self.config.northbound[folded[fold]]
+                        assert other.sparkplug is not None
+                        self._warn(
+                            self._key_or(("northbound", s, "sparkplug"), "edge_node_id"),
+                            f"sink {sink.name!r} is Sparkplug edge node {sp.group_id}/{edge} on {key[0]} and sink "
+                            f"{other.name!r} (line {self._line(('northbound', folded[fold]))}) is "
+                            f"{other.sparkplug.group_id}/{other.sparkplug.edge_node_id or self.config.gateway.id}: "
+                            "ids that differ only in case, which the specification says SHOULD NOT be (a host that "
+                            "folds case takes them for one node)",
+                        )
+                    folded.setdefault(fold, s)
+                    continue
+                if (seen[key], s) in told:
+                    continue
+                told.add((seen[key], s))
+                first = self.config.northbound[seen[key]]
+                line = self._line(("northbound", seen[key]))
+                named = "" if sp.edge_node_id else " (edge_node_id defaults to gateway.id)"
+                self._error(
+                    self._key_or(("northbound", s, "sparkplug"), "edge_node_id"),
+                    f"sink {sink.name!r} is Sparkplug edge node {sp.group_id}/{edge}{named} on {key[0]}, as sink "
+                    f"{first.name!r} is (line {line}): the specification makes the group_id/edge_node_id pair "
+                    "unique, and each sink's births and deaths would end the other's session at the host; "
+                    "give one another edge_node_id",
+                )
 
     def _embedded_access(self, s: int, sink: SinkConfig) -> None:
         """On the embedded broker with users, a host must be let publish its STATE and commands (the default lets
