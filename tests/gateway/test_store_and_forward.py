@@ -144,9 +144,8 @@ def restore(mosquitto: Mosquitto) -> Subscriber:
 
 @pytest.fixture(autouse=True)
 def prompt_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process gateways retry their sink every 0.2 s (the real back-off grows to 30 s)."""
-    monkeypatch.setattr(bridge.sink, "RECONNECT_MIN", 0.2)
-    monkeypatch.setattr(bridge.sink, "RECONNECT_MAX", 0.2)
+    """In-process gateways retry their sink every 0.2 s (the real back-off is jittered up to 60 s)."""
+    monkeypatch.setattr(bridge.sink, "backoff", lambda _attempt, **_: 0.2)
 
 
 def simulator(gw: Gateway) -> ModbusSimulator:
