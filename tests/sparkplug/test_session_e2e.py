@@ -457,6 +457,12 @@ def test_kill_9_leaves_the_will_ndeath_and_the_next_run_takes_the_next_bdseq(tmp
         assert second.bdseq() == (bd + 1) % 256 and second.seq == 0
         assert rig.bdseq_path.read_text().strip() == str(second.bdseq())
         wait_ddata(rig, "plc", 3, second.index)
+        # The MCP device reconnects on its own back-off after the kill: every device is born again before the stop.
+        rig.wait(
+            lambda: {m.device for m in rec.of("DBIRTH", since=second.index)} >= set(DEVICES),
+            30,
+            "every device's DBIRTH in the second run",
+        )
         mark = rec.mark()
         assert rig.stop_gateway() == 0
         goodbye = rig.wait(lambda: rec.of("NDEATH", since=mark), 15, "the goodbye NDEATH")[0]
