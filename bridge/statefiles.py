@@ -70,7 +70,7 @@ def move_aside(
             pass
         except OSError as exc:
             log.warning("%s: cannot move %s%s aside: %s", file, path, suffix, exc)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
     with _lock:
         _counts[file] = _counts.get(file, 0) + 1
     log.error("%s file %s is corrupt (%s): moved aside to %s; starting with a fresh one", file, path, reason, target)
@@ -93,8 +93,9 @@ def _prune(path: Path, companions: Sequence[str]) -> None:
         log.warning("%s: deleted %s, the oldest of more than %d moved-aside copies", path.name, old, KEEP)
 
 
-def _sync_dir(folder: Path) -> None:
-    """Make the renames durable (best effort: a card that fails here fails the next write too)."""
+def sync_dir(folder: Path) -> None:
+    """fsync a directory so that the renames in it are durable (best effort: a card that fails here fails the next
+    write too)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

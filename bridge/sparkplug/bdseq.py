@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from bridge.statefiles import move_aside
+from bridge.statefiles import move_aside, sync_dir
 
 log = logging.getLogger("bridge.sparkplug")
 
@@ -62,7 +62,7 @@ class BdSeqFile:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            _sync_dir(self.path.parent)  # the rename too must survive a power cut, or an old number comes back
+            sync_dir(self.path.parent)  # the rename too must survive a power cut, or an old number comes back
         except OSError as exc:
             # The connection goes ahead: a host may then see a number an earlier run used, which is less bad
             # than no data at all. Said each time: a state dir that cannot be written needs looking at.
@@ -72,14 +72,3 @@ class BdSeqFile:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         return self.value
-
-
-def _sync_dir(folder: Path) -> None:
-    """fsync a directory, so that a rename in it is on the disk (best effort: not every filesystem can)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        log.debug("sparkplug: cannot fsync %s: %s", folder, exc)
-    finally:
-        os.close(fd)
