@@ -75,6 +75,7 @@ class Outbox:
         high_water: int = 10_000,
         commit_window: float = 0.12,
         replay_rate: float = 500.0,
+        replay_delay: float = 0.0,
         order: Order = "live",
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -112,7 +113,13 @@ class Outbox:
             not_retained=self._not_retained,
         )
         self._replay = Replay(
-            sink, self._spool, self._retained, self.stats, replay_rate=replay_rate, monotonic=monotonic
+            sink,
+            self._spool,
+            self._retained,
+            self.stats,
+            replay_rate=replay_rate,
+            monotonic=monotonic,
+            replay_delay=replay_delay,
         )
         # The gateway's supervisor (alone, e.g. in a test, one of its own): a loop that fails anyway is logged,
         # restarted with back-off and named by its problems() (and by health()).

@@ -1,5 +1,8 @@
 """The replay: the spool's backlog to the broker at `replay_rate`, in batches taken, then accepted or rejected.
 
+After a (re)connect the replay starts after a random delay in [0, `replay_delay`] s: a fleet of gateways that a
+broker restart brought back in the same few seconds does not start every backlog at once.
+
 A spooled retained state goes out only if it is still the newest of its topic (see `outbox_retained`). A spooled
 entry the broker connection refuses (a topic paho will not publish) is dropped after REPLAY_ATTEMPTS tries, so
 that it cannot hold up the backlog behind it.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 from collections.abc import Callable
 
 from bridge import outbox_limits as limits
@@ -18,6 +22,11 @@ from bridge.delivery import OutboxStats, Publisher, log, start_publish
 from bridge.outbox_buffer import OutboxBuffer
 from bridge.outbox_retained import RetainedTopics
 from gateway.errors import SinkError, SinkOffline
+
+
+def draw_delay(limit: float) -> float:
+    """How long this replay waits after a connect: uniform in [0, limit], so a fleet spreads over the whole span."""
+    return random.uniform(0.0, limit)
 
 
 class Replay:
@@ -32,8 +41,13 @@ class Replay:
         *,
         replay_rate: float,
         monotonic: Callable[[], float],
+        replay_delay: float = 0.0,
     ) -> None:
         self.replay_rate = replay_rate
+        self.replay_delay = replay_delay
+        self.holding_off = 0.0  # seconds the replay still waits after a reconnect (0: not waiting)
+        # The sink was seen offline since the replay last ran: a (re)connect, after which the replay holds off.
+        self._reconnected = False
         self.replaying = 0  # entries of the step under way
         self.refusals: dict[int, int] = {}  # spool id -> refused publishes (entries in the replay only)
         self._sink = sink
@@ -46,6 +60,9 @@ class Replay:
         """Replay the backlog at replay_rate while the sink is connected, for ever."""
         batch = max(1, min(limits.REPLAY_BATCH, int(self.replay_rate / 10) or 1))
         next_at = self._monotonic()
+        # A backlog left by an earlier run is replayed after the first connect's delay too (a fleet restarted by a
+        # power cut comes back together).
+        self._reconnected = self._spool.count > 0
         while True:
             if self._spool.count <= 0:
                 self._spool.grown.clear()
@@ -53,9 +70,15 @@ class Replay:
                 next_at = self._monotonic()  # no catching up for the time spent idle
                 continue
             if not self._sink.connected:
+                self._reconnected = True
                 await self._sink.wait_connected(1.0)
                 next_at = self._monotonic()
                 continue
+            if self._reconnected:
+                self._reconnected = False
+                await self._hold_off()
+                next_at = self._monotonic()
+                continue  # connected still? (if not, the next connect draws a delay of its own)
             delay = next_at - self._monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -82,6 +105,20 @@ class Replay:
             finally:
                 self.replaying = 0
 
+    async def _hold_off(self) -> None:
+        """Wait a random part of replay_delay before the backlog goes out after a (re)connect."""
+        if self.replay_delay <= 0:
+            return
+        delay = draw_delay(self.replay_delay)
+        log.info("sink %s: replay of the backlog starts in %.1f s (replay_delay)", self._sink.name, delay)
+        until = self._monotonic() + delay
+        try:
+            while (left := until - self._monotonic()) > 0:
+                self.holding_off = left
+                await asyncio.sleep(min(left, 1.0))
+        finally:
+            self.holding_off = 0.0
+
     async def _step(self, entries: list[Entry]) -> None:
         """Publish one batch; accept what the broker acknowledged (and what is superseded), reject the rest."""
         done: list[int] = []
@@ -101,6 +138,7 @@ class Replay:
             started = start_publish(self._sink, message)
             if started is None:
                 back = [x.id for x in entries[i:] if x.id not in done]
+                self._reconnected = True
                 break
             sent.append((e, started))
         if sent:
@@ -109,6 +147,7 @@ class Replay:
             exc = None if f.cancelled() else f.exception()
             if f.cancelled() or isinstance(exc, SinkOffline):
                 back.append(e.id)
+                self._reconnected = True  # the connection went (and may be back already): hold off again
                 continue
             if exc is not None:
                 # The connection is up and refused it (a topic or payload paho will not publish).

@@ -21,6 +21,9 @@ from gateway.router import SUBSCRIPTIONS
 from gateway.sparkplug_sinks import SparkplugSources, build_node
 from gateway.supervise import Supervisor
 
+#: Seconds a replay may wait after a (re)connect to a broker with a url: up to this, drawn at random per connect.
+REPLAY_DELAY = 10.0
+
 #: A northbound sink as the gateway runs it: the topic contract's MQTT sink, or a Sparkplug B edge node.
 Sink = MqttSink | SparkplugNode
 
@@ -98,6 +101,7 @@ def build_sink(
         spool,
         commit_window=s.spool.commit_window,
         replay_rate=s.spool.replay_rate,
+        replay_delay=replay_delay(s),
         order=s.spool.order,
         supervisor=supervisor,
         prepare=node.prepare if node is not None else None,
@@ -109,6 +113,13 @@ def build_sink(
     else:
         log.info("sink %s: publishing under %s/ on %s", s.name, cfg.prefix_for(s), " ".join(urls))
     return sink, outbox
+
+
+def replay_delay(s: SinkConfig) -> float:
+    """The most a replay waits after a (re)connect: as configured, else REPLAY_DELAY for a broker a fleet shares."""
+    if s.spool.replay_delay is not None:
+        return s.spool.replay_delay
+    return REPLAY_DELAY if s.url is not None else 0.0
 
 
 def refresh(sinks: list[Sink]) -> None:

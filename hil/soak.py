@@ -194,7 +194,9 @@ def gateway_config(s: SoakSettings, *, broker: int, upstream: int, mcp: int) -> 
                 "name": "upstream",
                 "url": f"mqtt://127.0.0.1:{upstream}",
                 "keepalive": "5s",
-                "spool": {"commit_window": "50ms", "replay_rate": 20000},
+                # No replay delay: the short run's outages come every few seconds (the fleet's spreading delay is
+                # measured by hil/fleet.py).
+                "spool": {"commit_window": "50ms", "replay_rate": 20000, "replay_delay": 0},
             },
         ],
         modbus=[line],

@@ -86,7 +86,15 @@ def broker(port: int | None = None, *, process: str | None = None, **keys: Any) 
 
 
 def sink(name: str, url: str | None = None, **keys: Any) -> Section:
-    """A northbound sink: to the broker at `url`, or to the embedded broker without one."""
+    """A northbound sink: to the broker at `url`, or to the embedded broker without one.
+
+    A sink with a url (or urls) replays at once after a reconnect (`spool.replay_delay: 0`) unless told otherwise:
+    the product's random delay of up to 10 s spreads a fleet out, and would only slow the tests down.
+    """
+    if url is not None or "urls" in keys:
+        spool = dict(keys.pop("spool", None) or {})
+        spool.setdefault("replay_delay", 0)
+        keys["spool"] = spool
     return _given(name=name, url=url, **keys)
 
 

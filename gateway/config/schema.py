@@ -91,6 +91,9 @@ class SpoolConfig(Model):
     when_full: Literal["drop_oldest", "reject"] = "drop_oldest"
     min_free: Size = 64 * 1024**2  # free-disk floor on the state dir's filesystem
     replay_rate: float = Field(default=500.0, gt=0)  # messages/s while a backlog drains
+    # After a (re)connect the replay starts after a random delay in [0, this]; None: REPLAY_DELAY for a sink with
+    # a url (a fleet's gateways share that broker), none for the embedded broker (only this gateway uses it).
+    replay_delay: Duration | None = None
     order: Literal["live", "strict"] = "live"  # strict: live data waits behind the backlog
     commit_window: Duration = 0.12  # group commit: messages spooled within this window share one fsync
 

@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 
+import bridge.outbox_replay as outbox_replay
 from bridge.broker import EmbeddedBroker
 from bridge.buffer import Buffer, BufferFull, MemoryBuffer
 from bridge.outbox import Outbox
 from bridge.sink import MqttSink
 from bridge.spool import SpoolError, SQLiteSpool
+from gateway.config.schema import SinkConfig
 from gateway.errors import SinkError
+from gateway.sinks import REPLAY_DELAY, replay_delay
 from gateway.types import Message
 
 from helpers import Subscriber, TcpRelay, until
@@ -445,3 +448,81 @@ async def test_a_stalled_broker_holds_an_awaited_message_for_a_bounded_time(
         assert box.stats.spooled == 1 and sink.connected
         link.downstream.set()
         await sub.wait_for(lambda _: 1 in seq(sub), 10)  # delivered (maybe twice: at least once)
+
+
+# --- the replay's random delay after a (re)connect (`spool.replay_delay`) ---------------------------------------
+# A fleet that a broker restart brought back together must not start every backlog in the same second: each connect
+# draws a delay in [0, replay_delay] before the backlog goes out, while live data (order `live`) flows at once.
+
+
+async def test_after_a_connect_the_backlog_waits_its_delay_while_live_data_flows(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Drawn the longest delay, the backlog stays in the spool (nothing lost) while live messages go straight out."""
+    drawn: list[float] = []
+    monkeypatch.setattr(outbox_replay, "draw_delay", lambda limit: drawn.append(limit) or limit)
+    buf = SQLiteSpool(tmp_path / "s.sqlite", min_free_bytes=0)
+    async with cut_link(port) as link, sink_on(link.port) as sink:
+        async with outbox_of(sink, buf, replay_delay=3600.0) as box:
+            for i in range(20):
+                box.put(msg(i))
+            await until(lambda: buf.stats().count == 20)
+            await link.start()
+            assert await sink.wait_connected(10)
+            for i in range(100, 105):
+                box.put(msg(i, "live"))
+            await subscriber.wait_for(lambda _: len(seq(subscriber, "live")) >= 5)
+            await until(lambda: box._replay.holding_off > 0)
+            await asyncio.sleep(0.5)  # a replay that did not hold off would have sent its first batch by now
+            assert seq(subscriber) == [] and drawn == [3600.0]
+        again = SQLiteSpool(tmp_path / "s.sqlite", min_free_bytes=0)
+        assert again.stats().count == 20  # still there for the next run
+        again.close()
+
+
+async def test_each_connect_draws_a_delay_of_its_own_and_the_backlog_then_drains_in_order(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drops, two draws (each over [0, replay_delay]); after each the whole backlog arrives, in order."""
+    drawn: list[float] = []
+    monkeypatch.setattr(outbox_replay, "draw_delay", lambda limit: drawn.append(limit) or 0.2)
+    buf = MemoryBuffer()
+    async with cut_link(port) as link, sink_on(link.port) as sink, outbox_of(sink, buf, replay_delay=7.0) as box:
+        await link.start()
+        assert await sink.wait_connected(10)
+        for round_, first in enumerate((0, 50)):
+            await link.close()
+            await until(lambda: not sink.connected)
+            for i in range(first, first + 50):
+                box.put(msg(i))
+            await until(lambda: buf.stats().count == 50)
+            await link.start()
+            await subscriber.wait_for(lambda _, n=first + 50: len(seq(subscriber)) >= n, timeout=20)
+            assert drawn == [7.0] * (round_ + 1)
+        assert seq(subscriber) == list(range(100))
+
+
+async def test_no_delay_configured_replays_at_once_without_drawing(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """replay_delay 0 (the embedded broker's default) draws nothing and replays as soon as the sink is back."""
+    drawn: list[float] = []
+    monkeypatch.setattr(outbox_replay, "draw_delay", lambda limit: drawn.append(limit) or limit)
+    buf = MemoryBuffer()
+    async with cut_link(port) as link, sink_on(link.port) as sink, outbox_of(sink, buf) as box:
+        for i in range(30):
+            box.put(msg(i))
+        await until(lambda: buf.stats().count == 30)
+        await link.start()
+        await subscriber.wait_for(lambda _: len(seq(subscriber)) >= 30)
+        assert seq(subscriber) == list(range(30)) and drawn == []
+
+
+def test_the_default_delay_is_for_brokers_a_fleet_shares_not_for_the_embedded_one() -> None:
+    """No replay_delay given: REPLAY_DELAY on a sink with a url or urls, none on the embedded broker; a value wins."""
+    remote = SinkConfig.model_validate({"name": "up", "url": "mqtt://mq.example"})
+    cluster = SinkConfig.model_validate({"name": "up", "urls": ["mqtt://a.example", "mqtt://b.example"]})
+    local = SinkConfig.model_validate({"name": "local"})
+    given = SinkConfig.model_validate({"name": "up", "url": "mqtt://mq.example", "spool": {"replay_delay": "2s"}})
+    assert REPLAY_DELAY == 10.0
+    assert [replay_delay(s) for s in (remote, cluster, local, given)] == [10.0, 10.0, 0.0, 2.0]
