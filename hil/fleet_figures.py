@@ -24,6 +24,7 @@ class Recorded:
     steady_s: float
     cpu_s: list[float]  # per gateway, over the steady window
     rss_mib: list[float]  # per gateway, at the end of the steady window
+    rss_after_mib: list[float]  # per gateway, once every spool was empty
     broker_cpu_s: float
     broker_rss_mib: float
     stopped: float  # the broker stopped
@@ -88,6 +89,7 @@ def figures(r: Recorded) -> dict[str, Any]:
             "broker_rss_mib": r.broker_rss_mib,
             "msgs_per_s": rate_between(r.arrivals.times, r.stopped - r.steady_s, r.stopped),
         },
+        "rss_after_mib": spread(r.rss_after_mib),
         "outage_s": r.back - r.stopped,
         "spooled": {
             "total": sum(x or 0 for x in r.spooled),

@@ -8,7 +8,9 @@ import contextlib
 import datetime as dt
 import json
 import re
+import shutil
 import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -155,8 +157,15 @@ class Fleet:
 
     def start(self) -> None:
         """Spawn every gateway (journald's stream unset: the log lines carry their own times)."""
+        # Each gateway gets SIGTERM when the harness dies, even by SIGKILL: no fleet outlives it.
+        orphan_guard = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
         for m in self.members:
-            m.process = GatewayProcess(m.workdir / "config.yaml", m.log, unset=("JOURNAL_STREAM", "NOTIFY_SOCKET"))
+            m.process = GatewayProcess(
+                m.workdir / "config.yaml",
+                m.log,
+                command=[*orphan_guard, sys.executable, "-m", "gateway"],
+                unset=("JOURNAL_STREAM", "NOTIFY_SOCKET"),
+            )
 
     def dead(self) -> list[str]:
         """Ids of gateways whose process has exited."""

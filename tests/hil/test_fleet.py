@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 3
@@ -30,18 +33,36 @@ def fleet_processes() -> list[int]:
     return found
 
 
+def run_harness(*args: str, timeout: float) -> tuple[int, str, str]:
+    """Run hil/fleet.py; past `timeout` (or when the test is cut short) SIGTERM it, which stops what it started
+    (a SIGKILL would leave its Mosquitto behind)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "hil" / "fleet.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        err += f"\n(the harness ran past {timeout:g} s: stopped)"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    return proc.returncode, out, err
+
+
+@pytest.mark.timeout(300)
 def test_a_short_fleet_run_restarts_the_broker_and_every_gateway_reconnects_and_drains(tmp_path: Path) -> None:
     """`hil/fleet.py --short --n 3`: both fleets spool, reconnect and drain; the report compares them; no leftovers."""
     out = tmp_path / "fleet.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "hil" / "fleet.py"), "--short", "--n", str(N), "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    assert "defaults against baseline (same run)" in done.stdout
+    code, stdout, stderr = run_harness("--short", "--n", str(N), "--json", str(out), timeout=200)
+    assert code == 0, f"{stdout[-4000:]}\n{stderr[-4000:]}"
+    assert "defaults against baseline (same run)" in stdout
     results = json.loads(out.read_text())
     assert [r["policy"]["name"] for r in results] == ["defaults", "baseline"]
     for r in results:
