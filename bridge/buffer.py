@@ -8,7 +8,9 @@ Semantics shared by every buffer:
 - ids grow monotonically with each add; FIFO order is id order.
 - `take(n)` hands out up to n of the oldest entries not already in flight and leaves them stored;
   `accept` removes them (delivered), `reject` makes them takeable again, ahead of newer ones.
-- `max_size` bounds the sum of `Entry.size`; `max_age` drops entries queued longer ago than that.
+- `max_size` bounds the sum of `Entry.size`; `max_age` drops entries queued longer ago than that, counted on the
+  monotonic clock for entries of this boot (a step of the wall clock, NTP setting a Pi's clock by years, neither
+  ages nor rejuvenates them) and on the wall clock only for entries an earlier boot left.
   When an add does not fit, `drop_oldest` evicts from the front (in flight or not, counted in
   `dropped`) and `reject` raises `BufferFull` without adding any of the items.
 """
@@ -17,14 +19,13 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from gateway.errors import SinkError
-from gateway.types import Message
+from gateway.types import CLOCK, STEP_MS, Message
 
 WhenFull = Literal["drop_oldest", "reject"]
 Clock = Callable[[], float]
@@ -62,8 +63,30 @@ class Entry:
     id: int  # FIFO position, assigned by the buffer
     message: Message
     sampled_ms: int  # the sample's ts (unix ms), kept for replay ordering and newest-state decisions
-    queued_at: float  # unix seconds when it was buffered (max_age counts from here)
+    queued_at: float  # unix seconds when it was buffered, as the wall clock read then
     size: int  # bytes it counts against max_size
+    # How the buffer dates it, not what it holds (left out of ==): the boot it was buffered in (ProcessClock.boot;
+    # None: a spool row of an older schema) and the monotonic time it was buffered at (max_age counts from there).
+    boot: int | None = field(default=None, compare=False)
+    queued_mono: float | None = field(default=None, compare=False)
+
+
+def queued_wall(queued_at: float, boot: int | None, queued_mono: float | None, this_boot: int, offset: float) -> float:
+    """When an entry was buffered, on the wall clock as it reads now (`offset`: wall - monotonic now): moved by the
+    steps of the wall clock since (as its monotonic time tells, when it is of this boot; STEP_MS or more in all, as
+    the ts of a message is: a slewed clock's drift is no step); else as stored."""
+    if boot != this_boot or queued_mono is None:
+        return queued_at
+    moved = queued_mono + offset - queued_at
+    return queued_at + moved if abs(moved) * 1000 >= STEP_MS else queued_at
+
+
+def buffer_clocks(clock: Clock | None, monotonic: Clock | None) -> tuple[Clock, Clock]:
+    """A buffer's wall and monotonic clocks: the process clock's by default; a `clock` alone (a test's) is taken for
+    both, as one clock that never steps."""
+    if clock is None:
+        return (lambda: CLOCK.wall()), (monotonic or (lambda: CLOCK.monotonic()))
+    return clock, monotonic or clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +135,8 @@ class Buffer(Protocol):
     durable: bool
 
     def add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
-        """Store (message, sampled_ms) pairs, all or none; their ids, once they are durable.
+        """Store (message, sampled_ms) pairs, all or none; their ids, once they are durable (with each message's
+        anchor, if it has one).
 
         SinkError if not: BufferFull, StorageError (nothing can be stored now), else these items cannot be.
         """
@@ -127,7 +151,8 @@ class Buffer(Protocol):
         """Not delivered: these in-flight entries become takeable again, in their old place."""
 
     def expire(self, now: float) -> int:
-        """Drop entries queued more than max_age before `now`; how many were dropped."""
+        """Drop entries queued more than max_age before `now` (the wall clock, as the buffer's own reads it now:
+        entries of this boot are dated on the monotonic clock); how many were dropped."""
 
     def stats(self) -> BufferStats:
         """Counts, bytes, the oldest entry's age and the drop counter."""
@@ -229,12 +254,14 @@ class MemoryBuffer:
         max_size: int = DEFAULT_MAX_SIZE,
         max_age: float = DEFAULT_MAX_AGE,
         when_full: WhenFull = "drop_oldest",
-        clock: Clock = time.time,
+        clock: Clock | None = None,
+        monotonic: Clock | None = None,
         name: str = "memory buffer",
     ) -> None:
         self.limits = Limits(max_size, max_age, when_full)
         self.name = name
-        self._clock = clock
+        self._clock, self._monotonic = buffer_clocks(clock, monotonic)
+        self._boot = CLOCK.boot
         # OrderedDict, not dict: popping from the front of a plain dict leaves dummies that make
         # next(iter()) slow down over millions of evictions.
         self._entries: OrderedDict[int, Entry] = OrderedDict()
@@ -249,7 +276,7 @@ class MemoryBuffer:
     def add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
         """Store (message, sampled_ms) pairs, all or none, evicting or refusing per the limits."""
         self._check_open()
-        now = self._clock()
+        now, mono = self._clock(), self._monotonic()
         self.expire(now)
         if not items:
             return []
@@ -264,7 +291,7 @@ class MemoryBuffer:
         ids = list(range(self._next_id, self._next_id + len(items)))
         self._next_id += len(items)
         for entry_id, (message, sampled_ms), size in zip(ids, items, sizes, strict=True):
-            self._entries[entry_id] = Entry(entry_id, message, sampled_ms, now, size)
+            self._entries[entry_id] = Entry(entry_id, message, sampled_ms, now, size, self._boot, mono)
             self._fresh.append(entry_id)
             self._bytes += size
         return ids
@@ -309,12 +336,13 @@ class MemoryBuffer:
         if math.isinf(self.limits.max_age):
             return 0
         cutoff = now - self.limits.max_age
-        # FIFO prefix only: after a wall-clock step backwards a newer entry may look older than
-        # its predecessors; it then expires with them instead of jumping the queue.
+        offset = self._clock() - self._monotonic()
+        # FIFO prefix only: should a newer entry look older than its predecessors, it expires with them
+        # instead of jumping the queue.
         count = 0
         while self._entries:
             oldest = next(iter(self._entries.values()))
-            if oldest.queued_at >= cutoff:
+            if self._queued(oldest, offset) >= cutoff:
                 break
             self._pop_oldest()
             count += 1
@@ -322,8 +350,9 @@ class MemoryBuffer:
         return count
 
     def stats(self) -> BufferStats:
-        """Counts, bytes, the oldest entry's queue time and the drop counter."""
-        oldest = next(iter(self._entries.values())).queued_at if self._entries else None
+        """Counts, bytes, the oldest entry's queue time (on the wall clock as it reads now) and the drop counter."""
+        offset = self._clock() - self._monotonic()
+        oldest = self._queued(next(iter(self._entries.values())), offset) if self._entries else None
         return BufferStats(len(self._entries), self._bytes, oldest, self._dropped, len(self._in_flight))
 
     def newest_retained(self) -> dict[str, int]:
@@ -346,6 +375,9 @@ class MemoryBuffer:
         self._returned.clear()
         self._in_flight.clear()
         self._bytes = 0
+
+    def _queued(self, e: Entry, offset: float) -> float:
+        return queued_wall(e.queued_at, e.boot, e.queued_mono, self._boot, offset)
 
     def _pop_oldest(self) -> None:
         entry_id, entry = self._entries.popitem(last=False)

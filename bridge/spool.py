@@ -27,7 +27,6 @@ from __future__ import annotations
 import heapq
 import os
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from bridge.buffer import (
@@ -38,6 +37,7 @@ from bridge.buffer import (
     Entry,
     Limits,
     WhenFull,
+    buffer_clocks,
     entry_sizes,
     plan_room,
     requeue,
@@ -45,6 +45,9 @@ from bridge.buffer import (
 from bridge.spool_file import CHUNK, DEFAULT_CHECKPOINT_BYTES, DEFAULT_MIN_FREE, ROTATE_INTERVAL, SpoolFile, log
 from bridge.spool_schema import (
     INSERT,
+    INSERT_ANCHOR,
+    INSERT_SEGMENT,
+    PRUNE_SEGMENTS,
     SELECT,
     SET_DROPPED,
     Row,
@@ -52,10 +55,11 @@ from bridge.spool_schema import (
     SpoolEntryError,
     SpoolError,
     SpoolStorageError,
+    read_segments,
     read_stats,
     to_entry,
 )
-from gateway.types import Message
+from gateway.types import CLOCK, STEP_MS, Message
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
 
@@ -70,6 +74,10 @@ __all__ = [
     "SpoolStorageError",
     "read_stats",
 ]
+
+
+def _int64(value: object) -> bool:
+    return isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX
 
 
 def _chunks(ids: list[int]) -> Iterator[list[int]]:
@@ -92,16 +100,24 @@ class SQLiteSpool(SpoolFile):
         min_free_bytes: int = DEFAULT_MIN_FREE,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         accept_sync_interval: float = 1.0,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
+        monotonic: Clock | None = None,
+        boot: int | None = None,
         name: str | None = None,
     ) -> None:
+        """`clock`, `monotonic`: the process clock's by default (a `clock` alone is taken for both: one that never
+        steps); `boot`: the process clock's boot key by default (rows of another boot age by the wall clock and
+        their anchors are not used)."""
         self.limits = Limits(max_size, max_age, when_full)
+        wall, mono = buffer_clocks(clock, monotonic)
         super().__init__(
             path,
             min_free_bytes=min_free_bytes,
             checkpoint_bytes=checkpoint_bytes,
             accept_sync_interval=accept_sync_interval,
-            clock=clock,
+            clock=wall,
+            monotonic=mono,
+            boot=CLOCK.boot if boot is None else boot,
             name=name,
         )
 
@@ -112,13 +128,13 @@ class SQLiteSpool(SpoolFile):
             return self._recovering(self._add, items)
 
     def _add(self, items: Sequence[tuple[Message, int]]) -> list[int]:
-        now = self._clock()
+        now, mono = self._clock(), self._monotonic()
         self._expire(now)
         if not items:
             return []
         sizes, topics = entry_sizes(items)
         # What SQLite would refuse, found before the transaction: the outbox can then store the rest at once.
-        stamps = [i for i, (_, ts) in enumerate(items) if not (isinstance(ts, int) and _INT64_MIN <= ts <= _INT64_MAX)]
+        stamps = [i for i, (m, ts) in enumerate(items) if not (_int64(ts) and (m.anchor is None or _int64(m.anchor)))]
         if topics or stamps:
             faults = [f"{len(stamps)} with a ts beyond SQLite's int64"] if stamps else []
             faults += [f"{len(topics)} with a topic that is not UTF-8"] if topics else []
@@ -132,15 +148,27 @@ class SQLiteSpool(SpoolFile):
         plan = plan_room(self.name, self.limits, sizes, self._bytes, oldest, room=room, why=why)
         first = self._last_id + 1
         rows = [
-            (first + i, message.topic, message.payload, int(message.retain), message.qos, sampled_ms, now, size)
-            for i, ((message, sampled_ms), size) in enumerate(zip(items, sizes, strict=True))
+            (first + i, m.topic, m.payload, int(m.retain), m.qos, sampled_ms, now, size)
+            for i, ((m, sampled_ms), size) in enumerate(zip(items, sizes, strict=True))
         ]
+        anchors = [(first + i, m.anchor) for i, (m, _) in enumerate(items) if m.anchor is not None]
+        # A new segment at a new boot or after a step: the rows before it keep the offset they were queued with.
+        last = self._segments[-1] if self._segments else None
+        offset = now - mono
+        segment = None
+        if last is None or last[1] != self._boot or abs(offset - last[2]) * 1000 >= STEP_MS:
+            segment = (first, self._boot, offset)
 
         def write(db: sqlite3.Connection) -> None:
             if plan.count:
                 db.execute("DELETE FROM messages WHERE id <= ?", (plan.last_id,))
                 db.execute(SET_DROPPED, (self._dropped + plan.count,))
             db.executemany(INSERT, rows)
+            if anchors:
+                db.executemany(INSERT_ANCHOR, anchors)
+            if segment is not None:
+                db.execute(INSERT_SEGMENT, segment)
+                db.execute(PRUNE_SEGMENTS)
 
         self._write(write, durable=True)
         # The transaction is committed: only now does the in-memory view follow it.
@@ -151,7 +179,9 @@ class SQLiteSpool(SpoolFile):
         if plan.count:
             self._forget_through(plan.last_id)
         elif self._count == len(rows):
-            self._oldest_at, self._oldest_known = now, True
+            self._oldest_at, self._oldest_known = (first, now), True
+        if segment is not None:
+            self._segments = self._recovering(read_segments, self._db)
         self._after_commit()
         return [row[0] for row in rows]
 
@@ -179,7 +209,7 @@ class SQLiteSpool(SpoolFile):
         unreadable: list[int] = []
         for row in back + fresh:
             try:
-                entries.append(to_entry(row))
+                entries.append(to_entry(row, self._segment_of(row[0]), self._boot))
             except (TypeError, ValueError):  # a row of garbage that still passed for a row
                 unreadable.append(row[0])
         self._in_flight.update(e.id for e in entries)

@@ -21,6 +21,7 @@ commits, fsyncs and bytes written (`BufferStats`' write figures) in `bridge/spoo
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -31,10 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.buffer import Clock
+from bridge.buffer import Clock, queued_wall
 from bridge.spool_io import WriteMeter
 from bridge.spool_schema import (
     Contents,
+    Segment,
     SpoolCorrupt,
     SpoolError,
     SpoolStorageError,
@@ -42,6 +44,7 @@ from bridge.spool_schema import (
     lock_file,
     raise_counters,
     read_contents,
+    read_segments,
     salvage,
     spool_error,
 )
@@ -80,6 +83,8 @@ class SpoolFile:
         checkpoint_bytes: int,
         accept_sync_interval: float,
         clock: Clock,
+        monotonic: Clock,
+        boot: int,
         name: str | None,
     ) -> None:
         self.path = Path(path)
@@ -88,14 +93,17 @@ class SpoolFile:
         self.checkpoint_bytes = checkpoint_bytes
         self.accept_sync_interval = accept_sync_interval
         self._clock = clock
+        self._monotonic = monotonic
+        self._boot = boot
         self._io = WriteMeter(self.path)
         self._lock = threading.RLock()  # one call at a time: the sink may call from worker threads
         self._in_flight: set[int] = set()
         self._returned: list[int] = []  # heap of rejected ids, takeable again before fresh ones
         self._cursor = 0  # every stored id <= cursor is in flight or in _returned
         self._count = self._bytes = self._last_id = self._dropped = 0  # what the file holds (set by _open)
-        self._oldest_at: float | None = None
+        self._oldest_at: tuple[int, float] | None = None  # the oldest row's id and queued_at
         self._oldest_known = False
+        self._segments: list[Segment] = []  # the file's (set by _open)
         self._synchronous = ""
         self._closed = False
         self._rotated_at: float | None = None  # monotonic time of the last rotation while running
@@ -126,6 +134,7 @@ class SpoolFile:
         if damaged is not None:
             contents = self._salvage(db, damaged, contents, held)
         self._db = db
+        self._segments = read_segments(db)
         self._count, self._bytes = contents.count, contents.bytes
         self._last_id, self._dropped = contents.last_id, contents.dropped
         # A WAL that grew past the checkpoint size (a long transaction) is cut back to it when it restarts.
@@ -296,21 +305,43 @@ class SpoolFile:
             return
         self._io.checkpointed(pages)
 
+    def _offset(self) -> float:
+        """Wall minus monotonic time now, as the spool's clocks read."""
+        return self._clock() - self._monotonic()
+
+    def _segment_of(self, entry_id: int) -> Segment | None:
+        """The segment a row is in (None: a row of the older schema, in none)."""
+        at = bisect.bisect_right(self._segments, entry_id, key=lambda seg: seg[0])
+        return self._segments[at - 1] if at else None
+
+    def _queued(self, entry_id: int, queued_at: float, offset: float) -> float:
+        """When a row was queued, on the wall clock as it reads now (`offset`: wall - monotonic now; queued_wall)."""
+        seg = self._segment_of(entry_id)
+        if seg is None:
+            return queued_at
+        return queued_wall(queued_at, seg[1], queued_at - seg[2], self._boot, offset)
+
     def _oldest_queued_at(self) -> float | None:
+        """When the oldest row was queued, on the wall clock as it reads now."""
         if not self._oldest_known:
-            rows = self._read("SELECT queued_at FROM messages ORDER BY id LIMIT 1", ())
-            self._oldest_at = rows[0][0] if rows else None
+            rows = self._read("SELECT id, queued_at FROM messages ORDER BY id LIMIT 1", ())
+            self._oldest_at = (rows[0][0], rows[0][1]) if rows else None
             self._oldest_known = True
-        return self._oldest_at
+        if self._oldest_at is None:
+            return None
+        return self._queued(*self._oldest_at, self._offset())
 
     def _scan(self) -> Iterator[tuple[int, int, float]]:
-        """(id, size, queued_at) from the oldest on, read in chunks so that no statement stays open."""
+        """(id, size, queued_at on the wall clock as it reads now) from the oldest on, read in chunks so that no
+        statement stays open."""
         after = 0
+        offset = self._offset()
         while True:
             rows = self._read(
                 "SELECT id, size, queued_at FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK)
             )
-            yield from rows
+            for entry_id, size, queued_at in rows:
+                yield entry_id, size, self._queued(entry_id, queued_at, offset)
             if len(rows) < CHUNK:
                 return
             after = rows[-1][0]

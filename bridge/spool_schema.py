@@ -1,9 +1,15 @@
 """The spool's file: its tables, the lock that keeps it to one process, opening it and reading it cold.
 
 One SQLite file per sink: `messages` (the FIFO, one row per entry, ids from AUTOINCREMENT) and
-`meta` (the `dropped` counter). `bridge/spool.py` builds the buffer on top; `read_stats` reads a
-file without opening it as a spool (for `fieldgate spool`); `salvage` carries the rows a damaged file
-can still give into a fresh one.
+`meta` (the `dropped` counter). Two more date the rows on the monotonic clock, which no step of the wall clock
+moves: `segments`, one row per run of ids queued in one boot with one wall - monotonic offset (a new one starts
+at a new boot or a step), so that a row's monotonic queue time is its queued_at less its segment's offset; and
+`anchors`, the anchor (gateway.types.ProcessClock) of each message whose ts was taken while the clock was known
+not synchronised, deleted with its message by a trigger. Being tables of their own, not columns, a file of the
+schema before them opens as it is (its rows, in no segment, age by the wall clock and carry no anchor), and a
+file of this schema still opens in a gateway of the one before. `bridge/spool.py` builds the buffer on top;
+`read_stats` reads a file without opening it as a spool (for `fieldgate spool`); `salvage` carries the rows a
+damaged file can still give into a fresh one.
 """
 
 from __future__ import annotations
@@ -26,15 +32,28 @@ CREATE_MESSAGES = """CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT
     payload BLOB NOT NULL, retain INTEGER NOT NULL, qos INTEGER, sampled_ms INTEGER NOT NULL,
     queued_at REAL NOT NULL, size INTEGER NOT NULL)"""
 COLUMNS = ("id", "topic", "payload", "retain", "qos", "sampled_ms", "queued_at", "size")
-SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
+CREATE_ANCHORS = "CREATE TABLE IF NOT EXISTS anchors (id INTEGER PRIMARY KEY, anchor_ms INTEGER NOT NULL)"
+CREATE_ANCHORS_TRIGGER = """CREATE TRIGGER IF NOT EXISTS anchors_follow AFTER DELETE ON messages
+    BEGIN DELETE FROM anchors WHERE id = OLD.id; END"""
+CREATE_SEGMENTS = """CREATE TABLE IF NOT EXISTS segments (first_id INTEGER PRIMARY KEY, boot INTEGER NOT NULL,
+    offset_s REAL NOT NULL)"""
+#: A message row and its anchor (NULL: none); `id` names the one column both tables share.
+SELECT = f"SELECT {', '.join(COLUMNS)}, anchor_ms FROM messages LEFT JOIN anchors USING (id)"
 INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+INSERT_ANCHOR = "INSERT OR REPLACE INTO anchors (id, anchor_ms) VALUES (?, ?)"
+INSERT_SEGMENT = "INSERT OR REPLACE INTO segments (first_id, boot, offset_s) VALUES (?, ?, ?)"
+#: Segments that end before the one holding the oldest row date nothing any more.
+PRUNE_SEGMENTS = """DELETE FROM segments WHERE first_id < COALESCE((SELECT MAX(first_id) FROM segments
+    WHERE first_id <= (SELECT MIN(id) FROM messages)), 0)"""
 CREATE_META = "CREATE TABLE IF NOT EXISTS [meta] ([key] TEXT PRIMARY KEY, [value] INTEGER)"
 SET_DROPPED = (
     "INSERT INTO meta (key, value) VALUES ('dropped', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 )
 
-#: One row of `messages`, in COLUMNS order.
-Row = tuple[int, str, bytes, int, int | None, int, float, int]
+#: One row of `messages` with its anchor, as SELECT reads it.
+Row = tuple[int, str, bytes, int, int | None, int, float, int, int | None]
+#: A run of ids queued in one boot (its key) with one wall - monotonic offset (s): (first id, boot, offset).
+Segment = tuple[int, int, float]
 
 
 class SpoolError(SinkError):
@@ -74,10 +93,19 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def to_entry(row: Row) -> Entry:
-    """The buffer entry one `messages` row holds."""
-    entry_id, topic, payload, retain, qos, sampled_ms, queued_at, size = row
-    return Entry(entry_id, Message(topic, bytes(payload), bool(retain), qos), sampled_ms, queued_at, size)
+def to_entry(row: Row, segment: Segment | None, boot: int) -> Entry:
+    """The buffer entry one `messages` row (of `segment`, None: in none) holds; its message's anchor only if the
+    row is of this `boot` (another boot's monotonic clock is not this one's)."""
+    entry_id, topic, payload, retain, qos, sampled_ms, queued_at, size, anchor = row
+    row_boot, mono = (segment[1], queued_at - segment[2]) if segment is not None else (None, None)
+    anchor = anchor if row_boot == boot and isinstance(anchor, int) else None
+    message = Message(topic, bytes(payload), bool(retain), qos, anchor=anchor)
+    return Entry(entry_id, message, sampled_ms, queued_at, size, row_boot, mono)
+
+
+def read_segments(db: sqlite3.Connection) -> list[Segment]:
+    """The file's segments, by first id."""
+    return [(int(a), int(b), float(c)) for a, b, c in db.execute("SELECT * FROM segments ORDER BY first_id")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +172,10 @@ def connect(path: Path, name: str, *, seed: Contents | None = None) -> tuple[sql
                 # was emptied (no id is handed out twice, so a stale accept never hits a new row).
                 db.execute(CREATE_MESSAGES)
             db.execute(CREATE_META)
+            # A file of the older schema gets them too: its rows are in no segment and have no anchors.
+            db.execute(CREATE_ANCHORS)
+            db.execute(CREATE_ANCHORS_TRIGGER)
+            db.execute(CREATE_SEGMENTS)
             if seed is not None:
                 raise_counters(db, seed.last_id, seed.dropped)
             db.execute("COMMIT")
@@ -259,6 +291,11 @@ def _salvage(db: sqlite3.Connection, known: int, chunk: int, budget: float, cloc
     dropped = max(0, _one(db, "SELECT value FROM damaged.meta WHERE key = 'dropped'") or 0)
     copy = f"INSERT OR IGNORE INTO main.messages SELECT {', '.join(COLUMNS)} FROM damaged.messages"
     copy += " WHERE id BETWEEN ? AND ? ORDER BY id"
+    # Dates come along where they read: a row without them ages by the wall clock, which beats losing it.
+    copy_anchors = "INSERT OR IGNORE INTO main.anchors SELECT id, anchor_ms FROM damaged.anchors"
+    copy_anchors += " WHERE id BETWEEN ? AND ? AND id IN (SELECT id FROM main.messages WHERE id BETWEEN ? AND ?)"
+    with contextlib.suppress(sqlite3.Error):  # a file of the older schema has none
+        db.execute("INSERT OR IGNORE INTO main.segments SELECT first_id, boot, offset_s FROM damaged.segments")
     with contextlib.suppress(sqlite3.Error):
         db.execute("PRAGMA main.synchronous=NORMAL")
     rows = lost = 0
@@ -273,6 +310,8 @@ def _salvage(db: sqlite3.Connection, known: int, chunk: int, budget: float, cloc
             try:
                 db.execute("BEGIN IMMEDIATE")
                 copied = db.execute(copy, (lo, hi)).rowcount
+                with contextlib.suppress(sqlite3.Error):  # a failed statement is undone alone
+                    db.execute(copy_anchors, (lo, hi, lo, hi))
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):

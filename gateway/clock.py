@@ -15,6 +15,10 @@ Where the sync state comes from, in order (`SyncState.source`):
   clock synchronised; the kernel sets it again when nobody has updated it for a while, and then adjtimex
   returns TIME_ERROR. Either means: not synchronised. (A container shares its host's kernel clock and flag.)
 - `none`: neither could be read (no file and no adjtimex, e.g. not Linux): unknown, shown as such.
+
+The gateway's watch keeps the process clock (`gateway.types.CLOCK`) up to date with the sync state: what is stamped
+while it is not known synchronised carries an anchor, corrected when it is published (bridge/delivery.py).
+`FIELDGATE_TEST_CLOCK` (tests only) names a file that fakes the whole process's clock: see `FileClock`.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.supervise import Supervised, Supervisor
+from gateway.types import CLOCK, ProcessClock
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +153,55 @@ class ClockSource:
     sync: Callable[[], SyncState] = field(default=read_sync_state)
 
 
+#: Tests only: the path of a JSON file `{"offset": seconds, "synchronized": true/false/null}` that fakes the clock of
+#: a `fieldgate run` process (FileClock). Never set in a deployment: the gateway logs a warning when it is.
+TEST_CLOCK_ENV = "FIELDGATE_TEST_CLOCK"
+
+
+class FileClock:
+    """A faked clock for a whole gateway in a test: the machine's wall clock moved by the file's `offset`, and the
+    file's sync state; the file is read again whenever it changes (a test replaces it to step or sync the clock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._offset = 0.0
+        self._synchronized: bool | None = None
+
+    def _read(self) -> None:
+        try:
+            st = self.path.stat()
+            key = (st.st_mtime_ns, st.st_ino, st.st_size)
+            if key != self._seen:
+                data = json.loads(self.path.read_text())
+                self._offset = float(data.get("offset", 0.0))
+                synced = data.get("synchronized")
+                self._synchronized = synced if isinstance(synced, bool) else None
+                self._seen = key
+        except (OSError, ValueError, AttributeError):
+            pass  # half written or gone: the last state read stands
+
+    def wall(self) -> float:
+        """The machine's wall clock plus the file's offset."""
+        self._read()
+        return time.time() + self._offset
+
+    def sync(self) -> SyncState:
+        """The file's sync state (source `test`)."""
+        self._read()
+        return SyncState(self._synchronized, "test" if self._synchronized is not None else "none")
+
+
+def process_source() -> ClockSource:
+    """The clock of the gateway process: the machine's, unless FIELDGATE_TEST_CLOCK names a fake one (tests)."""
+    path = os.environ.get(TEST_CLOCK_ENV)
+    if not path:
+        return ClockSource()
+    log.warning("clock faked from %s (%s is for tests only)", path, TEST_CLOCK_ENV)
+    fake = FileClock(Path(path))
+    return ClockSource(fake.wall, time.monotonic, fake.sync)
+
+
 @dataclass(frozen=True, slots=True)
 class ClockSnapshot:
     """What ClockWatch has seen: the sync state, the steps of the wall clock, the last one's size (s, + forward)."""
@@ -158,7 +214,11 @@ class ClockSnapshot:
 
 
 class ClockWatch:
-    """Looks at the clock every INTERVAL: logs and counts steps of the wall clock, logs sync state changes."""
+    """Looks at the clock every INTERVAL: logs and counts steps of the wall clock, logs sync state changes.
+
+    `process`: the process clock it keeps the sync state of, made to read `source`. Without a `source` the watch is
+    the gateway's: its source is `process_source()` and its process clock `gateway.types.CLOCK`.
+    """
 
     def __init__(
         self,
@@ -167,9 +227,17 @@ class ClockWatch:
         *,
         step_min: float = STEP_MIN,
         interval: float = INTERVAL,
+        process: ProcessClock | None = None,
     ) -> None:
         self.supervisor = supervisor
-        self.source = source or ClockSource()
+        if source is None:
+            source, process = process_source(), process or CLOCK
+        self.source = source
+        self.process = process
+        if process is not None:
+            # Before anything is stamped: drivers, spools and outboxes read the process clock.
+            process.wall, process.monotonic = source.wall, source.monotonic
+            process.synchronized = source.sync().synchronized
         self.step_min = step_min
         self.interval = interval
         self.steps = 0
@@ -215,6 +283,8 @@ class ClockWatch:
     def _sync(self) -> None:
         state = self.source.sync()
         before, self.state = self.state, state
+        if self.process is not None:
+            self.process.synchronized = state.synchronized
         if before is not None and before.synchronized == state.synchronized:
             return
         if state.synchronized:

@@ -14,7 +14,7 @@ from bridge.outbox import Outbox
 from gateway.device_requests import Audit, DeviceRequests
 from gateway.errors import SinkError
 from gateway.jsonsafe import dumps_safe, is_utf8, utf8_text
-from gateway.types import DeviceProfile, DeviceState, Message, Sample, Value
+from gateway.types import DeviceProfile, DeviceState, Message, RequestMeta, Sample, Value
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +248,9 @@ class Router:
 
     # --- from the sinks -----------------------------------------------------------------------------
 
-    def on_request(self, outbox: Outbox, topic: str, payload: bytes) -> None:
+    def on_request(self, outbox: Outbox, topic: str, payload: bytes, meta: RequestMeta | None = None) -> None:
         """Handle `<device>/set/<point>` and `<device>/cmd` from a sink; the result goes back to it."""
-        self.requests.on_request(outbox, topic, payload)
+        self.requests.on_request(outbox, topic, payload, meta)
 
     @property
     def dropped_requests(self) -> dict[str, int]:

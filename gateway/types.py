@@ -69,6 +69,7 @@ class Write:
     point: str
     value: Any
     origin: str = ""  # who asked (sink name, client id), for the audit log later
+    deadline: float | None = None  # time.monotonic() after which it is refused rather than carried out late
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,16 @@ class WriteResult:
     ok: bool
     value: Any = None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    """What a set/cmd request brought besides topic and payload, from the sink that took it."""
+
+    max_age: float  # seconds it may be old when carried out: its MQTT 5 message expiry, else max_request_age
+    age: float = 0.0  # seconds old on arrival, when it says (an MQTT 5 `ts` user property)
+    respond: Callable[[bytes], None] | None = None  # MQTT 5: answers on its response topic too
+    expiry_given: bool = False  # max_age is the request's own message expiry
 
 
 @dataclass(frozen=True, slots=True)
