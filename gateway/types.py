@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 #: A name that becomes an MQTT topic level (ids, sink names, point and value names): 1-64 of A-Z a-z 0-9 _ . -,
@@ -13,9 +16,64 @@ from typing import Any, Protocol
 TOPIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
+def _boot_key() -> int:
+    """This boot of the machine as an int64 (Linux's boot_id); a random one per process where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:15], 16)
+    except (OSError, ValueError):
+        # Unknown: no other process's monotonic time is taken for this one's (their anchors are not corrected).
+        return secrets.randbits(60)
+
+
+#: A change of wall - monotonic this large is a step of the wall clock (gateway/clock.py's STEP_MIN, in ms).
+STEP_MS = 1000
+
+
+class ProcessClock:
+    """The process's clock: wall (unix s) and monotonic (s) time, whether the wall clock is known synchronised (kept
+    up to date by the clock watch; None: not known) and this boot's key. One instance, `CLOCK`; tests replace its
+    parts (gateway/clock.py: a fake source for a whole gateway) instead of the machine's clock.
+
+    An *anchor* is the monotonic millisecond a wall `ts` stood for when it was taken: ts - (wall - monotonic). The
+    monotonic clock does not step, so once the wall clock is set, anchor + (wall - monotonic) is that moment on the
+    set clock. It holds within one boot only (the monotonic clock starts again at each).
+    """
+
+    def __init__(self, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.wall = wall
+        self.monotonic = monotonic
+        self.synchronized: bool | None = None
+        self.boot = _boot_key()
+
+    def now_ms(self) -> int:
+        """The wall clock in unix milliseconds."""
+        return math.floor(self.wall() * 1000)
+
+    def offset_ms(self) -> int:
+        """Wall minus monotonic time, in ms: what a step of the wall clock changes, and nothing else."""
+        return round((self.wall() - self.monotonic()) * 1000)
+
+    def anchor(self, ts: int) -> int | None:
+        """The anchor of a `ts` taken on this clock just now while it is known NOT synchronised; else None.
+
+        Unknown (None: neither timesyncd nor adjtimex could be read) is taken as a clock that is right: nothing
+        tells that it will be set, and its samples are then treated as those of a synchronised one."""
+        return ts - self.offset_ms() if self.synchronized is False else None
+
+    def corrected(self, ts: int, anchor: int) -> int:
+        """`ts`, taken at `anchor`, on the wall clock as it reads now: moved by the steps of the wall clock since
+        (STEP_MS or more in all: the drift of a clock being slewed is no step, and leaves the ts as it was)."""
+        moved = anchor + self.offset_ms() - ts
+        return ts + moved if abs(moved) >= STEP_MS else ts
+
+
+#: The clock every part of the process reads.
+CLOCK = ProcessClock()
+
+
 def now_ms() -> int:
     """The wall clock in unix milliseconds: the unit of every `ts` the gateway publishes or stores."""
-    return time.time_ns() // 1_000_000
+    return CLOCK.now_ms()
 
 
 #: A decoded field value as it is published: JSON scalars only.
@@ -29,6 +87,9 @@ class Sample:
     device: str
     ts: int
     values: dict[str, Value]
+    # `ts` is the device's own (MCP), not the gateway's: never corrected by the gateway's steps. Where the ts came
+    # from, not what the sample holds: left out of ==.
+    device_clock: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +120,7 @@ class Message:
     retain: bool = False
     qos: int | None = None  # None: the sink's own QoS
     ts: int | None = None  # unix ms the content was sampled at (kept through the spool); None: when queued
+    anchor: int | None = None  # ts taken while the clock was not known synchronised: its anchor (ProcessClock)
 
 
 @dataclass(frozen=True, slots=True)
