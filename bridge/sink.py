@@ -15,50 +15,28 @@ import functools
 import logging
 import random
 import ssl
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from bridge import sink_mqtt5 as v5
+from bridge.sink_inbound import OFFLINE, ConnectHandler, Inbound, RequestHandler, SinkStats, WillMaker
 from bridge.sink_reconnect import BASE, CAP, Nodes, TakeoverWatch, backoff
 from bridge.sink_sockets import LoopSockets
 from gateway.errors import SinkError, SinkOffline
 from gateway.supervise import Supervised, Supervisor
-from gateway.types import ABSOLUTE, Message
+from gateway.types import ABSOLUTE, Message, now_ms
 
 log = logging.getLogger(__name__)
 
 MISC_INTERVAL = 1.0
 
-#: Called for each message received on a subscribed topic: (topic relative to the prefix, payload).
-RequestHandler = Callable[[str, bytes], None]
-#: Called after every (re)connect, once `status` is online: the gateway re-publishes its retained state.
-ConnectHandler = Callable[[], Coroutine[Any, Any, None]]
-#: The message the broker publishes for us when the connection dies: made afresh for each connection.
-WillMaker = Callable[[], Message]
-
-#: The gateway's own last will and goodbye (topic contract: `P/status`).
-OFFLINE = Message("status", b"offline", retain=True, qos=1)
+__all__ = ["OFFLINE", "ConnectHandler", "MqttSink", "RequestHandler", "SinkStats", "WillMaker"]
 
 
-@dataclass
-class SinkStats:
-    """Counters of one sink."""
-
-    published: int = 0
-    unacked_at_disconnect: int = 0  # handed back to the outbox when a connection dropped
-    connects: int = 0
-    disconnects: int = 0
-    received: int = 0
-    retained_requests: int = 0  # set/cmd requests found retained on the broker: ignored
-    bad_requests: int = 0  # requests whose topic was not UTF-8, or whose handling failed
-    takeovers: int = 0  # episodes of the broker closing each session right after connect: our client id in use
-    broker: str = ""  # the url of the node the sink is on (or tries next): a string, not a counter
-
-
-class MqttSink(LoopSockets):
+class MqttSink(LoopSockets, Inbound):
     """Publishes the gateway's messages to one MQTT broker under one topic prefix."""
 
     def __init__(
@@ -88,11 +66,17 @@ class MqttSink(LoopSockets):
         reconnect_base: float = BASE,
         reconnect_cap: float = CAP,
         rand: Callable[[], float] | None = None,
+        protocol: str = "3.1.1",
+        session_expiry: float = 300.0,
+        max_request_age: float = 30.0,
+        message_expiry: float | None = None,
     ) -> None:
         """`will`/`goodbye`: the last will of each connection and what `stop` publishes (both `status` offline
         unless given); `announce`: publish `status` online on connect; `retained_ok`: the prefix-relative
         topics whose retained messages are state to take (a Sparkplug host's STATE), not stale requests; `urls`: the
-        nodes of one cluster in turn (else `url`); `reconnect_*`, `rand`: the full-jitter back-off and its dice."""
+        nodes of one cluster in turn (else `url`); `reconnect_*`, `rand`: the full-jitter back-off and its dice;
+        `protocol` "5": MQTT 5 with `session_expiry`, and `message_expiry` (the spool's max_age) on timed data;
+        `max_request_age`: a request's age limit when it gives none."""
         self.name = name
         self.prefix = prefix
         self.qos = qos
@@ -101,6 +85,11 @@ class MqttSink(LoopSockets):
         self._host, self._port = self._nodes.current.host, self._nodes.current.port
         self._backoff = functools.partial(backoff, base=reconnect_base, cap=reconnect_cap, rand=rand or random.random)
         self._takeover = TakeoverWatch()
+        self._v5 = protocol == "5"
+        self._session_expiry, self._max_request_age = session_expiry, max_request_age
+        self._message_expiry = message_expiry if self._v5 else None
+        self._reasons = v5.Reasons(name)
+        self._reasons.counts = self.stats.refused
         # Attempts since the last connection that was up; our own drop() under way (no take-over of the broker's).
         self._failures, self._dropping = 0, False
         self._keepalive = max(1, int(keepalive))
@@ -135,9 +124,10 @@ class MqttSink(LoopSockets):
 
     def _new_client(self) -> mqtt.Client:
         """A paho client for one connection: nothing of an earlier connection's in-flight state in it."""
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv311, clean_session=True
-        )
+        if self._v5:  # clean start or not is the connect's to say
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5)
+        else:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, clean_session=True)
         c.max_inflight_messages_set(self._max_inflight)
         c.max_queued_messages_set(0)
         username, password = self._credentials
@@ -152,6 +142,7 @@ class MqttSink(LoopSockets):
         c.on_disconnect = self._handle_disconnect
         c.on_publish = self._handle_puback
         c.on_message = self._handle_message
+        c.on_subscribe = self._handle_suback
         c.on_socket_open = self._socket_open
         c.on_socket_close = self._socket_close
         c.on_socket_register_write = self._register_write
@@ -233,8 +224,9 @@ class MqttSink(LoopSockets):
         qos = self.qos if message.qos is None else message.qos
         topic = self.topic(message.topic)
         fut: asyncio.Future[None] = self._loop.create_future()
+        props = v5.publish_properties(message, self._message_expiry, now_ms()) if self._v5 else None
         try:
-            info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain)
+            info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain, properties=props)
         except (ValueError, TypeError) as exc:
             fut.set_exception(SinkError(f"sink {self.name}: cannot publish to {topic}: {exc}"))
             return fut
@@ -280,7 +272,7 @@ class MqttSink(LoopSockets):
         if client is not self._client:
             return
         if reason.is_failure:
-            log.warning("sink %s: broker %s refused the connection: %s", self.name, self._nodes.current.url, reason)
+            self._reasons.refused("CONNACK", reason, self._nodes.current.url)
             return
         self.stats.connects += 1
         self._failures, self._dropping = 0, False  # a connection that was up: retries start from the base again
@@ -302,7 +294,7 @@ class MqttSink(LoopSockets):
             # Said once per connect, with the traceback: the retained state was not (all) published again.
             log.error("sink %s: re-publishing after the connect failed: %r", self.name, exc, exc_info=exc)
 
-    def _handle_disconnect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _handle_disconnect(self, client: mqtt.Client, _ud: Any, flags: Any, reason: Any, _props: Any) -> None:
         if client is not self._client:
             return
         self._dropped.set()
@@ -310,6 +302,8 @@ class MqttSink(LoopSockets):
         self._connected.clear()
         if was:
             self.stats.disconnects += 1
+            if flags.is_disconnect_packet_from_server and v5.failed(reason):  # MQTT 5: why (e.g. taken over)
+                self._reasons.refused("DISCONNECT", reason, self._nodes.current.url)
             if not self._closing:
                 log.warning("sink %s: connection to %s lost: %s", self.name, self._nodes.current.url, reason)
             if not (self._closing or self._dropping) and self._takeover.dropped():
@@ -319,41 +313,19 @@ class MqttSink(LoopSockets):
         self.stats.unacked_at_disconnect += sum(1 for f in self._pending.values() if not f.done())
         self._fail_pending(SinkOffline(f"sink {self.name}: connection lost before the broker acknowledged"))
 
-    def _handle_puback(self, client: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+    def _handle_puback(self, client: mqtt.Client, _ud: Any, mid: int, reason: Any, _props: Any) -> None:
         if client is not self._client:
             return
         fut = self._pending.pop(mid, None)
-        if fut is not None and not fut.done():
-            self.stats.published += 1
-            fut.set_result(None)
-
-    def _handle_message(self, client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
-        if client is not self._client:
+        if fut is None or fut.done():
             return
-        self.stats.received += 1
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:
-            # paho decodes the topic on access; a broker that passed on bad UTF-8 must not reach paho's read loop.
-            self.stats.bad_requests += 1
+        if v5.failed(reason):
+            # MQTT 5: acknowledged, and refused (not authorized, quota, payload): the outbox's refusal path.
+            self._reasons.refused("PUBACK", reason)
+            fut.set_exception(SinkError(f"sink {self.name}: the broker refused the message: {reason}"))
             return
-        relative = topic[len(self.prefix) + 1 :] if topic.startswith(self.prefix + "/") else None
-        if msg.retain and not (relative is not None and self._retained_ok and self._retained_ok(relative)):
-            # A request left retained on the broker would be carried out again at every (re)subscribe.
-            self.stats.retained_requests += 1
-            if self.stats.retained_requests == 1:
-                log.warning(
-                    "sink %s: ignoring a retained request on %s (publish requests without retain)", self.name, topic
-                )
-            return
-        if self._on_request and relative is not None:
-            try:
-                self._on_request(relative, bytes(msg.payload))
-            except Exception:
-                # Raised into paho's read loop, the request is never acknowledged and the broker delivers it again
-                # after the reconnect, and again: one bad request must cost itself only.
-                self.stats.bad_requests += 1
-                log.exception("sink %s: handling a request on %s failed", self.name, topic)
+        self.stats.published += 1
+        fut.set_result(None)
 
     async def _connect_loop(self) -> None:
         while True:
@@ -377,8 +349,13 @@ class MqttSink(LoopSockets):
                 self._client = self._new_client()
             self._attempts += 1
             self._dropped.clear()
+            connect = functools.partial(self._client.connect, self._host, self._port, self._keepalive)
+            if self._v5:  # the broker keeps the session (subscriptions, requests meanwhile) for session_expiry
+                connect = functools.partial(
+                    connect, clean_start=False, properties=v5.connect_properties(self._session_expiry)
+                )
             try:  # the TCP (and TLS) handshake blocks: in a worker thread
-                await self._loop.run_in_executor(None, self._client.connect, self._host, self._port, self._keepalive)
+                await self._loop.run_in_executor(None, connect)
             except (OSError, ssl.SSLError) as exc:
                 log.debug("sink %s: connect to %s failed: %s", self.name, self.stats.broker, exc)
                 continue

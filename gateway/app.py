@@ -36,7 +36,7 @@ from gateway.snapshot import ALL_PARTS, GatewaySnapshot, take_snapshot
 from gateway.sparkplug_sinks import SparkplugSources
 from gateway.supervise import Supervised, Supervisor
 from gateway.systemd import ServiceNotifier
-from gateway.types import DeviceProfile, Driver, Message, now_ms
+from gateway.types import DeviceProfile, Driver, Message, RequestMeta, now_ms
 
 # Imported where a run uses them: amqtt only for a broker inside this process, aiohttp and prometheus-client only
 # with `gateway.http` on, pymodbus's server (which imports aiohttp too) only for a simulator.
@@ -184,10 +184,10 @@ class Gateway:
     def _outbox(self, sink: str) -> Outbox | None:
         return next((o for o in self.outboxes if o.sink.name == sink), None)
 
-    def _request(self, sink: str, topic: str, payload: bytes) -> None:
+    def _request(self, sink: str, topic: str, payload: bytes, meta: RequestMeta) -> None:
         outbox = self._outbox(sink)
         if self.router is not None and outbox is not None:
-            self.router.on_request(outbox, topic, payload)
+            self.router.on_request(outbox, topic, payload, meta)
 
     async def _reconnected(self, sink: str) -> None:
         outbox = self._outbox(sink)

@@ -14,7 +14,7 @@ from gateway.audit import AuditRecord
 from gateway.errors import SinkError
 from gateway.jsonsafe import JsonRejected, dumps_safe, loads_strict
 from gateway.token_bucket import TokenBucket
-from gateway.types import Command, CommandResult, DeviceProfile, Message, Write, WriteResult
+from gateway.types import Command, CommandResult, DeviceProfile, Message, RequestMeta, Write, WriteResult
 
 # The logger name these lines had before the split (set/cmd requests were the router's):
 # journal filters keep working.
@@ -31,6 +31,17 @@ STRAY_RATE = 10.0
 STRAY_BURST = 20
 #: A dropped request is logged at most this often per sink.
 DROP_LOG_INTERVAL = 60.0
+#: A request's age limit when its sink gives none (the default of a sink's `max_request_age`).
+MAX_REQUEST_AGE = 30.0
+
+
+def too_old(meta: RequestMeta, started: float, now: float) -> str | None:
+    """Why a request is not to be carried out any more (its age over its limit), or None."""
+    age = meta.age + (now - started)
+    if age <= meta.max_age:
+        return None
+    limit = "its message expiry" if meta.expiry_given else "max_request_age"
+    return f"too old: {age:.1f} s old, {limit} is {meta.max_age:g} s; not carried out"
 
 
 def _audit_record(
@@ -94,15 +105,17 @@ class DeviceRequests:
                 bucket = TokenBucket(p.write_rate, p.write_burst, self._clock())
             self._buckets[p.name] = bucket
 
-    def on_request(self, outbox: Outbox, topic: str, payload: bytes) -> None:
-        """Handle `<device>/set/<point>` and `<device>/cmd` from a sink; the result goes back to it."""
+    def on_request(self, outbox: Outbox, topic: str, payload: bytes, meta: RequestMeta | None = None) -> None:
+        """Handle `<device>/set/<point>` and `<device>/cmd` from a sink; the result goes back to it (and, MQTT 5, to
+        the request's response topic). One older than its age limit is refused and audited, never carried out."""
+        meta = meta or RequestMeta(max_age=MAX_REQUEST_AGE)
         # At most three parts: a point name with "/" (a Sparkplug DCMD's folders; never an MQTT `+/set/+`) is
         # refused and audited as a point the device does not have, not dropped unseen.
         parts = topic.split("/", 2)
         if len(parts) == 3 and parts[1] == "set":
-            self._spawn(self._set(outbox, parts[0], parts[2], payload))
+            self._spawn(self._set(outbox, parts[0], parts[2], payload, meta))
         elif len(parts) == 2 and parts[1] == "cmd":
-            self._spawn(self._cmd(outbox, parts[0], payload))
+            self._spawn(self._cmd(outbox, parts[0], payload, meta))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -157,11 +170,17 @@ class DeviceRequests:
             )
         return False
 
-    def _answer(self, outbox: Outbox, topic: str, body: dict[str, Any]) -> None:
+    def _answer(self, outbox: Outbox, topic: str, body: dict[str, Any], meta: RequestMeta) -> None:
+        payload = dumps_safe(body)
         try:
-            self._answer_to(outbox, Message(topic, dumps_safe(body)))
+            self._answer_to(outbox, Message(topic, payload))
         except SinkError as exc:  # the sink is going away (stop, reload): nobody is left to tell
             log.info("result on %s not sent: %s", topic, exc)
+        if meta.respond is not None:
+            try:
+                meta.respond(payload)
+            except Exception:  # the /result topic has it: a failed second copy costs only itself
+                log.exception("answer on the response topic of %s failed", topic)
 
     def _record(self, record: AuditRecord) -> None:
         if self._audit is None:
@@ -182,7 +201,7 @@ class DeviceRequests:
         except JsonRejected as exc:
             return None, f"payload is not JSON: {str(exc)[:120]}: {payload[:64]!r}"
 
-    async def _set(self, outbox: Outbox, device: str, point: str, payload: bytes) -> None:
+    async def _set(self, outbox: Outbox, device: str, point: str, payload: bytes, meta: RequestMeta) -> None:
         arrived, started = time.time_ns(), time.monotonic()
         profile = self._profile_of(device)
         writer = profile.writer if profile is not None else None
@@ -199,6 +218,8 @@ class DeviceRequests:
         try:
             if problem:
                 result = WriteResult(ok=False, error=problem)
+            elif late := too_old(meta, started, started):
+                result = WriteResult(ok=False, error=late)
             elif profile is None:
                 result = WriteResult(ok=False, error=f"unknown device {device!r}")
             elif writer is None:
@@ -208,13 +229,15 @@ class DeviceRequests:
             else:
                 # Before the device is touched: a crash after this line still leaves a trace of the request.
                 self._record(record(ok=None, stage="request"))
-                result = await writer(Write(device, point, value, origin=outbox.sink.name))
+                # The line refuses it rather than write it late (a write may wait behind polls or a reopen).
+                deadline = started + meta.max_age - meta.age
+                result = await writer(Write(device, point, value, origin=outbox.sink.name, deadline=deadline))
         except Exception as exc:
             log.exception("set %s.%s failed", device, point)
             result = WriteResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])
         finally:
             log.info("set %s.%s = %r: %s", device, point, payload[:64], "ok" if result.ok else result.error)
-            self._answer(outbox, result_topic, {"ok": result.ok, "value": result.value, "error": result.error})
+            self._answer(outbox, result_topic, {"ok": result.ok, "value": result.value, "error": result.error}, meta)
             self._record(
                 record(
                     ok=result.ok,
@@ -224,7 +247,7 @@ class DeviceRequests:
                 )
             )
 
-    async def _cmd(self, outbox: Outbox, device: str, payload: bytes) -> None:
+    async def _cmd(self, outbox: Outbox, device: str, payload: bytes, meta: RequestMeta) -> None:
         arrived, started = time.time_ns(), time.monotonic()
         profile = self._profile_of(device)
         commander = profile.commander if profile is not None else None
@@ -243,6 +266,8 @@ class DeviceRequests:
         try:
             if problem:
                 result = CommandResult(ok=False, error=problem)
+            elif late := too_old(meta, started, started):
+                result = CommandResult(ok=False, error=late)
             elif not isinstance(body, dict) or not isinstance(name, str) or not name:
                 result = CommandResult(ok=False, error='payload must be {"name": str, "args": {...}, "id": optional}')
             elif not isinstance(args, dict):
@@ -262,7 +287,7 @@ class DeviceRequests:
         finally:
             log.info("cmd %s: %s", device, "ok" if result.ok else result.error)
             reply = {"id": cmd_id, "ok": result.ok, "result": result.result, "error": result.error}
-            self._answer(outbox, f"{device}/cmd/result", reply)
+            self._answer(outbox, f"{device}/cmd/result", reply, meta)
             self._record(
                 record(
                     ok=result.ok,

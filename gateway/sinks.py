@@ -20,6 +20,7 @@ from gateway.config.schema import Config, SinkConfig
 from gateway.router import SUBSCRIPTIONS
 from gateway.sparkplug_sinks import SparkplugSources, build_node
 from gateway.supervise import Supervisor
+from gateway.types import RequestMeta
 
 #: Seconds a replay may wait after a (re)connect to a broker with a url: up to this, drawn at random per connect.
 REPLAY_DELAY = 10.0
@@ -37,7 +38,7 @@ class SinkHooks:
     """The gateway's side of every sink: requests (`on_request`) and connects (`on_connect`) get the sink's name
     first; `sparkplug`: what a Sparkplug sink reads of the gateway."""
 
-    on_request: Callable[[str, str, bytes], None]
+    on_request: Callable[[str, str, bytes, RequestMeta], None]
     on_connect: Callable[[str], Coroutine[Any, Any, None]]
     sparkplug: SparkplugSources
 
@@ -71,10 +72,15 @@ def build_sink(
         "urls": urls,
         "reconnect_base": s.reconnect_base,
         "reconnect_cap": s.reconnect_cap,
+        "max_request_age": s.max_request_age,
     }
     node: SparkplugNode | None = None
     if s.format == "sparkplug":
-        node = build_node(cfg, s, hooks.sparkplug, functools.partial(on_request, s.name))
+        # A DCMD's age limit is the sink's max_request_age (Sparkplug speaks MQTT 3.1.1: no message expiry).
+        def on_set(topic: str, payload: bytes) -> None:
+            on_request(s.name, topic, payload, RequestMeta(max_age=s.max_request_age))
+
+        node = build_node(cfg, s, hooks.sparkplug, on_set)
         mqtt = node.connect_to(url, **common)
     else:
         mqtt = MqttSink(
@@ -85,6 +91,9 @@ def build_sink(
             subscriptions=SUBSCRIPTIONS,
             on_request=functools.partial(on_request, s.name),
             on_connect=functools.partial(on_connect, s.name),
+            protocol=s.protocol,
+            session_expiry=s.session_expiry,
+            message_expiry=s.spool.max_age,
             **common,
         )
     sink: Sink = node if node is not None else mqtt

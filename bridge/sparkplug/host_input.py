@@ -12,7 +12,7 @@ from bridge.sparkplug.payload import CommandRefused
 from bridge.sparkplug.session import EdgeSession
 from bridge.sparkplug.view import SetRequest, SparkplugStats
 from gateway.jsonsafe import dumps_safe
-from gateway.types import Message
+from gateway.types import Message, RequestMeta
 
 log = logging.getLogger("bridge.sparkplug")
 
@@ -51,8 +51,8 @@ class HostInput:
         """The NDEATH of this connection (the node's)."""
         raise NotImplementedError
 
-    def on_message(self, relative: str, payload: bytes) -> None:
-        """A STATE, NCMD or DCMD for this node (topic below `spBv1.0/`)."""
+    def on_message(self, relative: str, payload: bytes, _meta: RequestMeta | None = None) -> None:
+        """A STATE, NCMD or DCMD for this node (topic below `spBv1.0/`); a DCMD's age limit is the sink's."""
         parts = relative.split("/")
         try:
             if parts[0] == "STATE":

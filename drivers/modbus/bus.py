@@ -207,7 +207,7 @@ class ModbusBus:
         if device.online is False:
             return WriteResult(ok=False, error=f"{device.name} is offline")
         fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        await self._writes.put(PendingWrite(device, point, words, fut))
+        await self._writes.put(PendingWrite(device, point, words, fut, request.deadline))
         self._wake.set()
         return await fut
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ class LineRequests:
 
     async def _write(self, pending: PendingWrite) -> WriteResult:
         device, point, words = pending.device, pending.point, pending.words
+        if pending.deadline is not None and (late := time.monotonic() - pending.deadline) > 0:
+            # The request's age limit passed while it waited for the line: a late write is worse than none.
+            return WriteResult(ok=False, error=f"too old: its age limit passed {late:.1f} s ago waiting for the line")
         try:
             await self._io.write(device, point.table, point.address, words)
         except DeviceError as exc:

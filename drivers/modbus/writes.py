@@ -26,6 +26,7 @@ class PendingWrite:
     point: PointSettings
     words: Words
     future: asyncio.Future[WriteResult]
+    deadline: float | None = None  # time.monotonic() after which it is refused, not written late
 
 
 @dataclass

@@ -6,9 +6,9 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from .fields import HaDeviceClass, HaIcon, HaStateClass, Listener, Name, TopicFilter, TopicPrefix
 
@@ -107,6 +107,11 @@ class SparkplugConfig(Model):
     primary_host: Name | None = None
 
 
+def _protocol(value: object) -> object:
+    """`protocol: 5` (a YAML number) or "5"; "3.1.1" as it is."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class SinkConfig(Model):
     """A northbound MQTT broker the gateway publishes to."""
 
@@ -127,6 +132,23 @@ class SinkConfig(Model):
     topic_prefix: TopicPrefix | None = None  # None: fieldgate/<gateway.id>
     format: Literal["json", "sparkplug"] = "json"  # json: the topic contract of INTERFACE.md; sparkplug: Sparkplug B
     sparkplug: SparkplugConfig | None = None
+    protocol: Annotated[Literal["3.1.1", "5"], BeforeValidator(_protocol)] = "3.1.1"
+    # MQTT 5: how long the broker keeps the session (the set/cmd subscriptions, requests queued meanwhile).
+    session_expiry: Duration = Field(default=300.0, le=0xFFFFFFFF)
+    # A set/cmd older than this (by its MQTT 5 message expiry, else by this) is refused, never carried out late.
+    max_request_age: Duration = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _protocol_fits(self) -> SinkConfig:
+        if self.protocol != "5":
+            if "session_expiry" in self.model_fields_set:
+                raise ValueError("`session_expiry` is an MQTT 5 session's: it goes with `protocol: 5`")
+            return self
+        if self.url is None and self.urls is None:
+            raise ValueError("protocol: 5 needs a broker with a url: the embedded broker speaks MQTT 3.1.1")
+        if self.format == "sparkplug":
+            raise ValueError("a sparkplug sink speaks MQTT 3.1.1 (protocol: 5 is for format: json)")
+        return self
 
     @model_validator(mode="after")
     def _sparkplug(self) -> SinkConfig:

@@ -240,7 +240,7 @@ async def test_subscribed_requests_reach_on_request_with_the_relative_topic(
     broker: EmbeddedBroker, port: int, sub: Subscriber
 ) -> None:
     got: list[tuple[str, bytes]] = []
-    async with running(port, subscriptions=("+/set/+", "+/cmd"), on_request=lambda t, p: got.append((t, p))) as sink:
+    async with running(port, subscriptions=("+/set/+", "+/cmd"), on_request=lambda t, p, _m: got.append((t, p))) as sink:
         await connected(sink, sub)
         for topic, payload in [
             (f"{P}/boiler/set/sp", b"12.5"),
@@ -262,7 +262,7 @@ async def test_a_retained_request_is_not_carried_out_again_at_every_subscribe(
     # Left retained on the broker before the gateway subscribes (a dashboard's mistake).
     await asyncio.to_thread(sub.publish, f"{P}/boiler/set/sp", b"99", retain=True)
     await sub.wait_for(lambda ms: any(m.topic == f"{P}/boiler/set/sp" for m in ms))
-    async with running(port, subscriptions=("+/set/+",), on_request=lambda t, _p: got.append(t)) as sink:
+    async with running(port, subscriptions=("+/set/+",), on_request=lambda t, _p, _m: got.append(t)) as sink:
         await connected(sink, sub)
         await asyncio.to_thread(sub.publish, f"{P}/boiler/set/sp", b"12.5")  # a live request still works
         await sub.wait_for(lambda _: len(got) >= 1)
@@ -286,7 +286,7 @@ async def test_publish_while_the_broker_is_down_completes_when_it_is_back() -> N
     second: EmbeddedBroker | None = None
     try:
         async with running(
-            port, subscriptions=("+/set/+",), on_request=lambda t, _p: requests.append(t), on_connect=hook
+            port, subscriptions=("+/set/+",), on_request=lambda t, _p, _m: requests.append(t), on_connect=hook
         ) as sink:
             assert await sink.wait_connected(5)
             await first.stop()
@@ -419,7 +419,7 @@ async def test_a_request_handler_that_raises_costs_that_request_only(
 ) -> None:
     seen: list[str] = []
 
-    def handler(topic: str, payload: bytes) -> None:
+    def handler(topic: str, payload: bytes, _meta: object) -> None:
         seen.append(topic)
         if payload == b"boom":
             raise RuntimeError("a bug in a handler")

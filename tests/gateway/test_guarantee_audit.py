@@ -47,7 +47,7 @@ async def routed(broker: EmbeddedBroker, port: int, subscriber: Subscriber) -> A
         PREFIX,
         client_id="guarantee-audit-test",
         subscriptions=SUBSCRIPTIONS,
-        on_request=lambda t, p: routers[0].on_request(outbox, t, p),
+        on_request=lambda t, p, m: routers[0].on_request(outbox, t, p, m),
     )
     outbox = Outbox(sink)
     routers.append(Router([outbox], [DeviceProfile("d", commander=commander, writer=writer)], audit=records.append))

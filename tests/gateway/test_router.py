@@ -39,7 +39,7 @@ async def routed(
         "fieldgate/r",
         client_id="router-test",
         subscriptions=SUBSCRIPTIONS,
-        on_request=lambda t, p: router_box[0].on_request(outbox, t, p),
+        on_request=lambda t, p, m: router_box[0].on_request(outbox, t, p, m),
     )
     outbox = Outbox(sink)
     clock = Clock()

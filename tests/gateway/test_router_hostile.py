@@ -76,7 +76,7 @@ async def routed(broker: EmbeddedBroker, port: int, subscriber: Subscriber) -> A
         PREFIX,
         client_id="router-hostile-test",
         subscriptions=SUBSCRIPTIONS,
-        on_request=lambda t, p: box[0].router.on_request(outbox, t, p),
+        on_request=lambda t, p, m: box[0].router.on_request(outbox, t, p, m),
         on_connect=lambda: _republish(box[0]),
     )
     outbox = Outbox(sink)

@@ -1,0 +1,124 @@
+"""What a sink does differently when it speaks MQTT 5 (`protocol: 5`): its properties, and what the broker says back.
+
+- CONNECT: a session expiry, and no clean start, so that the set/cmd subscriptions (and requests sent meanwhile)
+  survive a short reconnect.
+- PUBLISH: the sample time as the user property `ts`; a non-retained message with a sample time gets a message
+  expiry of what is left of the spool's `max_age` (a subscriber away for longer does not get data older than the
+  gateway itself would keep).
+- A request: its age limit is its message expiry as the broker counted it down (else the sink's
+  `max_request_age`), its age what its own `ts` user property says; an answer goes to its response topic with its
+  correlation data.
+- Reason codes of refusals (CONNACK, PUBACK, SUBACK, DISCONNECT) are logged and counted per packet and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.types import Message, RequestMeta
+
+log = logging.getLogger("bridge.sink")
+
+#: MQTT 5 carries at most this as a message expiry (a four-byte integer of seconds).
+MAX_INTERVAL = 0xFFFFFFFF
+#: A `ts` user property of a request is read only if it is this short (a unix ms time is 13 digits).
+MAX_TS_DIGITS = 16
+#: Distinct (packet, reason) pairs counted per sink: a broker cannot grow the table without bound.
+MAX_REASONS = 64
+
+
+def _properties(packet: int) -> Properties:
+    """An empty property set of one packet type (paho's constructor is untyped)."""
+    return Properties(packet)  # type: ignore[no-untyped-call]
+
+
+def connect_properties(session_expiry: float) -> Properties:
+    """CONNECT's properties: the session outlives the connection by `session_expiry` seconds."""
+    props = _properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = min(MAX_INTERVAL, int(session_expiry))
+    return props
+
+
+def publish_properties(message: Message, max_age: float | None, now_ms: int) -> Properties | None:
+    """PUBLISH's properties of one message: its sample `ts`, and for a non-retained one what is left of `max_age`."""
+    if message.ts is None:
+        return None
+    props = _properties(PacketTypes.PUBLISH)
+    props.UserProperty = ("ts", str(message.ts))
+    if max_age is not None and not message.retain:
+        # A retained message is state: it stays the topic's value however old, as it does on a 3.1.1 sink.
+        left = max_age - max(0, now_ms - message.ts) / 1000
+        props.MessageExpiryInterval = min(MAX_INTERVAL, max(1, int(left)))
+    return props
+
+
+def request_meta(
+    props: Any, max_request_age: float, now_ms: int, respond: Callable[[str, bytes | None, bytes], None]
+) -> RequestMeta:
+    """What a request's MQTT 5 properties say: how old it may get, how old it is, and where its answer goes too."""
+    expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
+    age = 0.0
+    for key, value in getattr(props, "UserProperty", None) or ():
+        if key == "ts" and isinstance(value, str) and value.isdigit() and len(value) <= MAX_TS_DIGITS:
+            # A requester's clock ahead of ours makes no request younger than new.
+            age = max(0.0, (now_ms - int(value)) / 1000)
+    topic = getattr(props, "ResponseTopic", None) if props is not None else None
+    answer: Callable[[bytes], None] | None = None
+    if isinstance(topic, str) and topic and "+" not in topic and "#" not in topic:
+        correlation = getattr(props, "CorrelationData", None)
+        data = bytes(correlation) if isinstance(correlation, bytes | bytearray) else None
+        answer = lambda body: respond(topic, data, body)  # noqa: E731  (a closure over this request's topic)
+    return RequestMeta(
+        max_age=float(expiry) if isinstance(expiry, int) else max_request_age,
+        age=age,
+        respond=answer,
+        expiry_given=isinstance(expiry, int),
+    )
+
+
+def response_properties(correlation: bytes | None) -> Properties | None:
+    """PUBLISH's properties of an answer on a response topic: the request's correlation data, if it gave any."""
+    if correlation is None:
+        return None
+    props = _properties(PacketTypes.PUBLISH)
+    props.CorrelationData = correlation
+    return props
+
+
+class Reasons:
+    """The broker's refusals by packet and reason (MQTT 5 reason codes; a 3.1.1 CONNACK's return code too)."""
+
+    def __init__(self, sink: str) -> None:
+        self.sink = sink
+        self.counts: dict[str, int] = {}  # "PUBACK Not authorized" -> times
+
+    def refused(self, packet: str, reason: Any, about: str = "") -> None:
+        """Count and log one refusal (`reason` a paho ReasonCode, or anything that says itself)."""
+        key = f"{packet} {reason}"
+        if key in self.counts or len(self.counts) < MAX_REASONS:
+            self.counts[key] = self.counts.get(key, 0) + 1
+        first = self.counts.get(key) == 1
+        log.log(
+            logging.ERROR if first else logging.DEBUG,
+            "sink %s: the broker refused %s%s: %s (reason code %s)%s",
+            self.sink,
+            packet,
+            f" of {about}" if about else "",
+            reason,
+            getattr(reason, "value", "?"),
+            "" if first else " (again)",
+        )
+
+
+def failed(reason: Any) -> bool:
+    """Whether a paho reason code (or a 3.1.1 return code) says the broker refused."""
+    return bool(getattr(reason, "is_failure", False))
+
+
+PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
