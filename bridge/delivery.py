@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.errors import SinkError
-from gateway.types import Message
+from gateway.types import CLOCK, Message, ProcessClock
 
 # Every part of the outbox logs as "bridge.outbox": operators (and the tests) filter its lines by that one name.
 log = logging.getLogger("bridge.outbox")
@@ -74,6 +76,60 @@ class OutboxStats:
     coalesced: int = 0  # retained messages replaced by a newer one of their topic before they went out
     refused: int = 0  # the spool would not take them (full with when_full: reject, a write error, a bad item)
     undeliverable: int = 0  # spooled, then dropped: the broker connection refused them REPLAY_ATTEMPTS times
+    unsynchronised: int = 0  # acknowledged with a ts taken and published while the clock was not known synchronised
+
+
+#: Writes a corrected `ts` into a message (its payload too, where the gateway's format carries one).
+Restamp = Callable[[Message, int], Message]
+
+
+def restamp_ts(message: Message, ts: int) -> Message:
+    """The default Restamp: the message's `ts` only (a payload that carries its own is the gateway's to rewrite)."""
+    return dataclasses.replace(message, ts=ts)
+
+
+class ClockedPublisher:
+    """A sink as the outbox's loops publish to it: a message with an anchor (its ts was taken while the clock was
+    not known synchronised) goes out dated anchor + (wall - monotonic) as the clock reads at the publish, so the
+    steps of the wall clock since, NTP setting it above all, are taken out; one acknowledged while the clock is
+    still not known synchronised is counted (`unsynchronised`). What is queued or spooled keeps its anchor: it is
+    corrected again, by the clock as it is then, if it goes out later."""
+
+    def __init__(self, sink: Publisher, stats: OutboxStats, restamp: Restamp, clock: ProcessClock = CLOCK) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self._stats = stats
+        self._restamp = restamp
+        self._clock = clock
+
+    @property
+    def connected(self) -> bool:
+        """The sink's."""
+        return self.sink.connected
+
+    def topic(self, relative: str) -> str:
+        """The sink's."""
+        return self.sink.topic(relative)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """The sink's."""
+        return await self.sink.wait_connected(timeout)
+
+    def try_publish(self, message: Message) -> asyncio.Future[None] | None:
+        """The sink's try_publish of the message as dated by the clock now."""
+        if message.anchor is None or message.ts is None:
+            return self.sink.try_publish(message)
+        ts = self._clock.corrected(message.ts, message.anchor)
+        unsynchronised = self._clock.synchronized is not True
+        out = dataclasses.replace(message if ts == message.ts else self._restamp(message, ts), anchor=None)
+        started = self.sink.try_publish(out)
+        if started is not None and unsynchronised:
+            started.add_done_callback(self._count)
+        return started
+
+    def _count(self, started: asyncio.Future[None]) -> None:
+        if not started.cancelled() and started.exception() is None:
+            self._stats.unsynchronised += 1
 
 
 def start_publish(sink: Publisher, message: Message) -> asyncio.Future[None] | None:

@@ -14,7 +14,11 @@ fails (BufferFull with `when_full: reject`, a spool that cannot write) when neit
 makes MCP ACKs truthful. A caller that does not wait may ignore it.
 
 The backlog is replayed at `replay_rate` while live messages keep flowing (`order: live`; `outbox_replay`).
-Retained topics carry state, not history: a replay never sets one back (`outbox_retained`).
+Retained topics carry state, not history: a replay never sets one back (`outbox_retained`). Both orders are
+the order messages were handed over in (spool ids), never their `ts`, so no step of the wall clock changes them.
+
+A message whose ts was taken while the clock was known not synchronised carries an anchor (gateway.types), kept
+in the queue and the spool; it goes out dated by the clock as it reads then (`delivery.ClockedPublisher`).
 
 No message stops the outbox, and any other failure in a loop is logged and the loop goes on after a pause.
 `stop` never raises: it keeps in the spool what it can and logs the rest. The bounds are in `outbox_limits`.
@@ -23,6 +27,7 @@ No message stops the outbox, and any other failure in a loop is logged and the l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +35,7 @@ from typing import Literal
 
 from bridge import outbox_limits as limits
 from bridge.buffer import Buffer, MemoryBuffer
-from bridge.delivery import Delivery, OutboxStats, Publisher, log
+from bridge.delivery import ClockedPublisher, Delivery, OutboxStats, Publisher, Restamp, log, restamp_ts
 from bridge.outbox_buffer import OutboxBuffer
 from bridge.outbox_commit import GroupCommit
 from bridge.outbox_live import LiveQueue
@@ -38,7 +43,7 @@ from bridge.outbox_replay import Replay
 from bridge.outbox_retained import RetainedTopics
 from gateway.errors import SinkError
 from gateway.supervise import Supervised, Supervisor
-from gateway.types import Message
+from gateway.types import CLOCK, Message
 
 Order = Literal["live", "strict"]
 
@@ -77,19 +82,22 @@ class Outbox:
         replay_rate: float = 500.0,
         replay_delay: float = 0.0,
         order: Order = "live",
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         supervisor: Supervisor | None = None,
         prepare: Callable[[Message], Message | None] | None = None,
+        restamp: Restamp = restamp_ts,
     ) -> None:
         """`prepare`: what the sink makes of each message handed over, before it is queued or spooled (None: the
-        sink has no use for it, and its future resolves at once); a Sparkplug sink's births and data come so."""
+        sink has no use for it, and its future resolves at once); a Sparkplug sink's births and data come so.
+        `clock`: the wall clock (the process clock's by default); `restamp`: writes a corrected ts into a message
+        (the gateway's telemetry carries its ts in the payload too)."""
         self.sink = sink
         self.buffer: Buffer = buffer if buffer is not None else MemoryBuffer(name=f"sink {sink.name} memory buffer")
         self.high_water = high_water
         self.order = order
         self.stats = OutboxStats()
-        self._clock = clock
+        self._clock = clock or (lambda: CLOCK.wall())
         self._monotonic = monotonic
         self._seq = 0
         self._prepare = prepare
@@ -103,8 +111,9 @@ class Outbox:
             not_retained=self._not_retained,
             monotonic=monotonic,
         )
+        publisher = ClockedPublisher(sink, self.stats, restamp)  # what the loops publish to
         self._live = LiveQueue(
-            sink,
+            publisher,
             self._spool,
             self._commits,
             self._retained,
@@ -113,7 +122,7 @@ class Outbox:
             not_retained=self._not_retained,
         )
         self._replay = Replay(
-            sink,
+            publisher,
             self._spool,
             self._retained,
             self.stats,
@@ -177,9 +186,15 @@ class Outbox:
                 unused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 unused.set_result(None)
                 return unused
-            message = prepared
+            message = self._keep_anchor(message, prepared)
         self._seq += 1
-        ts = message.ts if message.ts is not None else int(self._clock() * 1000)
+        if message.ts is None:
+            # Dated here: anchored here (a status, a result), so that it is corrected as the router's samples are.
+            ts = int(self._clock() * 1000)
+            if (anchor := CLOCK.anchor(ts)) is not None:
+                message = dataclasses.replace(message, ts=ts, anchor=anchor)
+        else:
+            ts = message.ts
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = Delivery(message, ts, future, awaited=awaited, seq=self._seq, since=self._monotonic())
         if message.retain and self._retained.handed_over(item, self._live.in_flight):
@@ -189,6 +204,18 @@ class Outbox:
         else:
             self._commits.spool_it(item)
         return future
+
+    @staticmethod
+    def _keep_anchor(message: Message, prepared: Message) -> Message:
+        """`prepared` with the anchor of the `message` it was made of (moved with its ts if prepare redated it), or
+        one of its own if prepare dated an undated message by the clock now (a Sparkplug status)."""
+        if prepared.anchor is not None or prepared.ts is None:
+            return prepared
+        if message.anchor is not None:
+            anchor: int | None = message.anchor + (prepared.ts - message.ts if message.ts is not None else 0)
+        else:
+            anchor = CLOCK.anchor(prepared.ts) if message.ts is None else None
+        return prepared if anchor is None else dataclasses.replace(prepared, anchor=anchor)
 
     def _live_ok(self, awaited: bool) -> bool:
         if not self.sink.connected:

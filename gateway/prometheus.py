@@ -245,8 +245,13 @@ class GatewayCollector(Collector):
             "sink_takeovers", "Times the broker kept closing the sink's session right after connect: its client id "
             "in use by another client (one count per episode).", ["sink"],
         )  # fmt: skip
+        unsynchronised = _counter(
+            "sink_unsynchronised", "Messages acknowledged with a ts taken and published while the clock was known "
+            "not synchronised (what was still queued or spooled when it was set went out corrected).", ["sink"],
+        )  # fmt: skip
         for sink in snap.sinks:
             figures = sink.figures
+            unsynchronised.add_metric([sink.name], figures.get("unsynchronised", 0))
             for name, (key, _) in gauges.items():
                 g[name].add_metric([sink.name], figures[key])
             for name, (key, _) in counters.items():
@@ -262,6 +267,7 @@ class GatewayCollector(Collector):
         yield connected
         yield published
         yield takeovers
+        yield unsynchronised
         yield from _sparkplug(snap)
 
     def _gateway(self, snap: GatewaySnapshot) -> Iterator[Metric]:

@@ -1,10 +1,18 @@
-"""The router: samples become topics (deadband, snapshots, retained values); set requests become writes."""
+"""The router: samples become topics (deadband, snapshots, retained values); set requests become writes.
+
+A sample the gateway stamped (not a device's own ts) while the clock is known not synchronised gives its messages
+an anchor (gateway.types.ProcessClock): the outbox dates them again when they go out, the telemetry's payload
+through `restamp`, so that what was queued or spooled before NTP set the clock goes out on the set clock.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +22,7 @@ from bridge.outbox import Outbox
 from gateway.device_requests import Audit, DeviceRequests
 from gateway.errors import SinkError
 from gateway.jsonsafe import dumps_safe, is_utf8, utf8_text
-from gateway.types import DeviceProfile, DeviceState, Message, RequestMeta, Sample, Value
+from gateway.types import CLOCK, DeviceProfile, DeviceState, Message, RequestMeta, Sample, Value
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,27 @@ class _DeviceView:
 #: Everything the router encodes goes through the one writer that cannot raise (a value a device sent, a `cmd`'s
 #: `id`, a 10^400 ts): the name stays for the callers that know it.
 encode_json = dumps_safe
+
+#: How every JSON payload the gateway dates begins (telemetry, P/metrics: compact, "ts" first).
+_TS_FIRST = re.compile(rb'\{"ts":-?[0-9]+(?=[,}])')
+
+
+def restamp(message: Message, ts: int) -> Message:
+    """`message` dated `ts`: its `ts`, and the "ts" of its payload where it carries one (telemetry, P/metrics)."""
+    topic = message.topic
+    if not (topic.endswith("/telemetry") or topic == "metrics"):
+        return dataclasses.replace(message, ts=ts)
+    payload, done = _TS_FIRST.subn(b'{"ts":%d' % ts, message.payload, count=1)
+    if not done:  # not as the gateway writes it (a payload of an older format): rewritten only if it is JSON
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "ts" not in body:
+            return dataclasses.replace(message, ts=ts)
+        payload = encode_json({**body, "ts": ts})
+    return dataclasses.replace(message, payload=payload, ts=ts)
+
 
 #: Characters a value name may not have: MQTT wildcards, the level separator, NUL (not a topic level then).
 _NOT_IN_NAMES = frozenset("+#/\0")
@@ -181,11 +210,15 @@ class Router:
         else:
             body = dict(values) if view.profile.every_sample else changed
         view.published.update(changed)
+        # A device's own ts is not on the gateway's clock: the gateway's steps do not move it.
+        anchor = None if sample.device_clock else CLOCK.anchor(sample.ts)
         for name, value in changed.items():
-            self._send(Message(f"{sample.device}/{name}", encode_json(value), retain=True, ts=sample.ts))
+            topic = f"{sample.device}/{name}"
+            self._send(Message(topic, encode_json(value), retain=True, ts=sample.ts, anchor=anchor))
         if not body:
             return None
-        return Message(f"{sample.device}/telemetry", encode_json({"ts": sample.ts, "values": body}), ts=sample.ts)
+        payload = encode_json({"ts": sample.ts, "values": body})
+        return Message(f"{sample.device}/telemetry", payload, ts=sample.ts, anchor=anchor)
 
     def _accepted(self, view: _DeviceView, sample: Sample) -> dict[str, Value]:
         """The sample's values as the router keeps them: names that are topic levels, values every encoder takes.

@@ -146,6 +146,12 @@ class StatusPage:
         if clock.last_step_s is not None:
             way = "forward" if clock.last_step_s > 0 else "back"
             line += f"; the last one {way} by {abs(clock.last_step_s):.1f} s"
+        snap = self.snapshot
+        if SINKS in snap.read and SINKS not in snap.unreadable:
+            # Published dated by a clock known wrong: an operator wants to know there is such data upstream.
+            unsynchronised = sum(sink.figures.get("unsynchronised", 0) for sink in snap.sinks)
+            if unsynchronised:
+                line += f'; <span class="bad">{unsynchronised} message(s) went out unsynchronised</span>'
         return f'<p id="clock">{line}</p>'
 
     def _devices(self) -> str:

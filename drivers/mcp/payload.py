@@ -16,6 +16,8 @@ from gateway.types import TOPIC_NAME
 
 #: 2000-01-01T00:00Z in unix milliseconds: no device of this gateway's time sends data older than that.
 TS_MIN_MS = 946_684_800_000
+#: 10000-01-01T00:00Z: the bound that holds when the gateway's clock cannot judge a ts (it is not synchronised).
+TS_MAX_MS = 253_402_300_800_000
 #: docs/mcp.md §2: device ids become an MQTT topic level.
 DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Value names become MQTT topic levels and status-page rows: the config's rule for names.
@@ -27,7 +29,8 @@ Value = bool | int | float | str | None
 
 
 class BadTs(MalformedPayload):
-    """A DATA `ts` outside [2000-01-01, the gateway's clock + max_future_ts] (NACK 5, counted as bad_ts)."""
+    """A DATA `ts` outside [2000-01-01, the gateway's clock + max_future_ts] (NACK 5, counted as bad_ts); while the
+    gateway's clock is known not synchronised, outside [2000-01-01, 9999-12-31]."""
 
 
 def quoted(text: object, limit: int = 40) -> str:
@@ -61,9 +64,13 @@ def read_hello(frame: Frame, default_heartbeat_s: int) -> Hello:
 
 
 def read_data(
-    frame: Frame, *, now_ms: int, max_future_ms: int, max_string: int, max_points: int
+    frame: Frame, *, now_ms: int, max_future_ms: int | None, max_string: int, max_points: int
 ) -> tuple[int | None, dict[str, Value]]:
-    """The `ts` (None when absent) and `values` of DATA; MalformedPayload (BadTs for `ts`) when they do not fit."""
+    """The `ts` (None when absent) and `values` of DATA; MalformedPayload (BadTs for `ts`) when they do not fit.
+
+    `max_future_ms` None: the gateway's clock is known not synchronised (a Pi before NTP, perhaps years behind), so
+    it cannot say what is in the future: a device's ts is then held to TS_MAX_MS instead.
+    """
     body = frame.body()
     ts, values = body.get("ts"), body.get("values")
     if ts is not None:
@@ -72,7 +79,9 @@ def read_data(
         # Compared as Python integers, so a 400-digit ts is refused here and never reaches SQLite or a float.
         if ts < TS_MIN_MS:
             raise BadTs(f"ts {quoted(ts, 24)} is before 2000-01-01", frame.seq)
-        if ts > now_ms + max_future_ms:
+        if ts > TS_MAX_MS:
+            raise BadTs(f"ts {quoted(ts, 24)} is after 9999-12-31", frame.seq)
+        if max_future_ms is not None and ts > now_ms + max_future_ms:
             ahead = "more than the allowed max_future_ts ahead of the gateway's clock"
             raise BadTs(f"ts {quoted(ts, 24)} is {ahead}", frame.seq)
     if not isinstance(values, dict) or not values:

@@ -38,7 +38,7 @@ from drivers.mcp.events import (
     Send,
 )
 from drivers.mcp.payload import BadTs, Hello, new_names, read_data, read_hello
-from gateway.types import CommandResult, Sample
+from gateway.types import CLOCK, CommandResult, Sample
 
 STALL_TIMEOUT = 5.0  # docs/mcp.md §4.2: a frame whose bytes stop arriving
 MAX_OUTSTANDING = 32  # docs/mcp.md §3.4: DATA frames a device may have in flight
@@ -277,7 +277,9 @@ class SessionProtocol:
             ts, values = read_data(
                 frame,
                 now_ms=now_ms,
-                max_future_ms=int(limits.max_future_ts * 1000),
+                # The bound ahead of the gateway's clock holds unless that clock is known wrong (not synchronised):
+                # an unknown state keeps it, so a box whose sync state cannot be read never loses it silently.
+                max_future_ms=None if CLOCK.synchronized is False else int(limits.max_future_ts * 1000),
                 max_string=limits.max_string,
                 max_points=limits.max_points,
             )
@@ -288,7 +290,9 @@ class SessionProtocol:
             if isinstance(exc, BadTs):
                 self.stats.bad_ts += 1
             return Owe(frame.seq, self.nack(frame.seq, NackCode.MALFORMED_PAYLOAD, f"malformed payload: {exc}"))
-        return Publish(frame.seq, Sample(self.device_id, ts if ts is not None else now_ms, values))
+        if ts is None:
+            return Publish(frame.seq, Sample(self.device_id, now_ms, values))
+        return Publish(frame.seq, Sample(self.device_id, ts, values, device_clock=True))
 
     # --- DATA answers, in arrival order --------------------------------------------------------------------
 
