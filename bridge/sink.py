@@ -89,7 +89,7 @@ class MqttSink(LoopSockets, Inbound):
         self._session_expiry, self._max_request_age = session_expiry, max_request_age
         self._message_expiry = message_expiry if self._v5 else None
         self._reasons = v5.Reasons(name)
-        self._reasons.counts = self.stats.refused
+        self._reasons.counts = self.stats.broker_refusals
         # Attempts since the last connection that was up; our own drop() under way (no take-over of the broker's).
         self._failures, self._dropping = 0, False
         self._keepalive = max(1, int(keepalive))

@@ -46,7 +46,7 @@ class SinkStats:
     bad_requests: int = 0  # requests whose topic was not UTF-8, or whose handling failed
     takeovers: int = 0  # episodes of the broker closing each session right after connect: our client id in use
     broker: str = ""  # the url of the node the sink is on (or tries next): a string, not a counter
-    refused: dict[str, int] = field(default_factory=dict)  # "PUBACK Not authorized" -> times (reason codes)
+    broker_refusals: dict[str, int] = field(default_factory=dict)  # "PUBACK Not authorized" -> times
 
 
 class Inbound:

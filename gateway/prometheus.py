@@ -245,6 +245,10 @@ class GatewayCollector(Collector):
             "sink_takeovers", "Times the broker kept closing the sink's session right after connect: its client id "
             "in use by another client (one count per episode).", ["sink"],
         )  # fmt: skip
+        refusals = _counter(
+            "sink_refusals", "Packets the broker refused, by packet and reason code (MQTT 5; a 3.1.1 CONNACK's too).",
+            ["sink", "reason"],
+        )
         unsynchronised = _counter(
             "sink_unsynchronised", "Messages acknowledged with a ts taken and published while the clock was known "
             "not synchronised (what was still queued or spooled when it was set went out corrected).", ["sink"],
@@ -261,12 +265,15 @@ class GatewayCollector(Collector):
             connected.add_metric([sink.name], 1 if sink.connected else 0)
             published.add_metric([sink.name], sink.counters["published"])
             takeovers.add_metric([sink.name], sink.counters["takeovers"])
+            for reason, count in sorted(sink.counters.get("broker_refusals", {}).items()):
+                refusals.add_metric([sink.name, reason], count)
         yield from g.values()
         yield oldest
         yield from c.values()
         yield connected
         yield published
         yield takeovers
+        yield refusals
         yield unsynchronised
         yield from _sparkplug(snap)
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 from mqtt5 import Client5
+from sink_metrics import scrape, snapshot_of
 
 from bridge.sink import MqttSink
 from gateway.errors import SinkError
+from gateway.metrics_topic import metrics_payload
 from gateway.types import Message, RequestMeta, now_ms
 
 from helpers import TcpRelay, free_port, until
@@ -185,4 +187,8 @@ async def test_a_publish_the_broker_refuses_fails_and_its_reason_is_counted(brok
             assert fut is not None
             await fut
         await sink.publish(Message("fine", b"1", qos=1))
-        assert sink.stats.refused == {"PUBACK Not authorized": 1} and sink.stats.published == 1
+        assert sink.stats.broker_refusals == {"PUBACK Not authorized": 1} and sink.stats.published == 1
+        snap = snapshot_of(sink)
+        assert metrics_payload(snap)["sinks"]["up"]["broker_refusals"] == {"PUBACK Not authorized": 1}  # type: ignore[index]
+        labels = frozenset({("sink", "up"), ("reason", "PUBACK Not authorized")})
+        assert scrape(snap)[("fieldgate_sink_refusals_total", labels)] == 1

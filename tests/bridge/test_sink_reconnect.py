@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from dataclasses import asdict
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -15,17 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
+from sink_metrics import scrape, snapshot_of
 
 import bridge.sink
-from bridge.outbox import OutboxSnapshot
 from bridge.sink import MqttSink
 from bridge.sink_reconnect import Nodes, TakeoverWatch, backoff
 from gateway.metrics_topic import metrics_payload
-from gateway.prometheus import GatewayCollector
-from gateway.snapshot import GatewaySnapshot, SinkSnapshot
 from gateway.status_page import StatusPage
 from gateway.utilisation import Utilisation
 
@@ -116,25 +110,6 @@ def test_drops_after_a_while_or_spread_over_more_than_a_minute_are_no_take_over(
     assert [session(watch, clock, 6.0) for _ in range(10)] == [False] * 10
     assert [session(watch, clock, 0.2, then=40.0) for _ in range(10)] == [False] * 10
     assert not watch.dropped()  # a drop without a connect (a failed attempt) counts for nothing
-
-
-def snapshot_of(sink: MqttSink) -> GatewaySnapshot:
-    """A gateway snapshot holding this sink as the snapshot builder takes it (its stats as counters)."""
-    figures = asdict(OutboxSnapshot(0, 0, 0, None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
-    sinks = (SinkSnapshot(sink.name, sink.connected, asdict(sink.stats), figures, 0, None, 0),)
-    return GatewaySnapshot("g", 100.0, 0, 1.0, False, sinks=sinks)
-
-
-def scrape(snap: GatewaySnapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """/metrics of the snapshot: (name, labels) -> value."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(lambda parts=(): snap, Utilisation()))
-    text = generate_latest(registry).decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 # --- in the connect loop ---------------------------------------------------------------------------
