@@ -15,6 +15,7 @@ import functools
 import logging
 import random
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,9 @@ from gateway.types import ABSOLUTE, Message, now_ms
 log = logging.getLogger(__name__)
 
 MISC_INTERVAL = 1.0
+#: A connection that lasted this long (s) starts the back-off again from its base; one the broker closes sooner (a
+#: take-over, an auth plugin that accepts then drops) counts as a failed attempt, so that it is not retried at once.
+STABLE_AFTER = 10.0
 
 __all__ = ["OFFLINE", "ConnectHandler", "MqttSink", "RequestHandler", "SinkStats", "WillMaker"]
 
@@ -91,7 +95,7 @@ class MqttSink(LoopSockets, Inbound):
         self._reasons = v5.Reasons(name)
         self._reasons.counts = self.stats.broker_refusals
         # Attempts since the last connection that was up; our own drop() under way (no take-over of the broker's).
-        self._failures, self._dropping = 0, False
+        self._failures, self._dropping, self._up_since = 0, False, 0.0
         self._keepalive = max(1, int(keepalive))
         self._subscriptions = subscriptions
         self._on_request = on_request
@@ -275,7 +279,7 @@ class MqttSink(LoopSockets, Inbound):
             self._reasons.refused("CONNACK", reason, self._nodes.current.url)
             return
         self.stats.connects += 1
-        self._failures, self._dropping = 0, False  # a connection that was up: retries start from the base again
+        self._dropping, self._up_since = False, time.monotonic()
         self._takeover.connected()
         log.info("sink %s: connected to %s", self.name, self._nodes.current.url)
         for sub in self._subscriptions:
@@ -302,6 +306,8 @@ class MqttSink(LoopSockets, Inbound):
         self._connected.clear()
         if was:
             self.stats.disconnects += 1
+            if time.monotonic() - self._up_since >= STABLE_AFTER:
+                self._failures = 0  # a connection that lasted: retries start from the base again
             if flags.is_disconnect_packet_from_server and v5.failed(reason):  # MQTT 5: why (e.g. taken over)
                 self._reasons.refused("DISCONNECT", reason, self._nodes.current.url)
             if not self._closing:

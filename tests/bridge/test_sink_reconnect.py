@@ -115,11 +115,14 @@ def test_drops_after_a_while_or_spread_over_more_than_a_minute_are_no_take_over(
 # --- in the connect loop ---------------------------------------------------------------------------
 
 
-async def test_the_connect_loop_draws_each_wait_from_the_back_off_and_a_connection_resets_it(
-    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("stable_after", [0.0, 3600.0])
+async def test_the_connect_loop_draws_each_wait_from_the_back_off_and_a_lasting_connection_resets_it(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, stable_after: float
 ) -> None:
     """Retries while the broker is away ask the back-off for attempts 0, 1, 2, ... (the first retry too) with the
-    sink's base and cap; once a connection was up, the retries after its drop start from attempt 0 again."""
+    sink's base and cap; after a connection that lasted STABLE_AFTER the retries start from attempt 0 again, after
+    a shorter one (a broker that accepts and then closes) they go on counting, so it is not retried at once."""
+    monkeypatch.setattr(bridge.sink, "STABLE_AFTER", stable_after)
     asked: list[tuple[int, float, float]] = []
 
     def spy(attempt: int, base: float, cap: float, rand: Any) -> float:
@@ -141,7 +144,8 @@ async def test_the_connect_loop_draws_each_wait_from_the_back_off_and_a_connecti
         assert {(b, c) for _, b, c in asked} == {(0.02, 0.1)}
         mosquitto.kill()
         await until(lambda: len(asked) >= before + 2, 10, "retries after the drop")
-        assert [a for a, _, _ in asked[before : before + 2]] == [0, 1]
+        expected = [0, 1] if stable_after == 0 else [before, before + 1]
+        assert [a for a, _, _ in asked[before : before + 2]] == expected
     finally:
         await sink.stop()
 
