@@ -73,8 +73,8 @@ class Entry:
 
 def queued_wall(queued_at: float, boot: int | None, queued_mono: float | None, this_boot: int, offset: float) -> float:
     """When an entry was buffered, on the wall clock as it reads now (`offset`: wall - monotonic now): moved by the
-    steps of the wall clock since (as its monotonic time tells, when it is of this boot; STEP_MS or more in all, as
-    the ts of a message is: a slewed clock's drift is no step); else as stored."""
+    steps of the wall clock since (as its monotonic time tells, when it is of this boot; STEP_MS or more in all: a
+    slewed clock's drift is no step, and an age needs no millisecond); else as stored."""
     if boot != this_boot or queued_mono is None:
         return queued_at
     moved = queued_mono + offset - queued_at

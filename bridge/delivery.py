@@ -119,7 +119,7 @@ class ClockedPublisher:
         """The sink's try_publish of the message as dated by the clock now."""
         if message.anchor is None or message.ts is None:
             return self.sink.try_publish(message)
-        ts = self._clock.corrected(message.ts, message.anchor)
+        ts = self._clock.corrected(message.anchor)
         unsynchronised = self._clock.synchronized is not True
         out = dataclasses.replace(message if ts == message.ts else self._restamp(message, ts), anchor=None)
         started = self.sink.try_publish(out)

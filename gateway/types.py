@@ -50,8 +50,12 @@ class ProcessClock:
         return math.floor(self.wall() * 1000)
 
     def offset_ms(self) -> int:
-        """Wall minus monotonic time, in ms: what a step of the wall clock changes, and nothing else."""
-        return round((self.wall() - self.monotonic()) * 1000)
+        """Wall minus monotonic time, in ms: what a step of the wall clock changes, and nothing else.
+
+        Each clock floored to its ms as now_ms() floors the wall one: an anchor is then the monotonic clock's ms
+        itself, so anchors keep the order samples were stamped in (a rounded difference can be a ms off either way).
+        """
+        return math.floor(self.wall() * 1000) - math.floor(self.monotonic() * 1000)
 
     def anchor(self, ts: int) -> int | None:
         """The anchor of a `ts` taken on this clock just now while it is known NOT synchronised; else None.
@@ -60,11 +64,10 @@ class ProcessClock:
         tells that it will be set, and its samples are then treated as those of a synchronised one."""
         return ts - self.offset_ms() if self.synchronized is False else None
 
-    def corrected(self, ts: int, anchor: int) -> int:
-        """`ts`, taken at `anchor`, on the wall clock as it reads now: moved by the steps of the wall clock since
-        (STEP_MS or more in all: the drift of a clock being slewed is no step, and leaves the ts as it was)."""
-        moved = anchor + self.offset_ms() - ts
-        return ts + moved if abs(moved) >= STEP_MS else ts
+    def corrected(self, anchor: int) -> int:
+        """The ts taken at `anchor`, on the wall clock as it reads now: moved by every step of it since (within a
+        millisecond: each clock is floored to one), so anchors' order is the corrected ts' order."""
+        return anchor + self.offset_ms()
 
 
 #: The clock every part of the process reads.
