@@ -52,6 +52,11 @@ async def test_answers_go_to_the_response_topic_too_and_stale_requests_are_refus
     client = Client5(mosquitto.port, "site/t1/plc/#", "replies/#")
     try:
         await until(lambda: any(p == b"online" for p, _ in client.on("site/t1/plc/status")), timeout=20)
+        await until(lambda: client.on("site/t1/plc/telemetry"))
+        body, props = client.on("site/t1/plc/telemetry")[0]
+        # The sample's ts as a user property, and the spool's max_age (30 days) less its age as its expiry.
+        assert dict(props.UserProperty) == {"ts": str(json.loads(body)["ts"])}
+        assert 30 * 86400 - 60 <= props.MessageExpiryInterval <= 30 * 86400
         client.publish("site/t1/plc/set/sp", b"11", ResponseTopic="replies/a", CorrelationData=b"c-1")
         await until(lambda: client.on("replies/a") and client.on("site/t1/plc/set/sp/result"))
         (body, props), (result, _) = client.on("replies/a")[0], client.on("site/t1/plc/set/sp/result")[0]
