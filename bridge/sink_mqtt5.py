@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt import properties as paho_props
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -33,11 +34,6 @@ MAX_TS_DIGITS = 16
 MAX_REASONS = 64
 
 
-def _properties(packet: int) -> Properties:
-    """An empty property set of one packet type (paho's constructor is untyped)."""
-    return Properties(packet)  # type: ignore[no-untyped-call]
-
-
 def connect_properties(session_expiry: float) -> Properties:
     """CONNECT's properties: the session outlives the connection by `session_expiry` seconds."""
     props = _properties(PacketTypes.CONNECT)
@@ -45,17 +41,54 @@ def connect_properties(session_expiry: float) -> Properties:
     return props
 
 
+def _properties(packet: int) -> Properties:
+    """An empty property set of one packet type (paho's constructor is untyped)."""
+    return Properties(packet)  # type: ignore[no-untyped-call]
+
+
+class _Packed(Properties):
+    """PUBLISH properties packed when made, by paho's own field encoders: paho's generic Properties builds its
+    name tables per instance and looks every property up when packing, which cost more than the publish itself."""
+
+    def __init__(self, packed: bytes) -> None:  # noqa: D107  (no super().__init__: the point is not to build tables)
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "packed", packed)
+
+    packed: bytes
+
+    def pack(self) -> bytes:
+        """The packed properties (paho calls this when it writes the PUBLISH)."""
+        return self.packed
+
+
+def _varint(n: int) -> bytes:
+    return paho_props.VariableByteIntegers.encode(n)  # type: ignore[no-any-return,no-untyped-call]
+
+
+def _utf8(text: str) -> bytes:
+    return paho_props.writeUTF(text)  # type: ignore[no-any-return,no-untyped-call]
+
+
+def _int32(n: int) -> bytes:
+    return paho_props.writeInt32(n)  # type: ignore[no-any-return,no-untyped-call]
+
+
+_TEMPLATE = _properties(PacketTypes.PUBLISH)
+_EXPIRY = _varint(_TEMPLATE.names["Message Expiry Interval"])
+_USER = _varint(_TEMPLATE.names["User Property"]) + _utf8("ts")
+
+
 def publish_properties(message: Message, max_age: float | None, now_ms: int) -> Properties | None:
     """PUBLISH's properties of one message: its sample `ts`, and for a non-retained one what is left of `max_age`."""
     if message.ts is None:
         return None
-    props = _properties(PacketTypes.PUBLISH)
-    props.UserProperty = ("ts", str(message.ts))
+    packed = b""
     if max_age is not None and not message.retain:
         # A retained message is state: it stays the topic's value however old, as it does on a 3.1.1 sink.
         left = max_age - max(0, now_ms - message.ts) / 1000
-        props.MessageExpiryInterval = min(MAX_INTERVAL, max(1, int(left)))
-    return props
+        packed = _EXPIRY + _int32(min(MAX_INTERVAL, max(1, int(left))))
+    packed += _USER + _utf8(str(message.ts))
+    return _Packed(_varint(len(packed)) + packed)
 
 
 def request_meta(

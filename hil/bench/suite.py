@@ -151,6 +151,12 @@ def benches(out: Path) -> list[Bench]:
             ),
         ),
         Bench(
+            "sink",
+            "sink_bench.py",
+            ("-n", "10000"),
+            expects=("CPU per message, MQTT 5 sink",),
+        ),
+        Bench(
             "hostile",
             "hostile_bench.py",
             expects=(

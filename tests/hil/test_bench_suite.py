@@ -193,7 +193,7 @@ def test_a_bench_that_hangs_is_killed_and_its_figures_are_not_measured(
 def test_every_benchmark_the_suite_runs_exists_and_owes_figures(tmp_path: Path) -> None:
     # A benchmark without expected figures could crash and leave nothing behind: no row would say so.
     real = load_suite().benches(tmp_path)
-    names = {"gateway", "line", "modbus", "modbus-tcp", "server", "spool", "mcp", "sparkplug", "hostile"}
+    names = {"gateway", "line", "modbus", "modbus-tcp", "server", "spool", "mcp", "sparkplug", "sink", "hostile"}
     assert {b.name for b in real} == names
     for bench in real:
         assert (BENCH_DIR / bench.script).is_file(), bench.script
