@@ -35,7 +35,7 @@ def set_clock(path: Path, offset: float, synchronized: bool | None) -> None:
 
 def samples(messages: list[Received]) -> list[int]:
     """The ts of each plc telemetry message, in arrival order."""
-    return [int(m.json()["ts"]) for m in messages if m.topic == TOPIC]  # type: ignore[index]
+    return [int(m.json()["ts"]) for m in messages if m.topic == TOPIC]
 
 
 async def scrape(http: int) -> dict[str, float]:
