@@ -112,6 +112,7 @@ def run_fleet(policy: Policy, args: argparse.Namespace, root: Path) -> Recorded:
             time.sleep(SCRAPE_EVERY)
         time.sleep(2.0)  # the last messages on their way to the subscriber
         rss_after = fleet.rss_mib()
+        after = fleet.scrape(fleet.members)
         return Recorded(
             policy=policy,
             n=args.n,
@@ -132,6 +133,8 @@ def run_fleet(policy: Policy, args: argparse.Namespace, root: Path) -> Recorded:
             emptied=[emptied.get(m.gateway_id) for m in fleet.members],
             arrivals=counter.snapshot(),
             dead=fleet.dead(),
+            takeovers=sum(s.get("fieldgate_sink_takeovers_total", 0) for s in after if s),
+            errors=fleet.error_lines(),
         )
     finally:
         if counter is not None:
@@ -164,6 +167,8 @@ def problems(r: dict[str, Any]) -> list[str]:
         out.append(f"{name}: {r['reconnected']} of {n} reconnected")
     if r["emptied"] < n:
         out.append(f"{name}: {r['emptied']} of {n} spools emptied")
+    if r["takeovers"]:
+        out.append(f"{name}: {r['takeovers']:g} take-overs counted: a broker restart is none")
     return out
 
 
@@ -199,6 +204,8 @@ def report(results: list[dict[str, Any]]) -> None:
         ["peak replayed telemetry per second", *(r["peak_replayed_telemetry_per_s"] for r in results)],
         ["spool empty after the restart, s (min/med/p90/max)", *(_s(r["emptied_s"]) for r in results)],
         ["every spool empty after, s", *(r["all_empty_s"] for r in results)],
+        ["take-overs counted (all gateways)", *(int(r["takeovers"]) for r in results)],
+        ["gateway log lines at ERROR (all gateways)", *(len(r["errors"]) for r in results)],
     ]
     print_table(["figure", *(r["policy"]["name"] for r in results)], rows, thousands=True, blank="-")
     if len(results) < 2:
@@ -286,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             if problems(results[-1]):
                 break  # its figures would not mean what they say: no need to run the next fleet
     report(results)
+    for r in results:
+        for line in r["errors"][:20]:
+            print(f"ERROR in a log: {line}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     failed = [p for r in results for p in problems(r)]

@@ -36,6 +36,8 @@ class Recorded:
     emptied: list[float | None]  # per gateway, when /metrics first showed it connected with an empty spool
     arrivals: Arrivals
     dead: list[str]
+    takeovers: float  # fieldgate_sink_takeovers_total summed over the fleet, once every spool was empty
+    errors: list[str]  # the gateways' log lines at ERROR
 
 
 def spread(xs: Sequence[float | None]) -> dict[str, float]:
@@ -80,6 +82,8 @@ def figures(r: Recorded) -> dict[str, Any]:
         "n": r.n,
         "sum_replay_rate": r.n * r.policy.replay_rate,
         "dead": r.dead,
+        "takeovers": r.takeovers,
+        "errors": r.errors,
         "startup_s": spread([None if t is None else t - r.launched for t in r.first_connects]),
         "steady": {
             "seconds": r.steady_s,

@@ -197,6 +197,14 @@ class Fleet:
         """Per gateway, the time of its first `what` log line at or after `since` (None: none yet)."""
         return [next((t for t, _ in m.events(what, since)), None) for m in self.members]
 
+    def error_lines(self) -> list[str]:
+        """Every gateway's log lines at ERROR or above (a fleet that only restarted its broker should have none)."""
+        out = []
+        for m in self.members:
+            with contextlib.suppress(FileNotFoundError), m.log.open(errors="replace") as fh:
+                out += [f"{m.gateway_id}: {line.rstrip()}" for line in fh if " ERROR " in line or " CRITICAL " in line]
+        return out
+
     def replay_starts(self, since: float) -> list[float | None]:
         """Per gateway, when its first replay after `since` began: the time of the line "replay of the backlog
         starts in X s" (logged at the connect) + X; None without one (replay_delay 0 logs none)."""

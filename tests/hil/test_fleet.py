@@ -67,7 +67,7 @@ def test_a_short_fleet_run_restarts_the_broker_and_every_gateway_reconnects_and_
     assert [r["policy"]["name"] for r in results] == ["defaults", "baseline"]
     for r in results:
         name = r["policy"]["name"]
-        assert r["n"] == N and r["dead"] == [], name
+        assert r["n"] == N and r["dead"] == [] and r["takeovers"] == 0, name
         assert r["spooled"]["gateways_offline"] == N and r["spooled"]["gateways_spooling"] == N, name
         assert r["reconnected"] == N and r["reconnect_s"]["min"] >= 0, name
         assert r["emptied"] == N and math.isfinite(r["all_empty_s"]), name
