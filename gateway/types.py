@@ -44,18 +44,26 @@ class ProcessClock:
         self.monotonic = monotonic
         self.synchronized: bool | None = None
         self.boot = _boot_key()
+        self._offset: int | None = None  # wall - monotonic in ms, as last settled (see _settle)
 
     def now_ms(self) -> int:
-        """The wall clock in unix milliseconds."""
-        return math.floor(self.wall() * 1000)
+        """The wall clock in unix milliseconds: the monotonic clock's ms plus offset_ms(), so that between steps it
+        moves as the monotonic clock does (within a ms of the wall clock's own reading)."""
+        mono = math.floor(self.monotonic() * 1000)
+        return mono + self._settle(mono)
 
     def offset_ms(self) -> int:
-        """Wall minus monotonic time, in ms: what a step of the wall clock changes, and nothing else.
+        """Wall minus monotonic time, in ms: what a step of the wall clock changes, and nothing else."""
+        return self._settle(math.floor(self.monotonic() * 1000))
 
-        Each clock floored to its ms as now_ms() floors the wall one: an anchor is then the monotonic clock's ms
-        itself, so anchors keep the order samples were stamped in (a rounded difference can be a ms off either way).
-        """
-        return math.floor(self.wall() * 1000) - math.floor(self.monotonic() * 1000)
+    def _settle(self, mono_ms: int) -> int:
+        # Each clock floored to its ms, their difference flickers by one from reading to reading: it is taken as
+        # moved only beyond that (a step, or a slewed clock's drift adding up), so a ts corrected without a step
+        # since is the ts taken, to the ms, and an anchor is the monotonic clock's own ms (its order theirs).
+        raw = math.floor(self.wall() * 1000) - mono_ms
+        if self._offset is None or abs(raw - self._offset) > 1:
+            self._offset = raw
+        return self._offset
 
     def anchor(self, ts: int) -> int | None:
         """The anchor of a `ts` taken on this clock just now while it is known NOT synchronised; else None.
@@ -65,8 +73,8 @@ class ProcessClock:
         return ts - self.offset_ms() if self.synchronized is False else None
 
     def corrected(self, anchor: int) -> int:
-        """The ts taken at `anchor`, on the wall clock as it reads now: moved by every step of it since (within a
-        millisecond: each clock is floored to one), so anchors' order is the corrected ts' order."""
+        """The ts taken at `anchor`, on the wall clock as it reads now: moved by every step of it since (to the ms),
+        so anchors' order is the corrected ts' order."""
         return anchor + self.offset_ms()
 
 

@@ -66,7 +66,8 @@ def test_corrected_ts_is_the_anchor_on_the_clock_as_it_reads_now_and_keeps_the_o
             t.now += float(arg)  # type: ignore[arg-type]
         else:
             clock.synchronized = arg  # type: ignore[assignment]
-    offset = math.floor(t.now * 1000) - math.floor(t.mono * 1000)
+    offset = clock.offset_ms()
+    assert abs(offset - (math.floor(t.now * 1000) - math.floor(t.mono * 1000))) <= 1  # the ms either clock floors
     corrected = [clock.corrected(anchor) for _, anchor in taken]
     assert corrected == [anchor + offset for _, anchor in taken]
     assert corrected == sorted(corrected)
@@ -74,16 +75,37 @@ def test_corrected_ts_is_the_anchor_on_the_clock_as_it_reads_now_and_keeps_the_o
 
 @given(start=st.floats(1e9, 2e9), step=st.floats(-50.0 * YEAR_S, 50.0 * YEAR_S))
 def test_without_a_step_since_the_corrected_ts_is_the_ts_taken(start: float, step: float) -> None:
-    """A sample corrected before any step is its own ts (within the millisecond the offset is rounded to); after a
-    step, it is moved by exactly that step."""
+    """A sample corrected with no step since is its own ts, to the ms; after a step, it is moved by that step
+    (within the ms either clock is floored to)."""
     t = FakeTime(start, 5.0)
     clock = ProcessClock(t.wall, t.monotonic)
     clock.synchronized = False
     ts = clock.now_ms()
     anchor = clock.anchor(ts)
-    assert anchor is not None and abs(clock.corrected(anchor) - ts) <= 1
+    assert anchor is not None and clock.corrected(anchor) == ts
+    t.now += 0.3  # no step: a ms flooring one way or the other changes nothing
+    t.mono += 0.3
+    assert clock.corrected(anchor) == ts
     t.now += step
-    assert abs(clock.corrected(anchor) - (ts + step * 1000)) <= 1
+    assert abs(clock.corrected(anchor) - (ts + step * 1000)) <= 2
+
+
+def test_the_ms_each_clock_floors_to_does_not_move_a_ts_or_the_clock() -> None:
+    """Wall and monotonic clocks floored to their ms apart: their difference flickers by one as they run, which is
+    no step: a sample's corrected ts is its ts, and now_ms() never goes back."""
+    t = FakeTime(1_000_000.0004, 5.0008)
+    clock = ProcessClock(t.wall, t.monotonic)
+    clock.synchronized = False
+    ts = clock.now_ms()
+    anchor = clock.anchor(ts)
+    assert anchor is not None
+    seen = [ts]
+    for _ in range(10):
+        t.now += 0.0003
+        t.mono += 0.0003
+        assert clock.corrected(anchor) == ts
+        seen.append(clock.now_ms())
+    assert seen == sorted(seen)
 
 
 def test_telemetry_is_restamped_in_its_payload_and_every_other_message_in_its_ts_only() -> None:
