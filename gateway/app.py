@@ -78,7 +78,8 @@ class Gateway:
         #: Every long-lived task of the gateway's own (sinks, broker child watcher, metrics, reloads, the status
         #: page's sampler) runs under this: restarted with back-off when it fails, and listed in problems().
         self.supervisor = Supervisor()
-        self.clock = ClockWatch(self.supervisor)  # is the wall clock synchronised, and did it step?
+        # Is the wall clock synchronised, and did it step? The router retains its sync state on P/status/clock.
+        self.clock = ClockWatch(self.supervisor, on_change=lambda s: self.router and self.router.clock_changed(s))
         self._metrics: Supervised | None = None
         self._reloads: Supervised | None = None
         self._stopping = asyncio.Event()

@@ -217,7 +217,8 @@ class ClockWatch:
     """Looks at the clock every INTERVAL: logs and counts steps of the wall clock, logs sync state changes.
 
     `process`: the process clock it keeps the sync state of, made to read `source`. Without a `source` the watch is
-    the gateway's: its source is `process_source()` and its process clock `gateway.types.CLOCK`.
+    the gateway's: its source is `process_source()` and its process clock `gateway.types.CLOCK`. `on_change` is
+    told the sync state at the first look and at each change of it (the gateway publishes it on P/status/clock).
     """
 
     def __init__(
@@ -228,8 +229,10 @@ class ClockWatch:
         step_min: float = STEP_MIN,
         interval: float = INTERVAL,
         process: ProcessClock | None = None,
+        on_change: Callable[[SyncState], object] | None = None,
     ) -> None:
         self.supervisor = supervisor
+        self.on_change = on_change
         if source is None:
             source, process = process_source(), process or CLOCK
         self.source = source
@@ -287,6 +290,11 @@ class ClockWatch:
             self.process.synchronized = state.synchronized
         if before is not None and before.synchronized == state.synchronized:
             return
+        if self.on_change is not None:
+            try:
+                self.on_change(state)
+            except Exception:  # the watch keeps watching whatever its listener does
+                log.exception("clock: telling the sync state failed")
         if state.synchronized:
             log.info("clock synchronised (%s)", state.source)
         elif state.synchronized is False:

@@ -44,7 +44,7 @@ def metrics_payload(snapshot: GatewaySnapshot) -> dict[str, object]:
 
 
 def _clock(clock: ClockSnapshot) -> dict[str, object]:
-    # P/status stays `online`/`offline` (its last will): the clock's state is published here.
+    # P/status stays `online`/`offline` (its last will): the clock's state is here and retained on P/status/clock.
     return {
         "synchronized": clock.synchronized,  # null: cannot tell
         "source": clock.source,

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.outbox import Outbox
 from gateway.device_requests import Audit, DeviceRequests
@@ -24,10 +24,15 @@ from gateway.errors import SinkError
 from gateway.jsonsafe import dumps_safe, is_utf8, utf8_text
 from gateway.types import CLOCK, DeviceProfile, DeviceState, Message, RequestMeta, Sample, Value
 
+if TYPE_CHECKING:
+    from gateway.clock import SyncState
+
 log = logging.getLogger(__name__)
 
 #: Topics each sink subscribes to (relative to its prefix).
 SUBSCRIPTIONS = ("+/set/+", "+/cmd")
+#: Where the clock's sync state is retained (relative to the prefix): P/status/clock.
+CLOCK_TOPIC = "status/clock"
 
 
 @dataclass
@@ -127,6 +132,8 @@ class Router:
         self.requests.set_rates(profiles)
         #: Values whose name could not be a topic level (no validating driver lets one through; counted if one does).
         self.dropped_values = 0
+        #: The retained `status/clock` payload, once the clock watch has told a sync state (clock_changed).
+        self.clock_status: bytes | None = None
 
     def update(self, profiles: list[DeviceProfile]) -> list[str]:
         """Take the devices of a reloaded config; returns the names of those removed.
@@ -278,6 +285,15 @@ class Router:
         """Give a (re)connected sink the retained state again: its broker may have lost it."""
         for message in self.retained_state():
             outbox.put(message)
+        if self.clock_status is not None:
+            outbox.put(Message(CLOCK_TOPIC, self.clock_status, retain=True))
+
+    def clock_changed(self, state: SyncState) -> bytes:
+        """The clock's sync state, first known or changed: retained on `status/clock` of every sink (`P/status` itself
+        stays `online`/`offline`, the last will that availability checks read); returns the payload."""
+        payload = self.clock_status = encode_json({"synchronized": state.synchronized, "source": state.source})
+        self._send(Message(CLOCK_TOPIC, payload, retain=True))
+        return payload
 
     # --- from the sinks -----------------------------------------------------------------------------
 

@@ -38,6 +38,11 @@ def samples(messages: list[Received]) -> list[int]:
     return [int(m.json()["ts"]) for m in messages if m.topic == TOPIC]
 
 
+def clock_states(messages: list[Received]) -> list[object]:
+    """The P/status/clock payloads, in arrival order (a subscriber already there gets them without the retain flag)."""
+    return [m.json() for m in messages if m.topic == "fieldgate/ck/status/clock"]
+
+
 async def scrape(http: int) -> dict[str, float]:
     """/metrics as {name{sink label}: value}."""
 
@@ -60,7 +65,8 @@ async def test_samples_spooled_before_the_clock_was_set_are_replayed_on_the_set_
     broker goes away; the clock steps back an hour, then NTP sets it (a step of ten years forward and synchronised);
     the broker comes back: the samples spooled meanwhile arrive dated by the set clock, when they were really taken,
     in the order they were taken (across the step back too), none expired by the ten-year step; the count of what
-    went out unsynchronised did not move, and /metrics and the status page show it."""
+    went out unsynchronised did not move, and /metrics and the status page show it; P/status/clock said
+    unsynchronised, then synchronised."""
     clock = tmp_path / "clock.json"
     set_clock(clock, -TEN_YEARS, False)
     link = TcpRelay(mosquitto.port)
@@ -90,6 +96,8 @@ async def test_samples_spooled_before_the_clock_was_set_are_replayed_on_the_set_
         with GatewayProcess(["run", "-c", str(path)], tmp_path / "gw.log", cwd=tmp_path, env=env) as gw:
             await until(lambda: len(samples(sub.messages)) >= 3, 30, "live samples before the cut")
             assert "clock faked from" in gw.output()
+            unsynced = {"synchronized": False, "source": "test"}
+            assert await until(lambda: clock_states(sub.messages), 10, "P/status/clock") == [unsynced]
             live = samples(sub.messages)
             assert all(abs(ts / 1000 - (time.time() - TEN_YEARS)) < 120 for ts in live), "not rewritten"
 
@@ -110,12 +118,20 @@ async def test_samples_spooled_before_the_clock_was_set_are_replayed_on_the_set_
             await asyncio.sleep(0.3)  # a housekeeping pass and an add on the set clock: nothing may expire
             await link.start()
             await until(lambda: not telemetry_rows(), 30, "the spool replayed")
-            after = samples(sub.messages)[len(live) :]
+            synced = {"synchronized": True, "source": "test"}
+            await until(lambda: clock_states(sub.messages)[-1] == synced, 10, "P/status/clock synchronised")
+            async with subscribed(mosquitto.port, "fieldgate/ck/status/clock") as late:
+                kept = await until(lambda: [m.json() for m in late.messages if m.retain], 10, "it retained")
+                assert kept == [synced]
+            # Ten years apart: a ts is on the unset clock (sent live before the cut) or on the set one.
+            arrived = samples(sub.messages)
+            unset = [ts < (cut_at - TEN_YEARS / 2) * 1000 for ts in arrived]
+            assert unset == sorted(unset, reverse=True), "what went out on the unset clock all came before the rest"
+            after = arrived[unset.count(True) :]
             replayed = [ts for ts in after if ts <= synced_at * 1000 + 500]
             assert len(replayed) >= 10, "every spooled sample came back"
             assert all(cut_at * 1000 - 2000 <= ts for ts in replayed), "dated by the set clock"
             assert replayed == sorted(replayed), "in the order they were taken, the step back taken out"
-            assert not [ts for ts in after if ts < cut_at * 1000 - 2000], "nothing left on the unset clock"
 
             metrics = await scrape(http)
             assert metrics["fieldgate_sink_unsynchronised_total{up}"] == counted
@@ -124,4 +140,7 @@ async def test_samples_spooled_before_the_clock_was_set_are_replayed_on_the_set_
             with urllib.request.urlopen(f"http://127.0.0.1:{http}/", timeout=5) as resp:
                 page = resp.read().decode()
             assert f"{int(counted)} message(s) went out unsynchronised" in page
+
+            set_clock(clock, 0.0, False)  # the sync lost while connected: said at once, no reconnect needed
+            await until(lambda: clock_states(sub.messages)[-1] == unsynced, 10, "P/status/clock unsynchronised")
             assert gw.stop() == 0
