@@ -17,7 +17,7 @@ from bridge.sink import MqttSink
 from bridge.sparkplug.node import SparkplugNode
 from bridge.spool import SQLiteSpool
 from gateway.config.schema import Config, SinkConfig
-from gateway.router import SUBSCRIPTIONS
+from gateway.router import SUBSCRIPTIONS, restamp
 from gateway.sparkplug_sinks import SparkplugSources, build_node
 from gateway.supervise import Supervisor
 from gateway.types import RequestMeta
@@ -114,6 +114,7 @@ def build_sink(
         order=s.spool.order,
         supervisor=supervisor,
         prepare=node.prepare if node is not None else None,
+        restamp=restamp,  # what was stamped before the clock was set goes out corrected, its payload's ts too
     )
     if node is not None:
         log.info(
