@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from bridge.buffer import (
     DEFAULT_MAX_AGE,
@@ -42,12 +42,11 @@ from bridge.buffer import (
     plan_room,
     requeue,
 )
+from bridge.spool_dates import INSERT_SEGMENT, PRUNE_SEGMENTS, read_segments
 from bridge.spool_file import CHUNK, DEFAULT_CHECKPOINT_BYTES, DEFAULT_MIN_FREE, ROTATE_INTERVAL, SpoolFile, log
 from bridge.spool_schema import (
     INSERT,
     INSERT_ANCHOR,
-    INSERT_SEGMENT,
-    PRUNE_SEGMENTS,
     SELECT,
     SET_DROPPED,
     Row,
@@ -55,7 +54,6 @@ from bridge.spool_schema import (
     SpoolEntryError,
     SpoolError,
     SpoolStorageError,
-    read_segments,
     read_stats,
     to_entry,
 )
@@ -103,12 +101,15 @@ class SQLiteSpool(SpoolFile):
         clock: Clock | None = None,
         monotonic: Clock | None = None,
         boot: int | None = None,
+        synchronized: Callable[[], bool | None] | None = None,
         name: str | None = None,
     ) -> None:
         """`clock`, `monotonic`: the process clock's by default (a `clock` alone is taken for both: one that never
         steps); `boot`: the process clock's boot key by default (rows of another boot age by the wall clock and
-        their anchors are not used)."""
+        their anchors are not used); `synchronized`: whether the clock is known synchronised now, the process
+        clock's by default (rows another boot queued while it was not are adopted: `bridge/spool_dates.py`)."""
         self.limits = Limits(max_size, max_age, when_full)
+        self._synchronized = synchronized or (lambda: CLOCK.synchronized)
         wall, mono = buffer_clocks(clock, monotonic)
         super().__init__(
             path,
@@ -155,9 +156,10 @@ class SQLiteSpool(SpoolFile):
         # A new segment at a new boot or after a step: the rows before it keep the offset they were queued with.
         last = self._segments[-1] if self._segments else None
         offset = now - mono
+        synced = int(self._synchronized() is True)
         segment = None
-        if last is None or last[1] != self._boot or abs(offset - last[2]) * 1000 >= STEP_MS:
-            segment = (first, self._boot, offset)
+        if last is None or last[1] != self._boot or abs(offset - last[2]) * 1000 >= STEP_MS or last[3] != synced:
+            segment = (first, self._boot, offset, synced)
 
         def write(db: sqlite3.Connection) -> None:
             if plan.count:

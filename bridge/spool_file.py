@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.buffer import Clock, queued_wall
+from bridge.spool_dates import Segment, adopt, read_segments
 from bridge.spool_io import WriteMeter
 from bridge.spool_schema import (
     Contents,
-    Segment,
     SpoolCorrupt,
     SpoolError,
     SpoolStorageError,
@@ -44,7 +44,6 @@ from bridge.spool_schema import (
     lock_file,
     raise_counters,
     read_contents,
-    read_segments,
     salvage,
     spool_error,
 )
@@ -134,6 +133,8 @@ class SpoolFile:
         if damaged is not None:
             contents = self._salvage(db, damaged, contents, held)
         self._db = db
+        if adopt(db, self._boot, self._monotonic()):
+            log.info("%s: rows queued in an earlier boot on an unsynchronised clock get max_age from now", self.name)
         self._segments = read_segments(db)
         self._count, self._bytes = contents.count, contents.bytes
         self._last_id, self._dropped = contents.last_id, contents.dropped

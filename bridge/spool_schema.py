@@ -2,8 +2,7 @@
 
 One SQLite file per sink: `messages` (the FIFO, one row per entry, ids from AUTOINCREMENT) and
 `meta` (the `dropped` counter). Two more date the rows on the monotonic clock, which no step of the wall clock
-moves: `segments`, one row per run of ids queued in one boot with one wall - monotonic offset (a new one starts
-at a new boot or a step), so that a row's monotonic queue time is its queued_at less its segment's offset; and
+moves: `segments` (`bridge/spool_dates.py`: runs of ids queued in one boot with one wall - monotonic offset); and
 `anchors`, the anchor (gateway.types.ProcessClock) of each message whose ts was taken while the clock was known
 not synchronised, deleted with its message by a trigger. Being tables of their own, not columns, a file of the
 schema before them opens as it is (its rows, in no segment, age by the wall clock and carry no anchor), and a
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from bridge.buffer import BufferStats, EntryRefused, StorageError
 from bridge.buffer import Entry as Entry
+from bridge.spool_dates import CREATE_SEGMENTS, Segment, copy_segments
 from gateway.errors import SinkError
 from gateway.types import Message
 
@@ -35,16 +35,10 @@ COLUMNS = ("id", "topic", "payload", "retain", "qos", "sampled_ms", "queued_at",
 CREATE_ANCHORS = "CREATE TABLE IF NOT EXISTS anchors (id INTEGER PRIMARY KEY, anchor_ms INTEGER NOT NULL)"
 CREATE_ANCHORS_TRIGGER = """CREATE TRIGGER IF NOT EXISTS anchors_follow AFTER DELETE ON messages
     BEGIN DELETE FROM anchors WHERE id = OLD.id; END"""
-CREATE_SEGMENTS = """CREATE TABLE IF NOT EXISTS segments (first_id INTEGER PRIMARY KEY, boot INTEGER NOT NULL,
-    offset_s REAL NOT NULL)"""
 #: A message row and its anchor (NULL: none); `id` names the one column both tables share.
 SELECT = f"SELECT {', '.join(COLUMNS)}, anchor_ms FROM messages LEFT JOIN anchors USING (id)"
 INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 INSERT_ANCHOR = "INSERT OR REPLACE INTO anchors (id, anchor_ms) VALUES (?, ?)"
-INSERT_SEGMENT = "INSERT OR REPLACE INTO segments (first_id, boot, offset_s) VALUES (?, ?, ?)"
-#: Segments that end before the one holding the oldest row date nothing any more.
-PRUNE_SEGMENTS = """DELETE FROM segments WHERE first_id < COALESCE((SELECT MAX(first_id) FROM segments
-    WHERE first_id <= (SELECT MIN(id) FROM messages)), 0)"""
 CREATE_META = "CREATE TABLE IF NOT EXISTS [meta] ([key] TEXT PRIMARY KEY, [value] INTEGER)"
 SET_DROPPED = (
     "INSERT INTO meta (key, value) VALUES ('dropped', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
@@ -52,8 +46,6 @@ SET_DROPPED = (
 
 #: One row of `messages` with its anchor, as SELECT reads it.
 Row = tuple[int, str, bytes, int, int | None, int, float, int, int | None]
-#: A run of ids queued in one boot (its key) with one wall - monotonic offset (s): (first id, boot, offset).
-Segment = tuple[int, int, float]
 
 
 class SpoolError(SinkError):
@@ -101,11 +93,6 @@ def to_entry(row: Row, segment: Segment | None, boot: int) -> Entry:
     anchor = anchor if row_boot == boot and isinstance(anchor, int) else None
     message = Message(topic, bytes(payload), bool(retain), qos, anchor=anchor)
     return Entry(entry_id, message, sampled_ms, queued_at, size, row_boot, mono)
-
-
-def read_segments(db: sqlite3.Connection) -> list[Segment]:
-    """The file's segments, by first id."""
-    return [(int(a), int(b), float(c)) for a, b, c in db.execute("SELECT * FROM segments ORDER BY first_id")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +282,7 @@ def _salvage(db: sqlite3.Connection, known: int, chunk: int, budget: float, cloc
     copy_anchors = "INSERT OR IGNORE INTO main.anchors SELECT id, anchor_ms FROM damaged.anchors"
     copy_anchors += " WHERE id BETWEEN ? AND ? AND id IN (SELECT id FROM main.messages WHERE id BETWEEN ? AND ?)"
     with contextlib.suppress(sqlite3.Error):  # a file of the older schema has none
-        db.execute("INSERT OR IGNORE INTO main.segments SELECT first_id, boot, offset_s FROM damaged.segments")
+        copy_segments(db)
     with contextlib.suppress(sqlite3.Error):
         db.execute("PRAGMA main.synchronous=NORMAL")
     rows = lost = 0

@@ -51,10 +51,16 @@ def msgs(n: int, start: int = 0, anchor: int | None = None) -> list[tuple[Messag
 Make = Callable[..., Buffer]
 
 
-def open_spool(path: Path, clocks: Clocks, boot: int) -> SQLiteSpool:
-    """The spool at `path` on the test's clocks, as a process of `boot` opens it."""
+def open_spool(path: Path, clocks: Clocks, boot: int, synchronized: bool | None = False) -> SQLiteSpool:
+    """The spool at `path` on the test's clocks, as a process of `boot` opens it, its clock `synchronized` or not."""
     return SQLiteSpool(
-        path, min_free_bytes=0, max_age=MAX_AGE, clock=clocks.wall, monotonic=clocks.monotonic, boot=boot
+        path,
+        min_free_bytes=0,
+        max_age=MAX_AGE,
+        clock=clocks.wall,
+        monotonic=clocks.monotonic,
+        boot=boot,
+        synchronized=lambda: synchronized,
     )
 
 
@@ -142,21 +148,53 @@ def test_rows_of_an_earlier_run_of_this_boot_keep_their_age_across_a_step_while_
         spool.close()
 
 
-def test_anchors_of_another_boot_are_not_used_and_its_rows_age_by_the_wall_clock(
+def test_rows_another_boot_queued_on_a_synchronised_clock_age_by_the_wall_clock_without_their_anchors(
     tmp_path: Path, clocks: Clocks
 ) -> None:
     """After a reboot the monotonic clock started again: the rows' anchors say nothing of the new one (dropped),
-    and their age is the wall clock's, as before anchors existed."""
+    and, queued on a synchronised clock, their age is the wall clock's."""
     path = tmp_path / "s.db"
-    spool = open_spool(path, clocks, BOOT)
+    spool = open_spool(path, clocks, BOOT, synchronized=True)
     spool.add(msgs(2, anchor=123))
     spool.close()
     clocks.mono = 5.0  # a new boot
-    spool = open_spool(path, clocks, OTHER_BOOT)
+    spool = open_spool(path, clocks, OTHER_BOOT, synchronized=True)
     try:
         assert [e.message.anchor for e in spool.take(5)] == [None, None]
         clocks.now += MAX_AGE + 1  # the wall clock alone says how old they are
         assert spool.expire(clocks.now) == 2
+    finally:
+        spool.close()
+
+
+def test_rows_another_boot_queued_on_an_unsynchronised_clock_get_max_age_from_the_next_boot(
+    tmp_path: Path, clocks: Clocks
+) -> None:
+    """A Pi spools at 1970, a day apart, reboots, and NTP sets it to today: the rows of the earlier boot, their
+    wall age meaningless, are not dropped; they expire max_age after the new boot first opened the spool, a day
+    apart as they were queued, and their anchors (of the other boot's monotonic clock) are gone."""
+    path = tmp_path / "s.db"
+    spool = open_spool(path, clocks, BOOT, synchronized=False)
+    spool.add(msgs(1, 0, anchor=10))
+    clocks.run(DAY)
+    spool.add(msgs(1, 1, anchor=20))
+    spool.close()
+    clocks.mono = 5.0  # a new boot, and later NTP: the wall clock is 50 years on
+    clocks.step(50 * YEAR)
+    spool = open_spool(path, clocks, OTHER_BOOT, synchronized=True)
+    try:
+        assert spool.expire(clocks.now) == 0 and spool.stats().count == 2
+        assert [e.message.anchor for e in spool.take(5)] == [None, None]
+    finally:
+        spool.close()
+    clocks.run(MAX_AGE - 1)  # the gateway restarted in this boot: the rows stay adopted, not adopted again
+    spool = open_spool(path, clocks, OTHER_BOOT, synchronized=True)
+    try:
+        assert spool.expire(clocks.now) == 0
+        clocks.run(2)
+        assert spool.expire(clocks.now) == 1
+        clocks.run(DAY)
+        assert spool.expire(clocks.now) == 1
     finally:
         spool.close()
 
