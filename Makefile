@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test test-stress lint check bench mutation clean mosquitto chromium test-tools proto
+.PHONY: run test test-stress lint check bench mutation clean mosquitto chromium rabbitmq test-tools proto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,32 @@ mosquitto:
 		echo "stopping the mosquitto init script's daemon: the demo broker uses 1883"; \
 		$(SUDO) /etc/init.d/mosquitto stop; \
 		$(SUDO) update-rc.d mosquitto disable >/dev/null 2>&1 || true; \
+	fi
+
+# The cluster test (tests/cluster/) runs real RabbitMQ nodes with their MQTT plugin, started by tests/rabbitmq.py as
+# the current user on free loopback ports with an epmd of their own. Installed once from Debian like mosquitto (checked
+# by the scripts' path, not a stamp file). The package's own service is stopped and disabled, and the epmd it brought
+# up on 4369 stopped: the tests need neither, and a stray node would hold 5672 and 25672.
+RABBITMQ_SERVER := /usr/lib/rabbitmq/bin/rabbitmq-server
+
+rabbitmq:
+	@if [ -x $(RABBITMQ_SERVER) ] && command -v epmd >/dev/null 2>&1; then exit 0; fi; \
+	set -e; \
+	echo "installing Debian's rabbitmq-server for the cluster test"; \
+	epmd_before=no; if command -v epmd >/dev/null 2>&1 && epmd -names >/dev/null 2>&1; then epmd_before=yes; fi; \
+	$(SUDO) apt-get update -q; \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends rabbitmq-server; \
+	if [ -d /run/systemd/system ]; then \
+		echo "stopping and disabling the system rabbitmq-server service: the tests start their own nodes"; \
+		$(SUDO) systemctl disable --now rabbitmq-server || true; \
+	elif [ -x /etc/init.d/rabbitmq-server ]; then \
+		$(SUDO) /etc/init.d/rabbitmq-server stop >/dev/null 2>&1 || true; \
+		$(SUDO) update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true; \
+	fi; \
+	if [ "$$epmd_before" = no ] && epmd -names >/dev/null 2>&1; then \
+		echo "stopping the epmd the package started on 4369: the tests run their own"; \
+		if [ -d /run/systemd/system ]; then $(SUDO) systemctl stop epmd.socket epmd.service || true; \
+		else $(SUDO) epmd -kill >/dev/null 2>&1 || true; fi; \
 	fi
 
 # The status page's browser test renders it in headless Chromium (Debian's; playwright's CDN downloads
@@ -81,7 +107,7 @@ $(SPB_VENV)/.installed: $(SPB_REQS)
 # cores well; TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.installed-test $(SPB_VENV)/.installed mosquitto chromium test-tools
+test: $(VENV)/.installed-test $(SPB_VENV)/.installed mosquitto chromium rabbitmq test-tools
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Style, types and layers (.ci/run runs it beside make test): ruff on every Python file of the project, mypy (strict
@@ -96,7 +122,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/lint-imports
 
 # The whole suite with both cores busy (stress-ng --cpu 2 beside it), as on a shared CI machine: it must pass.
-test-stress: $(VENV)/.installed-test $(SPB_VENV)/.installed mosquitto chromium test-tools
+test-stress: $(VENV)/.installed-test $(SPB_VENV)/.installed mosquitto chromium rabbitmq test-tools
 	@stress-ng --cpu 2 --timeout 3600s --quiet & stress=$$!; \
 	trap 'kill $$stress 2>/dev/null; wait $$stress 2>/dev/null' EXIT; \
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
