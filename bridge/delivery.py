@@ -75,7 +75,7 @@ class OutboxStats:
     replayed: int = 0  # acknowledged from the spool
     coalesced: int = 0  # retained messages replaced by a newer one of their topic before they went out
     refused: int = 0  # the spool would not take them (full with when_full: reject, a write error, a bad item)
-    undeliverable: int = 0  # spooled, then dropped: the broker connection refused them REPLAY_ATTEMPTS times
+    undeliverable: int = 0  # given up: refused live, or spooled and refused REPLAY_ATTEMPTS times
     unsynchronised: int = 0  # acknowledged with a ts taken and published while the clock was not known synchronised
 
 
@@ -119,7 +119,7 @@ class ClockedPublisher:
         """The sink's try_publish of the message as dated by the clock now."""
         if message.anchor is None or message.ts is None:
             return self.sink.try_publish(message)
-        ts = self._clock.corrected(message.anchor)
+        ts = self._clock.corrected(message.ts, message.anchor)
         unsynchronised = self._clock.synchronized is not True
         out = dataclasses.replace(message if ts == message.ts else self._restamp(message, ts), anchor=None)
         started = self.sink.try_publish(out)

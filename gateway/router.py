@@ -292,7 +292,10 @@ class Router:
         """The clock's sync state, first known or changed: retained on `status/clock` of every sink (`P/status` itself
         stays `online`/`offline`, the last will that availability checks read); returns the payload."""
         payload = self.clock_status = encode_json({"synchronized": state.synchronized, "source": state.source})
-        self._send(Message(CLOCK_TOPIC, payload, retain=True))
+        for outbox in self.outboxes:
+            # Not spooled for a sink that is away: its reconnect republishes the state as it is then.
+            if outbox.sink.connected:
+                outbox.put(Message(CLOCK_TOPIC, payload, retain=True))
         return payload
 
     # --- from the sinks -----------------------------------------------------------------------------

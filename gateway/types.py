@@ -72,10 +72,14 @@ class ProcessClock:
         tells that it will be set, and its samples are then treated as those of a synchronised one."""
         return ts - self.offset_ms() if self.synchronized is False else None
 
-    def corrected(self, anchor: int) -> int:
-        """The ts taken at `anchor`, on the wall clock as it reads now: moved by every step of it since (to the ms),
-        so anchors' order is the corrected ts' order."""
-        return anchor + self.offset_ms()
+    def corrected(self, ts: int, anchor: int) -> int:
+        """`ts`, taken at `anchor`, on the wall clock as it reads now: moved by the steps of it since, to the ms.
+
+        A move of one ms is none: another process of this boot (the gateway restarted) settles wall - monotonic on
+        its own readings, which may be the ms either clock floors to apart from the first one's, and a replayed ts
+        must stay the sample's ts then. So corrected ts keep the order of their anchors within a ms."""
+        moved = anchor + self.offset_ms() - ts
+        return ts + moved if abs(moved) > 1 else ts
 
 
 #: The clock every part of the process reads.
@@ -172,6 +176,7 @@ class Command:
     name: str
     args: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
+    deadline: float | None = None  # time.monotonic() after which it is not sent (again) to the device
 
 
 @dataclass(frozen=True, slots=True)
