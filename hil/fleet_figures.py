@@ -102,6 +102,7 @@ def figures(r: Recorded) -> dict[str, Any]:
             "gateways_offline": sum(r.offline),
         },
         "reconnect_s": spread(after),
+        "reconnect_after_s": sorted(t for t in after if t is not None),
         "reconnected": sum(1 for t in after if t is not None),
         "peak_connects_per_s": peak_per_second([t for t in r.reconnects if t is not None], r.back),
         "replay_start_s": spread(replay_after),
