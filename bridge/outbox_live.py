@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import time
 from collections.abc import Callable
 
 from bridge import outbox_limits as limits
@@ -17,6 +18,9 @@ from bridge.outbox_buffer import OutboxBuffer
 from bridge.outbox_commit import GroupCommit
 from bridge.outbox_retained import RetainedTopics
 from gateway.errors import SinkError, SinkOffline
+
+#: A live message the broker refuses is logged at most this often (s) per sink, with a count.
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class LiveQueue:
@@ -35,6 +39,7 @@ class LiveQueue:
     ) -> None:
         self.queue: collections.deque[Delivery] = collections.deque()
         self.in_flight: set[Delivery] = set()  # live messages the sink has, not yet acknowledged
+        self._refusals, self._refusal_said = 0, float("-inf")
         self._sink = sink
         self._spool = spool
         self._commits = commits
@@ -90,7 +95,14 @@ class LiveQueue:
             self._commits.spool_it(item)
             return
         if exc is not None:
-            log.warning("sink %s: %s", self._sink.name, exc)
+            # Refused (the broker said no to it, or paho would not take it): given up, counted, and said at most
+            # once a minute (a topic the broker refuses comes at the data's rate).
+            self._stats.undeliverable += 1
+            self._refusals += 1
+            now = time.monotonic()
+            if now - self._refusal_said >= REFUSAL_LOG_INTERVAL:
+                log.warning("sink %s: %s (%d refused since the last such line)", self._sink.name, exc, self._refusals)
+                self._refusal_said, self._refusals = now, 0
             self._not_retained(item)
             item.resolve(exc if isinstance(exc, SinkError) else SinkError(f"sink {self._sink.name}: {exc}"))
             return

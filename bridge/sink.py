@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from bridge import sink_mqtt5 as v5
 from bridge.sink_inbound import OFFLINE, ConnectHandler, Inbound, RequestHandler, SinkStats, WillMaker
 from bridge.sink_reconnect import BASE, CAP, Nodes, TakeoverWatch, backoff
+from bridge.sink_requests5 import Requests5
 from bridge.sink_sockets import LoopSockets
 from gateway.errors import SinkError, SinkOffline
 from gateway.supervise import Supervised, Supervisor
@@ -94,6 +95,9 @@ class MqttSink(LoopSockets, Inbound):
         self._message_expiry = message_expiry if self._v5 else None
         self._reasons = v5.Reasons(name)
         self._reasons.counts = self.stats.broker_refusals
+        self._requests5 = Requests5(name, prefix, max_request_age, self.respond)
+        self._responses: dict[int, str] = {}
+        self._max_packet_out: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
         # Attempts since the last connection that was up; our own drop() under way (no take-over of the broker's).
         self._failures, self._dropping, self._up_since = 0, False, 0.0
         self._keepalive = max(1, int(keepalive))
@@ -229,6 +233,14 @@ class MqttSink(LoopSockets, Inbound):
         topic = self.topic(message.topic)
         fut: asyncio.Future[None] = self._loop.create_future()
         props = v5.publish_properties(message, self._message_expiry, now_ms()) if self._v5 else None
+        if self._max_packet_out is not None and v5.too_large(topic, message.payload, props, self._max_packet_out):
+            fut.set_exception(
+                SinkError(
+                    f"sink {self.name}: a {len(message.payload)}-byte message to {topic} is over "
+                    f"the broker's maximum packet size ({self._max_packet_out} bytes)"
+                )
+            )
+            return fut
         try:
             info = self._client.publish(topic, message.payload, qos=qos, retain=message.retain, properties=props)
         except (ValueError, TypeError) as exc:
@@ -272,7 +284,7 @@ class MqttSink(LoopSockets, Inbound):
             if not fut.done():
                 fut.set_exception(exc)
 
-    def _handle_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _handle_connect(self, client: mqtt.Client, _ud: Any, flags: Any, reason: Any, props: Any) -> None:
         if client is not self._client:
             return
         if reason.is_failure:
@@ -281,6 +293,13 @@ class MqttSink(LoopSockets, Inbound):
         self.stats.connects += 1
         self._dropping, self._up_since = False, time.monotonic()
         self._takeover.connected()
+        if self._v5:
+            self._requests5.connected(bool(flags.session_present), time.monotonic())
+            receive, self._max_packet_out = v5.connack_limits(props)
+            if receive is not None:
+                # Never more publishes unacknowledged than the broker said it takes. paho's setter refuses once
+                # connected, and reads no CONNACK property itself; nothing was published on this client yet.
+                client._max_inflight_messages = min(self._max_inflight, receive)
         log.info("sink %s: connected to %s", self.name, self._nodes.current.url)
         for sub in self._subscriptions:
             client.subscribe(self.topic(sub), qos=1)
@@ -302,6 +321,8 @@ class MqttSink(LoopSockets, Inbound):
         if client is not self._client:
             return
         self._dropped.set()
+        self._requests5.dropped(time.monotonic())
+        self._responses.clear()
         was = self._connected.is_set()
         self._connected.clear()
         if was:
@@ -318,20 +339,6 @@ class MqttSink(LoopSockets, Inbound):
         # The next connection is a new client: what this one did not get acknowledged goes back to the caller.
         self.stats.unacked_at_disconnect += sum(1 for f in self._pending.values() if not f.done())
         self._fail_pending(SinkOffline(f"sink {self.name}: connection lost before the broker acknowledged"))
-
-    def _handle_puback(self, client: mqtt.Client, _ud: Any, mid: int, reason: Any, _props: Any) -> None:
-        if client is not self._client:
-            return
-        fut = self._pending.pop(mid, None)
-        if fut is None or fut.done():
-            return
-        if v5.failed(reason):
-            # MQTT 5: acknowledged, and refused (not authorized, quota, payload): the outbox's refusal path.
-            self._reasons.refused("PUBACK", reason)
-            fut.set_exception(SinkError(f"sink {self.name}: the broker refused the message: {reason}"))
-            return
-        self.stats.published += 1
-        fut.set_result(None)
 
     async def _connect_loop(self) -> None:
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from bridge import sink_mqtt5 as v5
+from bridge.sink_requests5 import Requests5
+from gateway.errors import SinkError, SinkOffline
 from gateway.types import Message, RequestMeta, now_ms
 
 log = logging.getLogger("bridge.sink")
@@ -47,6 +50,7 @@ class SinkStats:
     takeovers: int = 0  # episodes of the broker closing each session right after connect: our client id in use
     broker: str = ""  # the url of the node the sink is on (or tries next): a string, not a counter
     broker_refusals: dict[str, int] = field(default_factory=dict)  # "PUBACK Not authorized" -> times
+    duplicate_requests: int = 0  # MQTT 5: requests a resumed session delivered again after they were handed over
 
 
 class Inbound:
@@ -63,6 +67,26 @@ class Inbound:
     _v5: bool
     _max_request_age: float
     _reasons: v5.Reasons
+    _requests5: Requests5
+    _responses: dict[int, str]  # message id -> response topic of an answer in flight
+    _pending: dict[int, asyncio.Future[None]]  # message id -> the future its PUBACK resolves
+
+    def _handle_puback(self, client: mqtt.Client, _ud: Any, mid: int, reason: Any, _props: Any) -> None:
+        if client is not self._client or self._answer_acked(mid, reason):
+            return
+        fut = self._pending.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        if v5.failed(reason):
+            # MQTT 5: acknowledged, and refused. For now (a quota): kept, and sent again later, as if unacknowledged;
+            # for good (not authorized, a bad payload): the outbox's refusal path.
+            self._reasons.refused("PUBACK", reason)
+            transient = getattr(reason, "value", None) in v5.TRANSIENT
+            error = SinkOffline if transient else SinkError
+            fut.set_exception(error(f"sink {self.name}: the broker refused the message: {reason}"))
+            return
+        self.stats.published += 1
+        fut.set_result(None)
 
     def _handle_suback(self, client: mqtt.Client, _ud: Any, _mid: int, reasons: Any, _props: Any) -> None:
         if client is not self._client:
@@ -73,10 +97,21 @@ class Inbound:
 
     def respond(self, topic: str, correlation: bytes | None, body: bytes) -> None:
         """MQTT 5: an answer on a request's response topic (best effort: the `/result` topic is the kept one)."""
-        if self._connected.is_set():
+        if self._connected.is_set() and topic not in self._requests5.bad_topics:
             props = v5.response_properties(correlation)
             with contextlib.suppress(ValueError, TypeError):
-                self._client.publish(topic, body, qos=1 if self.qos else 0, properties=props)
+                info = self._client.publish(topic, body, qos=1, properties=props)
+                self._responses[info.mid] = topic  # its PUBACK says whether the broker took it
+
+    def _answer_acked(self, mid: int, reason: Any) -> bool:
+        """The PUBACK of an answer (True): a refusal is counted, and its topic not answered on again."""
+        topic = self._responses.pop(mid, None)
+        if topic is None:
+            return False
+        if v5.failed(reason):
+            self._reasons.refused("PUBACK", reason, f"an answer on {topic}")
+            self._requests5.refused_answer(topic)
+        return True
 
     def _handle_message(self, client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         if client is not self._client:
@@ -100,7 +135,11 @@ class Inbound:
         if self._on_request and relative is not None:
             try:
                 if self._v5:
-                    meta = v5.request_meta(msg.properties, self._max_request_age, now_ms(), self.respond)
+                    now = time.monotonic()
+                    if self._requests5.redelivered(relative, bytes(msg.payload), msg.properties, msg.dup, now):
+                        self.stats.duplicate_requests += 1
+                        return
+                    meta = self._requests5.meta(msg.properties, now_ms(), now)
                 else:
                     meta = RequestMeta(max_age=self._max_request_age)
                 self._on_request(relative, bytes(msg.payload), meta)

@@ -5,16 +5,15 @@
 - PUBLISH: the sample time as the user property `ts`; a non-retained message with a sample time gets a message
   expiry of what is left of the spool's `max_age` (a subscriber away for longer does not get data older than the
   gateway itself would keep).
-- A request: its age limit is its message expiry as the broker counted it down (else the sink's
-  `max_request_age`), its age what its own `ts` user property says; an answer goes to its response topic with its
-  correlation data.
+- A request: see `sink_requests5` (its age, its answer on its response topic, a redelivery).
+- What the broker says in its CONNACK: Receive Maximum bounds the publishes in flight, Maximum Packet Size the
+  messages sent (a larger one is refused here, not sent to be dropped with the connection); CONNECT says ours.
 - Reason codes of refusals (CONNACK, PUBACK, SUBACK, DISCONNECT) are logged and counted per packet and reason.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -22,23 +21,37 @@ from paho.mqtt import properties as paho_props
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.types import Message, RequestMeta
+from gateway.types import Message
 
 log = logging.getLogger("bridge.sink")
 
 #: MQTT 5 carries at most this as a message expiry (a four-byte integer of seconds).
 MAX_INTERVAL = 0xFFFFFFFF
-#: A `ts` user property of a request is read only if it is this short (a unix ms time is 13 digits).
-MAX_TS_DIGITS = 16
 #: Distinct (packet, reason) pairs counted per sink: a broker cannot grow the table without bound.
 MAX_REASONS = 64
 
 
+#: The largest packet an MQTT 5 sink takes from its broker (CONNECT's Maximum Packet Size; a broker drops larger
+#: ones): requests are small, and paho parses a packet's properties in time quadratic in their count, on the event
+#: loop (30,000 user properties in one request held it for seconds).
+MAX_PACKET_IN = 16 * 1024
+#: Reason codes of a PUBACK that say "not now" rather than "never": the message is kept and sent again later.
+TRANSIENT = frozenset({0x80, 0x83, 0x97})  # unspecified error, implementation specific error, quota exceeded
+
+
 def connect_properties(session_expiry: float) -> Properties:
-    """CONNECT's properties: the session outlives the connection by `session_expiry` seconds."""
+    """CONNECT's properties: the session outlives the connection by `session_expiry` seconds; packets we take."""
     props = _properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = min(MAX_INTERVAL, int(session_expiry))
+    props.MaximumPacketSize = MAX_PACKET_IN
     return props
+
+
+def connack_limits(props: Any) -> tuple[int | None, int | None]:
+    """What a CONNACK's properties bound: (Receive Maximum, Maximum Packet Size), None where it says nothing."""
+    receive = getattr(props, "ReceiveMaximum", None) if props is not None else None
+    packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+    return (receive if isinstance(receive, int) else None), (packet if isinstance(packet, int) else None)
 
 
 def _properties(packet: int) -> Properties:
@@ -91,28 +104,12 @@ def publish_properties(message: Message, max_age: float | None, now_ms: int) -> 
     return _Packed(_varint(len(packed)) + packed)
 
 
-def request_meta(
-    props: Any, max_request_age: float, now_ms: int, respond: Callable[[str, bytes | None, bytes], None]
-) -> RequestMeta:
-    """What a request's MQTT 5 properties say: how old it may get, how old it is, and where its answer goes too."""
-    expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
-    age = 0.0
-    for key, value in getattr(props, "UserProperty", None) or ():
-        if key == "ts" and isinstance(value, str) and value.isdigit() and len(value) <= MAX_TS_DIGITS:
-            # A requester's clock ahead of ours makes no request younger than new.
-            age = max(0.0, (now_ms - int(value)) / 1000)
-    topic = getattr(props, "ResponseTopic", None) if props is not None else None
-    answer: Callable[[bytes], None] | None = None
-    if isinstance(topic, str) and topic and "+" not in topic and "#" not in topic:
-        correlation = getattr(props, "CorrelationData", None)
-        data = bytes(correlation) if isinstance(correlation, bytes | bytearray) else None
-        answer = lambda body: respond(topic, data, body)  # noqa: E731  (a closure over this request's topic)
-    return RequestMeta(
-        max_age=float(expiry) if isinstance(expiry, int) else max_request_age,
-        age=age,
-        respond=answer,
-        expiry_given=isinstance(expiry, int),
-    )
+def too_large(topic: str, payload: bytes, props: Properties | None, limit: int) -> bool:
+    """Whether a PUBLISH would be over the broker's Maximum Packet Size (fixed header of up to 5 bytes, the topic,
+    a packet id, the properties, the payload)."""
+    packed = props.pack() if props is not None else b"\0"  # type: ignore[no-untyped-call]
+    size = 5 + 2 + len(topic.encode()) + 2 + len(packed) + len(payload)
+    return size > limit
 
 
 def response_properties(correlation: bytes | None) -> Properties | None:

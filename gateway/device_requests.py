@@ -280,7 +280,8 @@ class DeviceRequests:
                 result = CommandResult(ok=False, error=refusal)
             else:
                 self._record(record(ok=None, stage="request"))
-                result = await commander(Command(device, name, args, request_id))
+                deadline = started + meta.max_age - meta.age
+                result = await commander(Command(device, name, args, request_id, deadline=deadline))
         except Exception as exc:
             log.exception("cmd %s failed", device)
             result = CommandResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])

@@ -92,7 +92,7 @@ def build_sink(
             on_request=functools.partial(on_request, s.name),
             on_connect=functools.partial(on_connect, s.name),
             protocol=s.protocol,
-            session_expiry=s.session_expiry,
+            session_expiry=s.max_request_age if s.session_expiry is None else s.session_expiry,
             message_expiry=s.spool.max_age,
             **common,
         )

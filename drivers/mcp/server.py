@@ -373,4 +373,6 @@ class McpServer:
         session = self.sessions.get(command.device)
         if session is None:
             return CommandResult(ok=False, error=f"{command.device} is offline")
-        return await session.command(command.name, command.args, self.cfg.ack_timeout, self.cfg.retries)
+        return await session.command(
+            command.name, command.args, self.cfg.ack_timeout, self.cfg.retries, deadline=command.deadline
+        )

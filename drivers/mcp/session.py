@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from typing import Any
 
 from drivers.mcp.codec import OVERHEAD, DecodeError, Decoder, Frame, NackCode, encode
@@ -340,17 +341,26 @@ class Session:
 
     # --- commands ---------------------------------------------------------------------------------
 
-    async def command(self, name: str, args: dict[str, Any], ack_timeout: float, retries: int) -> CommandResult:
-        """Send a COMMAND and wait for its RESPONSE, retransmitting the same bytes on silence."""
+    async def command(
+        self, name: str, args: dict[str, Any], ack_timeout: float, retries: int, *, deadline: float | None = None
+    ) -> CommandResult:
+        """Send a COMMAND and wait for its RESPONSE, retransmitting the same bytes on silence (not after `deadline`,
+        time.monotonic(): the request's age limit; a late command is worse than none)."""
         loop = asyncio.get_running_loop()
         pending = self._protocol.command(name, args, retries)
         fut: asyncio.Future[Frame] = loop.create_future()
         self._responses[pending.seq] = fut
         timed_out = False
         try:
+            sent = False
             while (frame := self._protocol.command_due(pending)) is not None:
                 if self._closed:
                     raise SessionClosed(self._close_reason or "closed")
+                if sent and deadline is not None and time.monotonic() > deadline:
+                    return CommandResult(
+                        ok=False, error="no response within the request's age limit; not sent again after it"
+                    )
+                sent = True
                 if self.unread + len(frame.payload) + OVERHEAD > self.server.cfg.max_unread:
                     # Sent, it would close the session for the device's (or the command's) fault: refuse it instead.
                     return CommandResult(

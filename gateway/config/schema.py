@@ -133,8 +133,9 @@ class SinkConfig(Model):
     format: Literal["json", "sparkplug"] = "json"  # json: the topic contract of INTERFACE.md; sparkplug: Sparkplug B
     sparkplug: SparkplugConfig | None = None
     protocol: Annotated[Literal["3.1.1", "5"], BeforeValidator(_protocol)] = "3.1.1"
-    # MQTT 5: how long the broker keeps the session (the set/cmd subscriptions, requests queued meanwhile).
-    session_expiry: Duration = Field(default=300.0, le=0xFFFFFFFF)
+    # MQTT 5: how long the broker keeps the session (the set/cmd subscriptions, requests queued meanwhile); None:
+    # max_request_age (a request queued longer would be refused as too old anyway).
+    session_expiry: Duration | None = Field(default=None, le=0xFFFFFFFF)
     # A set/cmd older than this (by its MQTT 5 message expiry, else by this) is refused, never carried out late.
     max_request_age: Duration = Field(default=30.0, gt=0)
 

@@ -674,6 +674,19 @@ async def test_a_frame_has_5_s_from_its_first_byte_and_bytes_that_do_not_complet
     assert served.states[-1] == DeviceState("pump-1", False, "a frame stalled for more than 5 s")
 
 
+async def test_a_command_is_not_sent_again_once_its_requests_age_limit_passed(served: Served, clock: LoopClock) -> None:
+    """A command's deadline (its request's age limit): sent once, but on silence not again after it; answered so."""
+    srv = served.srv
+    srv.cfg = replace(srv.cfg, ack_timeout=2.0, retries=2)
+    peer = await logged_in(served)
+    task = asyncio.create_task(srv.command(Command("pump-1", "open_valve", {}, deadline=time.monotonic())))
+    assert (await peer.answer()).seq == 1  # the first send is the request's own, however late its check came
+    clock.advance(2.1)
+    result = await in_real_time(task)
+    assert not result.ok and result.error == "no response within the request's age limit; not sent again after it"
+    assert srv.stats_for("pump-1").commands == 1
+
+
 async def test_a_command_is_sent_again_unchanged_on_silence_then_times_out(served: Served, clock: LoopClock) -> None:
     srv = served.srv
     srv.cfg = replace(srv.cfg, ack_timeout=2.0, retries=2)
