@@ -7,6 +7,7 @@ The clocks are faked (wall and monotonic passed in), never the machine's.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -234,5 +235,34 @@ def test_a_spool_file_of_the_schema_before_the_dates_opens_and_keeps_its_rows(tm
         clocks.step(MAX_AGE)  # the old rows (queued at 900 on the wall clock) are past max_age by it
         assert spool.expire(clocks.now) == 3
         assert [e.id for e in spool.take(10)] == [4]
+    finally:
+        spool.close()
+
+
+def test_a_salvaged_spool_keeps_the_dates_and_anchors_of_the_rows_it_carries_over(
+    tmp_path: Path, clocks: Clocks
+) -> None:
+    """A spool file damaged on disk is salvaged at open: the rows carried over keep their anchors and their
+    monotonic dates (a ten-year step after them expires none), as they keep their ids and ts."""
+    path = tmp_path / "s.db"
+    spool = open_spool(path, clocks, BOOT)
+    spool.add([(Message(f"t/{i}", os.urandom(200), anchor=1000 + i), i) for i in range(2000)])
+    spool.close()
+    pages = path.stat().st_size // 4096
+    with open(path, "r+b") as f:  # one page in the middle turned to garbage
+        f.seek(pages // 2 * 4096)
+        f.write(os.urandom(4096))
+    clocks.run(60)
+    clocks.step(10 * YEAR)
+    spool = open_spool(path, clocks, BOOT)
+    try:
+        assert spool.expire(clocks.now) == 0
+        entries = spool.take(3000)
+        assert 1900 < len(entries) < 2000  # one page of rows lost, no more
+        assert all(e.message.anchor == 1000 + e.sampled_ms for e in entries)
+        clocks.run(MAX_AGE - 61)
+        assert spool.expire(clocks.now) == 0
+        clocks.run(2)
+        assert spool.expire(clocks.now) == len(entries)
     finally:
         spool.close()
