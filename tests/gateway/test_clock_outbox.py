@@ -17,6 +17,7 @@ import pytest
 
 import bridge.sink
 from bridge.broker import EmbeddedBroker
+from bridge.buffer import MemoryBuffer
 from bridge.outbox import Outbox
 from bridge.spool import SQLiteSpool
 from gateway.router import Router, restamp
@@ -113,5 +114,29 @@ async def test_spooled_samples_go_out_on_the_set_clock_in_order_and_only_those_s
                 assert set(await until(mine, 10, "the retained dev/v")) == {b"3"}
             finally:
                 late.stop()
+        finally:
+            await box.stop()
+
+
+async def test_a_devices_own_ts_is_never_moved_by_the_gateways_steps(
+    broker: EmbeddedBroker, port: int, subscriber: Subscriber, wall: FakeWall
+) -> None:
+    """An MCP device's own ts is its clock's, not the gateway's: spooled while the gateway's clock was ten years
+    behind, it goes out as the device sent it when that clock is set; the gateway-stamped sample beside it moves."""
+    async with down_sink(port, P) as (sink, link):
+        box = Outbox(sink, MemoryBuffer(), commit_window=0.01, restamp=restamp)
+        router = Router([box], [DeviceProfile("dev", every_sample=True)])
+        await box.start()
+        try:
+            device_ts = int(time.time() * 1000)  # a device whose clock is right
+            await router.deliver(Sample("dev", device_ts, {"v": 1}, device_clock=True))
+            await router.deliver(Sample("dev", now_ms(), {"v": 2}))
+            wall.offset = 0.0
+            CLOCK.synchronized = True
+            await link.start()
+            await until(lambda: len(telemetry(subscriber)) == 2, 20, "both samples replayed")
+            [(own, v1), (stamped, v2)] = telemetry(subscriber)
+            assert (v1, v2) == (1, 2) and own == device_ts
+            assert abs(stamped / 1000 - time.time()) < 60
         finally:
             await box.stop()
