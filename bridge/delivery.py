@@ -76,7 +76,7 @@ class OutboxStats:
     coalesced: int = 0  # retained messages replaced by a newer one of their topic before they went out
     refused: int = 0  # the spool would not take them (full with when_full: reject, a write error, a bad item)
     undeliverable: int = 0  # given up: refused live, or spooled and refused REPLAY_ATTEMPTS times
-    unsynchronised: int = 0  # acknowledged with a ts taken and published while the clock was not known synchronised
+    unsynchronised: int = 0  # acknowledged with an anchored ts before the clock was known synchronised again
 
 
 #: Writes a corrected `ts` into a message (its payload too, where the gateway's format carries one).
@@ -90,9 +90,9 @@ def restamp_ts(message: Message, ts: int) -> Message:
 
 class ClockedPublisher:
     """A sink as the outbox's loops publish to it: a message with an anchor (its ts was taken while the clock was
-    not known synchronised) goes out dated anchor + (wall - monotonic) as the clock reads at the publish, so the
-    steps of the wall clock since, NTP setting it above all, are taken out; one acknowledged while the clock is
-    still not known synchronised is counted (`unsynchronised`). What is queued or spooled keeps its anchor: it is
+    known not synchronised) goes out dated anchor + (wall - monotonic) as the clock reads at the publish, so the
+    steps of the wall clock since, NTP setting it above all, are taken out; one acknowledged before the clock is
+    known synchronised again is counted (`unsynchronised`). What is queued or spooled keeps its anchor: it is
     corrected again, by the clock as it is then, if it goes out later."""
 
     def __init__(self, sink: Publisher, stats: OutboxStats, restamp: Restamp, clock: ProcessClock = CLOCK) -> None:

@@ -250,8 +250,9 @@ class GatewayCollector(Collector):
             ["sink", "reason"],
         )
         unsynchronised = _counter(
-            "sink_unsynchronised", "Messages acknowledged with a ts taken and published while the clock was known "
-            "not synchronised (what was still queued or spooled when it was set went out corrected).", ["sink"],
+            "sink_unsynchronised", "Messages acknowledged with a ts taken while the clock was known not synchronised, "
+            "before it was known synchronised again (what was still queued or spooled then went out corrected).",
+            ["sink"],
         )  # fmt: skip
         for sink in snap.sinks:
             figures = sink.figures
