@@ -246,7 +246,8 @@ class GatewayCollector(Collector):
             "in use by another client (one count per episode).", ["sink"],
         )  # fmt: skip
         refusals = _counter(
-            "sink_refusals", "Packets the broker refused, by packet and reason code (MQTT 5; a 3.1.1 CONNACK's too).",
+            "sink_refusals",
+            "Packets the broker refused, by packet and reason code (MQTT 5; a 3.1.1 CONNACK's too).",
             ["sink", "reason"],
         )
         unsynchronised = _counter(

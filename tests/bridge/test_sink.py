@@ -240,7 +240,9 @@ async def test_subscribed_requests_reach_on_request_with_the_relative_topic(
     broker: EmbeddedBroker, port: int, sub: Subscriber
 ) -> None:
     got: list[tuple[str, bytes]] = []
-    async with running(port, subscriptions=("+/set/+", "+/cmd"), on_request=lambda t, p, _m: got.append((t, p))) as sink:
+    async with running(
+        port, subscriptions=("+/set/+", "+/cmd"), on_request=lambda t, p, _m: got.append((t, p))
+    ) as sink:
         await connected(sink, sub)
         for topic, payload in [
             (f"{P}/boiler/set/sp", b"12.5"),
