@@ -14,10 +14,10 @@ across all nodes: with two nodes, one lost leaves the other without a majority, 
 waits 100 s before its MQTT listener opens; quorum queues need a majority too. So a cluster that must survive the
 loss of a node has three.
 
-`stop` is graceful (SIGTERM: the node closes its connections and leaves its queues in order), `kill` is SIGKILL
-of the node's Erlang VM (a crash or power loss: clients see their TCP connections reset or silent), `start`
-brings a node back on the same ports and data. Every process is its own session's leader and is killed at the
-end of the test, or at exit for a test that never reached its teardown.
+`stop` is graceful (SIGTERM: the node closes its connections and leaves its queues in order), `freeze` hangs the
+node (SIGSTOP: what clients send it piles up unanswered), `kill` is SIGKILL of the node's Erlang VM (a crash or
+power loss), `start` brings a node back on the same ports and data. Every process is its own session's leader
+and is killed at the end of the test, or at exit for a test that never reached its teardown.
 """
 
 from __future__ import annotations
@@ -206,6 +206,11 @@ class RabbitNode:
         _kill_group(self._proc)  # whatever the VM left (port programs) goes with it
         self._proc = None
 
+    def freeze(self) -> None:
+        """SIGSTOP the node's VM: it hangs, its clients' data piles up in its sockets unanswered (no PUBACK)."""
+        if self.running and self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
         """SIGKILL the node's VM: no goodbye to its clients or its peers, as a crash or a power cut."""
         if self._proc is None:
@@ -290,14 +295,9 @@ class RabbitCluster:
         self.boot_seconds = time.monotonic() - began
 
     def running_nodes(self, via: RabbitNode) -> list[str]:
-        """The cluster's running nodes as `via` sees them (`rabbitmqctl cluster_status`)."""
+        """The cluster's running nodes as `via` sees them."""
         out = via.ctl("eval", "rabbit_nodes:all_running().")
         return sorted(n.strip(" '") for n in out.strip().strip("[]").split(",") if n.strip())
-
-    def queues(self, via: RabbitNode) -> list[list[str]]:
-        """Each queue's name, type, durability and leader node, as `via` lists them."""
-        out = via.ctl("list_queues", "--quiet", "--no-table-headers", "name", "type", "durable", "leader")
-        return [line.split("\t") for line in out.splitlines() if line.strip()]
 
     def close(self) -> None:
         """Kill every node and the cluster's epmd (a test's end needs no graceful goodbye)."""
