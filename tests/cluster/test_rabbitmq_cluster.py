@@ -143,10 +143,9 @@ async def mcp_device(port: int) -> AsyncIterator[Sender]:
 
 
 class Durable(Subscriber):
-    """A Subscriber with a persistent session (clean session off): RabbitMQ gives its QoS 1 subscription a quorum
-    queue, replicated on the nodes. A clean session's is a classic queue on one node, and such a subscriber on a node
-    that stayed was seen missing messages the gateway had published through the node that went (other subscribers
-    had them): a classic queue does not keep what the README asks of the cluster."""
+    """A Subscriber with a persistent session (clean session off), as the README recommends for consumers that must
+    not miss data: RabbitMQ gives its QoS 1 subscription a quorum queue, replicated on the nodes (a clean session's
+    is a classic queue on one node). It records which deliveries the broker marked DUP."""
 
     def __init__(self, port: int, topics: tuple[str, ...]) -> None:
         self.redelivered: set[int] = set()  # which of `messages` the broker marked DUP: its own redelivery to us
@@ -187,12 +186,13 @@ async def witness(node: RabbitNode) -> AsyncIterator[Durable]:
 
 @dataclass
 class Window:
-    """What a witness must have seen: the samples and frames after `read`/`sent` (its subscribe time) up to now."""
+    """What a witness must have seen: the samples and frames after `read`/`sent` (taken once the gateway's messages
+    reached it) up to now."""
 
     name: str
     sub: Durable
-    read: int  # the counter's last read before the witness subscribed: later reads are published after it
-    sent: int  # frames sent before the witness subscribed
+    read: int  # the counter's last read at the window's start: later reads are published after it
+    sent: int  # frames sent before the window's start
     dups: dict[str, list[int]] = field(default_factory=dict)  # numbers the gateway sent twice
     redelivered: dict[str, list[int]] = field(default_factory=dict)  # numbers the broker delivered us again (DUP)
 
