@@ -100,6 +100,7 @@ class MqttSink(LoopSockets, Inbound):
         self._max_packet_out: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
         # Attempts since the last connection that was up; our own drop() under way (no take-over of the broker's).
         self._failures, self._dropping, self._up_since = 0, False, 0.0
+        self._subacked = False  # this connection's SUBSCRIBE acknowledged
         self._keepalive = max(1, int(keepalive))
         self._subscriptions = subscriptions
         self._on_request = on_request
@@ -293,6 +294,7 @@ class MqttSink(LoopSockets, Inbound):
         self.stats.connects += 1
         self._dropping, self._up_since = False, time.monotonic()
         self._takeover.connected()
+        self._subacked = False
         if self._v5:
             self._requests5.connected(bool(flags.session_present), time.monotonic())
             receive, self._max_packet_out = v5.connack_limits(props)
@@ -331,9 +333,15 @@ class MqttSink(LoopSockets, Inbound):
                 self._failures = 0  # a connection that lasted: retries start from the base again
             if flags.is_disconnect_packet_from_server and v5.failed(reason):  # MQTT 5: why (e.g. taken over)
                 self._reasons.refused("DISCONNECT", reason, self._nodes.current.url)
+            # Closed before the SUBACK: the broker refused (or could not serve) our SUBSCRIBE, e.g. a cluster whose
+            # node holding the subscription's queue is down; a take-over comes after the SUBACK.
+            unsubscribed = bool(self._subscriptions) and not self._subacked
             if not self._closing:
-                log.warning("sink %s: connection to %s lost: %s", self.name, self._nodes.current.url, reason)
-            if not (self._closing or self._dropping) and self._takeover.dropped():
+                why = (
+                    " before it acknowledged the subscriptions (refused? see the broker's log)" if unsubscribed else ""
+                )
+                log.warning("sink %s: connection to %s lost%s: %s", self.name, self._nodes.current.url, why, reason)
+            if not (self._closing or self._dropping or unsubscribed) and self._takeover.dropped():
                 self.stats.takeovers += 1
                 log.error(self._takeover.message(self.name, self._client_id, self._nodes.current.url))
         # The next connection is a new client: what this one did not get acknowledged goes back to the caller.

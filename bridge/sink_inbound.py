@@ -70,6 +70,7 @@ class Inbound:
     _requests5: Requests5
     _responses: dict[int, str]  # message id -> response topic of an answer in flight
     _pending: dict[int, asyncio.Future[None]]  # message id -> the future its PUBACK resolves
+    _subacked: bool
 
     def _handle_puback(self, client: mqtt.Client, _ud: Any, mid: int, reason: Any, _props: Any) -> None:
         if client is not self._client or self._answer_acked(mid, reason):
@@ -91,6 +92,7 @@ class Inbound:
     def _handle_suback(self, client: mqtt.Client, _ud: Any, _mid: int, reasons: Any, _props: Any) -> None:
         if client is not self._client:
             return
+        self._subacked = True
         for reason in reasons:
             if v5.failed(reason):  # set/cmd requests will not reach this gateway through this broker
                 self._reasons.refused("SUBACK", reason, "the set/cmd subscriptions")

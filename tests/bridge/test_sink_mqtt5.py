@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt5 import Client5
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
-from sink_metrics import scrape, snapshot_of
 
 from bridge.buffer import MemoryBuffer
 from bridge.outbox import Outbox
@@ -29,6 +27,8 @@ from gateway.types import Message, RequestMeta, now_ms
 
 from helpers import TcpRelay, free_port, until
 from mosquitto import Mosquitto
+from mqtt5 import Client5
+from sink_metrics import scrape, snapshot_of
 
 P = "fg/v5"
 

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
-from sink_metrics import scrape, snapshot_of
 
 import bridge.sink
 from bridge.sink import MqttSink
@@ -25,6 +24,7 @@ from gateway.utilisation import Utilisation
 
 from helpers import free_port, until
 from mosquitto import Mosquitto
+from sink_metrics import scrape, snapshot_of
 
 unit = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 seconds = st.floats(min_value=0.001, max_value=3600.0)
@@ -201,3 +201,68 @@ async def test_a_second_client_with_our_id_is_reported_once_as_a_take_over(
         f"sink cloud: another gateway uses the client id {client_id} on {mosquitto.url}: the broker closed this "
         "session 3 times within 5 s of connecting (give each gateway its own gateway.id, or the sink its own client_id)"
     ]
+
+
+class RefusingSubscribe:
+    """A TCP relay to a broker that drops the connection when the client sends SUBSCRIBE (as a RabbitMQ 3.10 cluster
+    does when the node holding the subscription's durable queue is down): CONNACK, then the close."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self.cut = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Accept connections."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        """Stop accepting."""
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if upstream and data[0] >> 4 == 8:  # packet type 8: SUBSCRIBE
+                        self.cut += 1
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+
+
+async def test_a_broker_that_drops_the_connection_at_subscribe_is_no_take_over(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closed right after CONNACK, before the SUBACK, again and again: the broker refused the subscription (a cluster
+    node down), not another gateway with our client id. No take-over is counted or said; each drop says why."""
+    relay = RefusingSubscribe(mosquitto.port)
+    await relay.start()
+    caplog.set_level(logging.WARNING, logger="bridge.sink")
+    sink = MqttSink(
+        "cloud",
+        f"mqtt://127.0.0.1:{relay.port}",
+        "fg/t",
+        client_id="refused-subscribe",
+        subscriptions=("+/set/+",),
+        reconnect_base=0.05,
+        reconnect_cap=0.1,
+    )
+    await sink.start()
+    try:
+        await until(lambda: relay.cut >= 5 and sink.stats.disconnects >= 5, 20, "five drops at SUBSCRIBE")
+    finally:
+        await sink.stop()
+        await relay.close()
+    assert sink.stats.takeovers == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "another gateway" in m]
+    assert any("before it acknowledged the subscriptions" in m for m in said)

@@ -33,7 +33,6 @@ from typing import cast
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from rabbitmq import RabbitCluster, RabbitError, RabbitNode, find_rabbitmq
 
 from bridge.sink import MqttSink
 from drivers.mcp.client import McpClient
@@ -45,6 +44,7 @@ from gateway.types import Value
 
 import configs
 from helpers import GatewayProcess, Received, Sender, Subscriber, free_port, until
+from rabbitmq import RabbitCluster, RabbitError, RabbitNode, find_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY_ID = "rc"

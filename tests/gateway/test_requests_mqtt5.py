@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mqtt5 import Client5
-
 from drivers.modbus.served import LineRequests
 from drivers.modbus.writes import PendingWrite
 from gateway.app import Gateway
@@ -24,6 +22,7 @@ from gateway.types import WriteResult, now_ms
 from configs import Section, broker, config, device, line, point, sim_line, sim_slave, simulator, sink, write
 from helpers import free_port, until
 from mosquitto import Mosquitto
+from mqtt5 import Client5
 
 
 def v5_config(port: int, upstream: str) -> Section:
