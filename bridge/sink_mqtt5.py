@@ -97,9 +97,12 @@ def publish_properties(message: Message, max_age: float | None, now_ms: int) -> 
         return None
     packed = b""
     if max_age is not None and not message.retain:
-        # A retained message is state: it stays the topic's value however old, as it does on a 3.1.1 sink.
+        # A retained message is state: it stays the topic's value however old, as it does on a 3.1.1 sink. One older
+        # by its ts than max_age gets none: the spool, which ages its rows on its own clock (a ts may be a device's,
+        # or of a boot whose clock was not set), still had it, so the broker must not drop it at once.
         left = max_age - max(0, now_ms - message.ts) / 1000
-        packed = _EXPIRY + _int32(min(MAX_INTERVAL, max(1, int(left))))
+        if left >= 1:
+            packed = _EXPIRY + _int32(min(MAX_INTERVAL, int(left)))
     packed += _USER + _utf8(str(message.ts))
     return _Packed(_varint(len(packed)) + packed)
 

@@ -16,6 +16,7 @@ import pytest
 
 from bridge import statefiles
 from bridge.broker import EmbeddedBroker
+from gateway.types import CLOCK
 
 from helpers import Subscriber, free_port
 from mosquitto import Mosquitto, MosquittoError, TlsFiles, make_tls_files
@@ -25,6 +26,14 @@ from mosquitto import Mosquitto, MosquittoError, TlsFiles, make_tls_files
 def corrupt_files_counted_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
     """The damaged-state-file counters are process-wide: each test counts from zero, whatever ran before it."""
     monkeypatch.setattr(statefiles, "_counts", dict.fromkeys(statefiles.FILES, 0))
+
+
+@pytest.fixture(autouse=True)
+def process_clock_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process clock (gateway.types.CLOCK) is process-wide and a gateway run in a test's process sets its sync
+    state from the machine (here: not synchronised): each test starts from an unknown state and a fresh offset."""
+    monkeypatch.setattr(CLOCK, "synchronized", None)
+    monkeypatch.setattr(CLOCK, "_offset", None)
 
 
 def in_ci() -> bool:

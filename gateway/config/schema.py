@@ -142,7 +142,7 @@ class SinkConfig(Model):
     @model_validator(mode="after")
     def _protocol_fits(self) -> SinkConfig:
         if self.protocol != "5":
-            if "session_expiry" in self.model_fields_set:
+            if self.session_expiry is not None:
                 raise ValueError("`session_expiry` is an MQTT 5 session's: it goes with `protocol: 5`")
             return self
         if self.url is None and self.urls is None:
