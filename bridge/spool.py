@@ -42,7 +42,7 @@ from bridge.buffer import (
     plan_room,
     requeue,
 )
-from bridge.spool_dates import INSERT_SEGMENT, PRUNE_SEGMENTS, read_segments
+from bridge.spool_dates import INSERT_SEGMENT, PRUNE_SEGMENTS, Segment, pruned, settle
 from bridge.spool_file import CHUNK, DEFAULT_CHECKPOINT_BYTES, DEFAULT_MIN_FREE, ROTATE_INTERVAL, SpoolFile, log
 from bridge.spool_schema import (
     INSERT,
@@ -109,7 +109,6 @@ class SQLiteSpool(SpoolFile):
         their anchors are not used); `synchronized`: whether the clock is known synchronised now, the process
         clock's by default (rows another boot queued while it was not are adopted: `bridge/spool_dates.py`)."""
         self.limits = Limits(max_size, max_age, when_full)
-        self._synchronized = synchronized or (lambda: CLOCK.synchronized)
         wall, mono = buffer_clocks(clock, monotonic)
         super().__init__(
             path,
@@ -119,6 +118,7 @@ class SQLiteSpool(SpoolFile):
             clock=wall,
             monotonic=mono,
             boot=CLOCK.boot if boot is None else boot,
+            synchronized=synchronized or (lambda: CLOCK.synchronized),
             name=name,
         )
 
@@ -153,26 +153,32 @@ class SQLiteSpool(SpoolFile):
             for i, ((m, sampled_ms), size) in enumerate(zip(items, sizes, strict=True))
         ]
         anchors = [(first + i, m.anchor) for i, (m, _) in enumerate(items) if m.anchor is not None]
-        # A new segment at a new boot or after a step: the rows before it keep the offset they were queued with.
-        last = self._segments[-1] if self._segments else None
         offset = now - mono
-        synced = int(self._synchronized() is True)
-        segment = None
-        if last is None or last[1] != self._boot or abs(offset - last[2]) * 1000 >= STEP_MS or last[3] != synced:
-            segment = (first, self._boot, offset, synced)
+        synced = self._synchronized() is True
+        if synced and self._unsettled:
+            self._settle(offset)  # once per boot, or per step while unsynchronised: not per add
+        # A new segment at a new boot or after a step: the rows before it keep the offset they were queued with. A
+        # change of the sync state alone starts none: without a step, the settled offset dates the rows after it too.
+        last = self._segments[-1] if self._segments else None
+        segment: Segment | None = None
+        if last is None or last[1] != self._boot or abs(offset - last[2]) * 1000 >= STEP_MS:
+            segment = (first, self._boot, offset, int(synced), offset if synced else None)
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: sqlite3.Connection) -> int | None:
             if plan.count:
                 db.execute("DELETE FROM messages WHERE id <= ?", (plan.last_id,))
                 db.execute(SET_DROPPED, (self._dropped + plan.count,))
             db.executemany(INSERT, rows)
             if anchors:
                 db.executemany(INSERT_ANCHOR, anchors)
-            if segment is not None:
-                db.execute(INSERT_SEGMENT, segment)
-                db.execute(PRUNE_SEGMENTS)
+            if segment is None:
+                return None
+            db.execute(INSERT_SEGMENT, segment)
+            db.execute(PRUNE_SEGMENTS)
+            held: int | None = db.execute("SELECT MIN(id) FROM messages").fetchone()[0]
+            return held
 
-        self._write(write, durable=True)
+        held = self._write(write, durable=True)
         # The transaction is committed: only now does the in-memory view follow it.
         self._last_id += len(rows)
         self._count += len(rows) - plan.count
@@ -183,9 +189,28 @@ class SQLiteSpool(SpoolFile):
         elif self._count == len(rows):
             self._oldest_at, self._oldest_known = (first, now), True
         if segment is not None:
-            self._segments = self._recovering(read_segments, self._db)
+            # As the table now is, without reading it again (a read that fails here would fail a committed add).
+            self._segments = pruned([*self._segments, segment], held)
+            self._unsettled = self._unsettled or not segment[3]
         self._after_commit()
         return [row[0] for row in rows]
+
+    def _settle(self, offset: float) -> None:
+        """The clock is synchronised now: this boot's unsettled segments get `offset` as their wall_s (if that
+        cannot be written, the next add or the close tries again: they are adopted at the next boot until then)."""
+        try:
+            self._segments = self._write(lambda db: settle(db, self._segments, self._boot, offset), durable=False)
+        except SpoolError as exc:
+            log.warning("%s: cannot date the rows of this boot for the next: %s", self.name, exc)
+            return
+        self._unsettled = False
+
+    def close(self) -> None:
+        """Date this boot's rows for the next one if the clock is synchronised now (the boot may end here); close."""
+        with self._lock:
+            if not self._closed and self._unavailable is None and self._unsettled and self._synchronized() is True:
+                self._settle(self._offset())
+        super().close()
 
     def take(self, n: int) -> list[Entry]:
         """Up to n of the oldest entries not in flight."""
@@ -296,12 +321,16 @@ class SQLiteSpool(SpoolFile):
         oldest = self._oldest_queued_at()
         if oldest is None or oldest >= cutoff:
             return 0
+        # A clock known wrong (a bad RTC, ahead) cannot tell another boot's wall dates: those rows wait for it.
+        hold = self._synchronized() is False
         # FIFO prefix, as MemoryBuffer: stop at the first entry young enough.
         count = size = last = 0
         for entry_id, entry_size_, queued_at in self._scan():
-            if queued_at >= cutoff:
+            if queued_at >= cutoff or (hold and self._foreign(entry_id)):
                 break
             count, size, last = count + 1, size + entry_size_, entry_id
+        if not count:
+            return 0
 
         def write(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM messages WHERE id <= ?", (last,))
@@ -314,6 +343,11 @@ class SQLiteSpool(SpoolFile):
         self._forget_through(last)
         self._after_commit()
         return count
+
+    def _foreign(self, entry_id: int) -> bool:
+        """Whether a row is dated by another boot's wall clock (rows of the older schema age by it as they did)."""
+        seg = self._segment_of(entry_id)
+        return seg is not None and seg[1] != self._boot
 
     def _forget_through(self, last_id: int) -> None:
         """Entries up to last_id were dropped: they are no longer in flight or returned."""

@@ -16,7 +16,7 @@ again: the spool refuses until then, rather than making a new file every second.
 
 The file's tables, its lock and `read_stats` are in `bridge/spool_schema.py`; the accounting of
 commits, fsyncs and bytes written (`BufferStats`' write figures) in `bridge/spool_io.py`; the FIFO on top
-(`SQLiteSpool`: add, take, accept, reject, expire) in `bridge/spool.py`.
+(`SQLiteSpool`: add, take, accept, reject, expire) in `bridge/spool.py`; the dates of rows in `bridge/spool_dates.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.buffer import Clock, queued_wall
-from bridge.spool_dates import Segment, adopt, read_segments
+from bridge.spool_dates import Segment, date_salvaged, open_dates, wall_dated
 from bridge.spool_io import WriteMeter
 from bridge.spool_schema import (
     Contents,
@@ -84,6 +84,7 @@ class SpoolFile:
         clock: Clock,
         monotonic: Clock,
         boot: int,
+        synchronized: Callable[[], bool | None],
         name: str | None,
     ) -> None:
         self.path = Path(path)
@@ -94,6 +95,7 @@ class SpoolFile:
         self._clock = clock
         self._monotonic = monotonic
         self._boot = boot
+        self._synchronized = synchronized
         self._io = WriteMeter(self.path)
         self._lock = threading.RLock()  # one call at a time: the sink may call from worker threads
         self._in_flight: set[int] = set()
@@ -102,7 +104,8 @@ class SpoolFile:
         self._count = self._bytes = self._last_id = self._dropped = 0  # what the file holds (set by _open)
         self._oldest_at: tuple[int, float] | None = None  # the oldest row's id and queued_at
         self._oldest_known = False
-        self._segments: list[Segment] = []  # the file's (set by _open)
+        self._segments: list[Segment] = []  # the file's (set by _open, then kept as the table is)
+        self._unsettled = False  # a segment of this boot has no wall_s from a synchronised clock yet
         self._synchronous = ""
         self._closed = False
         self._rotated_at: float | None = None  # monotonic time of the last rotation while running
@@ -133,9 +136,15 @@ class SpoolFile:
         if damaged is not None:
             contents = self._salvage(db, damaged, contents, held)
         self._db = db
-        if adopt(db, self._boot, self._monotonic()):
-            log.info("%s: rows queued in an earlier boot on an unsynchronised clock get max_age from now", self.name)
-        self._segments = read_segments(db)
+        try:
+            dates = open_dates(db, self._boot, self._monotonic(), self._offset(), self._synchronized() is True)
+        except sqlite3.Error as exc:
+            # A damaged segments table is a damaged file: moved aside and salvaged like any other.
+            db.close()
+            raise spool_error(f"{self.name}: cannot open {self.path}: {exc}", exc) from exc
+        self._segments, self._unsettled, adopted = dates
+        if adopted:
+            log.info("%s: rows an earlier boot queued unsynchronised get max_age from now", self.name)
         self._count, self._bytes = contents.count, contents.bytes
         self._last_id, self._dropped = contents.last_id, contents.dropped
         # A WAL that grew past the checkpoint size (a long transaction) is cut back to it when it restarts.
@@ -154,6 +163,8 @@ class SpoolFile:
         try:
             db.execute("BEGIN IMMEDIATE")
             raise_counters(db, max(contents.last_id, got.last_id), dropped)
+            if not got.dated:
+                date_salvaged(db, self._boot, self._monotonic(), self._offset())
             db.execute("COMMIT")
             contents = read_contents(db)
         except sqlite3.Error as exc:
@@ -320,7 +331,7 @@ class SpoolFile:
         seg = self._segment_of(entry_id)
         if seg is None:
             return queued_at
-        return queued_wall(queued_at, seg[1], queued_at - seg[2], self._boot, offset)
+        return queued_wall(wall_dated(queued_at, seg, self._boot), seg[1], queued_at - seg[2], self._boot, offset)
 
     def _oldest_queued_at(self) -> float | None:
         """When the oldest row was queued, on the wall clock as it reads now."""

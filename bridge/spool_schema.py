@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bridge.buffer import BufferStats, EntryRefused, StorageError
 from bridge.buffer import Entry as Entry
-from bridge.spool_dates import CREATE_SEGMENTS, Segment, copy_segments
+from bridge.spool_dates import CREATE_SEGMENTS, Segment, copy_segments, upgrade_segments, wall_dated
 from gateway.errors import SinkError
 from gateway.types import Message
 
@@ -92,7 +92,7 @@ def to_entry(row: Row, segment: Segment | None, boot: int) -> Entry:
     row_boot, mono = (segment[1], queued_at - segment[2]) if segment is not None else (None, None)
     anchor = anchor if row_boot == boot and isinstance(anchor, int) else None
     message = Message(topic, bytes(payload), bool(retain), qos, anchor=anchor)
-    return Entry(entry_id, message, sampled_ms, queued_at, size, row_boot, mono)
+    return Entry(entry_id, message, sampled_ms, wall_dated(queued_at, segment, boot), size, row_boot, mono)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +163,7 @@ def connect(path: Path, name: str, *, seed: Contents | None = None) -> tuple[sql
             db.execute(CREATE_ANCHORS)
             db.execute(CREATE_ANCHORS_TRIGGER)
             db.execute(CREATE_SEGMENTS)
+            upgrade_segments(db)
             if seed is not None:
                 raise_counters(db, seed.last_id, seed.dropped)
             db.execute("COMMIT")
@@ -220,6 +221,7 @@ class Salvaged:
     lost: int  # ids in the ranges that could not be read: an estimate of the rows lost
     last_id: int  # the highest id the damaged file is known to have handed out
     dropped: int  # the damaged file's own drop counter, 0 if it cannot be read
+    dated: bool = True  # False: the file has segments that could not be read (the rows carried over are in none)
 
 
 def salvage(
@@ -281,8 +283,11 @@ def _salvage(db: sqlite3.Connection, known: int, chunk: int, budget: float, cloc
     # Dates come along where they read: a row without them ages by the wall clock, which beats losing it.
     copy_anchors = "INSERT OR IGNORE INTO main.anchors SELECT id, anchor_ms FROM damaged.anchors"
     copy_anchors += " WHERE id BETWEEN ? AND ? AND id IN (SELECT id FROM main.messages WHERE id BETWEEN ? AND ?)"
-    with contextlib.suppress(sqlite3.Error):  # a file of the older schema has none
+    dated = True
+    try:
         copy_segments(db)
+    except sqlite3.Error:  # a file of the older schema has none; a damaged table is told to the caller
+        dated = _one(db, "SELECT COUNT(*) FROM damaged.sqlite_master WHERE name = 'segments'") == 0
     with contextlib.suppress(sqlite3.Error):
         db.execute("PRAGMA main.synchronous=NORMAL")
     rows = lost = 0
@@ -307,7 +312,7 @@ def _salvage(db: sqlite3.Connection, known: int, chunk: int, budget: float, cloc
                 if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL:
                     # The fresh file cannot take the rest: what is copied stays, the rest is lost.
                     rest = sum(b - a + 1 for a, b, _ in todo) + max(0, top - start + 1)
-                    return Salvaged(rows, lost + hi - lo + 1 + rest, top, dropped)
+                    return Salvaged(rows, lost + hi - lo + 1 + rest, top, dropped, dated)
             else:
                 rows += copied
                 if split:
@@ -322,7 +327,7 @@ def _salvage(db: sqlite3.Connection, known: int, chunk: int, budget: float, cloc
             else:
                 mid = (lo + hi) // 2
                 todo += [(mid + 1, hi, True), (lo, mid, True)]  # the lower half first: ids stay in order
-    return Salvaged(rows, lost, top, dropped)
+    return Salvaged(rows, lost, top, dropped, dated)
 
 
 def read_stats(path: str | os.PathLike[str]) -> BufferStats:
