@@ -132,3 +132,14 @@ def wall_dated(queued_at: float, segment: Segment | None, boot: int) -> float:
     if segment is None or segment[1] == boot or segment[4] is None:
         return queued_at
     return queued_at - segment[2] + segment[4]
+
+
+def oldest_dated(db: sqlite3.Connection, entry_id: int, queued_at: float) -> float:
+    """When row `entry_id` was queued, on the wall clock as its segment's wall_s dates it, for a reader without the
+    spool's clocks (`fieldgate spool`): a backlog stamped at 1970 and settled since is not 56 years old. A row of a
+    segment without one (or in none) keeps its queued_at."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'segments'").fetchone() is None:
+        return queued_at
+    sql = "SELECT offset_s, wall_s FROM segments WHERE first_id <= ? ORDER BY first_id DESC LIMIT 1"
+    row = db.execute(sql, (entry_id,)).fetchone()
+    return queued_at if row is None or row[1] is None else queued_at - row[0] + row[1]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bridge.buffer import BufferStats, EntryRefused, StorageError
 from bridge.buffer import Entry as Entry
-from bridge.spool_dates import CREATE_SEGMENTS, Segment, copy_segments, upgrade_segments, wall_dated
+from bridge.spool_dates import CREATE_SEGMENTS, Segment, copy_segments, oldest_dated, upgrade_segments, wall_dated
 from gateway.errors import SinkError
 from gateway.types import Message
 
@@ -345,7 +345,8 @@ def read_stats(path: str | os.PathLike[str]) -> BufferStats:
         if not messages.exists():
             return BufferStats(0, 0, None, 0)
         count, held = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
-        oldest = next(messages.rows_where(order_by="id", limit=1, select="queued_at"), {}).get("queued_at")
+        first = next(messages.rows_where(order_by="id", limit=1, select="id, queued_at"), None)
+        oldest = None if first is None else oldest_dated(db.conn, first["id"], first["queued_at"])
         dropped = next(meta.rows_where("key = 'dropped'"), {}).get("value", 0) if meta.exists() else 0
     except sqlite3.Error as exc:
         raise spool_error(f"cannot read spool {path}: {exc}", exc) from exc

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from bridge.spool import SQLiteSpool
+from bridge.spool import SQLiteSpool, read_stats
 from bridge.spool_dates import read_segments
 from gateway.types import Message
 
@@ -211,3 +211,17 @@ def test_a_clock_known_unsynchronised_drops_no_row_another_boot_dated(tmp_path: 
         assert spool.expire(clocks.now) == 4
     finally:
         spool.close()
+
+
+def test_read_stats_dates_a_backlog_spooled_at_1970_by_the_synchronised_clock(tmp_path: Path) -> None:
+    """`fieldgate spool` (read_stats) on rows queued at 1970 and then dated by NTP's clock: their queue time is
+    when they were queued on that clock (an hour before it was set), not 1970, so their age is no 56 years."""
+    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    spool = open_spool(path, clocks, 1, synced, YEAR)
+    spool.add(msgs(2))
+    clocks.run(HOUR)
+    clocks.now += TODAY  # NTP sets the clock
+    synced[0] = True
+    spool.close()
+    oldest = read_stats(path).oldest_queued_at
+    assert oldest is not None and abs(oldest - (TODAY + 100)) < 1
