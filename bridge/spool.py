@@ -209,7 +209,7 @@ class SQLiteSpool(SpoolFile):
         """Date this boot's rows for the next one if the clock is synchronised now (the boot may end here); close."""
         with self._lock:
             if not self._closed and self._unavailable is None and self._unsettled and self._synchronized() is True:
-                self._settle(self._offset())
+                self._settle(self._offset())  # never raises: the file closes whatever
         super().close()
 
     def take(self, n: int) -> list[Entry]:

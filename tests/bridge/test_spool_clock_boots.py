@@ -10,7 +10,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from bridge.spool import SQLiteSpool, read_stats
+import pytest
+
+from bridge.spool import SpoolStorageError, SQLiteSpool, read_stats
 from bridge.spool_dates import read_segments
 from gateway.types import Message
 
@@ -225,3 +227,25 @@ def test_read_stats_dates_a_backlog_spooled_at_1970_by_the_synchronised_clock(tm
     spool.close()
     oldest = read_stats(path).oldest_queued_at
     assert oldest is not None and abs(oldest - (TODAY + 100)) < 1
+
+
+def test_a_spool_whose_rows_cannot_be_dated_at_close_still_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dating this boot's rows at close fails (a full disk): the spool still closes and lets go of its file, and
+    the rows stay undated (adopted at the next boot) rather than the stop failing."""
+    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    spool = open_spool(path, clocks, 1, synced, YEAR)
+    spool.add(msgs(2))
+    synced[0] = True
+
+    def full(*_: object, **__: object) -> None:
+        raise SpoolStorageError("disk full")
+
+    monkeypatch.setattr(spool, "_write", full)
+    spool.close()
+    again = open_spool(path, clocks, 1, [None], YEAR)  # the lock was released
+    try:
+        assert again.stats().count == 2 and read_segments(again._db)[0][4] is None
+    finally:
+        again.close()
