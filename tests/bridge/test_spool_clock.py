@@ -18,30 +18,12 @@ from bridge.buffer import Buffer, MemoryBuffer
 from bridge.spool import SQLiteSpool
 from gateway.types import Message
 
+from fake_clocks import Clocks
+
 DAY = 86400.0
 YEAR = 365 * DAY
 MAX_AGE = 14 * DAY
 BOOT, OTHER_BOOT = 0x1234, 0x5678
-
-
-class Clocks:
-    """A wall clock and a monotonic clock the test moves: `step` moves the wall one alone, `run` both."""
-
-    def __init__(self, wall: float = 1000.0, mono: float = 50.0) -> None:
-        self.now, self.mono = wall, mono
-
-    def wall(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def step(self, seconds: float) -> None:
-        self.now += seconds
-
-    def run(self, seconds: float) -> None:
-        self.now += seconds
-        self.mono += seconds
 
 
 def msgs(n: int, start: int = 0, anchor: int | None = None) -> list[tuple[Message, int]]:

@@ -16,30 +16,12 @@ from bridge.spool import SpoolStorageError, SQLiteSpool, read_stats
 from bridge.spool_dates import read_segments
 from gateway.types import Message
 
+from fake_clocks import Clocks
+
 DAY = 86400.0
 HOUR = 3600.0
 YEAR = 365 * DAY
 TODAY = 1.7e9
-
-
-class Clocks:
-    """A wall clock and a monotonic clock the test moves; `boot` starts the monotonic one again."""
-
-    def __init__(self, wall: float = 100.0, mono: float = 10.0) -> None:
-        self.now, self.mono = wall, mono
-
-    def wall(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def run(self, seconds: float) -> None:
-        self.now += seconds
-        self.mono += seconds
-
-    def boot(self, wall: float) -> None:
-        self.now, self.mono = wall, 5.0
 
 
 def msgs(n: int) -> list[tuple[Message, int]]:
@@ -63,7 +45,7 @@ def open_spool(path: Path, clocks: Clocks, boot: int, synced: list[bool | None],
 def test_rows_adopted_from_an_unsynchronised_boot_expire_after_later_synchronised_boots(tmp_path: Path) -> None:
     """Ten rows spooled at 1970 (max_age a day), then boots each synchronised for 20 h adding a row: the ten are
     adopted once, at the first of them, and expire a day later; the backlog does not grow by a row per boot."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [False]
     spool = open_spool(path, clocks, 1, synced, DAY)
     spool.add(msgs(10))
     spool.close()
@@ -84,7 +66,7 @@ def test_rows_adopted_from_an_unsynchronised_boot_expire_after_later_synchronise
 def test_rows_of_a_boot_whose_sync_state_stays_unknown_are_adopted_once(tmp_path: Path) -> None:
     """A box that never knows its sync state: rows of an earlier boot are adopted at the next, and from the boot
     after on they age by the wall time they were given then (max_age after it), not adopted again."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [None]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [None]
     spool = open_spool(path, clocks, 1, synced, 2 * DAY)
     spool.add(msgs(3))
     spool.close()
@@ -104,7 +86,7 @@ def test_rows_of_a_boot_whose_sync_state_stays_unknown_are_adopted_once(tmp_path
 def test_rows_adopted_and_then_synchronised_in_the_same_run_keep_their_date_at_the_next_boot(tmp_path: Path) -> None:
     """Rows adopted while this boot's clock is unsynchronised, and the clock then set by NTP: they are dated by the
     synchronised clock for the next boot (max_age from their adoption, on it), even with no add after it."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [False]
     spool = open_spool(path, clocks, 1, synced, 2 * DAY)
     spool.add(msgs(2))
     spool.close()
@@ -138,7 +120,7 @@ def damage_segments(path: Path) -> None:
 def test_a_damaged_segments_table_at_open_is_salvaged_and_its_rows_are_adopted(tmp_path: Path) -> None:
     """A spool whose segments page is garbage opens (moved aside, its rows carried over) instead of failing the
     start; the rows, their dates lost, get max_age from the open, not their 1970 wall age."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [False]
     spool = open_spool(path, clocks, 1, synced, DAY)
     spool.add(msgs(10))
     spool.close()
@@ -158,7 +140,7 @@ def test_a_damaged_segments_table_at_open_is_salvaged_and_its_rows_are_adopted(t
 def test_segments_in_memory_follow_the_table_through_steps_and_prunes(tmp_path: Path) -> None:
     """After adds across steps of the wall clock, deliveries and a sync gained, the spool's segments are the
     table's (it keeps them in memory instead of reading the table at every new segment)."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [False]
     spool = open_spool(path, clocks, 1, synced, YEAR)
     try:
         for i in range(12):
@@ -178,7 +160,7 @@ def test_segments_in_memory_follow_the_table_through_steps_and_prunes(tmp_path: 
 def test_a_clock_flapping_its_sync_state_keeps_the_segments_few(tmp_path: Path) -> None:
     """A clock whose sync state flips at every one of 10,000 adds, never stepping, starts no segment per flip:
     the segments, which every add that starts one used to read back, stay at one."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [False]
     spool = open_spool(path, clocks, 1, synced, YEAR)
     spool._db.execute("PRAGMA synchronous=OFF")  # the test counts segments, not fsyncs
     spool._synchronous = "FULL"  # and so keeps its own setting
@@ -218,7 +200,7 @@ def test_a_clock_known_unsynchronised_drops_no_row_another_boot_dated(tmp_path: 
 def test_read_stats_dates_a_backlog_spooled_at_1970_by_the_synchronised_clock(tmp_path: Path) -> None:
     """`fieldgate spool` (read_stats) on rows queued at 1970 and then dated by NTP's clock: their queue time is
     when they were queued on that clock (an hour before it was set), not 1970, so their age is no 56 years."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [False]
     spool = open_spool(path, clocks, 1, synced, YEAR)
     spool.add(msgs(2))
     clocks.run(HOUR)
@@ -234,7 +216,7 @@ def test_a_spool_whose_rows_cannot_be_dated_at_close_still_closes(
 ) -> None:
     """Dating this boot's rows at close fails (a full disk): the spool still closes and lets go of its file, and
     the rows stay undated (adopted at the next boot) rather than the stop failing."""
-    path, clocks, synced = tmp_path / "s.db", Clocks(), [False]
+    path, clocks, synced = tmp_path / "s.db", Clocks(100.0, 10.0), [False]
     spool = open_spool(path, clocks, 1, synced, YEAR)
     spool.add(msgs(2))
     synced[0] = True
