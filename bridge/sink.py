@@ -95,8 +95,7 @@ class MqttSink(LoopSockets, Inbound):
         self._v5 = protocol == "5"
         self._session_expiry, self._max_request_age = session_expiry, max_request_age
         self._message_expiry = message_expiry if self._v5 else None
-        self._reasons = v5.Reasons(name)
-        self._reasons.counts = self.stats.broker_refusals
+        self._reasons = v5.Reasons(name, self.stats.broker_refusals)
         self._requests5 = Requests5(name, prefix, max_request_age, self.respond)
         self._responses: dict[int, str] = {}
         self._max_packet_out: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)

@@ -136,15 +136,16 @@ class Inbound:
             return
         if self._on_request and relative is not None:
             try:
+                payload = bytes(msg.payload)
                 if self._v5:
                     now = time.monotonic()
-                    if self._requests5.redelivered(relative, bytes(msg.payload), msg.properties, msg.dup, now):
+                    if self._requests5.redelivered(relative, payload, msg.properties, msg.dup, now):
                         self.stats.duplicate_requests += 1
                         return
                     meta = self._requests5.meta(msg.properties, now_ms(), now)
                 else:
                     meta = RequestMeta(max_age=self._max_request_age)
-                self._on_request(relative, bytes(msg.payload), meta)
+                self._on_request(relative, payload, meta)
             except Exception:
                 # Raised into paho's read loop, the request is never acknowledged and the broker delivers it again
                 # after the reconnect, and again: one bad request must cost itself only.

@@ -127,9 +127,9 @@ def response_properties(correlation: bytes | None) -> Properties | None:
 class Reasons:
     """The broker's refusals by packet and reason (MQTT 5 reason codes; a 3.1.1 CONNACK's return code too)."""
 
-    def __init__(self, sink: str) -> None:
+    def __init__(self, sink: str, counts: dict[str, int]) -> None:
         self.sink = sink
-        self.counts: dict[str, int] = {}  # "PUBACK Not authorized" -> times
+        self.counts = counts  # "PUBACK Not authorized" -> times (the sink's stats hold it)
 
     def refused(self, packet: str, reason: Any, about: str = "") -> None:
         """Count and log one refusal (`reason` a paho ReasonCode, or anything that says itself)."""

@@ -35,13 +35,17 @@ DROP_LOG_INTERVAL = 60.0
 MAX_REQUEST_AGE = 30.0
 
 
-def too_old(meta: RequestMeta, started: float, now: float) -> str | None:
-    """Why a request is not to be carried out any more (its age over its limit), or None."""
-    age = meta.age + (now - started)
-    if age <= meta.max_age:
+def too_old(meta: RequestMeta) -> str | None:
+    """Why a request is not to be carried out at all (older than its limit on arrival), or None."""
+    if meta.age <= meta.max_age:
         return None
     limit = "its message expiry" if meta.expiry_given else "max_request_age"
-    return f"too old: {age:.1f} s old, {limit} is {meta.max_age:g} s; not carried out"
+    return f"too old: {meta.age:.1f} s old, {limit} is {meta.max_age:g} s; not carried out"
+
+
+def deadline(meta: RequestMeta, started: float) -> float:
+    """The time.monotonic() after which a request that arrived at `started` is refused rather than carried out."""
+    return started + meta.max_age - meta.age
 
 
 def _audit_record(
@@ -218,7 +222,7 @@ class DeviceRequests:
         try:
             if problem:
                 result = WriteResult(ok=False, error=problem)
-            elif late := too_old(meta, started, started):
+            elif late := too_old(meta):
                 result = WriteResult(ok=False, error=late)
             elif profile is None:
                 result = WriteResult(ok=False, error=f"unknown device {device!r}")
@@ -230,8 +234,8 @@ class DeviceRequests:
                 # Before the device is touched: a crash after this line still leaves a trace of the request.
                 self._record(record(ok=None, stage="request"))
                 # The line refuses it rather than write it late (a write may wait behind polls or a reopen).
-                deadline = started + meta.max_age - meta.age
-                result = await writer(Write(device, point, value, origin=outbox.sink.name, deadline=deadline))
+                write = Write(device, point, value, origin=outbox.sink.name, deadline=deadline(meta, started))
+                result = await writer(write)
         except Exception as exc:
             log.exception("set %s.%s failed", device, point)
             result = WriteResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])
@@ -266,7 +270,7 @@ class DeviceRequests:
         try:
             if problem:
                 result = CommandResult(ok=False, error=problem)
-            elif late := too_old(meta, started, started):
+            elif late := too_old(meta):
                 result = CommandResult(ok=False, error=late)
             elif not isinstance(body, dict) or not isinstance(name, str) or not name:
                 result = CommandResult(ok=False, error='payload must be {"name": str, "args": {...}, "id": optional}')
@@ -280,8 +284,7 @@ class DeviceRequests:
                 result = CommandResult(ok=False, error=refusal)
             else:
                 self._record(record(ok=None, stage="request"))
-                deadline = started + meta.max_age - meta.age
-                result = await commander(Command(device, name, args, request_id, deadline=deadline))
+                result = await commander(Command(device, name, args, request_id, deadline=deadline(meta, started)))
         except Exception as exc:
             log.exception("cmd %s failed", device)
             result = CommandResult(ok=False, error=f"the gateway failed to carry it out: {exc!r}"[:300])
