@@ -88,6 +88,18 @@ class Requests:
         return [m for _, _, m in self.got]
 
 
+def session_sink(link: TcpRelay, on_request: Any) -> contextlib.AbstractAsyncContextManager[MqttSink]:
+    """An MQTT 5 sink through `link` with a 60 s session, taking set requests, reconnecting within 0.2 s."""
+    return sink5(
+        link.port,
+        session_expiry=60.0,
+        subscriptions=("+/set/+",),
+        on_request=on_request,
+        reconnect_base=0.1,
+        reconnect_cap=0.2,
+    )
+
+
 async def until_subscribed(requester: Client5, requests: Requests) -> None:
     """Send pings until the sink has one (it does not await its SUBACK): its subscriptions are in place."""
     for _ in range(100):
@@ -238,14 +250,7 @@ async def test_the_session_outlives_a_short_drop_and_requests_sent_meanwhile_arr
     await link.start()
     try:
         with client5(broker.port) as requester:
-            async with sink5(
-                link.port,
-                session_expiry=60.0,
-                subscriptions=("+/set/+",),
-                on_request=requests,
-                reconnect_base=0.1,
-                reconnect_cap=0.2,
-            ) as sink:
+            async with session_sink(link, requests) as sink:
                 await until_subscribed(requester, requests)
                 await link.close()
                 await until(lambda: not sink.connected)
@@ -272,14 +277,7 @@ async def test_a_request_the_session_delivers_again_is_handed_over_once(broker: 
                 if payload == b"once":
                     link.upstream.clear()  # the PUBACK paho writes after this returns never reaches the broker
 
-            async with sink5(
-                link.port,
-                session_expiry=60.0,
-                subscriptions=("+/set/+",),
-                on_request=hold_the_puback,
-                reconnect_base=0.1,
-                reconnect_cap=0.2,
-            ) as sink:
+            async with session_sink(link, hold_the_puback) as sink:
                 await until_subscribed(requester, requests)
                 requester.publish(f"{P}/d1/set/sp", b"once")
                 await until(lambda: len(requests.got) == 1)
